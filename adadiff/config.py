@@ -1,0 +1,253 @@
+"""Frozen configuration objects, validated on construction and written to ``adadiff.json``.
+
+Nothing here imports torch: the runtime, the CLI and the engines read the same config.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from adadiff.errors import ConfigError
+
+CONFIG_FILE = "adadiff.json"
+CONFIG_VERSION = 1
+
+
+class PredictionType(str, enum.Enum):
+    EPSILON = "epsilon"
+    V_PREDICTION = "v_prediction"
+
+
+class MetricKind(str, enum.Enum):
+    FULL_REFERENCE = "fr"
+    NO_REFERENCE = "nr"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricConfig:
+    """One MMLE score. ``weight`` carries the sign: R = sum(weight * score) grows with quality."""
+
+    name: str
+    kind: MetricKind
+    weight: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", MetricKind(self.kind))
+        if not self.name:
+            raise ConfigError("a metric needs a name")
+
+
+# The paper's six MMLE metrics. Weights normalise typical ranges so that one unit of R is a
+# clearly visible change (PSNR in dB, LPIPS/NLPD lower-is-better, MUSIQ on 0..100).
+DEFAULT_METRICS: tuple[MetricConfig, ...] = (
+    MetricConfig(name="psnr", kind=MetricKind.FULL_REFERENCE, weight=0.1),
+    MetricConfig(name="lpips", kind=MetricKind.FULL_REFERENCE, weight=-2.0),
+    MetricConfig(name="ahiq", kind=MetricKind.FULL_REFERENCE, weight=1.0),
+    MetricConfig(name="nlpd", kind=MetricKind.FULL_REFERENCE, weight=-2.0),
+    MetricConfig(name="brisque", kind=MetricKind.NO_REFERENCE, weight=-0.02),
+    MetricConfig(name="musiq", kind=MetricKind.NO_REFERENCE, weight=0.02),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseScheduleConfig:
+    """DDPM training schedule; SD-2.1 uses scaled_linear betas 0.00085..0.012 over 1000 steps."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: PredictionType = PredictionType.EPSILON
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prediction_type", PredictionType(self.prediction_type))
+        if self.num_train_timesteps < 2:
+            raise ConfigError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ConfigError(
+                f"betas must satisfy 0 < beta_start < beta_end < 1, got "
+                f"{self.beta_start}..{self.beta_end}"
+            )
+        if self.beta_schedule not in ("scaled_linear", "linear"):
+            raise ConfigError(
+                f"beta_schedule {self.beta_schedule!r} is not supported; use 'scaled_linear' "
+                "(Stable Diffusion) or 'linear'"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DTSSConfig:
+    """Dynamic time-step skipping: every number of the policy lives here, none in code."""
+
+    tau: float = 5e-3
+    growth_split: float = 4.0  # growth uses the smallest tier while g_NR < growth_split * tau
+    tiers: tuple[int, int, int, int] = (5, 10, 15, 20)  # growth-small, growth, stable, stable-flat
+    nr_start_t: int = 500  # NR gains and saturation exits only once t < nr_start_t
+    t_start: int = 999
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tiers", tuple(int(v) for v in self.tiers))
+        if len(self.tiers) != 4 or any(v < 1 for v in self.tiers):
+            raise ConfigError(f"tiers must be four positive step counts, got {self.tiers}")
+        if self.tau <= 0:
+            raise ConfigError(f"tau must be positive, got {self.tau}")
+        if self.growth_split < 1:
+            raise ConfigError(f"growth_split must be >= 1, got {self.growth_split}")
+        if self.t_start < 1:
+            raise ConfigError(f"t_start must be >= 1, got {self.t_start}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PFJConfig:
+    hidden: int = 32
+    gain_dim: int = 2  # (g_FR, g_NR)
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1 or self.gain_dim < 1:
+            raise ConfigError(f"PFJ hidden and gain_dim must be >= 1, got {self}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MMLEConfig:
+    hidden: int = 32
+    metrics: tuple[MetricConfig, ...] = DEFAULT_METRICS
+
+    def __post_init__(self) -> None:
+        metrics = tuple(
+            m if isinstance(m, MetricConfig) else MetricConfig(**m) for m in self.metrics
+        )
+        object.__setattr__(self, "metrics", metrics)
+        if not metrics:
+            raise ConfigError("MMLE needs at least one metric")
+        names = [m.name for m in metrics]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"metric names must be unique, got {names}")
+
+    @property
+    def num_scores(self) -> int:
+        return len(self.metrics)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Everything that defines a model folder. ``unet`` and ``vae`` are diffusers config kwargs."""
+
+    name: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    tile_size: int  # pixels of the 4x-upscaled image per tile
+    tile_overlap: int  # pixels shared by neighbouring tiles
+    scaling_factor: float = 0.18215
+    text_tokens: int = 77
+    upscale: int = 4
+    noise: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+    dtss: DTSSConfig = field(default_factory=DTSSConfig)
+    pfj: PFJConfig = field(default_factory=PFJConfig)
+    mmle: MMLEConfig = field(default_factory=MMLEConfig)
+    uniform_interval: int = 20
+
+    def __post_init__(self) -> None:
+        for name, cls in (
+            ("noise", NoiseScheduleConfig),
+            ("dtss", DTSSConfig),
+            ("pfj", PFJConfig),
+            ("mmle", MMLEConfig),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, cls(**value))
+        f = self.vae_scale_factor
+        if self.tile_size % f or self.tile_size < f:
+            raise ConfigError(
+                f"tile_size {self.tile_size} must be a positive multiple of the VAE factor {f}"
+            )
+        if not 0 <= self.tile_overlap < self.tile_size or self.tile_overlap % f:
+            raise ConfigError(
+                f"tile_overlap {self.tile_overlap} must be a multiple of {f} in [0, tile_size)"
+            )
+        if self.unet.get("in_channels") != 2 * self.latent_channels:
+            raise ConfigError(
+                f"the UNet must take concat(z, lr_latent): in_channels {2 * self.latent_channels}, "
+                f"got {self.unet.get('in_channels')}"
+            )
+        if self.uniform_interval < 1:
+            raise ConfigError(f"uniform_interval must be >= 1, got {self.uniform_interval}")
+
+    # Derived shapes: every shape in specs, runtime and export follows from these.
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.get("latent_channels", 4))
+
+    @property
+    def latent_tile(self) -> int:
+        return self.tile_size // self.vae_scale_factor
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.unet["cross_attention_dim"])
+
+    def with_tiling(self, tile_size: int | None, tile_overlap: int | None) -> ModelConfig:
+        return replace(
+            self,
+            tile_size=self.tile_size if tile_size is None else tile_size,
+            tile_overlap=self.tile_overlap if tile_overlap is None else tile_overlap,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = _plain(asdict(self))
+        data["config_version"] = CONFIG_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        data.pop("config_version", None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown keys in {CONFIG_FILE}: {unknown}; expected some of {sorted(known)}"
+            )
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"invalid {CONFIG_FILE}: {exc}") from exc
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> ModelConfig:
+        path = Path(folder) / CONFIG_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: a model folder needs its {CONFIG_FILE}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+
+    def digest(self) -> str:
+        """A stable hash of the config, used to tie exported files to the model they came from."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,422 @@
+"""Reading and writing images for the 4x super-resolution tool.
+
+Arrays are float32 in [0, 1]: RGB as [H, W, 3], alpha as [H, W]. Files are read with Pillow only,
+fully decoded inside a guard that turns every decoding problem into an ``InputImageError``, and
+written atomically (temporary file in the target folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import warnings
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from adadiff.errors import InputImageError, OutputPathError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "OUTPUT_FORMATS",
+    "LoadedImage",
+    "bicubic_upscale",
+    "check_output_path",
+    "format_for_path",
+    "load_image",
+    "save_image",
+    "to_rgb_array",
+    "upscale_alpha",
+    "write_pil_atomic",
+]
+
+DEFAULT_MAX_PIXELS = 16_000_000
+
+OUTPUT_FORMATS: Mapping[str, str] = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+
+_GRAY16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "F"}) | _GRAY16_MODES
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+# Pillow's decoders signal corrupt data with a variety of exception types.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    struct.error,
+    zlib.error,
+)
+_JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded input image.
+
+    ``rgb`` is float32 [H, W, 3] in [0, 1] (grayscale replicated to 3 channels); ``alpha`` is
+    float32 [H, W] in [0, 1] or None; ``bit_depth`` is 8 or 16; ``source_mode`` is Pillow's mode.
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    bit_depth: int
+    grayscale: bool
+    source_mode: str
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _check_input_file(path: Path) -> None:
+    if not path.exists():
+        raise InputImageError(f"{path}: file not found; check the input path")
+    if path.is_dir():
+        raise InputImageError(f"{path} is a folder, not an image; pass the path of an image file")
+    if not path.is_file():
+        raise InputImageError(f"{path} is not a regular file; pass the path of an image file")
+    if path.stat().st_size == 0:
+        raise InputImageError(f"{path} is empty (0 bytes); re-export or re-download the image")
+
+
+def _too_many_pixels(path: Path, width: int, height: int, max_pixels: int) -> InputImageError:
+    pixels = width * height
+    return InputImageError(
+        f"{path}: image is {width}x{height} = {pixels:,} pixels, over the limit of "
+        f"{max_pixels:,} input pixels; downscale or crop it, or raise the limit with "
+        f"--max-pixels {pixels} if you have the memory"
+    )
+
+
+def _bomb_error(path: Path, exc: Exception, max_pixels: int) -> InputImageError:
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = int(match.group(1)) if match else None
+    if pixels is None or pixels > max_pixels:
+        claimed = f"{pixels:,} pixels" if pixels is not None else "a gigantic size"
+        return InputImageError(
+            f"{path}: image header claims {claimed}, over the limit of {max_pixels:,} input "
+            "pixels; downscale or crop it, or raise the limit with --max-pixels if the size is real"
+        )
+    # Within the user's limit but over Pillow's own decompression-bomb guard, which we do not
+    # loosen because that would change process-wide state.
+    return InputImageError(
+        f"{path}: image has {pixels:,} pixels, over Pillow's decompression-bomb safety limit "
+        f"({_one_line(exc)}); split or downscale the image before upscaling it"
+    )
+
+
+def _gray16_array(img: Image.Image) -> np.ndarray:
+    # "I" (32-bit) is how some TIFF/PNG readers expose 16-bit gray; values beyond 16 bits clip.
+    raw = np.asarray(img)
+    values = raw.astype(np.float64) if img.mode == "I" else raw.astype(np.float32)
+    return (np.clip(values, 0, 65535) / 65535.0).astype(np.float32)
+
+
+def _float_gray_array(img: Image.Image) -> np.ndarray:
+    values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(values, 0.0, 1.0).astype(np.float32)
+
+
+def _key_alpha(img: Image.Image) -> np.ndarray | None:
+    # A 16-bit gray PNG can carry a tRNS key value; Pillow cannot convert it to LA at 16 bits.
+    key = img.info.get("transparency")
+    if not isinstance(key, int):
+        return None
+    return (np.asarray(img) != key).astype(np.float32)
+
+
+def _decode_pil(img: Image.Image) -> LoadedImage:
+    """Turn a fully loaded Pillow image into float arrays."""
+    mode = img.mode
+    grayscale = mode in _GRAY_MODES
+    if mode in _GRAY16_MODES or mode == "F":
+        gray = _gray16_array(img) if mode in _GRAY16_MODES else _float_gray_array(img)
+        alpha = _key_alpha(img) if mode in _GRAY16_MODES else None
+        rgb = np.repeat(gray[:, :, None], 3, axis=2)
+        return LoadedImage(rgb, alpha, 16, True, mode)
+    if mode in _ALPHA_MODES or img.has_transparency_data:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+        rgb = np.ascontiguousarray(rgba[:, :, :3])
+        alpha = np.ascontiguousarray(rgba[:, :, 3])
+        return LoadedImage(rgb, alpha, 8, grayscale, mode)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return LoadedImage(rgb, None, 8, grayscale, mode)
+
+
+def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Read an image file into float32 arrays, or raise ``InputImageError`` saying why not."""
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+    path = Path(path)
+    _check_input_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with path.open("rb") as fp, Image.open(fp) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise _too_many_pixels(path, width, height, max_pixels)
+                source_mode = img.mode
+                img.load()
+                oriented = ImageOps.exif_transpose(img)
+                decoded = _decode_pil(oriented if oriented is not None else img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(path, exc, max_pixels) from exc
+    except UnidentifiedImageError as exc:
+        raise InputImageError(
+            f"{path} is not an image Pillow can read; convert it to PNG, JPEG, WebP or TIFF"
+        ) from exc
+    except PermissionError as exc:
+        raise InputImageError(f"{path}: permission denied; check the file's permissions") from exc
+    except _DECODE_ERRORS as exc:
+        raise InputImageError(
+            f"{path}: image data is truncated or corrupt ({_one_line(exc)}); "
+            "re-export or re-download the image"
+        ) from exc
+    return replace(decoded, source_mode=source_mode)
+
+
+def to_rgb_array(image: Any) -> np.ndarray:
+    """Convert a PIL image or a numpy array to float32 [H, W, 3] in [0, 1], dropping alpha.
+
+    uint8 is scaled by 1/255, uint16 by 1/65535, floats are taken as already in [0, 1] (clipped).
+    """
+    if isinstance(image, Image.Image):
+        image.load()
+        return _decode_pil(image).rgb
+    if not isinstance(image, np.ndarray):
+        raise InputImageError(f"expected a PIL.Image or a numpy array, got {type(image).__name__}")
+    array = image
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        array = array[:, :, :1] if array.shape[2] == 1 else array[:, :, :3]
+    elif array.ndim != 2:
+        raise InputImageError(
+            f"expected an array of shape HxW, HxWx1, HxWx3 or HxWx4, got {array.shape}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InputImageError(f"expected a non-empty image, got shape {image.shape}")
+    if array.dtype == np.uint8:
+        values = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:
+        values = array.astype(np.float32) / 65535.0
+    elif array.dtype == np.bool_:
+        values = array.astype(np.float32)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise InputImageError("image array contains NaN or infinite values")
+        values = np.clip(array, 0.0, 1.0).astype(np.float32)
+    else:
+        raise InputImageError(
+            f"unsupported array dtype {array.dtype}; use uint8, uint16 or float in [0, 1]"
+        )
+    if values.ndim == 2:
+        values = values[:, :, None]
+    if values.shape[2] == 1:
+        values = np.repeat(values, 3, axis=2)
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing
+# --------------------------------------------------------------------------------------------
+
+
+def _check_factor(factor: int) -> int:
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+        raise ValueError(f"factor must be a positive integer, got {factor!r}")
+    return int(factor)
+
+
+def _resize_plane(plane: np.ndarray, factor: int) -> np.ndarray:
+    height, width = plane.shape
+    src = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))
+    out = src.resize((width * factor, height * factor), Image.Resampling.BICUBIC)
+    return np.asarray(out, dtype=np.float32)
+
+
+def upscale_alpha(alpha: np.ndarray, factor: int) -> np.ndarray:
+    """Bicubic resize of an [H, W] alpha plane by ``factor``, clipped to [0, 1]."""
+    factor = _check_factor(factor)
+    if alpha.ndim != 2:
+        raise ValueError(f"alpha must have shape [H, W], got {alpha.shape}")
+    return np.clip(_resize_plane(alpha, factor), 0.0, 1.0)
+
+
+def bicubic_upscale(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """Bicubic resize of float32 [H, W, 3] by ``factor`` at full float precision, clipped."""
+    factor = _check_factor(factor)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must have shape [H, W, 3], got {rgb.shape}")
+    planes = [_resize_plane(rgb[:, :, c], factor) for c in range(3)]
+    return np.clip(np.stack(planes, axis=2), 0.0, 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths and writing
+# --------------------------------------------------------------------------------------------
+
+
+def _allowed_suffixes() -> str:
+    return " ".join(OUTPUT_FORMATS)
+
+
+def format_for_path(path: str | Path) -> str:
+    """Pillow format name for an output path's suffix, or ``OutputPathError``."""
+    suffix = Path(path).suffix.lower()
+    fmt = OUTPUT_FORMATS.get(suffix)
+    if fmt is None:
+        shown = suffix or "no suffix"
+        raise OutputPathError(f"{path}: cannot write {shown}; use one of {_allowed_suffixes()}")
+    return fmt
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(input_path: str | Path, output_path: str | Path) -> Path:
+    """Validate the output path before any work is done; return it resolved."""
+    output = Path(output_path).expanduser()
+    resolved = output.resolve()
+    format_for_path(output)
+    parent = resolved.parent
+    if not parent.is_dir():
+        raise OutputPathError(
+            f"{output}: folder {parent} does not exist; create it first or pick another output"
+        )
+    if resolved.is_dir():
+        raise OutputPathError(f"{output} is a folder; give a file name such as out.png")
+    source = Path(input_path).expanduser().resolve()
+    if resolved == source or _same_file(resolved, source):
+        raise OutputPathError(
+            f"{output} is the input file; choose a different output path so the input is kept"
+        )
+    return resolved
+
+
+def _open_temp(target: Path) -> tuple[int, Path]:
+    # O_EXCL with mode 0o666 lets the umask decide permissions, unlike mkstemp's fixed 0o600.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        candidate = target.with_name(f".{target.stem}.{os.urandom(6).hex()}.tmp{target.suffix}")
+        try:
+            return os.open(candidate, flags, 0o666), candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {target}")
+
+
+def _write_atomic(path: str | Path, write: Callable[[BinaryIO], None], what: str) -> Path:
+    """Run ``write`` on a temporary file beside ``path``, then ``os.replace`` it into place."""
+    target = Path(path).expanduser().resolve()
+    temp: Path | None = None
+    try:
+        fd, temp = _open_temp(target)
+        with os.fdopen(fd, "wb") as fp:
+            write(fp)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(temp, target)
+        temp = None
+    except OSError as exc:
+        raise OutputPathError(f"{target}: cannot write the {what} ({_one_line(exc)})") from exc
+    finally:
+        if temp is not None:
+            temp.unlink(missing_ok=True)
+    return target
+
+
+def write_pil_atomic(path: str | Path, image: Image.Image, fmt: str, **save_args: Any) -> Path:
+    """Save a PIL image atomically: nothing appears at ``path`` unless the save succeeded."""
+    return _write_atomic(path, lambda fp: image.save(fp, format=fmt, **save_args), "image")
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write a file (a report, a manifest) atomically."""
+    return _write_atomic(path, lambda fp: fp.write(data), "file")
+
+
+def _to_uint(values: np.ndarray, maximum: int, dtype: type[np.generic]) -> np.ndarray:
+    return np.round(np.clip(values, 0.0, 1.0) * maximum).astype(dtype)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    weights = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    return rgb.astype(np.float32) @ weights
+
+
+def _build_pil(
+    rgb: np.ndarray, alpha: np.ndarray | None, *, sixteen_bit_gray: bool, grayscale: bool
+) -> Image.Image:
+    if sixteen_bit_gray:
+        return Image.fromarray(_to_uint(_luma(rgb), 65535, np.uint16))
+    if grayscale:
+        gray = _to_uint(_luma(rgb), 255, np.uint8)
+        if alpha is None:
+            return Image.fromarray(gray)
+        return Image.fromarray(np.stack([gray, _to_uint(alpha, 255, np.uint8)], axis=2))
+    colour = _to_uint(rgb, 255, np.uint8)
+    if alpha is None:
+        return Image.fromarray(colour)
+    rgba = np.concatenate([colour, _to_uint(alpha, 255, np.uint8)[:, :, None]], axis=2)
+    return Image.fromarray(rgba)
+
+
+def save_image(
+    path: str | Path,
+    rgb: np.ndarray,
+    alpha: np.ndarray | None = None,
+    *,
+    bit_depth: int = 8,
+    grayscale: bool = False,
+) -> Path:
+    """Write float32 [H, W, 3] (and optional [H, W] alpha) atomically; return the written path.
+
+    JPEG drops alpha. 16-bit is written only for grayscale PNG/TIFF without alpha (Pillow has no
+    16-bit gray+alpha mode, and keeping transparency matters more than the extra precision).
+    """
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must have shape [H, W, 3], got {rgb.shape}")
+    if alpha is not None and alpha.shape != rgb.shape[:2]:
+        raise ValueError(f"alpha shape {alpha.shape} does not match image {rgb.shape[:2]}")
+    fmt = format_for_path(path)
+    if fmt == "JPEG":
+        alpha = None
+    sixteen = bit_depth == 16 and grayscale and fmt in ("PNG", "TIFF") and alpha is None
+    image = _build_pil(rgb, alpha, sixteen_bit_gray=sixteen, grayscale=grayscale)
+    save_args: dict[str, Any] = {"quality": _JPEG_QUALITY} if fmt == "JPEG" else {}
+    return write_pil_atomic(path, image, fmt, **save_args)

@@ -1,0 +1,199 @@
+"""The set of torch modules that make one AdaDiffSR model, and its folder on disk.
+
+Folder layout (diffusers layout for the big parts, safetensors everywhere)::
+
+    adadiff.json                 config, schedule defaults, metric names and weights
+    unet/config.json             diffusers UNet2DConditionModel config
+    unet/diffusion_pytorch_model.safetensors
+    vae/config.json, vae/diffusion_pytorch_model.safetensors
+    pfj.safetensors, mmle.safetensors
+    text_embedding.safetensors   the empty-prompt embedding, key "embedding", [tokens, dim]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adadiff.config import ModelConfig
+from adadiff.errors import ModelFolderError
+from adadiff.models.networks import MMLE, PFJ
+from adadiff.models.wrappers import (
+    MMLEWrapper,
+    PFJWrapper,
+    UNetWrapper,
+    VAEDecoderWrapper,
+    VAEEncoderWrapper,
+)
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+TEXT_EMBEDDING = "text_embedding.safetensors"
+SHIPPED = Path(__file__).resolve().parent.parent / "weights"
+
+
+@dataclass
+class TorchModels:
+    config: ModelConfig
+    unet: nn.Module
+    vae: nn.Module
+    pfj: PFJ
+    mmle: MMLE
+    text_embedding: torch.Tensor
+    source: str
+
+    def wrappers(self) -> dict[str, nn.Module]:
+        s = self.config.scaling_factor
+        mods: dict[str, nn.Module] = {
+            "unet": UNetWrapper(self.unet, self.text_embedding),
+            "vae_encoder": VAEEncoderWrapper(self.vae, s),
+            "vae_decoder": VAEDecoderWrapper(self.vae, s),
+            "pfj": PFJWrapper(self.pfj),
+            "mmle": MMLEWrapper(self.mmle),
+        }
+        for m in mods.values():
+            m.eval()
+        return mods
+
+    def save(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        save_file(_contiguous(self.pfj.state_dict()), str(folder / "pfj.safetensors"))
+        save_file(_contiguous(self.mmle.state_dict()), str(folder / "mmle.safetensors"))
+        save_file({"embedding": self.text_embedding.contiguous()}, str(folder / TEXT_EMBEDDING))
+        self.config.save(folder)
+        return folder
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def build_modules(cfg: ModelConfig) -> tuple[nn.Module, nn.Module, PFJ, MMLE]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(**cfg.unet)
+    vae = AutoencoderKL(**cfg.vae)
+    c = cfg.latent_channels
+    pfj = PFJ(latent_channels=c, gain_dim=cfg.pfj.gain_dim, hidden=cfg.pfj.hidden)
+    mmle = MMLE(latent_channels=c, num_scores=cfg.mmle.num_scores, hidden=cfg.mmle.hidden)
+    return unet, vae, pfj, mmle
+
+
+def build_random(cfg: ModelConfig, seed: int = 0) -> TorchModels:
+    """Seeded random init: the same seed gives the same weights on every machine."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, vae, pfj, mmle = build_modules(cfg)
+        text = torch.randn(cfg.text_tokens, cfg.text_dim) * 0.5
+    models = TorchModels(
+        cfg, unet, vae, pfj, mmle, text, source=f"{cfg.name} (random init, seed {seed})"
+    )
+    for m in (unet, vae, pfj, mmle):
+        m.eval().requires_grad_(False)
+    return models
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelFolderError(
+            f"{path} is missing; a model folder needs it (see README, model folders)"
+        )
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError for a damaged file
+        raise ModelFolderError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def load_state(module: nn.Module, path: Path) -> None:
+    """Load weights strictly; a missing key or a shape mismatch names the file and the tensor."""
+    state = _read_safetensors(path)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ModelFolderError(
+            f"{path} does not match the model config: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise ModelFolderError(
+                f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the config expects "
+                f"{tuple(own[key].shape)}"
+            )
+    module.load_state_dict(state)
+
+
+def load_folder(folder: str | Path) -> TorchModels:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(
+            f"model folder {folder} does not exist; give a preset name or a folder"
+        )
+    cfg = ModelConfig.load(folder)
+    with torch.random.fork_rng(devices=[]):
+        unet, vae, pfj, mmle = build_modules(cfg)
+    load_state(unet, folder / "unet" / WEIGHTS)
+    load_state(vae, folder / "vae" / WEIGHTS)
+    load_state(pfj, folder / "pfj.safetensors")
+    load_state(mmle, folder / "mmle.safetensors")
+    emb = _read_safetensors(folder / TEXT_EMBEDDING)
+    text = emb.get("embedding")
+    if text is None or tuple(text.shape) != (cfg.text_tokens, cfg.text_dim):
+        raise ModelFolderError(
+            f"{folder / TEXT_EMBEDDING} must hold 'embedding' of shape "
+            f"({cfg.text_tokens}, {cfg.text_dim}), got "
+            f"{None if text is None else tuple(text.shape)}"
+        )
+    for m in (unet, vae, pfj, mmle):
+        m.eval().requires_grad_(False)
+    return TorchModels(cfg, unet, vae, pfj, mmle, text.float(), source=str(folder))
+
+
+def load_models(model: str | Path, *, seed: int = 0) -> TorchModels:
+    """A preset name (shipped weights if present, else seeded random init) or a model folder."""
+    from adadiff.presets import PRESETS, preset
+
+    name = str(model)
+    if name in PRESETS:
+        shipped = SHIPPED / name
+        if (shipped / "adadiff.json").is_file():
+            return load_folder(shipped)
+        return build_random(preset(name), seed=seed)
+    return load_folder(Path(model))
+
+
+def describe(models: TorchModels) -> dict:
+    return {
+        "source": models.source,
+        "parameters": {
+            name: sum(p.numel() for p in m.parameters())
+            for name, m in (
+                ("unet", models.unet),
+                ("vae", models.vae),
+                ("pfj", models.pfj),
+                ("mmle", models.mmle),
+            )
+        },
+        "config_digest": models.config.digest(),
+    }
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFolderError(f"{path} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"{path} is not valid JSON: {exc}") from exc

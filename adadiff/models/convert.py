@@ -1,0 +1,329 @@
+"""Turn a stock Stable-Diffusion-2.1 diffusers folder into an adadiff model folder.
+
+The UNet's ``conv_in`` is widened from C to 2C input channels (z_t and the LR latent); the new
+channels start at zero, so the converted UNet computes exactly what the stock one did until
+fine-tuning teaches it to use the LR latent. The VAE is copied, the empty-prompt text embedding is
+computed once with the stock CLIP text encoder, and PFJ/MMLE get a fresh seeded init.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adadiff.config import ModelConfig
+from adadiff.errors import BackendUnavailableError, ConfigError, ModelFolderError
+from adadiff.models.bundle import WEIGHTS, TorchModels
+from adadiff.models.networks import MMLE, PFJ
+from adadiff.presets import sd21_base
+
+DEFAULT_SCALING_FACTOR = 0.18215
+TEXT_WEIGHTS = "model.safetensors"
+TEXT_WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def convert_sd21(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Convert the diffusers folder ``src`` into a new adadiff model folder ``dst``; returns dst."""
+    src, dst = Path(src), Path(dst)
+    say = log or (lambda _msg: None)
+    _check_dst(dst)
+    if not src.is_dir():
+        raise ModelFolderError(
+            f"{src} is not a folder; expected a Stable Diffusion 2.1 diffusers folder with "
+            "unet/, vae/, text_encoder/ and tokenizer/"
+        )
+    # Fail on a missing extra before any of the slow work.
+    transformers = _import_transformers()
+
+    say("reading configs")
+    unet_cfg = _read_json(src / "unet" / "config.json", "the diffusers UNet2DConditionModel config")
+    vae_cfg = _read_json(src / "vae" / "config.json", "the diffusers AutoencoderKL config")
+    sched_path = src / "scheduler" / "scheduler_config.json"
+    sched_cfg = _read_json(sched_path, "the scheduler config") if sched_path.is_file() else None
+    if sched_cfg is None:
+        say(f"no {sched_path}, using the SD-2.1 noise schedule defaults")
+    cfg = _model_config(src, dst, unet_cfg, vae_cfg, sched_cfg, sched_path)
+
+    unet_weights = _need_weights(src / "unet", WEIGHTS, "the UNet weights")
+    vae_weights = _need_weights(src / "vae", WEIGHTS, "the VAE weights")
+    tok_dir = src / "tokenizer"
+    if not tok_dir.is_dir():
+        raise ModelFolderError(
+            f"{tok_dir} is missing; it should be the CLIP tokenizer folder "
+            "(vocab.json + merges.txt, or tokenizer.json)"
+        )
+    te_dir = src / "text_encoder"
+    _read_json(te_dir / "config.json", "the transformers CLIPTextModel config")
+    if not (te_dir / TEXT_WEIGHTS_INDEX).is_file():
+        _need_weights(
+            te_dir, TEXT_WEIGHTS, "the CLIP text encoder weights", bin_name="pytorch_model.bin"
+        )
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    say("reading unet")
+    state = _read_safetensors(unet_weights)
+    c = cfg.latent_channels
+    say(f"widening conv_in {c} -> {2 * c}")
+    w = state.get("conv_in.weight")
+    if w is not None and w.ndim == 4 and w.shape[1] == c:
+        wide = torch.zeros(w.shape[0], 2 * c, *w.shape[2:], dtype=w.dtype)
+        wide[:, :c] = w
+        state["conv_in.weight"] = wide
+    unet = _build(UNet2DConditionModel, cfg.unet, src / "unet" / "config.json")
+    _load_strict(unet, state, unet_weights)
+    del state
+
+    say("reading vae")
+    vae = _build(AutoencoderKL, cfg.vae, src / "vae" / "config.json")
+    _load_strict(vae, _read_safetensors(vae_weights), vae_weights)
+
+    say("computing the empty-prompt text embedding")
+    text = _empty_prompt_embedding(transformers, tok_dir, te_dir, cfg.text_tokens)
+    if tuple(text.shape) != (cfg.text_tokens, cfg.text_dim):
+        raise ModelFolderError(
+            f"{te_dir} gives an empty-prompt embedding of shape {tuple(text.shape)}, but the UNet "
+            f"in {src / 'unet'} expects ({cfg.text_tokens}, {cfg.text_dim}) "
+            "(cross_attention_dim); the text encoder does not belong to this UNet"
+        )
+
+    say(f"initialising PFJ and MMLE (seed {seed})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pfj = PFJ(latent_channels=c, gain_dim=cfg.pfj.gain_dim, hidden=cfg.pfj.hidden)
+        mmle = MMLE(latent_channels=c, num_scores=cfg.mmle.num_scores, hidden=cfg.mmle.hidden)
+    for m in (unet, vae, pfj, mmle):
+        m.eval().requires_grad_(False)
+    models = TorchModels(cfg, unet, vae, pfj, mmle, text, source=f"converted from {src}")
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its 0o700 mode would stick to DST after the rename.
+    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.partial"
+    tmp.mkdir()
+    try:
+        say(f"writing {dst}")
+        models.save(tmp)
+        _check_dst(dst)  # someone may have written there while we converted
+        if dst.is_dir():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say("done")
+    return dst
+
+
+def _check_dst(dst: Path) -> None:
+    if dst.is_dir():
+        if any(dst.iterdir()):
+            raise ModelFolderError(
+                f"{dst} already exists and is not empty; pick a new folder for the converted model"
+            )
+    elif dst.exists():
+        raise ModelFolderError(f"{dst} exists and is not a folder; pick a new folder for the model")
+
+
+def _import_transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "converting a Stable Diffusion folder needs transformers for the CLIP text encoder: "
+            'pip install "adadiff[convert]"'
+        ) from exc
+    return transformers
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelFolderError(f"{path} is missing; it should be {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"{path} is not readable JSON ({what}): {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path} should hold a JSON object ({what})")
+    return data
+
+
+def _need_weights(folder: Path, name: str, what: str, *, bin_name: str | None = None) -> Path:
+    path = folder / name
+    if path.is_file():
+        return path
+    bin_path = folder / (bin_name or name.replace(".safetensors", ".bin"))
+    if bin_path.is_file():
+        raise ModelFolderError(
+            f"{path} is missing ({what}); only {bin_path.name} is there and this converter reads "
+            "safetensors only: convert it to safetensors first (e.g. load it with diffusers or "
+            "transformers and save_pretrained(..., safe_serialization=True))"
+        )
+    raise ModelFolderError(f"{path} is missing; it should be {what} in safetensors format")
+
+
+def _constructor_kwargs(cls: type, config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a diffusers config.json that ``cls.__init__`` accepts (no ``_class_name``)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in config.items() if not k.startswith("_") and k in params}
+
+
+def _model_config(
+    src: Path,
+    dst: Path,
+    unet_cfg: dict[str, Any],
+    vae_cfg: dict[str, Any],
+    sched_cfg: dict[str, Any] | None,
+    sched_path: Path,
+) -> ModelConfig:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = _constructor_kwargs(UNet2DConditionModel, unet_cfg)
+    vae = _constructor_kwargs(AutoencoderKL, vae_cfg)
+    unet_path, vae_path = src / "unet" / "config.json", src / "vae" / "config.json"
+
+    latent = int(vae.get("latent_channels", 4))
+    src_in = unet.get("in_channels", 4)
+    if src_in != latent or unet.get("out_channels", 4) != latent:
+        raise ModelFolderError(
+            f"{unet_path} has in_channels {src_in} and out_channels {unet.get('out_channels', 4)}; "
+            f"a stock SD-2.1 UNet has both equal to the VAE's latent_channels ({latent}). "
+            "Is this folder already converted, or an upscaler/inpainting model?"
+        )
+    if "cross_attention_dim" not in unet:
+        raise ModelFolderError(
+            f"{unet_path} has no cross_attention_dim; is it a text-to-image UNet?"
+        )
+    if "block_out_channels" not in vae:
+        raise ModelFolderError(f"{vae_path} has no block_out_channels")
+    if vae.get("shift_factor") not in (None, 0, 0.0):
+        # The adadiff VAE wrappers only scale latents; a shifted latent space would decode wrong.
+        raise ModelFolderError(
+            f"{vae_path} sets shift_factor {vae['shift_factor']}; only SD-2.1-style VAEs "
+            "(no shift) are supported"
+        )
+    scaling = vae.get("scaling_factor")
+    scaling = DEFAULT_SCALING_FACTOR if scaling is None else float(scaling)
+    unet["in_channels"] = 2 * latent
+    vae["scaling_factor"] = scaling
+
+    base = sd21_base()
+    noise = base.noise
+    if sched_cfg is not None:
+        if sched_cfg.get("trained_betas") is not None:
+            raise ModelFolderError(
+                f"{sched_path} uses trained_betas, which adadiff's noise schedule cannot express"
+            )
+        known = (
+            "num_train_timesteps",
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "prediction_type",
+        )
+        try:
+            noise = replace(noise, **{k: sched_cfg[k] for k in known if k in sched_cfg})
+        except (ConfigError, ValueError, TypeError) as exc:
+            raise ModelFolderError(
+                f"{sched_path} has an unsupported noise schedule: {exc}"
+            ) from exc
+
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    tile, overlap = base.tile_size, base.tile_overlap
+    if tile % factor or overlap % factor:
+        tile, overlap = 64 * factor, 8 * factor
+    try:
+        return replace(
+            base,
+            name=dst.name or base.name,
+            unet=unet,
+            vae=vae,
+            scaling_factor=scaling,
+            noise=noise,
+            tile_size=tile,
+            tile_overlap=overlap,
+        )
+    except ConfigError as exc:
+        raise ModelFolderError(
+            f"{src}: the configs do not make a valid adadiff model: {exc}"
+        ) from exc
+
+
+def _build(cls: type, kwargs: dict[str, Any], config_path: Path) -> nn.Module:
+    # The random init is overwritten by the stock weights; fork_rng keeps the caller's RNG intact.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ModelFolderError(
+                f"cannot build {cls.__name__} from {config_path}: {exc}"
+            ) from exc
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError for a damaged file
+        raise ModelFolderError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ModelFolderError(
+            f"{path} does not match its config.json: missing tensors {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected tensors {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise ModelFolderError(
+                f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, its config.json implies "
+                f"{tuple(own[key].shape)}"
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def _empty_prompt_embedding(
+    transformers: Any, tok_dir: Path, te_dir: Path, tokens: int
+) -> torch.Tensor:
+    try:
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    except Exception as exc:  # transformers raises OSError/ValueError/... for a broken folder
+        raise ModelFolderError(f"{tok_dir} is not a loadable CLIP tokenizer folder: {exc}") from exc
+    try:
+        encoder = transformers.CLIPTextModel.from_pretrained(str(te_dir), local_files_only=True)
+    except Exception as exc:
+        raise ModelFolderError(f"{te_dir} is not a loadable CLIPTextModel folder: {exc}") from exc
+    # The tokenizer's model_max_length can be a huge sentinel; the UNet was trained on 77 tokens.
+    ids = tokenizer(
+        "", padding="max_length", max_length=tokens, truncation=True, return_tensors="pt"
+    ).input_ids
+    encoder = encoder.float().eval()
+    try:
+        with torch.no_grad():
+            hidden = encoder(ids).last_hidden_state
+    except (IndexError, RuntimeError, ValueError) as exc:
+        raise ModelFolderError(
+            f"the text encoder in {te_dir} cannot encode {tokens} tokens from {tok_dir}: {exc}"
+        ) from exc
+    return hidden[0].float().contiguous()

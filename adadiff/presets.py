@@ -1,0 +1,88 @@
+"""Built-in model configurations: ``sd21-base`` (the real architecture) and ``tiny``."""
+
+from __future__ import annotations
+
+from adadiff.config import ModelConfig
+from adadiff.errors import ConfigError
+
+_CROSS = "CrossAttnDownBlock2D"
+_CROSS_UP = "CrossAttnUpBlock2D"
+
+SD21_UNET: dict = {
+    "sample_size": 64,
+    "in_channels": 8,  # concat(z_t, lr_latent)
+    "out_channels": 4,
+    "down_block_types": [_CROSS, _CROSS, _CROSS, "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", _CROSS_UP, _CROSS_UP, _CROSS_UP],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+    "norm_num_groups": 32,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+
+SD21_VAE: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+# Same block types and code path as sd21-base, widths small enough for a CPU. Like the SD x4
+# upscaler, the full-resolution level has no attention (1024-token self-attention there cost more
+# than the rest of the network on 2 cores), and the VAE downsamples by 4 (three blocks), so a
+# 128 px tile is a 32x32 latent.
+TINY_UNET: dict = {
+    **SD21_UNET,
+    "down_block_types": ["DownBlock2D", _CROSS, _CROSS, "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", _CROSS_UP, _CROSS_UP, "UpBlock2D"],
+    "sample_size": 32,
+    "block_out_channels": [32, 64, 64, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": [1, 2, 2, 2],
+    "cross_attention_dim": 64,
+    "norm_num_groups": 16,
+}
+
+TINY_VAE: dict = {
+    **SD21_VAE,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "sample_size": 128,
+}
+
+
+def sd21_base() -> ModelConfig:
+    return ModelConfig(
+        name="sd21-base", unet=dict(SD21_UNET), vae=dict(SD21_VAE), tile_size=512, tile_overlap=64
+    )
+
+
+def tiny() -> ModelConfig:
+    return ModelConfig(
+        name="tiny", unet=dict(TINY_UNET), vae=dict(TINY_VAE), tile_size=128, tile_overlap=32
+    )
+
+
+PRESETS = {"sd21-base": sd21_base, "tiny": tiny}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(
+            f"unknown model preset {name!r}; use one of {sorted(PRESETS)} or a model folder path"
+        ) from None

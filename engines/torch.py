@@ -1,0 +1,79 @@
+"""The PyTorch backend: runs the export wrappers themselves, so it is the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from adadiff.errors import BackendUnavailableError, ConfigError
+from adadiff.models.bundle import TorchModels
+from adadiff.specs import COMPONENTS, ModelSpec, component_specs
+
+# The SD VAE overflows in fp16, so half precision applies to these components only.
+HALF_COMPONENTS = ("unet", "pfj", "mmle")
+
+
+class TorchEngine:
+    def __init__(
+        self, module: torch.nn.Module, spec: ModelSpec, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.module = module.to(device=device, dtype=dtype).eval()
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = []
+        for t in self.spec.inputs:
+            x = torch.from_numpy(np.ascontiguousarray(feeds[t.name])).to(self.device)
+            # Timesteps stay fp32: their sinusoidal embedding loses steps in fp16.
+            args.append(x if t.name == "timestep" else x.to(self.dtype))
+        with torch.inference_mode():
+            out = self.module(*args)
+        (name,) = self.spec.output_names
+        return {name: out.float().cpu().numpy()}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(
+        self, models: TorchModels, *, device: str = "cpu", precision: str = "fp32"
+    ) -> None:
+        if precision not in ("fp32", "fp16"):
+            raise ConfigError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "device 'cuda' was asked for but torch sees no CUDA device; install a CUDA build "
+                "of torch (see README, GPU) or use --device cpu"
+            )
+        if precision == "fp16" and dev.type == "cpu":
+            raise ConfigError("fp16 runs on CUDA only; use --precision fp32 on the CPU")
+        self.models = models
+        self.device = dev
+        self.precision = precision
+        self.specs = component_specs(models.config)
+        self._wrappers = models.wrappers()
+
+    def open(self, component: str) -> TorchEngine:
+        if component not in COMPONENTS:
+            raise ConfigError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+        half = self.precision == "fp16" and component in HALF_COMPONENTS
+        dtype = torch.float16 if half else torch.float32
+        return TorchEngine(self._wrappers[component], self.specs[component], self.device, dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "precision": self.precision,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+
+    def close(self) -> None:
+        self._wrappers.clear()

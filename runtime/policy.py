@@ -1,0 +1,107 @@
+"""Gains from MMLE scores and the DTSS policy: pure functions of plain numbers.
+
+DTSS (dynamic time-step skipping) maps a tile's gains at timestep t to its next jump:
+
+- saturated: t < nr_start_t and g_NR <= -tau -> exit now, keeping the best x0 seen;
+- growth: g_FR >= tau and g_NR >= tau -> tiers[0] while g_NR < growth_split * tau, else tiers[1];
+- stable: anything else -> tiers[3] while |g_FR| < tau, else tiers[2].
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from adadiff.config import DTSSConfig, MetricConfig, MetricKind
+
+
+class Category(str, enum.Enum):
+    GROWTH = "growth"
+    STABLE = "stable"
+    SATURATED = "saturated"
+
+
+@dataclass(frozen=True)
+class Decision:
+    category: Category
+    interval: int | None  # None: the tile exits now
+
+    @property
+    def exits(self) -> bool:
+        return self.interval is None
+
+
+def quality(scores: Sequence[float], metrics: Sequence[MetricConfig]) -> tuple[float, float]:
+    """(R_FR, R_NR): weighted sums of the full-reference and no-reference scores."""
+    if len(scores) != len(metrics):
+        raise ValueError(f"got {len(scores)} scores for {len(metrics)} metrics")
+    r_fr = sum(
+        m.weight * s
+        for m, s in zip(metrics, scores, strict=True)
+        if m.kind is MetricKind.FULL_REFERENCE
+    )
+    r_nr = sum(
+        m.weight * s
+        for m, s in zip(metrics, scores, strict=True)
+        if m.kind is MetricKind.NO_REFERENCE
+    )
+    return float(r_fr), float(r_nr)
+
+
+def gains(
+    r: tuple[float, float], previous: tuple[float, float] | None, t: int, cfg: DTSSConfig
+) -> tuple[float, float]:
+    """(g_FR, g_NR) = tanh(R_i - R_{i-1}).
+
+    Both are zero at a tile's first score; g_NR stays zero until t < nr_start_t.
+    """
+    if previous is None:
+        return 0.0, 0.0
+    g_fr = math.tanh(r[0] - previous[0])
+    g_nr = math.tanh(r[1] - previous[1]) if t < cfg.nr_start_t else 0.0
+    return g_fr, g_nr
+
+
+def dtss_decide(t: int, g_fr: float, g_nr: float, cfg: DTSSConfig) -> Decision:
+    tau = cfg.tau
+    small, growth, stable, flat = cfg.tiers
+    if t < cfg.nr_start_t and g_nr <= -tau:
+        return Decision(Category.SATURATED, None)
+    if g_fr >= tau and g_nr >= tau:
+        return Decision(Category.GROWTH, small if g_nr < cfg.growth_split * tau else growth)
+    return Decision(Category.STABLE, flat if abs(g_fr) < tau else stable)
+
+
+class StepPolicy(Protocol):
+    """What the sampler asks after every UNet call of a tile."""
+
+    needs_scores: bool
+
+    def decide(self, tile: int, t: int, g_fr: float, g_nr: float) -> Decision: ...
+
+
+@dataclass(frozen=True)
+class DTSSPolicy:
+    config: DTSSConfig
+    needs_scores: bool = True
+
+    def decide(self, tile: int, t: int, g_fr: float, g_nr: float) -> Decision:
+        return dtss_decide(t, g_fr, g_nr, self.config)
+
+
+@dataclass(frozen=True)
+class UniformPolicy:
+    """The baseline: every tile jumps by the same interval (20 -> 50 steps, 5 -> 200 steps)."""
+
+    interval: int
+    needs_scores: bool = False
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ValueError(f"interval must be >= 1, got {self.interval}")
+
+    def decide(self, tile: int, t: int, g_fr: float, g_nr: float) -> Decision:
+        return Decision(Category.STABLE, self.interval)

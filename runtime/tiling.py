@@ -1,0 +1,178 @@
+"""Overlapping tiles over the upscaled image, one Gaussian weight function, and merging."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from adadiff.errors import ConfigError
+
+SIGMA_FRACTION = 0.25  # Gaussian sigma as a fraction of the tile side
+
+
+def axis_starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
+    """Tile starts along one axis: stride tile - overlap, the last tile flush with the end."""
+    if length <= tile:
+        return (0,)
+    stride = tile - overlap
+    count = math.ceil((length - tile) / stride) + 1
+    starts = [min(i * stride, length - tile) for i in range(count)]
+    return tuple(sorted(set(starts)))
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles of side ``tile`` over an image of ``height`` x ``width`` (after padding).
+
+    The image is reflect-padded up to at least one tile and to a multiple of ``multiple`` (the VAE
+    factor), so every tile start is a whole latent position; ``crop`` undoes the padding.
+    """
+
+    height: int
+    width: int
+    tile: int
+    overlap: int
+    multiple: int = 1
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ConfigError(f"image size must be positive, got {self.height}x{self.width}")
+        if self.tile < 1 or not 0 <= self.overlap < self.tile:
+            raise ConfigError(
+                f"need 0 <= overlap < tile, got tile {self.tile}, overlap {self.overlap}"
+            )
+        if self.tile % self.multiple or self.overlap % self.multiple:
+            raise ConfigError(
+                f"tile {self.tile} and overlap {self.overlap} must be multiples of {self.multiple}"
+            )
+
+    @property
+    def padded_height(self) -> int:
+        return max(self.tile, -(-self.height // self.multiple) * self.multiple)
+
+    @property
+    def padded_width(self) -> int:
+        return max(self.tile, -(-self.width // self.multiple) * self.multiple)
+
+    @property
+    def ys(self) -> tuple[int, ...]:
+        return axis_starts(self.padded_height, self.tile, self.overlap)
+
+    @property
+    def xs(self) -> tuple[int, ...]:
+        return axis_starts(self.padded_width, self.tile, self.overlap)
+
+    @property
+    def rows(self) -> int:
+        return len(self.ys)
+
+    @property
+    def cols(self) -> int:
+        return len(self.xs)
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    def origins(self) -> list[tuple[int, int]]:
+        """(y, x) of every tile, row-major; tile k keeps index k everywhere."""
+        return [(y, x) for y in self.ys for x in self.xs]
+
+    def boxes(self) -> list[tuple[int, int, int, int]]:
+        return [(y, x, y + self.tile, x + self.tile) for y, x in self.origins()]
+
+    def scaled(self, factor: int) -> TileGrid:
+        """The same grid in units ``factor`` times smaller (pixels -> latent positions)."""
+        if self.tile % factor or self.overlap % factor or self.padded_height % factor:
+            raise ConfigError(f"grid {self} cannot be divided by {factor}")
+        return TileGrid(
+            height=self.padded_height // factor,
+            width=self.padded_width // factor,
+            tile=self.tile // factor,
+            overlap=self.overlap // factor,
+            multiple=1,
+        )
+
+    def pad(self, image: np.ndarray) -> np.ndarray:
+        """Reflect-pad [H, W, C] to the padded size (numpy reflects repeatedly if needed)."""
+        ph, pw = self.padded_height - self.height, self.padded_width - self.width
+        if ph == 0 and pw == 0:
+            return image
+        return np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        return image[: self.height, : self.width]
+
+    def extract(self, image: np.ndarray) -> np.ndarray:
+        """[Hp, Wp, C] padded image -> [N, C, tile, tile] tiles."""
+        return np.stack(
+            [
+                image[y : y + self.tile, x : x + self.tile].transpose(2, 0, 1)
+                for y, x in self.origins()
+            ]
+        )
+
+
+@lru_cache(maxsize=16)
+def gaussian_weights(size: int) -> np.ndarray:
+    """The one blending weight used everywhere: an isotropic Gaussian over a size x size tile."""
+    centre = (size - 1) / 2
+    sigma = SIGMA_FRACTION * size
+    axis = np.exp(-0.5 * ((np.arange(size) - centre) / sigma) ** 2)
+    w = np.outer(axis, axis).astype(np.float32)
+    w.setflags(write=False)
+    return w
+
+
+def merge_tiles(tiles: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """Blend [N, C, tile, tile] tiles of a grid into [C, H, W] with the Gaussian weights."""
+    n, c, s, _ = tiles.shape
+    if n != len(grid) or s != grid.tile:
+        raise ValueError(f"{n} tiles of side {s} do not fit a grid of {len(grid)} x {grid.tile}")
+    acc = np.zeros((c, grid.padded_height, grid.padded_width), dtype=np.float64)
+    norm = np.zeros((grid.padded_height, grid.padded_width), dtype=np.float64)
+    w = gaussian_weights(s)
+    for (y, x), tile in zip(grid.origins(), tiles, strict=True):
+        acc[:, y : y + s, x : x + s] += tile * w
+        norm[y : y + s, x : x + s] += w
+    return (acc / norm).astype(np.float32)
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def tiled_decode(
+    latent: np.ndarray,
+    decode: Callable[[np.ndarray], np.ndarray],
+    *,
+    tile: int,
+    overlap: int,
+    factor: int,
+    max_batch: int,
+) -> np.ndarray:
+    """Decode a [C, h, w] latent in overlapping tiles; memory stays at one batch plus the canvas.
+
+    Pixel tiles are blended with the same Gaussian weights, at pixel resolution.
+    """
+    _c, h, w = latent.shape
+    if h < tile or w < tile:
+        raise ValueError(f"latent {h}x{w} is smaller than the decode tile {tile}")
+    grid = TileGrid(height=h, width=w, tile=tile, overlap=overlap)
+    px = tile * factor
+    weight = gaussian_weights(px)
+    acc = np.zeros((3, h * factor, w * factor), dtype=np.float64)
+    norm = np.zeros((h * factor, w * factor), dtype=np.float64)
+    origins = grid.origins()
+    for group in chunks(origins, max_batch):
+        batch = np.stack([latent[:, y : y + tile, x : x + tile] for y, x in group])
+        images = decode(np.ascontiguousarray(batch, dtype=np.float32))
+        for (y, x), img in zip(group, images, strict=True):
+            py, pxx = y * factor, x * factor
+            acc[:, py : py + px, pxx : pxx + px] += img * weight
+            norm[py : py + px, pxx : pxx + px] += weight
+    return (acc / norm).astype(np.float32)

@@ -1,0 +1,254 @@
+"""The public entry point: image in, 4x image and a report out, on any backend."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adadiff.config import ModelConfig
+from adadiff.engines.base import Backend, CallLog, Components
+from adadiff.errors import ConfigError
+from adadiff.runtime.policy import DTSSPolicy, StepPolicy, UniformPolicy
+from adadiff.runtime.sampler import DenoiseNets, Progress, SamplerResult, sample_tiles
+from adadiff.runtime.tiling import TileGrid, merge_tiles, tiled_decode
+
+log = logging.getLogger("adadiff")
+
+SCHEDULES = ("adaptive", "uniform")
+
+
+@dataclass
+class Report:
+    schedule: str
+    interval: int | None
+    seed: int
+    model: str
+    backend: dict[str, Any]
+    input_size: tuple[int, int]  # (width, height)
+    output_size: tuple[int, int]
+    tile_size: int
+    tile_overlap: int
+    grid: tuple[int, int]  # (rows, cols)
+    tiles: int
+    max_batch: int
+    unet_evaluations: int
+    engine_calls: int
+    rounds: int
+    steps_per_tile: list[int]
+    exits: list[str]
+    categories: dict[str, int]
+    batches: list[dict]
+    boxes: list[tuple[int, int, int, int]]  # tile boxes (y0, x0, y1, x1) in output pixels
+    seconds: dict[str, float] = field(default_factory=dict)
+    components: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.unet_evaluations / max(self.engine_calls, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mean_batch"] = round(self.mean_batch, 3)
+        return data
+
+
+class Upscaler:
+    """Load once, upscale many images. Not thread-safe: one Upscaler per worker."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: Backend,
+        *,
+        max_batch: int = 8,
+        model_name: str | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        self.config = config
+        self.backend = backend
+        self.max_batch = max_batch
+        self.model_name = model_name or config.name
+        self.log = CallLog()
+        self.components = Components(backend, self.log)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path = "tiny",
+        *,
+        backend: str = "torch",
+        device: str = "cpu",
+        precision: str = "fp32",
+        engines: str | Path | None = None,
+        max_batch: int = 8,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        seed: int = 0,
+    ) -> Upscaler:
+        """``model`` is a preset (``tiny``, ``sd21-base``) or a model folder."""
+        from adadiff.engines.factory import make_backend
+
+        config, be = make_backend(
+            model, backend=backend, device=device, precision=precision, engines=engines, seed=seed
+        )
+        config = config.with_tiling(tile_size, tile_overlap)
+        return cls(config, be, max_batch=max_batch, model_name=str(model))
+
+    def policy(self, schedule: str, interval: int | None) -> StepPolicy:
+        if schedule == "adaptive":
+            return DTSSPolicy(self.config.dtss)
+        if schedule == "uniform":
+            return UniformPolicy(interval or self.config.uniform_interval)
+        raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+    def upscale(
+        self,
+        image: Any,
+        *,
+        schedule: str = "adaptive",
+        interval: int | None = None,
+        seed: int = 0,
+        policy: StepPolicy | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[Any, Report]:
+        """Upscale ``image`` 4x. A PIL image comes back as a PIL image; an array as float32
+        [H, W, 3] in [0, 1]. ``policy`` overrides ``schedule`` (for experiments and tests)."""
+        from adadiff.imageio import bicubic_upscale, to_rgb_array
+
+        rgb = to_rgb_array(image)
+        step_policy = policy or self.policy(schedule, interval)
+        cfg = self.config
+        self.log = self.components.new_log()
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+
+        h, w = rgb.shape[:2]
+        up = bicubic_upscale(rgb, cfg.upscale)
+        grid = TileGrid(
+            height=h * cfg.upscale,
+            width=w * cfg.upscale,
+            tile=cfg.tile_size,
+            overlap=cfg.tile_overlap,
+            multiple=cfg.vae_scale_factor,
+        )
+        pixels = grid.extract(grid.pad(up)) * 2.0 - 1.0
+        encoder = self.components.vae_encoder
+        lr_latents = np.concatenate(
+            [
+                encoder.encode(pixels[i : i + self.max_batch])
+                for i in range(0, len(pixels), self.max_batch)
+            ]
+        )
+        del pixels
+        seconds["encode"] = time.perf_counter() - start
+        if progress:
+            progress("encode", len(grid), len(grid))
+
+        t0 = time.perf_counter()
+        nets = DenoiseNets(
+            self.components.unet.denoise, self.components.mmle.score, self.components.pfj.modulate
+        )
+        result = sample_tiles(
+            lr_latents,
+            nets,
+            step_policy,
+            noise=cfg.noise,
+            dtss=cfg.dtss,
+            metrics=cfg.mmle.metrics,
+            gain_dim=cfg.pfj.gain_dim,
+            seed=seed,
+            max_batch=self.max_batch,
+            progress=progress,
+        )
+        seconds["denoise"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        f = cfg.vae_scale_factor
+        latent = merge_tiles(result.latents, grid.scaled(f))
+        decoded = tiled_decode(
+            latent,
+            self.components.vae_decoder.decode,
+            tile=cfg.latent_tile,
+            overlap=cfg.tile_overlap // f,
+            factor=f,
+            max_batch=self.max_batch,
+        )
+        out = np.clip((grid.crop(decoded.transpose(1, 2, 0)) + 1.0) / 2.0, 0.0, 1.0)
+        seconds["decode"] = time.perf_counter() - t0
+        seconds["total"] = time.perf_counter() - start
+        if progress:
+            progress("decode", 1, 1)
+
+        report = self._report(
+            schedule if policy is None else type(policy).__name__,
+            interval,
+            seed,
+            (w, h),
+            grid,
+            result,
+            seconds,
+        )
+        log.info(
+            "upscaled %dx%d in %.2fs: %d tiles, %d UNet evaluations in %d calls",
+            w,
+            h,
+            seconds["total"],
+            len(grid),
+            report.unet_evaluations,
+            report.engine_calls,
+        )
+        return _like_input(image, out), report
+
+    def _report(
+        self,
+        schedule: str,
+        interval: int | None,
+        seed: int,
+        size: tuple[int, int],
+        grid: TileGrid,
+        result: SamplerResult,
+        seconds: dict[str, float],
+    ) -> Report:
+        w, h = size
+        cfg = self.config
+        return Report(
+            schedule=schedule,
+            interval=(interval or cfg.uniform_interval) if schedule == "uniform" else None,
+            seed=seed,
+            model=self.model_name,
+            backend=self.backend.describe(),
+            input_size=(w, h),
+            output_size=(w * cfg.upscale, h * cfg.upscale),
+            tile_size=cfg.tile_size,
+            tile_overlap=cfg.tile_overlap,
+            grid=(grid.rows, grid.cols),
+            tiles=len(grid),
+            max_batch=self.max_batch,
+            unet_evaluations=result.unet_evaluations,
+            engine_calls=result.engine_calls,
+            rounds=result.rounds,
+            steps_per_tile=result.steps_per_tile,
+            exits=result.exits,
+            categories=result.categories,
+            batches=result.batches,
+            boxes=grid.boxes(),
+            seconds={k: round(v, 4) for k, v in seconds.items()},
+            components=self.log.as_dict(),
+        )
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _like_input(image: Any, out: np.ndarray) -> Any:
+    if isinstance(image, np.ndarray):
+        return out.astype(np.float32)
+    from PIL import Image
+
+    return Image.fromarray(np.round(out * 255.0).astype(np.uint8))

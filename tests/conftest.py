@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adadiff.presets import tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_config):
+    from adadiff.models.bundle import build_random
+
+    return build_random(tiny_config, seed=0)
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    """A real photo shipped with scikit-image, 64x64, float32 in [0, 1]."""
+    from skimage import data
+    from skimage.transform import resize
+
+    return resize(data.astronaut(), (64, 64), anti_aliasing=True).astype(np.float32)

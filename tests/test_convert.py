@@ -1,0 +1,280 @@
+"""convert_sd21 on a tiny, offline SD-2.1-shaped diffusers folder."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from adadiff.config import CONFIG_FILE, PredictionType
+from adadiff.errors import BackendUnavailableError, ModelFolderError
+from adadiff.models.bundle import WEIGHTS, load_folder
+from adadiff.models.convert import convert_sd21
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+TOKENS = 77
+CROSS_DIM = 32
+
+
+def _write_tokenizer(folder: Path) -> int:
+    """A CLIP BPE tokenizer as SD-2.1 ships it: vocab.json + merges.txt, no tokenizer.json."""
+    vocab = {BOS: 0, EOS: 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    vocab["ab</w>"] = len(vocab)
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\na b</w>\n")
+    # No model_max_length: the tokenizer then reports a huge sentinel, which convert must not use.
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "unk_token": EOS,
+                "pad_token": EOS,
+            }
+        )
+    )
+    return len(vocab)
+
+
+def _build_stock(root: Path) -> Path:
+    torch.manual_seed(1234)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=2,
+        cross_attention_dim=CROSS_DIM,
+        norm_num_groups=8,
+        use_linear_projection=True,
+    )
+    # Stock weights that are not all zero anywhere, so "kept" and "zeroed" are distinguishable.
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.13025,
+    )
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+
+    vocab_size = _write_tokenizer(root / "tokenizer")
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=CROSS_DIM,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=TOKENS,
+            projection_dim=CROSS_DIM,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    text.save_pretrained(root / "text_encoder")
+
+    # v-prediction and a non-default beta_end, so the test sees they come from this file.
+    DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.0125,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+    ).save_pretrained(root / "scheduler")
+    return root
+
+
+@pytest.fixture(scope="module")
+def stock_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build_stock(tmp_path_factory.mktemp("stock") / "sd21")
+
+
+@pytest.fixture
+def stock(stock_template: Path, tmp_path: Path) -> Path:
+    """A private copy per test, so tests that break files do not affect the others."""
+    return Path(shutil.copytree(stock_template, tmp_path / "sd21"))
+
+
+def _empty_prompt_reference(src: Path) -> torch.Tensor:
+    tokenizer = CLIPTokenizer.from_pretrained(str(src / "tokenizer"), local_files_only=True)
+    ids = tokenizer(
+        "", padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
+    assert ids.tolist() == [[0] + [1] * (TOKENS - 1)]
+    encoder = CLIPTextModel.from_pretrained(str(src / "text_encoder"), local_files_only=True)
+    with torch.no_grad():
+        return encoder.eval()(ids).last_hidden_state[0]
+
+
+def _siblings(dst: Path) -> list[str]:
+    return sorted(p.name for p in dst.parent.iterdir() if p.name != "sd21")
+
+
+def test_convert_keeps_stock_weights_and_widens_conv_in(stock: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "converted"
+    lines: list[str] = []
+    assert convert_sd21(stock, dst, seed=3, log=lines.append) == dst
+    assert any("4 -> 8" in line for line in lines)
+    assert _siblings(dst) == ["converted"]  # the temporary folder is gone
+
+    models = load_folder(dst)
+    unet_stock = load_file(str(stock / "unet" / WEIGHTS))
+    unet_new = models.unet.state_dict()
+    assert models.unet.conv_in.in_channels == 8
+    w_new, w_stock = unet_new["conv_in.weight"], unet_stock["conv_in.weight"]
+    assert w_new.shape == (w_stock.shape[0], 8, *w_stock.shape[2:])
+    assert torch.equal(w_new[:, :4], w_stock)
+    assert torch.count_nonzero(w_new[:, 4:]) == 0
+    assert set(unet_new) == set(unet_stock)
+    for key, tensor in unet_stock.items():
+        if key != "conv_in.weight":
+            assert torch.equal(unet_new[key], tensor), key
+
+    vae_stock = load_file(str(stock / "vae" / WEIGHTS))
+    vae_new = models.vae.state_dict()
+    assert set(vae_new) == set(vae_stock)
+    for key, tensor in vae_stock.items():
+        assert torch.equal(vae_new[key], tensor), key
+
+    expected = _empty_prompt_reference(stock)
+    assert models.text_embedding.shape == (TOKENS, CROSS_DIM)
+    assert models.text_embedding.dtype == torch.float32
+    assert torch.allclose(models.text_embedding, expected, atol=1e-6)
+
+    lr = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(models.pfj(lr, torch.rand(2, 2)), lr)
+
+    cfg = json.loads((dst / CONFIG_FILE).read_text())
+    assert cfg["unet"]["in_channels"] == 8
+    assert cfg["unet"]["cross_attention_dim"] == CROSS_DIM
+    assert not any(k.startswith("_") for k in (*cfg["unet"], *cfg["vae"]))
+    assert cfg["scaling_factor"] == pytest.approx(0.13025)
+    assert (cfg["tile_size"], cfg["tile_overlap"]) == (512, 64)
+    assert models.config.noise.prediction_type is PredictionType.V_PREDICTION
+    assert models.config.noise.beta_end == pytest.approx(0.0125)
+
+
+def test_seed_decides_pfj_and_mmle(stock: Path, tmp_path: Path) -> None:
+    a = load_folder(convert_sd21(stock, tmp_path / "a", seed=0))
+    b = load_folder(convert_sd21(stock, tmp_path / "b", seed=0))
+    c = load_folder(convert_sd21(stock, tmp_path / "c", seed=1))
+    wa, wb, wc = (m.mmle.head[0].weight for m in (a, b, c))
+    assert torch.equal(wa, wb)
+    assert not torch.equal(wa, wc)
+
+
+def test_zero_init_reproduces_the_stock_unet(stock: Path, tmp_path: Path) -> None:
+    models = load_folder(convert_sd21(stock, tmp_path / "converted"))
+    stock_unet = UNet2DConditionModel.from_pretrained(str(stock / "unet")).eval()
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(2, 4, 16, 16, generator=gen)
+    lr = torch.randn(2, 4, 16, 16, generator=gen) * 3
+    t = torch.tensor([10, 700])
+    text = models.text_embedding[None].expand(2, -1, -1)
+    with torch.no_grad():
+        want = stock_unet(z, t, encoder_hidden_states=text).sample
+        got = models.unet(torch.cat([z, lr], dim=1), t, encoder_hidden_states=text).sample
+    assert got.abs().max() > 0
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_missing_unet_weights(stock: Path, tmp_path: Path) -> None:
+    (stock / "unet" / WEIGHTS).unlink()
+    dst = tmp_path / "converted"
+    with pytest.raises(ModelFolderError, match=re.escape(str(stock / "unet" / WEIGHTS))):
+        convert_sd21(stock, dst)
+    assert not dst.exists()
+
+
+def test_bin_only_unet_asks_for_safetensors(stock: Path, tmp_path: Path) -> None:
+    (stock / "unet" / WEIGHTS).rename(stock / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelFolderError, match="convert it to safetensors"):
+        convert_sd21(stock, tmp_path / "converted")
+
+
+def test_missing_tokenizer_folder(stock: Path, tmp_path: Path) -> None:
+    shutil.rmtree(stock / "tokenizer")
+    with pytest.raises(ModelFolderError, match=re.escape(str(stock / "tokenizer"))):
+        convert_sd21(stock, tmp_path / "converted")
+
+
+def test_vae_tensor_with_wrong_shape(stock: Path, tmp_path: Path) -> None:
+    path = stock / "vae" / WEIGHTS
+    state = load_file(str(path))
+    key = "decoder.conv_out.weight"
+    state[key] = torch.zeros(3, 16, 3, 3)
+    save_file(state, str(path))
+    dst = tmp_path / "converted"
+    with pytest.raises(ModelFolderError, match=re.escape(key)):
+        convert_sd21(stock, dst)
+    assert not dst.exists()
+    assert _siblings(dst) == []  # nor any temporary folder
+
+
+def test_failure_while_writing_leaves_no_dst(
+    stock: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_save(self: object, folder: Path) -> Path:
+        (Path(folder) / "unet").mkdir()
+        raise OSError("disk full")
+
+    monkeypatch.setattr("adadiff.models.bundle.TorchModels.save", broken_save)
+    dst = tmp_path / "converted"
+    with pytest.raises(OSError, match="disk full"):
+        convert_sd21(stock, dst)
+    assert not dst.exists()
+    assert _siblings(dst) == []
+
+
+def test_refuses_non_empty_dst(stock: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "converted"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    with pytest.raises(ModelFolderError, match="pick a new folder"):
+        convert_sd21(stock, dst)
+    assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+
+
+def test_empty_dst_is_fine(stock: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "converted"
+    dst.mkdir()
+    convert_sd21(stock, dst)
+    assert (dst / CONFIG_FILE).is_file()
+
+
+def test_without_transformers(stock: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(BackendUnavailableError, match=re.escape('pip install "adadiff[convert]"')):
+        convert_sd21(stock, tmp_path / "converted")

@@ -1,0 +1,453 @@
+"""Tests for adadiff.imageio (loading, checking and saving images) and adadiff.stepmap."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from adadiff.errors import InputImageError, OutputPathError
+from adadiff.imageio import (
+    LoadedImage,
+    bicubic_upscale,
+    check_output_path,
+    load_image,
+    save_image,
+    to_rgb_array,
+    upscale_alpha,
+)
+from adadiff.stepmap import render_step_map, save_step_map
+
+RNG = np.random.default_rng(1234)
+
+
+def _rgb_u8(height: int = 12, width: int = 16) -> np.ndarray:
+    return RNG.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def _write(path: Path, array: np.ndarray, **kwargs: object) -> Path:
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+def _png_with_size(path: Path, width: int, height: int) -> Path:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    # Signature (8) + IHDR length (4) + b"IHDR" (4), then width and height; CRC covers type+data.
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _reread(path: Path) -> Image.Image:
+    """Fully decoded copy of a written file, with the file closed again."""
+    with Image.open(path) as image:
+        image.load()
+        copy = image.copy()
+        copy.format = image.format
+    return copy
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------
+
+
+def test_rgb_png_round_trip_values(tmp_path: Path) -> None:
+    pixels = _rgb_u8()
+    src = _write(tmp_path / "in.png", pixels)
+    loaded = load_image(src)
+    assert isinstance(loaded, LoadedImage)
+    assert loaded.rgb.dtype == np.float32
+    assert loaded.rgb.shape == (12, 16, 3)
+    assert loaded.alpha is None
+    assert loaded.bit_depth == 8
+    assert not loaded.grayscale
+    assert loaded.source_mode == "RGB"
+    np.testing.assert_allclose(loaded.rgb, pixels / 255.0, atol=1e-7)
+
+    out = save_image(tmp_path / "out.png", loaded.rgb)
+    assert out == (tmp_path / "out.png").resolve()
+    np.testing.assert_array_equal(np.asarray(_reread(out)), pixels)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "fmt", "atol"),
+    [(".jpg", "JPEG", 0.2), (".webp", "WEBP", 0.2), (".tif", "TIFF", 1e-7)],
+)
+def test_other_formats_load(tmp_path: Path, suffix: str, fmt: str, atol: float) -> None:
+    pixels = np.full((20, 30, 3), (200, 100, 50), dtype=np.uint8)
+    src = _write(tmp_path / f"in{suffix}", pixels, format=fmt)
+    loaded = load_image(src)
+    assert loaded.rgb.shape == (20, 30, 3)
+    assert loaded.rgb.dtype == np.float32
+    assert loaded.rgb.min() >= 0.0 and loaded.rgb.max() <= 1.0
+    np.testing.assert_allclose(loaded.rgb, pixels / 255.0, atol=atol)
+
+
+def test_grayscale_is_replicated_to_three_channels(tmp_path: Path) -> None:
+    gray = RNG.integers(0, 256, size=(9, 7), dtype=np.uint8)
+    loaded = load_image(_write(tmp_path / "gray.png", gray))
+    assert loaded.grayscale
+    assert loaded.bit_depth == 8
+    assert loaded.rgb.shape == (9, 7, 3)
+    for c in range(3):
+        np.testing.assert_allclose(loaded.rgb[:, :, c], gray / 255.0, atol=1e-7)
+
+
+def test_16bit_grayscale_full_precision_and_saved_back(tmp_path: Path) -> None:
+    values = np.full((6, 5), 40000, dtype=np.uint16)
+    values[0, 0] = 1  # invisible at 8 bits
+    values[-1, -1] = 65535
+    loaded = load_image(_write(tmp_path / "g16.png", values))
+    assert loaded.bit_depth == 16
+    assert loaded.grayscale
+    assert loaded.source_mode.startswith("I")
+    assert abs(float(loaded.rgb[2, 2, 1]) - 40000 / 65535) < 1e-6
+    assert abs(float(loaded.rgb[0, 0, 0]) - 1 / 65535) < 1e-6
+    assert loaded.rgb[-1, -1, 2] == pytest.approx(1.0)
+
+    for suffix in (".png", ".tif"):
+        out = save_image(tmp_path / f"back{suffix}", loaded.rgb, bit_depth=16, grayscale=True)
+        with Image.open(out) as reread:
+            assert reread.mode.startswith("I;16")
+            np.testing.assert_array_equal(np.asarray(reread), values)
+
+    eight = save_image(tmp_path / "eight.png", loaded.rgb, bit_depth=8, grayscale=True)
+    assert _reread(eight).mode == "L"
+
+
+def test_16bit_grayscale_big_endian_array(tmp_path: Path) -> None:
+    values = np.full((4, 4), 40000, dtype=">u2")
+    image = Image.fromarray(values)
+    assert image.mode == "I;16B"
+    rgb = to_rgb_array(image)
+    assert abs(float(rgb[0, 0, 0]) - 40000 / 65535) < 1e-6
+
+
+def test_rgba_alpha_kept_through_load_upscale_and_save(tmp_path: Path) -> None:
+    rgba = np.zeros((8, 10, 4), dtype=np.uint8)
+    rgba[..., :3] = _rgb_u8(8, 10)
+    rgba[..., 3] = np.linspace(0, 255, 10, dtype=np.uint8)[None, :]
+    loaded = load_image(_write(tmp_path / "rgba.png", rgba))
+    assert loaded.alpha is not None
+    assert loaded.alpha.shape == (8, 10)
+    np.testing.assert_allclose(loaded.alpha, rgba[..., 3] / 255.0, atol=1e-7)
+    np.testing.assert_allclose(loaded.rgb, rgba[..., :3] / 255.0, atol=1e-7)
+
+    big_alpha = upscale_alpha(loaded.alpha, 4)
+    assert big_alpha.shape == (32, 40)
+    assert big_alpha.dtype == np.float32
+    assert big_alpha.min() >= 0.0 and big_alpha.max() <= 1.0
+    big_rgb = bicubic_upscale(loaded.rgb, 4)
+
+    out = save_image(tmp_path / "out.png", big_rgb, big_alpha)
+    with Image.open(out) as reread:
+        assert reread.mode == "RGBA"
+        assert reread.size == (40, 32)
+        saved_alpha = np.asarray(reread)[..., 3]
+    assert saved_alpha[:, 0].max() < 40 and saved_alpha[:, -1].min() > 215
+
+    jpeg = save_image(tmp_path / "out.jpg", big_rgb, big_alpha)
+    assert _reread(jpeg).mode == "RGB"
+
+    gray_alpha = save_image(tmp_path / "ga.png", big_rgb, big_alpha, grayscale=True)
+    assert _reread(gray_alpha).mode == "LA"
+
+
+def test_palette_with_transparency_keeps_alpha(tmp_path: Path) -> None:
+    image = Image.new("P", (6, 4), 0)
+    image.putpalette([255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 6))
+    image.putpixel((0, 0), 1)
+    image.save(tmp_path / "p.png", transparency=1)
+    loaded = load_image(tmp_path / "p.png")
+    assert loaded.alpha is not None
+    assert loaded.alpha[0, 0] == 0.0 and loaded.alpha[1, 1] == 1.0
+    np.testing.assert_allclose(loaded.rgb[1, 1], [1.0, 0.0, 0.0])
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = 255  # left half white in the stored orientation
+    Image.fromarray(pixels).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    loaded = load_image(tmp_path / "rot.jpg")
+    assert loaded.rgb.shape == (40, 20, 3)
+    # Stored left half ends up on top after a clockwise rotation.
+    assert loaded.rgb[:15].mean() > 0.9 and loaded.rgb[25:].mean() < 0.1
+
+
+def test_input_file_is_not_modified(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    src = tmp_path / "rot.jpg"
+    Image.fromarray(_rgb_u8(16, 24)).save(src, exif=exif)
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    mtime = src.stat().st_mtime_ns
+    load_image(src)
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before
+    assert src.stat().st_mtime_ns == mtime
+    assert _files(tmp_path) == ["rot.jpg"]
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputImageError, match=r"nope\.png.*not found"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_directory(tmp_path: Path) -> None:
+    with pytest.raises(InputImageError, match="is a folder"):
+        load_image(tmp_path)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(InputImageError, match=r"empty\.png is empty \(0 bytes\)"):
+        load_image(tmp_path / "empty.png")
+
+
+def test_text_file_named_png(tmp_path: Path) -> None:
+    (tmp_path / "notes.png").write_text("this is not a picture\n")
+    with pytest.raises(InputImageError, match=r"notes\.png is not an image"):
+        load_image(tmp_path / "notes.png")
+
+
+def test_truncated_png(tmp_path: Path) -> None:
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    buf = io.BytesIO()
+    Image.fromarray(_rgb_u8(64, 64)).save(buf, format="PNG")
+    data = buf.getvalue()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputImageError, match=r"cut\.png.*truncated or corrupt"):
+        load_image(tmp_path / "cut.png")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_gigantic_header_fails_fast_and_names_the_flag(tmp_path: Path) -> None:
+    src = _png_with_size(tmp_path / "huge.png", 100_000, 100_000)
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    start = time.perf_counter()
+    with pytest.raises(InputImageError, match="--max-pixels") as info:
+        load_image(src)
+    assert time.perf_counter() - start < 2.0
+    message = str(info.value)
+    assert "huge.png" in message
+    assert "10,000,000,000" in message and "16,000,000" in message
+    assert "\n" not in message
+    assert pillow_limit == Image.MAX_IMAGE_PIXELS
+
+
+def test_header_over_user_limit_below_pillow_limit(tmp_path: Path) -> None:
+    src = _png_with_size(tmp_path / "wide.png", 5000, 4000)
+    with pytest.raises(InputImageError, match=r"5000x4000.*--max-pixels") as info:
+        load_image(src)
+    assert "20,000,000" in str(info.value) and "16,000,000" in str(info.value)
+    small = _write(tmp_path / "small.png", _rgb_u8(10, 10))
+    with pytest.raises(InputImageError, match="--max-pixels"):
+        load_image(small, max_pixels=99)
+    assert load_image(small, max_pixels=100).rgb.shape == (10, 10, 3)
+
+
+def test_pillow_bomb_warning_becomes_input_error(tmp_path: Path) -> None:
+    # Over Pillow's warning threshold (~89M) yet allowed by the user's limit.
+    src = _png_with_size(tmp_path / "bomb.png", 10_000, 10_000)
+    with pytest.raises(InputImageError, match=r"bomb\.png"):
+        load_image(src, max_pixels=200_000_000)
+
+
+# ------------------------------------------------------------------------------------------
+# Output paths and saving
+# ------------------------------------------------------------------------------------------
+
+
+def test_check_output_path_ok(tmp_path: Path) -> None:
+    src = _write(tmp_path / "in.png", _rgb_u8())
+    assert check_output_path(src, tmp_path / "out.JPG") == (tmp_path / "out.JPG").resolve()
+
+
+def test_check_output_path_missing_folder(tmp_path: Path) -> None:
+    src = _write(tmp_path / "in.png", _rgb_u8())
+    with pytest.raises(OutputPathError, match="does not exist"):
+        check_output_path(src, tmp_path / "missing" / "out.png")
+
+
+def test_check_output_path_same_as_input(tmp_path: Path) -> None:
+    src = _write(tmp_path / "in.png", _rgb_u8())
+    with pytest.raises(OutputPathError, match="is the input file"):
+        check_output_path(src, tmp_path / "sub" / ".." / "in.png")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(OutputPathError, match="is the input file"):
+        check_output_path(src, tmp_path / "sub" / ".." / "in.png")
+
+
+def test_check_output_path_bad_suffix(tmp_path: Path) -> None:
+    src = _write(tmp_path / "in.png", _rgb_u8())
+    with pytest.raises(OutputPathError, match=r"\.png \.jpg \.jpeg \.webp \.tif \.tiff"):
+        check_output_path(src, tmp_path / "out.bmp")
+    with pytest.raises(OutputPathError, match="no suffix"):
+        check_output_path(src, tmp_path / "out")
+
+
+def test_save_leaves_no_temp_files(tmp_path: Path) -> None:
+    rgb = _rgb_u8().astype(np.float32) / 255.0
+    for name in ("a.png", "b.jpg", "c.jpeg", "d.webp", "e.tif", "f.tiff"):
+        save_image(tmp_path / name, rgb)
+    save_image(tmp_path / "a.png", rgb)  # overwriting an existing file
+    assert _files(tmp_path) == ["a.png", "b.jpg", "c.jpeg", "d.webp", "e.tif", "f.tiff"]
+    assert _reread(tmp_path / "b.jpg").format == "JPEG"
+    assert _reread(tmp_path / "d.webp").format == "WEBP"
+    assert _reread(tmp_path / "f.tiff").format == "TIFF"
+
+
+def test_failed_save_leaves_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    target = folder / "out.png"
+    shutil.rmtree(folder)
+    with pytest.raises(OutputPathError, match=r"out\.png"):
+        save_image(target, np.zeros((4, 4, 3), dtype=np.float32))
+    assert not folder.exists()
+    assert _files(tmp_path) == []
+
+
+def test_save_error_during_encode_removes_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def half_written(self: Image.Image, fp: io.BufferedWriter, **kwargs: object) -> None:
+        fp.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", half_written)
+    existing = tmp_path / "out.png"
+    existing.write_bytes(b"old contents")
+    with pytest.raises(OutputPathError, match=r"out\.png.*disk full"):
+        save_image(existing, np.zeros((4, 4, 3), dtype=np.float32))
+    assert _files(tmp_path) == ["out.png"]
+    assert existing.read_bytes() == b"old contents"
+
+
+def test_save_rounds_and_clips(tmp_path: Path) -> None:
+    rgb = np.array([[[-0.5, 0.5, 1.7]]], dtype=np.float32)
+    out = save_image(tmp_path / "px.png", rgb)
+    np.testing.assert_array_equal(np.asarray(_reread(out))[0, 0], [0, 128, 255])
+
+
+# ------------------------------------------------------------------------------------------
+# Arrays and resizing
+# ------------------------------------------------------------------------------------------
+
+
+def test_bicubic_upscale_constant_and_shape() -> None:
+    rgb = np.empty((5, 7, 3), dtype=np.float32)
+    rgb[...] = [0.2, 0.5, 0.9]
+    up = bicubic_upscale(rgb, 4)
+    assert up.shape == (20, 28, 3)
+    assert up.dtype == np.float32
+    for c, value in enumerate((0.2, 0.5, 0.9)):
+        np.testing.assert_allclose(up[:, :, c], value, atol=1e-6)
+
+
+def test_bicubic_upscale_keeps_float_precision() -> None:
+    rgb = np.full((4, 4, 3), 40000 / 65535, dtype=np.float32)
+    rgb[0, 0] = 1.0
+    up = bicubic_upscale(rgb, 4)
+    assert up.min() >= 0.0 and up.max() <= 1.0
+    # Far from the bright pixel the value must keep more precision than 8 bits would give.
+    assert abs(float(up[-1, -1, 0]) - 40000 / 65535) < 1e-5
+
+
+def test_to_rgb_array_variants() -> None:
+    u8 = _rgb_u8(3, 4)
+    np.testing.assert_allclose(to_rgb_array(u8), u8 / 255.0, atol=1e-7)
+    u16 = np.full((3, 4), 65535, dtype=np.uint16)
+    assert to_rgb_array(u16).shape == (3, 4, 3) and to_rgb_array(u16).min() == 1.0
+    rgba = np.concatenate([u8, np.zeros((3, 4, 1), np.uint8)], axis=2)
+    np.testing.assert_allclose(to_rgb_array(rgba), u8 / 255.0, atol=1e-7)
+    floats = np.full((3, 4, 3), 1.5)
+    assert to_rgb_array(floats).dtype == np.float32 and to_rgb_array(floats).max() == 1.0
+    pil = Image.fromarray(rgba)
+    np.testing.assert_allclose(to_rgb_array(pil), u8 / 255.0, atol=1e-7)
+    with pytest.raises(InputImageError, match="shape"):
+        to_rgb_array(np.zeros((3, 4, 2), np.uint8))
+    with pytest.raises(InputImageError, match="dtype"):
+        to_rgb_array(np.zeros((3, 4), np.int64))
+    with pytest.raises(InputImageError, match="NaN"):
+        to_rgb_array(np.full((3, 4), np.nan))
+
+
+# ------------------------------------------------------------------------------------------
+# Step map
+# ------------------------------------------------------------------------------------------
+
+
+def _grid_boxes(height: int, width: int, tile: int, stride: int) -> list[tuple[int, int, int, int]]:
+    return [
+        (y, x, y + tile, x + tile)
+        for y in range(0, max(1, height - tile + stride), stride)
+        for x in range(0, max(1, width - tile + stride), stride)
+    ]
+
+
+def test_step_map_size_limit() -> None:
+    image = RNG.random((1500, 2400, 3), dtype=np.float32)
+    boxes = _grid_boxes(1500, 2400, 512, 448)
+    steps = [10 + 3 * k for k in range(len(boxes))]
+    exits = ["saturated" if k % 3 == 0 else "t0" for k in range(len(boxes))]
+    picture = render_step_map(image, boxes, steps, exits, max_side=256)
+    assert picture.mode == "RGB"
+    assert picture.width <= 256
+    map_height = round(1500 * 256 / 2400)
+    assert map_height < picture.height <= map_height + 120
+
+
+def test_step_map_single_tile_and_equal_steps(tmp_path: Path) -> None:
+    image = np.full((40, 60, 3), 0.5, dtype=np.float32)
+    one = render_step_map(image, [(0, 0, 64, 64)], [30], ["t0"])
+    assert one.height > 40
+    boxes = _grid_boxes(40, 60, 20, 16)
+    same = render_step_map(image, boxes, [25] * len(boxes), ["t0"] * len(boxes))
+    assert same.height > 40
+    n = len(boxes)
+    out = save_step_map(tmp_path / "map.png", image, boxes, [25] * n, ["saturated"] * n)
+    assert out.exists() and _files(tmp_path) == ["map.png"]
+
+
+def test_step_map_colours_follow_steps() -> None:
+    image = np.full((64, 128, 3), 0.5, dtype=np.float32)
+    boxes = [(0, 0, 64, 64), (0, 64, 64, 128)]
+    picture = np.asarray(render_step_map(image, boxes, [10, 50], ["t0", "saturated"]))
+    few = picture[56, 8].astype(int)
+    many = picture[56, 72].astype(int)
+    assert np.abs(few - many).sum() > 60
+    # The saturated tile (right) has a marked corner, the other does not.
+    assert not np.array_equal(picture[1, 65], picture[56, 72])
+    assert np.array_equal(picture[2, 2], picture[56, 8])
+
+
+def test_step_map_rejects_mismatched_lengths() -> None:
+    image = np.zeros((8, 8, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="equal lengths"):
+        render_step_map(image, [(0, 0, 8, 8)], [1, 2], ["t0"])
+    with pytest.raises(ValueError, match="exit kinds"):
+        render_step_map(image, [(0, 0, 8, 8)], [1], ["done"])

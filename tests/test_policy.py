@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from adadiff.config import DTSSConfig, MetricConfig, MetricKind
+from adadiff.runtime.policy import Category, dtss_decide, gains, quality
+
+CFG = DTSSConfig()
+TAU = CFG.tau
+
+
+@pytest.mark.parametrize(
+    ("t", "g_fr", "g_nr", "category", "interval"),
+    [
+        # first half: NR gains are zero, so never growth, never saturated
+        (900, 0.0, 0.0, Category.STABLE, 20),
+        (900, 0.5, 0.0, Category.STABLE, 15),
+        (900, -0.5, 0.0, Category.STABLE, 15),
+        (500, 0.0, -1.0, Category.STABLE, 20),  # t = 500 is still the first half
+        # second half
+        (499, 0.0, -TAU, Category.SATURATED, None),
+        (100, 0.9, -0.2, Category.SATURATED, None),
+        (499, TAU, TAU, Category.GROWTH, 5),
+        (300, 0.3, 4 * TAU - 1e-6, Category.GROWTH, 5),
+        (300, 0.3, 4 * TAU, Category.GROWTH, 10),
+        (300, 0.3, 0.5, Category.GROWTH, 10),
+        (300, TAU - 1e-6, 0.5, Category.STABLE, 20),
+        (300, -0.3, 0.5, Category.STABLE, 15),
+        (300, 0.3, TAU - 1e-6, Category.STABLE, 15),
+        (300, 0.0, -TAU + 1e-6, Category.STABLE, 20),
+    ],
+)
+def test_dtss_table(t, g_fr, g_nr, category, interval):
+    d = dtss_decide(t, g_fr, g_nr, CFG)
+    assert d.category is category
+    assert d.interval == interval
+    assert d.exits == (interval is None)
+
+
+def test_policy_numbers_come_from_config():
+    cfg = DTSSConfig(tau=0.1, tiers=(2, 3, 7, 11), growth_split=2.0, nr_start_t=800)
+    assert dtss_decide(700, 0.15, 0.15, cfg).interval == 2
+    assert dtss_decide(700, 0.15, 0.25, cfg).interval == 3
+    assert dtss_decide(700, 0.05, 0.0, cfg).interval == 11
+    assert dtss_decide(700, 0.5, 0.0, cfg).interval == 7
+    assert dtss_decide(700, 0.0, -0.1, cfg).category is Category.SATURATED
+    assert dtss_decide(850, 0.0, -0.5, cfg).category is Category.STABLE
+
+
+def test_gains():
+    metrics = (
+        MetricConfig(name="a", kind=MetricKind.FULL_REFERENCE, weight=2.0),
+        MetricConfig(name="b", kind=MetricKind.NO_REFERENCE, weight=-1.0),
+        MetricConfig(name="c", kind=MetricKind.FULL_REFERENCE, weight=1.0),
+    )
+    r1 = quality([1.0, 3.0, 0.5], metrics)
+    assert r1 == (2.5, -3.0)
+    r2 = quality([1.1, 2.0, 0.5], metrics)
+    assert gains(r2, None, 300, CFG) == (0.0, 0.0)
+    g_fr, g_nr = gains(r2, r1, 300, CFG)
+    assert g_fr == pytest.approx(math.tanh(0.2))
+    assert g_nr == pytest.approx(math.tanh(1.0))
+    assert gains(r2, r1, 700, CFG) == (pytest.approx(math.tanh(0.2)), 0.0)

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adadiff.errors import ConfigError
+from adadiff.runtime.tiling import (
+    TileGrid,
+    axis_starts,
+    gaussian_weights,
+    merge_tiles,
+    tiled_decode,
+)
+
+
+@pytest.mark.parametrize("length", [1, 37, 128, 129, 200, 512, 1000, 1031])
+@pytest.mark.parametrize(("tile", "overlap"), [(128, 32), (64, 0), (512, 64)])
+def test_axis_starts_cover_and_are_flush(length, tile, overlap):
+    starts = axis_starts(max(length, tile), tile, overlap)
+    covered = np.zeros(max(length, tile), bool)
+    for s in starts:
+        covered[s : s + tile] = True
+    assert covered.all()
+    assert starts[0] == 0
+    assert starts[-1] + tile == max(length, tile)
+    steps = np.diff(starts)
+    assert np.all(steps <= tile - overlap)
+
+
+def test_grid_pads_small_images_and_crops_back():
+    grid = TileGrid(height=50, width=300, tile=128, overlap=32, multiple=4)
+    assert grid.padded_height == 128 and grid.padded_width == 300
+    img = np.random.default_rng(0).random((50, 300, 3)).astype(np.float32)
+    padded = grid.pad(img)
+    assert padded.shape == (128, 300, 3)
+    np.testing.assert_array_equal(grid.crop(padded), img)
+    # reflect, not zeros: the row after the last is the one before it
+    np.testing.assert_array_equal(padded[50], img[48])
+    tiles = grid.extract(padded)
+    assert tiles.shape == (len(grid), 3, 128, 128)
+    assert all(x % 4 == 0 and y % 4 == 0 for y, x in grid.origins())
+
+
+def test_grid_rejects_bad_tiling():
+    with pytest.raises(ConfigError, match="overlap"):
+        TileGrid(height=10, width=10, tile=64, overlap=64)
+    with pytest.raises(ConfigError, match="multiples"):
+        TileGrid(height=10, width=10, tile=64, overlap=6, multiple=4)
+
+
+def test_gaussian_weights_positive_and_symmetric():
+    for size in (8, 31, 64):
+        w = gaussian_weights(size)
+        assert w.shape == (size, size)
+        assert np.all(w > 0)
+        np.testing.assert_array_equal(w, w.T)
+        np.testing.assert_allclose(w, w[::-1, ::-1])
+
+
+def test_merging_a_constant_returns_it():
+    grid = TileGrid(height=300, width=200, tile=128, overlap=32, multiple=4).scaled(4)
+    tiles = np.full((len(grid), 4, grid.tile, grid.tile), 0.37, np.float32)
+    merged = merge_tiles(tiles, grid)
+    assert merged.shape == (4, grid.padded_height, grid.padded_width)
+    np.testing.assert_allclose(merged, 0.37, rtol=1e-6)
+
+
+def test_merge_recovers_an_image_cut_into_tiles():
+    grid = TileGrid(height=70, width=90, tile=32, overlap=8)
+    img = (
+        np.random.default_rng(1)
+        .random((grid.padded_height, grid.padded_width, 2))
+        .astype(np.float32)
+    )
+    merged = merge_tiles(grid.extract(img), grid)
+    np.testing.assert_allclose(merged, img.transpose(2, 0, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_decode_matches_whole_decode_for_a_local_decoder():
+    latent = np.random.default_rng(2).random((4, 40, 56)).astype(np.float32)
+
+    def decode(batch):  # a per-position decoder, so tiling must not change anything
+        return np.repeat(np.repeat(batch[:, :3] * 2 - 1, 4, axis=2), 4, axis=3)
+
+    calls = []
+    out = tiled_decode(
+        latent,
+        lambda b: calls.append(len(b)) or decode(b),
+        tile=16,
+        overlap=4,
+        factor=4,
+        max_batch=3,
+    )
+    np.testing.assert_allclose(out, decode(latent[None])[0], rtol=1e-5, atol=1e-6)
+    assert max(calls) <= 3
