@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -77,6 +76,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
 
 
+def _add_upscale_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--schedule", default="adaptive", choices=("adaptive", "uniform"))
+    p.add_argument(
+        "--interval",
+        type=_positive,
+        help="uniform schedule jump in timesteps (20 = 50 steps, 5 = 200 steps)",
+    )
+    p.add_argument("--seed", type=_non_negative, default=0)
+    p.add_argument("--max-batch", type=_positive, default=8, help="tiles per engine call")
+    p.add_argument("--tile", type=_positive, help="tile size in output pixels (model default)")
+    p.add_argument("--overlap", type=_non_negative, help="tile overlap in output pixels")
+    p.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=None,
+        help="refuse inputs with more pixels than this (default 16 million)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adadiff", description="AdaDiffSR: adaptive-step diffusion 4x super-resolution"
@@ -88,27 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upscale", help="upscale one image 4x")
     up.add_argument("input", type=Path, help="PNG, JPEG, WebP or TIFF image")
     up.add_argument("-o", "--output", type=Path, required=True, help="output image path")
-    _add_model_args(up)
-    up.add_argument("--schedule", default="adaptive", choices=("adaptive", "uniform"))
-    up.add_argument(
-        "--interval",
-        type=_positive,
-        help="uniform schedule jump in timesteps (20 = 50 steps, 5 = 200 steps)",
-    )
-    up.add_argument("--seed", type=_non_negative, default=0)
-    up.add_argument("--max-batch", type=_positive, default=8, help="tiles per engine call")
-    up.add_argument("--tile", type=_positive, help="tile size in output pixels (model default)")
-    up.add_argument("--overlap", type=_non_negative, help="tile overlap in output pixels")
-    up.add_argument(
-        "--max-pixels",
-        type=_positive,
-        default=None,
-        help="refuse inputs with more pixels than this (default 16 million)",
-    )
+    _add_upscale_args(up)
     up.add_argument("--report", type=Path, help="write the run report as JSON here")
     up.add_argument("--step-map", type=Path, help="write a PNG of steps per tile here")
-    up.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     up.set_defaults(func=cmd_upscale)
+
+    demo = sub.add_parser(
+        "demo", help="upscale a scikit-image photo; write input, bicubic, output, report, step map"
+    )
+    demo.add_argument("-o", "--output", type=Path, default=Path("demo-out"), help="folder")
+    demo.add_argument("--photo", default="astronaut", help="scikit-image photo name")
+    demo.add_argument("--size", type=_positive, default=128, help="input long side in pixels")
+    _add_upscale_args(demo)
+    demo.set_defaults(func=cmd_demo)
 
     cv = sub.add_parser(
         "convert-sd21", help="turn a stock SD-2.1-base diffusers folder into a model folder"
@@ -122,34 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_parent(path: Path | None, what: str) -> None:
-    from adadiff.errors import OutputPathError
-
-    if path is not None and not path.expanduser().resolve().parent.is_dir():
-        raise OutputPathError(f"the folder for the {what} {path} does not exist; create it first")
-
-
-def cmd_upscale(args: argparse.Namespace) -> int:
-    from adadiff import imageio
+def _upscaler(args: argparse.Namespace) -> Any:
     from adadiff.runtime.upscaler import Upscaler
 
-    max_pixels = args.max_pixels or imageio.DEFAULT_MAX_PIXELS
-    output = imageio.check_output_path(args.input, args.output)
-    _check_parent(args.report, "report")
-    _check_parent(args.step_map, "step map")
-    for extra in (args.report, args.step_map):
-        if extra is not None and extra.expanduser().resolve() in (
-            output,
-            args.input.expanduser().resolve(),
-        ):
-            raise ConfigError(f"{extra} would overwrite the input or the output image")
-    if args.step_map is not None and args.step_map.suffix.lower() != ".png":
-        raise ConfigError(f"--step-map must be a .png file, got {args.step_map}")
-    if args.interval is not None and args.schedule != "uniform":
-        raise ConfigError("--interval applies to --schedule uniform only")
-    image = imageio.load_image(args.input, max_pixels=max_pixels)
-
-    upscaler = Upscaler.from_pretrained(
+    return Upscaler.from_pretrained(
         args.model,
         backend=args.backend,
         device=args.device,
@@ -159,41 +147,46 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         tile_size=args.tile,
         tile_overlap=args.overlap,
     )
+
+
+def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any) -> int:
+    """Validate outputs and read the input before loading any model, so mistakes fail fast."""
+    from adadiff import imageio, jobs
+
+    if args.interval is not None and args.schedule != "uniform":
+        raise ConfigError("--interval applies to --schedule uniform only")
+    outputs = jobs.check_outputs(input_path, outputs)
+    image = imageio.load_image(input_path, max_pixels=args.max_pixels or imageio.DEFAULT_MAX_PIXELS)
+    upscaler = _upscaler(args)
+    options = jobs.UpscaleOptions(
+        schedule=args.schedule, interval=args.interval, seed=args.seed, max_pixels=args.max_pixels
+    )
     bars = ProgressBars(enabled=not args.quiet and sys.stderr.isatty())
     try:
-        rgb, report = upscaler.upscale(
-            image.rgb, schedule=args.schedule, interval=args.interval, seed=args.seed, progress=bars
-        )
+        data = jobs.upscale_loaded(upscaler, image, input_path, outputs, options, progress=bars)
     finally:
         bars.close()
-    alpha = (
-        None if image.alpha is None else imageio.upscale_alpha(image.alpha, upscaler.config.upscale)
-    )
-    written = imageio.save_image(
-        output, rgb, alpha, bit_depth=image.bit_depth, grayscale=image.grayscale
-    )
-    data = report.to_dict()
-    data.update(
-        input=str(args.input),
-        output=str(written),
-        input_mode=image.source_mode,
-        bit_depth=image.bit_depth,
-        alpha=image.alpha is not None,
-        version=__version__,
-    )
-    if args.report is not None:
-        imageio.write_bytes_atomic(args.report, (json.dumps(data, indent=2) + "\n").encode())
-    if args.step_map is not None:
-        from adadiff.stepmap import save_step_map
-
-        save_step_map(args.step_map, rgb, report.boxes, report.steps_per_tile, report.exits)
-    steps = report.steps_per_tile
-    print(
-        f"{written}: {report.output_size[0]}x{report.output_size[1]}, {report.tiles} tiles, "
-        f"{report.unet_evaluations} UNet evaluations in {report.engine_calls} calls "
-        f"(steps per tile {min(steps)}..{max(steps)}), {report.seconds['total']:.1f}s"
-    )
+    print(jobs.summary(data))
     return 0
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from adadiff.jobs import FileOutputs
+
+    return _upscale(args, args.input, FileOutputs(args.output, args.report, args.step_map))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from adadiff import demo
+    from adadiff.jobs import FileOutputs
+
+    out = args.output
+    source = demo.prepare(out, args.photo, args.size)
+    print(f"{source}: {args.photo} at {args.size} px long side; {out / 'bicubic.png'}: bicubic 4x")
+    outputs = FileOutputs(out / "upscaled.png", out / "report.json", out / "steps.png")
+    code = _upscale(args, source, outputs)
+    print(f"{out / 'report.json'}: report; {out / 'steps.png'}: steps per tile")
+    return code
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -19,7 +19,10 @@ def make_backend(
     precision: str = "fp32",
     engines: str | Path | None = None,
     seed: int = 0,
+    tile_size: int | None = None,
+    tile_overlap: int | None = None,
 ) -> tuple[ModelConfig, Backend]:
+    """Open ``backend`` for ``model``; tile overrides change every component's shapes."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
@@ -34,6 +37,7 @@ def make_backend(
                 "diffusers, or see README for GPU builds"
             ) from exc
         models = load_models(model, seed=seed)
+        models.config = models.config.with_tiling(tile_size, tile_overlap)
         return models.config, TorchBackend(models, device=device, precision=precision)
     raise BackendUnavailableError(
         f"the {backend} backend is not part of this build yet; use --backend torch"

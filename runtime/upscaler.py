@@ -95,9 +95,15 @@ class Upscaler:
         from adadiff.engines.factory import make_backend
 
         config, be = make_backend(
-            model, backend=backend, device=device, precision=precision, engines=engines, seed=seed
+            model,
+            backend=backend,
+            device=device,
+            precision=precision,
+            engines=engines,
+            seed=seed,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
         )
-        config = config.with_tiling(tile_size, tile_overlap)
         return cls(config, be, max_batch=max_batch, model_name=str(model))
 
     def policy(self, schedule: str, interval: int | None) -> StepPolicy:

@@ -1,0 +1,124 @@
+"""File-level jobs shared by the CLI and the demo: read, upscale, write image, report, step map."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adadiff import __version__
+from adadiff.errors import ConfigError, OutputPathError
+from adadiff.runtime.sampler import Progress
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpscaleOptions:
+    schedule: str = "adaptive"
+    interval: int | None = None
+    seed: int = 0
+    max_pixels: int | None = None
+
+
+@dataclass(frozen=True)
+class FileOutputs:
+    image: Path
+    report: Path | None = None
+    step_map: Path | None = None
+
+
+def check_outputs(input_path: Path, outputs: FileOutputs) -> FileOutputs:
+    """Validate every output path before any work is done; return them resolved."""
+    from adadiff import imageio
+
+    image = imageio.check_output_path(input_path, outputs.image)
+    source = Path(input_path).expanduser().resolve()
+    extras: dict[str, Path | None] = {}
+    for what, path in (("report", outputs.report), ("step map", outputs.step_map)):
+        if path is None:
+            extras[what] = None
+            continue
+        resolved = path.expanduser().resolve()
+        if not resolved.parent.is_dir():
+            raise OutputPathError(f"the folder for the {what} {path} does not exist; create it")
+        if resolved in (image, source):
+            raise ConfigError(f"the {what} path {path} would overwrite the input or output image")
+        extras[what] = resolved
+    if extras["step map"] is not None and extras["step map"].suffix.lower() != ".png":
+        raise ConfigError(f"the step map must be a .png file, got {outputs.step_map}")
+    if extras["report"] is not None and extras["report"] == extras["step map"]:
+        raise ConfigError("the report and the step map need different paths")
+    return FileOutputs(image, extras["report"], extras["step map"])
+
+
+def upscale_file(
+    upscaler: Any,
+    input_path: Path,
+    outputs: FileOutputs,
+    options: UpscaleOptions,
+    *,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Check the outputs, read the image, upscale it and write everything; return the report."""
+    from adadiff import imageio
+
+    outputs = check_outputs(input_path, outputs)
+    image = imageio.load_image(
+        input_path, max_pixels=options.max_pixels or imageio.DEFAULT_MAX_PIXELS
+    )
+    return upscale_loaded(upscaler, image, input_path, outputs, options, progress=progress)
+
+
+def upscale_loaded(
+    upscaler: Any,
+    image: Any,
+    input_path: Path,
+    outputs: FileOutputs,
+    options: UpscaleOptions,
+    *,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Upscale an already loaded image (``imageio.LoadedImage``); every file is written
+    atomically. ``outputs`` must have passed ``check_outputs``."""
+    from adadiff import imageio
+
+    if options.interval is not None and options.schedule != "uniform":
+        raise ConfigError("an interval applies to the uniform schedule only")
+    rgb, report = upscaler.upscale(
+        image.rgb,
+        schedule=options.schedule,
+        interval=options.interval,
+        seed=options.seed,
+        progress=progress,
+    )
+    factor = upscaler.config.upscale
+    alpha = None if image.alpha is None else imageio.upscale_alpha(image.alpha, factor)
+    written = imageio.save_image(
+        outputs.image, rgb, alpha, bit_depth=image.bit_depth, grayscale=image.grayscale
+    )
+    data = report.to_dict()
+    data.update(
+        input=str(input_path),
+        output=str(written),
+        input_mode=image.source_mode,
+        bit_depth=image.bit_depth,
+        alpha=image.alpha is not None,
+        version=__version__,
+    )
+    if outputs.report is not None:
+        imageio.write_bytes_atomic(outputs.report, (json.dumps(data, indent=2) + "\n").encode())
+    if outputs.step_map is not None:
+        from adadiff.stepmap import save_step_map
+
+        save_step_map(outputs.step_map, rgb, report.boxes, report.steps_per_tile, report.exits)
+    return data
+
+
+def summary(data: dict[str, Any]) -> str:
+    steps = data["steps_per_tile"]
+    w, h = data["output_size"]
+    return (
+        f"{data['output']}: {w}x{h}, {data['tiles']} tiles, {data['unet_evaluations']} UNet "
+        f"evaluations in {data['engine_calls']} calls (steps per tile {min(steps)}..{max(steps)}),"
+        f" {data['seconds']['total']:.1f}s"
+    )

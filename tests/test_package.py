@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from adadiff.config import ModelConfig
+from adadiff.errors import ConfigError, ModelFolderError
+from adadiff.presets import preset, sd21_base, tiny
+from adadiff.specs import component_specs
+
+
+def test_import_adadiff_is_light():
+    code = (
+        "import sys, adadiff, adadiff.runtime, adadiff.engines, adadiff.specs, adadiff.config;"
+        "print([m for m in ('torch', 'onnxruntime', 'tensorrt', 'diffusers') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_config_round_trip(tmp_path):
+    cfg = tiny()
+    cfg.save(tmp_path)
+    back = ModelConfig.load(tmp_path)
+    assert back == cfg
+    assert back.digest() == cfg.digest()
+    data = json.loads((tmp_path / "adadiff.json").read_text())
+    assert [m["name"] for m in data["mmle"]["metrics"]] == [m.name for m in cfg.mmle.metrics]
+    assert data["dtss"]["tiers"] == [5, 10, 15, 20]
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        preset("sd15")
+    with pytest.raises(ConfigError, match="multiple"):
+        tiny().with_tiling(102, 32)
+    with pytest.raises(ConfigError, match="missing"):
+        ModelConfig.load(tmp_path)
+    (tmp_path / "adadiff.json").write_text("{")
+    with pytest.raises(ConfigError, match="JSON"):
+        ModelConfig.load(tmp_path)
+
+
+def test_sd21_shapes_follow_the_config():
+    specs = component_specs(sd21_base())
+    assert specs["unet"].inputs[0].shape == ("B", 8, 64, 64)
+    assert specs["vae_encoder"].inputs[0].shape == ("B", 3, 512, 512)
+    assert specs["mmle"].outputs[0].shape == ("B", 6)
+    assert specs["unet"].profile(1, 4, 16)["timestep"] == ((1,), (4,), (16,))
+    tiny_specs = component_specs(tiny())
+    assert tiny_specs["unet"].inputs[0].shape == ("B", 8, 32, 32)
+
+
+def test_model_folder_round_trip_and_errors(tmp_path, tiny_models):
+    import torch
+
+    from adadiff.models.bundle import load_folder
+
+    tiny_models.save(tmp_path / "m")
+    loaded = load_folder(tmp_path / "m")
+    for a, b in zip(
+        tiny_models.unet.state_dict().values(), loaded.unet.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    assert torch.equal(loaded.text_embedding, tiny_models.text_embedding)
+    (tmp_path / "m" / "mmle.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match="mmle.safetensors"):
+        load_folder(tmp_path / "m")
+
+
+def test_pfj_starts_as_identity(tiny_models):
+    import torch
+
+    lr = torch.randn(3, 4, 8, 8)
+    gain = torch.randn(3, 2)
+    assert torch.equal(tiny_models.pfj(lr, gain), lr)
+
+
+@pytest.mark.slow
+def test_sd21_base_random_init_runs_one_unet_call():
+    import numpy as np
+
+    from adadiff.engines.torch import TorchBackend
+    from adadiff.models.bundle import build_random
+
+    models = build_random(sd21_base())
+    n = sum(p.numel() for p in models.unet.parameters())
+    assert 850e6 < n < 880e6  # SD-2.1 UNet: about 865M parameters
+    unet = TorchBackend(models).open("unet")
+    feeds = unet.spec.sample_inputs(1)
+    out = unet(feeds)["noise_pred"]
+    assert out.shape == (1, 4, 64, 64) and np.isfinite(out).all()

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adadiff.engines.torch import TorchBackend
+from adadiff.errors import ConfigError
+from adadiff.runtime.upscaler import Upscaler
+
+
+@pytest.fixture(scope="module")
+def upscaler(tiny_models):
+    return Upscaler(tiny_models.config, TorchBackend(tiny_models), max_batch=8)
+
+
+def test_adaptive_upscale_report(upscaler, photo):
+    img = photo[:40, :56]
+    out, rep = upscaler.upscale(img, schedule="adaptive", seed=0)
+    assert out.shape == (160, 224, 3) and out.dtype == np.float32
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    assert rep.output_size == (224, 160)
+    assert rep.tiles == len(rep.steps_per_tile) == len(rep.exits) == len(rep.boxes)
+    assert rep.tiles == rep.grid[0] * rep.grid[1] == 4
+    assert rep.unet_evaluations == sum(rep.steps_per_tile)
+    assert rep.engine_calls == len(rep.batches)
+    assert sum(b["size"] for b in rep.batches) == rep.unet_evaluations
+    assert all(b["size"] <= 8 for b in rep.batches)
+    assert set(rep.exits) <= {"t0", "saturated"}
+    assert rep.components["unet"]["calls"] == rep.engine_calls
+    assert rep.components["mmle"]["items"] == rep.unet_evaluations
+    assert set(rep.seconds) == {"encode", "denoise", "decode", "total"}
+    data = rep.to_dict()
+    assert data["mean_batch"] == pytest.approx(rep.unet_evaluations / rep.engine_calls, abs=1e-3)
+
+
+def test_uniform_schedule_counts(upscaler, photo):
+    _, rep = upscaler.upscale(photo[:32, :32], schedule="uniform", interval=20)
+    assert rep.steps_per_tile == [50] * rep.tiles
+    assert rep.exits == ["t0"] * rep.tiles
+    assert rep.rounds == 50
+    assert rep.engine_calls == 50 * -(-rep.tiles // 8)
+    assert "mmle" not in rep.components  # the uniform baseline runs no scorer
+
+
+def test_max_batch_does_not_change_the_output(tiny_models, photo):
+    img = photo[:36, :36]
+    outs = []
+    for mb in (1, 8):
+        up = Upscaler(tiny_models.config, TorchBackend(tiny_models), max_batch=mb)
+        out, rep = up.upscale(img, schedule="uniform", interval=100, seed=3)
+        outs.append((out, rep))
+    (a, ra), (b, rb) = outs
+    assert ra.engine_calls > rb.engine_calls
+    assert ra.steps_per_tile == rb.steps_per_tile
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_seed_changes_output_and_is_reproducible(upscaler, photo):
+    img = photo[:32, :32]
+    a, _ = upscaler.upscale(img, schedule="uniform", interval=100, seed=1)
+    b, _ = upscaler.upscale(img, schedule="uniform", interval=100, seed=1)
+    c, _ = upscaler.upscale(img, schedule="uniform", interval=100, seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_pil_in_pil_out(upscaler, photo):
+    pil = Image.fromarray((photo[:20, :24] * 255).astype(np.uint8))
+    out, rep = upscaler.upscale(pil, schedule="uniform", interval=250)
+    assert isinstance(out, Image.Image) and out.size == (96, 80)
+    assert rep.input_size == (24, 20)
+
+
+def test_unknown_schedule(upscaler, photo):
+    with pytest.raises(ConfigError, match="schedule"):
+        upscaler.upscale(photo, schedule="fast")
