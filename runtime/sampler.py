@@ -19,6 +19,7 @@ from adadiff.runtime.schedule import next_timestep, renoise, split_prediction
 from adadiff.runtime.tiling import chunks
 
 Progress = Callable[[str, int, int], None]
+GROUPINGS = ("regroup", "timestep", "tile")
 
 
 class DenoiseNets:
@@ -82,10 +83,19 @@ def sample_tiles(
     gain_dim: int,
     seed: int,
     max_batch: int,
+    grouping: str = "regroup",
     progress: Progress | None = None,
 ) -> SamplerResult:
+    """Denoise every tile to t = 0 or an early exit.
+
+    ``grouping`` says which tiles share a UNet call: ``regroup`` (every active tile, whatever its
+    timestep: the point of the runtime), ``timestep`` (only tiles at the same timestep) or
+    ``tile`` (one tile per call). Results are identical; only calls and speed differ.
+    """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
     n = lr_latents.shape[0]
     zero_gain = np.zeros(gain_dim, dtype=np.float32)
     tiles = [
@@ -108,7 +118,7 @@ def sample_tiles(
     active = list(tiles)
     while active:
         rounds += 1
-        for group in chunks(active, max_batch):
+        for group in _groups(active, max_batch, grouping):
             sample = np.stack([np.concatenate([s.z, s.cond]) for s in group])
             t = np.array([s.t for s in group], dtype=np.float32)
             out = nets.denoise(sample, t)
@@ -177,6 +187,17 @@ def _advance(
         s.z, s.t = z_next[j], int(t_next[j])
         if s.t == 0:
             s.exit, s.result = "t0", s.z
+
+
+def _groups(active: list[TileState], max_batch: int, grouping: str) -> list[list[TileState]]:
+    if grouping == "tile":
+        return [[s] for s in active]
+    if grouping == "timestep":
+        by_t: dict[int, list[TileState]] = {}
+        for s in active:
+            by_t.setdefault(s.t, []).append(s)
+        return [g for same in by_t.values() for g in chunks(same, max_batch)]
+    return list(chunks(active, max_batch))
 
 
 def _gain_vector(values: tuple[float, float], dim: int) -> np.ndarray:

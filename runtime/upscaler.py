@@ -121,6 +121,7 @@ class Upscaler:
         interval: int | None = None,
         seed: int = 0,
         policy: StepPolicy | None = None,
+        grouping: str = "regroup",
         progress: Progress | None = None,
     ) -> tuple[Any, Report]:
         """Upscale ``image`` 4x. A PIL image comes back as a PIL image; an array as float32
@@ -170,6 +171,7 @@ class Upscaler:
             gain_dim=cfg.pfj.gain_dim,
             seed=seed,
             max_batch=self.max_batch,
+            grouping=grouping,
             progress=progress,
         )
         seconds["denoise"] = time.perf_counter() - t0

@@ -124,7 +124,7 @@ def _write(path: Path, data: bytes) -> Path:
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, make, match):
     src = make(tmp_path)
-    code, out, err = _run(["upscale", src, "-o", tmp_path / "o.png", "-q"], capsys)
+    code, _, err = _run(["upscale", src, "-o", tmp_path / "o.png", "-q"], capsys)
     assert code == 2
     assert err.startswith("adadiff: error:") and err.count("\n") == 1
     import re

@@ -67,7 +67,7 @@ def test_model_folder_round_trip_and_errors(tmp_path, tiny_models):
         assert torch.equal(a, b)
     assert torch.equal(loaded.text_embedding, tiny_models.text_embedding)
     (tmp_path / "m" / "mmle.safetensors").unlink()
-    with pytest.raises(ModelFolderError, match="mmle.safetensors"):
+    with pytest.raises(ModelFolderError, match=r"mmle\.safetensors"):
         load_folder(tmp_path / "m")
 
 

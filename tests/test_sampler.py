@@ -141,3 +141,30 @@ def test_tile_noise_depends_on_seed_and_tile_only():
     np.testing.assert_array_equal(a, tile_noise(7, 3, (4, 8, 8)))
     assert not np.allclose(a, tile_noise(7, 4, (4, 8, 8)))
     assert not np.allclose(a, tile_noise(8, 3, (4, 8, 8)))
+
+
+@pytest.mark.parametrize("grouping", ["timestep", "tile"])
+def test_grouping_changes_calls_not_results(grouping):
+    policy = ForcedIntervals([5, 20, 10, 20, 20])
+    ref, _, _ = run(5, policy, max_batch=8)
+    calls: list = []
+    x0 = np.random.default_rng(5).standard_normal((5, C, S, S)).astype(np.float32)
+    other = sample_tiles(
+        lr_with_index(5),
+        oracle_nets(x0, calls),
+        policy,
+        noise=NOISE,
+        dtss=DTSSConfig(),
+        metrics=DEFAULT_METRICS,
+        gain_dim=2,
+        seed=0,
+        max_batch=8,
+        grouping=grouping,
+    )
+    np.testing.assert_allclose(other.latents, ref.latents, atol=1e-6)
+    assert other.steps_per_tile == ref.steps_per_tile
+    assert other.engine_calls > ref.engine_calls
+    if grouping == "tile":
+        assert all(len(c) == 1 for c in calls)
+    else:
+        assert all(len(set(c.tolist())) == 1 for c in calls)
