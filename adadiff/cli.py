@@ -12,6 +12,7 @@ from typing import Any
 
 from adadiff import __version__
 from adadiff.errors import AdadiffError, ConfigError
+from adadiff.specs import COMPONENTS
 
 log = logging.getLogger("adadiff")
 
@@ -131,6 +132,71 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("-o", "--output", type=Path, required=True, help="new model folder")
     cv.add_argument("--seed", type=_non_negative, default=0, help="seed for PFJ and MMLE init")
     cv.set_defaults(func=cmd_convert)
+
+    ex = sub.add_parser(
+        "export", help="export a model to ONNX, one checked file per component plus a manifest"
+    )
+    ex.add_argument(
+        "--model",
+        default="tiny",
+        help="preset (tiny, sd21-base; random init unless weights are shipped) or model folder",
+    )
+    ex.add_argument(
+        "-o", "--output", type=Path, required=True, help="folder for the ONNX files and manifest"
+    )
+    ex.add_argument(
+        "--components",
+        default=",".join(COMPONENTS),
+        help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all)",
+    )
+    ex.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "fp16"),
+        help="fp16: half precision inside the UNet, PFJ and MMLE files (the VAE stays fp32)",
+    )
+    ex.add_argument("--opset", type=_positive, help="ONNX opset (default 20)")
+    ex.add_argument(
+        "--exporter",
+        choices=("dynamo", "torchscript"),
+        help="torch.onnx exporter (default dynamo; torchscript is the deprecated fallback)",
+    )
+    ex.add_argument(
+        "--check-batches",
+        default="1,3",
+        help="batch sizes at which ONNX Runtime is checked against torch after export; "
+        "'none' skips the check",
+    )
+    ex.add_argument("--no-fold", action="store_true", help="skip Polygraphy constant folding")
+    ex.add_argument(
+        "--seed", type=_non_negative, default=0, help="init seed of a preset without weights"
+    )
+    ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ex.set_defaults(func=cmd_export)
+
+    sm = sub.add_parser(
+        "setup-metrics",
+        help="fetch and verify the quality metrics' files (LPIPS, BRISQUE) and fit NIQE",
+    )
+    sm.add_argument("--cache-dir", type=Path, help="default: $ADADIFF_CACHE or ~/.cache/adadiff")
+    sm.add_argument("--refit-niqe", action="store_true", help="fit the NIQE model again")
+    sm.set_defaults(func=cmd_setup_metrics)
+
+    bd = sub.add_parser(
+        "build", help="build TensorRT engines from an export folder (needs tensorrt and a GPU)"
+    )
+    bd.add_argument("engines", type=Path, help="the folder written by `adadiff export`")
+    bd.add_argument("--components", help="comma-separated components (default: all exported)")
+    bd.add_argument("--min-batch", type=_positive, default=1)
+    bd.add_argument("--opt-batch", type=_positive, default=4)
+    bd.add_argument("--max-batch", type=_positive, default=16)
+    bd.add_argument(
+        "--profiles", help="several batch profiles MIN:OPT:MAX,... (overrides the above)"
+    )
+    bd.add_argument("--timing-cache", type=Path, help="timing cache file (default: in the folder)")
+    bd.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB")
+    bd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    bd.set_defaults(func=cmd_build)
     return parser
 
 
@@ -197,6 +263,110 @@ def cmd_convert(args: argparse.Namespace) -> int:
         args.src, args.output, seed=args.seed, log=lambda m: print(m, file=sys.stderr)
     )
     print(f"{dst}: converted in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def _int_list(value: str, what: str) -> tuple[int, ...]:
+    if value.strip().lower() in ("", "none"):
+        return ()
+    try:
+        numbers = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"{what} must be comma-separated whole numbers or 'none', got {value!r}"
+        ) from None
+    return numbers
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from adadiff.errors import BackendUnavailableError
+
+    try:
+        from adadiff.export import ExportOptions, export_onnx
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"export needs torch, onnx, onnxscript, polygraphy and onnx-graphsurgeon ({exc}); "
+            'pip install "adadiff[onnx]"'
+        ) from exc
+
+    # The exporters log every rewrite at INFO and a torchvision notice at WARNING.
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    chosen: dict[str, Any] = {
+        "components": tuple(c.strip() for c in args.components.split(",") if c.strip()),
+        "precision": args.precision,
+        "fold": not args.no_fold,
+        "check_batches": _int_list(args.check_batches, "--check-batches"),
+    }
+    if args.opset is not None:
+        chosen["opset"] = args.opset
+    if args.exporter is not None:
+        chosen["exporter"] = args.exporter
+    options = ExportOptions(**chosen)
+    bars = ProgressBars(enabled=not args.quiet and sys.stderr.isatty())
+    start = time.perf_counter()
+    try:
+        manifest = export_onnx(args.model, args.output, options, seed=args.seed, progress=bars)
+    finally:
+        bars.close()
+    for name, entry in manifest.components.items():
+        nodes = entry.nodes
+        print(
+            f"{args.output / entry.onnx_file}: {name} {entry.precision}, "
+            f"{entry.size / 1e6:.1f} MB in {len(entry.files)} file(s), nodes "
+            f"{nodes.get('exported', '?')} -> {nodes.get('cleaned', '?')}"
+            + (f" -> {nodes['fp16']} (fp16)" if "fp16" in nodes else "")
+        )
+    print(
+        f"{args.output}: {manifest.model}, {manifest.precision}, opset {manifest.opset}, "
+        f"{manifest.exporter} exporter, {time.perf_counter() - start:.1f}s. Run it with: "
+        f"adadiff upscale IMAGE -o OUT.png --backend onnxruntime --engines {args.output}"
+        + (" --precision fp16" if manifest.precision == "fp16" else "")
+    )
+    return 0
+
+
+def cmd_setup_metrics(args: argparse.Namespace) -> int:
+    from adadiff.quality.weights import setup_metrics
+
+    stored = setup_metrics(args.cache_dir, refit_niqe=args.refit_niqe, log=print)
+    print(f"metrics ready: {', '.join(sorted(stored))}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from adadiff.manifest import ExportManifest
+    from adadiff.trt_manifest import BatchProfile, current_device, import_tensorrt, parse_profiles
+
+    # What is missing on this machine comes first: it is what the user must fix before anything.
+    import_tensorrt()
+    current_device()
+    exported = ExportManifest.load(args.engines)
+    from adadiff.export.tensorrt_build import BuildOptions, build_engines, describe
+
+    if args.profiles:
+        profiles = parse_profiles(args.profiles)
+    else:
+        profiles = (BatchProfile(args.min_batch, args.opt_batch, args.max_batch),)
+    components = (
+        tuple(c.strip() for c in args.components.split(",") if c.strip())
+        if args.components
+        else tuple(exported.components)
+    )
+    options = BuildOptions(
+        components=components,
+        profiles=profiles,
+        timing_cache=args.timing_cache,
+        workspace_gb=args.workspace,
+    )
+    bars = ProgressBars(enabled=not args.quiet and sys.stderr.isatty())
+    try:
+        manifest = build_engines(args.engines, options, progress=bars)
+    finally:
+        bars.close()
+    for line in describe(manifest):
+        print(line)
     return 0
 
 

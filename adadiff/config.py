@@ -42,15 +42,19 @@ class MetricConfig:
             raise ConfigError("a metric needs a name")
 
 
-# The paper's six MMLE metrics. Weights normalise typical ranges so that one unit of R is a
-# clearly visible change (PSNR in dB, LPIPS/NLPD lower-is-better, MUSIQ on 0..100).
+# The six MMLE scores. The paper uses PSNR, LPIPS, AHIQ, NLPD (full-reference) and BRISQUE, MUSIQ
+# (no-reference); AHIQ and MUSIQ need pretrained networks that cannot be had offline, so SSIM and
+# NIQE stand in (adadiff.quality.registry); a folder whose adadiff.json names ahiq or musiq uses
+# them once their weights exist locally. Weights carry the sign (higher R = better) and bring
+# typical ranges to a common scale: 1 dB PSNR = 0.1, LPIPS/NLPD lower is better, BRISQUE (0..100)
+# and NIQE (about 3..25) lower is better.
 DEFAULT_METRICS: tuple[MetricConfig, ...] = (
     MetricConfig(name="psnr", kind=MetricKind.FULL_REFERENCE, weight=0.1),
     MetricConfig(name="lpips", kind=MetricKind.FULL_REFERENCE, weight=-2.0),
-    MetricConfig(name="ahiq", kind=MetricKind.FULL_REFERENCE, weight=1.0),
+    MetricConfig(name="ssim", kind=MetricKind.FULL_REFERENCE, weight=1.0),
     MetricConfig(name="nlpd", kind=MetricKind.FULL_REFERENCE, weight=-2.0),
     MetricConfig(name="brisque", kind=MetricKind.NO_REFERENCE, weight=-0.02),
-    MetricConfig(name="musiq", kind=MetricKind.NO_REFERENCE, weight=0.02),
+    MetricConfig(name="niqe", kind=MetricKind.NO_REFERENCE, weight=-0.05),
 )
 
 

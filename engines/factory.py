@@ -39,6 +39,62 @@ def make_backend(
         models = load_models(model, seed=seed)
         models.config = models.config.with_tiling(tile_size, tile_overlap)
         return models.config, TorchBackend(models, device=device, precision=precision)
-    raise BackendUnavailableError(
-        f"the {backend} backend is not part of this build yet; use --backend torch"
+    if backend == "onnxruntime":
+        if engines is None:
+            raise ConfigError(
+                "--backend onnxruntime needs --engines FOLDER, the output of "
+                "`adadiff export --model MODEL -o FOLDER`"
+            )
+        from adadiff.engines.onnxruntime import open_onnxruntime
+
+        return open_onnxruntime(
+            engines,
+            model=model,
+            device=device,
+            precision=precision,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+        )
+    return _open_tensorrt(
+        engines,
+        model=model,
+        device=device,
+        precision=precision,
+        tile_size=tile_size,
+        tile_overlap=tile_overlap,
     )
+
+
+def _open_tensorrt(
+    engines: str | Path | None,
+    *,
+    model: str | Path | None,
+    device: str,
+    precision: str,
+    tile_size: int | None,
+    tile_overlap: int | None,
+) -> tuple[ModelConfig, Backend]:
+    if engines is None:
+        raise ConfigError(
+            "--backend tensorrt needs --engines FOLDER: export with `adadiff export --model MODEL "
+            "-o FOLDER`, then build with `adadiff build FOLDER`"
+        )
+    from adadiff.engines.onnxruntime import model_config
+    from adadiff.engines.tensorrt import TensorRTBackend
+
+    # TensorRT runs on CUDA only, so the CPU default means "the first GPU" here.
+    backend = TensorRTBackend(engines, device="cuda" if device == "cpu" else device)
+    if precision != backend.exported.precision:
+        raise ConfigError(
+            f"{engines} holds a {backend.exported.precision} export; pass --precision "
+            f"{backend.exported.precision} or export again with --precision {precision}"
+        )
+    if model is not None:
+        backend.exported.check_model(model_config(model), str(model))
+    cfg = backend.config
+    if tile_size is not None and tile_size != cfg.tile_size:
+        raise ConfigError(
+            f"the engines in {engines} take {cfg.tile_size} px tiles, not --tile {tile_size}; "
+            "drop --tile or export and build again"
+        )
+    return cfg.with_tiling(tile_size, tile_overlap), backend

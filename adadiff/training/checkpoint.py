@@ -1,0 +1,110 @@
+"""Atomic training checkpoints in a stage folder: ``ckpt-00001234.pt``, the last K kept.
+
+A checkpoint is one ``torch.save`` dict of plain data and tensors (model and optimizer states,
+step, RNG states, wall time), loaded with ``weights_only=True`` so reading one runs no code. It is
+written to a temporary file in the same folder and renamed into place, so a crash or a SIGKILL
+mid-write never leaves a half checkpoint behind the newest name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from adadiff.errors import ModelFolderError
+
+log = logging.getLogger("adadiff.training")
+
+_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return Path(folder) / f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(folder: str | Path, step: int, payload: dict[str, Any], keep: int = 3) -> Path:
+    """Write ``payload`` (plus its step) atomically, then drop all but the newest ``keep``."""
+    import torch
+
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = checkpoint_path(folder, step)
+    fd, tmp_name = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({**payload, "step": int(step)}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    for _, old in list_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    log.debug("saved %s", target)
+    return target
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    import torch
+
+    path = Path(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelFolderError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # torch raises several types for a damaged or foreign file
+        raise ModelFolderError(
+            f"{path} is not a readable adadiff checkpoint ({exc}); delete it to fall back to "
+            "the previous one"
+        ) from exc
+    if not isinstance(data, dict) or "step" not in data:
+        raise ModelFolderError(f"{path} is not an adadiff checkpoint (no 'step' entry)")
+    return data
+
+
+def load_latest(folder: str | Path, *, stage: str | None = None) -> dict[str, Any] | None:
+    """The newest checkpoint of ``folder`` or None; ``stage`` checks which trainer wrote it."""
+    path = latest_checkpoint(folder)
+    if path is None:
+        return None
+    data = load_checkpoint(path)
+    if stage is not None and data.get("stage") != stage:
+        raise ModelFolderError(
+            f"{path} was written by the {data.get('stage')!r} trainer, expected {stage!r}; "
+            "each stage needs its own folder"
+        )
+    return data
+
+
+def require_latest(folder: str | Path, stage: str, hint: str) -> dict[str, Any]:
+    """The newest checkpoint of an earlier stage, or an error that says how to make one."""
+    data = load_latest(folder, stage=stage)
+    if data is None:
+        raise ModelFolderError(f"no {stage} checkpoint in {folder}; {hint}")
+    return data

@@ -1,0 +1,277 @@
+"""``adadiff train {vae,unet,labels,mmle,ship}``: the stage trainers on the command line.
+
+Every stage keeps its state under ``--workdir`` (one sub-folder per stage) and resumes from it
+by default, so the same command run again continues where it stopped; ``--steps`` is the total.
+Log lines go to stderr whatever ``-v`` says: training is usually run under nohup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+STAGES = ("vae", "unet", "labels", "mmle", "ship")
+
+# Per-stage defaults for the shared flags: (steps, batch, lr).
+DEFAULTS: dict[str, tuple[int, int, float]] = {
+    "vae": (1000, 8, 5e-4),
+    "unet": (4000, 16, 3e-4),
+    "labels": (8, 16, 0.0),  # steps = shards, batch = trajectories per shard
+    "mmle": (3000, 64, 1e-3),
+}
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {n}")
+    return n
+
+
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {x}")
+    return x
+
+
+def default_workdir(model: str = "tiny") -> Path:
+    from adadiff.quality.weights import cache_root
+
+    return cache_root() / "train" / Path(model).name
+
+
+def _common(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--model", default="tiny", help="preset name or model folder (its config)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        help="checkpoints and labels (default: ~/.cache/adadiff/train/MODEL)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)",
+    )
+    p.add_argument("--metrics-cache", type=Path, help="metric files (default: the set-up cache)")
+    if stage in DEFAULTS:
+        steps, batch, lr = DEFAULTS[stage]
+        if stage == "labels":
+            p.add_argument("--steps", type=_positive_int, default=steps, help="label shards")
+            p.add_argument(
+                "--batch", type=_positive_int, default=batch, help="trajectories per shard"
+            )
+        else:
+            p.add_argument(
+                "--steps", type=_positive_int, default=steps, help="total optimisation steps"
+            )
+            p.add_argument("--batch", type=_positive_int, default=batch)
+            p.add_argument("--lr", type=float, default=lr)
+            p.add_argument("--warmup", type=int, default=50, help="learning-rate warm-up steps")
+            p.add_argument("--log-every", type=_positive_int, default=20)
+            p.add_argument("--ckpt-every", type=_positive_int, default=200)
+            p.add_argument("--keep", type=_positive_int, default=3, help="checkpoints kept")
+        resume = p.add_mutually_exclusive_group()
+        resume.add_argument(
+            "--resume",
+            action="store_true",
+            default=None,
+            help="require a checkpoint to resume from (resuming is the default when one exists)",
+        )
+        resume.add_argument(
+            "--no-resume",
+            dest="resume",
+            action="store_false",
+            help="refuse to start if the workdir already holds checkpoints",
+        )
+
+
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``train`` and its stage sub-commands to an ``add_subparsers()`` object."""
+    train = subparsers.add_parser(
+        "train", help="train the tiny model's stages (vae, unet, labels, mmle) and ship it"
+    )
+    stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    vae = stages.add_parser("vae", help="train the autoencoder (L1 + LPIPS + KL)")
+    _common(vae, "vae")
+    vae.add_argument("--perceptual-weight", type=float, default=0.1)
+    vae.add_argument("--kl-weight", type=float, default=1e-6)
+    vae.add_argument(
+        "--lr-input-prob",
+        type=_fraction,
+        default=0.25,
+        help="share of inputs that are bicubic-upscaled LR crops",
+    )
+    vae.add_argument("--realesrgan-prob", type=_fraction, default=0.0)
+    vae.add_argument(
+        "--crop", type=_positive_int, help="training crop side in px (default: the tile size)"
+    )
+
+    unet = stages.add_parser("unet", help="train UNet + PFJ on the epsilon loss (VAE frozen)")
+    _common(unet, "unet")
+    unet.add_argument(
+        "--gain-zero-prob", type=_fraction, default=0.5, help="share of samples with zero gains"
+    )
+    unet.add_argument(
+        "--gain-std", type=float, default=0.2, help="gains are tanh(N(0, std)) otherwise"
+    )
+    unet.add_argument(
+        "--realesrgan-prob",
+        type=_fraction,
+        default=0.0,
+        help="share of crops degraded by Real-ESRGAN's pipeline instead of bicubic x4",
+    )
+    unet.add_argument("--ema", type=float, default=0.999)
+    unet.add_argument(
+        "--pool", type=int, default=1024, help="encoded latent pairs kept (0: encode every batch)"
+    )
+    unet.add_argument("--refresh", type=int, default=4, help="pairs re-encoded per step")
+
+    labels = stages.add_parser("labels", help="oracle-scored trajectories of the frozen model")
+    _common(labels, "labels")
+    labels.add_argument("--max-batch", type=_positive_int, default=8, help="tiles per UNet call")
+    labels.add_argument(
+        "--random-fraction",
+        type=_fraction,
+        default=0.5,
+        help="share of trajectories that jump by random tiers instead of oracle-driven DTSS",
+    )
+    labels.add_argument("--realesrgan-prob", type=_fraction, default=0.0)
+    labels.add_argument("--photos", choices=("train", "holdout"), default="train")
+
+    mmle = stages.add_parser("mmle", help="train the MMLE score regressor on the labels")
+    _common(mmle, "mmle")
+    mmle.add_argument("--diff-weight", type=float, default=1.0, help="step-difference L2 weight")
+    mmle.add_argument("--val-fraction", type=_fraction, default=0.1)
+
+    ship = stages.add_parser(
+        "ship", aliases=["export-tiny"], help="assemble the checkpoints into a model folder"
+    )
+    _common(ship, "ship")
+    ship.add_argument(
+        "--out", type=Path, help="model folder (default: adadiff/weights/MODEL in the package)"
+    )
+    ship.add_argument("--eval", type=Path, help="evaluate_tiny JSON to quote in the model card")
+    ship.add_argument("--max-mb", type=float, default=25.0, help="size limit of the folder")
+
+    train.set_defaults(func=cmd_train)
+    return train
+
+
+def _config(model: str):  # -> ModelConfig
+    from adadiff.config import ModelConfig
+    from adadiff.presets import PRESETS, preset
+
+    return preset(model) if model in PRESETS else ModelConfig.load(Path(model))
+
+
+def _training_logs() -> None:
+    logger = logging.getLogger("adadiff.training")
+    if not any(getattr(h, "_adadiff_train", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler._adadiff_train = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _options(args: argparse.Namespace):  # -> TrainOptions
+    from adadiff.training.loop import TrainOptions
+
+    return TrainOptions(
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        log_every=args.log_every,
+        ckpt_every=args.ckpt_every,
+        keep=args.keep,
+        warmup=args.warmup,
+        resume=args.resume,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _training_logs()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = _config(args.model)
+    workdir = args.workdir or default_workdir(args.model)
+    stage = "ship" if args.stage == "export-tiny" else args.stage
+    if stage == "vae":
+        from adadiff.training.vae import VAEOptions, train_vae
+
+        vopts = VAEOptions(
+            perceptual_weight=args.perceptual_weight,
+            kl_weight=args.kl_weight,
+            lr_input_prob=args.lr_input_prob,
+            realesrgan_prob=args.realesrgan_prob,
+            crop=args.crop,
+        )
+        result = train_vae(cfg, workdir, _options(args), vopts, cache_dir=args.metrics_cache)
+    elif stage == "unet":
+        from adadiff.training.unet import UNetOptions, train_unet
+
+        uopts = UNetOptions(
+            gain_zero_prob=args.gain_zero_prob,
+            gain_std=args.gain_std,
+            realesrgan_prob=args.realesrgan_prob,
+            ema=args.ema,
+            pool=args.pool,
+            refresh=args.refresh,
+        )
+        result = train_unet(cfg, workdir, _options(args), uopts)
+    elif stage == "labels":
+        from adadiff.training.labels import LabelOptions, make_labels
+
+        lopts = LabelOptions(
+            shards=args.steps,
+            trajectories=args.batch,
+            max_batch=args.max_batch,
+            random_fraction=args.random_fraction,
+            realesrgan_prob=args.realesrgan_prob,
+            seed=args.seed,
+            photos=args.photos,
+        )
+        if args.resume is False and any((Path(workdir) / "labels").glob("shard-*.npz")):
+            from adadiff.errors import ConfigError
+
+            raise ConfigError(f"{workdir}/labels already holds shards; drop --no-resume")
+        made = make_labels(cfg, workdir, lopts, cache_dir=args.metrics_cache)
+        print(
+            f"labels: {len(made.shards)}/{args.steps} shards in {made.folder} "
+            f"({made.made} new, {made.samples} new samples, {made.elapsed_s / 60:.1f} min)"
+        )
+        return 130 if made.stopped else 0
+    elif stage == "mmle":
+        from adadiff.training.mmle import MMLEOptions, train_mmle
+
+        mopts = MMLEOptions(diff_weight=args.diff_weight, val_fraction=args.val_fraction)
+        result = train_mmle(cfg, workdir, _options(args), mopts)
+    else:
+        from adadiff.training.ship import read_evaluation, ship
+
+        out = ship(
+            cfg, workdir, args.out, evaluation=read_evaluation(args.eval), max_mb=args.max_mb
+        )
+        print(f"shipped to {out}")
+        return 0
+    print(
+        f"{stage}: step {result.step} in {result.folder} ({result.elapsed_s / 60:.1f} min "
+        f"trained){', stopped early' if result.stopped else ''}"
+    )
+    return 130 if result.stopped else 0

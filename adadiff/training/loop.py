@@ -1,0 +1,280 @@
+"""The loop every trainer shares: resume, seeded steps, log lines, checkpoints, clean stops.
+
+A trainer is a ``Stage``: it owns its modules, optimizer and random generators, runs one
+optimisation step at a time and can put all of that into (and take it back from) a state dict.
+``run_stage`` does the rest. Steps are counted in completed optimisation steps; ``--steps N`` is
+the total, so running again with a larger N continues the same run.
+
+SIGINT and SIGTERM only set a flag: the step in flight finishes, a checkpoint is written and the
+result says ``stopped``. A second SIGINT interrupts at once (without saving).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from adadiff.errors import ConfigError
+from adadiff.training.checkpoint import load_latest, save_checkpoint
+
+log = logging.getLogger("adadiff.training")
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions:
+    """What every stage takes; ``resume`` None resumes when a checkpoint exists."""
+
+    steps: int
+    batch: int
+    lr: float
+    seed: int = 0
+    log_every: int = 20
+    ckpt_every: int = 200
+    keep: int = 3
+    warmup: int = 50  # linear learning-rate warm-up, in steps
+    resume: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "log_every", "ckpt_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        if self.seed < 0 or self.warmup < 0:
+            raise ConfigError(f"seed and warmup must be >= 0, got {self.seed}, {self.warmup}")
+
+    def lr_at(self, step: int) -> float:
+        if self.warmup == 0:
+            return self.lr
+        return self.lr * min(1.0, (step + 1) / self.warmup)
+
+
+class Stage(Protocol):
+    name: str
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimisation step (``step`` counts from 0); returns the loss terms."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def summary(self) -> dict[str, Any]:
+        """Plain data saved beside the state (read by later stages and the model card)."""
+        ...
+
+
+@dataclass
+class StageResult:
+    stage: str
+    folder: Path
+    step: int
+    stopped: bool
+    elapsed_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def last_losses(self) -> dict[str, float]:
+        return dict(self.history[-1]["losses"]) if self.history else {}
+
+
+# --------------------------------------------------------------------------------------------
+# Random state
+# --------------------------------------------------------------------------------------------
+
+
+def numpy_rng(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *stream])))
+
+
+def rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    return dict(rng.bit_generator.state)
+
+
+def set_rng_state(rng: np.random.Generator, state: dict[str, Any]) -> None:
+    rng.bit_generator.state = state
+
+
+# --------------------------------------------------------------------------------------------
+# EMA
+# --------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of parameters; the decay warms up as (1 + n) / (10 + n)."""
+
+    def __init__(self, modules: dict[str, Any], decay: float) -> None:
+        import torch
+
+        if not 0 <= decay < 1:
+            raise ConfigError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.modules = modules
+        self.shadow: dict[str, torch.Tensor] = {
+            f"{name}.{key}": value.detach().clone()
+            for name, module in modules.items()
+            for key, value in module.state_dict().items()
+        }
+
+    def update(self, step: int) -> None:
+        import torch
+
+        d = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, module in self.modules.items():
+                for key, value in module.state_dict().items():
+                    avg = self.shadow[f"{name}.{key}"]
+                    if value.dtype.is_floating_point:
+                        avg.mul_(d).add_(value.detach(), alpha=1 - d)
+                    else:
+                        avg.copy_(value)
+
+    def state_of(self, name: str) -> dict[str, Any]:
+        """The averaged state dict of one module."""
+        prefix = f"{name}."
+        return {k[len(prefix) :]: v.clone() for k, v in self.shadow.items() if k.startswith(prefix)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state["shadow"].items():
+            self.shadow[key].copy_(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Stop signals
+# --------------------------------------------------------------------------------------------
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """SIGINT/SIGTERM set the flag (a second SIGINT raises); handlers are restored after."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handle(signum: int, _frame: Any) -> None:
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.reason = signal.Signals(signum).name
+        log.warning("%s received: finishing this step and saving a checkpoint", flag.reason)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def _format(losses: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4g}" for k, v in losses.items())
+
+
+def run_stage(
+    stage: Stage,
+    folder: str | Path,
+    opts: TrainOptions,
+    *,
+    config: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> StageResult:
+    """Train ``stage`` to ``opts.steps`` completed steps, checkpointing into ``folder``."""
+    folder = Path(folder)
+    ckpt = load_latest(folder, stage=stage.name)
+    if ckpt is not None and opts.resume is False:
+        raise ConfigError(
+            f"{folder} already holds {stage.name} checkpoints (step {ckpt['step']}); resume "
+            "(the default) or choose an empty --workdir"
+        )
+    if ckpt is None and opts.resume is True:
+        raise ConfigError(f"--resume was given but {folder} holds no {stage.name} checkpoint")
+    done, elapsed, history = 0, 0.0, []
+    if ckpt is not None:
+        stage.load_state_dict(ckpt["state"])
+        done, elapsed, history = int(ckpt["step"]), float(ckpt["elapsed_s"]), ckpt["history"]
+        log.info("%s: resumed from step %d (%.0f s trained)", stage.name, done, elapsed)
+    saved_at = done if ckpt is not None else -1
+
+    def save() -> None:
+        nonlocal saved_at
+        payload = {
+            "stage": stage.name,
+            "state": stage.state_dict(),
+            "summary": stage.summary(),
+            "elapsed_s": elapsed,
+            "history": history,
+            "options": asdict(opts),
+            "config": config or {},
+        }
+        path = save_checkpoint(folder, done, payload, keep=opts.keep)
+        saved_at = done if ckpt is not None else -1
+        log.info("%s: checkpoint %s", stage.name, path)
+
+    window: dict[str, list[float]] = {}
+    window_start = time.perf_counter()
+    window_steps = 0
+    stopped = False
+    with stop_on_signals() as stop:
+        tick = time.perf_counter()
+        while done < opts.steps and not stop.requested:
+            losses = stage.step(done)
+            done += 1
+            window_steps += 1
+            for key, value in losses.items():
+                window.setdefault(key, []).append(float(value))
+            now = time.perf_counter()
+            elapsed += now - tick
+            tick = now
+            if done % opts.log_every == 0 or done == opts.steps:
+                rate = window_steps / max(now - window_start, 1e-9)
+                means = {k: float(np.mean(v)) for k, v in window.items()}
+                history.append(
+                    {"step": done, "losses": means, "steps_per_s": rate, "elapsed_s": elapsed}
+                )
+                log.info(
+                    "%s step %d/%d %s | %.3g steps/s",
+                    stage.name,
+                    done,
+                    opts.steps,
+                    _format(means),
+                    rate,
+                )
+                window, window_steps, window_start = {}, 0, now
+            if progress is not None:
+                progress(stage.name, done, opts.steps)
+            if done % opts.ckpt_every == 0:
+                save()
+                tick = time.perf_counter()
+        stopped = stop.requested
+    if done != saved_at:
+        save()
+    return StageResult(stage.name, folder, done, stopped, elapsed, history)

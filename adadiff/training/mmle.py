@@ -1,0 +1,275 @@
+"""Stage 4: the MMLE regressor, (x0 latent, LR latent, t) -> the configured raw scores.
+
+Training regresses standardised scores (per metric: minus the training mean, over the training
+std) with L2 and Adam. Consecutive calls of one trajectory also give an L2 term on the change of
+R_FR and R_NR between them (``diff_weight``): DTSS acts on tanh(R_i - R_{i-1}), so the steps'
+differences matter as much as the scores. The runtime adds the configured signed weights to raw
+scores, so ``baked_mmle`` folds the de-standardisation into the last linear layer: the shipped
+module outputs raw scores and needs no extra tensors.
+
+A share of whole trajectories (``val_fraction``) is held out; each checkpoint reports their
+standardised L2 and Spearman's rho per metric.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from adadiff.config import MetricKind, ModelConfig
+from adadiff.errors import ConfigError
+from adadiff.models.networks import MMLE
+from adadiff.training.labels import STAGE as LABEL_STAGE
+from adadiff.training.labels import load_shards
+from adadiff.training.loop import (
+    Progress,
+    StageResult,
+    TrainOptions,
+    numpy_rng,
+    rng_state,
+    run_stage,
+    set_rng_state,
+)
+
+log = logging.getLogger("adadiff.training")
+
+STAGE = "mmle"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MMLEOptions:
+    diff_weight: float = 1.0
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.diff_weight < 0 or not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"diff_weight must be >= 0 and val_fraction in [0, 1), got {self}")
+
+
+def build_mmle(cfg: ModelConfig, seed: int) -> MMLE:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MMLE(
+            latent_channels=cfg.latent_channels,
+            num_scores=cfg.mmle.num_scores,
+            hidden=cfg.mmle.hidden,
+        )
+
+
+def baked_mmle(cfg: ModelConfig, state: dict[str, Any]) -> MMLE:
+    """The trained MMLE with de-standardisation folded in: it outputs raw scores."""
+    names = tuple(state["metrics"])
+    expected = tuple(m.name for m in cfg.mmle.metrics)
+    if names != expected:
+        raise ConfigError(
+            f"the MMLE checkpoint predicts {list(names)}, the model config lists "
+            f"{list(expected)}; make labels and train MMLE with this config"
+        )
+    model = build_mmle(cfg, 0)
+    model.load_state_dict(state["mmle"])
+    mean, std = state["mean"].float(), state["std"].float()
+    last = model.head[-1]
+    with torch.no_grad():
+        last.weight.mul_(std[:, None])
+        last.bias.mul_(std).add_(mean)
+    return model.eval()
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+class LabelSet:
+    """Label arrays as tensors, finite rows only, with each row's predecessor in its trajectory."""
+
+    def __init__(self, data: dict[str, np.ndarray], rows: np.ndarray) -> None:
+        self.x0 = torch.from_numpy(data["x0"][rows])
+        self.lr = torch.from_numpy(data["lr"][rows])
+        self.t = torch.from_numpy(data["t"][rows].astype(np.float32))
+        self.scores = torch.from_numpy(data["scores"][rows].astype(np.float32))
+        key = {
+            (int(tr), int(c)): i
+            for i, (tr, c) in enumerate(zip(data["traj"][rows], data["call"][rows], strict=True))
+        }
+        self.prev = torch.tensor(
+            [
+                key.get((int(tr), int(c) - 1), -1)
+                for tr, c in zip(data["traj"][rows], data["call"][rows], strict=True)
+            ],
+            dtype=torch.long,
+        )
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+
+def split_labels(
+    data: dict[str, np.ndarray], val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, val), split by whole trajectories; rows with non-finite scores go."""
+    finite = np.all(np.isfinite(data["scores"]), axis=1)
+    trajs = np.unique(data["traj"])
+    n_val = round(val_fraction * len(trajs))
+    val_trajs = numpy_rng(seed, 11).permutation(trajs)[:n_val]
+    is_val = np.isin(data["traj"], val_trajs)
+    return np.flatnonzero(finite & ~is_val), np.flatnonzero(finite & is_val)
+
+
+class MMLEStage:
+    name = STAGE
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        opts: TrainOptions,
+        mopts: MMLEOptions,
+        data: dict[str, np.ndarray],
+    ) -> None:
+        names = tuple(str(m) for m in data["metrics"])
+        self.metric_names = tuple(m.name for m in cfg.mmle.metrics)
+        if names != self.metric_names:
+            raise ConfigError(
+                f"labels hold scores for {list(names)}, the model config lists "
+                f"{list(self.metric_names)}; make the labels with this config"
+            )
+        self.cfg, self.opts, self.mopts = cfg, opts, mopts
+        train_rows, val_rows = split_labels(data, mopts.val_fraction, opts.seed)
+        if len(train_rows) < 2:
+            raise ConfigError(f"only {len(train_rows)} usable label rows; make more labels")
+        self.train = LabelSet(data, train_rows)
+        self.val = LabelSet(data, val_rows) if len(val_rows) else None
+        self.mean = self.train.scores.mean(dim=0)
+        self.std = self.train.scores.std(dim=0).clamp_min(1e-6)
+        kinds = [m.kind for m in cfg.mmle.metrics]
+        w = torch.tensor([m.weight for m in cfg.mmle.metrics])
+        # Rows: R_FR and R_NR as linear maps of the raw scores.
+        self.r_map = torch.stack(
+            [
+                w * torch.tensor([k is kind for k in kinds], dtype=torch.float32)
+                for kind in (MetricKind.FULL_REFERENCE, MetricKind.NO_REFERENCE)
+            ]
+        )
+        has_prev = self.train.prev >= 0
+        d = self._r(self.train.scores[has_prev]) - self._r(
+            self.train.scores[self.train.prev[has_prev]]
+        )
+        self.diff_std = d.std(dim=0).clamp_min(1e-6) if len(d) > 1 else torch.ones(2)
+        self.model = build_mmle(cfg, opts.seed).train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=opts.lr)
+        self.rng = numpy_rng(opts.seed, 5)
+        self.last_val: dict[str, Any] = {}
+
+    def _r(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores @ self.r_map.T
+
+    def _predict(self, s: LabelSet, idx: torch.Tensor) -> torch.Tensor:
+        """Standardised predictions for rows ``idx`` of ``s``."""
+        return self.model(s.x0[idx], s.lr[idx], s.t[idx])
+
+    def step(self, step: int) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.opts.lr_at(step)
+        s = self.train
+        idx = torch.from_numpy(self.rng.integers(0, len(s), self.opts.batch))
+        target = (s.scores[idx] - self.mean) / self.std
+        pred = self._predict(s, idx)
+        loss = F.mse_loss(pred, target)
+        terms = {"l2": loss.item()}
+        with_prev = idx[s.prev[idx] >= 0]
+        if self.mopts.diff_weight > 0 and len(with_prev):
+            prev = s.prev[with_prev]
+            raw_now = self._predict(s, with_prev) * self.std + self.mean
+            raw_prev = self._predict(s, prev) * self.std + self.mean
+            d_pred = self._r(raw_now) - self._r(raw_prev)
+            d_true = self._r(s.scores[with_prev]) - self._r(s.scores[prev])
+            diff = F.mse_loss(d_pred / self.diff_std, d_true / self.diff_std)
+            loss = loss + self.mopts.diff_weight * diff
+            terms["diff"] = diff.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        terms["loss"] = loss.item()
+        return terms
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        if self.val is None or len(self.val) == 0:
+            return {}
+        self.model.eval()
+        pred = torch.cat(
+            [
+                self._predict(self.val, torch.arange(i, min(i + 256, len(self.val))))
+                for i in range(0, len(self.val), 256)
+            ]
+        )
+        self.model.train()
+        target = (self.val.scores - self.mean) / self.std
+        raw = (pred * self.std + self.mean).numpy()
+        rho = {
+            name: spearman(raw[:, j], self.val.scores[:, j].numpy())
+            for j, name in enumerate(self.metric_names)
+        }
+        return {"val_l2": float(F.mse_loss(pred, target)), "spearman": rho, "rows": len(self.val)}
+
+    def state_dict(self) -> dict[str, Any]:
+        self.last_val = self.validate()
+        if self.last_val:
+            log.info(
+                "mmle: val L2 %.4f, Spearman %s",
+                self.last_val["val_l2"],
+                " ".join(f"{k} {v:.3f}" for k, v in self.last_val["spearman"].items()),
+            )
+        return {
+            "mmle": self.model.state_dict(),
+            "mean": self.mean.clone(),
+            "std": self.std.clone(),
+            "metrics": list(self.metric_names),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(self.rng),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["mmle"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(self.rng, state["rng"])
+        # Keep the standardisation the weights were trained with, even if labels were added.
+        self.mean, self.std = state["mean"].clone(), state["std"].clone()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "train_rows": len(self.train),
+            "validation": self.last_val,
+            "options": self.mopts.__dict__.copy(),
+        }
+
+
+def train_mmle(
+    cfg: ModelConfig,
+    workdir: str | Path,
+    opts: TrainOptions,
+    mopts: MMLEOptions = MMLEOptions(),
+    *,
+    data: dict[str, np.ndarray] | None = None,
+    progress: Progress | None = None,
+) -> StageResult:
+    """Train (or resume) MMLE into ``workdir/mmle`` on the shards in ``workdir/labels``."""
+    workdir = Path(workdir)
+    if data is None:
+        data = load_shards(sorted((workdir / LABEL_STAGE).glob("shard-*.npz")))
+    stage = MMLEStage(cfg, opts, mopts, data)
+    log.info(
+        "mmle: %d training rows, %s validation rows",
+        len(stage.train),
+        len(stage.val) if stage.val is not None else 0,
+    )
+    return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)

@@ -1,0 +1,273 @@
+"""Ship: a model folder (fp32 safetensors + adadiff.json + MODEL_CARD.md) from a workdir.
+
+The folder is written next to its destination and swapped in with renames, so ``--model tiny``
+never sees half a model. Its total size is checked against ``max_mb``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adadiff.config import CONFIG_FILE, ModelConfig
+from adadiff.errors import ConfigError, ModelFolderError
+from adadiff.models.bundle import SHIPPED, describe
+from adadiff.training.data import HOLDOUT, available_photos, training_photos
+
+log = logging.getLogger("adadiff.training")
+
+MODEL_CARD = "MODEL_CARD.md"
+MAX_MB = 25.0
+
+# What each photo's package says about it (scikit-image: the skimage.data docstrings).
+PHOTO_LICENCES: dict[str, str] = {
+    "astronaut": "NASA Great Images; no known copyright restrictions, public domain",
+    "brick": "CC0Textures (Bricks25), CC0",
+    "camera": "CC0 by the photographer (Lav Varshney)",
+    "chelsea": "CC0 by the photographer (Stefan van der Walt)",
+    "coffee": "CC0 by the photographer (Rachel Michetti)",
+    "grass": "CC0Textures, CC0",
+    "gravel": "CC0Textures (Gravel04), CC0",
+    "hubble_deep_field": "NASA, may be freely used in the public domain",
+    "immunohistochemistry": "Center for Microscopy and Molecular Imaging; no known copyright "
+    "restrictions",
+    "moon": "scikit-image sample data (BSD-3-Clause package); no separate statement",
+    "motorcycle_left": "Middlebury 2014 stereo benchmark (Scharstein et al.), as redistributed by "
+    "scikit-image; no licence statement in the package",
+    "motorcycle_right": "Middlebury 2014 stereo benchmark (Scharstein et al.), as redistributed by "
+    "scikit-image; no licence statement in the package",
+    "retina": "Wikimedia Commons, CC0 1.0",
+    "rocket": "SpaceX, released into the public domain",
+    "sklearn_china": "scikit-learn sample image (see scikit-learn's README for its credit)",
+    "sklearn_flower": "scikit-learn sample image (see scikit-learn's README for its credit)",
+    "mpl_grace_hopper": "matplotlib sample data; US Navy photograph, public domain",
+    "pywt_aero": "PyWavelets sample data; no separate statement",
+}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _checkpoint(workdir: Path, stage: str) -> dict[str, Any] | None:
+    from adadiff.training.checkpoint import load_latest
+
+    return load_latest(workdir / stage, stage=stage)
+
+
+def _stage_row(name: str, ckpt: dict[str, Any] | None) -> str:
+    if ckpt is None:
+        return f"| {name} | - | - | - | - | - |"
+    opts = ckpt.get("options", {})
+    history = ckpt.get("history") or [{}]
+    losses = history[-1].get("losses", {})
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+    return (
+        f"| {name} | {ckpt['step']} | {opts.get('batch', '-')} | {opts.get('lr', '-')} | "
+        f"{ckpt.get('elapsed_s', 0.0) / 60:.1f} | {shown} |"
+    )
+
+
+def _labels_row(workdir: Path) -> tuple[str, int]:
+    shards = sorted((workdir / "labels").glob("shard-*.npz"))
+    samples, seconds = 0, 0.0
+    for path in shards:
+        with np.load(path, allow_pickle=False) as npz:
+            samples += len(npz["t"])
+            seconds += float(npz["seconds"]) if "seconds" in npz.files else 0.0
+    return (
+        f"| labels | {len(shards)} shards, {samples} samples | - | - | {seconds / 60:.1f} | "
+        "oracle-scored UNet calls |",
+        samples,
+    )
+
+
+def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
+    if not evaluation:
+        return [
+            "Not recorded with this folder; run `python -m benchmarks.evaluate_tiny --out "
+            "runs/eval_tiny.json` and ship again with `--eval runs/eval_tiny.json`.",
+        ]
+    lines = ["From `benchmarks/evaluate_tiny.py` (hold-out photos, bicubic x4 degradation):", ""]
+    summary = evaluation.get("summary", {})
+    methods = summary.get("methods", {})
+    if methods:
+        lines += [
+            "| method | PSNR | SSIM | LPIPS | BRISQUE | UNet evaluations |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, m in methods.items():
+            lines.append(
+                f"| {name} | {m.get('psnr', float('nan')):.2f} | {m.get('ssim', float('nan')):.4f} "
+                f"| {m.get('lpips', float('nan')):.4f} | {m.get('brisque', float('nan')):.2f} "
+                f"| {m.get('unet_evaluations', '-')} |"
+            )
+    mmle = summary.get("mmle", {})
+    if mmle:
+        rho = ", ".join(f"{k} {v:.3f}" for k, v in mmle.get("spearman", {}).items())
+        lines += [
+            "",
+            f"MMLE vs oracle on held-out trajectories: Spearman {rho}; same DTSS "
+            f"category in {100 * mmle.get('category_agreement', float('nan')):.1f}% of steps.",
+        ]
+    checks = summary.get("targets", {})
+    if checks:
+        lines += [
+            "",
+            "Targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in checks.items()),
+        ]
+    return lines
+
+
+def model_card(
+    cfg: ModelConfig,
+    workdir: Path,
+    params: dict[str, int],
+    size_mb: float,
+    evaluation: dict[str, Any] | None,
+) -> str:
+    vae, unet, mmle = (_checkpoint(workdir, s) for s in ("vae", "unet", "mmle"))
+    labels_row, _ = _labels_row(workdir)
+    photos = [p for p in training_photos()]
+    holdout = [p for p in available_photos() if p.name in HOLDOUT]
+    u_opts = (unet or {}).get("summary", {}).get("options", {})
+    v_opts = (vae or {}).get("summary", {}).get("options", {})
+    m_sum = (mmle or {}).get("summary", {})
+    total_min = sum(c.get("elapsed_s", 0.0) for c in (vae, unet, mmle) if c) / 60
+    val = m_sum.get("validation", {})
+    rho = ", ".join(f"{k} {v:.3f}" for k, v in val.get("spearman", {}).items()) or "-"
+    lines = [
+        f"# {cfg.name}: a tiny AdaDiffSR model trained on CPU",
+        "",
+        "A deliberately small latent-diffusion 4x super-resolution model with Stable Diffusion's "
+        "block structure (UNet2DConditionModel, AutoencoderKL), PFJ and an MMLE regressor, "
+        "trained from scratch on a few public-domain / CC0 photos on a 2-core CPU. It exists so "
+        "that every code path of adadiff runs end to end with real, non-random weights; it is not "
+        "a competitive SR model.",
+        "",
+        "## Architecture",
+        "",
+        f"- VAE downsampling factor {cfg.vae_scale_factor}, {cfg.latent_channels} latent "
+        f"channels, latent scaling factor {cfg.scaling_factor:.5f} (1 / std of latent means).",
+        f"- Tile {cfg.tile_size} px ({cfg.latent_tile}x{cfg.latent_tile} latent), overlap "
+        f"{cfg.tile_overlap} px; prediction type {cfg.noise.prediction_type.value}.",
+        "- Parameters: "
+        + ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in params.items())
+        + f"; {size_mb:.1f} MB as fp32 safetensors.",
+        "",
+        "## Data",
+        "",
+        "HR crops of one tile, with flips, 90-degree rotations and mild colour jitter, drawn in "
+        "proportion to photo area. LR inputs: bicubic x4 (antialiased, MATLAB-style) with "
+        f"probability {1 - float(u_opts.get('realesrgan_prob', 0.0)):.2f}, else Real-ESRGAN's "
+        "second-order degradation. The conditioning is the LR image bicubic-upscaled x4, "
+        "exactly what the runtime encodes.",
+        "",
+        "| photo | source | licence / statement |",
+        "|---|---|---|",
+        *[
+            f"| {p.name} | {p.package} | {PHOTO_LICENCES.get(p.name, 'see the package')} |"
+            for p in photos
+        ],
+        "",
+        "Held out (never trained on, used by the evaluation): "
+        + ", ".join(f"{p.name} ({PHOTO_LICENCES.get(p.name, 'see the package')})" for p in holdout)
+        + ".",
+        "",
+        "## Training",
+        "",
+        "| stage | steps | batch | lr | minutes | last logged losses |",
+        "|---|---|---|---|---|---|",
+        _stage_row("vae", vae),
+        _stage_row("unet + pfj", unet),
+        labels_row,
+        _stage_row("mmle", mmle),
+        "",
+        f"Training time of the three optimisation stages: {total_min:.1f} min (labels above).",
+        "",
+        f"- VAE: L1 + {v_opts.get('perceptual_weight', '-')} x LPIPS (AlexNet) + "
+        f"{v_opts.get('kl_weight', '-')} x KL on a sampled posterior; a share "
+        f"{v_opts.get('lr_input_prob', '-')} of inputs are bicubic-upscaled LR crops.",
+        "- UNet + PFJ: epsilon MSE, t uniform in [0, 999], AdamW, EMA "
+        f"{u_opts.get('ema', '-')} (the EMA weights are shipped). PFJ sees gains as the runtime "
+        f"can produce them: zero with probability {u_opts.get('gain_zero_prob', '-')}, else "
+        f"tanh(N(0, {u_opts.get('gain_std', '-')})) per component, g_NR = 0 for "
+        f"t >= {cfg.dtss.nr_start_t}. The epsilon target does not depend on the gains, so PFJ "
+        "learns a conditioning transform that holds for any gain (close to gain-invariant).",
+        "- Labels: trajectories of the frozen model through the runtime sampler, half "
+        "oracle-driven DTSS and half random DTSS tiers; every UNet call's x0 decoded and scored "
+        "by the oracle (" + ", ".join(m.name for m in cfg.mmle.metrics) + ") against the LR input.",
+        "- MMLE: L2 on standardised scores plus L2 on step-to-step changes of R_FR and R_NR, "
+        "Adam; de-standardisation is folded into the last layer (raw scores out). Held-out "
+        f"trajectories: Spearman {rho}.",
+        "",
+        "## Evaluation",
+        "",
+        *_eval_section(evaluation),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def ship(
+    cfg: ModelConfig,
+    workdir: str | Path,
+    out: str | Path | None = None,
+    *,
+    evaluation: dict[str, Any] | None = None,
+    max_mb: float = MAX_MB,
+) -> Path:
+    """Assemble the workdir's checkpoints into the model folder ``out`` (default: shipped tiny)."""
+    from adadiff.training.assemble import frozen_models
+
+    workdir = Path(workdir)
+    out = Path(out) if out is not None else SHIPPED / cfg.name
+    models = frozen_models(cfg, workdir, with_mmle=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        models.save(tmp)
+        size = folder_bytes(tmp) / 1e6
+        if size > max_mb:
+            raise ModelFolderError(
+                f"the model folder is {size:.1f} MB, over the {max_mb:.0f} MB limit; shrink the "
+                "config"
+            )
+        params = describe(models)["parameters"]
+        card = model_card(models.config, workdir, params, size, evaluation)
+        (tmp / MODEL_CARD).write_text(card)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("shipped %s (%.1f MB) to %s", models.source, size, out)
+    return out
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    if out.exists():
+        if not (out / CONFIG_FILE).is_file():
+            raise ConfigError(f"{out} exists and is not a model folder; refusing to replace it")
+        old = out.with_name(f".{out.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        new.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(out)
+
+
+def read_evaluation(path: str | Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the evaluation JSON {path}: {exc}") from exc

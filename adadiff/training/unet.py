@@ -1,0 +1,279 @@
+"""Stage 2: train the UNet and PFJ jointly on the epsilon loss, with the VAE frozen.
+
+Per sample: HR latent x0 = E(hr) and LR latent o = E(bicubic_x4_up(degrade(hr))), both scaled
+as VAEEncoderWrapper scales them (the factor the VAE stage measured); t uniform in [0, T-1];
+z_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps; the UNet sees concat(z_t, PFJ(o, g)) and the model's
+fixed empty-prompt embedding, and predicts eps (or v, as the config says).
+
+How PFJ sees gains: the runtime feeds g = (g_FR, g_NR) = tanh(R_i - R_{i-1}); zeros before a
+tile's first score and on every step of a uniform schedule, and g_NR = 0 while t >= nr_start_t.
+Training draws g the same way the runtime can produce it: zeros with ``gain_zero_prob``, else
+each component tanh(N(0, gain_std)), with g_NR zeroed where t >= nr_start_t. The epsilon target
+does not depend on g, so this objective teaches PFJ a conditioning transform that holds for any
+gain the runtime may feed (it is pushed towards gain-invariance); a gain-dependent PFJ would
+need a trajectory-level objective, which this trainer does not attempt.
+
+Encoding a batch with the frozen VAE costs about four times the UNet step on a CPU, so latent
+pairs live in a pool (``pool``) that is filled once and then refreshed first-in-first-out with
+``refresh`` newly encoded pairs per step; each pair is drawn a few times (``batch * pool /
+refresh / pool`` on average), each time with new t, noise and gains. The pool is part of the
+checkpoint, so a resumed run continues exactly.
+
+Weights are averaged with an EMA (``ema``); the averaged UNet and PFJ are what later stages and
+the shipped model use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from adadiff.config import ModelConfig, PredictionType
+from adadiff.errors import ConfigError
+from adadiff.models.networks import PFJ
+from adadiff.models.wrappers import UNetWrapper
+from adadiff.runtime.schedule import alphas_cumprod
+from adadiff.training.checkpoint import require_latest
+from adadiff.training.loop import (
+    EMA,
+    Progress,
+    StageResult,
+    TrainOptions,
+    numpy_rng,
+    rng_state,
+    run_stage,
+    set_rng_state,
+)
+from adadiff.training.pairs import PairStream, load_images, to_tensor
+from adadiff.training.vae import STAGE as VAE_STAGE
+from adadiff.training.vae import build_vae, encode_moments
+
+log = logging.getLogger("adadiff.training")
+
+STAGE = "unet"
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetOptions:
+    gain_zero_prob: float = 0.5
+    gain_std: float = 0.2
+    realesrgan_prob: float = 0.0
+    ema: float = 0.999
+    grad_clip: float = 1.0
+    pool: int = 1024  # latent pairs kept encoded; 0 encodes every batch afresh
+    refresh: int = 4  # pairs encoded per step into the pool, replacing the oldest
+
+    def __post_init__(self) -> None:
+        if self.pool < 0 or self.refresh < 0 or (self.pool and not self.refresh):
+            raise ConfigError(
+                f"pool must be >= 0 and refresh >= 1 when pool > 0, got {self.pool}, {self.refresh}"
+            )
+        if not 0 <= self.gain_zero_prob <= 1 or self.gain_std < 0:
+            raise ConfigError(
+                f"gain_zero_prob must be in [0, 1] and gain_std >= 0, got {self.gain_zero_prob}, "
+                f"{self.gain_std}"
+            )
+        if not 0 <= self.ema < 1 or self.grad_clip <= 0:
+            raise ConfigError(f"ema must be in [0, 1) and grad_clip > 0, got {self}")
+
+
+def build_denoiser(cfg: ModelConfig, seed: int) -> tuple[nn.Module, PFJ, torch.Tensor]:
+    """UNet, PFJ and the fixed empty-prompt embedding, seeded like ``build_random``."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**cfg.unet)
+        pfj = PFJ(
+            latent_channels=cfg.latent_channels, gain_dim=cfg.pfj.gain_dim, hidden=cfg.pfj.hidden
+        )
+        text = torch.randn(cfg.text_tokens, cfg.text_dim) * 0.5
+    return unet, pfj, text
+
+
+def sample_gains(
+    t: torch.Tensor,
+    gain_dim: int,
+    nr_start_t: int,
+    zero_prob: float,
+    std: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Gains as the runtime produces them: see the module docstring."""
+    b = t.shape[0]
+    g = torch.tanh(torch.randn(b, gain_dim, generator=generator) * std)
+    keep = torch.rand(b, 1, generator=generator) >= zero_prob
+    g = g * keep
+    if gain_dim >= 2:
+        g[:, 1] = torch.where(t < nr_start_t, g[:, 1], torch.zeros_like(g[:, 1]))
+    return g
+
+
+class UNetStage:
+    name = STAGE
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        opts: TrainOptions,
+        uopts: UNetOptions,
+        images: list[np.ndarray],
+        vae_state: dict[str, Any],
+        scaling_factor: float,
+    ) -> None:
+        self.cfg, self.opts, self.uopts = cfg, opts, uopts
+        self.vae = build_vae(cfg, 0)
+        self.vae.load_state_dict(vae_state)
+        self.vae.eval().requires_grad_(False)
+        self.scaling_factor = float(scaling_factor)
+        unet, self.pfj, self.text = build_denoiser(cfg, opts.seed)
+        self.unet = UNetWrapper(unet, self.text).train()
+        self.pfj.train()
+        params = [*self.unet.parameters(), *self.pfj.parameters()]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+        self.ema = EMA({"unet": self.unet.unet, "pfj": self.pfj}, uopts.ema)
+        self.rng = numpy_rng(opts.seed, 3)
+        self.torch_rng = torch.Generator().manual_seed(opts.seed + 1)
+        self.stream = PairStream(
+            images,
+            self.rng,
+            size=cfg.tile_size,
+            scale=cfg.upscale,
+            realesrgan_prob=uopts.realesrgan_prob,
+        )
+        self.alphas = torch.from_numpy(np.asarray(alphas_cumprod(cfg.noise), dtype=np.float32))
+        self.pool: torch.Tensor | None = None  # [P, 2, C, s, s]: (x0, o) pairs
+        self.cursor = 0
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray) -> torch.Tensor:
+        mean, _ = encode_moments(self.vae, to_tensor(images))
+        return mean * self.scaling_factor
+
+    def fresh_pairs(self, n: int, chunk: int = 32) -> torch.Tensor:
+        """[n, 2, C, s, s]: (HR latent, LR-conditioning latent) of n new crops."""
+        out = []
+        for start in range(0, n, chunk):
+            batch = self.stream.batch(min(chunk, n - start))
+            latents = self.encode(np.concatenate([batch.hr, batch.up]))
+            out.append(torch.stack(latents.chunk(2), dim=1))
+        return torch.cat(out)
+
+    def pairs(self) -> torch.Tensor:
+        b, size = self.opts.batch, self.uopts.pool
+        if not size:
+            return self.fresh_pairs(b)
+        if self.pool is None:
+            log.info("unet: encoding %d latent pairs for the pool", size)
+            self.pool = self.fresh_pairs(size)
+        picked = self.pool[torch.from_numpy(self.rng.integers(0, size, b))]
+        slots = (self.cursor + torch.arange(self.uopts.refresh)) % size
+        self.pool[slots] = self.fresh_pairs(self.uopts.refresh)
+        self.cursor = int(slots[-1] + 1) % size
+        return picked
+
+    def step(self, step: int) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.opts.lr_at(step)
+        b = self.opts.batch
+        pairs = self.pairs()
+        x0, o = pairs[:, 0], pairs[:, 1]
+        g = self.torch_rng
+        t = torch.randint(0, self.cfg.noise.num_train_timesteps, (b,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = self.alphas[t].view(b, 1, 1, 1)
+        z = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        gain = sample_gains(
+            t,
+            self.cfg.pfj.gain_dim,
+            self.cfg.dtss.nr_start_t,
+            self.uopts.gain_zero_prob,
+            self.uopts.gain_std,
+            g,
+        )
+        cond = self.pfj(o, gain)
+        pred = self.unet(torch.cat([z, cond], dim=1), t.float())
+        if self.cfg.noise.prediction_type is PredictionType.EPSILON:
+            target = eps
+        else:
+            target = a.sqrt() * eps - (1 - a).sqrt() * x0
+        loss = F.mse_loss(pred, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.uopts.grad_clip)
+        self.optimizer.step()
+        self.ema.update(step)
+        return {"loss": loss.item(), "grad_norm": grad_norm.item()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "unet": self.unet.unet.state_dict(),
+            "pfj": self.pfj.state_dict(),
+            "text_embedding": self.text.clone(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(self.rng),
+            "torch_rng": self.torch_rng.get_state(),
+            # The frozen VAE travels with the UNet: later stages and ship use this exact pair.
+            "vae": self.vae.state_dict(),
+            "scaling_factor": self.scaling_factor,
+            "pool": self.pool.clone() if self.pool is not None else torch.zeros(0),
+            "cursor": self.cursor,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.unet.unet.load_state_dict(state["unet"])
+        self.pfj.load_state_dict(state["pfj"])
+        self.text.copy_(state["text_embedding"])
+        self.unet.text_embedding.copy_(self.text[None])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(self.rng, state["rng"])
+        self.torch_rng.set_state(state["torch_rng"])
+        self.vae.load_state_dict(state["vae"])
+        self.scaling_factor = float(state["scaling_factor"])
+        pool = state["pool"]
+        # A changed --pool size starts a new pool (the run is then no longer bit-exact).
+        self.pool = pool.clone() if pool.numel() and len(pool) == self.uopts.pool else None
+        self.cursor = int(state["cursor"])
+
+    def summary(self) -> dict[str, Any]:
+        return {"scaling_factor": self.scaling_factor, "options": self.uopts.__dict__.copy()}
+
+
+def train_unet(
+    cfg: ModelConfig,
+    workdir: str | Path,
+    opts: TrainOptions,
+    uopts: UNetOptions = UNetOptions(),
+    *,
+    images: list[np.ndarray] | None = None,
+    progress: Progress | None = None,
+) -> StageResult:
+    """Train (or resume) UNet + PFJ into ``workdir/unet`` on the newest VAE checkpoint."""
+    workdir = Path(workdir)
+    vae_ckpt = require_latest(
+        workdir / VAE_STAGE, VAE_STAGE, f"run `adadiff train vae --workdir {workdir}` first"
+    )
+    stage = UNetStage(
+        cfg,
+        opts,
+        uopts,
+        images if images is not None else load_images("train"),
+        vae_ckpt["state"]["vae"],
+        vae_ckpt["summary"]["scaling_factor"],
+    )
+    log.info(
+        "unet: VAE from step %d, latent scaling factor %.5f",
+        vae_ckpt["step"],
+        stage.scaling_factor,
+    )
+    return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)

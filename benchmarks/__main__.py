@@ -1,0 +1,238 @@
+"""``python -m benchmarks quick|full [options]`` (also ``adadiff bench``) and
+``python -m benchmarks report RESULTS.json``.
+
+A suite writes ``OUT/results.json`` (machine, settings, every measured row and the summary
+ratios computed from those rows) and one PNG per section into ``OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from adadiff.errors import AdadiffError
+from benchmarks.suites import SECTIONS, SUITES, Context, Settings, Suite
+
+RESULTS = "results.json"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="adadiff benchmarks: schedules, regrouping, backends, scaling, full size",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, suite in SUITES.items():
+        s = sub.add_parser(name, help=f"the {name} suite: {', '.join(suite.sections)}")
+        s.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+        s.add_argument(
+            "--backend",
+            default="torch,onnxruntime",
+            help="comma list of torch, onnxruntime, tensorrt; the first runs sections 1, 2, 4",
+        )
+        s.add_argument("--model", default="tiny", help="tiny, sd21-base or a model folder")
+        s.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+        s.add_argument("--out", type=Path, default=Path(f"bench-{name}"), help="output folder")
+        s.add_argument("--repeats", type=int, default=None, help=f"default {suite.repeats}")
+        s.add_argument("--max-batch", type=int, default=16)
+        s.add_argument(
+            "--threads", type=int, default=None, help="intra-op threads of torch and ONNX Runtime"
+        )
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--engines", type=Path, default=None, help="reuse an ONNX export folder")
+        s.add_argument(
+            "--sections", default=None, help=f"comma subset of {','.join(suite.sections)}"
+        )
+        s.add_argument(
+            "--photo-size", type=int, default=None, help="long side of the schedule photos"
+        )
+        s.add_argument("--sizes", default=None, help="comma list of scaling input sizes")
+        s.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
+        s.add_argument("--keep-work", action="store_true", help="keep exports and scratch")
+    r = sub.add_parser("report", help="write README's Performance section from a results JSON")
+    r.add_argument("results", type=Path)
+    r.add_argument("--readme", type=Path, default=Path("README.md"))
+    r.add_argument("--print", action="store_true")
+    return p
+
+
+def _suite(args: argparse.Namespace) -> Suite:
+    suite = SUITES[args.command]
+    changes: dict[str, Any] = {}
+    if args.repeats is not None:
+        changes["repeats"] = args.repeats
+    if args.sections:
+        changes["sections"] = tuple(x.strip() for x in args.sections.split(",") if x.strip())
+    if args.photo_size:
+        changes["photo_size"] = changes["regroup_size"] = args.photo_size
+    if args.sizes:
+        changes["scaling_sizes"] = tuple(int(x) for x in args.sizes.split(","))
+    return replace(suite, **changes)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(
+        device=args.device,
+        backends=tuple(x.strip() for x in args.backend.split(",") if x.strip()),
+        model=args.model,
+        precision=args.precision,
+        max_batch=args.max_batch,
+        threads=args.threads,
+        seed=args.seed,
+        engines=args.engines,
+        keep_work=args.keep_work,
+    )
+
+
+def run_suite(
+    suite: Suite,
+    settings: Settings,
+    out: Path,
+    work: Path | None = None,
+    argv: list[str] | None = None,
+) -> dict:
+    """Run every section of ``suite``; write results.json and the plots into ``out``.
+
+    A section that fails is recorded with its error and the others still run.
+    """
+    from benchmarks import backends, plots, regrouping, scaling, schedules
+    from benchmarks.machine import machine
+    from benchmarks.suites import run_fullsize
+
+    out.mkdir(parents=True, exist_ok=True)
+    runners = {
+        "schedules": schedules.run,
+        "regrouping": regrouping.run,
+        "backends": backends.run,
+        "scaling": scaling.run,
+        "fullsize": run_fullsize,
+    }
+    ctx = Context.create(suite, settings, work)
+    result: dict[str, Any] = {
+        "suite": suite.name,
+        "argv": list(sys.argv[1:] if argv is None else argv),
+        "settings": settings.to_dict(),
+        "repeats": suite.repeats,
+        "sections": list(suite.sections),
+        "variants": [asdict(v) for v in ctx.variants],
+        "seconds": {},
+    }
+    start = time.perf_counter()
+    try:
+        for name in SECTIONS:
+            if name not in suite.sections:
+                continue
+            t0 = time.perf_counter()
+            print(f"== {name}", flush=True)
+            try:
+                result[name] = runners[name](ctx)
+            except Exception as exc:  # record and go on: the other sections still count
+                result[name] = {
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(limit=5),
+                }
+                print(f"[{name}] failed: {exc}", file=sys.stderr, flush=True)
+            result["seconds"][name] = round(time.perf_counter() - t0, 1)
+    finally:
+        ctx.close()
+    result["seconds"]["total"] = round(time.perf_counter() - start, 1)
+    # After the runs: torch's thread count and the libraries actually imported are known.
+    result["machine"] = machine()
+    result["summary"] = summarize(result)
+    try:
+        result["plots"] = plots.write_all(result, out)
+    except Exception as exc:  # a broken plot must not lose the measurements
+        result["plots"] = []
+        result["plots_error"] = f"{type(exc).__name__}: {exc}"
+    (out / RESULTS).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """The note's figures, each a ratio of numbers recorded elsewhere in ``result``."""
+    from benchmarks.backends import compare
+    from benchmarks.regrouping import speedups
+    from benchmarks.scaling import fit
+    from benchmarks.schedules import totals
+
+    summary: dict[str, Any] = {}
+    sched = _ok(result, "schedules")
+    if sched:
+        t = totals(sched)
+        summary["schedules"] = {"reference": sched["reference"]} | {
+            label: v["vs_reference"] for label, v in t.items() if "vs_reference" in v
+        }
+        if "adaptive" in t:
+            summary["schedules"]["adaptive_scoring_flops_share"] = t["adaptive"][
+                "scoring_flops_share"
+            ]
+    reg = _ok(result, "regrouping")
+    if reg:
+        summary["regrouping"] = speedups(reg["rows"])
+    back = _ok(result, "backends")
+    if back:
+        variants = back["variants"]
+        summary["host_share"] = {
+            k: v["upscale"]["host_share_median"] for k, v in variants.items() if "error" not in v
+        }
+        comparison = compare(variants)
+        base = comparison.get("baseline")
+        items = []
+        for pair, c in comparison.items():
+            if pair == "baseline":
+                continue
+            unet = c["latency"].get("unet", {})
+            for b in (min(unet, key=int, default=None), max(unet, key=int, default=None)):
+                if b is not None:
+                    items.append({"pair": pair, "what": f"UNet latency B={b}", "ratio": unet[b]})
+            items.append(
+                {"pair": pair, "what": "adaptive upscale wall", "ratio": c["upscale_wall"]}
+            )
+        summary["backends"] = items
+        summary["backends_baseline"] = base
+    scal = _ok(result, "scaling")
+    if scal:
+        summary["scaling"] = fit(scal["rows"])
+    return summary
+
+
+def _ok(result: dict[str, Any], name: str) -> dict[str, Any] | None:
+    data = result.get(name)
+    return data if isinstance(data, dict) and "error" not in data else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "report":
+        from benchmarks import report
+
+        rest = [str(args.results), "--readme", str(args.readme)]
+        return report.main([*rest, "--print"] if args.print else rest)
+    try:
+        suite, settings = _suite(args), _settings(args)
+    except (AdadiffError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"suite {suite.name}: {', '.join(suite.sections)} on {settings.device} with "
+        f"{', '.join(settings.backends)}, model {settings.model}, {suite.repeats} repeats",
+        flush=True,
+    )
+    result = run_suite(suite, settings, args.out, args.work, argv)
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {args.out / RESULTS} and {len(result['plots'])} plots in {result['seconds']}s")
+    failed = [n for n in suite.sections if "error" in result.get(n, {})]
+    if failed:
+        print(f"sections that failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The README's Performance section, generated from a saved results JSON.
+
+Only the text between ``<!-- perf:start -->`` and ``<!-- perf:end -->`` is replaced; without
+both markers, in that order and once each, nothing is written.
+
+    python -m benchmarks report benchmarks/reference/cpu-quick/results.json --readme README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from adadiff.errors import AdadiffError
+
+START = "<!-- perf:start -->"
+END = "<!-- perf:end -->"
+
+
+class MarkerError(AdadiffError):
+    """The README lacks the markers that delimit the generated section."""
+
+
+def replace_section(text: str, section: str) -> str:
+    """``text`` with everything between the markers replaced by ``section``."""
+    starts, ends = text.count(START), text.count(END)
+    if starts != 1 or ends != 1:
+        raise MarkerError(
+            f"expected one {START} and one {END} line, found {starts} and {ends}; add them "
+            "around the Performance section's body"
+        )
+    i, j = text.index(START), text.index(END)
+    if j < i:
+        raise MarkerError(f"{END} comes before {START}; put the start marker first")
+    return text[: i + len(START)] + "\n" + section.strip("\n") + "\n" + text[j:]
+
+
+def update_readme(readme: Path, section: str) -> None:
+    text = readme.read_text()
+    new = replace_section(text, section)
+    if new != text:
+        readme.write_text(new)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def _x(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    libs = m.get("libraries", {})
+    versions = ", ".join(
+        f"{k} {libs[k]}" for k in ("torch", "onnxruntime", "tensorrt") if k in libs
+    )
+    gpu = m.get("gpu") or "no GPU"
+    return (
+        f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('torch_threads')} torch "
+        f"threads), {gpu}; Python {m.get('python')}, {versions}; {m.get('date', '')}"
+    )
+
+
+def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
+    """Markdown for the Performance section; plot links are relative to the README."""
+    s = result["settings"]
+    summary = result.get("summary", {})
+    rel = os.path.relpath(json_path, readme.parent).replace(os.sep, "/")
+    lines = [
+        f"Generated from [`{rel}`]({rel}) (suite `{result['suite']}`) by "
+        f"`python -m benchmarks report {rel}`; do not edit by hand.",
+        "",
+        f"**Machine:** {machine_line(result)}.  ",
+        f"**Run:** model `{s['model']}`, device `{s['device']}`, backends "
+        f"{', '.join(s['backends'])}, max batch {s['max_batch']}, median of "
+        f"{result['repeats']} runs.",
+        "",
+    ]
+    if s["model"] == "tiny":
+        lines += [
+            "`tiny` is seeded random init: its MMLE is untrained, so the adaptive schedule's "
+            "decisions (and its step count) are not those of a trained model. The figures show "
+            "what the runtime costs and saves for a given schedule, not the paper's quality.",
+            "",
+        ]
+    lines += _headline(summary)
+    lines += _schedules(result.get("schedules"))
+    lines += _regrouping(result.get("regrouping"))
+    lines += _backends(result.get("backends"))
+    lines += _scaling(result.get("scaling"))
+    lines += _fullsize(result.get("fullsize"))
+    plots_dir = json_path.parent
+    for name in result.get("plots", []):
+        link = os.path.relpath(plots_dir / name, readme.parent).replace(os.sep, "/")
+        lines.append(f"![{Path(name).stem}]({link})")
+    errors = {k: v["error"] for k, v in result.items() if isinstance(v, dict) and "error" in v}
+    if errors:
+        lines += ["", "Sections that failed in this run: " + "; ".join(errors) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _headline(summary: dict[str, Any]) -> list[str]:
+    rows = []
+    sched = summary.get("schedules", {})
+    ref = sched.get("reference", "reference")
+    for key, name in (
+        ("unet_evaluations", "UNet evaluations"),
+        ("flops", "FLOPs (all components)"),
+        ("seconds", "wall time"),
+    ):
+        value = sched.get("adaptive", {}).get(key)
+        if value is not None:
+            rows.append(f"| adaptive / {ref}: {name} | {_x(value)} |")
+    reg = summary.get("regrouping", {})
+    if reg.get("tile/regroup") is not None:
+        rows.append(f"| tile-by-tile / regrouped wall time | {_x(reg['tile/regroup'])} |")
+    if reg.get("timestep/regroup") is not None:
+        rows.append(
+            f"| grouped by timestep / regrouped wall time | {_x(reg['timestep/regroup'])} |"
+        )
+    for label, share in summary.get("host_share", {}).items():
+        rows.append(f"| host overhead share of an adaptive upscale ({label}) | {_pct(share)} |")
+    for item in summary.get("backends", []):
+        rows.append(f"| {item['pair']}: {item['what']} | {_x(item['ratio'])} |")
+    scaling = summary.get("scaling", {})
+    if scaling.get("loglog_slope") is not None:
+        rows.append(
+            f"| scaling: log-log slope of time vs tiles (1 = linear) | "
+            f"{_x(scaling['loglog_slope'])} |"
+        )
+    if not rows:
+        return []
+    return ["| headline (ratios of the recorded numbers) | |", "|---|---|", *rows, ""]
+
+
+def _schedules(data: dict[str, Any] | None) -> list[str]:
+    if not data or "error" in data:
+        return []
+    totals = data["totals"]
+    photos = ", ".join(f"{k} {v['size'][0]}x{v['size'][1]}" for k, v in data["photos"].items())
+    out = [
+        f"Schedules, summed over {photos} (output difference to {data['reference']}, same seed):",
+        "",
+        "| schedule | UNet evals | calls | GFLOPs | MMLE+PFJ FLOPs | wall s | PSNR dB | SSIM |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for spec in data["schedules"]:
+        t = totals.get(spec["label"])
+        if not t:
+            continue
+        out.append(
+            f"| {spec['label']} | {t['unet_evaluations']} | {t['engine_calls']} | "
+            f"{t['flops']['total'] / 1e9:.1f} | {_pct(t['scoring_flops_share'])} | "
+            f"{t['seconds']:.2f} | {_x(t.get('psnr_mean'))} | {_x(t.get('ssim_mean'), 3)} |"
+        )
+    return [*out, ""]
+
+
+def _regrouping(data: dict[str, Any] | None) -> list[str]:
+    if not data or "error" in data:
+        return []
+    rows = data["rows"]
+    out = [
+        f"Regrouping: one adaptive upscale of {data['photo']} "
+        f"({data['input_size'][0]}x{data['input_size'][1]}, {rows[0]['tiles']} tiles), "
+        f"max batch {data['max_batch']}:",
+        "",
+        "| grouping | calls | mean batch | wall s | ms per UNet evaluation |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['grouping']} | {r['engine_calls']} | {r['mean_batch']:.2f} | "
+            f"{r['seconds']['median']:.2f} | {1e3 * r['seconds_per_evaluation']:.1f} |"
+        )
+    return [*out, ""]
+
+
+def _backends(data: dict[str, Any] | None) -> list[str]:
+    if not data or "error" in data:
+        return []
+    batches = data["batches"]
+    lo, hi = str(batches[0]), str(batches[-1])
+    out = [
+        f"Backends: engine latency per tile (ms) at batch {lo} and {hi}, and a whole adaptive "
+        f"upscale of {data['photo']}:",
+        "",
+        f"| variant | UNet B={lo} | UNet B={hi} | VAE dec B={lo} | MMLE+PFJ B={hi} | "
+        "upscale s | host share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, v in data["variants"].items():
+        if "error" in v:
+            out.append(f"| {label} | failed: {v['error'].splitlines()[0][:80]} | | | | | |")
+            continue
+        lat = v["latency"]
+
+        def ms(comp: str, b: str, lat: dict = lat) -> float:
+            return 1e3 * lat[comp][b]["per_item"]
+
+        out.append(
+            f"| {label} | {ms('unet', lo):.1f} | {ms('unet', hi):.1f} | "
+            f"{ms('vae_decoder', lo):.1f} | {ms('mmle', hi) + ms('pfj', hi):.2f} | "
+            f"{v['upscale']['wall_median']:.2f} | {_pct(v['upscale']['host_share_median'])} |"
+        )
+    return [*out, ""]
+
+
+def _scaling(data: dict[str, Any] | None) -> list[str]:
+    if not data or "error" in data:
+        return []
+    out = [
+        f"Scaling ({data['schedule']}, {data['backend']}; peak memory of a fresh process per "
+        "size):",
+        "",
+        "| input | tiles | wall s | s per tile | peak RSS MB |",
+        "|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        if "error" in r:
+            out.append(f"| {r['size']} | failed | | | |")
+            continue
+        out.append(
+            f"| {r['input_size'][0]}x{r['input_size'][1]} | {r['tiles']} | "
+            f"{r['seconds']['median']:.2f} | {r['seconds_per_tile']:.3f} | "
+            f"{r['memory']['peak_rss_mb']} |"
+        )
+    return [*out, ""]
+
+
+def _fullsize(data: dict[str, Any] | None) -> list[str]:
+    if not data or "error" in data:
+        return []
+    out = []
+    lat = data.get("unet_latency", {}).get("latency")
+    if lat:
+        out += [
+            "sd21-base (random init) UNet per call on this CPU:",
+            "",
+            "| batch | torch s | onnxruntime s |",
+            "|---|---|---|",
+        ]
+        out += [f"| {b} | {r['torch_seconds']} | {r['ort_seconds']} |" for b, r in lat.items()]
+        out.append("")
+    run = data.get("adaptive", {})
+    if "tiles" in run:
+        out += [
+            f"sd21-base adaptive upscale of a {run['input_size'][0]}x{run['input_size'][1]} "
+            f"photo: {run['tiles']} tiles, {run['unet_evaluations']} UNet evaluations, "
+            f"{run['seconds']['median']:.1f} s.",
+            "",
+        ]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks report",
+        description="write the README Performance section from a results JSON",
+    )
+    p.add_argument("results", type=Path, help="results.json written by a benchmark suite")
+    p.add_argument("--readme", type=Path, default=Path("README.md"))
+    p.add_argument("--print", action="store_true", help="print the section instead of writing")
+    args = p.parse_args(argv)
+    try:
+        result = json.loads(args.results.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"error: cannot read {args.results}: {exc}", file=sys.stderr)
+        return 2
+    section = render(result, args.results, args.readme)
+    if args.print:
+        print(section)
+        return 0
+    try:
+        update_readme(args.readme, section)
+    except (OSError, MarkerError) as exc:
+        print(f"error: {args.readme}: {exc}", file=sys.stderr)
+        return 2
+    print(f"updated the Performance section of {args.readme} from {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""``adadiff export``: a model folder or preset -> one checked ONNX file per component.
+
+Files are written to a staging folder inside the output folder and moved into place only when
+every component has exported, cleaned and passed its check; ``manifest.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from adadiff.errors import AdadiffError, ConfigError, OutputPathError
+from adadiff.export.cleanup import EXTERNAL_DATA_THRESHOLD, clean, load_weights, save
+from adadiff.export.fp16 import convert_to_fp16
+from adadiff.export.manifest import build_manifest, component_entry
+from adadiff.export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, check_exporter, export_raw
+from adadiff.manifest import MANIFEST_FILE, PRECISIONS, ComponentEntry, ExportManifest
+from adadiff.models.bundle import TorchModels, load_models
+from adadiff.specs import COMPONENTS, ModelSpec, component_specs
+
+log = logging.getLogger("adadiff.export")
+
+Progress = Callable[[str, int, int], None]
+
+# As in the torch backend: the SD VAE overflows in fp16, so an fp16 export keeps it fp32.
+HALF_COMPONENTS = ("unet", "pfj", "mmle")
+STAGING_PREFIX = ".export-"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    components: tuple[str, ...] = COMPONENTS
+    precision: str = "fp32"
+    opset: int = DEFAULT_OPSET
+    exporter: str = DEFAULT_EXPORTER
+    fold: bool = True
+    # ONNX Runtime against torch on sample inputs at these batch sizes; () skips the check.
+    check_batches: tuple[int, ...] = (1, 3)
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "components", tuple(self.components))
+        object.__setattr__(self, "check_batches", tuple(int(b) for b in self.check_batches))
+        unknown = [c for c in self.components if c not in COMPONENTS]
+        if unknown or not self.components:
+            raise ConfigError(
+                f"components {list(self.components)} are not all known; choose some of "
+                f"{', '.join(COMPONENTS)}"
+            )
+        if len(set(self.components)) != len(self.components):
+            raise ConfigError(f"components are listed twice: {list(self.components)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_exporter(self.exporter, self.opset)
+        if any(b < 1 for b in self.check_batches):
+            raise ConfigError(f"check batch sizes must be >= 1, got {self.check_batches}")
+
+
+def export_onnx(
+    model: str | Path | TorchModels,
+    output: str | Path,
+    options: ExportOptions | None = None,
+    *,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> ExportManifest:
+    """Export ``model`` (preset name, model folder or loaded TorchModels) into ``output``."""
+    options = options or ExportOptions()
+    out = Path(output).expanduser()
+    _check_output(out)
+    models = model if isinstance(model, TorchModels) else load_models(model, seed=seed)
+    out.mkdir(exist_ok=True)
+    config = models.config
+    kept, stale_files = _earlier_export(out, config.digest(), options)
+    specs = component_specs(config)
+    wrappers = models.wrappers()
+    steps = _Steps(len(options.components) * (4 + bool(options.check_batches)), progress)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        staged = [
+            _export_one(wrappers[name], specs[name], staging, options, steps)
+            for name in options.components
+        ]
+        entries = dict(kept)
+        for item in staged:
+            for f in item.files:
+                os.replace(staging / "final" / f, out / f)
+            if len(item.files) == 1:  # now inline: drop the data file of an earlier export
+                (out / f"{item.files[0]}.data").unlink(missing_ok=True)
+            entries[item.name] = component_entry(
+                out,
+                specs[item.name],
+                item.files,
+                precision=item.precision,
+                nodes=item.nodes,
+                seconds=item.seconds,
+                check=item.check,
+            )
+        for path in stale_files:
+            (out / path).unlink(missing_ok=True)
+        manifest = build_manifest(
+            config=config,
+            source=models.source,
+            precision=options.precision,
+            opset=options.opset,
+            exporter=options.exporter,
+            components={n: entries[n] for n in COMPONENTS if n in entries},
+        )
+        manifest.save(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+@dataclass
+class _Staged:
+    """One component written to the staging folder, waiting to be moved into place."""
+
+    name: str
+    files: list[str]
+    precision: str
+    nodes: dict[str, int]
+    seconds: dict[str, float]
+    check: dict[str, Any]
+
+
+class _Steps:
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total = total
+        self.done = 0
+        self.progress = progress
+        self.tick(0)
+
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress("export", self.done, self.total)
+
+
+def _export_one(
+    module: nn.Module, spec: ModelSpec, staging: Path, options: ExportOptions, steps: _Steps
+) -> _Staged:
+    name = spec.name
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    raw = export_raw(
+        module,
+        spec,
+        staging / "raw" / name / f"{name}.onnx",
+        exporter=options.exporter,
+        opset=options.opset,
+    )
+    seconds["export"] = time.perf_counter() - start
+    steps.tick()
+
+    cleaned = clean(raw, spec, fold=options.fold)
+    seconds["cleanup"] = cleaned.seconds
+    nodes = {"exported": cleaned.nodes_before, "cleaned": cleaned.nodes_after}
+    log.info("%s: %d -> %d nodes after clean-up", name, cleaned.nodes_before, cleaned.nodes_after)
+    steps.tick()
+
+    t0 = time.perf_counter()
+    model = cleaned.model
+    half = component_precision(name, options.precision) == "fp16"
+    if half:
+        load_weights(model, raw.parent)
+        t1 = time.perf_counter()
+        report = convert_to_fp16(model)
+        nodes["fp16"] = len(model.graph.node)
+        nodes["fp16_casts"] = report.casts
+        nodes["fp32_kept"] = report.fp32_nodes
+        if report.clipped_weights:
+            log.warning("%s: %d weights exceeded the fp16 range", name, report.clipped_weights)
+        seconds["fp16"] = time.perf_counter() - t1
+    steps.tick()
+
+    final = staging / "final"
+    final.mkdir(exist_ok=True)
+    files = save(
+        model,
+        final / f"{name}.onnx",
+        source_dir=raw.parent,
+        threshold=options.external_data_threshold,
+    )
+    del model
+    shutil.rmtree(raw.parent, ignore_errors=True)
+    seconds["write"] = time.perf_counter() - t0 - seconds.get("fp16", 0.0)
+    steps.tick()
+
+    check: dict[str, Any] = {}
+    if options.check_batches:
+        t0 = time.perf_counter()
+        check = _check(final / files[0], module, spec, options, half)
+        seconds["check"] = time.perf_counter() - t0
+        steps.tick()
+    precision = "fp16" if half else "fp32"
+    return _Staged(name, files, precision, nodes, seconds, check)
+
+
+def _check(
+    path: Path, module: nn.Module, spec: ModelSpec, options: ExportOptions, half: bool
+) -> dict[str, Any]:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        log.warning("onnxruntime is not installed; %s was exported without a parity check", path)
+        return {}
+    from adadiff.export.verify import check_against_torch
+
+    tol = spec.fp16_tolerance if half else spec.fp32_tolerance
+    return check_against_torch(path, module, spec, batches=options.check_batches, tolerance=tol)
+
+
+def _check_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"{out} is a file; give a folder for the ONNX files")
+    if out.is_dir() and not (out / MANIFEST_FILE).is_file():
+        others = [p.name for p in out.iterdir() if not p.name.startswith(STAGING_PREFIX)]
+        if others:
+            raise OutputPathError(
+                f"{out} is not empty ({', '.join(sorted(others)[:3])}, ...) and holds no adadiff "
+                "export; choose a new or empty folder so nothing of yours is overwritten"
+            )
+    if not out.parent.is_dir():
+        raise OutputPathError(f"the folder {out.parent} for {out.name} does not exist; create it")
+
+
+def component_precision(name: str, precision: str) -> str:
+    return "fp16" if precision == "fp16" and name in HALF_COMPONENTS else "fp32"
+
+
+def _earlier_export(
+    out: Path, digest: str, options: ExportOptions
+) -> tuple[dict[str, ComponentEntry], list[str]]:
+    """Of an earlier export into ``out``: the components this one does not redo but would write
+    alike (same model, opset, exporter and precision of that component, so an fp32 VAE serves an
+    fp16 export), and the files of the others, removed once the new files are in place."""
+    if not (out / MANIFEST_FILE).is_file():
+        return {}, []
+    try:
+        old = ExportManifest.load(out)
+    except AdadiffError as exc:
+        log.warning("ignoring the unreadable %s in %s: %s", MANIFEST_FILE, out, exc)
+        return {}, []
+    same = (old.config_digest, old.opset, old.exporter) == (
+        digest,
+        options.opset,
+        options.exporter,
+    )
+    kept: dict[str, ComponentEntry] = {}
+    stale: list[str] = []
+    for name, entry in old.components.items():
+        if name in options.components:
+            continue
+        if same and entry.precision == component_precision(name, options.precision):
+            kept[name] = entry
+        else:
+            log.info("%s in %s belongs to a different export and will be removed", name, out)
+            stale.extend(f.path for f in entry.files)
+    return kept, stale

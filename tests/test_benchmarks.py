@@ -1,0 +1,178 @@
+"""Smoke test of the benchmark machinery on a minimal configuration (torch only, one photo).
+
+The model is tiny with very long DTSS jumps, so every schedule runs a handful of UNet calls.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adadiff.config import DTSSConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    # benchmarks/ is a folder of scripts run from the repository root, not an installed package.
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tiny_models):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("skimage")
+    import torch
+
+    from benchmarks.__main__ import run_suite
+    from benchmarks.suites import ScheduleSpec, Settings, Suite
+
+    folder = tmp_path_factory.mktemp("fast-tiny")
+    config = replace(tiny_models.config, dtss=DTSSConfig(tiers=(100, 200, 250, 250)))
+    replace(tiny_models, config=config).save(folder)
+    suite = Suite(
+        name="smoke",
+        sections=("schedules", "regrouping", "backends", "scaling"),
+        repeats=1,
+        photos=("astronaut",),
+        photo_size=32,
+        schedules=(
+            ScheduleSpec(label="adaptive", schedule="adaptive"),
+            ScheduleSpec(label="uniform-4", schedule="uniform", interval=250),
+            ScheduleSpec(label="uniform-10", schedule="uniform", interval=100),
+        ),
+        reference="uniform-10",
+        regroup_photo="astronaut",
+        regroup_size=40,  # 4 tiles, so the three groupings make different calls
+        batches=(1, 2),
+        scaling_sizes=(16,),
+        scaling_interval=250,
+        fullsize_size=32,
+    )
+    # One thread: the test stays fast even while other jobs load the cores.
+    settings = Settings(backends=("torch",), model=str(folder), max_batch=16, threads=1)
+    out = tmp_path_factory.mktemp("bench-out")
+    threads = torch.get_num_threads()
+    try:
+        result = run_suite(suite, settings, out)
+    finally:
+        torch.set_num_threads(threads)
+    return out, result
+
+
+def test_results_json_has_every_section_and_the_machine(smoke_run):
+    out, _ = smoke_run
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["suite"] == "smoke"
+    for key in ("settings", "machine", "summary", "schedules", "regrouping", "backends", "scaling"):
+        assert key in saved, key
+    for section in ("schedules", "regrouping", "backends", "scaling"):
+        assert "error" not in saved[section], saved[section].get("traceback")
+    m = saved["machine"]
+    assert m["cores"] >= 1 and m["cpu"] and "torch" in m["libraries"]
+    assert saved["settings"]["backends"] == ["torch"]
+    row = saved["scaling"]["rows"][0]
+    assert row["tiles"] == 1 and row["memory"]["peak_rss_mb"] > 0
+
+
+def test_ratios_are_computed_from_the_recorded_rows(smoke_run):
+    _, result = smoke_run
+    sched = result["schedules"]
+    rows = sched["rows"]
+
+    def total(label: str, get) -> float:
+        return sum(get(r) for r in rows if r["label"] == label)
+
+    summary = result["summary"]["schedules"]
+    assert summary["reference"] == "uniform-10"
+    for key, get in (
+        ("unet_evaluations", lambda r: r["unet_evaluations"]),
+        ("flops", lambda r: r["flops"]["total"]),
+        ("seconds", lambda r: r["seconds"]["median"]),
+    ):
+        want = total("adaptive", get) / total("uniform-10", get)
+        assert summary["adaptive"][key] == pytest.approx(want, abs=1e-3), key
+    # FLOPs are the per-call counts times the recorded calls.
+    per_tile = sched["flops_per_tile"]
+    for r in rows:
+        assert r["flops"]["unet"] == r["unet_evaluations"] * per_tile["unet"]
+    uniform = next(r for r in rows if r["label"] == "uniform-4")
+    assert uniform["unet_evaluations"] == 4 * uniform["tiles"]
+    assert uniform["quality_vs_reference"]["ssim"] <= 1.0
+
+    reg = {r["grouping"]: r for r in result["regrouping"]["rows"]}
+    assert reg["tile"]["mean_batch"] == 1.0
+    assert reg["regroup"]["engine_calls"] < reg["tile"]["engine_calls"]
+    assert reg["tile"]["max_abs_difference_to_regroup"] < 1e-4  # float sums differ by batch
+    tile_over_regroup = reg["tile"]["seconds"]["median"] / reg["regroup"]["seconds"]["median"]
+    assert result["summary"]["regrouping"]["tile/regroup"] == pytest.approx(
+        tile_over_regroup, abs=1e-3
+    )
+
+    run = result["backends"]["variants"]["torch"]["upscale"]["runs"][0]
+    assert run["host_share"] == pytest.approx(1 - run["engine_seconds"] / run["wall"], abs=1e-3)
+    assert result["summary"]["host_share"]["torch"] == pytest.approx(run["host_share"])
+    lat = result["backends"]["variants"]["torch"]["latency"]
+    assert set(lat) == {"unet", "mmle", "pfj", "vae_encoder", "vae_decoder"}
+    assert set(lat["unet"]) == {"1", "2"}
+
+
+def test_plots_are_png(smoke_run):
+    out, result = smoke_run
+    assert set(result["plots"]) == {
+        f"{s}.png" for s in ("schedules", "regrouping", "backends", "scaling")
+    }
+    for name in result["plots"]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_readme_section_replaces_only_the_marked_block(smoke_run, tmp_path):
+    from benchmarks import report
+
+    out, _ = smoke_run
+    readme = tmp_path / "README.md"
+    before = "# title\n\n## Performance\n\n"
+    after = "\n\n## Next section\n\nkept as is\n"
+    readme.write_text(f"{before}{report.START}\nold text\n{report.END}{after}")
+    assert report.main([str(out / "results.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(before + report.START + "\n")
+    assert text.endswith(report.END + after)
+    assert "old text" not in text
+    body = text[text.index(report.START) : text.index(report.END)]
+    assert "adaptive / uniform-10" in body and "cores" in body and "schedules.png" in body
+
+    unmarked = tmp_path / "PLAIN.md"
+    unmarked.write_text("# no markers\n")
+    assert report.main([str(out / "results.json"), "--readme", str(unmarked)]) == 2
+    assert unmarked.read_text() == "# no markers\n"
+    with pytest.raises(report.MarkerError, match="before"):
+        report.replace_section(f"{report.END}\n{report.START}\n", "x")
+
+
+def test_fit_and_user_errors():
+    from benchmarks.__main__ import main
+    from benchmarks.scaling import fit
+
+    rows = [
+        {"tiles": 10, "seconds": {"median": 1.0}},
+        {"tiles": 40, "seconds": {"median": 4.0}},
+    ]
+    result = fit(rows)
+    assert result["loglog_slope"] == pytest.approx(1.0)
+    assert result["per_tile_growth"] == pytest.approx(1.0)
+    assert np.isclose(result["seconds_per_tile"][0], 0.1)
+    assert main(["quick", "--backend", "torch,nope"]) == 2
+    assert main(["quick", "--precision", "fp16"]) == 2
+
+
+def test_result_paths_are_relative_in_the_section(smoke_run, tmp_path):
+    from benchmarks.report import render
+
+    out, result = smoke_run
+    text = render(result, out / "results.json", Path(tmp_path) / "README.md")
+    assert str(tmp_path) not in text

@@ -1,0 +1,253 @@
+"""adadiff export: files, graph I/O, clean-up, manifest, fp16, options and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx_graphsurgeon")
+
+import onnx
+import onnxruntime as ort
+import torch
+from onnx_cache import copy_export, tiny_export
+
+from adadiff.errors import ConfigError, ModelFolderError, OutputPathError
+from adadiff.export import ExportOptions, export_onnx
+from adadiff.export.fp16 import convert_to_fp16
+from adadiff.export.verify import compare
+from adadiff.manifest import MANIFEST_FILE, ExportManifest, sha256_file
+from adadiff.specs import COMPONENTS, component_specs
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory) -> Path:
+    return tiny_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def manifest(onnx_dir) -> ExportManifest:
+    return ExportManifest.load(onnx_dir)
+
+
+def _dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def test_manifest_records_the_export(onnx_dir, manifest, tiny_config):
+    assert sorted(manifest.components) == sorted(COMPONENTS)
+    assert manifest.config_digest == tiny_config.digest()
+    assert manifest.model_config() == tiny_config
+    assert (manifest.precision, manifest.opset, manifest.exporter) == ("fp32", 20, "dynamo")
+    assert {"torch", "onnx", "onnxruntime", "polygraphy", "onnx_graphsurgeon"} <= set(
+        manifest.libraries
+    )
+    for name, entry in manifest.components.items():
+        assert entry.onnx_file == f"{name}.onnx"
+        for f in entry.files:
+            assert sha256_file(onnx_dir / f.path) == f.sha256
+        assert entry.spec == json.loads(json.dumps(entry.spec))  # plain JSON
+        assert 0 < entry.nodes["cleaned"] <= entry.nodes["exported"]
+        assert entry.check["batches"] == [1, 3] and entry.check["tolerance_used"] <= 1.0
+    unet = manifest.components["unet"].nodes
+    assert unet["cleaned"] < unet["exported"]  # folding removes shape arithmetic
+    manifest.verify_files(onnx_dir)
+    manifest.check_specs(onnx_dir)
+
+
+def test_graph_io_follows_the_spec(onnx_dir, tiny_config):
+    specs = component_specs(tiny_config)
+    for name, spec in specs.items():
+        model = onnx.load(str(onnx_dir / f"{name}.onnx"), load_external_data=False)
+        graph = model.graph
+        assert [v.name for v in graph.input] == list(spec.input_names)
+        assert [v.name for v in graph.output] == list(spec.output_names)
+        for value, tensor in zip(
+            (*graph.input, *graph.output), (*spec.inputs, *spec.outputs), strict=True
+        ):
+            assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+            assert _dims(value) == list(tensor.shape), (name, value.name)
+    unet = onnx.load(str(onnx_dir / "unet.onnx"), load_external_data=False)
+    assert _dims(unet.graph.input[1]) == ["B"]  # timestep: float32 [B], never a scalar
+    decoder = onnx.load(str(onnx_dir / "vae_decoder.onnx"), load_external_data=False)
+    assert _dims(decoder.graph.input[0]) == ["B", 4, "h", "w"]
+    assert _dims(decoder.graph.output[0]) == ["B", 3, "4h", "4w"]
+
+
+def test_unet_file_runs_at_any_batch(onnx_dir, tiny_models):
+    spec = component_specs(tiny_models.config)["unet"]
+    session = ort.InferenceSession(str(onnx_dir / "unet.onnx"), providers=["CPUExecutionProvider"])
+    wrapper = tiny_models.wrappers()["unet"]
+    for batch in (1, 3, 5, 16):
+        feeds = spec.sample_inputs(batch, seed=batch)
+        assert len(set(feeds["timestep"].tolist())) > 1 or batch == 1
+        (got,) = session.run(None, feeds)
+        with torch.no_grad():
+            want = wrapper(*(torch.from_numpy(feeds[n]) for n in spec.input_names)).numpy()
+        ok, err, _ = compare(got, want, spec.fp32_tolerance)
+        assert got.shape == (batch, 4, 32, 32) and ok, (batch, err)
+
+
+def test_decoder_file_takes_any_latent_size(onnx_dir, tiny_models):
+    spec = component_specs(tiny_models.config)["vae_decoder"]
+    session = ort.InferenceSession(
+        str(onnx_dir / "vae_decoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    feeds = spec.sample_inputs(2, h=8, w=24)
+    (got,) = session.run(None, feeds)
+    with torch.no_grad():
+        want = tiny_models.wrappers()["vae_decoder"](torch.from_numpy(feeds["latent"])).numpy()
+    assert got.shape == (2, 3, 32, 96)
+    assert compare(got, want, spec.fp32_tolerance)[0]
+
+
+def test_fp16_pass_keeps_time_softmax_and_norms_in_fp32(onnx_dir, tiny_models):
+    half = onnx.load(str(onnx_dir / "unet.onnx"))
+    report = convert_to_fp16(half)
+    onnx.checker.check_model(half)
+    inferred = onnx.shape_inference.infer_shapes(half)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    types.update({t.name: t.data_type for t in inferred.graph.initializer})
+    types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.input})
+    fp32 = onnx.TensorProto.FLOAT
+    kept = {"Softmax", "InstanceNormalization", "LayerNormalization", "Sin", "Cos"}
+    seen = set()
+    for node in inferred.graph.node:
+        if node.op_type in kept:
+            seen.add(node.op_type)
+            assert all(types[i] == fp32 for i in node.input if i), node.name
+        if node.op_type == "Conv":
+            assert types[node.input[1]] == onnx.TensorProto.FLOAT16, node.name
+    assert seen == kept
+    assert report.fp16_nodes > report.fp32_nodes and report.clipped_weights == 0
+    assert [v.type.tensor_type.elem_type for v in half.graph.input] == [fp32, fp32]
+    assert half.graph.output[0].type.tensor_type.elem_type == fp32
+
+    spec = component_specs(tiny_models.config)["unet"]
+    session = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = spec.sample_inputs(3, seed=7)
+    (got,) = session.run(None, feeds)
+    wrapper = tiny_models.wrappers()["unet"]
+    with torch.no_grad():
+        want = wrapper(*(torch.from_numpy(feeds[n]) for n in spec.input_names)).numpy()
+    ok, err, _ = compare(got, want, spec.fp16_tolerance)
+    assert ok, err
+
+
+def test_fp16_export_keeps_the_vae_fp32_and_reuses_it(onnx_dir, tmp_path):
+    out = copy_export(onnx_dir, tmp_path / "fp16")
+    vae_hash = ExportManifest.load(out).components["vae_encoder"].files[0].sha256
+    manifest = export_onnx("tiny", out, ExportOptions(components=("pfj", "mmle"), precision="fp16"))
+    assert manifest.precision == "fp16"
+    assert {n: c.precision for n, c in manifest.components.items()} == {
+        "vae_encoder": "fp32",
+        "vae_decoder": "fp32",
+        "pfj": "fp16",
+        "mmle": "fp16",
+    }  # the fp32 UNet of the earlier export is not an fp16 UNet: dropped with its file
+    assert not (out / "unet.onnx").exists()
+    assert manifest.components["vae_encoder"].files[0].sha256 == vae_hash
+    weights = onnx.load(str(out / "mmle.onnx")).graph.initializer
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    assert manifest.components["mmle"].check["atol"] == 5e-2  # checked at the fp16 tolerance
+    manifest.verify_files(out)
+
+
+@pytest.mark.parametrize(("exporter", "opset"), [("torchscript", 18), ("dynamo", 20)])
+def test_exporters_and_external_data(exporter, opset, tmp_path, tiny_models):
+    out = tmp_path / exporter
+    options = ExportOptions(
+        components=("pfj",), exporter=exporter, opset=opset, external_data_threshold=0
+    )
+    manifest = export_onnx(tiny_models, out, options, progress=lambda *a: None)
+    entry = manifest.components["pfj"]
+    assert (manifest.exporter, manifest.opset) == (exporter, opset)
+    assert [f.path for f in entry.files] == ["pfj.onnx", "pfj.onnx.data"]
+    assert entry.check["max_abs_error"] <= 1e-4  # ONNX Runtime read the external data
+    mode = (out / "pfj.onnx").stat().st_mode
+    assert (out / "pfj.onnx.data").stat().st_mode == mode
+    # Written again inline, the stale data file goes and the manifest follows.
+    options = ExportOptions(components=("pfj",), exporter=exporter, opset=opset)
+    manifest = export_onnx(tiny_models, out, options)
+    assert [f.path for f in manifest.components["pfj"].files] == ["pfj.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, "pfj.onnx"]
+
+
+def test_progress_reaches_the_total(tmp_path, tiny_models):
+    seen: list[tuple[str, int, int]] = []
+    export_onnx(
+        tiny_models,
+        tmp_path / "p",
+        ExportOptions(components=("mmle",), check_batches=()),
+        progress=lambda *a: seen.append(a),
+    )
+    assert seen[0] == ("export", 0, 4) and seen[-1] == ("export", 4, 4)
+
+
+def test_options_and_output_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not all known"):
+        ExportOptions(components=("unet", "text_encoder"))
+    with pytest.raises(ConfigError, match="twice"):
+        ExportOptions(components=("pfj", "pfj"))
+    with pytest.raises(ConfigError, match="precision"):
+        ExportOptions(precision="int8")
+    with pytest.raises(ConfigError, match="exporter"):
+        ExportOptions(exporter="tf2onnx")
+    with pytest.raises(ConfigError, match="opset 21 is outside"):
+        ExportOptions(exporter="torchscript", opset=21)
+    with pytest.raises(ConfigError, match="batch sizes"):
+        ExportOptions(check_batches=(0,))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(OutputPathError, match="not empty"):
+        export_onnx("tiny", busy, ExportOptions(components=("pfj",)))
+    with pytest.raises(OutputPathError, match="is a file"):
+        export_onnx("tiny", busy / "holiday.jpg", ExportOptions(components=("pfj",)))
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        export_onnx(tmp_path / "nope", tmp_path / "out", ExportOptions(components=("pfj",)))
+
+
+def test_export_cli(tmp_path, capsys):
+    from adadiff.cli import export_main, main
+
+    out = tmp_path / "cli"
+    assert export_main(["--model", "tiny", "-o", str(out), "--components", "pfj,mmle", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "pfj fp32" in printed and "--backend onnxruntime --engines" in printed
+    assert sorted(ExportManifest.load(out).components) == ["mmle", "pfj"]
+    assert main(["export", "-o", str(tmp_path / "x"), "--components", "unet,clip"]) == 2
+    assert "clip" in capsys.readouterr().err
+    assert main(["export", "-o", str(tmp_path / "x"), "--check-batches", "one"]) == 2
+    assert "--check-batches" in capsys.readouterr().err
+
+
+def test_runtime_does_not_import_export():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, adadiff.engines.onnxruntime, adadiff.manifest, adadiff.runtime.upscaler;"
+        "print([m for m in ('adadiff.export', 'torch') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_manifest_refuses_foreign_or_damaged_files(tmp_path):
+    (tmp_path / MANIFEST_FILE).write_text("{")
+    with pytest.raises(ModelFolderError, match="not valid JSON"):
+        ExportManifest.load(tmp_path)
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ModelFolderError, match="not an adadiff ONNX manifest"):
+        ExportManifest.load(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelFolderError, match=r"no manifest\.json"):
+        ExportManifest.load(empty)
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        ExportManifest.load(tmp_path / "nowhere")

@@ -1,0 +1,253 @@
+"""The ONNX Runtime backend against the torch reference: per component, end to end, and errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx_graphsurgeon")
+
+from onnx_cache import copy_export, tiny_export
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+from polygraphy.comparator import Comparator, SimpleCompareFunc
+from polygraphy.logger import G_LOGGER
+
+from adadiff import Upscaler
+from adadiff.engines import make_backend
+from adadiff.engines.onnxruntime import OnnxRuntimeBackend, OrtOptions, open_onnxruntime
+from adadiff.engines.torch import TorchBackend
+from adadiff.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    EngineMismatchError,
+    ModelFolderError,
+)
+from adadiff.export.verify import compare
+from adadiff.manifest import MANIFEST_FILE
+from adadiff.specs import COMPONENTS
+
+# fp16 export against the fp32 torch image on this crop measured 89 dB (both schedules, same
+# steps); with every op in fp16 (no fp32 timestep/softmax/norm statistics) adaptive fell to 48 dB
+# and two tiles took other step counts. 70 dB keeps a clear margin and still catches that.
+FP16_MIN_PSNR = 70.0
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory) -> Path:
+    return tiny_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def ort_backend(onnx_dir) -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(onnx_dir)
+
+
+@pytest.fixture(scope="session")
+def torch_backend(tiny_models) -> TorchBackend:
+    return TorchBackend(tiny_models)
+
+
+class EngineRunner(BaseRunner):
+    """A Polygraphy runner around any adadiff engine, so Comparator can drive both backends."""
+
+    def __init__(self, engine, name: str) -> None:
+        super().__init__(name=name)
+        self.engine = engine
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        for t in self.engine.spec.inputs:
+            meta.add(t.name, np.float32, [d if isinstance(d, int) else -1 for d in t.shape])
+        return meta
+
+    def infer_impl(self, feed_dict):
+        out = self.engine(feed_dict)
+        self.inference_time = 0.0
+        return OrderedDict((k, np.array(v)) for k, v in out.items())
+
+
+def _feeds(spec, batches=(1, 3, 5)):
+    # sample_inputs draws a different timestep for every tile of a batch.
+    return [spec.sample_inputs(b, seed=10 + b) for b in batches]
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_component_parity_at_batch_1_3_5(component, ort_backend, torch_backend):
+    ort_engine = ort_backend.open(component)
+    torch_engine = torch_backend.open(component)
+    spec = ort_engine.spec
+    feeds = _feeds(spec)
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        results = Comparator.run(
+            [EngineRunner(ort_engine, "onnxruntime"), EngineRunner(torch_engine, "torch")],
+            data_loader=feeds,
+        )
+        tol = spec.fp32_tolerance
+        assert Comparator.compare_accuracy(
+            results, compare_func=SimpleCompareFunc(atol=tol.atol, rtol=tol.rtol)
+        )
+    (_, ort_runs), (_, torch_runs) = results.items()
+    for batch_feeds, got, want in zip(feeds, ort_runs, torch_runs, strict=True):
+        (name,) = spec.output_names
+        batch = len(next(iter(batch_feeds.values())))
+        assert got[name].shape[0] == batch
+        # Stricter than Polygraphy's either-or: |got - want| <= atol + rtol |want| everywhere.
+        ok, err, _ = compare(got[name], want[name], tol)
+        assert ok, f"{component} at batch {batch}: max error {err}"
+
+
+def test_io_binding_gives_the_same_result(onnx_dir, ort_backend):
+    bound = OnnxRuntimeBackend(onnx_dir, options=OrtOptions(io_binding=True, intra_op_threads=1))
+    feeds = _feeds(ort_backend.open("mmle").spec, (3,))[0]
+    want = ort_backend.open("mmle")(feeds)["scores"]
+    got = bound.open("mmle")(feeds)["scores"]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert bound.describe()["threads"] == 1
+
+
+def test_end_to_end_matches_torch(onnx_dir, photo):
+    crop = photo[:48, :48]
+    reference = Upscaler.from_pretrained("tiny", backend="torch")
+    runtime = Upscaler.from_pretrained("tiny", backend="onnxruntime", engines=onnx_dir)
+    want, want_report = reference.upscale(crop, schedule="adaptive", seed=3)
+    got, got_report = runtime.upscale(crop, schedule="adaptive", seed=3)
+    assert got_report.tiles == 4
+    assert got_report.steps_per_tile == want_report.steps_per_tile
+    assert got_report.exits == want_report.exits
+    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
+    psnr = 10 * np.log10(1.0 / max(mse, 1e-20))
+    assert psnr >= 45.0, psnr
+    described = got_report.backend
+    assert described["backend"] == "onnxruntime" and described["precision"] == "fp32"
+    assert set(described["providers"].values()) == {"CPUExecutionProvider"}
+
+
+def test_upscale_cli_with_onnxruntime(onnx_dir, photo, tmp_path, capsys):
+    from PIL import Image
+
+    from adadiff.cli import main
+
+    src = tmp_path / "in.png"
+    Image.fromarray((photo[:32, :32] * 255).round().astype(np.uint8)).save(src)
+    out = tmp_path / "out.png"
+    report = tmp_path / "report.json"
+    argv = ["upscale", str(src), "-o", str(out), "-q", "--report", str(report)]
+    assert main([*argv, "--backend", "onnxruntime", "--engines", str(onnx_dir)]) == 0
+    assert Image.open(out).size == (128, 128)
+    assert json.loads(report.read_text())["backend"]["backend"] == "onnxruntime"
+    capsys.readouterr()
+    assert main([*argv, "--backend", "onnxruntime"]) == 2
+    assert "needs --engines" in capsys.readouterr().err
+    assert main([*argv, "--backend", "onnxruntime", "--engines", str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_model_and_precision_must_match_the_export(onnx_dir, tmp_path, tiny_models):
+    config, backend = open_onnxruntime(onnx_dir)  # the folder alone is enough
+    assert config == backend.config and config.name == "tiny"
+    open_onnxruntime(onnx_dir, model="tiny")
+    folder = tiny_models.save(tmp_path / "model")
+    open_onnxruntime(onnx_dir, model=folder)
+    with pytest.raises(EngineMismatchError, match=r"--model sd21-base .* is not the model"):
+        open_onnxruntime(onnx_dir, model="sd21-base")
+    with pytest.raises(EngineMismatchError, match="pass --precision fp32"):
+        make_backend("tiny", backend="onnxruntime", engines=onnx_dir, precision="fp16")
+    with pytest.raises(EngineMismatchError, match="128 px tiles"):
+        make_backend("tiny", backend="onnxruntime", engines=onnx_dir, tile_size=256)
+    config, _ = make_backend("tiny", backend="onnxruntime", engines=onnx_dir, tile_overlap=64)
+    assert config.tile_overlap == 64
+
+
+def test_changed_or_missing_files_are_refused(onnx_dir, tmp_path):
+    folder = copy_export(onnx_dir, tmp_path / "copy")
+    data = bytearray((folder / "pfj.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (folder / "pfj.onnx").write_bytes(bytes(data))
+    backend = OnnxRuntimeBackend(folder)
+    backend.open("mmle")  # untouched files still open
+    with pytest.raises(EngineMismatchError, match=r"pfj\.onnx changed since export.*re-export"):
+        backend.open("pfj")
+    (folder / "mmle.onnx").unlink()
+    with pytest.raises(EngineMismatchError, match=r"mmle\.onnx is missing"):
+        OnnxRuntimeBackend(folder, options=OrtOptions()).open("mmle")
+
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    edited = json.loads(json.dumps(manifest))
+    edited["config"]["tile_overlap"] += 8
+    (folder / MANIFEST_FILE).write_text(json.dumps(edited))
+    with pytest.raises(EngineMismatchError, match="manifest was edited"):
+        OnnxRuntimeBackend(folder)
+    del manifest["components"]["pfj"]
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ModelFolderError, match="--components pfj"):
+        OnnxRuntimeBackend(folder).open("pfj")
+
+
+def test_missing_onnxruntime_says_how_to_install(onnx_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(BackendUnavailableError, match=r'pip install "adadiff\[onnx\]"'):
+        make_backend("tiny", backend="onnxruntime", engines=onnx_dir)
+
+
+def test_devices_and_provider_fallback(onnx_dir, monkeypatch):
+    with pytest.raises(ConfigError, match="device 'gpu'"):
+        OnnxRuntimeBackend(onnx_dir, device="gpu")
+    with pytest.raises(ConfigError, match="device 'cpu:1'"):
+        OnnxRuntimeBackend(onnx_dir, device="cpu:1")
+    with pytest.raises(BackendUnavailableError, match=r"CUDAExecutionProvider.*onnxruntime-gpu"):
+        OnnxRuntimeBackend(onnx_dir, device="cuda")
+
+    import onnxruntime as ort
+
+    real_session = ort.InferenceSession
+    asked: dict = {}
+
+    def quietly_on_cpu(path, options, providers, provider_options):
+        asked["providers"] = providers
+        asked["options"] = provider_options
+        return real_session(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(
+        ort,
+        "get_available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    monkeypatch.setattr(ort, "InferenceSession", quietly_on_cpu)
+    with pytest.raises(BackendUnavailableError, match="fell back"):
+        OnnxRuntimeBackend(onnx_dir, device="cuda:1").open("pfj")
+    assert asked["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert asked["options"][0] == {"device_id": 1}
+    with pytest.raises(BackendUnavailableError, match="fell back"):
+        OnnxRuntimeBackend(onnx_dir, device="tensorrt").open("unet")
+    trt = asked["options"][0]
+    assert trt["trt_profile_min_shapes"] == "sample:1x8x32x32,timestep:1"
+    assert trt["trt_profile_max_shapes"] == "sample:16x8x32x32,timestep:16"
+
+
+def test_fp16_export_end_to_end(onnx_dir, photo, tmp_path):
+    """fp16 UNet, PFJ and MMLE (VAE fp32) on ONNX Runtime CPU against the fp32 torch image."""
+    from adadiff.export import ExportOptions, export_onnx
+
+    folder = copy_export(onnx_dir, tmp_path / "fp16")
+    export_onnx("tiny", folder, ExportOptions(components=("unet", "pfj", "mmle"), precision="fp16"))
+    crop = photo[:48, :48]
+    reference = Upscaler.from_pretrained("tiny", backend="torch")
+    half = Upscaler.from_pretrained("tiny", backend="onnxruntime", engines=folder, precision="fp16")
+    for schedule in ("uniform", "adaptive"):
+        want, want_report = reference.upscale(crop, schedule=schedule, seed=3)
+        got, got_report = half.upscale(crop, schedule=schedule, seed=3)
+        mse = float(np.mean((got.astype(np.float64) - want) ** 2))
+        psnr = 10 * np.log10(1.0 / max(mse, 1e-20))
+        print(
+            f"fp16 {schedule}: PSNR {psnr:.1f} dB, steps {got_report.steps_per_tile} "
+            f"vs {want_report.steps_per_tile}"
+        )
+        assert psnr >= FP16_MIN_PSNR, (schedule, psnr)
+    assert got_report.backend["precision"] == "fp16"

