@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ex.set_defaults(func=cmd_export)
 
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmark suites (from a source checkout): quick, full or report",
+        add_help=False,
+    )
+    bench.set_defaults(func=cmd_bench)
+
     sm = sub.add_parser(
         "setup-metrics",
         help="fetch and verify the quality metrics' files (LPIPS, BRISQUE) and fit NIQE",
@@ -181,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--cache-dir", type=Path, help="default: $ADADIFF_CACHE or ~/.cache/adadiff")
     sm.add_argument("--refit-niqe", action="store_true", help="fit the NIQE model again")
     sm.set_defaults(func=cmd_setup_metrics)
+
+    # Local import: adadiff.training loads scipy and Pillow, which other commands do not need.
+    from adadiff.training.cli import add_train_parser
+
+    add_train_parser(sub)
 
     bd = sub.add_parser(
         "build", help="build TensorRT engines from an export folder (needs tensorrt and a GPU)"
@@ -327,6 +339,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    # benchmarks/ lives beside the package in a source checkout and is not installed.
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        raise ConfigError(
+            "adadiff bench needs a source checkout (the benchmarks/ folder is not installed); "
+            "run it from a clone of the repository after pip install -e ."
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.__main__ import main as bench_main
+
+    return bench_main(args.args)
+
+
 def cmd_setup_metrics(args: argparse.Namespace) -> int:
     from adadiff.quality.weights import setup_metrics
 
@@ -372,7 +399,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.ArgumentParser]) -> int:
     parser = parser_factory()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Everything after "bench" belongs to the benchmark runner, --help included.
+        args = argparse.Namespace(func=cmd_bench, args=argv[1:], verbose=False)
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -53,6 +53,16 @@ def micro_config() -> ModelConfig:
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Micro models gain nothing from a second thread, and on a shared CPU the threads' handoffs
+    # cost several times the work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def cfg() -> ModelConfig:
     return micro_config()

@@ -148,7 +148,6 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="share of trajectories that jump by random tiers instead of oracle-driven DTSS",
     )
     labels.add_argument("--realesrgan-prob", type=_fraction, default=0.0)
-    labels.add_argument("--photos", choices=("train", "holdout"), default="train")
 
     mmle = stages.add_parser("mmle", help="train the MMLE score regressor on the labels")
     _common(mmle, "mmle")
@@ -245,7 +244,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             random_fraction=args.random_fraction,
             realesrgan_prob=args.realesrgan_prob,
             seed=args.seed,
-            photos=args.photos,
         )
         if args.resume is False and any((Path(workdir) / "labels").glob("shard-*.npz")):
             from adadiff.errors import ConfigError
@@ -275,3 +273,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"trained){', stopped early' if result.stopped else ''}"
     )
     return 130 if result.stopped else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m adadiff.training.cli STAGE ...``: the same as ``adadiff train STAGE ...``."""
+    from adadiff.cli import run
+
+    def factory() -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog="adadiff")
+        parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+        add_train_parser(parser.add_subparsers(dest="command", required=True))
+        return parser
+
+    return run(["train", *(sys.argv[1:] if argv is None else argv)], factory)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -53,7 +53,6 @@ class LabelOptions:
     random_fraction: float = 0.5
     realesrgan_prob: float = 0.0
     seed: int = 0
-    photos: str = "train"
 
     def __post_init__(self) -> None:
         if self.shards < 1 or self.trajectories < 1 or self.max_batch < 1:
@@ -138,7 +137,8 @@ def encode_latents(models: TorchModels, images: np.ndarray, max_batch: int) -> n
     return torch.cat(parts).numpy()
 
 
-def _nets(models: TorchModels, score: Callable) -> DenoiseNets:
+def denoise_nets(models: TorchModels, score: Callable) -> DenoiseNets:
+    """The sampler's nets from the torch wrappers, with ``score`` as the MMLE stand-in."""
     wrappers = models.wrappers()
 
     def call(name: str) -> Callable:
@@ -174,7 +174,7 @@ def run_trajectories(
     scorer = OracleScorer(models, batch.up, lr_latents, cfg.mmle.metrics, cache_dir)
     sample_tiles(
         lr_latents,
-        _nets(models, scorer),
+        denoise_nets(models, scorer),
         policy,
         noise=cfg.noise,
         dtss=cfg.dtss,
@@ -262,7 +262,7 @@ def make_labels(
     if models is None:
         models = frozen_models(cfg, workdir, with_mmle=False)
         unet_step = int(unet_checkpoint(workdir)["step"])
-    images = images if images is not None else load_images(opts.photos)
+    images = images if images is not None else load_images("train")
     made, samples, elapsed, stopped = 0, 0, 0.0, False
     with stop_on_signals() as stop:
         for index in range(opts.shards):

@@ -74,7 +74,7 @@ def _stage_row(name: str, ckpt: dict[str, Any] | None) -> str:
     )
 
 
-def _labels_row(workdir: Path) -> tuple[str, int]:
+def _labels_row(workdir: Path) -> tuple[str, float]:
     shards = sorted((workdir / "labels").glob("shard-*.npz"))
     samples, seconds = 0, 0.0
     for path in shards:
@@ -84,7 +84,7 @@ def _labels_row(workdir: Path) -> tuple[str, int]:
     return (
         f"| labels | {len(shards)} shards, {samples} samples | - | - | {seconds / 60:.1f} | "
         "oracle-scored UNet calls |",
-        samples,
+        seconds / 60,
     )
 
 
@@ -133,13 +133,19 @@ def model_card(
     evaluation: dict[str, Any] | None,
 ) -> str:
     vae, unet, mmle = (_checkpoint(workdir, s) for s in ("vae", "unet", "mmle"))
-    labels_row, _ = _labels_row(workdir)
+    labels_row, labels_minutes = _labels_row(workdir)
     photos = [p for p in training_photos()]
     holdout = [p for p in available_photos() if p.name in HOLDOUT]
     u_opts = (unet or {}).get("summary", {}).get("options", {})
     v_opts = (vae or {}).get("summary", {}).get("options", {})
     m_sum = (mmle or {}).get("summary", {})
-    total_min = sum(c.get("elapsed_s", 0.0) for c in (vae, unet, mmle) if c) / 60
+    minutes = {
+        name: (c.get("elapsed_s", 0.0) / 60 if c else 0.0)
+        for name, c in (("vae", vae), ("unet", unet), ("mmle", mmle))
+    }
+    minutes["labels"] = labels_minutes
+    phases = (vae or {}).get("summary", {}).get("crop_phases", [])
+    crops = ", ".join(f"{side} px from step {first}" for first, side in phases) or "-"
     val = m_sum.get("validation", {})
     rho = ", ".join(f"{k} {v:.3f}" for k, v in val.get("spearman", {}).items()) or "-"
     lines = [
@@ -189,13 +195,18 @@ def model_card(
         labels_row,
         _stage_row("mmle", mmle),
         "",
-        f"Training time of the three optimisation stages: {total_min:.1f} min (labels above).",
+        f"Training time: {sum(minutes.values()):.1f} min in all ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in minutes.items())
+        + "), single process on the CPU named in the evaluation JSON.",
         "",
         f"- VAE: L1 + {v_opts.get('perceptual_weight', '-')} x LPIPS (AlexNet) + "
         f"{v_opts.get('kl_weight', '-')} x KL on a sampled posterior; a share "
-        f"{v_opts.get('lr_input_prob', '-')} of inputs are bicubic-upscaled LR crops.",
+        f"{v_opts.get('lr_input_prob', '-')} of inputs are bicubic-upscaled LR crops; crops "
+        f"{crops}.",
         "- UNet + PFJ: epsilon MSE, t uniform in [0, 999], AdamW, EMA "
-        f"{u_opts.get('ema', '-')} (the EMA weights are shipped). PFJ sees gains as the runtime "
+        f"{u_opts.get('ema', '-')} (the EMA weights are shipped); latent pairs from a pool of "
+        f"{u_opts.get('pool', '-')} refreshed by {u_opts.get('refresh', '-')} per step. PFJ "
+        "sees gains as the runtime "
         f"can produce them: zero with probability {u_opts.get('gain_zero_prob', '-')}, else "
         f"tanh(N(0, {u_opts.get('gain_std', '-')})) per component, g_NR = 0 for "
         f"t >= {cfg.dtss.nr_start_t}. The epsilon target does not depend on the gains, so PFJ "
@@ -234,6 +245,8 @@ def ship(
     tmp.chmod(0o755)
     try:
         models.save(tmp)
+        for path in tmp.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         size = folder_bytes(tmp) / 1e6
         if size > max_mb:
             raise ModelFolderError(

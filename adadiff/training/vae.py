@@ -111,6 +111,7 @@ class VAEStage:
 
             self.lpips = load_lpips(cache_dir)
         self.scaling_factor = cfg.scaling_factor
+        self.phases: list[list[int]] = []  # [first step, crop side] of each crop size used
 
     def _inputs(self) -> torch.Tensor:
         b = self.stream.batch(self.opts.batch)
@@ -120,6 +121,9 @@ class VAEStage:
     def step(self, step: int) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = self.opts.lr_at(step)
+        crop = self.vopts.crop or self.cfg.tile_size
+        if not self.phases or self.phases[-1][1] != crop:
+            self.phases.append([step, crop])
         x = self._inputs()
         mean, logvar = encode_moments(self.vae, x)
         std = torch.exp(0.5 * logvar)
@@ -156,6 +160,7 @@ class VAEStage:
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(self.rng),
             "torch_rng": self.torch_rng.get_state(),
+            "phases": [list(p) for p in self.phases],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -163,9 +168,14 @@ class VAEStage:
         self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(self.rng, state["rng"])
         self.torch_rng.set_state(state["torch_rng"])
+        self.phases = [list(p) for p in state.get("phases", [])]
 
     def summary(self) -> dict[str, Any]:
-        return {"scaling_factor": self.scaling_factor, "options": self.vopts.__dict__.copy()}
+        return {
+            "scaling_factor": self.scaling_factor,
+            "options": self.vopts.__dict__.copy(),
+            "crop_phases": [list(p) for p in self.phases],
+        }
 
 
 def train_vae(
