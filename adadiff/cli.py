@@ -11,30 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from adadiff import __version__
+from adadiff.argtypes import non_negative, positive
 from adadiff.errors import AdadiffError, ConfigError
 from adadiff.specs import COMPONENTS
 
 log = logging.getLogger("adadiff")
-
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {n}")
-    return n
-
-
-def _non_negative(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {n}")
-    return n
 
 
 class ProgressBars:
@@ -82,16 +63,16 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="adaptive", choices=("adaptive", "uniform"))
     p.add_argument(
         "--interval",
-        type=_positive,
+        type=positive,
         help="uniform schedule jump in timesteps (20 = 50 steps, 5 = 200 steps)",
     )
-    p.add_argument("--seed", type=_non_negative, default=0)
-    p.add_argument("--max-batch", type=_positive, default=8, help="tiles per engine call")
-    p.add_argument("--tile", type=_positive, help="tile size in output pixels (model default)")
-    p.add_argument("--overlap", type=_non_negative, help="tile overlap in output pixels")
+    p.add_argument("--seed", type=non_negative, default=0)
+    p.add_argument("--max-batch", type=positive, default=8, help="tiles per engine call")
+    p.add_argument("--tile", type=positive, help="tile size in output pixels (model default)")
+    p.add_argument("--overlap", type=non_negative, help="tile overlap in output pixels")
     p.add_argument(
         "--max-pixels",
-        type=_positive,
+        type=positive,
         default=None,
         help="refuse inputs with more pixels than this (default 16 million)",
     )
@@ -119,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("-o", "--output", type=Path, default=Path("demo-out"), help="folder")
     demo.add_argument("--photo", default="astronaut", help="scikit-image photo name")
-    demo.add_argument("--size", type=_positive, default=128, help="input long side in pixels")
+    demo.add_argument("--size", type=positive, default=128, help="input long side in pixels")
     _add_upscale_args(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -130,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "src", type=Path, help="diffusers folder with unet/, vae/, text_encoder/, tokenizer/"
     )
     cv.add_argument("-o", "--output", type=Path, required=True, help="new model folder")
-    cv.add_argument("--seed", type=_non_negative, default=0, help="seed for PFJ and MMLE init")
+    cv.add_argument("--seed", type=non_negative, default=0, help="seed for PFJ and MMLE init")
     cv.set_defaults(func=cmd_convert)
 
     ex = sub.add_parser(
@@ -155,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fp32", "fp16"),
         help="fp16: half precision inside the UNet, PFJ and MMLE files (the VAE stays fp32)",
     )
-    ex.add_argument("--opset", type=_positive, help="ONNX opset (default 20)")
+    ex.add_argument("--opset", type=positive, help="ONNX opset (default 20)")
     ex.add_argument(
         "--exporter",
         choices=("dynamo", "torchscript"),
@@ -169,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--no-fold", action="store_true", help="skip Polygraphy constant folding")
     ex.add_argument(
-        "--seed", type=_non_negative, default=0, help="init seed of a preset without weights"
+        "--seed", type=non_negative, default=0, help="init seed of a preset without weights"
     )
     ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ex.set_defaults(func=cmd_export)
@@ -199,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bd.add_argument("engines", type=Path, help="the folder written by `adadiff export`")
     bd.add_argument("--components", help="comma-separated components (default: all exported)")
-    bd.add_argument("--min-batch", type=_positive, default=1)
-    bd.add_argument("--opt-batch", type=_positive, default=4)
-    bd.add_argument("--max-batch", type=_positive, default=16)
+    bd.add_argument("--min-batch", type=positive, default=1)
+    bd.add_argument("--opt-batch", type=positive, default=4)
+    bd.add_argument("--max-batch", type=positive, default=16)
     bd.add_argument(
         "--profiles", help="several batch profiles MIN:OPT:MAX,... (overrides the above)"
     )

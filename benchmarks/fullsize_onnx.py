@@ -51,10 +51,15 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=2, help="timed calls per batch after a warm-up")
     p.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"))
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: defaults)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the exported files")
     p.add_argument("--out", type=Path, default=Path("runs/fullsize_onnx.json"))
     args = p.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="adadiff-fullsize-"))
     out_dir = work / "onnx"
     result: dict = {
@@ -90,7 +95,8 @@ def main() -> None:
         manifest.verify_files(out_dir, ["unet"])
         result["verify_sha256_seconds"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
-        backend = OnnxRuntimeBackend(out_dir, options=OrtOptions(verify_files=False))
+        options = OrtOptions(verify_files=False, intra_op_threads=args.threads)
+        backend = OnnxRuntimeBackend(out_dir, options=options)
         engine = backend.open("unet")
         result["ort_load_seconds"] = round(time.perf_counter() - t0, 2)
         print(
@@ -135,6 +141,7 @@ def main() -> None:
             result["latency"][str(batch)] = row
             print(f"B={batch}: {row}", flush=True)
         result["torch_threads"] = torch.get_num_threads()
+        result["ort_threads"] = args.threads or "default (one per physical core)"
         backend.close()
     finally:
         if not args.keep:

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from adadiff.argtypes import fraction, positive
+
 STAGES = ("vae", "unet", "labels", "mmle", "ship")
 
 # Per-stage defaults for the shared flags: (steps, batch, lr).
@@ -22,26 +24,6 @@ DEFAULTS: dict[str, tuple[int, int, float]] = {
     "labels": (8, 16, 0.0),  # steps = shards, batch = trajectories per shard
     "mmle": (3000, 64, 1e-3),
 }
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {n}")
-    return n
-
-
-def _fraction(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not 0 <= x <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {x}")
-    return x
 
 
 def default_workdir(model: str = "tiny") -> Path:
@@ -60,27 +42,23 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive,
         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)",
     )
     p.add_argument("--metrics-cache", type=Path, help="metric files (default: the set-up cache)")
     if stage in DEFAULTS:
         steps, batch, lr = DEFAULTS[stage]
         if stage == "labels":
-            p.add_argument("--steps", type=_positive_int, default=steps, help="label shards")
-            p.add_argument(
-                "--batch", type=_positive_int, default=batch, help="trajectories per shard"
-            )
+            p.add_argument("--steps", type=positive, default=steps, help="label shards")
+            p.add_argument("--batch", type=positive, default=batch, help="trajectories per shard")
         else:
-            p.add_argument(
-                "--steps", type=_positive_int, default=steps, help="total optimisation steps"
-            )
-            p.add_argument("--batch", type=_positive_int, default=batch)
+            p.add_argument("--steps", type=positive, default=steps, help="total optimisation steps")
+            p.add_argument("--batch", type=positive, default=batch)
             p.add_argument("--lr", type=float, default=lr)
             p.add_argument("--warmup", type=int, default=50, help="learning-rate warm-up steps")
-            p.add_argument("--log-every", type=_positive_int, default=20)
-            p.add_argument("--ckpt-every", type=_positive_int, default=200)
-            p.add_argument("--keep", type=_positive_int, default=3, help="checkpoints kept")
+            p.add_argument("--log-every", type=positive, default=20)
+            p.add_argument("--ckpt-every", type=positive, default=200)
+            p.add_argument("--keep", type=positive, default=3, help="checkpoints kept")
         resume = p.add_mutually_exclusive_group()
         resume.add_argument(
             "--resume",
@@ -109,26 +87,26 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     vae.add_argument("--kl-weight", type=float, default=1e-6)
     vae.add_argument(
         "--lr-input-prob",
-        type=_fraction,
+        type=fraction,
         default=0.25,
         help="share of inputs that are bicubic-upscaled LR crops",
     )
-    vae.add_argument("--realesrgan-prob", type=_fraction, default=0.0)
+    vae.add_argument("--realesrgan-prob", type=fraction, default=0.0)
     vae.add_argument(
-        "--crop", type=_positive_int, help="training crop side in px (default: the tile size)"
+        "--crop", type=positive, help="training crop side in px (default: the tile size)"
     )
 
     unet = stages.add_parser("unet", help="train UNet + PFJ on the epsilon loss (VAE frozen)")
     _common(unet, "unet")
     unet.add_argument(
-        "--gain-zero-prob", type=_fraction, default=0.5, help="share of samples with zero gains"
+        "--gain-zero-prob", type=fraction, default=0.5, help="share of samples with zero gains"
     )
     unet.add_argument(
         "--gain-std", type=float, default=0.2, help="gains are tanh(N(0, std)) otherwise"
     )
     unet.add_argument(
         "--realesrgan-prob",
-        type=_fraction,
+        type=fraction,
         default=0.0,
         help="share of crops degraded by Real-ESRGAN's pipeline instead of bicubic x4",
     )
@@ -140,19 +118,19 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     labels = stages.add_parser("labels", help="oracle-scored trajectories of the frozen model")
     _common(labels, "labels")
-    labels.add_argument("--max-batch", type=_positive_int, default=8, help="tiles per UNet call")
+    labels.add_argument("--max-batch", type=positive, default=8, help="tiles per UNet call")
     labels.add_argument(
         "--random-fraction",
-        type=_fraction,
+        type=fraction,
         default=0.5,
         help="share of trajectories that jump by random tiers instead of oracle-driven DTSS",
     )
-    labels.add_argument("--realesrgan-prob", type=_fraction, default=0.0)
+    labels.add_argument("--realesrgan-prob", type=fraction, default=0.0)
 
     mmle = stages.add_parser("mmle", help="train the MMLE score regressor on the labels")
     _common(mmle, "mmle")
     mmle.add_argument("--diff-weight", type=float, default=1.0, help="step-difference L2 weight")
-    mmle.add_argument("--val-fraction", type=_fraction, default=0.1)
+    mmle.add_argument("--val-fraction", type=fraction, default=0.1)
 
     ship = stages.add_parser(
         "ship", aliases=["export-tiny"], help="assemble the checkpoints into a model folder"
