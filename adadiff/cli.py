@@ -49,7 +49,12 @@ class ProgressBars:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="preset (tiny, sd21-base) or model folder")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="preset (tiny, sd21-base) or model folder; default tiny, or the model an --engines "
+        "folder was exported from",
+    )
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
     p.add_argument(
         "--engines", type=Path, help="exported ONNX / engine folder (onnxruntime, tensorrt)"

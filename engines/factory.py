@@ -12,7 +12,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def make_backend(
-    model: str | Path,
+    model: str | Path | None,
     *,
     backend: str = "torch",
     device: str = "cpu",
@@ -36,7 +36,7 @@ def make_backend(
                 f"the torch backend needs torch and diffusers ({exc}); pip install torch==2.13.0 "
                 "diffusers, or see README for GPU builds"
             ) from exc
-        models = load_models(model, seed=seed)
+        models = load_models(model or "tiny", seed=seed)
         models.config = models.config.with_tiling(tile_size, tile_overlap)
         return models.config, TorchBackend(models, device=device, precision=precision)
     if backend == "onnxruntime":

@@ -80,7 +80,7 @@ class Upscaler:
     @classmethod
     def from_pretrained(
         cls,
-        model: str | Path = "tiny",
+        model: str | Path | None = None,
         *,
         backend: str = "torch",
         device: str = "cpu",
@@ -91,7 +91,8 @@ class Upscaler:
         tile_overlap: int | None = None,
         seed: int = 0,
     ) -> Upscaler:
-        """``model`` is a preset (``tiny``, ``sd21-base``) or a model folder."""
+        """``model`` is a preset (``tiny``, ``sd21-base``) or a model folder. None means
+        ``tiny`` for torch and the exported model for onnxruntime and tensorrt."""
         from adadiff.engines.factory import make_backend
 
         config, be = make_backend(
@@ -104,7 +105,7 @@ class Upscaler:
             tile_size=tile_size,
             tile_overlap=tile_overlap,
         )
-        return cls(config, be, max_batch=max_batch, model_name=str(model))
+        return cls(config, be, max_batch=max_batch, model_name=str(model or config.name))
 
     def policy(self, schedule: str, interval: int | None) -> StepPolicy:
         if schedule == "adaptive":
