@@ -34,3 +34,27 @@ def fraction(value: str) -> float:
     if not 0 <= x <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {x}")
     return x
+
+
+def _number(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if x != x or x in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return x
+
+
+def positive_float(value: str) -> float:
+    x = _number(value)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {x:g}")
+    return x
+
+
+def non_negative_float(value: str) -> float:
+    x = _number(value)
+    if x < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {x:g}")
+    return x

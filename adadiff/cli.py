@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from adadiff import __version__
-from adadiff.argtypes import non_negative, positive
+from adadiff.argtypes import non_negative, non_negative_float, positive, positive_float
 from adadiff.errors import AdadiffError, ConfigError
 from adadiff.specs import COMPONENTS
 
@@ -99,6 +99,50 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--report", type=Path, help="write the run report as JSON here")
     up.add_argument("--step-map", type=Path, help="write a PNG of steps per tile here")
     up.set_defaults(func=cmd_upscale)
+
+    many = sub.add_parser(
+        "upscale-many",
+        help="upscale every image in a folder on Ray workers (local Ray unless --ray-address)",
+        description="Upscale every image in INPUT_DIR into OUTPUT_DIR (NAME.png and NAME.png.json "
+        "per image, adadiff-job.json for the job). Reruns skip images whose output and report "
+        "exist and match the settings. Unreadable images are listed in the job report.",
+    )
+    many.add_argument("input_dir", type=Path, help="folder of PNG, JPEG, WebP or TIFF images")
+    many.add_argument("output_dir", type=Path, help="folder for the outputs (created if missing)")
+    _add_upscale_args(many)
+    many.add_argument(
+        "--ray-address",
+        help="join this Ray cluster (e.g. ray://head:10001 or auto); "
+        "default: start a local Ray instance on this machine",
+    )
+    many.add_argument(
+        "--workers",
+        type=positive,
+        help="worker actors, one Upscaler each (default: as many as the cluster's CPUs, or "
+        "GPUs with --gpus-per-worker, allow)",
+    )
+    many.add_argument("--cpus-per-worker", type=positive_float, default=1.0)
+    many.add_argument(
+        "--gpus-per-worker",
+        type=non_negative_float,
+        default=0.0,
+        help="GPU share per worker (e.g. 0.5 puts two workers on a GPU); > 0 implies --device cuda",
+    )
+    many.add_argument(
+        "--queue",
+        type=positive,
+        help="images in flight per worker; their tiles share engine calls (default: --max-batch)",
+    )
+    many.add_argument(
+        "--image-by-image",
+        action="store_true",
+        help="no cross-image batching: a worker starts an image when the previous one is done",
+    )
+    many.add_argument("--output-format", choices=("png", "same"), default="png")
+    many.add_argument(
+        "--strict", action="store_true", help="exit 1 when any image failed (default: exit 0)"
+    )
+    many.set_defaults(func=cmd_upscale_many)
 
     demo = sub.add_parser(
         "demo", help="upscale a scikit-image photo; write input, bicubic, output, report, step map"
@@ -238,6 +282,51 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from adadiff.jobs import FileOutputs
 
     return _upscale(args, args.input, FileOutputs(args.output, args.report, args.step_map))
+
+
+def cmd_upscale_many(args: argparse.Namespace) -> int:
+    from adadiff.scaleout.job import ClusterOptions, print_record, run_job
+    from adadiff.scaleout.plan import JobSettings
+
+    settings = JobSettings(
+        model=args.model,
+        backend=args.backend,
+        engines=None if args.engines is None else str(args.engines.expanduser().resolve()),
+        device=args.device,
+        precision=args.precision,
+        schedule=args.schedule,
+        interval=args.interval,
+        seed=args.seed,
+        max_batch=args.max_batch,
+        tile=args.tile,
+        overlap=args.overlap,
+        max_pixels=args.max_pixels,
+        output_format=args.output_format,
+    )
+    cluster = ClusterOptions(
+        ray_address=args.ray_address,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        queue=args.queue,
+        cross_image=not args.image_by_image,
+        strict=args.strict,
+    )
+    result = run_job(
+        args.input_dir,
+        args.output_dir,
+        settings,
+        cluster,
+        on_record=None if args.quiet else print_record,
+    )
+    failed = result.count("failed")
+    print(
+        f"{result.report_path}: {result.count('done')} upscaled, {result.count('skipped')} "
+        f"already done, {failed} failed in {result.wall_seconds:.1f}s "
+        f"({result.startup_seconds:.1f}s start-up; {result.steady_images_per_hour:.0f} images/hour "
+        f"after it; mean batch {result.mean_batch:.2f})"
+    )
+    return 1 if failed and args.strict else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ written atomically (temporary file in the target folder, then ``os.replace``).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -28,6 +29,8 @@ __all__ = [
     "LoadedImage",
     "bicubic_upscale",
     "check_output_path",
+    "decode_image_bytes",
+    "encode_image",
     "format_for_path",
     "load_image",
     "save_image",
@@ -179,9 +182,29 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loa
     path = Path(path)
     _check_input_file(path)
     try:
+        with path.open("rb") as fp:
+            return _decode_stream(fp, path, max_pixels)
+    except PermissionError as exc:
+        raise InputImageError(f"{path}: permission denied; check the file's permissions") from exc
+
+
+def decode_image_bytes(
+    data: bytes, name: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> LoadedImage:
+    """``load_image`` for a file's bytes (read elsewhere, e.g. on another machine); ``name``
+    only appears in error messages."""
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+    if not data:
+        raise InputImageError(f"{name} is empty (0 bytes); it is not an image")
+    return _decode_stream(io.BytesIO(data), Path(name), max_pixels)
+
+
+def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with path.open("rb") as fp, Image.open(fp) as img:
+            with Image.open(fp) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise _too_many_pixels(path, width, height, max_pixels)
@@ -195,8 +218,8 @@ def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loa
         raise InputImageError(
             f"{path} is not an image Pillow can read; convert it to PNG, JPEG, WebP or TIFF"
         ) from exc
-    except PermissionError as exc:
-        raise InputImageError(f"{path}: permission denied; check the file's permissions") from exc
+    except PermissionError:
+        raise
     except _DECODE_ERRORS as exc:
         raise InputImageError(
             f"{path}: image data is truncated or corrupt ({_one_line(exc)}); "
@@ -407,16 +430,44 @@ def save_image(
     JPEG drops alpha. 16-bit is written only for grayscale PNG/TIFF without alpha (Pillow has no
     16-bit gray+alpha mode, and keeping transparency matters more than the extra precision).
     """
+    _check_arrays(rgb, alpha, bit_depth)
+    fmt = format_for_path(path)
+    image, save_args = _pil_for_format(rgb, alpha, fmt, bit_depth, grayscale)
+    return write_pil_atomic(path, image, fmt, **save_args)
+
+
+def encode_image(
+    rgb: np.ndarray,
+    alpha: np.ndarray | None = None,
+    *,
+    suffix: str = ".png",
+    bit_depth: int = 8,
+    grayscale: bool = False,
+) -> bytes:
+    """The bytes ``save_image`` would write to a file ending in ``suffix``."""
+    _check_arrays(rgb, alpha, bit_depth)
+    fmt = format_for_path(f"image{suffix}")
+    image, save_args = _pil_for_format(rgb, alpha, fmt, bit_depth, grayscale)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def _check_arrays(rgb: np.ndarray, alpha: np.ndarray | None, bit_depth: int) -> None:
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"rgb must have shape [H, W, 3], got {rgb.shape}")
     if alpha is not None and alpha.shape != rgb.shape[:2]:
         raise ValueError(f"alpha shape {alpha.shape} does not match image {rgb.shape[:2]}")
-    fmt = format_for_path(path)
+
+
+def _pil_for_format(
+    rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, bit_depth: int, grayscale: bool
+) -> tuple[Image.Image, dict[str, Any]]:
     if fmt == "JPEG":
         alpha = None
     sixteen = bit_depth == 16 and grayscale and fmt in ("PNG", "TIFF") and alpha is None
     image = _build_pil(rgb, alpha, sixteen_bit_gray=sixteen, grayscale=grayscale)
     save_args: dict[str, Any] = {"quality": _JPEG_QUALITY} if fmt == "JPEG" else {}
-    return write_pil_atomic(path, image, fmt, **save_args)
+    return image, save_args

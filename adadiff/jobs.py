@@ -91,20 +91,15 @@ def upscale_loaded(
         seed=options.seed,
         progress=progress,
     )
-    factor = upscaler.config.upscale
-    alpha = None if image.alpha is None else imageio.upscale_alpha(image.alpha, factor)
+    record = output_record(image, rgb, report, upscaler.config.upscale)
     written = imageio.save_image(
-        outputs.image, rgb, alpha, bit_depth=image.bit_depth, grayscale=image.grayscale
+        outputs.image,
+        record["rgb"],
+        record["alpha"],
+        bit_depth=record["bit_depth"],
+        grayscale=record["grayscale"],
     )
-    data = report.to_dict()
-    data.update(
-        input=str(input_path),
-        output=str(written),
-        input_mode=image.source_mode,
-        bit_depth=image.bit_depth,
-        alpha=image.alpha is not None,
-        version=__version__,
-    )
+    data = {"input": str(input_path), "output": str(written), **record["report"]}
     if outputs.report is not None:
         imageio.write_bytes_atomic(outputs.report, (json.dumps(data, indent=2) + "\n").encode())
     if outputs.step_map is not None:
@@ -112,6 +107,28 @@ def upscale_loaded(
 
         save_step_map(outputs.step_map, rgb, report.boxes, report.steps_per_tile, report.exits)
     return data
+
+
+def output_record(image: Any, rgb: Any, report: Any, factor: int) -> dict[str, Any]:
+    """What gets written for an upscaled ``imageio.LoadedImage``: the pixels, the alpha plane
+    upscaled alongside, the bit depth and colour kind to write with, and the report dict."""
+    from adadiff import imageio
+
+    alpha = None if image.alpha is None else imageio.upscale_alpha(image.alpha, factor)
+    data = report.to_dict()
+    data.update(
+        input_mode=image.source_mode,
+        bit_depth=image.bit_depth,
+        alpha=image.alpha is not None,
+        version=__version__,
+    )
+    return {
+        "rgb": rgb,
+        "alpha": alpha,
+        "bit_depth": image.bit_depth,
+        "grayscale": image.grayscale,
+        "report": data,
+    }
 
 
 def summary(data: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """Host-side runtime: schedules, the DTSS policy, tiling, the sampler loop and the Upscaler.
 
-Pure parts (schedule, policy, tiling) need only numpy. ``Upscaler`` is imported lazily so that
-``import adadiff.runtime`` stays light.
+Pure parts (schedule, policy, tiling) need only numpy. ``Upscaler`` and ``ImageStream`` are
+imported lazily so that ``import adadiff.runtime`` stays light.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ __all__ = [
     "Category",
     "DTSSPolicy",
     "Decision",
+    "ImageStream",
+    "StreamItem",
     "TileGrid",
     "UniformPolicy",
     "Upscaler",
@@ -32,4 +34,8 @@ def __getattr__(name: str) -> Any:
         from adadiff.runtime.upscaler import Upscaler
 
         return Upscaler
+    if name in ("ImageStream", "StreamItem"):
+        from adadiff.runtime import stream
+
+        return getattr(stream, name)
     raise AttributeError(name)

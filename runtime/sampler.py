@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,7 @@ class TileState:
     lr: np.ndarray
     cond: np.ndarray
     gain: np.ndarray
+    owner: Any = None
     quality: tuple[float, float] | None = None
     best_r: float = -np.inf
     best_x0: np.ndarray | None = None
@@ -59,7 +61,9 @@ class SamplerResult:
     latents: np.ndarray  # [N, C, s, s]
     steps_per_tile: list[int]
     exits: list[str]
-    batches: list[dict]  # every UNet call: {"size": B, "timesteps": [...]}
+    # Every UNet call the tiles took part in: {"size": B, "timesteps": [...]}; "size" counts
+    # the whole call, "timesteps" only this result's tiles (other images may share the call).
+    batches: list[dict]
     rounds: int
     categories: dict[str, int]
 
@@ -70,6 +74,125 @@ class SamplerResult:
     @property
     def unet_evaluations(self) -> int:
         return sum(self.steps_per_tile)
+
+
+@dataclass
+class _Member:
+    """One image (or any set of tiles) in a TilePool."""
+
+    key: Any
+    tiles: list[TileState]
+    policy: StepPolicy
+    batches: list[dict] = field(default_factory=list)
+    rounds: int = 0
+    categories: dict[str, int] = field(default_factory=dict)
+
+    def result(self) -> SamplerResult:
+        return SamplerResult(
+            latents=np.stack([s.result for s in self.tiles]),
+            steps_per_tile=[s.steps for s in self.tiles],
+            exits=[s.exit or "" for s in self.tiles],
+            batches=self.batches,
+            rounds=self.rounds,
+            categories=self.categories,
+        )
+
+
+class TilePool:
+    """Active tiles of any number of images, denoised together one round at a time.
+
+    Every tile keeps its own timestep, noise (seeded by its image's seed and its index in that
+    image), gains and policy, so an image's tiles take the same steps whichever images share
+    the pool; only the batch neighbours, and with them float rounding, change. Images may join
+    between rounds (``add``) and leave when their last tile exits (``round`` returns them).
+    """
+
+    def __init__(
+        self,
+        nets: DenoiseNets,
+        *,
+        noise: NoiseScheduleConfig,
+        dtss: DTSSConfig,
+        metrics: Sequence[MetricConfig],
+        gain_dim: int,
+        max_batch: int,
+        grouping: str = "regroup",
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if grouping not in GROUPINGS:
+            raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+        self.nets = nets
+        self.noise = noise
+        self.dtss = dtss
+        self.metrics = metrics
+        self.gain_dim = gain_dim
+        self.max_batch = max_batch
+        self.grouping = grouping
+        self.members: dict[Any, _Member] = {}
+        self.calls = 0
+        self.evaluations = 0
+
+    @property
+    def active_tiles(self) -> int:
+        return sum(1 for m in self.members.values() for s in m.tiles if s.exit is None)
+
+    def add(self, key: Any, lr_latents: np.ndarray, policy: StepPolicy, *, seed: int) -> None:
+        """Add an image's encoded tiles [N, C, s, s]; its first conditioning is PFJ(o, 0)."""
+        if key in self.members:
+            raise ValueError(f"{key!r} is already in the pool")
+        zero_gain = np.zeros(self.gain_dim, dtype=np.float32)
+        tiles = [
+            TileState(
+                index=k,
+                t=self.dtss.t_start,
+                z=tile_noise(seed, k, lr_latents.shape[1:]),
+                lr=lr_latents[k],
+                cond=lr_latents[k],
+                gain=zero_gain,
+                owner=key,
+            )
+            for k in range(lr_latents.shape[0])
+        ]
+        self.members[key] = _Member(key, tiles, policy)
+        _modulate(tiles, self.nets, self.max_batch)
+
+    def progress(self, key: Any) -> tuple[int, int]:
+        """(timesteps done, timesteps in all) of one member's tiles."""
+        tiles = self.members[key].tiles
+        done = sum(self.dtss.t_start - (0 if s.exit else s.t) for s in tiles)
+        return done, len(tiles) * self.dtss.t_start
+
+    def round(self) -> list[tuple[Any, SamplerResult]]:
+        """One UNet pass over every active tile; return the members that finished."""
+        active = [s for m in self.members.values() for s in m.tiles if s.exit is None]
+        for member in self.members.values():
+            if any(s.exit is None for s in member.tiles):
+                member.rounds += 1
+        for group in _groups(active, self.max_batch, self.grouping):
+            sample = np.stack([np.concatenate([s.z, s.cond]) for s in group])
+            t = np.array([s.t for s in group], dtype=np.float32)
+            out = self.nets.denoise(sample, t)
+            self.calls += 1
+            self.evaluations += len(group)
+            by_owner: dict[Any, list[int]] = {}
+            for i, s in enumerate(group):
+                by_owner.setdefault(s.owner, []).append(i)
+            for owner, rows in by_owner.items():
+                member = self.members[owner]
+                member.batches.append({"size": len(group), "timesteps": [group[i].t for i in rows]})
+            _advance(group, out, self.nets, self.members, self.noise, self.dtss, self.metrics)
+        still = [s for s in active if s.exit is None]
+        if still and any(self.members[s.owner].policy.needs_scores for s in still):
+            _modulate(
+                [s for s in still if self.members[s.owner].policy.needs_scores],
+                self.nets,
+                self.max_batch,
+            )
+        finished = [
+            key for key, m in self.members.items() if all(s.exit is not None for s in m.tiles)
+        ]
+        return [(key, self.members.pop(key).result()) for key in finished]
 
 
 def sample_tiles(
@@ -86,94 +209,71 @@ def sample_tiles(
     grouping: str = "regroup",
     progress: Progress | None = None,
 ) -> SamplerResult:
-    """Denoise every tile to t = 0 or an early exit.
+    """Denoise every tile of one image to t = 0 or an early exit.
 
     ``grouping`` says which tiles share a UNet call: ``regroup`` (every active tile, whatever its
     timestep: the point of the runtime), ``timestep`` (only tiles at the same timestep) or
     ``tile`` (one tile per call). Results agree up to float rounding (about 1e-6: the same
     tile meets other batch neighbours); only calls and speed differ.
     """
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    if grouping not in GROUPINGS:
-        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
-    n = lr_latents.shape[0]
-    zero_gain = np.zeros(gain_dim, dtype=np.float32)
-    tiles = [
-        TileState(
-            index=k,
-            t=dtss.t_start,
-            z=tile_noise(seed, k, lr_latents.shape[1:]),
-            lr=lr_latents[k],
-            cond=lr_latents[k],
-            gain=zero_gain,
-        )
-        for k in range(n)
-    ]
-    # Gains are zero before the first score, so the first conditioning is PFJ(o, 0).
-    _modulate(tiles, nets, max_batch)
-    batches: list[dict] = []
-    categories: dict[str, int] = {}
-    rounds = 0
-    total_work = n * dtss.t_start
-    active = list(tiles)
-    while active:
-        rounds += 1
-        for group in _groups(active, max_batch, grouping):
-            sample = np.stack([np.concatenate([s.z, s.cond]) for s in group])
-            t = np.array([s.t for s in group], dtype=np.float32)
-            out = nets.denoise(sample, t)
-            batches.append({"size": len(group), "timesteps": [s.t for s in group]})
-            _advance(group, out, nets, policy, noise, dtss, metrics, categories)
-        active = [s for s in tiles if s.exit is None]
-        if policy.needs_scores:
-            _modulate(active, nets, max_batch)
-        if progress is not None:
-            done = sum(dtss.t_start - (0 if s.exit else s.t) for s in tiles)
-            progress("denoise", done, total_work)
-    return SamplerResult(
-        latents=np.stack([s.result for s in tiles]),
-        steps_per_tile=[s.steps for s in tiles],
-        exits=[s.exit or "" for s in tiles],
-        batches=batches,
-        rounds=rounds,
-        categories=categories,
+    pool = TilePool(
+        nets,
+        noise=noise,
+        dtss=dtss,
+        metrics=metrics,
+        gain_dim=gain_dim,
+        max_batch=max_batch,
+        grouping=grouping,
     )
+    pool.add(0, lr_latents, policy, seed=seed)
+    total = lr_latents.shape[0] * dtss.t_start
+    while True:
+        finished = pool.round()
+        if finished:
+            if progress is not None:
+                progress("denoise", total, total)
+            return finished[0][1]
+        if progress is not None:
+            progress("denoise", *pool.progress(0))
 
 
 def _advance(
     group: list[TileState],
     out: np.ndarray,
     nets: DenoiseNets,
-    policy: StepPolicy,
+    members: dict[Any, _Member],
     noise: NoiseScheduleConfig,
     dtss: DTSSConfig,
     metrics: Sequence[MetricConfig],
-    categories: dict[str, int],
 ) -> None:
-    """Score, decide and jump for one UNet call's tiles."""
+    """Score, decide and jump for one UNet call's tiles (each by its own image's policy)."""
     z = np.stack([s.z for s in group])
     t = np.array([s.t for s in group], dtype=np.int64)
     x0_exact, eps = split_prediction(z, out, t, noise)
     x0 = x0_exact.astype(np.float32)
+    scored = [members[s.owner].policy.needs_scores for s in group]
     scores = None
-    if policy.needs_scores:
-        lr = np.stack([s.lr for s in group])
-        scores = nets.score(x0, lr, t.astype(np.float32))
+    if any(scored):
+        rows = [i for i, need in enumerate(scored) if need]
+        lr = np.stack([group[i].lr for i in rows])
+        some = nets.score(x0[rows], lr, t[rows].astype(np.float32))
+        scores = {i: some[j] for j, i in enumerate(rows)}
     intervals = np.zeros(len(group), dtype=np.int64)
     for i, s in enumerate(group):
+        member = members[s.owner]
         s.steps += 1
         g_fr = g_nr = 0.0
-        if scores is not None:
+        if scores is not None and i in scores:
             r = quality(scores[i].tolist(), metrics)
             g_fr, g_nr = gains(r, s.quality, s.t, dtss)
             s.quality = r
             s.gain = _gain_vector((g_fr, g_nr), len(s.gain))
             if r[0] + r[1] > s.best_r:
                 s.best_r, s.best_x0 = r[0] + r[1], x0[i]
-        decision = policy.decide(s.index, s.t, g_fr, g_nr)
-        s.categories.append(decision.category.value)
-        categories[decision.category.value] = categories.get(decision.category.value, 0) + 1
+        decision = member.policy.decide(s.index, s.t, g_fr, g_nr)
+        category = decision.category.value
+        s.categories.append(category)
+        member.categories[category] = member.categories.get(category, 0) + 1
         if decision.category is Category.SATURATED:
             s.exit, s.result = "saturated", s.best_x0 if s.best_x0 is not None else x0[i]
         else:

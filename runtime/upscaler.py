@@ -49,12 +49,31 @@ class Report:
 
     @property
     def mean_batch(self) -> float:
-        return self.unet_evaluations / max(self.engine_calls, 1)
+        """Mean tiles per UNet call, counting other images' tiles in shared calls."""
+        if not self.batches:
+            return 0.0
+        return sum(b["size"] for b in self.batches) / len(self.batches)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["mean_batch"] = round(self.mean_batch, 3)
         return data
+
+
+@dataclass
+class PreparedImage:
+    """An encoded image waiting for (or in) denoising; ``Upscaler.finish`` completes it."""
+
+    like: Any  # the input, so the output comes back in the same type
+    size: tuple[int, int]  # (width, height)
+    grid: TileGrid
+    lr_latents: np.ndarray
+    policy: StepPolicy
+    schedule: str
+    interval: int | None
+    seed: int
+    start: float
+    seconds: dict[str, float]
 
 
 class Upscaler:
@@ -127,17 +146,62 @@ class Upscaler:
     ) -> tuple[Any, Report]:
         """Upscale ``image`` 4x. A PIL image comes back as a PIL image; an array as float32
         [H, W, 3] in [0, 1]. ``policy`` overrides ``schedule`` (for experiments and tests)."""
-        from adadiff.imageio import bicubic_upscale, to_rgb_array
+        job = self.prepare(image, schedule=schedule, interval=interval, seed=seed, policy=policy)
+        if progress:
+            progress("encode", len(job.grid), len(job.grid))
+        t0 = time.perf_counter()
+        result = sample_tiles(
+            job.lr_latents,
+            self.nets(),
+            job.policy,
+            seed=seed,
+            grouping=grouping,
+            progress=progress,
+            **self.sampler_options(),
+        )
+        job.seconds["denoise"] = time.perf_counter() - t0
+        out, report = self.finish(job, result)
+        if progress:
+            progress("decode", 1, 1)
+        return out, report
+
+    def nets(self) -> DenoiseNets:
+        c = self.components
+        return DenoiseNets(c.unet.denoise, c.mmle.score, c.pfj.modulate)
+
+    def sampler_options(self) -> dict[str, Any]:
+        """The model's keywords for ``sample_tiles`` and ``TilePool``."""
+        cfg = self.config
+        return {
+            "noise": cfg.noise,
+            "dtss": cfg.dtss,
+            "metrics": cfg.mmle.metrics,
+            "gain_dim": cfg.pfj.gain_dim,
+            "max_batch": self.max_batch,
+        }
+
+    def prepare(
+        self,
+        image: Any,
+        *,
+        schedule: str = "adaptive",
+        interval: int | None = None,
+        seed: int = 0,
+        policy: StepPolicy | None = None,
+        reset_log: bool = True,
+    ) -> PreparedImage:
+        """Tile and encode an image: the part of ``upscale`` before denoising.
+
+        ``reset_log=False`` keeps the component call log running (several images in flight)."""
+        from adadiff.imageio import to_rgb_array
 
         rgb = to_rgb_array(image)
         step_policy = policy or self.policy(schedule, interval)
         cfg = self.config
-        self.log = self.components.new_log()
-        seconds: dict[str, float] = {}
+        if reset_log:
+            self.log = self.components.new_log()
         start = time.perf_counter()
-
         h, w = rgb.shape[:2]
-        up = bicubic_upscale(rgb, cfg.upscale)
         grid = TileGrid(
             height=h * cfg.upscale,
             width=w * cfg.upscale,
@@ -145,41 +209,39 @@ class Upscaler:
             overlap=cfg.tile_overlap,
             multiple=cfg.vae_scale_factor,
         )
+        lr_latents = self._encode(rgb, grid)
+        return PreparedImage(
+            like=image,
+            size=(w, h),
+            grid=grid,
+            lr_latents=lr_latents,
+            policy=step_policy,
+            schedule=schedule if policy is None else type(policy).__name__,
+            interval=interval,
+            seed=seed,
+            start=start,
+            seconds={"encode": time.perf_counter() - start},
+        )
+
+    def _encode(self, rgb: np.ndarray, grid: TileGrid) -> np.ndarray:
+        from adadiff.imageio import bicubic_upscale
+
+        up = bicubic_upscale(rgb, self.config.upscale)
         pixels = grid.extract(grid.pad(up)) * 2.0 - 1.0
         encoder = self.components.vae_encoder
-        lr_latents = np.concatenate(
+        return np.concatenate(
             [
                 encoder.encode(pixels[i : i + self.max_batch])
                 for i in range(0, len(pixels), self.max_batch)
             ]
         )
-        del pixels
-        seconds["encode"] = time.perf_counter() - start
-        if progress:
-            progress("encode", len(grid), len(grid))
 
-        t0 = time.perf_counter()
-        nets = DenoiseNets(
-            self.components.unet.denoise, self.components.mmle.score, self.components.pfj.modulate
-        )
-        result = sample_tiles(
-            lr_latents,
-            nets,
-            step_policy,
-            noise=cfg.noise,
-            dtss=cfg.dtss,
-            metrics=cfg.mmle.metrics,
-            gain_dim=cfg.pfj.gain_dim,
-            seed=seed,
-            max_batch=self.max_batch,
-            grouping=grouping,
-            progress=progress,
-        )
-        seconds["denoise"] = time.perf_counter() - t0
-
+    def finish(self, job: PreparedImage, result: SamplerResult) -> tuple[Any, Report]:
+        """Merge and decode denoised tiles: the part of ``upscale`` after denoising."""
+        cfg = self.config
         t0 = time.perf_counter()
         f = cfg.vae_scale_factor
-        latent = merge_tiles(result.latents, grid.scaled(f))
+        latent = merge_tiles(result.latents, job.grid.scaled(f))
         decoded = tiled_decode(
             latent,
             self.components.vae_decoder.decode,
@@ -188,31 +250,24 @@ class Upscaler:
             factor=f,
             max_batch=self.max_batch,
         )
-        out = np.clip((grid.crop(decoded.transpose(1, 2, 0)) + 1.0) / 2.0, 0.0, 1.0)
+        out = np.clip((job.grid.crop(decoded.transpose(1, 2, 0)) + 1.0) / 2.0, 0.0, 1.0)
+        seconds = dict(job.seconds)
         seconds["decode"] = time.perf_counter() - t0
-        seconds["total"] = time.perf_counter() - start
-        if progress:
-            progress("decode", 1, 1)
-
+        seconds["total"] = time.perf_counter() - job.start
         report = self._report(
-            schedule if policy is None else type(policy).__name__,
-            interval,
-            seed,
-            (w, h),
-            grid,
-            result,
-            seconds,
+            job.schedule, job.interval, job.seed, job.size, job.grid, result, seconds
         )
+        w, h = job.size
         log.info(
             "upscaled %dx%d in %.2fs: %d tiles, %d UNet evaluations in %d calls",
             w,
             h,
             seconds["total"],
-            len(grid),
+            len(job.grid),
             report.unet_evaluations,
             report.engine_calls,
         )
-        return _like_input(image, out), report
+        return _like_input(job.like, out), report
 
     def _report(
         self,

@@ -1,0 +1,407 @@
+"""``adadiff upscale-many``: a folder of images over Ray workers.
+
+The driver owns the folders: it reads each input's bytes, sends them to a worker actor, and
+writes the encoded output and its report atomically when they come back (report last, so a report
+on disk means its image is complete). Workers need no shared file system. Each worker holds up to
+``queue`` images, so it can pool their tiles into full engine calls. A worker process that dies
+is restarted by Ray, which resubmits its unfinished calls; a worker that cannot be restarted has
+its images sent to the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adadiff import __version__
+from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError
+from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, job_stamp, make_plan
+
+log = logging.getLogger("adadiff")
+
+MAX_ATTEMPTS = 3  # sends of one image to a new worker after its worker was lost for good
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterOptions:
+    ray_address: str | None = None
+    workers: int | None = None  # None: as many as the cluster's CPUs (GPUs) allow
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    queue: int | None = None  # images in flight per worker; None: the max batch
+    cross_image: bool = True
+    max_restarts: int = 3
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if self.queue is not None and self.queue < 1:
+            raise ConfigError(f"--queue must be at least 1, got {self.queue}")
+
+
+@dataclass
+class ImageRecord:
+    input: str
+    output: str
+    status: str  # done | skipped | failed
+    error: str | None = None
+    worker_pid: int | None = None
+    seconds: float | None = None  # from send to write, as the driver saw it
+    unet_evaluations: int | None = None
+    tiles: int | None = None
+
+
+@dataclass
+class JobResult:
+    records: list[ImageRecord]
+    wall_seconds: float
+    startup_seconds: float = 0.0  # Ray start and model loading, before the first image is sent
+    workers: list[dict[str, Any]] = field(default_factory=list)  # statistics at the end
+    started: list[dict[str, Any]] = field(default_factory=list)  # worker info at the start
+    report_path: Path | None = None
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.records if r.status == status)
+
+    @property
+    def images_per_hour(self) -> float:
+        """Over the whole job, start-up included."""
+        return 3600.0 * self.count("done") / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_hour(self) -> float:
+        """After start-up: what more images in the same job would come at."""
+        busy = self.wall_seconds - self.startup_seconds
+        return 3600.0 * self.count("done") / busy if busy > 0 else 0.0
+
+    @property
+    def mean_batch(self) -> float:
+        calls = sum(w.get("unet_calls", 0) for w in self.workers)
+        evals = sum(w.get("unet_evaluations", 0) for w in self.workers)
+        return evals / calls if calls else 0.0
+
+
+Listener = Callable[[ImageRecord, int, int], None]
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f'upscale-many runs on Ray, which is not installed ({exc}); pip install "adadiff[ray]"'
+        ) from exc
+    return ray
+
+
+def run_job(
+    input_dir: Path,
+    output_dir: Path,
+    settings: JobSettings,
+    cluster: ClusterOptions,
+    *,
+    on_record: Listener | None = None,
+) -> JobResult:
+    """Upscale every image in ``input_dir`` that has no valid output yet; write the job report."""
+    started = time.perf_counter()
+    plan = make_plan(input_dir, output_dir, settings)
+    output_dir = output_dir.expanduser().resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = [ImageRecord(str(t.source), str(t.output), "skipped") for t in plan.done]
+    total = len(plan.todo) + len(plan.done)
+    for record in records:
+        if on_record:
+            on_record(record, len(records), total)
+    for path in plan.ignored:
+        log.warning("%s: not an image by its name; left out", path)
+    workers: list[dict[str, Any]] = []
+    started_info: list[dict[str, Any]] = []
+    startup = 0.0
+    if plan.todo:
+        ray = import_ray()
+        started_ray = _connect(ray, cluster)
+        try:
+            dispatcher = _Dispatcher(ray, settings, cluster, plan.todo, output_dir)
+            startup = time.perf_counter() - started
+            started_info = dispatcher.info
+            workers = dispatcher.run(records, total, on_record)
+        finally:
+            if started_ray:
+                ray.shutdown()
+    result = JobResult(records, time.perf_counter() - started, startup, workers, started_info)
+    result.report_path = write_job_report(output_dir, settings, cluster, result, plan.ignored)
+    return result
+
+
+def _connect(ray: Any, cluster: ClusterOptions) -> bool:
+    """Join ``--ray-address`` or start a local instance; True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": logging.WARNING,
+        "configure_logging": True,
+    }
+    try:
+        if cluster.ray_address:
+            ray.init(address=cluster.ray_address, **kwargs)
+        else:
+            ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = cluster.ray_address or "a local Ray instance"
+        raise ConfigError(f"could not start or reach {where}: {exc}") from exc
+    return True
+
+
+class _Dispatcher:
+    def __init__(
+        self,
+        ray: Any,
+        settings: JobSettings,
+        cluster: ClusterOptions,
+        todo: list[ImageTask],
+        output_dir: Path,
+    ) -> None:
+        self.ray = ray
+        self.settings = settings
+        self.cluster = cluster
+        self.pending = list(reversed(todo))  # pop() takes the next in name order
+        self.attempts: dict[Path, int] = {}
+        self.unreadable: list[ImageRecord] = []
+        self.queue = cluster.queue or settings.max_batch
+        self.started = 0.0
+        self.output_dir = output_dir
+        self.workers = self._worker_count()
+        from adadiff.scaleout.worker import UpscaleWorker
+
+        actor = ray.remote(UpscaleWorker).options(
+            num_cpus=cluster.cpus_per_worker,
+            num_gpus=cluster.gpus_per_worker,
+            max_restarts=cluster.max_restarts,
+            max_task_retries=cluster.max_restarts,
+            max_concurrency=self.queue + 2,
+        )
+        device = settings.device
+        if cluster.gpus_per_worker > 0 and device == "cpu":
+            device = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the worker's share
+        worker_settings = asdict(settings) | {"device": device}
+        threads = max(1, math.floor(cluster.cpus_per_worker))
+        self.actors = [
+            actor.remote(worker_settings, threads=threads, cross_image=cluster.cross_image)
+            for _ in range(self.workers)
+        ]
+        self.info = self._wait_ready()
+
+    def _worker_count(self) -> int:
+        """--workers, checked against the cluster (Ray would wait forever for missing
+        resources), or as many as fit."""
+        have = self.ray.cluster_resources()
+        c = self.cluster
+        per = {"CPU": c.cpus_per_worker, "GPU": c.gpus_per_worker}
+        if c.workers is None:
+            fit = min(int(have.get(k, 0.0) / v + 1e-9) for k, v in per.items() if v > 0)
+            if fit < 1:
+                raise ConfigError(
+                    f"the Ray cluster has {have.get('CPU', 0.0):g} CPU and "
+                    f"{have.get('GPU', 0.0):g} GPU, too few for one worker with "
+                    f"{c.cpus_per_worker:g} CPU and {c.gpus_per_worker:g} GPU"
+                )
+            return fit
+        for name, amount in per.items():
+            need = c.workers * amount
+            if need > have.get(name, 0.0) + 1e-9:
+                raise ConfigError(
+                    f"{c.workers} workers need {need:g} {name} in all but the Ray cluster has "
+                    f"{have.get(name, 0.0):g}; lower --workers or --{name.lower()}s-per-worker"
+                )
+        return c.workers
+
+    def _wait_ready(self) -> list[dict[str, Any]]:
+        refs = [a.info.remote() for a in self.actors]
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayActorError as exc:
+            raise ConfigError(f"a worker failed to start: {_cause(exc)}") from exc
+        except self.ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, AdadiffError) else exc
+            raise ConfigError(f"a worker failed to load the model: {_cause(cause)}") from exc
+
+    def _send(self, actor_index: int, in_flight: dict[Any, tuple[ImageTask, int, float]]) -> None:
+        task = self.pending.pop()
+        try:
+            data = task.source.read_bytes()
+        except OSError as exc:
+            error = f"cannot read the file ({exc.strerror or exc})"
+            self.unreadable.append(ImageRecord(str(task.source), str(task.output), "failed", error))
+            return
+        payload = {"name": task.name, "data": data, "suffix": task.output.suffix}
+        ref = self.actors[actor_index].upscale.remote(payload)
+        in_flight[ref] = (task, actor_index, time.perf_counter())
+
+    def run(
+        self, records: list[ImageRecord], total: int, on_record: Listener | None
+    ) -> list[dict[str, Any]]:
+        ray = self.ray
+        in_flight: dict[Any, tuple[ImageTask, int, float]] = {}
+        alive = set(range(len(self.actors)))
+        self.started = time.perf_counter()
+        for _ in range(self.queue):  # round robin, so short jobs spread over every worker
+            for index in range(len(self.actors)):
+                if self.pending:
+                    self._send(index, in_flight)
+        while in_flight or self.unreadable:
+            self._flush_unreadable(records, total, on_record)
+            if not in_flight:
+                self._refill(alive, in_flight)
+                continue
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            task, index, sent = in_flight.pop(ref)
+            try:
+                reply = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                # Restarts are used up: this worker is gone, its images go to the others.
+                alive.discard(index)
+                record = self._lost(task, exc, alive)
+                if record is None:
+                    self.pending.append(task)
+                    self._refill(alive, in_flight)
+                    continue
+            except ray.exceptions.RayTaskError as exc:
+                record = ImageRecord(str(task.source), str(task.output), "failed", _cause(exc))
+            else:
+                record = self._write(task, reply)
+            record.seconds = round(time.perf_counter() - sent, 3)
+            records.append(record)
+            if on_record:
+                on_record(record, len(records), total)
+            if index in alive and self.pending:
+                self._send(index, in_flight)
+            self._refill(alive, in_flight)
+        for task in reversed(self.pending):
+            record = ImageRecord(str(task.source), str(task.output), "failed", "no worker left")
+            records.append(record)
+            if on_record:
+                on_record(record, len(records), total)
+        self.pending.clear()
+        return self._stats(alive)
+
+    def _flush_unreadable(
+        self, records: list[ImageRecord], total: int, on_record: Listener | None
+    ) -> None:
+        while self.unreadable:
+            records.append(self.unreadable.pop(0))
+            if on_record:
+                on_record(records[-1], len(records), total)
+
+    def _refill(self, alive: set[int], in_flight: dict[Any, tuple[ImageTask, int, float]]) -> None:
+        """Keep every live worker's queue full (after a worker was lost)."""
+        load = {i: 0 for i in alive}
+        for _, index, _ in in_flight.values():
+            if index in load:
+                load[index] += 1
+        for index in sorted(alive):
+            while self.pending and load[index] < self.queue:
+                self._send(index, in_flight)
+                load[index] += 1
+
+    def _lost(self, task: ImageTask, exc: Exception, alive: set[int]) -> ImageRecord | None:
+        tries = self.attempts[task.source] = self.attempts.get(task.source, 0) + 1
+        if alive and tries < MAX_ATTEMPTS:
+            log.warning("%s: its worker died for good; sending it to another", task.name)
+            return None
+        why = "no worker left" if not alive else f"{tries} workers died running it"
+        return ImageRecord(str(task.source), str(task.output), "failed", f"{why}: {_cause(exc)}")
+
+    def _write(self, task: ImageTask, reply: dict[str, Any]) -> ImageRecord:
+        from adadiff.imageio import write_bytes_atomic
+
+        base = ImageRecord(str(task.source), str(task.output), reply["status"])
+        base.worker_pid = reply.get("pid")
+        if reply["status"] != "done":
+            base.error = reply.get("error")
+            return base
+        report = {"input": str(task.source), "output": str(task.output), **reply["report"]}
+        report["job"] = job_stamp(task, self.settings)
+        write_bytes_atomic(task.output, reply["image"])
+        write_bytes_atomic(task.report, (json.dumps(report, indent=2) + "\n").encode())
+        base.unet_evaluations = report["unet_evaluations"]
+        base.tiles = report["tiles"]
+        return base
+
+    def _stats(self, alive: set[int]) -> list[dict[str, Any]]:
+        stats = []
+        for index in sorted(alive):
+            try:
+                stats.append(self.ray.get(self.actors[index].stats.remote(), timeout=60))
+            except Exception as exc:  # statistics are best effort
+                log.warning("worker %d: no statistics (%s)", index, _cause(exc))
+        for actor in self.actors:
+            self.ray.kill(actor)
+        return stats
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(getattr(exc, "cause", None) or exc).strip()
+    first = text.splitlines()[-1] if text else type(exc).__name__
+    return first[:500]
+
+
+def write_job_report(
+    output_dir: Path,
+    settings: JobSettings,
+    cluster: ClusterOptions,
+    result: JobResult,
+    ignored: list[Path],
+) -> Path:
+    from adadiff.imageio import write_bytes_atomic
+
+    data = {
+        "version": __version__,
+        "settings": asdict(settings),
+        "cluster": asdict(cluster),
+        "images": len(result.records),
+        "done": result.count("done"),
+        "skipped": result.count("skipped"),
+        "failed": result.count("failed"),
+        "wall_seconds": round(result.wall_seconds, 3),
+        "startup_seconds": round(result.startup_seconds, 3),
+        "images_per_hour": round(result.images_per_hour, 1),
+        "steady_images_per_hour": round(result.steady_images_per_hour, 1),
+        "mean_batch": round(result.mean_batch, 3),
+        "workers_started": result.started,
+        "workers": result.workers,
+        "ignored": [str(p) for p in ignored],
+        "records": [asdict(r) for r in result.records],
+    }
+    path = output_dir / JOB_REPORT
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+    return path
+
+
+def print_record(record: ImageRecord, done: int, total: int) -> None:
+    name = Path(record.input).name
+    if record.status == "done":
+        detail = f"{record.seconds:.1f}s, {record.unet_evaluations} UNet evaluations"
+    elif record.status == "failed":
+        detail = record.error or "failed"
+    else:
+        detail = "output up to date"
+    print(f"[{done}/{total}] {name}: {record.status} ({detail})", file=sys.stderr, flush=True)
+
+
+def worker_count_default() -> int:
+    return max(1, (os.cpu_count() or 1) // 2)

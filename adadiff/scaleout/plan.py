@@ -1,0 +1,140 @@
+"""What a folder job has to do: inputs, output names, settings, and what a rerun can skip.
+
+Pure file-system logic with no Ray in it, so the driver, the tests and a dry run share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from adadiff import __version__
+from adadiff.errors import ConfigError, OutputPathError
+from adadiff.imageio import OUTPUT_FORMATS
+
+JOB_REPORT = "adadiff-job.json"
+OUTPUT_CHOICES = ("png", "same")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSettings:
+    """Everything a worker needs to build its Upscaler and run an image."""
+
+    model: str | None = None
+    backend: str = "torch"
+    engines: str | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    schedule: str = "adaptive"
+    interval: int | None = None
+    seed: int = 0
+    max_batch: int = 8
+    tile: int | None = None
+    overlap: int | None = None
+    max_pixels: int | None = None
+    output_format: str = "png"
+
+    def __post_init__(self) -> None:
+        if self.output_format not in OUTPUT_CHOICES:
+            raise ConfigError(
+                f"output format must be one of {OUTPUT_CHOICES}, got {self.output_format!r}"
+            )
+        if self.interval is not None and self.schedule != "uniform":
+            raise ConfigError("--interval applies to --schedule uniform only")
+
+    def result_key(self) -> dict[str, Any]:
+        """The settings an output depends on. Batch size and device change only float
+        rounding, so a rerun with another --max-batch or --workers still skips finished work."""
+        data = asdict(self)
+        for loose in ("max_batch", "device", "max_pixels"):
+            data.pop(loose)
+        data["version"] = __version__
+        return data
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    source: Path
+    output: Path
+    report: Path
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+
+@dataclass(frozen=True)
+class Plan:
+    todo: list[ImageTask]
+    done: list[ImageTask]  # output and report exist and match: skipped
+    ignored: list[Path]  # files that are not images by name
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fp:
+        for block in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_inputs(input_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(images, ignored): the folder's files by suffix, sorted; hidden files are left out."""
+    if not input_dir.is_dir():
+        raise ConfigError(f"{input_dir} is not a folder; give the folder that holds the images")
+    images, ignored = [], []
+    for path in sorted(input_dir.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        (images if path.suffix.lower() in OUTPUT_FORMATS else ignored).append(path)
+    return images, ignored
+
+
+def output_for(source: Path, output_dir: Path, output_format: str) -> ImageTask:
+    suffix = ".png" if output_format == "png" else source.suffix.lower()
+    output = output_dir / f"{source.stem}{suffix}"
+    return ImageTask(source, output, output_dir / f"{output.name}.json")
+
+
+def make_plan(input_dir: Path, output_dir: Path, settings: JobSettings) -> Plan:
+    """List the inputs, name their outputs and split them into work to do and work done."""
+    input_dir = input_dir.expanduser().resolve()
+    output_dir = output_dir.expanduser().resolve()
+    if input_dir == output_dir:
+        raise ConfigError("INPUT_DIR and OUTPUT_DIR must differ, or outputs would become inputs")
+    images, ignored = list_inputs(input_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputPathError(f"{output_dir} exists and is not a folder")
+    tasks = [output_for(p, output_dir, settings.output_format) for p in images]
+    clashes: dict[Path, list[str]] = {}
+    for task in tasks:
+        clashes.setdefault(task.output, []).append(task.name)
+    clashing = {out: names for out, names in clashes.items() if len(names) > 1}
+    if clashing:
+        out, names = next(iter(clashing.items()))
+        raise ConfigError(
+            f"{', '.join(names)} would all be written to {out.name}; "
+            "use --output-format same or rename the inputs"
+        )
+    todo, done = [], []
+    for task in tasks:
+        (done if is_done(task, settings) else todo).append(task)
+    return Plan(todo, done, ignored)
+
+
+def job_stamp(task: ImageTask, settings: JobSettings) -> dict[str, Any]:
+    """What a per-image report records so that a rerun can tell whether it is still valid."""
+    return {"settings": settings.result_key(), "input_sha256": file_sha256(task.source)}
+
+
+def is_done(task: ImageTask, settings: JobSettings) -> bool:
+    if not (task.output.is_file() and task.report.is_file()):
+        return False
+    try:
+        stamp = json.loads(task.report.read_text()).get("job")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stamp == job_stamp(task, settings)

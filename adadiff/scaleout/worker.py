@@ -1,0 +1,204 @@
+"""The long-lived worker: one Upscaler, one engine thread, images in, encoded outputs back.
+
+Ray runs ``UpscaleWorker`` as a threaded actor. Each ``upscale`` call queues one image and waits;
+the engine thread admits queued images into an ``ImageStream`` whenever too few tiles are active,
+so the tiles of several images share UNet calls. The class itself knows nothing of Ray: tests and
+the single-process fallback use it directly.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import asdict
+from typing import Any
+
+from adadiff.errors import AdadiffError
+from adadiff.scaleout.plan import JobSettings
+
+_STOP = object()
+
+
+class UpscaleWorker:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        *,
+        threads: int | None = None,
+        cross_image: bool = True,
+        target_tiles: int | None = None,
+    ) -> None:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from adadiff.runtime.stream import ImageStream
+        from adadiff.runtime.upscaler import Upscaler
+
+        self.settings = JobSettings(**settings)
+        s = self.settings
+        started = time.perf_counter()
+        self.upscaler = Upscaler.from_pretrained(
+            s.model,
+            backend=s.backend,
+            device=s.device,
+            precision=s.precision,
+            engines=s.engines,
+            max_batch=s.max_batch,
+            tile_size=s.tile,
+            tile_overlap=s.overlap,
+        )
+        self.load_seconds = time.perf_counter() - started
+        self.stream = ImageStream(self.upscaler, target_tiles=target_tiles, cross_image=cross_image)
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.waiting: dict[int, tuple[dict[str, Any], Any, Future]] = {}
+        self.next_id = 0
+        self.busy_seconds = 0.0
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="adadiff-engine", daemon=True)
+        self.thread.start()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "backend": self.upscaler.backend.describe(),
+            "model": self.upscaler.model_name,
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        st = self.stream.stats
+        return {
+            "pid": os.getpid(),
+            "images": st.images,
+            "unet_calls": st.unet_calls,
+            "unet_evaluations": st.unet_evaluations,
+            "mean_batch": round(st.mean_batch, 3),
+            "busy_seconds": round(self.busy_seconds, 3),
+        }
+
+    def upscale(self, task: dict[str, Any]) -> dict[str, Any]:
+        """Upscale one image given as {"name", "data" (file bytes), "suffix"}; return a record:
+        {"status": "done", "image": bytes, "report": {...}} or {"status": "failed", "error"}."""
+        if self.failure is not None:
+            raise RuntimeError(f"the engine thread stopped: {self.failure!r}")
+        done: Future = Future()
+        self.inbox.put((task, done))
+        return done.result()
+
+    def close(self) -> None:
+        self.inbox.put(_STOP)
+        self.thread.join(timeout=30)
+        self.upscaler.close()
+
+    # -- engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                if not self._admit():
+                    return
+                if self.stream.idle:
+                    continue
+                started = time.perf_counter()
+                finished = self.stream.step()
+                self.busy_seconds += time.perf_counter() - started
+                for result in finished:
+                    self._deliver(result)
+        except BaseException as exc:  # handed to every caller waiting on us
+            self.failure = exc
+            for _, _, done in self.waiting.values():
+                done.set_exception(exc)
+            self.waiting.clear()
+            _fail_queued(self.inbox, exc)
+
+    def _admit(self) -> bool:
+        """Move queued images into the stream while it wants more; False on stop."""
+        from adadiff.imageio import decode_image_bytes
+        from adadiff.runtime.stream import StreamItem
+
+        s = self.settings
+        while self.stream.wants_more():
+            try:
+                item = self.inbox.get(block=self.stream.idle)
+            except queue.Empty:
+                return True
+            if item is _STOP:
+                return False
+            task, done = item
+            started = time.perf_counter()
+            try:
+                kwargs = {} if s.max_pixels is None else {"max_pixels": s.max_pixels}
+                image = decode_image_bytes(task["data"], task["name"], **kwargs)
+            except AdadiffError as exc:
+                done.set_result(_failed(task, exc))
+                continue
+            key = self.next_id
+            self.next_id += 1
+            self.waiting[key] = (task, image, done)
+            refused = self.stream.add(
+                StreamItem(key, image.rgb, schedule=s.schedule, interval=s.interval, seed=s.seed)
+            )
+            self.busy_seconds += time.perf_counter() - started
+            if refused is not None:
+                self._deliver(refused)
+        return True
+
+    def _deliver(self, result: Any) -> None:
+        task, image, done = self.waiting.pop(result.key)
+        if result.error is not None:
+            if not isinstance(result.error, AdadiffError):
+                done.set_exception(result.error)
+                return
+            done.set_result(_failed(task, result.error))
+            return
+        from adadiff.jobs import output_record
+
+        started = time.perf_counter()
+        record = output_record(image, result.image, result.report, self.upscaler.config.upscale)
+        encoded = _encode(record, task["suffix"])
+        self.busy_seconds += time.perf_counter() - started
+        done.set_result(
+            {
+                "status": "done",
+                "name": task["name"],
+                "image": encoded,
+                "report": record["report"],
+                "pid": os.getpid(),
+            }
+        )
+
+
+def _encode(record: dict[str, Any], suffix: str) -> bytes:
+    from adadiff.imageio import encode_image
+
+    return encode_image(
+        record["rgb"],
+        record["alpha"],
+        suffix=suffix,
+        bit_depth=record["bit_depth"],
+        grayscale=record["grayscale"],
+    )
+
+
+def _failed(task: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    return {"status": "failed", "name": task["name"], "error": str(exc), "pid": os.getpid()}
+
+
+def _fail_queued(inbox: queue.Queue[Any], exc: BaseException) -> None:
+    while True:
+        try:
+            item = inbox.get_nowait()
+        except queue.Empty:
+            return
+        if item is not _STOP:
+            item[1].set_exception(exc)
+
+
+def settings_dict(settings: JobSettings) -> dict[str, Any]:
+    return asdict(settings)

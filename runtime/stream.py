@@ -1,0 +1,155 @@
+"""Several images in flight on one Upscaler: their active tiles share the UNet calls.
+
+A single image runs out of active tiles as they exit (small images, the tail of a schedule), and
+its engine calls shrink with them. ``ImageStream`` keeps a ``TilePool`` topped up with new images
+whenever fewer than ``target_tiles`` tiles are active, so calls stay full. Each image keeps its own
+seed, policy and per-tile noise: its steps and exits are those of upscaling it alone, and its
+pixels agree with that up to float rounding (a tile meets other batch neighbours).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from adadiff.runtime.sampler import TilePool
+from adadiff.runtime.upscaler import PreparedImage, Report, Upscaler
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    """One image to upscale; ``key`` names it in the results (a path, an id)."""
+
+    key: Any
+    image: Any
+    schedule: str = "adaptive"
+    interval: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class StreamResult:
+    key: Any
+    image: Any = None  # like the input (PIL or array); None when ``error`` is set
+    report: Report | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class StreamStats:
+    images: int = 0
+    unet_calls: int = 0
+    unet_evaluations: int = 0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.unet_evaluations / max(self.unet_calls, 1)
+
+
+class ImageStream:
+    """Admit images, run rounds, hand back finished images; one per Upscaler, one thread.
+
+    ``target_tiles`` (default: the upscaler's max batch) is how many active tiles the stream
+    keeps before it stops admitting; ``cross_image=False`` admits the next image only when the
+    previous one is done (image by image, for comparison).
+    """
+
+    def __init__(
+        self,
+        upscaler: Upscaler,
+        *,
+        target_tiles: int | None = None,
+        cross_image: bool = True,
+        grouping: str = "regroup",
+    ) -> None:
+        self.upscaler = upscaler
+        self.target_tiles = target_tiles or upscaler.max_batch
+        if self.target_tiles < 1:
+            raise ValueError(f"target_tiles must be >= 1, got {self.target_tiles}")
+        self.cross_image = cross_image
+        self.pool = TilePool(upscaler.nets(), grouping=grouping, **upscaler.sampler_options())
+        self.jobs: dict[Any, PreparedImage] = {}
+        self.admitted: dict[Any, float] = {}
+        self.stats = StreamStats()
+        upscaler.log = upscaler.components.new_log()
+
+    @property
+    def idle(self) -> bool:
+        return not self.jobs
+
+    def wants_more(self) -> bool:
+        if not self.cross_image:
+            return self.idle
+        return self.pool.active_tiles < self.target_tiles
+
+    def add(self, item: StreamItem) -> StreamResult | None:
+        """Tile and encode an image and put its tiles in the pool. An image the upscaler
+        refuses (bad input or options) comes back at once as a result with ``error`` set."""
+        if item.key in self.jobs:
+            raise ValueError(f"{item.key!r} is already in the stream")
+        try:
+            job = self.upscaler.prepare(
+                item.image,
+                schedule=item.schedule,
+                interval=item.interval,
+                seed=item.seed,
+                reset_log=False,
+            )
+        except Exception as exc:  # one bad image must not stop the others
+            return StreamResult(item.key, error=exc)
+        self.jobs[item.key] = job
+        self.admitted[item.key] = time.perf_counter()
+        self.pool.add(item.key, job.lr_latents, job.policy, seed=item.seed)
+        self.stats.images += 1
+        return None
+
+    def step(self) -> list[StreamResult]:
+        """One round over every active tile; decode and return the images that finished."""
+        calls, evaluations = self.pool.calls, self.pool.evaluations
+        finished = self.pool.round()
+        self.stats.unet_calls += self.pool.calls - calls
+        self.stats.unet_evaluations += self.pool.evaluations - evaluations
+        results = []
+        for key, sampled in finished:
+            job = self.jobs.pop(key)
+            # Wall time in the pool, shared with the images that were in flight alongside.
+            job.seconds["denoise"] = time.perf_counter() - self.admitted.pop(key)
+            try:
+                image, report = self.upscaler.finish(job, sampled)
+            except Exception as exc:  # reported per image
+                results.append(StreamResult(key, error=exc))
+                continue
+            # The component log covers every image in flight, so it is not this image's.
+            report.components = {}
+            results.append(StreamResult(key, image, report))
+        return results
+
+    def run(self, items: Iterable[StreamItem]) -> Iterator[StreamResult]:
+        """Upscale every item, yielding results as images finish (not in input order)."""
+        pending = iter(items)
+        exhausted = False
+        while True:
+            while not exhausted and self.wants_more():
+                item = next(pending, None)
+                if item is None:
+                    exhausted = True
+                    break
+                refused = self.add(item)
+                if refused is not None:
+                    yield refused
+            if self.idle:
+                return
+            yield from self.step()
+
+
+def upscale_many(
+    upscaler: Upscaler,
+    items: Iterable[StreamItem],
+    *,
+    target_tiles: int | None = None,
+    cross_image: bool = True,
+) -> Iterator[StreamResult]:
+    """Upscale a stream of images with their tiles pooled into shared UNet calls."""
+    yield from ImageStream(upscaler, target_tiles=target_tiles, cross_image=cross_image).run(items)

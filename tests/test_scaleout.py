@@ -1,0 +1,260 @@
+"""Cross-image regrouping (ImageStream), folder planning, the worker, and upscale-many on Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adadiff.cli import main
+from adadiff.errors import ConfigError
+from adadiff.runtime.stream import ImageStream, StreamItem, upscale_many
+from adadiff.runtime.upscaler import Upscaler
+from adadiff.scaleout.plan import JobSettings, is_done, job_stamp, make_plan
+
+
+@pytest.fixture(scope="module")
+def upscaler() -> Upscaler:
+    return Upscaler.from_pretrained("tiny", max_batch=8)
+
+
+def _crops() -> dict[str, np.ndarray]:
+    """Small real photos: 1-tile ones and a 2-tile one (40x24 in -> 160x96 out)."""
+    from skimage import data
+
+    out = {}
+    for name, (h, w) in (("astronaut", (24, 24)), ("coffee", (24, 24)), ("chelsea", (24, 40))):
+        out[name] = getattr(data, name)()[80 : 80 + h, 90 : 90 + w]
+    out["camera"] = np.repeat(data.camera()[200:224, 200:224, None], 3, axis=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("many") / "in"
+    src.mkdir()
+    for name, pixels in _crops().items():
+        Image.fromarray(pixels).save(src / f"{name}.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not image data")
+    (src / "notes.txt").write_text("not an image")
+    return src
+
+
+# -- ImageStream: tiles of several images in one call -------------------------------------------
+
+
+def test_pooled_images_match_solo_runs(upscaler):
+    images = {k: v.astype(np.float32) / 255.0 for k, v in _crops().items()}
+    solo = {k: upscaler.upscale(v, seed=3) for k, v in images.items()}
+    items = [StreamItem(k, v, seed=3) for k, v in images.items()]
+    pooled = {r.key: r for r in upscale_many(upscaler, items)}
+    assert set(pooled) == set(images)
+    for key, (image, report) in solo.items():
+        got = pooled[key]
+        assert got.error is None
+        assert got.report.steps_per_tile == report.steps_per_tile
+        assert got.report.exits == report.exits
+        # Same steps; only float rounding differs (the tile has other batch neighbours).
+        assert np.abs(got.image - image).max() < 1e-4
+    shared = [b["size"] for r in pooled.values() for b in r.report.batches]
+    assert max(shared) > max(b["size"] for _, rep in solo.values() for b in rep.batches)
+
+
+def test_cross_image_fills_batches_and_image_by_image_does_not(upscaler):
+    images = [
+        StreamItem(k, v.astype(np.float32) / 255.0, seed=0)
+        for k, v in _crops().items()
+        if v.shape[:2] == (24, 24)
+    ]
+    cross = ImageStream(upscaler)
+    assert len(list(cross.run(images))) == len(images)
+    one = ImageStream(upscaler, cross_image=False)
+    assert len(list(one.run(images))) == len(images)
+    # One-tile images: alone, every call has one tile; pooled, calls hold several images.
+    assert one.stats.mean_batch == pytest.approx(1.0)
+    assert cross.stats.mean_batch > 2.0
+    assert cross.stats.unet_evaluations == one.stats.unet_evaluations
+    assert cross.stats.unet_calls < one.stats.unet_calls
+
+
+def test_a_refused_image_does_not_stop_the_others(upscaler):
+    good = _crops()["coffee"].astype(np.float32) / 255.0
+    bad = np.full((8, 8, 3), np.nan, dtype=np.float32)
+    items = [StreamItem("bad", bad), StreamItem("good", good), StreamItem("worse", "text")]
+    results = {r.key: r for r in upscale_many(upscaler, items)}
+    assert results["good"].error is None and results["good"].image.shape == (96, 96, 3)
+    assert "NaN" in str(results["bad"].error)
+    assert "expected a PIL.Image or a numpy array" in str(results["worse"].error)
+
+
+def test_stream_target_tiles_is_checked(upscaler):
+    with pytest.raises(ValueError, match="target_tiles"):
+        ImageStream(upscaler, target_tiles=-1)
+
+
+# -- planning and resume (no Ray) ---------------------------------------------------------------
+
+
+def test_plan_names_outputs_and_ignores_other_files(folder, tmp_path):
+    plan = make_plan(folder, tmp_path / "out", JobSettings())
+    names = [t.output.name for t in plan.todo]
+    assert names == [
+        "astronaut.png", "broken.png", "camera.png", "chelsea.png", "coffee.png"
+    ]  # fmt: skip
+    assert plan.todo[0].report.name == "astronaut.png.json"
+    assert [p.name for p in plan.ignored] == ["notes.txt"]
+    assert plan.done == []
+
+
+def test_plan_errors(folder, tmp_path):
+    with pytest.raises(ConfigError, match="must differ"):
+        make_plan(folder, folder, JobSettings())
+    with pytest.raises(ConfigError, match="not a folder"):
+        make_plan(tmp_path / "missing", tmp_path / "out", JobSettings())
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    for suffix in (".png", ".jpg"):
+        Image.new("RGB", (4, 4)).save(clash / f"same{suffix}")
+    with pytest.raises(ConfigError, match="--output-format same"):
+        make_plan(clash, tmp_path / "out", JobSettings())
+    plan = make_plan(clash, tmp_path / "out", JobSettings(output_format="same"))
+    assert sorted(t.output.name for t in plan.todo) == ["same.jpg", "same.png"]
+    with pytest.raises(ConfigError, match="uniform"):
+        JobSettings(interval=5)
+
+
+def test_done_means_same_settings_and_same_input(folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = JobSettings(seed=1)
+    task = make_plan(folder, out, settings).todo[0]
+    assert not is_done(task, settings)
+    task.output.write_bytes(b"image")
+    task.report.write_text(json.dumps({"job": job_stamp(task, settings)}))
+    assert is_done(task, settings)
+    assert is_done(task, JobSettings(seed=1, max_batch=3))  # batch size only changes rounding
+    assert not is_done(task, JobSettings(seed=2))
+    assert not is_done(task, JobSettings(seed=1, schedule="uniform"))
+    task.report.write_text("{not json")
+    assert not is_done(task, settings)
+
+
+# -- the worker, without Ray --------------------------------------------------------------------
+
+
+def test_worker_turns_bytes_into_the_cli_output(folder, tmp_path, capsys):
+    from adadiff.scaleout.worker import UpscaleWorker
+
+    worker = UpscaleWorker({"model": "tiny", "seed": 5}, threads=1)
+    try:
+        source = folder / "chelsea.png"
+        reply = worker.upscale({"name": source.name, "data": source.read_bytes(), "suffix": ".png"})
+        broken = worker.upscale({"name": "broken.png", "data": b"\x89PNG..", "suffix": ".png"})
+    finally:
+        worker.close()
+    assert reply["status"] == "done" and reply["pid"] == os.getpid()
+    assert reply["report"]["tiles"] == 2
+    assert broken["status"] == "failed" and "broken.png" in broken["error"]
+    cli_out = tmp_path / "cli.png"
+    assert main(["upscale", str(source), "-o", str(cli_out), "--seed", "5", "-q"]) == 0
+    _assert_same_image(cli_out.read_bytes(), reply["image"])
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    import io
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def _assert_same_image(a: bytes, b: bytes) -> None:
+    """Identical up to float rounding: at most one 8-bit level, in at most 0.1% of values."""
+    pa, pb = _pixels(a), _pixels(b)
+    assert pa.shape == pb.shape
+    diff = np.abs(pa - pb)
+    assert diff.max() <= 1
+    assert np.count_nonzero(diff) <= 0.001 * diff.size
+
+
+# -- upscale-many on a local Ray cluster with 2 CPUs ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'adadiff[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def test_upscale_many_on_ray(ray_cluster, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["upscale-many", str(folder), str(out), "--workers", "2", "--seed", "7"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "broken.png: failed" in err and "[5/5]" in err
+    job = json.loads((out / "adadiff-job.json").read_text())
+    assert (job["done"], job["failed"], job["skipped"]) == (4, 1, 0)
+    failed = [r for r in job["records"] if r["status"] == "failed"]
+    assert [Path(r["input"]).name for r in failed] == ["broken.png"]
+    assert failed[0]["error"].startswith("broken.png is not an image")
+    assert job["ignored"] == [str(folder / "notes.txt")]
+    assert len({w["pid"] for w in job["workers"]}) == 2
+    for name in ("astronaut", "coffee", "chelsea", "camera"):
+        report = json.loads((out / f"{name}.png.json").read_text())
+        single = tmp_path / f"{name}-single.png"
+        single_report = tmp_path / f"{name}-single.json"
+        args = [str(folder / f"{name}.png"), "-o", str(single), "--report", str(single_report)]
+        assert main(["upscale", *args, "--seed", "7", "-q"]) == 0
+        _assert_same_image((out / f"{name}.png").read_bytes(), single.read_bytes())
+        alone = json.loads(single_report.read_text())
+        assert report["steps_per_tile"] == alone["steps_per_tile"]
+        assert report["job"]["settings"]["seed"] == 7
+    assert main(["upscale", str(folder / "broken.png"), "-o", str(tmp_path / "b.png")]) == 2
+
+    # A rerun skips the finished images (and retries the broken one).
+    assert main([*argv, "-q"]) == 0
+    job = json.loads((out / "adadiff-job.json").read_text())
+    assert (job["done"], job["failed"], job["skipped"]) == (0, 1, 4)
+
+
+def test_a_killed_worker_loses_no_image(ray_cluster, folder, tmp_path):
+    from adadiff.scaleout.job import ClusterOptions, run_job
+
+    killed: list[int] = []
+
+    def kill_first_worker(record, done, total):
+        if record.status == "done" and not killed:
+            killed.append(record.worker_pid)
+            os.kill(record.worker_pid, signal.SIGKILL)
+
+    # Image by image with two in flight: when a worker's first image comes back, its second is
+    # still running or queued there, so the kill loses work that Ray has to run again.
+    result = run_job(
+        folder,
+        tmp_path / "out",
+        JobSettings(seed=2),
+        ClusterOptions(workers=2, queue=2, cross_image=False),
+        on_record=kill_first_worker,
+    )
+    assert killed
+    assert result.count("done") == 4 and result.count("failed") == 1
+    for name in ("astronaut", "coffee", "chelsea", "camera"):
+        assert (tmp_path / "out" / f"{name}.png").is_file()
+    first = {w["pid"] for w in result.started}
+    assert killed[0] in first and killed[0] not in {w["pid"] for w in result.workers}
+    # The restarted worker (a new process) finished images too.
+    done_by = {r.worker_pid for r in result.records if r.status == "done"}
+    assert done_by - first
+
+
+def test_too_many_workers_is_a_clear_error(ray_cluster, folder, tmp_path):
+    from adadiff.scaleout.job import ClusterOptions, run_job
+
+    with pytest.raises(ConfigError, match="lower --workers"):
+        run_job(folder, tmp_path / "out", JobSettings(), ClusterOptions(workers=3))
