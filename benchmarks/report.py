@@ -25,23 +25,23 @@ class MarkerError(AdadiffError):
     """The README lacks the markers that delimit the generated section."""
 
 
-def replace_section(text: str, section: str) -> str:
+def replace_section(text: str, section: str, *, start: str = START, end: str = END) -> str:
     """``text`` with everything between the markers replaced by ``section``."""
-    starts, ends = text.count(START), text.count(END)
+    starts, ends = text.count(start), text.count(end)
     if starts != 1 or ends != 1:
         raise MarkerError(
-            f"expected one {START} and one {END} line, found {starts} and {ends}; add them "
-            "around the Performance section's body"
+            f"expected one {start} and one {end} line, found {starts} and {ends}; add them "
+            "around the generated section's body"
         )
-    i, j = text.index(START), text.index(END)
+    i, j = text.index(start), text.index(end)
     if j < i:
-        raise MarkerError(f"{END} comes before {START}; put the start marker first")
-    return text[: i + len(START)] + "\n" + section.strip("\n") + "\n" + text[j:]
+        raise MarkerError(f"{end} comes before {start}; put the start marker first")
+    return text[: i + len(start)] + "\n" + section.strip("\n") + "\n" + text[j:]
 
 
-def update_readme(readme: Path, section: str) -> None:
+def update_readme(readme: Path, section: str, *, start: str = START, end: str = END) -> None:
     text = readme.read_text()
-    new = replace_section(text, section)
+    new = replace_section(text, section, start=start, end=end)
     if new != text:
         readme.write_text(new)
 

@@ -176,3 +176,42 @@ def test_result_paths_are_relative_in_the_section(smoke_run, tmp_path):
     out, result = smoke_run
     text = render(result, out / "results.json", Path(tmp_path) / "README.md")
     assert str(tmp_path) not in text
+
+
+def test_scaleout_folder_and_readme_block(tmp_path):
+    from benchmarks.scaleout import SIZES, make_folder, write_readme
+
+    sizes = make_folder(tmp_path / "in", 5)
+    files = sorted((tmp_path / "in").iterdir())
+    assert len(files) == 5 and sizes[:4] == [(w, h) for h, w in SIZES]
+    from PIL import Image
+
+    with Image.open(files[3]) as img:
+        assert img.size == sizes[3]
+    run = {
+        "workers": 1,
+        "cross_image": True,
+        "images_per_hour_steady": 100.0,
+        "images_per_hour_whole_job": 80.0,
+        "startup_seconds": 3.0,
+        "mean_batch": 4.5,
+        "unet_calls": 10,
+    }
+    data = {
+        "command": "python -m benchmarks.scaleout",
+        "machine": {"cpu": "x", "cores": 2},
+        "input_sizes": sizes,
+        "runs": [run, {**run, "cross_image": False, "mean_batch": 1.5}],
+        "summary": {
+            "cross_vs_image_by_image_mean_batch": 3.0,
+            "cross_vs_image_by_image_throughput": 1.25,
+            "speedup_by_workers": {"1": 1.0},
+        },
+    }
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- scaleout:start -->\nOLD-BODY\n<!-- scaleout:end -->\nb\n")
+    write_readme(data, tmp_path / "r.json", readme)
+    text = readme.read_text()
+    assert "OLD-BODY" not in text and text.startswith("a\n") and text.endswith("b\n")
+    assert "| 1 | image by image | 100 | 80 | 3.0 | 1.50 | 10 |" in text
+    assert "3.00x the mean batch, 1.25x the throughput" in text

@@ -96,7 +96,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--crop", type=positive, help="training crop side in px (default: the tile size)"
     )
 
-    unet = stages.add_parser("unet", help="train UNet + PFJ on the epsilon loss (VAE frozen)")
+    unet = stages.add_parser("unet", help="train UNet + PFJ on the denoising loss (VAE frozen)")
     _common(unet, "unet")
     unet.add_argument(
         "--gain-zero-prob", type=fraction, default=0.5, help="share of samples with zero gains"

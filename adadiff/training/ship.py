@@ -203,13 +203,13 @@ def model_card(
         f"{v_opts.get('kl_weight', '-')} x KL on a sampled posterior; a share "
         f"{v_opts.get('lr_input_prob', '-')} of inputs are bicubic-upscaled LR crops; crops "
         f"{crops}.",
-        "- UNet + PFJ: epsilon MSE, t uniform in [0, 999], AdamW, EMA "
+        f"- UNet + PFJ: {cfg.noise.prediction_type.value} MSE, t uniform in [0, 999], AdamW, EMA "
         f"{u_opts.get('ema', '-')} (the EMA weights are shipped); latent pairs from a pool of "
         f"{u_opts.get('pool', '-')} refreshed by {u_opts.get('refresh', '-')} per step. PFJ "
         "sees gains as the runtime "
         f"can produce them: zero with probability {u_opts.get('gain_zero_prob', '-')}, else "
         f"tanh(N(0, {u_opts.get('gain_std', '-')})) per component, g_NR = 0 for "
-        f"t >= {cfg.dtss.nr_start_t}. The epsilon target does not depend on the gains, so PFJ "
+        f"t >= {cfg.dtss.nr_start_t}. The target does not depend on the gains, so PFJ "
         "learns a conditioning transform that holds for any gain (close to gain-invariant).",
         "- Labels: trajectories of the frozen model through the runtime sampler, half "
         "oracle-driven DTSS and half random DTSS tiers; every UNet call's x0 decoded and scored "

@@ -1,4 +1,4 @@
-"""Stage 2: train the UNet and PFJ jointly on the epsilon loss, with the VAE frozen.
+"""Stage 2: train the UNet and PFJ jointly on the denoising loss, with the VAE frozen.
 
 Per sample: HR latent x0 = E(hr) and LR latent o = E(bicubic_x4_up(degrade(hr))), both scaled
 as VAEEncoderWrapper scales them (the factor the VAE stage measured); t uniform in [0, T-1];
@@ -8,7 +8,7 @@ fixed empty-prompt embedding, and predicts eps (or v, as the config says).
 How PFJ sees gains: the runtime feeds g = (g_FR, g_NR) = tanh(R_i - R_{i-1}); zeros before a
 tile's first score and on every step of a uniform schedule, and g_NR = 0 while t >= nr_start_t.
 Training draws g the same way the runtime can produce it: zeros with ``gain_zero_prob``, else
-each component tanh(N(0, gain_std)), with g_NR zeroed where t >= nr_start_t. The epsilon target
+each component tanh(N(0, gain_std)), with g_NR zeroed where t >= nr_start_t. The target
 does not depend on g, so this objective teaches PFJ a conditioning transform that holds for any
 gain the runtime may feed (it is pushed towards gain-invariance); a gain-dependent PFJ would
 need a trajectory-level objective, which this trainer does not attempt.
