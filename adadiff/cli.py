@@ -310,7 +310,6 @@ def cmd_upscale_many(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker,
         queue=args.queue,
         cross_image=not args.image_by_image,
-        strict=args.strict,
     )
     result = run_job(
         args.input_dir,

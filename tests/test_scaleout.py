@@ -258,3 +258,12 @@ def test_too_many_workers_is_a_clear_error(ray_cluster, folder, tmp_path):
 
     with pytest.raises(ConfigError, match="lower --workers"):
         run_job(folder, tmp_path / "out", JobSettings(), ClusterOptions(workers=3))
+
+
+def test_missing_model_or_engines_fail_before_ray_starts(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["upscale-many", str(folder), str(out), "--model", str(tmp_path / "nope")]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+    args = ["upscale-many", str(folder), str(out), "--backend", "onnxruntime"]
+    assert main([*args, "--engines", str(tmp_path / "none")]) == 2
+    assert "run adadiff export first" in capsys.readouterr().err

@@ -39,7 +39,6 @@ class ClusterOptions:
     queue: int | None = None  # images in flight per worker; None: the max batch
     cross_image: bool = True
     max_restarts: int = 3
-    strict: bool = False
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -131,6 +130,8 @@ def run_job(
     started_info: list[dict[str, Any]] = []
     startup = 0.0
     if plan.todo:
+        if cluster.ray_address is None:
+            check_local_paths(settings)
         ray = import_ray()
         started_ray = _connect(ray, cluster)
         try:
@@ -144,6 +145,21 @@ def run_job(
     result = JobResult(records, time.perf_counter() - started, startup, workers, started_info)
     result.report_path = write_job_report(output_dir, settings, cluster, result, plan.ignored)
     return result
+
+
+def check_local_paths(settings: JobSettings) -> None:
+    """Fail before Ray starts when a model or engines folder named on this machine is missing
+    (on a remote cluster the folders live on the nodes, so they are not checked here)."""
+    from adadiff.presets import PRESETS
+
+    model = settings.model
+    if model is not None and model not in PRESETS and not (Path(model) / "adadiff.json").is_file():
+        raise ConfigError(
+            f"--model {model} is neither a preset ({', '.join(sorted(PRESETS))}) "
+            "nor a model folder with an adadiff.json"
+        )
+    if settings.engines is not None and not Path(settings.engines).is_dir():
+        raise ConfigError(f"--engines {settings.engines} is not a folder; run adadiff export first")
 
 
 def _connect(ray: Any, cluster: ClusterOptions) -> bool:
