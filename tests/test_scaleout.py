@@ -181,6 +181,26 @@ def _assert_same_image(a: bytes, b: bytes) -> None:
     assert np.count_nonzero(diff) <= 0.001 * diff.size
 
 
+def test_console_script_starts_its_own_local_ray(folder, tmp_path):
+    """The README's command: no --ray-address, so the CLI starts (and stops) a local Ray."""
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'adadiff[ray]')")
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(folder / "coffee.png", src / "coffee.png")
+    exe = Path(sys.executable).with_name("adadiff")
+    cmd = [str(exe), "upscale-many", str(src), str(tmp_path / "out"), "--workers", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 upscaled, 0 already done, 0 failed" in done.stdout
+    assert "[1/1] coffee.png: done" in done.stderr
+    with Image.open(tmp_path / "out" / "coffee.png") as img:
+        assert img.size == (96, 96)
+
+
 # -- upscale-many on a local Ray cluster with 2 CPUs ---------------------------------------------
 
 
