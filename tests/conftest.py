@@ -19,6 +19,14 @@ def tiny_models(tiny_config):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """``tiny_models`` saved as a model folder, for tests that load or export by path."""
+    from onnx_cache import random_tiny
+
+    return random_tiny(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def photo() -> np.ndarray:
     """A real photo shipped with scikit-image, 64x64, float32 in [0, 1]."""
     from skimage import data

@@ -138,10 +138,11 @@ def test_fp16_pass_keeps_time_softmax_and_norms_in_fp32(onnx_dir, tiny_models):
     assert ok, err
 
 
-def test_fp16_export_keeps_the_vae_fp32_and_reuses_it(onnx_dir, tmp_path):
+def test_fp16_export_keeps_the_vae_fp32_and_reuses_it(onnx_dir, tiny_dir, tmp_path):
     out = copy_export(onnx_dir, tmp_path / "fp16")
     vae_hash = ExportManifest.load(out).components["vae_encoder"].files[0].sha256
-    manifest = export_onnx("tiny", out, ExportOptions(components=("pfj", "mmle"), precision="fp16"))
+    options = ExportOptions(components=("pfj", "mmle"), precision="fp16")
+    manifest = export_onnx(tiny_dir, out, options)
     assert manifest.precision == "fp16"
     assert {n: c.precision for n, c in manifest.components.items()} == {
         "vae_encoder": "fp32",

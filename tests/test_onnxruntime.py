@@ -112,10 +112,10 @@ def test_io_binding_gives_the_same_result(onnx_dir, ort_backend):
     assert bound.describe()["threads"] == 1
 
 
-def test_end_to_end_matches_torch(onnx_dir, photo):
+def test_end_to_end_matches_torch(onnx_dir, tiny_dir, photo):
     crop = photo[:48, :48]
-    reference = Upscaler.from_pretrained("tiny", backend="torch")
-    runtime = Upscaler.from_pretrained("tiny", backend="onnxruntime", engines=onnx_dir)
+    reference = Upscaler.from_pretrained(tiny_dir, backend="torch")
+    runtime = Upscaler.from_pretrained(tiny_dir, backend="onnxruntime", engines=onnx_dir)
     want, want_report = reference.upscale(crop, schedule="adaptive", seed=3)
     got, got_report = runtime.upscale(crop, schedule="adaptive", seed=3)
     assert got_report.tiles == 4
@@ -149,19 +149,19 @@ def test_upscale_cli_with_onnxruntime(onnx_dir, photo, tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
 
 
-def test_model_and_precision_must_match_the_export(onnx_dir, tmp_path, tiny_models):
+def test_model_and_precision_must_match_the_export(onnx_dir, tiny_dir, tmp_path, tiny_models):
     config, backend = open_onnxruntime(onnx_dir)  # the folder alone is enough
     assert config == backend.config and config.name == "tiny"
-    open_onnxruntime(onnx_dir, model="tiny")
+    open_onnxruntime(onnx_dir, model=tiny_dir)
     folder = tiny_models.save(tmp_path / "model")
     open_onnxruntime(onnx_dir, model=folder)
     with pytest.raises(EngineMismatchError, match=r"--model sd21-base .* is not the model"):
         open_onnxruntime(onnx_dir, model="sd21-base")
     with pytest.raises(EngineMismatchError, match="pass --precision fp32"):
-        make_backend("tiny", backend="onnxruntime", engines=onnx_dir, precision="fp16")
+        make_backend(tiny_dir, backend="onnxruntime", engines=onnx_dir, precision="fp16")
     with pytest.raises(EngineMismatchError, match="128 px tiles"):
-        make_backend("tiny", backend="onnxruntime", engines=onnx_dir, tile_size=256)
-    config, _ = make_backend("tiny", backend="onnxruntime", engines=onnx_dir, tile_overlap=64)
+        make_backend(tiny_dir, backend="onnxruntime", engines=onnx_dir, tile_size=256)
+    config, _ = make_backend(tiny_dir, backend="onnxruntime", engines=onnx_dir, tile_overlap=64)
     assert config.tile_overlap == 64
 
 
@@ -190,10 +190,10 @@ def test_changed_or_missing_files_are_refused(onnx_dir, tmp_path):
         OnnxRuntimeBackend(folder).open("pfj")
 
 
-def test_missing_onnxruntime_says_how_to_install(onnx_dir, monkeypatch):
+def test_missing_onnxruntime_says_how_to_install(onnx_dir, tiny_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(BackendUnavailableError, match=r'pip install "adadiff\[onnx\]"'):
-        make_backend("tiny", backend="onnxruntime", engines=onnx_dir)
+        make_backend(tiny_dir, backend="onnxruntime", engines=onnx_dir)
 
 
 def test_devices_and_provider_fallback(onnx_dir, monkeypatch):
@@ -231,15 +231,18 @@ def test_devices_and_provider_fallback(onnx_dir, monkeypatch):
     assert trt["trt_profile_max_shapes"] == "sample:16x8x32x32,timestep:16"
 
 
-def test_fp16_export_end_to_end(onnx_dir, photo, tmp_path):
+def test_fp16_export_end_to_end(onnx_dir, tiny_dir, photo, tmp_path):
     """fp16 UNet, PFJ and MMLE (VAE fp32) on ONNX Runtime CPU against the fp32 torch image."""
     from adadiff.export import ExportOptions, export_onnx
 
     folder = copy_export(onnx_dir, tmp_path / "fp16")
-    export_onnx("tiny", folder, ExportOptions(components=("unet", "pfj", "mmle"), precision="fp16"))
+    options = ExportOptions(components=("unet", "pfj", "mmle"), precision="fp16")
+    export_onnx(tiny_dir, folder, options)
     crop = photo[:48, :48]
-    reference = Upscaler.from_pretrained("tiny", backend="torch")
-    half = Upscaler.from_pretrained("tiny", backend="onnxruntime", engines=folder, precision="fp16")
+    reference = Upscaler.from_pretrained(tiny_dir, backend="torch")
+    half = Upscaler.from_pretrained(
+        tiny_dir, backend="onnxruntime", engines=folder, precision="fp16"
+    )
     for schedule in ("uniform", "adaptive"):
         want, want_report = reference.upscale(crop, schedule=schedule, seed=3)
         got, got_report = half.upscale(crop, schedule=schedule, seed=3)

@@ -280,3 +280,18 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     image, report = up.upscale(np.full((12, 12, 3), 0.5, dtype=np.float32), schedule="adaptive")
     assert image.shape == (48, 48, 3) and np.all(np.isfinite(image))
     assert report.unet_evaluations > 0
+
+
+def test_shipped_tiny_weights_load_and_fit_the_budget():
+    """`--model tiny` means the trained weights in the package, with their card, under 25 MB."""
+    from adadiff.models.bundle import SHIPPED, load_models
+    from adadiff.runtime.upscaler import Upscaler
+
+    folder = SHIPPED / "tiny"
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert 1e6 < size <= 25e6
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "## Training" in card and "## Evaluation" in card and "held out" in card.lower()
+    models = load_models("tiny")
+    assert models.source == str(folder)
+    assert Upscaler.from_pretrained("tiny").config == models.config

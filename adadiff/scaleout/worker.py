@@ -2,8 +2,8 @@
 
 Ray runs ``UpscaleWorker`` as a threaded actor. Each ``upscale`` call queues one image and waits;
 the engine thread admits queued images into an ``ImageStream`` whenever too few tiles are active,
-so the tiles of several images share UNet calls. The class itself knows nothing of Ray: tests and
-the single-process fallback use it directly.
+so the tiles of several images share UNet calls. The class itself knows nothing of Ray: the tests
+use it directly.
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
         rho = ", ".join(f"{k} {v:.3f}" for k, v in mmle.get("spearman", {}).items())
         lines += [
             "",
-            f"MMLE vs oracle on held-out trajectories: Spearman {rho}; same DTSS "
+            f"MMLE vs oracle on trajectories of the hold-out photos: Spearman {rho}; same DTSS "
             f"category in {100 * mmle.get('category_agreement', float('nan')):.1f}% of steps.",
         ]
     checks = summary.get("targets", {})
@@ -215,8 +215,9 @@ def model_card(
         "oracle-driven DTSS and half random DTSS tiers; every UNet call's x0 decoded and scored "
         "by the oracle (" + ", ".join(m.name for m in cfg.mmle.metrics) + ") against the LR input.",
         "- MMLE: L2 on standardised scores plus L2 on step-to-step changes of R_FR and R_NR, "
-        "Adam; de-standardisation is folded into the last layer (raw scores out). Held-out "
-        f"trajectories: Spearman {rho}.",
+        "Adam; de-standardisation is folded into the last layer (raw scores out). Validation "
+        "trajectories (a held-out share of the label trajectories, from the training photos): "
+        f"Spearman {rho}.",
         "",
         "## Evaluation",
         "",
