@@ -102,7 +102,7 @@ def run_suite(
     A section that fails is recorded with its error and the others still run.
     """
     from benchmarks import backends, plots, regrouping, scaling, schedules
-    from benchmarks.machine import machine
+    from benchmarks.machine import machine, weights_of
     from benchmarks.suites import run_fullsize
 
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +144,7 @@ def run_suite(
     result["seconds"]["total"] = round(time.perf_counter() - start, 1)
     # After the runs: torch's thread count and the libraries actually imported are known.
     result["machine"] = machine()
+    result["weights"] = weights_of(result["settings"]["model"])
     result["summary"] = summarize(result)
     try:
         result["plots"] = plots.write_all(result, out)

@@ -53,3 +53,17 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "libraries": versions,
     }
+
+
+SHIPPED_WEIGHTS = "shipped weights"
+
+
+def weights_of(model: str) -> str:
+    """Which weights a preset name meant for this run: shipped, or seeded random init."""
+    from adadiff.models.bundle import SHIPPED
+    from adadiff.presets import PRESETS
+
+    if model not in PRESETS:
+        return model
+    shipped = SHIPPED / model / "adadiff.json"
+    return SHIPPED_WEIGHTS if shipped.is_file() else "seeded random init (no weights shipped)"

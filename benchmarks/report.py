@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adadiff.errors import AdadiffError
+from benchmarks.machine import SHIPPED_WEIGHTS
 
 START = "<!-- perf:start -->"
 END = "<!-- perf:end -->"
@@ -82,7 +83,14 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
         f"{result['repeats']} runs.",
         "",
     ]
-    if s["model"] == "tiny":
+    if s["model"] == "tiny" and result.get("weights") == SHIPPED_WEIGHTS:
+        lines += [
+            "`tiny` is the shipped model trained on a CPU (`adadiff/weights/tiny/MODEL_CARD.md`): "
+            "a small network, so the figures show what the runtime costs and saves for its "
+            "schedule decisions, not the paper's SD-2.1 timings or quality.",
+            "",
+        ]
+    elif s["model"] == "tiny":
         lines += [
             "`tiny` is seeded random init: its MMLE is untrained, so the adaptive schedule's "
             "decisions (and its step count) are not those of a trained model. The figures show "

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import machine
+from benchmarks.machine import machine, weights_of
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page")
 SIZES = ((32, 32), (32, 48), (48, 32), (48, 48))  # input px; 1, 2, 2 and 4 tiles for tiny
@@ -48,16 +48,6 @@ def make_folder(folder: Path, count: int, seed: int = 0) -> list[tuple[int, int]
         )
         sizes.append((w, h))
     return sizes
-
-
-def weights_of(model: str) -> str:
-    from adadiff.models.bundle import SHIPPED
-    from adadiff.presets import PRESETS
-
-    if model not in PRESETS:
-        return model
-    shipped = SHIPPED / model / "adadiff.json"
-    return "shipped weights" if shipped.is_file() else "seeded random init (no weights shipped)"
 
 
 def run_once(
