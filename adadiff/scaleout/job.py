@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -417,7 +416,3 @@ def print_record(record: ImageRecord, done: int, total: int) -> None:
     else:
         detail = "output up to date"
     print(f"[{done}/{total}] {name}: {record.status} ({detail})", file=sys.stderr, flush=True)
-
-
-def worker_count_default() -> int:
-    return max(1, (os.cpu_count() or 1) // 2)

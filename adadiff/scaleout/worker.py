@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import asdict
 from typing import Any
 
 from adadiff.errors import AdadiffError
@@ -198,7 +197,3 @@ def _fail_queued(inbox: queue.Queue[Any], exc: BaseException) -> None:
             return
         if item is not _STOP:
             item[1].set_exception(exc)
-
-
-def settings_dict(settings: JobSettings) -> dict[str, Any]:
-    return asdict(settings)
