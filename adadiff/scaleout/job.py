@@ -10,6 +10,7 @@ its images sent to the others.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -196,6 +197,7 @@ class _Dispatcher:
         self.pending = list(reversed(todo))  # pop() takes the next in name order
         self.attempts: dict[Path, int] = {}
         self.unreadable: list[ImageRecord] = []
+        self.digests: dict[Path, str] = {}  # sha256 of the bytes sent, for the resume stamp
         self.queue = cluster.queue or settings.max_batch
         self.started = 0.0
         self.output_dir = output_dir
@@ -262,6 +264,7 @@ class _Dispatcher:
             error = f"cannot read the file ({exc.strerror or exc})"
             self.unreadable.append(ImageRecord(str(task.source), str(task.output), "failed", error))
             return
+        self.digests[task.source] = hashlib.sha256(data).hexdigest()
         payload = {"name": task.name, "data": data, "suffix": task.output.suffix}
         ref = self.actors[actor_index].upscale.remote(payload)
         in_flight[ref] = (task, actor_index, time.perf_counter())
@@ -350,7 +353,7 @@ class _Dispatcher:
             base.error = reply.get("error")
             return base
         report = {"input": str(task.source), "output": str(task.output), **reply["report"]}
-        report["job"] = job_stamp(task, self.settings)
+        report["job"] = job_stamp(task, self.settings, self.digests.pop(task.source, None))
         write_bytes_atomic(task.output, reply["image"])
         write_bytes_atomic(task.report, (json.dumps(report, indent=2) + "\n").encode())
         base.unet_evaluations = report["unet_evaluations"]

@@ -125,9 +125,13 @@ def make_plan(input_dir: Path, output_dir: Path, settings: JobSettings) -> Plan:
     return Plan(todo, done, ignored)
 
 
-def job_stamp(task: ImageTask, settings: JobSettings) -> dict[str, Any]:
-    """What a per-image report records so that a rerun can tell whether it is still valid."""
-    return {"settings": settings.result_key(), "input_sha256": file_sha256(task.source)}
+def job_stamp(
+    task: ImageTask, settings: JobSettings, input_sha256: str | None = None
+) -> dict[str, Any]:
+    """What a per-image report records so that a rerun can tell whether it is still valid.
+    ``input_sha256``: the digest of the bytes that were upscaled, when already known."""
+    digest = input_sha256 or file_sha256(task.source)
+    return {"settings": settings.result_key(), "input_sha256": digest}
 
 
 def is_done(task: ImageTask, settings: JobSettings) -> bool:
