@@ -196,6 +196,27 @@ def mmle_vs_oracle(models: TorchModels, *, crops: int, seed: int, max_batch: int
         ]).numpy().astype(np.float64)  # fmt: skip
     names = [m.name for m in cfg.mmle.metrics]
     rho = {n: spearman(pred[:, j], rec["scores"][:, j]) for j, n in enumerate(names)}
+    trajs = np.unique(rec["traj"])
+    # The pooled rho mixes two questions: does MMLE order one tile's steps (what the gains
+    # use), and does it order different tiles (their level)? Both, for the note.
+    within = {
+        n: float(
+            np.nanmedian(
+                [
+                    spearman(pred[rec["traj"] == k, j], rec["scores"][rec["traj"] == k, j])
+                    for k in trajs
+                ]
+            )
+        )
+        for j, n in enumerate(names)
+    }
+    between = {
+        n: spearman(
+            np.array([pred[rec["traj"] == k, j].mean() for k in trajs]),
+            np.array([rec["scores"][rec["traj"] == k, j].mean() for k in trajs]),
+        )
+        for j, n in enumerate(names)
+    }
     fr = [m.name for m in cfg.mmle.metrics if m.kind is MetricKind.FULL_REFERENCE]
 
     agree = total = agree_scored = total_scored = 0
@@ -225,6 +246,9 @@ def mmle_vs_oracle(models: TorchModels, *, crops: int, seed: int, max_batch: int
         "oracle_seconds": round(oracle_seconds, 1),
         "spearman": rho,
         "spearman_fr_min": float(min(rho[n] for n in fr)),
+        "spearman_within_trajectory_median": within,
+        "spearman_between_trajectory_means": between,
+        "photos": [holdout_photos()[int(i)].name for i in batch.photo],
         "category_agreement": agree / max(total, 1),
         "category_agreement_after_first_call": agree_scored / max(total_scored, 1),
         "free_running_agreement": free_agree / max(free_total, 1),

@@ -2,7 +2,8 @@
 
 DTSS (dynamic time-step skipping) maps a tile's gains at timestep t to its next jump:
 
-- saturated: t < nr_start_t and g_NR <= -tau -> exit now, keeping the best x0 seen;
+- saturated: t < nr_start_t and g_NR <= -tau -> exit now, keeping the best x0 seen since
+  t < nr_start_t (the sampler keeps it);
 - growth: g_FR >= tau and g_NR >= tau -> tiers[0] while g_NR < growth_split * tau, else tiers[1];
 - stable: anything else -> tiers[3] while |g_FR| < tau, else tiers[2].
 """

@@ -1,6 +1,7 @@
 """The adaptive sampling loop: every round, all still-active tiles share one UNet call.
 
-Each tile keeps its own timestep, noise, gains and best estimate. A round batches the active
+Each tile keeps its own timestep, noise, gains and best estimate (highest R_FR + R_NR among its
+estimates at t < nr_start_t, what a saturated exit returns). A round batches the active
 tiles (chunked by ``max_batch``) into UNet calls with a per-tile timestep vector, scores the clean
 estimates with MMLE, turns scores into gains, asks the policy for each tile's next jump or exit,
 applies the DDIM jumps and refreshes the PFJ-modulated conditioning for the next round.
@@ -268,7 +269,10 @@ def _advance(
             g_fr, g_nr = gains(r, s.quality, s.t, dtss)
             s.quality = r
             s.gain = _gain_vector((g_fr, g_nr), len(s.gain))
-            if r[0] + r[1] > s.best_r:
+            # Only second-half estimates compete for "best": R_NR is not counted before
+            # nr_start_t, and the FR scores (against the blurry bicubic-upscaled input) favour the
+            # first, blurry estimates, so an early x0 would win and undo the detail added since.
+            if s.t < dtss.nr_start_t and r[0] + r[1] > s.best_r:
                 s.best_r, s.best_x0 = r[0] + r[1], x0[i]
         decision = member.policy.decide(s.index, s.t, g_fr, g_nr)
         category = decision.category.value

@@ -87,3 +87,26 @@ def test_crop_stream_is_seeded_and_pairs_have_both_modes():
     assert lr.shape == (16, 16, 3)
     with pytest.raises(ConfigError, match="bicubic"):
         data.pair(first[0], np.random.default_rng(0), "nearest")  # type: ignore[arg-type]
+
+
+def test_crop_weighting_by_area_or_by_photo():
+    big = np.random.default_rng(0).random((256, 256, 3), dtype=np.float32)
+    small = np.random.default_rng(1).random((64, 64, 3), dtype=np.float32)
+    tiny = np.zeros((16, 16, 3), np.float32)  # smaller than a crop: never drawn
+    images = [tiny, big, small]
+
+    def share_of_small(weighting: str) -> float:
+        config = data.CropConfig(size=64, weighting=weighting, rotations=False, flips=False)
+        stream = data.sample_indexed_crops(images, np.random.default_rng(5), config)
+        drawn = [next(stream) for _ in range(400)]
+        for index, crop in drawn[:20]:
+            assert index in (1, 2) and crop.shape == (64, 64, 3)
+            if index == 2:  # no geometric augmentation: the crop is the whole small image
+                jitter = crop.mean() / small.mean()
+                assert 0.8 < jitter < 1.2
+        return float(np.mean([index == 2 for index, _ in drawn]))
+
+    assert share_of_small("area") < 0.15  # 64^2 / (256^2 + 64^2) = 0.06
+    assert 0.4 < share_of_small("photo") < 0.6
+    with pytest.raises(ConfigError, match="weighting"):
+        data.CropConfig(weighting="pixels")  # type: ignore[arg-type]

@@ -113,6 +113,44 @@ def test_saturated_exit_keeps_best_x0():
     assert all(s == len(range(999, 480, -20)) for s in res.steps_per_tile)
 
 
+def test_saturated_exit_keeps_the_best_second_half_x0():
+    # x0 estimates drift with t, so the kept latent tells which step it came from.
+    x0_true = np.random.default_rng(5).standard_normal((1, C, S, S)).astype(np.float32)
+
+    def denoise(sample, t):
+        z = sample[:, :C].astype(np.float64)
+        a = AC[t.astype(int)][:, None, None, None]
+        x0 = x0_true + (t / 1000.0)[:, None, None, None]
+        return ((z - np.sqrt(a) * x0) / np.sqrt(1 - a)).astype(np.float32)
+
+    def score(x0, lr, t):
+        out = np.zeros((len(t), 6), np.float32)
+        # psnr (FR, weight > 0): highest for the blurry first-half estimates, then a second-half
+        # peak at t = 459; the tile saturates at t = 419.
+        out[:, 0] = np.where(t > 900, 1000.0, np.where(t == 459, 100.0, 0.0))
+        return out
+
+    class ExitBelow420:
+        needs_scores = True
+
+        def decide(self, tile, t, g_fr, g_nr):
+            return Decision(Category.SATURATED, None) if t < 420 else Decision(Category.STABLE, 20)
+
+    res = sample_tiles(
+        lr_with_index(1),
+        DenoiseNets(denoise, score, lambda lr, gain: lr),
+        ExitBelow420(),
+        noise=NOISE,
+        dtss=DTSSConfig(),
+        metrics=DEFAULT_METRICS,
+        gain_dim=2,
+        seed=0,
+        max_batch=8,
+    )
+    assert res.exits == ["saturated"]
+    np.testing.assert_allclose(res.latents[0], x0_true[0] + 0.459, atol=1e-4)
+
+
 def test_dtss_with_scores_that_saturate_exits_early():
     # FR score rises every step; NR (brisque, weight < 0) rises sharply once t < 300: saturation.
     def scores(x0, lr, t):

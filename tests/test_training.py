@@ -183,7 +183,8 @@ def test_label_shards_have_keys_and_shapes(tmp_path, unet_workdir, cfg, images):
     workdir = tmp_path / "w"
     shutil.copytree(unet_workdir / "unet", workdir / "unet")
     lopts = LabelOptions(shards=2, trajectories=2, max_batch=4, random_fraction=0.5, seed=1)
-    made = make_labels(cfg, workdir, lopts, images=images)
+    names = [f"photo{i}" for i in range(len(images))]
+    made = make_labels(cfg, workdir, lopts, images=images, names=names)
     assert made.made == 2 and len(made.shards) == 2
     with np.load(made.shards[0]) as npz:
         n = len(npz["t"])
@@ -195,10 +196,34 @@ def test_label_shards_have_keys_and_shapes(tmp_path, unet_workdir, cfg, images):
         assert np.all(np.isfinite(npz["scores"]))
         assert set(npz["traj"].tolist()) == {0, 1}
         assert npz["t"].max() == cfg.dtss.t_start
+        assert [str(p) for p in npz["photos"]] == names
+        # every call of a trajectory comes from the same photo
+        for traj in (0, 1):
+            assert len(set(npz["photo"][npz["traj"] == traj].tolist())) == 1
     again = make_labels(cfg, workdir, lopts, images=images)
     assert again.made == 0
     data = load_shards(made.shards)
     assert len(np.unique(data["traj"])) == 4
+    assert set(data["photo_name"].tolist()) <= set(names)
+    with pytest.raises(ConfigError, match="photo names"):
+        make_labels(cfg, tmp_path / "x", lopts, images=images, names=names[:1])
+
+
+def test_mmle_validates_on_named_photos():
+    from adadiff.training.mmle import split_labels
+
+    data = synthetic_labels(n=40)
+    data["photo_name"] = np.array(["moon", "rocket", "brick", "", "moon"] * 8)[data["traj"]]
+    train, val = split_labels(data, 0.1, seed=0, val_photos=("moon",))
+    assert set(data["photo_name"][val].tolist()) == {"moon"}
+    assert "moon" not in set(data["photo_name"][train].tolist())
+    assert len(train) + len(val) == 40
+    with pytest.raises(ConfigError, match="camera"):
+        split_labels(data, 0.1, seed=0, val_photos=("camera",))
+    # a random share of trajectories otherwise, whole trajectories only
+    train, val = split_labels(data, 0.2, seed=0)
+    assert not set(data["traj"][train].tolist()) & set(data["traj"][val].tolist())
+    assert len(val) == 8
 
 
 def synthetic_labels(n: int = 128, side: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
@@ -252,7 +277,11 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     shutil.copytree(unet_workdir / "unet", workdir / "unet")
     labels = workdir / "labels"
     labels.mkdir()
-    np.savez(labels / "shard-00000.npz", **synthetic_labels(32))
+    shard = synthetic_labels(32)
+    shard["photos"] = np.array(["moon", "rocket", "brick"])
+    shard["photo"] = (shard["traj"] % 2).astype(np.int64)  # moon and rocket drawn, brick not
+    shard["weighting"] = np.array("photo")
+    np.savez(labels / "shard-00000.npz", **shard)
     model_dir = tmp_path / "cfg"
     model_dir.mkdir()
     cfg.save(model_dir)
@@ -271,7 +300,12 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     assert cmd_train(parser.parse_args(["train", "export-tiny", *common, "--out", str(out)])) == 0
     models = load_folder(out)
     card = (out / "MODEL_CARD.md").read_text()
-    assert "## Data" in card and "astronaut" in card and "| mmle | 3 |" in card
+    assert "## Data" in card and "| mmle | 3 |" in card
+    # the photo table lists what each stage recorded: here only the labels name their photos
+    assert "| moon | scikit-image |" in card and "| labels |" in card
+    assert "| brick |" not in card and "astronaut" not in card
+    assert "recorded no photo names: vae, unet" in card
+    assert "labels draw every photo equally often" in card
     unet_state = load_latest(workdir / "unet")["state"]
     assert models.config.scaling_factor == pytest.approx(unet_state["scaling_factor"])
     assert models.config.vae["scaling_factor"] == pytest.approx(unet_state["scaling_factor"])

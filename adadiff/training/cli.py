@@ -126,11 +126,24 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="share of trajectories that jump by random tiers instead of oracle-driven DTSS",
     )
     labels.add_argument("--realesrgan-prob", type=fraction, default=0.0)
+    labels.add_argument(
+        "--photo-weighting",
+        choices=("photo", "area"),
+        default="photo",
+        help="pick each crop's photo with equal odds (photo) or in proportion to its area",
+    )
 
     mmle = stages.add_parser("mmle", help="train the MMLE score regressor on the labels")
     _common(mmle, "mmle")
     mmle.add_argument("--diff-weight", type=float, default=1.0, help="step-difference L2 weight")
     mmle.add_argument("--val-fraction", type=fraction, default=0.1)
+    mmle.add_argument(
+        "--val-photos",
+        type=lambda text: tuple(n for n in text.split(",") if n),
+        default=(),
+        metavar="NAME[,NAME]",
+        help="validate on every trajectory of these training photos instead of a random share",
+    )
 
     ship = stages.add_parser(
         "ship", aliases=["export-tiny"], help="assemble the checkpoints into a model folder"
@@ -221,6 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             random_fraction=args.random_fraction,
             realesrgan_prob=args.realesrgan_prob,
+            weighting=args.photo_weighting,
             seed=args.seed,
         )
         if args.resume is False and any((Path(workdir) / "labels").glob("shard-*.npz")):
@@ -236,7 +250,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif stage == "mmle":
         from adadiff.training.mmle import MMLEOptions, train_mmle
 
-        mopts = MMLEOptions(diff_weight=args.diff_weight, val_fraction=args.val_fraction)
+        mopts = MMLEOptions(
+            diff_weight=args.diff_weight,
+            val_fraction=args.val_fraction,
+            val_photos=args.val_photos,
+        )
         result = train_mmle(cfg, workdir, _options(args), mopts)
     else:
         from adadiff.training.ship import read_evaluation, ship

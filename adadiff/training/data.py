@@ -60,6 +60,9 @@ OPTIONAL_PHOTOS: dict[str, tuple[str, str]] = {
 HOLDOUT: tuple[str, ...] = ("chelsea", "coffee", "gravel")
 
 DegradationMode = Literal["realesrgan", "bicubic"]
+# How crops pick their photo: in proportion to its area, or every photo equally often.
+PhotoWeighting = Literal["area", "photo"]
+PHOTO_WEIGHTINGS: tuple[str, ...] = ("area", "photo")
 
 
 @dataclass(frozen=True)
@@ -140,9 +143,14 @@ def load_photo(photo: Photo | str) -> np.ndarray:
 
 @dataclass(frozen=True, kw_only=True)
 class CropConfig:
-    """HR crop sampling; jitter values are the largest relative change (0.1 = +-10 %)."""
+    """HR crop sampling; jitter values are the largest relative change (0.1 = +-10 %).
+
+    ``weighting`` "area" draws every pixel equally often, so one large photo can dominate
+    (retina is a third of the default training pixels); "photo" draws every photo equally often.
+    """
 
     size: int = 256
+    weighting: PhotoWeighting = "area"
     flips: bool = True
     rotations: bool = True
     brightness: float = 0.08
@@ -159,6 +167,10 @@ class CropConfig:
                 raise ConfigError(f"{name} jitter must be in [0, 1), got {getattr(self, name)}")
         if self.max_tries < 1:
             raise ConfigError(f"max_tries must be >= 1, got {self.max_tries}")
+        if self.weighting not in PHOTO_WEIGHTINGS:
+            raise ConfigError(
+                f"photo weighting must be one of {PHOTO_WEIGHTINGS}, got {self.weighting!r}"
+            )
 
 
 def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -196,20 +208,32 @@ def augment(crop: np.ndarray, rng: np.random.Generator, config: CropConfig) -> n
 def sample_crops(
     images: Sequence[np.ndarray], rng: np.random.Generator, config: CropConfig = CropConfig()
 ) -> Iterator[np.ndarray]:
-    """Endless seeded stream of augmented HR crops; photos are drawn in proportion to area."""
-    usable = [im for im in images if min(im.shape[:2]) >= config.size]
+    """Endless seeded stream of augmented HR crops (photos weighted by ``config.weighting``)."""
+    for _, crop in sample_indexed_crops(images, rng, config):
+        yield crop
+
+
+def sample_indexed_crops(
+    images: Sequence[np.ndarray], rng: np.random.Generator, config: CropConfig = CropConfig()
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Like ``sample_crops``, with each crop's index into ``images``."""
+    usable = [i for i, im in enumerate(images) if min(im.shape[:2]) >= config.size]
     if not usable:
         raise ShapeError(f"no image is at least {config.size} px on both sides")
-    areas = np.array([im.shape[0] * im.shape[1] for im in usable], dtype=np.float64)
-    weights = areas / areas.sum()
+    if config.weighting == "area":
+        sizes = np.array([images[i].shape[0] * images[i].shape[1] for i in usable], float)
+    else:
+        sizes = np.ones(len(usable))
+    weights = sizes / sizes.sum()
     while True:
-        image = usable[int(rng.choice(len(usable), p=weights))]
+        index = usable[int(rng.choice(len(usable), p=weights))]
+        image = images[index]
         crop = random_crop(image, config.size, rng)
         for _ in range(config.max_tries - 1):
             if float(_luma(crop).std()) >= config.min_std:
                 break
             crop = random_crop(image, config.size, rng)
-        yield augment(crop, rng, config)
+        yield index, augment(crop, rng, config)
 
 
 def pair(

@@ -9,10 +9,14 @@ Half of the trajectories (``random_fraction``) jump by a random DTSS tier at eve
 of following the oracle-driven policy, so that labels cover every timestep and not only the
 states an oracle-driven run visits before it exits.
 
+Crops pick their photo with equal odds per photo by default (``weighting``): the regressor has
+to rank content it has not seen, so photo variety matters more than pixel count.
+
 Shard ``shard-NNNNN.npz``: x0 f32[n, C, s, s], lr f32[n, C, s, s] (the unmodulated LR latent),
 t f32[n], scores f64[n, M] (raw, in ``metrics`` order), traj i64[n] (trajectory within the
-shard), call i64[n] (its UNet call index), random bool[n] (random-tier trajectory), metrics
-str[M], unet_step and seconds (scalars). Shard k is seeded
+shard), call i64[n] (its UNet call index), random bool[n] (random-tier trajectory), photo
+i64[n] (index into photos), photos str[P] (the photo names; empty when the caller passed bare
+images), weighting (str), metrics str[M], unet_step and seconds (scalars). Shard k is seeded
 by (seed, k) alone and written atomically, so an interrupted run resumes at the first missing
 shard and produces the same files.
 """
@@ -36,8 +40,9 @@ from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import TorchModels
 from adadiff.runtime.policy import Category, Decision, DTSSPolicy
 from adadiff.runtime.sampler import DenoiseNets, sample_tiles
+from adadiff.training.data import PHOTO_WEIGHTINGS, PhotoWeighting
 from adadiff.training.loop import Progress, numpy_rng, stop_on_signals
-from adadiff.training.pairs import Batch, PairStream, load_images
+from adadiff.training.pairs import Batch, PairStream, load_images, photo_names
 
 log = logging.getLogger("adadiff.training")
 
@@ -52,11 +57,16 @@ class LabelOptions:
     max_batch: int = 8
     random_fraction: float = 0.5
     realesrgan_prob: float = 0.0
+    weighting: PhotoWeighting = "photo"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.shards < 1 or self.trajectories < 1 or self.max_batch < 1:
             raise ConfigError(f"shards, trajectories and max_batch must be >= 1, got {self}")
+        if self.weighting not in PHOTO_WEIGHTINGS:
+            raise ConfigError(
+                f"photo weighting must be one of {PHOTO_WEIGHTINGS}, got {self.weighting!r}"
+            )
         if not 0 <= self.random_fraction <= 1:
             raise ConfigError(f"random_fraction must be in [0, 1], got {self.random_fraction}")
 
@@ -185,6 +195,7 @@ def run_trajectories(
     )
     out = scorer.arrays()
     out["random"] = np.isin(np.arange(n), pick)[out["traj"]]
+    out["photo"] = batch.photo[out["traj"]]
     return out
 
 
@@ -211,6 +222,7 @@ def make_shard(
     index: int,
     opts: LabelOptions,
     cache_dir: str | Path | None = None,
+    names: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
     cfg = models.config
     stream = PairStream(
@@ -219,6 +231,7 @@ def make_shard(
         size=cfg.tile_size,
         scale=cfg.upscale,
         realesrgan_prob=opts.realesrgan_prob,
+        weighting=opts.weighting,
     )
     arrays = run_trajectories(
         models,
@@ -229,6 +242,8 @@ def make_shard(
         cache_dir=cache_dir,
     )
     arrays["metrics"] = np.array([m.name for m in cfg.mmle.metrics])
+    arrays["photos"] = np.array(list(names), dtype=str)
+    arrays["weighting"] = np.array(opts.weighting)
     return arrays
 
 
@@ -249,12 +264,20 @@ def make_labels(
     *,
     models: TorchModels | None = None,
     images: list[np.ndarray] | None = None,
+    names: Sequence[str] = (),
     cache_dir: str | Path | None = None,
     progress: Progress | None = None,
 ) -> LabelResult:
-    """Write shards 0 .. shards-1 into ``workdir/labels``, skipping those already there."""
+    """Write shards 0 .. shards-1 into ``workdir/labels``, skipping those already there.
+
+    ``images`` defaults to the training photos; ``names`` (one per image) go into the shards.
+    """
     from adadiff.training.assemble import frozen_models, unet_checkpoint
 
+    if images is None:
+        names, images = photo_names("train"), load_images("train")
+    if names and len(names) != len(images):
+        raise ConfigError(f"got {len(names)} photo names for {len(images)} images")
     workdir = Path(workdir)
     folder = workdir / STAGE
     folder.mkdir(parents=True, exist_ok=True)
@@ -262,7 +285,6 @@ def make_labels(
     if models is None:
         models = frozen_models(cfg, workdir, with_mmle=False)
         unet_step = int(unet_checkpoint(workdir)["step"])
-    images = images if images is not None else load_images("train")
     made, samples, elapsed, stopped = 0, 0, 0.0, False
     with stop_on_signals() as stop:
         for index in range(opts.shards):
@@ -273,7 +295,7 @@ def make_labels(
                 stopped = True
                 break
             start = time.perf_counter()
-            arrays = make_shard(models, images, index, opts, cache_dir)
+            arrays = make_shard(models, images, index, opts, cache_dir, names)
             arrays["unet_step"] = np.array(unet_step)
             took = time.perf_counter() - start
             arrays["seconds"] = np.array(took)
@@ -294,16 +316,23 @@ def make_labels(
 
 
 def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
-    """Concatenate shards; ``traj`` becomes unique across them and ``shard`` is added."""
+    """Concatenate shards; ``traj`` becomes unique across them, ``shard`` is added, and
+    ``photo_name`` gives each row's photo ("" for shards that do not name their photos)."""
     if not paths:
         raise ModelFolderError("no label shards found; run `adadiff train labels` first")
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*KEYS, "shard")}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in (*KEYS, "shard", "photo_name")}
     metrics = None
     offset = 0
     for i, path in enumerate(paths):
         try:
             with np.load(path, allow_pickle=False) as npz:
                 data = {k: npz[k] for k in (*KEYS, "metrics")}
+                named = "photo" in npz.files and "photos" in npz.files and npz["photos"].size
+                data["photo_name"] = (
+                    npz["photos"][npz["photo"]].astype(str)
+                    if named
+                    else np.full(len(data["t"]), "", dtype=str)
+                )
         except (OSError, KeyError, ValueError) as exc:
             raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
         names = tuple(str(m) for m in data["metrics"])
@@ -313,6 +342,7 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
         for key in KEYS:
             parts[key].append(data[key] + offset if key == "traj" else data[key])
         parts["shard"].append(np.full(len(data["t"]), i, dtype=np.int64))
+        parts["photo_name"].append(data["photo_name"])
         offset += int(data["traj"].max()) + 1 if len(data["traj"]) else 0
     out = {k: np.concatenate(v) for k, v in parts.items()}
     out["metrics"] = np.array(metrics)

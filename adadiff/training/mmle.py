@@ -7,13 +7,16 @@ differences matter as much as the scores. The runtime adds the configured signed
 scores, so ``baked_mmle`` folds the de-standardisation into the last linear layer: the shipped
 module outputs raw scores and needs no extra tensors.
 
-A share of whole trajectories (``val_fraction``) is held out; each checkpoint reports their
-standardised L2 and Spearman's rho per metric.
+A share of whole trajectories (``val_fraction``) is held out, or, with ``val_photos``, every
+trajectory of the named photos: a photo the regressor never saw tells how it generalises, which
+a random share of trajectories (their photos are in training too) overstates. Each checkpoint
+reports the held-out rows' standardised L2 and Spearman's rho per metric.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,7 @@ STAGE = "mmle"
 class MMLEOptions:
     diff_weight: float = 1.0
     val_fraction: float = 0.1
+    val_photos: tuple[str, ...] = ()  # when given, replaces val_fraction
 
     def __post_init__(self) -> None:
         if self.diff_weight < 0 or not 0 <= self.val_fraction < 1:
@@ -114,14 +118,29 @@ class LabelSet:
 
 
 def split_labels(
-    data: dict[str, np.ndarray], val_fraction: float, seed: int
+    data: dict[str, np.ndarray],
+    val_fraction: float,
+    seed: int,
+    val_photos: Sequence[str] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, val), split by whole trajectories; rows with non-finite scores go."""
+    """Row indices (train, val), split by whole trajectories or, given ``val_photos``, by photo;
+    rows with non-finite scores go."""
     finite = np.all(np.isfinite(data["scores"]), axis=1)
-    trajs = np.unique(data["traj"])
-    n_val = round(val_fraction * len(trajs))
-    val_trajs = numpy_rng(seed, 11).permutation(trajs)[:n_val]
-    is_val = np.isin(data["traj"], val_trajs)
+    if val_photos:
+        names = data.get("photo_name", np.full(len(data["t"]), "", dtype=str))
+        known = sorted({str(n) for n in names if n})
+        unknown = [p for p in val_photos if p not in known]
+        if unknown:
+            raise ConfigError(
+                f"--val-photos {unknown} are not in the labels; their shards name {known} "
+                "(shards made before photo names were recorded name none)"
+            )
+        is_val = np.isin(names, list(val_photos))
+    else:
+        trajs = np.unique(data["traj"])
+        n_val = round(val_fraction * len(trajs))
+        val_trajs = numpy_rng(seed, 11).permutation(trajs)[:n_val]
+        is_val = np.isin(data["traj"], val_trajs)
     return np.flatnonzero(finite & ~is_val), np.flatnonzero(finite & is_val)
 
 
@@ -143,7 +162,7 @@ class MMLEStage:
                 f"{list(self.metric_names)}; make the labels with this config"
             )
         self.cfg, self.opts, self.mopts = cfg, opts, mopts
-        train_rows, val_rows = split_labels(data, mopts.val_fraction, opts.seed)
+        train_rows, val_rows = split_labels(data, mopts.val_fraction, opts.seed, mopts.val_photos)
         if len(train_rows) < 2:
             raise ConfigError(f"only {len(train_rows)} usable label rows; make more labels")
         self.train = LabelSet(data, train_rows)
@@ -249,7 +268,7 @@ class MMLEStage:
         return {
             "train_rows": len(self.train),
             "validation": self.last_val,
-            "options": self.mopts.__dict__.copy(),
+            "options": {**self.mopts.__dict__, "val_photos": list(self.mopts.val_photos)},
         }
 
 

@@ -15,18 +15,19 @@ from adadiff.errors import ConfigError
 from adadiff.imageio import bicubic_upscale
 from adadiff.training.data import (
     CropConfig,
+    PhotoWeighting,
     holdout_photos,
     load_photo,
     pair,
-    sample_crops,
+    sample_indexed_crops,
     training_photos,
 )
 
 PHOTO_SETS = ("train", "holdout")
 
 
-def load_images(which: str = "train") -> list[np.ndarray]:
-    """The training photos (hold-out excluded) or the hold-out photos, float32 RGB in [0, 1]."""
+def photo_names(which: str = "train") -> list[str]:
+    """Names of the training photos (hold-out excluded) or of the hold-out photos, in order."""
     if which == "train":
         photos = training_photos()
     elif which == "holdout":
@@ -35,7 +36,12 @@ def load_images(which: str = "train") -> list[np.ndarray]:
         raise ConfigError(f"photo set must be one of {PHOTO_SETS}, got {which!r}")
     if not photos:
         raise ConfigError("no training photos are installed; install scikit-image")
-    return [load_photo(p) for p in photos]
+    return [p.name for p in photos]
+
+
+def load_images(which: str = "train") -> list[np.ndarray]:
+    """The photos ``photo_names(which)`` names, float32 RGB in [0, 1]."""
+    return [load_photo(name) for name in photo_names(which)]
 
 
 @dataclass
@@ -43,13 +49,15 @@ class Batch:
     hr: np.ndarray  # [B, H, W, 3] in [0, 1]
     lr: np.ndarray  # [B, H/s, W/s, 3]
     up: np.ndarray  # [B, H, W, 3]: lr bicubic-upscaled, what the runtime encodes
+    photo: np.ndarray  # [B] int: each crop's index into the stream's images
 
 
 class PairStream:
     """Endless seeded stream of augmented crops and their degraded pairs.
 
     ``realesrgan_prob`` is the chance that a crop gets Real-ESRGAN's second-order degradation
-    instead of plain bicubic x4. All randomness comes from ``rng``; restoring its state restores
+    instead of plain bicubic x4; ``weighting`` picks photos by area or equally (``CropConfig``).
+    All randomness comes from ``rng``; restoring its state restores
     the stream.
     """
 
@@ -61,6 +69,7 @@ class PairStream:
         size: int,
         scale: int = 4,
         realesrgan_prob: float = 0.0,
+        weighting: PhotoWeighting = "area",
     ) -> None:
         if not 0 <= realesrgan_prob <= 1:
             raise ConfigError(f"realesrgan_prob must be in [0, 1], got {realesrgan_prob}")
@@ -69,21 +78,24 @@ class PairStream:
         self.rng = rng
         self.scale = scale
         self.realesrgan_prob = realesrgan_prob
-        self._crops = sample_crops(images, rng, CropConfig(size=size))
+        self._crops = sample_indexed_crops(images, rng, CropConfig(size=size, weighting=weighting))
 
     def hr(self, n: int) -> np.ndarray:
-        return np.stack([next(self._crops) for _ in range(n)])
+        return np.stack([next(self._crops)[1] for _ in range(n)])
 
     def batch(self, n: int) -> Batch:
-        hr, lr = [], []
+        hr, lr, photo = [], [], []
         for _ in range(n):
-            crop = next(self._crops)
+            index, crop = next(self._crops)
+            photo.append(index)
             mode = "realesrgan" if self.rng.random() < self.realesrgan_prob else "bicubic"
             low, _ = pair(crop, self.rng, mode)
             hr.append(crop)
             lr.append(low)
         up = [bicubic_upscale(low, self.scale) for low in lr]
-        return Batch(hr=np.stack(hr), lr=np.stack(lr), up=np.stack(up))
+        return Batch(
+            hr=np.stack(hr), lr=np.stack(lr), up=np.stack(up), photo=np.array(photo, np.int64)
+        )
 
 
 def to_tensor(images: np.ndarray):  # -> torch.Tensor

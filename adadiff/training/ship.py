@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,18 +75,51 @@ def _stage_row(name: str, ckpt: dict[str, Any] | None) -> str:
     )
 
 
-def _labels_row(workdir: Path) -> tuple[str, float]:
-    shards = sorted((workdir / "labels").glob("shard-*.npz"))
-    samples, seconds = 0, 0.0
-    for path in shards:
+@dataclass
+class LabelSummary:
+    shards: int = 0
+    samples: int = 0
+    minutes: float = 0.0
+    photos: set[str] = field(default_factory=set)  # names drawn, where shards record them
+    weightings: set[str] = field(default_factory=set)
+
+    def row(self) -> str:
+        return (
+            f"| labels | {self.shards} shards, {self.samples} samples | - | - | "
+            f"{self.minutes:.1f} | oracle-scored UNet calls |"
+        )
+
+
+def _labels(workdir: Path) -> LabelSummary:
+    out = LabelSummary()
+    for path in sorted((workdir / "labels").glob("shard-*.npz")):
         with np.load(path, allow_pickle=False) as npz:
-            samples += len(npz["t"])
-            seconds += float(npz["seconds"]) if "seconds" in npz.files else 0.0
-    return (
-        f"| labels | {len(shards)} shards, {samples} samples | - | - | {seconds / 60:.1f} | "
-        "oracle-scored UNet calls |",
-        seconds / 60,
-    )
+            out.shards += 1
+            out.samples += len(npz["t"])
+            out.minutes += float(npz["seconds"]) / 60 if "seconds" in npz.files else 0.0
+            if "photos" in npz.files and npz["photos"].size and "photo" in npz.files:
+                out.photos.update(str(n) for n in npz["photos"][np.unique(npz["photo"])])
+            if "weighting" in npz.files:
+                out.weightings.add(str(npz["weighting"]))
+    return out
+
+
+def _photo_rows(stages: dict[str, list[str] | set[str]]) -> tuple[list[str], list[str]]:
+    """Table rows of every photo a stage records, with the stages that used it, and the names
+    of stages that recorded no photos."""
+    source = {p.name: p.package for p in available_photos()}
+    used: dict[str, list[str]] = {}
+    for stage, names in stages.items():
+        for name in names:
+            used.setdefault(name, []).append(stage)
+    if not used:  # nothing recorded: the photos this machine would train on
+        used = {p.name: ["not recorded"] for p in training_photos()}
+    rows = [
+        f"| {name} | {source.get(name, '-')} | {PHOTO_LICENCES.get(name, 'see the package')} | "
+        f"{', '.join(by)} |"
+        for name, by in used.items()
+    ]
+    return rows, [stage for stage, names in stages.items() if not names]
 
 
 def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
@@ -133,8 +167,14 @@ def model_card(
     evaluation: dict[str, Any] | None,
 ) -> str:
     vae, unet, mmle = (_checkpoint(workdir, s) for s in ("vae", "unet", "mmle"))
-    labels_row, labels_minutes = _labels_row(workdir)
-    photos = [p for p in training_photos()]
+    labels = _labels(workdir)
+    photo_rows, unrecorded = _photo_rows(
+        {
+            "vae": (vae or {}).get("summary", {}).get("photos", []),
+            "unet": (unet or {}).get("summary", {}).get("photos", []),
+            "labels": labels.photos,
+        }
+    )
     holdout = [p for p in available_photos() if p.name in HOLDOUT]
     u_opts = (unet or {}).get("summary", {}).get("options", {})
     v_opts = (vae or {}).get("summary", {}).get("options", {})
@@ -143,10 +183,11 @@ def model_card(
         name: (c.get("elapsed_s", 0.0) / 60 if c else 0.0)
         for name, c in (("vae", vae), ("unet", unet), ("mmle", mmle))
     }
-    minutes["labels"] = labels_minutes
+    minutes["labels"] = labels.minutes
     phases = (vae or {}).get("summary", {}).get("crop_phases", [])
     crops = ", ".join(f"{side} px from step {first}" for first, side in phases) or "-"
     val = m_sum.get("validation", {})
+    val_photos = m_sum.get("options", {}).get("val_photos", [])
     rho = ", ".join(f"{k} {v:.3f}" for k, v in val.get("spearman", {}).items()) or "-"
     lines = [
         f"# {cfg.name}: a tiny AdaDiffSR model trained on CPU",
@@ -169,19 +210,29 @@ def model_card(
         "",
         "## Data",
         "",
-        "HR crops of one tile, with flips, 90-degree rotations and mild colour jitter, drawn in "
-        "proportion to photo area. LR inputs: bicubic x4 (antialiased, MATLAB-style) with "
+        "HR crops of one tile, with flips, 90-degree rotations and mild colour jitter. The VAE "
+        "and UNet draw photos in proportion to their area; labels draw "
+        + (
+            "every photo equally often"
+            if labels.weightings == {"photo"}
+            else "photos in proportion to their area"
+            if labels.weightings == {"area"}
+            else "photos as recorded in the shards"
+        )
+        + ". LR inputs: bicubic x4 (antialiased, MATLAB-style) with "
         f"probability {1 - float(u_opts.get('realesrgan_prob', 0.0)):.2f}, else Real-ESRGAN's "
         "second-order degradation. The conditioning is the LR image bicubic-upscaled x4, "
         "exactly what the runtime encodes.",
         "",
-        "| photo | source | licence / statement |",
-        "|---|---|---|",
-        *[
-            f"| {p.name} | {p.package} | {PHOTO_LICENCES.get(p.name, 'see the package')} |"
-            for p in photos
-        ],
+        "| photo | source | licence / statement | used by |",
+        "|---|---|---|---|",
+        *photo_rows,
         "",
+        *(
+            [f"Stages that recorded no photo names: {', '.join(unrecorded)}.", ""]
+            if unrecorded
+            else []
+        ),
         "Held out (never trained on, used by the evaluation): "
         + ", ".join(f"{p.name} ({PHOTO_LICENCES.get(p.name, 'see the package')})" for p in holdout)
         + ".",
@@ -192,7 +243,7 @@ def model_card(
         "|---|---|---|---|---|---|",
         _stage_row("vae", vae),
         _stage_row("unet + pfj", unet),
-        labels_row,
+        labels.row(),
         _stage_row("mmle", mmle),
         "",
         f"Training time: {sum(minutes.values()):.1f} min in all ("
@@ -215,9 +266,13 @@ def model_card(
         "oracle-driven DTSS and half random DTSS tiers; every UNet call's x0 decoded and scored "
         "by the oracle (" + ", ".join(m.name for m in cfg.mmle.metrics) + ") against the LR input.",
         "- MMLE: L2 on standardised scores plus L2 on step-to-step changes of R_FR and R_NR, "
-        "Adam; de-standardisation is folded into the last layer (raw scores out). Validation "
-        "trajectories (a held-out share of the label trajectories, from the training photos): "
-        f"Spearman {rho}.",
+        "Adam; de-standardisation is folded into the last layer (raw scores out). Validation: "
+        + (
+            f"every trajectory of {', '.join(val_photos)} (photos MMLE never trained on)"
+            if val_photos
+            else "a held-out share of the label trajectories (their photos are also in training)"
+        )
+        + f", Spearman {rho}.",
         "",
         "## Evaluation",
         "",

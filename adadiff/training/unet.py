@@ -51,7 +51,7 @@ from adadiff.training.loop import (
     run_stage,
     set_rng_state,
 )
-from adadiff.training.pairs import PairStream, load_images, to_tensor
+from adadiff.training.pairs import PairStream, load_images, photo_names, to_tensor
 from adadiff.training.vae import STAGE as VAE_STAGE
 from adadiff.training.vae import build_vae, encode_moments
 
@@ -129,6 +129,7 @@ class UNetStage:
         scaling_factor: float,
     ) -> None:
         self.cfg, self.opts, self.uopts = cfg, opts, uopts
+        self.photos: list[str] = []  # names of the training photos, for the model card
         self.vae = build_vae(cfg, 0)
         self.vae.load_state_dict(vae_state)
         self.vae.eval().requires_grad_(False)
@@ -246,7 +247,11 @@ class UNetStage:
         self.cursor = int(state["cursor"])
 
     def summary(self) -> dict[str, Any]:
-        return {"scaling_factor": self.scaling_factor, "options": self.uopts.__dict__.copy()}
+        return {
+            "photos": list(self.photos),
+            "scaling_factor": self.scaling_factor,
+            "options": self.uopts.__dict__.copy(),
+        }
 
 
 def train_unet(
@@ -271,6 +276,7 @@ def train_unet(
         vae_ckpt["state"]["vae"],
         vae_ckpt["summary"]["scaling_factor"],
     )
+    stage.photos = photo_names("train") if images is None else []
     log.info(
         "unet: VAE from step %d, latent scaling factor %.5f",
         vae_ckpt["step"],

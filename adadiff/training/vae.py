@@ -35,7 +35,7 @@ from adadiff.training.loop import (
     run_stage,
     set_rng_state,
 )
-from adadiff.training.pairs import PairStream, load_images, to_tensor
+from adadiff.training.pairs import PairStream, load_images, photo_names, to_tensor
 
 log = logging.getLogger("adadiff.training")
 
@@ -91,6 +91,7 @@ class VAEStage:
         cache_dir: str | Path | None = None,
     ) -> None:
         self.cfg, self.opts, self.vopts = cfg, opts, vopts
+        self.photos: list[str] = []  # names of the training photos, for the model card
         self.vae = build_vae(cfg, opts.seed).train()
         self.optimizer = torch.optim.AdamW(self.vae.parameters(), lr=opts.lr, weight_decay=0.0)
         self.rng = numpy_rng(opts.seed, 1)
@@ -172,6 +173,7 @@ class VAEStage:
 
     def summary(self) -> dict[str, Any]:
         return {
+            "photos": list(self.photos),
             "scaling_factor": self.scaling_factor,
             "options": self.vopts.__dict__.copy(),
             "crop_phases": [list(p) for p in self.phases],
@@ -196,4 +198,5 @@ def train_vae(
         images if images is not None else load_images("train"),
         cache_dir=cache_dir,
     )
+    stage.photos = photo_names("train") if images is None else []
     return run_stage(stage, Path(workdir) / STAGE, opts, config=cfg.to_dict(), progress=progress)
