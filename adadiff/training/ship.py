@@ -150,6 +150,17 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
             f"MMLE vs oracle on trajectories of the hold-out photos: Spearman {rho}; same DTSS "
             f"category in {100 * mmle.get('category_agreement', float('nan')):.1f}% of steps.",
         ]
+        within = mmle.get("spearman_within_trajectory_median", {})
+        between = mmle.get("spearman_between_trajectory_means", {})
+        if within and between:
+            lines += [
+                "",
+                "Within one trajectory (median over trajectories): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in within.items())
+                + "; between trajectories (their mean scores): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in between.items())
+                + ". DTSS acts on step-to-step changes, which the first figures describe.",
+            ]
     checks = summary.get("targets", {})
     if checks:
         lines += [
