@@ -57,8 +57,7 @@ class PairStream:
 
     ``realesrgan_prob`` is the chance that a crop gets Real-ESRGAN's second-order degradation
     instead of plain bicubic x4; ``weighting`` picks photos by area or equally (``CropConfig``).
-    All randomness comes from ``rng``; restoring its state restores
-    the stream.
+    All randomness comes from ``rng``; restoring its state restores the stream.
     """
 
     def __init__(

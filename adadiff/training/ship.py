@@ -104,7 +104,7 @@ def _labels(workdir: Path) -> LabelSummary:
     return out
 
 
-def _photo_rows(stages: dict[str, list[str] | set[str]]) -> tuple[list[str], list[str]]:
+def _photo_rows(stages: dict[str, list[str]]) -> tuple[list[str], list[str]]:
     """Table rows of every photo a stage records, with the stages that used it, and the names
     of stages that recorded no photos."""
     source = {p.name: p.package for p in available_photos()}
@@ -183,7 +183,7 @@ def model_card(
         {
             "vae": (vae or {}).get("summary", {}).get("photos", []),
             "unet": (unet or {}).get("summary", {}).get("photos", []),
-            "labels": labels.photos,
+            "labels": sorted(labels.photos),
         }
     )
     holdout = [p for p in available_photos() if p.name in HOLDOUT]
