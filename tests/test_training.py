@@ -166,6 +166,46 @@ def test_unet_needs_a_vae_checkpoint(tmp_path, cfg, images):
         train_unet(cfg, tmp_path, opts(1), images=images)
 
 
+def test_decoder_fine_tune_keeps_the_encoder_and_is_assembled(tmp_path, unet_workdir, cfg, images):
+    from adadiff.training.assemble import frozen_models
+    from adadiff.training.decoder import DecoderOptions, train_decoder
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    before = load_latest(workdir / "unet")["state"]["vae"]
+    dopts = DecoderOptions(perceptual_weight=0.0, crop=32)
+    result = train_decoder(cfg, workdir, opts(3), dopts, images=images)
+    assert result.step == 3 and result.last_losses["l1"] > 0
+    ckpt = load_latest(workdir / "decoder", stage="decoder")
+    assert not any(k.startswith(("encoder.", "quant_conv.")) for k in ckpt["state"]["decoder"])
+
+    models = frozen_models(cfg, workdir, with_mmle=False)
+    assert "decoder step 3" in models.source
+    after = models.vae.state_dict()
+    for key, value in before.items():
+        if key.startswith(("encoder.", "quant_conv.")):
+            torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+    changed = [k for k in ckpt["state"]["decoder"] if not torch.equal(after[k], before[k])]
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    for key in changed:
+        torch.testing.assert_close(after[key], ckpt["state"]["decoder"][key], rtol=0, atol=0)
+
+    # Resuming continues; a decoder trained against another encoder is refused.
+    assert train_decoder(cfg, workdir, opts(4), dopts, images=images).step == 4
+    from adadiff.training.ship import model_card
+
+    card = model_card(cfg, workdir, {"unet": 1}, 1.0, None)
+    assert "| decoder | 4 | 2 |" in card and "- Decoder: fine-tuned" in card
+    path = sorted((workdir / "decoder").glob("ckpt-*.pt"))[-1]
+    data = torch.load(path, weights_only=True)
+    data["state"]["encoder_fingerprint"] = "0" * 64
+    torch.save(data, path)
+    with pytest.raises(ModelFolderError, match="another encoder"):
+        frozen_models(cfg, workdir, with_mmle=False)
+    with pytest.raises(ConfigError, match="another encoder"):
+        train_decoder(cfg, workdir, opts(5), dopts, images=images)
+
+
 def test_gains_follow_the_runtime_rules():
     from adadiff.training.unet import sample_gains
 

@@ -2,8 +2,10 @@
 
 The VAE, its latent scaling factor, the UNet, PFJ and the empty-prompt embedding all come from
 the newest UNet checkpoint (it carries the VAE it was trained on, so they always match); UNet
-and PFJ are the EMA weights. MMLE comes from the newest MMLE checkpoint with its score
-standardisation baked into the last layer, or stays at its seeded init when none is asked for.
+and PFJ are the EMA weights. A fine-tuned decoder (``workdir/decoder``) replaces the VAE's
+decoder when it was trained against the same encoder. MMLE comes from the newest MMLE
+checkpoint with its score standardisation baked into the last layer, or stays at its seeded init
+when none is asked for.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from adadiff.config import ModelConfig
+from adadiff.errors import ModelFolderError
 from adadiff.models.bundle import TorchModels, build_modules
 from adadiff.training.checkpoint import require_latest
 
@@ -42,6 +45,27 @@ def mmle_checkpoint(workdir: str | Path) -> dict[str, Any]:
     )
 
 
+def _load_decoder(vae: torch.nn.Module, workdir: Path, vae_state: dict[str, Any]) -> int | None:
+    """Put the newest decoder checkpoint into ``vae``; its step, or None when there is none."""
+    from adadiff.training.checkpoint import load_latest
+    from adadiff.training.decoder import STAGE, encoder_fingerprint
+
+    ckpt = load_latest(workdir / STAGE, stage=STAGE)
+    if ckpt is None:
+        return None
+    if ckpt["state"]["encoder_fingerprint"] != encoder_fingerprint(vae_state):
+        raise ModelFolderError(
+            f"{workdir / STAGE} holds a decoder trained against another encoder than the newest "
+            f"UNet checkpoint's; retrain it (adadiff train decoder) or move it away"
+        )
+    result = vae.load_state_dict(ckpt["state"]["decoder"], strict=False)
+    if result.unexpected_keys or any(
+        not k.startswith(("encoder.", "quant_conv.")) for k in result.missing_keys
+    ):
+        raise ModelFolderError(f"{workdir / STAGE}: the decoder checkpoint does not fit this VAE")
+    return int(ckpt["step"])
+
+
 def frozen_models(
     cfg: ModelConfig, workdir: str | Path, *, with_mmle: bool, seed: int = 0
 ) -> TorchModels:
@@ -55,10 +79,13 @@ def frozen_models(
         torch.manual_seed(seed)
         unet, vae, pfj, mmle = build_modules(cfg)
     vae.load_state_dict(state["vae"])
+    decoder_step = _load_decoder(vae, Path(workdir), state["vae"])
     ema = state["ema"]["shadow"]
     unet.load_state_dict({k[len("unet.") :]: v for k, v in ema.items() if k.startswith("unet.")})
     pfj.load_state_dict({k[len("pfj.") :]: v for k, v in ema.items() if k.startswith("pfj.")})
     source = f"{cfg.name} (unet step {ckpt['step']})"
+    if decoder_step is not None:
+        source = f"{source[:-1]}, decoder step {decoder_step})"
     if with_mmle:
         m = mmle_checkpoint(workdir)
         mmle = baked_mmle(cfg, m["state"])

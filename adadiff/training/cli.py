@@ -1,4 +1,4 @@
-"""``adadiff train {vae,unet,labels,mmle,ship}``: the stage trainers on the command line.
+"""``adadiff train {vae,unet,decoder,labels,mmle,ship}``: the stage trainers on the command line.
 
 Every stage keeps its state under ``--workdir`` (one sub-folder per stage) and resumes from it
 by default, so the same command run again continues where it stopped; ``--steps`` is the total.
@@ -15,12 +15,13 @@ from typing import Any
 
 from adadiff.argtypes import fraction, positive
 
-STAGES = ("vae", "unet", "labels", "mmle", "ship")
+STAGES = ("vae", "unet", "decoder", "labels", "mmle", "ship")
 
 # Per-stage defaults for the shared flags: (steps, batch, lr).
 DEFAULTS: dict[str, tuple[int, int, float]] = {
     "vae": (1000, 8, 5e-4),
     "unet": (4000, 16, 3e-4),
+    "decoder": (2000, 8, 2e-4),
     "labels": (8, 16, 0.0),  # steps = shards, batch = trajectories per shard
     "mmle": (3000, 64, 1e-3),
 }
@@ -77,7 +78,7 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``train`` and its stage sub-commands to an ``add_subparsers()`` object."""
     train = subparsers.add_parser(
-        "train", help="train the tiny model's stages (vae, unet, labels, mmle) and ship it"
+        "train", help="train the tiny model's stages (vae, unet, decoder, labels, mmle) and ship it"
     )
     stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
@@ -115,6 +116,26 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--pool", type=int, default=1024, help="encoded latent pairs kept (0: encode every batch)"
     )
     unet.add_argument("--refresh", type=int, default=4, help="pairs re-encoded per step")
+
+    decoder = stages.add_parser(
+        "decoder",
+        help="optional: fine-tune the VAE decoder after the UNet (encoder frozen)",
+    )
+    _common(decoder, "decoder")
+    decoder.add_argument("--perceptual-weight", type=float, default=0.1)
+    decoder.add_argument(
+        "--lr-input-prob",
+        type=fraction,
+        default=0.5,
+        help="share of inputs that are bicubic-upscaled LR crops",
+    )
+    decoder.add_argument("--crop", type=positive, default=64, help="training crop side in px")
+    decoder.add_argument(
+        "--photo-weighting",
+        choices=("photo", "area"),
+        default="photo",
+        help="pick each crop's photo with equal odds (photo) or in proportion to its area",
+    )
 
     labels = stages.add_parser("labels", help="oracle-scored trajectories of the frozen model")
     _common(labels, "labels")
@@ -225,6 +246,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             refresh=args.refresh,
         )
         result = train_unet(cfg, workdir, _options(args), uopts)
+    elif stage == "decoder":
+        from adadiff.training.decoder import DecoderOptions, train_decoder
+
+        dopts = DecoderOptions(
+            perceptual_weight=args.perceptual_weight,
+            lr_input_prob=args.lr_input_prob,
+            crop=args.crop,
+            weighting=args.photo_weighting,
+        )
+        result = train_decoder(cfg, workdir, _options(args), dopts, cache_dir=args.metrics_cache)
     elif stage == "labels":
         from adadiff.training.labels import LabelOptions, make_labels
 

@@ -177,12 +177,13 @@ def model_card(
     size_mb: float,
     evaluation: dict[str, Any] | None,
 ) -> str:
-    vae, unet, mmle = (_checkpoint(workdir, s) for s in ("vae", "unet", "mmle"))
+    vae, unet, decoder, mmle = (_checkpoint(workdir, s) for s in ("vae", "unet", "decoder", "mmle"))
     labels = _labels(workdir)
     photo_rows, unrecorded = _photo_rows(
         {
             "vae": (vae or {}).get("summary", {}).get("photos", []),
             "unet": (unet or {}).get("summary", {}).get("photos", []),
+            **({"decoder": decoder.get("summary", {}).get("photos", [])} if decoder else {}),
             "labels": sorted(labels.photos),
         }
     )
@@ -192,7 +193,8 @@ def model_card(
     m_sum = (mmle or {}).get("summary", {})
     minutes = {
         name: (c.get("elapsed_s", 0.0) / 60 if c else 0.0)
-        for name, c in (("vae", vae), ("unet", unet), ("mmle", mmle))
+        for name, c in (("vae", vae), ("unet", unet), ("decoder", decoder), ("mmle", mmle))
+        if name != "decoder" or c is not None
     }
     minutes["labels"] = labels.minutes
     phases = (vae or {}).get("summary", {}).get("crop_phases", [])
@@ -254,6 +256,7 @@ def model_card(
         "|---|---|---|---|---|---|",
         _stage_row("vae", vae),
         _stage_row("unet + pfj", unet),
+        *([_stage_row("decoder", decoder)] if decoder else []),
         labels.row(),
         _stage_row("mmle", mmle),
         "",
@@ -273,6 +276,18 @@ def model_card(
         f"tanh(N(0, {u_opts.get('gain_std', '-')})) per component, g_NR = 0 for "
         f"t >= {cfg.dtss.nr_start_t}. The target does not depend on the gains, so PFJ "
         "learns a conditioning transform that holds for any gain (close to gain-invariant).",
+        *(
+            [
+                "- Decoder: fine-tuned after the UNet with the encoder frozen (the UNet's latent "
+                "space is unchanged), L1 + "
+                f"{decoder['summary']['options'].get('perceptual_weight', '-')} x LPIPS on "
+                "posterior means; a share "
+                f"{decoder['summary']['options'].get('lr_input_prob', '-')} of inputs are "
+                "bicubic-upscaled LR crops. The shipped VAE decoder is this one."
+            ]
+            if decoder
+            else []
+        ),
         "- Labels: trajectories of the frozen model through the runtime sampler, half "
         "oracle-driven DTSS and half random DTSS tiers; every UNet call's x0 decoded and scored "
         "by the oracle (" + ", ".join(m.name for m in cfg.mmle.metrics) + ") against the LR input.",
