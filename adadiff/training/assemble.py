@@ -48,7 +48,7 @@ def mmle_checkpoint(workdir: str | Path) -> dict[str, Any]:
 def _load_decoder(vae: torch.nn.Module, workdir: Path, vae_state: dict[str, Any]) -> int | None:
     """Put the newest decoder checkpoint into ``vae``; its step, or None when there is none."""
     from adadiff.training.checkpoint import load_latest
-    from adadiff.training.decoder import STAGE, encoder_fingerprint
+    from adadiff.training.decoder import ENCODER_PREFIXES, STAGE, encoder_fingerprint
 
     ckpt = load_latest(workdir / STAGE, stage=STAGE)
     if ckpt is None:
@@ -60,7 +60,7 @@ def _load_decoder(vae: torch.nn.Module, workdir: Path, vae_state: dict[str, Any]
         )
     result = vae.load_state_dict(ckpt["state"]["decoder"], strict=False)
     if result.unexpected_keys or any(
-        not k.startswith(("encoder.", "quant_conv.")) for k in result.missing_keys
+        not k.startswith(ENCODER_PREFIXES) for k in result.missing_keys
     ):
         raise ModelFolderError(f"{workdir / STAGE}: the decoder checkpoint does not fit this VAE")
     return int(ckpt["step"])
