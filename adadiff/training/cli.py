@@ -75,6 +75,15 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
         )
 
 
+def _photo_weighting(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--photo-weighting",
+        choices=("photo", "area"),
+        default="photo",
+        help="pick each crop's photo with equal odds (photo) or in proportion to its area",
+    )
+
+
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``train`` and its stage sub-commands to an ``add_subparsers()`` object."""
     train = subparsers.add_parser(
@@ -130,12 +139,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="share of inputs that are bicubic-upscaled LR crops",
     )
     decoder.add_argument("--crop", type=positive, default=64, help="training crop side in px")
-    decoder.add_argument(
-        "--photo-weighting",
-        choices=("photo", "area"),
-        default="photo",
-        help="pick each crop's photo with equal odds (photo) or in proportion to its area",
-    )
+    _photo_weighting(decoder)
 
     labels = stages.add_parser("labels", help="oracle-scored trajectories of the frozen model")
     _common(labels, "labels")
@@ -147,12 +151,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="share of trajectories that jump by random tiers instead of oracle-driven DTSS",
     )
     labels.add_argument("--realesrgan-prob", type=fraction, default=0.0)
-    labels.add_argument(
-        "--photo-weighting",
-        choices=("photo", "area"),
-        default="photo",
-        help="pick each crop's photo with equal odds (photo) or in proportion to its area",
-    )
+    _photo_weighting(labels)
 
     mmle = stages.add_parser("mmle", help="train the MMLE score regressor on the labels")
     _common(mmle, "mmle")

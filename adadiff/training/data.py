@@ -65,6 +65,11 @@ PhotoWeighting = Literal["area", "photo"]
 PHOTO_WEIGHTINGS: tuple[str, ...] = ("area", "photo")
 
 
+def check_weighting(value: str) -> None:
+    if value not in PHOTO_WEIGHTINGS:
+        raise ConfigError(f"photo weighting must be one of {PHOTO_WEIGHTINGS}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Photo:
     name: str
@@ -167,10 +172,7 @@ class CropConfig:
                 raise ConfigError(f"{name} jitter must be in [0, 1), got {getattr(self, name)}")
         if self.max_tries < 1:
             raise ConfigError(f"max_tries must be >= 1, got {self.max_tries}")
-        if self.weighting not in PHOTO_WEIGHTINGS:
-            raise ConfigError(
-                f"photo weighting must be one of {PHOTO_WEIGHTINGS}, got {self.weighting!r}"
-            )
+        check_weighting(self.weighting)
 
 
 def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -16,7 +16,6 @@ hold the decoder weights and a fingerprint of the encoder they were trained agai
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch.nn import functional as F
 
 from adadiff.config import ModelConfig
 from adadiff.errors import ConfigError
-from adadiff.training.data import PHOTO_WEIGHTINGS, PhotoWeighting
+from adadiff.training.data import PhotoWeighting, check_weighting
 from adadiff.training.loop import (
     Progress,
     StageResult,
@@ -40,8 +39,6 @@ from adadiff.training.loop import (
 )
 from adadiff.training.pairs import PairStream, load_images, photo_names, to_tensor
 from adadiff.training.vae import build_vae, encode_moments
-
-log = logging.getLogger("adadiff.training")
 
 STAGE = "decoder"
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")
@@ -62,10 +59,7 @@ class DecoderOptions:
             raise ConfigError(f"perceptual_weight must be >= 0 and grad_clip > 0, got {self}")
         if not 0 <= self.lr_input_prob <= 1:
             raise ConfigError(f"lr_input_prob must be in [0, 1], got {self.lr_input_prob}")
-        if self.weighting not in PHOTO_WEIGHTINGS:
-            raise ConfigError(
-                f"photo weighting must be one of {PHOTO_WEIGHTINGS}, got {self.weighting!r}"
-            )
+        check_weighting(self.weighting)
 
 
 def _encoder_items(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -40,7 +40,7 @@ from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import TorchModels
 from adadiff.runtime.policy import Category, Decision, DTSSPolicy
 from adadiff.runtime.sampler import DenoiseNets, sample_tiles
-from adadiff.training.data import PHOTO_WEIGHTINGS, PhotoWeighting
+from adadiff.training.data import PhotoWeighting, check_weighting
 from adadiff.training.loop import Progress, numpy_rng, stop_on_signals
 from adadiff.training.pairs import Batch, PairStream, load_images, photo_names
 
@@ -63,10 +63,7 @@ class LabelOptions:
     def __post_init__(self) -> None:
         if self.shards < 1 or self.trajectories < 1 or self.max_batch < 1:
             raise ConfigError(f"shards, trajectories and max_batch must be >= 1, got {self}")
-        if self.weighting not in PHOTO_WEIGHTINGS:
-            raise ConfigError(
-                f"photo weighting must be one of {PHOTO_WEIGHTINGS}, got {self.weighting!r}"
-            )
+        check_weighting(self.weighting)
         if not 0 <= self.random_fraction <= 1:
             raise ConfigError(f"random_fraction must be in [0, 1], got {self.random_fraction}")
 
