@@ -136,6 +136,14 @@ class MMLEConfig:
     def num_scores(self) -> int:
         return len(self.metrics)
 
+    @property
+    def psnr_index(self) -> int | None:
+        """The column of full-reference PSNR, which MMLE builds from two errors; else None."""
+        for i, m in enumerate(self.metrics):
+            if m.name == "psnr" and m.kind is MetricKind.FULL_REFERENCE:
+                return i
+        return None
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:

@@ -7,7 +7,8 @@
    upscaled back by bicubic interpolation, by the model with the adaptive schedule, and with
    uniform schedules (interval 5 = 200 steps, interval 20 = 50 steps). PSNR, SSIM and LPIPS
    against the original, BRISQUE of the output, UNet evaluations (tiles x steps).
-2. MMLE vs oracle: oracle-driven DTSS trajectories on tile-sized hold-out crops; at every UNet
+2. MMLE vs oracle: oracle-driven DTSS trajectories on tile-sized hold-out crops (36 by
+   default, each photo equally likely: by pixel count, coffee would be most of them); at every UNet
    call the oracle's scores of the decoded x0 and MMLE's prediction from the latents. Spearman's
    rho per metric over all calls; and per step, whether the DTSS category computed from MMLE's
    gains equals the one from the oracle's gains on the same states (teacher-forced). Separately,
@@ -39,7 +40,7 @@ from adadiff.quality.metrics import psnr, ssim
 from adadiff.runtime.policy import Decision, DTSSPolicy, dtss_decide, gains, quality
 from adadiff.runtime.sampler import sample_tiles
 from adadiff.runtime.upscaler import Upscaler
-from adadiff.training.data import holdout_photos, load_photo
+from adadiff.training.data import PhotoWeighting, holdout_photos, load_photo
 from adadiff.training.degrade import bicubic_x4
 from adadiff.training.labels import denoise_nets, encode_latents, run_trajectories
 from adadiff.training.loop import numpy_rng
@@ -180,10 +181,19 @@ def regressor_runs(
     return result.steps_per_tile, policy.categories
 
 
-def mmle_vs_oracle(models: TorchModels, *, crops: int, seed: int, max_batch: int) -> dict[str, Any]:
+def mmle_vs_oracle(
+    models: TorchModels,
+    *,
+    crops: int,
+    seed: int,
+    max_batch: int,
+    weighting: PhotoWeighting = "photo",
+) -> dict[str, Any]:
     cfg = models.config
     images = [load_photo(p) for p in holdout_photos()]
-    stream = PairStream(images, numpy_rng(seed, 900), size=cfg.tile_size, scale=cfg.upscale)
+    stream = PairStream(
+        images, numpy_rng(seed, 900), size=cfg.tile_size, scale=cfg.upscale, weighting=weighting
+    )
     batch = stream.batch(crops)
     start = time.perf_counter()
     rec = run_trajectories(models, batch, seed=seed, random_fraction=0.0, max_batch=max_batch)
@@ -242,6 +252,7 @@ def mmle_vs_oracle(models: TorchModels, *, crops: int, seed: int, max_batch: int
     oracle_steps = np.bincount(rec["traj"]).tolist()
     return {
         "trajectories": len(np.unique(rec["traj"])),
+        "crop_weighting": weighting,
         "calls": len(rec["t"]),
         "oracle_seconds": round(oracle_seconds, 1),
         "spearman": rho,
@@ -283,7 +294,13 @@ def main() -> None:
     p.add_argument("--images", type=Path, help="also write every output as PNG here")
     p.add_argument("--max-side", type=int, help="crop the photos to at most this many px")
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--crops", type=int, default=12, help="hold-out trajectories for MMLE")
+    p.add_argument("--crops", type=int, default=36, help="hold-out trajectories for MMLE")
+    p.add_argument(
+        "--crop-weighting",
+        choices=("photo", "area"),
+        default="photo",
+        help="pick hold-out photos equally often (photo) or by pixel count (area)",
+    )
     p.add_argument("--skip-mmle", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (1 is faster on a busy machine)")
@@ -302,7 +319,13 @@ def main() -> None:
     methods = summarize(rows)
     mmle = None
     if not args.skip_mmle:
-        mmle = mmle_vs_oracle(models, crops=args.crops, seed=args.seed, max_batch=args.max_batch)
+        mmle = mmle_vs_oracle(
+            models,
+            crops=args.crops,
+            seed=args.seed,
+            max_batch=args.max_batch,
+            weighting=args.crop_weighting,
+        )
         print(json.dumps({k: mmle[k] for k in ("spearman", "category_agreement")}))
     summary = {
         "methods": methods,

@@ -222,7 +222,9 @@ def test_label_shards_have_keys_and_shapes(tmp_path, unet_workdir, cfg, images):
 
     workdir = tmp_path / "w"
     shutil.copytree(unet_workdir / "unet", workdir / "unet")
-    lopts = LabelOptions(shards=2, trajectories=2, max_batch=4, random_fraction=0.5, seed=1)
+    lopts = LabelOptions(
+        shards=2, trajectories=2, max_batch=4, random_fraction=0.5, recon_crops=3, seed=1
+    )
     names = [f"photo{i}" for i in range(len(images))]
     made = make_labels(cfg, workdir, lopts, images=images, names=names)
     assert made.made == 2 and len(made.shards) == 2
@@ -240,13 +242,68 @@ def test_label_shards_have_keys_and_shapes(tmp_path, unet_workdir, cfg, images):
         # every call of a trajectory comes from the same photo
         for traj in (0, 1):
             assert len(set(npz["photo"][npz["traj"] == traj].tolist())) == 1
+        # reconstruction errors: the trajectories' own crops first, then 3 more
+        assert npz["recon_lr"].shape == (5, 4, 16, 16) and npz["recon_err"].shape == (5,)
+        np.testing.assert_array_equal(npz["recon_lr"][npz["traj"]], npz["lr"])
+        np.testing.assert_array_equal(npz["recon_photo"][npz["traj"]], npz["photo"])
+        assert np.all(np.isfinite(npz["recon_err"])) and np.all(npz["recon_err"] < 0)
+        assert npz["latent_err"].shape == (n,) and np.all(np.isfinite(npz["latent_err"]))
     again = make_labels(cfg, workdir, lopts, images=images)
-    assert again.made == 0
+    assert again.made == 0 and again.upgraded == 0
     data = load_shards(made.shards)
     assert len(np.unique(data["traj"])) == 4
     assert set(data["photo_name"].tolist()) <= set(names)
+    assert data["recon_err"].shape == (10,) and set(data["recon_photo_name"]) <= set(names)
+    assert data["latent_err"].shape == data["t"].shape
     with pytest.raises(ConfigError, match="photo names"):
         make_labels(cfg, tmp_path / "x", lopts, images=images, names=names[:1])
+
+
+def strip_recon(path: Path, **changes: np.ndarray) -> dict[str, np.ndarray]:
+    """Rewrite a shard as one made before latent and reconstruction errors were recorded."""
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    kept = {k: v for k, v in arrays.items() if not k.startswith(("recon_", "latent_err"))}
+    np.savez(path, **{**kept, **changes})
+    return arrays
+
+
+def test_old_label_shards_get_their_reconstruction_errors(tmp_path, unet_workdir, cfg, images):
+    from adadiff.training.labels import LabelOptions, load_shards, make_labels
+    from adadiff.training.mmle import MMLEOptions, MMLEStage
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=2, trajectories=2, max_batch=4, recon_crops=2, seed=2)
+    names = ["a", "b"]
+    made = make_labels(cfg, workdir, lopts, images=images, names=names)
+    first = strip_recon(made.shards[0])
+    # until every shard has them, the loaded labels hold none and MMLE says what to run
+    data = load_shards(made.shards)
+    assert "recon_err" not in data and "latent_err" not in data
+    with pytest.raises(ConfigError, match="adadiff train labels"):
+        MMLEStage(cfg, opts(1), MMLEOptions(), data)
+    with pytest.raises(ConfigError, match="latent errors"):
+        MMLEStage(cfg, opts(1), MMLEOptions(recon_weight=0.0), data)
+    bare = MMLEStage(cfg, opts(1), MMLEOptions(recon_weight=0.0, latent_weight=0.0), data)
+    assert bare.recon is None
+
+    again = make_labels(cfg, workdir, lopts, images=images, names=names)
+    assert again.made == 0 and again.upgraded == 1
+    with np.load(made.shards[0]) as npz:
+        # latent_err: the oracle's decoded x0 when made, a fresh decode now
+        for key in ("recon_lr", "recon_err", "recon_photo", "latent_err"):
+            np.testing.assert_allclose(npz[key], first[key], rtol=0, atol=1e-4)
+        assert set(npz.files) == set(first)
+
+    # a shard whose crops cannot be re-drawn is refused, not given wrong errors
+    with np.load(made.shards[1]) as npz:
+        lr = npz["lr"] + 0.5
+    strip_recon(made.shards[1], lr=lr)
+    with pytest.raises(ModelFolderError, match="re-drawing"):
+        make_labels(cfg, workdir, lopts, images=images, names=names)
+    with pytest.raises(ModelFolderError, match="photos"):
+        make_labels(cfg, workdir, lopts, images=images, names=["c", "d"])
 
 
 def test_mmle_validates_on_named_photos():
@@ -274,6 +331,11 @@ def synthetic_labels(n: int = 128, side: int = 16, seed: int = 0) -> dict[str, n
     x0 *= rng.uniform(0.2, 2.0, (n, 1, 1, 1)).astype(np.float32)
     err = np.mean((x0 - lr) ** 2, axis=(1, 2, 3))
     scores = np.stack([30 - 5 * np.log10(err), 1 / (1 + err), 0.1 * err], axis=1)
+    # reconstruction error: a function of the LR latent's scale, 35 to 45 dB as PSNR (the total
+    # error of the decoded x0, 26 to 31 dB, includes it)
+    recon_lr = rng.standard_normal((n, 4, side, side)).astype(np.float32)
+    recon_lr *= rng.uniform(0.2, 2.0, (n, 1, 1, 1)).astype(np.float32)
+    recon_err = (-4.0 + 0.5 * np.log10(np.mean(recon_lr**2, axis=(1, 2, 3)))).astype(np.float32)
     return {
         "x0": x0,
         "lr": lr,
@@ -282,6 +344,11 @@ def synthetic_labels(n: int = 128, side: int = 16, seed: int = 0) -> dict[str, n
         "traj": np.arange(n) // 4,
         "call": np.arange(n) % 4,
         "metrics": np.array([m.name for m in MICRO_METRICS]),
+        "latent_err": (-3.0 + 0.5 * np.log10(err)).astype(np.float32),  # -10x: the PSNR column
+        "recon_lr": recon_lr,
+        "recon_err": recon_err,
+        "recon_photo": np.zeros(n, dtype=np.int64),
+        "recon_photo_name": np.full(n, "", dtype=str),
     }
 
 
@@ -293,6 +360,10 @@ def test_mmle_reduces_loss_and_bakes_raw_scores(tmp_path, cfg):
     result = train_mmle(cfg, tmp_path, o, MMLEOptions(val_fraction=0.1), data=data)
     l2 = [h["losses"]["l2"] for h in result.history]
     assert l2[-1] < 0.6 * l2[0]
+    recon = [h["losses"]["recon"] for h in result.history]
+    assert recon[-1] < 0.6 * recon[0]
+    latent = [h["losses"]["latent"] for h in result.history]
+    assert latent[-1] < 0.6 * latent[0]
     ckpt = load_latest(tmp_path / "mmle", stage="mmle")
     state = ckpt["state"]
     assert ckpt["summary"]["validation"]["rows"] > 0

@@ -83,7 +83,12 @@ def build_modules(cfg: ModelConfig) -> tuple[nn.Module, nn.Module, PFJ, MMLE]:
     vae = AutoencoderKL(**cfg.vae)
     c = cfg.latent_channels
     pfj = PFJ(latent_channels=c, gain_dim=cfg.pfj.gain_dim, hidden=cfg.pfj.hidden)
-    mmle = MMLE(latent_channels=c, num_scores=cfg.mmle.num_scores, hidden=cfg.mmle.hidden)
+    mmle = MMLE(
+        latent_channels=c,
+        num_scores=cfg.mmle.num_scores,
+        hidden=cfg.mmle.hidden,
+        psnr_index=cfg.mmle.psnr_index,
+    )
     return unet, vae, pfj, mmle
 
 

@@ -107,7 +107,12 @@ def convert_sd21(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pfj = PFJ(latent_channels=c, gain_dim=cfg.pfj.gain_dim, hidden=cfg.pfj.hidden)
-        mmle = MMLE(latent_channels=c, num_scores=cfg.mmle.num_scores, hidden=cfg.mmle.hidden)
+        mmle = MMLE(
+            latent_channels=c,
+            num_scores=cfg.mmle.num_scores,
+            hidden=cfg.mmle.hidden,
+            psnr_index=cfg.mmle.psnr_index,
+        )
     for m in (unet, vae, pfj, mmle):
         m.eval().requires_grad_(False)
     models = TorchModels(cfg, unet, vae, pfj, mmle, text, source=f"converted from {src}")

@@ -151,11 +151,29 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="share of trajectories that jump by random tiers instead of oracle-driven DTSS",
     )
     labels.add_argument("--realesrgan-prob", type=fraction, default=0.0)
+    labels.add_argument(
+        "--recon-crops",
+        type=int,
+        default=128,
+        help="extra crops per shard with only the VAE's reconstruction error of their input",
+    )
     _photo_weighting(labels)
 
     mmle = stages.add_parser("mmle", help="train the MMLE score regressor on the labels")
     _common(mmle, "mmle")
     mmle.add_argument("--diff-weight", type=float, default=1.0, help="step-difference L2 weight")
+    mmle.add_argument(
+        "--recon-weight",
+        type=float,
+        default=1.0,
+        help="L2 weight of the LR branch's reconstruction-error target (0: no such target)",
+    )
+    mmle.add_argument(
+        "--latent-weight",
+        type=float,
+        default=1.0,
+        help="L2 weight of the PSNR head's latent-error target (0: no such target)",
+    )
     mmle.add_argument("--val-fraction", type=fraction, default=0.1)
     mmle.add_argument(
         "--val-photos",
@@ -265,6 +283,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             random_fraction=args.random_fraction,
             realesrgan_prob=args.realesrgan_prob,
             weighting=args.photo_weighting,
+            recon_crops=args.recon_crops,
             seed=args.seed,
         )
         if args.resume is False and any((Path(workdir) / "labels").glob("shard-*.npz")):
@@ -272,9 +291,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             raise ConfigError(f"{workdir}/labels already holds shards; drop --no-resume")
         made = make_labels(cfg, workdir, lopts, cache_dir=args.metrics_cache)
+        upgraded = f"; {made.upgraded} given their error fields" if made.upgraded else ""
         print(
             f"labels: {len(made.shards)}/{args.steps} shards in {made.folder} "
-            f"({made.made} new, {made.samples} new samples, {made.elapsed_s / 60:.1f} min)"
+            f"({made.made} new, {made.samples} new samples, "
+            f"{made.elapsed_s / 60:.1f} min{upgraded})"
         )
         return 130 if made.stopped else 0
     elif stage == "mmle":
@@ -282,6 +303,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         mopts = MMLEOptions(
             diff_weight=args.diff_weight,
+            recon_weight=args.recon_weight,
+            latent_weight=args.latent_weight,
             val_fraction=args.val_fraction,
             val_photos=args.val_photos,
         )

@@ -19,6 +19,14 @@ i64[n] (index into photos), photos str[P] (the photo names; empty when the calle
 images), weighting (str), metrics str[M], unet_step and seconds (scalars). Shard k is seeded
 by (seed, k) alone and written atomically, so an interrupted run resumes at the first missing
 shard and produces the same files.
+
+The FR scores carry two errors (``adadiff.training.mmle``): the one the latents show, and the
+VAE's reconstruction error of the LR input, which MMLE learns to estimate from the LR latent.
+So each row has latent_err f32[n] (log10 MSE between decode(x0) and decode(LR latent)), and
+each shard holds, for its trajectories' crops and ``recon_crops`` more (one encode and decode
+each), recon_lr f32[R, C, s, s], recon_err f32[R] (log10 MSE of decode(encode(input)) against
+the input) and recon_photo i64[R]. A shard made before these were recorded gets them on the
+next run: its crops are re-drawn from its seed and must reproduce its stored LR latents.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +56,7 @@ log = logging.getLogger("adadiff.training")
 
 STAGE = "labels"
 KEYS = ("x0", "lr", "t", "scores", "traj", "call")
+RECON_KEYS = ("recon_lr", "recon_err", "recon_photo")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,11 +67,14 @@ class LabelOptions:
     random_fraction: float = 0.5
     realesrgan_prob: float = 0.0
     weighting: PhotoWeighting = "photo"
+    recon_crops: int = 128  # crops per shard with only their reconstruction error recorded
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.shards < 1 or self.trajectories < 1 or self.max_batch < 1:
             raise ConfigError(f"shards, trajectories and max_batch must be >= 1, got {self}")
+        if self.recon_crops < 0:
+            raise ConfigError(f"recon_crops must be >= 0, got {self.recon_crops}")
         check_weighting(self.weighting)
         if not 0 <= self.random_fraction <= 1:
             raise ConfigError(f"random_fraction must be in [0, 1], got {self.random_fraction}")
@@ -101,13 +113,14 @@ class OracleScorer:
         self.cache_dir = cache_dir
         # The sampler hands each tile's own LR latent back; its bytes identify the tile.
         self._tile = {lat.tobytes(): k for k, lat in enumerate(lr_latents)}
+        self._lr_latents = lr_latents
+        self._lr_decoded: dict[int, np.ndarray] = {}
         self._calls: dict[int, int] = {}
         self.records: dict[str, list[Any]] = {k: [] for k in KEYS}
+        self.latent_err: list[float] = []
 
     def decode(self, x0: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            images = self.decoder(torch.from_numpy(np.ascontiguousarray(x0)))
-        return np.clip((images.numpy().transpose(0, 2, 3, 1) + 1.0) / 2.0, 0.0, 1.0)
+        return decode_latents(self.decoder, x0)
 
     def __call__(self, x0: np.ndarray, lr: np.ndarray, t: np.ndarray) -> np.ndarray:
         from adadiff.quality.oracle import score_images
@@ -119,6 +132,9 @@ class OracleScorer:
             scores[i] = score_images(
                 image, self.references[k], self.metrics, cache_dir=self.cache_dir
             )
+            if k not in self._lr_decoded:
+                self._lr_decoded[k] = self.decode(self._lr_latents[k : k + 1])[0]
+            self.latent_err.append(_log10_mse(image, self._lr_decoded[k]))
             call = self._calls.get(k, 0)
             self._calls[k] = call + 1
             for key, value in zip(
@@ -129,10 +145,16 @@ class OracleScorer:
 
     def arrays(self) -> dict[str, np.ndarray]:
         dtypes = (np.float32, np.float32, np.float32, np.float64, np.int64, np.int64)
-        return {
+        out = {
             key: np.asarray(self.records[key], dtype=dtype)
             for key, dtype in zip(KEYS, dtypes, strict=True)
         }
+        out["latent_err"] = np.asarray(self.latent_err, dtype=np.float32)
+        return out
+
+
+def _log10_mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.log10(max(float(np.mean((a - b) ** 2)), 1e-12)))
 
 
 def encode_latents(models: TorchModels, images: np.ndarray, max_batch: int) -> np.ndarray:
@@ -142,6 +164,32 @@ def encode_latents(models: TorchModels, images: np.ndarray, max_batch: int) -> n
     with torch.inference_mode():
         parts = [encoder(pixels[i : i + max_batch]) for i in range(0, len(pixels), max_batch)]
     return torch.cat(parts).numpy()
+
+
+def decode_latents(decoder: torch.nn.Module, latents: np.ndarray) -> np.ndarray:
+    """Scaled latents -> [N, H, W, 3] in [0, 1], through the runtime's decoder wrapper."""
+    with torch.inference_mode():
+        images = decoder(torch.from_numpy(np.ascontiguousarray(latents)))
+    return np.clip((images.numpy().transpose(0, 2, 3, 1) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def reconstruction_errors(
+    models: TorchModels, images: np.ndarray, max_batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(latents, log10 MSE of decode(encode(image)) against the image) for [N, H, W, 3] inputs."""
+    latents = encode_latents(models, images, max_batch)
+    decoder = models.wrappers()["vae_decoder"]
+    mse = np.concatenate(
+        [
+            np.mean(
+                (decode_latents(decoder, latents[i : i + max_batch]) - images[i : i + max_batch])
+                ** 2,
+                axis=(1, 2, 3),
+            )
+            for i in range(0, len(latents), max_batch)
+        ]
+    )
+    return latents, np.log10(np.maximum(mse, 1e-12)).astype(np.float32)
 
 
 def denoise_nets(models: TorchModels, score: Callable) -> DenoiseNets:
@@ -213,6 +261,36 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
+def _shard_stream(
+    models: TorchModels, images: list[np.ndarray], opts: LabelOptions, *key: int
+) -> PairStream:
+    cfg = models.config
+    return PairStream(
+        images,
+        numpy_rng(opts.seed, *key),
+        size=cfg.tile_size,
+        scale=cfg.upscale,
+        realesrgan_prob=opts.realesrgan_prob,
+        weighting=opts.weighting,
+    )
+
+
+def recon_fields(
+    models: TorchModels,
+    images: list[np.ndarray],
+    index: int,
+    opts: LabelOptions,
+    trajectory_crops: Batch,
+) -> dict[str, np.ndarray]:
+    """The shard's ``recon_*`` arrays: its trajectories' crops, then ``recon_crops`` more."""
+    up, photo = trajectory_crops.up, trajectory_crops.photo
+    if opts.recon_crops:
+        extra = _shard_stream(models, images, opts, 101, index).batch(opts.recon_crops)
+        up, photo = np.concatenate([up, extra.up]), np.concatenate([photo, extra.photo])
+    latents, err = reconstruction_errors(models, up, opts.max_batch)
+    return {"recon_lr": latents, "recon_err": err, "recon_photo": photo.astype(np.int64)}
+
+
 def make_shard(
     models: TorchModels,
     images: list[np.ndarray],
@@ -222,26 +300,75 @@ def make_shard(
     names: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
     cfg = models.config
-    stream = PairStream(
-        images,
-        numpy_rng(opts.seed, 100, index),
-        size=cfg.tile_size,
-        scale=cfg.upscale,
-        realesrgan_prob=opts.realesrgan_prob,
-        weighting=opts.weighting,
-    )
+    batch = _shard_stream(models, images, opts, 100, index).batch(opts.trajectories)
     arrays = run_trajectories(
         models,
-        stream.batch(opts.trajectories),
+        batch,
         seed=opts.seed * 100_003 + index,
         random_fraction=opts.random_fraction,
         max_batch=opts.max_batch,
         cache_dir=cache_dir,
     )
+    arrays.update(recon_fields(models, images, index, opts, batch))
     arrays["metrics"] = np.array([m.name for m in cfg.mmle.metrics])
     arrays["photos"] = np.array(list(names), dtype=str)
     arrays["weighting"] = np.array(opts.weighting)
     return arrays
+
+
+def latent_errors(
+    models: TorchModels, x0: np.ndarray, lr: np.ndarray, traj: np.ndarray, max_batch: int
+) -> np.ndarray:
+    """log10 MSE between decode(x0) and decode(lr) per row (``latent_err``); the rows of one
+    trajectory share their LR latent, decoded once."""
+    decoder = models.wrappers()["vae_decoder"]
+    trajs, first = np.unique(traj, return_index=True)
+    lr_images = dict(zip(trajs.tolist(), decode_latents(decoder, lr[first]), strict=True))
+    out = np.empty(len(x0), dtype=np.float32)
+    for i in range(0, len(x0), max_batch):
+        images = decode_latents(decoder, x0[i : i + max_batch])
+        for j, image in enumerate(images):
+            out[i + j] = _log10_mse(image, lr_images[int(traj[i + j])])
+    return out
+
+
+def add_error_fields(
+    models: TorchModels,
+    images: list[np.ndarray],
+    path: Path,
+    index: int,
+    opts: LabelOptions,
+    names: Sequence[str] = (),
+) -> None:
+    """Give a shard made before ``latent_err`` or ``recon_*`` were recorded those arrays; the
+    reconstruction errors come from re-drawn crops."""
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    if "latent_err" not in arrays:
+        arrays["latent_err"] = latent_errors(
+            models, arrays["x0"], arrays["lr"], arrays["traj"], max(opts.max_batch, 32)
+        )
+    if all(k in arrays for k in RECON_KEYS):
+        _write_npz(path, arrays)
+        return
+    stored = [str(n) for n in arrays.get("photos", ())]
+    if stored and names and stored != list(names):
+        raise ModelFolderError(
+            f"{path} was made from the photos {stored}, this run has {list(names)}; "
+            "delete the shard to remake it"
+        )
+    if "weighting" in arrays:
+        opts = replace(opts, weighting=str(arrays["weighting"]))
+    crops = int(arrays["traj"].max()) + 1 if len(arrays["traj"]) else 0
+    batch = _shard_stream(models, images, opts, 100, index).batch(crops)
+    fields = recon_fields(models, images, index, opts, batch)
+    if not np.allclose(fields["recon_lr"][arrays["traj"]], arrays["lr"], atol=1e-3):
+        raise ModelFolderError(
+            f"{path}: re-drawing its crops does not give its stored LR latents (made with "
+            "another seed, --realesrgan-prob, model or photos?); delete it to remake it"
+        )
+    arrays.update(fields)
+    _write_npz(path, arrays)
 
 
 @dataclass
@@ -252,6 +379,7 @@ class LabelResult:
     samples: int
     elapsed_s: float
     stopped: bool
+    upgraded: int = 0  # old shards given their latent and reconstruction errors
 
 
 def make_labels(
@@ -282,15 +410,19 @@ def make_labels(
     if models is None:
         models = frozen_models(cfg, workdir, with_mmle=False)
         unet_step = int(unet_checkpoint(workdir)["step"])
-    made, samples, elapsed, stopped = 0, 0, 0.0, False
+    made, samples, elapsed, stopped, upgraded = 0, 0, 0.0, False, 0
     with stop_on_signals() as stop:
         for index in range(opts.shards):
             path = shard_path(folder, index)
-            if path.is_file():
-                continue
             if stop.requested:
                 stopped = True
                 break
+            if path.is_file():
+                if not _has_error_fields(path):
+                    add_error_fields(models, images, path, index, opts, names)
+                    upgraded += 1
+                    log.info("labels shard %d/%d: error fields added", index + 1, opts.shards)
+                continue
             start = time.perf_counter()
             arrays = make_shard(models, images, index, opts, cache_dir, names)
             arrays["unet_step"] = np.array(unet_step)
@@ -309,27 +441,53 @@ def make_labels(
             if progress is not None:
                 progress(STAGE, index + 1, opts.shards)
     shards = [shard_path(folder, i) for i in range(opts.shards) if shard_path(folder, i).is_file()]
-    return LabelResult(folder, shards, made, samples, elapsed, stopped)
+    return LabelResult(folder, shards, made, samples, elapsed, stopped, upgraded)
+
+
+def _has_error_fields(path: Path) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return all(k in npz.files for k in (*RECON_KEYS, "latent_err"))
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
+
+
+def _photo_names(npz: Any, key: str, n: int) -> np.ndarray:
+    """The photo name of each of ``n`` rows from a shard's ``key`` indices; "" if unnamed."""
+    if key in npz.files and "photos" in npz.files and npz["photos"].size:
+        return npz["photos"][npz[key]].astype(str)
+    return np.full(n, "", dtype=str)
 
 
 def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
     """Concatenate shards; ``traj`` becomes unique across them, ``shard`` is added, and
-    ``photo_name`` gives each row's photo ("" for shards that do not name their photos)."""
+    ``photo_name`` gives each row's photo ("" for shards that do not name their photos).
+
+    ``latent_err`` (per row) and ``recon_lr``, ``recon_err`` and ``recon_photo_name`` are there
+    only when every shard has them (``adadiff train labels`` adds them to older shards)."""
     if not paths:
         raise ModelFolderError("no label shards found; run `adadiff train labels` first")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (*KEYS, "shard", "photo_name")}
+    recon: dict[str, list[np.ndarray]] = {"recon_lr": [], "recon_err": [], "recon_photo_name": []}
+    every_recon = True
+    latent: list[np.ndarray] = []
     metrics = None
     offset = 0
     for i, path in enumerate(paths):
         try:
             with np.load(path, allow_pickle=False) as npz:
                 data = {k: npz[k] for k in (*KEYS, "metrics")}
-                named = "photo" in npz.files and "photos" in npz.files and npz["photos"].size
-                data["photo_name"] = (
-                    npz["photos"][npz["photo"]].astype(str)
-                    if named
-                    else np.full(len(data["t"]), "", dtype=str)
-                )
+                data["photo_name"] = _photo_names(npz, "photo", len(data["t"]))
+                if "latent_err" in npz.files:
+                    latent.append(npz["latent_err"])
+                if all(k in npz.files for k in RECON_KEYS):
+                    recon["recon_lr"].append(npz["recon_lr"])
+                    recon["recon_err"].append(npz["recon_err"])
+                    recon["recon_photo_name"].append(
+                        _photo_names(npz, "recon_photo", len(npz["recon_err"]))
+                    )
+                else:
+                    every_recon = False
         except (OSError, KeyError, ValueError) as exc:
             raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
         names = tuple(str(m) for m in data["metrics"])
@@ -342,5 +500,9 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
         parts["photo_name"].append(data["photo_name"])
         offset += int(data["traj"].max()) + 1 if len(data["traj"]) else 0
     out = {k: np.concatenate(v) for k, v in parts.items()}
+    if every_recon:
+        out.update({k: np.concatenate(v) for k, v in recon.items()})
+    if len(latent) == len(paths):
+        out["latent_err"] = np.concatenate(latent)
     out["metrics"] = np.array(metrics)
     return out

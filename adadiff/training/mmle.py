@@ -7,6 +7,14 @@ differences matter as much as the scores. The runtime adds the configured signed
 scores, so ``baked_mmle`` folds the de-standardisation into the last linear layer: the shipped
 module outputs raw scores and needs no extra tensors.
 
+The FR scores compare the decoded x0 with the bicubic LR input, so across tiles their level is
+set largely by how well the VAE reconstructs that input, which the latents do not show. The
+labels record that error for every crop (``recon_lr``, ``recon_err``: log10 MSE), and MMLE's LR
+branch (``MMLE.recon_error``) regresses it with its own L2 term (``recon_weight``, standardised,
+random rot90 and flips) before it enters the head. Without that term the branch would be just
+more weights, learning from the few hundred trajectories. PSNR is built from that estimate and
+the head's latent part, whose own target is the labels' ``latent_err`` (``latent_weight``).
+
 A share of whole trajectories (``val_fraction``) is held out, or, with ``val_photos``, every
 trajectory of the named photos: a photo the regressor never saw tells how it generalises, which
 a random share of trajectories (their photos are in training too) overstates. Each checkpoint
@@ -48,12 +56,18 @@ STAGE = "mmle"
 @dataclass(frozen=True, kw_only=True)
 class MMLEOptions:
     diff_weight: float = 1.0
+    recon_weight: float = 1.0
+    latent_weight: float = 1.0
     val_fraction: float = 0.1
     val_photos: tuple[str, ...] = ()  # when given, replaces val_fraction
 
     def __post_init__(self) -> None:
-        if self.diff_weight < 0 or not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"diff_weight must be >= 0 and val_fraction in [0, 1), got {self}")
+        weights = (self.diff_weight, self.recon_weight, self.latent_weight)
+        if min(weights) < 0 or not 0 <= self.val_fraction < 1:
+            raise ConfigError(
+                "diff_weight, recon_weight and latent_weight must be >= 0 and val_fraction in "
+                f"[0, 1), got {self}"
+            )
 
 
 def build_mmle(cfg: ModelConfig, seed: int) -> MMLE:
@@ -63,6 +77,7 @@ def build_mmle(cfg: ModelConfig, seed: int) -> MMLE:
             latent_channels=cfg.latent_channels,
             num_scores=cfg.mmle.num_scores,
             hidden=cfg.mmle.hidden,
+            psnr_index=cfg.mmle.psnr_index,
         )
 
 
@@ -79,9 +94,14 @@ def baked_mmle(cfg: ModelConfig, state: dict[str, Any]) -> MMLE:
     model.load_state_dict(state["mmle"])
     mean, std = state["mean"].float(), state["std"].float()
     last = model.head[-1]
+    keep = torch.ones(len(mean), dtype=torch.bool)
+    if model.psnr_index is not None:
+        # that column's head output is a log10 MSE; its standardisation sits in psnr_scale
+        keep[model.psnr_index] = False
     with torch.no_grad():
-        last.weight.mul_(std[:, None])
-        last.bias.mul_(std).add_(mean)
+        last.weight[keep] *= std[keep, None]
+        last.bias[keep] = last.bias[keep] * std[keep] + mean[keep]
+        model.psnr_scale.copy_(torch.tensor([0.0, 1.0]))
     return model.eval()
 
 
@@ -101,6 +121,11 @@ class LabelSet:
         self.lr = torch.from_numpy(data["lr"][rows])
         self.t = torch.from_numpy(data["t"][rows].astype(np.float32))
         self.scores = torch.from_numpy(data["scores"][rows].astype(np.float32))
+        self.latent_err = (
+            torch.from_numpy(data["latent_err"][rows].astype(np.float32))
+            if "latent_err" in data
+            else None
+        )
         key = {
             (int(tr), int(c)): i
             for i, (tr, c) in enumerate(zip(data["traj"][rows], data["call"][rows], strict=True))
@@ -115,6 +140,36 @@ class LabelSet:
 
     def __len__(self) -> int:
         return len(self.t)
+
+
+class ReconSet:
+    """LR latents of label crops with the log10 MSE of the VAE's reconstruction of their input."""
+
+    def __init__(self, data: dict[str, np.ndarray], val_photos: Sequence[str]) -> None:
+        if "recon_err" not in data:
+            raise ConfigError(
+                "the label shards hold no reconstruction errors (shards from before they were "
+                "recorded); run `adadiff train labels` again with the same --steps to add them "
+                "to the shards, or train with --recon-weight 0"
+            )
+        finite = np.isfinite(data["recon_err"])
+        is_val = np.isin(data["recon_photo_name"], list(val_photos)) & finite
+        train = finite & ~is_val
+        self.lr = torch.from_numpy(data["recon_lr"][train])
+        self.err = torch.from_numpy(data["recon_err"][train].astype(np.float32))
+        self.val_lr = torch.from_numpy(data["recon_lr"][is_val])
+        self.val_err = torch.from_numpy(data["recon_err"][is_val].astype(np.float32))
+        if len(self.err) < 2:
+            raise ConfigError(f"only {len(self.err)} reconstruction-error rows; make more labels")
+        self.mean = self.err.mean()
+        self.std = self.err.std().clamp_min(1e-6)
+
+
+def _dihedral(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """One random rotation by a multiple of 90 degrees, then maybe a flip (the error is
+    invariant to both)."""
+    x = torch.rot90(x, int(rng.integers(0, 4)), dims=(2, 3))
+    return torch.flip(x, dims=(3,)) if rng.random() < 0.5 else x
 
 
 def split_labels(
@@ -183,7 +238,23 @@ class MMLEStage:
             self.train.scores[self.train.prev[has_prev]]
         )
         self.diff_std = d.std(dim=0).clamp_min(1e-6) if len(d) > 1 else torch.ones(2)
+        self.recon = ReconSet(data, mopts.val_photos) if mopts.recon_weight > 0 else None
         self.model = build_mmle(cfg, opts.seed).train()
+        self.latent_weight = mopts.latent_weight if self.model.psnr_index is not None else 0.0
+        if self.latent_weight > 0 and self.train.latent_err is None:
+            raise ConfigError(
+                "the label shards hold no latent errors (shards from before they were "
+                "recorded); run `adadiff train labels` again with the same --steps to add them "
+                "to the shards, or train with --latent-weight 0"
+            )
+        with torch.no_grad():
+            if self.recon is not None:
+                self.model.recon_scale.copy_(torch.stack([self.recon.mean, self.recon.std]))
+            if self.model.psnr_index is not None:
+                p = self.model.psnr_index
+                self.model.psnr_scale.copy_(torch.stack([self.mean[p], self.std[p]]))
+                # log10 MSE = -PSNR / 10: the head starts out predicting standardised PSNR
+                self.model.latent_scale.copy_(torch.stack([-self.mean[p], -self.std[p]]) / 10)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=opts.lr)
         self.rng = numpy_rng(opts.seed, 5)
         self.last_val: dict[str, Any] = {}
@@ -201,9 +272,17 @@ class MMLEStage:
         s = self.train
         idx = torch.from_numpy(self.rng.integers(0, len(s), self.opts.batch))
         target = (s.scores[idx] - self.mean) / self.std
-        pred = self._predict(s, idx)
+        out, recon_est = self.model.parts(s.x0[idx], s.lr[idx], s.t[idx])
+        pred = self.model.combine(out, recon_est)
         loss = F.mse_loss(pred, target)
         terms = {"l2": loss.item()}
+        if self.latent_weight > 0 and s.latent_err is not None:
+            # The PSNR column's head output, before it is combined with the reconstruction
+            # error, has a target of its own: the latents' share of the error.
+            p, (mean, std) = self.model.psnr_index, self.model.latent_scale
+            latent = F.mse_loss(out[:, p], (s.latent_err[idx] - mean) / std)
+            loss = loss + self.latent_weight * latent
+            terms["latent"] = latent.item()
         with_prev = idx[s.prev[idx] >= 0]
         if self.mopts.diff_weight > 0 and len(with_prev):
             prev = s.prev[with_prev]
@@ -214,6 +293,13 @@ class MMLEStage:
             diff = F.mse_loss(d_pred / self.diff_std, d_true / self.diff_std)
             loss = loss + self.mopts.diff_weight * diff
             terms["diff"] = diff.item()
+        if self.recon is not None:
+            r = self.recon
+            ridx = torch.from_numpy(self.rng.integers(0, len(r.err), self.opts.batch))
+            pred_r = self.model.recon_error(_dihedral(r.lr[ridx], self.rng))[:, 0]
+            recon = F.mse_loss(pred_r, (r.err[ridx] - r.mean) / r.std)
+            loss = loss + self.mopts.recon_weight * recon
+            terms["recon"] = recon.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -238,7 +324,13 @@ class MMLEStage:
             name: spearman(raw[:, j], self.val.scores[:, j].numpy())
             for j, name in enumerate(self.metric_names)
         }
-        return {"val_l2": float(F.mse_loss(pred, target)), "spearman": rho, "rows": len(self.val)}
+        out = {"val_l2": float(F.mse_loss(pred, target)), "spearman": rho, "rows": len(self.val)}
+        if self.recon is not None and len(self.recon.val_err) > 2:
+            self.model.eval()
+            pred_r = self.model.recon_error(self.recon.val_lr)[:, 0].numpy()
+            self.model.train()
+            out["recon_spearman"] = spearman(pred_r, self.recon.val_err.numpy())
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         self.last_val = self.validate()
@@ -248,10 +340,16 @@ class MMLEStage:
                 self.last_val["val_l2"],
                 " ".join(f"{k} {v:.3f}" for k, v in self.last_val["spearman"].items()),
             )
+            if "recon_spearman" in self.last_val:
+                rho_recon = self.last_val["recon_spearman"]
+                log.info("mmle: reconstruction error Spearman %.3f", rho_recon)
         return {
             "mmle": self.model.state_dict(),
             "mean": self.mean.clone(),
             "std": self.std.clone(),
+            "recon_mean_std": (
+                (float(self.recon.mean), float(self.recon.std)) if self.recon is not None else None
+            ),
             "metrics": list(self.metric_names),
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(self.rng),
@@ -263,10 +361,14 @@ class MMLEStage:
         set_rng_state(self.rng, state["rng"])
         # Keep the standardisation the weights were trained with, even if labels were added.
         self.mean, self.std = state["mean"].clone(), state["std"].clone()
+        saved = state.get("recon_mean_std")
+        if self.recon is not None and saved is not None:
+            self.recon.mean, self.recon.std = torch.tensor(saved[0]), torch.tensor(saved[1])
 
     def summary(self) -> dict[str, Any]:
         return {
             "train_rows": len(self.train),
+            "recon_rows": len(self.recon.err) if self.recon is not None else 0,
             "validation": self.last_val,
             "options": {**self.mopts.__dict__, "val_photos": list(self.mopts.val_photos)},
         }

@@ -145,9 +145,11 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
     mmle = summary.get("mmle", {})
     if mmle:
         rho = ", ".join(f"{k} {v:.3f}" for k, v in mmle.get("spearman", {}).items())
+        picked = {"photo": ", each photo equally likely", "area": ", photos by pixel count"}
         lines += [
             "",
-            f"MMLE vs oracle on trajectories of the hold-out photos: Spearman {rho}; same DTSS "
+            f"MMLE vs oracle on {mmle.get('trajectories', '?')} trajectories of hold-out crops"
+            f"{picked.get(mmle.get('crop_weighting', ''), '')}: Spearman {rho}; same DTSS "
             f"category in {100 * mmle.get('category_agreement', float('nan')):.1f}% of steps.",
         ]
         within = mmle.get("spearman_within_trajectory_median", {})
@@ -290,9 +292,21 @@ def model_card(
         ),
         "- Labels: trajectories of the frozen model through the runtime sampler, half "
         "oracle-driven DTSS and half random DTSS tiers; every UNet call's x0 decoded and scored "
-        "by the oracle (" + ", ".join(m.name for m in cfg.mmle.metrics) + ") against the LR input.",
+        "by the oracle (" + ", ".join(m.name for m in cfg.mmle.metrics) + ") against the LR input. "
+        "Also each call's latent error (log10 MSE between decode(x0) and decode(LR latent)) and, "
+        "for every crop and more crops that run no trajectory, the VAE's reconstruction error of "
+        "the bicubic input: the FR scores carry both, and only the first shows in the latents.",
         "- MMLE: L2 on standardised scores plus L2 on step-to-step changes of R_FR and R_NR, "
-        "Adam; de-standardisation is folded into the last layer (raw scores out). Validation: "
+        + (
+            f"plus L2 of its LR branch's estimate of the reconstruction error (weight "
+            f"{m_sum.get('options', {}).get('recon_weight', 0)}, {m_sum['recon_rows']} crops) "
+            f"and of the PSNR head's latent part against the latent error (weight "
+            f"{m_sum.get('options', {}).get('latent_weight', 0)}); PSNR is "
+            "-10 log10(10^latent + 10^reconstruction), "
+            if m_sum.get("recon_rows")
+            else ""
+        )
+        + "Adam; de-standardisation is folded into the last layer (raw scores out). Validation: "
         + (
             f"every trajectory of {', '.join(val_photos)} (photos MMLE never trained on)"
             if val_photos
