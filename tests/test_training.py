@@ -352,6 +352,28 @@ def synthetic_labels(n: int = 128, side: int = 16, seed: int = 0) -> dict[str, n
     }
 
 
+def test_mmle_psnr_adds_the_latent_and_reconstruction_errors():
+    from adadiff.models.networks import MMLE
+
+    torch.manual_seed(0)
+    model = MMLE(latent_channels=4, num_scores=3, hidden=8, psnr_index=1).eval()
+    model.recon_scale.copy_(torch.tensor([-3.5, 0.4]))
+    model.latent_scale.copy_(torch.tensor([-2.9, -0.15]))
+    model.psnr_scale.copy_(torch.tensor([29.0, 1.5]))
+    x0, lr, t = torch.randn(5, 4, 16, 16), torch.randn(5, 4, 16, 16), torch.rand(5) * 999
+    with torch.no_grad():
+        out, recon = model.parts(x0, lr, t)
+        scores = model(x0, lr, t).double().numpy()
+    a = out[:, 1].double().numpy() * -0.15 - 2.9
+    r = recon[:, 0].double().numpy() * 0.4 - 3.5
+    psnr = -10 * np.log10(10**a + 10**r)
+    np.testing.assert_allclose(scores[:, 1], (psnr - 29.0) / 1.5, rtol=1e-4, atol=1e-4)
+    # the other columns are the head's own outputs
+    np.testing.assert_allclose(scores[:, [0, 2]], out[:, [0, 2]].double().numpy(), atol=1e-6)
+    # PSNR cannot exceed what either error alone allows
+    assert np.all(psnr <= -10 * np.maximum(a, r) + 1e-6)
+
+
 def test_mmle_reduces_loss_and_bakes_raw_scores(tmp_path, cfg):
     from adadiff.training.mmle import MMLEOptions, baked_mmle, train_mmle
 
