@@ -179,17 +179,16 @@ def reconstruction_errors(
     """(latents, log10 MSE of decode(encode(image)) against the image) for [N, H, W, 3] inputs."""
     latents = encode_latents(models, images, max_batch)
     decoder = models.wrappers()["vae_decoder"]
-    mse = np.concatenate(
-        [
-            np.mean(
-                (decode_latents(decoder, latents[i : i + max_batch]) - images[i : i + max_batch])
-                ** 2,
-                axis=(1, 2, 3),
-            )
-            for i in range(0, len(latents), max_batch)
-        ]
-    )
-    return latents, np.log10(np.maximum(mse, 1e-12)).astype(np.float32)
+    err = [
+        _log10_mse(rec, image)
+        for i in range(0, len(latents), max_batch)
+        for rec, image in zip(
+            decode_latents(decoder, latents[i : i + max_batch]),
+            images[i : i + max_batch],
+            strict=True,
+        )
+    ]
+    return latents, np.asarray(err, dtype=np.float32)
 
 
 def denoise_nets(models: TorchModels, score: Callable) -> DenoiseNets:

@@ -347,9 +347,6 @@ class MMLEStage:
             "mmle": self.model.state_dict(),
             "mean": self.mean.clone(),
             "std": self.std.clone(),
-            "recon_mean_std": (
-                (float(self.recon.mean), float(self.recon.std)) if self.recon is not None else None
-            ),
             "metrics": list(self.metric_names),
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(self.rng),
@@ -361,9 +358,9 @@ class MMLEStage:
         set_rng_state(self.rng, state["rng"])
         # Keep the standardisation the weights were trained with, even if labels were added.
         self.mean, self.std = state["mean"].clone(), state["std"].clone()
-        saved = state.get("recon_mean_std")
-        if self.recon is not None and saved is not None:
-            self.recon.mean, self.recon.std = torch.tensor(saved[0]), torch.tensor(saved[1])
+        if self.recon is not None:
+            # the model's buffer holds the standardisation its branch was trained with
+            self.recon.mean, self.recon.std = self.model.recon_scale.clone()
 
     def summary(self) -> dict[str, Any]:
         return {
