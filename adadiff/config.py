@@ -136,13 +136,22 @@ class MMLEConfig:
     def num_scores(self) -> int:
         return len(self.metrics)
 
+    def fr_index(self, name: str) -> int | None:
+        """The column of the full-reference metric ``name``; None when it is not scored."""
+        for i, m in enumerate(self.metrics):
+            if m.name == name and m.kind is MetricKind.FULL_REFERENCE:
+                return i
+        return None
+
     @property
     def psnr_index(self) -> int | None:
         """The column of full-reference PSNR, which MMLE builds from two errors; else None."""
-        for i, m in enumerate(self.metrics):
-            if m.name == "psnr" and m.kind is MetricKind.FULL_REFERENCE:
-                return i
-        return None
+        return self.fr_index("psnr")
+
+    @property
+    def lpips_index(self) -> int | None:
+        """The column of full-reference LPIPS, which MMLE builds from two errors; else None."""
+        return self.fr_index("lpips")
 
 
 @dataclass(frozen=True, kw_only=True)

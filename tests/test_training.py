@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,19 @@ def test_decoder_fine_tune_keeps_the_encoder_and_is_assembled(tmp_path, unet_wor
         train_decoder(cfg, workdir, opts(5), dopts, images=images)
 
 
+def test_learning_rate_schedules():
+    constant = TrainOptions(steps=1000, batch=1, lr=2.0, warmup=100)
+    assert [constant.lr_at(s) for s in (0, 99, 500, 999)] == [0.02, 2.0, 2.0, 2.0]
+    cosine = replace(constant, schedule="cosine")
+    assert cosine.lr_at(0) == constant.lr_at(0) and cosine.lr_at(100) == pytest.approx(2.0)
+    assert cosine.lr_at(550) == pytest.approx(1.0)  # half-way through the decay
+    assert cosine.lr_at(999) < 1e-4
+    lrs = [cosine.lr_at(s) for s in range(100, 1000)]
+    assert np.all(np.diff(lrs) <= 0)
+    with pytest.raises(ConfigError, match="schedule"):
+        replace(constant, schedule="step")
+
+
 def test_gains_follow_the_runtime_rules():
     from adadiff.training.unet import sample_gains
 
@@ -306,6 +320,61 @@ def test_old_label_shards_get_their_reconstruction_errors(tmp_path, unet_workdir
         make_labels(cfg, workdir, lopts, images=images, names=["c", "d"])
 
 
+# The default metrics' full-reference pair that MMLE splits, and one it does not.
+LPIPS_METRICS = (
+    MetricConfig(name="psnr", kind="fr", weight=0.1),
+    MetricConfig(name="lpips", kind="fr", weight=-2.0),
+    MetricConfig(name="ssim", kind="fr", weight=1.0),
+)
+
+
+def with_lpips(cfg: ModelConfig) -> ModelConfig:
+    return replace(cfg, mmle=MMLEConfig(hidden=8, metrics=LPIPS_METRICS))
+
+
+def test_label_shards_record_lpips_parts(tmp_path, unet_workdir, cfg, images, metric_cache):
+    from adadiff.quality.lpips import lpips
+    from adadiff.training.assemble import frozen_models
+    from adadiff.training.labels import LabelOptions, decode_latents, make_labels
+
+    lcfg = with_lpips(cfg)
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=1, trajectories=2, max_batch=4, recon_crops=2, seed=4)
+    made = make_labels(lcfg, workdir, lopts, images=images, names=["a", "b"])
+    with np.load(made.shards[0]) as npz:
+        first = {k: npz[k] for k in npz.files}
+    n = len(first["t"])
+    assert first["latent_lpips"].shape == (n,) and first["recon_lpips"].shape == (4,)
+    assert np.all(first["latent_lpips"] >= 0) and np.all(first["recon_lpips"] > 0)
+    # independent check: LPIPS of decode(x0) against decode(LR latent), one image at a time
+    decoder = frozen_models(lcfg, workdir, with_mmle=False).wrappers()["vae_decoder"]
+    for i in (0, n - 1):
+        a, b = decode_latents(decoder, np.stack([first["x0"][i], first["lr"][i]]))
+        assert first["latent_lpips"][i] == pytest.approx(lpips(a, b), abs=1e-5)
+    # a shard from before LPIPS was recorded gets both parts, equal to the values at make time
+    old = {k: v for k, v in first.items() if k not in ("latent_lpips", "recon_lpips")}
+    np.savez(made.shards[0], **old)
+    # the shard's own number of reconstruction crops counts, not this run's option
+    again = make_labels(
+        lcfg, workdir, replace(lopts, recon_crops=5), images=images, names=["a", "b"]
+    )
+    assert again.upgraded == 1 and again.made == 0
+    with np.load(made.shards[0]) as npz:
+        assert set(npz.files) == set(first)
+        for key in ("latent_lpips", "recon_lpips", "latent_err", "recon_err"):
+            np.testing.assert_allclose(npz[key], first[key], rtol=0, atol=1e-4)
+
+
+def test_mmle_options_refuse_unknown_choices():
+    from adadiff.training.mmle import MMLEOptions
+
+    with pytest.raises(ConfigError, match="lpips_recon"):
+        MMLEOptions(lpips_recon="median")
+    with pytest.raises(ConfigError, match="recon_weight"):
+        MMLEOptions(recon_weight=-1.0)
+
+
 def test_mmle_validates_on_named_photos():
     from adadiff.training.mmle import split_labels
 
@@ -323,8 +392,11 @@ def test_mmle_validates_on_named_photos():
     assert len(val) == 8
 
 
-def synthetic_labels(n: int = 128, side: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
-    """Scores that are simple functions of the latents: learnable by a small CNN."""
+def synthetic_labels(
+    n: int = 128, side: int = 16, seed: int = 0, lpips: bool = False
+) -> dict[str, np.ndarray]:
+    """Scores that are simple functions of the latents: learnable by a small CNN. With
+    ``lpips``, the metrics are LPIPS_METRICS and the labels carry its two parts."""
     rng = np.random.default_rng(seed)
     x0 = rng.standard_normal((n, 4, side, side)).astype(np.float32)
     lr = rng.standard_normal((n, 4, side, side)).astype(np.float32)
@@ -336,6 +408,18 @@ def synthetic_labels(n: int = 128, side: int = 16, seed: int = 0) -> dict[str, n
     recon_lr = rng.standard_normal((n, 4, side, side)).astype(np.float32)
     recon_lr *= rng.uniform(0.2, 2.0, (n, 1, 1, 1)).astype(np.float32)
     recon_err = (-4.0 + 0.5 * np.log10(np.mean(recon_lr**2, axis=(1, 2, 3)))).astype(np.float32)
+    extra = {}
+    if lpips:
+        # LPIPS parts: the latent one grows with the x0-LR error, the reconstruction one with
+        # the LR latent's scale; the score column is their sum.
+        latent_lpips = (0.05 + 0.1 * err / err.max()).astype(np.float32)
+        own_recon = 0.02 * np.mean(lr**2, axis=(1, 2, 3))
+        scores = np.stack([scores[:, 0], latent_lpips + own_recon, scores[:, 1]], axis=1)
+        extra = {
+            "metrics": np.array([m.name for m in LPIPS_METRICS]),
+            "latent_lpips": latent_lpips,
+            "recon_lpips": (0.02 * np.mean(recon_lr**2, axis=(1, 2, 3))).astype(np.float32),
+        }
     return {
         "x0": x0,
         "lr": lr,
@@ -349,35 +433,51 @@ def synthetic_labels(n: int = 128, side: int = 16, seed: int = 0) -> dict[str, n
         "recon_err": recon_err,
         "recon_photo": np.zeros(n, dtype=np.int64),
         "recon_photo_name": np.full(n, "", dtype=str),
+        **extra,
     }
 
 
-def test_mmle_psnr_adds_the_latent_and_reconstruction_errors():
+def test_mmle_psnr_and_lpips_add_the_latent_and_reconstruction_errors():
     from adadiff.models.networks import MMLE
 
     torch.manual_seed(0)
-    model = MMLE(latent_channels=4, num_scores=3, hidden=8, psnr_index=1).eval()
-    model.recon_scale.copy_(torch.tensor([-3.5, 0.4]))
-    model.latent_scale.copy_(torch.tensor([-2.9, -0.15]))
-    model.psnr_scale.copy_(torch.tensor([29.0, 1.5]))
+    model = MMLE(latent_channels=4, num_scores=4, hidden=8, psnr_index=1, lpips_index=3).eval()
+    model.recon_scale.copy_(torch.tensor([[-3.5, -1.6], [0.4, 0.3]]))
+    model.latent_scale.copy_(torch.tensor([[-2.9, -0.8], [-0.15, 0.2]]))
+    model.column_scale.copy_(torch.tensor([[29.0, 0.3], [1.5, 0.1]]))
     x0, lr, t = torch.randn(5, 4, 16, 16), torch.randn(5, 4, 16, 16), torch.rand(5) * 999
     with torch.no_grad():
         out, recon = model.parts(x0, lr, t)
         scores = model(x0, lr, t).double().numpy()
-    a = out[:, 1].double().numpy() * -0.15 - 2.9
-    r = recon[:, 0].double().numpy() * 0.4 - 3.5
+    out, recon = out.double().numpy(), recon.double().numpy()
+    assert recon.shape == (5, 2)
+    a = out[:, 1] * -0.15 - 2.9
+    r = recon[:, 0] * 0.4 - 3.5
     psnr = -10 * np.log10(10**a + 10**r)
     np.testing.assert_allclose(scores[:, 1], (psnr - 29.0) / 1.5, rtol=1e-4, atol=1e-4)
-    # the other columns are the head's own outputs
-    np.testing.assert_allclose(scores[:, [0, 2]], out[:, [0, 2]].double().numpy(), atol=1e-6)
     # PSNR cannot exceed what either error alone allows
     assert np.all(psnr <= -10 * np.maximum(a, r) + 1e-6)
+    lp = 10 ** (out[:, 3] * 0.2 - 0.8) + 10 ** (recon[:, 1] * 0.3 - 1.6)
+    np.testing.assert_allclose(scores[:, 3], (lp - 0.3) / 0.1, rtol=1e-4, atol=1e-4)
+    # the other columns are the head's own outputs
+    np.testing.assert_allclose(scores[:, [0, 2]], out[:, [0, 2]], atol=1e-6)
+    # with LPIPS's per-crop estimate unused, its reconstruction part is the training mean
+    model.recon_used[1] = 0.0
+    with torch.no_grad():
+        mean_only = model(x0, lr, t).double().numpy()
+    lp = 10 ** (out[:, 3] * 0.2 - 0.8) + 10**-1.6
+    np.testing.assert_allclose(mean_only[:, 3], (lp - 0.3) / 0.1, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mean_only[:, :3], scores[:, :3], atol=1e-6)
+    with pytest.raises(ValueError, match="both"):
+        MMLE(num_scores=4, psnr_index=1, lpips_index=1)
 
 
-def test_mmle_reduces_loss_and_bakes_raw_scores(tmp_path, cfg):
+@pytest.mark.parametrize("lpips", [False, True], ids=["psnr-split", "psnr-and-lpips-split"])
+def test_mmle_reduces_loss_and_bakes_raw_scores(tmp_path, cfg, lpips):
     from adadiff.training.mmle import MMLEOptions, baked_mmle, train_mmle
 
-    data = synthetic_labels()
+    data = synthetic_labels(lpips=lpips)
+    cfg = with_lpips(cfg) if lpips else cfg
     o = TrainOptions(steps=60, batch=16, lr=3e-3, seed=0, log_every=10, warmup=0)
     result = train_mmle(cfg, tmp_path, o, MMLEOptions(val_fraction=0.1), data=data)
     l2 = [h["losses"]["l2"] for h in result.history]
@@ -398,6 +498,10 @@ def test_mmle_reduces_loss_and_bakes_raw_scores(tmp_path, cfg):
     with torch.no_grad():
         expected = raw(x0, lr, t) * state["std"] + state["mean"]
         torch.testing.assert_close(model(x0, lr, t), expected, rtol=1e-5, atol=1e-4)
+    # a checkpoint of another MMLE layout is refused with what to do, not a torch traceback
+    old = {k.replace("column_scale", "psnr_scale"): v for k, v in state["mmle"].items()}
+    with pytest.raises(ConfigError, match="mmle folder aside"):
+        baked_mmle(cfg, {**state, "mmle": old})
 
 
 def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):

@@ -83,13 +83,18 @@ def build_modules(cfg: ModelConfig) -> tuple[nn.Module, nn.Module, PFJ, MMLE]:
     vae = AutoencoderKL(**cfg.vae)
     c = cfg.latent_channels
     pfj = PFJ(latent_channels=c, gain_dim=cfg.pfj.gain_dim, hidden=cfg.pfj.hidden)
-    mmle = MMLE(
-        latent_channels=c,
+    return unet, vae, pfj, mmle_for(cfg)
+
+
+def mmle_for(cfg: ModelConfig) -> MMLE:
+    """An untrained MMLE of ``cfg``'s shape (torch's global RNG draws its weights)."""
+    return MMLE(
+        latent_channels=cfg.latent_channels,
         num_scores=cfg.mmle.num_scores,
         hidden=cfg.mmle.hidden,
         psnr_index=cfg.mmle.psnr_index,
+        lpips_index=cfg.mmle.lpips_index,
     )
-    return unet, vae, pfj, mmle
 
 
 def build_random(cfg: ModelConfig, seed: int = 0) -> TorchModels:

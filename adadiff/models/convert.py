@@ -23,8 +23,8 @@ from torch import nn
 
 from adadiff.config import ModelConfig
 from adadiff.errors import BackendUnavailableError, ConfigError, ModelFolderError
-from adadiff.models.bundle import WEIGHTS, TorchModels
-from adadiff.models.networks import MMLE, PFJ
+from adadiff.models.bundle import WEIGHTS, TorchModels, mmle_for
+from adadiff.models.networks import PFJ
 from adadiff.presets import sd21_base
 
 DEFAULT_SCALING_FACTOR = 0.18215
@@ -107,12 +107,7 @@ def convert_sd21(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pfj = PFJ(latent_channels=c, gain_dim=cfg.pfj.gain_dim, hidden=cfg.pfj.hidden)
-        mmle = MMLE(
-            latent_channels=c,
-            num_scores=cfg.mmle.num_scores,
-            hidden=cfg.mmle.hidden,
-            psnr_index=cfg.mmle.psnr_index,
-        )
+        mmle = mmle_for(cfg)
     for m in (unet, vae, pfj, mmle):
         m.eval().requires_grad_(False)
     models = TorchModels(cfg, unet, vae, pfj, mmle, text, source=f"converted from {src}")

@@ -57,6 +57,12 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
             p.add_argument("--batch", type=positive, default=batch)
             p.add_argument("--lr", type=float, default=lr)
             p.add_argument("--warmup", type=int, default=50, help="learning-rate warm-up steps")
+            p.add_argument(
+                "--lr-schedule",
+                choices=("constant", "cosine"),
+                default="constant",
+                help="after warm-up: constant, or cosine decay to 0 at --steps",
+            )
             p.add_argument("--log-every", type=positive, default=20)
             p.add_argument("--ckpt-every", type=positive, default=200)
             p.add_argument("--keep", type=positive, default=3, help="checkpoints kept")
@@ -166,13 +172,21 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--recon-weight",
         type=float,
         default=1.0,
-        help="L2 weight of the LR branch's reconstruction-error target (0: no such target)",
+        help="L2 weight of the LR branch's reconstruction-error targets (0: no such targets)",
     )
     mmle.add_argument(
         "--latent-weight",
         type=float,
         default=1.0,
-        help="L2 weight of the PSNR head's latent-error target (0: no such target)",
+        help="L2 weight of the PSNR and LPIPS columns' latent-error targets (0: no such targets)",
+    )
+    mmle.add_argument(
+        "--lpips-recon",
+        choices=("estimate", "mean"),
+        default="mean",
+        help="LPIPS = latent part + reconstruction part: the LR branch's per-crop estimate of "
+        "the latter, or its mean over the training crops (the default: the estimate ranks "
+        "unseen photos' reconstruction LPIPS poorly)",
     )
     mmle.add_argument("--val-fraction", type=fraction, default=0.1)
     mmle.add_argument(
@@ -227,6 +241,7 @@ def _options(args: argparse.Namespace):  # -> TrainOptions
         ckpt_every=args.ckpt_every,
         keep=args.keep,
         warmup=args.warmup,
+        schedule=args.lr_schedule,
         resume=args.resume,
     )
 
@@ -305,6 +320,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             diff_weight=args.diff_weight,
             recon_weight=args.recon_weight,
             latent_weight=args.latent_weight,
+            lpips_recon=args.lpips_recon,
             val_fraction=args.val_fraction,
             val_photos=args.val_photos,
         )

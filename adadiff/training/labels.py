@@ -22,11 +22,13 @@ shard and produces the same files.
 
 The FR scores carry two errors (``adadiff.training.mmle``): the one the latents show, and the
 VAE's reconstruction error of the LR input, which MMLE learns to estimate from the LR latent.
-So each row has latent_err f32[n] (log10 MSE between decode(x0) and decode(LR latent)), and
-each shard holds, for its trajectories' crops and ``recon_crops`` more (one encode and decode
-each), recon_lr f32[R, C, s, s], recon_err f32[R] (log10 MSE of decode(encode(input)) against
-the input) and recon_photo i64[R]. A shard made before these were recorded gets them on the
-next run: its crops are re-drawn from its seed and must reproduce its stored LR latents.
+Both are recorded as MSE and, when the config scores LPIPS, as LPIPS. Each row has latent_err
+f32[n] (log10 MSE between decode(x0) and decode(LR latent)) and latent_lpips f32[n] (LPIPS of
+the same pair), and each shard holds, for its trajectories' crops and ``recon_crops`` more (one
+encode and decode each), recon_lr f32[R, C, s, s], recon_err f32[R] (log10 MSE of
+decode(encode(input)) against the input), recon_lpips f32[R] (LPIPS of that pair) and
+recon_photo i64[R]. A shard made before these were recorded gets them on the next run: its
+crops are re-drawn from its seed and must reproduce its stored LR latents.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adadiff.config import DTSSConfig, MetricConfig, ModelConfig
+from adadiff.config import DTSSConfig, MetricConfig, MetricKind, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import TorchModels
 from adadiff.runtime.policy import Category, Decision, DTSSPolicy
@@ -57,6 +59,39 @@ log = logging.getLogger("adadiff.training")
 STAGE = "labels"
 KEYS = ("x0", "lr", "t", "scores", "traj", "call")
 RECON_KEYS = ("recon_lr", "recon_err", "recon_photo")
+# Pixel errors between two decoded images: log10 MSE always, LPIPS when the config scores it.
+LPIPS_NAME = "lpips"
+
+
+def error_keys(metrics: Sequence[MetricConfig]) -> tuple[str, ...]:
+    """The error arrays a shard needs for ``metrics``: per row, then per reconstruction crop."""
+    keys = ("latent_err", *RECON_KEYS)
+    return (*keys, "latent_lpips", "recon_lpips") if lpips_scored(metrics) else keys
+
+
+def lpips_scored(metrics: Sequence[MetricConfig]) -> bool:
+    return any(m.name == LPIPS_NAME and m.kind is MetricKind.FULL_REFERENCE for m in metrics)
+
+
+class PixelErrors:
+    """Errors between batches of decoded images: ``err`` (log10 MSE) and, with LPIPS, ``lpips``."""
+
+    def __init__(self, metrics: Sequence[MetricConfig], cache_dir: str | Path | None = None):
+        from adadiff.quality.lpips import load_lpips
+
+        self.lpips = load_lpips(cache_dir) if lpips_scored(metrics) else None
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+        """[N, H, W, 3] pairs in [0, 1] -> {"err": f32[N], "lpips": f32[N]}."""
+        out = {"err": np.array([_log10_mse(x, y) for x, y in zip(a, b, strict=True)], np.float32)}
+        if self.lpips is not None:
+
+            def signed(v: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2))) * 2.0 - 1.0
+
+            with torch.inference_mode():
+                out["lpips"] = self.lpips(signed(a), signed(b)).numpy().astype(np.float32)
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,7 +152,8 @@ class OracleScorer:
         self._lr_decoded: dict[int, np.ndarray] = {}
         self._calls: dict[int, int] = {}
         self.records: dict[str, list[Any]] = {k: [] for k in KEYS}
-        self.latent_err: list[float] = []
+        self.errors = PixelErrors(self.metrics, cache_dir)
+        self.latent: dict[str, list[np.ndarray]] = {}
 
     def decode(self, x0: np.ndarray) -> np.ndarray:
         return decode_latents(self.decoder, x0)
@@ -127,14 +163,17 @@ class OracleScorer:
 
         images = self.decode(x0)
         scores = np.empty((len(x0), len(self.metrics)), dtype=np.float64)
-        for i, image in enumerate(images):
-            k = self._tile[lr[i].tobytes()]
+        tiles = [self._tile[row.tobytes()] for row in lr]
+        for k in tiles:
+            if k not in self._lr_decoded:
+                self._lr_decoded[k] = self.decode(self._lr_latents[k : k + 1])[0]
+        errors = self.errors(images, np.stack([self._lr_decoded[k] for k in tiles]))
+        for key, values in errors.items():
+            self.latent.setdefault(key, []).append(values)
+        for i, (image, k) in enumerate(zip(images, tiles, strict=True)):
             scores[i] = score_images(
                 image, self.references[k], self.metrics, cache_dir=self.cache_dir
             )
-            if k not in self._lr_decoded:
-                self._lr_decoded[k] = self.decode(self._lr_latents[k : k + 1])[0]
-            self.latent_err.append(_log10_mse(image, self._lr_decoded[k]))
             call = self._calls.get(k, 0)
             self._calls[k] = call + 1
             for key, value in zip(
@@ -149,7 +188,8 @@ class OracleScorer:
             key: np.asarray(self.records[key], dtype=dtype)
             for key, dtype in zip(KEYS, dtypes, strict=True)
         }
-        out["latent_err"] = np.asarray(self.latent_err, dtype=np.float32)
+        for key, values in self.latent.items():
+            out[f"latent_{key}"] = np.concatenate(values)
         return out
 
 
@@ -173,22 +213,28 @@ def decode_latents(decoder: torch.nn.Module, latents: np.ndarray) -> np.ndarray:
     return np.clip((images.numpy().transpose(0, 2, 3, 1) + 1.0) / 2.0, 0.0, 1.0)
 
 
+def _batched_errors(
+    errors: PixelErrors, pairs: Callable[[slice], tuple[np.ndarray, np.ndarray]], n: int, step: int
+) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, n, step):
+        for key, values in errors(*pairs(slice(i, i + step))).items():
+            parts.setdefault(key, []).append(values)
+    return {key: np.concatenate(v) for key, v in parts.items()}
+
+
 def reconstruction_errors(
-    models: TorchModels, images: np.ndarray, max_batch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(latents, log10 MSE of decode(encode(image)) against the image) for [N, H, W, 3] inputs."""
+    models: TorchModels, images: np.ndarray, max_batch: int, errors: PixelErrors
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(latents, errors of decode(encode(image)) against the image) for [N, H, W, 3] inputs."""
     latents = encode_latents(models, images, max_batch)
     decoder = models.wrappers()["vae_decoder"]
-    err = [
-        _log10_mse(rec, image)
-        for i in range(0, len(latents), max_batch)
-        for rec, image in zip(
-            decode_latents(decoder, latents[i : i + max_batch]),
-            images[i : i + max_batch],
-            strict=True,
-        )
-    ]
-    return latents, np.asarray(err, dtype=np.float32)
+    return latents, _batched_errors(
+        errors,
+        lambda rows: (decode_latents(decoder, latents[rows]), images[rows]),
+        len(latents),
+        max_batch,
+    )
 
 
 def denoise_nets(models: TorchModels, score: Callable) -> DenoiseNets:
@@ -280,14 +326,16 @@ def recon_fields(
     index: int,
     opts: LabelOptions,
     trajectory_crops: Batch,
+    errors: PixelErrors,
 ) -> dict[str, np.ndarray]:
     """The shard's ``recon_*`` arrays: its trajectories' crops, then ``recon_crops`` more."""
     up, photo = trajectory_crops.up, trajectory_crops.photo
     if opts.recon_crops:
         extra = _shard_stream(models, images, opts, 101, index).batch(opts.recon_crops)
         up, photo = np.concatenate([up, extra.up]), np.concatenate([photo, extra.photo])
-    latents, err = reconstruction_errors(models, up, opts.max_batch)
-    return {"recon_lr": latents, "recon_err": err, "recon_photo": photo.astype(np.int64)}
+    latents, err = reconstruction_errors(models, up, opts.max_batch, errors)
+    out = {f"recon_{key}": values for key, values in err.items()}
+    return {**out, "recon_lr": latents, "recon_photo": photo.astype(np.int64)}
 
 
 def make_shard(
@@ -308,7 +356,8 @@ def make_shard(
         max_batch=opts.max_batch,
         cache_dir=cache_dir,
     )
-    arrays.update(recon_fields(models, images, index, opts, batch))
+    errors = PixelErrors(cfg.mmle.metrics, cache_dir)
+    arrays.update(recon_fields(models, images, index, opts, batch, errors))
     arrays["metrics"] = np.array([m.name for m in cfg.mmle.metrics])
     arrays["photos"] = np.array(list(names), dtype=str)
     arrays["weighting"] = np.array(opts.weighting)
@@ -316,19 +365,25 @@ def make_shard(
 
 
 def latent_errors(
-    models: TorchModels, x0: np.ndarray, lr: np.ndarray, traj: np.ndarray, max_batch: int
-) -> np.ndarray:
-    """log10 MSE between decode(x0) and decode(lr) per row (``latent_err``); the rows of one
-    trajectory share their LR latent, decoded once."""
+    models: TorchModels,
+    x0: np.ndarray,
+    lr: np.ndarray,
+    traj: np.ndarray,
+    max_batch: int,
+    errors: PixelErrors,
+) -> dict[str, np.ndarray]:
+    """Errors between decode(x0) and decode(lr) per row (``latent_err``, ``latent_lpips``); the
+    rows of one trajectory share their LR latent, decoded once."""
     decoder = models.wrappers()["vae_decoder"]
     trajs, first = np.unique(traj, return_index=True)
-    lr_images = dict(zip(trajs.tolist(), decode_latents(decoder, lr[first]), strict=True))
-    out = np.empty(len(x0), dtype=np.float32)
-    for i in range(0, len(x0), max_batch):
-        images = decode_latents(decoder, x0[i : i + max_batch])
-        for j, image in enumerate(images):
-            out[i + j] = _log10_mse(image, lr_images[int(traj[i + j])])
-    return out
+    lr_images, which = decode_latents(decoder, lr[first]), np.searchsorted(trajs, traj)
+    err = _batched_errors(
+        errors,
+        lambda rows: (decode_latents(decoder, x0[rows]), lr_images[which[rows]]),
+        len(x0),
+        max_batch,
+    )
+    return {f"latent_{key}": values for key, values in err.items()}
 
 
 def add_error_fields(
@@ -338,16 +393,21 @@ def add_error_fields(
     index: int,
     opts: LabelOptions,
     names: Sequence[str] = (),
+    cache_dir: str | Path | None = None,
 ) -> None:
-    """Give a shard made before ``latent_err`` or ``recon_*`` were recorded those arrays; the
-    reconstruction errors come from re-drawn crops."""
+    """Give a shard made before its error arrays (``error_keys``) were recorded those arrays;
+    the reconstruction errors come from re-drawn crops."""
     with np.load(path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
-    if "latent_err" not in arrays:
-        arrays["latent_err"] = latent_errors(
-            models, arrays["x0"], arrays["lr"], arrays["traj"], max(opts.max_batch, 32)
+    needed = [k for k in error_keys(models.config.mmle.metrics) if k not in arrays]
+    errors = PixelErrors(models.config.mmle.metrics, cache_dir)
+    if any(k.startswith("latent_") for k in needed):
+        fresh = latent_errors(
+            models, arrays["x0"], arrays["lr"], arrays["traj"], max(opts.max_batch, 32), errors
         )
-    if all(k in arrays for k in RECON_KEYS):
+        # Recorded values stay as they are; a fresh decode only fills the gaps.
+        arrays.update({k: v for k, v in fresh.items() if k in needed})
+    if not any(k.startswith("recon_") for k in needed):
         _write_npz(path, arrays)
         return
     stored = [str(n) for n in arrays.get("photos", ())]
@@ -359,14 +419,21 @@ def add_error_fields(
     if "weighting" in arrays:
         opts = replace(opts, weighting=str(arrays["weighting"]))
     crops = int(arrays["traj"].max()) + 1 if len(arrays["traj"]) else 0
+    if "recon_lr" in arrays:
+        # the crops it was made with, whatever --recon-crops says now
+        opts = replace(opts, recon_crops=len(arrays["recon_lr"]) - crops)
     batch = _shard_stream(models, images, opts, 100, index).batch(crops)
-    fields = recon_fields(models, images, index, opts, batch)
-    if not np.allclose(fields["recon_lr"][arrays["traj"]], arrays["lr"], atol=1e-3):
+    fields = recon_fields(models, images, index, opts, batch, errors)
+    stored_lr = arrays.get("recon_lr", fields["recon_lr"])
+    if not (
+        np.allclose(fields["recon_lr"][arrays["traj"]], arrays["lr"], atol=1e-3)
+        and np.allclose(fields["recon_lr"], stored_lr, atol=1e-3)
+    ):
         raise ModelFolderError(
             f"{path}: re-drawing its crops does not give its stored LR latents (made with "
             "another seed, --realesrgan-prob, model or photos?); delete it to remake it"
         )
-    arrays.update(fields)
+    arrays.update({k: v for k, v in fields.items() if k in needed})
     _write_npz(path, arrays)
 
 
@@ -378,7 +445,7 @@ class LabelResult:
     samples: int
     elapsed_s: float
     stopped: bool
-    upgraded: int = 0  # old shards given their latent and reconstruction errors
+    upgraded: int = 0  # old shards given their missing error arrays
 
 
 def make_labels(
@@ -417,8 +484,8 @@ def make_labels(
                 stopped = True
                 break
             if path.is_file():
-                if not _has_error_fields(path):
-                    add_error_fields(models, images, path, index, opts, names)
+                if not _has_error_fields(path, error_keys(cfg.mmle.metrics)):
+                    add_error_fields(models, images, path, index, opts, names, cache_dir)
                     upgraded += 1
                     log.info("labels shard %d/%d: error fields added", index + 1, opts.shards)
                 continue
@@ -443,10 +510,10 @@ def make_labels(
     return LabelResult(folder, shards, made, samples, elapsed, stopped, upgraded)
 
 
-def _has_error_fields(path: Path) -> bool:
+def _has_error_fields(path: Path, keys: Sequence[str]) -> bool:
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return all(k in npz.files for k in (*RECON_KEYS, "latent_err"))
+            return all(k in npz.files for k in keys)
     except (OSError, ValueError) as exc:
         raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
 
@@ -462,14 +529,13 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
     """Concatenate shards; ``traj`` becomes unique across them, ``shard`` is added, and
     ``photo_name`` gives each row's photo ("" for shards that do not name their photos).
 
-    ``latent_err`` (per row) and ``recon_lr``, ``recon_err`` and ``recon_photo_name`` are there
-    only when every shard has them (``adadiff train labels`` adds them to older shards)."""
+    The error arrays (``latent_err``, ``latent_lpips``, ``recon_lr``, ``recon_err``,
+    ``recon_lpips``, and ``recon_photo_name`` from ``recon_photo``) are there only when every
+    shard has them (``adadiff train labels`` adds them to older shards)."""
     if not paths:
         raise ModelFolderError("no label shards found; run `adadiff train labels` first")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (*KEYS, "shard", "photo_name")}
-    recon: dict[str, list[np.ndarray]] = {"recon_lr": [], "recon_err": [], "recon_photo_name": []}
-    every_recon = True
-    latent: list[np.ndarray] = []
+    optional: dict[str, list[np.ndarray]] = {}
     metrics = None
     offset = 0
     for i, path in enumerate(paths):
@@ -477,16 +543,12 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as npz:
                 data = {k: npz[k] for k in (*KEYS, "metrics")}
                 data["photo_name"] = _photo_names(npz, "photo", len(data["t"]))
-                if "latent_err" in npz.files:
-                    latent.append(npz["latent_err"])
-                if all(k in npz.files for k in RECON_KEYS):
-                    recon["recon_lr"].append(npz["recon_lr"])
-                    recon["recon_err"].append(npz["recon_err"])
-                    recon["recon_photo_name"].append(
-                        _photo_names(npz, "recon_photo", len(npz["recon_err"]))
-                    )
-                else:
-                    every_recon = False
+                for key in _OPTIONAL_KEYS:
+                    if key == "recon_photo" and key in npz.files:
+                        n = len(npz["recon_photo"])
+                        optional.setdefault(key, []).append(_photo_names(npz, key, n))
+                    elif key in npz.files:
+                        optional.setdefault(key, []).append(npz[key])
         except (OSError, KeyError, ValueError) as exc:
             raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
         names = tuple(str(m) for m in data["metrics"])
@@ -499,9 +561,13 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
         parts["photo_name"].append(data["photo_name"])
         offset += int(data["traj"].max()) + 1 if len(data["traj"]) else 0
     out = {k: np.concatenate(v) for k, v in parts.items()}
-    if every_recon:
-        out.update({k: np.concatenate(v) for k, v in recon.items()})
-    if len(latent) == len(paths):
-        out["latent_err"] = np.concatenate(latent)
+    complete = {k: v for k, v in optional.items() if len(v) == len(paths)}
+    if not all(k in complete for k in RECON_KEYS):
+        complete = {k: v for k, v in complete.items() if not k.startswith("recon_")}
+    for key, values in complete.items():
+        out["recon_photo_name" if key == "recon_photo" else key] = np.concatenate(values)
     out["metrics"] = np.array(metrics)
     return out
+
+
+_OPTIONAL_KEYS = ("latent_err", "latent_lpips", *RECON_KEYS, "recon_lpips")

@@ -12,6 +12,7 @@ result says ``stopped``. A second SIGINT interrupts at once (without saving).
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -31,6 +32,9 @@ log = logging.getLogger("adadiff.training")
 Progress = Callable[[str, int, int], None]
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainOptions:
     """What every stage takes; ``resume`` None resumes when a checkpoint exists."""
@@ -43,6 +47,9 @@ class TrainOptions:
     ckpt_every: int = 200
     keep: int = 3
     warmup: int = 50  # linear learning-rate warm-up, in steps
+    # after warm-up: "constant", or "cosine" down to 0 at ``steps`` (the last checkpoints then
+    # differ little, so which one ships matters less)
+    schedule: str = "constant"
     resume: bool | None = None
 
     def __post_init__(self) -> None:
@@ -53,11 +60,15 @@ class TrainOptions:
             raise ConfigError(f"learning rate must be positive, got {self.lr}")
         if self.seed < 0 or self.warmup < 0:
             raise ConfigError(f"seed and warmup must be >= 0, got {self.seed}, {self.warmup}")
+        if self.schedule not in LR_SCHEDULES:
+            raise ConfigError(f"schedule must be one of {LR_SCHEDULES}, got {self.schedule!r}")
 
     def lr_at(self, step: int) -> float:
-        if self.warmup == 0:
-            return self.lr
-        return self.lr * min(1.0, (step + 1) / self.warmup)
+        ramp = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        if self.schedule == "constant" or step < self.warmup:
+            return self.lr * ramp
+        done = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
 
 class Stage(Protocol):

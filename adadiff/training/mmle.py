@@ -9,11 +9,15 @@ module outputs raw scores and needs no extra tensors.
 
 The FR scores compare the decoded x0 with the bicubic LR input, so across tiles their level is
 set largely by how well the VAE reconstructs that input, which the latents do not show. The
-labels record that error for every crop (``recon_lr``, ``recon_err``: log10 MSE), and MMLE's LR
-branch (``MMLE.recon_error``) regresses it with its own L2 term (``recon_weight``, standardised,
-random rot90 and flips) before it enters the head. Without that term the branch would be just
-more weights, learning from the few hundred trajectories. PSNR is built from that estimate and
-the head's latent part, whose own target is the labels' ``latent_err`` (``latent_weight``).
+labels record that error for every crop (``recon_lr``; ``recon_err``: log10 MSE; with LPIPS
+scored, ``recon_lpips``), and MMLE's LR branch (``MMLE.recon_error``) regresses it with its own
+L2 term (``recon_weight``, standardised log10, random rot90 and flips) before it enters the
+head. Without that term the branch would be just more weights, learning from the few hundred
+trajectories. PSNR and LPIPS are built from that estimate and the head's latent part, whose own
+targets are the labels' ``latent_err`` and ``latent_lpips`` (``latent_weight``). For LPIPS the
+reconstruction part is by default the branch's training mean, not its per-crop estimate
+(``lpips_recon``): on photos the branch never saw, that estimate ranks the real reconstruction
+LPIPS at Spearman 0.66 only, and it made the LPIPS column rank worse than a constant did.
 
 A share of whole trajectories (``val_fraction``) is held out, or, with ``val_photos``, every
 trajectory of the named photos: a photo the regressor never saw tells how it generalises, which
@@ -35,6 +39,7 @@ from torch.nn import functional as F
 
 from adadiff.config import MetricKind, ModelConfig
 from adadiff.errors import ConfigError
+from adadiff.models.bundle import mmle_for
 from adadiff.models.networks import MMLE
 from adadiff.training.labels import STAGE as LABEL_STAGE
 from adadiff.training.labels import load_shards
@@ -53,11 +58,16 @@ log = logging.getLogger("adadiff.training")
 STAGE = "mmle"
 
 
+LPIPS_RECON = ("estimate", "mean")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MMLEOptions:
     diff_weight: float = 1.0
     recon_weight: float = 1.0
     latent_weight: float = 1.0
+    # LPIPS's reconstruction part: the LR branch's per-crop estimate, or its training mean
+    lpips_recon: str = "mean"
     val_fraction: float = 0.1
     val_photos: tuple[str, ...] = ()  # when given, replaces val_fraction
 
@@ -68,17 +78,14 @@ class MMLEOptions:
                 "diff_weight, recon_weight and latent_weight must be >= 0 and val_fraction in "
                 f"[0, 1), got {self}"
             )
+        if self.lpips_recon not in LPIPS_RECON:
+            raise ConfigError(f"lpips_recon must be one of {LPIPS_RECON}, got {self.lpips_recon!r}")
 
 
 def build_mmle(cfg: ModelConfig, seed: int) -> MMLE:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MMLE(
-            latent_channels=cfg.latent_channels,
-            num_scores=cfg.mmle.num_scores,
-            hidden=cfg.mmle.hidden,
-            psnr_index=cfg.mmle.psnr_index,
-        )
+        return mmle_for(cfg)
 
 
 def baked_mmle(cfg: ModelConfig, state: dict[str, Any]) -> MMLE:
@@ -91,18 +98,30 @@ def baked_mmle(cfg: ModelConfig, state: dict[str, Any]) -> MMLE:
             f"{list(expected)}; make labels and train MMLE with this config"
         )
     model = build_mmle(cfg, 0)
-    model.load_state_dict(state["mmle"])
+    _load_weights(model, state)
     mean, std = state["mean"].float(), state["std"].float()
     last = model.head[-1]
     keep = torch.ones(len(mean), dtype=torch.bool)
-    if model.psnr_index is not None:
-        # that column's head output is a log10 MSE; its standardisation sits in psnr_scale
-        keep[model.psnr_index] = False
+    for col, _ in model.split_columns:
+        # these columns' head outputs are log10 errors; their standardisation is column_scale
+        keep[col] = False
     with torch.no_grad():
         last.weight[keep] *= std[keep, None]
         last.bias[keep] = last.bias[keep] * std[keep] + mean[keep]
-        model.psnr_scale.copy_(torch.tensor([0.0, 1.0]))
+        model.column_scale.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
     return model.eval()
+
+
+def _load_weights(model: MMLE, state: dict[str, Any]) -> None:
+    try:
+        model.load_state_dict(state["mmle"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+        raise ConfigError(
+            "the MMLE checkpoint does not fit this version's MMLE for this config "
+            f"({first[0].strip()}); it was trained by an older adadiff or for other metrics. "
+            "Move the workdir's mmle folder aside and train MMLE again (labels are kept)"
+        ) from exc
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -113,17 +132,34 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-class LabelSet:
-    """Label arrays as tensors, finite rows only, with each row's predecessor in its trajectory."""
+# The label arrays of each part of a split score (MMLE.split_columns): MSE, LPIPS.
+LATENT_KEYS = ("latent_err", "latent_lpips")
+RECON_KEYS = ("recon_err", "recon_lpips")
 
-    def __init__(self, data: dict[str, np.ndarray], rows: np.ndarray) -> None:
+
+def _log10_part(values: np.ndarray, part: int) -> np.ndarray:
+    """The labels' errors as the branch's targets: log10 MSE is stored as such, LPIPS raw."""
+    values = values.astype(np.float32)
+    return values if part == 0 else np.log10(np.maximum(values, 1e-6))
+
+
+class LabelSet:
+    """Label arrays as tensors, finite rows only, with each row's predecessor in its trajectory.
+
+    ``latent`` holds the log10 latent errors of the split scores' parts, one column per part
+    (None when the labels lack one)."""
+
+    def __init__(self, data: dict[str, np.ndarray], rows: np.ndarray, parts: int) -> None:
         self.x0 = torch.from_numpy(data["x0"][rows])
         self.lr = torch.from_numpy(data["lr"][rows])
         self.t = torch.from_numpy(data["t"][rows].astype(np.float32))
         self.scores = torch.from_numpy(data["scores"][rows].astype(np.float32))
-        self.latent_err = (
-            torch.from_numpy(data["latent_err"][rows].astype(np.float32))
-            if "latent_err" in data
+        keys = LATENT_KEYS[:parts]
+        self.latent = (
+            torch.from_numpy(
+                np.stack([_log10_part(data[k][rows], j) for j, k in enumerate(keys)], axis=1)
+            )
+            if all(k in data for k in keys)
             else None
         )
         key = {
@@ -143,26 +179,36 @@ class LabelSet:
 
 
 class ReconSet:
-    """LR latents of label crops with the log10 MSE of the VAE's reconstruction of their input."""
+    """LR latents of label crops with the log10 errors (MSE, then LPIPS when ``parts`` is 2) of
+    the VAE's reconstruction of their input, [N, parts]."""
 
-    def __init__(self, data: dict[str, np.ndarray], val_photos: Sequence[str]) -> None:
-        if "recon_err" not in data:
+    def __init__(self, data: dict[str, np.ndarray], val_photos: Sequence[str], parts: int) -> None:
+        keys = RECON_KEYS[:parts]
+        if not all(k in data for k in (*keys, "recon_lr")):
             raise ConfigError(
-                "the label shards hold no reconstruction errors (shards from before they were "
-                "recorded); run `adadiff train labels` again with the same --steps to add them "
-                "to the shards, or train with --recon-weight 0"
+                "the label shards lack reconstruction errors "
+                f"{[k for k in (*keys, 'recon_lr') if k not in data]} (shards from before they "
+                "were recorded); run `adadiff train labels` again with the same "
+                "--steps to add them to the shards, or train with --recon-weight 0"
             )
-        finite = np.isfinite(data["recon_err"])
+        err = np.stack([_log10_part(data[k], j) for j, k in enumerate(keys)], axis=1)
+        finite = np.all(np.isfinite(err), axis=1)
         is_val = np.isin(data["recon_photo_name"], list(val_photos)) & finite
         train = finite & ~is_val
         self.lr = torch.from_numpy(data["recon_lr"][train])
-        self.err = torch.from_numpy(data["recon_err"][train].astype(np.float32))
+        self.err = torch.from_numpy(err[train])
         self.val_lr = torch.from_numpy(data["recon_lr"][is_val])
-        self.val_err = torch.from_numpy(data["recon_err"][is_val].astype(np.float32))
+        self.val_err = torch.from_numpy(err[is_val])
         if len(self.err) < 2:
             raise ConfigError(f"only {len(self.err)} reconstruction-error rows; make more labels")
-        self.mean = self.err.mean()
-        self.std = self.err.std().clamp_min(1e-6)
+        self.mean = self.err.mean(dim=0)
+        self.std = self.err.std(dim=0).clamp_min(1e-6)
+
+
+def _per_target_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch, summed over the [B, K] targets: each target weighs as much as a
+    lone one would, so adding LPIPS's parts does not halve PSNR's."""
+    return (pred - target).pow(2).mean(dim=0).sum()
 
 
 def _dihedral(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -220,8 +266,10 @@ class MMLEStage:
         train_rows, val_rows = split_labels(data, mopts.val_fraction, opts.seed, mopts.val_photos)
         if len(train_rows) < 2:
             raise ConfigError(f"only {len(train_rows)} usable label rows; make more labels")
-        self.train = LabelSet(data, train_rows)
-        self.val = LabelSet(data, val_rows) if len(val_rows) else None
+        self.model = build_mmle(cfg, opts.seed).train()
+        parts = self.model.recon_scale.shape[1]
+        self.train = LabelSet(data, train_rows, parts)
+        self.val = LabelSet(data, val_rows, parts) if len(val_rows) else None
         self.mean = self.train.scores.mean(dim=0)
         self.std = self.train.scores.std(dim=0).clamp_min(1e-6)
         kinds = [m.kind for m in cfg.mmle.metrics]
@@ -238,23 +286,30 @@ class MMLEStage:
             self.train.scores[self.train.prev[has_prev]]
         )
         self.diff_std = d.std(dim=0).clamp_min(1e-6) if len(d) > 1 else torch.ones(2)
-        self.recon = ReconSet(data, mopts.val_photos) if mopts.recon_weight > 0 else None
-        self.model = build_mmle(cfg, opts.seed).train()
-        self.latent_weight = mopts.latent_weight if self.model.psnr_index is not None else 0.0
-        if self.latent_weight > 0 and self.train.latent_err is None:
+        self.recon = ReconSet(data, mopts.val_photos, parts) if mopts.recon_weight > 0 else None
+        split = self.model.split_columns
+        self.latent_weight = mopts.latent_weight if split else 0.0
+        if self.latent_weight > 0 and self.train.latent is None:
             raise ConfigError(
-                "the label shards hold no latent errors (shards from before they were "
-                "recorded); run `adadiff train labels` again with the same --steps to add them "
-                "to the shards, or train with --latent-weight 0"
+                f"the label shards lack latent errors {list(LATENT_KEYS[:parts])} (shards from "
+                "before they were recorded); run `adadiff train labels` again with the same "
+                "--steps to add them to the shards, or train with --latent-weight 0"
             )
         with torch.no_grad():
             if self.recon is not None:
                 self.model.recon_scale.copy_(torch.stack([self.recon.mean, self.recon.std]))
-            if self.model.psnr_index is not None:
-                p = self.model.psnr_index
-                self.model.psnr_scale.copy_(torch.stack([self.mean[p], self.std[p]]))
-                # log10 MSE = -PSNR / 10: the head starts out predicting standardised PSNR
-                self.model.latent_scale.copy_(torch.stack([-self.mean[p], -self.std[p]]) / 10)
+            if parts == 2 and mopts.lpips_recon == "mean":
+                self.model.recon_used[1] = 0.0
+            for col, part in split:
+                scale = torch.stack([self.mean[col], self.std[col]])
+                self.model.column_scale[:, part] = scale
+                if part == 0:
+                    # log10 MSE = -PSNR / 10: the head starts out predicting standardised PSNR
+                    self.model.latent_scale[:, 0] = -scale / 10
+                else:
+                    # the head starts out predicting the standardised log10 of the whole score
+                    logs = torch.log10(self.train.scores[:, col].clamp_min(1e-6))
+                    self.model.latent_scale[:, 1] = torch.stack([logs.mean(), logs.std()])
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=opts.lr)
         self.rng = numpy_rng(opts.seed, 5)
         self.last_val: dict[str, Any] = {}
@@ -276,11 +331,14 @@ class MMLEStage:
         pred = self.model.combine(out, recon_est)
         loss = F.mse_loss(pred, target)
         terms = {"l2": loss.item()}
-        if self.latent_weight > 0 and s.latent_err is not None:
-            # The PSNR column's head output, before it is combined with the reconstruction
-            # error, has a target of its own: the latents' share of the error.
-            p, (mean, std) = self.model.psnr_index, self.model.latent_scale
-            latent = F.mse_loss(out[:, p], (s.latent_err[idx] - mean) / std)
+        if self.latent_weight > 0 and s.latent is not None:
+            # The split columns' head outputs, before they are combined with the
+            # reconstruction errors, have targets of their own: the latents' share of the error.
+            cols, parts = zip(*self.model.split_columns, strict=True)
+            mean, std = self.model.latent_scale[:, list(parts)]
+            latent = _per_target_l2(
+                out[:, list(cols)], (s.latent[idx][:, list(parts)] - mean) / std
+            )
             loss = loss + self.latent_weight * latent
             terms["latent"] = latent.item()
         with_prev = idx[s.prev[idx] >= 0]
@@ -296,8 +354,8 @@ class MMLEStage:
         if self.recon is not None:
             r = self.recon
             ridx = torch.from_numpy(self.rng.integers(0, len(r.err), self.opts.batch))
-            pred_r = self.model.recon_error(_dihedral(r.lr[ridx], self.rng))[:, 0]
-            recon = F.mse_loss(pred_r, (r.err[ridx] - r.mean) / r.std)
+            pred_r = self.model.recon_error(_dihedral(r.lr[ridx], self.rng))
+            recon = _per_target_l2(pred_r, (r.err[ridx] - r.mean) / r.std)
             loss = loss + self.mopts.recon_weight * recon
             terms["recon"] = recon.item()
         self.optimizer.zero_grad(set_to_none=True)
@@ -327,9 +385,13 @@ class MMLEStage:
         out = {"val_l2": float(F.mse_loss(pred, target)), "spearman": rho, "rows": len(self.val)}
         if self.recon is not None and len(self.recon.val_err) > 2:
             self.model.eval()
-            pred_r = self.model.recon_error(self.recon.val_lr)[:, 0].numpy()
+            pred_r = self.model.recon_error(self.recon.val_lr).numpy()
             self.model.train()
-            out["recon_spearman"] = spearman(pred_r, self.recon.val_err.numpy())
+            truth = self.recon.val_err.numpy()
+            out["recon_spearman"] = {
+                key.removeprefix("recon_"): spearman(pred_r[:, j], truth[:, j])
+                for j, key in enumerate(RECON_KEYS[: truth.shape[1]])
+            }
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -341,8 +403,10 @@ class MMLEStage:
                 " ".join(f"{k} {v:.3f}" for k, v in self.last_val["spearman"].items()),
             )
             if "recon_spearman" in self.last_val:
-                rho_recon = self.last_val["recon_spearman"]
-                log.info("mmle: reconstruction error Spearman %.3f", rho_recon)
+                log.info(
+                    "mmle: reconstruction error Spearman %s",
+                    " ".join(f"{k} {v:.3f}" for k, v in self.last_val["recon_spearman"].items()),
+                )
         return {
             "mmle": self.model.state_dict(),
             "mean": self.mean.clone(),
@@ -353,7 +417,7 @@ class MMLEStage:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["mmle"])
+        _load_weights(self.model, state)
         self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(self.rng, state["rng"])
         # Keep the standardisation the weights were trained with, even if labels were added.

@@ -193,6 +193,12 @@ def model_card(
     u_opts = (unet or {}).get("summary", {}).get("options", {})
     v_opts = (vae or {}).get("summary", {}).get("options", {})
     m_sum = (mmle or {}).get("summary", {})
+    split = [
+        name
+        for name, index in (("PSNR", cfg.mmle.psnr_index), ("LPIPS", cfg.mmle.lpips_index))
+        if index is not None
+    ]
+    errors = "log10 MSE and LPIPS" if "LPIPS" in split else "log10 MSE"
     minutes = {
         name: (c.get("elapsed_s", 0.0) / 60 if c else 0.0)
         for name, c in (("vae", vae), ("unet", unet), ("decoder", decoder), ("mmle", mmle))
@@ -293,16 +299,33 @@ def model_card(
         "- Labels: trajectories of the frozen model through the runtime sampler, half "
         "oracle-driven DTSS and half random DTSS tiers; every UNet call's x0 decoded and scored "
         "by the oracle (" + ", ".join(m.name for m in cfg.mmle.metrics) + ") against the LR input. "
-        "Also each call's latent error (log10 MSE between decode(x0) and decode(LR latent)) and, "
-        "for every crop and more crops that run no trajectory, the VAE's reconstruction error of "
-        "the bicubic input: the FR scores carry both, and only the first shows in the latents.",
+        f"Also each call's latent error ({errors} between decode(x0) and decode(LR latent)) "
+        "and, for every crop and more crops that run no trajectory, the VAE's reconstruction "
+        f"error ({errors}) of the bicubic input: the FR scores carry both, and only the first "
+        "shows in the latents.",
         "- MMLE: L2 on standardised scores plus L2 on step-to-step changes of R_FR and R_NR, "
         + (
             f"plus L2 of its LR branch's estimate of the reconstruction error (weight "
             f"{m_sum.get('options', {}).get('recon_weight', 0)}, {m_sum['recon_rows']} crops) "
-            f"and of the PSNR head's latent part against the latent error (weight "
-            f"{m_sum.get('options', {}).get('latent_weight', 0)}); PSNR is "
-            "-10 log10(10^latent + 10^reconstruction), "
+            f"and of the {' and '.join(split)} head columns' latent part against the latent "
+            f"error (weight {m_sum.get('options', {}).get('latent_weight', 0)}); "
+            + "; ".join(
+                f"{name} is {rule}"
+                for name, rule in (
+                    ("PSNR", "-10 log10(10^latent + 10^reconstruction) of the MSEs"),
+                    (
+                        "LPIPS",
+                        "latent + reconstruction LPIPS"
+                        + (
+                            " (the reconstruction part is its mean over the training crops)"
+                            if m_sum.get("options", {}).get("lpips_recon") == "mean"
+                            else ""
+                        ),
+                    ),
+                )
+                if name in split
+            )
+            + ", "
             if m_sum.get("recon_rows")
             else ""
         )
