@@ -498,6 +498,11 @@ def test_mmle_reduces_loss_and_bakes_raw_scores(tmp_path, cfg, lpips):
     with torch.no_grad():
         expected = raw(x0, lr, t) * state["std"] + state["mean"]
         torch.testing.assert_close(model(x0, lr, t), expected, rtol=1e-5, atol=1e-4)
+    if lpips:
+        # resuming with the other --lpips-recon would silently keep the checkpoint's choice
+        longer = replace(o, steps=61)
+        with pytest.raises(ConfigError, match="lpips-recon"):
+            train_mmle(cfg, tmp_path, longer, MMLEOptions(lpips_recon="estimate"), data=data)
     # a checkpoint of another MMLE layout is refused with what to do, not a torch traceback
     old = {k.replace("column_scale", "psnr_scale"): v for k, v in state["mmle"].items()}
     with pytest.raises(ConfigError, match="mmle folder aside"):

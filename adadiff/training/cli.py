@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from adadiff.argtypes import fraction, positive
+from adadiff.training.loop import LR_SCHEDULES
 
 STAGES = ("vae", "unet", "decoder", "labels", "mmle", "ship")
 
@@ -59,7 +60,7 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
             p.add_argument("--warmup", type=int, default=50, help="learning-rate warm-up steps")
             p.add_argument(
                 "--lr-schedule",
-                choices=("constant", "cosine"),
+                choices=LR_SCHEDULES,
                 default="constant",
                 help="after warm-up: constant, or cosine decay to 0 at --steps",
             )
@@ -182,7 +183,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     mmle.add_argument(
         "--lpips-recon",
-        choices=("estimate", "mean"),
+        choices=("estimate", "mean"),  # MMLEOptions checks these; importing it loads torch
         default="mean",
         help="LPIPS = latent part + reconstruction part: the LR branch's per-crop estimate of "
         "the latter, or its mean over the training crops (the default: the estimate ranks "

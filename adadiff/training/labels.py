@@ -63,10 +63,13 @@ RECON_KEYS = ("recon_lr", "recon_err", "recon_photo")
 LPIPS_NAME = "lpips"
 
 
+ERROR_KEYS = ("latent_err", *RECON_KEYS)
+LPIPS_KEYS = ("latent_lpips", "recon_lpips")
+
+
 def error_keys(metrics: Sequence[MetricConfig]) -> tuple[str, ...]:
     """The error arrays a shard needs for ``metrics``: per row, then per reconstruction crop."""
-    keys = ("latent_err", *RECON_KEYS)
-    return (*keys, "latent_lpips", "recon_lpips") if lpips_scored(metrics) else keys
+    return (*ERROR_KEYS, *LPIPS_KEYS) if lpips_scored(metrics) else ERROR_KEYS
 
 
 def lpips_scored(metrics: Sequence[MetricConfig]) -> bool:
@@ -570,4 +573,4 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
     return out
 
 
-_OPTIONAL_KEYS = ("latent_err", "latent_lpips", *RECON_KEYS, "recon_lpips")
+_OPTIONAL_KEYS = (*ERROR_KEYS, *LPIPS_KEYS)

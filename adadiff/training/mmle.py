@@ -133,8 +133,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # The label arrays of each part of a split score (MMLE.split_columns): MSE, LPIPS.
-LATENT_KEYS = ("latent_err", "latent_lpips")
-RECON_KEYS = ("recon_err", "recon_lpips")
+LATENT_TARGETS = ("latent_err", "latent_lpips")
+RECON_TARGETS = ("recon_err", "recon_lpips")
 
 
 def _log10_part(values: np.ndarray, part: int) -> np.ndarray:
@@ -154,7 +154,7 @@ class LabelSet:
         self.lr = torch.from_numpy(data["lr"][rows])
         self.t = torch.from_numpy(data["t"][rows].astype(np.float32))
         self.scores = torch.from_numpy(data["scores"][rows].astype(np.float32))
-        keys = LATENT_KEYS[:parts]
+        keys = LATENT_TARGETS[:parts]
         self.latent = (
             torch.from_numpy(
                 np.stack([_log10_part(data[k][rows], j) for j, k in enumerate(keys)], axis=1)
@@ -183,7 +183,7 @@ class ReconSet:
     the VAE's reconstruction of their input, [N, parts]."""
 
     def __init__(self, data: dict[str, np.ndarray], val_photos: Sequence[str], parts: int) -> None:
-        keys = RECON_KEYS[:parts]
+        keys = RECON_TARGETS[:parts]
         if not all(k in data for k in (*keys, "recon_lr")):
             raise ConfigError(
                 "the label shards lack reconstruction errors "
@@ -291,7 +291,7 @@ class MMLEStage:
         self.latent_weight = mopts.latent_weight if split else 0.0
         if self.latent_weight > 0 and self.train.latent is None:
             raise ConfigError(
-                f"the label shards lack latent errors {list(LATENT_KEYS[:parts])} (shards from "
+                f"the label shards lack latent errors {list(LATENT_TARGETS[:parts])} (shards from "
                 "before they were recorded); run `adadiff train labels` again with the same "
                 "--steps to add them to the shards, or train with --latent-weight 0"
             )
@@ -390,7 +390,7 @@ class MMLEStage:
             truth = self.recon.val_err.numpy()
             out["recon_spearman"] = {
                 key.removeprefix("recon_"): spearman(pred_r[:, j], truth[:, j])
-                for j, key in enumerate(RECON_KEYS[: truth.shape[1]])
+                for j, key in enumerate(RECON_TARGETS[: truth.shape[1]])
             }
         return out
 
@@ -417,7 +417,13 @@ class MMLEStage:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        chosen = self.model.recon_used.clone()
         _load_weights(self.model, state)
+        if not torch.equal(chosen, self.model.recon_used):
+            raise ConfigError(
+                "--lpips-recon differs from the one this MMLE checkpoint was trained with; "
+                "resume with the same choice, or move the mmle folder aside to start over"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(self.rng, state["rng"])
         # Keep the standardisation the weights were trained with, even if labels were added.
