@@ -163,6 +163,14 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
                 + ", ".join(f"{k} {v:.3f}" for k, v in between.items())
                 + ". DTSS acts on step-to-step changes, which the first figures describe.",
             ]
+        interval = mmle.get("spearman_bootstrap_90", {})
+        if interval:
+            lines += [
+                "",
+                "90% intervals of the pooled Spearman when whole trajectories are resampled: "
+                + ", ".join(f"{k} {low:.3f}-{high:.3f}" for k, (low, high) in interval.items())
+                + ".",
+            ]
     checks = summary.get("targets", {})
     if checks:
         lines += [

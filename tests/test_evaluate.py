@@ -1,0 +1,65 @@
+"""The tiny model's evaluation script: the interval it puts around MMLE's Spearman."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adadiff.training.mmle import spearman
+
+
+def _trajectories(count: int, calls: int, noise: float, seed: int = 0):
+    """Rows of ``count`` trajectories in three photos: a per-tile level plus a per-call trend,
+    and a prediction that gets both with Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    traj = np.repeat(np.arange(count), calls)
+    photo = traj % 3
+    truth = rng.normal(size=count)[traj] + np.tile(np.linspace(0, 1, calls), count)
+    pred = truth + noise * rng.normal(size=truth.shape)
+    return pred, truth, traj, photo
+
+
+def test_bootstrap_of_exact_predictions_is_one() -> None:
+    from benchmarks.evaluate_tiny import trajectory_bootstrap
+
+    _, truth, traj, photo = _trajectories(12, 5, 0.0)
+    assert trajectory_bootstrap(truth, truth, traj, photo, resamples=50) == pytest.approx((1, 1))
+
+
+def test_bootstrap_keeps_each_photos_count() -> None:
+    from benchmarks.evaluate_tiny import trajectory_bootstrap
+
+    # one trajectory per photo: every resample draws the same three, so no spread is left
+    pred, truth, traj, photo = _trajectories(3, 8, 1.0)
+    low, high = trajectory_bootstrap(pred, truth, traj, photo, resamples=50)
+    assert low == pytest.approx(spearman(pred, truth))
+    assert high == pytest.approx(low)
+
+
+def test_bootstrap_brackets_the_estimate_and_narrows_with_more_trajectories() -> None:
+    from benchmarks.evaluate_tiny import trajectory_bootstrap
+
+    widths = []
+    for count in (12, 240):
+        pred, truth, traj, photo = _trajectories(count, 6, 0.8, seed=count)
+        low, high = trajectory_bootstrap(pred, truth, traj, photo, resamples=300, seed=1)
+        assert low < spearman(pred, truth) < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2
+
+
+def test_model_card_reports_the_interval_and_says_when_none_was_recorded() -> None:
+    from adadiff.training.ship import _eval_section
+
+    mmle = {
+        "trajectories": 144,
+        "crop_weighting": "photo",
+        "spearman": {"psnr": 0.81, "lpips": 0.79},
+        "category_agreement": 0.95,
+        "spearman_bootstrap_90": {"psnr": [0.74, 0.86], "lpips": [0.7, 0.85]},
+    }
+    text = "\n".join(_eval_section({"summary": {"mmle": mmle}}))
+    assert "on 144 trajectories" in text and "psnr 0.810, lpips 0.790" in text
+    assert "resampled: psnr 0.740-0.860, lpips 0.700-0.850." in text
+    del mmle["spearman_bootstrap_90"]
+    assert "resampled" not in "\n".join(_eval_section({"summary": {"mmle": mmle}}))
