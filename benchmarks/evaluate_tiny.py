@@ -13,9 +13,9 @@
    rho per metric over all calls, with a 90% interval from resampling whole trajectories (with
    36 trajectories that interval was about 0.2 wide); and per step, whether the DTSS category
    computed from MMLE's gains equals the one from the oracle's gains on the same states
-   (teacher-forced). Separately,
-   regressor-driven runs from the same crops are compared call by call with the oracle-driven
-   ones (free-running: they part ways after the first different jump).
+   (teacher-forced). Separately, regressor-driven runs from the same crops are compared call by
+   call with the oracle-driven ones (free-running: they part ways after the first different
+   jump).
 3. The issue's targets, each marked met or missed.
 """
 
