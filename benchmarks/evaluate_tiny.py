@@ -335,7 +335,7 @@ def main() -> None:
         "--crops",
         type=int,
         default=144,
-        help="hold-out trajectories for MMLE (about 4.5 s each on 2 CPU cores)",
+        help="hold-out trajectories for MMLE (about 4.2 s each on 2 CPU cores)",
     )
     p.add_argument(
         "--crop-weighting",
