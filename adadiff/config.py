@@ -154,6 +154,30 @@ class MMLEConfig:
         return self.fr_index("lpips")
 
 
+COLOR_FIXES: tuple[str, ...] = ("none", "wavelet")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ColorFixConfig:
+    """Colour correction of decoded images against the bicubic-upscaled LR input.
+
+    ``wavelet`` keeps the decoded image's detail and takes its low frequencies (what ``levels``
+    dilated 3x3 blurs leave, scales above about 2**levels px) from the input: a latent
+    autoencoder shifts a tile's colour by an amount its latents do not show. The runtime
+    corrects its output this way and the MMLE oracle scores estimates corrected the same way,
+    so the scores describe what the output would be.
+    """
+
+    kind: str = "none"
+    levels: int = 5
+
+    def __post_init__(self) -> None:
+        if self.kind not in COLOR_FIXES:
+            raise ConfigError(f"color_fix kind must be one of {COLOR_FIXES}, got {self.kind!r}")
+        if not 1 <= self.levels <= 12:
+            raise ConfigError(f"color_fix levels must be in [1, 12], got {self.levels}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Everything that defines a model folder. ``unet`` and ``vae`` are diffusers config kwargs."""
@@ -171,6 +195,7 @@ class ModelConfig:
     pfj: PFJConfig = field(default_factory=PFJConfig)
     mmle: MMLEConfig = field(default_factory=MMLEConfig)
     uniform_interval: int = 20
+    color_fix: ColorFixConfig = field(default_factory=ColorFixConfig)
 
     def __post_init__(self) -> None:
         for name, cls in (
@@ -178,6 +203,7 @@ class ModelConfig:
             ("dtss", DTSSConfig),
             ("pfj", PFJConfig),
             ("mmle", MMLEConfig),
+            ("color_fix", ColorFixConfig),
         ):
             value = getattr(self, name)
             if isinstance(value, dict):

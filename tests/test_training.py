@@ -571,3 +571,35 @@ def test_shipped_tiny_weights_load_and_fit_the_budget():
     models = load_models("tiny")
     assert models.source == str(folder)
     assert Upscaler.from_pretrained("tiny").config == models.config
+
+
+def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
+    """With a colour fix configured, labels score what the runtime would output: the decoded
+    estimate corrected against the bicubic input, and the latent error likewise."""
+    from adadiff.config import ColorFixConfig
+    from adadiff.models.bundle import build_random
+    from adadiff.quality.oracle import score_images
+    from adadiff.runtime.colorfix import color_fix
+    from adadiff.training.labels import OracleScorer, encode_latents
+    from adadiff.training.pairs import PairStream
+
+    crops = PairStream(images, np.random.default_rng(0), size=cfg.tile_size, scale=4).batch(2)
+    x0 = np.random.default_rng(1).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    scores = {}
+    for kind in ("none", "wavelet"):
+        fixed_cfg = replace(cfg, color_fix=ColorFixConfig(kind=kind, levels=3))
+        models = build_random(fixed_cfg, seed=0)
+        lr = encode_latents(models, crops.up, 4)
+        scorer = OracleScorer(models, crops.up, lr, cfg.mmle.metrics)
+        scores[kind] = scorer(x0, lr, np.array([999.0, 500.0], np.float32))
+        decoded = scorer.decode(x0)
+        expected = color_fix(decoded, crops.up, fixed_cfg.color_fix)
+        for i in range(2):
+            np.testing.assert_allclose(
+                scores[kind][i], score_images(expected[i], crops.up[i], cfg.mmle.metrics), rtol=1e-5
+            )
+        lr_decoded = scorer.decode(lr)
+        corrected = color_fix(decoded, lr_decoded, fixed_cfg.color_fix)
+        mse = np.mean((corrected - lr_decoded) ** 2, axis=(1, 2, 3))
+        np.testing.assert_allclose(scorer.arrays()["latent_err"], np.log10(mse), rtol=1e-4)
+    assert not np.allclose(scores["none"], scores["wavelet"])

@@ -27,7 +27,9 @@ f32[n] (log10 MSE between decode(x0) and decode(LR latent)) and latent_lpips f32
 the same pair), and each shard holds, for its trajectories' crops and ``recon_crops`` more (one
 encode and decode each), recon_lr f32[R, C, s, s], recon_err f32[R] (log10 MSE of
 decode(encode(input)) against the input), recon_lpips f32[R] (LPIPS of that pair) and
-recon_photo i64[R]. A shard made before these were recorded gets them on the next run: its
+recon_photo i64[R]. With a colour fix in the config (``color_fix``), every decoded image is
+corrected against its reference before it is scored or compared, as the runtime's output is. A
+shard made before these were recorded gets them on the next run: its
 crops are re-drawn from its seed and must reproduce its stored LR latents.
 """
 
@@ -48,6 +50,7 @@ import torch
 from adadiff.config import DTSSConfig, MetricConfig, MetricKind, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import TorchModels
+from adadiff.runtime.colorfix import color_fix
 from adadiff.runtime.policy import Category, Decision, DTSSPolicy
 from adadiff.runtime.sampler import DenoiseNets, sample_tiles
 from adadiff.training.data import PhotoWeighting, check_weighting
@@ -146,6 +149,7 @@ class OracleScorer:
         cache_dir: str | Path | None = None,
     ) -> None:
         self.decoder = models.wrappers()["vae_decoder"]
+        self.color_fix = models.config.color_fix
         self.references = references  # [N, H, W, 3] in [0, 1], the bicubic-upscaled LR crops
         self.metrics = tuple(metrics)
         self.cache_dir = cache_dir
@@ -164,13 +168,17 @@ class OracleScorer:
     def __call__(self, x0: np.ndarray, lr: np.ndarray, t: np.ndarray) -> np.ndarray:
         from adadiff.quality.oracle import score_images
 
-        images = self.decode(x0)
-        scores = np.empty((len(x0), len(self.metrics)), dtype=np.float64)
         tiles = [self._tile[row.tobytes()] for row in lr]
+        decoded = self.decode(x0)
+        images = color_fix(decoded, self.references[tiles], self.color_fix)
+        scores = np.empty((len(x0), len(self.metrics)), dtype=np.float64)
         for k in tiles:
             if k not in self._lr_decoded:
                 self._lr_decoded[k] = self.decode(self._lr_latents[k : k + 1])[0]
-        errors = self.errors(images, np.stack([self._lr_decoded[k] for k in tiles]))
+        lr_decoded = np.stack([self._lr_decoded[k] for k in tiles])
+        # The latents' share of the error: the estimate corrected against the decoded LR latent,
+        # as the oracle corrects it against the input.
+        errors = self.errors(color_fix(decoded, lr_decoded, self.color_fix), lr_decoded)
         for key, values in errors.items():
             self.latent.setdefault(key, []).append(values)
         for i, (image, k) in enumerate(zip(images, tiles, strict=True)):
@@ -232,9 +240,13 @@ def reconstruction_errors(
     """(latents, errors of decode(encode(image)) against the image) for [N, H, W, 3] inputs."""
     latents = encode_latents(models, images, max_batch)
     decoder = models.wrappers()["vae_decoder"]
+    fix = models.config.color_fix
     return latents, _batched_errors(
         errors,
-        lambda rows: (decode_latents(decoder, latents[rows]), images[rows]),
+        lambda rows: (
+            color_fix(decode_latents(decoder, latents[rows]), images[rows], fix),
+            images[rows],
+        ),
         len(latents),
         max_batch,
     )
@@ -378,11 +390,15 @@ def latent_errors(
     """Errors between decode(x0) and decode(lr) per row (``latent_err``, ``latent_lpips``); the
     rows of one trajectory share their LR latent, decoded once."""
     decoder = models.wrappers()["vae_decoder"]
+    fix = models.config.color_fix
     trajs, first = np.unique(traj, return_index=True)
     lr_images, which = decode_latents(decoder, lr[first]), np.searchsorted(trajs, traj)
     err = _batched_errors(
         errors,
-        lambda rows: (decode_latents(decoder, x0[rows]), lr_images[which[rows]]),
+        lambda rows: (
+            color_fix(decode_latents(decoder, x0[rows]), lr_images[which[rows]], fix),
+            lr_images[which[rows]],
+        ),
         len(x0),
         max_batch,
     )

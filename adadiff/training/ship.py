@@ -310,7 +310,14 @@ def model_card(
         f"Also each call's latent error ({errors} between decode(x0) and decode(LR latent)) "
         "and, for every crop and more crops that run no trajectory, the VAE's reconstruction "
         f"error ({errors}) of the bicubic input: the FR scores carry both, and only the first "
-        "shows in the latents.",
+        "shows in the latents."
+        + (
+            f" Every decoded image is colour-corrected first ({cfg.color_fix.kind}, "
+            f"{cfg.color_fix.levels} levels: the low frequencies come from the image it is "
+            "compared with), as the runtime corrects its output."
+            if cfg.color_fix.kind != "none"
+            else ""
+        ),
         "- MMLE: L2 on standardised scores plus L2 on step-to-step changes of R_FR and R_NR, "
         + (
             f"plus L2 of its LR branch's estimate of the reconstruction error (weight "
