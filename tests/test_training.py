@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from adadiff.config import DTSSConfig, MetricConfig, MMLEConfig, ModelConfig, PFJConfig
+from adadiff.config import (
+    ColorFixConfig,
+    DTSSConfig,
+    MetricConfig,
+    MMLEConfig,
+    ModelConfig,
+    PFJConfig,
+)
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.presets import TINY_UNET, TINY_VAE
 from adadiff.training.checkpoint import list_checkpoints, load_latest, save_checkpoint
@@ -262,8 +269,12 @@ def test_label_shards_have_keys_and_shapes(tmp_path, unet_workdir, cfg, images):
         np.testing.assert_array_equal(npz["recon_photo"][npz["traj"]], npz["photo"])
         assert np.all(np.isfinite(npz["recon_err"])) and np.all(npz["recon_err"] < 0)
         assert npz["latent_err"].shape == (n,) and np.all(np.isfinite(npz["latent_err"]))
+        assert str(npz["color_fix"]) == "none"
     again = make_labels(cfg, workdir, lopts, images=images)
     assert again.made == 0 and again.upgraded == 0
+    corrected = replace(cfg, color_fix=ColorFixConfig(kind="wavelet", levels=3))
+    with pytest.raises(ModelFolderError, match="colour fix none, the config asks for wavelet:3"):
+        make_labels(corrected, workdir, lopts, images=images, names=names)
     data = load_shards(made.shards)
     assert len(np.unique(data["traj"])) == 4
     assert set(data["photo_name"].tolist()) <= set(names)
@@ -576,7 +587,6 @@ def test_shipped_tiny_weights_load_and_fit_the_budget():
 def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
     """With a colour fix configured, labels score what the runtime would output: the decoded
     estimate corrected against the bicubic input, and the latent error likewise."""
-    from adadiff.config import ColorFixConfig
     from adadiff.models.bundle import build_random
     from adadiff.quality.oracle import score_images
     from adadiff.runtime.colorfix import color_fix

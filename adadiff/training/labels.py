@@ -27,10 +27,12 @@ f32[n] (log10 MSE between decode(x0) and decode(LR latent)) and latent_lpips f32
 the same pair), and each shard holds, for its trajectories' crops and ``recon_crops`` more (one
 encode and decode each), recon_lr f32[R, C, s, s], recon_err f32[R] (log10 MSE of
 decode(encode(input)) against the input), recon_lpips f32[R] (LPIPS of that pair) and
-recon_photo i64[R]. With a colour fix in the config (``color_fix``), every decoded image is
-corrected against its reference before it is scored or compared, as the runtime's output is. A
-shard made before these were recorded gets them on the next run: its
+recon_photo i64[R]. A shard made before these were recorded gets them on the next run: its
 crops are re-drawn from its seed and must reproduce its stored LR latents.
+
+With a colour fix in the config (``color_fix``), every decoded image is corrected against its
+reference before it is scored or compared, as the runtime's output is; each shard records the
+fix (``color_fix``, e.g. ``wavelet:5``) and a run with another config refuses to reuse it.
 """
 
 from __future__ import annotations
@@ -374,6 +376,7 @@ def make_shard(
     errors = PixelErrors(cfg.mmle.metrics, cache_dir)
     arrays.update(recon_fields(models, images, index, opts, batch, errors))
     arrays["metrics"] = np.array([m.name for m in cfg.mmle.metrics])
+    arrays["color_fix"] = np.array(color_fix_tag(cfg))
     arrays["photos"] = np.array(list(names), dtype=str)
     arrays["weighting"] = np.array(opts.weighting)
     return arrays
@@ -503,6 +506,7 @@ def make_labels(
                 stopped = True
                 break
             if path.is_file():
+                _check_color_fix(path, cfg)
                 if not _has_error_fields(path, error_keys(cfg.mmle.metrics)):
                     add_error_fields(models, images, path, index, opts, names, cache_dir)
                     upgraded += 1
@@ -527,6 +531,23 @@ def make_labels(
                 progress(STAGE, index + 1, opts.shards)
     shards = [shard_path(folder, i) for i in range(opts.shards) if shard_path(folder, i).is_file()]
     return LabelResult(folder, shards, made, samples, elapsed, stopped, upgraded)
+
+
+def color_fix_tag(cfg: ModelConfig) -> str:
+    """How a shard's decoded images were corrected before scoring, e.g. ``wavelet:5``."""
+    fix = cfg.color_fix
+    return "none" if fix.kind == "none" else f"{fix.kind}:{fix.levels}"
+
+
+def _check_color_fix(path: Path, cfg: ModelConfig) -> None:
+    with np.load(path, allow_pickle=False) as npz:
+        # shards from before the option existed were scored uncorrected
+        stored = str(npz["color_fix"]) if "color_fix" in npz.files else "none"
+    if stored != color_fix_tag(cfg):
+        raise ModelFolderError(
+            f"{path} was scored with colour fix {stored}, the config asks for "
+            f"{color_fix_tag(cfg)}; move the labels folder away to make labels for this config"
+        )
 
 
 def _has_error_fields(path: Path, keys: Sequence[str]) -> bool:
