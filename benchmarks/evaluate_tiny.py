@@ -9,7 +9,8 @@
    against the original, BRISQUE of the output, UNet evaluations (tiles x steps).
 2. MMLE vs oracle: oracle-driven DTSS trajectories on tile-sized hold-out crops (144 by
    default, each photo equally likely: by pixel count, coffee would be most of them); at every UNet
-   call the oracle's scores of the decoded x0 and MMLE's prediction from the latents. Spearman's
+   call the oracle's scores of the decoded x0 (colour-corrected first when the model's config
+   asks for it, as its output is) and MMLE's prediction from the latents. Spearman's
    rho per metric over all calls, with a 90% interval from resampling whole trajectories (with
    36 trajectories that interval was about 0.2 wide); and per step, whether the DTSS category
    computed from MMLE's gains equals the one from the oracle's gains on the same states
@@ -335,7 +336,7 @@ def main() -> None:
         "--crops",
         type=int,
         default=144,
-        help="hold-out trajectories for MMLE (about 4.2 s each on 2 CPU cores)",
+        help="hold-out trajectories for MMLE (4 to 5 s each on 2 CPU cores)",
     )
     p.add_argument(
         "--crop-weighting",

@@ -7,17 +7,18 @@ differences matter as much as the scores. The runtime adds the configured signed
 scores, so ``baked_mmle`` folds the de-standardisation into the last linear layer: the shipped
 module outputs raw scores and needs no extra tensors.
 
-The FR scores compare the decoded x0 with the bicubic LR input, so across tiles their level is
-set largely by how well the VAE reconstructs that input, which the latents do not show. The
-labels record that error for every crop (``recon_lr``; ``recon_err``: log10 MSE; with LPIPS
-scored, ``recon_lpips``), and MMLE's LR branch (``MMLE.recon_error``) regresses it with its own
-L2 term (``recon_weight``, standardised log10, random rot90 and flips) before it enters the
+The FR scores compare the decoded x0 with the bicubic LR input, so across tiles their level is set
+largely by how well the VAE reconstructs that input, which the latents do not show (a colour fix in
+the config, ``color_fix``, takes the tile-wide part of that error out of the scores; the rest
+stays). The labels record that error for every crop (``recon_lr``; ``recon_err``: log10 MSE; with
+LPIPS scored, ``recon_lpips``), and MMLE's LR branch (``MMLE.recon_error``) regresses it with its
+own L2 term (``recon_weight``, standardised log10, random rot90 and flips) before it enters the
 head. Without that term the branch would be just more weights, learning from the few hundred
 trajectories. PSNR and LPIPS are built from that estimate and the head's latent part, whose own
 targets are the labels' ``latent_err`` and ``latent_lpips`` (``latent_weight``). For LPIPS the
 reconstruction part is by default the branch's training mean, not its per-crop estimate
-(``lpips_recon``): on photos the branch never saw, that estimate ranks the real reconstruction
-LPIPS at Spearman 0.66 only, and it made the LPIPS column rank worse than a constant did.
+(``lpips_recon``): on photos the branch never saw, that estimate ranks the real reconstruction LPIPS
+at Spearman 0.66 only, and it made the LPIPS column rank worse than a constant did.
 
 A share of whole trajectories (``val_fraction``) is held out, or, with ``val_photos``, every
 trajectory of the named photos: a photo the regressor never saw tells how it generalises, which
