@@ -3,7 +3,7 @@
 A latent autoencoder decodes a tile with a colour offset that depends on the whole tile (its
 normalisation layers see tile-wide statistics), so the output's colour drifts from the input's
 by an amount neither the latents nor MMLE can know. The bicubic-upscaled LR input holds the
-right low frequencies; the decoded image holds the detail the diffusion added. ``wavelet_fix``
+right low frequencies; the decoded image holds the detail the diffusion added. ``color_fix``
 keeps the image minus its low band and adds the reference's low band.
 
 Pure numpy on [..., H, W, C] arrays, so every backend and the oracle share it.
@@ -42,19 +42,28 @@ def low_band(image: np.ndarray, levels: int) -> np.ndarray:
     return out
 
 
-def wavelet_fix(image: np.ndarray, reference: np.ndarray, levels: int) -> np.ndarray:
-    """``image`` with its low band replaced by ``reference``'s, clipped to [0, 1]."""
-    if image.shape != reference.shape or image.ndim < 3:
+def band(image: np.ndarray, config: ColorFixConfig) -> np.ndarray | None:
+    """The part of [..., H, W, C] that the correction swaps: its low band, or None for ``none``.
+
+    A reference's band can be computed once and reused for every image corrected against it."""
+    return None if config.kind == "none" else low_band(image, config.levels)
+
+
+def swap_band(
+    image: np.ndarray, image_band: np.ndarray | None, reference_band: np.ndarray | None
+) -> np.ndarray:
+    """``image`` with its band replaced by the reference's, clipped to [0, 1] (bands from
+    ``band``; unchanged when the config corrects nothing)."""
+    if image_band is None or reference_band is None:
+        return image
+    if image.shape != reference_band.shape:
         raise ShapeError(
             f"colour correction needs an image and a reference of one shape [..., H, W, C], got "
-            f"{image.shape} and {reference.shape}"
+            f"{image.shape} and {reference_band.shape}"
         )
-    fixed = image - low_band(image, levels) + low_band(reference, levels)
-    return np.clip(fixed, 0.0, 1.0).astype(np.float32)
+    return np.clip(image - image_band + reference_band, 0.0, 1.0).astype(np.float32)
 
 
 def color_fix(image: np.ndarray, reference: np.ndarray, config: ColorFixConfig) -> np.ndarray:
     """The configured correction of [..., H, W, 3] images in [0, 1] against the bicubic input."""
-    if config.kind == "none":
-        return image
-    return wavelet_fix(image, reference, config.levels)
+    return swap_band(image, band(image, config), band(reference, config))

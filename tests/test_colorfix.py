@@ -7,7 +7,11 @@ import pytest
 
 from adadiff.config import ColorFixConfig, ModelConfig
 from adadiff.errors import ConfigError, ShapeError
-from adadiff.runtime.colorfix import color_fix, low_band, wavelet_fix
+from adadiff.runtime.colorfix import color_fix, low_band
+
+
+def wavelet_fix(image: np.ndarray, reference: np.ndarray, levels: int) -> np.ndarray:
+    return color_fix(image, reference, ColorFixConfig(kind="wavelet", levels=levels))
 
 
 def _smooth(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -52,7 +52,7 @@ import torch
 from adadiff.config import DTSSConfig, MetricConfig, MetricKind, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import TorchModels
-from adadiff.runtime.colorfix import color_fix
+from adadiff.runtime.colorfix import band, color_fix, swap_band
 from adadiff.runtime.policy import Category, Decision, DTSSPolicy
 from adadiff.runtime.sampler import DenoiseNets, sample_tiles
 from adadiff.training.data import PhotoWeighting, check_weighting
@@ -159,6 +159,8 @@ class OracleScorer:
         self._tile = {lat.tobytes(): k for k, lat in enumerate(lr_latents)}
         self._lr_latents = lr_latents
         self._lr_decoded: dict[int, np.ndarray] = {}
+        # per tile: the colour-fix bands of its input and of its decoded LR latent
+        self._bands: dict[int, tuple[np.ndarray | None, np.ndarray | None]] = {}
         self._calls: dict[int, int] = {}
         self.records: dict[str, list[Any]] = {k: [] for k in KEYS}
         self.errors = PixelErrors(self.metrics, cache_dir)
@@ -172,15 +174,27 @@ class OracleScorer:
 
         tiles = [self._tile[row.tobytes()] for row in lr]
         decoded = self.decode(x0)
-        images = color_fix(decoded, self.references[tiles], self.color_fix)
         scores = np.empty((len(x0), len(self.metrics)), dtype=np.float64)
         for k in tiles:
             if k not in self._lr_decoded:
-                self._lr_decoded[k] = self.decode(self._lr_latents[k : k + 1])[0]
+                lr_image = self.decode(self._lr_latents[k : k + 1])[0]
+                self._lr_decoded[k] = lr_image
+                # a tile's references are fixed, so their bands are computed once
+                self._bands[k] = (
+                    band(self.references[k], self.color_fix),
+                    band(lr_image, self.color_fix),
+                )
         lr_decoded = np.stack([self._lr_decoded[k] for k in tiles])
+        decoded_band = band(decoded, self.color_fix)
+
+        def corrected(which: int) -> np.ndarray:
+            bands = [self._bands[k][which] for k in tiles]
+            return swap_band(decoded, decoded_band, None if bands[0] is None else np.stack(bands))
+
+        images = corrected(0)
         # The latents' share of the error: the estimate corrected against the decoded LR latent,
         # as the oracle corrects it against the input.
-        errors = self.errors(color_fix(decoded, lr_decoded, self.color_fix), lr_decoded)
+        errors = self.errors(corrected(1), lr_decoded)
         for key, values in errors.items():
             self.latent.setdefault(key, []).append(values)
         for i, (image, k) in enumerate(zip(images, tiles, strict=True)):
