@@ -184,18 +184,11 @@ def regressor_runs(
     return result.steps_per_tile, policy.categories
 
 
-def trajectory_bootstrap(
-    pred: np.ndarray,
-    truth: np.ndarray,
-    traj: np.ndarray,
-    strata: np.ndarray,
-    *,
-    resamples: int = 1000,
-    level: float = 0.9,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile interval of the pooled Spearman's rho when whole trajectories are resampled
-    with replacement, each stratum (photo) keeping its count.
+def trajectory_resamples(
+    traj: np.ndarray, strata: np.ndarray, *, resamples: int = 1000, seed: int = 0
+) -> list[np.ndarray]:
+    """Row indices of ``resamples`` draws of whole trajectories with replacement, each stratum
+    (photo) keeping its count.
 
     Rows of one trajectory share a tile, so the tiles, not the rows, are the samples: with a
     few dozen tiles the pooled rho moves by about a tenth from one draw of tiles to the next."""
@@ -204,11 +197,19 @@ def trajectory_bootstrap(
     rows = {int(k): np.flatnonzero(traj == k) for k in ids}
     stratum = np.array([strata[rows[int(k)][0]] for k in ids])
     groups = [ids[stratum == g] for g in np.unique(stratum)]
-    rhos = []
+    draws = []
     for _ in range(resamples):
         picked = np.concatenate([rng.choice(g, len(g)) for g in groups])
-        r = np.concatenate([rows[int(k)] for k in picked])
-        rhos.append(spearman(pred[r], truth[r]))
+        draws.append(np.concatenate([rows[int(k)] for k in picked]))
+    return draws
+
+
+def trajectory_bootstrap(
+    pred: np.ndarray, truth: np.ndarray, draws: list[np.ndarray], *, level: float = 0.9
+) -> tuple[float, float]:
+    """Percentile interval of the pooled Spearman's rho over ``draws`` (from
+    ``trajectory_resamples``; one set of draws serves every metric)."""
+    rhos = [spearman(pred[r], truth[r]) for r in draws]
     tail = (1.0 - level) / 2 * 100
     low, high = np.nanpercentile(rhos, [tail, 100 - tail])
     return float(low), float(high)
@@ -261,9 +262,9 @@ def mmle_vs_oracle(
         for j, n in enumerate(names)
     }
     fr = [m.name for m in cfg.mmle.metrics if m.kind is MetricKind.FULL_REFERENCE]
+    draws = trajectory_resamples(rec["traj"], rec["photo"])
     interval = {
-        n: trajectory_bootstrap(pred[:, j], rec["scores"][:, j], rec["traj"], rec["photo"])
-        for j, n in enumerate(names)
+        n: trajectory_bootstrap(pred[:, j], rec["scores"][:, j], draws) for j, n in enumerate(names)
     }
 
     agree = total = agree_scored = total_scored = 0

@@ -19,30 +19,31 @@ def _trajectories(count: int, calls: int, noise: float, seed: int = 0):
     return pred, truth, traj, photo
 
 
-def test_bootstrap_of_exact_predictions_is_one() -> None:
-    from benchmarks.evaluate_tiny import trajectory_bootstrap
+def _interval(pred, truth, traj, photo, resamples: int, seed: int = 0) -> tuple[float, float]:
+    from benchmarks.evaluate_tiny import trajectory_bootstrap, trajectory_resamples
 
+    draws = trajectory_resamples(traj, photo, resamples=resamples, seed=seed)
+    return trajectory_bootstrap(pred, truth, draws)
+
+
+def test_bootstrap_of_exact_predictions_is_one() -> None:
     _, truth, traj, photo = _trajectories(12, 5, 0.0)
-    assert trajectory_bootstrap(truth, truth, traj, photo, resamples=50) == pytest.approx((1, 1))
+    assert _interval(truth, truth, traj, photo, resamples=50) == pytest.approx((1, 1))
 
 
 def test_bootstrap_keeps_each_photos_count() -> None:
-    from benchmarks.evaluate_tiny import trajectory_bootstrap
-
     # one trajectory per photo: every resample draws the same three, so no spread is left
     pred, truth, traj, photo = _trajectories(3, 8, 1.0)
-    low, high = trajectory_bootstrap(pred, truth, traj, photo, resamples=50)
+    low, high = _interval(pred, truth, traj, photo, resamples=50)
     assert low == pytest.approx(spearman(pred, truth))
     assert high == pytest.approx(low)
 
 
 def test_bootstrap_brackets_the_estimate_and_narrows_with_more_trajectories() -> None:
-    from benchmarks.evaluate_tiny import trajectory_bootstrap
-
     widths = []
     for count in (12, 240):
         pred, truth, traj, photo = _trajectories(count, 6, 0.8, seed=count)
-        low, high = trajectory_bootstrap(pred, truth, traj, photo, resamples=300, seed=1)
+        low, high = _interval(pred, truth, traj, photo, resamples=300, seed=1)
         assert low < spearman(pred, truth) < high
         widths.append(high - low)
     assert widths[1] < widths[0] / 2
