@@ -89,7 +89,8 @@ class DTSSConfig:
     """Dynamic time-step skipping: every number of the policy lives here, none in code."""
 
     tau: float = 5e-3
-    growth_split: float = 4.0  # growth uses the smallest tier while g_NR < growth_split * tau
+    # growth takes tiers[1] while g_NR < growth_split * tau, the smallest tier tiers[0] after
+    growth_split: float = 4.0
     tiers: tuple[int, int, int, int] = (5, 10, 15, 20)  # growth-small, growth, stable, stable-flat
     nr_start_t: int = 500  # NR gains and saturation exits only once t < nr_start_t
     t_start: int = 999

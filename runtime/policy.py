@@ -4,7 +4,8 @@ DTSS (dynamic time-step skipping) maps a tile's gains at timestep t to its next 
 
 - saturated: t < nr_start_t and g_NR <= -tau -> exit now, keeping the best x0 seen since
   t < nr_start_t (the sampler keeps it);
-- growth: g_FR >= tau and g_NR >= tau -> tiers[0] while g_NR < growth_split * tau, else tiers[1];
+- growth: g_FR >= tau and g_NR >= tau -> tiers[1] while g_NR < growth_split * tau, else tiers[0]
+  (the faster the no-reference score grows, the finer the steps);
 - stable: anything else -> tiers[3] while |g_FR| < tau, else tiers[2].
 """
 
@@ -72,7 +73,7 @@ def dtss_decide(t: int, g_fr: float, g_nr: float, cfg: DTSSConfig) -> Decision:
     if t < cfg.nr_start_t and g_nr <= -tau:
         return Decision(Category.SATURATED, None)
     if g_fr >= tau and g_nr >= tau:
-        return Decision(Category.GROWTH, small if g_nr < cfg.growth_split * tau else growth)
+        return Decision(Category.GROWTH, growth if g_nr < cfg.growth_split * tau else small)
     return Decision(Category.STABLE, flat if abs(g_fr) < tau else stable)
 
 
@@ -105,4 +106,29 @@ class UniformPolicy:
             raise ValueError(f"interval must be >= 1, got {self.interval}")
 
     def decide(self, tile: int, t: int, g_fr: float, g_nr: float) -> Decision:
+        return Decision(Category.STABLE, self.interval)
+
+
+@dataclass(frozen=True)
+class FixedExitPolicy:
+    """The simplest adaptive-free early exit: every tile jumps by ``interval`` and exits at its
+    first step with t < ``exit_below``, returning that step's clean estimate. No MMLE calls.
+
+    The baseline an adaptive schedule has to beat at equal cost: on a model whose late steps
+    add grain, stopping every tile at the same point is already most of the gain.
+    """
+
+    interval: int
+    exit_below: int
+    needs_scores: bool = False
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ValueError(f"interval must be >= 1, got {self.interval}")
+        if self.exit_below < 1:
+            raise ValueError(f"exit_below must be >= 1, got {self.exit_below}")
+
+    def decide(self, tile: int, t: int, g_fr: float, g_nr: float) -> Decision:
+        if t < self.exit_below:
+            return Decision(Category.SATURATED, None)
         return Decision(Category.STABLE, self.interval)

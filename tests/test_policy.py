@@ -22,10 +22,11 @@ TAU = CFG.tau
         # second half
         (499, 0.0, -TAU, Category.SATURATED, None),
         (100, 0.9, -0.2, Category.SATURATED, None),
-        (499, TAU, TAU, Category.GROWTH, 5),
-        (300, 0.3, 4 * TAU - 1e-6, Category.GROWTH, 5),
-        (300, 0.3, 4 * TAU, Category.GROWTH, 10),
-        (300, 0.3, 0.5, Category.GROWTH, 10),
+        # growth: 10 while realism grows slowly, 5 once g_NR >= 4 tau (DESIGN.md)
+        (499, TAU, TAU, Category.GROWTH, 10),
+        (300, 0.3, 4 * TAU - 1e-6, Category.GROWTH, 10),
+        (300, 0.3, 4 * TAU, Category.GROWTH, 5),
+        (300, 0.3, 0.5, Category.GROWTH, 5),
         (300, TAU - 1e-6, 0.5, Category.STABLE, 20),
         (300, -0.3, 0.5, Category.STABLE, 15),
         (300, 0.3, TAU - 1e-6, Category.STABLE, 15),
@@ -41,8 +42,8 @@ def test_dtss_table(t, g_fr, g_nr, category, interval):
 
 def test_policy_numbers_come_from_config():
     cfg = DTSSConfig(tau=0.1, tiers=(2, 3, 7, 11), growth_split=2.0, nr_start_t=800)
-    assert dtss_decide(700, 0.15, 0.15, cfg).interval == 2
-    assert dtss_decide(700, 0.15, 0.25, cfg).interval == 3
+    assert dtss_decide(700, 0.15, 0.15, cfg).interval == 3
+    assert dtss_decide(700, 0.15, 0.25, cfg).interval == 2
     assert dtss_decide(700, 0.05, 0.0, cfg).interval == 11
     assert dtss_decide(700, 0.5, 0.0, cfg).interval == 7
     assert dtss_decide(700, 0.0, -0.1, cfg).category is Category.SATURATED

@@ -206,3 +206,35 @@ def test_grouping_changes_calls_not_results(grouping):
         assert all(len(c) == 1 for c in calls)
     else:
         assert all(len(set(c.tolist())) == 1 for c in calls)
+
+
+def test_real_policy_walks_every_category_through_the_sampler():
+    """Scores scripted so that DTSS, in the real loop, takes stable 20 and 15, growth 10 and 5,
+    then exits saturated; the UNet calls must land on exactly the timesteps those jumps give."""
+    cfg = DTSSConfig()
+    psnr_w, brisque_w = DEFAULT_METRICS[0].weight, DEFAULT_METRICS[4].weight
+    r = {"fr": 0.0, "nr": 0.0, "late": 0}
+
+    def scores(x0, lr, t):
+        (step_t,) = t.astype(int)
+        if step_t == 979:
+            r["fr"] += 0.5  # |g_FR| >= tau in the first half: stable, 15
+        elif step_t < cfg.nr_start_t:
+            r["late"] += 1
+            d_fr, d_nr = {1: (0.1, 0.01), 2: (0.1, 0.1), 3: (0.0, -0.1)}[r["late"]]
+            r["fr"], r["nr"] = r["fr"] + d_fr, r["nr"] + d_nr
+        out = np.zeros((1, 6), np.float32)
+        out[0, 0], out[0, 4] = r["fr"] / psnr_w, r["nr"] / brisque_w
+        return out
+
+    expected = [999, 979, 964]
+    while expected[-1] - 20 >= cfg.nr_start_t:
+        expected.append(expected[-1] - 20)
+    expected.append(expected[-1] - 20)  # the first second-half step: growth, g_NR < 4 tau
+    expected += [expected[-1] - 10, expected[-1] - 15]  # growth 10, then growth 5
+    calls: list = []
+    res, _, _ = run(1, DTSSPolicy(cfg), scores=scores, calls=calls)
+    assert [int(c[0]) for c in calls] == expected
+    assert expected[-1] - expected[-2] == -5
+    assert res.exits == ["saturated"]
+    assert res.categories == {"stable": len(expected) - 3, "growth": 2, "saturated": 1}
