@@ -220,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.set_defaults(func=cmd_setup_metrics)
 
     # Local import: adadiff.training loads scipy and Pillow, which other commands do not need.
-    from adadiff.training.cli import add_train_parser
+    from adadiff.training.cli import add_calibrate_parser, add_train_parser
 
     add_train_parser(sub)
+    add_calibrate_parser(sub)
 
     bd = sub.add_parser(
         "build", help="build TensorRT engines from an export folder (needs tensorrt and a GPU)"

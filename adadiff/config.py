@@ -84,6 +84,9 @@ class NoiseScheduleConfig:
             )
 
 
+EXIT_GAINS: tuple[str, ...] = ("nr", "total")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DTSSConfig:
     """Dynamic time-step skipping: every number of the policy lives here, none in code."""
@@ -94,6 +97,10 @@ class DTSSConfig:
     tiers: tuple[int, int, int, int] = (5, 10, 15, 20)  # growth-small, growth, stable, stable-flat
     nr_start_t: int = 500  # NR gains and saturation exits only once t < nr_start_t
     t_start: int = 999
+    # Which gain the saturated exit watches: "nr" (the paper: g_NR <= -tau) or "total" (the
+    # gain of R_FR + R_NR <= -tau, for weights calibrated to estimate quality as a whole;
+    # adadiff.training.calibrate).
+    exit_on: str = "nr"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tiers", tuple(int(v) for v in self.tiers))
@@ -105,6 +112,8 @@ class DTSSConfig:
             raise ConfigError(f"growth_split must be >= 1, got {self.growth_split}")
         if self.t_start < 1:
             raise ConfigError(f"t_start must be >= 1, got {self.t_start}")
+        if self.exit_on not in EXIT_GAINS:
+            raise ConfigError(f"exit_on must be one of {EXIT_GAINS}, got {self.exit_on!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

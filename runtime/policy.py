@@ -2,8 +2,9 @@
 
 DTSS (dynamic time-step skipping) maps a tile's gains at timestep t to its next jump:
 
-- saturated: t < nr_start_t and g_NR <= -tau -> exit now, keeping the best x0 seen since
-  t < nr_start_t (the sampler keeps it);
+- saturated: t < nr_start_t and g_NR <= -tau (or, with ``exit_on = "total"``, the gain of
+  R_FR + R_NR <= -tau) -> exit now, keeping the best x0 seen since t < nr_start_t (the sampler
+  keeps it);
 - growth: g_FR >= tau and g_NR >= tau -> tiers[1] while g_NR < growth_split * tau, else tiers[0]
   (the faster the no-reference score grows, the finer the steps);
 - stable: anything else -> tiers[3] while |g_FR| < tau, else tiers[2].
@@ -67,10 +68,18 @@ def gains(
     return g_fr, g_nr
 
 
+def exit_gain(g_fr: float, g_nr: float, cfg: DTSSConfig) -> float:
+    """The gain the saturated exit watches: g_NR (the paper) or, with ``exit_on = "total"``,
+    tanh(dR_FR + dR_NR), which the tanh addition formula gives from the two gains."""
+    if cfg.exit_on == "nr":
+        return g_nr
+    return (g_fr + g_nr) / (1.0 + g_fr * g_nr)
+
+
 def dtss_decide(t: int, g_fr: float, g_nr: float, cfg: DTSSConfig) -> Decision:
     tau = cfg.tau
     small, growth, stable, flat = cfg.tiers
-    if t < cfg.nr_start_t and g_nr <= -tau:
+    if t < cfg.nr_start_t and exit_gain(g_fr, g_nr, cfg) <= -tau:
         return Decision(Category.SATURATED, None)
     if g_fr >= tau and g_nr >= tau:
         return Decision(Category.GROWTH, growth if g_nr < cfg.growth_split * tau else small)

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from adadiff.config import DTSSConfig, MetricConfig, MetricKind
-from adadiff.runtime.policy import Category, dtss_decide, gains, quality
+from adadiff.errors import ConfigError
+from adadiff.runtime.policy import Category, dtss_decide, exit_gain, gains, quality
 
 CFG = DTSSConfig()
 TAU = CFG.tau
@@ -64,3 +65,20 @@ def test_gains():
     assert g_fr == pytest.approx(math.tanh(0.2))
     assert g_nr == pytest.approx(math.tanh(1.0))
     assert gains(r2, r1, 700, CFG) == (pytest.approx(math.tanh(0.2)), 0.0)
+
+
+def test_exit_on_total_watches_the_sum_of_both_gains():
+    cfg = DTSSConfig(exit_on="total")
+    # tanh(a + b) from tanh(a) and tanh(b): the exit sees the change of R_FR + R_NR
+    a, b = 0.02, -0.03
+    assert exit_gain(math.tanh(a), math.tanh(b), cfg) == pytest.approx(math.tanh(a + b))
+    # the paper's rule would not exit here (g_NR > -tau); the total falls by more than tau
+    assert dtss_decide(300, -0.02, 0.0, CFG).category is Category.STABLE
+    assert dtss_decide(300, -0.02, 0.0, cfg).category is Category.SATURATED
+    # and the total rising while R_NR falls keeps the tile going
+    assert dtss_decide(300, 0.05, -0.01, CFG).category is Category.SATURATED
+    assert dtss_decide(300, 0.05, -0.01, cfg).category is Category.STABLE
+    # first half: never an exit
+    assert dtss_decide(700, -0.5, 0.0, cfg).category is Category.STABLE
+    with pytest.raises(ConfigError, match="exit_on"):
+        DTSSConfig(exit_on="fr")

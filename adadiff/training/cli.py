@@ -356,3 +356,114 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``adadiff calibrate MODEL_DIR``: fit DTSS's metric weights, tau and second-half start."""
+    p = subparsers.add_parser(
+        "calibrate",
+        help="fit a model folder's DTSS weights and tau on tuning photos (writes adadiff.json)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", type=Path, help="model folder whose adadiff.json is calibrated")
+    p.add_argument(
+        "--photos",
+        help="comma-separated tuning photos (default: every training photo; hold-out refused)",
+    )
+    p.add_argument("--crops", type=positive, default=6, help="tile-sized crops per photo")
+    p.add_argument("--seeds", type=positive, default=1, help="noise seeds per crop")
+    p.add_argument("--interval", type=positive, default=20, help="jump of the recorded runs")
+    p.add_argument("--budget", type=float, help="most UNet evaluations per tile on average")
+    p.add_argument("--crop-seed", type=int, default=0)
+    p.add_argument("--max-batch", type=positive, default=16)
+    p.add_argument("--threads", type=positive, help="torch CPU threads")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the result, leave adadiff.json unchanged"
+    )
+    p.set_defaults(func=cmd_calibrate)
+    return p
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+    import torch
+
+    from adadiff.config import CONFIG_FILE, ModelConfig
+    from adadiff.errors import ConfigError
+    from adadiff.models.bundle import load_folder
+    from adadiff.training.calibrate import calibrate, record
+    from adadiff.training.data import HOLDOUT, find_photo, load_photo
+    from adadiff.training.loop import numpy_rng
+    from adadiff.training.pairs import Batch, PairStream, photo_names
+
+    folder = args.model
+    if not (folder / CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{folder} has no {CONFIG_FILE}: give a model folder (calibrate rewrites its config; "
+            "copy adadiff/weights/tiny to calibrate the built-in model)"
+        )
+    names = args.photos.split(",") if args.photos else photo_names("train")
+    held = sorted(set(names) & set(HOLDOUT))
+    if held:
+        raise ConfigError(
+            f"--photos includes hold-out photos {held}: they are kept for evaluation; tune on "
+            "training photos"
+        )
+    if len(names) < 2:
+        raise ConfigError("--photos needs at least two photos (each is left out in turn)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = load_folder(folder)
+    cfg = models.config
+    parts = []
+    for k, name in enumerate(names):
+        stream = PairStream(
+            [load_photo(find_photo(name))],
+            numpy_rng(args.crop_seed, 902, k),
+            size=cfg.tile_size,
+            scale=cfg.upscale,
+        )
+        batch = stream.batch(args.crops)
+        batch.photo[:] = k
+        parts.append(batch)
+    crops = Batch(
+        *(np.concatenate([getattr(b, f) for b in parts]) for f in ("hr", "lr", "up", "photo"))
+    )
+    print(
+        f"recording {len(crops.hr)} crops x {args.seeds} seeds from {len(names)} photos, "
+        f"jumps of {args.interval}",
+        file=sys.stderr,
+        flush=True,
+    )
+    traj = record(
+        models,
+        crops,
+        seeds=args.seeds,
+        interval=args.interval,
+        max_batch=args.max_batch,
+        progress=lambda done, total: print(f"seed {done}/{total} recorded", file=sys.stderr),
+    )
+    metrics, dtss, report = calibrate(traj, cfg.mmle.metrics, cfg.dtss, budget=args.budget)
+    new = ModelConfig.from_dict(
+        {**cfg.to_dict(), "dtss": dtss, "mmle": {**cfg.to_dict()["mmle"], "metrics": metrics}}
+    )
+    c, ref = report["choice"], report["reference"]
+    print(
+        f"tau {c['tau']:g}, second half from t < {c['nr_start_t']}, exit on the total gain; "
+        f"replayed on photos the weights did not see: LPIPS {c['lpips']:.4f} at "
+        f"{c['steps']:.1f} steps per tile (last estimate {ref['last_estimate']:.4f}, fixed exit "
+        f"at t < 400 {ref['fixed_exit_t<400']:.4f}, best second-half estimate "
+        f"{ref['best_second_half_estimate']:.4f})"
+    )
+    print("weights: " + ", ".join(f"{m.name} {m.weight:+.4g}" for m in metrics))
+    report["photos"] = names
+    report["before"] = {"dtss": cfg.to_dict()["dtss"], "metrics": cfg.to_dict()["mmle"]["metrics"]}
+    report["argv"] = sys.argv[1:]
+    if args.dry_run:
+        return 0
+    new.save(folder)
+    (folder / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {folder / CONFIG_FILE} and {folder / 'calibration.json'}")
+    return 0

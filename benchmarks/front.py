@@ -1,0 +1,625 @@
+"""The quality/compute front: is the adaptive schedule worth its decisions?
+
+    python -m benchmarks.front --out runs/front [--model tiny] [--seeds 3] [--crops 16]
+    adadiff bench front --out runs/front ...
+
+On tile-sized crops of the hold-out photos (bicubic x4 degradation; never trained or tuned on),
+every schedule runs through the runtime's own sampler from the same noise, one crop per tile:
+
+- uniform schedules (intervals 200 .. 5: 5 to 200 UNet evaluations per tile);
+- the fixed early exit: jumps of ``--exit-interval``, every tile stops at its first step with
+  t < ``--exit-below`` and returns that step's clean estimate (no MMLE);
+- DTSS driven by MMLE, with the model's own calibration and with each ``--dtss NAME=FILE``
+  (an ``adadiff.json`` or a JSON holding its ``dtss`` and ``mmle.metrics``);
+- DTSS driven by the oracle (the real metrics of each decoded estimate, what MMLE is trained to
+  predict: the upper bound of the regressor) on ``--oracle-seeds`` seeds.
+
+Each output tile is colour-corrected as the Upscaler corrects its output and scored against the
+HR crop: LPIPS, PSNR, SSIM, and BRISQUE (no reference). Intervals are 90% percentile intervals
+from resampling crops (within each photo) and seeds together; differences between two schedules
+are paired (same crops, same seeds). The JSON also holds the diagnostics: each adaptive run's
+gains per timestep band against tau, how often each category fires, and whether the tiles that
+gain from more steps (LPIPS at 20 against 200 steps) are the ones DTSS gives more steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adadiff.config import DTSSConfig, MetricConfig, ModelConfig
+from adadiff.models.bundle import TorchModels, describe, load_models
+from adadiff.quality.brisque import brisque
+from adadiff.quality.lpips import load_lpips
+from adadiff.quality.metrics import psnr, ssim
+from adadiff.runtime.colorfix import color_fix
+from adadiff.runtime.policy import (
+    Decision,
+    DTSSPolicy,
+    FixedExitPolicy,
+    StepPolicy,
+    UniformPolicy,
+)
+from adadiff.runtime.sampler import sample_tiles
+from adadiff.training.data import find_photo, load_photo
+from adadiff.training.labels import OracleScorer, decode_latents, denoise_nets, encode_latents
+from adadiff.training.loop import numpy_rng
+from adadiff.training.mmle import spearman
+from adadiff.training.pairs import Batch, PairStream
+from benchmarks.machine import machine, weights_of
+
+log = logging.getLogger("adadiff")
+
+HOLDOUT_PHOTOS = ("chelsea", "coffee", "gravel")
+UNIFORM_INTERVALS = (200, 100, 50, 20, 10, 5)
+# Timestep bands of the gain diagnostics: (low, high], first band holds t = 0.
+BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
+QUALITY_KEYS = ("lpips", "psnr", "ssim", "brisque")
+START, END = "<!-- front:start -->", "<!-- front:end -->"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One schedule of the front: a label, how it decides, and what scores it."""
+
+    label: str
+    kind: str  # uniform | fixed-exit | mmle | oracle
+    policy: Callable[[], StepPolicy]
+    metrics: tuple[MetricConfig, ...] = ()
+    dtss: DTSSConfig | None = None
+    seeds: int | None = None  # None: every seed
+
+
+@dataclass
+class Recorder:
+    """Wraps a policy: every decision with its tile, timestep and gains."""
+
+    inner: StepPolicy
+    rows: list[tuple[int, int, float, float, str]] = field(default_factory=list)
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.inner.needs_scores
+
+    def decide(self, tile: int, t: int, g_fr: float, g_nr: float) -> Decision:
+        d = self.inner.decide(tile, t, g_fr, g_nr)
+        self.rows.append((tile, t, g_fr, g_nr, d.category.value))
+        return d
+
+
+def holdout_crops(model: ModelConfig, photos: Sequence[str], crops: int, seed: int) -> Batch:
+    """``crops`` tile-sized bicubic x4 crops of each photo (no augmentation beyond the crop)."""
+    parts = []
+    for k, name in enumerate(photos):
+        image = load_photo(find_photo(name))
+        stream = PairStream([image], numpy_rng(seed, 901, k), size=model.tile_size)
+        b = stream.batch(crops)
+        b.photo[:] = k
+        parts.append(b)
+    return Batch(
+        *(np.concatenate([getattr(b, f) for b in parts]) for f in ("hr", "lr", "up", "photo"))
+    )
+
+
+def load_dtss(path: Path, base: ModelConfig) -> tuple[DTSSConfig, tuple[MetricConfig, ...]]:
+    """The DTSS numbers and metric weights of an ``adadiff.json`` (or a part of one)."""
+    data = json.loads(Path(path).read_text())
+    dtss = DTSSConfig(**data["dtss"]) if "dtss" in data else base.dtss
+    metrics = base.mmle.metrics
+    if "mmle" in data and "metrics" in data["mmle"]:
+        metrics = tuple(MetricConfig(**m) for m in data["mmle"]["metrics"])
+        if [m.name for m in metrics] != [m.name for m in base.mmle.metrics]:
+            raise SystemExit(f"{path}: its metrics must be the model's, in the same order")
+    return dtss, metrics
+
+
+def methods(args: argparse.Namespace, cfg: ModelConfig) -> list[Method]:
+    out = [
+        Method(f"uniform-{-(-cfg.dtss.t_start // k)}", "uniform", lambda k=k: UniformPolicy(k))
+        for k in args.uniform
+    ]
+    for interval, below in args.exit:
+        out.append(
+            Method(
+                f"exit-{interval}@{below}",
+                "fixed-exit",
+                lambda i=interval, b=below: FixedExitPolicy(i, b),
+            )
+        )
+    calibrations = [("model", cfg.dtss, cfg.mmle.metrics)]
+    calibrations += [(name, *load_dtss(path, cfg)) for name, path in args.dtss]
+    for name, dtss, metrics in calibrations:
+        out.append(Method(f"dtss-mmle-{name}", "mmle", lambda d=dtss: DTSSPolicy(d), metrics, dtss))
+    if args.oracle_seeds:
+        out.append(
+            Method(
+                "dtss-oracle-model",
+                "oracle",
+                lambda: DTSSPolicy(cfg.dtss),
+                cfg.mmle.metrics,
+                cfg.dtss,
+                seeds=args.oracle_seeds,
+            )
+        )
+    return out
+
+
+class Scorer:
+    """Decode, colour-correct like the Upscaler, and score tiles against their HR crops."""
+
+    def __init__(self, models: TorchModels, crops: Batch) -> None:
+        self.decoder = models.wrappers()["vae_decoder"]
+        self.fix = models.config.color_fix
+        self.crops = crops
+        self.lpips = load_lpips()
+        self._hr = self._tensor(crops.hr)
+
+    @staticmethod
+    def _tensor(images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))) * 2.0 - 1.0
+
+    def images(self, latents: np.ndarray) -> np.ndarray:
+        parts = [
+            decode_latents(self.decoder, latents[i : i + 16]) for i in range(0, len(latents), 16)
+        ]
+        return color_fix(np.concatenate(parts), self.crops.up, self.fix)
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            lp = self.lpips(self._tensor(images), self._hr).numpy().astype(np.float64)
+        hr = self.crops.hr
+        return {
+            "lpips": lp,
+            "psnr": np.array([psnr(a, b) for a, b in zip(images, hr, strict=True)]),
+            "ssim": np.array([ssim(a, b) for a, b in zip(images, hr, strict=True)]),
+            "brisque": np.array([brisque(a) for a in images]),
+        }
+
+
+def mmle_score(models: TorchModels) -> Callable[..., np.ndarray]:
+    mmle = models.wrappers()["mmle"]
+
+    def score(x0: np.ndarray, lr: np.ndarray, t: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return mmle(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x0, lr, t))).numpy()
+
+    return score
+
+
+def run_method(
+    method: Method, models: TorchModels, crops: Batch, lr: np.ndarray, seed: int, max_batch: int
+) -> dict[str, Any]:
+    cfg = models.config
+    dtss = method.dtss or cfg.dtss
+    metrics = method.metrics or cfg.mmle.metrics
+    policy = Recorder(method.policy())
+    if method.kind == "oracle":
+        score: Callable[..., np.ndarray] = OracleScorer(models, crops.up, lr, metrics)
+    else:
+        score = mmle_score(models)
+    calls: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def scored(x0: np.ndarray, lr_: np.ndarray, t: np.ndarray) -> np.ndarray:
+        out = score(x0, lr_, t)
+        calls.append((t.copy(), np.asarray(out, np.float64)))
+        return out
+
+    start = time.perf_counter()
+    result = sample_tiles(
+        lr,
+        denoise_nets(models, scored),
+        policy,
+        noise=cfg.noise,
+        dtss=dtss,
+        metrics=metrics,
+        gain_dim=cfg.pfj.gain_dim,
+        seed=seed,
+        max_batch=max_batch,
+    )
+    return {
+        "latents": result.latents,
+        "steps": np.array(result.steps_per_tile),
+        "exits": result.exits,
+        "decisions": policy.rows,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def bootstrap_mean(
+    values: np.ndarray, strata: np.ndarray, *, draws: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of [seeds, crops] values and its 90% interval: crops resampled within each stratum
+    (photo) and seeds resampled, together."""
+    rng = np.random.default_rng(seed)
+    values = np.asarray(values, np.float64)
+    groups = [np.flatnonzero(strata == g) for g in np.unique(strata)]
+    stats = np.empty(draws)
+    for d in range(draws):
+        s = rng.integers(0, values.shape[0], values.shape[0])
+        c = np.concatenate([rng.choice(g, len(g)) for g in groups])
+        stats[d] = values[np.ix_(s, c)].mean()
+    low, high = np.percentile(stats, [5, 95])
+    return float(values.mean()), float(low), float(high)
+
+
+def gain_diagnostics(
+    decisions: list[tuple[int, int, float, float, str]], dtss: DTSSConfig
+) -> dict[str, Any]:
+    """Quantiles of g_FR and g_NR per timestep band, the share of |g| >= tau, and categories."""
+    if not decisions:
+        return {}
+    t = np.array([d[1] for d in decisions])
+    g = {"g_fr": np.array([d[2] for d in decisions]), "g_nr": np.array([d[3] for d in decisions])}
+    cats = [d[4] for d in decisions]
+    bands = []
+    for low, high in BANDS:
+        rows = (t > low) & (t <= high) if low else (t >= 0) & (t <= high)
+        entry: dict[str, Any] = {"t": [low, high], "steps": int(rows.sum())}
+        for key, values in g.items():
+            v = values[rows] if rows.any() else np.zeros(1)
+            entry[key] = {
+                "q05_q50_q95": [float(x) for x in np.percentile(v, [5, 50, 95])],
+                "share_above_tau": float(np.mean(v >= dtss.tau)),
+                "share_below_minus_tau": float(np.mean(v <= -dtss.tau)),
+            }
+        entry["categories"] = {
+            c: int(sum(1 for i in np.flatnonzero(rows) if cats[i] == c))
+            for c in ("growth", "stable", "saturated")
+        }
+        bands.append(entry)
+    counts = {c: cats.count(c) for c in ("growth", "stable", "saturated")}
+    return {
+        "tau": dtss.tau,
+        "steps": len(cats),
+        "categories": counts,
+        "growth_share": counts["growth"] / len(cats),
+        "bands": bands,
+    }
+
+
+def summarize(
+    rows: dict[str, dict[str, np.ndarray]],
+    steps: dict[str, np.ndarray],
+    strata: np.ndarray,
+    photos: Sequence[str],
+) -> dict[str, Any]:
+    """Per method: mean steps per tile and each quality key, pooled and per photo, with
+    intervals; and paired LPIPS differences against the best uniform schedule that costs no
+    more and against every fixed exit."""
+    out: dict[str, Any] = {}
+    for label, q in rows.items():
+        entry: dict[str, Any] = {"steps_per_tile": float(steps[label].mean())}
+        for key in QUALITY_KEYS:
+            entry[key] = bootstrap_mean(q[key], strata)
+            entry[f"{key}_per_photo"] = {
+                name: bootstrap_mean(q[key][:, strata == k], strata[strata == k])
+                for k, name in enumerate(photos)
+            }
+        out[label] = entry
+    uniform = [m for m in out if m.startswith("uniform-")]
+    for label, entry in out.items():
+        if label in uniform:
+            continue
+        n = rows[label]["lpips"].shape[0]
+        cheaper = [u for u in uniform if out[u]["steps_per_tile"] <= entry["steps_per_tile"]]
+        if cheaper:
+            best = min(cheaper, key=lambda u: out[u]["lpips"][0])
+            diff = rows[label]["lpips"] - rows[best]["lpips"][:n]
+            entry["vs_best_uniform"] = {"method": best, "lpips_diff": bootstrap_mean(diff, strata)}
+        entry["vs_fixed_exit"] = {
+            e: bootstrap_mean(rows[label]["lpips"] - rows[e]["lpips"][:n], strata)
+            for e in out
+            if e.startswith("exit-") and e != label
+        }
+    reference = "uniform-200" if "uniform-200" in out else None
+    if reference:
+        ref = out[reference]["lpips"][0]
+        for entry in out.values():
+            entry["reaches_uniform_200_lpips"] = entry["lpips"][0] <= ref
+            entry["steps_vs_uniform_200"] = (
+                entry["steps_per_tile"] / out[reference]["steps_per_tile"]
+            )
+    return out
+
+
+def gain_from_steps(
+    rows: dict[str, dict[str, np.ndarray]], steps: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """Per tile (and seed): LPIPS at 20 steps minus LPIPS at 200 steps (positive: more steps
+    help), and its Spearman rho with each adaptive schedule's steps per tile."""
+    if "uniform-20" not in rows or "uniform-200" not in rows:
+        return {}
+    gain = (rows["uniform-20"]["lpips"] - rows["uniform-200"]["lpips"]).ravel()
+    out: dict[str, Any] = {
+        "mean": float(gain.mean()),
+        "share_positive": float(np.mean(gain > 0)),
+        "q05_q50_q95": [float(x) for x in np.percentile(gain, [5, 50, 95])],
+        "spearman_with_steps": {},
+    }
+    for label, s in steps.items():
+        if label.startswith(("dtss-",)) and s.size == gain.size:
+            out["spearman_with_steps"][label] = spearman(s.ravel().astype(np.float64), gain)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    models = load_models(args.model)
+    cfg = models.config
+    crops = holdout_crops(cfg, args.photos, args.crops, args.crop_seed)
+    lr = encode_latents(models, crops.up, args.max_batch)
+    scorer = Scorer(models, crops)
+    plan = methods(args, cfg)
+    strata = crops.photo
+    rows: dict[str, dict[str, list[np.ndarray]]] = {}
+    steps: dict[str, list[np.ndarray]] = {}
+    diagnostics: dict[str, Any] = {}
+    decisions: dict[str, list] = {}
+    seconds: dict[str, float] = {}
+    bicubic = scorer(crops.up)
+    total = sum(m.seeds or args.seeds for m in plan)
+    done = 0
+    start = time.perf_counter()
+    for method in plan:
+        for seed in range(method.seeds or args.seeds):
+            res = run_method(method, models, crops, lr, seed, args.max_batch)
+            q = scorer(scorer.images(res["latents"]))
+            for key, values in q.items():
+                rows.setdefault(method.label, {}).setdefault(key, []).append(values)
+            steps.setdefault(method.label, []).append(res["steps"])
+            decisions.setdefault(method.label, []).extend(res["decisions"])
+            seconds[method.label] = seconds.get(method.label, 0.0) + res["seconds"]
+            done += 1
+            elapsed = time.perf_counter() - start
+            print(
+                f"[{done}/{total}] {method.label} seed {seed}: "
+                f"{res['steps'].mean():.1f} steps/tile, "
+                f"LPIPS {q['lpips'].mean():.4f} ({elapsed:.0f}s)",
+                flush=True,
+            )
+        if method.kind in ("mmle", "oracle"):
+            diagnostics[method.label] = gain_diagnostics(decisions[method.label], method.dtss)
+    arrays = {m: {k: np.stack(v) for k, v in q.items()} for m, q in rows.items()}
+    step_arrays = {m: np.stack(v) for m, v in steps.items()}
+    summary = summarize(arrays, step_arrays, strata, args.photos)
+    result = {
+        "argv": sys.argv[1:],
+        "model": describe(models),
+        "weights": weights_of(args.model),
+        "photos": list(args.photos),
+        "crops_per_photo": args.crops,
+        "tile": cfg.tile_size,
+        "seeds": args.seeds,
+        "degradation": "bicubic x4",
+        "bicubic": {k: bootstrap_mean(v[None, :], strata) for k, v in bicubic.items()},
+        "methods": summary,
+        "gain_from_steps": gain_from_steps(arrays, step_arrays),
+        "diagnostics": diagnostics,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "per_tile": {
+            m: {"steps": step_arrays[m].tolist(), "lpips": arrays[m]["lpips"].round(5).tolist()}
+            for m in arrays
+        },
+        "photo_of_tile": strata.tolist(),
+        "machine": machine(),
+    }
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ms = result["methods"]
+    uni = sorted((m for m in ms if m.startswith("uniform-")), key=lambda m: ms[m]["steps_per_tile"])
+    x = [ms[m]["steps_per_tile"] for m in uni]
+    y = [ms[m]["lpips"][0] for m in uni]
+    err = [
+        [ms[m]["lpips"][0] - ms[m]["lpips"][1] for m in uni],
+        [ms[m]["lpips"][2] - ms[m]["lpips"][0] for m in uni],
+    ]
+    ax.errorbar(x, y, yerr=err, marker="o", color="0.4", label="uniform", capsize=3)
+    markers = {"fixed-exit": "s", "mmle": "D", "oracle": "*"}
+    for m, e in ms.items():
+        if m in uni:
+            continue
+        kind = "fixed-exit" if m.startswith("exit-") else "oracle" if "oracle" in m else "mmle"
+        ax.errorbar(
+            [e["steps_per_tile"]],
+            [e["lpips"][0]],
+            yerr=[[e["lpips"][0] - e["lpips"][1]], [e["lpips"][2] - e["lpips"][0]]],
+            marker=markers[kind],
+            linestyle="none",
+            capsize=3,
+            label=m,
+        )
+    ax.axhline(result["bicubic"]["lpips"][0], color="0.7", linestyle=":", label="bicubic")
+    ax.set_xscale("log")
+    ax.set_xlabel("UNet evaluations per tile (mean)")
+    ax.set_ylabel("LPIPS to HR (lower is better)")
+    ax.set_title(f"{result['model'].get('name', '')}: quality/compute front on hold-out crops")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _ci(v: Sequence[float], digits: int = 3) -> str:
+    return f"{v[0]:.{digits}f} ({v[1]:.{digits}f} to {v[2]:.{digits}f})"
+
+
+def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
+    """Markdown for README's front section, every figure from the JSON."""
+    ms = result["methods"]
+    rel = Path(os.path.relpath(json_path.resolve(), readme.resolve().parent))
+    lines = [
+        f"Generated from [`{rel}`]({rel}) by `python -m benchmarks.front --render {rel} "
+        "--readme README.md`; do not edit by hand.",
+        "",
+        f"{len(result['photos'])} hold-out photos ({', '.join(result['photos'])}), "
+        f"{result['crops_per_photo']} crops of {result['tile']} px each, {result['degradation']}, "
+        f"{result['seeds']} seeds; every schedule from the same noise. 90% intervals from "
+        "resampling crops and seeds; the diff columns are paired (same crops and seeds).",
+        "",
+        "| schedule | steps/tile | LPIPS | PSNR dB | SSIM | BRISQUE "
+        "| LPIPS - best uniform at no more steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    b = result["bicubic"]
+    lines.append(
+        f"| bicubic | 0 | {_ci(b['lpips'])} | {b['psnr'][0]:.2f} | {b['ssim'][0]:.3f} | "
+        f"{b['brisque'][0]:.1f} | |"
+    )
+    for m, e in sorted(ms.items(), key=lambda kv: kv[1]["steps_per_tile"]):
+        vs = e.get("vs_best_uniform")
+        diff = f"{_ci(vs['lpips_diff'])} vs {vs['method']}" if vs else ""
+        lines.append(
+            f"| {m} | {e['steps_per_tile']:.1f} | {_ci(e['lpips'])} | {e['psnr'][0]:.2f} | "
+            f"{e['ssim'][0]:.3f} | {e['brisque'][0]:.1f} | {diff} |"
+        )
+    lines += ["", "Per photo, LPIPS:", ""]
+    photos = result["photos"]
+    lines.append("| schedule | " + " | ".join(photos) + " |")
+    lines.append("|---|" + "---|" * len(photos))
+    for m, e in sorted(ms.items(), key=lambda kv: kv[1]["steps_per_tile"]):
+        lines.append(
+            f"| {m} | " + " | ".join(f"{e['lpips_per_photo'][p][0]:.3f}" for p in photos) + " |"
+        )
+    diag = result.get("diagnostics", {})
+    if diag:
+        lines += [
+            "",
+            "DTSS categories and gains (share of steps with g >= tau, per timestep band):",
+            "",
+        ]
+        lines.append(
+            "| run | growth | stable | saturated | g_FR >= tau by band | g_NR >= tau by band |"
+        )
+        lines.append("|---|---|---|---|---|---|")
+        for m, d in diag.items():
+            c, n = d["categories"], max(d["steps"], 1)
+            fr = ", ".join(f"{x['g_fr']['share_above_tau']:.2f}" for x in d["bands"])
+            nr = ", ".join(f"{x['g_nr']['share_above_tau']:.2f}" for x in d["bands"])
+            lines.append(
+                f"| {m} | {c['growth'] / n:.1%} | {c['stable'] / n:.1%} | {c['saturated'] / n:.1%}"
+                f" | {fr} | {nr} |"
+            )
+    g = result.get("gain_from_steps")
+    if g:
+        rho = ", ".join(f"{k} {v:.2f}" for k, v in g["spearman_with_steps"].items())
+        lines += [
+            "",
+            f"Gain from more steps per tile (LPIPS at 20 minus at 200 steps): mean "
+            f"{g['mean']:.4f}, positive for {g['share_positive']:.0%} of tiles; Spearman with "
+            f"the steps each DTSS run gave the tile: {rho}.",
+        ]
+    plot_name = result.get("plot")
+    if plot_name:
+        lines += ["", f"![front]({rel.parent / plot_name})"]
+    return "\n".join(lines)
+
+
+def write_readme(result: dict[str, Any], json_path: Path, readme: Path) -> None:
+    from benchmarks.report import update_readme
+
+    update_readme(readme, render(result, json_path, readme), start=START, end=END)
+    print(f"updated {readme}")
+
+
+def _pair(text: str) -> tuple[str, Path]:
+    name, _, path = text.partition("=")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE, got {text!r}")
+    return name, Path(path)
+
+
+def _exit(text: str) -> tuple[int, int]:
+    interval, _, below = text.partition("@")
+    try:
+        return int(interval), int(below)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected INTERVAL@T (e.g. 20@400), got {text!r}"
+        ) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.front",
+        description="quality against UNet evaluations per tile on hold-out crops",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, help="output folder (front.json and front.png)")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--photos", type=lambda s: tuple(s.split(",")), default=HOLDOUT_PHOTOS)
+    p.add_argument("--crops", type=int, default=16, help="crops per photo, one tile each")
+    p.add_argument("--crop-seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--uniform",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=UNIFORM_INTERVALS,
+        help="uniform intervals (200 -> 5 steps, 5 -> 200 steps)",
+    )
+    p.add_argument(
+        "--exit",
+        type=_exit,
+        action="append",
+        default=None,
+        help="fixed early exits INTERVAL@T (default 20@400 and 100@400)",
+    )
+    p.add_argument(
+        "--dtss",
+        type=_pair,
+        action="append",
+        default=[],
+        help="more DTSS calibrations NAME=adadiff.json",
+    )
+    p.add_argument("--oracle-seeds", type=int, default=1, help="0 skips the oracle runs")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--readme", type=Path, help="rewrite this README's front section")
+    p.add_argument("--render", type=Path, help="only render a saved front.json into --readme")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.render:
+        if not args.readme:
+            raise SystemExit("--render needs --readme")
+        write_readme(json.loads(args.render.read_text()), args.render, args.readme)
+        return 0
+    if args.out is None:
+        raise SystemExit("--out is required unless --render is given")
+    if args.exit is None:
+        args.exit = [(20, 400), (100, 400)]
+    logging.basicConfig(level=logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    path = args.out / "front.json"
+    result["plot"] = plot(result, args.out / "front.png").name
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    if args.readme:
+        write_readme(result, path, args.readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

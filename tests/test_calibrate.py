@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adadiff.config import DEFAULT_METRICS, DTSSConfig
+from adadiff.errors import ConfigError
+from adadiff.runtime.policy import Category, dtss_decide, gains, quality
+from adadiff.training.calibrate import Trajectories, calibrate, fit_weights, replay_exits
+
+T = np.arange(999, 0, -20)  # 50 steps, like jumps of 20
+
+
+def synthetic(k: int = 24, seed: int = 0) -> Trajectories:
+    """Each tile's LPIPS falls to a minimum at its own timestep, then rises (grain); MMLE's
+    second score tracks LPIPS plus noise, the others are noise or a trend shared by all."""
+    rng = np.random.default_rng(seed)
+    best_t = rng.uniform(50, 450, k)
+    lpips = 0.3 + 1e-6 * (T[None, :] - best_t[:, None]) ** 2 + rng.normal(0, 0.002, (k, len(T)))
+    scores = rng.normal(0, 1, (k, len(T), 6))
+    scores[:, :, 1] = lpips + rng.normal(0, 0.001, lpips.shape)  # lpips-like: lower is better
+    scores[:, :, 4] = 30 + 0.01 * T[None, :]  # a shared trend carries no within-tile signal
+    return Trajectories(t=T, scores=scores, lpips=lpips, photo=np.arange(k) % 3)
+
+
+def test_fit_weights_finds_the_score_that_tracks_quality():
+    traj = synthetic()
+    w = fit_weights(traj.scores, traj.lpips, traj.t < 500)
+    assert w[1] < 0  # higher LPIPS-like score = worse
+    assert abs(w[1]) * traj.scores[:, :, 1].std() > 10 * max(
+        abs(w[c]) * traj.scores[:, :, c].std() for c in (0, 2, 3, 5)
+    )
+
+
+def test_replay_exits_after_the_peak_and_returns_the_best_estimate():
+    r = -np.array([[5, 4, 3, 2, 1, 2, 3, 4.0]])  # peak at step 4
+    t = np.array([800, 700, 600, 450, 350, 250, 150, 50])
+    chosen, steps = replay_exits(r, t, tau=0.5, nr_start_t=500)
+    assert chosen.tolist() == [4]
+    assert steps.tolist() == [6]  # the step that saw the fall is taken, then the tile exits
+    # a tau larger than any fall never exits: every step runs, the best second-half one is kept
+    chosen, steps = replay_exits(r, t, tau=5.0, nr_start_t=500)
+    assert (chosen.tolist(), steps.tolist()) == ([4], [8])
+    # before the second half nothing competes, even a better first-half estimate
+    r2 = np.array([[9.0, 1, 1, 2, 3, 2, 1, 0]])
+    assert replay_exits(r2, t, tau=0.5, nr_start_t=500)[0].tolist() == [4]
+
+
+def test_replay_matches_the_real_policy_with_calibrated_weights():
+    """The replay and the sampler's DTSS agree on when a tile exits."""
+    traj = synthetic(k=6)
+    metrics, dtss, _ = calibrate(traj, DEFAULT_METRICS, DTSSConfig())
+    w = np.array([m.weight for m in metrics])
+    r = traj.scores @ w
+    _, steps = replay_exits(r, traj.t, dtss.tau, dtss.nr_start_t)
+    for k in range(len(r)):
+        previous, n = None, 0
+        for j, t in enumerate(traj.t):
+            n += 1
+            q = quality(traj.scores[k, j].tolist(), metrics)
+            g_fr, g_nr = gains(q, previous, int(t), dtss)
+            previous = q
+            if dtss_decide(int(t), g_fr, g_nr, dtss).category is Category.SATURATED:
+                break
+        assert n == steps[k]
+
+
+def test_calibrate_beats_the_fixed_exit_on_tiles_with_their_own_peak():
+    traj = synthetic(k=36)
+    metrics, dtss, report = calibrate(traj, DEFAULT_METRICS, DTSSConfig())
+    assert dtss.exit_on == "total"
+    assert [m.name for m in metrics] == [m.name for m in DEFAULT_METRICS]
+    choice, ref = report["choice"], report["reference"]
+    assert choice["lpips"] < ref["fixed_exit_t<400"] - 0.005
+    assert choice["lpips"] < ref["last_estimate"]
+    assert choice["steps"] < len(T)
+
+
+def test_calibrate_budget_and_photo_checks():
+    traj = synthetic()
+    _, _, report = calibrate(traj, DEFAULT_METRICS, DTSSConfig(), budget=40)
+    assert report["choice"]["steps"] <= 40
+    with pytest.raises(ConfigError, match="budget"):
+        calibrate(traj, DEFAULT_METRICS, DTSSConfig(), budget=2)
+    one = Trajectories(t=traj.t, scores=traj.scores, lpips=traj.lpips, photo=traj.photo * 0)
+    with pytest.raises(ConfigError, match="two photos"):
+        calibrate(one, DEFAULT_METRICS, DTSSConfig())
+    with pytest.raises(ConfigError, match="descending"):
+        Trajectories(t=traj.t[::-1], scores=traj.scores, lpips=traj.lpips, photo=traj.photo)
