@@ -243,12 +243,18 @@ def bootstrap_mean(
     (photo) and seeds resampled, together."""
     rng = np.random.default_rng(seed)
     values = np.asarray(values, np.float64)
-    groups = [np.flatnonzero(strata == g) for g in np.unique(strata)]
-    stats = np.empty(draws)
-    for d in range(draws):
-        s = rng.integers(0, values.shape[0], values.shape[0])
-        c = np.concatenate([rng.choice(g, len(g)) for g in groups])
-        stats[d] = values[np.ix_(s, c)].mean()
+    n_seeds, n_crops = values.shape
+    # How often each seed and each crop is drawn, per resample: the resampled mean is then
+    # seed_counts @ values @ crop_counts / (seeds * crops), one einsum for every draw.
+    seed_counts = np.zeros((draws, n_seeds))
+    picks = rng.integers(0, n_seeds, (draws, n_seeds))
+    np.add.at(seed_counts, (np.arange(draws)[:, None], picks), 1.0)
+    crop_counts = np.zeros((draws, n_crops))
+    for g in np.unique(strata):
+        members = np.flatnonzero(strata == g)
+        chosen = members[rng.integers(0, len(members), (draws, len(members)))]
+        np.add.at(crop_counts, (np.arange(draws)[:, None], chosen), 1.0)
+    stats = np.einsum("ds,sc,dc->d", seed_counts, values, crop_counts) / (n_seeds * n_crops)
     low, high = np.percentile(stats, [5, 95])
     return float(values.mean()), float(low), float(high)
 

@@ -48,7 +48,7 @@ Progress = Callable[[int, int], None]
 
 # tau candidates in LPIPS units, and where the second half may start
 TAUS: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 1e-2, 1.5e-2)
-NR_STARTS: tuple[int, ...] = (500, 600, 700)
+NR_STARTS: tuple[int, ...] = (500, 600, 700, 800, 900)
 RIDGE = 1e-3
 
 

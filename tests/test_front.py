@@ -1,0 +1,106 @@
+"""The front benchmark's statistics and README rendering, on made-up per-tile figures."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    # benchmarks/ is a folder of scripts run from the repository root, not an installed package.
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.front import (  # noqa: E402
+    END,
+    START,
+    bootstrap_mean,
+    gain_from_steps,
+    render,
+    summarize,
+    write_readme,
+)
+
+
+def made_up(rng: np.random.Generator) -> tuple[dict, dict, np.ndarray]:
+    seeds, tiles = 2, 12
+    strata = np.arange(tiles) % 3
+    base = rng.uniform(0.2, 0.4, tiles)
+    rows, steps = {}, {}
+    for label, shift, n in (
+        ("uniform-5", 0.00, 5),
+        ("uniform-20", 0.01, 20),
+        ("uniform-200", 0.03, 200),
+        ("exit-20@400", -0.01, 31),
+        ("dtss-mmle-x", -0.02, 25),
+    ):
+        lp = base[None, :] + shift + rng.normal(0, 0.001, (seeds, tiles))
+        rows[label] = {k: lp * (1 if k == "lpips" else 10) for k in ("lpips", "psnr", "ssim")}
+        rows[label]["brisque"] = lp * 100
+        steps[label] = np.full((seeds, tiles), n)
+    steps["dtss-mmle-x"] = np.tile(np.arange(tiles) + 20, (seeds, 1))
+    return rows, steps, strata
+
+
+def test_summary_compares_with_the_best_uniform_at_no_more_steps_and_the_fixed_exit():
+    rows, steps, strata = made_up(np.random.default_rng(0))
+    out = summarize(rows, steps, strata, ["a", "b", "c"])
+    d = out["dtss-mmle-x"]
+    # uniform-5 and uniform-20 cost no more than 25.5 steps; uniform-5 is the better of them
+    assert d["vs_best_uniform"]["method"] == "uniform-5"
+    mean, low, high = d["vs_best_uniform"]["lpips_diff"]
+    assert mean == pytest.approx(-0.02, abs=1e-3) and low < mean < high < 0
+    assert d["vs_fixed_exit"]["exit-20@400"][0] == pytest.approx(-0.01, abs=1e-3)
+    assert d["reaches_uniform_200_lpips"] and d["steps_vs_uniform_200"] < 0.2
+    assert set(d["lpips_per_photo"]) == {"a", "b", "c"}
+    assert "vs_best_uniform" not in out["uniform-5"]
+
+
+def test_bootstrap_interval_covers_the_mean_and_widens_with_spread():
+    rng = np.random.default_rng(1)
+    strata = np.arange(30) % 3
+    tight = bootstrap_mean(rng.normal(1, 0.01, (3, 30)), strata)
+    wide = bootstrap_mean(rng.normal(1, 0.5, (3, 30)), strata)
+    assert tight[1] < tight[0] < tight[2]
+    assert (wide[2] - wide[1]) > 10 * (tight[2] - tight[1])
+
+
+def test_gain_from_steps_ranks_against_the_steps_dtss_gave():
+    rows, steps, _ = made_up(np.random.default_rng(2))
+    # make the tiles that gain most from 200 steps the ones DTSS gave the most steps
+    gain = np.arange(12) / 100.0
+    rows["uniform-200"]["lpips"] = rows["uniform-20"]["lpips"] - gain[None, :]
+    g = gain_from_steps(rows, steps)
+    assert g["spearman_with_steps"]["dtss-mmle-x"] == pytest.approx(1.0, abs=1e-3)
+    assert g["share_positive"] == pytest.approx(11 / 12)
+
+
+def test_render_writes_every_method_from_the_json(tmp_path):
+    rows, steps, strata = made_up(np.random.default_rng(3))
+    result = {
+        "photos": ["a", "b", "c"],
+        "crops_per_photo": 4,
+        "tile": 128,
+        "seeds": 2,
+        "degradation": "bicubic x4",
+        "bicubic": {k: [0.4, 0.39, 0.41] for k in ("lpips", "psnr", "ssim", "brisque")},
+        "methods": summarize(rows, steps, strata, ["a", "b", "c"]),
+        "gain_from_steps": gain_from_steps(rows, steps),
+        "diagnostics": {},
+        "plot": "front.png",
+    }
+    path = tmp_path / "bench" / "front.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(result))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{START}\nSTALE FIGURES\n{END}\n")
+    write_readme(json.loads(path.read_text()), path, readme)
+    text = readme.read_text()
+    assert "STALE FIGURES" not in text
+    for label in rows:
+        assert f"| {label} |" in text
+    assert "](bench/front.json)" in text and "](bench/front.png)" in text
+    assert render(result, path, readme).splitlines()[0].startswith("Generated from")
