@@ -12,6 +12,7 @@ from typing import Any
 
 from adadiff import __version__
 from adadiff.argtypes import non_negative, non_negative_float, positive, positive_float
+from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
 from adadiff.errors import AdadiffError, ConfigError
 from adadiff.specs import COMPONENTS
 
@@ -60,7 +61,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--engines", type=Path, help="exported ONNX / engine folder (onnxruntime, tensorrt)"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=RUN_PRECISIONS,
+        help="fp16 (UNet, PFJ, MMLE; the VAE stays fp32) is meant for CUDA and runs on the CPU "
+        "slowly, for checks; bf16 is for the torch backend only",
+    )
 
 
 def _add_upscale_args(p: argparse.ArgumentParser) -> None:
@@ -261,6 +268,7 @@ def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any) -> int:
     """Validate outputs and read the input before loading any model, so mistakes fail fast."""
     from adadiff import imageio, jobs
 
+    _check_placement(args)
     if args.interval is not None and args.schedule != "uniform":
         raise ConfigError("--interval applies to --schedule uniform only")
     outputs = jobs.check_outputs(input_path, outputs)
@@ -284,10 +292,17 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return _upscale(args, args.input, FileOutputs(args.output, args.report, args.step_map))
 
 
+def _check_placement(args: argparse.Namespace) -> None:
+    """--device and --precision, before any image or model is read."""
+    parse_device(args.device, args.backend)
+    check_precision(args.precision, args.backend)
+
+
 def cmd_upscale_many(args: argparse.Namespace) -> int:
     from adadiff.scaleout.job import ClusterOptions, print_record, run_job
     from adadiff.scaleout.plan import JobSettings
 
+    _check_placement(args)
     settings = JobSettings(
         model=args.model,
         backend=args.backend,

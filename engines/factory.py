@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adadiff.config import ModelConfig
+from adadiff.devices import check_precision, parse_device
 from adadiff.engines.base import Backend
 from adadiff.errors import BackendUnavailableError, ConfigError
 
@@ -25,6 +26,9 @@ def make_backend(
     """Open ``backend`` for ``model``; tile overrides change every component's shapes."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    # Before any model or library loads: a typo costs one line, not a traceback.
+    parse_device(device, backend)
+    check_precision(precision, backend)
     if backend == "torch":
         if engines is not None:
             raise ConfigError("--engines is for the onnxruntime and tensorrt backends, not torch")

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from adadiff import devices
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import (
     BackendUnavailableError,
@@ -32,7 +33,6 @@ log = logging.getLogger("adadiff")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
-DEVICES = ("cpu", "cuda[:N]", "tensorrt[:N]")
 GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
 INSTALL = 'pip install "adadiff[onnx]"'
 INSTALL_GPU = 'pip install "adadiff[gpu]" (onnxruntime-gpu in place of onnxruntime)'
@@ -79,14 +79,9 @@ class Placement:
 
 
 def parse_device(device: str) -> Placement:
-    kind, _, index = str(device).partition(":")
     providers = {"cpu": (CPU,), "cuda": (CUDA, CPU), "tensorrt": (TENSORRT, CUDA, CPU)}
-    if kind not in providers or (index and not index.isdigit()) or (kind == "cpu" and index):
-        raise ConfigError(
-            f"device {device!r} is not one the onnxruntime backend knows; use one of "
-            f"{', '.join(DEVICES)}"
-        )
-    return Placement(kind, int(index or 0), providers[kind])
+    parsed = devices.parse_device(device, "onnxruntime")
+    return Placement(parsed.kind, parsed.index or 0, providers[parsed.kind])
 
 
 def import_onnxruntime() -> Any:
