@@ -32,8 +32,8 @@ TRT_VERSION = 1
 TIMING_CACHE = "timing.cache"
 
 INSTALL_HINT = (
-    'pip install "adadiff[gpu]" on a machine with an NVIDIA driver (TensorRT wheels for CUDA 12 '
-    "and 13 come from NVIDIA's package index; see README, GPU)"
+    'pip install "adadiff[gpu-cu12]" (or "adadiff[gpu-cu13]": the CUDA major of your torch build) '
+    "on a machine with an NVIDIA driver; the TensorRT wheels are on PyPI (see README, GPU)"
 )
 
 

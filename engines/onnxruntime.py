@@ -35,7 +35,10 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
 INSTALL = 'pip install "adadiff[onnx]"'
-INSTALL_GPU = 'pip install "adadiff[gpu]" (onnxruntime-gpu in place of onnxruntime)'
+INSTALL_GPU = (
+    'pip uninstall onnxruntime, then pip install "adadiff[gpu-cu12]" (or gpu-cu13, the CUDA major '
+    "of your torch): onnxruntime-gpu in place of onnxruntime"
+)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -152,7 +152,7 @@ def test_missing_tensorrt_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "TensorRT is not installed" in err and 'pip install "adadiff[gpu]"' in err
+    assert "TensorRT is not installed" in err and 'pip install "adadiff[gpu-cu12]"' in err
 
 
 @pytest.mark.skipif(
@@ -182,7 +182,7 @@ def test_backend_tensorrt_without_library(tmp_path, capsys, photo):
     )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "TensorRT is not installed" in err and 'pip install "adadiff[gpu]"' in err
+    assert "TensorRT is not installed" in err and 'pip install "adadiff[gpu-cu12]"' in err
 
 
 gpu = pytest.mark.skipif(
