@@ -244,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bd.add_argument("--timing-cache", type=Path, help="timing cache file (default: in the folder)")
     bd.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB")
+    bd.add_argument("--device", default="cuda", help="cuda or cuda:N: the GPU to build for")
+    bd.add_argument(
+        "--tf32",
+        action="store_true",
+        help="allow TF32 in fp32 engines (faster on Ampere and later, off parity with torch)",
+    )
     bd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bd.set_defaults(func=cmd_build)
     return parser
@@ -453,11 +459,14 @@ def cmd_setup_metrics(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from adadiff.manifest import ExportManifest
-    from adadiff.trt_manifest import BatchProfile, current_device, import_tensorrt, parse_profiles
+    from adadiff.trt_manifest import BatchProfile, import_tensorrt, parse_profiles
 
     # What is missing on this machine comes first: it is what the user must fix before anything.
+    parse_device(args.device, "tensorrt")
     import_tensorrt()
-    current_device()
+    from adadiff.cuda import CudaDevice
+
+    cuda = CudaDevice(args.device)
     exported = ExportManifest.load(args.engines)
     from adadiff.export.tensorrt_build import BuildOptions, build_engines, describe
 
@@ -475,10 +484,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         profiles=profiles,
         timing_cache=args.timing_cache,
         workspace_gb=args.workspace,
+        tf32=args.tf32,
     )
     bars = ProgressBars(enabled=not args.quiet and sys.stderr.isatty())
     try:
-        manifest = build_engines(args.engines, options, progress=bars)
+        manifest = build_engines(args.engines, options, progress=bars, cuda=cuda)
     finally:
         bars.close()
     for line in describe(manifest):

@@ -22,8 +22,10 @@ def make_backend(
     seed: int = 0,
     tile_size: int | None = None,
     tile_overlap: int | None = None,
+    max_batch: int = 16,
 ) -> tuple[ModelConfig, Backend]:
-    """Open ``backend`` for ``model``; tile overrides change every component's shapes."""
+    """Open ``backend`` for ``model``; tile overrides change every component's shapes.
+    ``max_batch`` is the largest batch the runtime will send (ONNX Runtime's TensorRT profile)."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     # Before any model or library loads: a typo costs one line, not a traceback.
@@ -58,6 +60,7 @@ def make_backend(
             precision=precision,
             tile_size=tile_size,
             tile_overlap=tile_overlap,
+            max_batch=max_batch,
         )
     return _open_tensorrt(
         engines,
