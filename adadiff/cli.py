@@ -12,6 +12,7 @@ from typing import Any
 
 from adadiff import __version__
 from adadiff.argtypes import non_negative, non_negative_float, positive, positive_float
+from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
 from adadiff.errors import AdadiffError, ConfigError
 from adadiff.specs import COMPONENTS
 
@@ -60,7 +61,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--engines", type=Path, help="exported ONNX / engine folder (onnxruntime, tensorrt)"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=RUN_PRECISIONS,
+        help="fp16 (UNet, PFJ, MMLE; the VAE stays fp32) is meant for CUDA and runs on the CPU "
+        "slowly, for checks; bf16 is for the torch backend only",
+    )
 
 
 def _add_upscale_args(p: argparse.ArgumentParser) -> None:
@@ -238,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bd.add_argument("--timing-cache", type=Path, help="timing cache file (default: in the folder)")
     bd.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB")
+    bd.add_argument("--device", default="cuda", help="cuda or cuda:N: the GPU to build for")
+    bd.add_argument(
+        "--tf32",
+        action="store_true",
+        help="allow TF32 in fp32 engines (faster on Ampere and later, off parity with torch)",
+    )
     bd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bd.set_defaults(func=cmd_build)
     return parser
@@ -262,6 +275,7 @@ def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any) -> int:
     """Validate outputs and read the input before loading any model, so mistakes fail fast."""
     from adadiff import imageio, jobs
 
+    _check_placement(args)
     if args.interval is not None and args.schedule != "uniform":
         raise ConfigError("--interval applies to --schedule uniform only")
     outputs = jobs.check_outputs(input_path, outputs)
@@ -285,10 +299,17 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return _upscale(args, args.input, FileOutputs(args.output, args.report, args.step_map))
 
 
+def _check_placement(args: argparse.Namespace) -> None:
+    """--device and --precision, before any image or model is read."""
+    parse_device(args.device, args.backend)
+    check_precision(args.precision, args.backend)
+
+
 def cmd_upscale_many(args: argparse.Namespace) -> int:
     from adadiff.scaleout.job import ClusterOptions, print_record, run_job
     from adadiff.scaleout.plan import JobSettings
 
+    _check_placement(args)
     settings = JobSettings(
         model=args.model,
         backend=args.backend,
@@ -439,11 +460,14 @@ def cmd_setup_metrics(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from adadiff.manifest import ExportManifest
-    from adadiff.trt_manifest import BatchProfile, current_device, import_tensorrt, parse_profiles
+    from adadiff.trt_manifest import BatchProfile, import_tensorrt, parse_profiles
 
     # What is missing on this machine comes first: it is what the user must fix before anything.
+    parse_device(args.device, "tensorrt")
     import_tensorrt()
-    current_device()
+    from adadiff.cuda import CudaDevice
+
+    cuda = CudaDevice(args.device)
     exported = ExportManifest.load(args.engines)
     from adadiff.export.tensorrt_build import BuildOptions, build_engines, describe
 
@@ -461,10 +485,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         profiles=profiles,
         timing_cache=args.timing_cache,
         workspace_gb=args.workspace,
+        tf32=args.tf32,
     )
     bars = ProgressBars(enabled=not args.quiet and sys.stderr.isatty())
     try:
-        manifest = build_engines(args.engines, options, progress=bars)
+        manifest = build_engines(args.engines, options, progress=bars, cuda=cuda)
     finally:
         bars.close()
     for line in describe(manifest):

@@ -32,8 +32,8 @@ TRT_VERSION = 1
 TIMING_CACHE = "timing.cache"
 
 INSTALL_HINT = (
-    'pip install "adadiff[gpu]" on a machine with an NVIDIA driver (TensorRT wheels for CUDA 12 '
-    "and 13 come from NVIDIA's package index; see README, GPU)"
+    'pip install "adadiff[gpu-cu12]" (or "adadiff[gpu-cu13]": the CUDA major of your torch build) '
+    "on a machine with an NVIDIA driver; the TensorRT wheels are on PyPI (see README, GPU)"
 )
 
 
@@ -75,12 +75,24 @@ def parse_profiles(text: str) -> tuple[BatchProfile, ...]:
 
 
 def check_profiles(profiles: Sequence[BatchProfile]) -> tuple[BatchProfile, ...]:
+    """Sorted profiles that cover every batch from 1 to the largest max, without gaps or overlap:
+    the runtime sends any batch in that range (the last chunk of a round may be a single tile)."""
     ordered = tuple(sorted(profiles))
     if not ordered:
         raise ConfigError("at least one batch profile is needed")
     for a, b in itertools.pairwise(ordered):
         if b.min <= a.max:
             raise ConfigError(f"batch profiles {a} and {b} overlap; give disjoint batch ranges")
+        if b.min != a.max + 1:
+            raise ConfigError(
+                f"batch profiles {a} and {b} leave batches {a.max + 1} to {b.min - 1} uncovered; "
+                f"start the second at {a.max + 1} (e.g. {a},{a.max + 1}:{b.opt}:{b.max})"
+            )
+    if ordered[0].min != 1:
+        raise ConfigError(
+            f"the first batch profile {ordered[0]} starts at {ordered[0].min}, but a round can "
+            f"end with a single tile; start it at 1 (e.g. 1:{ordered[0].opt}:{ordered[0].max})"
+        )
     return ordered
 
 
@@ -118,39 +130,45 @@ def import_tensorrt() -> Any:
     return trt
 
 
-def current_device() -> DeviceInfo:
-    """The CUDA device TensorRT would build for, as torch sees it."""
-    try:
-        import torch
-    except ImportError:
-        raise BackendUnavailableError(
-            "TensorRT engines need torch with CUDA; see README, GPU"
-        ) from None
-    if not torch.cuda.is_available():
-        raise BackendUnavailableError(
-            "TensorRT needs a CUDA device and torch sees none; run on a machine with an NVIDIA "
-            "GPU and driver and a CUDA build of torch (see README, GPU)"
-        )
-    major, minor = torch.cuda.get_device_capability()
-    return DeviceInfo(name=torch.cuda.get_device_name(), compute_capability=f"{major}.{minor}")
+def export_digest(files: Sequence[Any]) -> str:
+    """One sha256 over every file of an exported component (the .onnx and its external data),
+    from the hashes recorded at export: retrained weights in ``unet.onnx.data`` change it."""
+    blob = json.dumps(sorted((f.path, f.sha256) for f in files)).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def file_stamps(folder: Path, files: Sequence[Any]) -> dict[str, list[int]]:
+    """path -> [size, mtime_ns] of each exported file, read without hashing."""
+    stamps = {}
+    for f in files:
+        st = (Path(folder) / f.path).stat()
+        stamps[f.path] = [st.st_size, st.st_mtime_ns]
+    return stamps
 
 
 def engine_key(
     *,
     onnx_sha256: str,
     tensorrt: str,
+    gpu: str,
     compute_capability: str,
     profiles: Sequence[BatchProfile],
     precision: str,
+    tf32: bool = False,
 ) -> str:
-    """The cache key of an engine: any change in these inputs needs a new build."""
+    """The cache key of an engine: any change in these inputs needs a new build.
+
+    ``onnx_sha256`` is ``export_digest`` of all the component's files; ``gpu`` is the device name
+    (timings are tuned for one card even where the architecture matches)."""
     blob = json.dumps(
         {
             "onnx": onnx_sha256,
             "tensorrt": tensorrt,
+            "gpu": gpu,
             "cc": compute_capability,
             "profiles": [str(p) for p in profiles],
             "precision": precision,
+            "tf32": tf32,
         },
         sort_keys=True,
     ).encode()
@@ -167,6 +185,10 @@ class EngineEntry:
     profiles: tuple[BatchProfile, ...]
     size: int = 0
     build_seconds: float = 0.0
+    tf32: bool = False
+    # path -> [size, mtime_ns] of the exported files when the engine was built: a start-up
+    # compares these instead of hashing a 1.7 GB UNet again (``check_files``).
+    stamps: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         profiles = tuple(
@@ -266,4 +288,29 @@ class EngineManifest:
                 f"{entry.onnx_sha256[:12]}..., the export now has {onnx_sha256[:12]}...); "
                 f"rebuild with `adadiff build {export_dir} --components {component}`"
             )
+        return entry
+
+    def check_export(self, component: str, files: Sequence[Any], export_dir: Path) -> EngineEntry:
+        """The engine of ``component``, after checking its exported files (``FileEntry``s) are the
+        ones it was built from. A file whose size and mtime match the build's stamp is not hashed
+        again; any other is hashed and compared with the export manifest."""
+        from adadiff.manifest import sha256_file
+
+        entry = self.check_onnx(component, export_digest(files), export_dir)
+        for f in files:
+            path = Path(export_dir) / f.path
+            if not path.is_file():
+                raise EngineMismatchError(
+                    f"{path} is missing; re-export with `adadiff export ... -o {export_dir}` and "
+                    f"rebuild with `adadiff build {export_dir}`"
+                )
+            st = path.stat()
+            if entry.stamps.get(f.path) == [st.st_size, st.st_mtime_ns]:
+                continue
+            if st.st_size != f.size or sha256_file(path) != f.sha256:
+                raise EngineMismatchError(
+                    f"{path} changed since export (size or sha256 differs from its manifest); "
+                    f"re-export with `adadiff export ... -o {export_dir}` and rebuild with "
+                    f"`adadiff build {export_dir} --components {component}`"
+                )
         return entry

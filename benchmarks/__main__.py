@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import time
-import traceback
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -102,7 +101,7 @@ def run_suite(
     A section that fails is recorded with its error and the others still run.
     """
     from benchmarks import backends, plots, regrouping, scaling, schedules
-    from benchmarks.machine import machine, weights_of
+    from benchmarks.machine import machine, timed_section, weights_of
     from benchmarks.suites import run_fullsize
 
     out.mkdir(parents=True, exist_ok=True)
@@ -128,17 +127,7 @@ def run_suite(
         for name in SECTIONS:
             if name not in suite.sections:
                 continue
-            t0 = time.perf_counter()
-            print(f"== {name}", flush=True)
-            try:
-                result[name] = runners[name](ctx)
-            except Exception as exc:  # record and go on: the other sections still count
-                result[name] = {
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": traceback.format_exc(limit=5),
-                }
-                print(f"[{name}] failed: {exc}", file=sys.stderr, flush=True)
-            result["seconds"][name] = round(time.perf_counter() - t0, 1)
+            timed_section(name, lambda name=name: runners[name](ctx), result)
     finally:
         ctx.close()
     result["seconds"]["total"] = round(time.perf_counter() - start, 1)

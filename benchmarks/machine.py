@@ -67,3 +67,22 @@ def weights_of(model: str) -> str:
         return model
     shipped = SHIPPED / model / "adadiff.json"
     return SHIPPED_WEIGHTS if shipped.is_file() else "seeded random init (no weights shipped)"
+
+
+def timed_section(name: str, run: Any, result: dict[str, Any]) -> None:
+    """``result[name] = run()`` and its seconds in ``result["seconds"]``; an exception is recorded
+    with its traceback instead, so the other sections still count."""
+    import time
+    import traceback
+
+    t0 = time.perf_counter()
+    print(f"== {name}", flush=True)
+    try:
+        result[name] = run()
+    except Exception as exc:  # record and go on
+        result[name] = {
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(limit=5),
+        }
+        print(f"[{name}] failed: {exc}", file=sys.stderr, flush=True)
+    result["seconds"][name] = round(time.perf_counter() - t0, 1)

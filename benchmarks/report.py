@@ -281,16 +281,25 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, json.JSONDecodeError) as exc:
         print(f"error: cannot read {args.results}: {exc}", file=sys.stderr)
         return 2
-    section = render(result, args.results, args.readme)
+    markers = {"start": START, "end": END}
+    what = "Performance"
+    if result.get("kind") == "gpu_check":
+        from benchmarks import gpu_report
+
+        section = gpu_report.render(result, args.results, args.readme)
+        markers = {"start": gpu_report.START, "end": gpu_report.END}
+        what = "GPU check"
+    else:
+        section = render(result, args.results, args.readme)
     if args.print:
         print(section)
         return 0
     try:
-        update_readme(args.readme, section)
+        update_readme(args.readme, section, **markers)
     except (OSError, MarkerError) as exc:
         print(f"error: {args.readme}: {exc}", file=sys.stderr)
         return 2
-    print(f"updated the Performance section of {args.readme} from {args.results}")
+    print(f"updated the {what} section of {args.readme} from {args.results}")
     return 0
 
 

@@ -345,13 +345,14 @@ def warm_up(upscaler: Any) -> None:
 
 def check_tensorrt(device: str) -> None:
     """Fail before exporting anything when TensorRT cannot run here."""
+    from adadiff.cuda import CudaDevice
     from adadiff.errors import BackendUnavailableError
-    from adadiff.trt_manifest import current_device, import_tensorrt
+    from adadiff.trt_manifest import import_tensorrt
 
     if device == "cpu":
         raise BackendUnavailableError("TensorRT runs on CUDA only; pass --device cuda")
     import_tensorrt()
-    current_device()
+    CudaDevice(device)
 
 
 def tiles_of(config: Any, width: int, height: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adadiff.config import ModelConfig
+from adadiff.devices import check_precision, parse_device
 from adadiff.engines.base import Backend
 from adadiff.errors import BackendUnavailableError, ConfigError
 
@@ -21,10 +22,15 @@ def make_backend(
     seed: int = 0,
     tile_size: int | None = None,
     tile_overlap: int | None = None,
+    max_batch: int = 16,
 ) -> tuple[ModelConfig, Backend]:
-    """Open ``backend`` for ``model``; tile overrides change every component's shapes."""
+    """Open ``backend`` for ``model``; tile overrides change every component's shapes.
+    ``max_batch`` is the largest batch the runtime will send (ONNX Runtime's TensorRT profile)."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    # Before any model or library loads: a typo costs one line, not a traceback.
+    parse_device(device, backend)
+    check_precision(precision, backend)
     if backend == "torch":
         if engines is not None:
             raise ConfigError("--engines is for the onnxruntime and tensorrt backends, not torch")
@@ -54,6 +60,7 @@ def make_backend(
             precision=precision,
             tile_size=tile_size,
             tile_overlap=tile_overlap,
+            max_batch=max_batch,
         )
     return _open_tensorrt(
         engines,

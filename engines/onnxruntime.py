@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from adadiff import devices
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import (
     BackendUnavailableError,
@@ -26,16 +27,21 @@ from adadiff.errors import (
 )
 from adadiff.manifest import ExportManifest
 from adadiff.specs import COMPONENTS, ModelSpec, component_specs
+from adadiff.trt_manifest import BatchProfile, export_digest
 
 log = logging.getLogger("adadiff")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
-DEVICES = ("cpu", "cuda[:N]", "tensorrt[:N]")
 GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
+CUDNN_SEARCH = ("HEURISTIC", "DEFAULT", "EXHAUSTIVE")
+TRT_EP_CACHE = "ort_trt_cache"
 INSTALL = 'pip install "adadiff[onnx]"'
-INSTALL_GPU = 'pip install "adadiff[gpu]" (onnxruntime-gpu in place of onnxruntime)'
+INSTALL_GPU = (
+    'pip uninstall onnxruntime, then pip install "adadiff[gpu-cu12]" (or gpu-cu13, the CUDA major '
+    "of your torch): onnxruntime-gpu in place of onnxruntime"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,9 +56,20 @@ class OrtOptions:
     # four sessions and the host-side sampler need between UNet calls.
     allow_spinning: bool = False
     verify_files: bool = True  # sha256 of every file before its session opens
-    trt_batch: tuple[int, int, int] = (1, 4, 16)  # TensorRT EP profile: min, opt, max batch
+    # TensorRT EP profile (min, opt, max batch); None: 1 to the Upscaler's --max-batch
+    trt_batch: tuple[int, int, int] | None = None
+    # cuDNN's convolution search in the CUDA EP. EXHAUSTIVE benchmarks every algorithm again for
+    # each new input shape, and the runtime's batch changes from round to round.
+    cudnn_conv_algo_search: str = "HEURISTIC"
 
     def __post_init__(self) -> None:
+        if self.cudnn_conv_algo_search not in CUDNN_SEARCH:
+            raise ConfigError(
+                f"cudnn_conv_algo_search must be one of {CUDNN_SEARCH}, got "
+                f"{self.cudnn_conv_algo_search!r}"
+            )
+        if self.trt_batch is not None:
+            BatchProfile(*self.trt_batch)  # 1 <= min <= opt <= max, or a ConfigError
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ConfigError(
                 f"thread counts must be >= 0 (0 = ONNX Runtime's default), got "
@@ -79,14 +96,9 @@ class Placement:
 
 
 def parse_device(device: str) -> Placement:
-    kind, _, index = str(device).partition(":")
     providers = {"cpu": (CPU,), "cuda": (CUDA, CPU), "tensorrt": (TENSORRT, CUDA, CPU)}
-    if kind not in providers or (index and not index.isdigit()) or (kind == "cpu" and index):
-        raise ConfigError(
-            f"device {device!r} is not one the onnxruntime backend knows; use one of "
-            f"{', '.join(DEVICES)}"
-        )
-    return Placement(kind, int(index or 0), providers[kind])
+    parsed = devices.parse_device(device, "onnxruntime")
+    return Placement(parsed.kind, parsed.index or 0, providers[parsed.kind])
 
 
 def import_onnxruntime() -> Any:
@@ -135,10 +147,14 @@ class OnnxRuntimeBackend:
         device: str = "cpu",
         options: OrtOptions | None = None,
         manifest: ExportManifest | None = None,
+        max_batch: int = 16,
     ) -> None:
+        """``max_batch``: the largest batch the runtime sends (the TensorRT EP profile's max
+        unless ``options.trt_batch`` sets the profile)."""
         self.ort = import_onnxruntime()
         self.folder = Path(folder)
         self.options = options or OrtOptions()
+        self.trt_batch = self.options.trt_batch or (1, min(4, max_batch), max_batch)
         self.manifest = manifest or ExportManifest.load(self.folder)
         self.config: ModelConfig = self.manifest.model_config()
         self.manifest.check_specs(self.folder)
@@ -175,16 +191,30 @@ class OnnxRuntimeBackend:
         so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         return so
 
-    def _provider_options(self, spec: ModelSpec) -> list[tuple[str, dict[str, Any]]]:
+    def trt_cache_dir(self, component: str) -> Path:
+        """The TensorRT EP's engine and timing caches of one component, keyed to the exported
+        files and the profile: a re-export or another --max-batch never meets an old engine."""
+        entry = self.manifest.entry(component, self.folder)
+        key = export_digest(entry.files)[:16] + "-b" + "-".join(map(str, self.trt_batch))
+        return self.folder / TRT_EP_CACHE / f"{component}-{key}"
+
+    def _provider_options(self, component: str) -> list[tuple[str, dict[str, Any]]]:
         p = self.placement
         chosen: list[tuple[str, dict[str, Any]]] = []
         for provider in p.providers:
             if provider == CUDA:
-                chosen.append((CUDA, {"device_id": p.device_id}))
+                chosen.append(
+                    (
+                        CUDA,
+                        {
+                            "device_id": p.device_id,
+                            "cudnn_conv_algo_search": self.options.cudnn_conv_algo_search,
+                        },
+                    )
+                )
             elif provider == TENSORRT:
-                lo, opt, hi = self.options.trt_batch
-                shapes = spec.profile(lo, opt, hi)
-                cache = self.folder / "ort_trt_cache"
+                shapes = self.specs[component].profile(*self.trt_batch)
+                cache = self.trt_cache_dir(component)
 
                 def profile(i: int, shapes: dict = shapes) -> str:
                     return ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in shapes.items())
@@ -208,6 +238,11 @@ class OnnxRuntimeBackend:
                 chosen.append((CPU, {}))
         return chosen
 
+    @property
+    def max_batch(self) -> int | None:
+        """The TensorRT EP's profile max; other providers take any batch."""
+        return self.trt_batch[2] if self.placement.device == "tensorrt" else None
+
     def open(self, component: str) -> OrtEngine:
         if component not in COMPONENTS:
             raise ConfigError(f"unknown component {component!r}; expected one of {COMPONENTS}")
@@ -216,7 +251,7 @@ class OnnxRuntimeBackend:
             start = time.perf_counter()
             if self.options.verify_files:
                 self.manifest.verify_files(self.folder, [component])
-            chosen = self._provider_options(self.specs[component])
+            chosen = self._provider_options(component)
             try:
                 session = self.ort.InferenceSession(
                     str(self.folder / entry.onnx_file),
@@ -280,6 +315,7 @@ def open_onnxruntime(
     options: OrtOptions | None = None,
     tile_size: int | None = None,
     tile_overlap: int | None = None,
+    max_batch: int = 16,
 ) -> tuple[ModelConfig, OnnxRuntimeBackend]:
     """The backend behind ``--backend onnxruntime --engines FOLDER``.
 
@@ -297,7 +333,9 @@ def open_onnxruntime(
         )
     if model is not None:
         manifest.check_model(model_config(model), str(model))
-    backend = OnnxRuntimeBackend(folder, device=device, options=options, manifest=manifest)
+    backend = OnnxRuntimeBackend(
+        folder, device=device, options=options, manifest=manifest, max_batch=max_batch
+    )
     exported = backend.config.tile_size
     if tile_size is not None and tile_size != exported:
         raise EngineMismatchError(

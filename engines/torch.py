@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from adadiff.devices import check_precision, parse_device
 from adadiff.errors import BackendUnavailableError, ConfigError
 from adadiff.models.bundle import TorchModels
 from adadiff.specs import COMPONENTS, ModelSpec, component_specs
 
+log = logging.getLogger("adadiff")
+
 # The SD VAE overflows in fp16, so half precision applies to these components only.
 HALF_COMPONENTS = ("unet", "pfj", "mmle")
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchEngine:
@@ -43,16 +48,23 @@ class TorchBackend:
     def __init__(
         self, models: TorchModels, *, device: str = "cpu", precision: str = "fp32"
     ) -> None:
-        if precision not in ("fp32", "fp16"):
-            raise ConfigError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-        dev = torch.device(device)
+        check_precision(precision, self.name)
+        dev = torch.device(str(parse_device(device, self.name)))
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError(
-                "device 'cuda' was asked for but torch sees no CUDA device; install a CUDA build "
-                "of torch (see README, GPU) or use --device cpu"
+                f"device {device!r} was asked for but torch sees no CUDA device; install a CUDA "
+                "build of torch (see README, GPU) or use --device cpu"
             )
-        if precision == "fp16" and dev.type == "cpu":
-            raise ConfigError("fp16 runs on CUDA only; use --precision fp32 on the CPU")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackendUnavailableError(
+                f"device {device!r} was asked for but torch sees {torch.cuda.device_count()} CUDA "
+                f"device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+        if precision != "fp32" and dev.type == "cpu":
+            log.warning(
+                "--precision %s on the CPU is slow and meant for checks; the CPU runs fp32 fastest",
+                precision,
+            )
         self.models = models
         self.device = dev
         self.precision = precision
@@ -62,8 +74,8 @@ class TorchBackend:
     def open(self, component: str) -> TorchEngine:
         if component not in COMPONENTS:
             raise ConfigError(f"unknown component {component!r}; expected one of {COMPONENTS}")
-        half = self.precision == "fp16" and component in HALF_COMPONENTS
-        dtype = torch.float16 if half else torch.float32
+        half = self.precision in HALF_DTYPES and component in HALF_COMPONENTS
+        dtype = HALF_DTYPES[self.precision] if half else torch.float32
         return TorchEngine(self._wrappers[component], self.specs[component], self.device, dtype)
 
     def describe(self) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """ONNX -> TensorRT engines with a dynamic tile-batch axis (``adadiff build``).
 
 Networks are strongly typed: precision comes from the ONNX file (fp16 exports carry fp16
-weights and casts), never from builder flags, which TensorRT 11 removed. The parser reads from
-the file path so external weights (the sd21-base UNet) load. The timing cache is read before
-and saved after every build, so rebuilding after a small change is fast.
+weights and casts), never from builder flags, which TensorRT 11 removed. TF32 is off unless
+asked for, so fp32 engines match torch at the fp32 tolerances. The parser reads from the file
+path so external weights (the sd21-base UNet) load. The timing cache is read before and saved
+after every build, so rebuilding after a small change is fast; a cache from another GPU or
+TensorRT is left as it is and the build starts a fresh one.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from adadiff.trt_manifest import (
     EngineEntry,
     EngineManifest,
     check_profiles,
-    current_device,
     engine_key,
+    export_digest,
+    file_stamps,
     import_tensorrt,
     profile_shapes,
 )
@@ -44,6 +47,7 @@ class BuildOptions:
     profiles: tuple[BatchProfile, ...] = (BatchProfile(1, 4, 16),)
     timing_cache: Path | None = None  # default: ENGINES/tensorrt/timing.cache
     workspace_gb: float = 4.0
+    tf32: bool = False  # TF32 matmuls in fp32 engines: faster, but off parity with torch fp32
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.components) - set(COMPONENTS))
@@ -90,18 +94,29 @@ def build_engines(
     options: BuildOptions,
     *,
     progress: Progress | None = None,
+    device: str = "cuda",
+    cuda: Any = None,
 ) -> EngineManifest:
-    """Build one engine per component from the export in ``export_dir``."""
+    """Build one engine per component from the export in ``export_dir`` on ``device``.
+
+    ``cuda`` is the device object to build on (default ``CudaDevice(device)``)."""
     export_dir = Path(export_dir)
     exported = ExportManifest.load(export_dir)
     exported.verify_files(export_dir, options.components)
     trt = import_tensorrt()
-    device = current_device()
+    if cuda is None:
+        from adadiff.cuda import CudaDevice
+
+        cuda = CudaDevice(device)
+    cuda.activate()  # TensorRT builds for the current device
+    info = cuda.info()
     specs = component_specs(exported.model_config())
     out = export_dir / TRT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    cache_path = options.timing_cache or out / TIMING_CACHE
-    previous = _previous_manifest(out, trt.__version__, device)
+    cache = TimingCachePaths(
+        read=options.timing_cache or out / TIMING_CACHE, own=out / TIMING_CACHE
+    )
+    previous = _previous_manifest(out, trt.__version__, info)
     engines = dict(previous.engines) if previous else {}
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -109,16 +124,19 @@ def build_engines(
     for component in options.components:
         entry = exported.entry(component, export_dir)
         onnx_path = export_dir / entry.onnx_file
-        onnx_sha = entry.files[0].sha256
+        digest = export_digest(entry.files)
         key = engine_key(
-            onnx_sha256=onnx_sha,
+            onnx_sha256=digest,
             tensorrt=trt.__version__,
-            compute_capability=device.compute_capability,
+            gpu=info.name,
+            compute_capability=info.compute_capability,
             profiles=options.profiles,
             precision=entry.precision,
+            tf32=options.tf32,
         )
         name = f"{component}-{key}.engine"
-        if component in engines and engines[component].key == key and (out / name).is_file():
+        old = engines.get(component)
+        if old is not None and old.key == key and (out / name).is_file():
             log.info("%s: engine %s is up to date", component, name)
             continue
         start = time.perf_counter()
@@ -129,7 +147,7 @@ def build_engines(
             onnx_path,
             specs[component],
             options,
-            cache_path,
+            cache,
             _progress_monitor(trt, component, progress),
         )
         write_bytes_atomic(out / name, blob)
@@ -137,21 +155,34 @@ def build_engines(
             component=component,
             file=name,
             key=key,
-            onnx_sha256=onnx_sha,
+            onnx_sha256=digest,
             precision=entry.precision,
             profiles=options.profiles,
             size=len(blob),
             build_seconds=round(time.perf_counter() - start, 2),
+            tf32=options.tf32,
+            stamps=file_stamps(export_dir, entry.files),
         )
-        log.info("%s: built %s in %.1fs", component, name, engines[component].build_seconds)
+        log.info("%s: built %s in %.1fs", component, name, time.perf_counter() - start)
     manifest = EngineManifest(
         tensorrt=trt.__version__,
-        device=device,
+        device=info,
         engines=engines,
         config_digest=exported.config_digest,
     )
     manifest.save(out)
+    _delete_superseded(out, manifest)
     return manifest
+
+
+def _delete_superseded(out: Path, manifest: EngineManifest) -> None:
+    """Engine files the manifest no longer names (older builds of a component) are deleted once
+    the new manifest is saved: an sd21-base UNet engine is about 1.7 GB."""
+    keep = {e.file for e in manifest.engines.values()}
+    for path in sorted(out.glob("*.engine")):
+        if path.name not in keep:
+            log.info("deleting superseded engine %s", path.name)
+            path.unlink()
 
 
 def _previous_manifest(out: Path, version: str, device: DeviceInfo) -> EngineManifest | None:
@@ -164,6 +195,12 @@ def _previous_manifest(out: Path, version: str, device: DeviceInfo) -> EngineMan
     return previous
 
 
+@dataclass(frozen=True)
+class TimingCachePaths:
+    read: Path  # the cache to start from (--timing-cache, or the folder's own)
+    own: Path  # the folder's own cache, written when ``read`` belongs to another device
+
+
 def _build_one(
     trt: Any,
     builder: Any,
@@ -171,7 +208,7 @@ def _build_one(
     onnx_path: Path,
     spec: Any,
     options: BuildOptions,
-    cache_path: Path,
+    cache_paths: TimingCachePaths,
     monitor: Any,
 ) -> bytes:
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -184,14 +221,20 @@ def _build_one(
     config.set_memory_pool_limit(
         trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30))
     )
+    if not options.tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default; fp32 parity needs it off
     for profile in options.profiles:
         opt = builder.create_optimization_profile()
-        for name, (lo, mid, hi) in profile_shapes(spec, profile).items():
+        shapes = profile_shapes(spec, profile)
+        for name, (lo, mid, hi) in shapes.items():
             opt.set_shape(name, lo, mid, hi)
-        config.add_optimization_profile(opt)
-    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+        if config.add_optimization_profile(opt) < 0:
+            raise EngineMismatchError(
+                f"TensorRT rejected optimisation profile {profile} for {onnx_path.name} (inputs "
+                f"{sorted(shapes)}); the ONNX inputs do not match this adadiff's spec: re-export "
+                "with this version's `adadiff export`, then rebuild"
+            )
+    write_to = _attach_timing_cache(config, cache_paths)
     if monitor is not None:
         config.progress_monitor = monitor
     serialized = builder.build_serialized_network(network, config)
@@ -200,8 +243,32 @@ def _build_one(
             f"TensorRT failed to build {onnx_path.name}; rerun with -v for the builder log, or "
             "try a larger --workspace"
         )
-    write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    timing = config.get_timing_cache()
+    if timing is not None:
+        write_bytes_atomic(write_to, bytes(timing.serialize()))
     return bytes(serialized)
+
+
+def _attach_timing_cache(config: Any, paths: TimingCachePaths) -> Path:
+    """Start from the cache at ``paths.read`` when TensorRT accepts it, else from an empty one;
+    return where the cache is saved after the build. A cache TensorRT refuses (made on another
+    GPU or TensorRT version) is left as it is for the machine it belongs to."""
+    data = paths.read.read_bytes() if paths.read.is_file() else b""
+    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+        return paths.read
+    log.warning(
+        "timing cache %s was made on another GPU or TensorRT version; building with a fresh "
+        "one saved to %s (the shared file is left as it is)",
+        paths.read,
+        paths.own,
+    )
+    own = paths.own.read_bytes() if paths.own != paths.read and paths.own.is_file() else b""
+    for data in dict.fromkeys((own, b"")):  # the folder's own cache, else an empty one
+        if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+            return paths.own
+    raise EngineMismatchError(
+        "TensorRT refused an empty timing cache; pass --timing-cache with a new file path"
+    )
 
 
 def default_profiles(

@@ -91,6 +91,15 @@ class Upscaler:
     ) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        # Engines with batch profiles (TensorRT, ONNX Runtime's TensorRT provider) take batches
+        # up to their largest profile only: refuse a larger --max-batch before encoding starts.
+        limit = getattr(backend, "max_batch", None)
+        if limit is not None and max_batch > limit:
+            raise ConfigError(
+                f"--max-batch {max_batch} is larger than the {backend.name} engines take (batch "
+                f"1 to {limit}); use --max-batch {limit}, or rebuild the engines for "
+                f"{max_batch} (`adadiff build ENGINES --max-batch {max_batch}`)"
+            )
         self.config = config
         self.backend = backend
         self.max_batch = max_batch
@@ -125,6 +134,7 @@ class Upscaler:
             seed=seed,
             tile_size=tile_size,
             tile_overlap=tile_overlap,
+            max_batch=max_batch,
         )
         return cls(config, be, max_batch=max_batch, model_name=str(model or config.name))
 

@@ -161,3 +161,21 @@ def test_console_script_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("adadiff: error:")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:one", "cpu:1"])
+def test_bad_device_exits_2_before_any_model_loads(
+    tmp_path, small_png, capsys, monkeypatch, device
+):
+    import adadiff.models.bundle as bundle
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before --device was checked")
+
+    monkeypatch.setattr(bundle, "load_models", no_load)
+    code, _, err = _run(
+        ["upscale", small_png, "-o", tmp_path / "o.png", "--device", device], capsys
+    )
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"--device '{device}'" in err and "cuda[:N]" in err
+    assert not (tmp_path / "o.png").exists()

@@ -223,7 +223,7 @@ def test_devices_and_provider_fallback(onnx_dir, monkeypatch):
     with pytest.raises(BackendUnavailableError, match="fell back"):
         OnnxRuntimeBackend(onnx_dir, device="cuda:1").open("pfj")
     assert asked["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert asked["options"][0] == {"device_id": 1}
+    assert asked["options"][0] == {"device_id": 1, "cudnn_conv_algo_search": "HEURISTIC"}
     with pytest.raises(BackendUnavailableError, match="fell back"):
         OnnxRuntimeBackend(onnx_dir, device="tensorrt").open("unet")
     trt = asked["options"][0]
@@ -254,3 +254,45 @@ def test_fp16_export_end_to_end(onnx_dir, tiny_dir, photo, tmp_path):
         )
         assert psnr >= FP16_MIN_PSNR, (schedule, psnr)
     assert got_report.backend["precision"] == "fp16"
+
+
+def test_tensorrt_provider_follows_the_export_and_max_batch(onnx_dir, tiny_config, monkeypatch):
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from adadiff.manifest import ExportManifest
+    from adadiff.runtime.upscaler import Upscaler
+
+    monkeypatch.setattr(
+        ort,
+        "get_available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    backend = OnnxRuntimeBackend(onnx_dir, device="tensorrt", max_batch=32)
+    assert backend.max_batch == 32
+    chosen = dict(backend._provider_options("unet"))
+    trt = chosen["TensorrtExecutionProvider"]
+    assert trt["trt_profile_max_shapes"] == "sample:32x8x32x32,timestep:32"
+    assert chosen["CUDAExecutionProvider"]["cudnn_conv_algo_search"] == "HEURISTIC"
+    with pytest.raises(ConfigError, match=r"--max-batch 33 .*batch 1 to 32.*--max-batch 32"):
+        Upscaler(backend.config, backend, max_batch=33)
+    assert OnnxRuntimeBackend(onnx_dir, device="cuda", max_batch=32).max_batch is None
+
+    # A re-export (other weights: other sha256 in the manifest) gets its own TensorRT EP cache.
+    manifest = ExportManifest.load(onnx_dir)
+    unet = manifest.components["unet"]
+    files = tuple(dataclasses.replace(f, sha256="0" * 64) for f in unet.files)
+    changed = dataclasses.replace(
+        manifest, components={**manifest.components, "unet": dataclasses.replace(unet, files=files)}
+    )
+    again = OnnxRuntimeBackend(onnx_dir, device="tensorrt", max_batch=32, manifest=changed)
+    cache = backend.trt_cache_dir("unet")
+    assert again.trt_cache_dir("unet") != cache
+    assert again.trt_cache_dir("pfj") == backend.trt_cache_dir("pfj")
+    assert (
+        OnnxRuntimeBackend(onnx_dir, device="tensorrt", max_batch=16).trt_cache_dir("unet") != cache
+    )
+    assert trt["trt_engine_cache_path"] == str(cache)
+    with pytest.raises(ConfigError, match="cudnn_conv_algo_search"):
+        OrtOptions(cudnn_conv_algo_search="exhaustive")

@@ -93,3 +93,51 @@ def test_sd21_base_random_init_runs_one_unet_call():
     feeds = unet.spec.sample_inputs(1)
     out = unet(feeds)["noise_pred"]
     assert out.shape == (1, 4, 64, 64) and np.isfinite(out).all()
+
+
+def _extras() -> dict[str, set[str]]:
+    """Distribution names of each optional-dependency group in pyproject.toml, with the groups
+    an extra names (``adadiff[onnx,test]``) expanded."""
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    groups = project["optional-dependencies"]
+
+    def names(extra: str) -> set[str]:
+        found: set[str] = set()
+        for line in groups[extra]:
+            req = Requirement(line)
+            if req.name == project["name"]:
+                for inner in req.extras:
+                    found |= names(inner)
+            else:
+                found.add(req.name.lower())
+        return found
+
+    return {extra: names(extra) for extra in groups}
+
+
+@pytest.mark.parametrize(
+    ("extra", "cuda", "other"), [("gpu-cu12", "12", "13"), ("gpu-cu13", "13", "12")]
+)
+def test_gpu_extras_name_one_onnxruntime_and_their_own_tensorrt(extra, cuda, other):
+    extras = _extras()
+    deps = extras[extra]
+    assert {d for d in deps if d.startswith("onnxruntime")} == {"onnxruntime-gpu"}
+    assert {d for d in deps if d.startswith("tensorrt")} == {f"tensorrt-cu{cuda}"}
+    assert f"tensorrt-cu{other}" not in deps and "tensorrt" not in deps
+    # GPU developers install ".[gpu-cuXX,test]": one ONNX Runtime module provider in all.
+    combined = deps | extras["test"]
+    assert {d for d in combined if d.startswith("onnxruntime")} == {"onnxruntime-gpu"}
+
+
+def test_dev_extra_has_the_cpu_onnxruntime_only():
+    extras = _extras()
+    assert "gpu" not in extras  # the old extra resolved `tensorrt` to the newest CUDA's wheels
+    assert {d for d in extras["dev"] if d.startswith("onnxruntime")} == {"onnxruntime"}
+    assert not any(d.startswith("tensorrt") for d in extras["dev"])
+    assert {"pytest", "ruff", "onnx", "polygraphy"} <= extras["dev"]

@@ -48,6 +48,18 @@ def test_profile_shapes_come_from_specs():
     assert set(mmle) == {"x0", "lr_latent", "timestep"}
 
 
+def test_profiles_cover_every_batch_from_one():
+    with pytest.raises(ConfigError, match=r"leave batches 5 to 8 uncovered"):
+        parse_profiles("1:2:4,9:12:16")
+    with pytest.raises(ConfigError, match=r"starts at 2.*single tile.*1:4:8"):
+        parse_profiles("2:4:8")
+    from adadiff.export.tensorrt_build import BuildOptions
+
+    with pytest.raises(ConfigError, match="uncovered"):
+        BuildOptions(profiles=(BatchProfile(1, 2, 4), BatchProfile(6, 8, 8)))
+    assert parse_profiles("5:6:8,1:2:4") == (BatchProfile(1, 2, 4), BatchProfile(5, 6, 8))
+
+
 def test_profile_for_picks_the_covering_profile():
     profiles = parse_profiles("1:2:4,5:8:16")
     assert profile_for(profiles, 1) == 0
@@ -61,6 +73,7 @@ def test_engine_key_changes_with_every_input():
     base = dict(
         onnx_sha256="a" * 64,
         tensorrt="10.9.0",
+        gpu="NVIDIA H100 80GB HBM3",
         compute_capability="9.0",
         profiles=(BatchProfile(1, 4, 16),),
         precision="fp16",
@@ -71,6 +84,8 @@ def test_engine_key_changes_with_every_input():
         {"onnx_sha256": "b" * 64},
         {"tensorrt": "11.0.0"},
         {"compute_capability": "8.9"},
+        {"gpu": "NVIDIA H200"},
+        {"tf32": True},
         {"profiles": (BatchProfile(1, 8, 16),)},
         {"precision": "fp32"},
     ):
@@ -152,7 +167,7 @@ def test_missing_tensorrt_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "TensorRT is not installed" in err and 'pip install "adadiff[gpu]"' in err
+    assert "TensorRT is not installed" in err and 'pip install "adadiff[gpu-cu12]"' in err
 
 
 @pytest.mark.skipif(
@@ -182,7 +197,7 @@ def test_backend_tensorrt_without_library(tmp_path, capsys, photo):
     )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "TensorRT is not installed" in err and 'pip install "adadiff[gpu]"' in err
+    assert "TensorRT is not installed" in err and 'pip install "adadiff[gpu-cu12]"' in err
 
 
 gpu = pytest.mark.skipif(

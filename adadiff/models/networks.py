@@ -59,8 +59,10 @@ def _pooled_cnn(in_channels: int, hidden: int) -> nn.Sequential:
 
 
 def _mean_and_spread(feats: torch.Tensor) -> torch.Tensor:
-    # The spread carries texture, which NR scores need.
-    return torch.cat([feats.mean(dim=(2, 3)), feats.float().std(dim=(2, 3))], dim=1)
+    # The spread carries texture, which NR scores need. Its statistics are computed in fp32
+    # and handed back in the features' dtype, so a half-precision MMLE stays half.
+    spread = feats.float().std(dim=(2, 3)).to(feats.dtype)
+    return torch.cat([feats.mean(dim=(2, 3)), spread], dim=1)
 
 
 class MMLE(nn.Module):
@@ -135,7 +137,10 @@ class MMLE(nn.Module):
         recon = self.recon_error(lr_latent).detach()
         pooled = (
             _mean_and_spread(feats)
-            + self.time_proj(timestep_features(timestep, self.time_dim))
+            # the sinusoid in fp32, the projection in the module's own dtype
+            + self.time_proj(
+                timestep_features(timestep, self.time_dim).to(self.time_proj.weight.dtype)
+            )
             + self.recon_proj(recon)
         )
         return self.head(pooled), recon

@@ -1,0 +1,119 @@
+"""benchmarks/gpu_check.py: the dry run on the CPU, its pure parts, and the README section."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    # benchmarks/ is a folder of scripts run from the repository root, not an installed package.
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import gpu_check, gpu_report, report  # noqa: E402
+
+
+def test_dry_run_imports_and_plans_on_cpu(tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run"]) == 0
+    data = json.loads((tmp_path / gpu_check.OUTPUT).read_text())
+    assert data["kind"] == "gpu_check" and data["dry_run"] is True
+    assert {"parity", "unet_latency", "tiny_e2e"} <= set(data["planned"])
+    assert data["plan"]["precisions"] == ["fp32", "fp16", "bf16"]
+    assert data["plan"]["unet_batches"] == [1, 4, 8, 16]
+    if not gpu_check.installed("tensorrt"):
+        assert data["skipped"]["tensorrt"] == "tensorrt is not installed"
+    assert "machine" in data
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{gpu_report.START}\nold\n{gpu_report.END}\n")
+    assert report.main([str(tmp_path / gpu_check.OUTPUT), "--readme", str(readme)]) == 0
+    assert "dry run" in readme.read_text() and "old" not in readme.read_text()
+
+
+def test_unknown_part_and_no_cuda_exit_2(tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--parts", "nope"]) == 2
+    import torch
+
+    if not torch.cuda.is_available():
+        assert gpu_check.main(["--out", str(tmp_path)]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_first_divergence_reports_the_distance_from_tau():
+    a = [(0, 999, 0.1, 0.1, "growth"), (0, 989, 0.0051, 0.0, "stable"), (1, 999, 0, 0, "stable")]
+    b = [(0, 999, 0.1, 0.1, "growth"), (0, 989, 0.0049, 0.0, "growth"), (1, 999, 0, 0, "stable")]
+    (d,) = gpu_check.first_divergence(a, b, tau=5e-3)
+    assert d["tile"] == 0 and d["t"] == 989 and d["categories"] == ["stable", "growth"]
+    assert d["distance_from_tau"] == pytest.approx([1e-4, 1e-4])
+
+
+def test_gpu_section_renders_every_part(tmp_path):
+    result = {
+        "kind": "gpu_check",
+        "dry_run": False,
+        "machine": {"cpu": "cpu", "cores": 16, "gpu": "NVIDIA H200", "libraries": {}},
+        "parity": {
+            "components": {"fp16": {"unet": {"max_abs": 0.01, "within_tolerance": False}}},
+            "end_to_end": {
+                "fp16": {
+                    "same_steps": False,
+                    "steps_gpu": [12],
+                    "steps_reference": [13],
+                    "psnr_vs_cpu_db": 41.5,
+                    "divergences": [
+                        {
+                            "tile": 0,
+                            "t": 500,
+                            "categories": ["stable", "growth"],
+                            "distance_from_tau": [2e-5, 3e-5],
+                        }
+                    ],
+                }
+            },
+            "peak_mib": 100.0,
+        },
+        "unet_latency": {
+            "rows": [
+                {
+                    "precision": "bf16",
+                    "batch": 16,
+                    "ms": 80.0,
+                    "ms_per_tile": 5.0,
+                    "tflops": 350.2,
+                    "peak_mib": 9000.0,
+                }
+            ]
+        },
+        "tiny_e2e": {
+            "regroup": {"seconds": 1.0, "engine_calls": 10, "unet_evaluations": 40, "tiles": 4},
+            "tile": {"seconds": 3.0, "engine_calls": 40, "unet_evaluations": 40, "tiles": 4},
+            "speedup": 3.0,
+            "peak_mib": 50.0,
+        },
+        "tensorrt": {"skipped": "tensorrt is not installed"},
+        "onnxruntime": {"error": "RuntimeError: boom"},
+    }
+    text = gpu_report.render(result, tmp_path / "g.json", tmp_path / "README.md")
+    assert "| fp16 | 1.00e-02* |" in text
+    assert "tile 0 at t=500 took growth instead of stable, gains 2.0e-05 from a threshold" in text
+    assert "| bf16 | 16 | 80.0 | 5.0 | 350.2 | 9000.0 |" in text
+    assert "(3.0x)" in text and "tensorrt: skipped" in text
+    assert "Parts that failed in this run: onnxruntime" in text
+
+
+@pytest.mark.slow
+def test_parity_and_tiny_parts_run_on_the_cpu():
+    """The parts' code (not their figures) on the CPU, so a GPU run does not meet a typo.
+    Several tiny upscales: kept out of CI (pytest -m slow) for the time it takes."""
+    plan = gpu_check.Plan(device="cpu", precisions=("fp32",), photo_size=24, e2e_max_batch=4)
+    parity = gpu_check.part_parity(plan)
+    rows = parity["components"]["fp32"]
+    assert set(rows) == {"unet", "vae_encoder", "vae_decoder", "pfj", "mmle"}
+    assert all(r["within_tolerance"] for r in rows.values())
+    e2e = parity["end_to_end"]["fp32"]
+    assert e2e["same_steps"] and e2e["divergences"] == [] and parity["peak_mib"] is None
+    tiny = gpu_check.part_tiny_e2e(plan)
+    assert tiny["regroup"]["unet_evaluations"] == tiny["tile"]["unet_evaluations"] > 0
+    assert tiny["regroup"]["engine_calls"] <= tiny["tile"]["engine_calls"]

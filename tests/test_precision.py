@@ -1,0 +1,92 @@
+"""Half precision on the torch backend, run on the CPU so CI exercises the fp16 code path."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from adadiff.devices import check_precision, parse_device
+from adadiff.errors import ConfigError
+from adadiff.presets import tiny
+from adadiff.specs import component_specs
+
+
+def _fresh_models():
+    # TorchEngine moves its module to the run's dtype in place, so a half-precision backend gets
+    # its own copy of the (seeded) weights and never touches the session's tiny_models.
+    from adadiff.models.bundle import build_random
+
+    return build_random(tiny(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def half_backend():
+    from adadiff.engines.torch import TorchBackend
+
+    return TorchBackend(_fresh_models(), device="cpu", precision="fp16")
+
+
+@pytest.mark.parametrize("component", ["unet", "pfj", "mmle"])
+def test_fp16_components_match_fp32_on_cpu(half_backend, tiny_models, component):
+    from adadiff.engines.torch import TorchBackend
+
+    spec = component_specs(tiny_models.config)[component]
+    feeds = spec.sample_inputs(3, seed=5)
+    (name,) = spec.output_names
+    got = half_backend.open(component)(feeds)[name]
+    want = TorchBackend(tiny_models).open(component)(feeds)[name]
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    tol = spec.fp16_tolerance
+    np.testing.assert_allclose(got, want, atol=tol.atol, rtol=tol.rtol)
+
+
+def test_bf16_mmle_runs_on_cpu(tiny_models):
+    from adadiff.engines.torch import TorchBackend
+
+    backend = TorchBackend(_fresh_models(), device="cpu", precision="bf16")
+    engine = backend.open("mmle")
+    assert next(engine.module.parameters()).dtype.is_floating_point
+    assert str(next(engine.module.parameters()).dtype) == "torch.bfloat16"
+    spec = component_specs(tiny_models.config)["mmle"]
+    out = engine(spec.sample_inputs(2, seed=1))["scores"]
+    assert out.shape == (2, spec.outputs[0].shape[1]) and np.isfinite(out).all()
+
+
+def test_fp16_upscale_end_to_end_on_cpu(half_backend, photo, caplog):
+    from adadiff.engines.torch import TorchBackend
+    from adadiff.runtime.upscaler import Upscaler
+
+    with caplog.at_level(logging.WARNING, logger="adadiff"):
+        backend = TorchBackend(half_backend.models, device="cpu", precision="fp16")
+    assert "slow and meant for checks" in caplog.text
+    up = Upscaler(backend.models.config, backend, max_batch=4)
+    out, rep = up.upscale(photo[:24, :24], schedule="adaptive", seed=0)
+    assert out.shape == (96, 96, 3) and np.isfinite(out).all()
+    assert rep.backend["precision"] == "fp16"
+    assert rep.components["mmle"]["items"] == rep.unet_evaluations > 0
+
+
+@pytest.mark.parametrize(
+    ("device", "backend"),
+    [
+        ("gpu", "torch"),
+        ("cuda:x", "torch"),
+        ("cpu:0", "torch"),
+        ("tensorrt", "torch"),
+        ("gpu", "onnxruntime"),
+        ("gpu", "tensorrt"),
+    ],
+)
+def test_bad_devices_are_config_errors(device, backend):
+    with pytest.raises(ConfigError, match=rf"--device '{device}'.*expected one of"):
+        parse_device(device, backend)
+
+
+def test_good_devices_and_precisions():
+    assert str(parse_device("cuda:1")) == "cuda:1" and parse_device("cuda").index is None
+    assert str(parse_device("tensorrt:0", "onnxruntime")) == "tensorrt:0"
+    assert check_precision("bf16", "torch") == "bf16"
+    with pytest.raises(ConfigError, match="torch backend only"):
+        check_precision("bf16", "onnxruntime")

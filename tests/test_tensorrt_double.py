@@ -1,0 +1,273 @@
+"""The TensorRT builder and backend end to end on the CPU, against tests/fake_tensorrt.py.
+
+The double keeps TensorRT's documented contract (return values, None results, profiles, shape
+and address order, one current device, live device memory) and runs the graphs with ONNX
+Runtime, so these tests exercise the code paths a real GPU run takes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import fake_tensorrt as fake
+import numpy as np
+import pytest
+from onnx_cache import copy_export, tiny_export
+
+from adadiff.errors import ConfigError, EngineMismatchError
+from adadiff.export.tensorrt_build import BuildOptions, build_engines
+from adadiff.specs import component_specs
+from adadiff.trt_manifest import TIMING_CACHE, TRT_DIR, BatchProfile, EngineManifest
+
+TWO_PROFILES = (BatchProfile(1, 2, 2), BatchProfile(3, 4, 6))
+
+
+@pytest.fixture()
+def trt(monkeypatch):
+    return fake.install(monkeypatch)
+
+
+@pytest.fixture()
+def export(tmp_path_factory, tmp_path):
+    return copy_export(tiny_export(tmp_path_factory), tmp_path / "export")
+
+
+def _build(folder, cuda=None, **options):
+    opts = BuildOptions(profiles=options.pop("profiles", TWO_PROFILES), **options)
+    return build_engines(folder, opts, cuda=cuda or fake.FakeCuda(0))
+
+
+def _backend(folder, index=0):
+    from adadiff.engines.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(folder, device=f"cuda:{index}", cuda=fake.FakeCuda(index))
+
+
+def test_build_and_run_match_torch_at_fp32(trt, export, tiny_models):
+    from adadiff.engines.torch import TorchBackend
+
+    manifest = _build(export)
+    assert all(not e.tf32 for e in manifest.engines.values())
+    backend = _backend(export)
+    ref = TorchBackend(tiny_models)
+    for name, spec in component_specs(tiny_models.config).items():
+        engine, torch_engine = backend.open(name), ref.open(name)
+        (out,) = spec.output_names
+        for batch in (1, 2, 3, 6, 1):  # both profiles, and back to a batch seen before
+            feeds = spec.sample_inputs(batch, seed=batch)
+            tol = spec.fp32_tolerance
+            np.testing.assert_allclose(
+                engine(feeds)[out],
+                torch_engine(feeds)[out],
+                atol=tol.atol,
+                rtol=tol.rtol,
+                err_msg=f"{name} at batch {batch}",
+            )
+    assert fake.STATE.executions == 25 and fake.STATE.violations == []
+    backend.close()
+    assert fake.STATE.violations == []
+
+
+def test_upscale_takes_the_same_steps_as_torch(trt, export, tiny_models, photo):
+    from adadiff.engines.torch import TorchBackend
+    from adadiff.runtime.upscaler import Upscaler
+
+    _build(export)
+    img = photo[:32, :32]
+    a, ra = Upscaler(tiny_models.config, TorchBackend(tiny_models), max_batch=6).upscale(img)
+    backend = _backend(export)
+    with pytest.raises(ConfigError, match=r"--max-batch 8 .*batch 1 to 6"):
+        Upscaler(backend.config, backend, max_batch=8)
+    assert fake.STATE.executions == 0  # refused before anything was encoded
+    b, rb = Upscaler(backend.config, backend, max_batch=6).upscale(img)
+    assert ra.steps_per_tile == rb.steps_per_tile
+    assert float(np.abs(a - b).max()) < 1e-3
+    backend.close()
+    assert fake.STATE.violations == []
+
+
+def test_tf32_is_off_unless_asked_for(trt, export):
+    manifest = _build(export, components=("pfj",), tf32=True)
+    assert manifest.engines["pfj"].tf32
+    header_of = json.loads
+    blob = (export / TRT_DIR / manifest.engines["pfj"].file).read_bytes()
+    n = int.from_bytes(blob[8:16], "little")
+    assert header_of(blob[16 : 16 + n])["tf32"] is True
+    again = _build(export, components=("pfj",))
+    blob = (export / TRT_DIR / again.engines["pfj"].file).read_bytes()
+    n = int.from_bytes(blob[8:16], "little")
+    assert header_of(blob[16 : 16 + n])["tf32"] is False
+    assert again.engines["pfj"].key != manifest.engines["pfj"].key
+
+
+def test_timing_cache_from_another_gpu_is_left_alone(monkeypatch, export, tmp_path, caplog):
+    shared = tmp_path / "shared.cache"
+    fake.install(monkeypatch, devices=[("NVIDIA L4", "8.9")])
+    other = copy_export(export, tmp_path / "other")
+    _build(other, components=("pfj",), timing_cache=shared)
+    made_on_l4 = shared.read_bytes()
+    fake.install(monkeypatch, devices=[("NVIDIA H100", "9.0")])
+    with caplog.at_level(logging.WARNING, logger="adadiff"):
+        manifest = _build(export, components=("pfj", "mmle"), timing_cache=shared)
+    assert set(manifest.engines) == {"pfj", "mmle"}
+    assert "another GPU" in caplog.text
+    assert shared.read_bytes() == made_on_l4
+    own = export / TRT_DIR / TIMING_CACHE
+    assert b"9.0" in own.read_bytes()
+
+
+def _to_external_data(folder, scale: float) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from adadiff.manifest import ExportManifest, FileEntry
+
+    manifest = ExportManifest.load(folder)
+    entry = manifest.components["unet"]
+    path = folder / entry.onnx_file
+    model = onnx.load(path)
+    first = model.graph.initializer[0]
+    first.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(first) * scale, first.name))
+    data = f"{path.name}.data"
+    (folder / data).unlink(missing_ok=True)
+    onnx.save(model, path, save_as_external_data=True, location=data, size_threshold=0)
+    files = (FileEntry.of(folder, entry.onnx_file), FileEntry.of(folder, data))
+    entry = type(entry)(**{**entry.__dict__, "files": files})
+    type(manifest)(
+        **{**manifest.__dict__, "components": {**manifest.components, "unet": entry}}
+    ).save(folder)
+
+
+def test_new_external_weights_rebuild_and_old_engines_go(trt, export):
+    _to_external_data(export, 1.0)
+    first = _build(export, components=("unet",)).engines["unet"]
+    onnx_bytes = (export / "unet.onnx").read_bytes()
+    _to_external_data(export, 1.5)  # "retrained": same graph file, other weights
+    assert (export / "unet.onnx").read_bytes() == onnx_bytes
+    second = _build(export, components=("unet",)).engines["unet"]
+    assert second.key != first.key and second.onnx_sha256 != first.onnx_sha256
+    assert sorted(p.name for p in (export / TRT_DIR).glob("*.engine")) == [second.file]
+    again = _build(export, components=("unet", "pfj"), profiles=(BatchProfile(1, 2, 6),))
+    assert sorted(p.name for p in (export / TRT_DIR).glob("*.engine")) == sorted(
+        e.file for e in again.engines.values()
+    )
+
+
+def test_cuda_n_builds_and_runs_on_device_n(monkeypatch, export):
+    fake.install(monkeypatch, devices=[("NVIDIA L4", "8.9"), ("NVIDIA H100", "9.0")])
+    manifest = _build(export, cuda=fake.FakeCuda(1), components=("pfj",))
+    assert manifest.device.name == "NVIDIA H100" and manifest.device.compute_capability == "9.0"
+    fake.STATE.current = 0  # some other code left device 0 current
+    backend = _backend(export, index=1)
+    engine = backend.open("pfj")
+    assert engine.engine._device == 1
+    fake.STATE.current = 0
+    spec = engine.spec
+    out = engine(spec.sample_inputs(2))["modulated"]
+    assert out.shape[0] == 2 and fake.STATE.current == 0
+    assert backend.describe()["device"] == "cuda:1 (NVIDIA H100)"
+
+
+def test_refused_profile_is_an_error(trt, export, monkeypatch):
+    import adadiff.export.tensorrt_build as tb
+
+    def inverted(spec, profile):
+        return {n: (hi, mid, lo) for n, (lo, mid, hi) in spec.profile(1, 2, 6).items()}
+
+    monkeypatch.setattr(tb, "profile_shapes", inverted)
+    with pytest.raises(EngineMismatchError, match="rejected optimisation profile"):
+        _build(export, components=("pfj",))
+
+
+def test_refused_profile_selection_and_shapes_are_errors(trt, export):
+    _build(export, components=("pfj", "mmle"))
+    backend = _backend(export)
+    engine = backend.open("pfj")
+    fake.STATE.faults.add("set_input_shape")
+    with pytest.raises(EngineMismatchError, match="refused shape"):
+        engine(engine.spec.sample_inputs(3))
+    fake.STATE.faults.clear()
+    assert engine(engine.spec.sample_inputs(3))["modulated"].shape[0] == 3
+    fake.STATE.faults.add("set_optimization_profile_async")
+    with pytest.raises(EngineMismatchError, match="refused optimisation profile 0"):
+        backend.open("mmle")
+
+
+def test_engine_must_match_its_manifest(trt, export):
+    manifest = _build(export, components=("pfj", "mmle"))
+    folder = export / TRT_DIR
+    data = json.loads((folder / "manifest.json").read_text())
+    data["engines"]["pfj"]["profiles"] = [[1, 2, 3], [4, 4, 6]]
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineMismatchError, match=r"profile 0 covers batches 1 to 2.*1:2:3"):
+        _backend(export).open("pfj")
+    data["engines"]["pfj"]["profiles"] = [[1, 2, 6]]
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineMismatchError, match="2 optimisation profiles, the manifest lists 1"):
+        _backend(export).open("pfj")
+    data["engines"]["pfj"]["profiles"] = [[1, 2, 2], [3, 4, 6]]
+    shutil.copy(folder / manifest.engines["mmle"].file, folder / manifest.engines["pfj"].file)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineMismatchError, match=r"takes \['lr_latent', 'timestep', 'x0'\]"):
+        _backend(export).open("pfj")
+
+
+def test_close_releases_contexts_before_the_scratch(trt, export):
+    _build(export)
+    backend = _backend(export)
+    small = backend.open("pfj")  # the scratch grows when the UNet opens
+    big = backend.open("unet")
+    assert big.engine.device_memory_size_v2 > small.engine.device_memory_size_v2
+    small(small.spec.sample_inputs(2))
+    big(big.spec.sample_inputs(2))
+    assert fake.STATE.violations == []
+    backend.close()
+    assert fake.STATE.violations == []
+    with pytest.raises(EngineMismatchError, match="was closed"):
+        small(small.spec.sample_inputs(1))
+
+
+def test_open_does_not_hash_unchanged_files(trt, export, monkeypatch):
+    import adadiff.manifest
+
+    _build(export, components=("unet",))
+    hashed = []
+    real = adadiff.manifest.sha256_file
+    monkeypatch.setattr(adadiff.manifest, "sha256_file", lambda p: hashed.append(p) or real(p))
+    backend = _backend(export)
+    backend.open("unet")
+    assert hashed == []
+    path = export / "unet.onnx"
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 1  # same size, other content, new mtime
+    path.write_bytes(bytes(blob))
+    with pytest.raises(EngineMismatchError, match="changed since export"):
+        _backend(export).open("unet")
+    assert hashed
+
+
+def test_missing_shape_or_address_fails_in_the_double(trt, export):
+    manifest = _build(export, components=("pfj",))
+    runtime = fake.Runtime(fake.Logger())
+    engine = runtime.deserialize_cuda_engine(
+        (export / TRT_DIR / manifest.engines["pfj"].file).read_bytes()
+    )
+    ctx = engine.create_execution_context()
+    assert ctx.set_optimization_profile_async(1, 0)
+    assert not ctx.set_tensor_address("lr_latent", 1234)  # shape first
+    assert not ctx.set_input_shape("lr_latent", (1, 4, 32, 32))  # batch 1 is in profile 0
+    assert ctx.set_input_shape("lr_latent", (3, 4, 32, 32))
+    assert ctx.get_tensor_shape("modulated")[0] == -1  # gain's shape is not set yet
+    assert not ctx.execute_async_v3(0)
+    assert fake.Runtime(fake.Logger()).deserialize_cuda_engine(b"not an engine") is None
+    EngineManifest.load(export / TRT_DIR)  # still readable
+
+
+def test_build_cli_refuses_a_bad_device(capsys, export):
+    from adadiff.cli import main
+
+    code = main(["build", str(export), "--device", "gpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--device 'gpu'" in err
