@@ -165,6 +165,7 @@ class MMLEConfig:
 
 
 COLOR_FIXES: tuple[str, ...] = ("none", "wavelet")
+SCHEDULES: tuple[str, ...] = ("adaptive", "uniform")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +207,9 @@ class ModelConfig:
     mmle: MMLEConfig = field(default_factory=MMLEConfig)
     uniform_interval: int = 20
     color_fix: ColorFixConfig = field(default_factory=ColorFixConfig)
+    # What runs when the user names no schedule: the model's best on its quality/compute front
+    # (benchmarks/front.py), "adaptive" (DTSS) or "uniform" (jumps of uniform_interval).
+    default_schedule: str = "adaptive"
 
     def __post_init__(self) -> None:
         for name, cls in (
@@ -234,6 +238,10 @@ class ModelConfig:
             )
         if self.uniform_interval < 1:
             raise ConfigError(f"uniform_interval must be >= 1, got {self.uniform_interval}")
+        if self.default_schedule not in SCHEDULES:
+            raise ConfigError(
+                f"default_schedule must be one of {SCHEDULES}, got {self.default_schedule!r}"
+            )
 
     # Derived shapes: every shape in specs, runtime and export follows from these.
     @property

@@ -305,6 +305,11 @@ def mmle_vs_oracle(
         "steps_oracle_driven": oracle_steps,
         "steps_regressor_driven": free_steps,
         "oracle_categories": dict(Counter(c for cats in oracle_cats.values() for c in cats)),
+        # the trivial baseline of the agreement: always answer the oracle's most frequent category
+        "majority_category_share": max(
+            Counter(c for cats in oracle_cats.values() for c in cats).values(), default=0
+        )
+        / max(total, 1),
         "regressor_categories": dict(Counter(c for cats in tile_cats.values() for c in cats)),
     }
 
@@ -323,6 +328,9 @@ def targets(methods: dict[str, dict[str, float]], mmle: dict[str, Any] | None) -
     if mmle:
         out["MMLE Spearman >= 0.8 on FR scores"] = mmle["spearman_fr_min"] >= 0.8
         out["same category in >= 85% of steps"] = mmle["category_agreement"] >= 0.85
+        out["same category beats always-the-most-frequent by >= 5 points"] = (
+            mmle["category_agreement"] >= mmle["majority_category_share"] + 0.05
+        )
     return out
 
 

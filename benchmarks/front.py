@@ -359,6 +359,35 @@ def gain_from_steps(
     return out
 
 
+def targets(
+    methods: dict[str, Any], diagnostics: dict[str, Any], gain: dict[str, Any]
+) -> dict[str, dict[str, bool]]:
+    """The adaptive issue's lines for each DTSS run, met or missed. "By more than the interval's
+    half-width" is read on the paired difference: its whole 90% interval below zero."""
+    out: dict[str, dict[str, bool]] = {}
+    u200 = methods.get("uniform-200")
+    for label, e in methods.items():
+        if not label.startswith("dtss-mmle"):
+            continue
+        vs = e.get("vs_best_uniform")
+        exits = e.get("vs_fixed_exit", {})
+        lines = {
+            "LPIPS below the best uniform at no more steps": bool(vs) and vs["lpips_diff"][2] < 0,
+            "LPIPS below every fixed exit": bool(exits) and all(d[2] < 0 for d in exits.values()),
+            "uniform-200's LPIPS with at most 1/2.7 of its steps": u200 is not None
+            and e["lpips"][0] <= u200["lpips"][0]
+            and e["steps_per_tile"] * 2.7 <= u200["steps_per_tile"],
+        }
+        d = diagnostics.get(label)
+        if d:
+            lines["growth in >= 5% of steps"] = d["growth_share"] >= 0.05
+        rho = gain.get("spearman_with_steps", {}).get(label)
+        if rho is not None:
+            lines["steps rank with the gain from more steps (rho >= 0.4)"] = bool(rho >= 0.4)
+        out[label] = lines
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     models = load_models(args.model)
@@ -420,6 +449,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "photo_of_tile": strata.tolist(),
         "machine": machine(),
     }
+    result["targets"] = targets(summary, diagnostics, result["gain_from_steps"])
     return result
 
 
@@ -534,6 +564,12 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
             f"{g['mean']:.4f}, positive for {g['share_positive']:.0%} of tiles; Spearman with "
             f"the steps each DTSS run gave the tile: {rho}.",
         ]
+    marks = result.get("targets", {})
+    if marks:
+        lines += ["", "The adaptive schedule's targets (paired 90% intervals):", ""]
+        for label, checks in marks.items():
+            said = "; ".join(f"{k}: {'met' if v else 'missed'}" for k, v in checks.items())
+            lines.append(f"- {label}: {said}.")
     plot_name = result.get("plot")
     if plot_name:
         lines += ["", f"![front]({rel.parent / plot_name})"]

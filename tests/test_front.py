@@ -21,6 +21,7 @@ from benchmarks.front import (  # noqa: E402
     gain_from_steps,
     render,
     summarize,
+    targets,
     write_readme,
 )
 
@@ -104,3 +105,22 @@ def test_render_writes_every_method_from_the_json(tmp_path):
         assert f"| {label} |" in text
     assert "](bench/front.json)" in text and "](bench/front.png)" in text
     assert render(result, path, readme).splitlines()[0].startswith("Generated from")
+
+
+def test_targets_read_the_paired_intervals():
+    rows, steps, strata = made_up(np.random.default_rng(4))
+    methods = summarize(rows, steps, strata, ["a", "b", "c"])
+    diag = {"dtss-mmle-x": {"growth_share": 0.02}}
+    marks = targets(methods, diag, {"spearman_with_steps": {"dtss-mmle-x": 0.5}})["dtss-mmle-x"]
+    assert marks["LPIPS below the best uniform at no more steps"]
+    assert marks["LPIPS below every fixed exit"]
+    assert marks["uniform-200's LPIPS with at most 1/2.7 of its steps"]
+    assert not marks["growth in >= 5% of steps"]
+    assert marks["steps rank with the gain from more steps (rho >= 0.4)"]
+    # the same run, 0.015 worse instead of 0.02 better than uniform-5: both comparisons missed
+    rows["dtss-mmle-x"] = {
+        k: v + 0.035 * (v / rows["dtss-mmle-x"]["lpips"]) for k, v in rows["dtss-mmle-x"].items()
+    }
+    worse = targets(summarize(rows, steps, strata, ["a", "b", "c"]), diag, {})["dtss-mmle-x"]
+    assert not worse["LPIPS below the best uniform at no more steps"]
+    assert not worse["LPIPS below every fixed exit"]
