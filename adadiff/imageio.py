@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "OUTPUT_FORMATS",
     "LoadedImage",
+    "bicubic_rows",
     "bicubic_upscale",
     "check_output_path",
     "decode_image_bytes",
@@ -66,6 +67,7 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     zlib.error,
 )
 _JPEG_QUALITY = 95
+_ROWS_PER_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,22 @@ def upscale_alpha(alpha: np.ndarray, factor: int) -> np.ndarray:
     return np.clip(_resize_plane(alpha, factor), 0.0, 1.0)
 
 
+# Input rows beyond a band that its bicubic rows depend on (the kernel reaches 2 input pixels).
+_BICUBIC_MARGIN = 3
+
+
+def bicubic_rows(rgb: np.ndarray, factor: int, y0: int, y1: int) -> np.ndarray:
+    """Rows [y0, y1) of ``bicubic_upscale(rgb, factor)``, equal to slicing it, computed from the
+    input rows they depend on, so a large upscale never has to be held whole."""
+    factor = _check_factor(factor)
+    height = rgb.shape[0]
+    if not 0 <= y0 < y1 <= height * factor:
+        raise ValueError(f"rows [{y0}, {y1}) are not inside 0..{height * factor}")
+    a = max(0, y0 // factor - _BICUBIC_MARGIN)
+    b = min(height, -(-y1 // factor) + _BICUBIC_MARGIN)
+    return bicubic_upscale(rgb[a:b], factor)[y0 - a * factor : y1 - a * factor]
+
+
 def bicubic_upscale(rgb: np.ndarray, factor: int) -> np.ndarray:
     """Bicubic resize of float32 [H, W, 3] by ``factor`` at full float precision, clipped."""
     factor = _check_factor(factor)
@@ -392,12 +410,24 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
 
 
 def _to_uint(values: np.ndarray, maximum: int, dtype: type[np.generic]) -> np.ndarray:
+    """[0, 1] floats (or uint8 / uint16 levels) as ``dtype`` levels of ``maximum``."""
+    if values.dtype == dtype:
+        return values
+    if np.issubdtype(values.dtype, np.integer):
+        scale = maximum / np.iinfo(values.dtype).max
+        return np.round(values * np.float32(scale)).astype(dtype)
     return np.round(np.clip(values, 0.0, 1.0) * maximum).astype(dtype)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
+    """Luma in [0, 1] of float [0, 1] or integer RGB."""
     weights = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
-    return rgb.astype(np.float32) @ weights
+    if np.issubdtype(rgb.dtype, np.integer):
+        weights = weights / np.float32(np.iinfo(rgb.dtype).max)
+    out = np.empty(rgb.shape[:2], dtype=np.float32)
+    for y in range(0, rgb.shape[0], _ROWS_PER_CHUNK):  # no full-size float copy of the RGB
+        out[y : y + _ROWS_PER_CHUNK] = rgb[y : y + _ROWS_PER_CHUNK].astype(np.float32) @ weights
+    return out
 
 
 def _build_pil(
@@ -425,7 +455,8 @@ def save_image(
     bit_depth: int = 8,
     grayscale: bool = False,
 ) -> Path:
-    """Write float32 [H, W, 3] (and optional [H, W] alpha) atomically; return the written path.
+    """Write [H, W, 3] (float32 in [0, 1], or uint8 / uint16 levels) and an optional [H, W]
+    alpha atomically; return the written path.
 
     JPEG drops alpha. 16-bit is written only for grayscale PNG/TIFF without alpha (Pillow has no
     16-bit gray+alpha mode, and keeping transparency matters more than the extra precision).

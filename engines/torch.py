@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,8 +42,14 @@ class TorchBackend:
     name = "torch"
 
     def __init__(
-        self, models: TorchModels, *, device: str = "cpu", precision: str = "fp32"
+        self,
+        models: TorchModels,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+        threads: int | None = None,
     ) -> None:
+        """``threads``: torch's CPU thread count (process-wide); None leaves torch's own."""
         if precision not in ("fp32", "fp16"):
             raise ConfigError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
         dev = torch.device(device)
@@ -53,6 +60,8 @@ class TorchBackend:
             )
         if precision == "fp16" and dev.type == "cpu":
             raise ConfigError("fp16 runs on CUDA only; use --precision fp32 on the CPU")
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.models = models
         self.device = dev
         self.precision = precision
@@ -73,6 +82,7 @@ class TorchBackend:
             "precision": self.precision,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         }
 
     def close(self) -> None:
