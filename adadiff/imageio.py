@@ -83,6 +83,8 @@ class LoadedImage:
     bit_depth: int
     grayscale: bool
     source_mode: str
+    icc_profile: bytes | None = None  # the embedded ICC colour profile, written back out
+    exif: bytes | None = None  # EXIF without the orientation tag (orientation is applied)
 
     @property
     def height(self) -> int:
@@ -213,7 +215,9 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
                 source_mode = img.mode
                 img.load()
                 oriented = ImageOps.exif_transpose(img)
-                decoded = _decode_pil(oriented if oriented is not None else img)
+                shown = oriented if oriented is not None else img
+                decoded = _decode_pil(shown)
+                metadata = _metadata(shown)  # a copy: img's own EXIF stays as it was
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb_error(path, exc, max_pixels) from exc
     except UnidentifiedImageError as exc:
@@ -227,7 +231,21 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
             f"{path}: image data is truncated or corrupt ({_one_line(exc)}); "
             "re-export or re-download the image"
         ) from exc
-    return replace(decoded, source_mode=source_mode)
+    return replace(decoded, source_mode=source_mode, **metadata)
+
+
+_ORIENTATION = 0x0112
+
+
+def _metadata(img: Image.Image) -> dict[str, bytes | None]:
+    """The ICC profile and the EXIF (orientation dropped: the pixels get it applied)."""
+    icc = img.info.get("icc_profile") or None
+    exif = img.getexif()
+    exif.pop(_ORIENTATION, None)
+    return {
+        "icc_profile": icc if isinstance(icc, bytes) else None,
+        "exif": exif.tobytes() if len(exif) else None,
+    }
 
 
 def to_rgb_array(image: Any) -> np.ndarray:
@@ -454,16 +472,21 @@ def save_image(
     *,
     bit_depth: int = 8,
     grayscale: bool = False,
+    icc_profile: bytes | None = None,
+    exif: bytes | None = None,
 ) -> Path:
     """Write [H, W, 3] (float32 in [0, 1], or uint8 / uint16 levels) and an optional [H, W]
     alpha atomically; return the written path.
 
     JPEG drops alpha. 16-bit is written only for grayscale PNG/TIFF without alpha (Pillow has no
-    16-bit gray+alpha mode, and keeping transparency matters more than the extra precision).
+    16-bit RGB or gray+alpha mode, and keeping transparency matters more than the extra
+    precision). ``icc_profile`` and ``exif`` (e.g. ``LoadedImage``'s) are embedded where the
+    format holds them: PNG, JPEG and WebP take both, TIFF the profile.
     """
     _check_arrays(rgb, alpha, bit_depth)
     fmt = format_for_path(path)
     image, save_args = _pil_for_format(rgb, alpha, fmt, bit_depth, grayscale)
+    save_args |= _metadata_args(fmt, icc_profile, exif)
     return write_pil_atomic(path, image, fmt, **save_args)
 
 
@@ -474,14 +497,26 @@ def encode_image(
     suffix: str = ".png",
     bit_depth: int = 8,
     grayscale: bool = False,
+    icc_profile: bytes | None = None,
+    exif: bytes | None = None,
 ) -> bytes:
     """The bytes ``save_image`` would write to a file ending in ``suffix``."""
     _check_arrays(rgb, alpha, bit_depth)
     fmt = format_for_path(f"image{suffix}")
     image, save_args = _pil_for_format(rgb, alpha, fmt, bit_depth, grayscale)
+    save_args |= _metadata_args(fmt, icc_profile, exif)
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save_args)
     return buffer.getvalue()
+
+
+def _metadata_args(fmt: str, icc_profile: bytes | None, exif: bytes | None) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    if icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
+        args["icc_profile"] = icc_profile
+    if exif and fmt in ("PNG", "JPEG", "WEBP"):
+        args["exif"] = exif
+    return args
 
 
 def _check_arrays(rgb: np.ndarray, alpha: np.ndarray | None, bit_depth: int) -> None:

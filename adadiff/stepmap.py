@@ -264,7 +264,8 @@ def render_step_map(
     """Draw the per-tile step counts over a grayscale copy of ``image`` with a legend below.
 
     ``image`` is float32 [H, W, 3] in [0, 1] (or uint8 / uint16); ``boxes`` are (y0, x0, y1,
-    x1) in its pixels (they may overlap or extend past the edge); ``steps[k]`` and ``exits[k]`` describe tile k.
+    x1) in its pixels (they may overlap or extend past the edge); ``steps[k]`` and
+    ``exits[k]`` describe tile k.
     """
     image = np.asarray(image)
     _validate(image, boxes, steps, exits, max_side)

@@ -24,7 +24,7 @@ RESULTS = "results.json"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks",
+        prog="adadiff bench",
         description="adadiff benchmarks: schedules, regrouping, backends, scaling, full size",
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
             "--photo-size", type=int, default=None, help="long side of the schedule photos"
         )
         s.add_argument("--sizes", default=None, help="comma list of scaling input sizes")
+        s.add_argument(
+            "--scaling-interval",
+            type=int,
+            default=None,
+            help=f"uniform interval of the scaling runs (default {suite.scaling_interval}; "
+            "200 = 5 steps, enough for memory, which does not depend on steps)",
+        )
         s.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
         s.add_argument("--keep-work", action="store_true", help="keep exports and scratch")
     r = sub.add_parser("report", help="write README's Performance section from a results JSON")
@@ -73,6 +80,8 @@ def _suite(args: argparse.Namespace) -> Suite:
         changes["photo_size"] = changes["regroup_size"] = args.photo_size
     if args.sizes:
         changes["scaling_sizes"] = tuple(int(x) for x in args.sizes.split(","))
+    if args.scaling_interval:
+        changes["scaling_interval"] = args.scaling_interval
     return replace(suite, **changes)
 
 

@@ -103,9 +103,7 @@ class TileGrid:
             return image
         return np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
 
-    def padded_rows(
-        self, rows: Callable[[int, int], np.ndarray], y0: int, y1: int
-    ) -> np.ndarray:
+    def padded_rows(self, rows: Callable[[int, int], np.ndarray], y0: int, y1: int) -> np.ndarray:
         """Rows [y0, y1) of ``pad(image)``, for an image given by ``rows(a, b) = image[a:b]``:
         a band of tiles without the whole (padded) image in memory."""
         index = reflect_index(np.arange(y0, y1), self.height)

@@ -177,3 +177,41 @@ def test_threads_reach_torch_and_the_report(tmp_path, small_png, capsys):
         assert json.loads(report.read_text())["backend"]["threads"] == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _srgb_profile() -> bytes:
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_icc_profile_and_exif_survive_the_round_trip(tmp_path, photo, capsys, suffix):
+    icc = _srgb_profile()
+    exif = Image.Exif()
+    exif[0x010F] = "TestCam"  # Make
+    exif[0x0110] = "Model 7"  # Model
+    exif[0x0132] = "2024:05:06 07:08:09"  # DateTime
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    src = tmp_path / f"in{suffix}"
+    pixels = (photo[:12, :20] * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(src, icc_profile=icc, exif=exif.tobytes())
+    out = tmp_path / f"out{suffix}"
+    code = main(["upscale", str(src), "-o", str(out), "-q", "--schedule", "uniform",
+                 "--interval", "500"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out) as img:
+        assert img.size == (48, 80)  # 12x20 stored, 20x12 shown after the rotation, times 4
+        assert img.info.get("icc_profile") == icc
+        kept = img.getexif()
+    assert kept[0x010F] == "TestCam" and kept[0x0110] == "Model 7"
+    assert kept[0x0132] == "2024:05:06 07:08:09"
+    assert 0x0112 not in kept  # applied to the pixels, so not applied twice by a viewer
+
+
+def test_images_without_metadata_stay_without(tmp_path, small_png, capsys):
+    out = tmp_path / "o.png"
+    assert main(["upscale", str(small_png), "-o", str(out), "-q", "--schedule", "uniform",
+                 "--interval", "500"]) == 0  # fmt: skip
+    with Image.open(out) as img:
+        assert "icc_profile" not in img.info and len(img.getexif()) == 0

@@ -179,6 +179,8 @@ def _encode(record: dict[str, Any], suffix: str) -> bytes:
         suffix=suffix,
         bit_depth=record["bit_depth"],
         grayscale=record["grayscale"],
+        icc_profile=record["icc_profile"],
+        exif=record["exif"],
     )
 
 
