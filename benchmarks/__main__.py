@@ -1,4 +1,5 @@
-"""``python -m benchmarks quick|full [options]`` (also ``adadiff bench``) and
+"""``python -m benchmarks quick|full [options]`` (also ``adadiff bench``),
+``python -m benchmarks load`` (idle against busy machine) and
 ``python -m benchmarks report RESULTS.json``.
 
 A suite writes ``OUT/results.json`` (machine, settings, every measured row and the summary
@@ -62,10 +63,17 @@ def _parser() -> argparse.ArgumentParser:
         )
         s.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
         s.add_argument("--keep-work", action="store_true", help="keep exports and scratch")
+    sub.add_parser(
+        "load",
+        help="the demo's upscale idle and with one busy process per CPU (see load --help)",
+        add_help=False,
+    )
     r = sub.add_parser("report", help="write README's Performance section from a results JSON")
     r.add_argument("results", type=Path)
     r.add_argument("--readme", type=Path, default=Path("README.md"))
     r.add_argument("--print", action="store_true")
+    r.add_argument("--memory", type=Path, help="a scaling run on large inputs to add")
+    r.add_argument("--load", type=Path, help="a `load` run's JSON to add")
     return p
 
 
@@ -218,11 +226,19 @@ def _ok(result: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["load"]:
+        from benchmarks import load
+
+        return load.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "report":
         from benchmarks import report
 
         rest = [str(args.results), "--readme", str(args.readme)]
+        for flag, path in (("--memory", args.memory), ("--load", args.load)):
+            if path is not None:
+                rest += [flag, str(path)]
         return report.main([*rest, "--print"] if args.print else rest)
     try:
         suite, settings = _suite(args), _settings(args)
