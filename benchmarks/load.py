@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = [] if args.threads is None else ["--threads", str(args.threads)]
     result = measure(max(1, args.repeats), args.busy or usable_cpus(), extra)
     result["machine"] = machine()
+    # torch ran in the demo processes, not here: record the threads they used
+    result["machine"]["torch_threads"] = args.threads or usable_cpus()
     result["argv"] = ["benchmarks", "load", *(sys.argv[1:] if argv is None else argv)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
