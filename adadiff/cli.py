@@ -8,13 +8,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from adadiff import __version__
 from adadiff.argtypes import non_negative, non_negative_float, positive, positive_float
 from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
-from adadiff.errors import AdadiffError, ConfigError
+from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError
 from adadiff.specs import COMPONENTS
+from adadiff.threads import prefer_passive_wait
 
 log = logging.getLogger("adadiff")
 
@@ -56,11 +57,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="preset (tiny, sd21-base) or model folder; default tiny, or the model an --engines "
         "folder was exported from",
     )
-    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnxruntime", "tensorrt"),
+        help="engine library that runs the networks",
+    )
     p.add_argument(
         "--engines", type=Path, help="exported ONNX / engine folder (onnxruntime, tensorrt)"
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument(
+        "--device", default="cpu", help="cpu or cuda[:N] (onnxruntime: also tensorrt[:N])"
+    )
     p.add_argument(
         "--precision",
         default="fp32",
@@ -68,31 +76,66 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="fp16 (UNet, PFJ, MMLE; the VAE stays fp32) is meant for CUDA and runs on the CPU "
         "slowly, for checks; bf16 is for the torch backend only",
     )
+    p.add_argument(
+        "--threads",
+        type=positive,
+        help="CPU threads for torch / ONNX Runtime (default: every CPU this process may use; "
+        "idle threads sleep instead of spinning, so a busy machine does not slow it down)",
+    )
 
 
 def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--schedule", default="adaptive", choices=("adaptive", "uniform"))
+    p.add_argument(
+        "--schedule",
+        default="adaptive",
+        choices=("adaptive", "uniform"),
+        help="adaptive: DTSS picks each tile's steps; uniform: a fixed jump (--interval)",
+    )
     p.add_argument(
         "--interval",
         type=positive,
-        help="uniform schedule jump in timesteps (20 = 50 steps, 5 = 200 steps)",
+        help="uniform schedule jump in timesteps (20 = 50 steps, 5 = 200 steps; default: the "
+        "model's, 20 for tiny)",
     )
-    p.add_argument("--seed", type=non_negative, default=0)
+    p.add_argument(
+        "--seed", type=non_negative, default=0, help="seeds every tile's noise with (seed, tile)"
+    )
     p.add_argument("--max-batch", type=positive, default=8, help="tiles per engine call")
-    p.add_argument("--tile", type=positive, help="tile size in output pixels (model default)")
-    p.add_argument("--overlap", type=non_negative, help="tile overlap in output pixels")
+    p.add_argument(
+        "--tile",
+        type=positive,
+        help="tile size in output pixels, a multiple of the VAE factor (default: the model's, "
+        "128 for tiny); one larger than the output is cut to the output's size",
+    )
+    p.add_argument(
+        "--overlap",
+        type=non_negative,
+        help="tile overlap in output pixels (default: the model's, 16 for tiny)",
+    )
     p.add_argument(
         "--max-pixels",
         type=positive,
         default=None,
         help="refuse inputs with more pixels than this (default 16 million)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress (a bar on a terminal, timestamped lines otherwise)",
+    )
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line on stderr (exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"adadiff: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="adadiff", description="AdaDiffSR: adaptive-step diffusion 4x super-resolution"
     )
     parser.add_argument("--version", action="version", version=f"adadiff {__version__}")
@@ -128,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker actors, one Upscaler each (default: as many as the cluster's CPUs, or "
         "GPUs with --gpus-per-worker, allow)",
     )
-    many.add_argument("--cpus-per-worker", type=positive_float, default=1.0)
+    many.add_argument(
+        "--cpus-per-worker",
+        type=positive_float,
+        default=1.0,
+        help="CPUs Ray reserves per worker; also its thread count unless --threads",
+    )
     many.add_argument(
         "--gpus-per-worker",
         type=non_negative_float,
@@ -145,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no cross-image batching: a worker starts an image when the previous one is done",
     )
-    many.add_argument("--output-format", choices=("png", "same"), default="png")
+    many.add_argument(
+        "--output-format",
+        choices=("png", "same"),
+        default="png",
+        help="png, or same: the input's format",
+    )
     many.add_argument(
         "--strict", action="store_true", help="exit 1 when any image failed (default: exit 0)"
     )
@@ -256,6 +309,169 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --------------------------------------------------------------------------------------------
+# Option checks: everything a user can get wrong is refused here, naming the flag, before any
+# model loads (reading a model's adadiff.json or an export's manifest.json is all they need).
+# --------------------------------------------------------------------------------------------
+
+# Tiles above this multiple of the model's own tile are refused: the model never saw them, and
+# attention memory grows with the square of the tile's area (--tile 100000 asked for 112 GiB).
+MAX_TILE_FACTOR = 4
+
+
+def check_device(backend: str, device: str) -> None:
+    """Refuse a device the backend does not know, or a GPU this machine does not have."""
+    dev = parse_device(device, backend)
+    if dev.kind == "cpu":
+        return
+    if backend == "onnxruntime":
+        _check_ort_gpu(device, dev.kind)
+    else:
+        _check_torch_cuda(device, dev.index or 0)
+
+
+def _check_torch_cuda(device: str, index: int) -> None:
+    from importlib import metadata
+
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        raise BackendUnavailableError(
+            f"--device {device} needs torch, which is not installed; see README, GPU"
+        ) from None
+    if version.endswith("+cpu"):
+        raise BackendUnavailableError(
+            f"--device {device}: the installed torch {version} is a CPU-only build; install a "
+            "CUDA build of torch (README, GPU) or use --device cpu"
+        )
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        raise BackendUnavailableError(
+            f"--device {device}: torch {version} sees {count} CUDA device(s); check the driver "
+            "and CUDA_VISIBLE_DEVICES, or use --device cpu"
+        )
+
+
+def _check_ort_gpu(device: str, kind: str) -> None:
+    from adadiff.engines.onnxruntime import CUDA, INSTALL_GPU, TENSORRT, import_onnxruntime
+
+    provider = TENSORRT if kind == "tensorrt" else CUDA
+    available = import_onnxruntime().get_available_providers()
+    if provider not in available:
+        raise BackendUnavailableError(
+            f"--device {device} needs ONNX Runtime's {provider}, but this onnxruntime offers "
+            f"{', '.join(available)}; {INSTALL_GPU}, or use --device cpu"
+        )
+
+
+def model_config_of(args: argparse.Namespace) -> Any:
+    """The model config the run will use, read without torch: an export's manifest with
+    --engines, else the model's adadiff.json (or the preset)."""
+    from adadiff.engines.onnxruntime import model_config
+    from adadiff.presets import PRESETS
+
+    if args.model is not None and args.model not in PRESETS and not Path(args.model).is_dir():
+        raise ConfigError(
+            f"--model {args.model} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
+            "model folder; check the path"
+        )
+    if args.backend == "torch":
+        if args.engines is not None:
+            raise ConfigError(
+                f"--engines {args.engines} is for --backend onnxruntime or tensorrt, not torch; "
+                "drop --engines or pass --backend onnxruntime"
+            )
+        return model_config(args.model or "tiny")
+    if args.engines is None:
+        raise ConfigError(
+            f"--backend {args.backend} needs --engines FOLDER, the output of `adadiff export "
+            "--model MODEL -o FOLDER`"
+            + (" and `adadiff build FOLDER`" if args.backend == "tensorrt" else "")
+        )
+    from adadiff.manifest import ExportManifest
+
+    return ExportManifest.load(args.engines).model_config()
+
+
+def _multiple_hint(value: int, f: int) -> str:
+    low = value // f * f
+    options = [v for v in (low, low + f) if v >= f]
+    return " or ".join(str(v) for v in options)
+
+
+def check_tiling(args: argparse.Namespace, cfg: Any) -> None:
+    """--tile and --overlap against the model: multiples of its VAE factor, overlap < tile, and
+    no tile beyond ``MAX_TILE_FACTOR`` times the model's own (or another one than an export's)."""
+    f = cfg.vae_scale_factor
+    where = f"{cfg.name} (VAE factor {f})"
+    if args.tile is not None:
+        if args.tile % f:
+            raise ConfigError(
+                f"--tile {args.tile} must be a multiple of {f} for {where}; "
+                f"use {_multiple_hint(args.tile, f)}"
+            )
+        if args.backend != "torch" and args.tile != cfg.tile_size:
+            raise ConfigError(
+                f"--tile {args.tile}: the exported files in --engines {args.engines} take "
+                f"{cfg.tile_size} px tiles; drop --tile or export a model with that tile size"
+            )
+        largest = MAX_TILE_FACTOR * cfg.tile_size
+        if args.tile > largest:
+            raise ConfigError(
+                f"--tile {args.tile} is over {largest} px, {MAX_TILE_FACTOR}x the {cfg.tile_size} "
+                f"px tiles {cfg.name} was made for (memory grows with the tile's area squared); "
+                f"use --tile {largest} or less (a tile larger than the image is cut to its size)"
+            )
+    tile = cfg.tile_size if args.tile is None else args.tile
+    if args.overlap is not None:
+        if args.overlap % f:
+            raise ConfigError(
+                f"--overlap {args.overlap} must be a multiple of {f} for {where}; "
+                f"use {_multiple_hint(args.overlap, f)}"
+            )
+        if args.overlap >= tile:
+            source = f"--tile {tile}" if args.tile is not None else f"{cfg.name}'s default tile"
+            raise ConfigError(
+                f"--overlap {args.overlap} must be smaller than the tile ({source}, {tile} px); "
+                f"use --overlap {max(0, min(cfg.tile_overlap, tile - f))} or less"
+            )
+
+
+def check_upscale_args(args: argparse.Namespace) -> Any:
+    """Every upscale option checked before the model loads; returns the model config."""
+    if args.interval is not None and args.schedule != "uniform":
+        raise ConfigError(
+            f"--interval {args.interval} applies to --schedule uniform only; drop it or add "
+            "--schedule uniform"
+        )
+    check_device(args.backend, args.device)
+    check_precision(args.precision, args.backend)
+    cfg = model_config_of(args)
+    check_tiling(args, cfg)
+    return cfg
+
+
+def cap_tile(args: argparse.Namespace, cfg: Any, width: int, height: int) -> str | None:
+    """Cut a --tile larger than the output down to the output's long side (rounded up to the
+    VAE factor), so no tile is mostly padding; returns the note to print, or None."""
+    if args.tile is None or args.backend != "torch":
+        return None
+    f = cfg.vae_scale_factor
+    out_w, out_h = width * cfg.upscale, height * cfg.upscale
+    fits = -(-max(out_w, out_h) // f) * f
+    if args.tile <= fits:
+        return None
+    asked = args.tile
+    args.tile = fits
+    if args.overlap is not None:
+        args.overlap = max(0, min(args.overlap, fits - f))
+    return (
+        f"--tile {asked} is larger than the {out_w}x{out_h} output; using --tile {fits} (one tile)"
+    )
+
+
 def _upscaler(args: argparse.Namespace) -> Any:
     from adadiff.runtime.upscaler import Upscaler
 
@@ -268,23 +484,40 @@ def _upscaler(args: argparse.Namespace) -> Any:
         max_batch=args.max_batch,
         tile_size=args.tile,
         tile_overlap=args.overlap,
+        threads=args.threads,
     )
 
 
-def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any) -> int:
+def _progress(args: argparse.Namespace) -> Any:
+    """A bar on a terminal, timestamped lines otherwise, nothing with --quiet."""
+    if args.quiet:
+        return ProgressBars(enabled=False)
+    if sys.stderr.isatty():
+        return ProgressBars(enabled=True)
+    from adadiff.progress import LogProgress
+
+    return LogProgress(sys.stderr)
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(f"adadiff: note: {text}", file=sys.stderr, flush=True)
+
+
+def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any, cfg: Any) -> int:
     """Validate outputs and read the input before loading any model, so mistakes fail fast."""
     from adadiff import imageio, jobs
 
-    _check_placement(args)
-    if args.interval is not None and args.schedule != "uniform":
-        raise ConfigError("--interval applies to --schedule uniform only")
     outputs = jobs.check_outputs(input_path, outputs)
     image = imageio.load_image(input_path, max_pixels=args.max_pixels or imageio.DEFAULT_MAX_PIXELS)
+    note = cap_tile(args, cfg, image.width, image.height)
+    if note:
+        _note(args, note)
     upscaler = _upscaler(args)
     options = jobs.UpscaleOptions(
         schedule=args.schedule, interval=args.interval, seed=args.seed, max_pixels=args.max_pixels
     )
-    bars = ProgressBars(enabled=not args.quiet and sys.stderr.isatty())
+    bars = _progress(args)
     try:
         data = jobs.upscale_loaded(upscaler, image, input_path, outputs, options, progress=bars)
     finally:
@@ -296,20 +529,15 @@ def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any) -> int:
 def cmd_upscale(args: argparse.Namespace) -> int:
     from adadiff.jobs import FileOutputs
 
-    return _upscale(args, args.input, FileOutputs(args.output, args.report, args.step_map))
-
-
-def _check_placement(args: argparse.Namespace) -> None:
-    """--device and --precision, before any image or model is read."""
-    parse_device(args.device, args.backend)
-    check_precision(args.precision, args.backend)
+    cfg = check_upscale_args(args)
+    return _upscale(args, args.input, FileOutputs(args.output, args.report, args.step_map), cfg)
 
 
 def cmd_upscale_many(args: argparse.Namespace) -> int:
     from adadiff.scaleout.job import ClusterOptions, print_record, run_job
     from adadiff.scaleout.plan import JobSettings
 
-    _check_placement(args)
+    check_upscale_args(args)
     settings = JobSettings(
         model=args.model,
         backend=args.backend,
@@ -332,6 +560,7 @@ def cmd_upscale_many(args: argparse.Namespace) -> int:
         gpus_per_worker=args.gpus_per_worker,
         queue=args.queue,
         cross_image=not args.image_by_image,
+        threads=args.threads,
     )
     result = run_job(
         args.input_dir,
@@ -354,11 +583,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from adadiff import demo
     from adadiff.jobs import FileOutputs
 
+    cfg = check_upscale_args(args)
+    demo.check_photo(args.photo)
     out = args.output
     source = demo.prepare(out, args.photo, args.size)
     print(f"{source}: {args.photo} at {args.size} px long side; {out / 'bicubic.png'}: bicubic 4x")
     outputs = FileOutputs(out / "upscaled.png", out / "report.json", out / "steps.png")
-    code = _upscale(args, source, outputs)
+    code = _upscale(args, source, outputs, cfg)
     print(f"{out / 'report.json'}: report; {out / 'steps.png'}: steps per tile")
     return code
 
@@ -387,8 +618,6 @@ def _int_list(value: str, what: str) -> tuple[int, ...]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from adadiff.errors import BackendUnavailableError
-
     try:
         from adadiff.export import ExportOptions, export_onnx
     except ImportError as exc:
@@ -497,8 +726,37 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, unless it is unset or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or "default" in text
+        ):
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give ``parser`` and every sub-command's parser ``DefaultsFormatter``."""
+    parser.formatter_class = DefaultsFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                show_defaults(child)
+    return parser
+
+
 def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.ArgumentParser]) -> int:
-    parser = parser_factory()
+    # Before anything can import torch: OpenMP reads its wait policy once, when torch loads.
+    prefer_passive_wait()
+    parser = show_defaults(parser_factory())
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         # Everything after "bench" belongs to the benchmark runner, --help included.

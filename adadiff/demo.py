@@ -15,6 +15,12 @@ from adadiff.errors import BackendUnavailableError, ConfigError, OutputPathError
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle_left")
 
 
+def check_photo(name: str) -> None:
+    """Refuse a photo name the demo does not know (before anything is written)."""
+    if name not in PHOTOS:
+        raise ConfigError(f"--photo {name} is not a demo photo; choose one of {', '.join(PHOTOS)}")
+
+
 def photo(name: str, long_side: int) -> np.ndarray:
     """A scikit-image sample photo, downscaled (antialiased) so its long side is ``long_side``."""
     try:
@@ -25,8 +31,7 @@ def photo(name: str, long_side: int) -> np.ndarray:
         ) from None
     from PIL import Image
 
-    if name not in PHOTOS:
-        raise ConfigError(f"unknown photo {name!r}; choose one of {', '.join(PHOTOS)}")
+    check_photo(name)
     rgb = data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(data, name)()
     img = Image.fromarray(np.ascontiguousarray(rgb[..., :3]))
     scale = long_side / max(img.size)

@@ -46,7 +46,7 @@ def parse_device(device: str, backend: str = "torch") -> Device:
     if not ok or (kind == "cpu" and colon):
         hint = " (for a GPU write cuda or cuda:0)" if kind in ("gpu", "cuda0", "nvidia") else ""
         raise ConfigError(
-            f"--device {device!r} is not a device the {backend} backend knows; expected one of "
+            f"--device {device} is not a device the {backend} backend knows; expected one of "
             f"{_accepted(backend)}{hint}"
         )
     return Device(kind, int(index) if colon else None)

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "OUTPUT_FORMATS",
     "LoadedImage",
+    "bicubic_rows",
     "bicubic_upscale",
     "check_output_path",
     "decode_image_bytes",
@@ -66,6 +67,7 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     zlib.error,
 )
 _JPEG_QUALITY = 95
+_ROWS_PER_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class LoadedImage:
     bit_depth: int
     grayscale: bool
     source_mode: str
+    icc_profile: bytes | None = None  # the embedded ICC colour profile, written back out
+    exif: bytes | None = None  # EXIF without the orientation tag (orientation is applied)
 
     @property
     def height(self) -> int:
@@ -211,7 +215,9 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
                 source_mode = img.mode
                 img.load()
                 oriented = ImageOps.exif_transpose(img)
-                decoded = _decode_pil(oriented if oriented is not None else img)
+                shown = oriented if oriented is not None else img
+                decoded = _decode_pil(shown)
+                metadata = _metadata(shown)  # a copy: img's own EXIF stays as it was
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb_error(path, exc, max_pixels) from exc
     except UnidentifiedImageError as exc:
@@ -225,7 +231,21 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
             f"{path}: image data is truncated or corrupt ({_one_line(exc)}); "
             "re-export or re-download the image"
         ) from exc
-    return replace(decoded, source_mode=source_mode)
+    return replace(decoded, source_mode=source_mode, **metadata)
+
+
+_ORIENTATION = 0x0112
+
+
+def _metadata(img: Image.Image) -> dict[str, bytes | None]:
+    """The ICC profile and the EXIF (orientation dropped: the pixels get it applied)."""
+    icc = img.info.get("icc_profile") or None
+    exif = img.getexif()
+    exif.pop(_ORIENTATION, None)
+    return {
+        "icc_profile": icc if isinstance(icc, bytes) else None,
+        "exif": exif.tobytes() if len(exif) else None,
+    }
 
 
 def to_rgb_array(image: Any) -> np.ndarray:
@@ -292,6 +312,22 @@ def upscale_alpha(alpha: np.ndarray, factor: int) -> np.ndarray:
     if alpha.ndim != 2:
         raise ValueError(f"alpha must have shape [H, W], got {alpha.shape}")
     return np.clip(_resize_plane(alpha, factor), 0.0, 1.0)
+
+
+# Input rows beyond a band that its bicubic rows depend on (the kernel reaches 2 input pixels).
+_BICUBIC_MARGIN = 3
+
+
+def bicubic_rows(rgb: np.ndarray, factor: int, y0: int, y1: int) -> np.ndarray:
+    """Rows [y0, y1) of ``bicubic_upscale(rgb, factor)``, equal to slicing it, computed from the
+    input rows they depend on, so a large upscale never has to be held whole."""
+    factor = _check_factor(factor)
+    height = rgb.shape[0]
+    if not 0 <= y0 < y1 <= height * factor:
+        raise ValueError(f"rows [{y0}, {y1}) are not inside 0..{height * factor}")
+    a = max(0, y0 // factor - _BICUBIC_MARGIN)
+    b = min(height, -(-y1 // factor) + _BICUBIC_MARGIN)
+    return bicubic_upscale(rgb[a:b], factor)[y0 - a * factor : y1 - a * factor]
 
 
 def bicubic_upscale(rgb: np.ndarray, factor: int) -> np.ndarray:
@@ -392,12 +428,24 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
 
 
 def _to_uint(values: np.ndarray, maximum: int, dtype: type[np.generic]) -> np.ndarray:
+    """[0, 1] floats (or uint8 / uint16 levels) as ``dtype`` levels of ``maximum``."""
+    if values.dtype == dtype:
+        return values
+    if np.issubdtype(values.dtype, np.integer):
+        scale = maximum / np.iinfo(values.dtype).max
+        return np.round(values * np.float32(scale)).astype(dtype)
     return np.round(np.clip(values, 0.0, 1.0) * maximum).astype(dtype)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
+    """Luma in [0, 1] of float [0, 1] or integer RGB."""
     weights = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
-    return rgb.astype(np.float32) @ weights
+    if np.issubdtype(rgb.dtype, np.integer):
+        weights = weights / np.float32(np.iinfo(rgb.dtype).max)
+    out = np.empty(rgb.shape[:2], dtype=np.float32)
+    for y in range(0, rgb.shape[0], _ROWS_PER_CHUNK):  # no full-size float copy of the RGB
+        out[y : y + _ROWS_PER_CHUNK] = rgb[y : y + _ROWS_PER_CHUNK].astype(np.float32) @ weights
+    return out
 
 
 def _build_pil(
@@ -424,15 +472,21 @@ def save_image(
     *,
     bit_depth: int = 8,
     grayscale: bool = False,
+    icc_profile: bytes | None = None,
+    exif: bytes | None = None,
 ) -> Path:
-    """Write float32 [H, W, 3] (and optional [H, W] alpha) atomically; return the written path.
+    """Write [H, W, 3] (float32 in [0, 1], or uint8 / uint16 levels) and an optional [H, W]
+    alpha atomically; return the written path.
 
     JPEG drops alpha. 16-bit is written only for grayscale PNG/TIFF without alpha (Pillow has no
-    16-bit gray+alpha mode, and keeping transparency matters more than the extra precision).
+    16-bit RGB or gray+alpha mode, and keeping transparency matters more than the extra
+    precision). ``icc_profile`` and ``exif`` (e.g. ``LoadedImage``'s) are embedded where the
+    format holds them: PNG, JPEG and WebP take both, TIFF the profile.
     """
     _check_arrays(rgb, alpha, bit_depth)
     fmt = format_for_path(path)
     image, save_args = _pil_for_format(rgb, alpha, fmt, bit_depth, grayscale)
+    save_args |= _metadata_args(fmt, icc_profile, exif)
     return write_pil_atomic(path, image, fmt, **save_args)
 
 
@@ -443,14 +497,26 @@ def encode_image(
     suffix: str = ".png",
     bit_depth: int = 8,
     grayscale: bool = False,
+    icc_profile: bytes | None = None,
+    exif: bytes | None = None,
 ) -> bytes:
     """The bytes ``save_image`` would write to a file ending in ``suffix``."""
     _check_arrays(rgb, alpha, bit_depth)
     fmt = format_for_path(f"image{suffix}")
     image, save_args = _pil_for_format(rgb, alpha, fmt, bit_depth, grayscale)
+    save_args |= _metadata_args(fmt, icc_profile, exif)
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save_args)
     return buffer.getvalue()
+
+
+def _metadata_args(fmt: str, icc_profile: bytes | None, exif: bytes | None) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    if icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
+        args["icc_profile"] = icc_profile
+    if exif and fmt in ("PNG", "JPEG", "WEBP"):
+        args["exif"] = exif
+    return args
 
 
 def _check_arrays(rgb: np.ndarray, alpha: np.ndarray | None, bit_depth: int) -> None:

@@ -84,12 +84,16 @@ def upscale_loaded(
 
     if options.interval is not None and options.schedule != "uniform":
         raise ConfigError("an interval applies to the uniform schedule only")
+    import numpy as np
+
+    # Integer levels at the bit depth the file gets: a quarter (half) of float32's memory.
     rgb, report = upscaler.upscale(
         image.rgb,
         schedule=options.schedule,
         interval=options.interval,
         seed=options.seed,
         progress=progress,
+        dtype=np.uint16 if image.bit_depth == 16 else np.uint8,
     )
     record = output_record(image, rgb, report, upscaler.config.upscale)
     written = imageio.save_image(
@@ -98,8 +102,12 @@ def upscale_loaded(
         record["alpha"],
         bit_depth=record["bit_depth"],
         grayscale=record["grayscale"],
+        icc_profile=record["icc_profile"],
+        exif=record["exif"],
     )
-    data = {"input": str(input_path), "output": str(written), **record["report"]}
+    # both paths absolute, so a report read elsewhere still names its files
+    source = Path(input_path).expanduser().resolve()
+    data = {"input": str(source), "output": str(written), **record["report"]}
     if outputs.report is not None:
         imageio.write_bytes_atomic(outputs.report, (json.dumps(data, indent=2) + "\n").encode())
     if outputs.step_map is not None:
@@ -127,6 +135,8 @@ def output_record(image: Any, rgb: Any, report: Any, factor: int) -> dict[str, A
         "alpha": alpha,
         "bit_depth": image.bit_depth,
         "grayscale": image.grayscale,
+        "icc_profile": getattr(image, "icc_profile", None),
+        "exif": getattr(image, "exif", None),
         "report": data,
     }
 
@@ -134,8 +144,9 @@ def output_record(image: Any, rgb: Any, report: Any, factor: int) -> dict[str, A
 def summary(data: dict[str, Any]) -> str:
     steps = data["steps_per_tile"]
     w, h = data["output_size"]
+    tiles = f"{data['tiles']} tile" + ("" if data["tiles"] == 1 else "s")
     return (
-        f"{data['output']}: {w}x{h}, {data['tiles']} tiles, {data['unet_evaluations']} UNet "
+        f"{data['output']}: {w}x{h}, {tiles}, {data['unet_evaluations']} UNet "
         f"evaluations in {data['engine_calls']} calls (steps per tile {min(steps)}..{max(steps)}),"
         f" {data['seconds']['total']:.1f}s"
     )

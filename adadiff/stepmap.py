@@ -124,7 +124,14 @@ def _cells(labels: np.ndarray, count: int) -> _Cells:
 
 
 def _grayscale_base(image: np.ndarray, h: int, w: int) -> np.ndarray:
-    luma = np.clip(image, 0.0, 1.0).astype(np.float32) @ np.float32([0.299, 0.587, 0.114])
+    weights = np.float32([0.299, 0.587, 0.114])
+    if np.issubdtype(image.dtype, np.integer):
+        # uint8 / uint16 output canvases: shrink first, so no full-size float copy is made
+        eight = image if image.dtype == np.uint8 else (image // 257).astype(np.uint8)
+        small_rgb = Image.fromarray(eight).resize((w, h), Image.Resampling.BOX)
+        luma = (np.asarray(small_rgb, dtype=np.float32) / 255.0) @ weights
+        return np.clip(luma, 0.0, 1.0) * 255.0
+    luma = np.clip(image, 0.0, 1.0).astype(np.float32) @ weights
     small = Image.fromarray(luma).resize((w, h), Image.Resampling.BOX)
     return np.clip(np.asarray(small, dtype=np.float32), 0.0, 1.0) * 255.0
 
@@ -256,8 +263,9 @@ def render_step_map(
 ) -> Image.Image:
     """Draw the per-tile step counts over a grayscale copy of ``image`` with a legend below.
 
-    ``image`` is float32 [H, W, 3] in [0, 1]; ``boxes`` are (y0, x0, y1, x1) in its pixels (they
-    may overlap or extend past the edge); ``steps[k]`` and ``exits[k]`` describe tile k.
+    ``image`` is float32 [H, W, 3] in [0, 1] (or uint8 / uint16); ``boxes`` are (y0, x0, y1,
+    x1) in its pixels (they may overlap or extend past the edge); ``steps[k]`` and
+    ``exits[k]`` describe tile k.
     """
     image = np.asarray(image)
     _validate(image, boxes, steps, exits, max_side)

@@ -1,4 +1,5 @@
-"""``python -m benchmarks quick|full [options]`` (also ``adadiff bench``) and
+"""``python -m benchmarks quick|full [options]`` (also ``adadiff bench``),
+``python -m benchmarks load`` (idle against busy machine) and
 ``python -m benchmarks report RESULTS.json``.
 
 A suite writes ``OUT/results.json`` (machine, settings, every measured row and the summary
@@ -23,7 +24,7 @@ RESULTS = "results.json"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks",
+        prog="adadiff bench",
         description="adadiff benchmarks: schedules, regrouping, backends, scaling, full size",
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -52,12 +53,26 @@ def _parser() -> argparse.ArgumentParser:
             "--photo-size", type=int, default=None, help="long side of the schedule photos"
         )
         s.add_argument("--sizes", default=None, help="comma list of scaling input sizes")
+        s.add_argument(
+            "--scaling-interval",
+            type=int,
+            default=None,
+            help=f"uniform interval of the scaling runs (default {suite.scaling_interval}; "
+            "200 = 5 steps, enough for memory, which does not depend on steps)",
+        )
         s.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
         s.add_argument("--keep-work", action="store_true", help="keep exports and scratch")
+    sub.add_parser(
+        "load",
+        help="the demo's upscale idle and with one busy process per CPU (see load --help)",
+        add_help=False,
+    )
     r = sub.add_parser("report", help="write README's Performance section from a results JSON")
     r.add_argument("results", type=Path)
     r.add_argument("--readme", type=Path, default=Path("README.md"))
     r.add_argument("--print", action="store_true")
+    r.add_argument("--memory", type=Path, help="a scaling run on large inputs to add")
+    r.add_argument("--load", type=Path, help="a `load` run's JSON to add")
     return p
 
 
@@ -72,6 +87,8 @@ def _suite(args: argparse.Namespace) -> Suite:
         changes["photo_size"] = changes["regroup_size"] = args.photo_size
     if args.sizes:
         changes["scaling_sizes"] = tuple(int(x) for x in args.sizes.split(","))
+    if args.scaling_interval:
+        changes["scaling_interval"] = args.scaling_interval
     return replace(suite, **changes)
 
 
@@ -198,11 +215,19 @@ def _ok(result: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["load"]:
+        from benchmarks import load
+
+        return load.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "report":
         from benchmarks import report
 
         rest = [str(args.results), "--readme", str(args.readme)]
+        for flag, path in (("--memory", args.memory), ("--load", args.load)):
+            if path is not None:
+                rest += [flag, str(path)]
         return report.main([*rest, "--print"] if args.print else rest)
     try:
         suite, settings = _suite(args), _settings(args)

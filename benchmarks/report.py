@@ -68,8 +68,18 @@ def machine_line(result: dict[str, Any]) -> str:
     )
 
 
-def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
-    """Markdown for the Performance section; plot links are relative to the README."""
+def render(
+    result: dict[str, Any],
+    json_path: Path,
+    readme: Path,
+    *,
+    memory: tuple[dict[str, Any], Path] | None = None,
+    load: tuple[dict[str, Any], Path] | None = None,
+) -> str:
+    """Markdown for the Performance section; plot links are relative to the README.
+
+    ``memory``: a scaling run on large inputs (results JSON and its path), added as its own
+    table; ``load``: a ``benchmarks load`` JSON, added as one paragraph."""
     s = result["settings"]
     summary = result.get("summary", {})
     rel = os.path.relpath(json_path, readme.parent).replace(os.sep, "/")
@@ -103,6 +113,10 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
     lines += _backends(result.get("backends"))
     lines += _scaling(result.get("scaling"))
     lines += _fullsize(result.get("fullsize"))
+    if memory is not None:
+        lines += _memory(memory[0], _rel(memory[1], readme))
+    if load is not None:
+        lines += _load(load[0], _rel(load[1], readme))
     plots_dir = json_path.parent
     for name in result.get("plots", []):
         link = os.path.relpath(plots_dir / name, readme.parent).replace(os.sep, "/")
@@ -242,6 +256,50 @@ def _scaling(data: dict[str, Any] | None) -> list[str]:
     return [*out, ""]
 
 
+def _rel(path: Path, readme: Path) -> str:
+    return os.path.relpath(path, readme.parent).replace(os.sep, "/")
+
+
+def _memory(result: dict[str, Any], rel: str) -> list[str]:
+    data = result.get("scaling")
+    if not isinstance(data, dict) or "error" in data:
+        return []
+    out = [
+        f"Large photos, from [`{rel}`]({rel}) (`python -m benchmarks "
+        f"{' '.join(result.get('argv', []))}`; {machine_line(result)}): what `adadiff upscale` "
+        f"does with a file (read PNG, upscale into a uint8 canvas, write PNG), {data['schedule']} "
+        "(memory does not depend on the steps), peak resident memory of a fresh process per "
+        "size, model included:",
+        "",
+        "| input | output | tiles | wall s | s per tile | peak RSS MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        if "error" in r:
+            out.append(f"| {r['size']} | failed | | | | |")
+            continue
+        w, h = r["input_size"]
+        ow, oh = r["output_size"]
+        out.append(
+            f"| {w}x{h} | {ow}x{oh} | {r['tiles']} | {r['seconds']['median']:.1f} | "
+            f"{r['seconds_per_tile']:.3f} | {r['memory']['peak_rss_mb']:.0f} |"
+        )
+    return [*out, ""]
+
+
+def _load(data: dict[str, Any], rel: str) -> list[str]:
+    return [
+        f"Busy machine, from [`{rel}`]({rel}) (`python -m benchmarks "
+        f"{' '.join(data.get('argv', [])[1:])}`; {machine_line(data)}): the demo's upscale took "
+        f"{data['idle_upscale_s']:.1f} s alone and {data['loaded_upscale_s']:.1f} s with "
+        f"{data['busy_processes']} busy processes spinning (one per CPU), "
+        f"{data['ratio']:.2f}x (target at most {data['target_ratio']}x; a fair share of the "
+        f"cores alone gives about 2x); the load average before the run was "
+        f"{data['loadavg_before'][0]}.",
+        "",
+    ]
+
+
 def _fullsize(data: dict[str, Any] | None) -> list[str]:
     if not data or "error" in data:
         return []
@@ -275,12 +333,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", type=Path, help="results.json written by a benchmark suite")
     p.add_argument("--readme", type=Path, default=Path("README.md"))
     p.add_argument("--print", action="store_true", help="print the section instead of writing")
+    p.add_argument(
+        "--memory", type=Path, help="results.json of a scaling run on large inputs, added"
+    )
+    p.add_argument("--load", type=Path, help="JSON written by `python -m benchmarks load`, added")
     args = p.parse_args(argv)
-    try:
-        result = json.loads(args.results.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"error: cannot read {args.results}: {exc}", file=sys.stderr)
-        return 2
+    loaded: dict[str, tuple[dict[str, Any], Path]] = {}
+    for key, path in (("main", args.results), ("memory", args.memory), ("load", args.load)):
+        if path is None:
+            continue
+        try:
+            loaded[key] = (json.loads(path.read_text()), path)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+    result = loaded["main"][0]
     markers = {"start": START, "end": END}
     what = "Performance"
     if result.get("kind") == "gpu_check":
@@ -290,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         markers = {"start": gpu_report.START, "end": gpu_report.END}
         what = "GPU check"
     else:
-        section = render(result, args.results, args.readme)
+        section = render(
+            result, args.results, args.readme, memory=loaded.get("memory"), load=loaded.get("load")
+        )
     if args.print:
         print(section)
         return 0

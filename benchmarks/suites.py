@@ -420,6 +420,7 @@ def child_env() -> dict[str, str]:
     import os
 
     env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI runs torch (adadiff.threads)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
     return env
 

@@ -8,6 +8,7 @@ from adadiff.config import ModelConfig
 from adadiff.devices import check_precision, parse_device
 from adadiff.engines.base import Backend
 from adadiff.errors import BackendUnavailableError, ConfigError
+from adadiff.threads import check_threads, prefer_passive_wait
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -23,15 +24,22 @@ def make_backend(
     tile_size: int | None = None,
     tile_overlap: int | None = None,
     max_batch: int = 16,
+    threads: int | None = None,
 ) -> tuple[ModelConfig, Backend]:
     """Open ``backend`` for ``model``; tile overrides change every component's shapes.
-    ``max_batch`` is the largest batch the runtime will send (ONNX Runtime's TensorRT profile)."""
+
+    ``max_batch`` is the largest batch the runtime will send (ONNX Runtime's TensorRT profile).
+    ``threads`` is the CPU thread count of torch or ONNX Runtime (default: every usable CPU,
+    ``adadiff.threads``); the torch backend also asks OpenMP for passive waiting when torch
+    is not imported yet."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     # Before any model or library loads: a typo costs one line, not a traceback.
     parse_device(device, backend)
     check_precision(precision, backend)
+    threads = check_threads(threads)
     if backend == "torch":
+        prefer_passive_wait()
         if engines is not None:
             raise ConfigError("--engines is for the onnxruntime and tensorrt backends, not torch")
         try:
@@ -44,20 +52,22 @@ def make_backend(
             ) from exc
         models = load_models(model or "tiny", seed=seed)
         models.config = models.config.with_tiling(tile_size, tile_overlap)
-        return models.config, TorchBackend(models, device=device, precision=precision)
+        opened = TorchBackend(models, device=device, precision=precision, threads=threads)
+        return models.config, opened
     if backend == "onnxruntime":
         if engines is None:
             raise ConfigError(
                 "--backend onnxruntime needs --engines FOLDER, the output of "
                 "`adadiff export --model MODEL -o FOLDER`"
             )
-        from adadiff.engines.onnxruntime import open_onnxruntime
+        from adadiff.engines.onnxruntime import OrtOptions, open_onnxruntime
 
         return open_onnxruntime(
             engines,
             model=model,
             device=device,
             precision=precision,
+            options=OrtOptions(intra_op_threads=threads),
             tile_size=tile_size,
             tile_overlap=tile_overlap,
             max_batch=max_batch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,8 +47,14 @@ class TorchBackend:
     name = "torch"
 
     def __init__(
-        self, models: TorchModels, *, device: str = "cpu", precision: str = "fp32"
+        self,
+        models: TorchModels,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+        threads: int | None = None,
     ) -> None:
+        """``threads``: torch's CPU thread count (process-wide); None leaves torch's own."""
         check_precision(precision, self.name)
         dev = torch.device(str(parse_device(device, self.name)))
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -65,6 +72,8 @@ class TorchBackend:
                 "--precision %s on the CPU is slow and meant for checks; the CPU runs fp32 fastest",
                 precision,
             )
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.models = models
         self.device = dev
         self.precision = precision
@@ -85,6 +94,7 @@ class TorchBackend:
             "precision": self.precision,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         }
 
     def close(self) -> None:

@@ -11,6 +11,8 @@ Pure numpy on [..., H, W, C] arrays, so every backend and the oracle share it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 import numpy as np
 
 from adadiff.config import ColorFixConfig
@@ -67,3 +69,47 @@ def swap_band(
 def color_fix(image: np.ndarray, reference: np.ndarray, config: ColorFixConfig) -> np.ndarray:
     """The configured correction of [..., H, W, 3] images in [0, 1] against the bicubic input."""
     return swap_band(image, band(image, config), band(reference, config))
+
+
+def reach(config: ColorFixConfig) -> int:
+    """How many rows away a pixel's correction looks: the blurs' dilations summed."""
+    return 0 if config.kind == "none" else 2**config.levels - 1
+
+
+def color_fix_rows(
+    bands: Iterable[tuple[int, np.ndarray]],
+    reference_rows: Callable[[int, int], np.ndarray],
+    config: ColorFixConfig,
+    height: int,
+    *,
+    min_rows: int = 256,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``color_fix`` of an image that arrives in bands of rows (first row, [n, W, 3]), top to
+    bottom, against a reference given by ``reference_rows(a, b)``; yields corrected bands.
+
+    Each band is corrected inside a window ``reach`` rows larger on each side, so the result
+    equals correcting the whole image at once while only a few hundred rows are held."""
+    margin = reach(config)
+    if margin == 0:
+        yield from bands
+        return
+    held: list[np.ndarray] = []
+    start = 0  # the row that held[0] starts at
+    emitted = 0  # rows [0, emitted) are out
+    available = 0
+    for first, rows in bands:
+        if first != available:
+            raise ValueError(f"bands must follow each other: expected row {available}, got {first}")
+        held.append(rows)
+        available = first + len(rows)
+        if available < height and available - emitted < min_rows + margin:
+            continue
+        end = height if available >= height else available - margin
+        window = np.concatenate(held) if len(held) > 1 else held[0]
+        fixed = color_fix(window, reference_rows(start, available), config)
+        yield emitted, fixed[emitted - start : end - start]
+        emitted = end
+        keep = max(start, emitted - margin)
+        held, start = [window[keep - start :]], keep
+    if emitted < height:
+        raise ValueError(f"the bands end at row {available}, short of the height {height}")

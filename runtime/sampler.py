@@ -227,14 +227,17 @@ def sample_tiles(
         grouping=grouping,
     )
     pool.add(0, lr_latents, policy, seed=seed)
-    total = lr_latents.shape[0] * dtss.t_start
+    n = lr_latents.shape[0]
+    total = n * dtss.t_start
     while True:
         finished = pool.round()
         if finished:
             if progress is not None:
+                progress("tiles", n, n)
                 progress("denoise", total, total)
             return finished[0][1]
         if progress is not None:
+            progress("tiles", sum(s.exit is not None for s in pool.members[0].tiles), n)
             progress("denoise", *pool.progress(0))
 
 

@@ -103,6 +103,15 @@ class TileGrid:
             return image
         return np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
 
+    def padded_rows(self, rows: Callable[[int, int], np.ndarray], y0: int, y1: int) -> np.ndarray:
+        """Rows [y0, y1) of ``pad(image)``, for an image given by ``rows(a, b) = image[a:b]``:
+        a band of tiles without the whole (padded) image in memory."""
+        index = reflect_index(np.arange(y0, y1), self.height)
+        a, b = int(index.min()), int(index.max()) + 1
+        strip = rows(a, b)[index - a]
+        pw = self.padded_width - self.width
+        return strip if pw == 0 else np.pad(strip, ((0, 0), (0, pw), (0, 0)), mode="reflect")
+
     def crop(self, image: np.ndarray) -> np.ndarray:
         return image[: self.height, : self.width]
 
@@ -114,6 +123,15 @@ class TileGrid:
                 for y, x in self.origins()
             ]
         )
+
+
+def reflect_index(index: np.ndarray, length: int) -> np.ndarray:
+    """Where numpy's ``reflect`` padding takes each index of a padded axis from."""
+    if length == 1:
+        return np.zeros_like(index)
+    period = 2 * (length - 1)
+    folded = index % period
+    return np.where(folded >= length, period - folded, folded)
 
 
 @lru_cache(maxsize=16)
@@ -155,24 +173,60 @@ def tiled_decode(
     factor: int,
     max_batch: int,
 ) -> np.ndarray:
-    """Decode a [C, h, w] latent in overlapping tiles; memory stays at one batch plus the canvas.
+    """Decode a [C, h, w] latent in overlapping tiles into [3, h * factor, w * factor].
 
-    Pixel tiles are blended with the same Gaussian weights, at pixel resolution.
-    """
+    Pixel tiles are blended with the same Gaussian weights, at pixel resolution. The whole
+    image at once; ``decode_rows`` gives it band by band."""
+    bands = decode_rows(
+        latent, decode, tile=tile, overlap=overlap, factor=factor, max_batch=max_batch
+    )
+    return np.concatenate([rows for _y, rows in bands], axis=1)
+
+
+def decode_rows(
+    latent: np.ndarray,
+    decode: Callable[[np.ndarray], np.ndarray],
+    *,
+    tile: int,
+    overlap: int,
+    factor: int,
+    max_batch: int,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``tiled_decode`` as bands of finished rows, top to bottom: (first row, [3, n, W]).
+
+    Rows above the first tile not decoded yet get nothing more, so only the rows the current
+    tiles still cover are held (about two tile rows of the canvas), never the whole canvas.
+    ``progress`` hears ``("decode", tiles decoded, tiles)`` after each batch."""
     _c, h, w = latent.shape
     if h < tile or w < tile:
         raise ValueError(f"latent {h}x{w} is smaller than the decode tile {tile}")
     grid = TileGrid(height=h, width=w, tile=tile, overlap=overlap)
     px = tile * factor
     weight = gaussian_weights(px)
-    acc = np.zeros((3, h * factor, w * factor), dtype=np.float64)
-    norm = np.zeros((h * factor, w * factor), dtype=np.float64)
+    width = w * factor
+    acc = np.zeros((3, 0, width), dtype=np.float64)
+    norm = np.zeros((0, width), dtype=np.float64)
+    base = 0  # the canvas row that acc's first row is
     origins = grid.origins()
+    done = 0
     for group in chunks(origins, max_batch):
         batch = np.stack([latent[:, y : y + tile, x : x + tile] for y, x in group])
         images = decode(np.ascontiguousarray(batch, dtype=np.float32))
         for (y, x), img in zip(group, images, strict=True):
-            py, pxx = y * factor, x * factor
+            py, pxx = y * factor - base, x * factor
+            grow = py + px - acc.shape[1]
+            if grow > 0:
+                acc = np.concatenate([acc, np.zeros((3, grow, width))], axis=1)
+                norm = np.concatenate([norm, np.zeros((grow, width))])
             acc[:, py : py + px, pxx : pxx + px] += img * weight
             norm[py : py + px, pxx : pxx + px] += weight
-    return (acc / norm).astype(np.float32)
+        done += len(group)
+        if progress is not None:
+            progress("decode", done, len(origins))
+        final = origins[done][0] * factor if done < len(origins) else h * factor
+        n = final - base
+        if n > 0:
+            yield base, (acc[:, :n] / norm[:n]).astype(np.float32)
+            acc, norm = acc[:, n:].copy(), norm[n:].copy()
+            base = final

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,10 @@ import numpy as np
 from adadiff.config import ModelConfig
 from adadiff.engines.base import Backend, CallLog, Components
 from adadiff.errors import ConfigError
-from adadiff.runtime.colorfix import color_fix
+from adadiff.runtime.colorfix import color_fix_rows
 from adadiff.runtime.policy import DTSSPolicy, StepPolicy, UniformPolicy
 from adadiff.runtime.sampler import DenoiseNets, Progress, SamplerResult, sample_tiles
-from adadiff.runtime.tiling import TileGrid, merge_tiles, tiled_decode
+from adadiff.runtime.tiling import TileGrid, decode_rows, merge_tiles
 
 log = logging.getLogger("adadiff")
 
@@ -120,9 +121,12 @@ class Upscaler:
         tile_size: int | None = None,
         tile_overlap: int | None = None,
         seed: int = 0,
+        threads: int | None = None,
     ) -> Upscaler:
         """``model`` is a preset (``tiny``, ``sd21-base``) or a model folder. None means
-        ``tiny`` for torch and the exported model for onnxruntime and tensorrt."""
+        ``tiny`` for torch and the exported model for onnxruntime and tensorrt. ``threads`` is
+        the CPU thread count (default: every CPU this process may use; torch's idle threads
+        wait passively when torch was not imported before, see ``adadiff.threads``)."""
         from adadiff.engines.factory import make_backend
 
         config, be = make_backend(
@@ -135,6 +139,7 @@ class Upscaler:
             tile_size=tile_size,
             tile_overlap=tile_overlap,
             max_batch=max_batch,
+            threads=threads,
         )
         return cls(config, be, max_batch=max_batch, model_name=str(model or config.name))
 
@@ -155,12 +160,18 @@ class Upscaler:
         policy: StepPolicy | None = None,
         grouping: str = "regroup",
         progress: Progress | None = None,
+        dtype: Any = None,
     ) -> tuple[Any, Report]:
         """Upscale ``image`` 4x. A PIL image comes back as a PIL image; an array as float32
-        [H, W, 3] in [0, 1]. ``policy`` overrides ``schedule`` (for experiments and tests)."""
-        job = self.prepare(image, schedule=schedule, interval=interval, seed=seed, policy=policy)
-        if progress:
-            progress("encode", len(job.grid), len(job.grid))
+        [H, W, 3] in [0, 1]. ``dtype`` (``np.float32``, ``np.uint8`` or ``np.uint16``) asks
+        for an array of that type instead (integers as 0..255 or 0..65535 levels): uint8 holds
+        a large output in a quarter of float32's memory. ``policy`` overrides ``schedule`` (for
+        experiments and tests). ``progress(stage, done, total)`` hears ``encode`` (tiles),
+        ``denoise`` (timesteps of all tiles), ``tiles`` (tiles finished denoising) and
+        ``decode`` (latent tiles)."""
+        job = self.prepare(
+            image, schedule=schedule, interval=interval, seed=seed, policy=policy, progress=progress
+        )
         t0 = time.perf_counter()
         result = sample_tiles(
             job.lr_latents,
@@ -172,10 +183,7 @@ class Upscaler:
             **self.sampler_options(),
         )
         job.seconds["denoise"] = time.perf_counter() - t0
-        out, report = self.finish(job, result)
-        if progress:
-            progress("decode", 1, 1)
-        return out, report
+        return self.finish(job, result, progress=progress, dtype=dtype)
 
     def nets(self) -> DenoiseNets:
         c = self.components
@@ -201,10 +209,12 @@ class Upscaler:
         seed: int = 0,
         policy: StepPolicy | None = None,
         reset_log: bool = True,
+        progress: Progress | None = None,
     ) -> PreparedImage:
         """Tile and encode an image: the part of ``upscale`` before denoising.
 
-        ``reset_log=False`` keeps the component call log running (several images in flight)."""
+        ``reset_log=False`` keeps the component call log running (several images in flight);
+        ``progress`` hears ``("encode", tiles encoded, tiles)`` after every batch."""
         from adadiff.imageio import to_rgb_array
 
         rgb = to_rgb_array(image)
@@ -221,7 +231,7 @@ class Upscaler:
             overlap=cfg.tile_overlap,
             multiple=cfg.vae_scale_factor,
         )
-        lr_latents = self._encode(rgb, grid)
+        lr_latents = self._encode(rgb, grid, progress)
         return PreparedImage(
             like=image,
             size=(w, h),
@@ -235,44 +245,75 @@ class Upscaler:
             seconds={"encode": time.perf_counter() - start},
         )
 
-    def _encode(self, rgb: np.ndarray, grid: TileGrid) -> np.ndarray:
-        from adadiff.imageio import bicubic_upscale
+    def _encode(
+        self, rgb: np.ndarray, grid: TileGrid, progress: Progress | None = None
+    ) -> np.ndarray:
+        """VAE-encode every tile, one row of tiles at a time: the bicubic upscale is computed
+        band by band (``bicubic_rows``), never held whole."""
+        from adadiff.imageio import bicubic_rows
 
-        up = bicubic_upscale(rgb, self.config.upscale)
-        pixels = grid.extract(grid.pad(up)) * 2.0 - 1.0
+        factor = self.config.upscale
         encoder = self.components.vae_encoder
-        return np.concatenate(
-            [
-                encoder.encode(pixels[i : i + self.max_batch])
-                for i in range(0, len(pixels), self.max_batch)
-            ]
-        )
+        latents: list[np.ndarray] = []
+        pending: list[np.ndarray] = []
+        total = len(grid)
 
-    def finish(self, job: PreparedImage, result: SamplerResult) -> tuple[Any, Report]:
-        """Merge and decode denoised tiles: the part of ``upscale`` after denoising."""
+        def flush() -> None:
+            latents.append(encoder.encode(np.stack(pending) * 2.0 - 1.0))
+            pending.clear()
+            if progress:
+                progress("encode", sum(len(x) for x in latents), total)
+
+        for y in grid.ys:
+            strip = grid.padded_rows(lambda a, b: bicubic_rows(rgb, factor, a, b), y, y + grid.tile)
+            for x in grid.xs:
+                pending.append(strip[:, x : x + grid.tile].transpose(2, 0, 1))
+                if len(pending) == self.max_batch:
+                    flush()
+        if pending:
+            flush()
+        return np.concatenate(latents)
+
+    def finish(
+        self,
+        job: PreparedImage,
+        result: SamplerResult,
+        *,
+        progress: Progress | None = None,
+        dtype: Any = None,
+    ) -> tuple[Any, Report]:
+        """Merge and decode denoised tiles: the part of ``upscale`` after denoising;
+        ``progress`` hears ``("decode", latent tiles decoded, latent tiles)``. ``dtype``: see
+        ``upscale``."""
         cfg = self.config
         t0 = time.perf_counter()
         f = cfg.vae_scale_factor
         latent = merge_tiles(result.latents, job.grid.scaled(f))
-        decoded = tiled_decode(
+        bands = decode_rows(
             latent,
             self.components.vae_decoder.decode,
             tile=cfg.latent_tile,
             overlap=cfg.tile_overlap // f,
             factor=f,
             max_batch=self.max_batch,
+            progress=progress,
         )
-        out = np.clip((job.grid.crop(decoded.transpose(1, 2, 0)) + 1.0) / 2.0, 0.0, 1.0)
-        seconds = dict(job.seconds)
-        seconds["decode"] = time.perf_counter() - t0
+        height, width = job.grid.height, job.grid.width
+        pixels = _to_unit_rows(bands, height, width)
         if cfg.color_fix.kind != "none":
-            t0 = time.perf_counter()
-            from adadiff.imageio import bicubic_upscale, to_rgb_array
+            from adadiff.imageio import bicubic_rows, to_rgb_array
 
             # the input again rather than its upscale held through denoising: memory stays low
-            up = bicubic_upscale(to_rgb_array(job.like), cfg.upscale)
-            out = color_fix(out, up, cfg.color_fix)
-            seconds["color_fix"] = time.perf_counter() - t0
+            rgb = to_rgb_array(job.like)
+            pixels = color_fix_rows(
+                pixels, lambda a, b: bicubic_rows(rgb, cfg.upscale, a, b), cfg.color_fix, height
+            )
+        out_dtype = _output_dtype(job.like, dtype)
+        out = np.empty((height, width, 3), dtype=out_dtype)
+        for first, rows in pixels:
+            out[first : first + len(rows)] = _quantize(rows, out_dtype)
+        seconds = dict(job.seconds)
+        seconds["decode"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - job.start
         report = self._report(
             job.schedule, job.interval, job.seed, job.size, job.grid, result, seconds
@@ -287,7 +328,11 @@ class Upscaler:
             report.unet_evaluations,
             report.engine_calls,
         )
-        return _like_input(job.like, out), report
+        if dtype is None and not isinstance(job.like, np.ndarray):
+            from PIL import Image
+
+            return Image.fromarray(out), report
+        return out, report
 
     def _report(
         self,
@@ -331,9 +376,28 @@ class Upscaler:
         self.backend.close()
 
 
-def _like_input(image: Any, out: np.ndarray) -> Any:
-    if isinstance(image, np.ndarray):
-        return out.astype(np.float32)
-    from PIL import Image
+def _output_dtype(like: Any, dtype: Any) -> Any:
+    if dtype is None:
+        return np.float32 if isinstance(like, np.ndarray) else np.uint8
+    chosen = np.dtype(dtype)
+    if chosen not in (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.uint16)):
+        raise ConfigError(f"dtype must be float32, uint8 or uint16, got {chosen}")
+    return chosen.type
 
-    return Image.fromarray(np.round(out * 255.0).astype(np.uint8))
+
+def _to_unit_rows(
+    bands: Iterator[tuple[int, np.ndarray]], height: int, width: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Decoded [3, n, W'] bands in [-1, 1], cropped to the image, as [n, W, 3] in [0, 1]."""
+    for first, rows in bands:
+        if first >= height:
+            break
+        kept = rows[:, : height - first, :width].transpose(1, 2, 0)
+        yield first, np.clip((kept + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _quantize(rows: np.ndarray, dtype: Any) -> np.ndarray:
+    if dtype is np.float32:
+        return rows
+    maximum = np.iinfo(dtype).max
+    return np.round(rows * float(maximum)).astype(dtype)

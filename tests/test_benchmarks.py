@@ -215,3 +215,49 @@ def test_scaleout_folder_and_readme_block(tmp_path):
     assert "OLD-BODY" not in text and text.startswith("a\n") and text.endswith("b\n")
     assert "| 1 | image by image | 100 | 80 | 3.0 | 1.50 | 10 |" in text
     assert "3.00x the mean batch, 1.25x the throughput" in text
+
+
+def test_memory_and_load_runs_render_from_their_json(smoke_run, tmp_path):
+    from benchmarks.report import render
+
+    out, result = smoke_run
+    machine = result["machine"]
+    row = {
+        "size": 2048,
+        "input_size": [2048, 2048],
+        "output_size": [8192, 8192],
+        "tiles": 5329,
+        "seconds": {"median": 612.5},
+        "seconds_per_tile": 0.115,
+        "memory": {"peak_rss_mb": 2345.6},
+    }
+    memory = {
+        "argv": ["quick", "--sections", "scaling"],
+        "machine": machine,
+        "scaling": {
+            "schedule": "uniform, interval 200",
+            "rows": [row, {"size": 4096, "error": "x"}],
+        },
+    }
+    load = {
+        "argv": ["benchmarks", "load", "--repeats", "1"],
+        "machine": machine,
+        "idle_upscale_s": 10.0,
+        "loaded_upscale_s": 21.0,
+        "busy_processes": 2,
+        "ratio": 2.1,
+        "target_ratio": 2.5,
+        "loadavg_before": [0.5, 0.4, 0.3],
+    }
+    readme = Path(tmp_path) / "README.md"
+    text = render(
+        result,
+        out / "results.json",
+        readme,
+        memory=(memory, tmp_path / "m.json"),
+        load=(load, tmp_path / "l.json"),
+    )
+    assert "| 2048x2048 | 8192x8192 | 5329 | 612.5 | 0.115 | 2346 |" in text
+    assert "| 4096 | failed |" in text
+    assert "10.0 s alone and 21.0 s with 2 busy processes" in text and "2.10x" in text
+    assert "(m.json)" in text and "(l.json)" in text

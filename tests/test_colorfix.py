@@ -82,3 +82,37 @@ def test_upscaler_output_takes_the_inputs_low_band(tiny_models, photo):
     low_err = {k: np.abs(low_band(v, 5) - low_band(ref, 5)).mean() for k, v in outs.items()}
     # random weights decode far from the input; the correction brings most of the colour back
     assert low_err["fixed"] < 0.2 * low_err["plain"]
+
+
+@pytest.mark.parametrize(("band", "min_rows"), [(7, 5), (40, 256), (3, 1)])
+def test_color_fix_in_bands_equals_whole_image(band, min_rows):
+    from adadiff.runtime.colorfix import color_fix_rows
+
+    rng = np.random.default_rng(5)
+    image = rng.random((150, 40, 3), dtype=np.float32)
+    reference = _smooth(rng, (150, 40, 3))
+    config = ColorFixConfig(kind="wavelet", levels=4)
+    asked = []
+
+    def reference_rows(a, b):
+        asked.append(b - a)
+        return reference[a:b]
+
+    bands = ((y, image[y : y + band]) for y in range(0, 150, band))
+    out = list(color_fix_rows(bands, reference_rows, config, 150, min_rows=min_rows))
+    whole = color_fix(image, reference, config)
+    np.testing.assert_array_equal(np.concatenate([rows for _, rows in out]), whole)
+    assert [y for y, _ in out] == list(np.cumsum([0] + [len(r) for _, r in out[:-1]]))
+    if min_rows < 100:
+        assert max(asked) < 150  # never the whole reference at once
+
+
+def test_bicubic_rows_are_rows_of_the_whole_upscale():
+    from adadiff.imageio import bicubic_rows, bicubic_upscale
+
+    rgb = np.random.default_rng(6).random((23, 31, 3), dtype=np.float32)
+    whole = bicubic_upscale(rgb, 4)
+    for y0, y1 in [(0, 5), (3, 40), (50, 92), (91, 92), (0, 92)]:
+        np.testing.assert_array_equal(bicubic_rows(rgb, 4, y0, y1), whole[y0:y1])
+    with pytest.raises(ValueError, match="rows"):
+        bicubic_rows(rgb, 4, 10, 93)

@@ -93,3 +93,45 @@ def test_tiled_decode_matches_whole_decode_for_a_local_decoder():
     )
     np.testing.assert_allclose(out, decode(latent[None])[0], rtol=1e-5, atol=1e-6)
     assert max(calls) <= 3
+
+
+@pytest.mark.parametrize(("height", "width", "tile", "multiple"), [(37, 50, 16, 4), (9, 5, 16, 4)])
+def test_padded_rows_are_rows_of_the_padded_image(height, width, tile, multiple):
+    image = np.random.default_rng(3).random((height, width, 3)).astype(np.float32)
+    grid = TileGrid(height=height, width=width, tile=tile, overlap=4, multiple=multiple)
+    padded = grid.pad(image)
+    asked = []
+    for y in grid.ys:
+        rows = grid.padded_rows(lambda a, b: asked.append(b - a) or image[a:b], y, y + tile)
+        np.testing.assert_array_equal(rows, padded[y : y + tile])
+    assert max(asked) <= max(tile, height)
+
+
+def test_decode_rows_stream_equals_whole_canvas_and_holds_little():
+    latent = np.random.default_rng(4).random((4, 48, 40)).astype(np.float32)
+
+    def decode(batch):
+        base = np.repeat(np.repeat(batch[:, :3] * 2 - 1, 4, axis=2), 4, axis=3)
+        return base + 0.1 * np.sin(np.arange(base.size, dtype=np.float32)).reshape(base.shape)
+
+    from adadiff.runtime.tiling import decode_rows
+
+    seen = []
+    bands = list(
+        decode_rows(
+            latent,
+            decode,
+            tile=16,
+            overlap=4,
+            factor=4,
+            max_batch=2,
+            progress=lambda *a: seen.append(a),
+        )
+    )
+    whole = tiled_decode(latent, decode, tile=16, overlap=4, factor=4, max_batch=2)
+    assert [first for first, _ in bands] == list(
+        np.cumsum([0] + [len(r[0]) for _, r in bands[:-1]])
+    )
+    np.testing.assert_array_equal(np.concatenate([r for _, r in bands], axis=1), whole)
+    assert len(bands) > 1 and max(r.shape[1] for _, r in bands) < whole.shape[1]
+    assert seen[-1] == ("decode", 12, 12)

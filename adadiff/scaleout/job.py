@@ -23,7 +23,7 @@ from typing import Any
 
 from adadiff import __version__
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError
-from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, job_stamp, make_plan
+from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, Plan, job_stamp, make_plan
 
 log = logging.getLogger("adadiff")
 
@@ -39,6 +39,7 @@ class ClusterOptions:
     queue: int | None = None  # images in flight per worker; None: the max batch
     cross_image: bool = True
     max_restarts: int = 3
+    threads: int | None = None  # CPU threads per worker; None: its whole CPUs (at least 1)
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
@@ -49,6 +50,8 @@ class ClusterOptions:
             raise ConfigError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if self.queue is not None and self.queue < 1:
             raise ConfigError(f"--queue must be at least 1, got {self.queue}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
 
 
 @dataclass
@@ -118,12 +121,30 @@ def run_job(
     started = time.perf_counter()
     plan = make_plan(input_dir, output_dir, settings)
     output_dir = output_dir.expanduser().resolve()
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_planned(plan, output_dir, settings, cluster, started, on_record)
+    except AdadiffError:
+        # A refused job (too many --workers, a model that does not load) leaves no empty folder.
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+
+
+def _run_planned(
+    plan: Plan,
+    output_dir: Path,
+    settings: JobSettings,
+    cluster: ClusterOptions,
+    started: float,
+    on_record: Listener | None,
+) -> JobResult:
     records = [ImageRecord(str(t.source), str(t.output), "skipped") for t in plan.done]
     total = len(plan.todo) + len(plan.done)
-    for record in records:
+    for index, record in enumerate(records, start=1):
         if on_record:
-            on_record(record, len(records), total)
+            on_record(record, index, total)
     for path in plan.ignored:
         log.warning("%s: not an image by its name; left out", path)
     workers: list[dict[str, Any]] = []
@@ -215,7 +236,7 @@ class _Dispatcher:
         if cluster.gpus_per_worker > 0 and device == "cpu":
             device = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the worker's share
         worker_settings = asdict(settings) | {"device": device}
-        threads = max(1, math.floor(cluster.cpus_per_worker))
+        threads = cluster.threads or max(1, math.floor(cluster.cpus_per_worker))
         self.actors = [
             actor.remote(worker_settings, threads=threads, cross_image=cluster.cross_image)
             for _ in range(self.workers)

@@ -31,10 +31,6 @@ class UpscaleWorker:
         cross_image: bool = True,
         target_tiles: int | None = None,
     ) -> None:
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         from adadiff.runtime.stream import ImageStream
         from adadiff.runtime.upscaler import Upscaler
 
@@ -50,6 +46,7 @@ class UpscaleWorker:
             max_batch=s.max_batch,
             tile_size=s.tile,
             tile_overlap=s.overlap,
+            threads=threads,
         )
         self.load_seconds = time.perf_counter() - started
         self.stream = ImageStream(self.upscaler, target_tiles=target_tiles, cross_image=cross_image)
@@ -182,6 +179,8 @@ def _encode(record: dict[str, Any], suffix: str) -> bytes:
         suffix=suffix,
         bit_depth=record["bit_depth"],
         grayscale=record["grayscale"],
+        icc_profile=record["icc_profile"],
+        exif=record["exif"],
     )
 
 

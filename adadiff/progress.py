@@ -1,0 +1,92 @@
+"""Progress as timestamped log lines, for runs whose stderr is a file, a pipe or a job system.
+
+``LogProgress`` is a progress callback (``stage, done, total``, what ``Upscaler.upscale`` calls):
+it writes one line when a stage starts, at most one every ``every`` seconds while it runs, and
+one when it ends. During ``denoise`` a line also says the rounds so far, the tiles finished (from
+the ``tiles`` stage) and an estimate of the time left from the rate so far.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import TextIO
+
+DEFAULT_EVERY = 10.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+class LogProgress:
+    """Timestamped progress lines on ``stream`` (default stderr), rate-limited to ``every`` s."""
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        every: float = DEFAULT_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = datetime.now,
+    ) -> None:
+        if every < 0:
+            raise ValueError(f"every must be >= 0 seconds, got {every}")
+        self.stream = stream if stream is not None else sys.stderr
+        self.every = every
+        self.clock = clock
+        self.now = now
+        self.stage: str | None = None
+        self.stage_start = 0.0
+        self.last_line = -float("inf")
+        self.rounds = 0
+        self.tiles: tuple[int, int] | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == "tiles":  # extra detail for the denoise lines, not a stage of its own
+            self.tiles = (done, total)
+            return
+        t = self.clock()
+        if stage != self.stage:
+            self.stage, self.stage_start, self.rounds = stage, t, 0
+            if done < total:
+                self._write(self._line(stage, done, total, t, started=True))
+                return
+        if stage == "denoise":
+            self.rounds += 1
+        if done >= total or t - self.last_line >= self.every:
+            self._write(self._line(stage, done, total, t, started=False))
+
+    def _line(self, stage: str, done: int, total: int, t: float, *, started: bool) -> str:
+        elapsed = t - self.stage_start
+        unit = "timesteps" if stage == "denoise" else "tiles"
+        share = done / total if total > 0 else 1.0
+        parts = [f"{stage} {100 * share:.0f}% ({done}/{total} {unit})"]
+        if stage == "denoise" and not started:
+            parts.append(f"round {self.rounds}")
+            if self.tiles is not None:
+                parts.append(f"{self.tiles[0]}/{self.tiles[1]} tiles finished")
+        if done >= total:
+            parts.append(f"done in {_duration(elapsed)}")
+        elif not started:
+            parts.append(f"{_duration(elapsed)} elapsed")
+            if share > 0:
+                parts.append(f"ETA {_duration(elapsed * (1 - share) / share)}")
+        return ", ".join(parts)
+
+    def _write(self, text: str) -> None:
+        self.last_line = self.clock()
+        stamp = self.now().isoformat(timespec="seconds")
+        print(f"{stamp} adadiff: {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Nothing to release; here so the CLI can treat it like its progress bars."""
