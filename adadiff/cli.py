@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from adadiff import __version__
 from adadiff.argtypes import non_negative, non_negative_float, positive, positive_float
+from adadiff.config import SCHEDULES
 from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError
 from adadiff.specs import COMPONENTS
@@ -88,9 +89,10 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument(
         "--schedule",
-        default="adaptive",
-        choices=("adaptive", "uniform"),
-        help="adaptive: DTSS picks each tile's steps; uniform: a fixed jump (--interval)",
+        default=None,
+        choices=SCHEDULES,
+        help="adaptive: DTSS picks each tile's steps; uniform: a fixed jump (--interval); "
+        "default: the model's best on its quality/compute front (tiny: uniform, 5 steps)",
     )
     p.add_argument(
         "--interval",
@@ -441,7 +443,7 @@ def check_tiling(args: argparse.Namespace, cfg: Any) -> None:
 
 def check_upscale_args(args: argparse.Namespace) -> Any:
     """Every upscale option checked before the model loads; returns the model config."""
-    if args.interval is not None and args.schedule != "uniform":
+    if args.interval is not None and args.schedule not in (None, "uniform"):
         raise ConfigError(
             f"--interval {args.interval} applies to --schedule uniform only; drop it or add "
             "--schedule uniform"
@@ -450,6 +452,13 @@ def check_upscale_args(args: argparse.Namespace) -> Any:
     check_precision(args.precision, args.backend)
     cfg = model_config_of(args)
     check_tiling(args, cfg)
+    if args.schedule is None:
+        args.schedule = cfg.default_schedule
+        if args.interval is not None and args.schedule != "uniform":
+            raise ConfigError(
+                f"--interval {args.interval} applies to --schedule uniform only, and this "
+                f"model's default schedule is {args.schedule}; add --schedule uniform"
+            )
     return cfg
 
 

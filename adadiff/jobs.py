@@ -14,7 +14,7 @@ from adadiff.runtime.sampler import Progress
 
 @dataclass(frozen=True, kw_only=True)
 class UpscaleOptions:
-    schedule: str = "adaptive"
+    schedule: str | None = None  # None: the model's default
     interval: int | None = None
     seed: int = 0
     max_pixels: int | None = None
@@ -82,7 +82,7 @@ def upscale_loaded(
     atomically. ``outputs`` must have passed ``check_outputs``."""
     from adadiff import imageio
 
-    if options.interval is not None and options.schedule != "uniform":
+    if options.interval is not None and options.schedule not in (None, "uniform"):
         raise ConfigError("an interval applies to the uniform schedule only")
     import numpy as np
 

@@ -1,5 +1,6 @@
 """``python -m benchmarks quick|full [options]`` (also ``adadiff bench``),
-``python -m benchmarks load`` (idle against busy machine) and
+``python -m benchmarks load`` (idle against busy machine),
+``python -m benchmarks front`` (quality against UNet evaluations, ``benchmarks.front``) and
 ``python -m benchmarks report RESULTS.json``.
 
 A suite writes ``OUT/results.json`` (machine, settings, every measured row and the summary
@@ -65,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "load",
         help="the demo's upscale idle and with one busy process per CPU (see load --help)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "front",
+        help="quality against UNet evaluations per tile on hold-out crops (see front --help)",
         add_help=False,
     )
     r = sub.add_parser("report", help="write README's Performance section from a results JSON")
@@ -220,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import load
 
         return load.main(argv[1:])
+    if argv[:1] == ["front"]:
+        from benchmarks import front
+
+        return front.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "report":
         from benchmarks import report

@@ -175,16 +175,21 @@ class Scorer:
         ]
         return color_fix(np.concatenate(parts), self.crops.up, self.fix)
 
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            lp = self.lpips(self._tensor(images), self._hr).numpy().astype(np.float64)
+    def __call__(
+        self, images: np.ndarray, keys: Sequence[str] = QUALITY_KEYS
+    ) -> dict[str, np.ndarray]:
         hr = self.crops.hr
-        return {
-            "lpips": lp,
-            "psnr": np.array([psnr(a, b) for a, b in zip(images, hr, strict=True)]),
-            "ssim": np.array([ssim(a, b) for a, b in zip(images, hr, strict=True)]),
-            "brisque": np.array([brisque(a) for a in images]),
-        }
+        out: dict[str, np.ndarray] = {}
+        if "lpips" in keys:
+            with torch.inference_mode():
+                out["lpips"] = self.lpips(self._tensor(images), self._hr).numpy().astype(np.float64)
+        if "psnr" in keys:
+            out["psnr"] = np.array([psnr(a, b) for a, b in zip(images, hr, strict=True)])
+        if "ssim" in keys:
+            out["ssim"] = np.array([ssim(a, b) for a, b in zip(images, hr, strict=True)])
+        if "brisque" in keys:
+            out["brisque"] = np.array([brisque(a) for a in images])
+        return out
 
 
 def mmle_score(models: TorchModels) -> Callable[..., np.ndarray]:
@@ -602,7 +607,7 @@ def _exit(text: str) -> tuple[int, int]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.front",
+        prog="adadiff bench front",
         description="quality against UNet evaluations per tile on hold-out crops",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -24,7 +24,7 @@ class StreamItem:
 
     key: Any
     image: Any
-    schedule: str = "adaptive"
+    schedule: str | None = None  # None: the model's default
     interval: int | None = None
     seed: int = 0
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from adadiff.config import ModelConfig
+from adadiff.config import SCHEDULES, ModelConfig
 from adadiff.engines.base import Backend, CallLog, Components
 from adadiff.errors import ConfigError
 from adadiff.runtime.colorfix import color_fix_rows
@@ -20,8 +20,6 @@ from adadiff.runtime.sampler import DenoiseNets, Progress, SamplerResult, sample
 from adadiff.runtime.tiling import TileGrid, decode_rows, merge_tiles
 
 log = logging.getLogger("adadiff")
-
-SCHEDULES = ("adaptive", "uniform")
 
 
 @dataclass
@@ -143,7 +141,20 @@ class Upscaler:
         )
         return cls(config, be, max_batch=max_batch, model_name=str(model or config.name))
 
-    def policy(self, schedule: str, interval: int | None) -> StepPolicy:
+    def schedule_of(self, schedule: str | None, interval: int | None) -> str:
+        """The schedule a run takes: the one asked for, else the model's default (its
+        ``default_schedule``, the best of its quality/compute front)."""
+        chosen = schedule or self.config.default_schedule
+        if interval is not None and chosen != "uniform":
+            why = "" if schedule else f" (the model's default schedule is {chosen})"
+            raise ConfigError(
+                f"an interval applies to the uniform schedule only{why}; drop it or ask for "
+                "schedule uniform"
+            )
+        return chosen
+
+    def policy(self, schedule: str | None, interval: int | None) -> StepPolicy:
+        schedule = self.schedule_of(schedule, interval)
         if schedule == "adaptive":
             return DTSSPolicy(self.config.dtss)
         if schedule == "uniform":
@@ -154,7 +165,7 @@ class Upscaler:
         self,
         image: Any,
         *,
-        schedule: str = "adaptive",
+        schedule: str | None = None,
         interval: int | None = None,
         seed: int = 0,
         policy: StepPolicy | None = None,
@@ -204,7 +215,7 @@ class Upscaler:
         self,
         image: Any,
         *,
-        schedule: str = "adaptive",
+        schedule: str | None = None,
         interval: int | None = None,
         seed: int = 0,
         policy: StepPolicy | None = None,
@@ -218,6 +229,8 @@ class Upscaler:
         from adadiff.imageio import to_rgb_array
 
         rgb = to_rgb_array(image)
+        if policy is None:
+            schedule = self.schedule_of(schedule, interval)
         step_policy = policy or self.policy(schedule, interval)
         cfg = self.config
         if reset_log:

@@ -31,7 +31,20 @@ def test_upscale_writes_image_report_and_step_map(tmp_path, small_png, capsys):
     report = tmp_path / "report.json"
     step_map = tmp_path / "steps.png"
     code, stdout, err = _run(
-        ["upscale", small_png, "-o", out, "--report", report, "--step-map", step_map, "-q"], capsys
+        [
+            "upscale",
+            small_png,
+            "-o",
+            out,
+            "--schedule",
+            "adaptive",
+            "--report",
+            report,
+            "--step-map",
+            step_map,
+            "-q",
+        ],
+        capsys,
     )
     assert code == 0, err
     assert Image.open(out).size == (128, 96)
@@ -60,6 +73,26 @@ def test_upscale_writes_image_report_and_step_map(tmp_path, small_png, capsys):
         "report.json",
         "steps.png",
     ]
+
+
+def test_without_schedule_the_model_default_runs(tmp_path, small_png, capsys):
+    """tiny's adadiff.json names the best of its quality/compute front: 5 uniform steps."""
+    from adadiff.models.bundle import load_models
+
+    cfg = load_models("tiny").config
+    out, report = tmp_path / "out.png", tmp_path / "r.json"
+    code, _, err = _run(["upscale", small_png, "-o", out, "--report", report, "-q"], capsys)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert (cfg.default_schedule, cfg.uniform_interval) == ("uniform", 200)
+    assert data["schedule"] == "uniform"
+    assert data["steps_per_tile"] == [5] * data["tiles"]
+    # --interval goes with the default when the default is uniform
+    code, _, err = _run(
+        ["upscale", small_png, "-o", out, "--report", report, "--interval", "100", "-q"], capsys
+    )
+    assert code == 0, err
+    assert json.loads(report.read_text())["steps_per_tile"][0] == 10
 
 
 def test_uniform_with_options(tmp_path, small_png, capsys):
