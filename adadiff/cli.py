@@ -316,8 +316,8 @@ _DEVICE_KINDS = {
 }
 
 
-def check_device(backend: str, device: str) -> None:
-    """Refuse a device the backend does not know, or a GPU this machine does not have."""
+def check_device(backend: str, device: str, *, here: bool = True) -> None:
+    """Refuse a device the backend does not know, or (``here``) a GPU this machine lacks."""
     kinds = _DEVICE_KINDS[backend]
     match = re.fullmatch(r"([a-z]+)(?::(\d+))?", device)
     kind = match.group(1) if match else ""
@@ -326,7 +326,7 @@ def check_device(backend: str, device: str) -> None:
         raise ConfigError(
             f"--device {device} is not a device the {backend} backend knows; use one of {allowed}"
         )
-    if kind == "cpu":
+    if kind == "cpu" or not here:
         return
     index = int(match.group(2) or 0) if match else 0
     if backend == "onnxruntime":
@@ -444,19 +444,25 @@ def check_tiling(args: argparse.Namespace, cfg: Any) -> None:
             )
 
 
-def check_upscale_args(args: argparse.Namespace) -> Any:
-    """Every upscale option checked before the model loads; returns the model config."""
+def check_upscale_args(args: argparse.Namespace, *, here: bool = True) -> Any:
+    """Every upscale option checked before the model loads; returns the model config.
+
+    ``here=False`` (a remote Ray cluster: the model, engines and GPUs are the nodes') checks
+    what needs no files or devices and returns None."""
     if args.interval is not None and args.schedule != "uniform":
         raise ConfigError(
             f"--interval {args.interval} applies to --schedule uniform only; drop it or add "
             "--schedule uniform"
         )
-    check_device(args.backend, args.device)
-    if args.precision == "fp16" and args.backend == "torch" and args.device == "cpu":
+    check_device(args.backend, args.device, here=here)
+    on_gpu = args.device != "cpu" or getattr(args, "gpus_per_worker", 0.0) > 0
+    if args.precision == "fp16" and args.backend == "torch" and not on_gpu:
         raise ConfigError(
             "--precision fp16 runs on CUDA only with the torch backend; use --precision fp32 on "
             "the CPU, or add --device cuda"
         )
+    if not here:
+        return None
     cfg = model_config_of(args)
     check_tiling(args, cfg)
     return cfg
@@ -543,10 +549,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 
 def cmd_upscale_many(args: argparse.Namespace) -> int:
-    from adadiff.scaleout.job import ClusterOptions, print_record, run_job
+    from adadiff.scaleout.job import ClusterOptions, check_local_paths, print_record, run_job
     from adadiff.scaleout.plan import JobSettings
 
-    check_upscale_args(args)
     settings = JobSettings(
         model=args.model,
         backend=args.backend,
@@ -562,6 +567,9 @@ def cmd_upscale_many(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         output_format=args.output_format,
     )
+    if args.ray_address is None:
+        check_local_paths(settings)  # missing model or engines folders, in the job's words
+    check_upscale_args(args, here=args.ray_address is None)
     cluster = ClusterOptions(
         ray_address=args.ray_address,
         workers=args.workers,
