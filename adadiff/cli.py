@@ -326,7 +326,16 @@ def check_device(backend: str, device: str, *, here: bool = True) -> None:
         raise ConfigError(
             f"--device {device} is not a device the {backend} backend knows; use one of {allowed}"
         )
-    if kind == "cpu" or not here:
+    if not here:
+        return
+    if backend == "tensorrt":
+        # TensorRT runs on CUDA only (cpu means the first GPU); a missing library comes first
+        from adadiff.trt_manifest import current_device, import_tensorrt
+
+        import_tensorrt()
+        current_device()
+        return
+    if kind == "cpu":
         return
     index = int(match.group(2) or 0) if match else 0
     if backend == "onnxruntime":
