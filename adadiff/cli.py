@@ -321,9 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
 MAX_TILE_FACTOR = 4
 
 
-def check_device(backend: str, device: str) -> None:
-    """Refuse a device the backend does not know, or a GPU this machine does not have."""
+def check_device(backend: str, device: str, *, here: bool = True) -> None:
+    """Refuse a device the backend does not know, or (``here``) a GPU this machine lacks."""
     dev = parse_device(device, backend)
+    if not here:
+        return
+    if backend == "tensorrt":
+        # TensorRT runs on CUDA only (cpu means the first GPU); a missing library comes first
+        from adadiff.cuda import CudaDevice
+        from adadiff.trt_manifest import import_tensorrt
+
+        import_tensorrt()
+        CudaDevice(device)
+        return
     if dev.kind == "cpu":
         return
     if backend == "onnxruntime":
@@ -441,15 +451,20 @@ def check_tiling(args: argparse.Namespace, cfg: Any) -> None:
             )
 
 
-def check_upscale_args(args: argparse.Namespace) -> Any:
-    """Every upscale option checked before the model loads; returns the model config."""
+def check_upscale_args(args: argparse.Namespace, *, here: bool = True) -> Any:
+    """Every upscale option checked before the model loads; returns the model config.
+
+    ``here=False`` (a remote Ray cluster: the model, engines and GPUs are the nodes') checks
+    what needs no files or devices and returns None."""
     if args.interval is not None and args.schedule not in (None, "uniform"):
         raise ConfigError(
             f"--interval {args.interval} applies to --schedule uniform only; drop it or add "
             "--schedule uniform"
         )
-    check_device(args.backend, args.device)
+    check_device(args.backend, args.device, here=here)
     check_precision(args.precision, args.backend)
+    if not here:
+        return None
     cfg = model_config_of(args)
     check_tiling(args, cfg)
     if args.schedule is None:
@@ -543,10 +558,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 
 def cmd_upscale_many(args: argparse.Namespace) -> int:
-    from adadiff.scaleout.job import ClusterOptions, print_record, run_job
+    from adadiff.scaleout.job import ClusterOptions, check_local_paths, print_record, run_job
     from adadiff.scaleout.plan import JobSettings
 
-    check_upscale_args(args)
     settings = JobSettings(
         model=args.model,
         backend=args.backend,
@@ -562,6 +576,9 @@ def cmd_upscale_many(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         output_format=args.output_format,
     )
+    if args.ray_address is None:
+        check_local_paths(settings)  # missing model or engines folders, in the job's words
+    check_upscale_args(args, here=args.ray_address is None)
     cluster = ClusterOptions(
         ray_address=args.ray_address,
         workers=args.workers,

@@ -287,3 +287,17 @@ def test_missing_model_or_engines_fail_before_ray_starts(folder, tmp_path, capsy
     args = ["upscale-many", str(folder), str(out), "--backend", "onnxruntime"]
     assert main([*args, "--engines", str(tmp_path / "none")]) == 2
     assert "run adadiff export first" in capsys.readouterr().err
+
+
+def test_a_refused_job_leaves_no_empty_output_folder(ray_cluster, folder, tmp_path):
+    from adadiff.scaleout.job import ClusterOptions, run_job
+
+    out = tmp_path / "new-out"
+    with pytest.raises(ConfigError, match="lower --workers"):
+        run_job(folder, out, JobSettings(), ClusterOptions(workers=8))
+    assert not out.exists()
+    kept = tmp_path / "existing"
+    kept.mkdir()
+    with pytest.raises(ConfigError, match="lower --workers"):
+        run_job(folder, kept, JobSettings(), ClusterOptions(workers=8))
+    assert kept.is_dir()  # a folder the user made stays

@@ -28,7 +28,7 @@ class JobSettings:
     engines: str | None = None
     device: str = "cpu"
     precision: str = "fp32"
-    schedule: str = "adaptive"
+    schedule: str | None = None  # None: the model's default schedule
     interval: int | None = None
     seed: int = 0
     max_batch: int = 8
@@ -42,7 +42,7 @@ class JobSettings:
             raise ConfigError(
                 f"output format must be one of {OUTPUT_CHOICES}, got {self.output_format!r}"
             )
-        if self.interval is not None and self.schedule != "uniform":
+        if self.interval is not None and self.schedule not in (None, "uniform"):
             raise ConfigError("--interval applies to --schedule uniform only")
 
     def result_key(self) -> dict[str, Any]:
