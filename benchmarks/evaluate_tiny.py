@@ -41,11 +41,10 @@ from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import lpips
 from adadiff.quality.metrics import psnr, ssim
 from adadiff.runtime.policy import Decision, DTSSPolicy, dtss_decide, gains, quality
-from adadiff.runtime.sampler import sample_tiles
 from adadiff.runtime.upscaler import Upscaler
 from adadiff.training.data import PhotoWeighting, holdout_photos, load_photo
 from adadiff.training.degrade import bicubic_x4
-from adadiff.training.labels import denoise_nets, encode_latents, run_trajectories
+from adadiff.training.labels import encode_latents, mmle_score, run_trajectories, sample_with
 from adadiff.training.loop import numpy_rng
 from adadiff.training.mmle import spearman
 from adadiff.training.pairs import PairStream
@@ -163,24 +162,9 @@ def regressor_runs(
 ) -> tuple[list[int], dict[int, list[str]]]:
     """Regressor-driven DTSS runs of the same crops: steps and categories per tile."""
     cfg = models.config
-    mmle = models.wrappers()["mmle"]
-
-    def score(x0: np.ndarray, lr: np.ndarray, t: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return mmle(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x0, lr, t))).numpy()
-
     policy = RecordingPolicy(DTSSPolicy(cfg.dtss))
-    result = sample_tiles(
-        encode_latents(models, up, max_batch),
-        denoise_nets(models, score),
-        policy,
-        noise=cfg.noise,
-        dtss=cfg.dtss,
-        metrics=cfg.mmle.metrics,
-        gain_dim=cfg.pfj.gain_dim,
-        seed=seed,
-        max_batch=max_batch,
-    )
+    lr = encode_latents(models, up, max_batch)
+    result = sample_with(models, lr, mmle_score(models), policy, seed=seed, max_batch=max_batch)
     return result.steps_per_tile, policy.categories
 
 

@@ -51,9 +51,14 @@ from adadiff.runtime.policy import (
     StepPolicy,
     UniformPolicy,
 )
-from adadiff.runtime.sampler import sample_tiles
 from adadiff.training.data import find_photo, load_photo
-from adadiff.training.labels import OracleScorer, decode_latents, denoise_nets, encode_latents
+from adadiff.training.labels import (
+    OracleScorer,
+    decode_latents,
+    encode_latents,
+    mmle_score,
+    sample_with,
+)
 from adadiff.training.loop import numpy_rng
 from adadiff.training.mmle import spearman
 from adadiff.training.pairs import Batch, PairStream
@@ -192,16 +197,6 @@ class Scorer:
         return out
 
 
-def mmle_score(models: TorchModels) -> Callable[..., np.ndarray]:
-    mmle = models.wrappers()["mmle"]
-
-    def score(x0: np.ndarray, lr: np.ndarray, t: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return mmle(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x0, lr, t))).numpy()
-
-    return score
-
-
 def run_method(
     method: Method, models: TorchModels, crops: Batch, lr: np.ndarray, seed: int, max_batch: int
 ) -> dict[str, Any]:
@@ -221,16 +216,8 @@ def run_method(
         return out
 
     start = time.perf_counter()
-    result = sample_tiles(
-        lr,
-        denoise_nets(models, scored),
-        policy,
-        noise=cfg.noise,
-        dtss=dtss,
-        metrics=metrics,
-        gain_dim=cfg.pfj.gain_dim,
-        seed=seed,
-        max_batch=max_batch,
+    result = sample_with(
+        models, lr, scored, policy, seed=seed, max_batch=max_batch, dtss=dtss, metrics=metrics
     )
     return {
         "latents": result.latents,

@@ -87,3 +87,38 @@ def test_calibrate_budget_and_photo_checks():
         calibrate(one, DEFAULT_METRICS, DTSSConfig())
     with pytest.raises(ConfigError, match="descending"):
         Trajectories(t=traj.t[::-1], scores=traj.scores, lpips=traj.lpips, photo=traj.photo)
+
+
+def test_calibrate_command_records_fits_and_writes_the_config(
+    tmp_path, tiny_dir, metric_cache, capsys
+):
+    """End to end on the seeded random tiny: 4 tuning tiles, jumps of 200 (5 steps)."""
+    import json
+    import shutil
+
+    from adadiff.cli import main
+    from adadiff.config import ModelConfig
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    before = ModelConfig.load(folder)
+    args = ["calibrate", str(folder), "--photos", "astronaut,rocket", "--crops", "2"]
+    assert main([*args, "--interval", "200", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tau " in out and "weights: psnr" in out
+    after = ModelConfig.load(folder)
+    assert after.dtss.exit_on == "total" and before.dtss.exit_on == "nr"
+    assert [m.name for m in after.mmle.metrics] == [m.name for m in before.mmle.metrics]
+    assert after.unet == before.unet and after.tile_size == before.tile_size
+    report = json.loads((folder / "calibration.json").read_text())
+    assert report["tiles"] == 4 and report["photos"] == ["astronaut", "rocket"]
+    assert report["before"]["dtss"]["exit_on"] == "nr"
+
+
+def test_calibrate_command_refuses_hold_out_photos_and_bare_presets(tmp_path, tiny_dir, capsys):
+    from adadiff.cli import main
+
+    assert main(["calibrate", str(tiny_dir), "--photos", "chelsea,astronaut"]) == 2
+    assert "hold-out" in capsys.readouterr().err
+    assert main(["calibrate", str(tmp_path)]) == 2
+    assert "no adadiff.json" in capsys.readouterr().err

@@ -39,9 +39,8 @@ from adadiff.models.bundle import TorchModels
 from adadiff.quality.lpips import load_lpips
 from adadiff.runtime.colorfix import color_fix
 from adadiff.runtime.policy import Category, Decision
-from adadiff.runtime.sampler import sample_tiles
 from adadiff.runtime.schedule import uniform_timesteps
-from adadiff.training.labels import decode_latents, denoise_nets, encode_latents
+from adadiff.training.labels import decode_latents, encode_latents, mmle_score, sample_with
 from adadiff.training.pairs import Batch
 
 Progress = Callable[[int, int], None]
@@ -222,7 +221,7 @@ def record(
     cfg = models.config
     lr = encode_latents(models, crops.up, max_batch)
     tile_of = {lat.tobytes(): k for k, lat in enumerate(lr)}
-    decoder, mmle = models.wrappers()["vae_decoder"], models.wrappers()["mmle"]
+    decoder, mmle = models.wrappers()["vae_decoder"], mmle_score(models)
     lp = load_lpips()
     hr = _signed(crops.hr)
     t_all = uniform_timesteps(cfg.dtss.t_start, interval)
@@ -233,28 +232,17 @@ def record(
     for seed in range(seeds):
 
         def score(x0: np.ndarray, lr_: np.ndarray, t: np.ndarray, seed: int = seed) -> np.ndarray:
-            with torch.inference_mode():
-                out = mmle(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x0, lr_, t)))
+            out = mmle(x0, lr_, t)
             tiles = [tile_of[row.tobytes()] for row in lr_]
             images = color_fix(decode_latents(decoder, x0), crops.up[tiles], cfg.color_fix)
             with torch.inference_mode():
                 dist = lp(_signed(images), hr[tiles]).numpy()
             for i, k in enumerate(tiles):
                 j = step_of[int(t[i])]
-                scores[seed, k, j], lpips[seed, k, j] = out[i].numpy(), dist[i]
-            return out.numpy()
+                scores[seed, k, j], lpips[seed, k, j] = out[i], dist[i]
+            return out
 
-        sample_tiles(
-            lr,
-            denoise_nets(models, score),
-            _Always(interval),
-            noise=cfg.noise,
-            dtss=cfg.dtss,
-            metrics=cfg.mmle.metrics,
-            gain_dim=cfg.pfj.gain_dim,
-            seed=seed,
-            max_batch=max_batch,
-        )
+        sample_with(models, lr, score, _Always(interval), seed=seed, max_batch=max_batch)
         if progress is not None:
             progress(seed + 1, seeds)
     return Trajectories(

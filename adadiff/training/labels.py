@@ -53,8 +53,8 @@ from adadiff.config import DTSSConfig, MetricConfig, MetricKind, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import TorchModels
 from adadiff.runtime.colorfix import band, color_fix, swap_band
-from adadiff.runtime.policy import Category, Decision, DTSSPolicy
-from adadiff.runtime.sampler import DenoiseNets, sample_tiles
+from adadiff.runtime.policy import Category, Decision, DTSSPolicy, StepPolicy
+from adadiff.runtime.sampler import DenoiseNets, SamplerResult, sample_tiles
 from adadiff.training.data import PhotoWeighting, check_weighting
 from adadiff.training.loop import Progress, numpy_rng, stop_on_signals
 from adadiff.training.pairs import Batch, PairStream, load_images, photo_names
@@ -284,6 +284,44 @@ def denoise_nets(models: TorchModels, score: Callable) -> DenoiseNets:
     return DenoiseNets(call("unet"), score, call("pfj"))
 
 
+def mmle_score(models: TorchModels) -> Callable[..., np.ndarray]:
+    """The sampler's score function from the model's own MMLE (the torch wrapper)."""
+    mmle = models.wrappers()["mmle"]
+
+    def score(x0: np.ndarray, lr: np.ndarray, t: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return mmle(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x0, lr, t))).numpy()
+
+    return score
+
+
+def sample_with(
+    models: TorchModels,
+    lr_latents: np.ndarray,
+    score: Callable,
+    policy: StepPolicy,
+    *,
+    seed: int,
+    max_batch: int,
+    dtss: DTSSConfig | None = None,
+    metrics: Sequence[MetricConfig] | None = None,
+) -> SamplerResult:
+    """``sample_tiles`` on the torch wrappers with ``score`` as MMLE; the model's DTSS numbers
+    and metric weights unless others are given."""
+    cfg = models.config
+    return sample_tiles(
+        lr_latents,
+        denoise_nets(models, score),
+        policy,
+        noise=cfg.noise,
+        dtss=dtss or cfg.dtss,
+        metrics=metrics or cfg.mmle.metrics,
+        gain_dim=cfg.pfj.gain_dim,
+        seed=seed,
+        max_batch=max_batch,
+    )
+
+
 def run_trajectories(
     models: TorchModels,
     batch: Batch,
@@ -303,17 +341,7 @@ def run_trajectories(
     pick = numpy_rng(seed, 7).permutation(n)[: round(random_fraction * n)]
     policy = MixedPolicy(cfg.dtss, frozenset(int(k) for k in pick), seed)
     scorer = OracleScorer(models, batch.up, lr_latents, cfg.mmle.metrics, cache_dir)
-    sample_tiles(
-        lr_latents,
-        denoise_nets(models, scorer),
-        policy,
-        noise=cfg.noise,
-        dtss=cfg.dtss,
-        metrics=cfg.mmle.metrics,
-        gain_dim=cfg.pfj.gain_dim,
-        seed=seed,
-        max_batch=max_batch,
-    )
+    sample_with(models, lr_latents, scorer, policy, seed=seed, max_batch=max_batch)
     out = scorer.arrays()
     out["random"] = np.isin(np.arange(n), pick)[out["traj"]]
     out["photo"] = batch.photo[out["traj"]]
