@@ -42,7 +42,7 @@ MISTAKES = [
     (["--device", "gpu"], "--device gpu", "cuda"),
     (["--device", "cpu:1"], "--device cpu:1", "cpu"),
     (["--precision", "fp8"], "--precision", "invalid choice"),
-    (["--interval", "5"], "--interval 5", "--schedule uniform"),
+    (["--schedule", "adaptive", "--interval", "5"], "--interval 5", "--schedule uniform"),
     (["--threads", "0"], "--threads", ">= 1"),
     (["--max-batch", "x"], "--max-batch", "whole number"),
     (["--backend", "onnxruntime"], "--backend onnxruntime", "--engines"),

@@ -125,7 +125,7 @@ def test_plan_errors(folder, tmp_path):
     plan = make_plan(clash, tmp_path / "out", JobSettings(output_format="same"))
     assert sorted(t.output.name for t in plan.todo) == ["same.jpg", "same.png"]
     with pytest.raises(ConfigError, match="uniform"):
-        JobSettings(interval=5)
+        JobSettings(schedule="adaptive", interval=5)
 
 
 def test_done_means_same_settings_and_same_input(folder, tmp_path):
