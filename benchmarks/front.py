@@ -479,12 +479,18 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("UNet evaluations per tile (mean)")
     ax.set_ylabel("LPIPS to HR (lower is better)")
-    ax.set_title(f"{result['model'].get('name', '')}: quality/compute front on hold-out crops")
+    name = Path(str(result['model'].get('source', ''))).name
+    ax.set_title(f"{name}: quality/compute front on hold-out crops")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _band(band: tuple[int, int]) -> str:
+    low, high = band
+    return f"t <= {high}" if low == 0 else f"t > {low}" if high >= 1000 else f"{low} < t <= {high}"
 
 
 def _ci(v: Sequence[float], digits: int = 3) -> str:
@@ -532,7 +538,9 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
     if diag:
         lines += [
             "",
-            "DTSS categories and gains (share of steps with g >= tau, per timestep band):",
+            "DTSS categories and gains (share of steps with g >= tau, per timestep band: "
+            + ", ".join(_band(b) for b in BANDS)
+            + "):",
             "",
         ]
         lines.append(
@@ -637,7 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         if not args.readme:
             raise SystemExit("--render needs --readme")
-        write_readme(json.loads(args.render.read_text()), args.render, args.readme)
+        result = json.loads(args.render.read_text())
+        if result.get("plot"):
+            plot(result, args.render.parent / result["plot"])
+        write_readme(result, args.render, args.readme)
         return 0
     if args.out is None:
         raise SystemExit("--out is required unless --render is given")
