@@ -1,6 +1,7 @@
 """The demo's upscale idle and under load: does adadiff stay fast on a busy machine?
 
-Runs ``adadiff demo`` (astronaut, 128 px, adaptive, the CLI's default threads unless --threads)
+Runs ``adadiff demo`` (astronaut, 128 px, the model's default schedule unless --schedule, the
+CLI's default threads unless --threads)
 in a fresh process, first on its own, then while one busy process per usable CPU spins (this
 script starts and stops them), alternating so slow drifts of the machine hit both alike. The
 upscale's time comes from the demo's report.json (``seconds.total``: encode, denoise, decode);
@@ -81,7 +82,7 @@ def measure(repeats: int, busy: int, extra: list[str]) -> dict[str, Any]:
     idle = statistics.median(r["upscale_s"] for r in runs["idle"])
     loaded = statistics.median(r["upscale_s"] for r in runs["loaded"])
     return {
-        "what": "adadiff demo (astronaut 128 px, adaptive): upscale seconds from report.json",
+        "what": "adadiff demo (astronaut 128 px): upscale seconds from report.json",
         "extra_args": extra,
         "usable_cpus": usable_cpus(),
         "busy_processes": busy,
@@ -108,10 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="idle/loaded pairs (median)")
     p.add_argument("--busy", type=int, default=None, help="busy processes (default: one per CPU)")
     p.add_argument("--threads", type=int, default=None, help="pass --threads to the demo")
+    p.add_argument(
+        "--schedule",
+        choices=("adaptive", "uniform"),
+        default=None,
+        help="pass --schedule to the demo (default: the model's own)",
+    )
     args = p.parse_args(argv)
     from adadiff.threads import usable_cpus
 
     extra = [] if args.threads is None else ["--threads", str(args.threads)]
+    if args.schedule is not None:
+        extra += ["--schedule", args.schedule]
     result = measure(max(1, args.repeats), args.busy or usable_cpus(), extra)
     result["machine"] = machine()
     # torch ran in the demo processes, not here: record the threads they used

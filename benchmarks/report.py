@@ -97,7 +97,10 @@ def render(
         lines += [
             "`tiny` is the shipped model trained on a CPU (`adadiff/weights/tiny/MODEL_CARD.md`): "
             "a small network, so the figures show what the runtime costs and saves for its "
-            "schedule decisions, not the paper's SD-2.1 timings or quality.",
+            "schedule decisions, not the paper's SD-2.1 timings or quality. The adaptive/uniform "
+            "ratios are costs, not a verdict: on `tiny` adaptive is not better than 5 uniform "
+            "steps or a fixed early exit of the same cost (Quality/compute front, "
+            "docs/adaptive.md), and `tiny` runs 5 uniform steps by default.",
             "",
         ]
     elif s["model"] == "tiny":
