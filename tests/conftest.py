@@ -1,9 +1,18 @@
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from adadiff.presets import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    # benchmarks/ is a folder of scripts run from the repository root, not an installed package;
+    # every test module may import it, whichever runs first.
+    sys.path.insert(0, str(ROOT))
 
 
 @pytest.fixture(scope="session")
