@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -171,14 +171,7 @@ def calibrate(
         MetricConfig(name=m.name, kind=m.kind, weight=float(w))
         for m, w in zip(metrics, weights, strict=True)
     )
-    dtss = DTSSConfig(
-        tau=pick.tau,
-        growth_split=base.growth_split,
-        tiers=base.tiers,
-        nr_start_t=pick.nr_start_t,
-        t_start=base.t_start,
-        exit_on="total",
-    )
+    dtss = replace(base, tau=pick.tau, nr_start_t=pick.nr_start_t, exit_on="total")
     fixed = int(np.flatnonzero(traj.t < 400)[0]) if np.any(traj.t < 400) else len(traj.t) - 1
     report = {
         "choice": pick.__dict__,
