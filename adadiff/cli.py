@@ -98,7 +98,7 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
         "--interval",
         type=positive,
         help="uniform schedule jump in timesteps (20 = 50 steps, 5 = 200 steps; default: the "
-        "model's, 20 for tiny)",
+        "model's uniform_interval, 200 = 5 steps for tiny)",
     )
     p.add_argument(
         "--seed", type=non_negative, default=0, help="seeds every tile's noise with (seed, tile)"

@@ -303,8 +303,16 @@ class ModelConfig:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
 
     def digest(self) -> str:
-        """A stable hash of the config, used to tie exported files to the model they came from."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """A stable hash of the config, used to tie exported files to the model they came from.
+
+        Fields added after exports existed (``default_schedule``, ``dtss.exit_on``) count only
+        when they differ from their defaults, so those exports keep their digest."""
+        data = self.to_dict()
+        if data["default_schedule"] == "adaptive":
+            del data["default_schedule"]
+        if data["dtss"]["exit_on"] == "nr":
+            del data["dtss"]["exit_on"]
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

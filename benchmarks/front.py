@@ -479,7 +479,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("UNet evaluations per tile (mean)")
     ax.set_ylabel("LPIPS to HR (lower is better)")
-    name = Path(str(result['model'].get('source', ''))).name
+    name = Path(str(result["model"].get("source", ""))).name
     ax.set_title(f"{name}: quality/compute front on hold-out crops")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -654,6 +654,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--out is required unless --render is given")
     if args.exit is None:
         args.exit = [(20, 400), (100, 400)]
+    if args.oracle_seeds > args.seeds:
+        raise SystemExit(
+            f"--oracle-seeds {args.oracle_seeds} is more than --seeds {args.seeds}: the oracle "
+            "runs are paired with the first seeds of the others"
+        )
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args)

@@ -38,11 +38,15 @@ def test_replay_exits_after_the_peak_and_returns_the_best_estimate():
     chosen, steps = replay_exits(r, t, tau=0.5, nr_start_t=500)
     assert chosen.tolist() == [4]
     assert steps.tolist() == [6]  # the step that saw the fall is taken, then the tile exits
-    # a tau larger than any fall never exits: every step runs, the best second-half one is kept
+    # a tau larger than any fall never exits: every step runs and, as in the sampler, the tile
+    # ends with its last estimate (the best one is kept only by a saturated exit)
     chosen, steps = replay_exits(r, t, tau=5.0, nr_start_t=500)
-    assert (chosen.tolist(), steps.tolist()) == ([4], [8])
+    assert (chosen.tolist(), steps.tolist()) == ([7], [8])
+    # a fall at the very last step is still an exit: the best estimate comes back
+    r3 = -np.array([[5, 4, 3, 2, 1, 0.5, 0.4, 3.0]])
+    assert replay_exits(r3, t, tau=0.5, nr_start_t=500)[0].tolist() == [6]
     # before the second half nothing competes, even a better first-half estimate
-    r2 = np.array([[9.0, 1, 1, 2, 3, 2, 1, 0]])
+    r2 = np.array([[9.0, 1, 1, 2, 3, 2, 1, 0]])  # falls by 1 after step 4: exits at step 5
     assert replay_exits(r2, t, tau=0.5, nr_start_t=500)[0].tolist() == [4]
 
 

@@ -82,3 +82,20 @@ def test_exit_on_total_watches_the_sum_of_both_gains():
     assert dtss_decide(700, -0.5, 0.0, cfg).category is Category.STABLE
     with pytest.raises(ConfigError, match="exit_on"):
         DTSSConfig(exit_on="fr")
+
+
+def test_new_config_fields_keep_the_digest_of_older_exports(tiny_config):
+    """An export records the digest of the config it came from; fields added since
+    (default_schedule, dtss.exit_on) must not change it while they keep their defaults."""
+    import hashlib
+    import json
+    from dataclasses import replace
+
+    old = tiny_config.to_dict()
+    del old["default_schedule"], old["dtss"]["exit_on"]
+    recorded = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert tiny_config.digest() == recorded
+    # a model that sets them is another model to its exports
+    assert replace(tiny_config, default_schedule="uniform").digest() != recorded
+    calibrated = replace(tiny_config, dtss=DTSSConfig(exit_on="total"))
+    assert calibrated.digest() != recorded

@@ -48,6 +48,9 @@ class UpscaleWorker:
             tile_overlap=s.overlap,
             threads=threads,
         )
+        # Only here is the model's default schedule known on a remote cluster: refuse once,
+        # not for every image.
+        self.upscaler.schedule_of(s.schedule, s.interval)
         self.load_seconds = time.perf_counter() - started
         self.stream = ImageStream(self.upscaler, target_tiles=target_tiles, cross_image=cross_image)
         self.inbox: queue.Queue[Any] = queue.Queue()

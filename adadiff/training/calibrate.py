@@ -92,9 +92,8 @@ def replay_exits(
     the steps it took, under DTSS's exit with ``exit_on = "total"``.
 
     A tile exits at its first second-half step whose gain tanh(R_i - R_{i-1}) <= -tau and returns
-    its best second-half estimate by R; a tile that never exits runs to the last step, whose
-    estimate competes too. (The real loop lands on t = 0 after the last step; that final
-    latent is close to the last estimate.)"""
+    its best second-half estimate by R; a tile that never exits runs to the end and returns what
+    the sampler returns then, the latent at t = 0, which the last recorded estimate stands for."""
     k, s = r.shape
     chosen = np.empty(k, np.int64)
     steps = np.empty(k, np.int64)
@@ -109,7 +108,10 @@ def replay_exits(
             if j > 0 and math.tanh(r[i, j] - r[i, j - 1]) <= -tau:
                 stop = j
                 break
-        chosen[i] = best if best >= 0 else s - 1
+        exited = stop < s - 1 or (
+            s > 1 and late[s - 1] and math.tanh(r[i, s - 1] - r[i, s - 2]) <= -tau
+        )
+        chosen[i] = best if exited and best >= 0 else s - 1
         steps[i] = stop + 1
     return chosen, steps
 
@@ -181,7 +183,9 @@ def calibrate(
         "reference": {
             "last_estimate": float(traj.lpips[:, -1].mean()),
             "fixed_exit_t<400": float(traj.lpips[:, fixed].mean()),
-            "best_second_half_estimate": float(traj.lpips[:, traj.t < 500].min(axis=1).mean()),
+            "best_second_half_estimate": float(
+                traj.lpips[:, traj.t < pick.nr_start_t].min(axis=1).mean()
+            ),
             "steps_to_end": len(traj.t),
         },
     }
@@ -214,6 +218,11 @@ def record(
     cfg = models.config
     lr = encode_latents(models, crops.up, max_batch)
     tile_of = {lat.tobytes(): k for k, lat in enumerate(lr)}
+    if len(tile_of) != len(lr):
+        raise ConfigError(
+            "two tuning crops encode to the same latent (a flat or repeated crop?); the "
+            "recording tells tiles apart by their latents: use other --photos or --crop-seed"
+        )
     decoder, mmle = models.wrappers()["vae_decoder"], mmle_score(models)
     lp = load_lpips()
     hr = _signed(crops.hr)
