@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adadiff.config import ModelConfig
 from adadiff.devices import check_precision, parse_device
 from adadiff.engines.base import Backend
 from adadiff.errors import BackendUnavailableError, ConfigError
 from adadiff.threads import check_threads, prefer_passive_wait
+
+if TYPE_CHECKING:
+    from adadiff.engines.tensorrt import TensorRTBackend
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -96,11 +100,27 @@ def _open_tensorrt(
             "--backend tensorrt needs --engines FOLDER: export with `adadiff export --model MODEL "
             "-o FOLDER`, then build with `adadiff build FOLDER`"
         )
-    from adadiff.engines.onnxruntime import model_config
     from adadiff.engines.tensorrt import TensorRTBackend
 
     # TensorRT runs on CUDA only, so the CPU default means "the first GPU" here.
     backend = TensorRTBackend(engines, device="cuda" if device == "cpu" else device)
+    try:
+        return _checked_tensorrt(backend, engines, model, precision, tile_size, tile_overlap)
+    except BaseException:
+        backend.close()  # a refused setting must not leave engines and GPU memory behind
+        raise
+
+
+def _checked_tensorrt(
+    backend: TensorRTBackend,
+    engines: str | Path,
+    model: str | Path | None,
+    precision: str,
+    tile_size: int | None,
+    tile_overlap: int | None,
+) -> tuple[ModelConfig, Backend]:
+    from adadiff.engines.onnxruntime import model_config
+
     if precision != backend.exported.precision:
         raise ConfigError(
             f"{engines} holds a {backend.exported.precision} export; pass --precision "

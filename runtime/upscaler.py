@@ -139,7 +139,11 @@ class Upscaler:
             max_batch=max_batch,
             threads=threads,
         )
-        return cls(config, be, max_batch=max_batch, model_name=str(model or config.name))
+        try:
+            return cls(config, be, max_batch=max_batch, model_name=str(model or config.name))
+        except BaseException:
+            be.close()  # a refused setting must not leave engines and GPU memory behind
+            raise
 
     def schedule_of(self, schedule: str | None, interval: int | None) -> str:
         """The schedule a run takes: the one asked for, else the model's default (its

@@ -75,3 +75,22 @@ def test_pil_in_pil_out(upscaler, photo):
 def test_unknown_schedule(upscaler, photo):
     with pytest.raises(ConfigError, match="schedule"):
         upscaler.upscale(photo, schedule="fast")
+
+
+def test_a_refused_max_batch_closes_the_backend_it_opened(monkeypatch, tiny_config):
+    """Engines with batch profiles refuse a larger --max-batch; the opened backend is closed."""
+    from adadiff.engines import factory
+    from adadiff.errors import ConfigError
+    from adadiff.runtime.upscaler import Upscaler
+
+    class Profiled:
+        name, max_batch, closed = "profiled", 4, False
+
+        def close(self) -> None:
+            self.closed = True
+
+    opened = Profiled()
+    monkeypatch.setattr(factory, "make_backend", lambda *a, **k: (tiny_config, opened))
+    with pytest.raises(ConfigError, match="--max-batch 16 is larger"):
+        Upscaler.from_pretrained("tiny", max_batch=16)
+    assert opened.closed
