@@ -40,7 +40,7 @@ from adadiff.models.bundle import TorchModels, describe, load_models
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import lpips
 from adadiff.quality.metrics import psnr, ssim
-from adadiff.runtime.policy import Decision, DTSSPolicy, dtss_decide, gains, quality
+from adadiff.runtime.policy import DTSSPolicy, RecordingPolicy, dtss_decide, gains, quality
 from adadiff.runtime.upscaler import Upscaler
 from adadiff.training.data import PhotoWeighting, holdout_photos, load_photo
 from adadiff.training.degrade import bicubic_x4
@@ -142,21 +142,6 @@ def categories_from(scores: np.ndarray, t: np.ndarray, models: TorchModels) -> l
     return out
 
 
-class RecordingPolicy:
-    """DTSS, remembering every tile's categories in call order."""
-
-    needs_scores = True
-
-    def __init__(self, inner: DTSSPolicy) -> None:
-        self.inner = inner
-        self.categories: dict[int, list[str]] = {}
-
-    def decide(self, tile: int, t: int, g_fr: float, g_nr: float) -> Decision:
-        decision = self.inner.decide(tile, t, g_fr, g_nr)
-        self.categories.setdefault(tile, []).append(decision.category.value)
-        return decision
-
-
 def regressor_runs(
     models: TorchModels, up: np.ndarray, seed: int, max_batch: int
 ) -> tuple[list[int], dict[int, list[str]]]:
@@ -165,7 +150,7 @@ def regressor_runs(
     policy = RecordingPolicy(DTSSPolicy(cfg.dtss))
     lr = encode_latents(models, up, max_batch)
     result = sample_with(models, lr, mmle_score(models), policy, seed=seed, max_batch=max_batch)
-    return result.steps_per_tile, policy.categories
+    return result.steps_per_tile, policy.categories()
 
 
 def trajectory_resamples(

@@ -27,11 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +44,12 @@ from adadiff.quality.lpips import load_lpips
 from adadiff.quality.metrics import psnr, ssim
 from adadiff.runtime.colorfix import color_fix
 from adadiff.runtime.policy import (
-    Decision,
     DTSSPolicy,
     FixedExitPolicy,
+    RecordingPolicy,
     StepPolicy,
     UniformPolicy,
 )
-from adadiff.training.data import find_photo, load_photo
 from adadiff.training.labels import (
     OracleScorer,
     decode_latents,
@@ -59,10 +57,10 @@ from adadiff.training.labels import (
     mmle_score,
     sample_with,
 )
-from adadiff.training.loop import numpy_rng
 from adadiff.training.mmle import spearman
-from adadiff.training.pairs import Batch, PairStream
+from adadiff.training.pairs import Batch, crops_per_photo
 from benchmarks.machine import machine, weights_of
+from benchmarks.report import relative_link
 
 log = logging.getLogger("adadiff")
 
@@ -86,34 +84,10 @@ class Method:
     seeds: int | None = None  # None: every seed
 
 
-@dataclass
-class Recorder:
-    """Wraps a policy: every decision with its tile, timestep and gains."""
-
-    inner: StepPolicy
-    rows: list[tuple[int, int, float, float, str]] = field(default_factory=list)
-
-    @property
-    def needs_scores(self) -> bool:
-        return self.inner.needs_scores
-
-    def decide(self, tile: int, t: int, g_fr: float, g_nr: float) -> Decision:
-        d = self.inner.decide(tile, t, g_fr, g_nr)
-        self.rows.append((tile, t, g_fr, g_nr, d.category.value))
-        return d
-
-
 def holdout_crops(model: ModelConfig, photos: Sequence[str], crops: int, seed: int) -> Batch:
     """``crops`` tile-sized bicubic x4 crops of each photo (no augmentation beyond the crop)."""
-    parts = []
-    for k, name in enumerate(photos):
-        image = load_photo(find_photo(name))
-        stream = PairStream([image], numpy_rng(seed, 901, k), size=model.tile_size)
-        b = stream.batch(crops)
-        b.photo[:] = k
-        parts.append(b)
-    return Batch(
-        *(np.concatenate([getattr(b, f) for b in parts]) for f in ("hr", "lr", "up", "photo"))
+    return crops_per_photo(
+        photos, crops, size=model.tile_size, scale=model.upscale, seed=seed, stream=901
     )
 
 
@@ -203,21 +177,14 @@ def run_method(
     cfg = models.config
     dtss = method.dtss or cfg.dtss
     metrics = method.metrics or cfg.mmle.metrics
-    policy = Recorder(method.policy())
+    policy = RecordingPolicy(method.policy())
     if method.kind == "oracle":
         score: Callable[..., np.ndarray] = OracleScorer(models, crops.up, lr, metrics)
     else:
         score = mmle_score(models)
-    calls: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def scored(x0: np.ndarray, lr_: np.ndarray, t: np.ndarray) -> np.ndarray:
-        out = score(x0, lr_, t)
-        calls.append((t.copy(), np.asarray(out, np.float64)))
-        return out
-
     start = time.perf_counter()
     result = sample_with(
-        models, lr, scored, policy, seed=seed, max_batch=max_batch, dtss=dtss, metrics=metrics
+        models, lr, score, policy, seed=seed, max_batch=max_batch, dtss=dtss, metrics=metrics
     )
     return {
         "latents": result.latents,
@@ -500,7 +467,7 @@ def _ci(v: Sequence[float], digits: int = 3) -> str:
 def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
     """Markdown for README's front section, every figure from the JSON."""
     ms = result["methods"]
-    rel = Path(os.path.relpath(json_path.resolve(), readme.resolve().parent))
+    rel = Path(relative_link(json_path.resolve(), readme.resolve()))
     lines = [
         f"Generated from [`{rel}`]({rel}) by `python -m benchmarks.front --render {rel} "
         "--readme README.md`; do not edit by hand.",

@@ -117,9 +117,9 @@ def render(
     lines += _scaling(result.get("scaling"))
     lines += _fullsize(result.get("fullsize"))
     if memory is not None:
-        lines += _memory(memory[0], _rel(memory[1], readme))
+        lines += _memory(memory[0], relative_link(memory[1], readme))
     if load is not None:
-        lines += _load(load[0], _rel(load[1], readme))
+        lines += _load(load[0], relative_link(load[1], readme))
     plots_dir = json_path.parent
     for name in result.get("plots", []):
         link = os.path.relpath(plots_dir / name, readme.parent).replace(os.sep, "/")
@@ -259,7 +259,8 @@ def _scaling(data: dict[str, Any] | None) -> list[str]:
     return [*out, ""]
 
 
-def _rel(path: Path, readme: Path) -> str:
+def relative_link(path: Path, readme: Path) -> str:
+    """``path`` as a link from ``readme``'s folder, with forward slashes."""
     return os.path.relpath(path, readme.parent).replace(os.sep, "/")
 
 

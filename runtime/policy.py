@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from adadiff.config import DTSSConfig, MetricConfig, MetricKind
@@ -116,6 +116,31 @@ class UniformPolicy:
 
     def decide(self, tile: int, t: int, g_fr: float, g_nr: float) -> Decision:
         return Decision(Category.STABLE, self.interval)
+
+
+@dataclass
+class RecordingPolicy:
+    """Wraps a policy and keeps every decision: (tile, t, g_FR, g_NR, category), in call order.
+    For measurements: which categories fired, at which gains."""
+
+    inner: StepPolicy
+    rows: list[tuple[int, int, float, float, str]] = field(default_factory=list)
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.inner.needs_scores
+
+    def decide(self, tile: int, t: int, g_fr: float, g_nr: float) -> Decision:
+        d = self.inner.decide(tile, t, g_fr, g_nr)
+        self.rows.append((tile, t, g_fr, g_nr, d.category.value))
+        return d
+
+    def categories(self) -> dict[int, list[str]]:
+        """Each tile's categories in call order."""
+        out: dict[int, list[str]] = {}
+        for tile, _t, _g_fr, _g_nr, category in self.rows:
+            out.setdefault(tile, []).append(category)
+        return out
 
 
 @dataclass(frozen=True)

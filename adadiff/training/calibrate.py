@@ -179,7 +179,6 @@ def calibrate(
         "choice": pick.__dict__,
         "candidates": [c.__dict__ for c in candidates],
         "tiles": int(traj.lpips.shape[0]),
-        "photos": len(photos),
         "reference": {
             "last_estimate": float(traj.lpips[:, -1].mean()),
             "fixed_exit_t<400": float(traj.lpips[:, fixed].mean()),

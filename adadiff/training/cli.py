@@ -386,17 +386,16 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import json
+    from dataclasses import replace
 
-    import numpy as np
     import torch
 
-    from adadiff.config import CONFIG_FILE, ModelConfig
+    from adadiff.config import CONFIG_FILE
     from adadiff.errors import ConfigError
     from adadiff.models.bundle import load_folder
     from adadiff.training.calibrate import calibrate, record
-    from adadiff.training.data import HOLDOUT, find_photo, load_photo
-    from adadiff.training.loop import numpy_rng
-    from adadiff.training.pairs import Batch, PairStream, photo_names
+    from adadiff.training.data import HOLDOUT
+    from adadiff.training.pairs import crops_per_photo, photo_names
 
     folder = args.model
     if not (folder / CONFIG_FILE).is_file():
@@ -417,19 +416,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     models = load_folder(folder)
     cfg = models.config
-    parts = []
-    for k, name in enumerate(names):
-        stream = PairStream(
-            [load_photo(find_photo(name))],
-            numpy_rng(args.crop_seed, 902, k),
-            size=cfg.tile_size,
-            scale=cfg.upscale,
-        )
-        batch = stream.batch(args.crops)
-        batch.photo[:] = k
-        parts.append(batch)
-    crops = Batch(
-        *(np.concatenate([getattr(b, f) for b in parts]) for f in ("hr", "lr", "up", "photo"))
+    crops = crops_per_photo(
+        names, args.crops, size=cfg.tile_size, scale=cfg.upscale, seed=args.crop_seed, stream=902
     )
     print(
         f"recording {len(crops.hr)} crops x {args.seeds} seeds from {len(names)} photos, "
@@ -446,9 +434,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         progress=lambda done, total: print(f"seed {done}/{total} recorded", file=sys.stderr),
     )
     metrics, dtss, report = calibrate(traj, cfg.mmle.metrics, cfg.dtss, budget=args.budget)
-    new = ModelConfig.from_dict(
-        {**cfg.to_dict(), "dtss": dtss, "mmle": {**cfg.to_dict()["mmle"], "metrics": metrics}}
-    )
+    new = replace(cfg, dtss=dtss, mmle=replace(cfg.mmle, metrics=metrics))
     c, ref = report["choice"], report["reference"]
     print(
         f"tau {c['tau']:g}, second half from t < {c['nr_start_t']}, exit on the total gain; "

@@ -97,6 +97,31 @@ class PairStream:
         )
 
 
+def crops_per_photo(
+    names: Sequence[str], per_photo: int, *, size: int, scale: int = 4, seed: int, stream: int
+) -> Batch:
+    """``per_photo`` bicubic x``scale`` crops of ``size`` px from each named photo, in order;
+    ``photo`` indexes ``names``. Seeded by (seed, stream, photo index), so each photo's crops do
+    not depend on which other photos are asked for."""
+    from adadiff.training.data import find_photo
+    from adadiff.training.loop import numpy_rng
+
+    parts = []
+    for k, name in enumerate(names):
+        rng = numpy_rng(seed, stream, k)
+        batch = PairStream([load_photo(find_photo(name))], rng, size=size, scale=scale).batch(
+            per_photo
+        )
+        batch.photo[:] = k
+        parts.append(batch)
+    return Batch(
+        hr=np.concatenate([b.hr for b in parts]),
+        lr=np.concatenate([b.lr for b in parts]),
+        up=np.concatenate([b.up for b in parts]),
+        photo=np.concatenate([b.photo for b in parts]),
+    )
+
+
 def to_tensor(images: np.ndarray):  # -> torch.Tensor
     """[B, H, W, 3] in [0, 1] -> [B, 3, H, W] in [-1, 1], as the VAE encoder takes it."""
     import torch
