@@ -240,22 +240,32 @@ def _backends(data: dict[str, Any] | None) -> list[str]:
 def _scaling(data: dict[str, Any] | None) -> list[str]:
     if not data or "error" in data:
         return []
-    out = [
-        f"Scaling ({data['schedule']}, {data['backend']}; peak memory of a fresh process per "
-        "size):",
-        "",
-        "| input | tiles | wall s | s per tile | peak RSS MB |",
-        "|---|---|---|---|---|",
-    ]
-    for r in data["rows"]:
+    head = (
+        f"Scaling ({data['schedule']}, {data['backend']}; peak memory of a fresh process per size):"
+    )
+    return _size_table(head, data["rows"], with_output=False)
+
+
+def _size_table(head: str, rows: list[dict[str, Any]], *, with_output: bool) -> list[str]:
+    """One row per input size: tiles, wall time, time per tile, peak RSS (and the output size)."""
+    columns = ["input", *(["output"] if with_output else []), "tiles", "wall s", "s per tile"]
+    columns.append("peak RSS MB")
+    out = [head, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
         if "error" in r:
-            out.append(f"| {r['size']} | failed | | | |")
+            out.append(f"| {r['size']} | failed |" + " |" * (len(columns) - 2))
             continue
-        out.append(
-            f"| {r['input_size'][0]}x{r['input_size'][1]} | {r['tiles']} | "
-            f"{r['seconds']['median']:.2f} | {r['seconds_per_tile']:.3f} | "
-            f"{r['memory']['peak_rss_mb']} |"
-        )
+        cells = ["{}x{}".format(*r["input_size"])]
+        if with_output:
+            cells.append("{}x{}".format(*r["output_size"]))
+        digits = 1 if with_output else 2
+        cells += [
+            str(r["tiles"]),
+            f"{r['seconds']['median']:.{digits}f}",
+            f"{r['seconds_per_tile']:.3f}",
+            f"{r['memory']['peak_rss_mb']:.0f}" if with_output else f"{r['memory']['peak_rss_mb']}",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
     return [*out, ""]
 
 
@@ -268,27 +278,14 @@ def _memory(result: dict[str, Any], rel: str) -> list[str]:
     data = result.get("scaling")
     if not isinstance(data, dict) or "error" in data:
         return []
-    out = [
+    head = (
         f"Large photos, from [`{rel}`]({rel}) (`python -m benchmarks "
         f"{' '.join(result.get('argv', []))}`; {machine_line(result)}): what `adadiff upscale` "
         f"does with a file (read PNG, upscale into a uint8 canvas, write PNG), {data['schedule']} "
         "(memory does not depend on the steps), peak resident memory of a fresh process per "
-        "size, model included:",
-        "",
-        "| input | output | tiles | wall s | s per tile | peak RSS MB |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        if "error" in r:
-            out.append(f"| {r['size']} | failed | | | | |")
-            continue
-        w, h = r["input_size"]
-        ow, oh = r["output_size"]
-        out.append(
-            f"| {w}x{h} | {ow}x{oh} | {r['tiles']} | {r['seconds']['median']:.1f} | "
-            f"{r['seconds_per_tile']:.3f} | {r['memory']['peak_rss_mb']:.0f} |"
-        )
-    return [*out, ""]
+        "size, model included:"
+    )
+    return _size_table(head, data["rows"], with_output=True)
 
 
 def _load(data: dict[str, Any], rel: str) -> list[str]:
