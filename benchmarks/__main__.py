@@ -1,7 +1,8 @@
 """``python -m benchmarks quick|full [options]`` (also ``adadiff bench``),
 ``python -m benchmarks load`` (idle against busy machine),
-``python -m benchmarks front`` (quality against UNet evaluations, ``benchmarks.front``) and
-``python -m benchmarks report RESULTS.json``.
+``python -m benchmarks front`` (quality against UNet evaluations, ``benchmarks.front``),
+``python -m benchmarks quality`` (whole photos against bicubic, and a gallery:
+``benchmarks.quality``) and ``python -m benchmarks report RESULTS.json``.
 
 A suite writes ``OUT/results.json`` (machine, settings, every measured row and the summary
 ratios computed from those rows) and one PNG per section into ``OUT``.
@@ -71,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "front",
         help="quality against UNet evaluations per tile on hold-out crops (see front --help)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "quality",
+        help="a model against bicubic on whole photos, two degradations, and a gallery "
+        "(see quality --help)",
         add_help=False,
     )
     r = sub.add_parser("report", help="write README's Performance section from a results JSON")
@@ -230,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import front
 
         return front.main(argv[1:])
+    if argv[:1] == ["quality"]:
+        from benchmarks import quality
+
+        return quality.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "report":
         from benchmarks import report

@@ -3,7 +3,8 @@
     python -m benchmarks.front --out runs/front [--model tiny] [--seeds 3] [--crops 16]
     adadiff bench front --out runs/front ...
 
-On tile-sized crops of the hold-out photos (bicubic x4 degradation; never trained or tuned on),
+On tile-sized crops of the hold-out photos (bicubic x4 degradation; never trained or tuned on;
+``--photos validation`` for the photos choices are tuned on),
 every schedule runs through the runtime's own sampler from the same noise, one crop per tile:
 
 - uniform schedules (intervals 200 .. 5: 5 to 200 UNet evaluations per tile);
@@ -50,6 +51,7 @@ from adadiff.runtime.policy import (
     StepPolicy,
     UniformPolicy,
 )
+from adadiff.training.data import HOLDOUT, VALIDATION
 from adadiff.training.labels import (
     OracleScorer,
     decode_latents,
@@ -58,13 +60,13 @@ from adadiff.training.labels import (
     sample_with,
 )
 from adadiff.training.mmle import spearman
-from adadiff.training.pairs import Batch, crops_per_photo
+from adadiff.training.pairs import PHOTO_SETS, Batch, crops_per_photo, photo_names
 from benchmarks.machine import machine, weights_of
 from benchmarks.report import relative_link
 
 log = logging.getLogger("adadiff")
 
-HOLDOUT_PHOTOS = ("chelsea", "coffee", "gravel")
+HOLDOUT_PHOTOS = HOLDOUT
 UNIFORM_INTERVALS = (200, 100, 50, 20, 10, 5)
 # Timestep bands of the gain diagnostics: (low, high], first band holds t = 0.
 BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
@@ -464,6 +466,12 @@ def _ci(v: Sequence[float], digits: int = 3) -> str:
     return f"{v[0]:.{digits}f} ({v[1]:.{digits}f} to {v[2]:.{digits}f})"
 
 
+def _photo_set(names: Sequence[str]) -> str:
+    if set(names) == set(HOLDOUT):
+        return "hold-out"
+    return "validation" if set(names) == set(VALIDATION) else "named"
+
+
 def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
     """Markdown for README's front section, every figure from the JSON."""
     ms = result["methods"]
@@ -472,7 +480,8 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
         f"Generated from [`{rel}`]({rel}) by `python -m benchmarks.front --render {rel} "
         "--readme README.md`; do not edit by hand.",
         "",
-        f"{len(result['photos'])} hold-out photos ({', '.join(result['photos'])}), "
+        f"{len(result['photos'])} {_photo_set(result['photos'])} photos "
+        f"({', '.join(result['photos'])}), "
         f"{result['crops_per_photo']} crops of {result['tile']} px each, {result['degradation']}, "
         f"{result['seeds']} seeds; every schedule from the same noise. 90% intervals from "
         "resampling crops and seeds; the diff columns are paired (same crops and seeds).",
@@ -550,6 +559,12 @@ def write_readme(result: dict[str, Any], json_path: Path, readme: Path) -> None:
     print(f"updated {readme}")
 
 
+def _photos(text: str) -> tuple[str, ...]:
+    if text in PHOTO_SETS and text != "train":
+        return tuple(photo_names(text))
+    return tuple(text.split(","))
+
+
 def _pair(text: str) -> tuple[str, Path]:
     name, _, path = text.partition("=")
     if not name or not path:
@@ -575,7 +590,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, help="output folder (front.json and front.png)")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--photos", type=lambda s: tuple(s.split(",")), default=HOLDOUT_PHOTOS)
+    p.add_argument(
+        "--photos",
+        type=_photos,
+        default=HOLDOUT_PHOTOS,
+        help="holdout (to report), validation (to tune on), or names separated by commas",
+    )
     p.add_argument("--crops", type=int, default=16, help="crops per photo, one tile each")
     p.add_argument("--crop-seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3)

@@ -106,7 +106,7 @@ def test_calibrate_command_records_fits_and_writes_the_config(
     folder = tmp_path / "model"
     shutil.copytree(tiny_dir, folder)
     before = ModelConfig.load(folder)
-    args = ["calibrate", str(folder), "--photos", "astronaut,rocket", "--crops", "2"]
+    args = ["calibrate", str(folder), "--crops", "2"]  # the validation photos by default
     assert main([*args, "--interval", "200", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "tau " in out and "weights: psnr" in out
@@ -115,7 +115,7 @@ def test_calibrate_command_records_fits_and_writes_the_config(
     assert [m.name for m in after.mmle.metrics] == [m.name for m in before.mmle.metrics]
     assert after.unet == before.unet and after.tile_size == before.tile_size
     report = json.loads((folder / "calibration.json").read_text())
-    assert report["tiles"] == 4 and report["photos"] == ["astronaut", "rocket"]
+    assert report["tiles"] == 4 and report["photos"] == ["grass", "rocket"]
     assert report["before"]["dtss"]["exit_on"] == "nr"
 
 

@@ -67,9 +67,27 @@ def test_config_validation():
 def test_holdout_never_in_training():
     training = {p.name for p in data.training_photos()}
     held = {p.name for p in data.holdout_photos()}
+    tuned = {p.name for p in data.validation_photos()}
     assert held == set(data.HOLDOUT) and len(held) >= 3
-    assert not training & held
+    assert tuned == set(data.VALIDATION) and len(tuned) >= 2  # leave-one-photo-out needs two
+    assert not training & held and not training & tuned and not tuned & held
+    assert "astronaut" in held  # the demo's photo, a face: reported, never trained on
     assert len(training) >= 8
+
+
+def test_blur_jpeg_degradation_is_fixed_and_softer_than_bicubic():
+    hr = data.load_photo("gravel")[:128, :128]
+    lr = degrade.blur_jpeg_x4(hr)
+    assert lr.shape == (32, 32, 3) and lr.dtype == np.float32
+    np.testing.assert_array_equal(lr, degrade.blur_jpeg_x4(hr))  # no randomness
+
+    def detail(x):
+        return float(np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean())
+
+    plain = degrade.bicubic_x4(hr)
+    assert detail(lr) < 0.8 * detail(plain)
+    no_blur = degrade.blur_jpeg_x4(hr, sigma=0.0, quality=60)
+    np.testing.assert_array_equal(no_blur, degrade.jpeg(plain, 60))
 
 
 def test_crop_stream_is_seeded_and_pairs_have_both_modes():

@@ -174,6 +174,21 @@ def test_unet_needs_a_vae_checkpoint(tmp_path, cfg, images):
         train_unet(cfg, tmp_path, opts(1), images=images)
 
 
+def test_unet_can_take_the_vae_of_a_model_folder(tmp_path, cfg, images, tiny_dir):
+    from adadiff.models.bundle import build_random
+    from adadiff.training.unet import train_unet
+
+    folder = build_random(cfg, seed=5).save(tmp_path / "model")
+    train_unet(cfg, tmp_path / "w", opts(1), small_pool(), images=images, vae_from=folder)
+    state = load_latest(tmp_path / "w" / "unet", stage="unet")["state"]
+    source = build_random(cfg, seed=5)
+    for key, value in source.vae.state_dict().items():
+        torch.testing.assert_close(state["vae"][key], value, rtol=0, atol=0)
+    assert state["scaling_factor"] == cfg.scaling_factor
+    with pytest.raises(ConfigError, match="not the one"):
+        train_unet(cfg, tmp_path / "x", opts(1), small_pool(), images=images, vae_from=tiny_dir)
+
+
 def test_decoder_fine_tune_keeps_the_encoder_and_is_assembled(tmp_path, unet_workdir, cfg, images):
     from adadiff.training.assemble import frozen_models
     from adadiff.training.decoder import DecoderOptions, train_decoder
@@ -212,6 +227,58 @@ def test_decoder_fine_tune_keeps_the_encoder_and_is_assembled(tmp_path, unet_wor
         frozen_models(cfg, workdir, with_mmle=False)
     with pytest.raises(ConfigError, match="another encoder"):
         train_decoder(cfg, workdir, opts(5), dopts, images=images)
+
+
+def test_decoder_learns_from_the_models_own_samples(tmp_path, unet_workdir, cfg, images):
+    from adadiff.training.assemble import frozen_models
+    from adadiff.training.decoder import DecoderOptions, SamplePool, train_decoder
+
+    dopts = DecoderOptions(
+        perceptual_weight=0.0,
+        crop=16,
+        sample_prob=1.0,
+        sample_pool=3,
+        sample_refresh=1,
+        sample_intervals=(500,),
+        realesrgan_prob=0.0,
+    )
+    for name in ("a", "b"):
+        shutil.copytree(unet_workdir / "unet", tmp_path / name / "unet")
+    straight = train_decoder(cfg, tmp_path / "a", opts(3), dopts, images=images)
+    train_decoder(cfg, tmp_path / "b", opts(2), dopts, images=images)
+    resumed = train_decoder(cfg, tmp_path / "b", opts(3), dopts, images=images)
+    # The pool of samples travels in the checkpoint, so a resumed run continues exactly.
+    assert resumed.history[-1]["losses"] == straight.history[-1]["losses"]
+    samples = load_latest(tmp_path / "b" / "decoder", stage="decoder")["state"]["samples"]
+    assert samples["latents"].shape == (3, 4, 16, 16) and samples["hr"].shape == (3, 3, 32, 32)
+    assert samples["hr"].dtype == torch.uint8
+
+    # Each drawn latent window sits over the HR window it is trained to decode to.
+    pool = SamplePool(
+        cfg,
+        frozen_models(cfg, unet_workdir, with_mmle=False),
+        images,
+        dopts,
+        rng=np.random.default_rng(0),
+    )
+    ys, xs = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    pool.latents = torch.from_numpy(np.stack([np.stack([ys, xs, ys, xs])] * 3)).float()
+    hy, hx = np.meshgrid(np.arange(32) // 2, np.arange(32) // 2, indexing="ij")
+    pool.hr = torch.from_numpy(np.stack([np.stack([hy, hx, hy])] * 3).astype(np.uint8))
+    latents, hr = pool.draw(4, 16, np.random.default_rng(1))
+    assert latents.shape == (4, 4, 8, 8) and hr.shape == (4, 3, 16, 16)
+    hr_levels = torch.round((hr + 1.0) * 127.5)
+    for lat, target in zip(latents, hr_levels, strict=True):
+        torch.testing.assert_close(
+            lat[0].repeat_interleave(2, 0).repeat_interleave(2, 1), target[0]
+        )
+        torch.testing.assert_close(
+            lat[1].repeat_interleave(2, 0).repeat_interleave(2, 1), target[1]
+        )
+
+    with pytest.raises(ConfigError, match="at most the tile size"):
+        bad = DecoderOptions(perceptual_weight=0.0, crop=40, sample_prob=1.0, sample_pool=2)
+        train_decoder(cfg, tmp_path / "b", opts(4), bad, images=images)
 
 
 def test_learning_rate_schedules():
@@ -556,7 +623,8 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     assert "## Data" in card and "| mmle | 3 |" in card
     # the photo table lists what each stage recorded: here only the labels name their photos
     assert "| moon | scikit-image |" in card and "| labels |" in card
-    assert "| brick |" not in card and "astronaut" not in card
+    assert "| brick |" not in card and "| camera |" not in card
+    assert "Held out (never trained or tuned on" in card and "astronaut (NASA" in card
     assert "recorded no photo names: vae, unet" in card
     assert "labels draw every photo equally often" in card
     unet_state = load_latest(workdir / "unet")["state"]

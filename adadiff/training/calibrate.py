@@ -5,11 +5,11 @@ data. On a model whose late steps add grain, the no-reference scores rise with t
 full-reference scores (against the blurry bicubic input) fall with any detail, so the paper's
 numbers make DTSS jump by 15 or 20 to t = 0 and never exit where quality peaks.
 
-Calibration asks the question DTSS stands for directly. On tuning crops (training photos only:
-the hold-out photos stay out, so the front can report them), every tile runs a trajectory of
-jumps of ``interval`` with MMLE scoring each clean estimate, and each estimate is also decoded,
-colour-corrected like the output and scored against its HR crop with LPIPS, which only training
-can know. Then:
+Calibration asks the question DTSS stands for directly. On tuning crops (the validation photos
+by default; the hold-out photos stay out, so the front can report them), every tile runs a
+trajectory of jumps of ``interval`` with MMLE scoring each clean estimate, and each estimate is
+also decoded, colour-corrected like the output and scored against its HR crop with LPIPS, which
+only training can know. Then:
 
 1. weights: a ridge regression, within trajectories (tile means removed), of -LPIPS to HR on
    MMLE's scores over the steps with t < ``nr_start_t`` (where exits happen). R = sum w_c M_c

@@ -132,6 +132,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--pool", type=int, default=1024, help="encoded latent pairs kept (0: encode every batch)"
     )
     unet.add_argument("--refresh", type=int, default=4, help="pairs re-encoded per step")
+    unet.add_argument(
+        "--vae-from",
+        metavar="MODEL",
+        help="take the VAE from this model folder or preset instead of the workdir's vae stage",
+    )
 
     decoder = stages.add_parser(
         "decoder",
@@ -146,6 +151,26 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="share of inputs that are bicubic-upscaled LR crops",
     )
     decoder.add_argument("--crop", type=positive, default=64, help="training crop side in px")
+    decoder.add_argument(
+        "--sample-prob",
+        type=fraction,
+        default=0.0,
+        help="share of each batch decoded from the UNet's own samples (target: the HR crop)",
+    )
+    decoder.add_argument(
+        "--sample-intervals",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=(200, 100, 50),
+        help="uniform intervals the samples are drawn with (200: 5 steps)",
+    )
+    decoder.add_argument("--sample-pool", type=positive, default=256, help="samples kept")
+    decoder.add_argument("--sample-refresh", type=positive, default=2, help="new samples per step")
+    decoder.add_argument(
+        "--realesrgan-prob",
+        type=fraction,
+        default=0.5,
+        help="share of sampled crops degraded by Real-ESRGAN's pipeline instead of bicubic x4",
+    )
     _photo_weighting(decoder)
 
     labels = stages.add_parser("labels", help="oracle-scored trajectories of the frozen model")
@@ -278,7 +303,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             pool=args.pool,
             refresh=args.refresh,
         )
-        result = train_unet(cfg, workdir, _options(args), uopts)
+        result = train_unet(cfg, workdir, _options(args), uopts, vae_from=args.vae_from)
     elif stage == "decoder":
         from adadiff.training.decoder import DecoderOptions, train_decoder
 
@@ -287,6 +312,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             lr_input_prob=args.lr_input_prob,
             crop=args.crop,
             weighting=args.photo_weighting,
+            sample_prob=args.sample_prob,
+            sample_intervals=args.sample_intervals,
+            sample_pool=args.sample_pool,
+            sample_refresh=args.sample_refresh,
+            realesrgan_prob=args.realesrgan_prob,
         )
         result = train_decoder(cfg, workdir, _options(args), dopts, cache_dir=args.metrics_cache)
     elif stage == "labels":
@@ -368,7 +398,7 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="model folder whose adadiff.json is calibrated")
     p.add_argument(
         "--photos",
-        help="comma-separated tuning photos (default: every training photo; hold-out refused)",
+        help="comma-separated tuning photos (default: the validation photos; hold-out refused)",
     )
     p.add_argument("--crops", type=positive, default=6, help="tile-sized crops per photo")
     p.add_argument("--seeds", type=positive, default=1, help="noise seeds per crop")
@@ -403,7 +433,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{folder} has no {CONFIG_FILE}: give a model folder (calibrate rewrites its config; "
             "copy adadiff/weights/tiny to calibrate the built-in model)"
         )
-    names = args.photos.split(",") if args.photos else photo_names("train")
+    names = args.photos.split(",") if args.photos else photo_names("validation")
     held = sorted(set(names) & set(HOLDOUT))
     if held:
         raise ConfigError(

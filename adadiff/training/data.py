@@ -10,8 +10,9 @@ Sources (found on disk through the installed packages; none is imported or downl
 - scikit-learn ``datasets/images`` (china, flower), matplotlib ``sample_data/grace_hopper.jpg``
   and PyWavelets ``data/aero.npz``: used when those packages are installed (optional).
 
-``HOLDOUT`` names photos that training never sees; evaluation uses them. They come from
-scikit-image only, so the hold-out set is the same wherever the package is installed.
+``HOLDOUT`` names photos that training never sees; evaluation reports on them. ``VALIDATION``
+names photos that training never sees either, on which choices are tuned. Both come from
+scikit-image only, so they are the same wherever the package is installed.
 """
 
 from __future__ import annotations
@@ -55,9 +56,13 @@ OPTIONAL_PHOTOS: dict[str, tuple[str, str]] = {
     "pywt_aero": ("pywt", "data/aero.npz"),
 }
 
-# A cat (fur, whiskers), a table-top still life (smooth gradients, specular highlights) and a
-# gray texture: three kinds of content; the motorcycle stereo pair stays together in training.
-HOLDOUT: tuple[str, ...] = ("chelsea", "coffee", "gravel")
+# A portrait (a face, a flat studio background), a cat (fur, whiskers), a table-top still life
+# (smooth gradients, specular highlights) and a gray texture: the kinds of content a user looks
+# at first; the motorcycle stereo pair stays together in training.
+HOLDOUT: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "gravel")
+# Photos that choices are tuned on (checkpoints, calibration, schedules); training never sees
+# them either, so a choice made on them is not fitted to the hold-out photos that report it.
+VALIDATION: tuple[str, ...] = ("grass", "rocket")
 
 DegradationMode = Literal["realesrgan", "bicubic"]
 # How crops pick their photo: in proportion to its area, or every photo equally often.
@@ -101,20 +106,29 @@ def available_photos() -> tuple[Photo, ...]:
 
 
 def training_photos() -> tuple[Photo, ...]:
-    """Available photos minus ``HOLDOUT``."""
-    return tuple(p for p in available_photos() if p.name not in HOLDOUT)
+    """Available photos minus ``HOLDOUT`` and ``VALIDATION``."""
+    return tuple(p for p in available_photos() if p.name not in (*HOLDOUT, *VALIDATION))
+
+
+def _named_set(names: tuple[str, ...], what: str) -> tuple[Photo, ...]:
+    found = {p.name: p for p in available_photos() if p.name in names}
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise InputImageError(
+            f"{what} photos {missing} not found; install scikit-image (pip install "
+            "scikit-image), which ships them"
+        )
+    return tuple(found[name] for name in names)
 
 
 def holdout_photos() -> tuple[Photo, ...]:
     """The hold-out photos; ``InputImageError`` if scikit-image is missing."""
-    found = {p.name: p for p in available_photos() if p.name in HOLDOUT}
-    missing = [name for name in HOLDOUT if name not in found]
-    if missing:
-        raise InputImageError(
-            f"hold-out photos {missing} not found; install scikit-image (pip install "
-            "scikit-image), which ships them"
-        )
-    return tuple(found[name] for name in HOLDOUT)
+    return _named_set(HOLDOUT, "hold-out")
+
+
+def validation_photos() -> tuple[Photo, ...]:
+    """The validation photos; ``InputImageError`` if scikit-image is missing."""
+    return _named_set(VALIDATION, "validation")
 
 
 def find_photo(name: str) -> Photo:

@@ -8,7 +8,16 @@ of every full-reference score, a level the MMLE regressor cannot see in the late
 
 The decoder starts from the VAE in the newest UNet checkpoint and learns to map posterior means
 (what the runtime decodes is a point estimate too) back to the input: L1 + ``perceptual_weight``
-x LPIPS. A share ``lr_input_prob`` of the inputs are bicubic-upscaled LR crops. Checkpoints
+x LPIPS. A share ``lr_input_prob`` of the inputs are bicubic-upscaled LR crops.
+
+With ``sample_prob`` > 0 that share of every batch is instead the model's own output: the
+frozen UNet samples a tile-sized LR crop (bicubic or Real-ESRGAN-degraded, ``realesrgan_prob``)
+with a uniform schedule drawn from ``sample_intervals``, and the decoder learns to map that
+final latent to the HR crop. The UNet's latents are not exactly the encoder's: their small
+errors decode as grain and colour speckles, which this teaches the decoder to draw cleanly (the
+idea of StableSR's fidelity decoder, as a fine-tune). Those samples live in a pool of
+``sample_pool`` (latent, HR) pairs, ``sample_refresh`` of which are replaced per step; a window
+of ``crop`` px is taken from each. Checkpoints
 hold the decoder weights and a fingerprint of the encoder they were trained against;
 ``frozen_models`` puts them into the assembled model when the fingerprint matches.
 """
@@ -16,6 +25,7 @@ hold the decoder weights and a fingerprint of the encoder they were trained agai
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +37,7 @@ from torch.nn import functional as F
 
 from adadiff.config import ModelConfig
 from adadiff.errors import ConfigError
+from adadiff.models.bundle import TorchModels
 from adadiff.training.data import PhotoWeighting, check_weighting
 from adadiff.training.loop import (
     Progress,
@@ -40,6 +51,8 @@ from adadiff.training.loop import (
 from adadiff.training.pairs import PairStream, load_images, photo_names, to_tensor
 from adadiff.training.vae import build_vae, encode_moments
 
+log = logging.getLogger("adadiff.training")
+
 STAGE = "decoder"
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")
 
@@ -51,8 +64,28 @@ class DecoderOptions:
     grad_clip: float = 1.0
     crop: int = 64
     weighting: PhotoWeighting = "photo"
+    sample_prob: float = 0.0
+    sample_intervals: tuple[int, ...] = (200, 100, 50)
+    sample_pool: int = 256
+    sample_refresh: int = 2
+    realesrgan_prob: float = 0.5
 
     def __post_init__(self) -> None:
+        if not 0 <= self.sample_prob <= 1 or not 0 <= self.realesrgan_prob <= 1:
+            raise ConfigError(
+                f"sample_prob and realesrgan_prob must be in [0, 1], got {self.sample_prob}, "
+                f"{self.realesrgan_prob}"
+            )
+        if self.sample_prob and (
+            self.sample_pool < 1
+            or self.sample_refresh < 1
+            or not self.sample_intervals
+            or min(self.sample_intervals) < 1
+        ):
+            raise ConfigError(
+                "with sample_prob > 0, sample_pool and sample_refresh must be >= 1 and "
+                f"sample_intervals positive, got {self}"
+            )
         if self.crop < 8 or self.crop % 8:
             raise ConfigError(f"crop must be a multiple of 8 (>= 8), got {self.crop}")
         if self.perceptual_weight < 0 or self.grad_clip <= 0:
@@ -93,6 +126,7 @@ class DecoderStage:
         vae_state: dict[str, torch.Tensor],
         *,
         cache_dir: str | Path | None = None,
+        sampler: TorchModels | None = None,
     ) -> None:
         self.cfg, self.opts, self.dopts = cfg, opts, dopts
         self.photos: list[str] = []  # names of the training photos, for the model card
@@ -111,6 +145,11 @@ class DecoderStage:
         self.stream = PairStream(
             images, self.rng, size=dopts.crop, scale=cfg.upscale, weighting=dopts.weighting
         )
+        self.samples: SamplePool | None = None
+        if dopts.sample_prob > 0:
+            if sampler is None:
+                raise ConfigError("sample_prob > 0 needs the frozen model to sample with")
+            self.samples = SamplePool(cfg, sampler, images, dopts, numpy_rng(opts.seed, 22))
         self.lpips = None
         if dopts.perceptual_weight > 0:
             from adadiff.quality.lpips import load_lpips
@@ -120,11 +159,24 @@ class DecoderStage:
     def step(self, step: int) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = self.opts.lr_at(step)
-        b = self.stream.batch(self.opts.batch)
-        use_up = self.rng.random(self.opts.batch) < self.dopts.lr_input_prob
-        x = to_tensor(np.where(use_up[:, None, None, None], b.up, b.hr))
-        with torch.no_grad():
-            mean, _ = encode_moments(self.vae, x)
+        n = self.opts.batch
+        n_sampled = 0
+        if self.samples is not None:
+            n_sampled = int(np.sum(self.rng.random(n) < self.dopts.sample_prob))
+        latents, targets = [], []
+        if n > n_sampled:
+            b = self.stream.batch(n - n_sampled)
+            use_up = self.rng.random(n - n_sampled) < self.dopts.lr_input_prob
+            x = to_tensor(np.where(use_up[:, None, None, None], b.up, b.hr))
+            with torch.no_grad():
+                latents.append(encode_moments(self.vae, x)[0])
+            targets.append(x)
+        if n_sampled:
+            assert self.samples is not None
+            sampled, hr = self.samples.draw(n_sampled, self.dopts.crop, self.rng)
+            latents.append(sampled / self.samples.scaling_factor)
+            targets.append(hr)
+        mean, x = torch.cat(latents), torch.cat(targets)
         rec = self.vae.decode(mean, return_dict=False)[0]
         l1 = F.l1_loss(rec, x)
         loss = l1
@@ -143,12 +195,15 @@ class DecoderStage:
         return terms
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "decoder": decoder_state(self.vae.state_dict()),
             "encoder_fingerprint": self.fingerprint,
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(self.rng),
         }
+        if self.samples is not None:
+            state["samples"] = self.samples.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["encoder_fingerprint"] != self.fingerprint:
@@ -159,6 +214,8 @@ class DecoderStage:
         self.vae.load_state_dict(state["decoder"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(self.rng, state["rng"])
+        if self.samples is not None and "samples" in state:
+            self.samples.load_state_dict(state["samples"])
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -166,6 +223,96 @@ class DecoderStage:
             "encoder_fingerprint": self.fingerprint,
             "options": self.dopts.__dict__.copy(),
         }
+
+
+class SamplePool:
+    """(final latent, HR crop) pairs from the frozen model's own sampling, refreshed FIFO."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        models: TorchModels,
+        images: list[np.ndarray],
+        dopts: DecoderOptions,
+        rng: np.random.Generator,
+    ) -> None:
+        self.models, self.dopts, self.rng = models, dopts, rng
+        self.scaling_factor = float(models.config.scaling_factor)
+        self.stream = PairStream(
+            images,
+            rng,
+            size=cfg.tile_size,
+            scale=cfg.upscale,
+            realesrgan_prob=dopts.realesrgan_prob,
+            weighting=dopts.weighting,
+        )
+        self.latents: torch.Tensor | None = None  # [P, C, s, s] scaled latents
+        self.hr: torch.Tensor | None = None  # [P, 3, S, S] uint8
+        self.cursor = 0
+        self.made = 0
+
+    def fresh(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from adadiff.runtime.policy import UniformPolicy
+        from adadiff.training.labels import encode_latents, mmle_score, sample_with
+
+        batch = self.stream.batch(n)
+        lr = encode_latents(self.models, batch.up, max_batch=16)
+        interval = int(self.rng.choice(self.dopts.sample_intervals))
+        result = sample_with(
+            self.models,
+            lr,
+            mmle_score(self.models),
+            UniformPolicy(interval),
+            seed=int(self.rng.integers(0, 2**31 - 1)),
+            max_batch=16,
+        )
+        self.made += n
+        hr = torch.from_numpy(np.round(batch.hr * 255).astype(np.uint8).transpose(0, 3, 1, 2))
+        return torch.from_numpy(np.ascontiguousarray(result.latents)), hr
+
+    def draw(
+        self, n: int, crop: int, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` pairs from the pool, each cut to a ``crop`` px window: (latents, HR in [-1, 1])."""
+        size = self.dopts.sample_pool
+        if self.latents is None or self.hr is None:
+            log.info("decoder: sampling %d tiles with the frozen model for the pool", size)
+            parts = [self.fresh(min(16, size - i)) for i in range(0, size, 16)]
+            self.latents = torch.cat([p[0] for p in parts])
+            self.hr = torch.cat([p[1] for p in parts])
+        picked = torch.from_numpy(rng.integers(0, size, n))
+        f = self.hr.shape[-1] // self.latents.shape[-1]  # HR px per latent px
+        if crop % f or crop > self.hr.shape[-1]:
+            raise ConfigError(
+                f"crop {crop} must be a multiple of {f} and at most the tile size "
+                f"{self.hr.shape[-1]} to cut windows from the samples"
+            )
+        side = crop // f
+        span = self.latents.shape[-1] - side
+        lat, hr = [], []
+        for i in picked.tolist():
+            y, x = (int(v) for v in rng.integers(0, span + 1, 2))
+            lat.append(self.latents[i, :, y : y + side, x : x + side])
+            hr.append(self.hr[i, :, y * f : (y + side) * f, x * f : (x + side) * f])
+        slots = (self.cursor + torch.arange(self.dopts.sample_refresh)) % size
+        new_latents, new_hr = self.fresh(len(slots))
+        self.latents[slots], self.hr[slots] = new_latents, new_hr
+        self.cursor = int(slots[-1] + 1) % size
+        return torch.stack(lat), torch.stack(hr).float() / 127.5 - 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "latents": self.latents if self.latents is not None else torch.zeros(0),
+            "hr": self.hr if self.hr is not None else torch.zeros(0, dtype=torch.uint8),
+            "cursor": self.cursor,
+            "rng": rng_state(self.rng),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["latents"]) == self.dopts.sample_pool:
+            self.latents, self.hr = state["latents"].clone(), state["hr"].clone()
+        self.cursor = int(state["cursor"]) % self.dopts.sample_pool
+        set_rng_state(self.rng, state["rng"])
 
 
 def train_decoder(
@@ -184,6 +331,11 @@ def train_decoder(
 
     workdir = Path(workdir)
     state = unet_checkpoint(workdir)["state"]
+    sampler = None
+    if dopts.sample_prob > 0:
+        from adadiff.training.assemble import frozen_models
+
+        sampler = frozen_models(cfg, workdir, with_mmle=False, seed=opts.seed)
     stage = DecoderStage(
         cfg,
         opts,
@@ -191,6 +343,7 @@ def train_decoder(
         images if images is not None else load_images("train"),
         state["vae"],
         cache_dir=cache_dir,
+        sampler=sampler,
     )
     stage.photos = photo_names("train") if images is None else []
     return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)

@@ -304,6 +304,16 @@ def bicubic_x4(hr: np.ndarray) -> np.ndarray:
     return np.clip(small, 0.0, 1.0)
 
 
+def blur_jpeg_x4(hr: np.ndarray, *, sigma: float = 2.0, quality: int = 60) -> np.ndarray:
+    """A fixed real-world degradation for evaluation: an isotropic Gaussian blur of ``sigma`` HR
+    px (a camera's softness), ``bicubic_x4``, then JPEG at ``quality`` on the LR image."""
+    _check_image(hr, 4)
+    if sigma > 0:
+        size = 2 * int(np.ceil(3 * sigma)) + 1
+        hr = np.clip(filter2d(hr, anisotropic_kernel(size, sigma, sigma, 0.0)), 0.0, 1.0)
+    return jpeg(bicubic_x4(hr), quality)
+
+
 # --------------------------------------------------------------------------------------------
 # Noise and JPEG
 # --------------------------------------------------------------------------------------------

@@ -21,15 +21,18 @@ from adadiff.training.data import (
     pair,
     sample_indexed_crops,
     training_photos,
+    validation_photos,
 )
 
-PHOTO_SETS = ("train", "holdout")
+PHOTO_SETS = ("train", "validation", "holdout")
 
 
 def photo_names(which: str = "train") -> list[str]:
-    """Names of the training photos (hold-out excluded) or of the hold-out photos, in order."""
+    """Names of the training, validation or hold-out photos, in order."""
     if which == "train":
         photos = training_photos()
+    elif which == "validation":
+        photos = validation_photos()
     elif which == "holdout":
         photos = holdout_photos()
     else:

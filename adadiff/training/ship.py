@@ -19,7 +19,7 @@ import numpy as np
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import SHIPPED, describe
-from adadiff.training.data import HOLDOUT, available_photos, training_photos
+from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, training_photos
 
 log = logging.getLogger("adadiff.training")
 
@@ -180,6 +180,19 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _decoder_samples(options: dict[str, Any]) -> str:
+    share = options.get("sample_prob", 0.0)
+    if not share:
+        return ""
+    intervals = ", ".join(str(i) for i in options.get("sample_intervals", ()))
+    return (
+        f"; a share {share} of each batch is instead the final latent the frozen UNet samples "
+        f"from an LR crop (uniform intervals {intervals}; LR Real-ESRGAN-degraded with "
+        f"probability {options.get('realesrgan_prob', '-')}), decoded against its HR crop, so "
+        "the decoder draws the UNet's own latents without their grain"
+    )
+
+
 def model_card(
     cfg: ModelConfig,
     workdir: Path,
@@ -262,8 +275,10 @@ def model_card(
             if unrecorded
             else []
         ),
-        "Held out (never trained on, used by the evaluation): "
+        "Held out (never trained or tuned on, used by the evaluation): "
         + ", ".join(f"{p.name} ({PHOTO_LICENCES.get(p.name, 'see the package')})" for p in holdout)
+        + ". Validation (never trained on; choices such as calibration are tuned on them): "
+        + ", ".join(VALIDATION)
         + ".",
         "",
         "## Training",
@@ -282,11 +297,14 @@ def model_card(
         "",
         f"- VAE: L1 + {v_opts.get('perceptual_weight', '-')} x LPIPS (AlexNet) + "
         f"{v_opts.get('kl_weight', '-')} x KL on a sampled posterior; a share "
-        f"{v_opts.get('lr_input_prob', '-')} of inputs are bicubic-upscaled LR crops; crops "
-        f"{crops}.",
+        f"{v_opts.get('lr_input_prob', '-')} of inputs are bicubic-upscaled LR crops (a share "
+        f"{v_opts.get('realesrgan_prob', 0.0)} of them Real-ESRGAN-degraded, the rest bicubic "
+        f"x4); crops {crops}.",
         f"- UNet + PFJ: {cfg.noise.prediction_type.value} MSE, t uniform in [0, 999], AdamW, EMA "
         f"{u_opts.get('ema', '-')} (the EMA weights are shipped); latent pairs from a pool of "
-        f"{u_opts.get('pool', '-')} refreshed by {u_opts.get('refresh', '-')} per step. PFJ "
+        f"{u_opts.get('pool', '-')} refreshed by {u_opts.get('refresh', '-')} per step; LR "
+        f"crops degraded by the Real-ESRGAN second-order pipeline with probability "
+        f"{u_opts.get('realesrgan_prob', 0.0)}, else bicubic x4. PFJ "
         "sees gains as the runtime "
         f"can produce them: zero with probability {u_opts.get('gain_zero_prob', '-')}, else "
         f"tanh(N(0, {u_opts.get('gain_std', '-')})) per component, g_NR = 0 for "
@@ -299,7 +317,9 @@ def model_card(
                 f"{decoder['summary']['options'].get('perceptual_weight', '-')} x LPIPS on "
                 "posterior means; a share "
                 f"{decoder['summary']['options'].get('lr_input_prob', '-')} of inputs are "
-                "bicubic-upscaled LR crops. The shipped VAE decoder is this one."
+                "bicubic-upscaled LR crops"
+                + _decoder_samples(decoder["summary"]["options"])
+                + ". The shipped VAE decoder is this one."
             ]
             if decoder
             else []

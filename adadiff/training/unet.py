@@ -262,24 +262,50 @@ def train_unet(
     *,
     images: list[np.ndarray] | None = None,
     progress: Progress | None = None,
+    vae_from: str | Path | None = None,
 ) -> StageResult:
-    """Train (or resume) UNet + PFJ into ``workdir/unet`` on the newest VAE checkpoint."""
+    """Train (or resume) UNet + PFJ into ``workdir/unet`` on the newest VAE checkpoint, or on
+    the VAE of the model folder ``vae_from`` (a bigger UNet on a VAE that already works)."""
     workdir = Path(workdir)
-    vae_ckpt = require_latest(
-        workdir / VAE_STAGE, VAE_STAGE, f"run `adadiff train vae --workdir {workdir}` first"
-    )
+    if vae_from is not None:
+        vae_state, scaling_factor, origin = vae_of_model(cfg, vae_from)
+    else:
+        vae_ckpt = require_latest(
+            workdir / VAE_STAGE,
+            VAE_STAGE,
+            f"run `adadiff train vae --workdir {workdir}` first, or take the VAE of a model "
+            "folder with --vae-from",
+        )
+        vae_state = vae_ckpt["state"]["vae"]
+        scaling_factor = vae_ckpt["summary"]["scaling_factor"]
+        origin = f"step {vae_ckpt['step']} of {workdir / VAE_STAGE}"
     stage = UNetStage(
         cfg,
         opts,
         uopts,
         images if images is not None else load_images("train"),
-        vae_ckpt["state"]["vae"],
-        vae_ckpt["summary"]["scaling_factor"],
+        vae_state,
+        scaling_factor,
     )
     stage.photos = photo_names("train") if images is None else []
-    log.info(
-        "unet: VAE from step %d, latent scaling factor %.5f",
-        vae_ckpt["step"],
-        stage.scaling_factor,
-    )
+    log.info("unet: VAE from %s, latent scaling factor %.5f", origin, stage.scaling_factor)
     return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)
+
+
+def vae_of_model(cfg: ModelConfig, model: str | Path) -> tuple[dict[str, Any], float, str]:
+    """The VAE weights and latent scaling factor of a model folder (or a preset's shipped
+    weights), checked against ``cfg``'s VAE architecture."""
+    from adadiff.models.bundle import load_models
+
+    source = load_models(model)
+    if not Path(source.source).is_dir():
+        raise ConfigError(
+            f"{model} has no trained weights here ({source.source}); give a model folder"
+        )
+    if source.config.vae != cfg.vae:
+        raise ConfigError(
+            f"the VAE of {model} is not the one {cfg.name!r} describes (its 'vae' entries in "
+            "adadiff.json differ); give a model with the same VAE or train one with "
+            "`adadiff train vae`"
+        )
+    return source.vae.state_dict(), float(source.config.scaling_factor), str(source.source)

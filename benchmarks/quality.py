@@ -1,0 +1,438 @@
+"""Super-resolution quality of a model on whole photos, two degradations, and a gallery.
+
+    python -m benchmarks.quality --out runs/quality [--model tiny] [--photos holdout]
+    adadiff bench quality --out runs/quality ...
+
+Every photo of the set (the hold-out photos by default: never trained or tuned on; ``--photos
+validation`` for the photos choices are tuned on) is cut to a multiple of 4 and degraded twice:
+
+- ``bicubic``: ``bicubic_x4`` (antialiased bicubic, the training pairs' plain degradation);
+- ``realworld``: a Gaussian blur of 2 HR px, ``bicubic_x4``, then JPEG quality 60 on the LR.
+
+Each LR image is upscaled by bicubic interpolation and by the model through the Upscaler (tiles,
+merge, colour fix: what a user gets), with the model's default schedule unless ``--schedule``
+says otherwise. PSNR, SSIM and LPIPS against the original are computed on 128 px blocks (every
+whole block of the photo), so a photo's figure has an interval: 90% from resampling its blocks;
+pooled figures weight every photo equally and resample blocks within photos; the model-minus-
+bicubic differences are paired by block. BRISQUE (no reference) is computed on the whole output.
+The gallery puts crops of bicubic, the model and the original side by side: a face, a flat
+background and textures, so grain or colour speckles show where bicubic has none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adadiff.imageio import bicubic_upscale
+from adadiff.quality.brisque import brisque
+from adadiff.quality.lpips import load_lpips
+from adadiff.quality.metrics import psnr, ssim
+from adadiff.runtime.upscaler import Upscaler
+from adadiff.training.data import load_photo
+from adadiff.training.degrade import bicubic_x4, blur_jpeg_x4
+from adadiff.training.pairs import photo_names
+from benchmarks.machine import machine, weights_of
+from benchmarks.report import relative_link
+
+log = logging.getLogger("adadiff")
+
+BLOCK = 128
+START, END = "<!-- quality:start -->", "<!-- quality:end -->"
+DEGRADATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str]] = {
+    "bicubic": (bicubic_x4, "bicubic x4"),
+    "realworld": (blur_jpeg_x4, "Gaussian blur 2 px, bicubic x4, JPEG 60"),
+}
+# The issue's targets: (degradation, what, bound)
+LPIPS_AT_MOST = 0.30
+LPIPS_BELOW_BICUBIC = {"bicubic": 0.12, "realworld": 0.20}
+PSNR_WITHIN = 1.5
+
+
+@dataclass(frozen=True)
+class Region:
+    """A gallery crop: a photo, the HR top-left corner and side, and what it shows."""
+
+    photo: str
+    top: int
+    left: int
+    size: int
+    label: str
+
+
+GALLERY: tuple[Region, ...] = (
+    Region("astronaut", 70, 175, 128, "face"),
+    Region("astronaut", 10, 20, 128, "flat background"),
+    Region("coffee", 150, 60, 128, "saucer, flat colour"),
+    Region("chelsea", 60, 200, 128, "fur and whiskers"),
+    Region("gravel", 200, 200, 128, "gray texture"),
+)
+
+
+def blocks(image: np.ndarray, size: int = BLOCK) -> np.ndarray:
+    """[N, size, size, 3]: every whole block of ``image``, row by row."""
+    h, w = image.shape[:2]
+    return np.stack(
+        [
+            image[y : y + size, x : x + size]
+            for y in range(0, h - size + 1, size)
+            for x in range(0, w - size + 1, size)
+        ]
+    )
+
+
+class BlockScorer:
+    """PSNR, SSIM and LPIPS of every block of an output against the same block of the HR."""
+
+    def __init__(self) -> None:
+        self.lpips = load_lpips()
+
+    def __call__(self, sr: np.ndarray, hr: np.ndarray) -> dict[str, np.ndarray]:
+        a, b = blocks(sr), blocks(hr)
+        with torch.inference_mode():
+            t = [
+                torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))) * 2.0 - 1.0
+                for x in (a, b)
+            ]
+            lp = self.lpips(*t).numpy().astype(np.float64)
+        return {
+            "lpips": lp,
+            "psnr": np.array([psnr(x, y) for x, y in zip(a, b, strict=True)]),
+            "ssim": np.array([ssim(x, y) for x, y in zip(a, b, strict=True)]),
+        }
+
+
+def interval(
+    per_photo: list[np.ndarray], *, draws: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of the per-photo means and its 90% interval, blocks resampled within each photo."""
+    rng = np.random.default_rng(seed)
+    stats = np.zeros(draws)
+    for values in per_photo:
+        picks = rng.integers(0, len(values), (draws, len(values)))
+        stats += values[picks].mean(axis=1)
+    stats /= len(per_photo)
+    low, high = np.percentile(stats, [5, 95])
+    return float(np.mean([v.mean() for v in per_photo])), float(low), float(high)
+
+
+def hr_of(name: str, max_side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """The photo, centre-cropped to ``max_side`` if given, cut to a multiple of 4, and the
+    (top, left) of what is kept."""
+    hr = load_photo(name)
+    top = left = 0
+    if max_side:
+        h, w = hr.shape[:2]
+        top, left = max(0, (h - max_side) // 2), max(0, (w - max_side) // 2)
+        hr = hr[top : top + max_side, left : left + max_side]
+    h, w = (hr.shape[0] // 4) * 4, (hr.shape[1] // 4) * 4
+    return np.ascontiguousarray(hr[:h, :w]), (top, left)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = photo_names(args.photos) if args.photos in ("holdout", "validation") else args.photos
+    names = list(names.split(",")) if isinstance(names, str) else list(names)
+    up = Upscaler.from_pretrained(args.model, max_batch=args.max_batch, threads=args.threads)
+    schedule = up.schedule_of(args.schedule, args.interval)
+    scorer = BlockScorer()
+    images: dict[str, dict[str, np.ndarray]] = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    result: dict[str, Any] = {
+        "benchmark": "quality",
+        "model": str(args.model),
+        "weights": weights_of(str(args.model)),
+        "machine": machine(),
+        "photos": names,
+        "photo_set": args.photos if args.photos in ("holdout", "validation") else "named",
+        "schedule": schedule,
+        "interval": args.interval,
+        "seed": args.seed,
+        "block": BLOCK,
+        "degradations": {k: v[1] for k, v in DEGRADATIONS.items()},
+        "results": {},
+    }
+    seconds, tiles = [], []
+    for degradation, (degrade, _) in DEGRADATIONS.items():
+        per: dict[str, dict[str, dict[str, np.ndarray]]] = {"bicubic": {}, "model": {}}
+        brisques: dict[str, dict[str, float]] = {"bicubic": {}, "model": {}}
+        for name in names:
+            hr, offset = hr_of(name, args.max_side)
+            lr = degrade(hr)
+            bic = bicubic_upscale(lr, 4)
+            start = time.perf_counter()
+            sr, report = up.upscale(
+                lr, schedule=args.schedule, interval=args.interval, seed=args.seed
+            )
+            seconds.append(time.perf_counter() - start)
+            tiles.append(report.tiles)
+            images[f"{degradation}/{name}"] = {"bicubic": bic, "model": sr, "hr": hr}
+            offsets[name] = offset
+            for method, out in (("bicubic", bic), ("model", sr)):
+                per[method][name] = scorer(out, hr)
+                brisques[method][name] = float(brisque(out))
+            log.info("%s %s: %.1f s", degradation, name, seconds[-1])
+            print(
+                f"{degradation:9s} {name:12s} LPIPS bicubic "
+                f"{per['bicubic'][name]['lpips'].mean():.3f} model "
+                f"{per['model'][name]['lpips'].mean():.3f}  ({seconds[-1]:.1f} s)",
+                flush=True,
+            )
+        entry: dict[str, Any] = {}
+        for method in ("bicubic", "model"):
+            entry[method] = {
+                key: {
+                    "pooled": interval([per[method][n][key] for n in names]),
+                    "per_photo": {n: interval([per[method][n][key]]) for n in names},
+                }
+                for key in ("lpips", "psnr", "ssim")
+            }
+            entry[method]["brisque"] = {
+                "pooled": float(np.mean(list(brisques[method].values()))),
+                "per_photo": brisques[method],
+            }
+        entry["model_minus_bicubic"] = {
+            key: {
+                "pooled": interval([per["model"][n][key] - per["bicubic"][n][key] for n in names]),
+                "per_photo": {
+                    n: interval([per["model"][n][key] - per["bicubic"][n][key]]) for n in names
+                },
+            }
+            for key in ("lpips", "psnr", "ssim")
+        }
+        entry["blocks"] = {n: len(per["model"][n]["lpips"]) for n in names}
+        result["results"][degradation] = entry
+    result["timing"] = {
+        "seconds": seconds,
+        "tiles": tiles,
+        "seconds_per_tile": float(np.median(np.array(seconds) / np.array(tiles))),
+        "threads": torch.get_num_threads(),
+    }
+    result["targets"] = targets(result["results"])
+    if args.out:
+        result["gallery"] = gallery(images, offsets, args.out)
+        for key, parts in images.items():
+            for what in ("bicubic", "model"):
+                save_png(args.out / "images" / f"{key.replace('/', '-')}-{what}.png", parts[what])
+    return result
+
+
+def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each of the built-in model issue's quality lines: the figure, the bound, met or not."""
+    out: dict[str, dict[str, Any]] = {}
+    b = results.get("bicubic")
+    if b:
+        lp = b["model"]["lpips"]["pooled"][0]
+        below = -b["model_minus_bicubic"]["lpips"]["pooled"][0]
+        dpsnr = b["model_minus_bicubic"]["psnr"]["pooled"][0]
+        out["bicubic: LPIPS at most 0.30"] = {"value": lp, "met": lp <= LPIPS_AT_MOST}
+        out["bicubic: LPIPS at least 0.12 below bicubic"] = {
+            "value": below,
+            "met": below >= LPIPS_BELOW_BICUBIC["bicubic"],
+        }
+        out["bicubic: PSNR within 1.5 dB of bicubic"] = {
+            "value": dpsnr,
+            "met": dpsnr >= -PSNR_WITHIN,
+        }
+    r = results.get("realworld")
+    if r:
+        below = -r["model_minus_bicubic"]["lpips"]["pooled"][0]
+        out["realworld: LPIPS at least 0.20 below bicubic"] = {
+            "value": below,
+            "met": below >= LPIPS_BELOW_BICUBIC["realworld"],
+        }
+    return out
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def gallery(
+    images: dict[str, dict[str, np.ndarray]],
+    offsets: dict[str, tuple[int, int]],
+    out: Path,
+    zoom: int = 2,
+) -> dict[str, str]:
+    """One PNG per degradation: a row per gallery region that lies inside the photos as they
+    ran, columns bicubic | model | original, each crop enlarged ``zoom`` times (nearest) so
+    grain shows."""
+    from PIL import Image, ImageDraw
+
+    written: dict[str, str] = {}
+    regions = []
+    for r in GALLERY:
+        if r.photo not in offsets:
+            continue
+        top, left = r.top - offsets[r.photo][0], r.left - offsets[r.photo][1]
+        h, w = images[f"{next(iter(DEGRADATIONS))}/{r.photo}"]["hr"].shape[:2]
+        if top >= 0 and left >= 0 and top + r.size <= h and left + r.size <= w:
+            regions.append(Region(r.photo, top, left, r.size, r.label))
+    if not regions:
+        return written
+    for degradation in DEGRADATIONS:
+        side = max(r.size for r in regions) * zoom
+        pad, head = 4, 18
+        canvas = Image.new(
+            "RGB", (3 * side + 4 * pad, head + len(regions) * (side + pad) + pad), "white"
+        )
+        draw = ImageDraw.Draw(canvas)
+        for c, title in enumerate(("bicubic", "model", "original")):
+            draw.text((pad + c * (side + pad) + 4, 3), title, fill="black")
+        for r_i, region in enumerate(regions):
+            parts = images[f"{degradation}/{region.photo}"]
+            for c, key in enumerate(("bicubic", "model", "hr")):
+                crop = parts[key][
+                    region.top : region.top + region.size, region.left : region.left + region.size
+                ]
+                tile = Image.fromarray(np.round(np.clip(crop, 0, 1) * 255).astype(np.uint8))
+                tile = tile.resize((region.size * zoom, region.size * zoom), Image.NEAREST)
+                canvas.paste(tile, (pad + c * (side + pad), head + r_i * (side + pad)))
+            draw.text(
+                (pad + 4, head + r_i * (side + pad) + 4),
+                f"{region.photo}: {region.label}",
+                fill="white",
+                stroke_width=2,
+                stroke_fill="black",
+            )
+        path = out / f"gallery-{degradation}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(path, optimize=True)
+        written[degradation] = path.name
+    return written
+
+
+def _ci(v: list[float] | tuple[float, ...], digits: int = 3) -> str:
+    return f"{v[0]:.{digits}f} ({v[1]:.{digits}f} to {v[2]:.{digits}f})"
+
+
+def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
+    """Markdown for README's quality section, every figure from the JSON."""
+    rel = Path(relative_link(json_path.resolve(), readme.resolve()))
+    photos = result["photos"]
+    lines = [
+        f"Generated from [`{rel}`]({rel}) by `python -m benchmarks.quality --render {rel} "
+        "--readme README.md`; do not edit by hand.",
+        "",
+        f"{result['model']} ({result['schedule']} schedule) on the {len(photos)} "
+        f"{result['photo_set']} photos ({', '.join(photos)}), whole photos through the "
+        f"Upscaler. PSNR, SSIM and LPIPS on {result['block']} px blocks, 90% intervals from "
+        "resampling blocks within photos, every photo weighted equally; BRISQUE on the whole "
+        "output (lower is better).",
+        "",
+        "| degradation | upscaler | LPIPS | PSNR dB | SSIM | BRISQUE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for deg, entry in result["results"].items():
+        for method in ("bicubic", "model"):
+            e = entry[method]
+            lines.append(
+                f"| {result['degradations'][deg]} | {method} | {_ci(e['lpips']['pooled'])} | "
+                f"{_ci(e['psnr']['pooled'], 2)} | {e['ssim']['pooled'][0]:.3f} | "
+                f"{e['brisque']['pooled']:.1f} |"
+            )
+        d = entry["model_minus_bicubic"]
+        lines.append(
+            f"| | model - bicubic | {_ci(d['lpips']['pooled'])} | {_ci(d['psnr']['pooled'], 2)}"
+            f" | {d['ssim']['pooled'][0]:+.3f} | |"
+        )
+    lines += ["", "Per photo, LPIPS bicubic -> model:", ""]
+    lines.append("| degradation | " + " | ".join(photos) + " |")
+    lines.append("|---|" + "---|" * len(photos))
+    for deg, entry in result["results"].items():
+        cells = [
+            f"{entry['bicubic']['lpips']['per_photo'][p][0]:.3f} -> "
+            f"{entry['model']['lpips']['per_photo'][p][0]:.3f}"
+            for p in photos
+        ]
+        lines.append(f"| {deg} | " + " | ".join(cells) + " |")
+    t = result["timing"]
+    lines += [
+        "",
+        f"Main job time: {t['seconds_per_tile']:.3f} s per tile (median over the runs, "
+        f"{t['threads']} torch threads, {result['machine'].get('cpu', 'this CPU')}).",
+    ]
+    marks = result.get("targets", {})
+    if marks:
+        lines += ["", "Targets:", ""]
+        for label, mark in marks.items():
+            lines.append(f"- {label}: {mark['value']:.3f}, {'met' if mark['met'] else 'missed'}.")
+    for deg, name in result.get("gallery", {}).items():
+        lines += [
+            "",
+            f"Gallery, {result['degradations'][deg]} (bicubic | {result['model']} | original, "
+            "crops enlarged 2x):",
+            "",
+            f"![gallery {deg}]({rel.parent / name})",
+        ]
+    return "\n".join(lines)
+
+
+def write_readme(result: dict[str, Any], json_path: Path, readme: Path) -> None:
+    from benchmarks.report import update_readme
+
+    update_readme(readme, render(result, json_path, readme), start=START, end=END)
+    print(f"updated {readme}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="adadiff bench quality",
+        description="a model against bicubic on whole photos, two degradations, and a gallery",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, help="output folder (quality.json, gallery, images)")
+    p.add_argument("--model", default="tiny")
+    p.add_argument(
+        "--photos",
+        default="holdout",
+        help="holdout, validation, or photo names separated by commas",
+    )
+    p.add_argument("--max-side", type=int, help="centre-crop the photos to at most this many px")
+    p.add_argument("--schedule", choices=("adaptive", "uniform"), help="default: the model's")
+    p.add_argument("--interval", type=int, help="uniform interval (with --schedule uniform)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--readme", type=Path, help="rewrite this README's quality section")
+    p.add_argument("--render", type=Path, help="only render a saved quality.json into --readme")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.render:
+        if not args.readme:
+            raise SystemExit("--render needs --readme")
+        write_readme(json.loads(args.render.read_text()), args.render, args.readme)
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    result = run(args)
+    if args.out:
+        path = args.out / "quality.json"
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {path}")
+        if args.readme:
+            write_readme(result, path, args.readme)
+    for label, mark in result["targets"].items():
+        print(f"{label}: {mark['value']:.3f} {'met' if mark['met'] else 'missed'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""benchmarks.quality: blocks, intervals, targets, and a run end to end on the seeded tiny."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import quality
+
+
+def test_blocks_cover_every_whole_block_row_by_row():
+    image = np.arange(300 * 260 * 3, dtype=np.float32).reshape(300, 260, 3)
+    got = quality.blocks(image, 128)
+    assert got.shape == (4, 128, 128, 3)  # 2 rows x 2 columns; the rest is not a whole block
+    np.testing.assert_array_equal(got[1], image[:128, 128:256])
+    np.testing.assert_array_equal(got[2], image[128:256, :128])
+
+
+def test_interval_weights_photos_equally_and_holds_the_mean():
+    big = np.full(100, 0.2)
+    small = np.array([0.4, 0.6])
+    mean, low, high = quality.interval([big, small])
+    assert mean == pytest.approx((0.2 + 0.5) / 2)  # not the pooled block mean (about 0.206)
+    assert low < mean < high
+    const = quality.interval([np.full(5, 0.3), np.full(7, 0.1)])
+    assert const == pytest.approx((0.2, 0.2, 0.2))
+
+
+def _results(model_lpips, bicubic_lpips, dpsnr, real_below):
+    def entry(lp, bic, dp):
+        return {
+            "model": {"lpips": {"pooled": (lp, lp, lp)}},
+            "model_minus_bicubic": {
+                "lpips": {"pooled": (lp - bic,) * 3},
+                "psnr": {"pooled": (dp,) * 3},
+            },
+        }
+
+    return {
+        "bicubic": entry(model_lpips, bicubic_lpips, dpsnr),
+        "realworld": entry(0.3, 0.3 + real_below, 0.0),
+    }
+
+
+def test_targets_are_the_issue_bounds():
+    met = quality.targets(_results(0.29, 0.42, -1.4, 0.21))
+    assert all(m["met"] for m in met.values()) and len(met) == 4
+    missed = quality.targets(_results(0.31, 0.42, -1.6, 0.19))
+    assert [m["met"] for m in missed.values()] == [False, False, False, False]
+    assert missed["bicubic: LPIPS at least 0.12 below bicubic"]["value"] == pytest.approx(0.11)
+
+
+def test_quality_runs_on_a_model_folder_and_renders(tmp_path, tiny_dir, metric_cache):
+    out = tmp_path / "q"
+    argv = ["--model", str(tiny_dir), "--photos", "astronaut,gravel", "--max-side", "256"]
+    assert quality.main([*argv, "--out", str(out), "--threads", "1"]) == 0
+    result = json.loads((out / "quality.json").read_text())
+    assert set(result["results"]) == {"bicubic", "realworld"}
+    for entry in result["results"].values():
+        assert entry["blocks"] == {"astronaut": 4, "gravel": 4}
+        for method in ("bicubic", "model"):
+            low_mean_high = entry[method]["lpips"]["pooled"]
+            assert low_mean_high[1] <= low_mean_high[0] <= low_mean_high[2]
+            assert set(entry[method]["lpips"]["per_photo"]) == {"astronaut", "gravel"}
+        diff = entry["model_minus_bicubic"]["lpips"]["pooled"][0]
+        assert diff == pytest.approx(
+            entry["model"]["lpips"]["pooled"][0] - entry["bicubic"]["lpips"]["pooled"][0]
+        )
+    # The realworld input is blurred and compressed: bicubic of it is worse than of plain x4.
+    r = result["results"]
+    assert (
+        r["realworld"]["bicubic"]["lpips"]["pooled"][0]
+        > r["bicubic"]["bicubic"]["lpips"]["pooled"][0]
+    )
+    assert result["timing"]["seconds_per_tile"] > 0 and len(result["targets"]) == 4
+    # Only the gallery regions inside the 256 px centre crops are drawn.
+    assert set(result["gallery"]) == {"bicubic", "realworld"}
+    assert (out / result["gallery"]["bicubic"]).is_file()
+    assert (out / "images" / "realworld-gravel-model.png").is_file()
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{quality.START}\nold\n{quality.END}\n")
+    assert quality.main(["--render", str(out / "quality.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "| Gaussian blur 2 px, bicubic x4, JPEG 60 | model |" in text
+    assert "![gallery bicubic](q/gallery-bicubic.png)" in text
