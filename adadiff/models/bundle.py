@@ -29,10 +29,10 @@ from adadiff.models.wrappers import (
     VAEDecoderWrapper,
     VAEEncoderWrapper,
 )
+from adadiff.presets import PRESETS, SHIPPED, preset
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_EMBEDDING = "text_embedding.safetensors"
-SHIPPED = Path(__file__).resolve().parent.parent / "weights"
 
 
 @dataclass
@@ -173,8 +173,6 @@ def load_folder(folder: str | Path) -> TorchModels:
 
 def load_models(model: str | Path, *, seed: int = 0) -> TorchModels:
     """A preset name (shipped weights if present, else seeded random init) or a model folder."""
-    from adadiff.presets import PRESETS, preset
-
     name = str(model)
     if name in PRESETS:
         shipped = SHIPPED / name

@@ -18,6 +18,8 @@ import numpy as np
 from adadiff.config import MetricConfig, MetricKind
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.quality import metrics
+from adadiff.quality.brisque import brisque
+from adadiff.quality.niqe import model_path, niqe
 from adadiff.quality.weights import (
     BRISQUE_NORMALIZE,
     BRISQUE_SVM,
@@ -62,8 +64,6 @@ def _asset(asset: Asset) -> Callable[[CacheDir], Path]:
 
 
 def _niqe_path(cache_dir: CacheDir) -> Path:
-    from adadiff.quality.niqe import model_path
-
     return model_path(cache_dir)
 
 
@@ -78,14 +78,10 @@ def _lpips(image: np.ndarray, reference: np.ndarray | None, cache_dir: CacheDir)
 
 
 def _brisque(image: np.ndarray, _reference: np.ndarray | None, cache_dir: CacheDir) -> float:
-    from adadiff.quality.brisque import brisque
-
     return brisque(image, cache_dir=cache_dir)
 
 
 def _niqe(image: np.ndarray, _reference: np.ndarray | None, cache_dir: CacheDir) -> float:
-    from adadiff.quality.niqe import niqe
-
     return niqe(image, cache_dir=cache_dir)
 
 

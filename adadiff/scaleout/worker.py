@@ -17,6 +17,10 @@ from concurrent.futures import Future
 from typing import Any
 
 from adadiff.errors import AdadiffError
+from adadiff.imageio import decode_image_bytes, encode_image
+from adadiff.jobs import output_record
+from adadiff.runtime.stream import ImageStream, StreamItem
+from adadiff.runtime.upscaler import Upscaler
 from adadiff.scaleout.plan import JobSettings
 
 _STOP = object()
@@ -31,9 +35,6 @@ class UpscaleWorker:
         cross_image: bool = True,
         target_tiles: int | None = None,
     ) -> None:
-        from adadiff.runtime.stream import ImageStream
-        from adadiff.runtime.upscaler import Upscaler
-
         self.settings = JobSettings(**settings)
         s = self.settings
         started = time.perf_counter()
@@ -118,9 +119,6 @@ class UpscaleWorker:
 
     def _admit(self) -> bool:
         """Move queued images into the stream while it wants more; False on stop."""
-        from adadiff.imageio import decode_image_bytes
-        from adadiff.runtime.stream import StreamItem
-
         s = self.settings
         while self.stream.wants_more():
             try:
@@ -156,8 +154,6 @@ class UpscaleWorker:
                 return
             done.set_result(_failed(task, result.error))
             return
-        from adadiff.jobs import output_record
-
         started = time.perf_counter()
         record = output_record(image, result.image, result.report, self.upscaler.config.upscale)
         encoded = _encode(record, task["suffix"])
@@ -174,8 +170,6 @@ class UpscaleWorker:
 
 
 def _encode(record: dict[str, Any], suffix: str) -> bytes:
-    from adadiff.imageio import encode_image
-
     return encode_image(
         record["rgb"],
         record["alpha"],

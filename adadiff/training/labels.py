@@ -52,9 +52,12 @@ import torch
 from adadiff.config import DTSSConfig, MetricConfig, MetricKind, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import TorchModels
+from adadiff.quality.lpips import load_lpips
+from adadiff.quality.oracle import score_images
 from adadiff.runtime.colorfix import band, color_fix, swap_band
 from adadiff.runtime.policy import Category, Decision, DTSSPolicy, StepPolicy
 from adadiff.runtime.sampler import DenoiseNets, SamplerResult, sample_tiles
+from adadiff.training.assemble import frozen_models, unet_checkpoint
 from adadiff.training.data import PhotoWeighting, check_weighting
 from adadiff.training.loop import Progress, numpy_rng, stop_on_signals
 from adadiff.training.pairs import Batch, PairStream, load_images, photo_names
@@ -85,8 +88,6 @@ class PixelErrors:
     """Errors between batches of decoded images: ``err`` (log10 MSE) and, with LPIPS, ``lpips``."""
 
     def __init__(self, metrics: Sequence[MetricConfig], cache_dir: str | Path | None = None):
-        from adadiff.quality.lpips import load_lpips
-
         self.lpips = load_lpips(cache_dir) if lpips_scored(metrics) else None
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
@@ -170,8 +171,6 @@ class OracleScorer:
         return decode_latents(self.decoder, x0)
 
     def __call__(self, x0: np.ndarray, lr: np.ndarray, t: np.ndarray) -> np.ndarray:
-        from adadiff.quality.oracle import score_images
-
         tiles = [self._tile[row.tobytes()] for row in lr]
         decoded = self.decode(x0)
         scores = np.empty((len(x0), len(self.metrics)), dtype=np.float64)
@@ -527,8 +526,6 @@ def make_labels(
 
     ``images`` defaults to the training photos; ``names`` (one per image) go into the shards.
     """
-    from adadiff.training.assemble import frozen_models, unet_checkpoint
-
     if images is None:
         names, images = photo_names("train"), load_images("train")
     if names and len(names) != len(images):

@@ -16,6 +16,7 @@ from adadiff.imageio import bicubic_upscale
 from adadiff.training.data import (
     CropConfig,
     PhotoWeighting,
+    find_photo,
     holdout_photos,
     load_photo,
     pair,
@@ -23,6 +24,7 @@ from adadiff.training.data import (
     training_photos,
     validation_photos,
 )
+from adadiff.training.loop import numpy_rng
 
 PHOTO_SETS = ("train", "validation", "holdout")
 
@@ -106,9 +108,6 @@ def crops_per_photo(
     """``per_photo`` bicubic x``scale`` crops of ``size`` px from each named photo, in order;
     ``photo`` indexes ``names``. Seeded by (seed, stream, photo index), so each photo's crops do
     not depend on which other photos are asked for."""
-    from adadiff.training.data import find_photo
-    from adadiff.training.loop import numpy_rng
-
     parts = []
     for k, name in enumerate(names):
         rng = numpy_rng(seed, stream, k)

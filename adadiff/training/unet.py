@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from adadiff.config import ModelConfig, PredictionType
 from adadiff.errors import ConfigError
+from adadiff.models.bundle import load_models
 from adadiff.models.networks import PFJ
 from adadiff.models.wrappers import UNetWrapper
 from adadiff.runtime.schedule import alphas_cumprod
@@ -295,8 +296,6 @@ def train_unet(
 def vae_of_model(cfg: ModelConfig, model: str | Path) -> tuple[dict[str, Any], float, str]:
     """The VAE weights and latent scaling factor of a model folder (or a preset's shipped
     weights), checked against ``cfg``'s VAE architecture."""
-    from adadiff.models.bundle import load_models
-
     source = load_models(model)
     if not Path(source.source).is_dir():
         raise ConfigError(

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from adadiff.config import ModelConfig
 from adadiff.errors import ConfigError
+from adadiff.quality.lpips import load_lpips
 from adadiff.training.loop import (
     Progress,
     StageResult,
@@ -108,8 +109,6 @@ class VAEStage:
         )
         self.lpips = None
         if vopts.perceptual_weight > 0:
-            from adadiff.quality.lpips import load_lpips
-
             self.lpips = load_lpips(cache_dir)
         self.scaling_factor = cfg.scaling_factor
         self.phases: list[list[int]] = []  # [first step, crop side] of each crop size used

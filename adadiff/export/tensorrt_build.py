@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adadiff.cuda import CudaDevice
 from adadiff.errors import AdadiffError, ConfigError, EngineMismatchError
 from adadiff.imageio import write_bytes_atomic
 from adadiff.manifest import ExportManifest
@@ -105,8 +106,6 @@ def build_engines(
     exported.verify_files(export_dir, options.components)
     trt = import_tensorrt()
     if cuda is None:
-        from adadiff.cuda import CudaDevice
-
         cuda = CudaDevice(device)
     cuda.activate()  # TensorRT builds for the current device
     info = cuda.info()

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from adadiff.config import SCHEDULES, ModelConfig
+from adadiff.engines import factory
 from adadiff.engines.base import Backend, CallLog, Components
 from adadiff.errors import ConfigError
+from adadiff.imageio import bicubic_rows, to_rgb_array
 from adadiff.runtime.colorfix import color_fix_rows
 from adadiff.runtime.policy import DTSSPolicy, StepPolicy, UniformPolicy
 from adadiff.runtime.sampler import DenoiseNets, Progress, SamplerResult, sample_tiles
@@ -125,9 +128,7 @@ class Upscaler:
         ``tiny`` for torch and the exported model for onnxruntime and tensorrt. ``threads`` is
         the CPU thread count (default: every CPU this process may use; torch's idle threads
         wait passively when torch was not imported before, see ``adadiff.threads``)."""
-        from adadiff.engines.factory import make_backend
-
-        config, be = make_backend(
+        config, be = factory.make_backend(
             model,
             backend=backend,
             device=device,
@@ -230,8 +231,6 @@ class Upscaler:
 
         ``reset_log=False`` keeps the component call log running (several images in flight);
         ``progress`` hears ``("encode", tiles encoded, tiles)`` after every batch."""
-        from adadiff.imageio import to_rgb_array
-
         rgb = to_rgb_array(image)
         if policy is None:
             schedule = self.schedule_of(schedule, interval)
@@ -267,8 +266,6 @@ class Upscaler:
     ) -> np.ndarray:
         """VAE-encode every tile, one row of tiles at a time: the bicubic upscale is computed
         band by band (``bicubic_rows``), never held whole."""
-        from adadiff.imageio import bicubic_rows
-
         factor = self.config.upscale
         encoder = self.components.vae_encoder
         latents: list[np.ndarray] = []
@@ -318,8 +315,6 @@ class Upscaler:
         height, width = job.grid.height, job.grid.width
         pixels = _to_unit_rows(bands, height, width)
         if cfg.color_fix.kind != "none":
-            from adadiff.imageio import bicubic_rows, to_rgb_array
-
             # the input again rather than its upscale held through denoising: memory stays low
             rgb = to_rgb_array(job.like)
             pixels = color_fix_rows(
@@ -346,8 +341,6 @@ class Upscaler:
             report.engine_calls,
         )
         if dtype is None and not isinstance(job.like, np.ndarray):
-            from PIL import Image
-
             return Image.fromarray(out), report
         return out, report
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from adadiff.config import ModelConfig
 from adadiff.devices import check_precision, parse_device
 from adadiff.engines.base import Backend
+from adadiff.engines.onnxruntime import OrtOptions, open_onnxruntime
+from adadiff.engines.tensorrt import TensorRTBackend
 from adadiff.errors import BackendUnavailableError, ConfigError
+from adadiff.presets import model_config
 from adadiff.threads import check_threads, prefer_passive_wait
-
-if TYPE_CHECKING:
-    from adadiff.engines.tensorrt import TensorRTBackend
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -64,8 +63,6 @@ def make_backend(
                 "--backend onnxruntime needs --engines FOLDER, the output of "
                 "`adadiff export --model MODEL -o FOLDER`"
             )
-        from adadiff.engines.onnxruntime import OrtOptions, open_onnxruntime
-
         return open_onnxruntime(
             engines,
             model=model,
@@ -100,8 +97,6 @@ def _open_tensorrt(
             "--backend tensorrt needs --engines FOLDER: export with `adadiff export --model MODEL "
             "-o FOLDER`, then build with `adadiff build FOLDER`"
         )
-    from adadiff.engines.tensorrt import TensorRTBackend
-
     # TensorRT runs on CUDA only, so the CPU default means "the first GPU" here.
     backend = TensorRTBackend(engines, device="cuda" if device == "cpu" else device)
     try:
@@ -119,8 +114,6 @@ def _checked_tensorrt(
     tile_size: int | None,
     tile_overlap: int | None,
 ) -> tuple[ModelConfig, Backend]:
-    from adadiff.engines.onnxruntime import model_config
-
     if precision != backend.exported.precision:
         raise ConfigError(
             f"{engines} holds a {backend.exported.precision} export; pass --precision "
