@@ -222,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="upscale a scikit-image photo; write input, bicubic, output, report, step map"
     )
     demo.add_argument("-o", "--output", type=Path, default=Path("demo-out"), help="folder")
-    demo.add_argument("--photo", default="astronaut", help="scikit-image photo name")
+    demo.add_argument(
+        "--photo",
+        default="astronaut",
+        help="scikit-image photo name; astronaut, chelsea and coffee are hold-out photos the "
+        "built-in model never saw",
+    )
     demo.add_argument("--size", type=positive, default=128, help="input long side in pixels")
     _add_upscale_args(demo)
     demo.set_defaults(func=cmd_demo)
@@ -599,7 +604,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo.check_photo(args.photo)
     out = args.output
     source = demo.prepare(out, args.photo, args.size)
-    print(f"{source}: {args.photo} at {args.size} px long side; {out / 'bicubic.png'}: bicubic 4x")
+    print(
+        f"{source}: {args.photo} ({demo.role(args.photo)}) at {args.size} px long side; "
+        f"{out / 'bicubic.png'}: bicubic 4x"
+    )
     outputs = FileOutputs(out / "upscaled.png", out / "report.json", out / "steps.png")
     code = _upscale(args, source, outputs, cfg)
     print(f"{out / 'report.json'}: report; {out / 'steps.png'}: steps per tile")

@@ -17,6 +17,17 @@ from adadiff.errors import BackendUnavailableError, ConfigError, OutputPathError
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle_left")
 
 
+def role(name: str) -> str:
+    """What the shipped model's training did with a demo photo, for the user to know."""
+    from adadiff.training.data import HOLDOUT, VALIDATION  # scipy and PIL: only when asked
+
+    if name in HOLDOUT:
+        return "a hold-out photo: the model never saw it"
+    if name in VALIDATION:
+        return "a validation photo: never trained on"
+    return "a training photo: the model learned from it"
+
+
 def check_photo(name: str) -> None:
     """Refuse a photo name the demo does not know (before anything is written)."""
     if name not in PHOTOS:

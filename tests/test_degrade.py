@@ -128,3 +128,14 @@ def test_crop_weighting_by_area_or_by_photo():
     assert 0.4 < share_of_small("photo") < 0.6
     with pytest.raises(ConfigError, match="weighting"):
         data.CropConfig(weighting="pixels")  # type: ignore[arg-type]
+
+
+def test_the_demo_says_whether_its_photo_was_trained_on():
+    from adadiff import demo
+
+    assert "hold-out" in demo.role("astronaut")  # the default photo: never trained on
+    assert "validation" in demo.role("rocket")
+    assert "training" in demo.role("immunohistochemistry")
+    trained = {p.name for p in data.training_photos()}
+    for name in demo.PHOTOS:
+        assert ("training" in demo.role(name)) == (name in trained)

@@ -638,6 +638,25 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     assert report.unet_evaluations > 0
 
 
+def test_half_storage_halves_the_big_weights_and_loads_as_fp32(tmp_path, cfg):
+    from safetensors.torch import load_file
+
+    from adadiff.models.bundle import WEIGHTS, build_random, load_folder
+    from adadiff.training.ship import folder_bytes
+
+    models = build_random(cfg, seed=2)
+    full = models.save(tmp_path / "fp32")
+    half = models.save(tmp_path / "fp16", half=True)
+    stored = load_file(str(half / "unet" / WEIGHTS))
+    assert all(v.dtype == torch.float16 for v in stored.values() if v.is_floating_point())
+    assert folder_bytes(half / "unet") < 0.6 * folder_bytes(full / "unet")
+    loaded = load_folder(half)
+    for key, value in models.unet.state_dict().items():
+        got = loaded.unet.state_dict()[key]
+        assert got.dtype == value.dtype
+        torch.testing.assert_close(got, value.half().float(), rtol=0, atol=0)
+
+
 def test_shipped_tiny_weights_load_and_fit_the_budget():
     """`--model tiny` means the trained weights in the package, with their card, under 25 MB."""
     from adadiff.models.bundle import SHIPPED, load_models

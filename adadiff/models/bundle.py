@@ -58,13 +58,25 @@ class TorchModels:
             m.eval()
         return mods
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, *, half: bool = False) -> Path:
+        """Write the model folder. ``half`` stores the UNet's and VAE's floating-point weights
+        as fp16 (half the bytes); loading casts them back to the modules' fp32."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        for name, module in (("unet", self.unet), ("vae", self.vae)):
+            module.save_pretrained(folder / name, safe_serialization=True)
+            if half:
+                path = folder / name / WEIGHTS
+                state = _read_safetensors(path)
+                save_file(
+                    {
+                        k: v.half().contiguous() if v.is_floating_point() else v
+                        for k, v in state.items()
+                    },
+                    str(path),
+                )
         save_file(_contiguous(self.pfj.state_dict()), str(folder / "pfj.safetensors"))
         save_file(_contiguous(self.mmle.state_dict()), str(folder / "mmle.safetensors"))
         save_file({"embedding": self.text_embedding.contiguous()}, str(folder / TEXT_EMBEDDING))

@@ -238,6 +238,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     ship.add_argument("--eval", type=Path, help="evaluate_tiny JSON to quote in the model card")
     ship.add_argument("--max-mb", type=float, default=25.0, help="size limit of the folder")
+    ship.add_argument(
+        "--half",
+        action="store_true",
+        help="store the UNet and VAE weights as fp16 (computed in fp32 after loading)",
+    )
 
     train.set_defaults(func=cmd_train)
     return train
@@ -359,7 +364,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         from adadiff.training.ship import read_evaluation, ship
 
         out = ship(
-            cfg, workdir, args.out, evaluation=read_evaluation(args.eval), max_mb=args.max_mb
+            cfg,
+            workdir,
+            args.out,
+            evaluation=read_evaluation(args.eval),
+            max_mb=args.max_mb,
+            half=args.half,
         )
         print(f"shipped to {out}")
         return 0

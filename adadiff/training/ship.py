@@ -199,6 +199,8 @@ def model_card(
     params: dict[str, int],
     size_mb: float,
     evaluation: dict[str, Any] | None,
+    *,
+    half: bool = False,
 ) -> str:
     vae, unet, decoder, mmle = (_checkpoint(workdir, s) for s in ("vae", "unet", "decoder", "mmle"))
     labels = _labels(workdir)
@@ -248,7 +250,8 @@ def model_card(
         f"{cfg.tile_overlap} px; prediction type {cfg.noise.prediction_type.value}.",
         "- Parameters: "
         + ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in params.items())
-        + f"; {size_mb:.1f} MB as fp32 safetensors.",
+        + f"; {size_mb:.1f} MB as safetensors ("
+        + ("UNet and VAE stored as fp16, loaded into fp32; the rest fp32)." if half else "fp32)."),
         "",
         "## Data",
         "",
@@ -387,6 +390,7 @@ def ship(
     *,
     evaluation: dict[str, Any] | None = None,
     max_mb: float = MAX_MB,
+    half: bool = False,
 ) -> Path:
     """Assemble the workdir's checkpoints into the model folder ``out`` (default: shipped tiny)."""
     workdir = Path(workdir)
@@ -396,17 +400,17 @@ def ship(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tmp.chmod(0o755)
     try:
-        models.save(tmp)
+        models.save(tmp, half=half)
         for path in tmp.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
         size = folder_bytes(tmp) / 1e6
         if size > max_mb:
             raise ModelFolderError(
                 f"the model folder is {size:.1f} MB, over the {max_mb:.0f} MB limit; shrink the "
-                "config"
+                "config" + ("" if half else ", or store the weights as fp16 (--half)")
             )
         params = describe(models)["parameters"]
-        card = model_card(models.config, workdir, params, size, evaluation)
+        card = model_card(models.config, workdir, params, size, evaluation, half=half)
         (tmp / MODEL_CARD).write_text(card)
         _swap_in(tmp, out)
     except BaseException:
