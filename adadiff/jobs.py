@@ -11,7 +11,7 @@ import numpy as np
 
 from adadiff import __version__, imageio
 from adadiff.errors import ConfigError, OutputPathError
-from adadiff.runtime.sampler import Progress
+from adadiff.progress import Progress
 from adadiff.stepmap import save_step_map
 
 

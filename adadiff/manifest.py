@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from adadiff.config import ModelConfig
+from adadiff.config import ModelConfig, Precision
 from adadiff.errors import ConfigError, EngineMismatchError, ModelFolderError
 from adadiff.imageio import write_bytes_atomic
 from adadiff.specs import ModelSpec, component_specs
@@ -22,7 +22,7 @@ from adadiff.specs import ModelSpec, component_specs
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "adadiff-onnx"
 MANIFEST_VERSION = 1
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = (Precision.FP32.value, Precision.FP16.value)  # what an export holds
 _CHUNK = 8 << 20
 
 REEXPORT = "re-export with `adadiff export --model MODEL -o {folder}`"

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from adadiff.config import RunSettings
 from adadiff.errors import ConfigError
 
 SECTIONS = ("schedules", "regrouping", "backends", "scaling", "fullsize")
@@ -234,13 +235,16 @@ class Context:
             if v.backend == "tensorrt":
                 self.build_tensorrt(engines)
             config, backend = open_backend(
-                s.model,
-                backend=v.backend,
-                device=s.device,
-                precision=v.precision,
-                engines=engines,
-                seed=s.seed,
-                threads=s.threads,
+                RunSettings(
+                    model=s.model,
+                    backend=v.backend,
+                    device=s.device,
+                    precision=v.precision,
+                    engines=engines,
+                    seed=s.seed,
+                    max_batch=16,  # make_backend's profile default, not the suite's --max-batch
+                    threads=s.threads,
+                )
             )
             up = Upscaler(config, backend, max_batch=s.max_batch, model_name=s.model)
             warm_up(up)
@@ -303,33 +307,22 @@ class Context:
             shutil.rmtree(self.work, ignore_errors=True)
 
 
-def open_backend(
-    model: str,
-    *,
-    backend: str,
-    device: str,
-    precision: str,
-    engines: Path | str | None,
-    seed: int,
-    threads: int | None,
-) -> tuple[Any, Any]:
-    """make_backend, except that --threads also caps ONNX Runtime's intra-op threads, so torch
-    and ONNX Runtime are compared on the same number of cores."""
-    if backend == "onnxruntime" and threads:
+def open_backend(settings: RunSettings) -> tuple[Any, Any]:
+    """make_backend, except that --threads caps ONNX Runtime's intra-op threads only, so torch
+    and ONNX Runtime are compared on the same number of cores (the suites set torch's)."""
+    if settings.backend == "onnxruntime" and settings.threads:
         from adadiff.engines.onnxruntime import OrtOptions, open_onnxruntime
 
         return open_onnxruntime(
-            engines,
-            model=model,
-            device=device,
-            precision=precision,
-            options=OrtOptions(intra_op_threads=threads),
+            settings.engines,
+            model=settings.model,
+            device=settings.device,
+            precision=settings.precision,
+            options=OrtOptions(intra_op_threads=settings.threads),
         )
     from adadiff.engines.factory import make_backend
 
-    return make_backend(
-        model, backend=backend, device=device, precision=precision, engines=engines, seed=seed
-    )
+    return make_backend(replace(settings, threads=None))
 
 
 def warm_up(upscaler: Any) -> None:

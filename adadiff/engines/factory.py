@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adadiff.config import ModelConfig
+from adadiff.config import BackendKind, ModelConfig, RunSettings
 from adadiff.devices import check_precision, parse_device
 from adadiff.engines.base import Backend
 from adadiff.engines.onnxruntime import OrtOptions, open_onnxruntime
@@ -13,34 +13,29 @@ from adadiff.errors import BackendUnavailableError, ConfigError
 from adadiff.presets import model_config
 from adadiff.threads import check_threads, prefer_passive_wait
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = BackendKind.values()
 
 
-def make_backend(
-    model: str | Path | None,
-    *,
-    backend: str = "torch",
-    device: str = "cpu",
-    precision: str = "fp32",
-    engines: str | Path | None = None,
-    seed: int = 0,
-    tile_size: int | None = None,
-    tile_overlap: int | None = None,
-    max_batch: int = 16,
-    threads: int | None = None,
-) -> tuple[ModelConfig, Backend]:
-    """Open ``backend`` for ``model``; tile overrides change every component's shapes.
+def make_backend(settings: RunSettings) -> tuple[ModelConfig, Backend]:
+    """Open ``settings.backend`` for ``settings.model``; tile overrides change every
+    component's shapes.
 
     ``max_batch`` is the largest batch the runtime will send (ONNX Runtime's TensorRT profile).
     ``threads`` is the CPU thread count of torch or ONNX Runtime (default: every usable CPU,
     ``adadiff.threads``); the torch backend also asks OpenMP for passive waiting when torch
     is not imported yet."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    model, backend, device, precision = (
+        settings.model,
+        settings.backend,
+        settings.device,
+        settings.precision,
+    )
+    engines, seed, max_batch = settings.engines, settings.seed, settings.max_batch
+    tile_size, tile_overlap = settings.tile_size, settings.tile_overlap
     # Before any model or library loads: a typo costs one line, not a traceback.
     parse_device(device, backend)
     check_precision(precision, backend)
-    threads = check_threads(threads)
+    threads = check_threads(settings.threads)
     if backend == "torch":
         prefer_passive_wait()
         if engines is not None:

@@ -11,7 +11,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,13 @@ from adadiff.export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, check_ex
 from adadiff.export.verify import check_against_torch
 from adadiff.manifest import MANIFEST_FILE, PRECISIONS, ComponentEntry, ExportManifest
 from adadiff.models.bundle import TorchModels, load_models
-from adadiff.specs import COMPONENTS, ModelSpec, component_specs
+from adadiff.progress import Progress
+from adadiff.specs import COMPONENTS, HALF_COMPONENTS, ModelSpec, component_specs
 
 log = logging.getLogger("adadiff.export")
 
-Progress = Callable[[str, int, int], None]
 
 # As in the torch backend: the SD VAE overflows in fp16, so an fp16 export keeps it fp32.
-HALF_COMPONENTS = ("unet", "pfj", "mmle")
 STAGING_PREFIX = ".export-"
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from adadiff.cuda import CudaDevice
 from adadiff.errors import AdadiffError, ConfigError, EngineMismatchError
 from adadiff.imageio import write_bytes_atomic
 from adadiff.manifest import ExportManifest
+from adadiff.progress import Progress
 from adadiff.specs import COMPONENTS, component_specs
 from adadiff.trt_manifest import (
     TIMING_CACHE,
@@ -39,7 +40,6 @@ from adadiff.trt_manifest import (
 )
 
 log = logging.getLogger("adadiff")
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True, kw_only=True)

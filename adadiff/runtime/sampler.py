@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from adadiff.config import DTSSConfig, MetricConfig, NoiseScheduleConfig
+from adadiff.config import DTSSConfig, Grouping, MetricConfig, NoiseScheduleConfig
+from adadiff.errors import ConfigError
+from adadiff.progress import Progress
 from adadiff.runtime.policy import Category, StepPolicy, gains, quality
 from adadiff.runtime.schedule import next_timestep, renoise, split_prediction
 from adadiff.runtime.tiling import chunks
 
-Progress = Callable[[str, int, int], None]
-GROUPINGS = ("regroup", "timestep", "tile")
+GROUPINGS = Grouping.values()
 
 
 class DenoiseNets:
@@ -120,9 +121,9 @@ class TilePool:
         grouping: str = "regroup",
     ) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if grouping not in GROUPINGS:
-            raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+            raise ConfigError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
         self.nets = nets
         self.noise = noise
         self.dtss = dtss

@@ -12,14 +12,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from adadiff.config import SCHEDULES, ModelConfig
+from adadiff.config import SCHEDULES, ModelConfig, RunSettings
 from adadiff.engines import factory
 from adadiff.engines.base import Backend, CallLog, Components
 from adadiff.errors import ConfigError
 from adadiff.imageio import bicubic_rows, to_rgb_array
+from adadiff.progress import Progress
 from adadiff.runtime.colorfix import color_fix_rows
 from adadiff.runtime.policy import DTSSPolicy, StepPolicy, UniformPolicy
-from adadiff.runtime.sampler import DenoiseNets, Progress, SamplerResult, sample_tiles
+from adadiff.runtime.sampler import DenoiseNets, SamplerResult, sample_tiles
 from adadiff.runtime.tiling import TileGrid, decode_rows, merge_tiles
 
 log = logging.getLogger("adadiff")
@@ -128,8 +129,8 @@ class Upscaler:
         ``tiny`` for torch and the exported model for onnxruntime and tensorrt. ``threads`` is
         the CPU thread count (default: every CPU this process may use; torch's idle threads
         wait passively when torch was not imported before, see ``adadiff.threads``)."""
-        config, be = factory.make_backend(
-            model,
+        settings = RunSettings(
+            model=model,
             backend=backend,
             device=device,
             precision=precision,
@@ -140,8 +141,15 @@ class Upscaler:
             max_batch=max_batch,
             threads=threads,
         )
+        return cls.open(settings)
+
+    @classmethod
+    def open(cls, settings: RunSettings) -> Upscaler:
+        """``from_pretrained`` with its settings in one object."""
+        config, be = factory.make_backend(settings)
+        name = str(settings.model or config.name)
         try:
-            return cls(config, be, max_batch=max_batch, model_name=str(model or config.name))
+            return cls(config, be, max_batch=settings.max_batch, model_name=name)
         except BaseException:
             be.close()  # a refused setting must not leave engines and GPU memory behind
             raise

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adadiff import __version__
+from adadiff.config import RunSettings
 from adadiff.errors import ConfigError, OutputPathError
 from adadiff.imageio import OUTPUT_FORMATS
 
@@ -44,6 +45,21 @@ class JobSettings:
             )
         if self.interval is not None and self.schedule not in (None, "uniform"):
             raise ConfigError("--interval applies to --schedule uniform only")
+
+    def run_settings(self, threads: int | None = None) -> RunSettings:
+        """How a worker opens the model; ``threads`` is the worker's own CPU share."""
+        return RunSettings(
+            model=self.model,
+            backend=self.backend,
+            device=self.device,
+            precision=self.precision,
+            engines=self.engines,
+            # self.seed is the images' noise seed; a random-init model keeps seed 0 everywhere
+            tile_size=self.tile,
+            tile_overlap=self.overlap,
+            max_batch=self.max_batch,
+            threads=threads,
+        )
 
     def result_key(self) -> dict[str, Any]:
         """The settings an output depends on. Batch size and device change only float

@@ -38,17 +38,7 @@ class UpscaleWorker:
         self.settings = JobSettings(**settings)
         s = self.settings
         started = time.perf_counter()
-        self.upscaler = Upscaler.from_pretrained(
-            s.model,
-            backend=s.backend,
-            device=s.device,
-            precision=s.precision,
-            engines=s.engines,
-            max_batch=s.max_batch,
-            tile_size=s.tile,
-            tile_overlap=s.overlap,
-            threads=threads,
-        )
+        self.upscaler = Upscaler.open(s.run_settings(threads))
         # Only here is the model's default schedule known on a remote cluster: refuse once,
         # not for every image.
         self.upscaler.schedule_of(s.schedule, s.interval)

@@ -52,6 +52,7 @@ import torch
 from adadiff.config import DTSSConfig, MetricConfig, MetricKind, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import TorchModels
+from adadiff.progress import Progress
 from adadiff.quality.lpips import load_lpips
 from adadiff.quality.oracle import score_images
 from adadiff.runtime.colorfix import band, color_fix, swap_band
@@ -59,7 +60,7 @@ from adadiff.runtime.policy import Category, Decision, DTSSPolicy, StepPolicy
 from adadiff.runtime.sampler import DenoiseNets, SamplerResult, sample_tiles
 from adadiff.training.assemble import frozen_models, unet_checkpoint
 from adadiff.training.data import PhotoWeighting, check_weighting
-from adadiff.training.loop import Progress, numpy_rng, stop_on_signals
+from adadiff.training.loop import numpy_rng, stop_on_signals
 from adadiff.training.pairs import Batch, PairStream, load_images, photo_names
 
 log = logging.getLogger("adadiff.training")
