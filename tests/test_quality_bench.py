@@ -80,6 +80,13 @@ def test_quality_runs_on_a_model_folder_and_renders(tmp_path, tiny_dir, metric_c
     assert (out / result["gallery"]["bicubic"]).is_file()
     assert (out / "images" / "realworld-gravel-model.png").is_file()
 
+    # The model card quotes the same figures.
+    from adadiff.training.ship import quality_section
+
+    card = "\n".join(quality_section(result))
+    bic = result["results"]["bicubic"]["model"]["lpips"]["pooled"][0]
+    assert f"| bicubic x4 | model | {bic:.3f} (" in card and "s per tile with 1 torch" in card
+
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{quality.START}\nold\n{quality.END}\n")
     assert quality.main(["--render", str(out / "quality.json"), "--readme", str(readme)]) == 0

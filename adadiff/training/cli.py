@@ -237,6 +237,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--out", type=Path, help="model folder (default: adadiff/weights/MODEL in the package)"
     )
     ship.add_argument("--eval", type=Path, help="evaluate_tiny JSON to quote in the model card")
+    ship.add_argument(
+        "--quality", type=Path, help="benchmarks.quality JSON to quote in the model card"
+    )
     ship.add_argument("--max-mb", type=float, default=25.0, help="size limit of the folder")
     ship.add_argument(
         "--half",
@@ -370,6 +373,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             evaluation=read_evaluation(args.eval),
             max_mb=args.max_mb,
             half=args.half,
+            quality=read_evaluation(args.quality),
         )
         print(f"shipped to {out}")
         return 0

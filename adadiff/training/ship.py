@@ -180,6 +180,38 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def quality_section(quality: dict[str, Any] | None) -> list[str]:
+    """The whole-photo figures of ``benchmarks/quality.py``, both degradations."""
+    if not quality:
+        return []
+    photos = ", ".join(quality.get("photos", []))
+    lines = [
+        f"From `benchmarks/quality.py` (whole {quality.get('photo_set', '')} photos: {photos}; "
+        f"{quality.get('schedule', '?')} schedule; LPIPS, PSNR, SSIM on "
+        f"{quality.get('block', '?')} px blocks, every photo weighted equally, 90% intervals):",
+        "",
+        "| degradation | upscaler | LPIPS | PSNR | SSIM |",
+        "|---|---|---|---|---|",
+    ]
+    for deg, entry in quality.get("results", {}).items():
+        for method in ("bicubic", "model"):
+            e = entry[method]
+            lp = e["lpips"]["pooled"]
+            lines.append(
+                f"| {quality.get('degradations', {}).get(deg, deg)} | {method} | {lp[0]:.3f} "
+                f"({lp[1]:.3f} to {lp[2]:.3f}) | {e['psnr']['pooled'][0]:.2f} | "
+                f"{e['ssim']['pooled'][0]:.3f} |"
+            )
+    timing = quality.get("timing", {})
+    if timing:
+        lines += [
+            "",
+            f"Time: {timing['seconds_per_tile']:.3f} s per tile with {timing['threads']} torch "
+            "threads on the CPU named in the JSON.",
+        ]
+    return [*lines, ""]
+
+
 def _decoder_samples(options: dict[str, Any]) -> str:
     share = options.get("sample_prob", 0.0)
     if not share:
@@ -201,6 +233,7 @@ def model_card(
     evaluation: dict[str, Any] | None,
     *,
     half: bool = False,
+    quality: dict[str, Any] | None = None,
 ) -> str:
     vae, unet, decoder, mmle = (_checkpoint(workdir, s) for s in ("vae", "unet", "decoder", "mmle"))
     labels = _labels(workdir)
@@ -377,6 +410,7 @@ def model_card(
         "",
         "## Evaluation",
         "",
+        *quality_section(quality),
         *_eval_section(evaluation),
         "",
     ]
@@ -391,6 +425,7 @@ def ship(
     evaluation: dict[str, Any] | None = None,
     max_mb: float = MAX_MB,
     half: bool = False,
+    quality: dict[str, Any] | None = None,
 ) -> Path:
     """Assemble the workdir's checkpoints into the model folder ``out`` (default: shipped tiny)."""
     workdir = Path(workdir)
@@ -410,7 +445,9 @@ def ship(
                 "config" + ("" if half else ", or store the weights as fp16 (--half)")
             )
         params = describe(models)["parameters"]
-        card = model_card(models.config, workdir, params, size, evaluation, half=half)
+        card = model_card(
+            models.config, workdir, params, size, evaluation, half=half, quality=quality
+        )
         (tmp / MODEL_CARD).write_text(card)
         _swap_in(tmp, out)
     except BaseException:
