@@ -389,9 +389,10 @@ class RunSettings:
     tiles per engine call; ``threads`` the CPU threads (None: every CPU this process may use)."""
 
     model: str | Path | None = None
-    backend: BackendKind = BackendKind.TORCH
+    # Strings are accepted (the command line's and the keyword API's) and become the enums.
+    backend: BackendKind | str = BackendKind.TORCH
     device: str = "cpu"
-    precision: Precision = Precision.FP32
+    precision: Precision | str = Precision.FP32
     engines: str | Path | None = None
     seed: int = 0
     tile_size: int | None = None

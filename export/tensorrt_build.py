@@ -62,8 +62,9 @@ class BuildOptions:
 def _progress_monitor(trt: Any, component: str, progress: Progress | None) -> Any:
     if progress is None or not hasattr(trt, "IProgressMonitor"):
         return None
+    report: Progress = progress  # bound here: the class body below does not see the check
 
-    class Monitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+    class Monitor(trt.IProgressMonitor):
         """Reports the top-level build phase; TensorRT calls it from its own threads."""
 
         def __init__(self) -> None:
@@ -75,12 +76,12 @@ def _progress_monitor(trt: Any, component: str, progress: Progress | None) -> An
             with self.lock:
                 self.steps[phase_name] = num_steps
             if parent_phase is None:
-                progress(f"build {component}: {phase_name}", 0, max(num_steps, 1))
+                report(f"build {component}: {phase_name}", 0, max(num_steps, 1))
 
         def step_complete(self, phase_name: str, step: int) -> bool:
             with self.lock:
                 total = self.steps.get(phase_name, step + 1)
-            progress(f"build {component}: {phase_name}", step + 1, max(total, 1))
+            report(f"build {component}: {phase_name}", step + 1, max(total, 1))
             return True  # False would cancel the build
 
         def phase_finish(self, phase_name: str) -> None:

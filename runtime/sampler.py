@@ -78,6 +78,12 @@ class SamplerResult:
         return sum(self.steps_per_tile)
 
 
+def _finished(tile: TileState) -> np.ndarray:
+    if tile.result is None:
+        raise ConfigError(f"tile {tile.index} has not finished denoising; run the pool to the end")
+    return tile.result
+
+
 @dataclass
 class _Member:
     """One image (or any set of tiles) in a TilePool."""
@@ -91,7 +97,7 @@ class _Member:
 
     def result(self) -> SamplerResult:
         return SamplerResult(
-            latents=np.stack([s.result for s in self.tiles]),
+            latents=np.stack([_finished(s) for s in self.tiles]),
             steps_per_tile=[s.steps for s in self.tiles],
             exits=[s.exit or "" for s in self.tiles],
             batches=self.batches,
@@ -284,6 +290,11 @@ def _advance(
         member.categories[category] = member.categories.get(category, 0) + 1
         if decision.category is Category.SATURATED:
             s.exit, s.result = "saturated", s.best_x0 if s.best_x0 is not None else x0[i]
+        elif decision.interval is None:
+            raise ConfigError(
+                f"{type(member.policy).__name__} gave a {category} decision without a jump; "
+                "only a saturated decision may end a tile"
+            )
         else:
             intervals[i] = decision.interval
     moving = [i for i, s in enumerate(group) if s.exit is None]

@@ -241,8 +241,10 @@ class Upscaler:
         ``progress`` hears ``("encode", tiles encoded, tiles)`` after every batch."""
         rgb = to_rgb_array(image)
         if policy is None:
-            schedule = self.schedule_of(schedule, interval)
-        step_policy = policy or self.policy(schedule, interval)
+            schedule_name = self.schedule_of(schedule, interval)
+            step_policy = self.policy(schedule_name, interval)
+        else:
+            schedule_name, step_policy = type(policy).__name__, policy
         cfg = self.config
         if reset_log:
             self.log = self.components.new_log()
@@ -262,7 +264,7 @@ class Upscaler:
             grid=grid,
             lr_latents=lr_latents,
             policy=step_policy,
-            schedule=schedule if policy is None else type(policy).__name__,
+            schedule=schedule_name,
             interval=interval,
             seed=seed,
             start=start,

@@ -23,6 +23,7 @@ from adadiff.config import ModelConfig
 from adadiff.errors import ModelFolderError
 from adadiff.models.networks import MMLE, PFJ
 from adadiff.models.wrappers import (
+    DiffusersModel,
     MMLEWrapper,
     PFJWrapper,
     UNetWrapper,
@@ -38,8 +39,8 @@ TEXT_EMBEDDING = "text_embedding.safetensors"
 @dataclass
 class TorchModels:
     config: ModelConfig
-    unet: nn.Module
-    vae: nn.Module
+    unet: DiffusersModel
+    vae: DiffusersModel
     pfj: PFJ
     mmle: MMLE
     text_embedding: torch.Tensor
@@ -88,7 +89,7 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def build_modules(cfg: ModelConfig) -> tuple[nn.Module, nn.Module, PFJ, MMLE]:
+def build_modules(cfg: ModelConfig) -> tuple[DiffusersModel, DiffusersModel, PFJ, MMLE]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet = UNet2DConditionModel(**cfg.unet)

@@ -67,14 +67,20 @@ def _niqe_path(cache_dir: CacheDir) -> Path:
     return model_path(cache_dir)
 
 
+def _ref(reference: np.ndarray | None) -> np.ndarray:
+    if reference is None:
+        raise ConfigError("a full-reference metric needs the reference image; pass it")
+    return reference
+
+
 def _psnr(image: np.ndarray, reference: np.ndarray | None, _cache: CacheDir) -> float:
-    return min(metrics.psnr(image, reference), PSNR_CAP_DB)
+    return min(metrics.psnr(image, _ref(reference)), PSNR_CAP_DB)
 
 
 def _lpips(image: np.ndarray, reference: np.ndarray | None, cache_dir: CacheDir) -> float:
     from adadiff.quality.lpips import lpips  # torch is imported only when LPIPS is used
 
-    return lpips(image, reference, cache_dir=cache_dir)
+    return lpips(image, _ref(reference), cache_dir=cache_dir)
 
 
 def _brisque(image: np.ndarray, _reference: np.ndarray | None, cache_dir: CacheDir) -> float:
@@ -123,21 +129,21 @@ _BUILTIN = (
         kind=FR,
         higher_is_better=True,
         value_range="[-1, 1]",
-        compute=lambda x, y, _c: metrics.ssim(x, y),
+        compute=lambda x, y, _c: metrics.ssim(x, _ref(y)),
     ),
     Metric(
         name="gmsd",
         kind=FR,
         higher_is_better=False,
         value_range="[0, ~0.35]",
-        compute=lambda x, y, _c: metrics.gmsd(x, y),
+        compute=lambda x, y, _c: metrics.gmsd(x, _ref(y)),
     ),
     Metric(
         name="nlpd",
         kind=FR,
         higher_is_better=False,
         value_range="[0, ~1]",
-        compute=lambda x, y, _c: metrics.nlpd(x, y),
+        compute=lambda x, y, _c: metrics.nlpd(x, _ref(y)),
     ),
     Metric(
         name="lpips",

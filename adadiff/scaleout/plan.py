@@ -101,7 +101,8 @@ def list_inputs(input_dir: Path) -> tuple[list[Path], list[Path]]:
     """(images, ignored): the folder's files by suffix, sorted; hidden files are left out."""
     if not input_dir.is_dir():
         raise ConfigError(f"{input_dir} is not a folder; give the folder that holds the images")
-    images, ignored = [], []
+    images: list[Path] = []
+    ignored: list[Path] = []
     for path in sorted(input_dir.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue
@@ -135,7 +136,8 @@ def make_plan(input_dir: Path, output_dir: Path, settings: JobSettings) -> Plan:
             f"{', '.join(names)} would all be written to {out.name}; "
             "use --output-format same or rename the inputs"
         )
-    todo, done = [], []
+    todo: list[ImageTask] = []
+    done: list[ImageTask] = []
     for task in tasks:
         (done if is_done(task, settings) else todo).append(task)
     return Plan(todo, done, ignored)

@@ -14,9 +14,10 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 from adadiff.config import ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
@@ -65,7 +66,7 @@ def baked_mmle(cfg: ModelConfig, state: dict[str, Any]) -> MMLE:
     model = build_mmle(cfg, 0)
     load_mmle_weights(model, state)
     mean, std = state["mean"].float(), state["std"].float()
-    last = model.head[-1]
+    last = cast(nn.Linear, model.head[-1])  # MMLE.head is Linear, SiLU, Linear
     keep = torch.ones(len(mean), dtype=torch.bool)
     for col, _ in model.split_columns:
         # these columns' head outputs are log10 errors; their standardisation is column_scale

@@ -188,8 +188,9 @@ class OracleScorer:
         decoded_band = band(decoded, self.color_fix)
 
         def corrected(which: int) -> np.ndarray:
-            bands = [self._bands[k][which] for k in tiles]
-            return swap_band(decoded, decoded_band, None if bands[0] is None else np.stack(bands))
+            # every tile has a band, or none has (no colour fix)
+            bands = [b for k in tiles if (b := self._bands[k][which]) is not None]
+            return swap_band(decoded, decoded_band, np.stack(bands) if bands else None)
 
         images = corrected(0)
         # The latents' share of the error: the estimate corrected against the decoded LR latent,
@@ -356,7 +357,8 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
+            payload: dict[str, Any] = dict(arrays)
+            np.savez(fh, **payload)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -481,7 +483,7 @@ def add_error_fields(
             "delete the shard to remake it"
         )
     if "weighting" in arrays:
-        opts = replace(opts, weighting=str(arrays["weighting"]))
+        opts = replace(opts, weighting=check_weighting(str(arrays["weighting"])))
     crops = int(arrays["traj"].max()) + 1 if len(arrays["traj"]) else 0
     if "recon_lr" in arrays:
         # the crops it was made with, whatever --recon-crops says now

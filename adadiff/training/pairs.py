@@ -15,6 +15,7 @@ from adadiff.errors import ConfigError
 from adadiff.imageio import bicubic_upscale
 from adadiff.training.data import (
     CropConfig,
+    DegradationMode,
     PhotoWeighting,
     find_photo,
     holdout_photos,
@@ -92,7 +93,9 @@ class PairStream:
         for _ in range(n):
             index, crop = next(self._crops)
             photo.append(index)
-            mode = "realesrgan" if self.rng.random() < self.realesrgan_prob else "bicubic"
+            mode: DegradationMode = (
+                "realesrgan" if self.rng.random() < self.realesrgan_prob else "bicubic"
+            )
             low, _ = pair(crop, self.rng, mode)
             hr.append(crop)
             lr.append(low)

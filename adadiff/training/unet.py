@@ -32,14 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from adadiff.config import ModelConfig, PredictionType
 from adadiff.errors import ConfigError
 from adadiff.models.bundle import load_models
 from adadiff.models.networks import PFJ
-from adadiff.models.wrappers import UNetWrapper
+from adadiff.models.wrappers import DiffusersModel, UNetWrapper
 from adadiff.runtime.schedule import alphas_cumprod
 from adadiff.training.checkpoint import require_latest
 from adadiff.training.loop import (
@@ -85,7 +84,7 @@ class UNetOptions:
             raise ConfigError(f"ema must be in [0, 1) and grad_clip > 0, got {self}")
 
 
-def build_denoiser(cfg: ModelConfig, seed: int) -> tuple[nn.Module, PFJ, torch.Tensor]:
+def build_denoiser(cfg: ModelConfig, seed: int) -> tuple[DiffusersModel, PFJ, torch.Tensor]:
     """UNet, PFJ and the fixed empty-prompt embedding, seeded like ``build_random``."""
     from diffusers import UNet2DConditionModel
 
