@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
-from adadiff import __version__
+from adadiff import __version__, demo, imageio, jobs
 from adadiff.argtypes import non_negative, non_negative_float, positive, positive_float
 from adadiff.config import SCHEDULES
+from adadiff.cuda import CudaDevice
 from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
+from adadiff.engines.onnxruntime import CUDA, INSTALL_GPU, TENSORRT, import_onnxruntime
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError
+from adadiff.jobs import FileOutputs
+from adadiff.manifest import ExportManifest
+from adadiff.presets import PRESETS, model_config
+from adadiff.progress import LogProgress
+from adadiff.runtime.upscaler import Upscaler
+from adadiff.scaleout.job import ClusterOptions, check_local_paths, print_record, run_job
+from adadiff.scaleout.plan import JobSettings
 from adadiff.specs import COMPONENTS
 from adadiff.threads import prefer_passive_wait
+from adadiff.trt_manifest import BatchProfile, import_tensorrt, parse_profiles
 
 log = logging.getLogger("adadiff")
 
@@ -333,9 +345,6 @@ def check_device(backend: str, device: str, *, here: bool = True) -> None:
         return
     if backend == "tensorrt":
         # TensorRT runs on CUDA only (cpu means the first GPU); a missing library comes first
-        from adadiff.cuda import CudaDevice
-        from adadiff.trt_manifest import import_tensorrt
-
         import_tensorrt()
         CudaDevice(device)
         return
@@ -348,8 +357,6 @@ def check_device(backend: str, device: str, *, here: bool = True) -> None:
 
 
 def _check_torch_cuda(device: str, index: int) -> None:
-    from importlib import metadata
-
     try:
         version = metadata.version("torch")
     except metadata.PackageNotFoundError:
@@ -372,8 +379,6 @@ def _check_torch_cuda(device: str, index: int) -> None:
 
 
 def _check_ort_gpu(device: str, kind: str) -> None:
-    from adadiff.engines.onnxruntime import CUDA, INSTALL_GPU, TENSORRT, import_onnxruntime
-
     provider = TENSORRT if kind == "tensorrt" else CUDA
     available = import_onnxruntime().get_available_providers()
     if provider not in available:
@@ -386,9 +391,6 @@ def _check_ort_gpu(device: str, kind: str) -> None:
 def model_config_of(args: argparse.Namespace) -> Any:
     """The model config the run will use, read without torch: an export's manifest with
     --engines, else the model's adadiff.json (or the preset)."""
-    from adadiff.engines.onnxruntime import model_config
-    from adadiff.presets import PRESETS
-
     if args.model is not None and args.model not in PRESETS and not Path(args.model).is_dir():
         raise ConfigError(
             f"--model {args.model} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
@@ -407,8 +409,6 @@ def model_config_of(args: argparse.Namespace) -> Any:
             "--model MODEL -o FOLDER`"
             + (" and `adadiff build FOLDER`" if args.backend == "tensorrt" else "")
         )
-    from adadiff.manifest import ExportManifest
-
     return ExportManifest.load(args.engines).model_config()
 
 
@@ -502,8 +502,6 @@ def cap_tile(args: argparse.Namespace, cfg: Any, width: int, height: int) -> str
 
 
 def _upscaler(args: argparse.Namespace) -> Any:
-    from adadiff.runtime.upscaler import Upscaler
-
     return Upscaler.from_pretrained(
         args.model,
         backend=args.backend,
@@ -523,8 +521,6 @@ def _progress(args: argparse.Namespace) -> Any:
         return ProgressBars(enabled=False)
     if sys.stderr.isatty():
         return ProgressBars(enabled=True)
-    from adadiff.progress import LogProgress
-
     return LogProgress(sys.stderr)
 
 
@@ -535,8 +531,6 @@ def _note(args: argparse.Namespace, text: str) -> None:
 
 def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any, cfg: Any) -> int:
     """Validate outputs and read the input before loading any model, so mistakes fail fast."""
-    from adadiff import imageio, jobs
-
     outputs = jobs.check_outputs(input_path, outputs)
     image = imageio.load_image(input_path, max_pixels=args.max_pixels or imageio.DEFAULT_MAX_PIXELS)
     note = cap_tile(args, cfg, image.width, image.height)
@@ -556,16 +550,11 @@ def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any, cfg: Any)
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from adadiff.jobs import FileOutputs
-
     cfg = check_upscale_args(args)
     return _upscale(args, args.input, FileOutputs(args.output, args.report, args.step_map), cfg)
 
 
 def cmd_upscale_many(args: argparse.Namespace) -> int:
-    from adadiff.scaleout.job import ClusterOptions, check_local_paths, print_record, run_job
-    from adadiff.scaleout.plan import JobSettings
-
     settings = JobSettings(
         model=args.model,
         backend=args.backend,
@@ -611,9 +600,6 @@ def cmd_upscale_many(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from adadiff import demo
-    from adadiff.jobs import FileOutputs
-
     cfg = check_upscale_args(args)
     demo.check_photo(args.photo)
     out = args.output
@@ -699,22 +685,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    # benchmarks/ lives beside the package in a source checkout and is not installed.
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "__main__.py").is_file():
+    # benchmarks/ is a folder of a source checkout, never installed: run it as `python -m
+    # benchmarks` from the checkout's root, as its README section says.
+    if not (Path.cwd() / "benchmarks" / "__main__.py").is_file():
         raise ConfigError(
-            "adadiff bench needs a source checkout (the benchmarks/ folder is not installed); "
-            "run it from a clone of the repository after pip install -e ."
+            "adadiff bench runs the benchmarks of a source checkout (the benchmarks/ folder is "
+            "not installed); run it from the root of a clone of the repository after "
+            "pip install -e ., or run python -m benchmarks there"
         )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.__main__ import main as bench_main
-
-    return bench_main(args.args)
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args.args]).returncode
 
 
 def cmd_setup_metrics(args: argparse.Namespace) -> int:
-    from adadiff.quality.weights import setup_metrics
+    from adadiff.training.metrics_setup import setup_metrics
 
     stored = setup_metrics(args.cache_dir, refit_niqe=args.refit_niqe, log=print)
     print(f"metrics ready: {', '.join(sorted(stored))}")
@@ -722,14 +705,9 @@ def cmd_setup_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from adadiff.manifest import ExportManifest
-    from adadiff.trt_manifest import BatchProfile, import_tensorrt, parse_profiles
-
     # What is missing on this machine comes first: it is what the user must fix before anything.
     parse_device(args.device, "tensorrt")
     import_tensorrt()
-    from adadiff.cuda import CudaDevice
-
     cuda = CudaDevice(args.device)
     exported = ExportManifest.load(args.engines)
     from adadiff.export.tensorrt_build import BuildOptions, build_engines, describe

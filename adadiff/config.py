@@ -18,6 +18,53 @@ CONFIG_FILE = "adadiff.json"
 CONFIG_VERSION = 1
 
 
+class Choice(str, enum.Enum):
+    """A closed choice; its value is the string of the JSON files and the command line, and it
+    compares equal to that string."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(str(m.value) for m in cls)
+
+
+class Precision(Choice):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"  # the torch backend only
+
+
+class BackendKind(Choice):
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+class Schedule(Choice):
+    ADAPTIVE = "adaptive"
+    UNIFORM = "uniform"
+
+
+class Grouping(Choice):
+    """How the sampler batches active tiles: all of them (regroup), by timestep, or one tile."""
+
+    REGROUP = "regroup"
+    TIMESTEP = "timestep"
+    TILE = "tile"
+
+
+class ExitGain(Choice):
+    """Which gain DTSS's saturated exit watches: g_NR (the paper) or the total gain."""
+
+    NR = "nr"
+    TOTAL = "total"
+
+
 class PredictionType(str, enum.Enum):
     EPSILON = "epsilon"
     V_PREDICTION = "v_prediction"
@@ -84,7 +131,7 @@ class NoiseScheduleConfig:
             )
 
 
-EXIT_GAINS: tuple[str, ...] = ("nr", "total")
+EXIT_GAINS: tuple[str, ...] = ExitGain.values()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,7 +212,7 @@ class MMLEConfig:
 
 
 COLOR_FIXES: tuple[str, ...] = ("none", "wavelet")
-SCHEDULES: tuple[str, ...] = ("adaptive", "uniform")
+SCHEDULES: tuple[str, ...] = Schedule.values()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,3 +371,42 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _choice(kind: type[Choice], value: object, what: str, hint: str = "") -> Any:
+    if value not in kind.values():
+        raise ConfigError(f"{what} {value!r} is not one of {', '.join(kind.values())}{hint}")
+    return kind(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """How a model is opened for a run, one object for ``Upscaler.from_pretrained``,
+    ``make_backend``, the scale-out workers and the benchmarks.
+
+    ``model`` is a preset or a model folder (None: ``tiny`` for torch, the exported model
+    otherwise); ``engines`` an export folder for onnxruntime and tensorrt; ``max_batch`` the most
+    tiles per engine call; ``threads`` the CPU threads (None: every CPU this process may use)."""
+
+    model: str | Path | None = None
+    # Strings are accepted (the command line's and the keyword API's) and become the enums.
+    backend: BackendKind | str = BackendKind.TORCH
+    device: str = "cpu"
+    precision: Precision | str = Precision.FP32
+    engines: str | Path | None = None
+    seed: int = 0
+    tile_size: int | None = None
+    tile_overlap: int | None = None
+    max_batch: int = 8
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BackendKind.values():
+            raise ConfigError(
+                f"unknown backend {self.backend!r}; choose one of {', '.join(BackendKind.values())}"
+            )
+        object.__setattr__(self, "backend", BackendKind(self.backend))
+        hint = "; use fp32 (the reference) or fp16"
+        object.__setattr__(
+            self, "precision", _choice(Precision, self.precision, "--precision", hint)
+        )

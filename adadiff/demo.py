@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from adadiff import imageio
 from adadiff.errors import BackendUnavailableError, ConfigError, OutputPathError
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle_left")
@@ -40,8 +42,6 @@ def photo(name: str, long_side: int) -> np.ndarray:
         raise BackendUnavailableError(
             'the demo photos come from scikit-image: pip install "adadiff[demo]"'
         ) from None
-    from PIL import Image
-
     check_photo(name)
     rgb = data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(data, name)()
     img = Image.fromarray(np.ascontiguousarray(rgb[..., :3]))
@@ -52,8 +52,6 @@ def photo(name: str, long_side: int) -> np.ndarray:
 
 def prepare(out_dir: Path, name: str, long_side: int) -> Path:
     """Write the low-resolution input photo and return its path."""
-    from adadiff import imageio
-
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputPathError(f"{out_dir} is a file; give a folder for the demo outputs")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adadiff.config import Precision
 from adadiff.errors import ConfigError
 
 # What each backend runs on. "cpu" for tensorrt means "the first GPU" (TensorRT runs on CUDA only).
@@ -19,8 +20,8 @@ DEVICE_KINDS: dict[str, tuple[str, ...]] = {
 
 # Precisions a run can ask for. Exports hold fp32 or fp16 (adadiff.manifest.PRECISIONS); bf16
 # exists for the torch backend only (the GPU check compares it with fp16).
-RUN_PRECISIONS = ("fp32", "fp16", "bf16")
-TORCH_ONLY_PRECISIONS = ("bf16",)
+RUN_PRECISIONS = Precision.values()
+TORCH_ONLY_PRECISIONS = (Precision.BF16.value,)
 
 
 @dataclass(frozen=True)

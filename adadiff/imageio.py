@@ -144,7 +144,7 @@ def _bomb_error(path: Path, exc: Exception, max_pixels: int) -> InputImageError:
 def _gray16_array(img: Image.Image) -> np.ndarray:
     # "I" (32-bit) is how some TIFF/PNG readers expose 16-bit gray; values beyond 16 bits clip.
     raw = np.asarray(img)
-    values = raw.astype(np.float64) if img.mode == "I" else raw.astype(np.float32)
+    values: np.ndarray = raw.astype(np.float64) if img.mode == "I" else raw.astype(np.float32)
     return (np.clip(values, 0, 65535) / 65535.0).astype(np.float32)
 
 
@@ -231,21 +231,19 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
             f"{path}: image data is truncated or corrupt ({_one_line(exc)}); "
             "re-export or re-download the image"
         ) from exc
-    return replace(decoded, source_mode=source_mode, **metadata)
+    icc, exif = metadata
+    return replace(decoded, source_mode=source_mode, icc_profile=icc, exif=exif)
 
 
 _ORIENTATION = 0x0112
 
 
-def _metadata(img: Image.Image) -> dict[str, bytes | None]:
+def _metadata(img: Image.Image) -> tuple[bytes | None, bytes | None]:
     """The ICC profile and the EXIF (orientation dropped: the pixels get it applied)."""
     icc = img.info.get("icc_profile") or None
     exif = img.getexif()
     exif.pop(_ORIENTATION, None)
-    return {
-        "icc_profile": icc if isinstance(icc, bytes) else None,
-        "exif": exif.tobytes() if len(exif) else None,
-    }
+    return (icc if isinstance(icc, bytes) else None, exif.tobytes() if len(exif) else None)
 
 
 def to_rgb_array(image: Any) -> np.ndarray:
@@ -424,7 +422,11 @@ def write_pil_atomic(path: str | Path, image: Image.Image, fmt: str, **save_args
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write a file (a report, a manifest) atomically."""
-    return _write_atomic(path, lambda fp: fp.write(data), "file")
+
+    def write(fp: BinaryIO) -> None:
+        fp.write(data)
+
+    return _write_atomic(path, write, "file")
 
 
 def _to_uint(values: np.ndarray, maximum: int, dtype: type[np.generic]) -> np.ndarray:

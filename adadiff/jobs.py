@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adadiff import __version__
+import numpy as np
+
+from adadiff import __version__, imageio
 from adadiff.errors import ConfigError, OutputPathError
-from adadiff.runtime.sampler import Progress
+from adadiff.progress import Progress
+from adadiff.stepmap import save_step_map
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,8 +32,6 @@ class FileOutputs:
 
 def check_outputs(input_path: Path, outputs: FileOutputs) -> FileOutputs:
     """Validate every output path before any work is done; return them resolved."""
-    from adadiff import imageio
-
     image = imageio.check_output_path(input_path, outputs.image)
     source = Path(input_path).expanduser().resolve()
     extras: dict[str, Path | None] = {}
@@ -60,8 +61,6 @@ def upscale_file(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Check the outputs, read the image, upscale it and write everything; return the report."""
-    from adadiff import imageio
-
     outputs = check_outputs(input_path, outputs)
     image = imageio.load_image(
         input_path, max_pixels=options.max_pixels or imageio.DEFAULT_MAX_PIXELS
@@ -80,12 +79,8 @@ def upscale_loaded(
 ) -> dict[str, Any]:
     """Upscale an already loaded image (``imageio.LoadedImage``); every file is written
     atomically. ``outputs`` must have passed ``check_outputs``."""
-    from adadiff import imageio
-
     if options.interval is not None and options.schedule not in (None, "uniform"):
         raise ConfigError("an interval applies to the uniform schedule only")
-    import numpy as np
-
     # Integer levels at the bit depth the file gets: a quarter (half) of float32's memory.
     rgb, report = upscaler.upscale(
         image.rgb,
@@ -111,8 +106,6 @@ def upscale_loaded(
     if outputs.report is not None:
         imageio.write_bytes_atomic(outputs.report, (json.dumps(data, indent=2) + "\n").encode())
     if outputs.step_map is not None:
-        from adadiff.stepmap import save_step_map
-
         save_step_map(outputs.step_map, rgb, report.boxes, report.steps_per_tile, report.exits)
     return data
 
@@ -120,8 +113,6 @@ def upscale_loaded(
 def output_record(image: Any, rgb: Any, report: Any, factor: int) -> dict[str, Any]:
     """What gets written for an upscaled ``imageio.LoadedImage``: the pixels, the alpha plane
     upscaled alongside, the bit depth and colour kind to write with, and the report dict."""
-    from adadiff import imageio
-
     alpha = None if image.alpha is None else imageio.upscale_alpha(image.alpha, factor)
     data = report.to_dict()
     data.update(

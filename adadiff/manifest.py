@@ -10,17 +10,19 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from adadiff.config import ModelConfig
+from adadiff.config import ModelConfig, Precision
 from adadiff.errors import ConfigError, EngineMismatchError, ModelFolderError
+from adadiff.imageio import write_bytes_atomic
 from adadiff.specs import ModelSpec, component_specs
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "adadiff-onnx"
 MANIFEST_VERSION = 1
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = (Precision.FP32.value, Precision.FP16.value)  # what an export holds
 _CHUNK = 8 << 20
 
 REEXPORT = "re-export with `adadiff export --model MODEL -o {folder}`"
@@ -146,8 +148,6 @@ class ExportManifest:
         }
 
     def save(self, folder: Path) -> Path:
-        from adadiff.imageio import write_bytes_atomic
-
         blob = (json.dumps(self.to_dict(), indent=2) + "\n").encode()
         return write_bytes_atomic(Path(folder) / MANIFEST_FILE, blob)
 
@@ -259,8 +259,6 @@ def _fix(folder: Path) -> str:
 
 def library_versions(names: Mapping[str, str]) -> dict[str, str]:
     """Installed versions of the given distributions (import name -> distribution name)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     found: dict[str, str] = {}
     for label, dist in names.items():
         try:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from adadiff.config import ModelConfig
-from adadiff.errors import ConfigError
+from pathlib import Path
+
+from adadiff.config import CONFIG_FILE, ModelConfig
+from adadiff.errors import ConfigError, ModelFolderError
+
+# The trained weights that ship inside the package, one folder per preset.
+SHIPPED = Path(__file__).resolve().parent / "weights"
 
 _CROSS = "CrossAttnDownBlock2D"
 _CROSS_UP = "CrossAttnUpBlock2D"
@@ -87,3 +92,18 @@ def preset(name: str) -> ModelConfig:
         raise ConfigError(
             f"unknown model preset {name!r}; use one of {sorted(PRESETS)} or a model folder path"
         ) from None
+
+
+def model_config(model: str | Path) -> ModelConfig:
+    """The config ``load_models(model)`` would use, read without torch: a folder's adadiff.json,
+    a preset's shipped adadiff.json, or the preset's built-in config."""
+    name = str(model)
+    if name in PRESETS:
+        shipped = SHIPPED / name
+        return ModelConfig.load(shipped) if (shipped / CONFIG_FILE).is_file() else preset(name)
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        raise ModelFolderError(
+            f"model folder {folder} does not exist; give a preset name or a folder"
+        )
+    return ModelConfig.load(folder)

@@ -14,6 +14,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TextIO
 
+# A progress callback: (stage, done, total); the library calls it, the CLI draws it.
+Progress = Callable[[str, int, int], None]
+
 DEFAULT_EVERY = 10.0
 
 

@@ -17,6 +17,8 @@ from adadiff.errors import ShapeError
 
 Dim = int | str
 COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "pfj", "mmle")
+# The components that run in half precision at fp16: the SD VAE overflows in fp16 and stays fp32.
+HALF_COMPONENTS = ("unet", "pfj", "mmle")
 
 
 @dataclass(frozen=True, kw_only=True)

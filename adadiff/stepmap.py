@@ -124,7 +124,7 @@ def _cells(labels: np.ndarray, count: int) -> _Cells:
 
 
 def _grayscale_base(image: np.ndarray, h: int, w: int) -> np.ndarray:
-    weights = np.float32([0.299, 0.587, 0.114])
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if np.issubdtype(image.dtype, np.integer):
         # uint8 / uint16 output canvases: shrink first, so no full-size float copy is made
         eight = image if image.dtype == np.uint8 else (image // 257).astype(np.uint8)
@@ -164,16 +164,19 @@ def _paint_map(
     return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+
+def _font(size: int) -> Font:
     return ImageFont.load_default(size=size)
 
 
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font: object) -> tuple[int, int]:
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Font) -> tuple[int, int]:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     return int(right - left), int(bottom - top)
 
 
-def _label_cells(draw: ImageDraw.ImageDraw, cells: _Cells, steps: np.ndarray, font: object) -> None:
+def _label_cells(draw: ImageDraw.ImageDraw, cells: _Cells, steps: np.ndarray, font: Font) -> None:
     for k, count in enumerate(steps):
         if cells.y_max[k] < 0:
             continue
@@ -204,7 +207,7 @@ def _caption(steps: np.ndarray, saturated: np.ndarray) -> str:
     )
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -> list[str]:
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Font, width: int) -> list[str]:
     lines: list[str] = []
     current = ""
     for word in text.split():
@@ -217,7 +220,7 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -> lis
     return [*lines, current] if current else lines
 
 
-def _legend(width: int, steps: np.ndarray, saturated: np.ndarray, font: object) -> Image.Image:
+def _legend(width: int, steps: np.ndarray, saturated: np.ndarray, font: Font) -> Image.Image:
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = _text_size(probe, "Ag0", font)[1] + 4
     caption = _wrap(probe, _caption(steps, saturated), font, width - 2 * _PAD)

@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from adadiff.errors import ConfigError
+
 log = logging.getLogger("adadiff")
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
@@ -65,8 +67,6 @@ def prefer_passive_wait() -> bool:
 
 def check_threads(threads: int | None) -> int:
     """``threads`` or the default; a count below 1 is a ``ConfigError``."""
-    from adadiff.errors import ConfigError
-
     if threads is None:
         return default_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:

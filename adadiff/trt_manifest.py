@@ -17,12 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adadiff import manifest
 from adadiff.errors import (
     BackendUnavailableError,
     ConfigError,
     EngineMismatchError,
     ModelFolderError,
 )
+from adadiff.imageio import write_bytes_atomic
 from adadiff.specs import ModelSpec
 
 TRT_DIR = "tensorrt"
@@ -226,8 +228,6 @@ class EngineManifest:
         return data
 
     def save(self, folder: Path) -> Path:
-        from adadiff.imageio import write_bytes_atomic
-
         folder.mkdir(parents=True, exist_ok=True)
         blob = (json.dumps(self.to_dict(), indent=2) + "\n").encode()
         return write_bytes_atomic(folder / TRT_MANIFEST, blob)
@@ -294,8 +294,6 @@ class EngineManifest:
         """The engine of ``component``, after checking its exported files (``FileEntry``s) are the
         ones it was built from. A file whose size and mtime match the build's stamp is not hashed
         again; any other is hashed and compared with the export manifest."""
-        from adadiff.manifest import sha256_file
-
         entry = self.check_onnx(component, export_digest(files), export_dir)
         for f in files:
             path = Path(export_dir) / f.path
@@ -307,7 +305,7 @@ class EngineManifest:
             st = path.stat()
             if entry.stamps.get(f.path) == [st.st_size, st.st_mtime_ns]:
                 continue
-            if st.st_size != f.size or sha256_file(path) != f.sha256:
+            if st.st_size != f.size or manifest.sha256_file(path) != f.sha256:
                 raise EngineMismatchError(
                     f"{path} changed since export (size or sha256 differs from its manifest); "
                     f"re-export with `adadiff export ... -o {export_dir}` and rebuild with "

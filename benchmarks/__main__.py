@@ -131,8 +131,8 @@ def run_suite(
     A section that fails is recorded with its error and the others still run.
     """
     from benchmarks import backends, plots, regrouping, scaling, schedules
+    from benchmarks.fullsize import run_fullsize
     from benchmarks.machine import machine, timed_section, weights_of
-    from benchmarks.suites import run_fullsize
 
     out.mkdir(parents=True, exist_ok=True)
     runners = {

@@ -10,13 +10,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import machine_line
+
 START = "<!-- gpu:start -->"
 END = "<!-- gpu:end -->"
 
 
 def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
-    from benchmarks.report import machine_line
-
     rel = os.path.relpath(json_path, readme.parent).replace(os.sep, "/")
     lines = [
         f"Generated from [`{rel}`]({rel}) by `python -m benchmarks report {rel}`; do not edit "

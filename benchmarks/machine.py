@@ -86,3 +86,16 @@ def timed_section(name: str, run: Any, result: dict[str, Any]) -> None:
         }
         print(f"[{name}] failed: {exc}", file=sys.stderr, flush=True)
     result["seconds"][name] = round(time.perf_counter() - t0, 1)
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    libs = m.get("libraries", {})
+    versions = ", ".join(
+        f"{k} {libs[k]}" for k in ("torch", "onnxruntime", "tensorrt") if k in libs
+    )
+    gpu = m.get("gpu") or "no GPU"
+    return (
+        f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('torch_threads')} torch "
+        f"threads), {gpu}; Python {m.get('python')}, {versions}; {m.get('date', '')}"
+    )

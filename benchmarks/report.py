@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from adadiff.errors import AdadiffError
-from benchmarks.machine import SHIPPED_WEIGHTS
+from benchmarks import gpu_report
+from benchmarks.machine import SHIPPED_WEIGHTS, machine_line
 
 START = "<!-- perf:start -->"
 END = "<!-- perf:end -->"
@@ -53,19 +54,6 @@ def _pct(x: float | None) -> str:
 
 def _x(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def machine_line(result: dict[str, Any]) -> str:
-    m = result["machine"]
-    libs = m.get("libraries", {})
-    versions = ", ".join(
-        f"{k} {libs[k]}" for k in ("torch", "onnxruntime", "tensorrt") if k in libs
-    )
-    gpu = m.get("gpu") or "no GPU"
-    return (
-        f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('torch_threads')} torch "
-        f"threads), {gpu}; Python {m.get('python')}, {versions}; {m.get('date', '')}"
-    )
 
 
 def render(
@@ -352,8 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     markers = {"start": START, "end": END}
     what = "Performance"
     if result.get("kind") == "gpu_check":
-        from benchmarks import gpu_report
-
         section = gpu_report.render(result, args.results, args.readme)
         markers = {"start": gpu_report.START, "end": gpu_report.END}
         what = "GPU check"

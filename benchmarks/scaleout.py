@@ -176,7 +176,7 @@ def main() -> None:
 
 
 def render(data: dict[str, Any], json_path: Path) -> str:
-    from benchmarks.report import machine_line
+    from benchmarks.machine import machine_line
 
     runs = data["runs"]
     sizes = data["input_sizes"]

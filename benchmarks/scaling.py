@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from adadiff.config import RunSettings
 from benchmarks.suites import ROOT, Context, Progress, child_env, tiles_of
 
 RESULT_PREFIX = "BENCH-RESULT "
@@ -139,13 +140,16 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(job["threads"])
     start = time.perf_counter()
     config, backend = open_backend(
-        job["model"],
-        backend=job["backend"],
-        device=job["device"],
-        precision=job["precision"],
-        engines=job["engines"],
-        seed=job["seed"],
-        threads=job["threads"],
+        RunSettings(
+            model=job["model"],
+            backend=job["backend"],
+            device=job["device"],
+            precision=job["precision"],
+            engines=job["engines"],
+            seed=job["seed"],
+            max_batch=16,  # make_backend's profile default, not the job's --max-batch
+            threads=job["threads"],
+        )
     )
     up = Upscaler(config, backend, max_batch=job["max_batch"], model_name=job["model"])
     warm_up(up)

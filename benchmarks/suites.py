@@ -6,9 +6,7 @@ per shape and prints one progress line per run with an estimate of the time left
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from adadiff.config import RunSettings
 from adadiff.errors import ConfigError
 
 SECTIONS = ("schedules", "regrouping", "backends", "scaling", "fullsize")
@@ -236,13 +235,16 @@ class Context:
             if v.backend == "tensorrt":
                 self.build_tensorrt(engines)
             config, backend = open_backend(
-                s.model,
-                backend=v.backend,
-                device=s.device,
-                precision=v.precision,
-                engines=engines,
-                seed=s.seed,
-                threads=s.threads,
+                RunSettings(
+                    model=s.model,
+                    backend=v.backend,
+                    device=s.device,
+                    precision=v.precision,
+                    engines=engines,
+                    seed=s.seed,
+                    max_batch=16,  # make_backend's profile default, not the suite's --max-batch
+                    threads=s.threads,
+                )
             )
             up = Upscaler(config, backend, max_batch=s.max_batch, model_name=s.model)
             warm_up(up)
@@ -305,33 +307,22 @@ class Context:
             shutil.rmtree(self.work, ignore_errors=True)
 
 
-def open_backend(
-    model: str,
-    *,
-    backend: str,
-    device: str,
-    precision: str,
-    engines: Path | str | None,
-    seed: int,
-    threads: int | None,
-) -> tuple[Any, Any]:
-    """make_backend, except that --threads also caps ONNX Runtime's intra-op threads, so torch
-    and ONNX Runtime are compared on the same number of cores."""
-    if backend == "onnxruntime" and threads:
+def open_backend(settings: RunSettings) -> tuple[Any, Any]:
+    """make_backend, except that --threads caps ONNX Runtime's intra-op threads only, so torch
+    and ONNX Runtime are compared on the same number of cores (the suites set torch's)."""
+    if settings.backend == "onnxruntime" and settings.threads:
         from adadiff.engines.onnxruntime import OrtOptions, open_onnxruntime
 
         return open_onnxruntime(
-            engines,
-            model=model,
-            device=device,
-            precision=precision,
-            options=OrtOptions(intra_op_threads=threads),
+            settings.engines,
+            model=settings.model,
+            device=settings.device,
+            precision=settings.precision,
+            options=OrtOptions(intra_op_threads=settings.threads),
         )
     from adadiff.engines.factory import make_backend
 
-    return make_backend(
-        model, backend=backend, device=device, precision=precision, engines=engines, seed=seed
-    )
+    return make_backend(replace(settings, threads=None))
 
 
 def warm_up(upscaler: Any) -> None:
@@ -368,54 +359,6 @@ def tiles_of(config: Any, width: int, height: int) -> int:
     return len(grid)
 
 
-def run_fullsize(ctx: Context) -> dict[str, Any]:
-    """sd21-base (random init) on this machine: UNet latency torch against ONNX Runtime at
-    B=1 and 2 (benchmarks.fullsize_onnx, in its own process) and one adaptive upscale of a
-    small photo in a fresh process."""
-    from benchmarks.scaling import run_isolated
-
-    result: dict[str, Any] = {}
-    out = ctx.work / "fullsize_onnx.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.fullsize_onnx",
-        "--work",
-        str(ctx.work / "fullsize"),
-        "--batches",
-        "1",
-        "2",
-        "--repeats",
-        str(max(1, min(ctx.suite.repeats, 3))),
-        "--out",
-        str(out),
-    ]
-    print("[fullsize] sd21-base UNet export and latency (several minutes)", flush=True)
-    done = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True)
-    if done.returncode == 0:
-        data = json.loads(out.read_text())
-        data.pop("machine", None)
-        result["unet_latency"] = data
-    else:
-        result["unet_latency"] = {"error": _tail(done.stderr or done.stdout)}
-    print("[fullsize] sd21-base adaptive upscale (several minutes)", flush=True)
-    try:
-        result["adaptive"] = run_isolated(
-            ctx,
-            model="sd21-base",
-            backend="torch",
-            precision=ctx.settings.precision,
-            photo=ctx.suite.regroup_photo,
-            size=ctx.suite.fullsize_size,
-            schedule="adaptive",
-            interval=None,
-            repeats=1,
-        )
-    except RuntimeError as exc:
-        result["adaptive"] = {"error": str(exc)}
-    return result
-
-
 def child_env() -> dict[str, str]:
     import os
 
@@ -423,7 +366,3 @@ def child_env() -> dict[str, str]:
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI runs torch (adadiff.threads)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
     return env
-
-
-def _tail(text: str, lines: int = 5) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])

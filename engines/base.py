@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from adadiff.errors import ShapeError
+from adadiff.errors import EngineMismatchError, ShapeError
 from adadiff.specs import ModelSpec
 
 
@@ -104,6 +104,8 @@ class MMLEModule(Facade):
         return self.run(x0=x0, lr_latent=lr_latent, timestep=timestep)
 
 
+FacadeT = TypeVar("FacadeT", bound=Facade)
+
 FACADES: dict[str, type[Facade]] = {
     "unet": UNet,
     "vae_encoder": VAEEncoder,
@@ -133,22 +135,28 @@ class Components:
             self._open[name] = FACADES[name](self.backend.open(name), self.log)
         return self._open[name]
 
+    def _typed(self, name: str, kind: type[FacadeT]) -> FacadeT:
+        facade = self.get(name)
+        if not isinstance(facade, kind):  # FACADES maps each name to its kind
+            raise EngineMismatchError(f"component {name} opened as {type(facade).__name__}")
+        return facade
+
     @property
     def unet(self) -> UNet:
-        return self.get("unet")  # type: ignore[return-value]
+        return self._typed("unet", UNet)
 
     @property
     def vae_encoder(self) -> VAEEncoder:
-        return self.get("vae_encoder")  # type: ignore[return-value]
+        return self._typed("vae_encoder", VAEEncoder)
 
     @property
     def vae_decoder(self) -> VAEDecoder:
-        return self.get("vae_decoder")  # type: ignore[return-value]
+        return self._typed("vae_decoder", VAEDecoder)
 
     @property
     def pfj(self) -> PFJModule:
-        return self.get("pfj")  # type: ignore[return-value]
+        return self._typed("pfj", PFJModule)
 
     @property
     def mmle(self) -> MMLEModule:
-        return self.get("mmle")  # type: ignore[return-value]
+        return self._typed("mmle", MMLEModule)

@@ -3,45 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from adadiff.config import ModelConfig
+from adadiff.config import BackendKind, ModelConfig, RunSettings
 from adadiff.devices import check_precision, parse_device
 from adadiff.engines.base import Backend
+from adadiff.engines.onnxruntime import OrtOptions, open_onnxruntime
+from adadiff.engines.tensorrt import TensorRTBackend
 from adadiff.errors import BackendUnavailableError, ConfigError
+from adadiff.presets import model_config
 from adadiff.threads import check_threads, prefer_passive_wait
 
-if TYPE_CHECKING:
-    from adadiff.engines.tensorrt import TensorRTBackend
-
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = BackendKind.values()
 
 
-def make_backend(
-    model: str | Path | None,
-    *,
-    backend: str = "torch",
-    device: str = "cpu",
-    precision: str = "fp32",
-    engines: str | Path | None = None,
-    seed: int = 0,
-    tile_size: int | None = None,
-    tile_overlap: int | None = None,
-    max_batch: int = 16,
-    threads: int | None = None,
-) -> tuple[ModelConfig, Backend]:
-    """Open ``backend`` for ``model``; tile overrides change every component's shapes.
+def make_backend(settings: RunSettings) -> tuple[ModelConfig, Backend]:
+    """Open ``settings.backend`` for ``settings.model``; tile overrides change every
+    component's shapes.
 
     ``max_batch`` is the largest batch the runtime will send (ONNX Runtime's TensorRT profile).
     ``threads`` is the CPU thread count of torch or ONNX Runtime (default: every usable CPU,
     ``adadiff.threads``); the torch backend also asks OpenMP for passive waiting when torch
     is not imported yet."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    model, backend, device, precision = (
+        settings.model,
+        settings.backend,
+        settings.device,
+        settings.precision,
+    )
+    engines, seed, max_batch = settings.engines, settings.seed, settings.max_batch
+    tile_size, tile_overlap = settings.tile_size, settings.tile_overlap
     # Before any model or library loads: a typo costs one line, not a traceback.
     parse_device(device, backend)
     check_precision(precision, backend)
-    threads = check_threads(threads)
+    threads = check_threads(settings.threads)
     if backend == "torch":
         prefer_passive_wait()
         if engines is not None:
@@ -64,8 +58,6 @@ def make_backend(
                 "--backend onnxruntime needs --engines FOLDER, the output of "
                 "`adadiff export --model MODEL -o FOLDER`"
             )
-        from adadiff.engines.onnxruntime import OrtOptions, open_onnxruntime
-
         return open_onnxruntime(
             engines,
             model=model,
@@ -100,8 +92,6 @@ def _open_tensorrt(
             "--backend tensorrt needs --engines FOLDER: export with `adadiff export --model MODEL "
             "-o FOLDER`, then build with `adadiff build FOLDER`"
         )
-    from adadiff.engines.tensorrt import TensorRTBackend
-
     # TensorRT runs on CUDA only, so the CPU default means "the first GPU" here.
     backend = TensorRTBackend(engines, device="cuda" if device == "cpu" else device)
     try:
@@ -119,8 +109,6 @@ def _checked_tensorrt(
     tile_size: int | None,
     tile_overlap: int | None,
 ) -> tuple[ModelConfig, Backend]:
-    from adadiff.engines.onnxruntime import model_config
-
     if precision != backend.exported.precision:
         raise ConfigError(
             f"{engines} holds a {backend.exported.precision} export; pass --precision "

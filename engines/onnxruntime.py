@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 
 from adadiff import devices
-from adadiff.config import CONFIG_FILE, ModelConfig
+from adadiff.config import ModelConfig
 from adadiff.errors import (
     BackendUnavailableError,
     ConfigError,
     EngineMismatchError,
-    ModelFolderError,
 )
 from adadiff.manifest import ExportManifest
+from adadiff.presets import model_config
 from adadiff.specs import COMPONENTS, ModelSpec, component_specs
 from adadiff.trt_manifest import BatchProfile, export_digest
 
@@ -344,22 +344,3 @@ def open_onnxruntime(
             f"{tile_size}"
         )
     return backend.config.with_tiling(tile_size, tile_overlap), backend
-
-
-def model_config(model: str | Path) -> ModelConfig:
-    """The config ``load_models(model)`` would use, read without torch: a folder's adadiff.json,
-    a preset's shipped adadiff.json, or the preset's built-in config."""
-    import adadiff
-    from adadiff.presets import PRESETS, preset
-
-    name = str(model)
-    if name in PRESETS:
-        # The lookup of adadiff.models.bundle.load_models, which imports torch.
-        shipped = Path(adadiff.__file__).resolve().parent / "weights" / name
-        return ModelConfig.load(shipped) if (shipped / CONFIG_FILE).is_file() else preset(name)
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        raise ModelFolderError(
-            f"model folder {folder} does not exist; give a preset name or a folder"
-        )
-    return ModelConfig.load(folder)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from adadiff.cuda import CudaDevice
 from adadiff.errors import ConfigError, EngineMismatchError
 from adadiff.manifest import ExportManifest
 from adadiff.specs import ModelSpec, component_specs
@@ -179,8 +180,6 @@ class TensorRTBackend:
             raise ConfigError(f"the tensorrt backend runs on CUDA; got --device {device}")
         self.trt = import_tensorrt()
         if cuda is None:
-            from adadiff.cuda import CudaDevice
-
             cuda = CudaDevice(device)
         self.cuda = cuda
         self.torch = cuda.torch

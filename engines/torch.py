@@ -13,12 +13,11 @@ import torch
 from adadiff.devices import check_precision, parse_device
 from adadiff.errors import BackendUnavailableError, ConfigError
 from adadiff.models.bundle import TorchModels
-from adadiff.specs import COMPONENTS, ModelSpec, component_specs
+from adadiff.specs import COMPONENTS, HALF_COMPONENTS, ModelSpec, component_specs
 
 log = logging.getLogger("adadiff")
 
 # The SD VAE overflows in fp16, so half precision applies to these components only.
-HALF_COMPONENTS = ("unet", "pfj", "mmle")
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

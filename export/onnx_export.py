@@ -84,6 +84,8 @@ def export_raw(
                 optimize=True,
                 verbose=False,
             )
+            if program is None:
+                raise ConfigError(f"torch.onnx.export gave no program for {spec.name}")
             program.save(str(path), external_data=True)
         else:
             torch.onnx.export(

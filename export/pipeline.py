@@ -11,7 +11,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,16 @@ from adadiff.export.cleanup import EXTERNAL_DATA_THRESHOLD, clean, load_weights,
 from adadiff.export.fp16 import convert_to_fp16
 from adadiff.export.manifest import build_manifest, component_entry
 from adadiff.export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, check_exporter, export_raw
+from adadiff.export.verify import check_against_torch
 from adadiff.manifest import MANIFEST_FILE, PRECISIONS, ComponentEntry, ExportManifest
 from adadiff.models.bundle import TorchModels, load_models
-from adadiff.specs import COMPONENTS, ModelSpec, component_specs
+from adadiff.progress import Progress
+from adadiff.specs import COMPONENTS, HALF_COMPONENTS, ModelSpec, component_specs
 
 log = logging.getLogger("adadiff.export")
 
-Progress = Callable[[str, int, int], None]
 
 # As in the torch backend: the SD VAE overflows in fp16, so an fp16 export keeps it fp32.
-HALF_COMPONENTS = ("unet", "pfj", "mmle")
 STAGING_PREFIX = ".export-"
 
 
@@ -214,8 +213,6 @@ def _check(
     except ImportError:
         log.warning("onnxruntime is not installed; %s was exported without a parity check", path)
         return {}
-    from adadiff.export.verify import check_against_torch
-
     tol = spec.fp16_tolerance if half else spec.fp32_tolerance
     return check_against_torch(path, module, spec, batches=options.check_batches, tolerance=tol)
 

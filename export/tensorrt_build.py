@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adadiff.cuda import CudaDevice
 from adadiff.errors import AdadiffError, ConfigError, EngineMismatchError
 from adadiff.imageio import write_bytes_atomic
 from adadiff.manifest import ExportManifest
+from adadiff.progress import Progress
 from adadiff.specs import COMPONENTS, component_specs
 from adadiff.trt_manifest import (
     TIMING_CACHE,
@@ -38,7 +40,6 @@ from adadiff.trt_manifest import (
 )
 
 log = logging.getLogger("adadiff")
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,8 +62,9 @@ class BuildOptions:
 def _progress_monitor(trt: Any, component: str, progress: Progress | None) -> Any:
     if progress is None or not hasattr(trt, "IProgressMonitor"):
         return None
+    report: Progress = progress  # bound here: the class body below does not see the check
 
-    class Monitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+    class Monitor(trt.IProgressMonitor):
         """Reports the top-level build phase; TensorRT calls it from its own threads."""
 
         def __init__(self) -> None:
@@ -74,12 +76,12 @@ def _progress_monitor(trt: Any, component: str, progress: Progress | None) -> An
             with self.lock:
                 self.steps[phase_name] = num_steps
             if parent_phase is None:
-                progress(f"build {component}: {phase_name}", 0, max(num_steps, 1))
+                report(f"build {component}: {phase_name}", 0, max(num_steps, 1))
 
         def step_complete(self, phase_name: str, step: int) -> bool:
             with self.lock:
                 total = self.steps.get(phase_name, step + 1)
-            progress(f"build {component}: {phase_name}", step + 1, max(total, 1))
+            report(f"build {component}: {phase_name}", step + 1, max(total, 1))
             return True  # False would cancel the build
 
         def phase_finish(self, phase_name: str) -> None:
@@ -105,8 +107,6 @@ def build_engines(
     exported.verify_files(export_dir, options.components)
     trt = import_tensorrt()
     if cuda is None:
-        from adadiff.cuda import CudaDevice
-
         cuda = CudaDevice(device)
     cuda.activate()  # TensorRT builds for the current device
     info = cuda.info()

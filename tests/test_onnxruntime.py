@@ -20,6 +20,7 @@ from polygraphy.comparator import Comparator, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from adadiff import Upscaler
+from adadiff.config import RunSettings
 from adadiff.engines import make_backend
 from adadiff.engines.onnxruntime import OnnxRuntimeBackend, OrtOptions, open_onnxruntime
 from adadiff.engines.torch import TorchBackend
@@ -158,10 +159,26 @@ def test_model_and_precision_must_match_the_export(onnx_dir, tiny_dir, tmp_path,
     with pytest.raises(EngineMismatchError, match=r"--model sd21-base .* is not the model"):
         open_onnxruntime(onnx_dir, model="sd21-base")
     with pytest.raises(EngineMismatchError, match="pass --precision fp32"):
-        make_backend(tiny_dir, backend="onnxruntime", engines=onnx_dir, precision="fp16")
+        make_backend(
+            RunSettings(
+                model=tiny_dir,
+                backend="onnxruntime",
+                engines=onnx_dir,
+                precision="fp16",
+                max_batch=16,
+            )
+        )
     with pytest.raises(EngineMismatchError, match="128 px tiles"):
-        make_backend(tiny_dir, backend="onnxruntime", engines=onnx_dir, tile_size=256)
-    config, _ = make_backend(tiny_dir, backend="onnxruntime", engines=onnx_dir, tile_overlap=64)
+        make_backend(
+            RunSettings(
+                model=tiny_dir, backend="onnxruntime", engines=onnx_dir, tile_size=256, max_batch=16
+            )
+        )
+    config, _ = make_backend(
+        RunSettings(
+            model=tiny_dir, backend="onnxruntime", engines=onnx_dir, tile_overlap=64, max_batch=16
+        )
+    )
     assert config.tile_overlap == 64
 
 
@@ -193,7 +210,9 @@ def test_changed_or_missing_files_are_refused(onnx_dir, tmp_path):
 def test_missing_onnxruntime_says_how_to_install(onnx_dir, tiny_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(BackendUnavailableError, match=r'pip install "adadiff\[onnx\]"'):
-        make_backend(tiny_dir, backend="onnxruntime", engines=onnx_dir)
+        make_backend(
+            RunSettings(model=tiny_dir, backend="onnxruntime", engines=onnx_dir, max_batch=16)
+        )
 
 
 def test_devices_and_provider_fallback(onnx_dir, monkeypatch):

@@ -552,7 +552,8 @@ def test_mmle_psnr_and_lpips_add_the_latent_and_reconstruction_errors():
 
 @pytest.mark.parametrize("lpips", [False, True], ids=["psnr-split", "psnr-and-lpips-split"])
 def test_mmle_reduces_loss_and_bakes_raw_scores(tmp_path, cfg, lpips):
-    from adadiff.training.mmle import MMLEOptions, baked_mmle, train_mmle
+    from adadiff.training.assemble import baked_mmle
+    from adadiff.training.mmle import MMLEOptions, train_mmle
 
     data = synthetic_labels(lpips=lpips)
     cfg = with_lpips(cfg) if lpips else cfg
@@ -569,7 +570,7 @@ def test_mmle_reduces_loss_and_bakes_raw_scores(tmp_path, cfg, lpips):
     assert ckpt["summary"]["validation"]["rows"] > 0
     model = baked_mmle(cfg, state)
     x0, lr, t = (torch.from_numpy(data[k][:8]) for k in ("x0", "lr", "t"))
-    from adadiff.training.mmle import build_mmle
+    from adadiff.training.assemble import build_mmle
 
     raw = build_mmle(cfg, 0)
     raw.load_state_dict(state["mmle"])

@@ -23,23 +23,24 @@ from adadiff.config import ModelConfig
 from adadiff.errors import ModelFolderError
 from adadiff.models.networks import MMLE, PFJ
 from adadiff.models.wrappers import (
+    DiffusersModel,
     MMLEWrapper,
     PFJWrapper,
     UNetWrapper,
     VAEDecoderWrapper,
     VAEEncoderWrapper,
 )
+from adadiff.presets import PRESETS, SHIPPED, preset
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_EMBEDDING = "text_embedding.safetensors"
-SHIPPED = Path(__file__).resolve().parent.parent / "weights"
 
 
 @dataclass
 class TorchModels:
     config: ModelConfig
-    unet: nn.Module
-    vae: nn.Module
+    unet: DiffusersModel
+    vae: DiffusersModel
     pfj: PFJ
     mmle: MMLE
     text_embedding: torch.Tensor
@@ -88,7 +89,7 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def build_modules(cfg: ModelConfig) -> tuple[nn.Module, nn.Module, PFJ, MMLE]:
+def build_modules(cfg: ModelConfig) -> tuple[DiffusersModel, DiffusersModel, PFJ, MMLE]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet = UNet2DConditionModel(**cfg.unet)
@@ -185,8 +186,6 @@ def load_folder(folder: str | Path) -> TorchModels:
 
 def load_models(model: str | Path, *, seed: int = 0) -> TorchModels:
     """A preset name (shipped weights if present, else seeded random init) or a model folder."""
-    from adadiff.presets import PRESETS, preset
-
     name = str(model)
     if name in PRESETS:
         shipped = SHIPPED / name

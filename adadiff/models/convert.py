@@ -179,7 +179,7 @@ def _need_weights(folder: Path, name: str, what: str, *, bin_name: str | None = 
 
 def _constructor_kwargs(cls: type, config: dict[str, Any]) -> dict[str, Any]:
     """The keys of a diffusers config.json that ``cls.__init__`` accepts (no ``_class_name``)."""
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters
     return {k: v for k, v in config.items() if not k.startswith("_") and k in params}
 
 

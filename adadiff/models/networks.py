@@ -35,7 +35,8 @@ class PFJ(nn.Module):
         self.conv_mid = nn.Conv2d(hidden, hidden, 3, padding=1)
         self.conv_out = nn.Conv2d(hidden, 2 * latent_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        if self.conv_out.bias is not None:  # always, for a Conv2d made with a bias
+            nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, lr_latent: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(lr_latent) + self.gain_proj(gain)[:, :, None, None]
@@ -86,6 +87,11 @@ class MMLE(nn.Module):
     (1: the branch's per-crop estimate enters the score; 0: only its training mean does, for a
     part whose estimate does not carry over to photos the branch never saw).
     """
+
+    recon_scale: torch.Tensor
+    latent_scale: torch.Tensor
+    column_scale: torch.Tensor
+    recon_used: torch.Tensor
 
     def __init__(
         self,

@@ -5,14 +5,22 @@ The torch backend runs these same wrappers, so the reference and every export sh
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+# The diffusers models (UNet2DConditionModel, AutoencoderKL) are typed Any here: their methods
+# (decode, save_pretrained) and submodules are not visible through nn.Module's types.
+DiffusersModel = Any
 
 
 class UNetWrapper(nn.Module):
     """sample [B, 2C, s, s], timestep [B] -> noise_pred [B, C, s, s], empty prompt built in."""
 
-    def __init__(self, unet: nn.Module, text_embedding: torch.Tensor) -> None:
+    text_embedding: torch.Tensor
+
+    def __init__(self, unet: DiffusersModel, text_embedding: torch.Tensor) -> None:
         super().__init__()
         self.unet = unet
         self.register_buffer("text_embedding", text_embedding[None].clone(), persistent=False)
@@ -25,7 +33,7 @@ class UNetWrapper(nn.Module):
 class VAEEncoderWrapper(nn.Module):
     """image [B, 3, H, W] in [-1, 1] -> scaled latent mean [B, C, H/f, W/f]."""
 
-    def __init__(self, vae: nn.Module, scaling_factor: float) -> None:
+    def __init__(self, vae: DiffusersModel, scaling_factor: float) -> None:
         super().__init__()
         self.vae = vae
         self.scaling_factor = scaling_factor
@@ -41,7 +49,7 @@ class VAEEncoderWrapper(nn.Module):
 class VAEDecoderWrapper(nn.Module):
     """scaled latent [B, C, h, w] -> image [B, 3, f*h, f*w] in about [-1, 1] (not clamped)."""
 
-    def __init__(self, vae: nn.Module, scaling_factor: float) -> None:
+    def __init__(self, vae: DiffusersModel, scaling_factor: float) -> None:
         super().__init__()
         self.vae = vae
         self.scaling_factor = scaling_factor

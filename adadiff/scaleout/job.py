@@ -23,7 +23,10 @@ from typing import Any
 
 from adadiff import __version__
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError
+from adadiff.imageio import write_bytes_atomic
+from adadiff.presets import PRESETS
 from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, Plan, job_stamp, make_plan
+from adadiff.scaleout.worker import UpscaleWorker
 
 log = logging.getLogger("adadiff")
 
@@ -171,8 +174,6 @@ def _run_planned(
 def check_local_paths(settings: JobSettings) -> None:
     """Fail before Ray starts when a model or engines folder named on this machine is missing
     (on a remote cluster the folders live on the nodes, so they are not checked here)."""
-    from adadiff.presets import PRESETS
-
     model = settings.model
     if model is not None and model not in PRESETS and not (Path(model) / "adadiff.json").is_file():
         raise ConfigError(
@@ -223,7 +224,6 @@ class _Dispatcher:
         self.started = 0.0
         self.output_dir = output_dir
         self.workers = self._worker_count()
-        from adadiff.scaleout.worker import UpscaleWorker
 
         actor = ray.remote(UpscaleWorker).options(
             num_cpus=cluster.cpus_per_worker,
@@ -366,8 +366,6 @@ class _Dispatcher:
         return ImageRecord(str(task.source), str(task.output), "failed", f"{why}: {_cause(exc)}")
 
     def _write(self, task: ImageTask, reply: dict[str, Any]) -> ImageRecord:
-        from adadiff.imageio import write_bytes_atomic
-
         base = ImageRecord(str(task.source), str(task.output), reply["status"])
         base.worker_pid = reply.get("pid")
         if reply["status"] != "done":
@@ -406,8 +404,6 @@ def write_job_report(
     result: JobResult,
     ignored: list[Path],
 ) -> Path:
-    from adadiff.imageio import write_bytes_atomic
-
     data = {
         "version": __version__,
         "settings": asdict(settings),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adadiff import __version__
+from adadiff.config import RunSettings
 from adadiff.errors import ConfigError, OutputPathError
 from adadiff.imageio import OUTPUT_FORMATS
 
@@ -44,6 +45,21 @@ class JobSettings:
             )
         if self.interval is not None and self.schedule not in (None, "uniform"):
             raise ConfigError("--interval applies to --schedule uniform only")
+
+    def run_settings(self, threads: int | None = None) -> RunSettings:
+        """How a worker opens the model; ``threads`` is the worker's own CPU share."""
+        return RunSettings(
+            model=self.model,
+            backend=self.backend,
+            device=self.device,
+            precision=self.precision,
+            engines=self.engines,
+            # self.seed is the images' noise seed; a random-init model keeps seed 0 everywhere
+            tile_size=self.tile,
+            tile_overlap=self.overlap,
+            max_batch=self.max_batch,
+            threads=threads,
+        )
 
     def result_key(self) -> dict[str, Any]:
         """The settings an output depends on. Batch size and device change only float
@@ -85,7 +101,8 @@ def list_inputs(input_dir: Path) -> tuple[list[Path], list[Path]]:
     """(images, ignored): the folder's files by suffix, sorted; hidden files are left out."""
     if not input_dir.is_dir():
         raise ConfigError(f"{input_dir} is not a folder; give the folder that holds the images")
-    images, ignored = [], []
+    images: list[Path] = []
+    ignored: list[Path] = []
     for path in sorted(input_dir.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue
@@ -119,7 +136,8 @@ def make_plan(input_dir: Path, output_dir: Path, settings: JobSettings) -> Plan:
             f"{', '.join(names)} would all be written to {out.name}; "
             "use --output-format same or rename the inputs"
         )
-    todo, done = [], []
+    todo: list[ImageTask] = []
+    done: list[ImageTask] = []
     for task in tasks:
         (done if is_done(task, settings) else todo).append(task)
     return Plan(todo, done, ignored)

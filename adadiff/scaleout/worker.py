@@ -17,6 +17,10 @@ from concurrent.futures import Future
 from typing import Any
 
 from adadiff.errors import AdadiffError
+from adadiff.imageio import decode_image_bytes, encode_image
+from adadiff.jobs import output_record
+from adadiff.runtime.stream import ImageStream, StreamItem
+from adadiff.runtime.upscaler import Upscaler
 from adadiff.scaleout.plan import JobSettings
 
 _STOP = object()
@@ -31,23 +35,10 @@ class UpscaleWorker:
         cross_image: bool = True,
         target_tiles: int | None = None,
     ) -> None:
-        from adadiff.runtime.stream import ImageStream
-        from adadiff.runtime.upscaler import Upscaler
-
         self.settings = JobSettings(**settings)
         s = self.settings
         started = time.perf_counter()
-        self.upscaler = Upscaler.from_pretrained(
-            s.model,
-            backend=s.backend,
-            device=s.device,
-            precision=s.precision,
-            engines=s.engines,
-            max_batch=s.max_batch,
-            tile_size=s.tile,
-            tile_overlap=s.overlap,
-            threads=threads,
-        )
+        self.upscaler = Upscaler.open(s.run_settings(threads))
         # Only here is the model's default schedule known on a remote cluster: refuse once,
         # not for every image.
         self.upscaler.schedule_of(s.schedule, s.interval)
@@ -118,9 +109,6 @@ class UpscaleWorker:
 
     def _admit(self) -> bool:
         """Move queued images into the stream while it wants more; False on stop."""
-        from adadiff.imageio import decode_image_bytes
-        from adadiff.runtime.stream import StreamItem
-
         s = self.settings
         while self.stream.wants_more():
             try:
@@ -156,8 +144,6 @@ class UpscaleWorker:
                 return
             done.set_result(_failed(task, result.error))
             return
-        from adadiff.jobs import output_record
-
         started = time.perf_counter()
         record = output_record(image, result.image, result.report, self.upscaler.config.upscale)
         encoded = _encode(record, task["suffix"])
@@ -174,8 +160,6 @@ class UpscaleWorker:
 
 
 def _encode(record: dict[str, Any], suffix: str) -> bytes:
-    from adadiff.imageio import encode_image
-
     return encode_image(
         record["rgb"],
         record["alpha"],

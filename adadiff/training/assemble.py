@@ -10,16 +10,84 @@ when none is asked for.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 from adadiff.config import ModelConfig
-from adadiff.errors import ModelFolderError
-from adadiff.models.bundle import TorchModels, build_modules
-from adadiff.training.checkpoint import require_latest
+from adadiff.errors import ConfigError, ModelFolderError
+from adadiff.models.bundle import TorchModels, build_modules, mmle_for
+from adadiff.models.networks import MMLE
+from adadiff.training.checkpoint import load_latest, require_latest
+from adadiff.training.unet import STAGE as UNET_STAGE
+
+# The stages whose checkpoints are assembled here; their trainers import these names.
+DECODER_STAGE = "decoder"
+MMLE_STAGE = "mmle"
+# The VAE keys that make the latent space: a decoder fits only the encoder it was trained on.
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")
+
+
+def _encoder_items(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    for key in sorted(state):
+        if key.startswith(ENCODER_PREFIXES):
+            yield key, state[key]
+
+
+def encoder_fingerprint(vae_state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the encoder's (and quant_conv's) tensors: which latent space this is."""
+    digest = hashlib.sha256()
+    for key, value in _encoder_items(vae_state):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def build_mmle(cfg: ModelConfig, seed: int) -> MMLE:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return mmle_for(cfg)
+
+
+def baked_mmle(cfg: ModelConfig, state: dict[str, Any]) -> MMLE:
+    """The trained MMLE with de-standardisation folded in: it outputs raw scores."""
+    names = tuple(state["metrics"])
+    expected = tuple(m.name for m in cfg.mmle.metrics)
+    if names != expected:
+        raise ConfigError(
+            f"the MMLE checkpoint predicts {list(names)}, the model config lists "
+            f"{list(expected)}; make labels and train MMLE with this config"
+        )
+    model = build_mmle(cfg, 0)
+    load_mmle_weights(model, state)
+    mean, std = state["mean"].float(), state["std"].float()
+    last = cast(nn.Linear, model.head[-1])  # MMLE.head is Linear, SiLU, Linear
+    keep = torch.ones(len(mean), dtype=torch.bool)
+    for col, _ in model.split_columns:
+        # these columns' head outputs are log10 errors; their standardisation is column_scale
+        keep[col] = False
+    with torch.no_grad():
+        last.weight[keep] *= std[keep, None]
+        last.bias[keep] = last.bias[keep] * std[keep] + mean[keep]
+        model.column_scale.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    return model.eval()
+
+
+def load_mmle_weights(model: MMLE, state: dict[str, Any]) -> None:
+    try:
+        model.load_state_dict(state["mmle"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+        raise ConfigError(
+            "the MMLE checkpoint does not fit this version's MMLE for this config "
+            f"({first[0].strip()}); it was trained by an older adadiff or for other metrics. "
+            "Move the workdir's mmle folder aside and train MMLE again (labels are kept)"
+        ) from exc
 
 
 def with_scaling(cfg: ModelConfig, scaling_factor: float) -> ModelConfig:
@@ -28,41 +96,35 @@ def with_scaling(cfg: ModelConfig, scaling_factor: float) -> ModelConfig:
 
 
 def unet_checkpoint(workdir: str | Path) -> dict[str, Any]:
-    from adadiff.training.unet import STAGE
-
     workdir = Path(workdir)
     return require_latest(
-        workdir / STAGE, STAGE, f"run `adadiff train unet --workdir {workdir}` first"
+        workdir / UNET_STAGE, UNET_STAGE, f"run `adadiff train unet --workdir {workdir}` first"
     )
 
 
 def mmle_checkpoint(workdir: str | Path) -> dict[str, Any]:
-    from adadiff.training.mmle import STAGE
-
     workdir = Path(workdir)
     return require_latest(
-        workdir / STAGE, STAGE, f"run `adadiff train mmle --workdir {workdir}` first"
+        workdir / MMLE_STAGE, MMLE_STAGE, f"run `adadiff train mmle --workdir {workdir}` first"
     )
 
 
 def _load_decoder(vae: torch.nn.Module, workdir: Path, vae_state: dict[str, Any]) -> int | None:
     """Put the newest decoder checkpoint into ``vae``; its step, or None when there is none."""
-    from adadiff.training.checkpoint import load_latest
-    from adadiff.training.decoder import ENCODER_PREFIXES, STAGE, encoder_fingerprint
-
-    ckpt = load_latest(workdir / STAGE, stage=STAGE)
+    folder = workdir / DECODER_STAGE
+    ckpt = load_latest(folder, stage=DECODER_STAGE)
     if ckpt is None:
         return None
     if ckpt["state"]["encoder_fingerprint"] != encoder_fingerprint(vae_state):
         raise ModelFolderError(
-            f"{workdir / STAGE} holds a decoder trained against another encoder than the newest "
+            f"{folder} holds a decoder trained against another encoder than the newest "
             f"UNet checkpoint's; retrain it (adadiff train decoder) or move it away"
         )
     result = vae.load_state_dict(ckpt["state"]["decoder"], strict=False)
     if result.unexpected_keys or any(
         not k.startswith(ENCODER_PREFIXES) for k in result.missing_keys
     ):
-        raise ModelFolderError(f"{workdir / STAGE}: the decoder checkpoint does not fit this VAE")
+        raise ModelFolderError(f"{folder}: the decoder checkpoint does not fit this VAE")
     return int(ckpt["step"])
 
 
@@ -70,8 +132,6 @@ def frozen_models(
     cfg: ModelConfig, workdir: str | Path, *, with_mmle: bool, seed: int = 0
 ) -> TorchModels:
     """Eval-mode models from the checkpoints (see the module docstring)."""
-    from adadiff.training.mmle import baked_mmle
-
     ckpt = unet_checkpoint(workdir)
     state = ckpt["state"]
     cfg = with_scaling(cfg, state["scaling_factor"])

@@ -8,13 +8,21 @@ Log lines go to stderr whatever ``-v`` says: training is usually run under nohup
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from adadiff.argtypes import fraction, positive
-from adadiff.training.loop import LR_SCHEDULES
+from adadiff.config import CONFIG_FILE, ModelConfig
+from adadiff.errors import ConfigError
+from adadiff.presets import PRESETS, preset
+from adadiff.quality.cache import cache_root
+from adadiff.training.data import HOLDOUT
+from adadiff.training.loop import LR_SCHEDULES, TrainOptions
+from adadiff.training.pairs import crops_per_photo, photo_names
 
 STAGES = ("vae", "unet", "decoder", "labels", "mmle", "ship")
 
@@ -29,8 +37,6 @@ DEFAULTS: dict[str, tuple[int, int, float]] = {
 
 
 def default_workdir(model: str = "tiny") -> Path:
-    from adadiff.quality.weights import cache_root
-
     return cache_root() / "train" / Path(model).name
 
 
@@ -245,10 +251,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     return train
 
 
-def _config(model: str):  # -> ModelConfig
-    from adadiff.config import ModelConfig
-    from adadiff.presets import PRESETS, preset
-
+def _config(model: str) -> ModelConfig:
     return preset(model) if model in PRESETS else ModelConfig.load(Path(model))
 
 
@@ -263,9 +266,7 @@ def _training_logs() -> None:
     logger.propagate = False
 
 
-def _options(args: argparse.Namespace):  # -> TrainOptions
-    from adadiff.training.loop import TrainOptions
-
+def _options(args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(
         steps=args.steps,
         batch=args.batch,
@@ -341,8 +342,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         if args.resume is False and any((Path(workdir) / "labels").glob("shard-*.npz")):
-            from adadiff.errors import ConfigError
-
             raise ConfigError(f"{workdir}/labels already holds shards; drop --no-resume")
         made = make_labels(cfg, workdir, lopts, cache_dir=args.metrics_cache)
         upgraded = f"; {made.upgraded} given their error fields" if made.upgraded else ""
@@ -385,23 +384,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.stopped else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m adadiff.training.cli STAGE ...``: the same as ``adadiff train STAGE ...``."""
-    from adadiff.cli import run
-
-    def factory() -> argparse.ArgumentParser:
-        parser = argparse.ArgumentParser(prog="adadiff")
-        parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
-        add_train_parser(parser.add_subparsers(dest="command", required=True))
-        return parser
-
-    return run(["train", *(sys.argv[1:] if argv is None else argv)], factory)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``adadiff calibrate MODEL_DIR``: fit DTSS's metric weights, tau and second-half start."""
     p = subparsers.add_parser(
@@ -429,17 +411,10 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import json
-    from dataclasses import replace
-
     import torch
 
-    from adadiff.config import CONFIG_FILE
-    from adadiff.errors import ConfigError
     from adadiff.models.bundle import load_folder
     from adadiff.training.calibrate import calibrate, record
-    from adadiff.training.data import HOLDOUT
-    from adadiff.training.pairs import crops_per_photo, photo_names
 
     folder = args.model
     if not (folder / CONFIG_FILE).is_file():

@@ -70,9 +70,12 @@ PhotoWeighting = Literal["area", "photo"]
 PHOTO_WEIGHTINGS: tuple[str, ...] = ("area", "photo")
 
 
-def check_weighting(value: str) -> None:
-    if value not in PHOTO_WEIGHTINGS:
-        raise ConfigError(f"photo weighting must be one of {PHOTO_WEIGHTINGS}, got {value!r}")
+def check_weighting(value: str) -> PhotoWeighting:
+    if value == "area":
+        return "area"
+    if value == "photo":
+        return "photo"
+    raise ConfigError(f"photo weighting must be one of {PHOTO_WEIGHTINGS}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,7 @@ hold the decoder weights and a fingerprint of the encoder they were trained agai
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,17 @@ from torch.nn import functional as F
 from adadiff.config import ModelConfig
 from adadiff.errors import ConfigError
 from adadiff.models.bundle import TorchModels
+from adadiff.quality.lpips import load_lpips
+from adadiff.runtime.policy import UniformPolicy
+from adadiff.training.assemble import (
+    DECODER_STAGE,
+    ENCODER_PREFIXES,
+    encoder_fingerprint,
+    frozen_models,
+    unet_checkpoint,
+)
 from adadiff.training.data import PhotoWeighting, check_weighting
+from adadiff.training.labels import encode_latents, mmle_score, sample_with
 from adadiff.training.loop import (
     Progress,
     StageResult,
@@ -53,8 +61,7 @@ from adadiff.training.vae import build_vae, encode_moments
 
 log = logging.getLogger("adadiff.training")
 
-STAGE = "decoder"
-ENCODER_PREFIXES = ("encoder.", "quant_conv.")
+STAGE = DECODER_STAGE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,21 +100,6 @@ class DecoderOptions:
         if not 0 <= self.lr_input_prob <= 1:
             raise ConfigError(f"lr_input_prob must be in [0, 1], got {self.lr_input_prob}")
         check_weighting(self.weighting)
-
-
-def _encoder_items(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    for key in sorted(state):
-        if key.startswith(ENCODER_PREFIXES):
-            yield key, state[key]
-
-
-def encoder_fingerprint(vae_state: dict[str, torch.Tensor]) -> str:
-    """sha256 over the encoder's (and quant_conv's) tensors: which latent space this is."""
-    digest = hashlib.sha256()
-    for key, value in _encoder_items(vae_state):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def decoder_state(vae_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -152,8 +144,6 @@ class DecoderStage:
             self.samples = SamplePool(cfg, sampler, images, dopts, numpy_rng(opts.seed, 22))
         self.lpips = None
         if dopts.perceptual_weight > 0:
-            from adadiff.quality.lpips import load_lpips
-
             self.lpips = load_lpips(cache_dir)
 
     def step(self, step: int) -> dict[str, float]:
@@ -252,9 +242,6 @@ class SamplePool:
         self.made = 0
 
     def fresh(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from adadiff.runtime.policy import UniformPolicy
-        from adadiff.training.labels import encode_latents, mmle_score, sample_with
-
         batch = self.stream.batch(n)
         lr = encode_latents(self.models, batch.up, max_batch=16)
         interval = int(self.rng.choice(self.dopts.sample_intervals))
@@ -327,14 +314,10 @@ def train_decoder(
 ) -> StageResult:
     """Fine-tune (or resume) the decoder of the newest UNet checkpoint's VAE into
     ``workdir/decoder``."""
-    from adadiff.training.assemble import unet_checkpoint
-
     workdir = Path(workdir)
     state = unet_checkpoint(workdir)["state"]
     sampler = None
     if dopts.sample_prob > 0:
-        from adadiff.training.assemble import frozen_models
-
         sampler = frozen_models(cfg, workdir, with_mmle=False, seed=opts.seed)
     stage = DecoderStage(
         cfg,

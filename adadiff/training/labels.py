@@ -52,11 +52,15 @@ import torch
 from adadiff.config import DTSSConfig, MetricConfig, MetricKind, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import TorchModels
+from adadiff.progress import Progress
+from adadiff.quality.lpips import load_lpips
+from adadiff.quality.oracle import score_images
 from adadiff.runtime.colorfix import band, color_fix, swap_band
 from adadiff.runtime.policy import Category, Decision, DTSSPolicy, StepPolicy
 from adadiff.runtime.sampler import DenoiseNets, SamplerResult, sample_tiles
+from adadiff.training.assemble import frozen_models, unet_checkpoint
 from adadiff.training.data import PhotoWeighting, check_weighting
-from adadiff.training.loop import Progress, numpy_rng, stop_on_signals
+from adadiff.training.loop import numpy_rng, stop_on_signals
 from adadiff.training.pairs import Batch, PairStream, load_images, photo_names
 
 log = logging.getLogger("adadiff.training")
@@ -85,8 +89,6 @@ class PixelErrors:
     """Errors between batches of decoded images: ``err`` (log10 MSE) and, with LPIPS, ``lpips``."""
 
     def __init__(self, metrics: Sequence[MetricConfig], cache_dir: str | Path | None = None):
-        from adadiff.quality.lpips import load_lpips
-
         self.lpips = load_lpips(cache_dir) if lpips_scored(metrics) else None
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
@@ -170,8 +172,6 @@ class OracleScorer:
         return decode_latents(self.decoder, x0)
 
     def __call__(self, x0: np.ndarray, lr: np.ndarray, t: np.ndarray) -> np.ndarray:
-        from adadiff.quality.oracle import score_images
-
         tiles = [self._tile[row.tobytes()] for row in lr]
         decoded = self.decode(x0)
         scores = np.empty((len(x0), len(self.metrics)), dtype=np.float64)
@@ -188,8 +188,9 @@ class OracleScorer:
         decoded_band = band(decoded, self.color_fix)
 
         def corrected(which: int) -> np.ndarray:
-            bands = [self._bands[k][which] for k in tiles]
-            return swap_band(decoded, decoded_band, None if bands[0] is None else np.stack(bands))
+            # every tile has a band, or none has (no colour fix)
+            bands = [b for k in tiles if (b := self._bands[k][which]) is not None]
+            return swap_band(decoded, decoded_band, np.stack(bands) if bands else None)
 
         images = corrected(0)
         # The latents' share of the error: the estimate corrected against the decoded LR latent,
@@ -356,7 +357,8 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
+            payload: dict[str, Any] = dict(arrays)
+            np.savez(fh, **payload)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -481,7 +483,7 @@ def add_error_fields(
             "delete the shard to remake it"
         )
     if "weighting" in arrays:
-        opts = replace(opts, weighting=str(arrays["weighting"]))
+        opts = replace(opts, weighting=check_weighting(str(arrays["weighting"])))
     crops = int(arrays["traj"].max()) + 1 if len(arrays["traj"]) else 0
     if "recon_lr" in arrays:
         # the crops it was made with, whatever --recon-crops says now
@@ -527,8 +529,6 @@ def make_labels(
 
     ``images`` defaults to the training photos; ``names`` (one per image) go into the shards.
     """
-    from adadiff.training.assemble import frozen_models, unet_checkpoint
-
     if images is None:
         names, images = photo_names("train"), load_images("train")
     if names and len(names) != len(images):

@@ -16,7 +16,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,11 +25,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from adadiff.errors import ConfigError
+from adadiff.progress import Progress
 from adadiff.training.checkpoint import load_latest, save_checkpoint
 
 log = logging.getLogger("adadiff.training")
-
-Progress = Callable[[str, int, int], None]
 
 
 LR_SCHEDULES = ("constant", "cosine")

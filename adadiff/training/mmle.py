@@ -40,8 +40,7 @@ from torch.nn import functional as F
 
 from adadiff.config import MetricKind, ModelConfig
 from adadiff.errors import ConfigError
-from adadiff.models.bundle import mmle_for
-from adadiff.models.networks import MMLE
+from adadiff.training.assemble import MMLE_STAGE, build_mmle, load_mmle_weights
 from adadiff.training.labels import STAGE as LABEL_STAGE
 from adadiff.training.labels import load_shards
 from adadiff.training.loop import (
@@ -56,7 +55,7 @@ from adadiff.training.loop import (
 
 log = logging.getLogger("adadiff.training")
 
-STAGE = "mmle"
+STAGE = MMLE_STAGE
 
 
 LPIPS_RECON = ("estimate", "mean")
@@ -81,48 +80,6 @@ class MMLEOptions:
             )
         if self.lpips_recon not in LPIPS_RECON:
             raise ConfigError(f"lpips_recon must be one of {LPIPS_RECON}, got {self.lpips_recon!r}")
-
-
-def build_mmle(cfg: ModelConfig, seed: int) -> MMLE:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return mmle_for(cfg)
-
-
-def baked_mmle(cfg: ModelConfig, state: dict[str, Any]) -> MMLE:
-    """The trained MMLE with de-standardisation folded in: it outputs raw scores."""
-    names = tuple(state["metrics"])
-    expected = tuple(m.name for m in cfg.mmle.metrics)
-    if names != expected:
-        raise ConfigError(
-            f"the MMLE checkpoint predicts {list(names)}, the model config lists "
-            f"{list(expected)}; make labels and train MMLE with this config"
-        )
-    model = build_mmle(cfg, 0)
-    _load_weights(model, state)
-    mean, std = state["mean"].float(), state["std"].float()
-    last = model.head[-1]
-    keep = torch.ones(len(mean), dtype=torch.bool)
-    for col, _ in model.split_columns:
-        # these columns' head outputs are log10 errors; their standardisation is column_scale
-        keep[col] = False
-    with torch.no_grad():
-        last.weight[keep] *= std[keep, None]
-        last.bias[keep] = last.bias[keep] * std[keep] + mean[keep]
-        model.column_scale.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
-    return model.eval()
-
-
-def _load_weights(model: MMLE, state: dict[str, Any]) -> None:
-    try:
-        model.load_state_dict(state["mmle"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
-        raise ConfigError(
-            "the MMLE checkpoint does not fit this version's MMLE for this config "
-            f"({first[0].strip()}); it was trained by an older adadiff or for other metrics. "
-            "Move the workdir's mmle folder aside and train MMLE again (labels are kept)"
-        ) from exc
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -419,7 +376,7 @@ class MMLEStage:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         chosen = self.model.recon_used.clone()
-        _load_weights(self.model, state)
+        load_mmle_weights(self.model, state)
         if not torch.equal(chosen, self.model.recon_used):
             raise ConfigError(
                 "--lpips-recon differs from the one this MMLE checkpoint was trained with; "

@@ -15,7 +15,9 @@ from adadiff.errors import ConfigError
 from adadiff.imageio import bicubic_upscale
 from adadiff.training.data import (
     CropConfig,
+    DegradationMode,
     PhotoWeighting,
+    find_photo,
     holdout_photos,
     load_photo,
     pair,
@@ -23,6 +25,7 @@ from adadiff.training.data import (
     training_photos,
     validation_photos,
 )
+from adadiff.training.loop import numpy_rng
 
 PHOTO_SETS = ("train", "validation", "holdout")
 
@@ -90,7 +93,9 @@ class PairStream:
         for _ in range(n):
             index, crop = next(self._crops)
             photo.append(index)
-            mode = "realesrgan" if self.rng.random() < self.realesrgan_prob else "bicubic"
+            mode: DegradationMode = (
+                "realesrgan" if self.rng.random() < self.realesrgan_prob else "bicubic"
+            )
             low, _ = pair(crop, self.rng, mode)
             hr.append(crop)
             lr.append(low)
@@ -106,9 +111,6 @@ def crops_per_photo(
     """``per_photo`` bicubic x``scale`` crops of ``size`` px from each named photo, in order;
     ``photo`` indexes ``names``. Seeded by (seed, stream, photo index), so each photo's crops do
     not depend on which other photos are asked for."""
-    from adadiff.training.data import find_photo
-    from adadiff.training.loop import numpy_rng
-
     parts = []
     for k, name in enumerate(names):
         rng = numpy_rng(seed, stream, k)

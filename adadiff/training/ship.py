@@ -19,6 +19,8 @@ import numpy as np
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import SHIPPED, describe
+from adadiff.training.assemble import frozen_models
+from adadiff.training.checkpoint import load_latest
 from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, training_photos
 
 log = logging.getLogger("adadiff.training")
@@ -57,8 +59,6 @@ def folder_bytes(folder: Path) -> int:
 
 
 def _checkpoint(workdir: Path, stage: str) -> dict[str, Any] | None:
-    from adadiff.training.checkpoint import load_latest
-
     return load_latest(workdir / stage, stage=stage)
 
 
@@ -428,8 +428,6 @@ def ship(
     quality: dict[str, Any] | None = None,
 ) -> Path:
     """Assemble the workdir's checkpoints into the model folder ``out`` (default: shipped tiny)."""
-    from adadiff.training.assemble import frozen_models
-
     workdir = Path(workdir)
     out = Path(out) if out is not None else SHIPPED / cfg.name
     models = frozen_models(cfg, workdir, with_mmle=True)

@@ -32,13 +32,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from adadiff.config import ModelConfig, PredictionType
 from adadiff.errors import ConfigError
+from adadiff.models.bundle import load_models
 from adadiff.models.networks import PFJ
-from adadiff.models.wrappers import UNetWrapper
+from adadiff.models.wrappers import DiffusersModel, UNetWrapper
 from adadiff.runtime.schedule import alphas_cumprod
 from adadiff.training.checkpoint import require_latest
 from adadiff.training.loop import (
@@ -84,7 +84,7 @@ class UNetOptions:
             raise ConfigError(f"ema must be in [0, 1) and grad_clip > 0, got {self}")
 
 
-def build_denoiser(cfg: ModelConfig, seed: int) -> tuple[nn.Module, PFJ, torch.Tensor]:
+def build_denoiser(cfg: ModelConfig, seed: int) -> tuple[DiffusersModel, PFJ, torch.Tensor]:
     """UNet, PFJ and the fixed empty-prompt embedding, seeded like ``build_random``."""
     from diffusers import UNet2DConditionModel
 
@@ -295,8 +295,6 @@ def train_unet(
 def vae_of_model(cfg: ModelConfig, model: str | Path) -> tuple[dict[str, Any], float, str]:
     """The VAE weights and latent scaling factor of a model folder (or a preset's shipped
     weights), checked against ``cfg``'s VAE architecture."""
-    from adadiff.models.bundle import load_models
-
     source = load_models(model)
     if not Path(source.source).is_dir():
         raise ConfigError(

@@ -26,6 +26,8 @@ from torch.nn import functional as F
 
 from adadiff.config import ModelConfig
 from adadiff.errors import ConfigError
+from adadiff.models.wrappers import DiffusersModel
+from adadiff.quality.lpips import load_lpips
 from adadiff.training.loop import (
     Progress,
     StageResult,
@@ -61,7 +63,7 @@ class VAEOptions:
             raise ConfigError(f"lr_input_prob must be in [0, 1], got {self.lr_input_prob}")
 
 
-def build_vae(cfg: ModelConfig, seed: int) -> torch.nn.Module:
+def build_vae(cfg: ModelConfig, seed: int) -> DiffusersModel:
     from diffusers import AutoencoderKL
 
     with torch.random.fork_rng(devices=[]):
@@ -69,7 +71,7 @@ def build_vae(cfg: ModelConfig, seed: int) -> torch.nn.Module:
         return AutoencoderKL(**cfg.vae)
 
 
-def encode_moments(vae: torch.nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_moments(vae: DiffusersModel, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, logvar) of the posterior, unscaled; the encoder path of VAEEncoderWrapper."""
     moments = vae.encoder(image)
     if vae.quant_conv is not None:
@@ -108,8 +110,6 @@ class VAEStage:
         )
         self.lpips = None
         if vopts.perceptual_weight > 0:
-            from adadiff.quality.lpips import load_lpips
-
             self.lpips = load_lpips(cache_dir)
         self.scaling_factor = cfg.scaling_factor
         self.phases: list[list[int]] = []  # [first step, crop side] of each crop size used
