@@ -38,11 +38,25 @@ def tiny_models(tiny_config):
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """``tiny_models`` saved as a model folder, for tests that load or export by path."""
-    from onnx_cache import random_tiny
+def tiny_dir(tmp_path_factory) -> Path:
+    """The seeded random-init tiny (``tiny_models``'s weights) as a model folder, for tests that
+    load or export by path: parity tests pin it, whatever weights ``--model tiny`` ships with."""
+    from adadiff.models.bundle import build_random
 
-    return random_tiny(tmp_path_factory)
+    out = tmp_path_factory.mktemp("tiny-random")
+    build_random(tiny(), seed=0).save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory, tiny_dir) -> Path:
+    """``adadiff export --model TINY_DIR`` with the default options (dynamo, opset 20, fp32),
+    once per session (about 40 s): tests that change it work on ``copy_export``."""
+    from adadiff.export import export_onnx
+
+    out = tmp_path_factory.mktemp("tiny-onnx")
+    export_onnx(tiny_dir, out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     # benchmarks/ is a folder of scripts run from the repository root, not an installed package.
     sys.path.insert(0, str(ROOT))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,7 @@ pytest.importorskip("onnx_graphsurgeon")
 import onnx
 import onnxruntime as ort
 import torch
-from onnx_cache import copy_export, tiny_export
+from helpers import copy_export
 
 from adadiff.errors import ConfigError, ModelFolderError, OutputPathError
 from adadiff.export import ExportOptions, export_onnx
@@ -22,11 +21,6 @@ from adadiff.export.fp16 import convert_to_fp16
 from adadiff.export.verify import compare
 from adadiff.manifest import MANIFEST_FILE, ExportManifest, sha256_file
 from adadiff.specs import COMPONENTS, component_specs
-
-
-@pytest.fixture(scope="session")
-def onnx_dir(tmp_path_factory) -> Path:
-    return tiny_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx_graphsurgeon")
 
-from onnx_cache import copy_export, tiny_export
+from helpers import copy_export
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator, SimpleCompareFunc
@@ -38,11 +37,6 @@ from adadiff.specs import COMPONENTS
 # steps); with every op in fp16 (no fp32 timestep/softmax/norm statistics) adaptive fell to 48 dB
 # and two tiles took other step counts. 70 dB keeps a clear margin and still catches that.
 FP16_MIN_PSNR = 70.0
-
-
-@pytest.fixture(scope="session")
-def onnx_dir(tmp_path_factory) -> Path:
-    return tiny_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 from adadiff.config import DTSSConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     # benchmarks/ is a folder of scripts run from the repository root, not an installed package.
     sys.path.insert(0, str(ROOT))

@@ -103,7 +103,7 @@ def _extras() -> dict[str, set[str]]:
     from packaging.requirements import Requirement
 
     tomllib = pytest.importorskip("tomllib")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     groups = project["optional-dependencies"]
 

@@ -14,7 +14,7 @@ import shutil
 import fake_tensorrt as fake
 import numpy as np
 import pytest
-from onnx_cache import copy_export, tiny_export
+from helpers import copy_export
 
 from adadiff.errors import ConfigError, EngineMismatchError
 from adadiff.export.tensorrt_build import BuildOptions, build_engines
@@ -30,8 +30,8 @@ def trt(monkeypatch):
 
 
 @pytest.fixture()
-def export(tmp_path_factory, tmp_path):
-    return copy_export(tiny_export(tmp_path_factory), tmp_path / "export")
+def export(onnx_dir, tmp_path):
+    return copy_export(onnx_dir, tmp_path / "export")
 
 
 def _build(folder, cuda=None, **options):

@@ -1,0 +1,109 @@
+"""The decoder fine-tune. Micro config, a few steps each (fixtures: conftest.py)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+# FR metrics only: numpy, no set-up files needed.
+from training_helpers import (
+    opts,
+)
+
+from adadiff.errors import ConfigError, ModelFolderError
+from adadiff.training.checkpoint import load_latest
+
+
+def test_decoder_fine_tune_keeps_the_encoder_and_is_assembled(tmp_path, unet_workdir, cfg, images):
+    from adadiff.training.assemble import frozen_models
+    from adadiff.training.decoder import DecoderOptions, train_decoder
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    before = load_latest(workdir / "unet")["state"]["vae"]
+    dopts = DecoderOptions(perceptual_weight=0.0, crop=32)
+    result = train_decoder(cfg, workdir, opts(3), dopts, images=images)
+    assert result.step == 3 and result.last_losses["l1"] > 0
+    ckpt = load_latest(workdir / "decoder", stage="decoder")
+    assert not any(k.startswith(("encoder.", "quant_conv.")) for k in ckpt["state"]["decoder"])
+
+    models = frozen_models(cfg, workdir, with_mmle=False)
+    assert "decoder step 3" in models.source
+    after = models.vae.state_dict()
+    for key, value in before.items():
+        if key.startswith(("encoder.", "quant_conv.")):
+            torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+    changed = [k for k in ckpt["state"]["decoder"] if not torch.equal(after[k], before[k])]
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    for key in changed:
+        torch.testing.assert_close(after[key], ckpt["state"]["decoder"][key], rtol=0, atol=0)
+
+    # Resuming continues; a decoder trained against another encoder is refused.
+    assert train_decoder(cfg, workdir, opts(4), dopts, images=images).step == 4
+    from adadiff.training.ship import model_card
+
+    card = model_card(cfg, workdir, {"unet": 1}, 1.0, None)
+    assert "| decoder | 4 | 2 |" in card and "- Decoder: fine-tuned" in card
+    path = sorted((workdir / "decoder").glob("ckpt-*.pt"))[-1]
+    data = torch.load(path, weights_only=True)
+    data["state"]["encoder_fingerprint"] = "0" * 64
+    torch.save(data, path)
+    with pytest.raises(ModelFolderError, match="another encoder"):
+        frozen_models(cfg, workdir, with_mmle=False)
+    with pytest.raises(ConfigError, match="another encoder"):
+        train_decoder(cfg, workdir, opts(5), dopts, images=images)
+
+
+def test_decoder_learns_from_the_models_own_samples(tmp_path, unet_workdir, cfg, images):
+    from adadiff.training.assemble import frozen_models
+    from adadiff.training.decoder import DecoderOptions, SamplePool, train_decoder
+
+    dopts = DecoderOptions(
+        perceptual_weight=0.0,
+        crop=16,
+        sample_prob=1.0,
+        sample_pool=3,
+        sample_refresh=1,
+        sample_intervals=(500,),
+        realesrgan_prob=0.0,
+    )
+    for name in ("a", "b"):
+        shutil.copytree(unet_workdir / "unet", tmp_path / name / "unet")
+    straight = train_decoder(cfg, tmp_path / "a", opts(3), dopts, images=images)
+    train_decoder(cfg, tmp_path / "b", opts(2), dopts, images=images)
+    resumed = train_decoder(cfg, tmp_path / "b", opts(3), dopts, images=images)
+    # The pool of samples travels in the checkpoint, so a resumed run continues exactly.
+    assert resumed.history[-1]["losses"] == straight.history[-1]["losses"]
+    samples = load_latest(tmp_path / "b" / "decoder", stage="decoder")["state"]["samples"]
+    assert samples["latents"].shape == (3, 4, 16, 16) and samples["hr"].shape == (3, 3, 32, 32)
+    assert samples["hr"].dtype == torch.uint8
+
+    # Each drawn latent window sits over the HR window it is trained to decode to.
+    pool = SamplePool(
+        cfg,
+        frozen_models(cfg, unet_workdir, with_mmle=False),
+        images,
+        dopts,
+        rng=np.random.default_rng(0),
+    )
+    ys, xs = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    pool.latents = torch.from_numpy(np.stack([np.stack([ys, xs, ys, xs])] * 3)).float()
+    hy, hx = np.meshgrid(np.arange(32) // 2, np.arange(32) // 2, indexing="ij")
+    pool.hr = torch.from_numpy(np.stack([np.stack([hy, hx, hy])] * 3).astype(np.uint8))
+    latents, hr = pool.draw(4, 16, np.random.default_rng(1))
+    assert latents.shape == (4, 4, 8, 8) and hr.shape == (4, 3, 16, 16)
+    hr_levels = torch.round((hr + 1.0) * 127.5)
+    for lat, target in zip(latents, hr_levels, strict=True):
+        torch.testing.assert_close(
+            lat[0].repeat_interleave(2, 0).repeat_interleave(2, 1), target[0]
+        )
+        torch.testing.assert_close(
+            lat[1].repeat_interleave(2, 0).repeat_interleave(2, 1), target[1]
+        )
+
+    with pytest.raises(ConfigError, match="at most the tile size"):
+        bad = DecoderOptions(perceptual_weight=0.0, crop=40, sample_prob=1.0, sample_pool=2)
+        train_decoder(cfg, tmp_path / "b", opts(4), bad, images=images)

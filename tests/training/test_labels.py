@@ -1,0 +1,185 @@
+"""Label shards: oracle-scored trajectories of the frozen model.
+
+Micro config, a few steps each; fixtures in conftest.py, helpers in training_helpers.py."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# FR metrics only: numpy, no set-up files needed.
+from training_helpers import (
+    MICRO_METRICS,
+    opts,
+    with_lpips,
+)
+
+from adadiff.config import (
+    ColorFixConfig,
+)
+from adadiff.errors import ConfigError, ModelFolderError
+
+
+def strip_recon(path: Path, **changes: np.ndarray) -> dict[str, np.ndarray]:
+    """Rewrite a shard as one made before latent and reconstruction errors were recorded."""
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    kept = {k: v for k, v in arrays.items() if not k.startswith(("recon_", "latent_err"))}
+    np.savez(path, **{**kept, **changes})
+    return arrays
+
+
+def test_label_shards_have_keys_and_shapes(tmp_path, unet_workdir, cfg, images):
+    from adadiff.training.labels import KEYS, LabelOptions, load_shards, make_labels
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(
+        shards=2, trajectories=2, max_batch=4, random_fraction=0.5, recon_crops=3, seed=1
+    )
+    names = [f"photo{i}" for i in range(len(images))]
+    made = make_labels(cfg, workdir, lopts, images=images, names=names)
+    assert made.made == 2 and len(made.shards) == 2
+    with np.load(made.shards[0]) as npz:
+        n = len(npz["t"])
+        assert n >= 2
+        assert npz["x0"].shape == (n, 4, 16, 16) == npz["lr"].shape
+        assert npz["scores"].shape == (n, len(MICRO_METRICS))
+        assert set(KEYS) <= set(npz.files)
+        assert [str(m) for m in npz["metrics"]] == [m.name for m in MICRO_METRICS]
+        assert np.all(np.isfinite(npz["scores"]))
+        assert set(npz["traj"].tolist()) == {0, 1}
+        assert npz["t"].max() == cfg.dtss.t_start
+        assert [str(p) for p in npz["photos"]] == names
+        # every call of a trajectory comes from the same photo
+        for traj in (0, 1):
+            assert len(set(npz["photo"][npz["traj"] == traj].tolist())) == 1
+        # reconstruction errors: the trajectories' own crops first, then 3 more
+        assert npz["recon_lr"].shape == (5, 4, 16, 16) and npz["recon_err"].shape == (5,)
+        np.testing.assert_array_equal(npz["recon_lr"][npz["traj"]], npz["lr"])
+        np.testing.assert_array_equal(npz["recon_photo"][npz["traj"]], npz["photo"])
+        assert np.all(np.isfinite(npz["recon_err"])) and np.all(npz["recon_err"] < 0)
+        assert npz["latent_err"].shape == (n,) and np.all(np.isfinite(npz["latent_err"]))
+        assert str(npz["color_fix"]) == "none"
+    again = make_labels(cfg, workdir, lopts, images=images)
+    assert again.made == 0 and again.upgraded == 0
+    corrected = replace(cfg, color_fix=ColorFixConfig(kind="wavelet", levels=3))
+    with pytest.raises(ModelFolderError, match="colour fix none, the config asks for wavelet:3"):
+        make_labels(corrected, workdir, lopts, images=images, names=names)
+    data = load_shards(made.shards)
+    assert len(np.unique(data["traj"])) == 4
+    assert set(data["photo_name"].tolist()) <= set(names)
+    assert data["recon_err"].shape == (10,) and set(data["recon_photo_name"]) <= set(names)
+    assert data["latent_err"].shape == data["t"].shape
+    with pytest.raises(ConfigError, match="photo names"):
+        make_labels(cfg, tmp_path / "x", lopts, images=images, names=names[:1])
+
+
+def test_old_label_shards_get_their_reconstruction_errors(tmp_path, unet_workdir, cfg, images):
+    from adadiff.training.labels import LabelOptions, load_shards, make_labels
+    from adadiff.training.mmle import MMLEOptions, MMLEStage
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=2, trajectories=2, max_batch=4, recon_crops=2, seed=2)
+    names = ["a", "b"]
+    made = make_labels(cfg, workdir, lopts, images=images, names=names)
+    first = strip_recon(made.shards[0])
+    # until every shard has them, the loaded labels hold none and MMLE says what to run
+    data = load_shards(made.shards)
+    assert "recon_err" not in data and "latent_err" not in data
+    with pytest.raises(ConfigError, match="adadiff train labels"):
+        MMLEStage(cfg, opts(1), MMLEOptions(), data)
+    with pytest.raises(ConfigError, match="latent errors"):
+        MMLEStage(cfg, opts(1), MMLEOptions(recon_weight=0.0), data)
+    bare = MMLEStage(cfg, opts(1), MMLEOptions(recon_weight=0.0, latent_weight=0.0), data)
+    assert bare.recon is None
+
+    again = make_labels(cfg, workdir, lopts, images=images, names=names)
+    assert again.made == 0 and again.upgraded == 1
+    with np.load(made.shards[0]) as npz:
+        # latent_err: the oracle's decoded x0 when made, a fresh decode now
+        for key in ("recon_lr", "recon_err", "recon_photo", "latent_err"):
+            np.testing.assert_allclose(npz[key], first[key], rtol=0, atol=1e-4)
+        assert set(npz.files) == set(first)
+
+    # a shard whose crops cannot be re-drawn is refused, not given wrong errors
+    with np.load(made.shards[1]) as npz:
+        lr = npz["lr"] + 0.5
+    strip_recon(made.shards[1], lr=lr)
+    with pytest.raises(ModelFolderError, match="re-drawing"):
+        make_labels(cfg, workdir, lopts, images=images, names=names)
+    with pytest.raises(ModelFolderError, match="photos"):
+        make_labels(cfg, workdir, lopts, images=images, names=["c", "d"])
+
+
+# The default metrics' full-reference pair that MMLE splits, and one it does not.
+
+
+def test_label_shards_record_lpips_parts(tmp_path, unet_workdir, cfg, images, metric_cache):
+    from adadiff.quality.lpips import lpips
+    from adadiff.training.assemble import frozen_models
+    from adadiff.training.labels import LabelOptions, decode_latents, make_labels
+
+    lcfg = with_lpips(cfg)
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=1, trajectories=2, max_batch=4, recon_crops=2, seed=4)
+    made = make_labels(lcfg, workdir, lopts, images=images, names=["a", "b"])
+    with np.load(made.shards[0]) as npz:
+        first = {k: npz[k] for k in npz.files}
+    n = len(first["t"])
+    assert first["latent_lpips"].shape == (n,) and first["recon_lpips"].shape == (4,)
+    assert np.all(first["latent_lpips"] >= 0) and np.all(first["recon_lpips"] > 0)
+    # independent check: LPIPS of decode(x0) against decode(LR latent), one image at a time
+    decoder = frozen_models(lcfg, workdir, with_mmle=False).wrappers()["vae_decoder"]
+    for i in (0, n - 1):
+        a, b = decode_latents(decoder, np.stack([first["x0"][i], first["lr"][i]]))
+        assert first["latent_lpips"][i] == pytest.approx(lpips(a, b), abs=1e-5)
+    # a shard from before LPIPS was recorded gets both parts, equal to the values at make time
+    old = {k: v for k, v in first.items() if k not in ("latent_lpips", "recon_lpips")}
+    np.savez(made.shards[0], **old)
+    # the shard's own number of reconstruction crops counts, not this run's option
+    again = make_labels(
+        lcfg, workdir, replace(lopts, recon_crops=5), images=images, names=["a", "b"]
+    )
+    assert again.upgraded == 1 and again.made == 0
+    with np.load(made.shards[0]) as npz:
+        assert set(npz.files) == set(first)
+        for key in ("latent_lpips", "recon_lpips", "latent_err", "recon_err"):
+            np.testing.assert_allclose(npz[key], first[key], rtol=0, atol=1e-4)
+
+
+def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
+    """With a colour fix configured, labels score what the runtime would output: the decoded
+    estimate corrected against the bicubic input, and the latent error likewise."""
+    from adadiff.models.bundle import build_random
+    from adadiff.quality.oracle import score_images
+    from adadiff.runtime.colorfix import color_fix
+    from adadiff.training.labels import OracleScorer, encode_latents
+    from adadiff.training.pairs import PairStream
+
+    crops = PairStream(images, np.random.default_rng(0), size=cfg.tile_size, scale=4).batch(2)
+    x0 = np.random.default_rng(1).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    scores = {}
+    for kind in ("none", "wavelet"):
+        fixed_cfg = replace(cfg, color_fix=ColorFixConfig(kind=kind, levels=3))
+        models = build_random(fixed_cfg, seed=0)
+        lr = encode_latents(models, crops.up, 4)
+        scorer = OracleScorer(models, crops.up, lr, cfg.mmle.metrics)
+        scores[kind] = scorer(x0, lr, np.array([999.0, 500.0], np.float32))
+        decoded = scorer.decode(x0)
+        expected = color_fix(decoded, crops.up, fixed_cfg.color_fix)
+        for i in range(2):
+            np.testing.assert_allclose(
+                scores[kind][i], score_images(expected[i], crops.up[i], cfg.mmle.metrics), rtol=1e-5
+            )
+        lr_decoded = scorer.decode(lr)
+        corrected = color_fix(decoded, lr_decoded, fixed_cfg.color_fix)
+        mse = np.mean((corrected - lr_decoded) ** 2, axis=(1, 2, 3))
+        np.testing.assert_allclose(scorer.arrays()["latent_err"], np.log10(mse), rtol=1e-4)
+    assert not np.allclose(scores["none"], scores["wavelet"])

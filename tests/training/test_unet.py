@@ -1,0 +1,64 @@
+"""The UNet + PFJ stage. Micro config, a few steps each (fixtures: conftest.py)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+# FR metrics only: numpy, no set-up files needed.
+from training_helpers import (
+    opts,
+    small_pool,
+)
+
+from adadiff.errors import ConfigError, ModelFolderError
+from adadiff.training.checkpoint import load_latest
+
+
+def test_unet_resumes_with_identical_next_loss(tmp_path, vae_workdir, cfg, images):
+    from adadiff.training.unet import train_unet
+
+    for name in ("a", "b"):
+        shutil.copytree(vae_workdir / "vae", tmp_path / name / "vae")
+    straight = train_unet(cfg, tmp_path / "a", opts(3), small_pool(), images=images)
+    train_unet(cfg, tmp_path / "b", opts(2), small_pool(), images=images)
+    resumed = train_unet(cfg, tmp_path / "b", opts(3), small_pool(), images=images)
+    assert resumed.history[-1]["losses"] == straight.history[-1]["losses"]
+    state = load_latest(tmp_path / "b" / "unet", stage="unet")["state"]
+    assert {"unet", "pfj", "ema", "vae", "scaling_factor", "text_embedding"} <= set(state)
+    assert state["pool"].shape == (4, 2, 4, 16, 16)
+
+
+def test_unet_needs_a_vae_checkpoint(tmp_path, cfg, images):
+    from adadiff.training.unet import train_unet
+
+    with pytest.raises(ModelFolderError, match="adadiff train vae"):
+        train_unet(cfg, tmp_path, opts(1), images=images)
+
+
+def test_unet_can_take_the_vae_of_a_model_folder(tmp_path, cfg, images, tiny_dir):
+    from adadiff.models.bundle import build_random
+    from adadiff.training.unet import train_unet
+
+    folder = build_random(cfg, seed=5).save(tmp_path / "model")
+    train_unet(cfg, tmp_path / "w", opts(1), small_pool(), images=images, vae_from=folder)
+    state = load_latest(tmp_path / "w" / "unet", stage="unet")["state"]
+    source = build_random(cfg, seed=5)
+    for key, value in source.vae.state_dict().items():
+        torch.testing.assert_close(state["vae"][key], value, rtol=0, atol=0)
+    assert state["scaling_factor"] == cfg.scaling_factor
+    with pytest.raises(ConfigError, match="not the one"):
+        train_unet(cfg, tmp_path / "x", opts(1), small_pool(), images=images, vae_from=tiny_dir)
+
+
+def test_gains_follow_the_runtime_rules():
+    from adadiff.training.unet import sample_gains
+
+    t = torch.tensor([999, 700, 499, 10] * 250)
+    g = sample_gains(t, 2, 500, 0.5, 0.2, torch.Generator().manual_seed(0))
+    assert torch.all(g[t >= 500, 1] == 0)
+    zero = (g == 0).all(dim=1).float().mean()
+    assert 0.4 < float(zero) < 0.6
+    assert float(g.abs().max()) < 1
