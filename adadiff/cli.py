@@ -12,15 +12,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
-from adadiff import __version__, demo, imageio, jobs
+from adadiff import __version__, demo, file_upscale, imageio
 from adadiff.argtypes import non_negative, non_negative_float, positive, positive_float
-from adadiff.config import SCHEDULES
+from adadiff.config import SCHEDULES, BackendKind
 from adadiff.cuda import CudaDevice
 from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
 from adadiff.engines.onnxruntime import CUDA, INSTALL_GPU, TENSORRT, import_onnxruntime
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError
-from adadiff.jobs import FileOutputs
-from adadiff.manifest import ExportManifest
+from adadiff.file_upscale import FileOutputs
+from adadiff.manifest import PRECISIONS, ExportManifest
 from adadiff.presets import PRESETS, model_config
 from adadiff.progress import LogProgress
 from adadiff.runtime.upscaler import Upscaler
@@ -73,7 +73,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default="torch",
-        choices=("torch", "onnxruntime", "tensorrt"),
+        choices=BackendKind.values(),
         help="engine library that runs the networks",
     )
     p.add_argument(
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--precision",
         default="fp32",
-        choices=("fp32", "fp16"),
+        choices=PRECISIONS,
         help="fp16: half precision inside the UNet, PFJ and MMLE files (the VAE stays fp32)",
     )
     ex.add_argument("--opset", type=positive, help="ONNX opset (default 20)")
@@ -531,21 +531,23 @@ def _note(args: argparse.Namespace, text: str) -> None:
 
 def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any, cfg: Any) -> int:
     """Validate outputs and read the input before loading any model, so mistakes fail fast."""
-    outputs = jobs.check_outputs(input_path, outputs)
+    outputs = file_upscale.check_outputs(input_path, outputs)
     image = imageio.load_image(input_path, max_pixels=args.max_pixels or imageio.DEFAULT_MAX_PIXELS)
     note = cap_tile(args, cfg, image.width, image.height)
     if note:
         _note(args, note)
     upscaler = _upscaler(args)
-    options = jobs.UpscaleOptions(
+    options = file_upscale.UpscaleOptions(
         schedule=args.schedule, interval=args.interval, seed=args.seed, max_pixels=args.max_pixels
     )
     bars = _progress(args)
     try:
-        data = jobs.upscale_loaded(upscaler, image, input_path, outputs, options, progress=bars)
+        data = file_upscale.upscale_loaded(
+            upscaler, image, input_path, outputs, options, progress=bars
+        )
     finally:
         bars.close()
-    print(jobs.summary(data))
+    print(file_upscale.summary(data))
     return 0
 
 

@@ -129,8 +129,8 @@ def run_isolated(
 def _child(job: dict[str, Any]) -> dict[str, Any]:
     from adadiff import Upscaler, jobs
     from adadiff.demo import photo
+    from adadiff.file_upscale import FileOutputs, UpscaleOptions
     from adadiff.imageio import save_image
-    from adadiff.jobs import FileOutputs, UpscaleOptions
     from benchmarks.suites import open_backend, warm_up
     from benchmarks.timing import measure
 

@@ -9,6 +9,8 @@ root=$PWD
 PY=${PY:-$root/.venv/bin/python}
 target=$(mktemp -d)
 trap 'rm -rf "$target"' EXIT
+# setuptools builds in build/ and would package a stale module left there by an earlier build
+rm -rf "$root/build"
 "$PY" -m pip install -q --no-deps --target "$target/site" . >/dev/null
 # benchmarks/ (a root package of the contracts) comes from the checkout, adadiff from the copy.
 ln -s "$root/benchmarks" "$target/site/benchmarks"

@@ -17,8 +17,8 @@ from concurrent.futures import Future
 from typing import Any
 
 from adadiff.errors import AdadiffError
+from adadiff.file_upscale import output_record
 from adadiff.imageio import decode_image_bytes, encode_image
-from adadiff.jobs import output_record
 from adadiff.runtime.stream import ImageStream, StreamItem
 from adadiff.runtime.upscaler import Upscaler
 from adadiff.scaleout.plan import JobSettings

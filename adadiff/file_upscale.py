@@ -1,4 +1,5 @@
-"""File-level jobs shared by the CLI and the demo: read, upscale, write image, report, step map."""
+"""Upscale one image file (shared by the CLI and the demo): read, upscale, write the image, the
+report and the step map."""
 
 from __future__ import annotations
 
