@@ -127,7 +127,7 @@ def run_isolated(
 
 
 def _child(job: dict[str, Any]) -> dict[str, Any]:
-    from adadiff import Upscaler, jobs
+    from adadiff import Upscaler, file_upscale
     from adadiff.demo import photo
     from adadiff.file_upscale import FileOutputs, UpscaleOptions
     from adadiff.imageio import save_image
@@ -168,7 +168,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     options = UpscaleOptions(schedule=job["schedule"], interval=job["interval"], seed=job["seed"])
 
     def upscale_file() -> tuple[None, Any]:
-        data = jobs.upscale_file(up, source, FileOutputs(work / "output.png"), options)
+        data = file_upscale.upscale_file(up, source, FileOutputs(work / "output.png"), options)
         return None, SimpleNamespace(**data)
 
     try:
