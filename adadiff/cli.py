@@ -14,13 +14,19 @@ from typing import Any, NoReturn
 
 from adadiff import __version__, demo, file_upscale, imageio
 from adadiff.argtypes import non_negative, non_negative_float, positive, positive_float
+from adadiff.artifacts import (
+    PRECISIONS,
+    BatchProfile,
+    ExportManifest,
+    import_tensorrt,
+    parse_profiles,
+)
 from adadiff.config import SCHEDULES, BackendKind
 from adadiff.cuda import CudaDevice
 from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
 from adadiff.engines.onnxruntime import CUDA, INSTALL_GPU, TENSORRT, import_onnxruntime
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError
 from adadiff.file_upscale import FileOutputs
-from adadiff.manifest import PRECISIONS, ExportManifest
 from adadiff.presets import PRESETS, model_config
 from adadiff.progress import LogProgress
 from adadiff.runtime.upscaler import Upscaler
@@ -28,7 +34,6 @@ from adadiff.scaleout.job import ClusterOptions, check_local_paths, print_record
 from adadiff.scaleout.plan import JobSettings
 from adadiff.specs import COMPONENTS
 from adadiff.threads import prefer_passive_wait
-from adadiff.trt_manifest import BatchProfile, import_tensorrt, parse_profiles
 
 log = logging.getLogger("adadiff")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any
 
+from adadiff.artifacts import DeviceInfo
 from adadiff.devices import parse_device
 from adadiff.errors import BackendUnavailableError
-from adadiff.trt_manifest import DeviceInfo
 
 
 class CudaDevice:

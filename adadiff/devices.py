@@ -18,7 +18,7 @@ DEVICE_KINDS: dict[str, tuple[str, ...]] = {
     "tensorrt": ("cpu", "cuda"),
 }
 
-# Precisions a run can ask for. Exports hold fp32 or fp16 (adadiff.manifest.PRECISIONS); bf16
+# Precisions a run can ask for. Exports hold fp32 or fp16 (adadiff.artifacts.PRECISIONS); bf16
 # exists for the torch backend only (the GPU check compares it with fp16).
 RUN_PRECISIONS = Precision.values()
 TORCH_ONLY_PRECISIONS = (Precision.BF16.value,)

@@ -291,13 +291,13 @@ def part_onnxruntime(plan: Plan) -> dict[str, Any]:
 def part_tensorrt(plan: Plan) -> dict[str, Any]:
     import tempfile
 
+    from adadiff.artifacts import BatchProfile
     from adadiff.engines.tensorrt import TensorRTBackend
     from adadiff.engines.torch import TorchBackend
     from adadiff.export import export_onnx
     from adadiff.export.tensorrt_build import BuildOptions, build_engines
     from adadiff.models.bundle import build_random
     from adadiff.presets import tiny
-    from adadiff.trt_manifest import BatchProfile
 
     models = build_random(tiny(), seed=0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -258,7 +258,7 @@ class Context:
             return self._exports[precision]
         given = self.settings.engines
         if given is not None:
-            from adadiff.manifest import ExportManifest
+            from adadiff.artifacts import ExportManifest
 
             if ExportManifest.load(given).precision == precision:
                 self._exports[precision] = given
@@ -279,8 +279,8 @@ class Context:
         return out
 
     def build_tensorrt(self, export_dir: Path) -> None:
+        from adadiff.artifacts import BatchProfile
         from adadiff.export.tensorrt_build import BuildOptions, build_engines
-        from adadiff.trt_manifest import BatchProfile
 
         top = max(16, self.settings.max_batch, *self.suite.batches)
         build_engines(export_dir, BuildOptions(profiles=(BatchProfile(1, 8, top),)))
@@ -336,9 +336,9 @@ def warm_up(upscaler: Any) -> None:
 
 def check_tensorrt(device: str) -> None:
     """Fail before exporting anything when TensorRT cannot run here."""
+    from adadiff.artifacts import import_tensorrt
     from adadiff.cuda import CudaDevice
     from adadiff.errors import BackendUnavailableError
-    from adadiff.trt_manifest import import_tensorrt
 
     if device == "cpu":
         raise BackendUnavailableError("TensorRT runs on CUDA only; pass --device cuda")

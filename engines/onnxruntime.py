@@ -18,16 +18,15 @@ from typing import Any
 import numpy as np
 
 from adadiff import devices
+from adadiff.artifacts import BatchProfile, ExportManifest, export_digest
 from adadiff.config import ModelConfig
 from adadiff.errors import (
     BackendUnavailableError,
     ConfigError,
     EngineMismatchError,
 )
-from adadiff.manifest import ExportManifest
 from adadiff.presets import model_config
 from adadiff.specs import COMPONENTS, ModelSpec, component_specs
-from adadiff.trt_manifest import BatchProfile, export_digest
 
 log = logging.getLogger("adadiff")
 

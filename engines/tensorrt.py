@@ -20,17 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from adadiff.cuda import CudaDevice
-from adadiff.errors import ConfigError, EngineMismatchError
-from adadiff.manifest import ExportManifest
-from adadiff.specs import ModelSpec, component_specs
-from adadiff.trt_manifest import (
+from adadiff.artifacts import (
     TRT_DIR,
     EngineEntry,
     EngineManifest,
+    ExportManifest,
     import_tensorrt,
     profile_for,
 )
+from adadiff.cuda import CudaDevice
+from adadiff.errors import ConfigError, EngineMismatchError
+from adadiff.specs import ModelSpec, component_specs
 
 log = logging.getLogger("adadiff")
 

@@ -1,22 +1,28 @@
-"""Build the manifest of an export: files and hashes, specs, versions, the model's config.
+"""Write the artifact folders' manifests: an export's (files and hashes, specs, versions, the
+model's config) and a TensorRT engine folder's.
 
-Reading and checking manifests is ``adadiff.manifest`` (no torch), which the engines use.
+Reading and checking them is ``adadiff.artifacts`` (no torch), which the engines use.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from adadiff.config import ModelConfig
-from adadiff.manifest import (
+from adadiff.artifacts import (
+    MANIFEST_FILE,
+    TRT_MANIFEST,
     ComponentEntry,
+    EngineManifest,
     ExportManifest,
     FileEntry,
     library_versions,
     spec_to_dict,
 )
+from adadiff.config import ModelConfig
+from adadiff.imageio import write_bytes_atomic
 from adadiff.specs import ModelSpec
 
 # Label -> distribution name: what produced and what checked the files.
@@ -74,3 +80,19 @@ def build_manifest(
         components=dict(components),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _json(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
+def save_export_manifest(manifest: ExportManifest, folder: Path) -> Path:
+    """``folder/manifest.json``, written atomically."""
+    return write_bytes_atomic(Path(folder) / MANIFEST_FILE, _json(manifest.to_dict()))
+
+
+def save_engine_manifest(manifest: EngineManifest, folder: Path) -> Path:
+    """``folder/manifest.json`` of a TensorRT engine folder (``ENGINES/tensorrt``), atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_bytes_atomic(folder / TRT_MANIFEST, _json(manifest.to_dict()))

@@ -17,13 +17,13 @@ from typing import Any
 
 from torch import nn
 
+from adadiff.artifacts import MANIFEST_FILE, PRECISIONS, ComponentEntry, ExportManifest
 from adadiff.errors import AdadiffError, ConfigError, OutputPathError
 from adadiff.export.cleanup import EXTERNAL_DATA_THRESHOLD, clean, load_weights, save
 from adadiff.export.fp16 import convert_to_fp16
-from adadiff.export.manifest import build_manifest, component_entry
+from adadiff.export.manifest import build_manifest, component_entry, save_export_manifest
 from adadiff.export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, check_exporter, export_raw
 from adadiff.export.verify import check_against_torch
-from adadiff.manifest import MANIFEST_FILE, PRECISIONS, ComponentEntry, ExportManifest
 from adadiff.models.bundle import TorchModels, load_models
 from adadiff.progress import Progress
 from adadiff.specs import COMPONENTS, HALF_COMPONENTS, ModelSpec, component_specs
@@ -114,7 +114,7 @@ def export_onnx(
             exporter=options.exporter,
             components={n: entries[n] for n in COMPONENTS if n in entries},
         )
-        manifest.save(out)
+        save_export_manifest(manifest, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest

@@ -18,19 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adadiff.cuda import CudaDevice
-from adadiff.errors import AdadiffError, ConfigError, EngineMismatchError
-from adadiff.imageio import write_bytes_atomic
-from adadiff.manifest import ExportManifest
-from adadiff.progress import Progress
-from adadiff.specs import COMPONENTS, component_specs
-from adadiff.trt_manifest import (
+from adadiff.artifacts import (
     TIMING_CACHE,
     TRT_DIR,
     BatchProfile,
     DeviceInfo,
     EngineEntry,
     EngineManifest,
+    ExportManifest,
     check_profiles,
     engine_key,
     export_digest,
@@ -38,6 +33,12 @@ from adadiff.trt_manifest import (
     import_tensorrt,
     profile_shapes,
 )
+from adadiff.cuda import CudaDevice
+from adadiff.errors import AdadiffError, ConfigError, EngineMismatchError
+from adadiff.export.manifest import save_engine_manifest
+from adadiff.imageio import write_bytes_atomic
+from adadiff.progress import Progress
+from adadiff.specs import COMPONENTS, component_specs
 
 log = logging.getLogger("adadiff")
 
@@ -170,7 +171,7 @@ def build_engines(
         engines=engines,
         config_digest=exported.config_digest,
     )
-    manifest.save(out)
+    save_engine_manifest(manifest, out)
     _delete_superseded(out, manifest)
     return manifest
 

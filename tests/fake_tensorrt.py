@@ -147,7 +147,7 @@ class FakeCuda:
         self.torch_device = torch.device("cpu")
 
     def info(self) -> Any:
-        from adadiff.trt_manifest import DeviceInfo
+        from adadiff.artifacts import DeviceInfo
 
         gpu = STATE.devices[self.index]
         return DeviceInfo(name=gpu.name, compute_capability=gpu.compute_capability)

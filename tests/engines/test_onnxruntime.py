@@ -19,6 +19,7 @@ from polygraphy.comparator import Comparator, SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
 from adadiff import Upscaler
+from adadiff.artifacts import MANIFEST_FILE
 from adadiff.config import RunSettings
 from adadiff.engines import make_backend
 from adadiff.engines.onnxruntime import OnnxRuntimeBackend, OrtOptions, open_onnxruntime
@@ -30,7 +31,6 @@ from adadiff.errors import (
     ModelFolderError,
 )
 from adadiff.export.verify import compare
-from adadiff.manifest import MANIFEST_FILE
 from adadiff.specs import COMPONENTS
 
 # fp16 export against the fp32 torch image on this crop measured 89 dB (both schedules, same
@@ -274,7 +274,7 @@ def test_tensorrt_provider_follows_the_export_and_max_batch(onnx_dir, tiny_confi
 
     import onnxruntime as ort
 
-    from adadiff.manifest import ExportManifest
+    from adadiff.artifacts import ExportManifest
     from adadiff.runtime.upscaler import Upscaler
 
     monkeypatch.setattr(

@@ -7,10 +7,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from adadiff.errors import ConfigError, EngineMismatchError, ModelFolderError
-from adadiff.presets import tiny
-from adadiff.specs import component_specs
-from adadiff.trt_manifest import (
+from adadiff.artifacts import (
     BatchProfile,
     DeviceInfo,
     EngineEntry,
@@ -20,6 +17,10 @@ from adadiff.trt_manifest import (
     profile_for,
     profile_shapes,
 )
+from adadiff.errors import ConfigError, EngineMismatchError, ModelFolderError
+from adadiff.export.manifest import save_engine_manifest
+from adadiff.presets import tiny
+from adadiff.specs import component_specs
 
 H100 = DeviceInfo(name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
 
@@ -106,7 +107,7 @@ def _manifest(tmp_path):
     manifest = EngineManifest(
         tensorrt="10.9.0", device=H100, engines={"unet": entry}, config_digest="xyz"
     )
-    manifest.save(tmp_path / "tensorrt")
+    save_engine_manifest(manifest, tmp_path / "tensorrt")
     return manifest
 
 

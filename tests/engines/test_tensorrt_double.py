@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from helpers import copy_export
 
+from adadiff.artifacts import TIMING_CACHE, TRT_DIR, BatchProfile, EngineManifest
 from adadiff.errors import ConfigError, EngineMismatchError
+from adadiff.export.manifest import save_export_manifest
 from adadiff.export.tensorrt_build import BuildOptions, build_engines
 from adadiff.specs import component_specs
-from adadiff.trt_manifest import TIMING_CACHE, TRT_DIR, BatchProfile, EngineManifest
 
 TWO_PROFILES = (BatchProfile(1, 2, 2), BatchProfile(3, 4, 6))
 
@@ -122,7 +123,7 @@ def _to_external_data(folder, scale: float) -> None:
     import onnx
     from onnx import numpy_helper
 
-    from adadiff.manifest import ExportManifest, FileEntry
+    from adadiff.artifacts import ExportManifest, FileEntry
 
     manifest = ExportManifest.load(folder)
     entry = manifest.components["unet"]
@@ -135,9 +136,12 @@ def _to_external_data(folder, scale: float) -> None:
     onnx.save(model, path, save_as_external_data=True, location=data, size_threshold=0)
     files = (FileEntry.of(folder, entry.onnx_file), FileEntry.of(folder, data))
     entry = type(entry)(**{**entry.__dict__, "files": files})
-    type(manifest)(
-        **{**manifest.__dict__, "components": {**manifest.components, "unet": entry}}
-    ).save(folder)
+    save_export_manifest(
+        type(manifest)(
+            **{**manifest.__dict__, "components": {**manifest.components, "unet": entry}}
+        ),
+        folder,
+    )
 
 
 def test_new_external_weights_rebuild_and_old_engines_go(trt, export):
@@ -230,12 +234,12 @@ def test_close_releases_contexts_before_the_scratch(trt, export):
 
 
 def test_open_does_not_hash_unchanged_files(trt, export, monkeypatch):
-    import adadiff.manifest
+    import adadiff.artifacts
 
     _build(export, components=("unet",))
     hashed = []
-    real = adadiff.manifest.sha256_file
-    monkeypatch.setattr(adadiff.manifest, "sha256_file", lambda p: hashed.append(p) or real(p))
+    real = adadiff.artifacts.sha256_file
+    monkeypatch.setattr(adadiff.artifacts, "sha256_file", lambda p: hashed.append(p) or real(p))
     backend = _backend(export)
     backend.open("unet")
     assert hashed == []

@@ -15,11 +15,11 @@ import onnxruntime as ort
 import torch
 from helpers import copy_export
 
+from adadiff.artifacts import MANIFEST_FILE, ExportManifest, sha256_file
 from adadiff.errors import ConfigError, ModelFolderError, OutputPathError
 from adadiff.export import ExportOptions, export_onnx
 from adadiff.export.fp16 import convert_to_fp16
 from adadiff.export.verify import compare
-from adadiff.manifest import MANIFEST_FILE, ExportManifest, sha256_file
 from adadiff.specs import COMPONENTS, component_specs
 
 
@@ -226,7 +226,7 @@ def test_runtime_does_not_import_export():
     import sys
 
     code = (
-        "import sys, adadiff.engines.onnxruntime, adadiff.manifest, adadiff.runtime.upscaler;"
+        "import sys, adadiff.engines.onnxruntime, adadiff.artifacts, adadiff.runtime.upscaler;"
         "print([m for m in ('adadiff.export', 'torch') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
