@@ -27,7 +27,7 @@ from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
 from adadiff.engines.onnxruntime import CUDA, INSTALL_GPU, TENSORRT, import_onnxruntime
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError
 from adadiff.file_upscale import FileOutputs
-from adadiff.presets import PRESETS, model_config
+from adadiff.presets import PRESETS, SHIPPED, model_config
 from adadiff.progress import LogProgress
 from adadiff.runtime.upscaler import Upscaler
 from adadiff.scaleout.job import ClusterOptions, check_local_paths, print_record, run_job
@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--photo",
         default="astronaut",
-        help="scikit-image photo name; astronaut, chelsea and coffee are hold-out photos the "
-        "built-in model never saw",
+        help="scikit-image photo name; the demo says whether the model was trained on it (from "
+        "its model card)",
     )
     demo.add_argument("--size", type=positive, default=128, help="input long side in pixels")
     _add_upscale_args(demo)
@@ -391,6 +391,16 @@ def _check_ort_gpu(device: str, kind: str) -> None:
             f"--device {device} needs ONNX Runtime's {provider}, but this onnxruntime offers "
             f"{', '.join(available)}; {INSTALL_GPU}, or use --device cpu"
         )
+
+
+def model_folder(model: str | None) -> Path | None:
+    """The folder a --model names: a preset's shipped weights or a folder; None for a preset
+    without shipped weights."""
+    name = model or "tiny"
+    if name in PRESETS:
+        shipped = SHIPPED / name
+        return shipped if shipped.is_dir() else None
+    return Path(name)
 
 
 def model_config_of(args: argparse.Namespace) -> Any:
@@ -612,7 +622,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = args.output
     source = demo.prepare(out, args.photo, args.size)
     print(
-        f"{source}: {args.photo} ({demo.role(args.photo)}) at {args.size} px long side; "
+        f"{source}: {args.photo} ({demo.role(args.photo, model_folder(args.model))}) at "
+        f"{args.size} px long side; "
         f"{out / 'bicubic.png'}: bicubic 4x"
     )
     outputs = FileOutputs(out / "upscaled.png", out / "report.json", out / "steps.png")

@@ -139,3 +139,20 @@ def test_the_demo_says_whether_its_photo_was_trained_on():
     trained = {p.name for p in data.training_photos()}
     for name in demo.PHOTOS:
         assert ("training" in demo.role(name)) == (name in trained)
+
+
+def test_the_demo_reads_what_a_model_trained_on_from_its_card(tmp_path):
+    from adadiff import demo
+
+    card = tmp_path / "MODEL_CARD.md"
+    card.write_text(
+        "# m\n\n## Data\n\n| photo | source | licence / statement | used by |\n|---|---|---|---|\n"
+        "| astronaut | scikit-image | public domain | vae, unet |\n| rocket | scikit-image | pd "
+        "| labels |\n\nHeld out: chelsea.\n\n| other | table |\n|---|---|\n| chelsea | x |\n"
+    )
+    assert demo.trained_on(tmp_path) == {"astronaut", "rocket"}
+    # the card wins over the project's split: this model saw astronaut, a hold-out photo now
+    assert demo.role("astronaut", tmp_path) == "a photo this model was trained on"
+    assert demo.role("chelsea", tmp_path) == "this model never trained on it"
+    assert demo.trained_on(tmp_path / "none") is None
+    assert "hold-out" in demo.role("astronaut", tmp_path / "none")
