@@ -47,6 +47,7 @@ from benchmarks.report import relative_link
 log = logging.getLogger("adadiff")
 
 BLOCK = 128
+SET_NAMES = {"holdout": "hold-out", "validation": "validation", "named": "named"}
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 DEGRADATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str]] = {
     "bicubic": (bicubic_x4, "bicubic x4"),
@@ -221,6 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["targets"] = targets(result["results"])
     if args.out:
         result["gallery"] = gallery(images, offsets, args.out)
+    if args.out and args.images:
         for key, parts in images.items():
             for what in ("bicubic", "model"):
                 save_png(args.out / "images" / f"{key.replace('/', '-')}-{what}.png", parts[what])
@@ -328,7 +330,7 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
         "--readme README.md`; do not edit by hand.",
         "",
         f"{result['model']} ({result['schedule']} schedule) on the {len(photos)} "
-        f"{result['photo_set']} photos ({', '.join(photos)}), whole photos through the "
+        f"{SET_NAMES.get(result['photo_set'], result['photo_set'])} photos ({', '.join(photos)}), whole photos through the "
         f"Upscaler. PSNR, SSIM and LPIPS on {result['block']} px blocks, 90% intervals from "
         "resampling blocks within photos, every photo weighted equally; BRISQUE on the whole "
         "output (lower is better).",
@@ -407,6 +409,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--images", action="store_true", help="also write every output as PNG under OUT/images"
+    )
     p.add_argument("--readme", type=Path, help="rewrite this README's quality section")
     p.add_argument("--render", type=Path, help="only render a saved quality.json into --readme")
     return p

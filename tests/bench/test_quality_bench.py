@@ -55,7 +55,7 @@ def test_targets_are_the_issue_bounds():
 def test_quality_runs_on_a_model_folder_and_renders(tmp_path, tiny_dir, metric_cache):
     out = tmp_path / "q"
     argv = ["--model", str(tiny_dir), "--photos", "astronaut,gravel", "--max-side", "256"]
-    assert quality.main([*argv, "--out", str(out), "--threads", "1"]) == 0
+    assert quality.main([*argv, "--out", str(out), "--threads", "1", "--images"]) == 0
     result = json.loads((out / "quality.json").read_text())
     assert set(result["results"]) == {"bicubic", "realworld"}
     for entry in result["results"].values():
