@@ -330,10 +330,10 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
         "--readme README.md`; do not edit by hand.",
         "",
         f"{result['model']} ({result['schedule']} schedule) on the {len(photos)} "
-        f"{SET_NAMES.get(result['photo_set'], result['photo_set'])} photos ({', '.join(photos)}), whole photos through the "
-        f"Upscaler. PSNR, SSIM and LPIPS on {result['block']} px blocks, 90% intervals from "
-        "resampling blocks within photos, every photo weighted equally; BRISQUE on the whole "
-        "output (lower is better).",
+        f"{SET_NAMES.get(result['photo_set'], result['photo_set'])} photos "
+        f"({', '.join(photos)}), whole photos through the Upscaler. PSNR, SSIM and LPIPS on "
+        f"{result['block']} px blocks, 90% intervals from resampling blocks within photos, "
+        "every photo weighted equally; BRISQUE on the whole output (lower is better).",
         "",
         "| degradation | upscaler | LPIPS | PSNR dB | SSIM | BRISQUE |",
         "|---|---|---|---|---|---|",

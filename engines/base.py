@@ -23,6 +23,11 @@ class Engine(Protocol):
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def close(self) -> None:
+        """Release what the engine holds (session, module, TensorRT context); it is not called
+        again after this."""
+        ...
+
 
 class Backend(Protocol):
     name: str
@@ -129,6 +134,12 @@ class Components:
         for facade in self._open.values():
             facade.log = self.log
         return self.log
+
+    def close(self) -> None:
+        """Close every engine opened so far (the backend closes itself after)."""
+        for facade in self._open.values():
+            facade.engine.close()
+        self._open.clear()
 
     def get(self, name: str) -> Facade:
         if name not in self._open:

@@ -120,6 +120,9 @@ class OrtEngine:
         self.io_binding = io_binding
         self.outputs = list(spec.output_names)
 
+    def close(self) -> None:
+        self.session = None  # the backend's own reference goes in its close
+
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.io_binding:
             arrays = self.session.run(self.outputs, {n: feeds[n] for n in self.spec.input_names})

@@ -157,7 +157,7 @@ class TensorRTEngine:
             name: buf[: shape[0]].float().cpu().numpy() for name, (buf, shape) in outputs.items()
         }
 
-    def release(self) -> None:
+    def close(self) -> None:
         """Contexts first, then the engine and buffers (TensorRT's destruction order)."""
         self.contexts.clear()
         self.engine = None
@@ -252,7 +252,7 @@ class TensorRTBackend:
     def close(self) -> None:
         """Release every context that points at the scratch block, then the block itself."""
         for engine in self._engines:
-            engine.release()
+            engine.close()
         self._engines.clear()
         self._contexts.clear()
         self._scratch = None

@@ -30,6 +30,9 @@ class TorchEngine:
         self.dtype = dtype
         self.module = module.to(device=device, dtype=dtype).eval()
 
+    def close(self) -> None:
+        self.module = None  # the backend's wrappers go in its close
+
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = []
         for t in self.spec.inputs:

@@ -393,6 +393,7 @@ class Upscaler:
         )
 
     def close(self) -> None:
+        self.components.close()
         self.backend.close()
 
 

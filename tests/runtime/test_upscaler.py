@@ -94,3 +94,12 @@ def test_a_refused_max_batch_closes_the_backend_it_opened(monkeypatch, tiny_conf
     with pytest.raises(ConfigError, match="--max-batch 16 is larger"):
         Upscaler.from_pretrained("tiny", max_batch=16)
     assert opened.closed
+
+
+def test_close_closes_every_engine_the_run_opened(tiny_dir):
+    up = Upscaler.from_pretrained(tiny_dir, threads=1)
+    up.upscale(np.zeros((16, 16, 3), np.float32))
+    engines = [facade.engine for facade in up.components._open.values()]
+    assert {e.spec.name for e in engines} >= {"unet", "vae_encoder", "vae_decoder"}
+    up.close()
+    assert all(e.module is None for e in engines) and not up.components._open
