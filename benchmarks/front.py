@@ -60,7 +60,7 @@ from adadiff.training.labels import (
     sample_with,
 )
 from adadiff.training.mmle import spearman
-from adadiff.training.pairs import PHOTO_SETS, Batch, crops_per_photo, photo_names
+from adadiff.training.pairs import Batch, crops_per_photo, evaluation_photos
 from benchmarks.machine import machine, weights_of
 from benchmarks.report import relative_link
 
@@ -559,12 +559,6 @@ def write_readme(result: dict[str, Any], json_path: Path, readme: Path) -> None:
     print(f"updated {readme}")
 
 
-def _photos(text: str) -> tuple[str, ...]:
-    if text in PHOTO_SETS and text != "train":
-        return tuple(photo_names(text))
-    return tuple(text.split(","))
-
-
 def _pair(text: str) -> tuple[str, Path]:
     name, _, path = text.partition("=")
     if not name or not path:
@@ -592,7 +586,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny")
     p.add_argument(
         "--photos",
-        type=_photos,
+        type=evaluation_photos,
         default=HOLDOUT_PHOTOS,
         help="holdout (to report), validation (to tune on), or names separated by commas",
     )

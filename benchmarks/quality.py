@@ -40,7 +40,7 @@ from adadiff.quality.metrics import psnr, ssim
 from adadiff.runtime.upscaler import Upscaler
 from adadiff.training.data import load_photo
 from adadiff.training.degrade import bicubic_x4, blur_jpeg_x4
-from adadiff.training.pairs import photo_names
+from adadiff.training.pairs import evaluation_photos
 from benchmarks.machine import machine, weights_of
 from benchmarks.report import relative_link
 
@@ -142,8 +142,7 @@ def hr_of(name: str, max_side: int | None) -> tuple[np.ndarray, tuple[int, int]]
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = photo_names(args.photos) if args.photos in ("holdout", "validation") else args.photos
-    names = list(names.split(",")) if isinstance(names, str) else list(names)
+    names = list(evaluation_photos(args.photos))
     up = Upscaler.from_pretrained(args.model, max_batch=args.max_batch, threads=args.threads)
     schedule = up.schedule_of(args.schedule, args.interval)
     scorer = BlockScorer()

@@ -45,6 +45,14 @@ def photo_names(which: str = "train") -> list[str]:
     return [p.name for p in photos]
 
 
+def evaluation_photos(text: str) -> tuple[str, ...]:
+    """What an evaluation's ``--photos`` names: ``holdout`` or ``validation`` (the sets), or
+    photo names separated by commas."""
+    if text in ("holdout", "validation"):
+        return tuple(photo_names(text))
+    return tuple(name for name in text.split(",") if name)
+
+
 def load_images(which: str = "train") -> list[np.ndarray]:
     """The photos ``photo_names(which)`` names, float32 RGB in [0, 1]."""
     return [load_photo(name) for name in photo_names(which)]

@@ -72,6 +72,11 @@ def test_holdout_never_in_training():
     assert tuned == set(data.VALIDATION) and len(tuned) >= 2  # leave-one-photo-out needs two
     assert not training & held and not training & tuned and not tuned & held
     assert "astronaut" in held  # the demo's photo, a face: reported, never trained on
+    from adadiff.training.pairs import evaluation_photos
+
+    assert evaluation_photos("holdout") == data.HOLDOUT
+    assert evaluation_photos("validation") == data.VALIDATION
+    assert evaluation_photos("gravel,rocket") == ("gravel", "rocket")
     assert len(training) >= 8
 
 
