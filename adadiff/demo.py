@@ -13,37 +13,31 @@ from PIL import Image
 
 from adadiff import imageio
 from adadiff.errors import BackendUnavailableError, ConfigError, OutputPathError
+from adadiff.provenance import read_record
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle_left")
 
 
 def trained_on(folder: Path | None) -> set[str] | None:
-    """The photos a model folder's card lists in its data table (``| name | source | licence |
-    stages |`` rows, as ``adadiff train ship`` writes them); None without a card."""
-    card = folder / "MODEL_CARD.md" if folder is not None else None
-    if card is None or not card.is_file():
-        return None
-    names, in_table = set(), False
-    for line in card.read_text().splitlines():
-        if line.startswith("| photo | source |"):
-            in_table = True
-        elif in_table and line.startswith("| ") and not line.startswith("|---"):
-            names.add(line.split("|")[1].strip())
-        elif in_table and not line.startswith("|"):
-            break
-    return names
+    """The photos some training stage of a model folder used (its ``training.json``, else its
+    card's photo table); None when the folder records neither."""
+    record = read_record(folder)
+    return None if record is None else {name for name, by in record.photos.items() if by}
 
 
 def role(name: str, folder: Path | None = None) -> str:
     """What a model's training did with a demo photo, for the user to know: from the model
-    folder's card when it has one, else from the project's photo split."""
+    folder's record when it has one, else from the project's photo split."""
     from adadiff.training.data import HOLDOUT, VALIDATION  # scipy and PIL: only when asked
 
-    seen = trained_on(folder)
-    if seen is not None:
-        if name in seen:
+    record = read_record(folder)
+    if record is not None:
+        stages = record.stages_of(name)
+        if not stages:
+            return "this model never trained on it"
+        if "unet" in stages:
             return "a photo this model was trained on"
-        return "this model never trained on it"
+        return f"its UNet never saw it; these stages trained on it: {', '.join(stages)}"
     if name in HOLDOUT:
         return "a hold-out photo: the model never saw it"
     if name in VALIDATION:

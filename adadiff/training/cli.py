@@ -242,6 +242,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     ship.add_argument("--max-mb", type=float, default=25.0, help="size limit of the folder")
     ship.add_argument(
+        "--mmle-from",
+        metavar="MODEL",
+        help="take MMLE from this model folder (it must have the same VAE encoder and metrics) "
+        "instead of the workdir's labels and mmle stages",
+    )
+    ship.add_argument(
         "--half",
         action="store_true",
         help="store the UNet and VAE weights as fp16 (computed in fp32 after loading)",
@@ -374,6 +380,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             max_mb=args.max_mb,
             half=args.half,
             quality=read_evaluation(args.quality),
+            mmle_from=args.mmle_from,
         )
         print(f"shipped to {out}")
         return 0

@@ -1,7 +1,11 @@
-"""Ship: a model folder (fp32 safetensors + adadiff.json + MODEL_CARD.md) from a workdir.
+"""Ship: a model folder (safetensors + adadiff.json + MODEL_CARD.md + training.json) from a
+workdir.
 
 The folder is written next to its destination and swapped in with renames, so ``--model tiny``
-never sees half a model. Its total size is checked against ``max_mb``.
+never sees half a model. Its total size is checked against ``max_mb``. Components reused from an
+earlier model folder (the VAE given to ``train unet --vae-from``, the MMLE given to
+``--mmle-from``) carry that folder's training photos into the card and the record, marked
+"reused", so that a hold-out photo an earlier stage saw is named as such.
 """
 
 from __future__ import annotations
@@ -18,14 +22,14 @@ import numpy as np
 
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
-from adadiff.models.bundle import SHIPPED, describe
-from adadiff.training.assemble import frozen_models
+from adadiff.models.bundle import SHIPPED, TorchModels, describe, load_models
+from adadiff.provenance import MODEL_CARD, TrainingRecord, read_record, write_record
+from adadiff.training.assemble import encoder_fingerprint, frozen_models
 from adadiff.training.checkpoint import load_latest
 from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, training_photos
 
 log = logging.getLogger("adadiff.training")
 
-MODEL_CARD = "MODEL_CARD.md"
 MAX_MB = 25.0
 
 # What each photo's package says about it (scikit-image: the skimage.data docstrings).
@@ -58,6 +62,57 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+REUSED = "reused"
+
+
+@dataclass(frozen=True)
+class Reused:
+    """A component taken from an earlier model folder: what the card and record say of it."""
+
+    folder: Path
+    label: str  # the folder's card heading, e.g. "tiny: a tiny AdaDiffSR model trained on CPU"
+    photos: dict[str, tuple[str, ...]]  # that folder's photos -> its stages
+
+    @classmethod
+    def of(cls, folder: str | Path) -> Reused:
+        folder = Path(folder)
+        card = folder / MODEL_CARD
+        heading = card.read_text().splitlines()[0].lstrip("# ").strip() if card.is_file() else ""
+        record = read_record(folder)
+        return cls(folder, heading or folder.name, record.photos if record else {})
+
+    def stage_photos(self, stages: tuple[str, ...]) -> dict[str, list[str]]:
+        """``{"vae (reused)": [photos], ...}`` for those of the folder's stages in ``stages``."""
+        out: dict[str, list[str]] = {}
+        for name, used in self.photos.items():
+            for stage in used:
+                base = stage.split(" ")[0]
+                if base in stages:
+                    out.setdefault(f"{base} ({REUSED})", []).append(name)
+        return out
+
+
+def _reused_mmle(models: TorchModels, folder: str | Path) -> TorchModels:
+    """``models`` with the MMLE of ``folder``, refused unless it reads the same latent space
+    (the same encoder) and predicts the same metrics."""
+    source = load_models(folder)
+    if not Path(source.source).is_dir():
+        raise ConfigError(f"--mmle-from {folder}: no trained weights there; give a model folder")
+    if source.config.mmle != models.config.mmle:
+        raise ConfigError(
+            f"--mmle-from {folder}: its MMLE predicts other metrics or has another shape than "
+            "this config's 'mmle' entries; make labels and train MMLE for this model instead"
+        )
+    if encoder_fingerprint(source.vae.state_dict()) != encoder_fingerprint(models.vae.state_dict()):
+        raise ConfigError(
+            f"--mmle-from {folder}: its VAE encoder differs from this model's, so its MMLE reads "
+            "another latent space; make labels and train MMLE for this model instead"
+        )
+    models.mmle = source.mmle
+    models.source += f", mmle reused from {folder}"
+    return models
+
+
 def _checkpoint(workdir: Path, stage: str) -> dict[str, Any] | None:
     return load_latest(workdir / stage, stage=stage)
 
@@ -73,6 +128,10 @@ def _stage_row(name: str, ckpt: dict[str, Any] | None) -> str:
         f"| {name} | {ckpt['step']} | {opts.get('batch', '-')} | {opts.get('lr', '-')} | "
         f"{ckpt.get('elapsed_s', 0.0) / 60:.1f} | {shown} |"
     )
+
+
+def _reused_row(name: str, reused: Reused) -> str:
+    return f"| {name} | {REUSED} | - | - | - | from {reused.label} |"
 
 
 @dataclass
@@ -225,141 +284,65 @@ def _decoder_samples(options: dict[str, Any]) -> str:
     )
 
 
-def model_card(
-    cfg: ModelConfig,
-    workdir: Path,
-    params: dict[str, int],
-    size_mb: float,
-    evaluation: dict[str, Any] | None,
-    *,
-    half: bool = False,
-    quality: dict[str, Any] | None = None,
-) -> str:
-    vae, unet, decoder, mmle = (_checkpoint(workdir, s) for s in ("vae", "unet", "decoder", "mmle"))
-    labels = _labels(workdir)
-    photo_rows, unrecorded = _photo_rows(
-        {
-            "vae": (vae or {}).get("summary", {}).get("photos", []),
-            "unet": (unet or {}).get("summary", {}).get("photos", []),
-            **({"decoder": decoder.get("summary", {}).get("photos", [])} if decoder else {}),
-            "labels": sorted(labels.photos),
-        }
+def stage_photos(
+    workdir: Path, *, vae_reused: Reused | None = None, mmle_reused: Reused | None = None
+) -> dict[str, list[str]]:
+    """Stage -> the photos it trained on, the reused components' stages included."""
+    vae, unet, decoder = (_checkpoint(workdir, s) for s in ("vae", "unet", "decoder"))
+    stages: dict[str, list[str]] = {}
+    if vae is not None or vae_reused is None:
+        stages["vae"] = (vae or {}).get("summary", {}).get("photos", [])
+    stages["unet"] = (unet or {}).get("summary", {}).get("photos", [])
+    if decoder:
+        stages["decoder"] = decoder.get("summary", {}).get("photos", [])
+    if mmle_reused is None:
+        stages["labels"] = sorted(_labels(workdir).photos)
+    for reused, kinds in ((vae_reused, ("vae", "decoder")), (mmle_reused, ("labels",))):
+        if reused is not None:
+            stages.update(reused.stage_photos(kinds))
+    return stages
+
+
+def training_record(stages: dict[str, list[str]], sources: dict[str, str]) -> TrainingRecord:
+    photos: dict[str, list[str]] = {}
+    for stage, names in stages.items():
+        for name in names:
+            photos.setdefault(name, []).append(stage)
+    return TrainingRecord(
+        photos={k: tuple(v) for k, v in photos.items()},
+        holdout=tuple(HOLDOUT),
+        validation=tuple(VALIDATION),
+        sources=sources,
     )
+
+
+def _split_line(record: TrainingRecord) -> list[str]:
     holdout = [p for p in available_photos() if p.name in HOLDOUT]
-    u_opts = (unet or {}).get("summary", {}).get("options", {})
-    v_opts = (vae or {}).get("summary", {}).get("options", {})
-    m_sum = (mmle or {}).get("summary", {})
+    seen = record.seen([*HOLDOUT, *VALIDATION])
+    line = (
+        "Held out (never tuned on, used by the evaluation): "
+        + ", ".join(f"{p.name} ({PHOTO_LICENCES.get(p.name, 'see the package')})" for p in holdout)
+        + ". Validation (choices such as calibration are tuned on them): "
+        + ", ".join(VALIDATION)
+        + "."
+    )
+    if not seen:
+        return [line + " No stage trained on either set.", ""]
+    used = "; ".join(f"{name} by {', '.join(by)}" for name, by in seen.items())
+    return [line + f" **Not every stage kept them out**: {used}.", ""]
+
+
+def _labels_mmle_lines(cfg: ModelConfig, m_sum: dict[str, Any]) -> list[str]:
     split = [
         name
         for name, index in (("PSNR", cfg.mmle.psnr_index), ("LPIPS", cfg.mmle.lpips_index))
         if index is not None
     ]
     errors = "log10 MSE and LPIPS" if "LPIPS" in split else "log10 MSE"
-    minutes = {
-        name: (c.get("elapsed_s", 0.0) / 60 if c else 0.0)
-        for name, c in (("vae", vae), ("unet", unet), ("decoder", decoder), ("mmle", mmle))
-        if name != "decoder" or c is not None
-    }
-    minutes["labels"] = labels.minutes
-    phases = (vae or {}).get("summary", {}).get("crop_phases", [])
-    crops = ", ".join(f"{side} px from step {first}" for first, side in phases) or "-"
     val = m_sum.get("validation", {})
     val_photos = m_sum.get("options", {}).get("val_photos", [])
     rho = ", ".join(f"{k} {v:.3f}" for k, v in val.get("spearman", {}).items()) or "-"
-    lines = [
-        f"# {cfg.name}: a tiny AdaDiffSR model trained on CPU",
-        "",
-        "A deliberately small latent-diffusion 4x super-resolution model with Stable Diffusion's "
-        "block structure (UNet2DConditionModel, AutoencoderKL), PFJ and an MMLE regressor, "
-        "trained from scratch on a few public-domain / CC0 photos on a 2-core CPU. It exists so "
-        "that every code path of adadiff runs end to end with real, non-random weights; it is not "
-        "a competitive SR model.",
-        "",
-        "## Architecture",
-        "",
-        f"- VAE downsampling factor {cfg.vae_scale_factor}, {cfg.latent_channels} latent "
-        f"channels, latent scaling factor {cfg.scaling_factor:.5f} (1 / std of latent means).",
-        f"- Tile {cfg.tile_size} px ({cfg.latent_tile}x{cfg.latent_tile} latent), overlap "
-        f"{cfg.tile_overlap} px; prediction type {cfg.noise.prediction_type.value}.",
-        "- Parameters: "
-        + ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in params.items())
-        + f"; {size_mb:.1f} MB as safetensors ("
-        + ("UNet and VAE stored as fp16, loaded into fp32; the rest fp32)." if half else "fp32)."),
-        "",
-        "## Data",
-        "",
-        "HR crops of one tile, with flips, 90-degree rotations and mild colour jitter. The VAE "
-        "and UNet draw photos in proportion to their area; labels draw "
-        + (
-            "every photo equally often"
-            if labels.weightings == {"photo"}
-            else "photos in proportion to their area"
-            if labels.weightings == {"area"}
-            else "photos as recorded in the shards"
-        )
-        + ". LR inputs: bicubic x4 (antialiased, MATLAB-style) with "
-        f"probability {1 - float(u_opts.get('realesrgan_prob', 0.0)):.2f}, else Real-ESRGAN's "
-        "second-order degradation. The conditioning is the LR image bicubic-upscaled x4, "
-        "exactly what the runtime encodes.",
-        "",
-        "| photo | source | licence / statement | used by |",
-        "|---|---|---|---|",
-        *photo_rows,
-        "",
-        *(
-            [f"Stages that recorded no photo names: {', '.join(unrecorded)}.", ""]
-            if unrecorded
-            else []
-        ),
-        "Held out (never trained or tuned on, used by the evaluation): "
-        + ", ".join(f"{p.name} ({PHOTO_LICENCES.get(p.name, 'see the package')})" for p in holdout)
-        + ". Validation (never trained on; choices such as calibration are tuned on them): "
-        + ", ".join(VALIDATION)
-        + ".",
-        "",
-        "## Training",
-        "",
-        "| stage | steps | batch | lr | minutes | last logged losses |",
-        "|---|---|---|---|---|---|",
-        _stage_row("vae", vae),
-        _stage_row("unet + pfj", unet),
-        *([_stage_row("decoder", decoder)] if decoder else []),
-        labels.row(),
-        _stage_row("mmle", mmle),
-        "",
-        f"Training time: {sum(minutes.values()):.1f} min in all ("
-        + ", ".join(f"{k} {v:.1f}" for k, v in minutes.items())
-        + "), single process on the CPU named in the evaluation JSON.",
-        "",
-        f"- VAE: L1 + {v_opts.get('perceptual_weight', '-')} x LPIPS (AlexNet) + "
-        f"{v_opts.get('kl_weight', '-')} x KL on a sampled posterior; a share "
-        f"{v_opts.get('lr_input_prob', '-')} of inputs are bicubic-upscaled LR crops (a share "
-        f"{v_opts.get('realesrgan_prob', 0.0)} of them Real-ESRGAN-degraded, the rest bicubic "
-        f"x4); crops {crops}.",
-        f"- UNet + PFJ: {cfg.noise.prediction_type.value} MSE, t uniform in [0, 999], AdamW, EMA "
-        f"{u_opts.get('ema', '-')} (the EMA weights are shipped); latent pairs from a pool of "
-        f"{u_opts.get('pool', '-')} refreshed by {u_opts.get('refresh', '-')} per step; LR "
-        f"crops degraded by the Real-ESRGAN second-order pipeline with probability "
-        f"{u_opts.get('realesrgan_prob', 0.0)}, else bicubic x4. PFJ "
-        "sees gains as the runtime "
-        f"can produce them: zero with probability {u_opts.get('gain_zero_prob', '-')}, else "
-        f"tanh(N(0, {u_opts.get('gain_std', '-')})) per component, g_NR = 0 for "
-        f"t >= {cfg.dtss.nr_start_t}. The target does not depend on the gains, so PFJ "
-        "learns a conditioning transform that holds for any gain (close to gain-invariant).",
-        *(
-            [
-                "- Decoder: fine-tuned after the UNet with the encoder frozen (the UNet's latent "
-                "space is unchanged), L1 + "
-                f"{decoder['summary']['options'].get('perceptual_weight', '-')} x LPIPS on "
-                "posterior means; a share "
-                f"{decoder['summary']['options'].get('lr_input_prob', '-')} of inputs are "
-                "bicubic-upscaled LR crops"
-                + _decoder_samples(decoder["summary"]["options"])
-                + ". The shipped VAE decoder is this one."
-            ]
-            if decoder
-            else []
-        ),
+    return [
         "- Labels: trajectories of the frozen model through the runtime sampler, half "
         "oracle-driven DTSS and half random DTSS tiers; every UNet call's x0 decoded and scored "
         "by the oracle (" + ", ".join(m.name for m in cfg.mmle.metrics) + ") against the LR input. "
@@ -407,6 +390,147 @@ def model_card(
             else "a held-out share of the label trajectories (their photos are also in training)"
         )
         + f", Spearman {rho}.",
+    ]
+
+
+def model_card(
+    cfg: ModelConfig,
+    workdir: Path,
+    params: dict[str, int],
+    size_mb: float,
+    evaluation: dict[str, Any] | None,
+    *,
+    half: bool = False,
+    quality: dict[str, Any] | None = None,
+    vae_reused: Reused | None = None,
+    mmle_reused: Reused | None = None,
+) -> str:
+    vae, unet, decoder, mmle = (_checkpoint(workdir, s) for s in ("vae", "unet", "decoder", "mmle"))
+    labels = _labels(workdir)
+    stages = stage_photos(workdir, vae_reused=vae_reused, mmle_reused=mmle_reused)
+    photo_rows, unrecorded = _photo_rows(stages)
+    record = training_record(stages, {})
+    u_opts = (unet or {}).get("summary", {}).get("options", {})
+    v_opts = (vae or {}).get("summary", {}).get("options", {})
+    m_sum = (mmle or {}).get("summary", {})
+    own = {"vae": vae_reused is None, "mmle": mmle_reused is None}
+    minutes = {
+        name: (c.get("elapsed_s", 0.0) / 60 if c else 0.0)
+        for name, c in (("vae", vae), ("unet", unet), ("decoder", decoder), ("mmle", mmle))
+        if (name != "decoder" or c is not None) and own.get(name, True)
+    }
+    if mmle_reused is None:
+        minutes["labels"] = labels.minutes
+    phases = (vae or {}).get("summary", {}).get("crop_phases", [])
+    crops = ", ".join(f"{side} px from step {first}" for first, side in phases) or "-"
+    lines = [
+        f"# {cfg.name}: a tiny AdaDiffSR model trained on CPU",
+        "",
+        "A deliberately small latent-diffusion 4x super-resolution model with Stable Diffusion's "
+        "block structure (UNet2DConditionModel, AutoencoderKL), PFJ and an MMLE regressor, "
+        "trained from scratch on a few public-domain / CC0 photos on a 2-core CPU. It exists so "
+        "that every code path of adadiff runs end to end with real, non-random weights; it is not "
+        "a competitive SR model.",
+        "",
+        "## Architecture",
+        "",
+        f"- VAE downsampling factor {cfg.vae_scale_factor}, {cfg.latent_channels} latent "
+        f"channels, latent scaling factor {cfg.scaling_factor:.5f} (1 / std of latent means).",
+        f"- Tile {cfg.tile_size} px ({cfg.latent_tile}x{cfg.latent_tile} latent), overlap "
+        f"{cfg.tile_overlap} px; prediction type {cfg.noise.prediction_type.value}.",
+        "- Parameters: "
+        + ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in params.items())
+        + f"; {size_mb:.1f} MB as safetensors ("
+        + ("UNet and VAE stored as fp16, loaded into fp32; the rest fp32)." if half else "fp32)."),
+        "",
+        "## Data",
+        "",
+        "HR crops of one tile, with flips, 90-degree rotations and mild colour jitter. The VAE "
+        "and UNet draw photos in proportion to their area; labels draw "
+        + (
+            "every photo equally often"
+            if labels.weightings == {"photo"}
+            else "photos in proportion to their area"
+            if labels.weightings == {"area"}
+            else "photos as recorded in the shards"
+        )
+        + ". LR inputs: bicubic x4 (antialiased, MATLAB-style) with "
+        f"probability {1 - float(u_opts.get('realesrgan_prob', 0.0)):.2f}, else Real-ESRGAN's "
+        "second-order degradation. The conditioning is the LR image bicubic-upscaled x4, "
+        "exactly what the runtime encodes.",
+        "",
+        "| photo | source | licence / statement | used by |",
+        "|---|---|---|---|",
+        *photo_rows,
+        "",
+        *(
+            [f"Stages that recorded no photo names: {', '.join(unrecorded)}.", ""]
+            if unrecorded
+            else []
+        ),
+        *_split_line(record),
+        "## Training",
+        "",
+        "| stage | steps | batch | lr | minutes | last logged losses |",
+        "|---|---|---|---|---|---|",
+        _reused_row("vae", vae_reused) if vae_reused and vae is None else _stage_row("vae", vae),
+        _stage_row("unet + pfj", unet),
+        *([_stage_row("decoder", decoder)] if decoder else []),
+        *(
+            [_reused_row("labels", mmle_reused), _reused_row("mmle", mmle_reused)]
+            if mmle_reused
+            else [labels.row(), _stage_row("mmle", mmle)]
+        ),
+        "",
+        f"Training time: {sum(minutes.values()):.1f} min in all ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in minutes.items())
+        + ")"
+        + (", reused stages not counted" if vae_reused or mmle_reused else "")
+        + ", single process on the CPU named in the evaluation JSON.",
+        "",
+        (
+            f"- VAE: reused unchanged (encoder and decoder) from an earlier model, "
+            f"{vae_reused.label}; the photo table marks that model's stages as reused."
+            if vae_reused and vae is None
+            else f"- VAE: L1 + {v_opts.get('perceptual_weight', '-')} x LPIPS (AlexNet) + "
+            f"{v_opts.get('kl_weight', '-')} x KL on a sampled posterior; a share "
+            f"{v_opts.get('lr_input_prob', '-')} of inputs are bicubic-upscaled LR crops (a share "
+            f"{v_opts.get('realesrgan_prob', 0.0)} of them Real-ESRGAN-degraded, the rest bicubic "
+            f"x4); crops {crops}."
+        ),
+        f"- UNet + PFJ: {cfg.noise.prediction_type.value} MSE, t uniform in [0, 999], AdamW, EMA "
+        f"{u_opts.get('ema', '-')} (the EMA weights are shipped); latent pairs from a pool of "
+        f"{u_opts.get('pool', '-')} refreshed by {u_opts.get('refresh', '-')} per step; LR "
+        f"crops degraded by the Real-ESRGAN second-order pipeline with probability "
+        f"{u_opts.get('realesrgan_prob', 0.0)}, else bicubic x4. PFJ "
+        "sees gains as the runtime "
+        f"can produce them: zero with probability {u_opts.get('gain_zero_prob', '-')}, else "
+        f"tanh(N(0, {u_opts.get('gain_std', '-')})) per component, g_NR = 0 for "
+        f"t >= {cfg.dtss.nr_start_t}. The target does not depend on the gains, so PFJ "
+        "learns a conditioning transform that holds for any gain (close to gain-invariant).",
+        *(
+            [
+                "- Decoder: fine-tuned after the UNet with the encoder frozen (the UNet's latent "
+                "space is unchanged), L1 + "
+                f"{decoder['summary']['options'].get('perceptual_weight', '-')} x LPIPS on "
+                "posterior means; a share "
+                f"{decoder['summary']['options'].get('lr_input_prob', '-')} of inputs are "
+                "bicubic-upscaled LR crops"
+                + _decoder_samples(decoder["summary"]["options"])
+                + ". The shipped VAE decoder is this one."
+            ]
+            if decoder
+            else []
+        ),
+        *(
+            [
+                f"- Labels and MMLE: reused from an earlier model, {mmle_reused.label}. Its MMLE "
+                "reads the same latent space (the VAE encoder is the same) and predicts the same "
+                "metrics, but its labels are trajectories of that model's UNet, not this one's."
+            ]
+            if mmle_reused
+            else _labels_mmle_lines(cfg, m_sum)
+        ),
         "",
         "## Evaluation",
         "",
@@ -426,16 +550,32 @@ def ship(
     max_mb: float = MAX_MB,
     half: bool = False,
     quality: dict[str, Any] | None = None,
+    mmle_from: str | Path | None = None,
 ) -> Path:
-    """Assemble the workdir's checkpoints into the model folder ``out`` (default: shipped tiny)."""
+    """Assemble the workdir's checkpoints into the model folder ``out`` (default: shipped tiny);
+    with ``mmle_from``, MMLE comes from that model folder instead of the workdir's mmle stage."""
     workdir = Path(workdir)
     out = Path(out) if out is not None else SHIPPED / cfg.name
-    models = frozen_models(cfg, workdir, with_mmle=True)
+    vae_reused = _vae_reused(workdir)
+    models = frozen_models(cfg, workdir, with_mmle=mmle_from is None)
+    mmle_reused = None
+    if mmle_from is not None:
+        models = _reused_mmle(models, mmle_from)
+        mmle_reused = Reused.of(models_folder(mmle_from))
+    sources = {
+        "vae": f"reused from {vae_reused.label}" if vae_reused else "trained in this run",
+        "unet": "trained in this run",
+        "mmle": f"reused from {mmle_reused.label}" if mmle_reused else "trained in this run",
+    }
+    record = training_record(
+        stage_photos(workdir, vae_reused=vae_reused, mmle_reused=mmle_reused), sources
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tmp.chmod(0o755)
     try:
         models.save(tmp, half=half)
+        write_record(tmp, record)
         for path in tmp.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
         size = folder_bytes(tmp) / 1e6
@@ -446,7 +586,15 @@ def ship(
             )
         params = describe(models)["parameters"]
         card = model_card(
-            models.config, workdir, params, size, evaluation, half=half, quality=quality
+            models.config,
+            workdir,
+            params,
+            size,
+            evaluation,
+            half=half,
+            quality=quality,
+            vae_reused=vae_reused,
+            mmle_reused=mmle_reused,
         )
         (tmp / MODEL_CARD).write_text(card)
         _swap_in(tmp, out)
@@ -455,6 +603,29 @@ def ship(
         raise
     log.info("shipped %s (%.1f MB) to %s", models.source, size, out)
     return out
+
+
+def models_folder(model: str | Path) -> Path:
+    """The folder ``load_models`` reads for a preset name or a path."""
+    return Path(load_models(model).source)
+
+
+def _vae_reused(workdir: Path) -> Reused | None:
+    """The model folder the UNet's VAE came from (``train unet --vae-from``), when not the
+    workdir's own vae stage; refused when that folder is gone, since its card is the only record
+    of what the VAE trained on."""
+    unet = _checkpoint(workdir, "unet")
+    origin = (unet or {}).get("summary", {}).get("vae_from", "")
+    if not origin:
+        return None
+    folder = Path(origin)
+    if read_record(folder) is None:
+        raise ModelFolderError(
+            f"the UNet in {workdir} was trained on the VAE of {folder}, which has no model card "
+            "or training.json any more; restore that folder so the new card can say what its "
+            "VAE trained on"
+        )
+    return Reused.of(folder)
 
 
 def _swap_in(new: Path, out: Path) -> None:

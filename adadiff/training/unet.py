@@ -130,6 +130,7 @@ class UNetStage:
     ) -> None:
         self.cfg, self.opts, self.uopts = cfg, opts, uopts
         self.photos: list[str] = []  # names of the training photos, for the model card
+        self.vae_from = ""  # the model folder the VAE came from (--vae-from), for the card
         self.vae = build_vae(cfg, 0)
         self.vae.load_state_dict(vae_state)
         self.vae.eval().requires_grad_(False)
@@ -249,6 +250,7 @@ class UNetStage:
     def summary(self) -> dict[str, Any]:
         return {
             "photos": list(self.photos),
+            "vae_from": self.vae_from,
             "scaling_factor": self.scaling_factor,
             "options": self.uopts.__dict__.copy(),
         }
@@ -288,6 +290,7 @@ def train_unet(
         scaling_factor,
     )
     stage.photos = photo_names("train") if images is None else []
+    stage.vae_from = origin if vae_from is not None else ""
     log.info("unet: VAE from %s, latent scaling factor %.5f", origin, stage.scaling_factor)
     return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)
 

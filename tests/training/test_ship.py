@@ -5,12 +5,13 @@ Micro config, a few steps each; fixtures in conftest.py, helpers in training_hel
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from training_helpers import synthetic_labels
+from training_helpers import opts, small_pool, synthetic_labels
 
 # FR metrics only: numpy, no set-up files needed.
 from adadiff.training.checkpoint import load_latest
@@ -53,7 +54,12 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     # the photo table lists what each stage recorded: here only the labels name their photos
     assert "| moon | scikit-image |" in card and "| labels |" in card
     assert "| brick |" not in card and "| camera |" not in card
-    assert "Held out (never trained or tuned on" in card and "astronaut (NASA" in card
+    assert "Held out (never tuned on" in card and "astronaut (NASA" in card
+    # rocket, a validation photo, is in this workdir's labels: the card names it
+    assert "**Not every stage kept them out**: rocket by labels." in card
+    record = json.loads((out / "training.json").read_text())
+    assert record["photos"] == {"moon": ["labels"], "rocket": ["labels"]}
+    assert record["sources"]["mmle"] == "trained in this run"
     assert "recorded no photo names: vae, unet" in card
     assert "labels draw every photo equally often" in card
     unet_state = load_latest(workdir / "unet")["state"]
@@ -64,6 +70,69 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     image, report = up.upscale(np.full((12, 12, 3), 0.5, dtype=np.float32), schedule="adaptive")
     assert image.shape == (48, 48, 3) and np.all(np.isfinite(image))
     assert report.unet_evaluations > 0
+
+
+def test_ship_reuses_an_earlier_models_vae_and_mmle_and_says_so(tmp_path, cfg, images):
+    from adadiff import demo
+    from adadiff.errors import ConfigError, ModelFolderError
+    from adadiff.models.bundle import build_random, load_folder
+    from adadiff.provenance import TrainingRecord, read_record, write_record
+    from adadiff.training.ship import ship
+    from adadiff.training.unet import train_unet
+
+    earlier = build_random(cfg, seed=3).save(tmp_path / "earlier")
+    (earlier / "MODEL_CARD.md").write_text("# earlier: a test model\n")
+    write_record(
+        earlier,
+        TrainingRecord(photos={"astronaut": ("vae", "unet", "labels"), "moon": ("decoder",)}),
+    )
+    workdir = tmp_path / "w"
+    train_unet(cfg, workdir, opts(2), small_pool(), images=images, vae_from=earlier)
+
+    other = build_random(cfg, seed=4).save(tmp_path / "other")  # another encoder
+    with pytest.raises(ConfigError, match="encoder"):
+        ship(cfg, workdir, tmp_path / "refused", mmle_from=other)
+    assert not (tmp_path / "refused").exists()
+
+    out = ship(cfg, workdir, tmp_path / "out", mmle_from=earlier)
+    source, shipped = load_folder(earlier), load_folder(out)
+    for a, b in ((source.mmle, shipped.mmle), (source.vae, shipped.vae)):
+        for key, value in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[key], value, rtol=0, atol=0)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| vae | reused | - | - | - | from earlier: a test model |" in card
+    assert "| labels | reused |" in card and "| mmle | reused |" in card
+    assert "| astronaut | scikit-image |" in card and "vae (reused), labels (reused) |" in card
+    assert "| moon | scikit-image | " in card and "| decoder (reused) |" in card
+    assert "**Not every stage kept them out**: astronaut by vae (reused), labels (reused)." in card
+    assert "- VAE: reused unchanged (encoder and decoder) from an earlier model" in card
+    assert "- Labels and MMLE: reused from an earlier model, earlier: a test model." in card
+    record = read_record(out)
+    assert record is not None
+    assert record.photos["astronaut"] == ("vae (reused)", "labels (reused)")
+    assert record.sources["vae"] == "reused from earlier: a test model"
+    assert demo.role("astronaut", out).startswith("its UNet never saw it")
+    assert demo.role("chelsea", out) == "this model never trained on it"
+
+    shutil.rmtree(earlier)  # the card of the VAE's origin was the only record of its photos
+    with pytest.raises(ModelFolderError, match="restore that folder"):
+        ship(cfg, workdir, tmp_path / "again")
+
+
+def test_a_training_record_is_read_from_json_or_from_an_older_card(tmp_path):
+    from adadiff.errors import ModelFolderError
+    from adadiff.provenance import read_record
+
+    assert read_record(tmp_path) is None and read_record(None) is None
+    (tmp_path / "MODEL_CARD.md").write_text(
+        "# m\n\n| photo | source | licence / statement | used by |\n|---|---|---|---|\n"
+        "| astronaut | scikit-image | a | b | vae, unet |\n\nafter\n| x | y |\n"
+    )
+    record = read_record(tmp_path)
+    assert record is not None and record.photos == {"astronaut": ("vae", "unet")}
+    (tmp_path / "training.json").write_text("{not json")
+    with pytest.raises(ModelFolderError, match="training record"):
+        read_record(tmp_path)
 
 
 def test_half_storage_halves_the_big_weights_and_loads_as_fp32(tmp_path, cfg):
