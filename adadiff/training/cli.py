@@ -138,6 +138,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--pool", type=int, default=1024, help="encoded latent pairs kept (0: encode every batch)"
     )
     unet.add_argument("--refresh", type=int, default=4, help="pairs re-encoded per step")
+    _photo_weighting(unet)
     unet.add_argument(
         "--vae-from",
         metavar="MODEL",
@@ -317,6 +318,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             ema=args.ema,
             pool=args.pool,
             refresh=args.refresh,
+            weighting=args.photo_weighting,
         )
         result = train_unet(cfg, workdir, _options(args), uopts, vae_from=args.vae_from)
     elif stage == "decoder":

@@ -445,14 +445,25 @@ def model_card(
         "",
         "## Data",
         "",
-        "HR crops of one tile, with flips, 90-degree rotations and mild colour jitter. The VAE "
-        "and UNet draw photos in proportion to their area; labels draw "
+        "HR crops of one tile, with flips, 90-degree rotations and mild colour jitter. "
+        + ("The VAE draws photos in proportion to their area; " if vae is not None else "")
+        + "the UNet draws "
         + (
             "every photo equally often"
-            if labels.weightings == {"photo"}
+            if u_opts.get("weighting", "area") == "photo"
             else "photos in proportion to their area"
-            if labels.weightings == {"area"}
-            else "photos as recorded in the shards"
+        )
+        + (
+            "; labels draw "
+            + (
+                "every photo equally often"
+                if labels.weightings == {"photo"}
+                else "photos in proportion to their area"
+                if labels.weightings == {"area"}
+                else "photos as recorded in the shards"
+            )
+            if mmle_reused is None
+            else ""
         )
         + ". LR inputs: bicubic x4 (antialiased, MATLAB-style) with "
         f"probability {1 - float(u_opts.get('realesrgan_prob', 0.0)):.2f}, else Real-ESRGAN's "

@@ -41,6 +41,7 @@ from adadiff.models.networks import PFJ
 from adadiff.models.wrappers import DiffusersModel, UNetWrapper
 from adadiff.runtime.schedule import alphas_cumprod
 from adadiff.training.checkpoint import require_latest
+from adadiff.training.data import PhotoWeighting, check_weighting
 from adadiff.training.loop import (
     EMA,
     Progress,
@@ -69,8 +70,11 @@ class UNetOptions:
     grad_clip: float = 1.0
     pool: int = 1024  # latent pairs kept encoded; 0 encodes every batch afresh
     refresh: int = 4  # pairs encoded per step into the pool, replacing the oldest
+    # Equal odds per photo: by area, retina and the Hubble deep field alone were half the crops.
+    weighting: PhotoWeighting = "photo"
 
     def __post_init__(self) -> None:
+        check_weighting(self.weighting)
         if self.pool < 0 or self.refresh < 0 or (self.pool and not self.refresh):
             raise ConfigError(
                 f"pool must be >= 0 and refresh >= 1 when pool > 0, got {self.pool}, {self.refresh}"
@@ -150,6 +154,7 @@ class UNetStage:
             size=cfg.tile_size,
             scale=cfg.upscale,
             realesrgan_prob=uopts.realesrgan_prob,
+            weighting=uopts.weighting,
         )
         self.alphas = torch.from_numpy(np.asarray(alphas_cumprod(cfg.noise), dtype=np.float32))
         self.pool: torch.Tensor | None = None  # [P, 2, C, s, s]: (x0, o) pairs

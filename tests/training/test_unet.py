@@ -49,8 +49,18 @@ def test_unet_can_take_the_vae_of_a_model_folder(tmp_path, cfg, images, tiny_dir
     for key, value in source.vae.state_dict().items():
         torch.testing.assert_close(state["vae"][key], value, rtol=0, atol=0)
     assert state["scaling_factor"] == cfg.scaling_factor
+    summary = load_latest(tmp_path / "w" / "unet", stage="unet")["summary"]
+    assert summary["vae_from"] == str(folder)  # the card names where the VAE came from
     with pytest.raises(ConfigError, match="not the one"):
         train_unet(cfg, tmp_path / "x", opts(1), small_pool(), images=images, vae_from=tiny_dir)
+
+
+def test_unet_options_check_the_photo_weighting():
+    from adadiff.training.unet import UNetOptions
+
+    assert UNetOptions().weighting == "photo"  # by area, two photos were half the crops
+    with pytest.raises(ConfigError, match="weighting"):
+        UNetOptions(weighting="pixels")  # type: ignore[arg-type]
 
 
 def test_gains_follow_the_runtime_rules():
