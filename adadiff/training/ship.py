@@ -130,6 +130,27 @@ def _stage_row(name: str, ckpt: dict[str, Any] | None) -> str:
     )
 
 
+def _phase_lines(phases: list[dict[str, Any]], last_step: int | None) -> list[str]:
+    """The UNet's training phases (runs resumed with other options), when there was more than
+    one; the options above are the last phase's."""
+    if len(phases) < 2:
+        return []
+    parts = []
+    for k, phase in enumerate(phases):
+        end = phases[k + 1]["from_step"] if k + 1 < len(phases) else last_step
+        drawn = "equally" if phase.get("weighting", "area") == "photo" else "by area"
+        parts.append(
+            f"steps {phase['from_step']} to {end}: photos drawn {drawn}, Real-ESRGAN share "
+            f"{phase.get('realesrgan_prob', 0.0)}"
+            + (
+                f", lr {phase['lr']} ({phase.get('schedule', 'constant')} to step {phase['steps']})"
+                if "lr" in phase and "steps" in phase
+                else ""
+            )
+        )
+    return ["- UNet training was resumed with other options: " + "; ".join(parts) + "."]
+
+
 def _reused_row(name: str, reused: Reused) -> str:
     return f"| {name} | {REUSED} | - | - | - | from {reused.label} |"
 
@@ -519,6 +540,7 @@ def model_card(
         f"tanh(N(0, {u_opts.get('gain_std', '-')})) per component, g_NR = 0 for "
         f"t >= {cfg.dtss.nr_start_t}. The target does not depend on the gains, so PFJ "
         "learns a conditioning transform that holds for any gain (close to gain-invariant).",
+        *_phase_lines((unet or {}).get("summary", {}).get("phases", []), (unet or {}).get("step")),
         *(
             [
                 "- Decoder: fine-tuned after the UNet with the encoder frozen (the UNet's latent "

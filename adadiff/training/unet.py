@@ -40,7 +40,7 @@ from adadiff.models.bundle import load_models
 from adadiff.models.networks import PFJ
 from adadiff.models.wrappers import DiffusersModel, UNetWrapper
 from adadiff.runtime.schedule import alphas_cumprod
-from adadiff.training.checkpoint import require_latest
+from adadiff.training.checkpoint import load_latest, require_latest
 from adadiff.training.data import PhotoWeighting, check_weighting
 from adadiff.training.loop import (
     EMA,
@@ -135,6 +135,8 @@ class UNetStage:
         self.cfg, self.opts, self.uopts = cfg, opts, uopts
         self.photos: list[str] = []  # names of the training photos, for the model card
         self.vae_from = ""  # the model folder the VAE came from (--vae-from), for the card
+        # What each resumed run trained with, from the step it started at (for the card).
+        self.phases: list[dict[str, Any]] = []
         self.vae = build_vae(cfg, 0)
         self.vae.load_state_dict(vae_state)
         self.vae.eval().requires_grad_(False)
@@ -256,6 +258,7 @@ class UNetStage:
         return {
             "photos": list(self.photos),
             "vae_from": self.vae_from,
+            "phases": self.phases,
             "scaling_factor": self.scaling_factor,
             "options": self.uopts.__dict__.copy(),
         }
@@ -296,8 +299,28 @@ def train_unet(
     )
     stage.photos = photo_names("train") if images is None else []
     stage.vae_from = origin if vae_from is not None else ""
+    stage.phases = training_phases(load_latest(workdir / STAGE, stage=STAGE), opts, uopts)
     log.info("unet: VAE from %s, latent scaling factor %.5f", origin, stage.scaling_factor)
     return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)
+
+
+def training_phases(
+    ckpt: dict[str, Any] | None, opts: TrainOptions, uopts: UNetOptions
+) -> list[dict[str, Any]]:
+    """The checkpoint's training phases, plus one from its step when this run's options differ
+    (a resumed run with another data mix or schedule)."""
+    current = {**uopts.__dict__, "lr": opts.lr, "batch": opts.batch, "schedule": opts.schedule}
+    if opts.schedule != "constant":  # a decay's length is part of it; a longer constant run is not
+        current["steps"] = opts.steps
+    if ckpt is None:
+        return [{"from_step": 0, **current}]
+    summary = ckpt.get("summary", {})
+    # checkpoints from before phases were recorded: their options stand for every step so far
+    phases = list(summary.get("phases") or [{"from_step": 0, **summary.get("options", {})}])
+    last = {k: v for k, v in phases[-1].items() if k != "from_step"}
+    if any(last.get(k) != v for k, v in current.items()):
+        phases.append({"from_step": int(ckpt["step"]), **current})
+    return phases
 
 
 def vae_of_model(cfg: ModelConfig, model: str | Path) -> tuple[dict[str, Any], float, str]:

@@ -29,6 +29,17 @@ def test_unet_resumes_with_identical_next_loss(tmp_path, vae_workdir, cfg, image
     state = load_latest(tmp_path / "b" / "unet", stage="unet")["state"]
     assert {"unet", "pfj", "ema", "vae", "scaling_factor", "text_embedding"} <= set(state)
     assert state["pool"].shape == (4, 2, 4, 16, 16)
+    # extending a constant-rate run is one phase; another data mix from step 3 is a second
+    summary = load_latest(tmp_path / "b" / "unet", stage="unet")["summary"]
+    assert [p["from_step"] for p in summary["phases"]] == [0]
+    train_unet(cfg, tmp_path / "b", opts(4), small_pool(weighting="area"), images=images)
+    phases = load_latest(tmp_path / "b" / "unet", stage="unet")["summary"]["phases"]
+    assert [(p["from_step"], p["weighting"]) for p in phases] == [(0, "photo"), (3, "area")]
+    from adadiff.training.ship import _phase_lines
+
+    (line,) = _phase_lines(phases, 4)
+    assert "steps 0 to 3: photos drawn equally" in line
+    assert "steps 3 to 4: photos drawn by area" in line
 
 
 def test_unet_needs_a_vae_checkpoint(tmp_path, cfg, images):

@@ -63,10 +63,10 @@ def lpips_ready() -> bool:
     return asset_location(LPIPS_ALEXNET).is_file()
 
 
-def small_pool():
+def small_pool(**kw):
     from adadiff.training.unet import UNetOptions
 
-    return UNetOptions(pool=4, refresh=2)
+    return UNetOptions(pool=4, refresh=2, **kw)
 
 
 LPIPS_METRICS = (
