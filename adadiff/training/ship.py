@@ -70,7 +70,9 @@ class Reused:
     """A component taken from an earlier model folder: what the card and record say of it."""
 
     folder: Path
-    label: str  # the folder's card heading, e.g. "tiny: a tiny AdaDiffSR model trained on CPU"
+    # e.g. "an earlier `tiny` (VAE encoder sha256 0123456789ab)": the name from its card's
+    # heading, and which latent space it reads, since a new model may carry the same name
+    label: str
     photos: dict[str, tuple[str, ...]]  # that folder's photos -> its stages
 
     @classmethod
@@ -78,8 +80,11 @@ class Reused:
         folder = Path(folder)
         card = folder / MODEL_CARD
         heading = card.read_text().splitlines()[0].lstrip("# ").strip() if card.is_file() else ""
+        name = heading.split(":")[0].strip() or folder.name
+        encoder = encoder_fingerprint(load_models(folder).vae.state_dict())[:12]
         record = read_record(folder)
-        return cls(folder, heading or folder.name, record.photos if record else {})
+        label = f"an earlier `{name}` (VAE encoder sha256 {encoder})"
+        return cls(folder, label, record.photos if record else {})
 
     def stage_photos(self, stages: tuple[str, ...]) -> dict[str, list[str]]:
         """``{"vae (reused)": [photos], ...}`` for those of the folder's stages in ``stages``."""
@@ -468,7 +473,7 @@ def model_card(
         "",
         "HR crops of one tile, with flips, 90-degree rotations and mild colour jitter. "
         + ("The VAE draws photos in proportion to their area; " if vae is not None else "")
-        + "the UNet draws "
+        + ("the UNet draws " if vae is not None else "The UNet draws ")
         + (
             "every photo equally often"
             if u_opts.get("weighting", "area") == "photo"
@@ -521,8 +526,8 @@ def model_card(
         + ", single process on the CPU named in the evaluation JSON.",
         "",
         (
-            f"- VAE: reused unchanged (encoder and decoder) from an earlier model, "
-            f"{vae_reused.label}; the photo table marks that model's stages as reused."
+            f"- VAE: reused unchanged (encoder and decoder) from {vae_reused.label}; the photo "
+            "table marks that model's stages as reused."
             if vae_reused and vae is None
             else f"- VAE: L1 + {v_opts.get('perceptual_weight', '-')} x LPIPS (AlexNet) + "
             f"{v_opts.get('kl_weight', '-')} x KL on a sampled posterior; a share "
@@ -557,7 +562,7 @@ def model_card(
         ),
         *(
             [
-                f"- Labels and MMLE: reused from an earlier model, {mmle_reused.label}. Its MMLE "
+                f"- Labels and MMLE: reused from {mmle_reused.label}. Its MMLE "
                 "reads the same latent space (the VAE encoder is the same) and predicts the same "
                 "metrics, but its labels are trajectories of that model's UNet, not this one's."
             ]
