@@ -140,6 +140,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     unet.add_argument("--refresh", type=int, default=4, help="pairs re-encoded per step")
     _photo_weighting(unet)
     unet.add_argument(
+        "--min-scale",
+        type=float,
+        default=1.0,
+        help="scale augmentation: each HR crop shows its photo downscaled by a random factor in "
+        "[MIN, 1] (1: the photo's own scale)",
+    )
+    unet.add_argument(
         "--vae-from",
         metavar="MODEL",
         help="take the VAE from this model folder or preset instead of the workdir's vae stage",
@@ -319,6 +326,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             pool=args.pool,
             refresh=args.refresh,
             weighting=args.photo_weighting,
+            min_scale=args.min_scale,
         )
         result = train_unet(cfg, workdir, _options(args), uopts, vae_from=args.vae_from)
     elif stage == "decoder":

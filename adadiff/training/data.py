@@ -28,7 +28,7 @@ from PIL import Image
 
 from adadiff.errors import ConfigError, InputImageError, ShapeError
 from adadiff.imageio import to_rgb_array
-from adadiff.training.degrade import bicubic_x4, degrade
+from adadiff.training.degrade import bicubic_x4, degrade, resize
 
 # name -> file in skimage/data
 SKIMAGE_PHOTOS: dict[str, str] = {
@@ -180,6 +180,10 @@ class CropConfig:
     saturation: float = 0.1
     min_std: float = 0.02  # reject nearly flat crops (black sky, fundus border) ...
     max_tries: int = 20  # ... but give up rejecting after this many draws
+    # Scale augmentation: each crop covers size / s px of its photo, s uniform in
+    # [min_scale, 1], downscaled (antialiased) to size; 1.0 keeps the photo's own scale. A few
+    # photos then give textures at many scales instead of one.
+    min_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.size < 4 or self.size % 4:
@@ -189,6 +193,8 @@ class CropConfig:
                 raise ConfigError(f"{name} jitter must be in [0, 1), got {getattr(self, name)}")
         if self.max_tries < 1:
             raise ConfigError(f"max_tries must be >= 1, got {self.max_tries}")
+        if not 0 < self.min_scale <= 1:
+            raise ConfigError(f"min_scale must be in (0, 1], got {self.min_scale}")
         check_weighting(self.weighting)
 
 
@@ -199,6 +205,21 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
     top = int(rng.integers(0, height - size + 1))
     left = int(rng.integers(0, width - size + 1))
     return image[top : top + size, left : left + size]
+
+
+def scaled_crop(
+    image: np.ndarray, size: int, rng: np.random.Generator, min_scale: float
+) -> np.ndarray:
+    """A ``size`` crop of ``image`` seen at a random scale in [min_scale, 1] (see CropConfig)."""
+    if min_scale >= 1:
+        return random_crop(image, size, rng)
+    scale = float(rng.uniform(min_scale, 1.0))
+    side = min(round(size / scale), *image.shape[:2])
+    region = random_crop(image, side, rng)
+    if side == size:
+        return region
+    small = resize(region, (size, size), "bicubic", antialias=True, cubic_a=-0.5)
+    return np.clip(small, 0.0, 1.0).astype(np.float32)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -247,11 +268,11 @@ def sample_indexed_crops(
     while True:
         index = usable[int(rng.choice(len(usable), p=weights))]
         image = images[index]
-        crop = random_crop(image, config.size, rng)
+        crop = scaled_crop(image, config.size, rng, config.min_scale)
         for _ in range(config.max_tries - 1):
             if float(_luma(crop).std()) >= config.min_std:
                 break
-            crop = random_crop(image, config.size, rng)
+            crop = scaled_crop(image, config.size, rng, config.min_scale)
         yield index, augment(crop, rng, config)
 
 

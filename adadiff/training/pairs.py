@@ -83,6 +83,7 @@ class PairStream:
         scale: int = 4,
         realesrgan_prob: float = 0.0,
         weighting: PhotoWeighting = "area",
+        min_scale: float = 1.0,
     ) -> None:
         if not 0 <= realesrgan_prob <= 1:
             raise ConfigError(f"realesrgan_prob must be in [0, 1], got {realesrgan_prob}")
@@ -91,7 +92,9 @@ class PairStream:
         self.rng = rng
         self.scale = scale
         self.realesrgan_prob = realesrgan_prob
-        self._crops = sample_indexed_crops(images, rng, CropConfig(size=size, weighting=weighting))
+        self._crops = sample_indexed_crops(
+            images, rng, CropConfig(size=size, weighting=weighting, min_scale=min_scale)
+        )
 
     def hr(self, n: int) -> np.ndarray:
         return np.stack([next(self._crops)[1] for _ in range(n)])

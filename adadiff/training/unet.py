@@ -72,6 +72,7 @@ class UNetOptions:
     refresh: int = 4  # pairs encoded per step into the pool, replacing the oldest
     # Equal odds per photo: by area, retina and the Hubble deep field alone were half the crops.
     weighting: PhotoWeighting = "photo"
+    min_scale: float = 1.0  # scale augmentation of the HR crops (CropConfig.min_scale)
 
     def __post_init__(self) -> None:
         check_weighting(self.weighting)
@@ -157,6 +158,7 @@ class UNetStage:
             scale=cfg.upscale,
             realesrgan_prob=uopts.realesrgan_prob,
             weighting=uopts.weighting,
+            min_scale=uopts.min_scale,
         )
         self.alphas = torch.from_numpy(np.asarray(alphas_cumprod(cfg.noise), dtype=np.float32))
         self.pool: torch.Tensor | None = None  # [P, 2, C, s, s]: (x0, o) pairs

@@ -161,3 +161,21 @@ def test_the_demo_reads_what_a_model_trained_on_from_its_card(tmp_path):
     assert demo.role("chelsea", tmp_path) == "this model never trained on it"
     assert demo.trained_on(tmp_path / "none") is None
     assert "hold-out" in demo.role("astronaut", tmp_path / "none")
+
+
+def test_scale_augmentation_shows_more_of_the_photo_at_the_crop_size():
+    ramp = np.tile(np.linspace(0, 1, 512, dtype=np.float32)[None, :, None], (512, 1, 3))
+    rng = np.random.default_rng(0)
+    spans = [np.ptp(data.scaled_crop(ramp, 64, rng, 0.25)[0, :, 0]) for _ in range(50)]
+    plain = np.ptp(data.random_crop(ramp, 64, rng)[0, :, 0])
+    assert plain == pytest.approx(63 / 511, abs=1e-6)
+    # a crop at scale s covers 64 / s px of the ramp: up to 4x the plain span
+    assert min(spans) > 0.95 * plain and max(spans) > 2.5 * plain and max(spans) < 4.1 * plain
+    crop = data.scaled_crop(ramp, 64, rng, 0.25)
+    assert crop.shape == (64, 64, 3) and crop.dtype == np.float32
+    assert crop.min() >= 0 and crop.max() <= 1
+    # min_scale 1 draws exactly what random_crop draws (older runs stay reproducible)
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    np.testing.assert_array_equal(data.scaled_crop(ramp, 64, a, 1.0), data.random_crop(ramp, 64, b))
+    with pytest.raises(ConfigError, match="min_scale"):
+        data.CropConfig(min_scale=0.0)
