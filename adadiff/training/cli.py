@@ -97,6 +97,16 @@ def _photo_weighting(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _realesrgan_strength(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--realesrgan-strength",
+        choices=("full", "mild"),
+        default="full",
+        help="Real-ESRGAN's published degradation settings (full), or half the noise, less blur "
+        "and kinder JPEG (mild)",
+    )
+
+
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``train`` and its stage sub-commands to an ``add_subparsers()`` object."""
     train = subparsers.add_parser(
@@ -133,6 +143,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=0.0,
         help="share of crops degraded by Real-ESRGAN's pipeline instead of bicubic x4",
     )
+    _realesrgan_strength(unet)
     unet.add_argument("--ema", type=float, default=0.999)
     unet.add_argument(
         "--pool", type=int, default=1024, help="encoded latent pairs kept (0: encode every batch)"
@@ -185,6 +196,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=0.5,
         help="share of sampled crops degraded by Real-ESRGAN's pipeline instead of bicubic x4",
     )
+    _realesrgan_strength(decoder)
     _photo_weighting(decoder)
 
     labels = stages.add_parser("labels", help="oracle-scored trajectories of the frozen model")
@@ -322,6 +334,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             gain_zero_prob=args.gain_zero_prob,
             gain_std=args.gain_std,
             realesrgan_prob=args.realesrgan_prob,
+            realesrgan_strength=args.realesrgan_strength,
             ema=args.ema,
             pool=args.pool,
             refresh=args.refresh,
@@ -342,6 +355,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             sample_pool=args.sample_pool,
             sample_refresh=args.sample_refresh,
             realesrgan_prob=args.realesrgan_prob,
+            realesrgan_strength=args.realesrgan_strength,
         )
         result = train_decoder(cfg, workdir, _options(args), dopts, cache_dir=args.metrics_cache)
     elif stage == "labels":

@@ -28,7 +28,13 @@ from PIL import Image
 
 from adadiff.errors import ConfigError, InputImageError, ShapeError
 from adadiff.imageio import to_rgb_array
-from adadiff.training.degrade import bicubic_x4, degrade, resize
+from adadiff.training.degrade import (
+    REALESRGAN,
+    DegradationConfig,
+    bicubic_x4,
+    degrade,
+    resize,
+)
 
 # name -> file in skimage/data
 SKIMAGE_PHOTOS: dict[str, str] = {
@@ -277,11 +283,14 @@ def sample_indexed_crops(
 
 
 def pair(
-    hr: np.ndarray, rng: np.random.Generator, mode: DegradationMode = "realesrgan"
+    hr: np.ndarray,
+    rng: np.random.Generator,
+    mode: DegradationMode = "realesrgan",
+    config: DegradationConfig = REALESRGAN,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(lr, hr) for an HR crop: Real-ESRGAN second-order degradation or plain bicubic x4."""
+    """(lr, hr) for an HR crop: second-order degradation (``config``) or plain bicubic x4."""
     if mode == "realesrgan":
-        return degrade(hr, rng), hr
+        return degrade(hr, rng, config), hr
     if mode == "bicubic":
         return bicubic_x4(hr), hr
     raise ConfigError(f"degradation mode must be 'realesrgan' or 'bicubic', got {mode!r}")

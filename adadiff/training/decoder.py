@@ -46,6 +46,7 @@ from adadiff.training.assemble import (
     unet_checkpoint,
 )
 from adadiff.training.data import PhotoWeighting, check_weighting
+from adadiff.training.degrade import strength_config
 from adadiff.training.labels import encode_latents, mmle_score, sample_with
 from adadiff.training.loop import (
     Progress,
@@ -76,8 +77,10 @@ class DecoderOptions:
     sample_pool: int = 256
     sample_refresh: int = 2
     realesrgan_prob: float = 0.5
+    realesrgan_strength: str = "full"  # degrade.STRENGTHS
 
     def __post_init__(self) -> None:
+        strength_config(self.realesrgan_strength)
         if not 0 <= self.sample_prob <= 1 or not 0 <= self.realesrgan_prob <= 1:
             raise ConfigError(
                 f"sample_prob and realesrgan_prob must be in [0, 1], got {self.sample_prob}, "
@@ -235,6 +238,7 @@ class SamplePool:
             scale=cfg.upscale,
             realesrgan_prob=dopts.realesrgan_prob,
             weighting=dopts.weighting,
+            strength=dopts.realesrgan_strength,
         )
         self.latents: torch.Tensor | None = None  # [P, C, s, s] scaled latents
         self.hr: torch.Tensor | None = None  # [P, 3, S, S] uint8

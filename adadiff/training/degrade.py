@@ -145,6 +145,15 @@ MILD = DegradationConfig(
     ),
     final_sinc_prob=0.5,
 )
+# The strengths a training stage can ask for by name (``--realesrgan-strength``).
+STRENGTHS: dict[str, DegradationConfig] = {"full": REALESRGAN, "mild": MILD}
+
+
+def strength_config(name: str) -> DegradationConfig:
+    """The degradation a strength name stands for, or a ConfigError naming the choices."""
+    if name not in STRENGTHS:
+        raise ConfigError(f"Real-ESRGAN strength must be one of {tuple(STRENGTHS)}, got {name!r}")
+    return STRENGTHS[name]
 
 
 # --------------------------------------------------------------------------------------------

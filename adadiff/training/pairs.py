@@ -25,6 +25,7 @@ from adadiff.training.data import (
     training_photos,
     validation_photos,
 )
+from adadiff.training.degrade import strength_config
 from adadiff.training.loop import numpy_rng
 
 PHOTO_SETS = ("train", "validation", "holdout")
@@ -70,6 +71,7 @@ class PairStream:
     """Endless seeded stream of augmented crops and their degraded pairs.
 
     ``realesrgan_prob`` is the chance that a crop gets Real-ESRGAN's second-order degradation
+    (at ``strength``: "full" is Real-ESRGAN's published settings, "mild" a gentler pipeline)
     instead of plain bicubic x4; ``weighting`` picks photos by area or equally (``CropConfig``).
     All randomness comes from ``rng``; restoring its state restores the stream.
     """
@@ -84,7 +86,9 @@ class PairStream:
         realesrgan_prob: float = 0.0,
         weighting: PhotoWeighting = "area",
         min_scale: float = 1.0,
+        strength: str = "full",
     ) -> None:
+        self.degradation = strength_config(strength)
         if not 0 <= realesrgan_prob <= 1:
             raise ConfigError(f"realesrgan_prob must be in [0, 1], got {realesrgan_prob}")
         if scale != 4:
@@ -107,7 +111,7 @@ class PairStream:
             mode: DegradationMode = (
                 "realesrgan" if self.rng.random() < self.realesrgan_prob else "bicubic"
             )
-            low, _ = pair(crop, self.rng, mode)
+            low, _ = pair(crop, self.rng, mode, self.degradation)
             hr.append(crop)
             lr.append(low)
         up = [bicubic_upscale(low, self.scale) for low in lr]

@@ -146,7 +146,7 @@ def _phase_lines(phases: list[dict[str, Any]], last_step: int | None) -> list[st
         drawn = "equally" if phase.get("weighting", "area") == "photo" else "by area"
         parts.append(
             f"steps {phase['from_step']} to {end}: photos drawn {drawn}, Real-ESRGAN share "
-            f"{phase.get('realesrgan_prob', 0.0)}"
+            f"{phase.get('realesrgan_prob', 0.0)}{_strength(phase)}"
             + (
                 f", lr {phase['lr']} ({phase.get('schedule', 'constant')} to step {phase['steps']})"
                 if "lr" in phase and "steps" in phase
@@ -297,6 +297,13 @@ def quality_section(quality: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
+def _strength(options: dict[str, Any]) -> str:
+    """Names a gentler degradation than Real-ESRGAN's own settings; silent for those."""
+    if options.get("realesrgan_strength", "full") == "full" or not options.get("realesrgan_prob"):
+        return ""
+    return f" ({options['realesrgan_strength']} strength: half the noise, less blur, kinder JPEG)"
+
+
 def _decoder_samples(options: dict[str, Any]) -> str:
     share = options.get("sample_prob", 0.0)
     if not share:
@@ -305,8 +312,8 @@ def _decoder_samples(options: dict[str, Any]) -> str:
     return (
         f"; a share {share} of each batch is instead the final latent the frozen UNet samples "
         f"from an LR crop (uniform intervals {intervals}; LR Real-ESRGAN-degraded with "
-        f"probability {options.get('realesrgan_prob', '-')}), decoded against its HR crop, so "
-        "the decoder draws the UNet's own latents without their grain"
+        f"probability {options.get('realesrgan_prob', '-')}{_strength(options)}), decoded "
+        "against its HR crop, so the decoder draws the UNet's own latents without their grain"
     )
 
 
@@ -493,8 +500,8 @@ def model_card(
         )
         + ". LR inputs: bicubic x4 (antialiased, MATLAB-style) with "
         f"probability {1 - float(u_opts.get('realesrgan_prob', 0.0)):.2f}, else Real-ESRGAN's "
-        "second-order degradation. The conditioning is the LR image bicubic-upscaled x4, "
-        "exactly what the runtime encodes.",
+        f"second-order degradation{_strength(u_opts)}. The conditioning is the LR image "
+        "bicubic-upscaled x4, exactly what the runtime encodes.",
         "",
         "| photo | source | licence / statement | used by |",
         "|---|---|---|---|",
@@ -539,7 +546,7 @@ def model_card(
         f"{u_opts.get('ema', '-')} (the EMA weights are shipped); latent pairs from a pool of "
         f"{u_opts.get('pool', '-')} refreshed by {u_opts.get('refresh', '-')} per step; LR "
         f"crops degraded by the Real-ESRGAN second-order pipeline with probability "
-        f"{u_opts.get('realesrgan_prob', 0.0)}, else bicubic x4. PFJ "
+        f"{u_opts.get('realesrgan_prob', 0.0)}{_strength(u_opts)}, else bicubic x4. PFJ "
         "sees gains as the runtime "
         f"can produce them: zero with probability {u_opts.get('gain_zero_prob', '-')}, else "
         f"tanh(N(0, {u_opts.get('gain_std', '-')})) per component, g_NR = 0 for "

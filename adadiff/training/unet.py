@@ -42,6 +42,7 @@ from adadiff.models.wrappers import DiffusersModel, UNetWrapper
 from adadiff.runtime.schedule import alphas_cumprod
 from adadiff.training.checkpoint import load_latest, require_latest
 from adadiff.training.data import PhotoWeighting, check_weighting
+from adadiff.training.degrade import strength_config
 from adadiff.training.loop import (
     EMA,
     Progress,
@@ -66,6 +67,7 @@ class UNetOptions:
     gain_zero_prob: float = 0.5
     gain_std: float = 0.2
     realesrgan_prob: float = 0.0
+    realesrgan_strength: str = "full"  # degrade.STRENGTHS
     ema: float = 0.999
     grad_clip: float = 1.0
     pool: int = 1024  # latent pairs kept encoded; 0 encodes every batch afresh
@@ -76,6 +78,7 @@ class UNetOptions:
 
     def __post_init__(self) -> None:
         check_weighting(self.weighting)
+        strength_config(self.realesrgan_strength)
         if self.pool < 0 or self.refresh < 0 or (self.pool and not self.refresh):
             raise ConfigError(
                 f"pool must be >= 0 and refresh >= 1 when pool > 0, got {self.pool}, {self.refresh}"
@@ -159,6 +162,7 @@ class UNetStage:
             realesrgan_prob=uopts.realesrgan_prob,
             weighting=uopts.weighting,
             min_scale=uopts.min_scale,
+            strength=uopts.realesrgan_strength,
         )
         self.alphas = torch.from_numpy(np.asarray(alphas_cumprod(cfg.noise), dtype=np.float32))
         self.pool: torch.Tensor | None = None  # [P, 2, C, s, s]: (x0, o) pairs
@@ -320,7 +324,9 @@ def training_phases(
     # checkpoints from before phases were recorded: their options stand for every step so far
     phases = list(summary.get("phases") or [{"from_step": 0, **summary.get("options", {})}])
     last = {k: v for k, v in phases[-1].items() if k != "from_step"}
-    if any(last.get(k) != v for k, v in current.items()):
+    # options added after a checkpoint was written held their default in its phases
+    defaults = UNetOptions().__dict__
+    if any(last.get(k, defaults.get(k)) != v for k, v in current.items()):
         phases.append({"from_step": int(ckpt["step"]), **current})
     return phases
 

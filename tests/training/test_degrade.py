@@ -179,3 +179,37 @@ def test_scale_augmentation_shows_more_of_the_photo_at_the_crop_size():
     np.testing.assert_array_equal(data.scaled_crop(ramp, 64, a, 1.0), data.random_crop(ramp, 64, b))
     with pytest.raises(ConfigError, match="min_scale"):
         data.CropConfig(min_scale=0.0)
+
+
+def test_mild_strength_degrades_less_than_full_and_streams_use_it(hr):
+    from adadiff.training.pairs import PairStream
+
+    assert degrade.strength_config("full") is degrade.REALESRGAN
+    assert degrade.strength_config("mild") is degrade.MILD
+    with pytest.raises(ConfigError, match="mild"):
+        degrade.strength_config("harsh")
+    clean = degrade.bicubic_x4(hr)
+
+    def error(config: degrade.DegradationConfig) -> float:
+        return float(
+            np.mean(
+                [
+                    np.abs(degrade.degrade(hr, np.random.default_rng(s), config) - clean).mean()
+                    for s in range(24)
+                ]
+            )
+        )
+
+    assert error(degrade.MILD) < 0.8 * error(degrade.REALESRGAN)
+
+    def lows(strength: str) -> np.ndarray:
+        stream = PairStream(
+            [hr], np.random.default_rng(5), size=64, realesrgan_prob=1.0, strength=strength
+        )
+        return stream.batch(3).lr
+
+    again = lows("mild")
+    np.testing.assert_array_equal(lows("mild"), again)
+    assert not np.array_equal(lows("full"), again)  # same draws, another pipeline
+    with pytest.raises(ConfigError, match="strength"):
+        PairStream([hr], np.random.default_rng(5), size=64, strength="harsh")

@@ -74,6 +74,38 @@ def test_unet_options_check_the_photo_weighting():
         UNetOptions(weighting="pixels")  # type: ignore[arg-type]
 
 
+def test_unet_options_check_the_degradation_strength():
+    from adadiff.training.unet import UNetOptions
+
+    assert UNetOptions().realesrgan_strength == "full"
+    assert UNetOptions(realesrgan_strength="mild").realesrgan_strength == "mild"
+    with pytest.raises(ConfigError, match="strength"):
+        UNetOptions(realesrgan_strength="harsh")
+
+
+def test_a_phase_recorded_before_an_option_existed_holds_its_default():
+    from adadiff.training.loop import TrainOptions
+    from adadiff.training.unet import UNetOptions, training_phases
+
+    old = {"from_step": 0, **UNetOptions().__dict__, "lr": 1e-3, "batch": 2}
+    old["schedule"] = "constant"
+    del old["realesrgan_strength"]  # written before the option existed
+    ckpt = {"step": 5, "summary": {"phases": [old]}}
+    run = TrainOptions(steps=9, batch=2, lr=1e-3)
+    assert training_phases(ckpt, run, UNetOptions()) == [old]
+    mild = UNetOptions(realesrgan_strength="mild", realesrgan_prob=0.5)
+    changed = training_phases(ckpt, run, mild)
+    assert [(p["from_step"], p.get("realesrgan_strength")) for p in changed] == [
+        (0, None),
+        (5, "mild"),
+    ]
+    from adadiff.training.ship import _phase_lines
+
+    (line,) = _phase_lines(changed, 9)
+    assert "steps 0 to 5: photos drawn equally, Real-ESRGAN share 0.0;" in line
+    assert "steps 5 to 9: photos drawn equally, Real-ESRGAN share 0.5 (mild strength" in line
+
+
 def test_gains_follow_the_runtime_rules():
     from adadiff.training.unet import sample_gains
 
