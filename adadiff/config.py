@@ -114,9 +114,18 @@ class NoiseScheduleConfig:
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     prediction_type: PredictionType = PredictionType.EPSILON
+    # The last DDIM jump lands on t = 0. False (Stable Diffusion's scheduler) renoises the clean
+    # estimate with alpha_bar_0 < 1, which adds back sqrt(1 - alpha_bar_0) = 0.03 of the predicted
+    # noise; True (diffusers' own default) returns the clean estimate itself. On a small model that
+    # residual noise decodes as grain.
+    set_alpha_to_one: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prediction_type", PredictionType(self.prediction_type))
+        if not isinstance(self.set_alpha_to_one, bool):
+            raise ConfigError(
+                f"set_alpha_to_one must be true or false, got {self.set_alpha_to_one!r}"
+            )
         if self.num_train_timesteps < 2:
             raise ConfigError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
         if not 0 < self.beta_start < self.beta_end < 1:

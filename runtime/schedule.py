@@ -55,7 +55,8 @@ def ddim_jump(
     """Deterministic DDIM step from t to t_next (< t) for each sample; returns (z_next, x0).
 
     Tiles in one batch may sit at different t and jump by different amounts. Landing on t = 0
-    uses alpha_bar_0 (Stable Diffusion's set_alpha_to_one = False), so that z_0 is the output.
+    uses alpha_bar_0 (Stable Diffusion's set_alpha_to_one = False), so that z_0 is the output, or
+    1 with ``cfg.set_alpha_to_one``: then z_0 is the last clean estimate.
     """
     t = np.asarray(t, dtype=np.int64)
     t_next = np.asarray(t_next, dtype=np.int64)
@@ -68,8 +69,13 @@ def ddim_jump(
 def renoise(
     x0: np.ndarray, eps: np.ndarray, t_next: np.ndarray, cfg: NoiseScheduleConfig
 ) -> np.ndarray:
-    """The DDIM (eta = 0) latent at t_next for a given clean estimate and noise."""
-    a_next = _per_sample(alphas_cumprod(cfg)[np.asarray(t_next, dtype=np.int64)], x0.ndim)
+    """The DDIM (eta = 0) latent at t_next for a given clean estimate and noise (t_next = 0 with
+    ``cfg.set_alpha_to_one``: the clean estimate)."""
+    t_next = np.asarray(t_next, dtype=np.int64)
+    a = alphas_cumprod(cfg)[t_next]
+    if cfg.set_alpha_to_one:
+        a = np.where(t_next == 0, 1.0, a)
+    a_next = _per_sample(a, x0.ndim)
     return (np.sqrt(a_next) * x0 + np.sqrt(1.0 - a_next) * eps).astype(np.float32)
 
 

@@ -6,16 +6,17 @@ import torch
 from diffusers import DDIMScheduler
 
 from adadiff.config import NoiseScheduleConfig, PredictionType
+from adadiff.errors import ConfigError
 from adadiff.runtime.schedule import alphas_cumprod, ddim_jump, next_timestep, uniform_timesteps
 
 
-def _diffusers(prediction: str) -> DDIMScheduler:
+def _diffusers(prediction: str, set_alpha_to_one: bool = False) -> DDIMScheduler:
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        set_alpha_to_one=False,
+        set_alpha_to_one=set_alpha_to_one,
         clip_sample=False,
         prediction_type=prediction,
     )
@@ -45,6 +46,46 @@ def test_ddim_jump_matches_diffusers_step(prediction, t, interval):
     ours, x0 = ddim_jump(z, out, np.full(2, t), np.full(2, t_next), cfg)
     np.testing.assert_allclose(ours, ref.prev_sample.numpy(), atol=1e-6, rtol=1e-6)
     np.testing.assert_allclose(x0, ref.pred_original_sample.numpy(), atol=2e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize(("t", "interval"), [(19, 20), (4, 5), (199, 200)])
+def test_last_jump_returns_the_clean_estimate_with_set_alpha_to_one(prediction, t, interval):
+    cfg = NoiseScheduleConfig(prediction_type=PredictionType(prediction), set_alpha_to_one=True)
+    sched = _diffusers(prediction, set_alpha_to_one=True)
+    sched.set_timesteps(1000 // interval)
+    rng = np.random.default_rng(t)
+    z = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    out = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    ref = sched.step(torch.from_numpy(out), t, torch.from_numpy(z), eta=0.0)  # prev < 0
+    ours, x0 = ddim_jump(z, out, np.full(2, t), np.zeros(2, np.int64), cfg)
+    # the output is diffusers' float32 clean estimate: the x0 tolerance of the test above
+    np.testing.assert_allclose(ours, ref.prev_sample.numpy(), atol=2e-5, rtol=1e-6)
+    np.testing.assert_allclose(ours, x0, atol=1e-6)
+    # Stable Diffusion's setting keeps a share of the predicted noise in the output
+    sd, _ = ddim_jump(
+        z,
+        out,
+        np.full(2, t),
+        np.zeros(2, np.int64),
+        NoiseScheduleConfig(prediction_type=PredictionType(prediction)),
+    )
+    assert np.abs(sd - x0).max() > 1e-3
+    # jumps that do not land on 0 are the same either way
+    mid, _ = ddim_jump(z, out, np.full(2, 999), np.full(2, 979), cfg)
+    plain, _ = ddim_jump(
+        z,
+        out,
+        np.full(2, 999),
+        np.full(2, 979),
+        NoiseScheduleConfig(prediction_type=PredictionType(prediction)),
+    )
+    np.testing.assert_array_equal(mid, plain)
+
+
+def test_set_alpha_to_one_is_a_bool():
+    with pytest.raises(ConfigError, match="set_alpha_to_one"):
+        NoiseScheduleConfig(set_alpha_to_one="yes")  # type: ignore[arg-type]
 
 
 def test_ddim_jump_per_sample_timesteps():
