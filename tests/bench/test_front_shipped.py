@@ -53,6 +53,8 @@ def test_shipped_default_schedule_is_on_the_front(metric_cache):
     else:
         default = Method("default", "mmle", lambda: DTSSPolicy(cfg.dtss))
     alternatives = [
+        Method("uniform-2", "uniform", lambda: UniformPolicy(500)),
+        Method("uniform-3", "uniform", lambda: UniformPolicy(333)),
         Method("uniform-5", "uniform", lambda: UniformPolicy(200)),
         Method("uniform-20", "uniform", lambda: UniformPolicy(50)),
         Method("exit-100@400", "fixed-exit", lambda: FixedExitPolicy(100, 400)),
