@@ -19,6 +19,7 @@ from benchmarks.front import (  # noqa: E402
     START,
     bootstrap_mean,
     gain_from_steps,
+    per_tile_best_uniform,
     render,
     summarize,
     targets,
@@ -79,6 +80,18 @@ def test_gain_from_steps_ranks_against_the_steps_dtss_gave():
     assert g["share_positive"] == pytest.approx(11 / 12)
 
 
+def test_per_tile_best_uniform_takes_each_tiles_best_schedule():
+    rows, steps, strata = made_up(np.random.default_rng(4))
+    # tiles 0-5 are best at 200 steps, the rest at 5 steps
+    rows["uniform-200"]["lpips"][:, :6] = rows["uniform-5"]["lpips"][:, :6] - 0.05
+    best = per_tile_best_uniform(rows, steps, strata)
+    expected = np.minimum(rows["uniform-5"]["lpips"], rows["uniform-200"]["lpips"])
+    assert best["lpips"][0] == pytest.approx(expected.mean())
+    assert best["steps_per_tile"] == pytest.approx((200 + 5) / 2)
+    assert best["share_best"] == {"uniform-5": 0.5, "uniform-20": 0.0, "uniform-200": 0.5}
+    assert per_tile_best_uniform({"uniform-5": rows["uniform-5"]}, steps, strata) == {}
+
+
 def test_render_writes_every_method_from_the_json(tmp_path):
     rows, steps, strata = made_up(np.random.default_rng(3))
     result = {
@@ -90,6 +103,7 @@ def test_render_writes_every_method_from_the_json(tmp_path):
         "bicubic": {k: [0.4, 0.39, 0.41] for k in ("lpips", "psnr", "ssim", "brisque")},
         "methods": summarize(rows, steps, strata, ["a", "b", "c"]),
         "gain_from_steps": gain_from_steps(rows, steps),
+        "per_tile_best_uniform": per_tile_best_uniform(rows, steps, strata),
         "diagnostics": {},
         "plot": "front.png",
     }
@@ -104,6 +118,7 @@ def test_render_writes_every_method_from_the_json(tmp_path):
     for label in rows:
         assert f"| {label} |" in text
     assert "](bench/front.json)" in text and "](bench/front.png)" in text
+    assert "Each tile given its best uniform schedule" in text and "uniform-5 " in text
     assert render(result, path, readme).splitlines()[0].startswith("Generated from")
 
 
