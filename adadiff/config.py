@@ -361,13 +361,16 @@ class ModelConfig:
     def digest(self) -> str:
         """A stable hash of the config, used to tie exported files to the model they came from.
 
-        Fields added after exports existed (``default_schedule``, ``dtss.exit_on``) count only
-        when they differ from their defaults, so those exports keep their digest."""
+        Fields added after exports existed (``default_schedule``, ``dtss.exit_on``,
+        ``noise.set_alpha_to_one``) count only when they differ from their defaults, so those
+        exports keep their digest."""
         data = self.to_dict()
         if data["default_schedule"] == "adaptive":
             del data["default_schedule"]
         if data["dtss"]["exit_on"] == "nr":
             del data["dtss"]["exit_on"]
+        if not data["noise"]["set_alpha_to_one"]:
+            del data["noise"]["set_alpha_to_one"]
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
