@@ -109,7 +109,8 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
         default=None,
         choices=SCHEDULES,
         help="adaptive: DTSS picks each tile's steps; uniform: a fixed jump (--interval); "
-        "default: the model's best on its quality/compute front (tiny: uniform, 5 steps)",
+        "content: each tile's jump from its LR texture (the model's content rule); default: "
+        "the model's best on its quality/compute front",
     )
     p.add_argument(
         "--interval",

@@ -48,6 +48,7 @@ class BackendKind(Choice):
 class Schedule(Choice):
     ADAPTIVE = "adaptive"
     UNIFORM = "uniform"
+    CONTENT = "content"  # each tile's uniform interval from its LR content (ContentConfig)
 
 
 class Grouping(Choice):
@@ -246,6 +247,31 @@ class ColorFixConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ContentConfig:
+    """The content schedule: every tile runs a uniform schedule chosen before sampling from its
+    LR latent's texture (``runtime.policy.latent_texture``): ``flat_interval`` below
+    ``threshold``, ``textured_interval`` from it on.
+
+    A small model can add grain to flat tiles at every step while textured tiles keep gaining
+    detail; this is the simplest schedule that spends steps by content, and the one an adaptive
+    schedule has to beat. ``threshold`` 0 makes every tile textured. The numbers are fitted per
+    model on validation crops (``benchmarks.front`` reports the best rule)."""
+
+    threshold: float = 0.0
+    flat_interval: int = 999
+    textured_interval: int = 200
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:
+            raise ConfigError(f"content threshold must be >= 0, got {self.threshold}")
+        if self.flat_interval < 1 or self.textured_interval < 1:
+            raise ConfigError(
+                "content flat_interval and textured_interval must be >= 1, got "
+                f"{self.flat_interval}, {self.textured_interval}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Everything that defines a model folder. ``unet`` and ``vae`` are diffusers config kwargs."""
 
@@ -264,8 +290,10 @@ class ModelConfig:
     uniform_interval: int = 20
     color_fix: ColorFixConfig = field(default_factory=ColorFixConfig)
     # What runs when the user names no schedule: the model's best on its quality/compute front
-    # (benchmarks/front.py), "adaptive" (DTSS) or "uniform" (jumps of uniform_interval).
+    # (benchmarks/front.py), "adaptive" (DTSS), "uniform" (jumps of uniform_interval) or
+    # "content" (per-tile uniform intervals, ``content``).
     default_schedule: str = "adaptive"
+    content: ContentConfig = field(default_factory=ContentConfig)
 
     def __post_init__(self) -> None:
         for name, cls in (
@@ -274,6 +302,7 @@ class ModelConfig:
             ("pfj", PFJConfig),
             ("mmle", MMLEConfig),
             ("color_fix", ColorFixConfig),
+            ("content", ContentConfig),
         ):
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -362,8 +391,8 @@ class ModelConfig:
         """A stable hash of the config, used to tie exported files to the model they came from.
 
         Fields added after exports existed (``default_schedule``, ``dtss.exit_on``,
-        ``noise.set_alpha_to_one``) count only when they differ from their defaults, so those
-        exports keep their digest."""
+        ``noise.set_alpha_to_one``, ``content``) count only when they differ from their
+        defaults, so those exports keep their digest."""
         data = self.to_dict()
         if data["default_schedule"] == "adaptive":
             del data["default_schedule"]
@@ -371,6 +400,8 @@ class ModelConfig:
             del data["dtss"]["exit_on"]
         if not data["noise"]["set_alpha_to_one"]:
             del data["noise"]["set_alpha_to_one"]
+        if data["content"] == _plain(asdict(ContentConfig())):
+            del data["content"]
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -39,12 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from adadiff.config import DTSSConfig, MetricConfig, ModelConfig
+from adadiff.config import ContentConfig, DTSSConfig, MetricConfig, ModelConfig
+from adadiff.errors import ConfigError
 from adadiff.models.bundle import TorchModels, describe, load_models
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import load_lpips
 from adadiff.quality.metrics import psnr, ssim
 from adadiff.runtime.colorfix import color_fix
+from adadiff.runtime.content import ContentPolicy, latent_texture
 from adadiff.runtime.policy import (
     DTSSPolicy,
     FixedExitPolicy,
@@ -80,11 +82,13 @@ class Method:
     """One schedule of the front: a label, how it decides, and what scores it."""
 
     label: str
-    kind: str  # uniform | fixed-exit | mmle | oracle
+    kind: str  # uniform | fixed-exit | content | mmle | oracle
     policy: Callable[[], StepPolicy]
     metrics: tuple[MetricConfig, ...] = ()
     dtss: DTSSConfig | None = None
     seeds: int | None = None  # None: every seed
+    interval: int | None = None  # uniform schedules: their interval
+    content: ContentConfig | None = None  # content schedules: their rule
 
 
 def holdout_crops(model: ModelConfig, photos: Sequence[str], crops: int, seed: int) -> Batch:
@@ -108,9 +112,18 @@ def load_dtss(path: Path, base: ModelConfig) -> tuple[DTSSConfig, tuple[MetricCo
 
 def methods(args: argparse.Namespace, cfg: ModelConfig) -> list[Method]:
     out = [
-        Method(f"uniform-{-(-cfg.dtss.t_start // k)}", "uniform", lambda k=k: UniformPolicy(k))
+        Method(
+            f"uniform-{-(-cfg.dtss.t_start // k)}",
+            "uniform",
+            lambda k=k: UniformPolicy(k),
+            interval=k,
+        )
         for k in args.uniform
     ]
+    rules = [("model", cfg.content)] if cfg.content.threshold > 0 else []
+    for name, rule in rules + list(args.content):
+        # the policy is built per run from the crops' LR latents (run_method)
+        out.append(Method(f"content-{name}", "content", lambda: UniformPolicy(1), content=rule))
     for interval, below in args.exit:
         out.append(
             Method(
@@ -180,7 +193,8 @@ def run_method(
     cfg = models.config
     dtss = method.dtss or cfg.dtss
     metrics = method.metrics or cfg.mmle.metrics
-    policy = RecordingPolicy(method.policy())
+    inner = ContentPolicy.of(lr, method.content) if method.content else method.policy()
+    policy = RecordingPolicy(inner)
     if method.kind == "oracle":
         score: Callable[..., np.ndarray] = OracleScorer(models, crops.up, lr, metrics)
     else:
@@ -290,6 +304,11 @@ def summarize(
             for e in out
             if e.startswith("exit-") and e != label
         }
+        entry["vs_content"] = {
+            e: bootstrap_mean(rows[label]["lpips"] - rows[e]["lpips"][:n], strata)
+            for e in out
+            if e.startswith("content-") and e != label
+        }
     reference = "uniform-200" if "uniform-200" in out else None
     if reference:
         ref = out[reference]["lpips"][0]
@@ -345,6 +364,40 @@ def per_tile_best_uniform(
     }
 
 
+def fit_content(
+    rows: dict[str, dict[str, np.ndarray]],
+    steps: dict[str, np.ndarray],
+    intervals: dict[str, int],
+    texture: np.ndarray,
+    strata: np.ndarray,
+) -> dict[str, Any]:
+    """The best content rule on these crops, from the uniform runs already made: every pair of
+    uniform schedules (fewer steps for flat tiles) and thresholds at the tiles' texture deciles.
+    In-sample: fit it on the validation photos and report it on others."""
+    labels = [m for m in intervals if m in rows]
+    best: dict[str, Any] = {}
+    for flat in labels:
+        for textured in labels:
+            if steps[flat].mean() >= steps[textured].mean():
+                continue
+            n = min(rows[flat]["lpips"].shape[0], rows[textured]["lpips"].shape[0])
+            for threshold in np.unique(np.quantile(texture, np.linspace(0.1, 0.9, 9))):
+                is_flat = (texture < threshold)[None, :]
+                lp = np.where(is_flat, rows[flat]["lpips"][:n], rows[textured]["lpips"][:n])
+                cost = np.where(is_flat, steps[flat][:n], steps[textured][:n])
+                value = float(lp.mean())
+                if not best or value < best["lpips"][0]:
+                    best = {
+                        "threshold": float(threshold),
+                        "flat_interval": intervals[flat],
+                        "textured_interval": intervals[textured],
+                        "flat_share": float(is_flat.mean()),
+                        "lpips": bootstrap_mean(lp, strata),
+                        "steps_per_tile": float(cost.mean()),
+                    }
+    return best
+
+
 def targets(
     methods: dict[str, Any], diagnostics: dict[str, Any], gain: dict[str, Any]
 ) -> dict[str, dict[str, bool]]:
@@ -364,6 +417,9 @@ def targets(
             and e["lpips"][0] <= u200["lpips"][0]
             and e["steps_per_tile"] * 2.7 <= u200["steps_per_tile"],
         }
+        contents = e.get("vs_content", {})
+        if contents:
+            lines["LPIPS below every content rule"] = all(d[2] < 0 for d in contents.values())
         d = diagnostics.get(label)
         if d:
             lines["growth in >= 5% of steps"] = d["growth_share"] >= 0.05
@@ -427,6 +483,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "methods": summary,
         "gain_from_steps": gain_from_steps(arrays, step_arrays),
         "per_tile_best_uniform": per_tile_best_uniform(arrays, step_arrays, strata),
+        "content_fit": fit_content(
+            arrays,
+            step_arrays,
+            {m.label: m.interval for m in plan if m.interval is not None},
+            latent_texture(lr),
+            strata,
+        ),
         "diagnostics": diagnostics,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "per_tile": {
@@ -456,11 +519,19 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         [ms[m]["lpips"][2] - ms[m]["lpips"][0] for m in uni],
     ]
     ax.errorbar(x, y, yerr=err, marker="o", color="0.4", label="uniform", capsize=3)
-    markers = {"fixed-exit": "s", "mmle": "D", "oracle": "*"}
+    markers = {"fixed-exit": "s", "content": "^", "mmle": "D", "oracle": "*"}
     for m, e in ms.items():
         if m in uni:
             continue
-        kind = "fixed-exit" if m.startswith("exit-") else "oracle" if "oracle" in m else "mmle"
+        kind = (
+            "fixed-exit"
+            if m.startswith("exit-")
+            else "content"
+            if m.startswith("content-")
+            else "oracle"
+            if "oracle" in m
+            else "mmle"
+        )
         ax.errorbar(
             [e["steps_per_tile"]],
             [e["lpips"][0]],
@@ -475,7 +546,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("UNet evaluations per tile (mean)")
     ax.set_ylabel("LPIPS to HR (lower is better)")
     name = Path(str(result["model"].get("source", ""))).name
-    ax.set_title(f"{name}: quality/compute front on hold-out crops")
+    ax.set_title(f"{name}: quality/compute front on {_photo_set(result['photos'])} crops")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -575,6 +646,16 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
             f"most a per-tile step count could reach): LPIPS {_ci(best['lpips'])} at "
             f"{best['steps_per_tile']:.1f} steps per tile; the tiles' best: {shares}.",
         ]
+    fit = result.get("content_fit")
+    if fit:
+        lines += [
+            "",
+            "The best content rule on these same crops (in-sample: fit on the validation photos, "
+            f"report on others): latent texture below {fit['threshold']:.4f} "
+            f"({fit['flat_share']:.0%} of tiles) jumps by {fit['flat_interval']}, the rest by "
+            f"{fit['textured_interval']}: LPIPS {_ci(fit['lpips'])} at "
+            f"{fit['steps_per_tile']:.1f} steps per tile.",
+        ]
     marks = result.get("targets", {})
     if marks:
         lines += ["", "The adaptive schedule's targets (paired 90% intervals):", ""]
@@ -592,6 +673,23 @@ def write_readme(result: dict[str, Any], json_path: Path, readme: Path) -> None:
 
     update_readme(readme, render(result, json_path, readme), start=START, end=END)
     print(f"updated {readme}")
+
+
+def _content(text: str) -> tuple[str, ContentConfig]:
+    name, _, rule = text.partition("=")
+    parts = rule.split(":")
+    try:
+        if not name or len(parts) != 3:
+            raise ValueError(text)
+        return name, ContentConfig(
+            threshold=float(parts[0]),
+            flat_interval=int(parts[1]),
+            textured_interval=int(parts[2]),
+        )
+    except (ValueError, ConfigError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=THRESHOLD:FLAT_INTERVAL:TEXTURED_INTERVAL, got {text!r} ({exc})"
+        ) from exc
 
 
 def _pair(text: str) -> tuple[str, Path]:
@@ -647,6 +745,14 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="more DTSS calibrations NAME=adadiff.json",
+    )
+    p.add_argument(
+        "--content",
+        type=_content,
+        action="append",
+        default=[],
+        help="content rules NAME=THRESHOLD:FLAT_INTERVAL:TEXTURED_INTERVAL (the model's own "
+        "runs too when its adadiff.json sets one)",
     )
     p.add_argument("--oracle-seeds", type=int, default=1, help="0 skips the oracle runs")
     p.add_argument("--max-batch", type=int, default=16)

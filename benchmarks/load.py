@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from adadiff.config import SCHEDULES
 from benchmarks.suites import ROOT, child_env
 
 TARGET_RATIO = 2.5
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="pass --threads to the demo")
     p.add_argument(
         "--schedule",
-        choices=("adaptive", "uniform"),
+        choices=SCHEDULES,
         default=None,
         help="pass --schedule to the demo (default: the model's own)",
     )

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adadiff.config import SCHEDULES
 from adadiff.imageio import bicubic_upscale
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import load_lpips
@@ -403,7 +404,7 @@ def parser() -> argparse.ArgumentParser:
         help="holdout, validation, or photo names separated by commas",
     )
     p.add_argument("--max-side", type=int, help="centre-crop the photos to at most this many px")
-    p.add_argument("--schedule", choices=("adaptive", "uniform"), help="default: the model's")
+    p.add_argument("--schedule", choices=SCHEDULES, help="default: the model's")
     p.add_argument("--interval", type=int, help="uniform interval (with --schedule uniform)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch", type=int, default=8)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from adadiff.runtime.content import ContentPolicy, latent_texture
 from adadiff.runtime.policy import Category, Decision, DTSSPolicy, UniformPolicy, dtss_decide
 from adadiff.runtime.schedule import alphas_cumprod, ddim_jump, uniform_timesteps
 from adadiff.runtime.tiling import TileGrid, gaussian_weights
 
 __all__ = [
     "Category",
+    "ContentPolicy",
     "DTSSPolicy",
     "Decision",
     "ImageStream",
@@ -25,6 +27,7 @@ __all__ = [
     "ddim_jump",
     "dtss_decide",
     "gaussian_weights",
+    "latent_texture",
     "uniform_timesteps",
 ]
 

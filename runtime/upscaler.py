@@ -19,6 +19,7 @@ from adadiff.errors import ConfigError
 from adadiff.imageio import bicubic_rows, to_rgb_array
 from adadiff.progress import Progress
 from adadiff.runtime.colorfix import color_fix_rows
+from adadiff.runtime.content import ContentPolicy
 from adadiff.runtime.policy import DTSSPolicy, StepPolicy, UniformPolicy
 from adadiff.runtime.sampler import DenoiseNets, SamplerResult, sample_tiles
 from adadiff.runtime.tiling import TileGrid, decode_rows, merge_tiles
@@ -166,12 +167,19 @@ class Upscaler:
             )
         return chosen
 
-    def policy(self, schedule: str | None, interval: int | None) -> StepPolicy:
+    def policy(
+        self, schedule: str | None, interval: int | None, lr_latents: np.ndarray | None = None
+    ) -> StepPolicy:
+        """The step policy of a schedule; ``content`` needs the image's encoded LR tiles."""
         schedule = self.schedule_of(schedule, interval)
         if schedule == "adaptive":
             return DTSSPolicy(self.config.dtss)
         if schedule == "uniform":
             return UniformPolicy(interval or self.config.uniform_interval)
+        if schedule == "content":
+            if lr_latents is None:
+                raise ValueError("the content schedule is chosen from the encoded LR tiles")
+            return ContentPolicy.of(lr_latents, self.config.content)
         raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
     def upscale(
@@ -240,11 +248,13 @@ class Upscaler:
         ``reset_log=False`` keeps the component call log running (several images in flight);
         ``progress`` hears ``("encode", tiles encoded, tiles)`` after every batch."""
         rgb = to_rgb_array(image)
+        step_policy: StepPolicy | None = policy
         if policy is None:
             schedule_name = self.schedule_of(schedule, interval)
-            step_policy = self.policy(schedule_name, interval)
+            if schedule_name != "content":  # that one waits for the encoded tiles
+                step_policy = self.policy(schedule_name, interval)
         else:
-            schedule_name, step_policy = type(policy).__name__, policy
+            schedule_name = type(policy).__name__
         cfg = self.config
         if reset_log:
             self.log = self.components.new_log()
@@ -258,6 +268,8 @@ class Upscaler:
             multiple=cfg.vae_scale_factor,
         )
         lr_latents = self._encode(rgb, grid, progress)
+        if step_policy is None:
+            step_policy = self.policy(schedule_name, interval, lr_latents)
         return PreparedImage(
             like=image,
             size=(w, h),

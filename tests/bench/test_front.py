@@ -17,7 +17,9 @@ if str(ROOT) not in sys.path:
 from benchmarks.front import (  # noqa: E402
     END,
     START,
+    _content,
     bootstrap_mean,
+    fit_content,
     gain_from_steps,
     per_tile_best_uniform,
     render,
@@ -92,6 +94,32 @@ def test_per_tile_best_uniform_takes_each_tiles_best_schedule():
     assert per_tile_best_uniform({"uniform-5": rows["uniform-5"]}, steps, strata) == {}
 
 
+def test_content_fit_finds_the_rule_that_splits_flat_from_textured_tiles():
+    rows, steps, strata = made_up(np.random.default_rng(5))
+    texture = np.linspace(0.0, 1.0, 12)
+    # flat tiles (texture < 0.5) are best at 5 steps, textured ones at 200
+    rows["uniform-200"]["lpips"][:, 6:] = rows["uniform-5"]["lpips"][:, 6:] - 0.05
+    intervals = {"uniform-5": 200, "uniform-20": 50, "uniform-200": 5}
+    fit = fit_content(rows, steps, intervals, texture, strata)
+    assert (fit["flat_interval"], fit["textured_interval"]) == (200, 5)
+    assert fit["flat_share"] == pytest.approx(0.5)
+    assert 5 / 11 < fit["threshold"] <= 6 / 11
+    expected = np.where(texture < 0.5, rows["uniform-5"]["lpips"], rows["uniform-200"]["lpips"])
+    assert fit["lpips"][0] == pytest.approx(expected.mean())
+    assert fit["steps_per_tile"] == pytest.approx(102.5)
+
+
+def test_content_rules_parse_from_the_command_line():
+    import argparse
+
+    name, rule = _content("half=0.19:999:100")
+    assert name == "half" and rule.threshold == 0.19
+    assert (rule.flat_interval, rule.textured_interval) == (999, 100)
+    for bad in ("half=0.19:999", "=0.1:1:2", "x=-1:999:100", "x=a:b:c"):
+        with pytest.raises(argparse.ArgumentTypeError, match="THRESHOLD"):
+            _content(bad)
+
+
 def test_render_writes_every_method_from_the_json(tmp_path):
     rows, steps, strata = made_up(np.random.default_rng(3))
     result = {
@@ -104,6 +132,9 @@ def test_render_writes_every_method_from_the_json(tmp_path):
         "methods": summarize(rows, steps, strata, ["a", "b", "c"]),
         "gain_from_steps": gain_from_steps(rows, steps),
         "per_tile_best_uniform": per_tile_best_uniform(rows, steps, strata),
+        "content_fit": fit_content(
+            rows, steps, {"uniform-5": 200, "uniform-200": 5}, np.arange(12.0), strata
+        ),
         "diagnostics": {},
         "plot": "front.png",
     }
@@ -119,6 +150,7 @@ def test_render_writes_every_method_from_the_json(tmp_path):
         assert f"| {label} |" in text
     assert "](bench/front.json)" in text and "](bench/front.png)" in text
     assert "Each tile given its best uniform schedule" in text and "uniform-5 " in text
+    assert "The best content rule on these same crops (in-sample" in text
     assert render(result, path, readme).splitlines()[0].startswith("Generated from")
 
 
@@ -139,3 +171,16 @@ def test_targets_read_the_paired_intervals():
     worse = targets(summarize(rows, steps, strata, ["a", "b", "c"]), diag, {})["dtss-mmle-x"]
     assert not worse["LPIPS below the best uniform at no more steps"]
     assert not worse["LPIPS below every fixed exit"]
+    assert "LPIPS below every content rule" not in worse  # no content rule ran
+
+
+def test_adaptive_is_compared_with_the_content_rules_too():
+    rows, steps, strata = made_up(np.random.default_rng(6))
+    rows["content-half"] = {k: v - 0.03 for k, v in rows["uniform-5"].items()}
+    steps["content-half"] = steps["uniform-5"]
+    methods = summarize(rows, steps, strata, ["a", "b", "c"])
+    # dtss-mmle-x is 0.02 below uniform-5, so 0.01 above the content rule
+    assert methods["dtss-mmle-x"]["vs_content"]["content-half"][0] == pytest.approx(0.01, abs=2e-3)
+    assert methods["content-half"]["vs_best_uniform"]["method"] == "uniform-5"
+    marks = targets(methods, {}, {})["dtss-mmle-x"]
+    assert not marks["LPIPS below every content rule"]

@@ -50,6 +50,8 @@ def test_shipped_default_schedule_is_on_the_front(metric_cache):
 
     if cfg.default_schedule == "uniform":
         default = Method("default", "uniform", lambda: UniformPolicy(cfg.uniform_interval))
+    elif cfg.default_schedule == "content":
+        default = Method("default", "content", lambda: UniformPolicy(1), content=cfg.content)
     else:
         default = Method("default", "mmle", lambda: DTSSPolicy(cfg.dtss))
     alternatives = [
@@ -60,6 +62,10 @@ def test_shipped_default_schedule_is_on_the_front(metric_cache):
         Method("exit-100@400", "fixed-exit", lambda: FixedExitPolicy(100, 400)),
         Method("dtss", "mmle", lambda: DTSSPolicy(cfg.dtss)),
     ]
+    if cfg.content.threshold > 0:
+        alternatives.append(
+            Method("content", "content", lambda: UniformPolicy(1), content=cfg.content)
+        )
     base_lpips, base_steps = measure(default)
     for alt in alternatives:
         lp, steps = measure(alt)
