@@ -249,13 +249,14 @@ class ColorFixConfig:
 @dataclass(frozen=True, kw_only=True)
 class ContentConfig:
     """The content schedule: every tile runs a uniform schedule chosen before sampling from its
-    LR latent's texture (``runtime.policy.latent_texture``): ``flat_interval`` below
+    LR latent's texture (``runtime.content.latent_texture``): ``flat_interval`` below
     ``threshold``, ``textured_interval`` from it on.
 
     A small model can add grain to flat tiles at every step while textured tiles keep gaining
     detail; this is the simplest schedule that spends steps by content, and the one an adaptive
-    schedule has to beat. ``threshold`` 0 makes every tile textured. The numbers are fitted per
-    model on validation crops (``benchmarks.front`` reports the best rule)."""
+    schedule has to beat. ``threshold`` 0 means the model has no rule (the schedule is refused).
+    The numbers are fitted per model on validation crops (``benchmarks.front`` reports the best
+    rule)."""
 
     threshold: float = 0.0
     flat_interval: int = 999

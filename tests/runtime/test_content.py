@@ -36,7 +36,7 @@ def test_intervals_split_at_the_threshold():
         threshold=float(texture[1]) + 1e-6, flat_interval=999, textured_interval=50
     )
     assert content_intervals(lr, rule) == (999, 999, 50)
-    assert content_intervals(lr, ContentConfig()) == (200, 200, 200)  # threshold 0: all textured
+    assert content_intervals(lr, ContentConfig()) == (200, 200, 200)  # below 0: none
     policy = ContentPolicy.of(lr, rule)
     assert not policy.needs_scores
     d = policy.decide(2, 999, 0.0, 0.0)
@@ -82,3 +82,5 @@ def test_upscaler_runs_the_content_schedule_per_tile(tiny_models, photo):
     assert out.shape == (160, 224, 3) and np.isfinite(out).all()
     with pytest.raises(ConfigError, match="uniform schedule only"):
         content.upscale(img, schedule="content", interval=100)
+    with pytest.raises(ConfigError, match="no content rule"):
+        up.upscale(img, schedule="content")  # the test model's config sets none
