@@ -224,19 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     many.set_defaults(func=cmd_upscale_many)
 
-    demo = sub.add_parser(
+    demo_p = sub.add_parser(
         "demo", help="upscale a scikit-image photo; write input, bicubic, output, report, step map"
     )
-    demo.add_argument("-o", "--output", type=Path, default=Path("demo-out"), help="folder")
-    demo.add_argument(
+    demo_p.add_argument("-o", "--output", type=Path, default=Path("demo-out"), help="folder")
+    demo_p.add_argument(
         "--photo",
-        default="astronaut",
+        default=None,
         help="scikit-image photo name; the demo says whether the model was trained on it (from "
-        "its model card)",
+        "its training record); default: the first of " + ", ".join(demo.PHOTOS) + " that the "
+        "model never trained on",
     )
-    demo.add_argument("--size", type=positive, default=128, help="input long side in pixels")
-    _add_upscale_args(demo)
-    demo.set_defaults(func=cmd_demo)
+    demo_p.add_argument("--size", type=positive, default=128, help="input long side in pixels")
+    _add_upscale_args(demo_p)
+    demo_p.set_defaults(func=cmd_demo)
 
     cv = sub.add_parser(
         "convert-sd21", help="turn a stock SD-2.1-base diffusers folder into a model folder"
@@ -619,6 +620,8 @@ def cmd_upscale_many(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     cfg = check_upscale_args(args)
+    if args.photo is None:
+        args.photo = demo.default_photo(model_folder(args.model))
     demo.check_photo(args.photo)
     out = args.output
     source = demo.prepare(out, args.photo, args.size)

@@ -45,6 +45,13 @@ def role(name: str, folder: Path | None = None) -> str:
     return "a training photo: the model learned from it"
 
 
+def default_photo(folder: Path | None = None) -> str:
+    """The first demo photo the model never trained on (astronaut, a face, for a model that kept
+    it out), so that what a new user sees first is not a photo the model learned."""
+    seen = trained_on(folder) or set()
+    return next((name for name in PHOTOS if name not in seen), PHOTOS[0])
+
+
 def check_photo(name: str) -> None:
     """Refuse a photo name the demo does not know (before anything is written)."""
     if name not in PHOTOS:

@@ -161,6 +161,20 @@ def test_the_demo_reads_what_a_model_trained_on_from_its_card(tmp_path):
     assert demo.role("chelsea", tmp_path) == "this model never trained on it"
     assert demo.trained_on(tmp_path / "none") is None
     assert "hold-out" in demo.role("astronaut", tmp_path / "none")
+    # by default the demo shows the first of its photos this model never trained on
+    assert demo.default_photo(tmp_path) == "chelsea"
+    assert demo.default_photo(tmp_path / "none") == "astronaut"
+    assert demo.default_photo(None) == "astronaut"
+
+
+def test_the_shipped_demo_shows_a_photo_its_model_never_saw():
+    from adadiff import demo
+    from adadiff.training.ship import models_folder
+
+    folder = models_folder("tiny")
+    name = demo.default_photo(folder)
+    assert name in data.HOLDOUT and name not in (demo.trained_on(folder) or set())
+    assert demo.role(name, folder) == "this model never trained on it"
 
 
 def test_scale_augmentation_shows_more_of_the_photo_at_the_crop_size():
