@@ -97,6 +97,16 @@ def _photo_weighting(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _training_photos(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--photos",
+        choices=("train", "train+validation"),
+        default="train",
+        help="the training photos, or those and the validation photos (the final fit of a "
+        "recipe chosen on them; hold-out photos are never trained on)",
+    )
+
+
 def _realesrgan_strength(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--realesrgan-strength",
@@ -144,6 +154,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="share of crops degraded by Real-ESRGAN's pipeline instead of bicubic x4",
     )
     _realesrgan_strength(unet)
+    _training_photos(unet)
     unet.add_argument("--ema", type=float, default=0.999)
     unet.add_argument(
         "--pool", type=int, default=1024, help="encoded latent pairs kept (0: encode every batch)"
@@ -198,6 +209,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     _realesrgan_strength(decoder)
     _photo_weighting(decoder)
+    _training_photos(decoder)
 
     labels = stages.add_parser("labels", help="oracle-scored trajectories of the frozen model")
     _common(labels, "labels")
@@ -340,6 +352,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             refresh=args.refresh,
             weighting=args.photo_weighting,
             min_scale=args.min_scale,
+            photos=args.photos,
         )
         result = train_unet(cfg, workdir, _options(args), uopts, vae_from=args.vae_from)
     elif stage == "decoder":
@@ -356,6 +369,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             sample_refresh=args.sample_refresh,
             realesrgan_prob=args.realesrgan_prob,
             realesrgan_strength=args.realesrgan_strength,
+            photos=args.photos,
         )
         result = train_decoder(cfg, workdir, _options(args), dopts, cache_dir=args.metrics_cache)
     elif stage == "labels":

@@ -57,7 +57,13 @@ from adadiff.training.loop import (
     run_stage,
     set_rng_state,
 )
-from adadiff.training.pairs import PairStream, load_images, photo_names, to_tensor
+from adadiff.training.pairs import (
+    PairStream,
+    check_training_set,
+    load_images,
+    photo_names,
+    to_tensor,
+)
 from adadiff.training.vae import build_vae, encode_moments
 
 log = logging.getLogger("adadiff.training")
@@ -78,9 +84,11 @@ class DecoderOptions:
     sample_refresh: int = 2
     realesrgan_prob: float = 0.5
     realesrgan_strength: str = "full"  # degrade.STRENGTHS
+    photos: str = "train"  # pairs.PHOTO_SETS: "train+validation" for the final fit of a recipe
 
     def __post_init__(self) -> None:
         strength_config(self.realesrgan_strength)
+        check_training_set(self.photos)
         if not 0 <= self.sample_prob <= 1 or not 0 <= self.realesrgan_prob <= 1:
             raise ConfigError(
                 f"sample_prob and realesrgan_prob must be in [0, 1], got {self.sample_prob}, "
@@ -327,10 +335,10 @@ def train_decoder(
         cfg,
         opts,
         dopts,
-        images if images is not None else load_images("train"),
+        images if images is not None else load_images(dopts.photos),
         state["vae"],
         cache_dir=cache_dir,
         sampler=sampler,
     )
-    stage.photos = photo_names("train") if images is None else []
+    stage.photos = photo_names(dopts.photos) if images is None else []
     return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)

@@ -28,13 +28,16 @@ from adadiff.training.data import (
 from adadiff.training.degrade import strength_config
 from adadiff.training.loop import numpy_rng
 
-PHOTO_SETS = ("train", "validation", "holdout")
+# "train+validation": the final fit of a recipe chosen on the validation photos (hold-out stays out)
+PHOTO_SETS = ("train", "validation", "holdout", "train+validation")
 
 
 def photo_names(which: str = "train") -> list[str]:
     """Names of the training, validation or hold-out photos, in order."""
     if which == "train":
         photos = training_photos()
+    elif which == "train+validation":
+        photos = (*training_photos(), *validation_photos())
     elif which == "validation":
         photos = validation_photos()
     elif which == "holdout":
@@ -44,6 +47,19 @@ def photo_names(which: str = "train") -> list[str]:
     if not photos:
         raise ConfigError("no training photos are installed; install scikit-image")
     return [p.name for p in photos]
+
+
+TRAINING_SETS = ("train", "train+validation")
+
+
+def check_training_set(which: str) -> str:
+    """A photo set a training stage may draw from: never the hold-out photos."""
+    if which not in TRAINING_SETS:
+        raise ConfigError(
+            f"a training stage draws from {' or '.join(TRAINING_SETS)}, got {which!r}; the "
+            "hold-out photos are for reporting only"
+        )
+    return which
 
 
 def evaluation_photos(text: str) -> tuple[str, ...]:

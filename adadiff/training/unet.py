@@ -53,7 +53,13 @@ from adadiff.training.loop import (
     run_stage,
     set_rng_state,
 )
-from adadiff.training.pairs import PairStream, load_images, photo_names, to_tensor
+from adadiff.training.pairs import (
+    PairStream,
+    check_training_set,
+    load_images,
+    photo_names,
+    to_tensor,
+)
 from adadiff.training.vae import STAGE as VAE_STAGE
 from adadiff.training.vae import build_vae, encode_moments
 
@@ -75,9 +81,11 @@ class UNetOptions:
     # Equal odds per photo: by area, retina and the Hubble deep field alone were half the crops.
     weighting: PhotoWeighting = "photo"
     min_scale: float = 1.0  # scale augmentation of the HR crops (CropConfig.min_scale)
+    photos: str = "train"  # pairs.PHOTO_SETS: "train+validation" for the final fit of a recipe
 
     def __post_init__(self) -> None:
         check_weighting(self.weighting)
+        check_training_set(self.photos)
         strength_config(self.realesrgan_strength)
         if self.pool < 0 or self.refresh < 0 or (self.pool and not self.refresh):
             raise ConfigError(
@@ -299,11 +307,11 @@ def train_unet(
         cfg,
         opts,
         uopts,
-        images if images is not None else load_images("train"),
+        images if images is not None else load_images(uopts.photos),
         vae_state,
         scaling_factor,
     )
-    stage.photos = photo_names("train") if images is None else []
+    stage.photos = photo_names(uopts.photos) if images is None else []
     stage.vae_from = origin if vae_from is not None else ""
     stage.phases = training_phases(load_latest(workdir / STAGE, stage=STAGE), opts, uopts)
     log.info("unet: VAE from %s, latent scaling factor %.5f", origin, stage.scaling_factor)

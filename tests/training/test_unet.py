@@ -83,6 +83,22 @@ def test_unet_options_check_the_degradation_strength():
         UNetOptions(realesrgan_strength="harsh")
 
 
+def test_training_stages_never_draw_the_holdout_photos():
+    from adadiff.training.data import HOLDOUT, VALIDATION
+    from adadiff.training.decoder import DecoderOptions
+    from adadiff.training.pairs import photo_names
+    from adadiff.training.unet import UNetOptions
+
+    assert UNetOptions().photos == "train" and DecoderOptions().photos == "train"
+    both = photo_names("train+validation")
+    assert both == photo_names("train") + photo_names("validation")
+    assert set(VALIDATION) <= set(both) and not set(HOLDOUT) & set(both)
+    for options in (UNetOptions, DecoderOptions):
+        options(photos="train+validation")
+        with pytest.raises(ConfigError, match="hold-out photos are for reporting only"):
+            options(photos="holdout")
+
+
 def test_a_phase_recorded_before_an_option_existed_holds_its_default():
     from adadiff.training.loop import TrainOptions
     from adadiff.training.unet import UNetOptions, training_phases
