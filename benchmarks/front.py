@@ -83,12 +83,11 @@ class Method:
 
     label: str
     kind: str  # uniform | fixed-exit | content | mmle | oracle
-    policy: Callable[[], StepPolicy]
+    policy: Callable[[np.ndarray], StepPolicy]  # from the crops' LR latents (content reads them)
     metrics: tuple[MetricConfig, ...] = ()
     dtss: DTSSConfig | None = None
     seeds: int | None = None  # None: every seed
     interval: int | None = None  # uniform schedules: their interval
-    content: ContentConfig | None = None  # content schedules: their rule
 
 
 def holdout_crops(model: ModelConfig, photos: Sequence[str], crops: int, seed: int) -> Batch:
@@ -115,33 +114,34 @@ def methods(args: argparse.Namespace, cfg: ModelConfig) -> list[Method]:
         Method(
             f"uniform-{-(-cfg.dtss.t_start // k)}",
             "uniform",
-            lambda k=k: UniformPolicy(k),
+            lambda _lr, k=k: UniformPolicy(k),
             interval=k,
         )
         for k in args.uniform
     ]
     rules = [("model", cfg.content)] if cfg.content.threshold > 0 else []
     for name, rule in rules + list(args.content):
-        # the policy is built per run from the crops' LR latents (run_method)
-        out.append(Method(f"content-{name}", "content", lambda: UniformPolicy(1), content=rule))
+        out.append(Method(f"content-{name}", "content", lambda lr, r=rule: ContentPolicy.of(lr, r)))
     for interval, below in args.exit:
         out.append(
             Method(
                 f"exit-{interval}@{below}",
                 "fixed-exit",
-                lambda i=interval, b=below: FixedExitPolicy(i, b),
+                lambda _lr, i=interval, b=below: FixedExitPolicy(i, b),
             )
         )
     calibrations = [("model", cfg.dtss, cfg.mmle.metrics)]
     calibrations += [(name, *load_dtss(path, cfg)) for name, path in args.dtss]
     for name, dtss, metrics in calibrations:
-        out.append(Method(f"dtss-mmle-{name}", "mmle", lambda d=dtss: DTSSPolicy(d), metrics, dtss))
+        out.append(
+            Method(f"dtss-mmle-{name}", "mmle", lambda _lr, d=dtss: DTSSPolicy(d), metrics, dtss)
+        )
     if args.oracle_seeds:
         out.append(
             Method(
                 "dtss-oracle-model",
                 "oracle",
-                lambda: DTSSPolicy(cfg.dtss),
+                lambda _lr: DTSSPolicy(cfg.dtss),
                 cfg.mmle.metrics,
                 cfg.dtss,
                 seeds=args.oracle_seeds,
@@ -193,8 +193,7 @@ def run_method(
     cfg = models.config
     dtss = method.dtss or cfg.dtss
     metrics = method.metrics or cfg.mmle.metrics
-    inner = ContentPolicy.of(lr, method.content) if method.content else method.policy()
-    policy = RecordingPolicy(inner)
+    policy = RecordingPolicy(method.policy(lr))
     if method.kind == "oracle":
         score: Callable[..., np.ndarray] = OracleScorer(models, crops.up, lr, metrics)
     else:

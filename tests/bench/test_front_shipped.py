@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:
     # benchmarks/ is a folder of scripts run from the repository root, not an installed package.
     sys.path.insert(0, str(ROOT))
 
+from adadiff.runtime.content import ContentPolicy  # noqa: E402
 from adadiff.runtime.policy import DTSSPolicy, FixedExitPolicy, UniformPolicy  # noqa: E402
 from benchmarks.front import HOLDOUT_PHOTOS, Method, Scorer, holdout_crops, run_method  # noqa: E402
 
@@ -49,22 +50,22 @@ def test_shipped_default_schedule_is_on_the_front(metric_cache):
         return float(lpips.mean()), res["steps"].mean()
 
     if cfg.default_schedule == "uniform":
-        default = Method("default", "uniform", lambda: UniformPolicy(cfg.uniform_interval))
+        default = Method("default", "uniform", lambda _lr: UniformPolicy(cfg.uniform_interval))
     elif cfg.default_schedule == "content":
-        default = Method("default", "content", lambda: UniformPolicy(1), content=cfg.content)
+        default = Method("default", "content", lambda lr: ContentPolicy.of(lr, cfg.content))
     else:
-        default = Method("default", "mmle", lambda: DTSSPolicy(cfg.dtss))
+        default = Method("default", "mmle", lambda _lr: DTSSPolicy(cfg.dtss))
     alternatives = [
-        Method("uniform-2", "uniform", lambda: UniformPolicy(500)),
-        Method("uniform-3", "uniform", lambda: UniformPolicy(333)),
-        Method("uniform-5", "uniform", lambda: UniformPolicy(200)),
-        Method("uniform-20", "uniform", lambda: UniformPolicy(50)),
-        Method("exit-100@400", "fixed-exit", lambda: FixedExitPolicy(100, 400)),
-        Method("dtss", "mmle", lambda: DTSSPolicy(cfg.dtss)),
+        Method("uniform-2", "uniform", lambda _lr: UniformPolicy(500)),
+        Method("uniform-3", "uniform", lambda _lr: UniformPolicy(333)),
+        Method("uniform-5", "uniform", lambda _lr: UniformPolicy(200)),
+        Method("uniform-20", "uniform", lambda _lr: UniformPolicy(50)),
+        Method("exit-100@400", "fixed-exit", lambda _lr: FixedExitPolicy(100, 400)),
+        Method("dtss", "mmle", lambda _lr: DTSSPolicy(cfg.dtss)),
     ]
     if cfg.content.threshold > 0:
         alternatives.append(
-            Method("content", "content", lambda: UniformPolicy(1), content=cfg.content)
+            Method("content", "content", lambda lr: ContentPolicy.of(lr, cfg.content))
         )
     base_lpips, base_steps = measure(default)
     for alt in alternatives:
