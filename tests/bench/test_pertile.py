@@ -1,0 +1,128 @@
+"""The per-tile step-count benchmark's statistics, on made-up per-tile figures, and one small
+run of the real model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    # benchmarks/ is a folder of scripts run from the repository root, not an installed package.
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.pertile import (  # noqa: E402
+    analyse,
+    features,
+    main,
+    pooled,
+    ridge_rule_lopo,
+    room,
+    threshold_rule_lopo,
+    tuning_photos,
+)
+
+INTERVALS = (999, 200, 50)  # 1, 5 and 20 steps
+STEPS = np.array([1.0, 5.0, 20.0])
+
+
+def textured_tiles_want_steps(rng: np.random.Generator, tiles: int = 24, seeds: int = 2):
+    """Tiles whose texture decides their best schedule: flat ones are best at 1 step, textured
+    ones at 20; plus noise per seed."""
+    photo = np.arange(tiles) % 4
+    texture = rng.uniform(0.0, 1.0, tiles)
+    flat = texture < 0.5
+    lp = np.empty((3, seeds, tiles))
+    for i, cost in enumerate((0, 1, 2)):
+        best = np.where(flat, 0, 2)
+        lp[i] = 0.3 + 0.02 * np.abs(cost - best)[None, :] + rng.normal(0, 0.001, (seeds, tiles))
+    return lp, texture, photo
+
+
+def test_pooled_weights_every_photo_equally():
+    values = np.array([1.0, 1.0, 1.0, 4.0])
+    photo = np.array([0, 0, 0, 1])
+    assert pooled(values, photo) == pytest.approx(2.5)
+
+
+def test_room_on_the_same_seed_and_across_seeds():
+    lp = np.array(
+        [
+            [[0.1, 0.5], [0.5, 0.5]],  # schedule 0: seed 0, seed 1
+            [[0.2, 0.2], [0.2, 0.2]],  # schedule 1
+        ]
+    )
+    r = room(lp, np.array([0, 1]), np.array([1.0, 5.0]))
+    # same seed: tile 0 takes 0.1 then 0.2; tile 1 0.2 on both
+    assert r["same_seed"]["lpips"] == pytest.approx((0.15 + 0.2) / 2)
+    # chosen on seed 0 (tile 0 -> schedule 0, tile 1 -> schedule 1) and scored on seed 1
+    assert r["other_seeds"]["lpips"] == pytest.approx((0.5 + 0.2) / 2)
+    assert r["other_seeds"]["steps"] == pytest.approx(3.0)
+
+
+def test_rules_fitted_on_other_photos_find_a_split_the_texture_shows():
+    lp, texture, photo = textured_tiles_want_steps(np.random.default_rng(0))
+    want = np.where(texture < 0.5, 0, 2)
+    pick = threshold_rule_lopo(lp, texture, INTERVALS, photo)
+    assert np.mean(pick == want) > 0.9
+    samples = lp[:, 0].T
+    x = np.c_[texture, np.random.default_rng(1).normal(size=len(texture))]
+    pick = ridge_rule_lopo(samples, x, STEPS, photo, price=0.0)
+    assert np.mean(pick == want) > 0.8
+
+
+def test_a_rule_gains_nothing_where_the_texture_says_nothing():
+    rng = np.random.default_rng(2)
+    lp, _texture, photo = textured_tiles_want_steps(rng)
+    unrelated = rng.uniform(0.0, 1.0, lp.shape[2])
+    pick = threshold_rule_lopo(lp, unrelated, INTERVALS, photo)
+    chosen = lp[pick, 0, np.arange(len(pick))]
+    best = lp[:, 0].min(axis=0)
+    assert chosen.mean() > best.mean() + 0.005
+
+
+def test_features_are_finite_and_one_row_per_tile():
+    lat = np.random.default_rng(3).normal(size=(5, 4, 16, 16)).astype(np.float32)
+    f = features(lat)
+    assert f.shape == (5, 3 + 8) and np.isfinite(f).all()
+    flat = features(np.zeros((1, 4, 16, 16), np.float32))
+    assert flat[0, 0] < f[:, 0].min()
+
+
+def test_analyse_reports_every_degradation():
+    rng = np.random.default_rng(4)
+    lp, _texture, photo = textured_tiles_want_steps(rng)
+    lat = rng.normal(size=(lp.shape[2], 4, 16, 16)).astype(np.float32)
+    data = {"photo": photo}
+    for name in ("bicubic", "realworld"):
+        data[name] = {"lpips": lp, "latents": lat}
+    report = analyse(data, INTERVALS)
+    for name in ("bicubic", "realworld"):
+        r = report["degradations"][name]
+        assert set(r["uniform"]) == {1, 5, 20}
+        assert r["room"]["same_seed"]["lpips"] < r["best_uniform"]["lpips"]
+        assert set(r["ridge_rule_lopo"]) == {"0.0", "0.001", "0.002", "0.004"}
+
+
+def test_hold_out_photos_are_refused():
+    with pytest.raises(SystemExit, match="hold-out"):
+        tuning_photos("grass,chelsea")
+    with pytest.raises(SystemExit, match="two photos"):
+        tuning_photos("grass")
+
+
+def test_a_small_run_of_the_shipped_model(tmp_path, metric_cache, capsys):
+    pytest.importorskip("skimage")
+    argv = ["--photos", "grass,rocket", "--crops", "2", "--seeds", "2"]
+    argv += ["--intervals", "999,200", "--threads", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "pertile.json").read_text())
+    for name in ("bicubic", "realworld"):
+        r = report["degradations"][name]
+        assert 0.0 < r["uniform"]["1"] < 1.0 and 0.0 < r["uniform"]["5"] < 1.0
+        assert r["room"]["same_seed"]["lpips"] <= min(r["uniform"].values()) + 1e-9
+    assert "chosen with HR" in capsys.readouterr().out
