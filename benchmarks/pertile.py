@@ -172,49 +172,45 @@ def threshold_rule_lopo(
 
 
 def analyse(data: dict[str, Any], intervals: Sequence[int]) -> dict[str, Any]:
-    """The report's figures from ``collect``'s arrays of each degradation."""
+    """The report's figures from ``collect``'s arrays of each degradation. Each rule is fitted
+    once on both degradations together, as a deployed rule serving any input would be."""
     steps = np.array([steps_of(k) for k in intervals], dtype=np.float64)
     photo = data["photo"]
+    lp = np.concatenate([data[name]["lpips"] for name in DEGRADATIONS], axis=2)
+    lat = np.concatenate([data[name]["latents"] for name in DEGRADATIONS])
+    tile_photo = np.tile(photo, len(DEGRADATIONS))
+    tile_deg = np.repeat(np.arange(len(DEGRADATIONS)), len(photo))
+    content = threshold_rule_lopo(lp, latent_texture(lat), intervals, tile_photo)
+    content_lp = lp[content, :, np.arange(len(content))].T  # [seed, tile]
+    seeds = lp.shape[1]
+    samples = np.concatenate([lp[:, s].T for s in range(seeds)])  # [seed x tile, schedule]
+    x = np.tile(features(lat), (seeds, 1))
+    sample_photo, sample_deg = np.tile(tile_photo, seeds), np.tile(tile_deg, seeds)
+    ridge_picks = {p: ridge_rule_lopo(samples, x, steps, sample_photo, p) for p in PRICES}
     report: dict[str, Any] = {"degradations": {}}
-    flat_l, flat_x, flat_photo, flat_deg = [], [], [], []
     for d, name in enumerate(DEGRADATIONS):
-        lp, lat = data[name]["lpips"], data[name]["latents"]
-        seeds = lp.shape[1]
-        uniform = {int(steps_of(k)): pooled(lp[i], photo) for i, k in enumerate(intervals)}
-        tex = latent_texture(lat)
-        pick = threshold_rule_lopo(lp, tex, intervals, photo)
-        chosen = lp[pick, :, np.arange(len(pick))].T  # [seed, tile]
-        report["degradations"][name] = {
+        m = tile_deg == d
+        own = data[name]["lpips"]
+        uniform = {int(steps_of(k)): pooled(own[i], photo) for i, k in enumerate(intervals)}
+        best = min(uniform.items(), key=lambda kv: kv[1])
+        r: dict[str, Any] = {
             "uniform": uniform,
-            "room": room(lp, photo, steps),
+            "best_uniform": {"steps": best[0], "lpips": best[1]},
+            "room": room(own, photo, steps),
             "content_rule_lopo": {
-                "lpips": pooled(chosen, photo),
-                "steps": pooled(steps[pick], photo),
+                "lpips": pooled(content_lp[:, m], photo),
+                "steps": pooled(steps[content[m]], photo),
             },
+            "ridge_rule_lopo": {},
         }
-        feats = features(lat)
-        for s in range(seeds):
-            flat_l.append(lp[:, s].T)
-            flat_x.append(feats)
-            flat_photo.append(photo)
-            flat_deg.append(np.full(len(photo), d))
-    # One ridge rule serves both degradations, as a deployed rule would.
-    samples = np.concatenate(flat_l)
-    x, sample_photo = np.concatenate(flat_x), np.concatenate(flat_photo)
-    sample_deg = np.concatenate(flat_deg)
-    for price in PRICES:
-        pick = ridge_rule_lopo(samples, x, steps, sample_photo, price)
-        chosen = samples[np.arange(len(samples)), pick]
-        for d, name in enumerate(DEGRADATIONS):
-            m = sample_deg == d
-            report["degradations"][name].setdefault("ridge_rule_lopo", {})[str(price)] = {
-                "lpips": pooled(chosen[m], sample_photo[m]),
-                "steps": pooled(steps[pick][m], sample_photo[m]),
+        sm = sample_deg == d
+        for price, pick in ridge_picks.items():
+            chosen = samples[np.arange(len(samples)), pick]
+            r["ridge_rule_lopo"][str(price)] = {
+                "lpips": pooled(chosen[sm], sample_photo[sm]),
+                "steps": pooled(steps[pick][sm], sample_photo[sm]),
             }
-    for name in DEGRADATIONS:
-        r = report["degradations"][name]
-        best = min(r["uniform"].items(), key=lambda kv: kv[1])
-        r["best_uniform"] = {"steps": best[0], "lpips": best[1]}
+        report["degradations"][name] = r
     return report
 
 
