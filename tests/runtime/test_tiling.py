@@ -57,6 +57,17 @@ def test_gaussian_weights_positive_and_symmetric():
         np.testing.assert_allclose(w, w[::-1, ::-1])
 
 
+def test_tiles_fade_into_each_other_without_a_seam():
+    grid = TileGrid(height=128, width=240, tile=128, overlap=16)
+    assert grid.xs == (0, 112)
+    tiles = np.stack([np.zeros((1, 128, 128)), np.ones((1, 128, 128))]).astype(np.float32)
+    row = merge_tiles(tiles, grid)[0, 64]
+    assert row[0] == 0.0 and row[-1] == 1.0
+    # A linear cross-fade over the 16 overlapping columns steps by 1/16 per column; a plain
+    # Gaussian (0.14 at the edge) jumps by 0.3 where the second tile begins.
+    assert np.abs(np.diff(row)).max() < 1.5 / 16
+
+
 def test_merging_a_constant_returns_it():
     grid = TileGrid(height=300, width=200, tile=128, overlap=32, multiple=4).scaled(4)
     tiles = np.full((len(grid), 4, grid.tile, grid.tile), 0.37, np.float32)
