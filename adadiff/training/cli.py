@@ -21,6 +21,7 @@ from adadiff.errors import ConfigError
 from adadiff.presets import PRESETS, preset
 from adadiff.quality.cache import cache_root
 from adadiff.training.data import HOLDOUT
+from adadiff.training.degrade import STRENGTHS
 from adadiff.training.loop import LR_SCHEDULES, TrainOptions
 from adadiff.training.pairs import crops_per_photo, photo_names
 
@@ -110,10 +111,11 @@ def _training_photos(p: argparse.ArgumentParser) -> None:
 def _realesrgan_strength(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--realesrgan-strength",
-        choices=("full", "mild"),
+        choices=tuple(STRENGTHS),
         default="full",
-        help="Real-ESRGAN's published degradation settings (full), or half the noise, less blur "
-        "and kinder JPEG (mild)",
+        help="Real-ESRGAN's published degradation settings (full); half the noise, less blur "
+        "and kinder JPEG (mild); or a camera's: blur, light noise, JPEG, one downscale, JPEG "
+        "(camera)",
     )
 
 

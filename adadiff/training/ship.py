@@ -297,11 +297,19 @@ def quality_section(quality: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
+_STRENGTH_WORDS = {
+    "mild": "half the noise, less blur, kinder JPEG",
+    "camera": "blur, light sensor noise, JPEG, one downscale, JPEG; no random resizes",
+}
+
+
 def _strength(options: dict[str, Any]) -> str:
     """Names a gentler degradation than Real-ESRGAN's own settings; silent for those."""
     if options.get("realesrgan_strength", "full") == "full" or not options.get("realesrgan_prob"):
         return ""
-    return f" ({options['realesrgan_strength']} strength: half the noise, less blur, kinder JPEG)"
+    strength = options["realesrgan_strength"]
+    what = _STRENGTH_WORDS.get(strength, "see adadiff.training.degrade")
+    return f" ({strength} strength: {what})"
 
 
 def _decoder_samples(options: dict[str, Any]) -> str:

@@ -227,3 +227,23 @@ def test_mild_strength_degrades_less_than_full_and_streams_use_it(hr):
     assert not np.array_equal(lows("full"), again)  # same draws, another pipeline
     with pytest.raises(ConfigError, match="strength"):
         PairStream([hr], np.random.default_rng(5), size=64, strength="harsh")
+
+
+def test_camera_strength_blurs_and_compresses_with_little_noise(hr):
+    assert degrade.strength_config("camera") is degrade.CAMERA
+    flat = np.full((128, 128, 3), 0.5, dtype=np.float32)
+
+    def noise(config: degrade.DegradationConfig) -> float:
+        return float(
+            np.mean(
+                [degrade.degrade(flat, np.random.default_rng(s), config).std() for s in range(16)]
+            )
+        )
+
+    def detail(image: np.ndarray) -> float:
+        return float(np.abs(np.diff(image, axis=0)).mean() + np.abs(np.diff(image, axis=1)).mean())
+
+    assert noise(degrade.CAMERA) < 0.35 * noise(degrade.REALESRGAN)
+    camera = [degrade.degrade(hr, np.random.default_rng(s), degrade.CAMERA) for s in range(16)]
+    assert all(lr.shape == (32, 32, 3) for lr in camera)
+    assert np.mean([detail(lr) for lr in camera]) < detail(degrade.bicubic_x4(hr))

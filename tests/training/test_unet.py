@@ -79,6 +79,7 @@ def test_unet_options_check_the_degradation_strength():
 
     assert UNetOptions().realesrgan_strength == "full"
     assert UNetOptions(realesrgan_strength="mild").realesrgan_strength == "mild"
+    assert UNetOptions(realesrgan_strength="camera").realesrgan_strength == "camera"
     with pytest.raises(ConfigError, match="strength"):
         UNetOptions(realesrgan_strength="harsh")
 
