@@ -135,6 +135,14 @@ def _stage_row(name: str, ckpt: dict[str, Any] | None) -> str:
     )
 
 
+def _phase_lr(phase: dict[str, Any]) -> str:
+    if "lr" not in phase:
+        return ""
+    if "steps" in phase:
+        return f", lr {phase['lr']} ({phase.get('schedule', 'constant')} to step {phase['steps']})"
+    return f", lr {phase['lr']} ({phase.get('schedule', 'constant')})"
+
+
 def _phase_lines(phases: list[dict[str, Any]], last_step: int | None) -> list[str]:
     """The UNet's training phases (runs resumed with other options), when there was more than
     one; the options above are the last phase's."""
@@ -146,12 +154,7 @@ def _phase_lines(phases: list[dict[str, Any]], last_step: int | None) -> list[st
         drawn = "equally" if phase.get("weighting", "area") == "photo" else "by area"
         parts.append(
             f"steps {phase['from_step']} to {end}: photos drawn {drawn}, Real-ESRGAN share "
-            f"{phase.get('realesrgan_prob', 0.0)}{_strength(phase)}"
-            + (
-                f", lr {phase['lr']} ({phase.get('schedule', 'constant')} to step {phase['steps']})"
-                if "lr" in phase and "steps" in phase
-                else ""
-            )
+            f"{phase.get('realesrgan_prob', 0.0)}{_strength(phase)}" + _phase_lr(phase)
         )
     return ["- UNet training was resumed with other options: " + "; ".join(parts) + "."]
 

@@ -119,8 +119,9 @@ def test_a_phase_recorded_before_an_option_existed_holds_its_default():
     from adadiff.training.ship import _phase_lines
 
     (line,) = _phase_lines(changed, 9)
-    assert "steps 0 to 5: photos drawn equally, Real-ESRGAN share 0.0;" in line
+    assert "steps 0 to 5: photos drawn equally, Real-ESRGAN share 0.0, lr 0.001 (constant);" in line
     assert "steps 5 to 9: photos drawn equally, Real-ESRGAN share 0.5 (mild strength" in line
+    assert line.endswith("kinder JPEG), lr 0.001 (constant).")
 
 
 def test_gains_follow_the_runtime_rules():
