@@ -146,9 +146,9 @@ MILD = DegradationConfig(
     final_sinc_prob=0.5,
 )
 # A camera rather than the internet: lens and focus blur, light sensor noise, the camera's own
-# JPEG, one plain downscale and a second JPEG. Real-ESRGAN's noise and random resizes teach a
-# small model to smooth (mild at half rate cost 0.010 LPIPS on bicubic inputs and gained nothing
-# on blurred JPEGs); this keeps its blur kernels and JPEG range and drops the rest.
+# JPEG, one plain downscale and a second JPEG: Real-ESRGAN's blur kernels and JPEG range without
+# its strong noise and random resizes, which teach a small model to smooth. On `tiny` neither
+# this nor mild has yet beaten bicubic crops alone (docs/training.md).
 CAMERA = DegradationConfig(
     first=StageConfig(
         blur=BlurConfig(prob=0.9, sigma=(0.2, 3.0), sinc_prob=0.0),
