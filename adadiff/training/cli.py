@@ -21,7 +21,7 @@ from adadiff.errors import ConfigError
 from adadiff.presets import PRESETS, preset
 from adadiff.quality.cache import cache_root
 from adadiff.training.data import HOLDOUT
-from adadiff.training.degrade import STRENGTHS
+from adadiff.training.degrade import STRENGTH_NOTES, STRENGTHS
 from adadiff.training.loop import LR_SCHEDULES, TrainOptions
 from adadiff.training.pairs import crops_per_photo, photo_names
 
@@ -113,9 +113,7 @@ def _realesrgan_strength(p: argparse.ArgumentParser) -> None:
         "--realesrgan-strength",
         choices=tuple(STRENGTHS),
         default="full",
-        help="Real-ESRGAN's published degradation settings (full); half the noise, less blur "
-        "and kinder JPEG (mild); or a camera's: blur, light noise, JPEG, one downscale, JPEG "
-        "(camera)",
+        help="; ".join(f"{name}: {STRENGTH_NOTES[name]}" for name in STRENGTHS),
     )
 
 

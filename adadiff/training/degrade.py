@@ -147,7 +147,7 @@ MILD = DegradationConfig(
 )
 # A camera rather than the internet: lens and focus blur, light sensor noise, the camera's own
 # JPEG, one plain downscale and a second JPEG: Real-ESRGAN's blur kernels and JPEG range without
-# its strong noise and random resizes, which teach a small model to smooth. On `tiny` neither
+# its strong noise and random resizes, after which our small UNets smoothed. On `tiny` neither
 # this nor mild has yet beaten bicubic crops alone (docs/training.md).
 CAMERA = DegradationConfig(
     first=StageConfig(
@@ -166,8 +166,14 @@ CAMERA = DegradationConfig(
     ),
     final_sinc_prob=0.0,
 )
-# The strengths a training stage can ask for by name (``--realesrgan-strength``).
+# The strengths a training stage can ask for by name (``--realesrgan-strength``), and the words
+# the CLI help and the model card use for each.
 STRENGTHS: dict[str, DegradationConfig] = {"full": REALESRGAN, "mild": MILD, "camera": CAMERA}
+STRENGTH_NOTES: dict[str, str] = {
+    "full": "Real-ESRGAN's published settings",
+    "mild": "half the noise, less blur, kinder JPEG",
+    "camera": "blur, light sensor noise, JPEG, one downscale, JPEG; no random resizes",
+}
 
 
 def strength_config(name: str) -> DegradationConfig:

@@ -27,6 +27,7 @@ from adadiff.provenance import MODEL_CARD, TrainingRecord, read_record, write_re
 from adadiff.training.assemble import encoder_fingerprint, frozen_models
 from adadiff.training.checkpoint import load_latest
 from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, training_photos
+from adadiff.training.degrade import STRENGTH_NOTES
 
 log = logging.getLogger("adadiff.training")
 
@@ -300,19 +301,12 @@ def quality_section(quality: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
-_STRENGTH_WORDS = {
-    "mild": "half the noise, less blur, kinder JPEG",
-    "camera": "blur, light sensor noise, JPEG, one downscale, JPEG; no random resizes",
-}
-
-
 def _strength(options: dict[str, Any]) -> str:
     """Names a gentler degradation than Real-ESRGAN's own settings; silent for those."""
     if options.get("realesrgan_strength", "full") == "full" or not options.get("realesrgan_prob"):
         return ""
     strength = options["realesrgan_strength"]
-    what = _STRENGTH_WORDS.get(strength, "see adadiff.training.degrade")
-    return f" ({strength} strength: {what})"
+    return f" ({strength} strength: {STRENGTH_NOTES[strength]})"
 
 
 def _decoder_samples(options: dict[str, Any]) -> str:

@@ -231,6 +231,7 @@ def test_mild_strength_degrades_less_than_full_and_streams_use_it(hr):
 
 def test_camera_strength_blurs_and_compresses_with_little_noise(hr):
     assert degrade.strength_config("camera") is degrade.CAMERA
+    assert set(degrade.STRENGTH_NOTES) == set(degrade.STRENGTHS)  # the card words every strength
     flat = np.full((128, 128, 3), 0.5, dtype=np.float32)
 
     def noise(config: degrade.DegradationConfig) -> float:
