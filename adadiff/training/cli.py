@@ -169,6 +169,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "[MIN, 1] (1: the photo's own scale)",
     )
     unet.add_argument(
+        "--deadleaves",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N synthetic dead-leaves images (made from the seed) to the photos: content "
+        "variety for UNets wider than 14 photos can teach",
+    )
+    unet.add_argument(
         "--vae-from",
         metavar="MODEL",
         help="take the VAE from this model folder or preset instead of the workdir's vae stage",
@@ -353,6 +361,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             weighting=args.photo_weighting,
             min_scale=args.min_scale,
             photos=args.photos,
+            deadleaves=args.deadleaves,
         )
         result = train_unet(cfg, workdir, _options(args), uopts, vae_from=args.vae_from)
     elif stage == "decoder":

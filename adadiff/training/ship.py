@@ -27,6 +27,8 @@ from adadiff.provenance import MODEL_CARD, TrainingRecord, read_record, write_re
 from adadiff.training.assemble import encoder_fingerprint, frozen_models
 from adadiff.training.checkpoint import load_latest
 from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, training_photos
+from adadiff.training.deadleaves import NAME_PREFIX as DEADLEAVES_PREFIX
+from adadiff.training.deadleaves import SOURCE as DEADLEAVES_SOURCE
 from adadiff.training.degrade import STRENGTH_NOTES
 
 log = logging.getLogger("adadiff.training")
@@ -203,11 +205,13 @@ def _photo_rows(stages: dict[str, list[str]]) -> tuple[list[str], list[str]]:
             used.setdefault(name, []).append(stage)
     if not used:  # nothing recorded: the photos this machine would train on
         used = {p.name: ["not recorded"] for p in training_photos()}
-    rows = [
-        f"| {name} | {source.get(name, '-')} | {PHOTO_LICENCES.get(name, 'see the package')} | "
-        f"{', '.join(by)} |"
-        for name, by in used.items()
-    ]
+    rows = []
+    for name, by in used.items():
+        if name.startswith(DEADLEAVES_PREFIX):
+            origin, licence = "adadiff", DEADLEAVES_SOURCE
+        else:
+            origin, licence = source.get(name, "-"), PHOTO_LICENCES.get(name, "see the package")
+        rows.append(f"| {name} | {origin} | {licence} | {', '.join(by)} |")
     return rows, [stage for stage, names in stages.items() if not names]
 
 

@@ -42,6 +42,7 @@ from adadiff.models.wrappers import DiffusersModel, UNetWrapper
 from adadiff.runtime.schedule import alphas_cumprod
 from adadiff.training.checkpoint import load_latest, require_latest
 from adadiff.training.data import PhotoWeighting, check_weighting
+from adadiff.training.deadleaves import dead_leaves_set
 from adadiff.training.degrade import strength_config
 from adadiff.training.loop import (
     EMA,
@@ -82,9 +83,12 @@ class UNetOptions:
     weighting: PhotoWeighting = "photo"
     min_scale: float = 1.0  # scale augmentation of the HR crops (CropConfig.min_scale)
     photos: str = "train"  # pairs.PHOTO_SETS: "train+validation" for the final fit of a recipe
+    deadleaves: int = 0  # synthetic dead-leaves images added to the photos (deadleaves.py)
 
     def __post_init__(self) -> None:
         check_weighting(self.weighting)
+        if self.deadleaves < 0:
+            raise ConfigError(f"deadleaves must be >= 0, got {self.deadleaves}")
         check_training_set(self.photos)
         strength_config(self.realesrgan_strength)
         if self.pool < 0 or self.refresh < 0 or (self.pool and not self.refresh):
@@ -303,15 +307,15 @@ def train_unet(
         vae_state = vae_ckpt["state"]["vae"]
         scaling_factor = vae_ckpt["summary"]["scaling_factor"]
         origin = f"step {vae_ckpt['step']} of {workdir / VAE_STAGE}"
-    stage = UNetStage(
-        cfg,
-        opts,
-        uopts,
-        images if images is not None else load_images(uopts.photos),
-        vae_state,
-        scaling_factor,
-    )
-    stage.photos = photo_names(uopts.photos) if images is None else []
+    names: list[str] = []
+    if images is None:
+        names, images = photo_names(uopts.photos), load_images(uopts.photos)
+        if uopts.deadleaves:
+            synthetic_names, synthetic = dead_leaves_set(uopts.deadleaves, seed=opts.seed)
+            names, images = [*names, *synthetic_names], [*images, *synthetic]
+            log.info("unet: %d dead-leaves images beside the photos", uopts.deadleaves)
+    stage = UNetStage(cfg, opts, uopts, images, vae_state, scaling_factor)
+    stage.photos = names
     stage.vae_from = origin if vae_from is not None else ""
     stage.phases = training_phases(load_latest(workdir / STAGE, stage=STAGE), opts, uopts)
     log.info("unet: VAE from %s, latent scaling factor %.5f", origin, stage.scaling_factor)
