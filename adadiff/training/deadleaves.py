@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from adadiff.errors import ConfigError
+from adadiff.training.degrade import anisotropic_kernel, filter2d
 
 NAME_PREFIX = "deadleaves-"
 SOURCE = "made by adadiff (adadiff.training.deadleaves, dead-leaves model, seeded)"
@@ -53,7 +54,7 @@ def _texture(
         ramp = (xx * np.cos(angle) + yy * np.sin(angle)) / max(size, 1.0)
         return np.clip(ramp - ramp.mean(), -1, 1)
     # filtered noise: grain, foliage, gravel
-    noise = rng.standard_normal(yy.shape[0] * yy.shape[1]).reshape(yy.shape)
+    noise = rng.standard_normal(yy.shape)
     cell = int(rng.integers(1, 5))
     if cell > 1:
         small = noise[::cell, ::cell]
@@ -110,19 +111,10 @@ def dead_leaves(
         canvas[y0:y1, x0:x1][mask] = patch[mask]
     image = canvas.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
     if rng.random() < 0.4:
-        image = _blur(image, rng.uniform(0.3, 1.2))
+        sigma = rng.uniform(0.3, 1.2)
+        size = 2 * int(np.ceil(3 * sigma)) + 1
+        image = filter2d(image, anisotropic_kernel(size, sigma, sigma, 0.0))
     return np.clip(image, 0.0, 1.0).astype(np.float32)
-
-
-def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
-    radius = max(1, int(3 * sigma + 0.5))
-    x = np.arange(-radius, radius + 1, dtype=np.float32)
-    kernel = np.exp(-0.5 * (x / sigma) ** 2)
-    kernel /= kernel.sum()
-    padded = np.pad(image, ((radius, radius), (0, 0), (0, 0)), mode="reflect")
-    out = sum(kernel[i] * padded[i : i + image.shape[0]] for i in range(len(kernel)))
-    padded = np.pad(out, ((0, 0), (radius, radius), (0, 0)), mode="reflect")
-    return sum(kernel[i] * padded[:, i : i + image.shape[1]] for i in range(len(kernel)))
 
 
 def dead_leaves_set(n: int, seed: int = 0, size: int = 512) -> tuple[list[str], list[np.ndarray]]:

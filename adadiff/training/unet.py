@@ -310,10 +310,10 @@ def train_unet(
     names: list[str] = []
     if images is None:
         names, images = photo_names(uopts.photos), load_images(uopts.photos)
-        if uopts.deadleaves:
-            synthetic_names, synthetic = dead_leaves_set(uopts.deadleaves, seed=opts.seed)
-            names, images = [*names, *synthetic_names], [*images, *synthetic]
-            log.info("unet: %d dead-leaves images beside the photos", uopts.deadleaves)
+    if uopts.deadleaves:  # beside the caller's images too: an option is never ignored
+        synthetic_names, synthetic = dead_leaves_set(uopts.deadleaves, seed=opts.seed)
+        names, images = [*names, *synthetic_names], [*images, *synthetic]
+        log.info("unet: %d dead-leaves images beside the photos", uopts.deadleaves)
     stage = UNetStage(cfg, opts, uopts, images, vae_state, scaling_factor)
     stage.photos = names
     stage.vae_from = origin if vae_from is not None else ""

@@ -43,7 +43,7 @@ def test_bad_sizes_are_refused():
         dead_leaves_set(-1)
 
 
-def test_the_unet_stage_trains_on_photos_and_dead_leaves(tmp_path, cfg, vae_workdir):
+def test_the_unet_stage_trains_on_photos_and_dead_leaves(tmp_path, cfg, vae_workdir, images):
     pytest.importorskip("skimage", reason="the training photos come from scikit-image")
     from adadiff.training.checkpoint import load_latest
     from adadiff.training.pairs import photo_names
@@ -56,6 +56,12 @@ def test_the_unet_stage_trains_on_photos_and_dead_leaves(tmp_path, cfg, vae_work
     summary = load_latest(work / "unet", stage="unet")["summary"]
     assert summary["photos"] == [*photo_names("train"), f"{NAME_PREFIX}0", f"{NAME_PREFIX}1"]
     assert summary["phases"][0]["deadleaves"] == 2  # the card says what the UNet saw
+    # given images of its own, the caller still gets the dead leaves it asked for
+    other = tmp_path / "x"
+    other.mkdir()
+    (other / "vae").symlink_to(vae_workdir / "vae")
+    train_unet(cfg, other, opts(1), small_pool(deadleaves=1), images=images)
+    assert load_latest(other / "unet", stage="unet")["summary"]["photos"] == [f"{NAME_PREFIX}0"]
     with pytest.raises(ConfigError, match="deadleaves"):
         UNetOptions(deadleaves=-1)
 
