@@ -54,7 +54,7 @@ def _texture(
         ramp = (xx * np.cos(angle) + yy * np.sin(angle)) / max(size, 1.0)
         return np.clip(ramp - ramp.mean(), -1, 1)
     # filtered noise: grain, foliage, gravel
-    noise = rng.standard_normal(yy.shape)
+    noise: np.ndarray = rng.standard_normal(yy.shape)
     cell = int(rng.integers(1, 5))
     if cell > 1:
         small = noise[::cell, ::cell]
