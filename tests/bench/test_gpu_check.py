@@ -32,13 +32,13 @@ def test_dry_run_imports_and_plans_on_cpu(tmp_path, capsys):
     assert "dry run" in readme.read_text() and "old" not in readme.read_text()
 
 
-def test_unknown_part_and_no_cuda_exit_2(tmp_path, capsys):
+def test_unknown_part_and_no_cuda_exit_2(tmp_path, capsys, monkeypatch):
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--parts", "nope"]) == 2
     import torch
 
-    if not torch.cuda.is_available():
-        assert gpu_check.main(["--out", str(tmp_path)]) == 2
-        assert "no CUDA device" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a CUDA machine
+    assert gpu_check.main(["--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_first_divergence_reports_the_distance_from_tau():

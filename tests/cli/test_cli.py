@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,23 +77,36 @@ def test_upscale_writes_image_report_and_step_map(tmp_path, small_png, capsys):
 
 
 def test_without_schedule_the_model_default_runs(tmp_path, small_png, capsys):
-    """tiny's adadiff.json names the best of its quality/compute front: 5 uniform steps."""
-    from adadiff.models.bundle import load_models
+    """Without --schedule the model folder's adadiff.json decides: the shipped tiny's default,
+    and a copy of it whose default is another uniform interval."""
+    import shutil
 
-    cfg = load_models("tiny").config
+    from adadiff.config import CONFIG_FILE, ModelConfig
+    from adadiff.models.bundle import load_models
+    from runtime.schedule import uniform_timesteps
+
+    shipped = load_models("tiny")
     out, report = tmp_path / "out.png", tmp_path / "r.json"
     code, _, err = _run(["upscale", small_png, "-o", out, "--report", report, "-q"], capsys)
     assert code == 0, err
-    data = json.loads(report.read_text())
-    assert (cfg.default_schedule, cfg.uniform_interval) == ("uniform", 200)
-    assert data["schedule"] == "uniform"
-    assert data["steps_per_tile"] == [5] * data["tiles"]
-    # --interval goes with the default when the default is uniform
-    code, _, err = _run(
-        ["upscale", small_png, "-o", out, "--report", report, "--interval", "100", "-q"], capsys
-    )
+    assert json.loads(report.read_text())["schedule"] == shipped.config.default_schedule
+
+    folder = tmp_path / "model"
+    shutil.copytree(shipped.source, folder)
+    cfg = ModelConfig.load(folder)
+    interval = 250 if cfg.uniform_interval != 250 else 100
+    replace(cfg, default_schedule="uniform", uniform_interval=interval).save(folder)
+    assert (folder / CONFIG_FILE).is_file()
+    args = ["upscale", small_png, "-o", out, "--model", folder, "--report", report, "-q"]
+    code, _, err = _run(args, capsys)
     assert code == 0, err
-    assert json.loads(report.read_text())["steps_per_tile"][0] == 10
+    data = json.loads(report.read_text())
+    assert data["schedule"] == "uniform"
+    assert data["steps_per_tile"] == [len(uniform_timesteps(999, interval))] * data["tiles"]
+    # --interval goes with the default when the default is uniform
+    code, _, err = _run([*args, "--interval", "100"], capsys)
+    assert code == 0, err
+    assert json.loads(report.read_text())["steps_per_tile"][0] == len(uniform_timesteps(999, 100))
 
 
 def test_uniform_with_options(tmp_path, small_png, capsys):
@@ -212,3 +226,31 @@ def test_bad_device_exits_2_before_any_model_loads(
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"--device {device} " in err and "cuda[:N]" in err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_demo_writes_every_output_and_refuses_bad_arguments(tmp_path, capsys):
+    from adadiff import demo
+
+    out = tmp_path / "demo"
+    code, stdout, err = _run(["demo", "-o", out, "--size", "40", "-q"], capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["bicubic.png", "input.png", "report.json", "steps.png", "upscaled.png"]
+    lr = np.asarray(Image.open(out / "input.png"))
+    assert max(lr.shape[:2]) == 40
+    for name in ("bicubic.png", "upscaled.png"):
+        assert np.asarray(Image.open(out / name)).shape[:2] == (lr.shape[0] * 4, lr.shape[1] * 4)
+    report = json.loads((out / "report.json").read_text())
+    assert report["tiles"] >= 1 and len(report["steps_per_tile"]) == report["tiles"]
+    from adadiff.cli import model_folder
+
+    assert f": {demo.default_photo(model_folder('tiny'))} (" in stdout  # says which photo
+
+    code, _, err = _run(["demo", "-o", tmp_path / "x", "--photo", "nope"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--photo nope" in err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    code, _, err = _run(["demo", "-o", blocker, "--size", "40"], capsys)
+    assert code == 2 and "is a file" in err and err.count("\n") == 1
+    assert blocker.read_text() == "keep"

@@ -214,10 +214,14 @@ def test_devices_and_provider_fallback(onnx_dir, monkeypatch):
         OnnxRuntimeBackend(onnx_dir, device="gpu")
     with pytest.raises(ConfigError, match="--device cpu:1 "):
         OnnxRuntimeBackend(onnx_dir, device="cpu:1")
-    with pytest.raises(BackendUnavailableError, match=r"CUDAExecutionProvider.*onnxruntime-gpu"):
-        OnnxRuntimeBackend(onnx_dir, device="cuda")
-
     import onnxruntime as ort
+
+    with monkeypatch.context() as cpu_wheel:  # the CPU wheel's providers, also under -gpu
+        cpu_wheel.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+        with pytest.raises(
+            BackendUnavailableError, match=r"CUDAExecutionProvider.*onnxruntime-gpu"
+        ):
+            OnnxRuntimeBackend(onnx_dir, device="cuda")
 
     real_session = ort.InferenceSession
     asked: dict = {}
