@@ -211,6 +211,9 @@ class OnnxRuntimeBackend:
                         {
                             "device_id": p.device_id,
                             "cudnn_conv_algo_search": self.options.cudnn_conv_algo_search,
+                            # the provider's default TF32 would make fp32 differ from the
+                            # other backends (TensorRT builds without TF32 too)
+                            "use_tf32": 0,
                         },
                     )
                 )

@@ -106,7 +106,11 @@ class TensorRTEngine:
                 f"TensorRT could not create an execution context for {self.path.name} (out of "
                 "device memory?); close other GPU work or use a smaller --max-batch at build"
             )
-        if not ctx.set_optimization_profile_async(index, backend.stream.cuda_stream):
+        try:  # the Python binding raises where the C++ API returns false
+            selected = ctx.set_optimization_profile_async(index, backend.stream.cuda_stream)
+        except RuntimeError:
+            selected = False
+        if not selected:
             raise EngineMismatchError(
                 f"TensorRT refused optimisation profile {index} of {self.path.name}; rebuild with "
                 f"`adadiff build {self.path.parent.parent}`"
@@ -158,7 +162,10 @@ class TensorRTEngine:
         }
 
     def close(self) -> None:
-        """Contexts first, then the engine and buffers (TensorRT's destruction order)."""
+        """Contexts first, then the engine and buffers (TensorRT's destruction order). The
+        backend's list of scratch users lets go of them too: a context keeps its engine alive."""
+        mine = {id(ctx) for ctx in self.contexts}
+        self.backend.detach(mine)
         self.contexts.clear()
         self.engine = None
         self.buffers.clear()
@@ -218,6 +225,10 @@ class TensorRTBackend:
     def attach_scratch(self, ctx: Any) -> None:
         self._contexts.append(ctx)
         self._set_memory(ctx)
+
+    def detach(self, ids: set[int]) -> None:
+        """Forget the contexts of a closed engine (by ``id``)."""
+        self._contexts = [ctx for ctx in self._contexts if id(ctx) not in ids]
 
     def _set_memory(self, ctx: Any) -> None:
         ptr, size = self._scratch.data_ptr(), self._scratch.numel()

@@ -21,6 +21,18 @@ log = logging.getLogger("adadiff")
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def full_fp32_on_cuda() -> None:
+    """fp32 means IEEE fp32 on CUDA too: torch's cuDNN convolutions default to TF32 (10-bit
+    mantissa), which the other backends do not use, so parity and the reference would differ.
+    Process-wide, like every torch backend flag."""
+    if hasattr(torch.backends.cudnn, "conv"):  # the fp32_precision API (torch 2.9 and newer)
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class TorchEngine:
     def __init__(
         self, module: torch.nn.Module, spec: ModelSpec, device: torch.device, dtype: torch.dtype
@@ -69,6 +81,8 @@ class TorchBackend:
                 f"device {device!r} was asked for but torch sees {torch.cuda.device_count()} CUDA "
                 f"device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
             )
+        if dev.type == "cuda":
+            full_fp32_on_cuda()
         if precision != "fp32" and dev.type == "cpu":
             log.warning(
                 "--precision %s on the CPU is slow and meant for checks; the CPU runs fp32 fastest",

@@ -255,21 +255,31 @@ def _attach_timing_cache(config: Any, paths: TimingCachePaths) -> Path:
     return where the cache is saved after the build. A cache TensorRT refuses (made on another
     GPU or TensorRT version) is left as it is for the machine it belongs to."""
     data = paths.read.read_bytes() if paths.read.is_file() else b""
-    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+    if _use_timing_cache(config, data):
         return paths.read
     log.warning(
-        "timing cache %s was made on another GPU or TensorRT version; building with a fresh "
-        "one saved to %s (the shared file is left as it is)",
+        "timing cache %s was made on another GPU or TensorRT version (or is not a timing "
+        "cache); building with a fresh one saved to %s (the shared file is left as it is)",
         paths.read,
         paths.own,
     )
     own = paths.own.read_bytes() if paths.own != paths.read and paths.own.is_file() else b""
     for data in dict.fromkeys((own, b"")):  # the folder's own cache, else an empty one
-        if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+        if _use_timing_cache(config, data):
             return paths.own
     raise EngineMismatchError(
         "TensorRT refused an empty timing cache; pass --timing-cache with a new file path"
     )
+
+
+def _use_timing_cache(config: Any, data: bytes) -> bool:
+    """Whether TensorRT took ``data`` as this build's timing cache. A blob it cannot read at all
+    makes ``create_timing_cache`` raise or return None rather than a cache."""
+    try:
+        cache = config.create_timing_cache(data)
+    except RuntimeError:
+        return False
+    return cache is not None and bool(config.set_timing_cache(cache, ignore_mismatch=False))
 
 
 def default_profiles(

@@ -7,8 +7,10 @@ where a real GPU would crash or silently misbehave:
   (False for a cache from another device or TensorRT unless ``ignore_mismatch``),
   ``build_serialized_network`` -> ``IHostMemory`` or None, ``deserialize_cuda_engine`` ->
   ``ICudaEngine`` or None (another TensorRT, another compute capability),
-  ``set_optimization_profile_async`` / ``set_input_shape`` / ``set_tensor_address`` /
-  ``execute_async_v3`` -> bool; ``get_timing_cache`` is None until a cache is set;
+  ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` -> bool;
+  ``set_optimization_profile_async`` -> True or RuntimeError (the binding raises where the C++
+  API returns false); ``create_timing_cache`` raises for a blob that is not a timing cache;
+  ``get_timing_cache`` is None until a cache is set;
 - profile selection: shapes are checked against the context's active profile, and selecting a
   profile forgets the shapes set before;
 - input shapes before their addresses, every shape and address set before execution (unset
@@ -460,10 +462,11 @@ class IExecutionContext:
         return self._profile
 
     def set_optimization_profile_async(self, profile_index: int, stream_handle: int) -> bool:
+        # the real binding turns the C++ API's false into a RuntimeError
         if "set_optimization_profile_async" in STATE.faults:
-            return False
+            raise RuntimeError("setOptimizationProfileAsync failed")
         if not 0 <= profile_index < self._engine.num_optimization_profiles:
-            return False
+            raise RuntimeError(f"profile index {profile_index} out of range")
         self._profile = profile_index
         self._shapes.clear()  # shapes belong to a profile
         return True

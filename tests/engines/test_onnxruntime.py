@@ -240,7 +240,11 @@ def test_devices_and_provider_fallback(onnx_dir, monkeypatch):
     with pytest.raises(BackendUnavailableError, match="fell back"):
         OnnxRuntimeBackend(onnx_dir, device="cuda:1").open("pfj")
     assert asked["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert asked["options"][0] == {"device_id": 1, "cudnn_conv_algo_search": "HEURISTIC"}
+    assert asked["options"][0] == {
+        "device_id": 1,
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "use_tf32": 0,
+    }
     with pytest.raises(BackendUnavailableError, match="fell back"):
         OnnxRuntimeBackend(onnx_dir, device="tensorrt").open("unet")
     trt = asked["options"][0]

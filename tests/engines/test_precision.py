@@ -91,3 +91,25 @@ def test_good_devices_and_precisions():
     assert check_precision("bf16", "torch") == "bf16"
     with pytest.raises(ConfigError, match="torch backend only"):
         check_precision("bf16", "onnxruntime")
+
+
+def test_fp32_on_cuda_turns_tf32_off(monkeypatch, tiny_models):
+    """A CUDA torch backend computes fp32 as IEEE fp32, as the other backends do (torch's cuDNN
+    convolutions default to TF32). The CUDA check is patched: the flags are settable anywhere."""
+    import torch
+
+    from adadiff.engines.torch import TorchBackend
+
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    try:
+        conv.fp32_precision = matmul.fp32_precision = "tf32"
+        TorchBackend(tiny_models, device="cpu")
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")  # CPU: untouched
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        backend = TorchBackend(tiny_models, device="cuda")
+        assert backend.device.type == "cuda"
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before

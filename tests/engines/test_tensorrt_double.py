@@ -233,6 +233,31 @@ def test_close_releases_contexts_before_the_scratch(trt, export):
         small(small.spec.sample_inputs(1))
 
 
+def test_closing_one_engine_lets_go_of_its_contexts(trt, export):
+    _build(export)
+    backend = _backend(export)
+    small, big = backend.open("pfj"), backend.open("unet")
+    theirs = {id(c) for c in small.contexts}
+    assert theirs <= {id(c) for c in backend._contexts}
+    small.close()
+    assert not theirs & {id(c) for c in backend._contexts}  # nothing keeps its engine alive
+    assert len(backend._contexts) == len(big.contexts)
+    assert big(big.spec.sample_inputs(2))["noise_pred"].shape[0] == 2
+    backend.close()
+    assert fake.STATE.violations == []
+
+
+def test_a_timing_cache_file_that_is_not_one_is_left_alone(trt, export, tmp_path, caplog):
+    shared = tmp_path / "shared.cache"
+    shared.write_bytes(b"not a timing cache")
+    with caplog.at_level(logging.WARNING, logger="adadiff"):
+        manifest = _build(export, components=("pfj",), timing_cache=shared)
+    assert set(manifest.engines) == {"pfj"}
+    assert "not a timing" in caplog.text
+    assert shared.read_bytes() == b"not a timing cache"
+    assert (export / TRT_DIR / TIMING_CACHE).is_file()
+
+
 def test_open_does_not_hash_unchanged_files(trt, export, monkeypatch):
     import adadiff.artifacts
 
