@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,6 +70,65 @@ def test_model_folder_round_trip_and_errors(tmp_path, tiny_models):
     (tmp_path / "m" / "mmle.safetensors").unlink()
     with pytest.raises(ModelFolderError, match=r"mmle\.safetensors"):
         load_folder(tmp_path / "m")
+
+
+def test_damaged_or_mismatched_weights_name_the_file_and_tensor(tmp_path, tiny_models, capsys):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from adadiff.cli import main
+    from adadiff.models.bundle import TEXT_EMBEDDING, WEIGHTS, load_folder
+
+    good = tmp_path / "good"
+    tiny_models.save(good)
+
+    def variant(name: str) -> Path:
+        return Path(shutil.copytree(good, tmp_path / name))
+
+    cut = variant("cut")
+    data = (cut / "unet" / WEIGHTS).read_bytes()
+    (cut / "unet" / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        ModelFolderError, match=r"unet/diffusion_pytorch_model\.safetensors is not a readable"
+    ):
+        load_folder(cut)
+
+    short = variant("short")
+    state = load_file(str(short / "pfj.safetensors"))
+    dropped = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != dropped}, str(short / "pfj.safetensors"))
+    with pytest.raises(ModelFolderError, match=rf"pfj\.safetensors does not match.*{dropped}"):
+        load_folder(short)
+
+    wider = variant("wider")
+    cfg = json.loads((wider / "adadiff.json").read_text())
+    cfg["unet"]["block_out_channels"] = [2 * c for c in cfg["unet"]["block_out_channels"]]
+    (wider / "adadiff.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFolderError, match=r"unet/diffusion_pytorch_model\.safetensors"):
+        load_folder(wider)
+
+    text = variant("text")
+    save_file({"embedding": torch.zeros(3, 5)}, str(text / TEXT_EMBEDDING))
+    with pytest.raises(ModelFolderError, match=r"text_embedding\.safetensors must hold.*\(3, 5\)"):
+        load_folder(text)
+
+    src = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (90, 120, 60)).save(src)
+    code = main(["upscale", str(src), "-o", str(tmp_path / "o.png"), "--model", str(cut)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "not a readable" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_unknown_backend_names_the_choices():
+    from adadiff.config import RunSettings
+
+    with pytest.raises(ConfigError, match=r"unknown backend 'trt'; choose one of .*tensorrt"):
+        RunSettings(backend="trt")
 
 
 def test_pfj_starts_as_identity(tiny_models):
