@@ -13,6 +13,9 @@ from adadiff.errors import ConfigError
 from adadiff.presets import tiny
 from adadiff.specs import component_specs
 
+# as for the fp16 ONNX export against the fp32 torch image (tests/engines/test_onnxruntime.py)
+FP16_MIN_PSNR = 70.0
+
 
 def _fresh_models():
     # TorchEngine moves its module to the run's dtype in place, so a half-precision backend gets
@@ -51,11 +54,16 @@ def test_bf16_mmle_runs_on_cpu(tiny_models):
     assert next(engine.module.parameters()).dtype.is_floating_point
     assert str(next(engine.module.parameters()).dtype) == "torch.bfloat16"
     spec = component_specs(tiny_models.config)["mmle"]
-    out = engine(spec.sample_inputs(2, seed=1))["scores"]
+    feeds = spec.sample_inputs(2, seed=1)
+    out = engine(feeds)["scores"]
     assert out.shape == (2, spec.outputs[0].shape[1]) and np.isfinite(out).all()
+    want = TorchBackend(tiny_models).open("mmle")(feeds)["scores"]
+    print("bf16 mmle max abs error", float(np.abs(out - want).max()))
+    tol = spec.fp16_tolerance  # a half-precision tolerance; bf16 keeps 3 mantissa bits fewer
+    np.testing.assert_allclose(out, want, atol=tol.atol, rtol=tol.rtol)
 
 
-def test_fp16_upscale_end_to_end_on_cpu(half_backend, photo, caplog):
+def test_fp16_upscale_end_to_end_on_cpu(half_backend, tiny_models, photo, caplog):
     from adadiff.engines.torch import TorchBackend
     from adadiff.runtime.upscaler import Upscaler
 
@@ -67,6 +75,14 @@ def test_fp16_upscale_end_to_end_on_cpu(half_backend, photo, caplog):
     assert out.shape == (96, 96, 3) and np.isfinite(out).all()
     assert rep.backend["precision"] == "fp16"
     assert rep.components["mmle"]["items"] == rep.unet_evaluations > 0
+    # the same image as fp32 within half precision's error (a fixed schedule: same steps)
+    full = Upscaler(tiny_models.config, TorchBackend(tiny_models), max_batch=4)
+    want, _ = full.upscale(photo[:24, :24], schedule="uniform", interval=200, seed=0)
+    got, _ = up.upscale(photo[:24, :24], schedule="uniform", interval=200, seed=0)
+    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
+    psnr = 10 * np.log10(1.0 / max(mse, 1e-20))
+    print(f"fp16 torch upscale: PSNR {psnr:.1f} dB against fp32")
+    assert psnr >= FP16_MIN_PSNR
 
 
 @pytest.mark.parametrize(
