@@ -117,6 +117,12 @@ def test_calibrate_command_records_fits_and_writes_the_config(
     report = json.loads((folder / "calibration.json").read_text())
     assert report["tiles"] == 4 and report["photos"] == ["grass", "rocket"]
     assert report["before"]["dtss"]["exit_on"] == "nr"
+    # the config holds what the report says was chosen, and the fitted weights, as printed
+    choice = report["choice"]
+    assert (after.dtss.tau, after.dtss.nr_start_t) == (choice["tau"], choice["nr_start_t"])
+    printed = out.split("weights: ", 1)[1].splitlines()[0]
+    assert printed == ", ".join(f"{m.name} {m.weight:+.4g}" for m in after.mmle.metrics)
+    assert [m.weight for m in after.mmle.metrics] != [m.weight for m in before.mmle.metrics]
 
 
 def test_calibrate_command_refuses_hold_out_photos_and_bare_presets(tmp_path, tiny_dir, capsys):
