@@ -158,7 +158,10 @@ def scaling(data: dict[str, Any], path: Path, title: str) -> bool:
     ax.plot(tiles, mem, marker="o", label="peak RSS")
     cuda = [r["memory"].get("cuda_peak_allocated_mb") for r in rows]
     if any(v is not None for v in cuda):
-        ax.plot(tiles, cuda, marker="s", label="CUDA peak allocated")
+        ax.plot(tiles, cuda, marker="s", label="CUDA peak, torch allocator")
+    device = [r["memory"].get("cuda_device_used_after_mb") for r in rows]
+    if any(v is not None for v in device):
+        ax.plot(tiles, device, marker="^", label="CUDA device used after (all allocations)")
     ax.set_xlabel("tiles")
     ax.set_ylabel("MB")
     ax.legend(fontsize=7)

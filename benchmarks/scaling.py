@@ -161,10 +161,11 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     memory: dict[str, Any] = {"rss_after_load_mb": _status_mb("VmRSS") or _maxrss_mb()}
     memory["method"] = "VmHWM after reset" if _reset_peak() else "ru_maxrss (includes load)"
     cuda = job["device"] != "cpu"
+    gpu = int(job["device"].split(":")[1]) if ":" in job["device"] else 0
     if cuda:
         import torch
 
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(gpu)
     options = UpscaleOptions(schedule=job["schedule"], interval=job["interval"], seed=job["seed"])
 
     def upscale_file() -> tuple[None, Any]:
@@ -183,7 +184,11 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         import torch
 
-        memory["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        # torch's allocator only: ONNX Runtime's arena and TensorRT's engines live outside it,
+        # so the device's own figure (every allocation on it, after the runs) goes beside it
+        memory["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(gpu) / 2**20, 1)
+        free, total = torch.cuda.mem_get_info(gpu)
+        memory["cuda_device_used_after_mb"] = round((total - free) / 2**20, 1)
     return {
         "size": job["size"],
         "model": job["model"],

@@ -261,3 +261,35 @@ def test_memory_and_load_runs_render_from_their_json(smoke_run, tmp_path):
     assert "| 4096 | failed |" in text
     assert "10.0 s alone and 21.0 s with 2 busy processes" in text and "2.10x" in text
     assert "(m.json)" in text and "(l.json)" in text
+
+
+def test_scaling_plot_shows_both_gpu_memory_figures(tmp_path, monkeypatch):
+    """A GPU run's rows carry torch's allocator peak and the device's own use; both are drawn."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import plots
+
+    drawn: list[str] = []
+    real = plots._save
+
+    def keep_labels(fig, path):
+        drawn.extend(line.get_label() for ax in fig.axes for line in ax.get_lines())
+        return real(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep_labels)
+    rows = [
+        {
+            "size": s,
+            "tiles": t,
+            "seconds": {"median": 0.1 * t},
+            "memory": {
+                "peak_rss_mb": 900.0 + t,
+                "cuda_peak_allocated_mb": 300.0 + t,
+                "cuda_device_used_after_mb": 2000.0 + t,
+            },
+        }
+        for s, t in ((256, 4), (512, 16))
+    ]
+    data = {"rows": rows, "schedule": "uniform"}
+    assert plots.scaling(data, tmp_path / "scaling.png", "test")
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == PNG_MAGIC
+    assert {"CUDA peak, torch allocator", "CUDA device used after (all allocations)"} <= set(drawn)
