@@ -142,12 +142,14 @@ class TensorRTEngine:
                 ctx.set_tensor_address(t.name, view.data_ptr())
             self.last_batch[index] = batch
             outputs = {}
+            dims = {**self.spec.spatial, "B": batch}
             for t in self.spec.outputs:
-                shape = tuple(ctx.get_tensor_shape(t.name))
-                if not shape or shape[0] != batch:
+                shape = tuple(int(d) for d in ctx.get_tensor_shape(t.name))
+                # the buffer is laid out for the spec's shape; any other shape reads garbage
+                if shape != t.concrete(dims):
                     raise EngineMismatchError(
                         f"TensorRT reports output {t.name} of {self.spec.name} as {shape} at "
-                        f"batch {batch}; rebuild the engines"
+                        f"batch {batch}, the spec expects {t.concrete(dims)}; rebuild the engines"
                     )
                 buf = self.buffers[t.name]
                 ctx.set_tensor_address(t.name, buf.data_ptr())

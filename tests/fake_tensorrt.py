@@ -359,7 +359,7 @@ def _dtype_of(value_info: Any) -> DataType:
 
 
 def _dims_of(value_info: Any) -> list[int]:
-    """Static dims, -1 for the dynamic batch."""
+    """Fixed dims, -1 for dynamic ones (the batch, and sizes derived from dynamic inputs)."""
     return [
         d.dim_value if d.HasField("dim_value") else -1
         for d in value_info.type.tensor_type.shape.dim
@@ -395,6 +395,7 @@ class ICudaEngine:
         self._io = [(n, TensorIOMode.INPUT, DataType(t)) for n, t in header["inputs"]]
         self._io += [(n, TensorIOMode.OUTPUT, DataType(t)) for n, t in header["outputs"]]
         self._session: Any = None
+        self._shape_cache: dict[Any, dict[str, tuple[int, ...]]] = {}
 
     @property
     def num_io_tensors(self) -> int:
@@ -436,6 +437,21 @@ class ICudaEngine:
         ctx = IExecutionContext(self, strategy)
         STATE.contexts.add(ctx)
         return ctx
+
+    def _output_shapes(
+        self, inputs: dict[str, tuple[tuple[int, ...], DataType]]
+    ) -> dict[str, tuple[int, ...]]:
+        """Every output's shape at these input shapes: fixed dims as built, the dynamic ones
+        as TensorRT infers them from the graph (here by running it once on zeros)."""
+        key = tuple(sorted((n, s) for n, (s, _) in inputs.items()))
+        if key not in self._shape_cache:
+            zeros = {n: np.zeros(s, _NUMPY[t]) for n, (s, t) in inputs.items()}
+            self._shape_cache[key] = {n: tuple(v.shape) for n, v in self._run(zeros).items()}
+        inferred = self._shape_cache[key]
+        return {
+            name: tuple(d if d >= 0 else g for d, g in zip(dims, inferred[name], strict=True))
+            for name, dims in self._header["output_dims"].items()
+        }
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._session is None:
@@ -497,11 +513,11 @@ class IExecutionContext:
             lo = self._engine.get_tensor_profile_shape(name, self._profile)[0]
             return self._shapes.get(name, tuple(-1 for _ in lo))
         dims = self._engine._header["output_dims"][name]
-        inputs = [n for n, m, _ in self._engine._io if m == TensorIOMode.INPUT]
-        if any(n not in self._shapes for n in inputs):
+        inputs = [(n, t) for n, m, t in self._engine._io if m == TensorIOMode.INPUT]
+        if any(n not in self._shapes for n, _ in inputs):
             return tuple(-1 if d < 0 else d for d in dims)
-        batch = self._shapes[inputs[0]][0]
-        return tuple(batch if d < 0 else d for d in dims)
+        shapes = {n: (self._shapes[n], t) for n, t in inputs}
+        return self._engine._output_shapes(shapes)[name]
 
     def set_device_memory(self, memory: int, size: int) -> None:
         self._memory = (int(memory), int(size))

@@ -199,6 +199,18 @@ def test_refused_profile_selection_and_shapes_are_errors(trt, export):
         backend.open("mmle")
 
 
+def test_output_shape_other_than_the_spec_is_an_error(trt, export):
+    _build(export, components=("pfj",))
+    engine = _backend(export).open("pfj")
+    (out,) = engine.spec.output_names
+    dims = engine.engine._header["output_dims"][out]
+    engine.engine._header["output_dims"][out] = [*dims[:-1], dims[-1] * 2]  # another tile size
+    with pytest.raises(EngineMismatchError, match=rf"output {out} of pfj as \(3, .*spec expects"):
+        engine(engine.spec.sample_inputs(3))
+    engine.engine._header["output_dims"][out] = dims
+    assert engine(engine.spec.sample_inputs(3))[out].shape[0] == 3
+
+
 def test_engine_must_match_its_manifest(trt, export):
     manifest = _build(export, components=("pfj", "mmle"))
     folder = export / TRT_DIR
