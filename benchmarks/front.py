@@ -22,13 +22,21 @@ from resampling crops (within each photo) and seeds together; differences betwee
 are paired (same crops, same seeds). The JSON also holds the diagnostics: each adaptive run's
 gains per timestep band against tau, how often each category fires, and whether the tiles that
 gain from more steps (LPIPS at 20 against 200 steps) are the ones DTSS gives more steps.
+
+A full front takes 20 to 45 minutes on two cores. Each finished (schedule, seed) run is saved
+under ``OUT/.runs``; run the same command again after an interruption and it resumes there
+(runs made with other weights or crops are refused, not mixed in). The folder goes once
+``front.json`` is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -88,6 +96,11 @@ class Method:
     dtss: DTSSConfig | None = None
     seeds: int | None = None  # None: every seed
     interval: int | None = None  # uniform schedules: their interval
+    spec: str = ""  # what the policy closure holds (a content rule, an exit), for the run store
+
+    def key(self) -> str:
+        """Everything that decides this method's runs: a saved run is reused only if it matches."""
+        return repr((self.label, self.kind, self.interval, self.dtss, self.metrics, self.spec))
 
 
 def holdout_crops(model: ModelConfig, photos: Sequence[str], crops: int, seed: int) -> Batch:
@@ -121,13 +134,21 @@ def methods(args: argparse.Namespace, cfg: ModelConfig) -> list[Method]:
     ]
     rules = [("model", cfg.content)] if cfg.content.threshold > 0 else []
     for name, rule in rules + list(args.content):
-        out.append(Method(f"content-{name}", "content", lambda lr, r=rule: ContentPolicy.of(lr, r)))
+        out.append(
+            Method(
+                f"content-{name}",
+                "content",
+                lambda lr, r=rule: ContentPolicy.of(lr, r),
+                spec=repr(rule),
+            )
+        )
     for interval, below in args.exit:
         out.append(
             Method(
                 f"exit-{interval}@{below}",
                 "fixed-exit",
                 lambda _lr, i=interval, b=below: FixedExitPolicy(i, b),
+                spec=f"{interval}@{below}",
             )
         )
     calibrations = [("model", cfg.dtss, cfg.mmle.metrics)]
@@ -209,6 +230,94 @@ def run_method(
         "decisions": policy.rows,
         "seconds": time.perf_counter() - start,
     }
+
+
+RUNS = ".runs"
+
+
+def weights_digest(models: TorchModels) -> str:
+    """SHA-256 of every weight the runs depend on (a changed checkpoint changes every run)."""
+    h = hashlib.sha256(models.config.digest().encode())
+    for name, module in (
+        ("unet", models.unet),
+        ("vae", models.vae),
+        ("pfj", models.pfj),
+        ("mmle", models.mmle),
+    ):
+        for key, tensor in sorted(module.state_dict().items()):
+            h.update(f"{name}.{key}".encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    h.update(models.text_embedding.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class RunStore:
+    """Finished (method, seed) runs kept under ``OUT/.runs`` while the front is measured, so a
+    front stopped part-way (a session's end, Ctrl-C) resumes where it stopped. A run is reused
+    only under the same setting (weights, crops) and the same method definition."""
+
+    def __init__(self, folder: Path, setting: dict[str, Any]) -> None:
+        self.folder = folder
+        marker = folder / "setting.json"
+        text = json.dumps(setting, indent=1, sort_keys=True) + "\n"
+        if marker.is_file() and marker.read_text() != text:
+            raise ConfigError(
+                f"{folder} holds runs of an earlier front measured with other weights or crops "
+                f"(see {marker}); delete that folder to start over, or pass another --out"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(text)
+
+    def _path(self, method: Method, seed: int) -> Path:
+        digest = hashlib.sha256(method.key().encode()).hexdigest()[:16]
+        return self.folder / f"{digest}-seed{seed}.json"
+
+    def load(self, method: Method, seed: int) -> dict[str, Any] | None:
+        path = self._path(method, seed)
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        if record.get("method") != method.key():
+            return None
+        return record
+
+    def save(self, method: Method, seed: int, record: dict[str, Any]) -> None:
+        path = self._path(method, seed)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"method": method.key(), "seed": seed, **record}))
+        os.replace(tmp, path)  # a run is either saved whole or not at all
+
+    def __len__(self) -> int:
+        return len(list(self.folder.glob("*-seed*.json")))
+
+
+def measure_run(
+    method: Method,
+    seed: int,
+    models: TorchModels,
+    crops: Batch,
+    lr: np.ndarray,
+    scorer: Scorer,
+    max_batch: int,
+    store: RunStore | None,
+) -> tuple[dict[str, Any], bool]:
+    """One (method, seed) run scored per tile, from the store when it holds it; True if reused."""
+    if store is not None and (saved := store.load(method, seed)) is not None:
+        return saved, True
+    res = run_method(method, models, crops, lr, seed, max_batch)
+    q = scorer(scorer.images(res["latents"]))
+    record = {
+        "quality": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in q.items()},
+        "steps": [int(n) for n in res["steps"]],
+        "decisions": [
+            [int(tile), int(t), float(g_fr), float(g_nr), str(cat)]
+            for tile, t, g_fr, g_nr, cat in res["decisions"]
+        ],
+        "seconds": float(res["seconds"]),
+    }
+    if store is not None:
+        store.save(method, seed, record)
+    return record, False
 
 
 def bootstrap_mean(
@@ -444,24 +553,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     decisions: dict[str, list] = {}
     seconds: dict[str, float] = {}
     bicubic = scorer(crops.up)
+    store = None
+    if args.out is not None:
+        setting = {
+            "weights": weights_digest(models),
+            "photos": list(args.photos),
+            "crops": args.crops,
+            "crop_seed": args.crop_seed,
+            "max_batch": args.max_batch,
+        }
+        store = RunStore(args.out / RUNS, setting)
+        if len(store):
+            print(f"resuming: {len(store)} finished runs in {store.folder} are reused", flush=True)
     total = sum(m.seeds or args.seeds for m in plan)
     done = 0
     start = time.perf_counter()
     for method in plan:
         for seed in range(method.seeds or args.seeds):
-            res = run_method(method, models, crops, lr, seed, args.max_batch)
-            q = scorer(scorer.images(res["latents"]))
+            res, reused = measure_run(
+                method, seed, models, crops, lr, scorer, args.max_batch, store
+            )
+            q = {k: np.asarray(v) for k, v in res["quality"].items()}
             for key, values in q.items():
                 rows.setdefault(method.label, {}).setdefault(key, []).append(values)
-            steps.setdefault(method.label, []).append(res["steps"])
-            decisions.setdefault(method.label, []).extend(res["decisions"])
+            steps.setdefault(method.label, []).append(np.asarray(res["steps"]))
+            decisions.setdefault(method.label, []).extend(tuple(row) for row in res["decisions"])
             seconds[method.label] = seconds.get(method.label, 0.0) + res["seconds"]
             done += 1
             elapsed = time.perf_counter() - start
             print(
                 f"[{done}/{total}] {method.label} seed {seed}: "
-                f"{res['steps'].mean():.1f} steps/tile, "
-                f"LPIPS {q['lpips'].mean():.4f} ({elapsed:.0f}s)",
+                f"{np.mean(res['steps']):.1f} steps/tile, "
+                f"LPIPS {q['lpips'].mean():.4f} ({'saved run' if reused else f'{elapsed:.0f}s'})",
                 flush=True,
             )
         if method.kind in ("mmle", "oracle"):
@@ -786,6 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "front.json"
     result["plot"] = plot(result, args.out / "front.png").name
     path.write_text(json.dumps(result, indent=1) + "\n")
+    shutil.rmtree(args.out / RUNS, ignore_errors=True)  # the front is whole: nothing to resume
     print(f"wrote {path}")
     if args.readme:
         write_readme(result, path, args.readme)
