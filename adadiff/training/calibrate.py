@@ -21,7 +21,7 @@ only training can know. Then:
    lowest mean LPIPS to HR, cheapest first among near-equals, optionally within a step budget.
 
 The fit is scored by leaving each tuning photo out in turn, so the figures in the report are
-for photos the weights did not see.
+for photos the metric weights were not fitted on (the model itself may have trained on them).
 """
 
 from __future__ import annotations

@@ -511,9 +511,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     c, ref = report["choice"], report["reference"]
     print(
         f"tau {c['tau']:g}, second half from t < {c['nr_start_t']}, exit on the total gain; "
-        f"replayed on photos the weights did not see: LPIPS {c['lpips']:.4f} at "
-        f"{c['steps']:.1f} steps per tile (last estimate {ref['last_estimate']:.4f}, fixed exit "
-        f"at t < 400 {ref['fixed_exit_t<400']:.4f}, best second-half estimate "
+        f"replayed with metric weights fitted without the replayed photo: LPIPS "
+        f"{c['lpips']:.4f} at {c['steps']:.1f} steps per tile (last estimate "
+        f"{ref['last_estimate']:.4f}, fixed exit at t < 400 {ref['fixed_exit_t<400']:.4f}, "
+        f"best second-half estimate "
         f"{ref['best_second_half_estimate']:.4f})"
     )
     print("weights: " + ", ".join(f"{m.name} {m.weight:+.4g}" for m in metrics))
