@@ -62,6 +62,7 @@ from adadiff.runtime.policy import (
     StepPolicy,
     UniformPolicy,
 )
+from adadiff.training.assemble import hash_tensors
 from adadiff.training.data import HOLDOUT, VALIDATION
 from adadiff.training.labels import (
     OracleScorer,
@@ -244,10 +245,8 @@ def weights_digest(models: TorchModels) -> str:
         ("pfj", models.pfj),
         ("mmle", models.mmle),
     ):
-        for key, tensor in sorted(module.state_dict().items()):
-            h.update(f"{name}.{key}".encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    h.update(models.text_embedding.detach().cpu().contiguous().numpy().tobytes())
+        hash_tensors(h, ((f"{name}.{k}", v) for k, v in sorted(module.state_dict().items())))
+    hash_tensors(h, [("", models.text_embedding)])  # unnamed, as runs saved so far were keyed
     return h.hexdigest()
 
 

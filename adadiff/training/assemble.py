@@ -11,7 +11,7 @@ when none is asked for.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -39,12 +39,17 @@ def _encoder_items(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.
             yield key, state[key]
 
 
+def hash_tensors(digest: Any, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Feed each named tensor's name and bytes into a hashlib digest."""
+    for key, value in items:
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+
+
 def encoder_fingerprint(vae_state: dict[str, torch.Tensor]) -> str:
     """sha256 over the encoder's (and quant_conv's) tensors: which latent space this is."""
     digest = hashlib.sha256()
-    for key, value in _encoder_items(vae_state):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    hash_tensors(digest, _encoder_items(vae_state))
     return digest.hexdigest()
 
 
