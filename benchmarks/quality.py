@@ -35,6 +35,8 @@ import torch
 
 from adadiff.config import SCHEDULES
 from adadiff.imageio import bicubic_upscale
+from adadiff.models.bundle import TorchModels, load_models
+from adadiff.models.wrappers import VAEDecoderWrapper, VAEEncoderWrapper
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import load_lpips
 from adadiff.quality.metrics import psnr, ssim
@@ -127,6 +129,20 @@ def interval(
     return float(np.mean([v.mean() for v in per_photo])), float(low), float(high)
 
 
+def vae_round_trip(models: TorchModels, hr: np.ndarray) -> np.ndarray:
+    """The original through the model's own VAE (encode, decode), [0, 1] like the outputs.
+
+    The nearest a perfect UNet could bring a latent to the truth, so the most any output of
+    this VAE can be; where it shows a flaw (blotches, colour casts), the VAE is the limit."""
+    scale = models.config.scaling_factor
+    encode = VAEEncoderWrapper(models.vae, scale)
+    decode = VAEDecoderWrapper(models.vae, scale)
+    x = torch.from_numpy(np.ascontiguousarray(hr.transpose(2, 0, 1)))[None].float() * 2.0 - 1.0
+    with torch.inference_mode():
+        y = decode(encode(x))[0]
+    return ((y.clamp(-1.0, 1.0) + 1.0) / 2.0).permute(1, 2, 0).numpy().astype(np.float32)
+
+
 def hr_of(name: str, max_side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
     """The photo, centre-cropped to ``max_side`` if given, cut to a multiple of 4, and the
     (top, left) of what is kept."""
@@ -147,6 +163,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     up = Upscaler.from_pretrained(args.model, max_batch=args.max_batch, threads=args.threads)
     schedule = up.schedule_of(args.schedule, args.interval)
     scorer = BlockScorer()
+    models = load_models(args.model)
+    ceiling: dict[str, dict[str, np.ndarray]] = {}
     images: dict[str, dict[str, np.ndarray]] = {}
     offsets: dict[str, tuple[int, int]] = {}
     result: dict[str, Any] = {
@@ -177,7 +195,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             seconds.append(time.perf_counter() - start)
             tiles.append(report.tiles)
-            images[f"{degradation}/{name}"] = {"bicubic": bic, "model": sr, "hr": hr}
+            if name not in ceiling:
+                vae = vae_round_trip(models, hr)
+                ceiling[name] = {**scorer(vae, hr), "image": vae}
+            images[f"{degradation}/{name}"] = {
+                "bicubic": bic,
+                "model": sr,
+                "vae": ceiling[name]["image"],
+                "hr": hr,
+            }
             offsets[name] = offset
             for method, out in (("bicubic", bic), ("model", sr)):
                 per[method][name] = scorer(out, hr)
@@ -213,6 +239,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         entry["blocks"] = {n: len(per["model"][n]["lpips"]) for n in names}
         result["results"][degradation] = entry
+    result["vae_round_trip"] = {
+        key: {
+            "pooled": interval([ceiling[n][key] for n in names]),
+            "per_photo": {n: interval([ceiling[n][key]]) for n in names},
+        }
+        for key in ("lpips", "psnr", "ssim")
+    }
     result["timing"] = {
         "seconds": seconds,
         "tiles": tiles,
@@ -226,6 +259,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for key, parts in images.items():
             for what in ("bicubic", "model"):
                 save_png(args.out / "images" / f"{key.replace('/', '-')}-{what}.png", parts[what])
+        for name, parts in ceiling.items():
+            save_png(args.out / "images" / f"vae-round-trip-{name}.png", parts["image"])
     return result
 
 
@@ -270,8 +305,8 @@ def gallery(
     zoom: int = 2,
 ) -> dict[str, str]:
     """One PNG per degradation: a row per gallery region that lies inside the photos as they
-    ran, columns bicubic | model | original, each crop enlarged ``zoom`` times (nearest) so
-    grain shows."""
+    ran, columns bicubic | model | original (| VAE round trip, when the images have one), each
+    crop enlarged ``zoom`` times (nearest) so grain shows."""
     from PIL import Image, ImageDraw
 
     written: dict[str, str] = {}
@@ -285,18 +320,22 @@ def gallery(
             regions.append(Region(r.photo, top, left, r.size, r.label))
     if not regions:
         return written
+    columns = {"bicubic": "bicubic", "model": "model", "hr": "original"}
+    if all("vae" in parts for parts in images.values()):
+        columns["vae"] = "VAE round trip"
     for degradation in DEGRADATIONS:
         side = max(r.size for r in regions) * zoom
         pad, head = 4, 18
+        n = len(columns)
         canvas = Image.new(
-            "RGB", (3 * side + 4 * pad, head + len(regions) * (side + pad) + pad), "white"
+            "RGB", (n * side + (n + 1) * pad, head + len(regions) * (side + pad) + pad), "white"
         )
         draw = ImageDraw.Draw(canvas)
-        for c, title in enumerate(("bicubic", "model", "original")):
+        for c, title in enumerate(columns.values()):
             draw.text((pad + c * (side + pad) + 4, 3), title, fill="black")
         for r_i, region in enumerate(regions):
             parts = images[f"{degradation}/{region.photo}"]
-            for c, key in enumerate(("bicubic", "model", "hr")):
+            for c, key in enumerate(columns):
                 crop = parts[key][
                     region.top : region.top + region.size, region.left : region.left + region.size
                 ]
@@ -351,6 +390,13 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
             f"| | model - bicubic | {_ci(d['lpips']['pooled'])} | {_ci(d['psnr']['pooled'], 2)}"
             f" | {d['ssim']['pooled'][0]:+.3f} | |"
         )
+    ceiling = result.get("vae_round_trip")
+    if ceiling:
+        lines.append(
+            f"| none | the original through {result['model']}'s VAE | "
+            f"{_ci(ceiling['lpips']['pooled'])} | {_ci(ceiling['psnr']['pooled'], 2)} | "
+            f"{ceiling['ssim']['pooled'][0]:.3f} | |"
+        )
     lines += ["", "Per photo, LPIPS bicubic -> model:", ""]
     lines.append("| degradation | " + " | ".join(photos) + " |")
     lines.append("|---|" + "---|" * len(photos))
@@ -361,6 +407,15 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
             for p in photos
         ]
         lines.append(f"| {deg} | " + " | ".join(cells) + " |")
+    if ceiling:
+        cells = [f"{ceiling['lpips']['per_photo'][p][0]:.3f}" for p in photos]
+        lines.append("| VAE round trip | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "The VAE round trip encodes and decodes the original itself: what a UNet that "
+            "found the exact latent would give, so no output of this VAE does better. Where "
+            "it shows a flaw (the gallery's last column), the VAE is what to improve.",
+        ]
     t = result["timing"]
     lines += [
         "",
@@ -375,8 +430,8 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
     for deg, name in result.get("gallery", {}).items():
         lines += [
             "",
-            f"Gallery, {result['degradations'][deg]} (bicubic | {result['model']} | original, "
-            "crops enlarged 2x):",
+            f"Gallery, {result['degradations'][deg]} (bicubic | {result['model']} | original"
+            f"{' | VAE round trip' if ceiling else ''}, crops enlarged 2x):",
             "",
             f"![gallery {deg}]({rel.parent / name})",
         ]

@@ -295,6 +295,13 @@ def quality_section(quality: dict[str, Any] | None) -> list[str]:
                 f"({lp[1]:.3f} to {lp[2]:.3f}) | {e['psnr']['pooled'][0]:.2f} | "
                 f"{e['ssim']['pooled'][0]:.3f} |"
             )
+    ceiling = quality.get("vae_round_trip")
+    if ceiling:
+        lp = ceiling["lpips"]["pooled"]
+        lines.append(
+            f"| none | the original through this VAE | {lp[0]:.3f} ({lp[1]:.3f} to {lp[2]:.3f})"
+            f" | {ceiling['psnr']['pooled'][0]:.2f} | {ceiling['ssim']['pooled'][0]:.3f} |"
+        )
     timing = quality.get("timing", {})
     if timing:
         lines += [

@@ -75,6 +75,12 @@ def test_quality_runs_on_a_model_folder_and_renders(tmp_path, tiny_dir, metric_c
         > r["bicubic"]["bicubic"]["lpips"]["pooled"][0]
     )
     assert result["timing"]["seconds_per_tile"] > 0 and len(result["targets"]) == 4
+    # The VAE round trip of the originals: scored like the outputs, one entry per photo.
+    ceiling = result["vae_round_trip"]
+    assert set(ceiling["psnr"]["per_photo"]) == {"astronaut", "gravel"}
+    low_mean_high = ceiling["lpips"]["pooled"]
+    assert 0.0 < low_mean_high[1] <= low_mean_high[0] <= low_mean_high[2]
+    assert (out / "images" / "vae-round-trip-gravel.png").is_file()
     # Only the gallery regions inside the 256 px centre crops are drawn.
     assert set(result["gallery"]) == {"bicubic", "realworld"}
     assert (out / result["gallery"]["bicubic"]).is_file()
@@ -86,6 +92,7 @@ def test_quality_runs_on_a_model_folder_and_renders(tmp_path, tiny_dir, metric_c
     card = "\n".join(quality_section(result))
     bic = result["results"]["bicubic"]["model"]["lpips"]["pooled"][0]
     assert f"| bicubic x4 | model | {bic:.3f} (" in card and "s per tile with 1 torch" in card
+    assert f"| none | the original through this VAE | {low_mean_high[0]:.3f} (" in card
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{quality.START}\nold\n{quality.END}\n")
@@ -93,3 +100,16 @@ def test_quality_runs_on_a_model_folder_and_renders(tmp_path, tiny_dir, metric_c
     text = readme.read_text()
     assert "old" not in text and "| Gaussian blur 2 px, bicubic x4, JPEG 60 | model |" in text
     assert "![gallery bicubic](q/gallery-bicubic.png)" in text
+    assert f"| none | the original through {tiny_dir}'s VAE | {low_mean_high[0]:.3f} (" in text
+    # Four columns: bicubic, model, original, VAE round trip.
+    from PIL import Image
+
+    with Image.open(out / result["gallery"]["bicubic"]) as im:
+        assert im.width == 4 * 256 + 5 * 4
+
+
+def test_vae_round_trip_keeps_the_shape_and_range(tiny_models):
+    hr = np.random.default_rng(0).random((64, 96, 3), dtype=np.float32)
+    out = quality.vae_round_trip(tiny_models, hr)
+    assert out.shape == hr.shape and out.dtype == np.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
