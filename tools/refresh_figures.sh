@@ -22,9 +22,12 @@ for step in "${steps[@]}"; do
   case "$step" in
     quality)  # ~2 min
       "$PY" -m benchmarks.quality --out "$REF/quality-cpu" --threads 2 --readme README.md ;;
-    front)  # ~20 min; the DTSS calibration of `adadiff calibrate` runs beside the model's own
+    front)  # ~20 min; the DTSS calibration of `adadiff calibrate` and its coarse-tier variant
+      # (docs/adaptive.md) run beside the model's own
       cal=()
-      [ -f "$REF/front-cpu/calibrated-tiny.json" ] && cal=(--dtss "calibrated=$REF/front-cpu/calibrated-tiny.json")
+      for name in calibrated coarse; do
+        [ -f "$REF/front-cpu/$name-tiny.json" ] && cal+=(--dtss "$name=$REF/front-cpu/$name-tiny.json")
+      done
       "$PY" -m benchmarks.front --out "$REF/front-cpu" --threads 1 "${cal[@]}" --readme README.md ;;
     evaluate)  # ~16 min
       "$PY" -m benchmarks.evaluate_tiny --out "$REF/eval_tiny_cpu.json" --threads 2 ;;
