@@ -771,8 +771,9 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
     if fit:
         lines += [
             "",
-            "The best content rule on these same crops (in-sample: fit on the validation photos, "
-            f"report on others): latent texture below {fit['threshold']:.4f} "
+            "The best content rule on these same crops (in-sample, so an upper bound; a rule "
+            "to ship is fitted on tuning photos and scored here): "
+            f"latent texture below {fit['threshold']:.4f} "
             f"({fit['flat_share']:.0%} of tiles) jumps by {fit['flat_interval']}, the rest by "
             f"{fit['textured_interval']}: LPIPS {_ci(fit['lpips'])} at "
             f"{fit['steps_per_tile']:.1f} steps per tile.",

@@ -413,8 +413,11 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
         lines += [
             "",
             "The VAE round trip encodes and decodes the original itself: what a UNet that "
-            "found the exact latent would give, so no output of this VAE does better. Where "
-            "it shows a flaw (the gallery's last column), the VAE is what to improve.",
+            "found the exact latent would give. It skips the colour fix the Upscaler applies "
+            "to its outputs (their low frequencies come from the bicubic input), so its "
+            "colours can be off where the model's are not; its blotches and lost detail are "
+            "finer than what the colour fix replaces, and where they show they limit the "
+            "model's outputs too (the gallery's last column).",
         ]
     t = result["timing"]
     lines += [
