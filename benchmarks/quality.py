@@ -132,8 +132,8 @@ def interval(
 def vae_round_trip(models: TorchModels, hr: np.ndarray) -> np.ndarray:
     """The original through the model's own VAE (encode, decode), [0, 1] like the outputs.
 
-    The nearest a perfect UNet could bring a latent to the truth, so the most any output of
-    this VAE can be; where it shows a flaw (blotches, colour casts), the VAE is the limit."""
+    What a UNet that found the exact latent would give, before the Upscaler's colour fix:
+    blotches or lost detail here are the VAE's, and no UNet removes them."""
     scale = models.config.scaling_factor
     encode = VAEEncoderWrapper(models.vae, scale)
     decode = VAEDecoderWrapper(models.vae, scale)
