@@ -34,15 +34,16 @@ import numpy as np
 import torch
 
 from adadiff.config import SCHEDULES
+from adadiff.engines.torch import TorchBackend
 from adadiff.imageio import bicubic_upscale
 from adadiff.models.bundle import TorchModels, load_models
-from adadiff.models.wrappers import VAEDecoderWrapper, VAEEncoderWrapper
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import load_lpips
 from adadiff.quality.metrics import psnr, ssim
 from adadiff.runtime.upscaler import Upscaler
 from adadiff.training.data import load_photo
 from adadiff.training.degrade import bicubic_x4, blur_jpeg_x4
+from adadiff.training.labels import decode_latents, encode_latents
 from adadiff.training.pairs import evaluation_photos
 from benchmarks.machine import machine, weights_of
 from benchmarks.report import relative_link
@@ -134,13 +135,8 @@ def vae_round_trip(models: TorchModels, hr: np.ndarray) -> np.ndarray:
 
     What a UNet that found the exact latent would give, before the Upscaler's colour fix:
     blotches or lost detail here are the VAE's, and no UNet removes them."""
-    scale = models.config.scaling_factor
-    encode = VAEEncoderWrapper(models.vae, scale)
-    decode = VAEDecoderWrapper(models.vae, scale)
-    x = torch.from_numpy(np.ascontiguousarray(hr.transpose(2, 0, 1)))[None].float() * 2.0 - 1.0
-    with torch.inference_mode():
-        y = decode(encode(x))[0]
-    return ((y.clamp(-1.0, 1.0) + 1.0) / 2.0).permute(1, 2, 0).numpy().astype(np.float32)
+    latent = encode_latents(models, hr[None].astype(np.float32), max_batch=1)
+    return decode_latents(models.wrappers()["vae_decoder"], latent)[0]
 
 
 def hr_of(name: str, max_side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
@@ -160,10 +156,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = list(evaluation_photos(args.photos))
-    up = Upscaler.from_pretrained(args.model, max_batch=args.max_batch, threads=args.threads)
+    models = load_models(args.model)  # once: the Upscaler runs them, the VAE round trip too
+    up = Upscaler(
+        models.config,
+        TorchBackend(models, threads=args.threads),
+        max_batch=args.max_batch,
+        model_name=str(args.model),
+    )
     schedule = up.schedule_of(args.schedule, args.interval)
     scorer = BlockScorer()
-    models = load_models(args.model)
     ceiling: dict[str, dict[str, np.ndarray]] = {}
     images: dict[str, dict[str, np.ndarray]] = {}
     offsets: dict[str, tuple[int, int]] = {}
