@@ -549,8 +549,13 @@ def model_card(
         + ", single process on the CPU named in the evaluation JSON.",
         "",
         (
-            f"- VAE: reused unchanged (encoder and decoder) from {vae_reused.label}; the photo "
-            "table marks that model's stages as reused."
+            f"- VAE: reused from {vae_reused.label}, "
+            + (
+                "its encoder unchanged, its decoder the start of the decoder fine-tune below"
+                if decoder
+                else "unchanged (encoder and decoder)"
+            )
+            + "; the photo table marks that model's stages as reused."
             if vae_reused and vae is None
             else f"- VAE: L1 + {v_opts.get('perceptual_weight', '-')} x LPIPS (AlexNet) + "
             f"{v_opts.get('kl_weight', '-')} x KL on a sampled posterior; a share "

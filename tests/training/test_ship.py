@@ -106,7 +106,7 @@ def test_ship_reuses_an_earlier_models_vae_and_mmle_and_says_so(tmp_path, cfg, i
     assert "| astronaut | scikit-image |" in card and "vae (reused), labels (reused) |" in card
     assert "| moon | scikit-image | " in card and "| decoder (reused) |" in card
     assert "**Not every stage kept them out**: astronaut by vae (reused), labels (reused)." in card
-    assert f"- VAE: reused unchanged (encoder and decoder) from {label}" in card
+    assert f"- VAE: reused from {label}" in card and "unchanged (encoder and decoder);" in card
     assert f"- Labels and MMLE: reused from {label}" in card
     assert "The UNet draws every photo equally often. LR inputs" in card
     record = read_record(out)
@@ -115,6 +115,16 @@ def test_ship_reuses_an_earlier_models_vae_and_mmle_and_says_so(tmp_path, cfg, i
     assert record.sources["vae"].startswith(f"reused from {label}")
     assert demo.role("astronaut", out).startswith("its UNet never saw it")
     assert demo.role("chelsea", out) == "this model never trained on it"
+
+    # A decoder fine-tune changes the reused VAE's decoder: the card must not call it unchanged.
+    from adadiff.training.decoder import DecoderOptions, train_decoder
+
+    train_decoder(
+        cfg, workdir, opts(1), DecoderOptions(perceptual_weight=0.0, crop=32), images=images
+    )
+    card = (ship(cfg, workdir, tmp_path / "tuned", mmle_from=earlier) / "MODEL_CARD.md").read_text()
+    assert "its encoder unchanged, its decoder the start of the decoder fine-tune below" in card
+    assert "unchanged (encoder and decoder)" not in card
 
     shutil.rmtree(earlier)  # the card of the VAE's origin was the only record of its photos
     with pytest.raises(ModelFolderError, match="restore that folder"):
