@@ -239,11 +239,18 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
     if mmle:
         rho = ", ".join(f"{k} {v:.3f}" for k, v in mmle.get("spearman", {}).items())
         picked = {"photo": ", each photo equally likely", "area": ", photos by pixel count"}
+        majority = mmle.get("majority_category_share")
+        baseline = (
+            f" (always the oracle's most frequent category: {100 * majority:.1f}%)"
+            if majority is not None
+            else ""
+        )
         lines += [
             "",
             f"MMLE vs oracle on {mmle.get('trajectories', '?')} trajectories of hold-out crops"
             f"{picked.get(mmle.get('crop_weighting', ''), '')}: Spearman {rho}; same DTSS "
-            f"category in {100 * mmle.get('category_agreement', float('nan')):.1f}% of steps.",
+            f"category in {100 * mmle.get('category_agreement', float('nan')):.1f}% of steps"
+            f"{baseline}.",
         ]
         within = mmle.get("spearman_within_trajectory_median", {})
         between = mmle.get("spearman_between_trajectory_means", {})

@@ -62,5 +62,9 @@ def test_model_card_reports_the_interval_and_says_when_none_was_recorded() -> No
     text = "\n".join(_eval_section({"summary": {"mmle": mmle}}))
     assert "on 144 trajectories" in text and "psnr 0.810, lpips 0.790" in text
     assert "resampled: psnr 0.740-0.860, lpips 0.700-0.850." in text
+    assert "steps." in text and "most frequent" not in text
     del mmle["spearman_bootstrap_90"]
     assert "resampled" not in "\n".join(_eval_section({"summary": {"mmle": mmle}}))
+    mmle["majority_category_share"] = 0.975
+    text = "\n".join(_eval_section({"summary": {"mmle": mmle}}))
+    assert "in 95.0% of steps (always the oracle's most frequent category: 97.5%)." in text
