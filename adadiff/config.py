@@ -322,11 +322,12 @@ class ModelConfig:
                 f"the UNet must take concat(z, lr_latent): in_channels {2 * self.latent_channels}, "
                 f"got {self.unet.get('in_channels')}"
             )
-        if self.unet.get("out_channels", self.latent_channels) != self.latent_channels:
+        # diffusers builds 4 output channels when the config names none
+        if self.unet.get("out_channels", 4) != self.latent_channels:
             raise ConfigError(
                 f"the UNet predicts in the VAE's latent space: out_channels "
                 f"{self.latent_channels} (the VAE's latent_channels), got "
-                f"{self.unet.get('out_channels')}"
+                f"{self.unet.get('out_channels', 4)}"
             )
         if self.uniform_interval < 1:
             raise ConfigError(f"uniform_interval must be >= 1, got {self.uniform_interval}")
