@@ -129,6 +129,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     vae.add_argument("--perceptual-weight", type=float, default=0.1)
     vae.add_argument("--kl-weight", type=float, default=1e-6)
     vae.add_argument(
+        "--kl-reduction",
+        choices=("value", "sum"),
+        default="value",
+        help="value: the summed KL is divided by the image's value count, the balance of Stable "
+        "Diffusion's autoencoder (default); sum: as the first tiny's VAE trained, 3*H*W times "
+        "heavier",
+    )
+    vae.add_argument(
         "--lr-input-prob",
         type=fraction,
         default=0.25,
@@ -137,6 +145,20 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     vae.add_argument("--realesrgan-prob", type=fraction, default=0.0)
     vae.add_argument(
         "--crop", type=positive, help="training crop side in px (default: the tile size)"
+    )
+    vae.add_argument(
+        "--min-scale",
+        type=float,
+        default=1.0,
+        help="scale augmentation: each crop shows its photo downscaled by a random factor in "
+        "[MIN, 1] (1: the photo's own scale)",
+    )
+    vae.add_argument(
+        "--deadleaves",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N synthetic dead-leaves images (made from the seed) to the photos",
     )
 
     unet = stages.add_parser("unet", help="train UNet + PFJ on the denoising loss (VAE frozen)")
@@ -342,9 +364,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         vopts = VAEOptions(
             perceptual_weight=args.perceptual_weight,
             kl_weight=args.kl_weight,
+            kl_reduction=args.kl_reduction,
             lr_input_prob=args.lr_input_prob,
             realesrgan_prob=args.realesrgan_prob,
             crop=args.crop,
+            min_scale=args.min_scale,
+            deadleaves=args.deadleaves,
         )
         result = train_vae(cfg, workdir, _options(args), vopts, cache_dir=args.metrics_cache)
     elif stage == "unet":

@@ -1,7 +1,11 @@
 """Stage 1: train the model's AutoencoderKL on HR crops one tile in size.
 
 Loss: L1 + ``perceptual_weight`` * LPIPS (AlexNet, from the metric set-up) + ``kl_weight`` * KL,
-on a sampled posterior, as Stable Diffusion's autoencoder without the discriminator. A share of
+on a sampled posterior, as Stable Diffusion's autoencoder without the discriminator. That
+autoencoder sums its reconstruction loss over pixels; with a mean L1 the summed KL is divided by
+the image's value count (``kl_reduction="value"``) to keep the same balance. Summed as it is
+(``"sum"``, how the first `tiny`'s VAE trained) it weighs 3 * H * W times more, and the posterior
+noise it keeps drowns whole latent channels. A share of
 the inputs (``lr_input_prob``) are bicubic-upscaled x4-degraded crops, reconstructed as they are:
 the encoder meets exactly those at inference, so it must represent them too.
 
@@ -28,6 +32,7 @@ from adadiff.config import ModelConfig
 from adadiff.errors import ConfigError
 from adadiff.models.wrappers import DiffusersModel
 from adadiff.quality.lpips import load_lpips
+from adadiff.training.deadleaves import dead_leaves_set
 from adadiff.training.loop import (
     Progress,
     StageResult,
@@ -43,22 +48,34 @@ log = logging.getLogger("adadiff.training")
 
 STAGE = "vae"
 SCALE_CROPS = 32  # crops used to measure the latent scaling factor
+KL_REDUCTIONS = ("value", "sum")
 
 
 @dataclass(frozen=True, kw_only=True)
 class VAEOptions:
     perceptual_weight: float = 0.1
     kl_weight: float = 1e-6
+    kl_reduction: str = "value"  # "value": per image value, as SD's autoencoder; "sum": legacy
     lr_input_prob: float = 0.25
     realesrgan_prob: float = 0.0
     grad_clip: float = 1.0
     crop: int | None = None  # training crop side; None: the config's tile size
+    min_scale: float = 1.0  # scale augmentation of the crops (CropConfig.min_scale)
+    deadleaves: int = 0  # synthetic dead-leaves images added to the photos (deadleaves.py)
 
     def __post_init__(self) -> None:
         if self.crop is not None and (self.crop < 8 or self.crop % 8):
             raise ConfigError(f"crop must be a multiple of 8 (>= 8), got {self.crop}")
         if self.perceptual_weight < 0 or self.kl_weight < 0 or self.grad_clip <= 0:
             raise ConfigError(f"VAE loss weights must be >= 0 and grad_clip > 0, got {self}")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ConfigError(
+                f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}"
+            )
+        if not 0 < self.min_scale <= 1:
+            raise ConfigError(f"min_scale must be in (0, 1], got {self.min_scale}")
+        if self.deadleaves < 0:
+            raise ConfigError(f"deadleaves must be >= 0, got {self.deadleaves}")
         if not 0 <= self.lr_input_prob <= 1:
             raise ConfigError(f"lr_input_prob must be in [0, 1], got {self.lr_input_prob}")
 
@@ -104,6 +121,7 @@ class VAEStage:
             size=vopts.crop or cfg.tile_size,
             scale=cfg.upscale,
             realesrgan_prob=vopts.realesrgan_prob,
+            min_scale=vopts.min_scale,
         )
         self.scale_crops = PairStream(images, numpy_rng(opts.seed, 2), size=cfg.tile_size).hr(
             SCALE_CROPS
@@ -132,7 +150,8 @@ class VAEStage:
         rec = self.vae.decode(z, return_dict=False)[0]
         l1 = F.l1_loss(rec, x)
         kl = 0.5 * (mean.pow(2) + std.pow(2) - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
-        loss = l1 + self.vopts.kl_weight * kl
+        kl_scale = 1.0 / x[0].numel() if self.vopts.kl_reduction == "value" else 1.0
+        loss = l1 + self.vopts.kl_weight * kl_scale * kl
         terms = {"l1": l1.item()}
         if self.lpips is not None:
             perceptual = self.lpips(rec.clamp(-1, 1), x).mean()
@@ -191,12 +210,13 @@ def train_vae(
     progress: Progress | None = None,
 ) -> StageResult:
     """Train (or resume) the VAE into ``workdir/vae``."""
-    stage = VAEStage(
-        cfg,
-        opts,
-        vopts,
-        images if images is not None else load_images("train"),
-        cache_dir=cache_dir,
-    )
-    stage.photos = photo_names("train") if images is None else []
+    names: list[str] = []
+    if images is None:
+        names, images = photo_names("train"), load_images("train")
+    if vopts.deadleaves:  # beside the caller's images too: an option is never ignored
+        synthetic_names, synthetic = dead_leaves_set(vopts.deadleaves, seed=opts.seed)
+        names, images = [*names, *synthetic_names], [*images, *synthetic]
+        log.info("vae: %d dead-leaves images beside the photos", vopts.deadleaves)
+    stage = VAEStage(cfg, opts, vopts, images, cache_dir=cache_dir)
+    stage.photos = names
     return run_stage(stage, Path(workdir) / STAGE, opts, config=cfg.to_dict(), progress=progress)

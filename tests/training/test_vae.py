@@ -31,3 +31,39 @@ def test_vae_writes_checkpoint_and_resumes_exactly(tmp_path, cfg, images):
         train_vae(cfg, tmp_path / "b", opts(4, resume=False), vopts, images=images)
     with pytest.raises(ConfigError, match="no vae checkpoint"):
         train_vae(cfg, tmp_path / "c", opts(1, resume=True), vopts, images=images)
+
+
+@pytest.mark.parametrize("reduction", ["value", "sum"])
+def test_vae_kl_weighs_per_image_value_unless_summed(cfg, images, reduction):
+    from adadiff.training.vae import VAEOptions, VAEStage
+
+    crop = 16
+    vopts = VAEOptions(perceptual_weight=0.0, kl_weight=1e-3, kl_reduction=reduction, crop=crop)
+    terms = VAEStage(cfg, opts(1), vopts, images).step(0)
+    per = 1.0 / (3 * crop * crop) if reduction == "value" else 1.0
+    assert terms["kl"] > 0
+    assert terms["loss"] == pytest.approx(terms["l1"] + 1e-3 * per * terms["kl"], rel=1e-5)
+
+
+def test_vae_options_refuse_bad_values():
+    from adadiff.training.vae import VAEOptions
+
+    with pytest.raises(ConfigError, match="kl_reduction"):
+        VAEOptions(kl_reduction="mean")
+    with pytest.raises(ConfigError, match="min_scale"):
+        VAEOptions(min_scale=0.0)
+    with pytest.raises(ConfigError, match="deadleaves"):
+        VAEOptions(deadleaves=-1)
+
+
+def test_vae_trains_on_dead_leaves_beside_the_photos(tmp_path, cfg, images):
+    from adadiff.training.vae import VAEOptions, train_vae
+
+    vopts = VAEOptions(perceptual_weight=0.0, deadleaves=2, min_scale=0.5)
+    train_vae(cfg, tmp_path, opts(1), vopts, images=images)
+    summary = load_latest(tmp_path / "vae")["summary"]
+    assert [p for p in summary["photos"] if p.startswith("deadleaves-")] == [
+        "deadleaves-0",
+        "deadleaves-1",
+    ]
+    assert summary["options"]["min_scale"] == 0.5
