@@ -76,6 +76,14 @@ PhotoWeighting = Literal["area", "photo"]
 PHOTO_WEIGHTINGS: tuple[str, ...] = ("area", "photo")
 
 
+def check_min_scale(value: float) -> float:
+    """``value`` if it is a valid scale augmentation bound (CropConfig.min_scale), else
+    ``ConfigError``; the training stages check their options with it before loading photos."""
+    if not 0 < value <= 1:
+        raise ConfigError(f"min_scale must be in (0, 1], got {value}")
+    return value
+
+
 def check_weighting(value: str) -> PhotoWeighting:
     if value == "area":
         return "area"
@@ -199,8 +207,7 @@ class CropConfig:
                 raise ConfigError(f"{name} jitter must be in [0, 1), got {getattr(self, name)}")
         if self.max_tries < 1:
             raise ConfigError(f"max_tries must be >= 1, got {self.max_tries}")
-        if not 0 < self.min_scale <= 1:
-            raise ConfigError(f"min_scale must be in (0, 1], got {self.min_scale}")
+        check_min_scale(self.min_scale)
         check_weighting(self.weighting)
 
 

@@ -41,8 +41,8 @@ from adadiff.models.networks import PFJ
 from adadiff.models.wrappers import DiffusersModel, UNetWrapper
 from adadiff.runtime.schedule import alphas_cumprod
 from adadiff.training.checkpoint import load_latest, require_latest
-from adadiff.training.data import PhotoWeighting, check_weighting
-from adadiff.training.deadleaves import dead_leaves_set
+from adadiff.training.data import PhotoWeighting, check_min_scale, check_weighting
+from adadiff.training.deadleaves import with_dead_leaves
 from adadiff.training.degrade import strength_config
 from adadiff.training.loop import (
     EMA,
@@ -87,6 +87,7 @@ class UNetOptions:
 
     def __post_init__(self) -> None:
         check_weighting(self.weighting)
+        check_min_scale(self.min_scale)
         if self.deadleaves < 0:
             raise ConfigError(f"deadleaves must be >= 0, got {self.deadleaves}")
         check_training_set(self.photos)
@@ -310,10 +311,7 @@ def train_unet(
     names: list[str] = []
     if images is None:
         names, images = photo_names(uopts.photos), load_images(uopts.photos)
-    if uopts.deadleaves:  # beside the caller's images too: an option is never ignored
-        synthetic_names, synthetic = dead_leaves_set(uopts.deadleaves, seed=opts.seed)
-        names, images = [*names, *synthetic_names], [*images, *synthetic]
-        log.info("unet: %d dead-leaves images beside the photos", uopts.deadleaves)
+    names, images = with_dead_leaves(names, images, uopts.deadleaves, seed=opts.seed, stage=STAGE)
     stage = UNetStage(cfg, opts, uopts, images, vae_state, scaling_factor)
     stage.photos = names
     stage.vae_from = origin if vae_from is not None else ""

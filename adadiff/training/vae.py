@@ -19,7 +19,6 @@ checkpoint; the UNet stage trains on latents scaled by it and the shipped config
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,8 @@ from adadiff.config import ModelConfig
 from adadiff.errors import ConfigError
 from adadiff.models.wrappers import DiffusersModel
 from adadiff.quality.lpips import load_lpips
-from adadiff.training.deadleaves import dead_leaves_set
+from adadiff.training.data import check_min_scale
+from adadiff.training.deadleaves import with_dead_leaves
 from adadiff.training.loop import (
     Progress,
     StageResult,
@@ -43,8 +43,6 @@ from adadiff.training.loop import (
     set_rng_state,
 )
 from adadiff.training.pairs import PairStream, load_images, photo_names, to_tensor
-
-log = logging.getLogger("adadiff.training")
 
 STAGE = "vae"
 SCALE_CROPS = 32  # crops used to measure the latent scaling factor
@@ -72,8 +70,7 @@ class VAEOptions:
             raise ConfigError(
                 f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}"
             )
-        if not 0 < self.min_scale <= 1:
-            raise ConfigError(f"min_scale must be in (0, 1], got {self.min_scale}")
+        check_min_scale(self.min_scale)
         if self.deadleaves < 0:
             raise ConfigError(f"deadleaves must be >= 0, got {self.deadleaves}")
         if not 0 <= self.lr_input_prob <= 1:
@@ -213,10 +210,7 @@ def train_vae(
     names: list[str] = []
     if images is None:
         names, images = photo_names("train"), load_images("train")
-    if vopts.deadleaves:  # beside the caller's images too: an option is never ignored
-        synthetic_names, synthetic = dead_leaves_set(vopts.deadleaves, seed=opts.seed)
-        names, images = [*names, *synthetic_names], [*images, *synthetic]
-        log.info("vae: %d dead-leaves images beside the photos", vopts.deadleaves)
+    names, images = with_dead_leaves(names, images, vopts.deadleaves, seed=opts.seed, stage=STAGE)
     stage = VAEStage(cfg, opts, vopts, images, cache_dir=cache_dir)
     stage.photos = names
     return run_stage(stage, Path(workdir) / STAGE, opts, config=cfg.to_dict(), progress=progress)

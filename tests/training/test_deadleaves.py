@@ -8,7 +8,7 @@ import pytest
 from training_helpers import opts, small_pool
 
 from adadiff.errors import ConfigError
-from adadiff.training.deadleaves import NAME_PREFIX, dead_leaves, dead_leaves_set
+from adadiff.training.deadleaves import NAME_PREFIX, dead_leaves, dead_leaves_set, with_dead_leaves
 
 
 def test_images_depend_on_seed_and_index_only():
@@ -34,6 +34,17 @@ def test_shapes_cover_the_canvas_at_every_scale():
     # ...and structure at coarse scales too: 4x smaller, the image still has contrast
     coarse = luma.reshape(64, 4, 64, 4).mean(axis=(1, 3))
     assert coarse.std() > 0.08
+
+
+def test_a_stage_gets_the_photos_then_the_images_of_its_seed():
+    photo = np.zeros((16, 16, 3), np.float32)
+    names, images = with_dead_leaves(["p"], [photo], 2, seed=3, stage="vae")
+    want_names, want = dead_leaves_set(2, seed=3)
+    assert names == ["p", *want_names]
+    assert images[0] is photo and len(images) == 3
+    for got, expected in zip(images[1:], want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert with_dead_leaves(["p"], [photo], 0, seed=3, stage="vae") == (["p"], [photo])
 
 
 def test_bad_sizes_are_refused():

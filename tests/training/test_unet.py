@@ -74,6 +74,13 @@ def test_unet_options_check_the_photo_weighting():
         UNetOptions(weighting="pixels")  # type: ignore[arg-type]
 
 
+def test_unet_options_refuse_a_bad_scale_before_any_photo_loads():
+    from adadiff.training.unet import UNetOptions
+
+    with pytest.raises(ConfigError, match="min_scale"):
+        UNetOptions(min_scale=1.5)
+
+
 def test_unet_options_check_the_degradation_strength():
     from adadiff.training.unet import UNetOptions
 

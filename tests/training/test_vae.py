@@ -56,11 +56,22 @@ def test_vae_options_refuse_bad_values():
         VAEOptions(deadleaves=-1)
 
 
-def test_vae_trains_on_dead_leaves_beside_the_photos(tmp_path, cfg, images):
+def test_vae_trains_on_dead_leaves_beside_the_photos(tmp_path, cfg, images, monkeypatch):
+    from adadiff.training import vae as vae_module
     from adadiff.training.vae import VAEOptions, train_vae
 
+    seen: list[list] = []
+
+    class Recording(vae_module.VAEStage):
+        def __init__(self, cfg, opts, vopts, images, **kwargs):
+            seen.append(images)
+            super().__init__(cfg, opts, vopts, images, **kwargs)
+
+    monkeypatch.setattr(vae_module, "VAEStage", Recording)
     vopts = VAEOptions(perceptual_weight=0.0, deadleaves=2, min_scale=0.5)
     train_vae(cfg, tmp_path, opts(1), vopts, images=images)
+    assert len(seen) == 1 and len(seen[0]) == len(images) + 2  # the images, not only the names
+    assert all(got is mine for got, mine in zip(seen[0], images, strict=False))
     summary = load_latest(tmp_path / "vae")["summary"]
     assert [p for p in summary["photos"] if p.startswith("deadleaves-")] == [
         "deadleaves-0",
