@@ -30,6 +30,11 @@ decode(encode(input)) against the input), recon_lpips f32[R] (LPIPS of that pair
 recon_photo i64[R]. A shard made before these were recorded gets them on the next run: its
 crops are re-drawn from its seed and must reproduce its stored LR latents.
 
+Every call is also scored against its HR crop, known only at training time (scores_hr
+f64[n, F], the config's F full-reference metrics in ``hr_metrics`` order; the same corrected
+image): the input-referenced score falls both when a step adds real detail and when it adds
+grain, the HR-referenced one only for grain, so these say which steps paid.
+
 With a colour fix in the config (``color_fix``), every decoded image is corrected against its
 reference before it is scored or compared, as the runtime's output is; each shard records the
 fix (``color_fix``, e.g. ``wavelet:5``) and a run with another config refuses to reuse it.
@@ -151,12 +156,20 @@ class OracleScorer:
         lr_latents: np.ndarray,
         metrics: Sequence[MetricConfig],
         cache_dir: str | Path | None = None,
+        *,
+        hr: np.ndarray | None = None,
     ) -> None:
         self.decoder = models.wrappers()["vae_decoder"]
         self.color_fix = models.config.color_fix
         self.references = references  # [N, H, W, 3] in [0, 1], the bicubic-upscaled LR crops
         self.metrics = tuple(metrics)
         self.cache_dir = cache_dir
+        # The HR crops, known at training time only: the same estimate scored against the truth
+        # says whether a step gained real quality, where the input-referenced score cannot tell
+        # added detail from added grain. Full-reference metrics only; NR scores are the same.
+        self.hr = hr
+        self.hr_metrics = tuple(m for m in self.metrics if m.kind is MetricKind.FULL_REFERENCE)
+        self.hr_scores: list[np.ndarray] = []
         # The sampler hands each tile's own LR latent back; its bytes identify the tile.
         self._tile = {lat.tobytes(): k for k, lat in enumerate(lr_latents)}
         self._lr_latents = lr_latents
@@ -202,6 +215,10 @@ class OracleScorer:
             scores[i] = score_images(
                 image, self.references[k], self.metrics, cache_dir=self.cache_dir
             )
+            if self.hr is not None:
+                self.hr_scores.append(
+                    score_images(image, self.hr[k], self.hr_metrics, cache_dir=self.cache_dir)
+                )
             call = self._calls.get(k, 0)
             self._calls[k] = call + 1
             for key, value in zip(
@@ -218,6 +235,11 @@ class OracleScorer:
         }
         for key, values in self.latent.items():
             out[f"latent_{key}"] = np.concatenate(values)
+        if self.hr is not None:
+            out["scores_hr"] = np.asarray(self.hr_scores, dtype=np.float64).reshape(
+                -1, len(self.hr_metrics)
+            )
+            out["hr_metrics"] = np.array([m.name for m in self.hr_metrics], dtype=str)
         return out
 
 
@@ -331,8 +353,10 @@ def run_trajectories(
     random_fraction: float = 0.0,
     max_batch: int = 8,
     cache_dir: str | Path | None = None,
+    score_hr: bool = False,
 ) -> dict[str, np.ndarray]:
-    """One trajectory per crop of ``batch``; every UNet call recorded with its oracle scores.
+    """One trajectory per crop of ``batch``; every UNet call recorded with its oracle scores,
+    and with ``score_hr`` its full-reference scores against the HR crop too (``scores_hr``).
 
     ``random_fraction`` 0 gives purely oracle-driven DTSS runs (what evaluation compares with).
     """
@@ -341,7 +365,8 @@ def run_trajectories(
     n = len(lr_latents)
     pick = numpy_rng(seed, 7).permutation(n)[: round(random_fraction * n)]
     policy = MixedPolicy(cfg.dtss, frozenset(int(k) for k in pick), seed)
-    scorer = OracleScorer(models, batch.up, lr_latents, cfg.mmle.metrics, cache_dir)
+    hr = batch.hr if score_hr else None
+    scorer = OracleScorer(models, batch.up, lr_latents, cfg.mmle.metrics, cache_dir, hr=hr)
     sample_with(models, lr_latents, scorer, policy, seed=seed, max_batch=max_batch)
     out = scorer.arrays()
     out["random"] = np.isin(np.arange(n), pick)[out["traj"]]
@@ -416,6 +441,7 @@ def make_shard(
         random_fraction=opts.random_fraction,
         max_batch=opts.max_batch,
         cache_dir=cache_dir,
+        score_hr=True,
     )
     errors = PixelErrors(cfg.mmle.metrics, cache_dir)
     arrays.update(recon_fields(models, images, index, opts, batch, errors))
@@ -613,17 +639,20 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
 
     The error arrays (``latent_err``, ``latent_lpips``, ``recon_lr``, ``recon_err``,
     ``recon_lpips``, and ``recon_photo_name`` from ``recon_photo``) are there only when every
-    shard has them (``adadiff train labels`` adds them to older shards)."""
+    shard has them (``adadiff train labels`` adds them to older shards); so are ``scores_hr``
+    and its ``hr_metrics`` (shards made before they were recorded lack them)."""
     if not paths:
         raise ModelFolderError("no label shards found; run `adadiff train labels` first")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (*KEYS, "shard", "photo_name")}
     optional: dict[str, list[np.ndarray]] = {}
-    metrics = None
+    metrics = hr_metrics = None
     offset = 0
     for i, path in enumerate(paths):
         try:
             with np.load(path, allow_pickle=False) as npz:
                 data = {k: npz[k] for k in (*KEYS, "metrics")}
+                if "hr_metrics" in npz.files:
+                    data["hr_metrics"] = npz["hr_metrics"]
                 data["photo_name"] = _photo_names(npz, "photo", len(data["t"]))
                 for key in _OPTIONAL_KEYS:
                     if key == "recon_photo" and key in npz.files:
@@ -637,6 +666,11 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
         if metrics is not None and names != metrics:
             raise ModelFolderError(f"{path} has metrics {names}, other shards {metrics}")
         metrics = names
+        if "hr_metrics" in data:
+            hr_names = tuple(str(m) for m in data["hr_metrics"])
+            if hr_metrics is not None and hr_names != hr_metrics:
+                raise ModelFolderError(f"{path} has HR metrics {hr_names}, others {hr_metrics}")
+            hr_metrics = hr_names
         for key in KEYS:
             parts[key].append(data[key] + offset if key == "traj" else data[key])
         parts["shard"].append(np.full(len(data["t"]), i, dtype=np.int64))
@@ -649,7 +683,9 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
     for key, values in complete.items():
         out["recon_photo_name" if key == "recon_photo" else key] = np.concatenate(values)
     out["metrics"] = np.array(metrics)
+    if "scores_hr" in out:
+        out["hr_metrics"] = np.array(hr_metrics)
     return out
 
 
-_OPTIONAL_KEYS = (*ERROR_KEYS, *LPIPS_KEYS)
+_OPTIONAL_KEYS = (*ERROR_KEYS, *LPIPS_KEYS, "scores_hr")

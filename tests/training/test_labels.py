@@ -20,6 +20,7 @@ from training_helpers import (
 
 from adadiff.config import (
     ColorFixConfig,
+    MetricKind,
 )
 from adadiff.errors import ConfigError, ModelFolderError
 
@@ -65,6 +66,12 @@ def test_label_shards_have_keys_and_shapes(tmp_path, unet_workdir, cfg, images):
         assert np.all(np.isfinite(npz["recon_err"])) and np.all(npz["recon_err"] < 0)
         assert npz["latent_err"].shape == (n,) and np.all(np.isfinite(npz["latent_err"]))
         assert str(npz["color_fix"]) == "none"
+        fr = [m.name for m in MICRO_METRICS if m.kind is MetricKind.FULL_REFERENCE]
+        assert fr and [str(m) for m in npz["hr_metrics"]] == fr
+        assert npz["scores_hr"].shape == (n, len(fr)) and np.all(np.isfinite(npz["scores_hr"]))
+        # the truth is not the bicubic input: the same estimates score differently against it
+        same = [i for i, m in enumerate(MICRO_METRICS) if m.kind is MetricKind.FULL_REFERENCE]
+        assert not np.allclose(npz["scores_hr"], npz["scores"][:, same])
     again = make_labels(cfg, workdir, lopts, images=images)
     assert again.made == 0 and again.upgraded == 0
     corrected = replace(cfg, color_fix=ColorFixConfig(kind="wavelet", levels=3))
@@ -75,6 +82,7 @@ def test_label_shards_have_keys_and_shapes(tmp_path, unet_workdir, cfg, images):
     assert set(data["photo_name"].tolist()) <= set(names)
     assert data["recon_err"].shape == (10,) and set(data["recon_photo_name"]) <= set(names)
     assert data["latent_err"].shape == data["t"].shape
+    assert data["scores_hr"].shape[0] == len(data["t"]) and list(data["hr_metrics"]) == fr
     with pytest.raises(ConfigError, match="photo names"):
         make_labels(cfg, tmp_path / "x", lopts, images=images, names=names[:1])
 
@@ -170,13 +178,20 @@ def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
         fixed_cfg = replace(cfg, color_fix=ColorFixConfig(kind=kind, levels=3))
         models = build_random(fixed_cfg, seed=0)
         lr = encode_latents(models, crops.up, 4)
-        scorer = OracleScorer(models, crops.up, lr, cfg.mmle.metrics)
+        scorer = OracleScorer(models, crops.up, lr, cfg.mmle.metrics, hr=crops.hr)
         scores[kind] = scorer(x0, lr, np.array([999.0, 500.0], np.float32))
         decoded = scorer.decode(x0)
         expected = color_fix(decoded, crops.up, fixed_cfg.color_fix)
+        fr = [m for m in cfg.mmle.metrics if m.kind is MetricKind.FULL_REFERENCE]
         for i in range(2):
             np.testing.assert_allclose(
                 scores[kind][i], score_images(expected[i], crops.up[i], cfg.mmle.metrics), rtol=1e-5
+            )
+            # the same corrected estimate against the HR crop: FR metrics only
+            np.testing.assert_allclose(
+                scorer.arrays()["scores_hr"][i],
+                score_images(expected[i], crops.hr[i], fr),
+                rtol=1e-5,
             )
         lr_decoded = scorer.decode(lr)
         corrected = color_fix(decoded, lr_decoded, fixed_cfg.color_fix)
