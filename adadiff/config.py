@@ -183,12 +183,24 @@ class PFJConfig:
             raise ConfigError(f"PFJ hidden and gain_dim must be >= 1, got {self}")
 
 
+MMLE_REFERENCES: tuple[str, ...] = ("input", "hr")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MMLEConfig:
     hidden: int = 32
     metrics: tuple[MetricConfig, ...] = DEFAULT_METRICS
+    # What the full-reference scores MMLE predicts compare with: "input", the bicubic-upscaled
+    # LR tile (the paper's reading, and all an oracle has at inference), or "hr", the HR crop
+    # that labels know at training time, so that a gain means real quality gained (detail) and
+    # a loss real quality lost (grain). Settled per model by the quality/compute front.
+    reference: str = "input"
 
     def __post_init__(self) -> None:
+        if self.reference not in MMLE_REFERENCES:
+            raise ConfigError(
+                f"mmle reference must be one of {MMLE_REFERENCES}, got {self.reference!r}"
+            )
         metrics = tuple(
             m if isinstance(m, MetricConfig) else MetricConfig(**m) for m in self.metrics
         )
@@ -212,13 +224,14 @@ class MMLEConfig:
 
     @property
     def psnr_index(self) -> int | None:
-        """The column of full-reference PSNR, which MMLE builds from two errors; else None."""
-        return self.fr_index("psnr")
+        """The column of full-reference PSNR, which MMLE builds from two errors (the latents'
+        and the VAE's reconstruction of the input; input reference only); else None."""
+        return self.fr_index("psnr") if self.reference == "input" else None
 
     @property
     def lpips_index(self) -> int | None:
-        """The column of full-reference LPIPS, which MMLE builds from two errors; else None."""
-        return self.fr_index("lpips")
+        """The column of full-reference LPIPS, built from two errors as PSNR is; else None."""
+        return self.fr_index("lpips") if self.reference == "input" else None
 
 
 COLOR_FIXES: tuple[str, ...] = ("none", "wavelet")
@@ -399,8 +412,8 @@ class ModelConfig:
         """A stable hash of the config, used to tie exported files to the model they came from.
 
         Fields added after exports existed (``default_schedule``, ``dtss.exit_on``,
-        ``noise.set_alpha_to_one``, ``content``) count only when they differ from their
-        defaults, so those exports keep their digest."""
+        ``noise.set_alpha_to_one``, ``content``, ``mmle.reference``) count only when they differ
+        from their defaults, so those exports keep their digest."""
         data = self.to_dict()
         if data["default_schedule"] == "adaptive":
             del data["default_schedule"]
@@ -410,6 +423,8 @@ class ModelConfig:
             del data["noise"]["set_alpha_to_one"]
         if data["content"] == _plain(asdict(ContentConfig())):
             del data["content"]
+        if data["mmle"]["reference"] == "input":
+            del data["mmle"]["reference"]
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -46,7 +46,7 @@ from adadiff.training.data import PhotoWeighting, holdout_photos, load_photo
 from adadiff.training.degrade import bicubic_x4
 from adadiff.training.labels import encode_latents, mmle_score, run_trajectories, sample_with
 from adadiff.training.loop import numpy_rng
-from adadiff.training.mmle import spearman
+from adadiff.training.mmle import referenced, spearman
 from adadiff.training.pairs import PairStream
 from benchmarks.machine import machine
 
@@ -199,7 +199,16 @@ def mmle_vs_oracle(
     )
     batch = stream.batch(crops)
     start = time.perf_counter()
-    rec = run_trajectories(models, batch, seed=seed, random_fraction=0.0, max_batch=max_batch)
+    rec = run_trajectories(
+        models,
+        batch,
+        seed=seed,
+        random_fraction=0.0,
+        max_batch=max_batch,
+        reference=cfg.mmle.reference,
+    )
+    # what MMLE learned to predict: the FR scores against the HR crop for mmle.reference "hr"
+    rec = referenced(rec, cfg)
     oracle_seconds = time.perf_counter() - start
     mmle = models.wrappers()["mmle"]
     with torch.inference_mode():

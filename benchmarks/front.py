@@ -217,7 +217,15 @@ def run_method(
     metrics = method.metrics or cfg.mmle.metrics
     policy = RecordingPolicy(method.policy(lr))
     if method.kind == "oracle":
-        score: Callable[..., np.ndarray] = OracleScorer(models, crops.up, lr, metrics)
+        # the upper bound of what MMLE can do: the scores it learned, computed exactly
+        score: Callable[..., np.ndarray] = OracleScorer(
+            models,
+            crops.up,
+            lr,
+            metrics,
+            hr=crops.hr if cfg.mmle.reference == "hr" else None,
+            reference=cfg.mmle.reference,
+        )
     else:
         score = mmle_score(models)
     start = time.perf_counter()

@@ -158,7 +158,10 @@ class OracleScorer:
         cache_dir: str | Path | None = None,
         *,
         hr: np.ndarray | None = None,
+        reference: str = "input",
     ) -> None:
+        if reference == "hr" and hr is None:
+            raise ConfigError("an oracle that scores against the HR crop needs the HR crops")
         self.decoder = models.wrappers()["vae_decoder"]
         self.color_fix = models.config.color_fix
         self.references = references  # [N, H, W, 3] in [0, 1], the bicubic-upscaled LR crops
@@ -170,6 +173,13 @@ class OracleScorer:
         self.hr = hr
         self.hr_metrics = tuple(m for m in self.metrics if m.kind is MetricKind.FULL_REFERENCE)
         self.hr_scores: list[np.ndarray] = []
+        # What the policy sees (``__call__``'s return) with ``reference`` "hr": the HR scores in
+        # the full-reference columns, as an MMLE of ``mmle.reference`` "hr" predicts them; the
+        # recorded ``scores`` stay against the input either way.
+        self.reference = reference
+        self._fr_columns = [
+            i for i, m in enumerate(self.metrics) if m.kind is MetricKind.FULL_REFERENCE
+        ]
         # The sampler hands each tile's own LR latent back; its bytes identify the tile.
         self._tile = {lat.tobytes(): k for k, lat in enumerate(lr_latents)}
         self._lr_latents = lr_latents
@@ -188,6 +198,7 @@ class OracleScorer:
         tiles = [self._tile[row.tobytes()] for row in lr]
         decoded = self.decode(x0)
         scores = np.empty((len(x0), len(self.metrics)), dtype=np.float64)
+        seen = scores.copy()
         for k in tiles:
             if k not in self._lr_decoded:
                 lr_image = self.decode(self._lr_latents[k : k + 1])[0]
@@ -215,17 +226,19 @@ class OracleScorer:
             scores[i] = score_images(
                 image, self.references[k], self.metrics, cache_dir=self.cache_dir
             )
+            seen[i] = scores[i]
             if self.hr is not None:
-                self.hr_scores.append(
-                    score_images(image, self.hr[k], self.hr_metrics, cache_dir=self.cache_dir)
-                )
+                truth = score_images(image, self.hr[k], self.hr_metrics, cache_dir=self.cache_dir)
+                self.hr_scores.append(truth)
+                if self.reference == "hr":
+                    seen[i, self._fr_columns] = truth
             call = self._calls.get(k, 0)
             self._calls[k] = call + 1
             for key, value in zip(
                 KEYS, (x0[i], lr[i], float(t[i]), scores[i], k, call), strict=True
             ):
                 self.records[key].append(value)
-        return scores.astype(np.float32)
+        return seen.astype(np.float32)
 
     def arrays(self) -> dict[str, np.ndarray]:
         dtypes = (np.float32, np.float32, np.float32, np.float64, np.int64, np.int64)
@@ -354,19 +367,23 @@ def run_trajectories(
     max_batch: int = 8,
     cache_dir: str | Path | None = None,
     score_hr: bool = False,
+    reference: str = "input",
 ) -> dict[str, np.ndarray]:
     """One trajectory per crop of ``batch``; every UNet call recorded with its oracle scores,
     and with ``score_hr`` its full-reference scores against the HR crop too (``scores_hr``).
 
-    ``random_fraction`` 0 gives purely oracle-driven DTSS runs (what evaluation compares with).
+    ``random_fraction`` 0 gives purely oracle-driven DTSS runs (what evaluation compares with);
+    ``reference`` "hr" drives them by the scores against the HR crop (``OracleScorer``).
     """
     cfg = models.config
     lr_latents = encode_latents(models, batch.up, max_batch)
     n = len(lr_latents)
     pick = numpy_rng(seed, 7).permutation(n)[: round(random_fraction * n)]
     policy = MixedPolicy(cfg.dtss, frozenset(int(k) for k in pick), seed)
-    hr = batch.hr if score_hr else None
-    scorer = OracleScorer(models, batch.up, lr_latents, cfg.mmle.metrics, cache_dir, hr=hr)
+    hr = batch.hr if score_hr or reference == "hr" else None
+    scorer = OracleScorer(
+        models, batch.up, lr_latents, cfg.mmle.metrics, cache_dir, hr=hr, reference=reference
+    )
     sample_with(models, lr_latents, scorer, policy, seed=seed, max_batch=max_batch)
     out = scorer.arrays()
     out["random"] = np.isin(np.arange(n), pick)[out["traj"]]

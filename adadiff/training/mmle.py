@@ -20,6 +20,10 @@ reconstruction part is by default the branch's training mean, not its per-crop e
 (``lpips_recon``): on photos the branch never saw, that estimate ranks the real reconstruction LPIPS
 at Spearman 0.66 only, and it made the LPIPS column rank worse than a constant did.
 
+With ``mmle.reference`` "hr" the full-reference targets are the labels' scores against the HR
+crop (``referenced``) instead; no reconstruction error of the input enters them, so PSNR and LPIPS
+are head outputs like the rest and the LR branch's estimate is one more feature of the head.
+
 A share of whole trajectories (``val_fraction``) is held out, or, with ``val_photos``, every
 trajectory of the named photos: a photo the regressor never saw tells how it generalises, which
 a random share of trajectories (their photos are in training too) overstates. Each checkpoint
@@ -176,6 +180,30 @@ def _dihedral(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return torch.flip(x, dims=(3,)) if rng.random() < 0.5 else x
 
 
+def referenced(data: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The labels with the scores MMLE learns for ``cfg``: as the oracle scored them against the
+    input, or (``mmle.reference`` "hr") with each full-reference column against the HR crop."""
+    if cfg.mmle.reference == "input":
+        return data
+    if "scores_hr" not in data:
+        raise ConfigError(
+            "the model's MMLE predicts full-reference scores against the HR crop (mmle.reference "
+            '"hr" in adadiff.json), and these label shards do not hold them (made before they '
+            "were recorded); move the labels folder away and run `adadiff train labels` again"
+        )
+    hr_names = [str(m) for m in data["hr_metrics"]]
+    scores = data["scores"].copy()
+    for i, metric in enumerate(cfg.mmle.metrics):
+        if metric.kind is MetricKind.FULL_REFERENCE:
+            if metric.name not in hr_names:
+                raise ConfigError(
+                    f"the labels' HR scores are {hr_names}, the config's metric {metric.name!r} is "
+                    "not among them; make the labels with this config"
+                )
+            scores[:, i] = data["scores_hr"][:, hr_names.index(metric.name)]
+    return {**data, "scores": scores}
+
+
 def split_labels(
     data: dict[str, np.ndarray],
     val_fraction: float,
@@ -221,6 +249,7 @@ class MMLEStage:
                 f"{list(self.metric_names)}; make the labels with this config"
             )
         self.cfg, self.opts, self.mopts = cfg, opts, mopts
+        data = referenced(data, cfg)
         train_rows, val_rows = split_labels(data, mopts.val_fraction, opts.seed, mopts.val_photos)
         if len(train_rows) < 2:
             raise ConfigError(f"only {len(train_rows)} usable label rows; make more labels")

@@ -401,11 +401,23 @@ def _labels_mmle_lines(cfg: ModelConfig, m_sum: dict[str, Any]) -> list[str]:
     return [
         "- Labels: trajectories of the frozen model through the runtime sampler, half "
         "oracle-driven DTSS and half random DTSS tiers; every UNet call's x0 decoded and scored "
-        "by the oracle (" + ", ".join(m.name for m in cfg.mmle.metrics) + ") against the LR input. "
-        f"Also each call's latent error ({errors} between decode(x0) and decode(LR latent)) "
+        "by the oracle ("
+        + ", ".join(m.name for m in cfg.mmle.metrics)
+        + ") against the LR input"
+        + (
+            ", and the full-reference ones also against the HR crop, which is what MMLE learns "
+            '(`mmle.reference` "hr": a gain is real quality gained). '
+            if cfg.mmle.reference == "hr"
+            else ". "
+        )
+        + f"Also each call's latent error ({errors} between decode(x0) and decode(LR latent)) "
         "and, for every crop and more crops that run no trajectory, the VAE's reconstruction "
-        f"error ({errors}) of the bicubic input: the FR scores carry both, and only the first "
-        "shows in the latents."
+        f"error ({errors}) of the bicubic input"
+        + (
+            ": the FR scores carry both, and only the first shows in the latents."
+            if cfg.mmle.reference == "input"
+            else " (the LR branch's target; scores against the HR crop are not built from them)."
+        )
         + (
             f" Every decoded image is colour-corrected first ({cfg.color_fix.kind}, "
             f"{cfg.color_fix.levels} levels: the low frequencies come from the image it is "
@@ -436,8 +448,14 @@ def _labels_mmle_lines(cfg: ModelConfig, m_sum: dict[str, Any]) -> list[str]:
                 if name in split
             )
             + ", "
-            if m_sum.get("recon_rows")
-            else ""
+            if m_sum.get("recon_rows") and split
+            else (
+                f"plus L2 of its LR branch's estimate of the reconstruction error (weight "
+                f"{m_sum.get('options', {}).get('recon_weight', 0)}, {m_sum['recon_rows']} "
+                "crops), which enters the head as one more feature, "
+                if m_sum.get("recon_rows")
+                else ""
+            )
         )
         + "Adam; de-standardisation is folded into the last layer (raw scores out). Validation: "
         + (

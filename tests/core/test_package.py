@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,21 @@ def test_config_round_trip(tmp_path):
     data = json.loads((tmp_path / "adadiff.json").read_text())
     assert [m["name"] for m in data["mmle"]["metrics"]] == [m.name for m in cfg.mmle.metrics]
     assert data["dtss"]["tiers"] == [5, 10, 15, 20]
+    # mmle.reference: "input" by default and out of the digest then (older exports keep theirs)
+    assert data["mmle"]["reference"] == "input"
+    hr = replace(cfg, mmle=replace(cfg.mmle, reference="hr"))
+    (tmp_path / "hr").mkdir()
+    hr.save(tmp_path / "hr")
+    assert ModelConfig.load(tmp_path / "hr").mmle.reference == "hr"
+    assert hr.digest() != cfg.digest()
+    assert hr.mmle.psnr_index is None and cfg.mmle.psnr_index is not None
 
 
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown model preset"):
         preset("sd15")
+    with pytest.raises(ConfigError, match="mmle reference"):
+        replace(tiny().mmle, reference="truth")
     with pytest.raises(ConfigError, match="multiple"):
         tiny().with_tiling(102, 32)
     with pytest.raises(ConfigError, match="missing"):

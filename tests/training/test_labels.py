@@ -197,4 +197,12 @@ def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
         corrected = color_fix(decoded, lr_decoded, fixed_cfg.color_fix)
         mse = np.mean((corrected - lr_decoded) ** 2, axis=(1, 2, 3))
         np.testing.assert_allclose(scorer.arrays()["latent_err"], np.log10(mse), rtol=1e-4)
+        # an oracle of mmle.reference "hr" shows the policy the HR scores; it records both
+        oracle = OracleScorer(models, crops.up, lr, cfg.mmle.metrics, hr=crops.hr, reference="hr")
+        seen = oracle(x0, lr, np.array([999.0, 500.0], np.float32))
+        cols = [i for i, m in enumerate(cfg.mmle.metrics) if m.kind is MetricKind.FULL_REFERENCE]
+        np.testing.assert_allclose(seen[:, cols], oracle.arrays()["scores_hr"], rtol=1e-5)
+        np.testing.assert_allclose(oracle.arrays()["scores"], scores[kind], rtol=1e-6)
     assert not np.allclose(scores["none"], scores["wavelet"])
+    with pytest.raises(ConfigError, match="HR crops"):
+        OracleScorer(models, crops.up, lr, cfg.mmle.metrics, reference="hr")

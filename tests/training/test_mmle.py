@@ -116,3 +116,33 @@ def test_mmle_reduces_loss_and_bakes_raw_scores(tmp_path, cfg, lpips):
     old = {k.replace("column_scale", "psnr_scale"): v for k, v in state["mmle"].items()}
     with pytest.raises(ConfigError, match="mmle folder aside"):
         baked_mmle(cfg, {**state, "mmle": old})
+
+
+def test_mmle_learns_scores_against_the_hr_crop_when_the_config_asks(tmp_path, cfg):
+    """mmle.reference "hr": the full-reference columns come from the labels' scores_hr, and
+    PSNR is one head output like the others (no latent + reconstruction split)."""
+    from adadiff.config import MMLEConfig
+    from adadiff.training.assemble import baked_mmle
+    from adadiff.training.mmle import MMLEOptions, referenced, train_mmle
+
+    data = synthetic_labels()
+    # against the truth: a different, still learnable function of the latents
+    scale = np.mean(data["x0"] ** 2, axis=(1, 2, 3))
+    data["scores_hr"] = np.stack([20 + 3 * np.log10(scale), 1 / (1 + scale), scale], axis=1)
+    data["hr_metrics"] = data["metrics"].copy()
+    hr_cfg = replace(
+        cfg, mmle=MMLEConfig(hidden=cfg.mmle.hidden, metrics=cfg.mmle.metrics, reference="hr")
+    )
+    assert hr_cfg.mmle.psnr_index is None and cfg.mmle.psnr_index is not None
+    np.testing.assert_array_equal(referenced(data, hr_cfg)["scores"], data["scores_hr"])
+    assert referenced(data, cfg)["scores"] is data["scores"]
+    o = TrainOptions(steps=60, batch=16, lr=3e-3, seed=0, log_every=10, warmup=0)
+    result = train_mmle(cfg=hr_cfg, workdir=tmp_path, opts=o, mopts=MMLEOptions(), data=data)
+    l2 = [h["losses"]["l2"] for h in result.history]
+    assert l2[-1] < 0.6 * l2[0]
+    state = load_latest(tmp_path / "mmle", stage="mmle")["state"]
+    assert float(state["mean"][0]) == pytest.approx(data["scores_hr"][:, 0].mean(), rel=0.05)
+    assert not baked_mmle(hr_cfg, state).split_columns
+    stale = {k: v for k, v in data.items() if k not in ("scores_hr", "hr_metrics")}
+    with pytest.raises(ConfigError, match="adadiff train labels"):
+        train_mmle(cfg=hr_cfg, workdir=tmp_path / "b", opts=o, mopts=MMLEOptions(), data=stale)

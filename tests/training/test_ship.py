@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -179,3 +180,16 @@ def test_shipped_tiny_weights_load_and_fit_the_budget():
     models = load_models("tiny")
     assert models.source == str(folder)
     assert Upscaler.from_pretrained("tiny").config == models.config
+
+
+def test_the_card_says_which_reference_mmle_learned(cfg):
+    from adadiff.config import MMLEConfig
+    from adadiff.training.ship import _labels_mmle_lines
+
+    summary = {"recon_rows": 12, "options": {"recon_weight": 1.0, "latent_weight": 1.0}}
+    paper = " ".join(_labels_mmle_lines(cfg, summary))
+    assert "HR crop" not in paper and "latent part against the latent error" in paper
+    hr = replace(cfg, mmle=MMLEConfig(metrics=cfg.mmle.metrics, reference="hr"))
+    ours = " ".join(_labels_mmle_lines(hr, summary))
+    assert 'also against the HR crop, which is what MMLE learns (`mmle.reference` "hr"' in ours
+    assert "latent part" not in ours and "enters the head as one more feature" in ours
