@@ -86,8 +86,8 @@ def test_exit_on_total_watches_the_sum_of_both_gains():
 
 def test_new_config_fields_keep_the_digest_of_older_exports(tiny_config):
     """An export records the digest of the config it came from; fields added since
-    (default_schedule, dtss.exit_on, noise.set_alpha_to_one, content) must not change it while
-    they keep their defaults."""
+    (default_schedule, dtss.exit_on, noise.set_alpha_to_one, content, mmle.reference) must not
+    change it while they keep their defaults."""
     import hashlib
     import json
     from dataclasses import replace
@@ -96,7 +96,7 @@ def test_new_config_fields_keep_the_digest_of_older_exports(tiny_config):
 
     old = tiny_config.to_dict()
     del old["default_schedule"], old["dtss"]["exit_on"], old["noise"]["set_alpha_to_one"]
-    del old["content"]
+    del old["content"], old["mmle"]["reference"]
     recorded = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert tiny_config.digest() == recorded
     # a model that sets them is another model to its exports
@@ -108,3 +108,5 @@ def test_new_config_fields_keep_the_digest_of_older_exports(tiny_config):
     assert replace(tiny_config, noise=noise).digest() != recorded
     content = ContentConfig(threshold=0.2)
     assert replace(tiny_config, content=content).digest() != recorded
+    hr = replace(tiny_config.mmle, reference="hr")
+    assert replace(tiny_config, mmle=hr).digest() != recorded
