@@ -229,6 +229,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=(200, 100, 50),
         help="uniform intervals the samples are drawn with (200: 5 steps)",
     )
+    decoder.add_argument(
+        "--latent-noise",
+        type=float,
+        default=0.0,
+        help="std of white noise added to the encoder's latents, in the scaled units the UNet "
+        "predicts in, so that the decoder draws slightly-off latents cleanly (0.05 to 0.1 for a "
+        "VAE trained with --kl-reduction value)",
+    )
     decoder.add_argument("--sample-pool", type=positive, default=256, help="samples kept")
     decoder.add_argument("--sample-refresh", type=positive, default=2, help="new samples per step")
     decoder.add_argument(
@@ -404,6 +412,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             realesrgan_prob=args.realesrgan_prob,
             realesrgan_strength=args.realesrgan_strength,
             photos=args.photos,
+            latent_noise=args.latent_noise,
         )
         result = train_decoder(cfg, workdir, _options(args), dopts, cache_dir=args.metrics_cache)
     elif stage == "labels":

@@ -10,6 +10,14 @@ The decoder starts from the VAE in the newest UNet checkpoint and learns to map 
 (what the runtime decodes is a point estimate too) back to the input: L1 + ``perceptual_weight``
 x LPIPS. A share ``lr_input_prob`` of the inputs are bicubic-upscaled LR crops.
 
+With ``latent_noise`` > 0 those posterior means get white Gaussian noise of that standard
+deviation, in the scaled units the UNet predicts in. A VAE trained with a small KL weight keeps
+almost no posterior noise (a standard deviation of 0.003 to 0.01 in those units), so its decoder
+never learns what to draw for a latent slightly off the encoder's: white noise of 0.1 cost a
+face 1.3 dB through such a decoder against 0.2 dB through the shipped `tiny`'s, whose KL kept
+noise of 0.04 to 0.4. The price is detail the encoder stores at small amplitudes
+(docs/training.md has the trade measured).
+
 With ``sample_prob`` > 0 that share of every batch is instead the model's own output: the
 frozen UNet samples a tile-sized LR crop (bicubic or Real-ESRGAN-degraded, ``realesrgan_prob``)
 with a uniform schedule drawn from ``sample_intervals``, and the decoder learns to map that
@@ -85,9 +93,14 @@ class DecoderOptions:
     realesrgan_prob: float = 0.5
     realesrgan_strength: str = "full"  # degrade.STRENGTHS
     photos: str = "train"  # pairs.PHOTO_SETS: "train+validation" for the final fit of a recipe
+    latent_noise: float = 0.0  # std of the noise on the encoder's latents, scaled units
 
     def __post_init__(self) -> None:
         strength_config(self.realesrgan_strength)
+        if not 0 <= self.latent_noise <= 1:
+            raise ConfigError(
+                f"latent_noise must be in [0, 1] (scaled latent units), got {self.latent_noise}"
+            )
         check_training_set(self.photos)
         if not 0 <= self.sample_prob <= 1 or not 0 <= self.realesrgan_prob <= 1:
             raise ConfigError(
@@ -128,10 +141,12 @@ class DecoderStage:
         images: list[np.ndarray],
         vae_state: dict[str, torch.Tensor],
         *,
+        scaling_factor: float = 1.0,
         cache_dir: str | Path | None = None,
         sampler: TorchModels | None = None,
     ) -> None:
         self.cfg, self.opts, self.dopts = cfg, opts, dopts
+        self.scaling_factor = float(scaling_factor)
         self.photos: list[str] = []  # names of the training photos, for the model card
         self.vae = build_vae(cfg, 0)
         self.vae.load_state_dict(vae_state)
@@ -170,7 +185,7 @@ class DecoderStage:
             use_up = self.rng.random(n - n_sampled) < self.dopts.lr_input_prob
             x = to_tensor(np.where(use_up[:, None, None, None], b.up, b.hr))
             with torch.no_grad():
-                latents.append(encode_moments(self.vae, x)[0])
+                latents.append(self.perturb(encode_moments(self.vae, x)[0]))
             targets.append(x)
         if n_sampled:
             assert self.samples is not None
@@ -194,6 +209,14 @@ class DecoderStage:
             mse = F.mse_loss(rec.clamp(-1, 1), x) / 4.0  # images span 2, PSNR is on [0, 1]
         terms.update(psnr=float(-10.0 * torch.log10(mse + 1e-12)), loss=loss.item())
         return terms
+
+    def perturb(self, mean: torch.Tensor) -> torch.Tensor:
+        """``mean`` plus ``latent_noise`` in scaled units (unscaled here); unchanged at 0, so
+        runs without noise draw the same random numbers as before the option existed."""
+        if not self.dopts.latent_noise:
+            return mean
+        noise = torch.from_numpy(self.rng.standard_normal(mean.shape, dtype=np.float32))
+        return mean + noise * (self.dopts.latent_noise / self.scaling_factor)
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -337,6 +360,7 @@ def train_decoder(
         dopts,
         images if images is not None else load_images(dopts.photos),
         state["vae"],
+        scaling_factor=float(state["scaling_factor"]),
         cache_dir=cache_dir,
         sampler=sampler,
     )

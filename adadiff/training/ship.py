@@ -327,6 +327,11 @@ def _strength(options: dict[str, Any]) -> str:
     return f" ({strength} strength: {STRENGTH_NOTES[strength]})"
 
 
+def _latent_noise(options: dict[str, Any]) -> str:
+    noise = float(options.get("latent_noise", 0.0))
+    return f" plus white noise of std {noise:g} (scaled latent units)" if noise else ""
+
+
 def _decoder_samples(options: dict[str, Any]) -> str:
     share = options.get("sample_prob", 0.0)
     if not share:
@@ -604,7 +609,7 @@ def model_card(
                 "- Decoder: fine-tuned after the UNet with the encoder frozen (the UNet's latent "
                 "space is unchanged), L1 + "
                 f"{decoder['summary']['options'].get('perceptual_weight', '-')} x LPIPS on "
-                "posterior means; a share "
+                "posterior means" + _latent_noise(decoder["summary"]["options"]) + "; a share "
                 f"{decoder['summary']['options'].get('lr_input_prob', '-')} of inputs are "
                 "bicubic-upscaled LR crops"
                 + _decoder_samples(decoder["summary"]["options"])

@@ -107,3 +107,58 @@ def test_decoder_learns_from_the_models_own_samples(tmp_path, unet_workdir, cfg,
     with pytest.raises(ConfigError, match="at most the tile size"):
         bad = DecoderOptions(perceptual_weight=0.0, crop=40, sample_prob=1.0, sample_pool=2)
         train_decoder(cfg, tmp_path / "b", opts(4), bad, images=images)
+
+
+def test_latent_noise_is_scaled_like_the_unets_latents(unet_workdir, cfg, images):
+    from adadiff.training.decoder import DecoderOptions, DecoderStage
+
+    state = load_latest(unet_workdir / "unet")["state"]
+    sf = float(state["scaling_factor"])
+    stages = {
+        noise: DecoderStage(
+            cfg,
+            opts(1),
+            DecoderOptions(perceptual_weight=0.0, crop=32, latent_noise=noise),
+            images,
+            state["vae"],
+            scaling_factor=sf,
+        )
+        for noise in (0.0, 0.2)
+    }
+    # The noise enters training: the same first step (same crops, same seed) decodes other
+    # latents with it than without it.
+    losses = [stage.step(0)["l1"] for stage in stages.values()]
+    assert losses[0] != losses[1]
+    mean = torch.full((64, 4, 8, 8), 0.3)
+    assert stages[0.0].perturb(mean) is mean
+    noisy = stages[0.2].perturb(mean)
+    # 0.2 in the UNet's units is 0.2 / scaling_factor in the encoder's
+    assert abs(float((noisy - mean).std()) * sf - 0.2) < 0.01
+    assert abs(float((noisy - mean).mean())) < 0.01
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="latent_noise"):
+            DecoderOptions(latent_noise=bad)
+
+
+def test_latent_noise_from_the_command_line_reaches_the_checkpoint(tmp_path, unet_workdir, cfg):
+    import argparse
+
+    from adadiff.training.cli import add_train_parser, cmd_train
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    model_dir = tmp_path / "cfg"
+    model_dir.mkdir()
+    cfg.save(model_dir)
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    common = ["--model", str(model_dir), "--workdir", str(workdir), "--crop", "32"]
+    common += ["--steps", "1", "--batch", "2", "--perceptual-weight", "0"]
+    args = parser.parse_args(["train", "decoder", *common, "--latent-noise", "0.05"])
+    assert cmd_train(args) == 0
+    summary = load_latest(workdir / "decoder", stage="decoder")["summary"]
+    assert summary["options"]["latent_noise"] == 0.05
+    from adadiff.training.ship import model_card
+
+    card = model_card(cfg, workdir, {"unet": 1}, 1.0, None)
+    assert "posterior means plus white noise of std 0.05 (scaled latent units)" in card
