@@ -234,8 +234,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="std of white noise added to the encoder's latents, in the scaled units the UNet "
-        "predicts in, so that the decoder draws slightly-off latents cleanly (0.05 to 0.1 for a "
-        "VAE trained with --kl-reduction value)",
+        "predicts in, so that the decoder draws slightly-off latents cleanly; it costs detail "
+        "(0.1 doubled a validation photo's round-trip LPIPS, docs/training.md)",
     )
     decoder.add_argument("--sample-pool", type=positive, default=256, help="samples kept")
     decoder.add_argument("--sample-refresh", type=positive, default=2, help="new samples per step")

@@ -12,7 +12,7 @@ x LPIPS. A share ``lr_input_prob`` of the inputs are bicubic-upscaled LR crops.
 
 With ``latent_noise`` > 0 those posterior means get white Gaussian noise of that standard
 deviation, in the scaled units the UNet predicts in. A VAE trained with a small KL weight keeps
-almost no posterior noise (a standard deviation of 0.003 to 0.01 in those units), so its decoder
+almost no posterior noise (a standard deviation of 0.001 to 0.004 in those units), so its decoder
 never learns what to draw for a latent slightly off the encoder's: white noise of 0.1 cost a
 face 1.3 dB through such a decoder against 0.2 dB through the shipped `tiny`'s, whose KL kept
 noise of 0.04 to 0.4. The price is detail the encoder stores at small amplitudes
