@@ -141,7 +141,7 @@ class DecoderStage:
         images: list[np.ndarray],
         vae_state: dict[str, torch.Tensor],
         *,
-        scaling_factor: float = 1.0,
+        scaling_factor: float,
         cache_dir: str | Path | None = None,
         sampler: TorchModels | None = None,
     ) -> None:
