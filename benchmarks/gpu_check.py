@@ -9,6 +9,9 @@ Parts, each recorded in ``DIR/gpu_check.json`` (a part that fails keeps its erro
 - unet_latency: sd21-base UNet (random init) per call at B = 1, 4, 8, 16 in fp16 and bf16, with
   the achieved TFLOP/s (FLOPs from benchmarks/flops.py);
 - tiny_e2e: the tiny upscale on the GPU, tiles regrouped into shared calls vs tile by tile;
+- shipped_photo: the shipped tiny on a hold-out photo (coffee, 128 px in, 512 px out) with its
+  default schedule and with adaptive, on the CPU (fp32, the reference) and on the GPU in fp32,
+  fp16 and bf16: seconds per tile, steps per tile and PSNR against the CPU image;
 - peak GPU memory of each part;
 - onnxruntime / tensorrt: run only where installed (ONNX Runtime's CUDA provider against torch;
   TensorRT build and parity through adadiff's backend), else recorded as skipped with the reason.
@@ -46,7 +49,16 @@ class Plan:
     unet_repeats: int = 10
     photo_size: int = 96  # long side of the tiny end-to-end input
     e2e_max_batch: int = 8
-    parts: tuple[str, ...] = ("parity", "unet_latency", "tiny_e2e", "onnxruntime", "tensorrt")
+    shipped_size: int = 128  # LR side of the shipped-model photo
+    shipped_schedules: tuple[str, ...] = ("default", "adaptive")
+    parts: tuple[str, ...] = (
+        "parity",
+        "unet_latency",
+        "tiny_e2e",
+        "shipped_photo",
+        "onnxruntime",
+        "tensorrt",
+    )
     optional: dict[str, bool] = field(default_factory=dict)  # library -> installed
 
 
@@ -268,6 +280,64 @@ def part_tiny_e2e(plan: Plan) -> dict[str, Any]:
     return rows
 
 
+def _holdout_photo(size: int) -> np.ndarray:
+    """coffee (a hold-out photo of the shipped tiny), its centre square shrunk to ``size``."""
+    from skimage import data
+    from skimage.transform import resize
+
+    img = data.coffee()
+    h, w = img.shape[:2]
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    square = img[y0 : y0 + side, x0 : x0 + side]
+    return resize(square, (size, size), anti_aliasing=True).astype(np.float32)
+
+
+def part_shipped_photo(plan: Plan) -> dict[str, Any]:
+    import torch
+
+    from adadiff.engines.torch import TorchBackend
+    from adadiff.models.bundle import load_models
+    from adadiff.runtime.upscaler import Upscaler
+
+    photo = _holdout_photo(plan.shipped_size)
+    runs = [("cpu", "fp32")] + [(plan.device, p) for p in plan.precisions]
+    reference: dict[str, tuple[np.ndarray, list[int]]] = {}
+    rows = []
+    for run_index, (device, precision) in enumerate(runs):
+        _reset_peak(torch, device)
+        models = load_models("tiny")  # fresh: an engine casts its module in place
+        up = Upscaler(models.config, TorchBackend(models, device=device, precision=precision))
+        for schedule in plan.shipped_schedules:
+            chosen = None if schedule == "default" else schedule
+            if _on_gpu(device):
+                up.upscale(photo, seed=0, schedule=chosen)  # warm-up (cuDNN picks algorithms)
+            t0 = time.perf_counter()
+            img, rep = up.upscale(photo, seed=0, schedule=chosen)
+            _sync(torch, device)
+            seconds = time.perf_counter() - t0
+            row: dict[str, Any] = {
+                "device": "gpu" if _on_gpu(device) else "cpu",
+                "precision": precision,
+                "schedule": rep.schedule,
+                "tiles": rep.tiles,
+                "seconds": round(seconds, 3),
+                "seconds_per_tile": round(seconds / rep.tiles, 4),
+                "unet_evaluations": rep.unet_evaluations,
+                "peak_mib": _peak(torch, device),
+            }
+            if run_index == 0:
+                reference[schedule] = (img, rep.steps_per_tile)
+            else:
+                ref_img, ref_steps = reference[schedule]
+                mse = float(np.mean((img - ref_img) ** 2))
+                row["psnr_vs_cpu_db"] = round(10 * np.log10(1.0 / max(mse, 1e-12)), 2)
+                row["same_steps"] = rep.steps_per_tile == ref_steps
+            rows.append(row)
+    threads = torch.get_num_threads()
+    return {"photo": f"coffee, {plan.shipped_size} px", "cpu_threads": threads, "rows": rows}
+
+
 def part_onnxruntime(plan: Plan) -> dict[str, Any]:
     import tempfile
 
@@ -335,6 +405,7 @@ PARTS: dict[str, Callable[[Plan], dict[str, Any]]] = {
     "parity": part_parity,
     "unet_latency": part_unet_latency,
     "tiny_e2e": part_tiny_e2e,
+    "shipped_photo": part_shipped_photo,
     "onnxruntime": part_onnxruntime,
     "tensorrt": part_tensorrt,
 }

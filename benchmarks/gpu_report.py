@@ -30,6 +30,7 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
     lines += _parity(result.get("parity"))
     lines += _latency(result.get("unet_latency"))
     lines += _e2e(result.get("tiny_e2e"))
+    lines += _shipped(result.get("shipped_photo"))
     for name in ("onnxruntime", "tensorrt"):
         lines += _optional(name, result.get(name))
     errors = {k: v["error"] for k, v in result.items() if isinstance(v, dict) and "error" in v}
@@ -42,8 +43,8 @@ def _parity(data: dict[str, Any] | None) -> list[str]:
     if not data or "components" not in data:
         return []
     lines = [
-        "Torch on the GPU against torch on the CPU (fp32), tiny, per component (max abs error; "
-        "* outside the spec's tolerance):",
+        "Torch on the GPU against torch on the CPU (fp32), tiny's architecture with random "
+        "weights, per component (max abs error; * outside the spec's tolerance):",
         "",
         "| precision | " + " | ".join(next(iter(data["components"].values()))) + " |",
         "|---|" + "---|" * len(next(iter(data["components"].values()))),
@@ -93,6 +94,27 @@ def _e2e(data: dict[str, Any] | None) -> list[str]:
         f"{t['engine_calls']} calls ({data['speedup']}x); peak {data['peak_mib']} MiB.",
         "",
     ]
+
+
+def _shipped(data: dict[str, Any] | None) -> list[str]:
+    if not data or "rows" not in data:
+        return []
+    lines = [
+        f"The shipped tiny on a hold-out photo ({data['photo']} in, {data['rows'][0]['tiles']} "
+        f"tiles; CPU reference on {data['cpu_threads']} threads of the same machine):",
+        "",
+        "| device | precision | schedule | s per tile | UNet evals | PSNR vs CPU (dB) "
+        "| same steps | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        psnr = r.get("psnr_vs_cpu_db", "reference")
+        same = {True: "yes", False: "no"}.get(r.get("same_steps"), "")
+        lines.append(
+            f"| {r['device']} | {r['precision']} | {r['schedule']} | {r['seconds_per_tile']:.4f} | "
+            f"{r['unet_evaluations']} | {psnr} | {same} | {r['peak_mib'] or ''} |"
+        )
+    return [*lines, ""]
 
 
 def _optional(name: str, data: dict[str, Any] | None) -> list[str]:

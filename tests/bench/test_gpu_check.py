@@ -92,6 +92,32 @@ def test_gpu_section_renders_every_part(tmp_path):
             "speedup": 3.0,
             "peak_mib": 50.0,
         },
+        "shipped_photo": {
+            "photo": "coffee, 128 px",
+            "cpu_threads": 16,
+            "rows": [
+                {
+                    "device": "cpu",
+                    "precision": "fp32",
+                    "schedule": "uniform",
+                    "tiles": 25,
+                    "seconds_per_tile": 0.05,
+                    "unet_evaluations": 125,
+                    "peak_mib": None,
+                },
+                {
+                    "device": "gpu",
+                    "precision": "fp16",
+                    "schedule": "uniform",
+                    "tiles": 25,
+                    "seconds_per_tile": 0.002,
+                    "unet_evaluations": 125,
+                    "peak_mib": 300.5,
+                    "psnr_vs_cpu_db": 48.1,
+                    "same_steps": True,
+                },
+            ],
+        },
         "tensorrt": {"skipped": "tensorrt is not installed"},
         "onnxruntime": {"error": "RuntimeError: boom"},
     }
@@ -100,6 +126,8 @@ def test_gpu_section_renders_every_part(tmp_path):
     assert "tile 0 at t=500 took growth instead of stable, gains 2.0e-05 from a threshold" in text
     assert "| bf16 | 16 | 80.0 | 5.0 | 350.2 | 9000.0 |" in text
     assert "(3.0x)" in text and "tensorrt: skipped" in text
+    assert "| cpu | fp32 | uniform | 0.0500 | 125 | reference |  |  |" in text
+    assert "| gpu | fp16 | uniform | 0.0020 | 125 | 48.1 | yes | 300.5 |" in text
     assert "Parts that failed in this run: onnxruntime" in text
 
 
@@ -117,3 +145,8 @@ def test_parity_and_tiny_parts_run_on_the_cpu():
     tiny = gpu_check.part_tiny_e2e(plan)
     assert tiny["regroup"]["unet_evaluations"] == tiny["tile"]["unet_evaluations"] > 0
     assert tiny["regroup"]["engine_calls"] <= tiny["tile"]["engine_calls"]
+    small = gpu_check.Plan(device="cpu", precisions=("fp32",), shipped_size=32)
+    shipped = gpu_check.part_shipped_photo(small)
+    ref, again = shipped["rows"][0], shipped["rows"][2]  # default schedule: cpu, then "gpu"
+    assert ref["schedule"] == again["schedule"] and "psnr_vs_cpu_db" not in ref
+    assert again["same_steps"] and again["psnr_vs_cpu_db"] == 120.0
