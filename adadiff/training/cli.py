@@ -182,6 +182,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--pool", type=int, default=1024, help="encoded latent pairs kept (0: encode every batch)"
     )
     unet.add_argument("--refresh", type=int, default=4, help="pairs re-encoded per step")
+    unet.add_argument(
+        "--device",
+        default="cpu",
+        help="where the networks train: cpu or cuda[:N] (a CUDA build of torch; crops are still "
+        "made on the CPU, and checkpoints resume on either)",
+    )
     _photo_weighting(unet)
     unet.add_argument(
         "--min-scale",
@@ -395,6 +401,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             min_scale=args.min_scale,
             photos=args.photos,
             deadleaves=args.deadleaves,
+            device=args.device,
         )
         result = train_unet(cfg, workdir, _options(args), uopts, vae_from=args.vae_from)
     elif stage == "decoder":

@@ -21,6 +21,10 @@ checkpoint, so a resumed run continues exactly.
 
 Weights are averaged with an EMA (``ema``); the averaged UNet and PFJ are what later stages and
 the shipped model use.
+
+``device`` runs the VAE encoding, the pool and the optimisation there (``cuda``: a GPU); crops,
+timesteps, noise and gains are still drawn on the CPU from the same generators, so a run is the
+same sequence of samples on any device and its checkpoints resume on any other.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 from torch.nn import functional as F
 
 from adadiff.config import ModelConfig, PredictionType
+from adadiff.devices import parse_device
 from adadiff.errors import ConfigError
 from adadiff.models.bundle import load_models
 from adadiff.models.networks import PFJ
@@ -84,6 +89,7 @@ class UNetOptions:
     min_scale: float = 1.0  # scale augmentation of the HR crops (CropConfig.min_scale)
     photos: str = "train"  # pairs.PHOTO_SETS: "train+validation" for the final fit of a recipe
     deadleaves: int = 0  # synthetic dead-leaves images added to the photos (deadleaves.py)
+    device: str = "cpu"  # where the networks train: cpu or cuda[:N]
 
     def __post_init__(self) -> None:
         check_weighting(self.weighting)
@@ -92,6 +98,7 @@ class UNetOptions:
             raise ConfigError(f"deadleaves must be >= 0, got {self.deadleaves}")
         check_training_set(self.photos)
         strength_config(self.realesrgan_strength)
+        parse_device(self.device, "torch")
         if self.pool < 0 or self.refresh < 0 or (self.pool and not self.refresh):
             raise ConfigError(
                 f"pool must be >= 0 and refresh >= 1 when pool > 0, got {self.pool}, {self.refresh}"
@@ -154,12 +161,15 @@ class UNetStage:
         self.vae_from = ""  # the model folder the VAE came from (--vae-from), for the card
         # What each resumed run trained with, from the step it started at (for the card).
         self.phases: list[dict[str, Any]] = []
+        self.device = training_device(uopts.device)
         self.vae = build_vae(cfg, 0)
         self.vae.load_state_dict(vae_state)
-        self.vae.eval().requires_grad_(False)
+        self.vae.to(self.device).eval().requires_grad_(False)
         self.scaling_factor = float(scaling_factor)
-        unet, self.pfj, self.text = build_denoiser(cfg, opts.seed)
-        self.unet = UNetWrapper(unet, self.text).train()
+        unet, pfj, text = build_denoiser(cfg, opts.seed)
+        self.pfj = pfj.to(self.device)
+        self.text = text.to(self.device)
+        self.unet = UNetWrapper(unet, self.text).to(self.device).train()
         self.pfj.train()
         params = [*self.unet.parameters(), *self.pfj.parameters()]
         self.params = params
@@ -177,13 +187,14 @@ class UNetStage:
             min_scale=uopts.min_scale,
             strength=uopts.realesrgan_strength,
         )
-        self.alphas = torch.from_numpy(np.asarray(alphas_cumprod(cfg.noise), dtype=np.float32))
+        alphas = np.asarray(alphas_cumprod(cfg.noise), dtype=np.float32)
+        self.alphas = torch.from_numpy(alphas).to(self.device)
         self.pool: torch.Tensor | None = None  # [P, 2, C, s, s]: (x0, o) pairs
         self.cursor = 0
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> torch.Tensor:
-        mean, _ = encode_moments(self.vae, to_tensor(images))
+        mean, _ = encode_moments(self.vae, to_tensor(images).to(self.device))
         return mean * self.scaling_factor
 
     def fresh_pairs(self, n: int, chunk: int = 32) -> torch.Tensor:
@@ -202,9 +213,9 @@ class UNetStage:
         if self.pool is None:
             log.info("unet: encoding %d latent pairs for the pool", size)
             self.pool = self.fresh_pairs(size)
-        picked = self.pool[torch.from_numpy(self.rng.integers(0, size, b))]
+        picked = self.pool[torch.from_numpy(self.rng.integers(0, size, b)).to(self.device)]
         slots = (self.cursor + torch.arange(self.uopts.refresh)) % size
-        self.pool[slots] = self.fresh_pairs(self.uopts.refresh)
+        self.pool[slots.to(self.device)] = self.fresh_pairs(self.uopts.refresh)
         self.cursor = int(slots[-1] + 1) % size
         return picked
 
@@ -217,8 +228,6 @@ class UNetStage:
         g = self.torch_rng
         t = torch.randint(0, self.cfg.noise.num_train_timesteps, (b,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
-        a = self.alphas[t].view(b, 1, 1, 1)
-        z = a.sqrt() * x0 + (1 - a).sqrt() * eps
         gain = sample_gains(
             t,
             self.cfg.pfj.gain_dim,
@@ -227,6 +236,9 @@ class UNetStage:
             self.uopts.gain_std,
             g,
         )
+        t, eps, gain = t.to(self.device), eps.to(self.device), gain.to(self.device)
+        a = self.alphas[t].view(b, 1, 1, 1)
+        z = a.sqrt() * x0 + (1 - a).sqrt() * eps
         cond = self.pfj(o, gain)
         pred = self.unet(torch.cat([z, cond], dim=1), t.float())
         if self.cfg.noise.prediction_type is PredictionType.EPSILON:
@@ -270,7 +282,8 @@ class UNetStage:
         self.scaling_factor = float(state["scaling_factor"])
         pool = state["pool"]
         # A changed --pool size starts a new pool (the run is then no longer bit-exact).
-        self.pool = pool.clone() if pool.numel() and len(pool) == self.uopts.pool else None
+        fits = pool.numel() and len(pool) == self.uopts.pool
+        self.pool = pool.to(self.device, copy=True) if fits else None
         self.cursor = int(state["cursor"])
 
     def summary(self) -> dict[str, Any]:
@@ -339,6 +352,23 @@ def training_phases(
     if any(last.get(k, defaults.get(k)) != v for k, v in current.items()):
         phases.append({"from_step": int(ckpt["step"]), **current})
     return phases
+
+
+def training_device(device: str) -> torch.device:
+    """``device`` as torch's, or an error that says what to do when torch cannot use it."""
+    dev = torch.device(str(parse_device(device, "torch")))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {device} was asked for but torch sees no CUDA device; install a CUDA "
+                "build of torch (see README, GPU) or train with --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {device} was asked for but torch sees {torch.cuda.device_count()} "
+                "CUDA device(s)"
+            )
+    return dev
 
 
 def vae_of_model(cfg: ModelConfig, model: str | Path) -> tuple[dict[str, Any], float, str]:

@@ -140,3 +140,28 @@ def test_gains_follow_the_runtime_rules():
     zero = (g == 0).all(dim=1).float().mean()
     assert 0.4 < float(zero) < 0.6
     assert float(g.abs().max()) < 1
+
+
+def test_unet_device_is_checked_before_any_photo_loads(monkeypatch):
+    from adadiff.training.unet import UNetOptions, training_device
+
+    with pytest.raises(ConfigError, match="--device gpu is not a device"):
+        UNetOptions(device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a CUDA machine
+    with pytest.raises(ConfigError, match=r"torch sees no CUDA device.*--device cpu"):
+        training_device("cuda")
+    assert training_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
+def test_unet_on_cuda_resumes_on_the_cpu(tmp_path, vae_workdir, cfg, images):
+    """A run on the GPU and one that continues on the CPU: same samples, losses close."""
+    from adadiff.training.unet import train_unet
+
+    for name in ("a", "b"):
+        shutil.copytree(vae_workdir / "vae", tmp_path / name / "vae")
+    cpu = train_unet(cfg, tmp_path / "a", opts(3), small_pool(), images=images)
+    train_unet(cfg, tmp_path / "b", opts(2), small_pool(device="cuda"), images=images)
+    resumed = train_unet(cfg, tmp_path / "b", opts(3), small_pool(), images=images)
+    got, want = resumed.history[-1]["losses"]["loss"], cpu.history[-1]["losses"]["loss"]
+    assert got == pytest.approx(want, rel=1e-2)
