@@ -99,11 +99,22 @@ def _sync(torch: Any, device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def _photo(size: int) -> np.ndarray:
+def _photo(size: int, name: str = "astronaut") -> np.ndarray:
+    """A scikit-image photo's centre square shrunk to ``size`` px."""
     from skimage import data
     from skimage.transform import resize
 
-    return resize(data.astronaut(), (size, size), anti_aliasing=True).astype(np.float32)
+    img = getattr(data, name)()
+    h, w = img.shape[:2]
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    square = img[y0 : y0 + side, x0 : x0 + side]
+    return resize(square, (size, size), anti_aliasing=True).astype(np.float32)
+
+
+def _psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return round(10 * np.log10(1.0 / max(mse, 1e-12)), 2)
 
 
 class RecordingPolicy:
@@ -192,12 +203,11 @@ def part_parity(plan: Plan) -> dict[str, Any]:
         img, rep = Upscaler(cfg, gpu, max_batch=plan.e2e_max_batch).upscale(
             photo, seed=0, policy=policy
         )
-        mse = float(np.mean((img - ref_img) ** 2))
         out["end_to_end"][precision] = {
             "same_steps": rep.steps_per_tile == ref_rep.steps_per_tile,
             "steps_reference": ref_rep.steps_per_tile,
             "steps_gpu": rep.steps_per_tile,
-            "psnr_vs_cpu_db": round(10 * np.log10(1.0 / max(mse, 1e-12)), 2),
+            "psnr_vs_cpu_db": _psnr_db(img, ref_img),
             "divergences": first_divergence(ref_policy.trace, policy.trace, cfg.dtss.tau),
         }
     out["peak_mib"] = _peak(torch, plan.device)
@@ -280,19 +290,6 @@ def part_tiny_e2e(plan: Plan) -> dict[str, Any]:
     return rows
 
 
-def _holdout_photo(size: int) -> np.ndarray:
-    """coffee (a hold-out photo of the shipped tiny), its centre square shrunk to ``size``."""
-    from skimage import data
-    from skimage.transform import resize
-
-    img = data.coffee()
-    h, w = img.shape[:2]
-    side = min(h, w)
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    square = img[y0 : y0 + side, x0 : x0 + side]
-    return resize(square, (size, size), anti_aliasing=True).astype(np.float32)
-
-
 def part_shipped_photo(plan: Plan) -> dict[str, Any]:
     import torch
 
@@ -300,7 +297,7 @@ def part_shipped_photo(plan: Plan) -> dict[str, Any]:
     from adadiff.models.bundle import load_models
     from adadiff.runtime.upscaler import Upscaler
 
-    photo = _holdout_photo(plan.shipped_size)
+    photo = _photo(plan.shipped_size, "coffee")  # a hold-out photo of the shipped tiny
     runs = [("cpu", "fp32")] + [(plan.device, p) for p in plan.precisions]
     reference: dict[str, tuple[np.ndarray, list[int]]] = {}
     rows = []
@@ -310,8 +307,7 @@ def part_shipped_photo(plan: Plan) -> dict[str, Any]:
         up = Upscaler(models.config, TorchBackend(models, device=device, precision=precision))
         for schedule in plan.shipped_schedules:
             chosen = None if schedule == "default" else schedule
-            if _on_gpu(device):
-                up.upscale(photo, seed=0, schedule=chosen)  # warm-up (cuDNN picks algorithms)
+            up.upscale(photo, seed=0, schedule=chosen)  # warm-up (cuDNN picks algorithms)
             t0 = time.perf_counter()
             img, rep = up.upscale(photo, seed=0, schedule=chosen)
             _sync(torch, device)
@@ -330,8 +326,7 @@ def part_shipped_photo(plan: Plan) -> dict[str, Any]:
                 reference[schedule] = (img, rep.steps_per_tile)
             else:
                 ref_img, ref_steps = reference[schedule]
-                mse = float(np.mean((img - ref_img) ** 2))
-                row["psnr_vs_cpu_db"] = round(10 * np.log10(1.0 / max(mse, 1e-12)), 2)
+                row["psnr_vs_cpu_db"] = _psnr_db(img, ref_img)
                 row["same_steps"] = rep.steps_per_tile == ref_steps
             rows.append(row)
     threads = torch.get_num_threads()
