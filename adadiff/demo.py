@@ -35,7 +35,8 @@ def role(name: str, folder: Path | None = None) -> str:
         stages = record.stages_of(name)
         if not stages:
             return "this model never trained on it"
-        if "unet" in stages:
+        # "unet (reused)": the UNet started from weights that trained on it (--init-from)
+        if any(stage.split(" ")[0] == "unet" for stage in stages):
             return "a photo this model was trained on"
         return f"its UNet never saw it; these stages trained on it: {', '.join(stages)}"
     if name in HOLDOUT:

@@ -209,6 +209,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="MODEL",
         help="take the VAE from this model folder or preset instead of the workdir's vae stage",
     )
+    unet.add_argument(
+        "--init-from",
+        metavar="MODEL",
+        help="start a fresh run from the UNet and PFJ of this model folder or preset (same "
+        "architecture) instead of a random init; ignored when the workdir's run resumes",
+    )
 
     decoder = stages.add_parser(
         "decoder",
@@ -403,7 +409,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             deadleaves=args.deadleaves,
             device=args.device,
         )
-        result = train_unet(cfg, workdir, _options(args), uopts, vae_from=args.vae_from)
+        result = train_unet(
+            cfg,
+            workdir,
+            _options(args),
+            uopts,
+            vae_from=args.vae_from,
+            init_from=args.init_from,
+        )
     elif stage == "decoder":
         from adadiff.training.decoder import DecoderOptions, train_decoder
 

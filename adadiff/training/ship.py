@@ -346,7 +346,11 @@ def _decoder_samples(options: dict[str, Any]) -> str:
 
 
 def stage_photos(
-    workdir: Path, *, vae_reused: Reused | None = None, mmle_reused: Reused | None = None
+    workdir: Path,
+    *,
+    vae_reused: Reused | None = None,
+    mmle_reused: Reused | None = None,
+    unet_init: Reused | None = None,
 ) -> dict[str, list[str]]:
     """Stage -> the photos it trained on, the reused components' stages included."""
     vae, unet, decoder = (_checkpoint(workdir, s) for s in ("vae", "unet", "decoder"))
@@ -358,7 +362,11 @@ def stage_photos(
         stages["decoder"] = decoder.get("summary", {}).get("photos", [])
     if mmle_reused is None:
         stages["labels"] = sorted(_labels(workdir).photos)
-    for reused, kinds in ((vae_reused, ("vae", "decoder")), (mmle_reused, ("labels",))):
+    for reused, kinds in (
+        (vae_reused, ("vae", "decoder")),
+        (mmle_reused, ("labels",)),
+        (unet_init, ("unet",)),  # what the initial weights learned from stays in them
+    ):
         if reused is not None:
             stages.update(reused.stage_photos(kinds))
     return stages
@@ -483,10 +491,13 @@ def model_card(
     quality: dict[str, Any] | None = None,
     vae_reused: Reused | None = None,
     mmle_reused: Reused | None = None,
+    unet_init: Reused | None = None,
 ) -> str:
     vae, unet, decoder, mmle = (_checkpoint(workdir, s) for s in ("vae", "unet", "decoder", "mmle"))
     labels = _labels(workdir)
-    stages = stage_photos(workdir, vae_reused=vae_reused, mmle_reused=mmle_reused)
+    stages = stage_photos(
+        workdir, vae_reused=vae_reused, mmle_reused=mmle_reused, unet_init=unet_init
+    )
     photo_rows, unrecorded = _photo_rows(stages)
     record = training_record(stages, {})
     u_opts = (unet or {}).get("summary", {}).get("options", {})
@@ -593,6 +604,15 @@ def model_card(
             f"{v_opts.get('realesrgan_prob', 0.0)} of them Real-ESRGAN-degraded, the rest bicubic "
             f"x4); crops {crops}."
         ),
+        *(
+            [
+                f"- UNet + PFJ: started from the weights of {unet_init.label} (`train unet "
+                "--init-from`), not from a random init; the photo table marks the photos that "
+                "model's UNet trained on as reused, and its training time is not counted."
+            ]
+            if unet_init
+            else []
+        ),
         f"- UNet + PFJ: {cfg.noise.prediction_type.value} MSE, t uniform in [0, 999], AdamW, EMA "
         f"{u_opts.get('ema', '-')} (the EMA weights are shipped); latent pairs from a pool of "
         f"{u_opts.get('pool', '-')} refreshed by {u_opts.get('refresh', '-')} per step; LR "
@@ -653,6 +673,7 @@ def ship(
     workdir = Path(workdir)
     out = Path(out) if out is not None else SHIPPED / cfg.name
     vae_reused = _vae_reused(workdir)
+    unet_init = _unet_init(workdir)
     models = frozen_models(cfg, workdir, with_mmle=mmle_from is None)
     mmle_reused = None
     if mmle_from is not None:
@@ -660,11 +681,13 @@ def ship(
         mmle_reused = Reused.of(models_folder(mmle_from))
     sources = {
         "vae": f"reused from {vae_reused.label}" if vae_reused else "trained in this run",
-        "unet": "trained in this run",
+        "unet": "trained in this run"
+        + (f", starting from the weights of {unet_init.label}" if unet_init else ""),
         "mmle": f"reused from {mmle_reused.label}" if mmle_reused else "trained in this run",
     }
     record = training_record(
-        stage_photos(workdir, vae_reused=vae_reused, mmle_reused=mmle_reused), sources
+        stage_photos(workdir, vae_reused=vae_reused, mmle_reused=mmle_reused, unet_init=unet_init),
+        sources,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -691,6 +714,7 @@ def ship(
             quality=quality,
             vae_reused=vae_reused,
             mmle_reused=mmle_reused,
+            unet_init=unet_init,
         )
         (tmp / MODEL_CARD).write_text(card)
         _swap_in(tmp, out)
@@ -708,18 +732,27 @@ def models_folder(model: str | Path) -> Path:
 
 def _vae_reused(workdir: Path) -> Reused | None:
     """The model folder the UNet's VAE came from (``train unet --vae-from``), when not the
-    workdir's own vae stage; refused when that folder is gone, since its card is the only record
-    of what the VAE trained on."""
+    workdir's own vae stage."""
+    return _unet_source(workdir, "vae_from", "was trained on the VAE of", "VAE")
+
+
+def _unet_init(workdir: Path) -> Reused | None:
+    """The model folder the UNet and PFJ started from (``train unet --init-from``), if any."""
+    return _unet_source(workdir, "init_from", "started from the UNet of", "initial UNet")
+
+
+def _unet_source(workdir: Path, key: str, verb: str, what: str) -> Reused | None:
+    """The model folder the UNet stage's summary names under ``key``; refused when that folder
+    is gone, since its card is the only record of what that component trained on."""
     unet = _checkpoint(workdir, "unet")
-    origin = (unet or {}).get("summary", {}).get("vae_from", "")
+    origin = (unet or {}).get("summary", {}).get(key, "")
     if not origin:
         return None
     folder = Path(origin)
     if read_record(folder) is None:
         raise ModelFolderError(
-            f"the UNet in {workdir} was trained on the VAE of {folder}, which has no model card "
-            "or training.json any more; restore that folder so the new card can say what its "
-            "VAE trained on"
+            f"the UNet in {workdir} {verb} {folder}, which has no model card or training.json "
+            f"any more; restore that folder so the new card can say what its {what} trained on"
         )
     return Reused.of(folder)
 

@@ -155,10 +155,14 @@ class UNetStage:
         images: list[np.ndarray],
         vae_state: dict[str, Any],
         scaling_factor: float,
+        *,
+        init: InitialWeights | None = None,
     ) -> None:
         self.cfg, self.opts, self.uopts = cfg, opts, uopts
         self.photos: list[str] = []  # names of the training photos, for the model card
         self.vae_from = ""  # the model folder the VAE came from (--vae-from), for the card
+        # the model folder the UNet and PFJ started from (--init-from), for the card
+        self.init_from = init.origin if init is not None else ""
         # What each resumed run trained with, from the step it started at (for the card).
         self.phases: list[dict[str, Any]] = []
         self.device = training_device(uopts.device)
@@ -167,6 +171,10 @@ class UNetStage:
         self.vae.to(self.device).eval().requires_grad_(False)
         self.scaling_factor = float(scaling_factor)
         unet, pfj, text = build_denoiser(cfg, opts.seed)
+        if init is not None:
+            unet.load_state_dict(init.unet)
+            pfj.load_state_dict(init.pfj)
+            text = init.text_embedding.clone()
         self.pfj = pfj.to(self.device)
         self.text = text.to(self.device)
         self.unet = UNetWrapper(unet, self.text).to(self.device).train()
@@ -290,6 +298,7 @@ class UNetStage:
         return {
             "photos": list(self.photos),
             "vae_from": self.vae_from,
+            "init_from": self.init_from,
             "phases": self.phases,
             "scaling_factor": self.scaling_factor,
             "options": self.uopts.__dict__.copy(),
@@ -305,9 +314,14 @@ def train_unet(
     images: list[np.ndarray] | None = None,
     progress: Progress | None = None,
     vae_from: str | Path | None = None,
+    init_from: str | Path | None = None,
 ) -> StageResult:
     """Train (or resume) UNet + PFJ into ``workdir/unet`` on the newest VAE checkpoint, or on
-    the VAE of the model folder ``vae_from`` (a bigger UNet on a VAE that already works)."""
+    the VAE of the model folder ``vae_from`` (a bigger UNet on a VAE that already works).
+
+    ``init_from``: a fresh run starts from the UNet, PFJ and text embedding of that model folder
+    instead of a random init (a fine-tune, or a run moved between machines through a shipped
+    folder); a run that resumes from its own checkpoint ignores it."""
     workdir = Path(workdir)
     if vae_from is not None:
         vae_state, scaling_factor, origin = vae_of_model(cfg, vae_from)
@@ -325,10 +339,28 @@ def train_unet(
     if images is None:
         names, images = photo_names(uopts.photos), load_images(uopts.photos)
     names, images = with_dead_leaves(names, images, uopts.deadleaves, seed=opts.seed, stage=STAGE)
-    stage = UNetStage(cfg, opts, uopts, images, vae_state, scaling_factor)
+    from adadiff.training.assemble import encoder_fingerprint  # assemble imports this module
+
+    latest = load_latest(workdir / STAGE, stage=STAGE)
+    init = None
+    if init_from is not None and latest is None:
+        init = unet_of_model(cfg, init_from)
+        if init.encoder != encoder_fingerprint(vae_state):
+            log.warning(
+                "unet: %s was trained on another VAE encoder's latents than this run's; its "
+                "weights are only a starting point here",
+                init.origin,
+            )
+    elif init_from is not None and latest is not None:
+        log.info(
+            "unet: resuming from step %d; --init-from %s is not used", latest["step"], init_from
+        )
+    stage = UNetStage(cfg, opts, uopts, images, vae_state, scaling_factor, init=init)
     stage.photos = names
     stage.vae_from = origin if vae_from is not None else ""
-    stage.phases = training_phases(load_latest(workdir / STAGE, stage=STAGE), opts, uopts)
+    if latest is not None:
+        stage.init_from = latest.get("summary", {}).get("init_from", "")
+    stage.phases = training_phases(latest, opts, uopts)
     log.info("unet: VAE from %s, latent scaling factor %.5f", origin, stage.scaling_factor)
     return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)
 
@@ -369,6 +401,48 @@ def training_device(device: str) -> torch.device:
                 "CUDA device(s)"
             )
     return dev
+
+
+@dataclass(frozen=True)
+class InitialWeights:
+    """What a UNet stage can start from: a model folder's UNet, PFJ and text embedding."""
+
+    unet: dict[str, torch.Tensor]
+    pfj: dict[str, torch.Tensor]
+    text_embedding: torch.Tensor
+    origin: str  # the model folder
+    encoder: str  # fingerprint of the VAE encoder whose latents they learned
+
+
+def unet_of_model(cfg: ModelConfig, model: str | Path) -> InitialWeights:
+    """The UNet, PFJ and text embedding of a model folder (or a preset's shipped weights),
+    checked against ``cfg``'s architecture."""
+    source = load_models(model)
+    if not Path(source.source).is_dir():
+        raise ConfigError(
+            f"--init-from {model}: no trained weights there ({source.source}); give a model folder"
+        )
+    for part in ("unet", "pfj"):  # the VAE may differ: train_unet warns when its encoder does
+        if getattr(source.config, part) != getattr(cfg, part):
+            raise ConfigError(
+                f"--init-from {model}: its '{part}' entries in adadiff.json differ from "
+                f"the config's ({cfg.name!r}), so its weights do not fit; pass its folder as "
+                "--model too (a preset name is the preset's own config), or train from scratch"
+            )
+    if tuple(source.text_embedding.shape) != (cfg.text_tokens, cfg.text_dim):
+        raise ConfigError(
+            f"--init-from {model}: its text embedding has shape "
+            f"{tuple(source.text_embedding.shape)}, not ({cfg.text_tokens}, {cfg.text_dim})"
+        )
+    from adadiff.training.assemble import encoder_fingerprint  # assemble imports this module
+
+    return InitialWeights(
+        unet=source.unet.state_dict(),
+        pfj=source.pfj.state_dict(),
+        text_embedding=source.text_embedding.detach().clone(),
+        origin=str(source.source),
+        encoder=encoder_fingerprint(source.vae.state_dict()),
+    )
 
 
 def vae_of_model(cfg: ModelConfig, model: str | Path) -> tuple[dict[str, Any], float, str]:

@@ -132,6 +132,38 @@ def test_ship_reuses_an_earlier_models_vae_and_mmle_and_says_so(tmp_path, cfg, i
         ship(cfg, workdir, tmp_path / "again")
 
 
+def test_ship_names_the_model_a_unet_started_from(tmp_path, cfg, images):
+    from adadiff import demo
+    from adadiff.errors import ModelFolderError
+    from adadiff.models.bundle import build_random
+    from adadiff.provenance import TrainingRecord, read_record, write_record
+    from adadiff.training.ship import _unet_init, ship
+    from adadiff.training.unet import train_unet
+
+    earlier = build_random(cfg, seed=3).save(tmp_path / "earlier")
+    (earlier / "MODEL_CARD.md").write_text("# older: a test model\n")
+    write_record(earlier, TrainingRecord(photos={"astronaut": ("unet",), "moon": ("vae",)}))
+    workdir = tmp_path / "w"
+    train_unet(
+        cfg, workdir, opts(2), small_pool(), images=images, vae_from=earlier, init_from=earlier
+    )
+    out = ship(cfg, workdir, tmp_path / "out", mmle_from=earlier)
+    card = (out / "MODEL_CARD.md").read_text()
+    label = "an earlier `older` (VAE encoder sha256 "
+    assert f"- UNet + PFJ: started from the weights of {label}" in card
+    assert "| astronaut | scikit-image |" in card and "| unet (reused) |" in card
+    record = read_record(out)
+    assert record is not None
+    assert record.photos["astronaut"] == ("unet (reused)",)
+    assert record.sources["unet"].startswith("trained in this run, starting from the weights of")
+    # its UNet learned from astronaut through the weights it started from
+    assert demo.role("astronaut", out) == "a photo this model was trained on"
+
+    shutil.rmtree(earlier)  # its card was the only record of what the initial UNet saw
+    with pytest.raises(ModelFolderError, match=r"started from the UNet of .*restore that folder"):
+        _unet_init(workdir)
+
+
 def test_a_training_record_is_read_from_json_or_from_an_older_card(tmp_path):
     from adadiff.errors import ModelFolderError
     from adadiff.provenance import read_record

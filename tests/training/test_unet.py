@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
@@ -64,6 +65,57 @@ def test_unet_can_take_the_vae_of_a_model_folder(tmp_path, cfg, images, tiny_dir
     assert summary["vae_from"] == str(folder)  # the card names where the VAE came from
     with pytest.raises(ConfigError, match="not the one"):
         train_unet(cfg, tmp_path / "x", opts(1), small_pool(), images=images, vae_from=tiny_dir)
+
+
+def test_unet_can_start_from_the_weights_of_a_model_folder(
+    tmp_path, vae_workdir, cfg, images, caplog
+):
+    from adadiff.models.bundle import build_random
+    from adadiff.training.unet import train_unet
+
+    source = build_random(cfg, seed=5)
+    folder = source.save(tmp_path / "model")
+    shutil.copytree(vae_workdir / "vae", tmp_path / "w" / "vae")
+    logger = logging.getLogger("adadiff.training")
+    # the CLI's tests turn propagation off for this logger; listen to it directly
+    logger.addHandler(caplog.handler)
+    try:
+        train_unet(cfg, tmp_path / "w", opts(1), small_pool(), images=images, init_from=folder)
+    finally:
+        logger.removeHandler(caplog.handler)
+    # that folder's UNet learned a random VAE's latents, not the workdir VAE's
+    assert "another VAE encoder" in caplog.text
+    ckpt = load_latest(tmp_path / "w" / "unet", stage="unet")
+    # one AdamW step (lr 5e-4 in the warm-up) moves no weight further than its lr
+    for part in ("unet", "pfj"):
+        start = getattr(source, part).state_dict()
+        moved = max((ckpt["state"][part][k] - v).abs().max().item() for k, v in start.items())
+        assert moved <= 1e-3, f"{part} moved {moved} from the initial weights"
+    torch.testing.assert_close(ckpt["state"]["text_embedding"], source.text_embedding)
+    assert ckpt["summary"]["init_from"] == str(folder)
+    # a random init (the default) is far from those weights
+    shutil.copytree(vae_workdir / "vae", tmp_path / "r" / "vae")
+    train_unet(cfg, tmp_path / "r", opts(1), small_pool(), images=images)
+    fresh = load_latest(tmp_path / "r" / "unet", stage="unet")
+    assert fresh["summary"]["init_from"] == ""
+    far = max(
+        (fresh["state"]["unet"][k] - v).abs().max().item()
+        for k, v in source.unet.state_dict().items()
+    )
+    assert far > 0.01
+    # the same command again resumes its own checkpoint and keeps the record of the start
+    train_unet(cfg, tmp_path / "w", opts(2), small_pool(), images=images, init_from=folder)
+    resumed = load_latest(tmp_path / "w" / "unet", stage="unet")
+    assert resumed["step"] == 2 and resumed["summary"]["init_from"] == str(folder)
+
+
+def test_unet_init_from_refuses_another_architecture(tmp_path, vae_workdir, cfg, images, tiny_dir):
+    from adadiff.training.unet import train_unet
+
+    shutil.copytree(vae_workdir / "vae", tmp_path / "w" / "vae")
+    with pytest.raises(ConfigError, match=r"--init-from .*'unet' entries"):
+        train_unet(cfg, tmp_path / "w", opts(1), small_pool(), images=images, init_from=tiny_dir)
+    assert load_latest(tmp_path / "w" / "unet", stage="unet") is None
 
 
 def test_unet_options_check_the_photo_weighting():
