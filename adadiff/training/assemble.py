@@ -53,6 +53,20 @@ def encoder_fingerprint(vae_state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def same_encoder(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Whether two VAE states read the same latent space: the same encoder tensors, or the same
+    once rounded to fp16, since a folder shipped with ``--half`` holds its encoder in fp16."""
+    if encoder_fingerprint(a) == encoder_fingerprint(b):
+        return True
+
+    def rounded(state: dict[str, torch.Tensor]) -> str:
+        return encoder_fingerprint(
+            {k: v.half() if v.is_floating_point() else v for k, v in _encoder_items(state)}
+        )
+
+    return rounded(a) == rounded(b)
+
+
 def build_mmle(cfg: ModelConfig, seed: int) -> MMLE:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -24,7 +24,7 @@ from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import SHIPPED, TorchModels, describe, load_models
 from adadiff.provenance import MODEL_CARD, TrainingRecord, read_record, write_record
-from adadiff.training.assemble import encoder_fingerprint, frozen_models
+from adadiff.training.assemble import encoder_fingerprint, frozen_models, same_encoder
 from adadiff.training.checkpoint import load_latest
 from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, training_photos
 from adadiff.training.deadleaves import NAME_PREFIX as DEADLEAVES_PREFIX
@@ -111,7 +111,7 @@ def _reused_mmle(models: TorchModels, folder: str | Path) -> TorchModels:
             f"--mmle-from {folder}: its MMLE predicts other metrics or has another shape than "
             "this config's 'mmle' entries; make labels and train MMLE for this model instead"
         )
-    if encoder_fingerprint(source.vae.state_dict()) != encoder_fingerprint(models.vae.state_dict()):
+    if not same_encoder(source.vae.state_dict(), models.vae.state_dict()):
         raise ConfigError(
             f"--mmle-from {folder}: its VAE encoder differs from this model's, so its MMLE reads "
             "another latent space; make labels and train MMLE for this model instead"

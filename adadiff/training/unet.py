@@ -339,13 +339,13 @@ def train_unet(
     if images is None:
         names, images = photo_names(uopts.photos), load_images(uopts.photos)
     names, images = with_dead_leaves(names, images, uopts.deadleaves, seed=opts.seed, stage=STAGE)
-    from adadiff.training.assemble import encoder_fingerprint  # assemble imports this module
+    from adadiff.training.assemble import same_encoder  # assemble imports this module
 
     latest = load_latest(workdir / STAGE, stage=STAGE)
     init = None
     if init_from is not None and latest is None:
         init = unet_of_model(cfg, init_from)
-        if init.encoder != encoder_fingerprint(vae_state):
+        if not same_encoder(init.vae, vae_state):
             log.warning(
                 "unet: %s was trained on another VAE encoder's latents than this run's; its "
                 "weights are only a starting point here",
@@ -411,7 +411,7 @@ class InitialWeights:
     pfj: dict[str, torch.Tensor]
     text_embedding: torch.Tensor
     origin: str  # the model folder
-    encoder: str  # fingerprint of the VAE encoder whose latents they learned
+    vae: dict[str, torch.Tensor]  # that folder's VAE, whose latents they learned
 
 
 def unet_of_model(cfg: ModelConfig, model: str | Path) -> InitialWeights:
@@ -434,14 +434,12 @@ def unet_of_model(cfg: ModelConfig, model: str | Path) -> InitialWeights:
             f"--init-from {model}: its text embedding has shape "
             f"{tuple(source.text_embedding.shape)}, not ({cfg.text_tokens}, {cfg.text_dim})"
         )
-    from adadiff.training.assemble import encoder_fingerprint  # assemble imports this module
-
     return InitialWeights(
         unet=source.unet.state_dict(),
         pfj=source.pfj.state_dict(),
         text_embedding=source.text_embedding.detach().clone(),
         origin=str(source.source),
-        encoder=encoder_fingerprint(source.vae.state_dict()),
+        vae=source.vae.state_dict(),
     )
 
 

@@ -164,6 +164,26 @@ def test_ship_names_the_model_a_unet_started_from(tmp_path, cfg, images):
         _unet_init(workdir)
 
 
+def test_same_encoder_holds_across_fp16_storage(tmp_path, cfg):
+    from adadiff.models.bundle import build_random, load_folder
+    from adadiff.training.assemble import same_encoder
+
+    models = build_random(cfg, seed=3)
+    half = load_folder(models.save(tmp_path / "half", half=True))  # fp16 on disk, fp32 loaded
+    state, stored = models.vae.state_dict(), half.vae.state_dict()
+    assert any(not torch.equal(state[k], stored[k]) for k in state)  # the rounding is real
+    assert same_encoder(state, stored) and same_encoder(stored, state)
+    other = build_random(cfg, seed=4).vae.state_dict()
+    assert not same_encoder(state, other)
+    # a change to the encoder alone counts; one to the decoder does not
+    nudged = dict(state)
+    key = next(k for k in state if k.startswith("encoder.") and k.endswith("weight"))
+    nudged[key] = state[key] + 0.01
+    assert not same_encoder(state, nudged)
+    dkey = next(k for k in state if k.startswith("decoder.") and k.endswith("weight"))
+    assert same_encoder(state, {**state, dkey: state[dkey] + 0.01})
+
+
 def test_a_training_record_is_read_from_json_or_from_an_older_card(tmp_path):
     from adadiff.errors import ModelFolderError
     from adadiff.provenance import read_record
