@@ -151,6 +151,7 @@ class DecoderStage:
         self.vae = build_vae(cfg, 0)
         self.vae.load_state_dict(vae_state)
         self.fingerprint = encoder_fingerprint(vae_state)
+        self.unet_step: int | None = None
         self.vae.train()
         self.vae.requires_grad_(False)
         self.trained = [
@@ -246,6 +247,8 @@ class DecoderStage:
             "photos": list(self.photos),
             "encoder_fingerprint": self.fingerprint,
             "options": self.dopts.__dict__.copy(),
+            # the UNet whose samples it learned to draw; the shipped UNet may train on after
+            "unet_step": self.unet_step,
         }
 
 
@@ -350,7 +353,8 @@ def train_decoder(
     """Fine-tune (or resume) the decoder of the newest UNet checkpoint's VAE into
     ``workdir/decoder``."""
     workdir = Path(workdir)
-    state = unet_checkpoint(workdir)["state"]
+    unet = unet_checkpoint(workdir)
+    state = unet["state"]
     sampler = None
     if dopts.sample_prob > 0:
         sampler = frozen_models(cfg, workdir, with_mmle=False, seed=opts.seed)
@@ -365,4 +369,5 @@ def train_decoder(
         sampler=sampler,
     )
     stage.photos = photo_names(dopts.photos) if images is None else []
+    stage.unet_step = int(unet["step"]) if sampler is not None else None
     return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)

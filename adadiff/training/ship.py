@@ -151,15 +151,30 @@ def _phase_lines(phases: list[dict[str, Any]], last_step: int | None) -> list[st
     one; the options above are the last phase's."""
     if len(phases) < 2:
         return []
+    # the photo set is named only where it changed; the table lists every photo of any phase
+    sets_differ = len({str(p.get("photos")) for p in phases}) > 1
     parts = []
     for k, phase in enumerate(phases):
         end = phases[k + 1]["from_step"] if k + 1 < len(phases) else last_step
         drawn = "equally" if phase.get("weighting", "area") == "photo" else "by area"
+        which = f" ({phase.get('photos')})" if sets_differ else ""
+        leaves = int(phase.get("deadleaves", 0) or 0)
+        extra = f", {leaves} dead-leaves images among them" if leaves else ""
         parts.append(
-            f"steps {phase['from_step']} to {end}: photos drawn {drawn}, Real-ESRGAN share "
-            f"{phase.get('realesrgan_prob', 0.0)}{_strength(phase)}" + _phase_lr(phase)
+            f"steps {phase['from_step']} to {end}: photos{which} drawn {drawn}{extra}, "
+            f"Real-ESRGAN share {phase.get('realesrgan_prob', 0.0)}{_strength(phase)}"
+            + _phase_lr(phase)
         )
     return ["- UNet training was resumed with other options: " + "; ".join(parts) + "."]
+
+
+def _unet_photos(summary: dict[str, Any]) -> list[str]:
+    """The photos of the UNet's last run plus the dead-leaves images of any earlier phase: a run
+    resumed without them still carries what it learned from them."""
+    photos = list(summary.get("photos", []))
+    leaves = max((int(p.get("deadleaves", 0) or 0) for p in summary.get("phases", [])), default=0)
+    photos += [n for n in (f"{DEADLEAVES_PREFIX}{k}" for k in range(leaves)) if n not in photos]
+    return photos
 
 
 def _reused_row(name: str, reused: Reused) -> str:
@@ -332,6 +347,18 @@ def _latent_noise(options: dict[str, Any]) -> str:
     return f" plus white noise of std {noise:g} (scaled latent units)" if noise else ""
 
 
+def _decoder_lag(summary: dict[str, Any], unet: dict[str, Any] | None) -> str:
+    """A sentence when the decoder learned from samples of an earlier UNet checkpoint than the
+    shipped one (a UNet trained on after its decoder stage)."""
+    drew = summary.get("unet_step")
+    if drew is None or unet is None or int(drew) == int(unet["step"]):
+        return ""
+    return (
+        f" Its samples came from the UNet at step {drew}; the shipped UNet is that run at step "
+        f"{unet['step']}, and the decoder was not fine-tuned again on its samples."
+    )
+
+
 def _decoder_samples(options: dict[str, Any]) -> str:
     share = options.get("sample_prob", 0.0)
     if not share:
@@ -357,7 +384,7 @@ def stage_photos(
     stages: dict[str, list[str]] = {}
     if vae is not None or vae_reused is None:
         stages["vae"] = (vae or {}).get("summary", {}).get("photos", [])
-    stages["unet"] = (unet or {}).get("summary", {}).get("photos", [])
+    stages["unet"] = _unet_photos((unet or {}).get("summary", {}))
     if decoder:
         stages["decoder"] = decoder.get("summary", {}).get("photos", [])
     if mmle_reused is None:
@@ -634,6 +661,7 @@ def model_card(
                 "bicubic-upscaled LR crops"
                 + _decoder_samples(decoder["summary"]["options"])
                 + ". The shipped VAE decoder is this one."
+                + _decoder_lag(decoder["summary"], unet)
             ]
             if decoder
             else []

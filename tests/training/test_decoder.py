@@ -80,6 +80,16 @@ def test_decoder_learns_from_the_models_own_samples(tmp_path, unet_workdir, cfg,
     samples = load_latest(tmp_path / "b" / "decoder", stage="decoder")["state"]["samples"]
     assert samples["latents"].shape == (3, 4, 16, 16) and samples["hr"].shape == (3, 3, 32, 32)
     assert samples["hr"].dtype == torch.uint8
+    # it records which UNet drew its samples, so a card can say when the UNet trained on after
+    from adadiff.training.ship import _decoder_lag
+
+    summary = load_latest(tmp_path / "b" / "decoder", stage="decoder")["summary"]
+    unet_step = load_latest(unet_workdir / "unet", stage="unet")["step"]
+    assert summary["unet_step"] == unet_step
+    assert _decoder_lag(summary, {"step": unet_step}) == ""
+    later = _decoder_lag(summary, {"step": unet_step + 7})
+    shipped = f"the shipped UNet is that run at step {unet_step + 7}"
+    assert f"UNet at step {unet_step}; {shipped}" in later
 
     # Each drawn latent window sits over the HR window it is trained to decode to.
     pool = SamplePool(

@@ -183,6 +183,25 @@ def test_a_phase_recorded_before_an_option_existed_holds_its_default():
     assert line.endswith("kinder JPEG), lr 0.001 (constant).")
 
 
+def test_a_run_resumed_without_dead_leaves_still_lists_them():
+    from adadiff.training.ship import _phase_lines, _unet_photos
+    from adadiff.training.unet import UNetOptions
+
+    base = {**UNetOptions().__dict__, "lr": 1e-3, "batch": 2, "schedule": "constant"}
+    phases = [
+        {"from_step": 0, **base, "deadleaves": 3, "photos": "train"},
+        {"from_step": 5, **base, "deadleaves": 0, "photos": "train+validation"},
+    ]
+    summary = {"photos": ["brick", "grass"], "phases": phases}
+    leaves = ["deadleaves-0", "deadleaves-1", "deadleaves-2"]
+    assert _unet_photos(summary) == ["brick", "grass", *leaves]
+    (line,) = _phase_lines(phases, 9)
+    assert "steps 0 to 5: photos (train) drawn equally, 3 dead-leaves images among them," in line
+    assert "steps 5 to 9: photos (train+validation) drawn equally, Real-ESRGAN" in line
+    # a run that never had them lists its photos only
+    assert _unet_photos({"photos": ["brick"], "phases": phases[1:]}) == ["brick"]
+
+
 def test_gains_follow_the_runtime_rules():
     from adadiff.training.unet import sample_gains
 
