@@ -2,7 +2,7 @@
 
     python -m benchmarks.evaluate_tiny --out runs/eval_tiny.json [--model tiny] [--threads 1]
 
-1. Super-resolution: every hold-out photo (chelsea, coffee, gravel; never trained on) is cut to a
+1. Super-resolution: every hold-out photo (astronaut, chelsea, coffee, gravel) is cut to a
    multiple of 4, degraded by bicubic x4 (``adadiff.training.degrade.bicubic_x4``) and
    upscaled back by bicubic interpolation, by the model with the adaptive schedule, and with
    uniform schedules (interval 5 = 200 steps, interval 20 = 50 steps). PSNR, SSIM and LPIPS
