@@ -53,6 +53,7 @@ from adadiff.training.assemble import (
     frozen_models,
     unet_checkpoint,
 )
+from adadiff.training.checkpoint import load_latest
 from adadiff.training.data import PhotoWeighting, check_weighting
 from adadiff.training.degrade import strength_config
 from adadiff.training.labels import encode_latents, mmle_score, sample_with
@@ -152,6 +153,9 @@ class DecoderStage:
         self.vae.load_state_dict(vae_state)
         self.fingerprint = encoder_fingerprint(vae_state)
         self.unet_step: int | None = None
+        # [{"from_step", "unet_step"}]: which UNet checkpoint drew the samples from which decoder
+        # step on, so a card can tell a decoder resumed on a UNet that trained on in between
+        self.sample_phases: list[dict[str, int]] = []
         self.vae.train()
         self.vae.requires_grad_(False)
         self.trained = [
@@ -249,6 +253,7 @@ class DecoderStage:
             "options": self.dopts.__dict__.copy(),
             # the UNet whose samples it learned to draw; the shipped UNet may train on after
             "unet_step": self.unet_step,
+            "sample_phases": self.sample_phases,
         }
 
 
@@ -370,4 +375,21 @@ def train_decoder(
     )
     stage.photos = photo_names(dopts.photos) if images is None else []
     stage.unet_step = int(unet["step"]) if sampler is not None else None
+    stage.sample_phases = sample_phases(load_latest(workdir / STAGE, stage=STAGE), stage.unet_step)
     return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)
+
+
+def sample_phases(ckpt: dict[str, Any] | None, unet_step: int | None) -> list[dict[str, int]]:
+    """The decoder checkpoint's sample phases, plus one from its step when this run samples
+    from another UNet step (the UNet trained on between two decoder runs). Checkpoints from
+    before phases were recorded give their ``unet_step`` from step 0 when they have one."""
+    summary = (ckpt or {}).get("summary", {})
+    phases = [dict(p) for p in summary.get("sample_phases") or []]
+    if not phases and summary.get("unet_step") is not None:
+        phases = [{"from_step": 0, "unet_step": int(summary["unet_step"])}]
+    if unet_step is None:
+        return phases
+    if not phases or phases[-1]["unet_step"] != unet_step:
+        start = int(ckpt["step"]) if ckpt is not None else 0
+        phases.append({"from_step": start, "unet_step": int(unet_step)})
+    return phases

@@ -348,11 +348,29 @@ def _latent_noise(options: dict[str, Any]) -> str:
 
 
 def _decoder_lag(summary: dict[str, Any], unet: dict[str, Any] | None) -> str:
-    """A sentence when the decoder learned from samples of an earlier UNet checkpoint than the
-    shipped one (a UNet trained on after its decoder stage)."""
+    """Sentences on which UNet checkpoint drew the decoder's samples when it is not simply the
+    shipped one: a decoder resumed on a UNet that trained on in between, or a UNet trained on
+    after its decoder stage."""
+    phases = summary.get("sample_phases") or []
     drew = summary.get("unet_step")
+    text = ""
+    if len(phases) > 1 or (phases and phases[0]["from_step"] > 0):
+        parts = [
+            f"from decoder step {p['from_step']} on the UNet at step {p['unet_step']}"
+            for p in phases
+        ]
+        text = " Its samples came " + ", then ".join(parts)
+        if phases[0]["from_step"] > 0:
+            text += f" (before decoder step {phases[0]['from_step']}: not recorded)"
+        text += "."
+        drew = phases[-1]["unet_step"]
     if drew is None or unet is None or int(drew) == int(unet["step"]):
-        return ""
+        return text
+    if text:
+        return text + (
+            f" The shipped UNet is that run at step {unet['step']}, and the decoder was not "
+            "fine-tuned again on its samples."
+        )
     return (
         f" Its samples came from the UNet at step {drew}; the shipped UNet is that run at step "
         f"{unet['step']}, and the decoder was not fine-tuned again on its samples."

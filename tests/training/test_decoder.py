@@ -86,6 +86,8 @@ def test_decoder_learns_from_the_models_own_samples(tmp_path, unet_workdir, cfg,
     summary = load_latest(tmp_path / "b" / "decoder", stage="decoder")["summary"]
     unet_step = load_latest(unet_workdir / "unet", stage="unet")["step"]
     assert summary["unet_step"] == unet_step
+    # resumed on the same UNet: still one phase
+    assert summary["sample_phases"] == [{"from_step": 0, "unet_step": unet_step}]
     assert _decoder_lag(summary, {"step": unet_step}) == ""
     later = _decoder_lag(summary, {"step": unet_step + 7})
     shipped = f"the shipped UNet is that run at step {unet_step + 7}"
@@ -172,3 +174,30 @@ def test_latent_noise_from_the_command_line_reaches_the_checkpoint(tmp_path, une
 
     card = model_card(cfg, workdir, {"unet": 1}, 1.0, None)
     assert "posterior means plus white noise of std 0.05 (scaled latent units)" in card
+
+
+def test_sample_phases_follow_the_unet_a_decoder_resumes_on():
+    from adadiff.training.decoder import sample_phases
+    from adadiff.training.ship import _decoder_lag
+
+    assert sample_phases(None, 100) == [{"from_step": 0, "unet_step": 100}]
+    assert sample_phases(None, None) == []
+    one = {"step": 50, "summary": {"sample_phases": [{"from_step": 0, "unet_step": 100}]}}
+    assert sample_phases(one, 100) == [{"from_step": 0, "unet_step": 100}]
+    two = sample_phases(one, 200)
+    assert two == [{"from_step": 0, "unet_step": 100}, {"from_step": 50, "unet_step": 200}]
+    assert one["summary"]["sample_phases"] == [{"from_step": 0, "unet_step": 100}]  # not mutated
+    # a checkpoint from before phases were recorded: its unet_step from step 0, or nothing known
+    assert sample_phases({"step": 50, "summary": {"unet_step": 100}}, 200) == two
+    assert sample_phases({"step": 50, "summary": {}}, 200) == [{"from_step": 50, "unet_step": 200}]
+
+    summary = {"unet_step": 200, "sample_phases": two}
+    said = _decoder_lag(summary, {"step": 200})
+    assert (
+        "from decoder step 0 on the UNet at step 100, then from decoder step 50 on the UNet at "
+        "step 200." in said
+    )
+    assert "not fine-tuned again" not in said
+    assert "The shipped UNet is that run at step 300" in _decoder_lag(summary, {"step": 300})
+    unknown = {"unet_step": 200, "sample_phases": [{"from_step": 50, "unet_step": 200}]}
+    assert "(before decoder step 50: not recorded)" in _decoder_lag(unknown, {"step": 200})
