@@ -335,6 +335,19 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="store the UNet and VAE weights as fp16 (computed in fp32 after loading)",
     )
 
+    card = stages.add_parser(
+        "card",
+        help="rewrite the Evaluation section of a shipped model folder's card from benchmark "
+        "JSONs rerun on the same weights (weights and the rest of the card untouched)",
+    )
+    card.add_argument("folder", type=Path, help="the shipped model folder (its MODEL_CARD.md)")
+    card.add_argument(
+        "--eval", type=Path, required=True, help="evaluate_tiny JSON of these weights"
+    )
+    card.add_argument(
+        "--quality", type=Path, required=True, help="benchmarks.quality JSON of these weights"
+    )
+
     train.set_defaults(func=cmd_train)
     return train
 
@@ -371,6 +384,13 @@ def _options(args: argparse.Namespace) -> TrainOptions:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _training_logs()
+    if args.stage == "card":
+        from adadiff.training.ship import read_evaluation, refresh_card
+
+        evaluation, quality = read_evaluation(args.eval), read_evaluation(args.quality)
+        assert evaluation is not None and quality is not None  # both are required options
+        print(f"refreshed {refresh_card(args.folder, evaluation=evaluation, quality=quality)}")
+        return 0
     if args.threads:
         import torch
 

@@ -250,6 +250,15 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
                 f"| {m.get('lpips', float('nan')):.4f} | {m.get('brisque', float('nan')):.2f} "
                 f"| {m.get('unet_evaluations', '-')} |"
             )
+        if "best_uniform_at_no_more_evaluations" in summary:
+            rival = summary["best_uniform_at_no_more_evaluations"]
+            lines += [
+                "",
+                f"Best uniform schedule at no more UNet evaluations than adaptive: {rival}."
+                if rival
+                else "Every uniform schedule in the table takes more UNet evaluations than "
+                "adaptive.",
+            ]
     mmle = summary.get("mmle", {})
     if mmle:
         rho = ", ".join(f"{k} {v:.3f}" for k, v in mmle.get("spearman", {}).items())
@@ -694,11 +703,7 @@ def model_card(
             else _labels_mmle_lines(cfg, m_sum)
         ),
         "",
-        "## Evaluation",
-        "",
-        *quality_section(quality),
-        *_eval_section(evaluation),
-        "",
+        *evaluation_lines(quality, evaluation),
     ]
     return "\n".join(lines)
 
@@ -814,6 +819,52 @@ def _swap_in(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         new.rename(out)
+
+
+EVALUATION_HEADING = "## Evaluation"
+
+
+def evaluation_lines(
+    quality: dict[str, Any] | None, evaluation: dict[str, Any] | None
+) -> list[str]:
+    """The card's Evaluation section, as ``ship`` writes it."""
+    return [EVALUATION_HEADING, "", *quality_section(quality), *_eval_section(evaluation), ""]
+
+
+def refresh_card(
+    folder: str | Path, *, evaluation: dict[str, Any], quality: dict[str, Any]
+) -> Path:
+    """Rewrite the Evaluation section of a shipped folder's model card from new benchmark JSONs.
+
+    For benchmarks rerun (or changed) on weights that did not change: the weights, the record
+    and every other part of the card (the sections ``ship`` generated from checkpoints that may
+    be gone by now, and notes added after shipping) stay as they are."""
+    folder = Path(folder)
+    path = folder / MODEL_CARD
+    if not (folder / CONFIG_FILE).is_file() or not path.is_file():
+        raise ModelFolderError(
+            f"{folder} is not a shipped model folder (it needs {CONFIG_FILE} and {MODEL_CARD}); "
+            "ship one with `adadiff train ship`"
+        )
+    digest = evaluation.get("model", {}).get("config_digest")
+    own = ModelConfig.load(folder).digest()
+    if digest is not None and digest != own:
+        raise ConfigError(
+            f"the evaluate_tiny JSON describes another model (config digest {digest}, the "
+            f"folder's {own}); run `python -m benchmarks.evaluate_tiny --model {folder}`"
+        )
+    lines = path.read_text().split("\n")
+    if EVALUATION_HEADING not in lines:
+        raise ModelFolderError(
+            f"{path} has no '{EVALUATION_HEADING}' section to refresh; ship the folder again"
+        )
+    start = lines.index(EVALUATION_HEADING)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    text = "\n".join([*lines[:start], *evaluation_lines(quality, evaluation), *lines[end:]])
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
 
 
 def read_evaluation(path: str | Path | None) -> dict[str, Any] | None:

@@ -68,3 +68,44 @@ def test_model_card_reports_the_interval_and_says_when_none_was_recorded() -> No
     mmle["majority_category_share"] = 0.975
     text = "\n".join(_eval_section({"summary": {"mmle": mmle}}))
     assert "in 95.0% of steps (always the oracle's most frequent category: 97.5%)." in text
+
+
+def _methods(adaptive: tuple[float, int], uniform: dict[int, tuple[float, int]]):
+    row = {"psnr": 25.0, "ssim": 0.7, "brisque": 30.0}
+    methods = {"bicubic": {**row, "lpips": 0.4, "brisque": 60.0}}
+    methods["tiny-adaptive"] = {**row, "lpips": adaptive[0], "unet_evaluations": adaptive[1]}
+    for steps, (lp, evaluations) in uniform.items():
+        methods[f"tiny-uniform-{steps}"] = {**row, "lpips": lp, "unet_evaluations": evaluations}
+    return methods
+
+
+def test_adaptive_is_judged_against_the_best_uniform_it_can_afford() -> None:
+    from benchmarks.evaluate_tiny import best_uniform_within, targets
+
+    key = "adaptive LPIPS below the best uniform at no more evaluations"
+    # uniform-5 is cheaper and better: adaptive misses, though it beats uniform-200
+    methods = _methods((0.26, 5000), {5: (0.20, 400), 50: (0.27, 4300), 200: (0.28, 17000)})
+    assert best_uniform_within(methods, 5000)[0] == "tiny-uniform-5"
+    assert targets(methods, None)[key] is False
+    assert targets(methods, None)["adaptive LPIPS at most 0.01 worse than uniform-200"]
+    # a better uniform that costs more than adaptive does not count against it
+    methods = _methods((0.26, 3000), {5: (0.27, 400), 50: (0.20, 4300), 200: (0.28, 17000)})
+    assert best_uniform_within(methods, 3000)[0] == "tiny-uniform-5"
+    assert targets(methods, None)[key] is True
+    # adaptive cheaper than every uniform row: nothing to compare with at its cost
+    methods = _methods((0.3, 100), {5: (0.2, 400)})
+    assert best_uniform_within(methods, 100) is None
+
+
+def test_model_card_names_the_uniform_schedule_adaptive_is_judged_against() -> None:
+    from adadiff.training.ship import _eval_section
+
+    methods = _methods((0.26, 5000), {5: (0.20, 400)})
+    summary = {"methods": methods, "best_uniform_at_no_more_evaluations": "tiny-uniform-5"}
+    text = "\n".join(_eval_section({"summary": summary}))
+    assert "| tiny-uniform-5 | 25.00 | 0.7000 | 0.2000 | 30.00 | 400 |" in text
+    assert "no more UNet evaluations than adaptive: tiny-uniform-5." in text
+    summary["best_uniform_at_no_more_evaluations"] = None
+    assert "takes more UNet evaluations" in "\n".join(_eval_section({"summary": summary}))
+    del summary["best_uniform_at_no_more_evaluations"]
+    assert "no more UNet evaluations" not in "\n".join(_eval_section({"summary": summary}))

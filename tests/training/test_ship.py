@@ -245,3 +245,59 @@ def test_the_card_says_which_reference_mmle_learned(cfg):
     ours = " ".join(_labels_mmle_lines(hr, summary))
     assert 'also against the HR crop, which is what MMLE learns (`mmle.reference` "hr"' in ours
     assert "latent part" not in ours and "enters the head as one more feature" in ours
+
+
+def _evaluation(lpips: float, digest: str | None = None) -> dict:
+    methods = {
+        "tiny-adaptive": {"psnr": 25.0, "ssim": 0.7, "lpips": lpips, "brisque": 30.0},
+        "tiny-uniform-5": {"psnr": 25.1, "ssim": 0.71, "lpips": 0.2, "brisque": 33.0},
+    }
+    summary = {"methods": methods, "best_uniform_at_no_more_evaluations": "tiny-uniform-5"}
+    return {"model": {"config_digest": digest} if digest else {}, "summary": summary}
+
+
+def test_card_refresh_rewrites_only_the_evaluation_section(tmp_path, cfg):
+    from adadiff.errors import ConfigError, ModelFolderError
+    from adadiff.training.cli import add_train_parser, cmd_train
+    from adadiff.training.ship import evaluation_lines, refresh_card
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    cfg.save(folder)
+    quality: dict = {}
+    head = ["# tiny: a test card", "", "## Training", "", "| unet | 3 |", ""]
+    notes = ["## Notes added after shipping", "", "- a hand note.", ""]
+    old = evaluation_lines(quality, _evaluation(0.31))
+    card = folder / "MODEL_CARD.md"
+    card.write_text("\n".join([*head, *old, *notes]))
+    weights = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "MODEL_CARD.md"}
+
+    # the same JSONs give back the same card, byte for byte
+    refresh_card(folder, evaluation=_evaluation(0.31, cfg.digest()), quality=quality)
+    assert card.read_text() == "\n".join([*head, *old, *notes])
+
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(json.dumps(_evaluation(0.27, cfg.digest())))
+    quality_json = tmp_path / "quality.json"
+    quality_json.write_text("{}")
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    argv = ["train", "card", str(folder), "--eval", str(eval_json), "--quality", str(quality_json)]
+    assert cmd_train(parser.parse_args(argv)) == 0
+    text = card.read_text()
+    assert "| tiny-adaptive | 25.00 | 0.7000 | 0.2700 |" in text and "0.3100" not in text
+    assert "no more UNet evaluations than adaptive: tiny-uniform-5." in text
+    assert text.startswith("\n".join(head)) and text.endswith("\n".join(notes))
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "MODEL_CARD.md"} == (
+        weights
+    )
+
+    # figures of another model are refused, and the card is left as it was
+    with pytest.raises(ConfigError, match="describes another model"):
+        refresh_card(folder, evaluation=_evaluation(0.2, "0123456789abcdef"), quality=quality)
+    assert card.read_text() == text
+    card.write_text("# a card without the section\n")
+    with pytest.raises(ModelFolderError, match="no '## Evaluation' section"):
+        refresh_card(folder, evaluation=_evaluation(0.2), quality=quality)
+    with pytest.raises(ModelFolderError, match="not a shipped model folder"):
+        refresh_card(tmp_path, evaluation=_evaluation(0.2), quality=quality)
