@@ -61,6 +61,7 @@ METHODS: tuple[tuple[str, str, int | None], ...] = (
     ("tiny-uniform-50", "uniform", 20),
     ("tiny-uniform-200", "uniform", 5),
 )
+UNIFORM = frozenset(name for name, schedule, _ in METHODS if schedule == "uniform")
 
 
 def quality_row(sr: np.ndarray, hr: np.ndarray) -> dict[str, float]:
@@ -303,7 +304,7 @@ def best_uniform_within(
     cheap = [
         (name, m)
         for name, m in methods.items()
-        if name.startswith("tiny-uniform-") and m["unet_evaluations"] <= evaluations
+        if name in UNIFORM and m["unet_evaluations"] <= evaluations
     ]
     return min(cheap, key=lambda item: item[1]["lpips"]) if cheap else None
 
