@@ -4,7 +4,8 @@
     adadiff bench quality --out runs/quality ...
 
 Every photo of the set (the hold-out photos by default: never trained or tuned on; ``--photos
-validation`` for the photos choices are tuned on) is cut to a multiple of 4 and degraded twice:
+validation`` for the photos choices are tuned on; or your own image files and folders, to see
+how a model does on your kind of photo) is cut to a multiple of 4 and degraded twice:
 
 - ``bicubic``: ``bicubic_x4`` (antialiased bicubic, the training pairs' plain degradation);
 - ``realworld``: a Gaussian blur of 2 HR px, ``bicubic_x4``, then JPEG quality 60 on the LR.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +37,8 @@ import torch
 
 from adadiff.config import SCHEDULES
 from adadiff.engines.torch import TorchBackend
-from adadiff.imageio import bicubic_upscale
+from adadiff.errors import AdadiffError, InputImageError
+from adadiff.imageio import bicubic_upscale, load_image
 from adadiff.models.bundle import TorchModels, load_models
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import load_lpips
@@ -51,7 +54,8 @@ from benchmarks.report import relative_link
 log = logging.getLogger("adadiff")
 
 BLOCK = 128
-SET_NAMES = {"holdout": "hold-out", "validation": "validation", "named": "named"}
+SET_NAMES = {"holdout": "hold-out", "validation": "validation", "named": "named", "files": "given"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 DEGRADATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str]] = {
     "bicubic": (bicubic_x4, "bicubic x4"),
@@ -139,10 +143,91 @@ def vae_round_trip(models: TorchModels, hr: np.ndarray) -> np.ndarray:
     return decode_latents(models.wrappers()["vae_decoder"], latent)[0]
 
 
-def hr_of(name: str, max_side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+@dataclass(frozen=True)
+class PhotoSource:
+    """A photo to score: one of the project's, by name, or an image file (``path``)."""
+
+    name: str
+    path: Path | None = None
+
+    def load(self) -> np.ndarray:
+        # alpha, bit depth and colour profile do not enter the scores: RGB in [0, 1] only
+        return load_photo(self.name) if self.path is None else load_image(self.path).rgb
+
+
+def _image_files(entry: str) -> list[Path]:
+    path = Path(entry).expanduser()
+    if path.is_dir():
+        files = sorted(
+            f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise InputImageError(
+                f"{path}: no {', '.join(IMAGE_SUFFIXES)} images in this folder (subfolders are "
+                "not searched)"
+            )
+        return files
+    if path.is_file():
+        return [path]
+    raise InputImageError(
+        f"{entry}: no such file or folder; --photos takes holdout, validation, photo names, or "
+        "image files and folders, separated by commas"
+    )
+
+
+def photo_sources(text: str) -> tuple[list[PhotoSource], str]:
+    """What ``--photos`` names, and the set's label (holdout, validation, named or files).
+
+    An entry with a path separator, an image suffix, or that exists on disk is a file or a
+    folder (its images, sorted); any other entry is a project photo's name. Files are named by
+    their stem; a stem met twice gets its position appended, so no output overwrites another.
+    """
+    if text in ("holdout", "validation"):
+        return [PhotoSource(n) for n in evaluation_photos(text)], text
+    sources: list[PhotoSource] = []
+    taken: set[str] = set()
+    any_file = False
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        looks_like_path = "/" in entry or "\\" in entry or entry.lower().endswith(IMAGE_SUFFIXES)
+        if not (looks_like_path or Path(entry).exists()):
+            if entry in taken:
+                raise InputImageError(
+                    f"{entry}: named twice in --photos (or a file before it has that stem); "
+                    "give each photo once"
+                )
+            sources.append(PhotoSource(entry))
+            taken.add(entry)
+            continue
+        any_file = True
+        for path in _image_files(entry):
+            name, k = path.stem, 2
+            while name in taken:
+                name, k = f"{path.stem}-{k}", k + 1
+            taken.add(name)
+            sources.append(PhotoSource(name, path))
+    if not sources:
+        raise InputImageError("--photos names no photo; give a set, photo names or image files")
+    return sources, "files" if any_file else "named"
+
+
+def check_sources(sources: list[PhotoSource], max_side: int | None) -> None:
+    """Load every photo once before any model runs, so a bad one fails the run at once."""
+    for source in sources:
+        hr, _ = hr_of(source, max_side)
+        if min(hr.shape[:2]) < BLOCK:
+            raise InputImageError(
+                f"{source.path or source.name}: {hr.shape[1]}x{hr.shape[0]} px (after "
+                f"--max-side and cutting to a multiple of 4); the scores are taken on {BLOCK} px "
+                f"blocks, so each photo needs at least {BLOCK} px on its short side"
+            )
+
+
+def hr_of(source: PhotoSource, max_side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
     """The photo, centre-cropped to ``max_side`` if given, cut to a multiple of 4, and the
     (top, left) of what is kept."""
-    hr = load_photo(name)
+    hr = source.load()
     top = left = 0
     if max_side:
         h, w = hr.shape[:2]
@@ -155,7 +240,9 @@ def hr_of(name: str, max_side: int | None) -> tuple[np.ndarray, tuple[int, int]]
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = list(evaluation_photos(args.photos))
+    sources, photo_set = photo_sources(args.photos)
+    check_sources(sources, args.max_side)
+    names = [source.name for source in sources]
     models = load_models(args.model)  # once: the Upscaler runs them, the VAE round trip too
     up = Upscaler(
         models.config,
@@ -166,6 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     schedule = up.schedule_of(args.schedule, args.interval)
     scorer = BlockScorer()
     ceiling: dict[str, dict[str, np.ndarray]] = {}
+    vae_images: dict[str, np.ndarray] = {}
     images: dict[str, dict[str, np.ndarray]] = {}
     offsets: dict[str, tuple[int, int]] = {}
     result: dict[str, Any] = {
@@ -174,7 +262,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "weights": weights_of(str(args.model)),
         "machine": machine(),
         "photos": names,
-        "photo_set": args.photos if args.photos in ("holdout", "validation") else "named",
+        "photo_set": photo_set,
+        "files": {src.name: str(src.path) for src in sources if src.path is not None},
         "schedule": schedule,
         "interval": args.interval,
         "seed": args.seed,
@@ -183,11 +272,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": {},
     }
     seconds, tiles = [], []
+    width = max(12, *(len(n) for n in names))
     for degradation, (degrade, _) in DEGRADATIONS.items():
         per: dict[str, dict[str, dict[str, np.ndarray]]] = {"bicubic": {}, "model": {}}
         brisques: dict[str, dict[str, float]] = {"bicubic": {}, "model": {}}
-        for name in names:
-            hr, offset = hr_of(name, args.max_side)
+        for source in sources:
+            name = source.name
+            hr, offset = hr_of(source, args.max_side)
             lr = degrade(hr)
             bic = bicubic_upscale(lr, 4)
             start = time.perf_counter()
@@ -198,20 +289,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tiles.append(report.tiles)
             if name not in ceiling:
                 vae = vae_round_trip(models, hr)
-                ceiling[name] = {**scorer(vae, hr), "image": vae}
-            images[f"{degradation}/{name}"] = {
-                "bicubic": bic,
-                "model": sr,
-                "vae": ceiling[name]["image"],
-                "hr": hr,
-            }
-            offsets[name] = offset
+                ceiling[name] = scorer(vae, hr)
+                if args.out and args.images:
+                    save_png(args.out / "images" / f"vae-round-trip-{name}.png", vae)
+                if source.path is None:
+                    vae_images[name] = vae
+            if args.out and args.images:
+                for what, image in (("bicubic", bic), ("model", sr)):
+                    save_png(args.out / "images" / f"{degradation}-{name}-{what}.png", image)
+            if source.path is None:
+                # only the gallery keeps whole images, and its regions are in the project's
+                # photos: a folder of large photos of one's own is scored one photo at a time
+                images[f"{degradation}/{name}"] = {
+                    "bicubic": bic,
+                    "model": sr,
+                    "vae": vae_images[name],
+                    "hr": hr,
+                }
+                offsets[name] = offset
             for method, out in (("bicubic", bic), ("model", sr)):
                 per[method][name] = scorer(out, hr)
                 brisques[method][name] = float(brisque(out))
             log.info("%s %s: %.1f s", degradation, name, seconds[-1])
             print(
-                f"{degradation:9s} {name:12s} LPIPS bicubic "
+                f"{degradation:9s} {name:{width}s} LPIPS bicubic "
                 f"{per['bicubic'][name]['lpips'].mean():.3f} model "
                 f"{per['model'][name]['lpips'].mean():.3f}  ({seconds[-1]:.1f} s)",
                 flush=True,
@@ -256,12 +357,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["targets"] = targets(result["results"])
     if args.out:
         result["gallery"] = gallery(images, offsets, args.out)
-    if args.out and args.images:
-        for key, parts in images.items():
-            for what in ("bicubic", "model"):
-                save_png(args.out / "images" / f"{key.replace('/', '-')}-{what}.png", parts[what])
-        for name, parts in ceiling.items():
-            save_png(args.out / "images" / f"vae-round-trip-{name}.png", parts["image"])
     return result
 
 
@@ -460,7 +555,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--photos",
         default="holdout",
-        help="holdout, validation, or photo names separated by commas",
+        help="holdout, validation, or photo names, image files or folders of images, "
+        "separated by commas (your own photos: the originals, which are degraded and upscaled; "
+        "large ones take a while, see --max-side)",
     )
     p.add_argument("--max-side", type=int, help="centre-crop the photos to at most this many px")
     p.add_argument("--schedule", choices=SCHEDULES, help="default: the model's")
@@ -486,7 +583,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
+    try:
+        result = run(args)
+    except AdadiffError as exc:
+        print(f"adadiff bench quality: error: {exc}", file=sys.stderr)
+        return 2
     if args.out:
         path = args.out / "quality.json"
         path.write_text(json.dumps(result, indent=1) + "\n")

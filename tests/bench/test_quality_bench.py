@@ -113,3 +113,98 @@ def test_vae_round_trip_keeps_the_shape_and_range(tiny_models):
     out = quality.vae_round_trip(tiny_models, hr)
     assert out.shape == hr.shape and out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def _png(path, size=(160, 136), seed=0):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_photos_takes_sets_names_files_and_folders(tmp_path):
+    sources, label = quality.photo_sources("astronaut,gravel")
+    assert [(s.name, s.path) for s in sources] == [("astronaut", None), ("gravel", None)]
+    assert label == "named"
+    holdout, label = quality.photo_sources("holdout")
+    assert label == "holdout" and all(s.path is None for s in holdout) and holdout
+    a = _png(tmp_path / "mine" / "b.png")
+    _png(tmp_path / "mine" / "a.jpg")
+    (tmp_path / "mine" / "notes.txt").write_text("not an image")
+    _png(tmp_path / "mine" / "deeper" / "c.png")  # subfolders are not searched
+    other = _png(tmp_path / "elsewhere" / "b.png")  # the same stem as mine/b.png
+    sources, label = quality.photo_sources(f"{tmp_path / 'mine'},{other},astronaut")
+    assert label == "files"
+    assert [(s.name, s.path) for s in sources] == [
+        ("a", tmp_path / "mine" / "a.jpg"),
+        ("b", a),
+        ("b-2", other),  # no output may overwrite another's
+        ("astronaut", None),
+    ]
+
+
+def test_photos_refuses_what_it_cannot_score(tmp_path, capsys):
+    with pytest.raises(quality.InputImageError, match="no such file or folder"):
+        quality.photo_sources(str(tmp_path / "missing.png"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(quality.InputImageError, match=r"no \.png"):
+        quality.photo_sources(str(tmp_path / "empty"))
+    with pytest.raises(quality.InputImageError, match="names no photo"):
+        quality.photo_sources(",")
+    with pytest.raises(quality.InputImageError, match="named twice"):
+        quality.photo_sources("astronaut,gravel,astronaut")
+    gravel = _png(tmp_path / "gravel.png")
+    with pytest.raises(quality.InputImageError, match="named twice"):
+        quality.photo_sources(f"{gravel},gravel")  # its outputs would overwrite the file's
+    small = _png(tmp_path / "small.png", size=(300, 100))
+    sources, _ = quality.photo_sources(str(small))
+    with pytest.raises(quality.InputImageError, match=r"300x100 px.*at least 128 px"):
+        quality.check_sources(sources, None)
+    big = _png(tmp_path / "big.png", size=(300, 200))
+    sources, _ = quality.photo_sources(str(big))
+    quality.check_sources(sources, None)
+    with pytest.raises(quality.InputImageError, match="120x120 px"):
+        quality.check_sources(sources, 120)
+    # From the command line: one line saying why, exit status 2, nothing written.
+    out = tmp_path / "q"
+    assert quality.main(["--photos", f"{big},{small}", "--out", str(out)]) == 2
+    assert "error: " in capsys.readouterr().err and not (out / "quality.json").exists()
+
+
+def test_quality_runs_on_your_own_files(tmp_path, tiny_dir, metric_cache):
+    from PIL import Image
+
+    from adadiff.training.data import load_photo
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    # what --max-side 256 keeps of the 512 px astronaut: its centre
+    centre = load_photo("astronaut")[128:384, 128:384]
+    Image.fromarray(np.round(centre * 255).astype(np.uint8)).save(folder / "portrait.png")
+    Image.fromarray(np.round(centre[:, ::-1] * 255).astype(np.uint8)).save(folder / "flip.jpg")
+    out = tmp_path / "q"
+    argv = ["--model", str(tiny_dir), "--threads", "1"]
+    assert quality.main([*argv, "--photos", str(folder), "--out", str(out), "--images"]) == 0
+    result = json.loads((out / "quality.json").read_text())
+    assert result["photo_set"] == "files" and result["photos"] == ["flip", "portrait"]
+    assert result["files"] == {
+        "flip": str(folder / "flip.jpg"),
+        "portrait": str(folder / "portrait.png"),
+    }
+    for entry in result["results"].values():
+        assert entry["blocks"] == {"flip": 4, "portrait": 4}
+    assert result["gallery"] == {}  # the gallery's regions belong to the project's photos
+    assert (out / "images" / "bicubic-portrait-model.png").is_file()
+    # The same pixels score the same, named or given as a (lossless) file.
+    named = tmp_path / "named"
+    argv += ["--photos", "astronaut", "--max-side", "256", "--out", str(named)]
+    assert quality.main(argv) == 0
+    by_name = json.loads((named / "quality.json").read_text())
+    for degradation, entry in result["results"].items():
+        for method in ("bicubic", "model"):
+            for key in ("lpips", "psnr"):
+                got = entry[method][key]["per_photo"]["portrait"][0]
+                want = by_name["results"][degradation][method][key]["per_photo"]["astronaut"][0]
+                assert got == pytest.approx(want, rel=1e-5), (degradation, method, key)
