@@ -115,6 +115,20 @@ def test_vae_round_trip_keeps_the_shape_and_range(tiny_models):
     assert out.min() >= 0.0 and out.max() <= 1.0
 
 
+def test_a_large_photo_goes_through_the_vae_in_pieces(tiny_models):
+    hr = np.random.default_rng(1).random((96, 160, 3), dtype=np.float32)
+    whole = quality.vae_round_trip(tiny_models, hr)
+    assert np.array_equal(quality.vae_round_trip(tiny_models, hr, whole_up_to=160), whole)
+    pieces = quality.vae_round_trip(tiny_models, hr, whole_up_to=128, tile=64)
+    assert pieces.shape == hr.shape
+    # each piece is the round trip of that crop alone, edge pieces included
+    for y, x in ((0, 0), (0, 128), (64, 64), (64, 128)):
+        crop = np.ascontiguousarray(hr[y : y + 64, x : x + 64])
+        np.testing.assert_allclose(
+            pieces[y : y + 64, x : x + 64], quality.vae_round_trip(tiny_models, crop), atol=1e-6
+        )
+
+
 def _png(path, size=(160, 136), seed=0):
     from PIL import Image
 
