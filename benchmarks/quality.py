@@ -261,6 +261,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     sources, photo_set = photo_sources(args.photos)
     check_sources(sources, args.max_side)
+    if args.out:  # only once every photo is known to load: a refused run leaves nothing behind
+        args.out.mkdir(parents=True, exist_ok=True)
     names = [source.name for source in sources]
     models = load_models(args.model)  # once: the Upscaler runs them, the VAE round trip too
     up = Upscaler(
@@ -600,8 +602,6 @@ def main(argv: list[str] | None = None) -> int:
         write_readme(json.loads(args.render.read_text()), args.render, args.readme)
         return 0
     logging.basicConfig(level=logging.WARNING)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
     try:
         result = run(args)
     except AdadiffError as exc:
