@@ -8,6 +8,7 @@ spent outside engine calls: tiling, the sampler's numpy work, MMLE gains, policy
 from __future__ import annotations
 
 import traceback
+from functools import partial
 from typing import Any
 
 from benchmarks.suites import Context, Progress, Variant
@@ -52,7 +53,7 @@ def _one(ctx: Context, variant: Variant, progress: Progress) -> dict[str, Any]:
         for batch in suite.batches:
             feeds = spec.sample_inputs(batch, seed=batch)
             timing, _ = measure(
-                lambda e=engine, f=feeds: e(f),
+                partial(engine, feeds),
                 repeats=max(suite.repeats, 3),
                 warmup=1,
                 device=settings.device,

@@ -43,7 +43,7 @@ from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import lpips
 from adadiff.quality.metrics import psnr, ssim
 from adadiff.runtime.policy import DTSSPolicy, RecordingPolicy, dtss_decide, gains, quality
-from adadiff.runtime.upscaler import Upscaler
+from adadiff.runtime.upscaler import Report, Upscaler
 from adadiff.training.data import PhotoWeighting, holdout_photos, load_photo
 from adadiff.training.degrade import bicubic_x4
 from adadiff.training.labels import encode_latents, mmle_score, run_trajectories, sample_with
@@ -95,13 +95,15 @@ def super_resolution(
             hr = hr[:max_side, :max_side]
         hr = hr[: hr.shape[0] // 4 * 4, : hr.shape[1] // 4 * 4]
         lr = bicubic_x4(hr)
-        outputs = {"bicubic": (bicubic_upscale(lr, 4), None, 0.0)}
+        outputs: dict[str, tuple[np.ndarray, Report | None, float]] = {
+            "bicubic": (bicubic_upscale(lr, 4), None, 0.0)
+        }
         for name, schedule, interval in METHODS:
             start = time.perf_counter()
-            sr, report = upscaler.upscale(lr, schedule=schedule, interval=interval, seed=0)
-            outputs[name] = (sr, report, time.perf_counter() - start)
+            sr, made = upscaler.upscale(lr, schedule=schedule, interval=interval, seed=0)
+            outputs[name] = (sr, made, time.perf_counter() - start)
         for name, (sr, report, seconds) in outputs.items():
-            row = {"photo": photo.name, "method": name, "size": list(hr.shape[:2])}
+            row: dict[str, Any] = {"photo": photo.name, "method": name, "size": list(hr.shape[:2])}
             row.update(quality_row(sr, hr))
             if report is not None:
                 row.update(
@@ -384,7 +386,7 @@ def main() -> None:
                 f"trajectories {low:.3f}-{high:.3f}"
             )
     rival = best_uniform_within(methods, methods["tiny-adaptive"]["unet_evaluations"])
-    summary = {
+    summary: dict[str, Any] = {
         "methods": methods,
         "best_uniform_at_no_more_evaluations": rival[0] if rival else None,
         "mmle": mmle or {},

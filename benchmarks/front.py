@@ -41,6 +41,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +124,30 @@ def load_dtss(path: Path, base: ModelConfig) -> tuple[DTSSConfig, tuple[MetricCo
     return dtss, metrics
 
 
+# Policy factories for Method.policy, bound to their settings with functools.partial; the LR
+# latents matter only to the content rule.
+def uniform_policy(interval: int, _lr: np.ndarray) -> StepPolicy:
+    return UniformPolicy(interval)
+
+
+def exit_policy(interval: int, below: int, _lr: np.ndarray) -> StepPolicy:
+    return FixedExitPolicy(interval, below)
+
+
+def content_policy(rule: ContentConfig, lr: np.ndarray) -> StepPolicy:
+    return ContentPolicy.of(lr, rule)
+
+
+def dtss_policy(dtss: DTSSConfig, _lr: np.ndarray) -> StepPolicy:
+    return DTSSPolicy(dtss)
+
+
 def methods(args: argparse.Namespace, cfg: ModelConfig) -> list[Method]:
     out = [
         Method(
             f"uniform-{-(-cfg.dtss.t_start // k)}",
             "uniform",
-            lambda _lr, k=k: UniformPolicy(k),
+            partial(uniform_policy, k),
             interval=k,
         )
         for k in args.uniform
@@ -139,7 +158,7 @@ def methods(args: argparse.Namespace, cfg: ModelConfig) -> list[Method]:
             Method(
                 f"content-{name}",
                 "content",
-                lambda lr, r=rule: ContentPolicy.of(lr, r),
+                partial(content_policy, rule),
                 spec=repr(rule),
             )
         )
@@ -148,22 +167,20 @@ def methods(args: argparse.Namespace, cfg: ModelConfig) -> list[Method]:
             Method(
                 f"exit-{interval}@{below}",
                 "fixed-exit",
-                lambda _lr, i=interval, b=below: FixedExitPolicy(i, b),
+                partial(exit_policy, interval, below),
                 spec=f"{interval}@{below}",
             )
         )
     calibrations = [("model", cfg.dtss, cfg.mmle.metrics)]
     calibrations += [(name, *load_dtss(path, cfg)) for name, path in args.dtss]
     for name, dtss, metrics in calibrations:
-        out.append(
-            Method(f"dtss-mmle-{name}", "mmle", lambda _lr, d=dtss: DTSSPolicy(d), metrics, dtss)
-        )
+        out.append(Method(f"dtss-mmle-{name}", "mmle", partial(dtss_policy, dtss), metrics, dtss))
     if args.oracle_seeds:
         out.append(
             Method(
                 "dtss-oracle-model",
                 "oracle",
-                lambda _lr: DTSSPolicy(cfg.dtss),
+                partial(dtss_policy, cfg.dtss),
                 cfg.mmle.metrics,
                 cfg.dtss,
                 seeds=args.oracle_seeds,
@@ -594,7 +611,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"LPIPS {q['lpips'].mean():.4f} ({'saved run' if reused else f'{elapsed:.0f}s'})",
                 flush=True,
             )
-        if method.kind in ("mmle", "oracle"):
+        if method.dtss is not None:  # the MMLE- and oracle-driven methods
             diagnostics[method.label] = gain_diagnostics(decisions[method.label], method.dtss)
     arrays = {m: {k: np.stack(v) for k, v in q.items()} for m, q in rows.items()}
     step_arrays = {m: np.stack(v) for m, v in steps.items()}

@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -112,13 +113,16 @@ def main() -> None:
             with torch.inference_mode():
                 return wrapper(*(torch.from_numpy(feeds[n]) for n in spec.input_names)).numpy()
 
+        def run_ort(feeds: dict) -> np.ndarray:
+            return engine(feeds)["noise_pred"]
+
         result["latency"] = {}
         for batch in args.batches:
             feeds = spec.sample_inputs(batch, seed=batch)
             runs = interleaved(
                 {
-                    "ort": lambda f=feeds: engine(f)["noise_pred"],
-                    "torch": lambda f=feeds: run_torch(f),
+                    "ort": partial(run_ort, feeds),
+                    "torch": partial(run_torch, feeds),
                 },
                 args.repeats,
             )

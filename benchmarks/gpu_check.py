@@ -274,7 +274,7 @@ def part_tiny_e2e(plan: Plan) -> dict[str, Any]:
     up = Upscaler(models.config, TorchBackend(models, device=plan.device), max_batch=8)
     photo = _photo(plan.photo_size)
     up.upscale(photo, seed=0)  # warm-up
-    rows = {}
+    rows: dict[str, Any] = {}
     for grouping in ("regroup", "tile"):
         t0 = time.perf_counter()
         _, rep = up.upscale(photo, seed=0, grouping=grouping)

@@ -23,6 +23,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,18 @@ from adadiff.imageio import bicubic_upscale
 from adadiff.models.bundle import TorchModels, load_models
 from adadiff.runtime.colorfix import low_band
 from adadiff.runtime.content import latent_texture
-from adadiff.runtime.policy import UniformPolicy
 from adadiff.training.data import HOLDOUT
 from adadiff.training.degrade import blur_jpeg_x4
 from adadiff.training.labels import encode_latents
 from adadiff.training.pairs import Batch, evaluation_photos, photo_names
-from benchmarks.front import Method, Scorer, fit_content, holdout_crops, run_method
+from benchmarks.front import (
+    Method,
+    Scorer,
+    fit_content,
+    holdout_crops,
+    run_method,
+    uniform_policy,
+)
 from benchmarks.machine import machine, weights_of
 
 INTERVALS = (999, 500, 333, 200, 100, 50)
@@ -73,7 +80,7 @@ def collect(
     scorer = Scorer(models, crops)
     out = np.zeros((len(intervals), seeds, len(crops.hr)))
     for i, k in enumerate(intervals):
-        method = Method(f"uniform-{steps_of(k)}", "uniform", lambda _lr, k=k: UniformPolicy(k))
+        method = Method(f"uniform-{steps_of(k)}", "uniform", partial(uniform_policy, k))
         for s in range(seeds):
             res = run_method(method, models, crops, lr, s, max_batch)
             out[i, s] = scorer(scorer.images(res["latents"]), keys=("lpips",))["lpips"]
@@ -229,24 +236,30 @@ def render(report: dict[str, Any]) -> str:
             f"| uniform-{steps} | " + " | ".join(f"{r['uniform'][steps]:.4f}" for r in degs) + " |"
         )
 
-    def row(label: str, get: Callable[[dict[str, Any]], dict[str, float]]) -> None:
-        cells = [get(r) for r in degs]
+    def row(label: str, cells: list[dict[str, float]]) -> None:
         lines.append(
             f"| {label} | "
             + " | ".join(f"{c['lpips']:.4f} ({c['steps']:.1f})" for c in cells)
             + " |"
         )
 
-    row("best schedule per tile, chosen with HR", lambda r: r["room"]["same_seed"])
+    row("best schedule per tile, chosen with HR", [r["room"]["same_seed"] for r in degs])
     if "other_seeds" in degs[0]["room"]:
-        row("  chosen with HR on seed 0, scored on the others", lambda r: r["room"]["other_seeds"])
-    row("content rule, fitted on the other photos", lambda r: r["content_rule_lopo"])
+        row(
+            "  chosen with HR on seed 0, scored on the others",
+            [r["room"]["other_seeds"] for r in degs],
+        )
+    row("content rule, fitted on the other photos", [r["content_rule_lopo"] for r in degs])
     for price in degs[0]["ridge_rule_lopo"]:
         row(
             f"ridge rule on LR features, price {price}/step, other photos",
-            lambda r, p=price: r["ridge_rule_lopo"][p],
+            [r["ridge_rule_lopo"][price] for r in degs],
         )
     return "\n".join(lines)
+
+
+def _progress(degradation: str, start: float, text: str) -> None:
+    print(f"{degradation} {text} ({time.perf_counter() - start:.0f}s)", flush=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -262,9 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.intervals,
             args.seeds,
             args.max_batch,
-            lambda text, n=name: print(
-                f"{n} {text} ({time.perf_counter() - start:.0f}s)", flush=True
-            ),
+            partial(_progress, name, start),
         )
         data[name] = {"lpips": lp, "latents": lat}
     report = analyse(data, args.intervals)

@@ -457,7 +457,9 @@ def gallery(
                     region.top : region.top + region.size, region.left : region.left + region.size
                 ]
                 tile = Image.fromarray(np.round(np.clip(crop, 0, 1) * 255).astype(np.uint8))
-                tile = tile.resize((region.size * zoom, region.size * zoom), Image.NEAREST)
+                tile = tile.resize(
+                    (region.size * zoom, region.size * zoom), Image.Resampling.NEAREST
+                )
                 canvas.paste(tile, (pad + c * (side + pad), head + r_i * (side + pad)))
             draw.text(
                 (pad + 4, head + r_i * (side + pad) + 4),

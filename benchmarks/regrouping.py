@@ -7,6 +7,7 @@ calls, batch sizes and time are not.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ def run(ctx: Context) -> dict[str, Any]:
     first: np.ndarray | None = None
     for grouping in GROUPINGS:
         timing, (out, rep) = measure(
-            lambda g=grouping: up.upscale(img, schedule="adaptive", seed=settings.seed, grouping=g),
+            partial(up.upscale, img, schedule="adaptive", seed=settings.seed, grouping=grouping),
             repeats=suite.repeats,
             warmup=0,
             device=settings.device,

@@ -9,6 +9,7 @@ start from the same noise.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -44,8 +45,12 @@ def run(ctx: Context) -> dict[str, Any]:
         photo_rows: dict[str, dict[str, Any]] = {}
         for spec in suite.schedules:
             timing, (out, rep) = measure(
-                lambda spec=spec, img=img: up.upscale(
-                    img, schedule=spec.schedule, interval=spec.interval, seed=settings.seed
+                partial(
+                    up.upscale,
+                    img,
+                    schedule=spec.schedule,
+                    interval=spec.interval,
+                    seed=settings.seed,
                 ),
                 repeats=suite.repeats,
                 warmup=0,

@@ -157,7 +157,9 @@ def variants(settings: Settings) -> list[Variant]:
     gpu = settings.device != "cpu"
     found: list[Variant] = []
     for name in settings.backends:
-        precisions = ("fp32", "fp16") if gpu and name != "onnxruntime" else ("fp32",)
+        precisions: tuple[str, ...] = (
+            ("fp32", "fp16") if gpu and name != "onnxruntime" else ("fp32",)
+        )
         if name == settings.backends[0]:
             precisions = (settings.precision, *(p for p in precisions if p != settings.precision))
         for p in precisions:
@@ -232,8 +234,8 @@ class Context:
             engines = None
             if v.backend in ("onnxruntime", "tensorrt"):
                 engines = self.export_dir(v.precision)
-            if v.backend == "tensorrt":
-                self.build_tensorrt(engines)
+                if v.backend == "tensorrt":
+                    self.build_tensorrt(engines)
             config, backend = open_backend(
                 RunSettings(
                     model=s.model,
@@ -310,18 +312,10 @@ class Context:
 def open_backend(settings: RunSettings) -> tuple[Any, Any]:
     """make_backend, except that --threads caps ONNX Runtime's intra-op threads only, so torch
     and ONNX Runtime are compared on the same number of cores (the suites set torch's)."""
-    if settings.backend == "onnxruntime" and settings.threads:
-        from adadiff.engines.onnxruntime import OrtOptions, open_onnxruntime
-
-        return open_onnxruntime(
-            settings.engines,
-            model=settings.model,
-            device=settings.device,
-            precision=settings.precision,
-            options=OrtOptions(intra_op_threads=settings.threads),
-        )
     from adadiff.engines.factory import make_backend
 
+    if settings.backend == "onnxruntime" and settings.threads:
+        return make_backend(settings)
     return make_backend(replace(settings, threads=None))
 
 

@@ -71,8 +71,15 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
                 default="constant",
                 help="after warm-up: constant, or cosine decay to 0 at --steps",
             )
-            p.add_argument("--log-every", type=positive, default=20)
-            p.add_argument("--ckpt-every", type=positive, default=200)
+            p.add_argument(
+                "--log-every", type=positive, default=20, help="steps between progress lines"
+            )
+            p.add_argument(
+                "--ckpt-every",
+                type=positive,
+                default=200,
+                help="steps between checkpoints (the last step, and a stop by Ctrl-C, always save)",
+            )
             p.add_argument("--keep", type=positive, default=3, help="checkpoints kept")
         resume = p.add_mutually_exclusive_group()
         resume.add_argument(
