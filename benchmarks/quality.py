@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from adadiff.argtypes import positive
 from adadiff.config import SCHEDULES
 from adadiff.engines.torch import TorchBackend
 from adadiff.errors import AdadiffError, InputImageError
-from adadiff.imageio import bicubic_upscale, load_image
+from adadiff.imageio import DEFAULT_MAX_PIXELS, bicubic_upscale, load_image
 from adadiff.models.bundle import TorchModels, load_models
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import load_lpips
@@ -54,10 +55,11 @@ from benchmarks.report import relative_link
 log = logging.getLogger("adadiff")
 
 BLOCK = 128
-# every photo of the project's sets (640 px at most) goes through the VAE whole
+# the hold-out and validation photos (640 px at most) go through the VAE whole
 ROUND_TRIP_WHOLE = 1024
 SET_NAMES = {"holdout": "hold-out", "validation": "validation", "named": "named", "files": "given"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
+EVALUATION_SETS = ("holdout", "validation")
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 DEGRADATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str]] = {
     "bicubic": (bicubic_x4, "bicubic x4"),
@@ -149,37 +151,53 @@ def vae_round_trip(
     blotches or lost detail here are the VAE's, and no UNet removes them. A photo longer than
     ``whole_up_to`` px on a side goes through in ``tile`` px pieces (seams on block borders):
     the VAE's attention grows with the square of the area (1024 px whole take 24 s on two
-    threads here, 512 px 2.8 s; a 12-megapixel photo whole ran past 14 min)."""
+    threads here, 512 px 2.8 s; a 12-megapixel photo whole ran past 14 min). A piece whose
+    sides are not multiples of the VAE's scale factor is reflect-padded to them, as the
+    Upscaler pads its input, and cropped back after decoding."""
     decoder = models.wrappers()["vae_decoder"]
+    factor = models.config.vae_scale_factor
     if max(hr.shape[:2]) <= whole_up_to:
         tile = max(hr.shape[:2])
     out = np.empty(hr.shape, np.float32)
     for y in range(0, hr.shape[0], tile):
         for x in range(0, hr.shape[1], tile):
-            part = np.ascontiguousarray(hr[y : y + tile, x : x + tile], dtype=np.float32)
-            latent = encode_latents(models, part[None], max_batch=1)
-            out[y : y + tile, x : x + tile] = decode_latents(decoder, latent)[0]
+            part = np.asarray(hr[y : y + tile, x : x + tile], dtype=np.float32)
+            h, w = part.shape[:2]
+            part = np.pad(part, ((0, -h % factor), (0, -w % factor), (0, 0)), mode="reflect")
+            latent = encode_latents(models, np.ascontiguousarray(part)[None], max_batch=1)
+            out[y : y + h, x : x + w] = decode_latents(decoder, latent)[0][:h, :w]
     return out
 
 
 @dataclass(frozen=True)
 class PhotoSource:
-    """A photo to score: one of the project's, by name, or an image file (``path``)."""
+    """A photo to score: one of the project's, by name, or an image file (``path``) of at most
+    ``max_pixels`` pixels."""
 
     name: str
     path: Path | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def load(self) -> np.ndarray:
         # alpha, bit depth and colour profile do not enter the scores: RGB in [0, 1] only
-        return load_photo(self.name) if self.path is None else load_image(self.path).rgb
+        if self.path is None:
+            return load_photo(self.name)
+        return load_image(self.path, max_pixels=self.max_pixels).rgb
 
 
 def _image_files(entry: str) -> list[Path]:
     path = Path(entry).expanduser()
     if path.is_dir():
-        files = sorted(
-            f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-        )
+        try:
+            listed = sorted(path.iterdir())
+        except OSError as exc:
+            raise InputImageError(f"{path}: cannot list this folder ({exc.strerror})") from exc
+        # hidden files (".DS_Store", macOS "._IMG_1.JPG" sidecars) are not photos
+        files = [
+            f
+            for f in listed
+            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES
+        ]
         if not files:
             raise InputImageError(
                 f"{path}: no {', '.join(IMAGE_SUFFIXES)} images in this folder (subfolders are "
@@ -188,47 +206,66 @@ def _image_files(entry: str) -> list[Path]:
         return files
     if path.is_file():
         return [path]
+    if path.exists():
+        raise InputImageError(f"{entry}: neither an image file nor a folder")
     raise InputImageError(
         f"{entry}: no such file or folder; --photos takes holdout, validation, photo names, or "
         "image files and folders, separated by commas"
     )
 
 
-def photo_sources(text: str) -> tuple[list[PhotoSource], str]:
+def _looks_like_path(entry: str) -> bool:
+    if "/" in entry or "\\" in entry or entry.lower().endswith(IMAGE_SUFFIXES):
+        return True
+    return Path(entry).exists()
+
+
+def photo_sources(
+    text: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[list[PhotoSource], str]:
     """What ``--photos`` names, and the set's label (holdout, validation, named or files).
 
     An entry with a path separator, an image suffix, or that exists on disk is a file or a
-    folder (its images, sorted); any other entry is a project photo's name. Files are named by
-    their stem; a stem met twice gets its position appended, so no output overwrites another.
+    folder (its images, sorted, hidden files left out); ``holdout`` and ``validation`` stand for
+    their photos; any other entry is a project photo's name. A project photo named twice is an
+    error; a file met twice (a folder and a file in it) is scored once. Files are named by their
+    stem; a stem already taken, by a project photo or another file (letter case aside, as on
+    macOS and Windows), gets a number appended, so no output overwrites another.
     """
-    if text in ("holdout", "validation"):
+    if text in EVALUATION_SETS:
         return [PhotoSource(n) for n in evaluation_photos(text)], text
-    sources: list[PhotoSource] = []
-    taken: set[str] = set()
-    any_file = False
+    entries: list[str | Path] = []  # project photo names and files, in the order given
     for entry in (e.strip() for e in text.split(",")):
         if not entry:
             continue
-        looks_like_path = "/" in entry or "\\" in entry or entry.lower().endswith(IMAGE_SUFFIXES)
-        if not (looks_like_path or Path(entry).exists()):
-            if entry in taken:
-                raise InputImageError(
-                    f"{entry}: named twice in --photos (or a file before it has that stem); "
-                    "give each photo once"
-                )
-            sources.append(PhotoSource(entry))
-            taken.add(entry)
+        if entry in EVALUATION_SETS:
+            entries.extend(evaluation_photos(entry))
+        elif _looks_like_path(entry):
+            entries.extend(_image_files(entry))
+        else:
+            entries.append(entry)
+    projects = [e for e in entries if isinstance(e, str)]
+    for name in projects:
+        if projects.count(name) > 1:
+            raise InputImageError(f"{name}: named twice in --photos; give each photo once")
+    taken = {name.casefold() for name in projects}
+    seen: set[Path] = set()
+    sources: list[PhotoSource] = []
+    for item in entries:
+        if isinstance(item, str):
+            sources.append(PhotoSource(item))
             continue
-        any_file = True
-        for path in _image_files(entry):
-            name, k = path.stem, 2
-            while name in taken:
-                name, k = f"{path.stem}-{k}", k + 1
-            taken.add(name)
-            sources.append(PhotoSource(name, path))
+        if item.resolve() in seen:
+            continue
+        seen.add(item.resolve())
+        name, k = item.stem, 2
+        while name.casefold() in taken:
+            name, k = f"{item.stem}-{k}", k + 1
+        taken.add(name.casefold())
+        sources.append(PhotoSource(name, item, max_pixels))
     if not sources:
         raise InputImageError("--photos names no photo; give a set, photo names or image files")
-    return sources, "files" if any_file else "named"
+    return sources, "files" if len(seen) else "named"
 
 
 def check_sources(sources: list[PhotoSource], max_side: int | None) -> None:
@@ -259,10 +296,8 @@ def hr_of(source: PhotoSource, max_side: int | None) -> tuple[np.ndarray, tuple[
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    sources, photo_set = photo_sources(args.photos)
+    sources, photo_set = photo_sources(args.photos, max_pixels=args.max_pixels)
     check_sources(sources, args.max_side)
-    if args.out:  # only once every photo is known to load: a refused run leaves nothing behind
-        args.out.mkdir(parents=True, exist_ok=True)
     names = [source.name for source in sources]
     models = load_models(args.model)  # once: the Upscaler runs them, the VAE round trip too
     up = Upscaler(
@@ -272,6 +307,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model_name=str(args.model),
     )
     schedule = up.schedule_of(args.schedule, args.interval)
+    if args.out:  # only once the photos, the model and the schedule are known good: a refused
+        args.out.mkdir(parents=True, exist_ok=True)  # run leaves nothing behind
     scorer = BlockScorer()
     ceiling: dict[str, dict[str, np.ndarray]] = {}
     vae_images: dict[str, np.ndarray] = {}
@@ -583,6 +620,12 @@ def parser() -> argparse.ArgumentParser:
         "large ones take a while, see --max-side)",
     )
     p.add_argument("--max-side", type=int, help="centre-crop the photos to at most this many px")
+    p.add_argument(
+        "--max-pixels",
+        type=positive,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse image files with more pixels than this (a 24-megapixel photo needs 24000000)",
+    )
     p.add_argument("--schedule", choices=SCHEDULES, help="default: the model's")
     p.add_argument("--interval", type=int, help="uniform interval (with --schedule uniform)")
     p.add_argument("--seed", type=int, default=0)

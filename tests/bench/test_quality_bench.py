@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -115,6 +116,31 @@ def test_vae_round_trip_keeps_the_shape_and_range(tiny_models):
     assert out.min() >= 0.0 and out.max() <= 1.0
 
 
+def test_vae_round_trip_pads_to_the_vae_scale_factor(tiny_config):
+    # An 8x VAE (as SD-2.1's) on a photo 4 px more than a multiple of 8, whole and in pieces
+    # with a 4 px wide last piece: the round trip keeps the photo's shape.
+    import dataclasses
+
+    from adadiff.models.bundle import build_random
+
+    vae = {
+        **tiny_config.vae,
+        "block_out_channels": [16, 32, 32, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+    }
+    models = build_random(dataclasses.replace(tiny_config, vae=vae), seed=0)
+    assert models.config.vae_scale_factor == 8
+    hr = np.random.default_rng(2).random((84, 68, 3), dtype=np.float32)
+    whole = quality.vae_round_trip(models, hr)
+    assert whole.shape == hr.shape and whole.min() >= 0.0 and whole.max() <= 1.0
+    pieces = quality.vae_round_trip(models, hr, whole_up_to=64, tile=32)
+    assert pieces.shape == hr.shape
+    np.testing.assert_allclose(
+        pieces[:32, 64:], quality.vae_round_trip(models, np.ascontiguousarray(hr[:32, 64:]))
+    )
+
+
 def test_a_large_photo_goes_through_the_vae_in_pieces(tiny_models):
     hr = np.random.default_rng(1).random((96, 160, 3), dtype=np.float32)
     whole = quality.vae_round_trip(tiny_models, hr)
@@ -169,9 +195,12 @@ def test_photos_refuses_what_it_cannot_score(tmp_path, capsys):
         quality.photo_sources(",")
     with pytest.raises(quality.InputImageError, match="named twice"):
         quality.photo_sources("astronaut,gravel,astronaut")
-    gravel = _png(tmp_path / "gravel.png")
-    with pytest.raises(quality.InputImageError, match="named twice"):
-        quality.photo_sources(f"{gravel},gravel")  # its outputs would overwrite the file's
+    with pytest.raises(quality.InputImageError, match="astronaut: named twice"):
+        quality.photo_sources("holdout,astronaut")  # the set holds it already
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with pytest.raises(quality.InputImageError, match="neither an image file nor a folder"):
+        quality.photo_sources(str(fifo))
     small = _png(tmp_path / "small.png", size=(300, 100))
     sources, _ = quality.photo_sources(str(small))
     with pytest.raises(quality.InputImageError, match=r"300x100 px.*at least 128 px"):
@@ -181,10 +210,49 @@ def test_photos_refuses_what_it_cannot_score(tmp_path, capsys):
     quality.check_sources(sources, None)
     with pytest.raises(quality.InputImageError, match="120x120 px"):
         quality.check_sources(sources, 120)
-    # From the command line: one line saying why, exit status 2, nothing written.
+    # Over --max-pixels (60,000 here): refused at the check, and the message's advice works.
+    sources, _ = quality.photo_sources(str(big), max_pixels=50_000)
+    with pytest.raises(quality.InputImageError, match="--max-pixels 60000"):
+        quality.check_sources(sources, None)
+    sources, _ = quality.photo_sources(str(big), max_pixels=60_000)
+    quality.check_sources(sources, None)
+    # From the command line: one line saying why, exit status 2, nothing written; a bad model
+    # or schedule is refused before the output folder is made too.
     out = tmp_path / "q"
     assert quality.main(["--photos", f"{big},{small}", "--out", str(out)]) == 2
     assert "error: " in capsys.readouterr().err and not out.exists()
+    assert quality.main(["--photos", f"{big}", "--model", "no-such-model", "--out", str(out)]) == 2
+    assert "error: " in capsys.readouterr().err and not out.exists()
+    argv = ["--photos", f"{big}", "--schedule", "adaptive", "--interval", "5", "--out", str(out)]
+    assert quality.main(argv) == 2
+    assert "error: " in capsys.readouterr().err and not out.exists()
+
+
+def test_photos_names_every_file_once_and_apart(tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    a = _png(mine / "IMG_1.jpg")
+    (mine / "._IMG_1.JPG").write_bytes(b"macOS sidecar, not an image")
+    (mine / ".hidden.png").write_bytes(b"")
+    b = _png(tmp_path / "other" / "img_1.png")  # differs from IMG_1 in letter case only
+    gravel = _png(tmp_path / "gravel.png")
+    sources, label = quality.photo_sources(f"{mine},{a},{b},{gravel},gravel,validation")
+    assert label == "files"
+    assert [(s.name, s.path) for s in sources] == [
+        ("IMG_1", a),  # given by its folder and by itself: scored once
+        ("img_1-2", b),
+        ("gravel-2", gravel),  # the project's gravel keeps its name, whatever the order
+        ("gravel", None),
+        ("grass", None),
+        ("rocket", None),
+    ]
+
+    # A folder that cannot be listed: one line saying so.
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(quality.Path, "iterdir", refuse)
+    with pytest.raises(quality.InputImageError, match="cannot list this folder"):
+        quality.photo_sources(str(mine))
 
 
 def test_quality_runs_on_your_own_files(tmp_path, tiny_dir, metric_cache):
