@@ -24,6 +24,7 @@ from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import TorchModels, build_modules, mmle_for
 from adadiff.models.networks import MMLE
 from adadiff.training.checkpoint import load_latest, require_latest
+from adadiff.training.loop import check_trained_config
 from adadiff.training.unet import STAGE as UNET_STAGE
 
 # The stages whose checkpoints are assembled here; their trainers import these names.
@@ -152,6 +153,7 @@ def frozen_models(
 ) -> TorchModels:
     """Eval-mode models from the checkpoints (see the module docstring)."""
     ckpt = unet_checkpoint(workdir)
+    check_trained_config(Path(workdir) / UNET_STAGE, ckpt, cfg.to_dict())
     state = ckpt["state"]
     cfg = with_scaling(cfg, state["scaling_factor"])
     with torch.random.fork_rng(devices=[]):

@@ -66,6 +66,7 @@ def save_checkpoint(folder: str | Path, step: int, payload: dict[str, Any], keep
         raise
     for _, old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
+        log.info("removed %s (the newest %d are kept)", old, keep)
     log.debug("saved %s", target)
     return target
 

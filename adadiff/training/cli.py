@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from adadiff.argtypes import fraction, positive
+from adadiff.argtypes import fraction, non_negative_float, positive, positive_float
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError
 from adadiff.presets import PRESETS, preset
@@ -63,7 +63,7 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
         else:
             p.add_argument("--steps", type=positive, default=steps, help="total optimisation steps")
             p.add_argument("--batch", type=positive, default=batch)
-            p.add_argument("--lr", type=float, default=lr)
+            p.add_argument("--lr", type=positive_float, default=lr)
             p.add_argument("--warmup", type=int, default=50, help="learning-rate warm-up steps")
             p.add_argument(
                 "--lr-schedule",
@@ -80,7 +80,13 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
                 default=200,
                 help="steps between checkpoints (the last step, and a stop by Ctrl-C, always save)",
             )
-            p.add_argument("--keep", type=positive, default=3, help="checkpoints kept")
+            p.add_argument(
+                "--keep",
+                type=positive,
+                default=3,
+                help="checkpoints kept: each save removes all but the newest KEEP in the stage "
+                "folder, earlier runs' included",
+            )
         resume = p.add_mutually_exclusive_group()
         resume.add_argument(
             "--resume",
@@ -133,8 +139,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     vae = stages.add_parser("vae", help="train the autoencoder (L1 + LPIPS + KL)")
     _common(vae, "vae")
-    vae.add_argument("--perceptual-weight", type=float, default=0.1)
-    vae.add_argument("--kl-weight", type=float, default=1e-6)
+    vae.add_argument("--perceptual-weight", type=non_negative_float, default=0.1)
+    vae.add_argument("--kl-weight", type=non_negative_float, default=1e-6)
     vae.add_argument(
         "--kl-reduction",
         choices=("value", "sum"),
@@ -174,7 +180,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--gain-zero-prob", type=fraction, default=0.5, help="share of samples with zero gains"
     )
     unet.add_argument(
-        "--gain-std", type=float, default=0.2, help="gains are tanh(N(0, std)) otherwise"
+        "--gain-std",
+        type=non_negative_float,
+        default=0.2,
+        help="gains are tanh(N(0, std)) otherwise",
     )
     unet.add_argument(
         "--realesrgan-prob",
@@ -228,7 +237,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="optional: fine-tune the VAE decoder after the UNet (encoder frozen)",
     )
     _common(decoder, "decoder")
-    decoder.add_argument("--perceptual-weight", type=float, default=0.1)
+    decoder.add_argument("--perceptual-weight", type=non_negative_float, default=0.1)
     decoder.add_argument(
         "--lr-input-prob",
         type=fraction,
@@ -250,7 +259,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     decoder.add_argument(
         "--latent-noise",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="std of white noise added to the encoder's latents, in the scaled units the UNet "
         "predicts in, so that the decoder draws slightly-off latents cleanly; it costs detail "
@@ -288,16 +297,18 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     mmle = stages.add_parser("mmle", help="train the MMLE score regressor on the labels")
     _common(mmle, "mmle")
-    mmle.add_argument("--diff-weight", type=float, default=1.0, help="step-difference L2 weight")
+    mmle.add_argument(
+        "--diff-weight", type=non_negative_float, default=1.0, help="step-difference L2 weight"
+    )
     mmle.add_argument(
         "--recon-weight",
-        type=float,
+        type=non_negative_float,
         default=1.0,
         help="L2 weight of the LR branch's reconstruction-error targets (0: no such targets)",
     )
     mmle.add_argument(
         "--latent-weight",
-        type=float,
+        type=non_negative_float,
         default=1.0,
         help="L2 weight of the PSNR and LPIPS columns' latent-error targets (0: no such targets)",
     )

@@ -16,9 +16,10 @@ Shard ``shard-NNNNN.npz``: x0 f32[n, C, s, s], lr f32[n, C, s, s] (the unmodulat
 t f32[n], scores f64[n, M] (raw, in ``metrics`` order), traj i64[n] (trajectory within the
 shard), call i64[n] (its UNet call index), random bool[n] (random-tier trajectory), photo
 i64[n] (index into photos), photos str[P] (the photo names; empty when the caller passed bare
-images), weighting (str), metrics str[M], unet_step and seconds (scalars). Shard k is seeded
-by (seed, k) alone and written atomically, so an interrupted run resumes at the first missing
-shard and produces the same files.
+images), weighting (str), metrics str[M], unet_step, drawn_by (the model, with its UNet and
+decoder steps) and seconds (scalars); a folder holds one model's shards. Shard k is seeded by
+(seed, k) alone and written atomically, so an interrupted run resumes at the first missing shard
+and produces the same files.
 
 The FR scores carry two errors (``adadiff.training.mmle``): the one the latents show, and the
 VAE's reconstruction error of the LR input, which MMLE learns to estimate from the LR latent.
@@ -592,6 +593,7 @@ def make_labels(
                 break
             if path.is_file():
                 _check_color_fix(path, cfg)
+                _check_drawn_by(path, models.source, unet_step)
                 if not _has_error_fields(path, error_keys(cfg.mmle.metrics)):
                     add_error_fields(models, images, path, index, opts, names, cache_dir)
                     upgraded += 1
@@ -600,6 +602,7 @@ def make_labels(
             start = time.perf_counter()
             arrays = make_shard(models, images, index, opts, cache_dir, names)
             arrays["unet_step"] = np.array(unet_step)
+            arrays["drawn_by"] = np.array(models.source)
             took = time.perf_counter() - start
             arrays["seconds"] = np.array(took)
             _write_npz(path, arrays)
@@ -633,6 +636,24 @@ def _check_color_fix(path: Path, cfg: ModelConfig) -> None:
             f"{path} was scored with colour fix {stored}, the config asks for "
             f"{color_fix_tag(cfg)}; move the labels folder away to make labels for this config"
         )
+
+
+def _check_drawn_by(path: Path, source: str, unet_step: int) -> None:
+    """A labels folder holds one model's trajectories: refuse to extend it with another's."""
+    with np.load(path, allow_pickle=False) as npz:
+        # shards from before ``drawn_by`` existed say only their UNet step
+        stored = str(npz["drawn_by"]) if "drawn_by" in npz.files else None
+        step = int(npz["unet_step"]) if "unet_step" in npz.files else -1
+    if stored is not None and stored != source:
+        other = f"drawn by {stored}; this run's model is {source}"
+    elif stored is None and step >= 0 and unet_step >= 0 and step != unet_step:
+        other = f"drawn by the UNet at step {step}; the workdir's is at step {unet_step}"
+    else:
+        return
+    raise ModelFolderError(
+        f"{path} was {other}; move the labels folder aside (or delete it) to draw labels from "
+        "this model, so that MMLE does not learn from two models at once"
+    )
 
 
 def _has_error_fields(path: Path, keys: Sequence[str]) -> bool:

@@ -5,15 +5,23 @@ optimisation step at a time and can put all of that into (and take it back from)
 ``run_stage`` does the rest. Steps are counted in completed optimisation steps; ``--steps N`` is
 the total, so running again with a larger N continues the same run.
 
-SIGINT and SIGTERM only set a flag: the step in flight finishes, a checkpoint is written and the
-result says ``stopped``. A second SIGINT interrupts at once (without saving).
+SIGINT, SIGTERM and SIGHUP (unless ignored, as under nohup) only set a flag: the step in flight
+finishes, a checkpoint is written and the result says ``stopped``. A second SIGINT interrupts at
+once (without saving).
+
+A resume checks that the model config the checkpoint was trained with is the one given (what the
+networks compute and learn: a different one would load, or fail to, and train toward something
+else), says which options changed since the checkpoint, and stops a run whose loss is no longer
+finite before it overwrites a good checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adadiff.errors import ConfigError
+from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.progress import Progress
 from adadiff.training.checkpoint import load_latest, save_checkpoint
 
@@ -32,6 +40,10 @@ log = logging.getLogger("adadiff.training")
 
 
 LR_SCHEDULES = ("constant", "cosine")
+# The parts of a model config that decide what the networks of a stage compute and learn
+# toward; the rest (tiling, schedules, DTSS numbers, colour fix) is for inference. A stage may
+# name others (``config_keys``): MMLE adds "mmle", whose metrics the UNet never sees.
+TRAINED_CONFIG_KEYS = ("unet", "vae", "noise", "pfj", "upscale", "text_tokens")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,8 +67,8 @@ class TrainOptions:
         for name in ("steps", "batch", "log_every", "ckpt_every", "keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"learning rate must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"learning rate must be a positive number, got {self.lr}")
         if self.seed < 0 or self.warmup < 0:
             raise ConfigError(f"seed and warmup must be >= 0, got {self.seed}, {self.warmup}")
         if self.schedule not in LR_SCHEDULES:
@@ -180,7 +192,8 @@ class StopFlag:
 
 @contextmanager
 def stop_on_signals() -> Iterator[StopFlag]:
-    """SIGINT/SIGTERM set the flag (a second SIGINT raises); handlers are restored after."""
+    """SIGINT, SIGTERM and SIGHUP (unless ignored, as under nohup) set the flag (a second
+    SIGINT raises); handlers are restored after."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -192,7 +205,11 @@ def stop_on_signals() -> Iterator[StopFlag]:
         flag.reason = signal.Signals(signum).name
         log.warning("%s received: finishing this step and saving a checkpoint", flag.reason)
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    signals = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)  # a closed terminal; absent on Windows
+    if hangup is not None and signal.getsignal(hangup) is signal.SIG_DFL:  # nohup ignores it
+        signals.append(hangup)
+    previous = {s: signal.signal(s, handle) for s in signals}
     try:
         yield flag
     finally:
@@ -207,6 +224,78 @@ def stop_on_signals() -> Iterator[StopFlag]:
 
 def _format(losses: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4g}" for k, v in losses.items())
+
+
+def trained_part(config: dict[str, Any]) -> dict[str, Any]:
+    """What of a config dict (``ModelConfig.to_dict``) training depends on, in plain JSON types
+    (a preset's tuples and a model folder's lists compare equal)."""
+    part = {k: config.get(k) for k in (*TRAINED_CONFIG_KEYS, "mmle")}
+    mmle = dict(part["mmle"] or {})
+    if "metrics" in mmle:  # calibration changes the weights, not the network or its targets
+        mmle["metrics"] = [(m["name"], m["kind"]) for m in mmle["metrics"]]
+    part["mmle"] = mmle
+    return json.loads(json.dumps(part))
+
+
+def check_trained_config(
+    folder: Path,
+    ckpt: dict[str, Any],
+    config: dict[str, Any] | None,
+    keys: tuple[str, ...] = TRAINED_CONFIG_KEYS,
+) -> None:
+    """``ConfigError`` if ``ckpt`` (of ``folder``) was trained with another model config, as far
+    as ``keys`` go."""
+    trained = ckpt.get("config") or {}
+    if not (trained and config):  # checkpoints from before configs were saved
+        return
+    then, now = trained_part(trained), trained_part(config)
+    changed = [k for k in keys if then[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            f"{folder} holds a checkpoint (step {ckpt['step']}) of a model config "
+            f"{trained.get('name', '')!r} whose {', '.join(changed)} differ from the --model "
+            f"given ({config.get('name', '')!r}); pass the --model it was trained with, or "
+            "choose another --workdir"
+        )
+
+
+def _report_changes(stage: str, ckpt: dict[str, Any], opts: TrainOptions) -> None:
+    now = asdict(opts)
+    before = {k: v for k, v in (ckpt.get("options") or {}).items() if k in now}
+    for key, value in now.items():
+        if key in ("resume", "log_every", "ckpt_every") or key not in before:
+            continue
+        if before[key] != value:
+            flag = "lr-schedule" if key == "schedule" else key
+            log.warning(
+                "%s: --%s is %s now, %s before this resume", stage, flag, value, before[key]
+            )
+    if opts.schedule == "cosine" and before.get("steps", opts.steps) != opts.steps:
+        step = int(ckpt["step"])
+        old = TrainOptions(**{**now, **before, "resume": None})
+        log.warning(
+            "%s: the cosine decay now ends at step %d, not %d: the learning rate at step %d "
+            "goes from %.3g to %.3g",
+            stage,
+            opts.steps,
+            old.steps,
+            step,
+            old.lr_at(step),
+            opts.lr_at(step),
+        )
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail at the start, not at the first checkpoint minutes or hours later."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ModelFolderError(
+            f"cannot write checkpoints into {folder} ({exc.strerror or exc}); choose a "
+            "--workdir you can write to"
+        ) from exc
 
 
 def run_stage(
@@ -227,11 +316,23 @@ def run_stage(
         )
     if ckpt is None and opts.resume is True:
         raise ConfigError(f"--resume was given but {folder} holds no {stage.name} checkpoint")
+    _check_writable(folder)
     done, elapsed, history = 0, 0.0, []
     if ckpt is not None:
+        keys = getattr(stage, "config_keys", TRAINED_CONFIG_KEYS)
+        check_trained_config(folder, ckpt, config, keys)
         stage.load_state_dict(ckpt["state"])
         done, elapsed, history = int(ckpt["step"]), float(ckpt["elapsed_s"]), ckpt["history"]
         log.info("%s: resumed from step %d (%.0f s trained)", stage.name, done, elapsed)
+        _report_changes(stage.name, ckpt, opts)
+        if done >= opts.steps:
+            log.warning(
+                "%s: already at step %d, --steps is %d: nothing to train (give a larger --steps "
+                "to continue)",
+                stage.name,
+                done,
+                opts.steps,
+            )
     saved_at = done if ckpt is not None else -1
 
     def save() -> None:
@@ -245,8 +346,20 @@ def run_stage(
             "options": asdict(opts),
             "config": config or {},
         }
-        path = save_checkpoint(folder, done, payload, keep=opts.keep)
-        saved_at = done if ckpt is not None else -1
+        try:
+            path = save_checkpoint(folder, done, payload, keep=opts.keep)
+        except OSError as exc:
+            kept = (
+                f"the step-{saved_at} checkpoint is intact"
+                if saved_at >= 0
+                else "there is no earlier one"
+            )
+            raise ModelFolderError(
+                f"could not write the step-{done} checkpoint into {folder} "
+                f"({exc.strerror or exc}); {kept}. Free space or fix the folder and run the "
+                "same command again"
+            ) from exc
+        saved_at = done
         log.info("%s: checkpoint %s", stage.name, path)
 
     window: dict[str, list[float]] = {}
@@ -257,6 +370,17 @@ def run_stage(
         tick = time.perf_counter()
         while done < opts.steps and not stop.requested:
             losses = stage.step(done)
+            bad = {k: v for k, v in losses.items() if not math.isfinite(float(v))}
+            if bad:
+                last = (
+                    f"the step-{saved_at} checkpoint is the latest"
+                    if saved_at >= 0
+                    else "no checkpoint was written"
+                )
+                raise ConfigError(
+                    f"{stage.name}: {_format(bad)} at step {done + 1}: training diverged and "
+                    f"stopped without saving ({last}); run again with a lower --lr"
+                )
             done += 1
             window_steps += 1
             for key, value in losses.items():
@@ -285,6 +409,6 @@ def run_stage(
                 save()
                 tick = time.perf_counter()
         stopped = stop.requested
-    if done != saved_at:
-        save()
+        if done != saved_at:  # inside the signal guard: a stop signal now cannot cut it short
+            save()
     return StageResult(stage.name, folder, done, stopped, elapsed, history)

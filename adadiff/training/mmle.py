@@ -48,6 +48,7 @@ from adadiff.training.assemble import MMLE_STAGE, build_mmle, load_mmle_weights
 from adadiff.training.labels import STAGE as LABEL_STAGE
 from adadiff.training.labels import load_shards
 from adadiff.training.loop import (
+    TRAINED_CONFIG_KEYS,
     Progress,
     StageResult,
     TrainOptions,
@@ -233,6 +234,8 @@ def split_labels(
 
 class MMLEStage:
     name = STAGE
+    # its output columns are the metrics (their weights come later, at calibration)
+    config_keys = (*TRAINED_CONFIG_KEYS, "mmle")
 
     def __init__(
         self,

@@ -74,6 +74,23 @@ def test_label_shards_have_keys_and_shapes(tmp_path, unet_workdir, cfg, images):
         assert not np.allclose(npz["scores_hr"], npz["scores"][:, same])
     again = make_labels(cfg, workdir, lopts, images=images)
     assert again.made == 0 and again.upgraded == 0
+    with np.load(made.shards[0]) as npz:
+        assert str(npz["drawn_by"]).endswith("(unet step 2)")
+    # A folder holds one model's labels: after the UNet moves on, it is not extended...
+    from adadiff.training.checkpoint import load_latest, save_checkpoint
+
+    later = workdir / "later"
+    shutil.copytree(workdir / "unet", later / "unet")
+    shutil.copytree(workdir / "labels", later / "labels")
+    ckpt = load_latest(later / "unet")
+    save_checkpoint(later / "unet", 7, {k: v for k, v in ckpt.items() if k != "step"})
+    more = replace(lopts, shards=3)
+    with pytest.raises(ModelFolderError, match=r"drawn by .*unet step 2.*unet step 7"):
+        make_labels(cfg, later, more, images=images, names=names)
+    # ...and a UNet trained with another model config is refused before any label is drawn.
+    wider = replace(cfg, unet={**cfg.unet, "block_out_channels": [16, 32, 32, 32]})
+    with pytest.raises(ConfigError, match="whose unet differ"):
+        make_labels(wider, workdir, more, images=images, names=names)
     corrected = replace(cfg, color_fix=ColorFixConfig(kind="wavelet", levels=3))
     with pytest.raises(ModelFolderError, match="colour fix none, the config asks for wavelet:3"):
         make_labels(corrected, workdir, lopts, images=images, names=names)

@@ -41,3 +41,121 @@ def test_learning_rate_schedules():
     assert np.all(np.diff(lrs) <= 0)
     with pytest.raises(ConfigError, match="schedule"):
         replace(constant, schedule="step")
+
+
+class Counter:
+    """A stage whose one weight counts its steps; ``losses`` overrides the loss at some steps."""
+
+    name = "demo"
+
+    def __init__(self, losses: dict[int, float] | None = None) -> None:
+        self.w = 0.0
+        self.losses = losses or {}
+
+    def step(self, step: int) -> dict[str, float]:
+        self.w += 1
+        return {"loss": self.losses.get(step, 1.0 / (step + 1))}
+
+    def state_dict(self) -> dict:
+        return {"w": torch.tensor(self.w)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.w = float(state["w"])
+
+    def summary(self) -> dict:
+        return {}
+
+
+def _opts(**kw) -> TrainOptions:
+    return TrainOptions(**{"steps": 6, "batch": 1, "lr": 1.0, "ckpt_every": 4, **kw})
+
+
+def test_a_run_saves_each_checkpoint_once_and_resumes(tmp_path, monkeypatch):
+    from adadiff.training import loop
+
+    saved = []
+    real = loop.save_checkpoint
+    monkeypatch.setattr(
+        loop,
+        "save_checkpoint",
+        lambda f, step, p, keep: saved.append(step) or real(f, step, p, keep),
+    )
+    result = loop.run_stage(Counter(), tmp_path, _opts())
+    assert (result.step, result.stopped, saved) == (6, False, [4, 6])
+    stage = Counter()
+    loop.run_stage(stage, tmp_path, _opts(steps=9))
+    assert stage.w == 9 and saved == [4, 6, 8, 9]
+
+
+def test_a_resume_refuses_another_model_and_names_changed_options(tmp_path, caplog):
+    from adadiff.presets import tiny
+    from adadiff.training.loop import run_stage
+
+    cfg = tiny().to_dict()
+    run_stage(Counter(), tmp_path, _opts(), config=cfg)
+    wider = {**cfg, "unet": {**cfg["unet"], "block_out_channels": [8, 16, 32, 32]}}
+    with pytest.raises(ConfigError, match="whose unet differ from the --model given"):
+        run_stage(Counter(), tmp_path, _opts(steps=8), config=wider)
+    # inference settings and metric weights are not what the networks learnt
+    calibrated = {**cfg, "dtss": {**cfg["dtss"], "tau": 0.5}, "tile_size": 256}
+    calibrated["mmle"] = {
+        **cfg["mmle"],
+        "metrics": [{**m, "weight": 2 * m["weight"]} for m in cfg["mmle"]["metrics"]],
+    }
+    with caplog.at_level("WARNING", logger="adadiff.training"):
+        run_stage(Counter(), tmp_path, _opts(steps=8, lr=0.5, schedule="cosine"), config=calibrated)
+    text = caplog.text
+    assert "--lr is 0.5 now, 1.0 before" in text and "--lr-schedule is cosine now" in text
+    assert "--steps is 8 now, 6 before" in text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adadiff.training"):
+        result = run_stage(Counter(), tmp_path, _opts(steps=5, lr=0.5, schedule="cosine"))
+    assert result.step == 8 and "nothing to train" in caplog.text
+
+
+def test_a_diverged_run_stops_before_overwriting_a_good_checkpoint(tmp_path):
+    from adadiff.training.loop import run_stage
+
+    with pytest.raises(
+        ConfigError, match=r"loss nan at step 6: .*the step-4 checkpoint is the latest"
+    ):
+        run_stage(Counter({5: float("nan")}), tmp_path, _opts())
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
+
+
+def test_an_unwritable_workdir_fails_at_the_start_in_one_line(tmp_path, monkeypatch):
+    from adadiff.training import loop
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    stage = Counter()
+    with pytest.raises(ModelFolderError, match="cannot write checkpoints into"):
+        loop.run_stage(stage, blocker / "unet", _opts())
+    assert stage.w == 0  # refused before any step
+
+    def full(*_args, **_kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop, "save_checkpoint", full)
+    with pytest.raises(
+        ModelFolderError, match=r"step-4 checkpoint .*No space left.*there is no earlier one"
+    ):
+        loop.run_stage(Counter(), tmp_path / "unet", _opts())
+
+
+def test_a_stage_that_learns_the_metrics_checks_them_too(tmp_path):
+    from adadiff.presets import tiny
+    from adadiff.training.loop import TRAINED_CONFIG_KEYS, run_stage
+
+    class Scorer(Counter):
+        config_keys = (*TRAINED_CONFIG_KEYS, "mmle")
+
+    cfg = tiny().to_dict()
+    run_stage(Scorer(), tmp_path, _opts(), config=cfg)
+    metrics = cfg["mmle"]["metrics"]
+    reweighted = {**cfg, "mmle": {**cfg["mmle"], "metrics": [{**m, "weight": 1} for m in metrics]}}
+    assert run_stage(Scorer(), tmp_path, _opts(steps=7), config=reweighted).step == 7
+    fewer = {**cfg, "mmle": {**cfg["mmle"], "metrics": metrics[:-1]}}
+    with pytest.raises(ConfigError, match="whose mmle differ"):
+        run_stage(Scorer(), tmp_path, _opts(steps=8), config=fewer)
+    assert run_stage(Counter(), tmp_path, _opts(steps=8), config=fewer).step == 8
