@@ -70,6 +70,7 @@ from adadiff.training.pairs import (
     PairStream,
     check_training_set,
     load_images,
+    merged_photos,
     photo_names,
     to_tensor,
 )
@@ -373,9 +374,11 @@ def train_decoder(
         cache_dir=cache_dir,
         sampler=sampler,
     )
-    stage.photos = photo_names(dopts.photos) if images is None else []
+    latest = load_latest(workdir / STAGE, stage=STAGE)
+    before = latest.get("summary", {}).get("photos", []) if latest is not None else []
+    stage.photos = merged_photos(before, photo_names(dopts.photos) if images is None else [])
     stage.unet_step = int(unet["step"]) if sampler is not None else None
-    stage.sample_phases = sample_phases(load_latest(workdir / STAGE, stage=STAGE), stage.unet_step)
+    stage.sample_phases = sample_phases(latest, stage.unet_step)
     return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)
 
 

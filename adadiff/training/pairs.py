@@ -62,6 +62,11 @@ def check_training_set(which: str) -> str:
     return which
 
 
+def merged_photos(before: list[str], now: list[str]) -> list[str]:
+    """The photos of earlier phases of a resumed run, then this run's new ones."""
+    return [*before, *(name for name in now if name not in before)]
+
+
 def evaluation_photos(text: str) -> tuple[str, ...]:
     """What an evaluation's ``--photos`` names: ``holdout`` or ``validation`` (the sets), or
     photo names separated by commas."""

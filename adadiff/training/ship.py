@@ -169,10 +169,15 @@ def _phase_lines(phases: list[dict[str, Any]], last_step: int | None) -> list[st
 
 
 def _unet_photos(summary: dict[str, Any]) -> list[str]:
-    """The photos of the UNet's last run plus the dead-leaves images of any earlier phase: a run
-    resumed without them still carries what it learned from them."""
+    """The photos the UNet's runs recorded plus what any earlier phase drew on, the validation
+    photos and dead-leaves images included: a run resumed without them still carries what it
+    learned from them (runs recorded only their last phase's photos before resumes merged
+    them)."""
     photos = list(summary.get("photos", []))
-    leaves = max((int(p.get("deadleaves", 0) or 0) for p in summary.get("phases", [])), default=0)
+    phases = summary.get("phases", [])
+    if any(p.get("photos") == "train+validation" for p in phases):
+        photos += [n for n in VALIDATION if n not in photos]
+    leaves = max((int(p.get("deadleaves", 0) or 0) for p in phases), default=0)
     photos += [n for n in (f"{DEADLEAVES_PREFIX}{k}" for k in range(leaves)) if n not in photos]
     return photos
 

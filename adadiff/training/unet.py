@@ -63,6 +63,7 @@ from adadiff.training.pairs import (
     PairStream,
     check_training_set,
     load_images,
+    merged_photos,
     photo_names,
     to_tensor,
 )
@@ -356,10 +357,12 @@ def train_unet(
             "unet: resuming from step %d; --init-from %s is not used", latest["step"], init_from
         )
     stage = UNetStage(cfg, opts, uopts, images, vae_state, scaling_factor, init=init)
-    stage.photos = names
-    stage.vae_from = origin if vae_from is not None else ""
+    before = latest.get("summary", {}) if latest is not None else {}
+    # what every phase trained on, for the model card: a resume with fewer photos keeps the rest
+    stage.photos = merged_photos(before.get("photos", []), names)
+    stage.vae_from = origin if vae_from is not None else before.get("vae_from", "")
     if latest is not None:
-        stage.init_from = latest.get("summary", {}).get("init_from", "")
+        stage.init_from = before.get("init_from", "")
     stage.phases = training_phases(latest, opts, uopts)
     log.info("unet: VAE from %s, latent scaling factor %.5f", origin, stage.scaling_factor)
     return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)

@@ -194,12 +194,26 @@ def test_a_run_resumed_without_dead_leaves_still_lists_them():
     ]
     summary = {"photos": ["brick", "grass"], "phases": phases}
     leaves = ["deadleaves-0", "deadleaves-1", "deadleaves-2"]
-    assert _unet_photos(summary) == ["brick", "grass", *leaves]
+    # the validation photos of the second phase count whatever the summary recorded
+    assert _unet_photos(summary) == ["brick", "grass", "rocket", *leaves]
     (line,) = _phase_lines(phases, 9)
     assert "steps 0 to 5: photos (train) drawn equally, 3 dead-leaves images among them," in line
     assert "steps 5 to 9: photos (train+validation) drawn equally, Real-ESRGAN" in line
     # a run that never had them lists its photos only
-    assert _unet_photos({"photos": ["brick"], "phases": phases[1:]}) == ["brick"]
+    train_only = [{**phases[1], "photos": "train"}]
+    assert _unet_photos({"photos": ["brick"], "phases": train_only}) == ["brick"]
+
+
+def test_a_resume_with_fewer_photos_keeps_the_earlier_ones_on_record():
+    from adadiff.training.pairs import merged_photos
+
+    assert merged_photos(["brick", "grass", "rocket"], ["brick", "moon"]) == [
+        "brick",
+        "grass",
+        "rocket",
+        "moon",
+    ]
+    assert merged_photos([], ["brick"]) == ["brick"]
 
 
 def test_gains_follow_the_runtime_rules():
