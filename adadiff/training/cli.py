@@ -486,8 +486,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             recon_crops=args.recon_crops,
             seed=args.seed,
         )
-        if args.resume is False and any((Path(workdir) / "labels").glob("shard-*.npz")):
+        has_shards = any((Path(workdir) / "labels").glob("shard-*.npz"))
+        if args.resume is False and has_shards:
             raise ConfigError(f"{workdir}/labels already holds shards; drop --no-resume")
+        if args.resume is True and not has_shards:
+            raise ConfigError(f"--resume was given but {workdir}/labels holds no shards")
         made = make_labels(cfg, workdir, lopts, cache_dir=args.metrics_cache)
         upgraded = f"; {made.upgraded} given their error fields" if made.upgraded else ""
         print(

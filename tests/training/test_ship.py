@@ -15,6 +15,7 @@ import torch
 from training_helpers import opts, small_pool, synthetic_labels
 
 # FR metrics only: numpy, no set-up files needed.
+from adadiff.errors import ConfigError
 from adadiff.training.checkpoint import load_latest
 
 
@@ -46,6 +47,12 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     args = parser.parse_args(["train", "mmle", *common, "--steps", "3", "--resume"])
     assert cmd_train(args) == 0
     assert load_latest(workdir / "mmle")["step"] == 3
+    # labels: --no-resume refuses a folder with shards, --resume one without
+    with pytest.raises(ConfigError, match="already holds shards; drop --no-resume"):
+        cmd_train(parser.parse_args(["train", "labels", *common, "--no-resume"]))
+    empty = ["--model", str(model_dir), "--workdir", str(tmp_path / "empty")]
+    with pytest.raises(ConfigError, match=r"--resume was given but .* holds no shards"):
+        cmd_train(parser.parse_args(["train", "labels", *empty, "--resume"]))
 
     out = tmp_path / "shipped"
     assert cmd_train(parser.parse_args(["train", "export-tiny", *common, "--out", str(out)])) == 0
