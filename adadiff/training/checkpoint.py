@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,40 @@ def save_checkpoint(folder: str | Path, step: int, payload: dict[str, Any], keep
         log.info("removed %s (the newest %d are kept)", old, keep)
     log.debug("saved %s", target)
     return target
+
+
+@contextmanager
+def stage_lock(folder: str | Path) -> Iterator[None]:
+    """Hold ``folder/.lock`` while a run trains into it: a second run (a forgotten background
+    job) would interleave its checkpoints with this one's and prune them. Advisory; a no-op
+    where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ModelFolderError(
+                f"{folder} is being trained into by {holder}; wait for it or stop it "
+                "(Ctrl-C or kill saves a checkpoint), then run again"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import numpy as np
 
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.progress import Progress
-from adadiff.training.checkpoint import load_latest, save_checkpoint
+from adadiff.training.checkpoint import load_latest, save_checkpoint, stage_lock
 
 log = logging.getLogger("adadiff.training")
 
@@ -306,8 +306,21 @@ def run_stage(
     config: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> StageResult:
-    """Train ``stage`` to ``opts.steps`` completed steps, checkpointing into ``folder``."""
+    """Train ``stage`` to ``opts.steps`` completed steps, checkpointing into ``folder`` (which
+    no other run may train into meanwhile)."""
     folder = Path(folder)
+    _check_writable(folder)
+    with stage_lock(folder):
+        return _train(stage, folder, opts, config, progress)
+
+
+def _train(
+    stage: Stage,
+    folder: Path,
+    opts: TrainOptions,
+    config: dict[str, Any] | None,
+    progress: Progress | None,
+) -> StageResult:
     ckpt = load_latest(folder, stage=stage.name)
     if ckpt is not None and opts.resume is False:
         raise ConfigError(
@@ -316,7 +329,6 @@ def run_stage(
         )
     if ckpt is None and opts.resume is True:
         raise ConfigError(f"--resume was given but {folder} holds no {stage.name} checkpoint")
-    _check_writable(folder)
     done, elapsed, history = 0, 0.0, []
     if ckpt is not None:
         keys = getattr(stage, "config_keys", TRAINED_CONFIG_KEYS)

@@ -159,3 +159,13 @@ def test_a_stage_that_learns_the_metrics_checks_them_too(tmp_path):
     with pytest.raises(ConfigError, match="whose mmle differ"):
         run_stage(Scorer(), tmp_path, _opts(steps=8), config=fewer)
     assert run_stage(Counter(), tmp_path, _opts(steps=8), config=fewer).step == 8
+
+
+def test_two_runs_cannot_train_into_one_folder(tmp_path):
+    from adadiff.training.checkpoint import stage_lock
+    from adadiff.training.loop import run_stage
+
+    with stage_lock(tmp_path / "unet"):
+        with pytest.raises(ModelFolderError, match=r"being trained into by process \d+"):
+            run_stage(Counter(), tmp_path / "unet", _opts())
+    assert run_stage(Counter(), tmp_path / "unet", _opts()).step == 6  # released after
