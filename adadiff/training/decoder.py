@@ -363,6 +363,13 @@ def train_decoder(
     state = unet["state"]
     sampler = None
     if dopts.sample_prob > 0:
+        # the samples are tiles: check the window before minutes of sampling fill the pool
+        f, tile = cfg.vae_scale_factor, cfg.tile_size
+        if dopts.crop % f or dopts.crop > tile:
+            raise ConfigError(
+                f"--crop {dopts.crop} must be a multiple of {f} and at most the tile size {tile} "
+                "to cut windows from the model's samples (or --sample-prob 0)"
+            )
         sampler = frozen_models(cfg, workdir, with_mmle=False, seed=opts.seed)
     stage = DecoderStage(
         cfg,

@@ -165,7 +165,7 @@ def test_two_runs_cannot_train_into_one_folder(tmp_path):
     from adadiff.training.checkpoint import stage_lock
     from adadiff.training.loop import run_stage
 
-    with stage_lock(tmp_path / "unet"):
-        with pytest.raises(ModelFolderError, match=r"being trained into by process \d+"):
-            run_stage(Counter(), tmp_path / "unet", _opts())
+    busy = pytest.raises(ModelFolderError, match=r"being trained into by process \d+")
+    with stage_lock(tmp_path / "unet"), busy:
+        run_stage(Counter(), tmp_path / "unet", _opts())
     assert run_stage(Counter(), tmp_path / "unet", _opts()).step == 6  # released after
