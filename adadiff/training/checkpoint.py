@@ -99,6 +99,11 @@ def stage_lock(folder: str | Path) -> Iterator[None]:
         fh.truncate()
         fh.write(f"process {os.getpid()}")
         fh.flush()
+        # a write cut short by SIGKILL or a power loss leaves its temporary file; no other run
+        # writes here while the lock is held, so any left is stale
+        for stale in folder.glob(".ckpt-*.tmp"):
+            stale.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted checkpoint write", stale)
         try:
             yield
         finally:

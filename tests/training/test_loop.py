@@ -168,4 +168,7 @@ def test_two_runs_cannot_train_into_one_folder(tmp_path):
     busy = pytest.raises(ModelFolderError, match=r"being trained into by process \d+")
     with stage_lock(tmp_path / "unet"), busy:
         run_stage(Counter(), tmp_path / "unet", _opts())
+    stale = tmp_path / "unet" / ".ckpt-abc123.tmp"  # a write killed mid-way
+    stale.write_bytes(b"half a checkpoint")
     assert run_stage(Counter(), tmp_path / "unet", _opts()).step == 6  # released after
+    assert not stale.exists()
