@@ -471,6 +471,11 @@ def check_tiling(args: argparse.Namespace, cfg: Any) -> None:
                 f"--overlap {args.overlap} must be smaller than the tile ({source}, {tile} px); "
                 f"use --overlap {max(0, min(cfg.tile_overlap, tile - f))} or less"
             )
+    elif cfg.tile_overlap >= tile:
+        raise ConfigError(
+            f"--tile {tile} must be larger than {cfg.name}'s tile overlap ({cfg.tile_overlap} "
+            f"px); use a larger --tile, or add --overlap {max(0, tile // 2 // f * f)}"
+        )
 
 
 def check_upscale_args(args: argparse.Namespace, *, here: bool = True) -> Any:
@@ -496,6 +501,12 @@ def check_upscale_args(args: argparse.Namespace, *, here: bool = True) -> Any:
                 f"--interval {args.interval} applies to --schedule uniform only, and this "
                 f"model's default schedule is {args.schedule}; add --schedule uniform"
             )
+    if args.schedule == "content" and cfg.content.threshold <= 0:
+        raise ConfigError(
+            f"--schedule content needs a content rule, and {cfg.name} has none (content.threshold "
+            "is 0 in its adadiff.json); choose uniform or adaptive, or fit one with `python -m "
+            "benchmarks.front --photos validation`"
+        )
     return cfg
 
 
@@ -511,8 +522,9 @@ def cap_tile(args: argparse.Namespace, cfg: Any, width: int, height: int) -> str
         return None
     asked = args.tile
     args.tile = fits
-    if args.overlap is not None:
-        args.overlap = max(0, min(args.overlap, fits - f))
+    if args.overlap is not None or cfg.tile_overlap >= fits:  # one tile: any overlap below it
+        overlap = cfg.tile_overlap if args.overlap is None else args.overlap
+        args.overlap = max(0, min(overlap, fits - f))
     return (
         f"--tile {asked} is larger than the {out_w}x{out_h} output; using --tile {fits} (one tile)"
     )
@@ -550,6 +562,7 @@ def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any, cfg: Any)
     """Validate outputs and read the input before loading any model, so mistakes fail fast."""
     outputs = file_upscale.check_outputs(input_path, outputs)
     image = imageio.load_image(input_path, max_pixels=args.max_pixels or imageio.DEFAULT_MAX_PIXELS)
+    imageio.check_output_size(outputs.image, image.width * cfg.upscale, image.height * cfg.upscale)
     note = cap_tile(args, cfg, image.width, image.height)
     if note:
         _note(args, note)
@@ -624,7 +637,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         args.photo = demo.default_photo(model_folder(args.model))
     demo.check_photo(args.photo)
     out = args.output
-    source = demo.prepare(out, args.photo, args.size)
+    max_pixels = args.max_pixels or imageio.DEFAULT_MAX_PIXELS
+    source = demo.prepare(out, args.photo, args.size, max_pixels)
     print(
         f"{source}: {args.photo} ({demo.role(args.photo, model_folder(args.model))}) at "
         f"{args.size} px long side; "

@@ -12,7 +12,12 @@ import numpy as np
 from PIL import Image
 
 from adadiff import imageio
-from adadiff.errors import BackendUnavailableError, ConfigError, OutputPathError
+from adadiff.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    InputImageError,
+    OutputPathError,
+)
 from adadiff.provenance import read_record
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle_left")
@@ -59,8 +64,7 @@ def check_photo(name: str) -> None:
         raise ConfigError(f"--photo {name} is not a demo photo; choose one of {', '.join(PHOTOS)}")
 
 
-def photo(name: str, long_side: int) -> np.ndarray:
-    """A scikit-image sample photo, downscaled (antialiased) so its long side is ``long_side``."""
+def _original(name: str) -> Image.Image:
     try:
         from skimage import data
     except ImportError:
@@ -69,17 +73,38 @@ def photo(name: str, long_side: int) -> np.ndarray:
         ) from None
     check_photo(name)
     rgb = data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(data, name)()
-    img = Image.fromarray(np.ascontiguousarray(rgb[..., :3]))
+    return Image.fromarray(np.ascontiguousarray(rgb[..., :3]))
+
+
+def _resized(img: Image.Image, long_side: int) -> tuple[int, int]:
     scale = long_side / max(img.size)
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return np.asarray(img.resize(size, Image.Resampling.LANCZOS))
+    return max(1, round(img.width * scale)), max(1, round(img.height * scale))
 
 
-def prepare(out_dir: Path, name: str, long_side: int) -> Path:
-    """Write the low-resolution input photo and return its path."""
+def photo(name: str, long_side: int) -> np.ndarray:
+    """A scikit-image sample photo, downscaled (antialiased) so its long side is ``long_side``."""
+    img = _original(name)
+    return np.asarray(img.resize(_resized(img, long_side), Image.Resampling.LANCZOS))
+
+
+def prepare(out_dir: Path, name: str, long_side: int, max_pixels: int | None = None) -> Path:
+    """Write the low-resolution input photo and return its path; ``InputImageError`` first if
+    it would have more than ``max_pixels`` pixels (before it and its 4x bicubic are made)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputPathError(f"{out_dir} is a file; give a folder for the demo outputs")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    width, height = _resized(_original(name), long_side)
+    if max_pixels is not None and width * height > max_pixels:
+        raise InputImageError(
+            f"--size {long_side} makes a {width}x{height} px input, over the limit of "
+            f"{max_pixels:,} input pixels; use a smaller --size (the demo photos are at most "
+            "512 px) or raise --max-pixels"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(
+            f"{out_dir}: cannot make the demo's output folder ({exc.strerror or exc})"
+        ) from exc
     lr = photo(name, long_side)
     path = out_dir / "input.png"
     imageio.save_image(path, lr.astype(np.float32) / 255.0)

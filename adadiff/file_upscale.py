@@ -43,6 +43,8 @@ def check_outputs(input_path: Path, outputs: FileOutputs) -> FileOutputs:
         resolved = path.expanduser().resolve()
         if not resolved.parent.is_dir():
             raise OutputPathError(f"the folder for the {what} {path} does not exist; create it")
+        if resolved.is_dir():
+            raise OutputPathError(f"the {what} path {path} is a folder; give a file name")
         if resolved in (image, source):
             raise ConfigError(f"the {what} path {path} would overwrite the input or output image")
         extras[what] = resolved
@@ -66,6 +68,8 @@ def upscale_file(
     image = imageio.load_image(
         input_path, max_pixels=options.max_pixels or imageio.DEFAULT_MAX_PIXELS
     )
+    factor = upscaler.config.upscale
+    imageio.check_output_size(outputs.image, image.width * factor, image.height * factor)
     return upscale_loaded(upscaler, image, input_path, outputs, options, progress=progress)
 
 

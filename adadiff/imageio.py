@@ -25,11 +25,13 @@ from adadiff.errors import InputImageError, OutputPathError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "MAX_OUTPUT_SIDE",
     "OUTPUT_FORMATS",
     "LoadedImage",
     "bicubic_rows",
     "bicubic_upscale",
     "check_output_path",
+    "check_output_size",
     "decode_image_bytes",
     "encode_image",
     "format_for_path",
@@ -356,6 +358,23 @@ def format_for_path(path: str | Path) -> str:
     return fmt
 
 
+# The longest side each format's encoder can write (libwebp's and the JPEG standard's limits);
+# PNG and TIFF have none that an image under the pixel limit reaches.
+MAX_OUTPUT_SIDE: Mapping[str, int] = {"WEBP": 16383, "JPEG": 65500}
+
+
+def check_output_size(path: str | Path, width: int, height: int) -> None:
+    """``OutputPathError`` if ``path``'s format cannot hold a ``width`` x ``height`` image: known
+    before the upscale, not after it."""
+    fmt = format_for_path(path)
+    limit = MAX_OUTPUT_SIDE.get(fmt)
+    if limit is not None and max(width, height) > limit:
+        raise OutputPathError(
+            f"{path}: the output would be {width}x{height} px and {fmt} holds at most {limit} px "
+            "on a side; write .png or .tif instead, or downscale the input"
+        )
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
@@ -407,7 +426,7 @@ def _write_atomic(path: str | Path, write: Callable[[BinaryIO], None], what: str
             os.fsync(fp.fileno())
         os.replace(temp, target)
         temp = None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # Pillow's encoders raise ValueError for their limits
         raise OutputPathError(f"{target}: cannot write the {what} ({_one_line(exc)})") from exc
     finally:
         if temp is not None:

@@ -14,11 +14,12 @@ import socket
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
-from adadiff.errors import AdadiffError
+from adadiff.errors import AdadiffError, OutputPathError
 from adadiff.file_upscale import output_record
-from adadiff.imageio import decode_image_bytes, encode_image
+from adadiff.imageio import check_output_size, decode_image_bytes, encode_image
 from adadiff.runtime.stream import ImageStream, StreamItem
 from adadiff.runtime.upscaler import Upscaler
 from adadiff.scaleout.plan import JobSettings
@@ -122,6 +123,9 @@ class UpscaleWorker:
             try:
                 kwargs = {} if s.max_pixels is None else {"max_pixels": s.max_pixels}
                 image = decode_image_bytes(task["data"], task["name"], **kwargs)
+                factor = self.upscaler.config.upscale
+                out_name = f"{Path(task['name']).stem}{task['suffix']}"
+                check_output_size(out_name, image.width * factor, image.height * factor)
             except AdadiffError as exc:
                 done.set_result(_failed(task, exc))
                 continue
@@ -146,7 +150,11 @@ class UpscaleWorker:
             return
         started = time.perf_counter()
         record = output_record(image, result.image, result.report, self.upscaler.config.upscale)
-        encoded = _encode(record, task["suffix"])
+        try:
+            encoded = _encode(record, task["suffix"])
+        except ValueError as exc:  # an encoder's own limit (e.g. EXIF too long for JPEG)
+            done.set_result(_failed(task, OutputPathError(f"{task['name']}: {exc}")))
+            return
         self.busy_seconds += time.perf_counter() - started
         done.set_result(
             {

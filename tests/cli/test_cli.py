@@ -253,3 +253,9 @@ def test_demo_writes_every_output_and_refuses_bad_arguments(tmp_path, capsys):
     code, _, err = _run(["demo", "-o", blocker, "--size", "40"], capsys)
     assert code == 2 and "is a file" in err and err.count("\n") == 1
     assert blocker.read_text() == "keep"
+    code, _, err = _run(["demo", "-o", blocker / "sub", "--size", "40"], capsys)
+    assert code == 2 and "cannot make the demo's output folder" in err and err.count("\n") == 1
+    # an input over --max-pixels is refused before it (and its 4x bicubic) is made
+    code, _, err = _run(["demo", "-o", tmp_path / "big", "--size", "5000"], capsys)
+    assert code == 2 and "--size 5000 makes a 5000x5000 px input" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "big").exists()

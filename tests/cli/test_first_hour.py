@@ -43,6 +43,8 @@ MISTAKES = [
     (["--engines", "."], "--engines", "not torch"),
     (["--model", "no-such-model"], "--model no-such-model", "preset"),
     (["--schedule", "fast"], "--schedule", "invalid choice"),
+    (["--tile", "16"], "--tile 16", "tile overlap (16 px)"),  # the default overlap
+    (["--schedule", "content"], "--schedule content", "has none"),
 ]
 
 
@@ -213,3 +215,40 @@ def test_images_without_metadata_stay_without(tmp_path, small_png, capsys):
                  "--interval", "500"]) == 0  # fmt: skip
     with Image.open(out) as img:
         assert "icc_profile" not in img.info and len(img.getexif()) == 0
+
+
+def test_an_output_its_format_cannot_hold_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    from adadiff.models import bundle
+
+    def no_model(*_a, **_k):
+        raise AssertionError("a model was loaded before the output size was checked")
+
+    monkeypatch.setattr(bundle, "load_models", no_model)
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((2, 4100, 3), np.uint8)).save(wide)  # 16400 px wide at 4x
+    out = tmp_path / "out.webp"
+    assert main(["upscale", str(wide), "-o", str(out)]) == 2
+    _, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "16400x8 px and WEBP holds at most 16383" in err, err
+    assert not out.exists()
+
+
+def test_an_encoder_limit_at_write_time_is_one_line(tmp_path):
+    from adadiff.errors import OutputPathError
+    from adadiff.imageio import save_image
+
+    out = tmp_path / "wide.webp"
+    with pytest.raises(OutputPathError, match="cannot write the image"):
+        save_image(out, np.zeros((4, 16388, 3), np.float32))
+    assert not out.exists() and not list(tmp_path.iterdir())  # no temporary file left
+
+
+def test_a_report_or_step_map_path_that_is_a_folder_is_refused_first(tmp_path, small_png, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    out = tmp_path / "o.png"
+    for flag in ("--report", "--step-map"):
+        assert main(["upscale", str(small_png), "-o", str(out), flag, str(taken)]) == 2
+        _, err = capsys.readouterr()
+        assert err.count("\n") == 1 and "is a folder; give a file name" in err, err
+        assert not out.exists()  # refused before the image is written

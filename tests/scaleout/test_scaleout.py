@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -155,8 +156,12 @@ def test_worker_turns_bytes_into_the_cli_output(folder, tmp_path, capsys):
         source = folder / "chelsea.png"
         reply = worker.upscale({"name": source.name, "data": source.read_bytes(), "suffix": ".png"})
         broken = worker.upscale({"name": "broken.png", "data": b"\x89PNG..", "suffix": ".png"})
+        wide = io.BytesIO()
+        Image.fromarray(np.zeros((2, 4100, 3), np.uint8)).save(wide, format="PNG")
+        too_wide = worker.upscale({"name": "wide.png", "data": wide.getvalue(), "suffix": ".webp"})
     finally:
         worker.close()
+    assert too_wide["status"] == "failed" and "WEBP holds at most 16383" in too_wide["error"]
     assert reply["status"] == "done" and reply["pid"] == os.getpid()
     assert reply["report"]["tiles"] == 2
     assert broken["status"] == "failed" and "broken.png" in broken["error"]
