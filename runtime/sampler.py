@@ -236,6 +236,8 @@ def sample_tiles(
     pool.add(0, lr_latents, policy, seed=seed)
     n = lr_latents.shape[0]
     total = n * dtss.t_start
+    if progress is not None:  # at 0 first: the stage's clock (and ETA) start with its work
+        progress("denoise", 0, total)
     while True:
         finished = pool.round()
         if finished:

@@ -204,7 +204,8 @@ def decode_rows(
 
     Rows above the first tile not decoded yet get nothing more, so only the rows the current
     tiles still cover are held (about two tile rows of the canvas), never the whole canvas.
-    ``progress`` hears ``("decode", tiles decoded, tiles)`` after each batch."""
+    ``progress`` hears ``("decode", tiles decoded, tiles)`` before the first batch and after
+    each."""
     _c, h, w = latent.shape
     if h < tile or w < tile:
         raise ValueError(f"latent {h}x{w} is smaller than the decode tile {tile}")
@@ -217,6 +218,8 @@ def decode_rows(
     base = 0  # the canvas row that acc's first row is
     origins = grid.origins()
     done = 0
+    if progress is not None:  # at 0 first: the stage's clock (and ETA) start with its work
+        progress("decode", 0, len(origins))
     for group in chunks(origins, max_batch):
         batch = np.stack([latent[:, y : y + tile, x : x + tile] for y, x in group])
         images = decode(np.ascontiguousarray(batch, dtype=np.float32))

@@ -306,6 +306,8 @@ class Upscaler:
             if progress:
                 progress("encode", sum(len(x) for x in latents), total)
 
+        if progress:  # at 0 first: the stage's clock (and ETA) start with its work
+            progress("encode", 0, total)
         for y in grid.ys:
             strip = grid.padded_rows(lambda a, b: bicubic_rows(rgb, factor, a, b), y, y + grid.tile)
             for x in grid.xs:

@@ -148,6 +148,20 @@ def test_log_progress_lines_are_timestamped_rate_limited_and_finish():
     assert text[-1].startswith("decode 100% (1/1 tiles)")
 
 
+def test_log_progress_counts_rounds_and_time_from_the_start_call():
+    t = [0.0]
+    stream = io.StringIO()
+    progress = LogProgress(stream, every=10.0, clock=lambda: t[0], now=lambda: datetime(2030, 1, 2))
+    progress("denoise", 0, 1000)  # what the sampler says before its first round
+    for step in range(1, 21):  # 20 rounds, one a second
+        t[0] = float(step)
+        progress("denoise", step * 50, 1000)
+    text = [line.split("adadiff: ", 1)[1] for line in stream.getvalue().splitlines()]
+    assert text[0] == "denoise 0% (0/1000 timesteps)"
+    assert "round 10" in text[1] and "10s elapsed, ETA 10s" in text[1]
+    assert "round 20" in text[-1] and "done in 20s" in text[-1]
+
+
 def test_progress_lines_when_stderr_is_not_a_terminal_and_quiet_silences_them(
     tmp_path, small_png, capsys
 ):
@@ -155,8 +169,13 @@ def test_progress_lines_when_stderr_is_not_a_terminal_and_quiet_silences_them(
             "--interval", "250"]  # fmt: skip
     assert main(base) == 0
     _, err = capsys.readouterr()
-    stages = [line.split("adadiff: ", 1)[1].split()[0] for line in err.splitlines()]
+    texts = [line.split("adadiff: ", 1)[1] for line in err.splitlines()]
+    stages = [text.split()[0] for text in texts]
     assert {"encode", "denoise", "decode"} <= set(stages), err
+    # each stage says so when it starts, so its clock and ETA count all of its work
+    for stage in ("encode", "denoise", "decode"):
+        first = next(text for text in texts if text.startswith(stage))
+        assert first.startswith(f"{stage} 0% (0/"), err
     assert all(line[:4].isdigit() and "T" in line[:11] for line in err.splitlines())
     assert main([*base, "--quiet"]) == 0
     _, err = capsys.readouterr()
