@@ -219,7 +219,7 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
                 oriented = ImageOps.exif_transpose(img)
                 shown = oriented if oriented is not None else img
                 decoded = _decode_pil(shown)
-                metadata = _metadata(shown)  # a copy: img's own EXIF stays as it was
+                metadata = _metadata(img, shown)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb_error(path, exc, max_pixels) from exc
     except UnidentifiedImageError as exc:
@@ -238,13 +238,20 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
 
 
 _ORIENTATION = 0x0112
+# Tags that describe the source file's own layout (a TIFF's size, strips, tiles, sample format):
+# wrong for a 4x larger output in another format, so they are not carried over.
+_LAYOUT_TAGS = frozenset(
+    {256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 322, 323, 324, 325, 338, 339}
+)
 
 
-def _metadata(img: Image.Image) -> tuple[bytes | None, bytes | None]:
-    """The ICC profile and the EXIF (orientation dropped: the pixels get it applied)."""
-    icc = img.info.get("icc_profile") or None
-    exif = img.getexif()
-    exif.pop(_ORIENTATION, None)
+def _metadata(img: Image.Image, shown: Image.Image) -> tuple[bytes | None, bytes | None]:
+    """The ICC profile and the EXIF (orientation dropped: the pixels get it applied). The EXIF
+    is read from the file's image, ``img``: the transposed copy ``shown`` loses a TIFF's tags."""
+    icc = shown.info.get("icc_profile") or img.info.get("icc_profile") or None
+    exif = img.getexif()  # a copy: img's own EXIF stays as it was
+    for tag in (_ORIENTATION, *_LAYOUT_TAGS):
+        exif.pop(tag, None)
     return (icc if isinstance(icc, bytes) else None, exif.tobytes() if len(exif) else None)
 
 

@@ -192,6 +192,21 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert loaded.rgb[:15].mean() > 0.9 and loaded.rgb[25:].mean() < 0.1
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".tif"])
+def test_camera_exif_is_kept_without_orientation_or_layout(tmp_path: Path, suffix: str) -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "Canon"  # Make
+    exif[0x0132] = "2020:01:01 10:00:00"  # DateTime
+    exif[0x0112] = 6
+    src = tmp_path / f"cam{suffix}"
+    Image.fromarray(_rgb_u8(16, 24)).save(src, exif=exif)
+    kept = Image.Exif()
+    kept.load(load_image(src).exif)
+    assert kept[0x010F] == "Canon" and kept[0x0132] == "2020:01:01 10:00:00"
+    # applied to the pixels; a TIFF's size and strip tags describe the input file only
+    assert 0x0112 not in kept and 256 not in kept and 273 not in kept
+
+
 def test_input_file_is_not_modified(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
