@@ -514,7 +514,7 @@ def save_image(
     _check_arrays(rgb, alpha, bit_depth)
     fmt = format_for_path(path)
     image, save_args = _pil_for_format(rgb, alpha, fmt, bit_depth, grayscale)
-    save_args |= _metadata_args(fmt, icc_profile, exif)
+    save_args |= _metadata_args(fmt, image.mode, icc_profile, exif)
     return write_pil_atomic(path, image, fmt, **save_args)
 
 
@@ -532,15 +532,24 @@ def encode_image(
     _check_arrays(rgb, alpha, bit_depth)
     fmt = format_for_path(f"image{suffix}")
     image, save_args = _pil_for_format(rgb, alpha, fmt, bit_depth, grayscale)
-    save_args |= _metadata_args(fmt, icc_profile, exif)
+    save_args |= _metadata_args(fmt, image.mode, icc_profile, exif)
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save_args)
     return buffer.getvalue()
 
 
-def _metadata_args(fmt: str, icc_profile: bytes | None, exif: bytes | None) -> dict[str, Any]:
+def _profile_fits(icc_profile: bytes, mode: str) -> bool:
+    """Whether an ICC profile's colour space (header bytes 16 to 20) is the written image's: a
+    CMYK input's profile on RGB pixels, or a gray one on RGB, would mislabel every colour."""
+    space = icc_profile[16:20]
+    return space == (b"GRAY" if mode in _GRAY_MODES else b"RGB ")
+
+
+def _metadata_args(
+    fmt: str, mode: str, icc_profile: bytes | None, exif: bytes | None
+) -> dict[str, Any]:
     args: dict[str, Any] = {}
-    if icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
+    if icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF") and _profile_fits(icc_profile, mode):
         args["icc_profile"] = icc_profile
     if exif and fmt in ("PNG", "JPEG", "WEBP"):
         args["exif"] = exif

@@ -207,6 +207,25 @@ def test_camera_exif_is_kept_without_orientation_or_layout(tmp_path: Path, suffi
     assert 0x0112 not in kept and 256 not in kept and 273 not in kept
 
 
+def test_a_profile_of_another_colour_space_is_not_embedded(tmp_path: Path) -> None:
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    cmyk = srgb[:16] + b"CMYK" + srgb[20:]  # a CMYK input's profile, as its header says
+    rgb = np.full((4, 4, 3), 0.5, np.float32)
+    for profile, kept in ((srgb, True), (cmyk, False)):
+        save_image(tmp_path / "o.png", rgb, icc_profile=profile)
+        with Image.open(tmp_path / "o.png") as img:
+            assert (img.info.get("icc_profile") == profile) is kept
+    gray = srgb[:16] + b"GRAY" + srgb[20:]
+    save_image(tmp_path / "g.png", rgb, icc_profile=gray, grayscale=True)
+    with Image.open(tmp_path / "g.png") as img:
+        assert img.mode in ("L", "I;16") and img.info.get("icc_profile") == gray
+    save_image(tmp_path / "c.png", rgb, icc_profile=gray)  # gray profile, colour pixels
+    with Image.open(tmp_path / "c.png") as img:
+        assert "icc_profile" not in img.info
+
+
 def test_input_file_is_not_modified(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
