@@ -68,7 +68,7 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     struct.error,
     zlib.error,
 )
-_JPEG_QUALITY = 95
+_LOSSY_QUALITY = 95
 _ROWS_PER_CHUNK = 512
 
 
@@ -572,5 +572,6 @@ def _pil_for_format(
         alpha = None
     sixteen = bit_depth == 16 and grayscale and fmt in ("PNG", "TIFF") and alpha is None
     image = _build_pil(rgb, alpha, sixteen_bit_gray=sixteen, grayscale=grayscale)
-    save_args: dict[str, Any] = {"quality": _JPEG_QUALITY} if fmt == "JPEG" else {}
+    # lossy formats at the same high quality (Pillow's WebP default, 80, is visibly softer)
+    save_args: dict[str, Any] = {"quality": _LOSSY_QUALITY} if fmt in ("JPEG", "WEBP") else {}
     return image, save_args

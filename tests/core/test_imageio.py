@@ -226,6 +226,16 @@ def test_a_profile_of_another_colour_space_is_not_embedded(tmp_path: Path) -> No
         assert "icc_profile" not in img.info
 
 
+def test_webp_is_written_at_the_jpeg_quality(tmp_path: Path) -> None:
+    rgb = RNG.random((64, 64, 3), dtype=np.float32)
+    save_image(tmp_path / "o.webp", rgb)
+    default = io.BytesIO()
+    Image.fromarray(np.round(rgb * 255).astype(np.uint8)).save(default, format="WEBP")
+    ours = load_image(tmp_path / "o.webp").rgb
+    theirs = np.asarray(Image.open(default), np.float32) / 255
+    assert np.abs(ours - rgb).mean() < np.abs(theirs - rgb).mean()  # closer than quality 80
+
+
 def test_input_file_is_not_modified(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
