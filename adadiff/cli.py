@@ -560,9 +560,7 @@ def _note(args: argparse.Namespace, text: str) -> None:
 
 def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any, cfg: Any) -> int:
     """Validate outputs and read the input before loading any model, so mistakes fail fast."""
-    outputs = file_upscale.check_outputs(input_path, outputs)
-    image = imageio.load_image(input_path, max_pixels=args.max_pixels or imageio.DEFAULT_MAX_PIXELS)
-    imageio.check_output_size(outputs.image, image.width * cfg.upscale, image.height * cfg.upscale)
+    outputs, image = file_upscale.read_input(input_path, outputs, args.max_pixels, cfg.upscale)
     note = cap_tile(args, cfg, image.width, image.height)
     if note:
         _note(args, note)

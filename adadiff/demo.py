@@ -92,7 +92,8 @@ def prepare(out_dir: Path, name: str, long_side: int, max_pixels: int | None = N
     it would have more than ``max_pixels`` pixels (before it and its 4x bicubic are made)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputPathError(f"{out_dir} is a file; give a folder for the demo outputs")
-    width, height = _resized(_original(name), long_side)
+    original = _original(name)
+    width, height = _resized(original, long_side)
     if max_pixels is not None and width * height > max_pixels:
         raise InputImageError(
             f"--size {long_side} makes a {width}x{height} px input, over the limit of "
@@ -105,7 +106,7 @@ def prepare(out_dir: Path, name: str, long_side: int, max_pixels: int | None = N
         raise OutputPathError(
             f"{out_dir}: cannot make the demo's output folder ({exc.strerror or exc})"
         ) from exc
-    lr = photo(name, long_side)
+    lr = np.asarray(original.resize((width, height), Image.Resampling.LANCZOS))
     path = out_dir / "input.png"
     imageio.save_image(path, lr.astype(np.float32) / 255.0)
     up = imageio.bicubic_upscale(lr.astype(np.float32) / 255.0, 4)

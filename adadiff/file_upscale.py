@@ -55,6 +55,18 @@ def check_outputs(input_path: Path, outputs: FileOutputs) -> FileOutputs:
     return FileOutputs(image, extras["report"], extras["step map"])
 
 
+def read_input(
+    input_path: Path, outputs: FileOutputs, max_pixels: int | None, factor: int
+) -> tuple[FileOutputs, Any]:
+    """The checked outputs and the loaded input (``imageio.LoadedImage``), or one-line errors:
+    every output path, the input, and whether the output's format can hold the upscale; all
+    before any model runs."""
+    outputs = check_outputs(input_path, outputs)
+    image = imageio.load_image(input_path, max_pixels=max_pixels or imageio.DEFAULT_MAX_PIXELS)
+    imageio.check_output_size(outputs.image, image.width * factor, image.height * factor)
+    return outputs, image
+
+
 def upscale_file(
     upscaler: Any,
     input_path: Path,
@@ -64,12 +76,7 @@ def upscale_file(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Check the outputs, read the image, upscale it and write everything; return the report."""
-    outputs = check_outputs(input_path, outputs)
-    image = imageio.load_image(
-        input_path, max_pixels=options.max_pixels or imageio.DEFAULT_MAX_PIXELS
-    )
-    factor = upscaler.config.upscale
-    imageio.check_output_size(outputs.image, image.width * factor, image.height * factor)
+    outputs, image = read_input(input_path, outputs, options.max_pixels, upscaler.config.upscale)
     return upscale_loaded(upscaler, image, input_path, outputs, options, progress=progress)
 
 

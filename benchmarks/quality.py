@@ -39,12 +39,13 @@ from adadiff.argtypes import positive
 from adadiff.config import SCHEDULES
 from adadiff.engines.torch import TorchBackend
 from adadiff.errors import AdadiffError, InputImageError
-from adadiff.imageio import DEFAULT_MAX_PIXELS, bicubic_upscale, load_image
+from adadiff.imageio import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, bicubic_upscale, load_image
 from adadiff.models.bundle import TorchModels, load_models
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import load_lpips
 from adadiff.quality.metrics import psnr, ssim
 from adadiff.runtime.upscaler import Upscaler
+from adadiff.scaleout.plan import list_inputs
 from adadiff.training.data import load_photo
 from adadiff.training.degrade import bicubic_x4, blur_jpeg_x4
 from adadiff.training.labels import decode_latents, encode_latents
@@ -58,7 +59,6 @@ BLOCK = 128
 # the hold-out and validation photos (640 px at most) go through the VAE whole
 ROUND_TRIP_WHOLE = 1024
 SET_NAMES = {"holdout": "hold-out", "validation": "validation", "named": "named", "files": "given"}
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 EVALUATION_SETS = ("holdout", "validation")
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 DEGRADATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str]] = {
@@ -189,18 +189,12 @@ def _image_files(entry: str) -> list[Path]:
     path = Path(entry).expanduser()
     if path.is_dir():
         try:
-            listed = sorted(path.iterdir())
+            files, _ = list_inputs(path)  # as upscale-many lists a folder: hidden files left out
         except OSError as exc:
             raise InputImageError(f"{path}: cannot list this folder ({exc.strerror})") from exc
-        # hidden files (".DS_Store", macOS "._IMG_1.JPG" sidecars) are not photos
-        files = [
-            f
-            for f in listed
-            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES
-        ]
         if not files:
             raise InputImageError(
-                f"{path}: no {', '.join(IMAGE_SUFFIXES)} images in this folder (subfolders are "
+                f"{path}: no {', '.join(OUTPUT_FORMATS)} images in this folder (subfolders are "
                 "not searched)"
             )
         return files
@@ -215,7 +209,7 @@ def _image_files(entry: str) -> list[Path]:
 
 
 def _looks_like_path(entry: str) -> bool:
-    if "/" in entry or "\\" in entry or entry.lower().endswith(IMAGE_SUFFIXES):
+    if "/" in entry or "\\" in entry or entry.lower().endswith(tuple(OUTPUT_FORMATS)):
         return True
     return Path(entry).exists()
 
