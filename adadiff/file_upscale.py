@@ -67,6 +67,17 @@ def read_input(
     return outputs, image
 
 
+def frames_note(image: Any) -> str | None:
+    """What to tell the user when the input holds more than one frame, else None."""
+    frames = getattr(image, "frames", 1)
+    if frames <= 1:
+        return None
+    return (
+        f"the input has {frames} frames (an animation or a multi-page file); only the first is "
+        "upscaled"
+    )
+
+
 def upscale_file(
     upscaler: Any,
     input_path: Path,
@@ -131,6 +142,7 @@ def output_record(image: Any, rgb: Any, report: Any, factor: int) -> dict[str, A
         input_mode=image.source_mode,
         bit_depth=image.bit_depth,
         alpha=image.alpha is not None,
+        input_frames=getattr(image, "frames", 1),
         version=__version__,
     )
     return {

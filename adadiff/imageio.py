@@ -34,6 +34,7 @@ __all__ = [
     "check_output_size",
     "decode_image_bytes",
     "encode_image",
+    "fill_transparent",
     "format_for_path",
     "load_image",
     "save_image",
@@ -87,6 +88,7 @@ class LoadedImage:
     source_mode: str
     icc_profile: bytes | None = None  # the embedded ICC colour profile, written back out
     exif: bytes | None = None  # EXIF without the orientation tag (orientation is applied)
+    frames: int = 1  # an animation's frame count; only the first frame is decoded
 
     @property
     def height(self) -> int:
@@ -163,6 +165,40 @@ def _key_alpha(img: Image.Image) -> np.ndarray | None:
     return (np.asarray(img) != key).astype(np.float32)
 
 
+def fill_transparent(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """``rgb`` with the colour under fully transparent pixels replaced by that of the nearest
+    visible ones (a push-pull pyramid of alpha-weighted colour).
+
+    Files often store black or stale colour there; upscaling mixes it into the visible edge
+    pixels, which then show a dark or coloured fringe once the soft upscaled alpha reveals them.
+    Visible pixels are returned unchanged."""
+    hidden = alpha <= 0.0
+    if not hidden.any() or hidden.all():
+        return rgb
+    weight = np.where(hidden, 0.0, alpha).astype(np.float32)
+    colour = rgb.astype(np.float32) * weight[:, :, None]
+    levels: list[tuple[np.ndarray, np.ndarray]] = []
+    while True:
+        levels.append((colour, weight))
+        h, w = weight.shape
+        if h == 1 and w == 1:
+            break
+        # sum over 2x2 blocks (edge-padded to even sides): the next coarser level
+        ph, pw = h % 2, w % 2
+        weight = np.pad(weight, ((0, ph), (0, pw)))
+        colour = np.pad(colour, ((0, ph), (0, pw), (0, 0)))
+        weight = weight[0::2, 0::2] + weight[1::2, 0::2] + weight[0::2, 1::2] + weight[1::2, 1::2]
+        colour = colour[0::2, 0::2] + colour[1::2, 0::2] + colour[0::2, 1::2] + colour[1::2, 1::2]
+    colour, weight = levels[-1]
+    filled = colour / np.maximum(weight, 1e-12)[:, :, None]
+    for colour, weight in reversed(levels[:-1]):
+        h, w = weight.shape
+        coarse = np.repeat(np.repeat(filled, 2, axis=0), 2, axis=1)[:h, :w]
+        own = colour / np.maximum(weight, 1e-12)[:, :, None]
+        filled = np.where((weight > 0)[:, :, None], own, coarse)
+    return np.where(hidden[:, :, None], filled, rgb).astype(rgb.dtype)
+
+
 def _decode_pil(img: Image.Image) -> LoadedImage:
     """Turn a fully loaded Pillow image into float arrays."""
     mode = img.mode
@@ -171,11 +207,13 @@ def _decode_pil(img: Image.Image) -> LoadedImage:
         gray = _gray16_array(img) if mode in _GRAY16_MODES else _float_gray_array(img)
         alpha = _key_alpha(img) if mode in _GRAY16_MODES else None
         rgb = np.repeat(gray[:, :, None], 3, axis=2)
+        if alpha is not None:
+            rgb = fill_transparent(rgb, alpha)
         return LoadedImage(rgb, alpha, 16, True, mode)
     if mode in _ALPHA_MODES or img.has_transparency_data:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
-        rgb = np.ascontiguousarray(rgba[:, :, :3])
         alpha = np.ascontiguousarray(rgba[:, :, 3])
+        rgb = np.ascontiguousarray(fill_transparent(rgba[:, :, :3], alpha))
         return LoadedImage(rgb, alpha, 8, grayscale, mode)
     rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     return LoadedImage(rgb, None, 8, grayscale, mode)
@@ -215,6 +253,7 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
                 if width * height > max_pixels:
                     raise _too_many_pixels(path, width, height, max_pixels)
                 source_mode = img.mode
+                frames = int(getattr(img, "n_frames", 1))
                 img.load()
                 oriented = ImageOps.exif_transpose(img)
                 shown = oriented if oriented is not None else img
@@ -234,7 +273,7 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
             "re-export or re-download the image"
         ) from exc
     icc, exif = metadata
-    return replace(decoded, source_mode=source_mode, icc_profile=icc, exif=exif)
+    return replace(decoded, source_mode=source_mode, icc_profile=icc, exif=exif, frames=frames)
 
 
 _ORIENTATION = 0x0112

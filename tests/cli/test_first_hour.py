@@ -121,6 +121,23 @@ def test_a_tile_larger_than_the_output_is_capped(tmp_path, photo, capsys):
     assert "--tile 256 is larger than the 80x48 output; using --tile 80" in err
 
 
+def test_an_animated_input_gets_a_note_and_its_frame_count_in_the_report(tmp_path, capsys):
+    frames = [Image.new("RGB", (20, 12), (40 * i, 90, 160)) for i in range(4)]
+    src = tmp_path / "anim.gif"
+    frames[0].save(src, save_all=True, append_images=frames[1:], duration=40)
+    report = tmp_path / "r.json"
+    code = main(
+        [
+            "upscale", str(src), "-o", str(tmp_path / "o.png"), "--schedule", "uniform",
+            "--interval", "500", "--report", str(report),
+        ]
+    )  # fmt: skip
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert "the input has 4 frames" in err and "only the first is upscaled" in err
+    assert json.loads(report.read_text())["input_frames"] == 4
+
+
 def test_log_progress_lines_are_timestamped_rate_limited_and_finish():
     t = [0.0]
     stream = io.StringIO()

@@ -18,6 +18,7 @@ from adadiff.imageio import (
     LoadedImage,
     bicubic_upscale,
     check_output_path,
+    fill_transparent,
     load_image,
     save_image,
     to_rgb_array,
@@ -147,7 +148,8 @@ def test_rgba_alpha_kept_through_load_upscale_and_save(tmp_path: Path) -> None:
     assert loaded.alpha is not None
     assert loaded.alpha.shape == (8, 10)
     np.testing.assert_allclose(loaded.alpha, rgba[..., 3] / 255.0, atol=1e-7)
-    np.testing.assert_allclose(loaded.rgb, rgba[..., :3] / 255.0, atol=1e-7)
+    visible = rgba[..., 3] > 0  # colour under fully transparent pixels is filled (next test)
+    np.testing.assert_allclose(loaded.rgb[visible], rgba[..., :3][visible] / 255.0, atol=1e-7)
 
     big_alpha = upscale_alpha(loaded.alpha, 4)
     assert big_alpha.shape == (32, 40)
@@ -167,6 +169,53 @@ def test_rgba_alpha_kept_through_load_upscale_and_save(tmp_path: Path) -> None:
 
     gray_alpha = save_image(tmp_path / "ga.png", big_rgb, big_alpha, grayscale=True)
     assert _reread(gray_alpha).mode == "LA"
+
+
+def test_colour_under_transparent_pixels_is_the_nearest_visible_one(tmp_path: Path) -> None:
+    """A red disc on transparent black: the upscaled visible edge must stay red, not darken."""
+    yy, xx = np.mgrid[:24, :24]
+    disc = (yy - 11.5) ** 2 + (xx - 11.5) ** 2 < 8**2
+    rgba = np.zeros((24, 24, 4), dtype=np.uint8)
+    rgba[disc] = (220, 30, 20, 255)
+    loaded = load_image(_write(tmp_path / "disc.png", rgba))
+    assert loaded.alpha is not None
+    np.testing.assert_allclose(loaded.rgb[disc], rgba[disc][:, :3] / 255.0, atol=1e-7)
+    np.testing.assert_allclose(
+        loaded.rgb[~disc],
+        np.tile([220 / 255, 30 / 255, 20 / 255], (int((~disc).sum()), 1)),
+        atol=1e-6,
+    )
+    big_rgb, big_alpha = bicubic_upscale(loaded.rgb, 4), upscale_alpha(loaded.alpha, 4)
+    edge = (big_alpha > 0.05) & (big_alpha < 0.95)
+    assert edge.sum() > 20
+    assert big_rgb[edge][:, 0].min() > 0.8  # unfilled, the black would pull these below 0.6
+
+
+def test_fill_transparent_takes_the_nearest_colour_and_leaves_visible_pixels():
+    rgb = np.zeros((5, 9, 3), dtype=np.float32)
+    alpha = np.zeros((5, 9), dtype=np.float32)
+    rgb[:, :2], alpha[:, :2] = (1.0, 0.0, 0.0), 1.0  # red on the left
+    rgb[:, -2:], alpha[:, -2:] = (0.0, 0.0, 1.0), 0.5  # half-transparent blue on the right
+    filled = fill_transparent(rgb, alpha)
+    np.testing.assert_array_equal(filled[:, :2], rgb[:, :2])
+    np.testing.assert_array_equal(filled[:, -2:], rgb[:, -2:])
+    np.testing.assert_allclose(filled[:, 2], np.tile([1.0, 0.0, 0.0], (5, 1)))  # next to red
+    np.testing.assert_allclose(filled[:, 6], np.tile([0.0, 0.0, 1.0], (5, 1)))  # next to blue
+    assert filled.dtype == np.float32
+    hidden = np.zeros_like(alpha)
+    np.testing.assert_array_equal(fill_transparent(rgb, hidden), rgb)  # nothing visible: as is
+
+
+def test_an_animation_is_read_from_its_first_frame_and_counted(tmp_path: Path) -> None:
+    frames = [
+        Image.new("RGB", (8, 6), colour) for colour in ((200, 0, 0), (0, 200, 0), (0, 0, 200))
+    ]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50)
+    loaded = load_image(path)
+    assert loaded.frames == 3
+    assert loaded.rgb[0, 0, 0] > 0.7 and loaded.rgb[0, 0, 1] < 0.1
+    assert load_image(_write(tmp_path / "still.png", _rgb_u8())).frames == 1
 
 
 def test_palette_with_transparency_keeps_alpha(tmp_path: Path) -> None:
