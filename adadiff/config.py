@@ -76,6 +76,14 @@ class MetricKind(str, enum.Enum):
     NO_REFERENCE = "nr"
 
 
+def _enum(cls: type[enum.Enum], value: Any, what: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = [str(m.value) for m in cls]
+        raise ConfigError(f"{what} must be one of {allowed}, got {value!r}") from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class MetricConfig:
     """One MMLE score. ``weight`` carries the sign: R = sum(weight * score) grows with quality."""
@@ -85,7 +93,7 @@ class MetricConfig:
     weight: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", MetricKind(self.kind))
+        object.__setattr__(self, "kind", _enum(MetricKind, self.kind, "metric kind"))
         if not self.name:
             raise ConfigError("a metric needs a name")
 
@@ -122,7 +130,9 @@ class NoiseScheduleConfig:
     set_alpha_to_one: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "prediction_type", PredictionType(self.prediction_type))
+        object.__setattr__(
+            self, "prediction_type", _enum(PredictionType, self.prediction_type, "prediction_type")
+        )
         if not isinstance(self.set_alpha_to_one, bool):
             raise ConfigError(
                 f"set_alpha_to_one must be true or false, got {self.set_alpha_to_one!r}"
@@ -160,7 +170,13 @@ class DTSSConfig:
     exit_on: str = "nr"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tiers", tuple(int(v) for v in self.tiers))
+        try:
+            tiers = tuple(int(v) for v in self.tiers)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"tiers must be four positive step counts, got {self.tiers!r}"
+            ) from None
+        object.__setattr__(self, "tiers", tiers)
         if len(self.tiers) != 4 or any(v < 1 for v in self.tiers):
             raise ConfigError(f"tiers must be four positive step counts, got {self.tiers}")
         if self.tau <= 0:
@@ -321,6 +337,24 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 object.__setattr__(self, name, cls(**value))
+        for part, keys in (("unet", ("cross_attention_dim",)), ("vae", ("block_out_channels",))):
+            block = getattr(self, part)
+            if not isinstance(block, dict):
+                raise ConfigError(f"{part} must be a mapping of diffusers config keys")
+            missing = [k for k in keys if k not in block]
+            if missing:
+                raise ConfigError(f"the {part} config needs {missing}")
+        steps = self.noise.num_train_timesteps
+        if self.dtss.t_start >= steps:
+            raise ConfigError(
+                f"dtss t_start {self.dtss.t_start} must be below the noise schedule's "
+                f"num_train_timesteps {steps}"
+            )
+        if not 0 <= self.dtss.nr_start_t <= steps:
+            raise ConfigError(
+                f"dtss nr_start_t {self.dtss.nr_start_t} must be in [0, {steps}], the noise "
+                "schedule's num_train_timesteps"
+            )
         f = self.vae_scale_factor
         if self.tile_size % f or self.tile_size < f:
             raise ConfigError(
@@ -390,7 +424,9 @@ class ModelConfig:
             )
         try:
             return cls(**data)
-        except TypeError as exc:
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise ConfigError(f"invalid {CONFIG_FILE}: {exc}") from exc
 
     def save(self, folder: Path) -> Path:

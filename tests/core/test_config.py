@@ -1,0 +1,67 @@
+"""adadiff.json values that cannot work are refused with a ConfigError that names the key,
+never left to fail deep in torch or numpy."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from adadiff.cli import main
+from adadiff.config import ModelConfig
+from adadiff.errors import ConfigError
+
+SHIPPED = Path(__file__).resolve().parents[2] / "adadiff" / "weights" / "tiny"
+BASE = json.loads((SHIPPED / "adadiff.json").read_text())
+
+
+def _set(part: str, key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda d: d[part].__setitem__(key, value)
+
+
+CASES = [
+    (_set("dtss", "t_start", 5000), "t_start 5000 must be below"),
+    (_set("dtss", "nr_start_t", -1), "nr_start_t -1"),
+    (_set("dtss", "tiers", "abcd"), "tiers must be four positive"),
+    (_set("dtss", "tiers", [5, 10, 15]), "tiers must be four positive"),
+    (_set("noise", "prediction_type", "sample"), "prediction_type must be one of"),
+    (lambda d: d["mmle"]["metrics"][0].__setitem__("kind", "both"), "metric kind must be one of"),
+    (lambda d: d["vae"].pop("block_out_channels"), "vae config needs"),
+    (lambda d: d["unet"].pop("cross_attention_dim"), "unet config needs"),
+    (lambda d: d.__setitem__("unet", [1, 2]), "unet must be a mapping"),
+    (lambda d: d["mmle"]["metrics"][0].pop("weight"), "invalid adadiff.json"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "message"), CASES)
+def test_bad_values_are_config_errors(mutate, message):
+    data = copy.deepcopy(BASE)
+    mutate(data)
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict(data)
+
+
+def test_the_shipped_config_loads_and_round_trips():
+    cfg = ModelConfig.from_dict(BASE)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_bad_model_folder_is_one_line_before_any_work(tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(SHIPPED, folder)
+    data = copy.deepcopy(BASE)
+    data["dtss"]["t_start"] = 5000
+    (folder / "adadiff.json").write_text(json.dumps(data))
+    image = tmp_path / "in.png"
+    Image.new("RGB", (16, 12), (90, 120, 150)).save(image)
+    code = main(["upscale", str(image), "-o", str(tmp_path / "out.png"), "--model", str(folder)])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err.count("\n") == 1 and "t_start 5000" in err
+    assert not (tmp_path / "out.png").exists()
