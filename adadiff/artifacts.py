@@ -57,6 +57,13 @@ def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+def _check_file_name(name: str, what: str) -> None:
+    """A manifest names files inside its own folder only: a path that leads elsewhere (absolute,
+    ``..``, a sub-folder) would be read, or deleted as stale, outside it."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"{what} manifest names the file {name!r}; expected a plain file name")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FileEntry:
     """One file of a component, relative to the export folder."""
@@ -64,6 +71,9 @@ class FileEntry:
     path: str
     size: int
     sha256: str
+
+    def __post_init__(self) -> None:
+        _check_file_name(self.path, "export")
 
     @classmethod
     def of(cls, folder: Path, relative: str) -> FileEntry:
@@ -82,6 +92,9 @@ class ComponentEntry:
     nodes: dict[str, int] = field(default_factory=dict)  # node counts: exported, cleaned, final
     seconds: dict[str, float] = field(default_factory=dict)
     check: dict[str, Any] = field(default_factory=dict)  # ONNX Runtime against torch at export
+    # sha256 of the exported module's weights, so that a later partial export into the same
+    # folder keeps this component only if it came from the same weights ("" in older manifests)
+    weights: str = ""
 
     def __post_init__(self) -> None:
         files = tuple(f if isinstance(f, FileEntry) else FileEntry(**f) for f in self.files)
@@ -147,6 +160,7 @@ class ExportManifest:
                     "nodes": dict(c.nodes),
                     "seconds": dict(c.seconds),
                     "check": dict(c.check),
+                    "weights": c.weights,
                     "spec": c.spec,
                 }
                 for name, c in self.components.items()
@@ -441,6 +455,7 @@ class EngineEntry:
     stamps: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_file_name(self.file, "engine")
         profiles = tuple(
             p if isinstance(p, BatchProfile) else BatchProfile(*p) for p in self.profiles
         )

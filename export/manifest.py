@@ -48,8 +48,10 @@ def component_entry(
     nodes: dict[str, int],
     seconds: dict[str, float],
     check: dict[str, Any],
+    weights: str = "",
 ) -> ComponentEntry:
     return ComponentEntry(
+        weights=weights,
         name=spec.name,
         files=tuple(FileEntry.of(folder, f) for f in files),
         precision=precision,

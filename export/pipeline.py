@@ -6,6 +6,8 @@ every component has exported, cleaned and passed its check; ``manifest.json`` is
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -15,9 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from adadiff.artifacts import MANIFEST_FILE, PRECISIONS, ComponentEntry, ExportManifest
+from adadiff.artifacts import (
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    PRECISIONS,
+    ComponentEntry,
+    ExportManifest,
+)
 from adadiff.errors import AdadiffError, ConfigError, OutputPathError
 from adadiff.export.cleanup import EXTERNAL_DATA_THRESHOLD, clean, load_weights, save
 from adadiff.export.fp16 import convert_to_fp16
@@ -79,9 +88,10 @@ def export_onnx(
     models = model if isinstance(model, TorchModels) else load_models(model, seed=seed)
     out.mkdir(exist_ok=True)
     config = models.config
-    kept, stale_files = _earlier_export(out, config.digest(), options)
     specs = component_specs(config)
     wrappers = models.wrappers()
+    weights = {name: weights_digest(wrappers[name]) for name in COMPONENTS}
+    kept, stale_files = _earlier_export(out, config.digest(), options, weights)
     steps = _Steps(len(options.components) * (4 + bool(options.check_batches)), progress)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
@@ -103,6 +113,7 @@ def export_onnx(
                 nodes=item.nodes,
                 seconds=item.seconds,
                 check=item.check,
+                weights=weights[item.name],
             )
         for path in stale_files:
             (out / path).unlink(missing_ok=True)
@@ -217,9 +228,34 @@ def _check(
     return check_against_torch(path, module, spec, batches=options.check_batches, tolerance=tol)
 
 
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's weights (names, dtypes, shapes and bytes), without copying them."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _is_adadiff_manifest(path: Path) -> bool:
+    """Whether ``path`` is an adadiff export manifest of any version (damaged or not)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
+
+
 def _check_output(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"{out} is a file; give a folder for the ONNX files")
+    manifest = out / MANIFEST_FILE
+    if manifest.is_file() and not _is_adadiff_manifest(manifest):
+        raise OutputPathError(
+            f"{out} holds a {MANIFEST_FILE} that is not an adadiff export's; choose a new or "
+            "empty folder so nothing of yours is overwritten"
+        )
     if out.is_dir() and not (out / MANIFEST_FILE).is_file():
         others = [p.name for p in out.iterdir() if not p.name.startswith(STAGING_PREFIX)]
         if others:
@@ -236,11 +272,12 @@ def component_precision(name: str, precision: str) -> str:
 
 
 def _earlier_export(
-    out: Path, digest: str, options: ExportOptions
+    out: Path, digest: str, options: ExportOptions, weights: dict[str, str]
 ) -> tuple[dict[str, ComponentEntry], list[str]]:
     """Of an earlier export into ``out``: the components this one does not redo but would write
-    alike (same model, opset, exporter and precision of that component, so an fp32 VAE serves an
-    fp16 export), and the files of the others, removed once the new files are in place."""
+    alike (same config, weights, opset, exporter and precision of that component, so an fp32 VAE
+    serves an fp16 export), and the files of the others, removed once the new files are in
+    place. An entry without a weights digest (older manifests) cannot show it is alike."""
     if not (out / MANIFEST_FILE).is_file():
         return {}, []
     try:
@@ -258,7 +295,8 @@ def _earlier_export(
     for name, entry in old.components.items():
         if name in options.components:
             continue
-        if same and entry.precision == component_precision(name, options.precision):
+        alike = entry.weights != "" and entry.weights == weights.get(name)
+        if same and alike and entry.precision == component_precision(name, options.precision):
             kept[name] = entry
         else:
             log.info("%s in %s belongs to a different export and will be removed", name, out)

@@ -58,6 +58,14 @@ class BuildOptions:
         object.__setattr__(self, "profiles", check_profiles(self.profiles))
         if self.workspace_gb <= 0:
             raise ConfigError(f"--workspace must be positive (GB), got {self.workspace_gb}")
+        if self.timing_cache is not None:
+            cache = Path(self.timing_cache).expanduser()
+            if cache.is_dir() or not cache.parent.is_dir():
+                raise ConfigError(
+                    f"--timing-cache {self.timing_cache} must be a file in an existing folder "
+                    "(it is read before and written after each build)"
+                )
+            object.__setattr__(self, "timing_cache", cache)
 
 
 def _progress_monitor(trt: Any, component: str, progress: Progress | None) -> Any:
@@ -120,6 +128,16 @@ def build_engines(
     previous = _previous_manifest(out, trt.__version__, info)
     engines = dict(previous.engines) if previous else {}
 
+    def save(engines: dict[str, EngineEntry]) -> EngineManifest:
+        manifest = EngineManifest(
+            tensorrt=trt.__version__,
+            device=info,
+            engines=engines,
+            config_digest=exported.config_digest,
+        )
+        save_engine_manifest(manifest, out)
+        return manifest
+
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     for component in options.components:
@@ -165,13 +183,8 @@ def build_engines(
             stamps=file_stamps(export_dir, entry.files),
         )
         log.info("%s: built %s in %.1fs", component, name, time.perf_counter() - start)
-    manifest = EngineManifest(
-        tensorrt=trt.__version__,
-        device=info,
-        engines=engines,
-        config_digest=exported.config_digest,
-    )
-    save_engine_manifest(manifest, out)
+        save(engines)  # each engine counts as soon as it is built: a later failure keeps it
+    manifest = save(engines)
     _delete_superseded(out, manifest)
     return manifest
 
@@ -246,7 +259,12 @@ def _build_one(
         )
     timing = config.get_timing_cache()
     if timing is not None:
-        write_bytes_atomic(write_to, bytes(timing.serialize()))
+        try:
+            write_bytes_atomic(write_to, bytes(timing.serialize()))
+        except (AdadiffError, OSError) as exc:  # the engine is what was asked for: keep it
+            log.warning(
+                "could not save the timing cache %s (%s); the engine is kept", write_to, exc
+            )
     return bytes(serialized)
 
 

@@ -312,3 +312,48 @@ def test_build_cli_refuses_a_bad_device(capsys, export):
     code = main(["build", str(export), "--device", "gpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--device gpu " in err
+
+
+def test_a_failed_build_keeps_the_engines_built_before_it(trt, export, monkeypatch):
+    import adadiff.export.tensorrt_build as tb
+
+    real = tb._build_one
+    calls: list[str] = []
+
+    def failing_on_mmle(trt_module, builder, logger, onnx_path, *rest):
+        calls.append(onnx_path.name)
+        if onnx_path.name == "mmle.onnx" and calls.count("mmle.onnx") == 1:
+            raise EngineMismatchError("TensorRT failed to build mmle.onnx")
+        return real(trt_module, builder, logger, onnx_path, *rest)
+
+    monkeypatch.setattr(tb, "_build_one", failing_on_mmle)
+    with pytest.raises(EngineMismatchError, match="mmle"):
+        _build(export, components=("pfj", "mmle"))
+    assert set(EngineManifest.load(export / TRT_DIR).engines) == {"pfj"}
+    manifest = _build(export, components=("pfj", "mmle"))
+    assert calls == ["pfj.onnx", "mmle.onnx", "mmle.onnx"]  # pfj was not built again
+    assert set(manifest.engines) == {"pfj", "mmle"}
+
+
+def test_a_timing_cache_that_cannot_be_written_is_refused_first(trt, export, tmp_path):
+    with pytest.raises(ConfigError, match=r"--timing-cache .* existing folder"):
+        BuildOptions(timing_cache=tmp_path / "nosuchdir" / "cache.bin")
+    with pytest.raises(ConfigError, match="existing folder"):
+        BuildOptions(timing_cache=tmp_path)
+
+
+def test_a_timing_cache_write_failure_keeps_the_engine(trt, export, monkeypatch, caplog):
+    import adadiff.export.tensorrt_build as tb
+
+    real = tb.write_bytes_atomic
+
+    def no_cache(path, data):
+        if path.name == TIMING_CACHE:
+            raise OSError("disk full")
+        return real(path, data)
+
+    monkeypatch.setattr(tb, "write_bytes_atomic", no_cache)
+    with caplog.at_level(logging.WARNING, logger="adadiff"):
+        manifest = _build(export, components=("pfj",))
+    assert set(manifest.engines) == {"pfj"} and "disk full" in caplog.text
+    assert (export / TRT_DIR / manifest.engines["pfj"].file).is_file()

@@ -246,3 +246,41 @@ def test_manifest_refuses_foreign_or_damaged_files(tmp_path):
         ExportManifest.load(empty)
     with pytest.raises(ModelFolderError, match="does not exist"):
         ExportManifest.load(tmp_path / "nowhere")
+
+
+def test_a_partial_export_keeps_no_component_of_other_weights(onnx_dir, tiny_config, tmp_path):
+    """Exporting one component of another model into a folder drops the rest of the earlier
+    export instead of listing its files as this model's (same config, other weights)."""
+    from adadiff.models.bundle import build_random
+
+    out = copy_export(onnx_dir, tmp_path / "mixed")
+    other = build_random(tiny_config, seed=5)
+    manifest = export_onnx(other, out, ExportOptions(components=("pfj",), check_batches=()))
+    assert sorted(manifest.components) == ["pfj"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, "pfj.onnx"]
+    assert manifest.components["pfj"].weights != ""
+
+
+def test_a_foreign_manifest_is_not_overwritten(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / MANIFEST_FILE).write_text(json.dumps({"name": "my web app"}))
+    (site / "index.html").write_text("<html></html>")
+    with pytest.raises(OutputPathError, match="not an adadiff export's"):
+        export_onnx("tiny", site, ExportOptions(components=("pfj",)))
+    assert json.loads((site / MANIFEST_FILE).read_text()) == {"name": "my web app"}
+
+
+@pytest.mark.parametrize("path", ["/tmp/victim.txt", "../victim.txt", "sub/victim.txt"])
+def test_manifest_file_paths_stay_inside_the_folder(onnx_dir, tiny_models, tmp_path, path):
+    out = copy_export(onnx_dir, tmp_path / "copied")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    data = json.loads((out / MANIFEST_FILE).read_text())
+    target = str(victim) if path.startswith("/") else path
+    data["components"]["mmle"]["files"].append({"path": target, "size": 7, "sha256": "0" * 64})
+    (out / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(ModelFolderError, match="expected a plain file name"):
+        ExportManifest.load(out)
+    export_onnx(tiny_models, out, ExportOptions(components=("pfj",), check_batches=()))
+    assert victim.read_text() == "keep me"
