@@ -452,7 +452,9 @@ def _open_temp(target: Path) -> tuple[int, Path]:
     # O_EXCL with mode 0o666 lets the umask decide permissions, unlike mkstemp's fixed 0o600.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        candidate = target.with_name(f".{target.stem}.{os.urandom(6).hex()}.tmp{target.suffix}")
+        # the stem cut short: a name near the file system's 255-byte limit must still fit
+        stem = target.stem[:80]
+        candidate = target.with_name(f".{stem}.{os.urandom(6).hex()}.tmp{target.suffix}")
         try:
             return os.open(candidate, flags, 0o666), candidate
         except FileExistsError:

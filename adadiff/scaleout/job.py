@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from adadiff import __version__
-from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError
+from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError, OutputPathError
 from adadiff.imageio import write_bytes_atomic
 from adadiff.presets import PRESETS
 from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, Plan, job_stamp, make_plan
@@ -373,8 +373,12 @@ class _Dispatcher:
             return base
         report = {"input": str(task.source), "output": str(task.output), **reply["report"]}
         report["job"] = job_stamp(task, self.settings, self.digests.pop(task.source, None))
-        write_bytes_atomic(task.output, reply["image"])
-        write_bytes_atomic(task.report, (json.dumps(report, indent=2) + "\n").encode())
+        try:
+            write_bytes_atomic(task.output, reply["image"])
+            write_bytes_atomic(task.report, (json.dumps(report, indent=2) + "\n").encode())
+        except OutputPathError as exc:  # this image's files only: the others go on
+            base.status, base.error = "failed", str(exc)
+            return base
         base.unet_evaluations = report["unet_evaluations"]
         base.tiles = report["tiles"]
         return base

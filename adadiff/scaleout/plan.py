@@ -5,6 +5,7 @@ Pure file-system logic with no Ray in it, so the driver, the tests and a dry run
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from adadiff import __version__
-from adadiff.config import RunSettings
-from adadiff.errors import ConfigError, OutputPathError
+from adadiff.artifacts import ExportManifest
+from adadiff.config import CONFIG_FILE, RunSettings
+from adadiff.errors import AdadiffError, ConfigError, OutputPathError
 from adadiff.imageio import OUTPUT_FORMATS
+from adadiff.presets import PRESETS, SHIPPED
 
 JOB_REPORT = "adadiff-job.json"
 OUTPUT_CHOICES = ("png", "same")
@@ -68,7 +71,38 @@ class JobSettings:
         for loose in ("max_batch", "device", "max_pixels"):
             data.pop(loose)
         data["version"] = __version__
+        data["model_id"] = model_identity(self.model, self.engines)
         return data
+
+
+@functools.lru_cache(maxsize=8)
+def model_identity(model: str | None, engines: str | None) -> str:
+    """A digest of what the outputs come from, beyond the names on the command line: the
+    export's recorded files (``--engines``) and the model folder's config and weight files, so
+    that a folder retrained or re-exported in place is not taken for the one that made earlier
+    outputs. Computed once per job (hashing sd21-base's weights takes seconds)."""
+    digest = hashlib.sha256()
+    if engines is not None:
+        try:
+            manifest = ExportManifest.load(Path(engines).expanduser())
+        except AdadiffError:
+            return ""  # the job refuses this folder when it opens it
+        digest.update(manifest.config_digest.encode())
+        for name, entry in sorted(manifest.components.items()):
+            for f in entry.files:
+                digest.update(f"{name}:{f.path}:{f.sha256};".encode())
+        if model is None:  # the exported model itself
+            return digest.hexdigest()[:16]
+    name = model or "tiny"
+    folder = SHIPPED / name if name in PRESETS else Path(name).expanduser()
+    config = folder / CONFIG_FILE
+    if not config.is_file():
+        digest.update(f"built-in {name}".encode())  # a preset's seeded random init
+        return digest.hexdigest()[:16]
+    files = [config, *sorted(folder.rglob("*.safetensors"))]
+    for path in files:
+        digest.update(f"{path.relative_to(folder)}:{file_sha256(path)};".encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -552,3 +552,10 @@ def test_step_map_rejects_mismatched_lengths() -> None:
         render_step_map(image, [(0, 0, 8, 8)], [1, 2], ["t0"])
     with pytest.raises(ValueError, match="exit kinds"):
         render_step_map(image, [(0, 0, 8, 8)], [1], ["done"])
+
+
+def test_a_name_near_the_file_system_limit_is_written_atomically(tmp_path: Path) -> None:
+    name = "x" * 245 + ".png"  # the temporary file's name must fit in 255 bytes too
+    written = save_image(tmp_path / name, _rgb_u8().astype(np.float32) / 255.0)
+    assert written.name == name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

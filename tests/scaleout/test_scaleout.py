@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 from adadiff.cli import main
 from adadiff.errors import ConfigError
+from adadiff.presets import SHIPPED
 from adadiff.runtime.stream import ImageStream, StreamItem, upscale_many
 from adadiff.runtime.upscaler import Upscaler
 from adadiff.scaleout.plan import JobSettings, is_done, job_stamp, make_plan
@@ -142,6 +144,24 @@ def test_done_means_same_settings_and_same_input(folder, tmp_path):
     assert not is_done(task, JobSettings(seed=2))
     assert not is_done(task, JobSettings(seed=1, schedule="uniform"))
     task.report.write_text("{not json")
+    assert not is_done(task, settings)
+
+
+def test_a_model_retrained_in_place_is_not_taken_for_the_old_one(folder, tmp_path):
+    from adadiff.scaleout.plan import model_identity
+
+    model = tmp_path / "model"
+    shutil.copytree(SHIPPED / "tiny", model)
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = JobSettings(model=str(model))
+    task = make_plan(folder, out, settings).todo[0]
+    task.output.write_bytes(b"image")
+    task.report.write_text(json.dumps({"job": job_stamp(task, settings)}))
+    assert is_done(task, settings)
+    pfj = model / "pfj.safetensors"
+    pfj.write_bytes(pfj.read_bytes()[:-1] + b"\x00")  # "retrained": same name, other weights
+    model_identity.cache_clear()
     assert not is_done(task, settings)
 
 
@@ -306,3 +326,19 @@ def test_a_refused_job_leaves_no_empty_output_folder(ray_cluster, folder, tmp_pa
     with pytest.raises(ConfigError, match="lower --workers"):
         run_job(folder, kept, JobSettings(), ClusterOptions(workers=8))
     assert kept.is_dir()  # a folder the user made stays
+
+
+def test_an_output_that_cannot_be_written_fails_that_image_alone(folder, tmp_path):
+    from adadiff.scaleout.job import _Dispatcher
+
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = JobSettings()
+    task = make_plan(folder, out, settings).todo[0]
+    dispatcher = object.__new__(_Dispatcher)  # _write needs only the settings and digests
+    dispatcher.settings, dispatcher.digests = settings, {}
+    task.output.mkdir()  # a folder where the image should go: the write fails
+    reply = {"status": "done", "image": b"png", "report": {"unet_evaluations": 5, "tiles": 1}}
+    record = dispatcher._write(task, reply)
+    assert record.status == "failed" and "cannot write" in (record.error or "")
+    assert not task.report.exists()
