@@ -575,6 +575,7 @@ def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any, cfg: Any)
         )
     finally:
         bars.close()
+        upscaler.close()
     print(file_upscale.summary(data))
     return 0
 

@@ -40,3 +40,7 @@ class EngineMismatchError(AdadiffError):
 
 class ShapeError(AdadiffError, ValueError):
     """An array given to a component does not match its spec."""
+
+
+class NumericsError(AdadiffError):
+    """A model produced NaN or infinite values (fp16 overflow, damaged weights)."""

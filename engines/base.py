@@ -141,6 +141,12 @@ class Components:
             facade.engine.close()
         self._open.clear()
 
+    def open_all(self) -> None:
+        """Open every component now: a damaged or mismatched file or engine fails before any
+        work, not after the denoising (the decoder is used last)."""
+        for name in FACADES:
+            self.get(name)
+
     def get(self, name: str) -> Facade:
         if name not in self._open:
             self._open[name] = FACADES[name](self.backend.open(name), self.log)

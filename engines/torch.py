@@ -90,13 +90,15 @@ class TorchBackend:
             )
         if threads is not None:
             torch.set_num_threads(threads)
-        self.models = models
+        self.models: TorchModels | None = models
         self.device = dev
         self.precision = precision
         self.specs = component_specs(models.config)
         self._wrappers = models.wrappers()
 
     def open(self, component: str) -> TorchEngine:
+        if self.models is None:
+            raise ConfigError("this torch backend was closed; open a new one")
         if component not in COMPONENTS:
             raise ConfigError(f"unknown component {component!r}; expected one of {COMPONENTS}")
         half = self.precision in HALF_DTYPES and component in HALF_COMPONENTS
@@ -114,4 +116,7 @@ class TorchBackend:
         }
 
     def close(self) -> None:
+        # the engines moved the modules to the device in place: let go of them too, so their
+        # (GPU) memory is freed once the caller drops its own references
         self._wrappers.clear()
+        self.models = None

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from adadiff.config import DTSSConfig, Grouping, MetricConfig, NoiseScheduleConfig
-from adadiff.errors import ConfigError
+from adadiff.errors import ConfigError, NumericsError
 from adadiff.progress import Progress
 from adadiff.runtime.policy import Category, StepPolicy, gains, quality
 from adadiff.runtime.schedule import next_timestep, renoise, split_prediction
@@ -262,6 +262,11 @@ def _advance(
     """Score, decide and jump for one UNet call's tiles (each by its own image's policy)."""
     z = np.stack([s.z for s in group])
     t = np.array([s.t for s in group], dtype=np.int64)
+    if not np.isfinite(out).all():  # else it spreads to every later step and decodes as black
+        raise NumericsError(
+            f"the UNet returned NaN or infinite values at t = {sorted(set(t.tolist()))}; with "
+            "--precision fp16 or bf16 try fp32, else check the model's weights"
+        )
     x0_exact, eps = split_prediction(z, out, t, noise)
     x0 = x0_exact.astype(np.float32)
     scored = [members[s.owner].policy.needs_scores for s in group]
@@ -270,6 +275,11 @@ def _advance(
         rows = [i for i, need in enumerate(scored) if need]
         lr = np.stack([group[i].lr for i in rows])
         some = nets.score(x0[rows], lr, t[rows].astype(np.float32))
+        if not np.isfinite(some).all():
+            raise NumericsError(
+                "MMLE returned NaN or infinite scores; with --precision fp16 or bf16 try fp32, "
+                "else check the model's weights"
+            )
         scores = {i: some[j] for j, i in enumerate(rows)}
     intervals = np.zeros(len(group), dtype=np.int64)
     for i, s in enumerate(group):
@@ -296,6 +306,11 @@ def _advance(
             raise ConfigError(
                 f"{type(member.policy).__name__} gave a {category} decision without a jump; "
                 "only a saturated decision may end a tile"
+            )
+        elif decision.interval < 1:  # next_timestep(t, 0) is t: the tile would never move
+            raise ConfigError(
+                f"{type(member.policy).__name__} gave a {category} jump of "
+                f"{decision.interval} timesteps; a jump must be at least 1"
             )
         else:
             intervals[i] = decision.interval

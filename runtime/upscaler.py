@@ -110,6 +110,7 @@ class Upscaler:
         self.model_name = model_name or config.name
         self.log = CallLog()
         self.components = Components(backend, self.log)
+        self.closed = False
 
     @classmethod
     def from_pretrained(
@@ -253,6 +254,9 @@ class Upscaler:
 
         ``reset_log=False`` keeps the component call log running (several images in flight);
         ``progress`` hears ``("encode", tiles encoded, tiles)`` after every batch."""
+        if self.closed:
+            raise ConfigError("this Upscaler was closed; open a new one (Upscaler.from_pretrained)")
+        self.components.open_all()
         rgb = to_rgb_array(image)
         step_policy: StepPolicy | None = policy
         if policy is None:
@@ -413,6 +417,7 @@ class Upscaler:
         )
 
     def close(self) -> None:
+        self.closed = True
         self.components.close()
         self.backend.close()
 

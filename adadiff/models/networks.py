@@ -62,8 +62,11 @@ def _pooled_cnn(in_channels: int, hidden: int) -> nn.Sequential:
 def _mean_and_spread(feats: torch.Tensor) -> torch.Tensor:
     # The spread carries texture, which NR scores need. Its statistics are computed in fp32
     # and handed back in the features' dtype, so a half-precision MMLE stays half.
+    mean = feats.mean(dim=(2, 3))
+    if feats.shape[2] * feats.shape[3] == 1:  # a tile of 8 latent px or less: no spread to
+        return torch.cat([mean, torch.zeros_like(mean)], dim=1)  # measure (std would be NaN)
     spread = feats.float().std(dim=(2, 3)).to(feats.dtype)
-    return torch.cat([feats.mean(dim=(2, 3)), spread], dim=1)
+    return torch.cat([mean, spread], dim=1)
 
 
 class MMLE(nn.Module):

@@ -317,3 +317,17 @@ def test_tensorrt_provider_follows_the_export_and_max_batch(onnx_dir, tiny_confi
     assert trt["trt_engine_cache_path"] == str(cache)
     with pytest.raises(ConfigError, match="cudnn_conv_algo_search"):
         OrtOptions(cudnn_conv_algo_search="exhaustive")
+
+
+def test_a_damaged_decoder_is_found_before_any_tile_is_encoded(onnx_dir, tmp_path, photo):
+    from adadiff.runtime.upscaler import Upscaler
+
+    folder = copy_export(onnx_dir, tmp_path / "copy")
+    with (folder / "vae_decoder.onnx").open("ab") as fp:
+        fp.write(b"\0")
+    up = Upscaler.from_pretrained(backend="onnxruntime", engines=folder, threads=1)
+    stages: list[str] = []
+    with pytest.raises(EngineMismatchError, match=r"vae_decoder\.onnx has"):
+        up.upscale(photo[:16, :16], progress=lambda stage, *_: stages.append(stage))
+    assert stages == []  # the decoder used to fail after the whole denoise
+    up.close()

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from adadiff.config import DEFAULT_METRICS, DTSSConfig, NoiseScheduleConfig
+from adadiff.errors import ConfigError, NumericsError
 from adadiff.runtime.policy import Category, Decision, DTSSPolicy, UniformPolicy
 from adadiff.runtime.sampler import DenoiseNets, sample_tiles, tile_noise
 from adadiff.runtime.schedule import alphas_cumprod
@@ -238,3 +239,34 @@ def test_real_policy_walks_every_category_through_the_sampler():
     assert expected[-1] - expected[-2] == -5
     assert res.exits == ["saturated"]
     assert res.categories == {"stable": len(expected) - 3, "growth": 2, "saturated": 1}
+
+
+def test_a_jump_of_zero_is_refused_instead_of_looping():
+    with pytest.raises(ConfigError, match="jump of 0 timesteps"):
+        run(2, ForcedIntervals([20, 0]))
+
+
+def test_non_finite_unet_or_mmle_values_stop_the_run():
+    def nan_scores(x0, lr, t):
+        return np.full((len(x0), 6), np.nan, np.float32)
+
+    class Scored(ForcedIntervals):
+        needs_scores = True
+
+    with pytest.raises(NumericsError, match="MMLE returned NaN"):
+        run(2, Scored([20, 20]), scores=nan_scores)
+    x0 = np.full((1, C, S, S), np.inf, np.float32)  # an oracle UNet that overflows
+    with pytest.raises(
+        NumericsError, match="UNet returned NaN or infinite values at t = \\[999\\]"
+    ):
+        sample_tiles(
+            lr_with_index(1),
+            oracle_nets(x0, []),
+            UniformPolicy(20),
+            noise=NOISE,
+            dtss=DTSSConfig(),
+            metrics=DEFAULT_METRICS,
+            gain_dim=2,
+            seed=0,
+            max_batch=8,
+        )

@@ -103,3 +103,21 @@ def test_close_closes_every_engine_the_run_opened(tiny_dir):
     assert {e.spec.name for e in engines} >= {"unet", "vae_encoder", "vae_decoder"}
     up.close()
     assert all(e.module is None for e in engines) and not up.components._open
+
+
+def test_adaptive_runs_on_tiles_of_eight_latent_px_or_less(photo):
+    """MMLE pools such a tile to one position; its spread was NaN, which PFJ carried into every
+    latent, and the image decoded black."""
+    up = Upscaler.from_pretrained("tiny", tile_size=32, tile_overlap=8, threads=1)  # latent 8
+    out, rep = up.upscale(photo[:8, :8], schedule="adaptive", seed=0)
+    assert np.isfinite(out).all() and out.max() > 0.2
+    assert rep.tiles == 1 and rep.unet_evaluations > 1
+
+
+def test_a_closed_upscaler_lets_go_of_its_models_and_says_so_on_reuse(tiny_dir):
+    up = Upscaler.from_pretrained(tiny_dir, threads=1)
+    up.upscale(np.zeros((16, 16, 3), np.float32), schedule="uniform", interval=500)
+    up.close()
+    assert up.backend.models is None
+    with pytest.raises(ConfigError, match="was closed"):
+        up.upscale(np.zeros((16, 16, 3), np.float32))
