@@ -40,8 +40,9 @@ def lr_with_index(n: int) -> np.ndarray:
     return lr
 
 
-def run(n, policy, *, max_batch=8, seed=0, scores=None, calls=None):
-    x0 = np.random.default_rng(5).standard_normal((n, C, S, S)).astype(np.float32)
+def run(n, policy, *, max_batch=8, seed=0, scores=None, calls=None, x0=None):
+    if x0 is None:
+        x0 = np.random.default_rng(5).standard_normal((n, C, S, S)).astype(np.float32)
     calls = [] if calls is None else calls
     res = sample_tiles(
         lr_with_index(n),
@@ -255,18 +256,6 @@ def test_non_finite_unet_or_mmle_values_stop_the_run():
 
     with pytest.raises(NumericsError, match="MMLE returned NaN"):
         run(2, Scored([20, 20]), scores=nan_scores)
-    x0 = np.full((1, C, S, S), np.inf, np.float32)  # an oracle UNet that overflows
-    with pytest.raises(
-        NumericsError, match="UNet returned NaN or infinite values at t = \\[999\\]"
-    ):
-        sample_tiles(
-            lr_with_index(1),
-            oracle_nets(x0, []),
-            UniformPolicy(20),
-            noise=NOISE,
-            dtss=DTSSConfig(),
-            metrics=DEFAULT_METRICS,
-            gain_dim=2,
-            seed=0,
-            max_batch=8,
-        )
+    overflow = np.full((1, C, S, S), np.inf, np.float32)  # an oracle UNet that overflows
+    with pytest.raises(NumericsError, match=r"UNet returned NaN or infinite values at t = \[999\]"):
+        run(1, UniformPolicy(20), x0=overflow)
