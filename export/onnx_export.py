@@ -26,7 +26,9 @@ log = logging.getLogger("adadiff.export")
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "dynamo"
 DEFAULT_OPSET = 20
-MIN_OPSET = 17  # LayerNormalization; older opsets would decompose it
+# LayerNormalization needs 17 (older opsets would decompose it); onnxscript's converter writes
+# 18 or later whatever it is asked for, so dynamo starts there.
+MIN_OPSET = {"dynamo": 18, "torchscript": 17}
 MAX_OPSET = {"dynamo": 23, "torchscript": 20}
 # torch.export specialises sizes 0 and 1, so tracing at B=1 would freeze the batch.
 TRACE_BATCH = 2
@@ -35,10 +37,10 @@ TRACE_BATCH = 2
 def check_exporter(exporter: str, opset: int) -> None:
     if exporter not in EXPORTERS:
         raise ConfigError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    top = MAX_OPSET[exporter]
-    if not MIN_OPSET <= opset <= top:
+    low, top = MIN_OPSET[exporter], MAX_OPSET[exporter]
+    if not low <= opset <= top:
         raise ConfigError(
-            f"opset {opset} is outside what the {exporter} exporter writes ({MIN_OPSET}..{top}); "
+            f"opset {opset} is outside what the {exporter} exporter writes ({low}..{top}); "
             f"use --opset {DEFAULT_OPSET}"
         )
 
@@ -99,5 +101,19 @@ def export_raw(
                 do_constant_folding=True,
                 dynamo=False,
             )
+    written = file_opset(path)
+    if written != opset:  # the manifest records the opset asked for: it must be the file's
+        raise ConfigError(
+            f"the {exporter} exporter wrote {spec.name} at opset {written}, not the {opset} "
+            f"asked for; use --opset {written}"
+        )
     log.info("%s: %s exporter wrote %s", spec.name, exporter, path)
     return path
+
+
+def file_opset(path: Path) -> int | None:
+    """The default-domain opset an ONNX file declares (its weights are not read)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)

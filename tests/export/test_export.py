@@ -19,6 +19,7 @@ from adadiff.artifacts import MANIFEST_FILE, ExportManifest, sha256_file
 from adadiff.errors import ConfigError, ModelFolderError, OutputPathError
 from adadiff.export import ExportOptions, export_onnx
 from adadiff.export.fp16 import convert_to_fp16
+from adadiff.export.onnx_export import file_opset
 from adadiff.export.verify import compare
 from adadiff.specs import COMPONENTS, component_specs
 
@@ -161,6 +162,7 @@ def test_exporters_and_external_data(exporter, opset, tmp_path, tiny_models):
     manifest = export_onnx(tiny_models, out, options, progress=lambda *a: None)
     entry = manifest.components["pfj"]
     assert (manifest.exporter, manifest.opset) == (exporter, opset)
+    assert file_opset(out / "pfj.onnx") == opset  # the file says what the manifest says
     assert [f.path for f in entry.files] == ["pfj.onnx", "pfj.onnx.data"]
     assert entry.check["max_abs_error"] <= 1e-4  # ONNX Runtime read the external data
     mode = (out / "pfj.onnx").stat().st_mode
@@ -194,6 +196,10 @@ def test_options_and_output_errors(tmp_path):
         ExportOptions(exporter="tf2onnx")
     with pytest.raises(ConfigError, match="opset 21 is outside"):
         ExportOptions(exporter="torchscript", opset=21)
+    with pytest.raises(
+        ConfigError, match=r"opset 17 is outside .* dynamo exporter writes \(18\.\.23\)"
+    ):
+        ExportOptions(exporter="dynamo", opset=17)  # onnxscript would write 18 and say 17
     with pytest.raises(ConfigError, match="batch sizes"):
         ExportOptions(check_batches=(0,))
     busy = tmp_path / "busy"
