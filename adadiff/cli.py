@@ -501,12 +501,8 @@ def check_upscale_args(args: argparse.Namespace, *, here: bool = True) -> Any:
                 f"--interval {args.interval} applies to --schedule uniform only, and this "
                 f"model's default schedule is {args.schedule}; add --schedule uniform"
             )
-    if args.schedule == "content" and cfg.content.threshold <= 0:
-        raise ConfigError(
-            f"--schedule content needs a content rule, and {cfg.name} has none (content.threshold "
-            "is 0 in its adadiff.json); choose uniform or adaptive, or fit one with `python -m "
-            "benchmarks.front --photos validation`"
-        )
+    if args.schedule == "content":
+        cfg.require_content_rule()
     return cfg
 
 

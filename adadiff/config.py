@@ -383,6 +383,15 @@ class ModelConfig:
                 f"default_schedule must be one of {SCHEDULES}, got {self.default_schedule!r}"
             )
 
+    def require_content_rule(self, name: str | None = None) -> None:
+        """``ConfigError`` unless the content schedule has a rule to run (``content``)."""
+        if self.content.threshold <= 0:
+            raise ConfigError(
+                f"--schedule content needs a content rule, and {name or self.name} has none "
+                "(content.threshold is 0 in its adadiff.json); choose uniform or adaptive, or "
+                "fit one on validation crops with `python -m benchmarks.front --photos validation`"
+            )
+
     # Derived shapes: every shape in specs, runtime and export follows from these.
     @property
     def vae_scale_factor(self) -> int:

@@ -175,7 +175,7 @@ def fill_transparent(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     hidden = alpha <= 0.0
     if not hidden.any() or hidden.all():
         return rgb
-    weight = np.where(hidden, 0.0, alpha).astype(np.float32)
+    weight = np.maximum(alpha, 0.0).astype(np.float32)
     colour = rgb.astype(np.float32) * weight[:, :, None]
     levels: list[tuple[np.ndarray, np.ndarray]] = []
     while True:
@@ -183,7 +183,7 @@ def fill_transparent(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         h, w = weight.shape
         if h == 1 and w == 1:
             break
-        # sum over 2x2 blocks (edge-padded to even sides): the next coarser level
+        # sum over 2x2 blocks (zero-padded to even sides, weight 0 adds nothing): next level
         ph, pw = h % 2, w % 2
         weight = np.pad(weight, ((0, ph), (0, pw)))
         colour = np.pad(colour, ((0, ph), (0, pw), (0, 0)))

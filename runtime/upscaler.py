@@ -166,12 +166,8 @@ class Upscaler:
                 f"an interval applies to the uniform schedule only{why}; drop it or ask for "
                 "schedule uniform"
             )
-        if chosen == "content" and self.config.content.threshold <= 0:
-            raise ConfigError(
-                f"{self.model_name} has no content rule (content.threshold is 0 in its "
-                "adadiff.json): fit one on validation crops with `python -m benchmarks.front "
-                "--photos validation`, or choose another schedule"
-            )
+        if chosen == "content":
+            self.config.require_content_rule(self.model_name)
         return chosen
 
     def policy(
