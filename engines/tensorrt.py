@@ -57,7 +57,15 @@ class TensorRTEngine:
                 f"TensorRT could not load {path}; rebuild with `adadiff build {path.parent.parent}`"
             )
         self._check_engine()
-        self.contexts = [self._context(i) for i in range(len(entry.profiles))]
+        self.contexts: list[Any] = []
+        try:
+            for i in range(len(entry.profiles)):
+                self.contexts.append(self._context(i))
+        except BaseException:
+            # contexts made before the failure must not stay on the backend's scratch list
+            backend.detach({id(ctx) for ctx in self.contexts})
+            self.contexts.clear()
+            raise
         dims = {**spec.spatial, "B": entry.max_batch}
         self.buffers: dict[str, Any] = {}
         for t in (*spec.inputs, *spec.outputs):
@@ -111,6 +119,7 @@ class TensorRTEngine:
         except RuntimeError:
             selected = False
         if not selected:
+            backend.detach({id(ctx)})
             raise EngineMismatchError(
                 f"TensorRT refused optimisation profile {index} of {self.path.name}; rebuild with "
                 f"`adadiff build {self.path.parent.parent}`"

@@ -194,9 +194,31 @@ def test_refused_profile_selection_and_shapes_are_errors(trt, export):
         engine(engine.spec.sample_inputs(3))
     fake.STATE.faults.clear()
     assert engine(engine.spec.sample_inputs(3))["modulated"].shape[0] == 3
+    before = len(backend._contexts)
     fake.STATE.faults.add("set_optimization_profile_async")
     with pytest.raises(EngineMismatchError, match="refused optimisation profile 0"):
         backend.open("mmle")
+    assert len(backend._contexts) == before  # the refused context is not kept alive
+
+
+def test_a_failed_second_profile_releases_the_first_context(trt, export, monkeypatch):
+    from adadiff.engines.tensorrt import TensorRTEngine
+
+    _build(export, components=("pfj",))
+    backend = _backend(export)
+    real = TensorRTEngine._context
+
+    def second_fails(self, index):
+        if index == 1:
+            raise EngineMismatchError("refused optimisation profile 1")
+        return real(self, index)
+
+    monkeypatch.setattr(TensorRTEngine, "_context", second_fails)
+    with pytest.raises(EngineMismatchError, match="profile 1"):
+        backend.open("pfj")
+    assert backend._contexts == [] and backend._engines == []
+    backend.close()
+    assert fake.STATE.violations == []
 
 
 def test_output_shape_other_than_the_spec_is_an_error(trt, export):
