@@ -41,7 +41,7 @@ from adadiff.imageio import bicubic_upscale
 from adadiff.models.bundle import TorchModels, describe, load_models
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import lpips
-from adadiff.quality.metrics import psnr, ssim
+from adadiff.quality.metrics import psnr_capped, ssim
 from adadiff.runtime.policy import DTSSPolicy, RecordingPolicy, dtss_decide, gains, quality
 from adadiff.runtime.upscaler import Report, Upscaler
 from adadiff.training.data import PhotoWeighting, holdout_photos, load_photo
@@ -66,7 +66,7 @@ UNIFORM = frozenset(name for name, schedule, _ in METHODS if schedule == "unifor
 
 def quality_row(sr: np.ndarray, hr: np.ndarray) -> dict[str, float]:
     return {
-        "psnr": psnr(sr, hr),
+        "psnr": psnr_capped(sr, hr),
         "ssim": ssim(sr, hr),
         "lpips": lpips(sr, hr),
         "brisque": brisque(sr),

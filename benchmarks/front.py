@@ -53,7 +53,7 @@ from adadiff.errors import ConfigError
 from adadiff.models.bundle import TorchModels, describe, load_models
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import load_lpips
-from adadiff.quality.metrics import psnr, ssim
+from adadiff.quality.metrics import psnr_capped, ssim
 from adadiff.runtime.colorfix import color_fix
 from adadiff.runtime.content import ContentPolicy, latent_texture
 from adadiff.runtime.policy import (
@@ -218,7 +218,7 @@ class Scorer:
             with torch.inference_mode():
                 out["lpips"] = self.lpips(self._tensor(images), self._hr).numpy().astype(np.float64)
         if "psnr" in keys:
-            out["psnr"] = np.array([psnr(a, b) for a, b in zip(images, hr, strict=True)])
+            out["psnr"] = np.array([psnr_capped(a, b) for a, b in zip(images, hr, strict=True)])
         if "ssim" in keys:
             out["ssim"] = np.array([ssim(a, b) for a, b in zip(images, hr, strict=True)])
         if "brisque" in keys:

@@ -43,7 +43,7 @@ from adadiff.imageio import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, bicubic_upscale,
 from adadiff.models.bundle import TorchModels, load_models
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import load_lpips
-from adadiff.quality.metrics import psnr, ssim
+from adadiff.quality.metrics import psnr_capped, ssim
 from adadiff.runtime.upscaler import Upscaler
 from adadiff.scaleout.plan import list_inputs
 from adadiff.training.data import load_photo
@@ -119,7 +119,7 @@ class BlockScorer:
             lp = self.lpips(*t).numpy().astype(np.float64)
         return {
             "lpips": lp,
-            "psnr": np.array([psnr(x, y) for x, y in zip(a, b, strict=True)]),
+            "psnr": np.array([psnr_capped(x, y) for x, y in zip(a, b, strict=True)]),
             "ssim": np.array([ssim(x, y) for x, y in zip(a, b, strict=True)]),
         }
 

@@ -1,6 +1,8 @@
 """Full-reference metrics in numpy/scipy on float RGB images [H, W, 3] in [0, 1].
 
 - psnr: higher is better; dB in [0, inf), inf when identical; MSE over all pixels and channels.
+  ``psnr_capped`` stops at ``PSNR_CAP_DB`` so means over tiles stay finite (a flat crop can be
+  reproduced exactly).
 - ssim: higher is better; [-1, 1], 1 when identical (Wang et al. 2004); Gaussian window 11x11,
   sigma 1.5; the mean of the three channels' SSIM (as skimage with channel_axis).
 - gmsd: lower is better; [0, ~0.35], 0 when identical (Xue et al. 2014); standard deviation of
@@ -59,6 +61,14 @@ def psnr(x: np.ndarray, y: np.ndarray, *, data_range: float = 1.0) -> float:
     if mse == 0.0:
         return float("inf")
     return float(10.0 * np.log10(data_range**2 / mse))
+
+
+PSNR_CAP_DB = 100.0
+
+
+def psnr_capped(x: np.ndarray, y: np.ndarray, *, data_range: float = 1.0) -> float:
+    """``psnr`` capped at ``PSNR_CAP_DB``, for scores that are averaged or differenced."""
+    return min(psnr(x, y, data_range=data_range), PSNR_CAP_DB)
 
 
 def _blur(values: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from adadiff.quality.weights import (
 )
 
 # Identical images have infinite PSNR; the oracle caps it so R and its gains stay finite.
-PSNR_CAP_DB = 100.0
+PSNR_CAP_DB = metrics.PSNR_CAP_DB
 
 CacheDir = str | Path | None
 Compute = Callable[[np.ndarray, "np.ndarray | None", CacheDir], float]
@@ -74,7 +74,7 @@ def _ref(reference: np.ndarray | None) -> np.ndarray:
 
 
 def _psnr(image: np.ndarray, reference: np.ndarray | None, _cache: CacheDir) -> float:
-    return min(metrics.psnr(image, _ref(reference)), PSNR_CAP_DB)
+    return metrics.psnr_capped(image, _ref(reference))
 
 
 def _lpips(image: np.ndarray, reference: np.ndarray | None, cache_dir: CacheDir) -> float:

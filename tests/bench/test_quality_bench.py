@@ -19,6 +19,19 @@ def test_blocks_cover_every_whole_block_row_by_row():
     np.testing.assert_array_equal(got[2], image[128:256, :128])
 
 
+def test_a_block_reproduced_exactly_keeps_the_psnr_mean_finite(metric_cache):
+    from adadiff.quality.metrics import PSNR_CAP_DB
+
+    rng = np.random.default_rng(0)
+    hr = np.full((128, 256, 3), 0.5, dtype=np.float32)  # a flat left block, a textured right one
+    hr[:, 128:] = rng.random((128, 128, 3), dtype=np.float32)
+    sr = hr.copy()
+    sr[:, 128:] = np.clip(sr[:, 128:] + 0.05, 0, 1)
+    scores = quality.BlockScorer()(sr, hr)
+    assert scores["psnr"][0] == PSNR_CAP_DB and np.isfinite(scores["psnr"].mean())
+    assert scores["psnr"][1] < 40
+
+
 def test_interval_weights_photos_equally_and_holds_the_mean():
     big = np.full(100, 0.2)
     small = np.array([0.4, 0.6])

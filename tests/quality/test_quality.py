@@ -38,6 +38,8 @@ def test_psnr_known_values():
     x = np.zeros((16, 16, 3), np.float32)
     assert metrics.psnr(x, x) == float("inf")
     assert metrics.psnr(x, x + 0.1) == pytest.approx(20.0, abs=1e-4)
+    assert metrics.psnr_capped(x, x) == metrics.PSNR_CAP_DB
+    assert metrics.psnr_capped(x, x + 0.1) == pytest.approx(20.0, abs=1e-4)
 
 
 def test_ssim_identical_and_matches_skimage(crop):
