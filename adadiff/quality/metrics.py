@@ -104,8 +104,8 @@ def _luma601(rgb: np.ndarray) -> np.ndarray:
 
 
 def _gradient_magnitude(gray: np.ndarray) -> np.ndarray:
-    gx = ndimage.correlate(gray, _PREWITT, mode="nearest")
-    gy = ndimage.correlate(gray, _PREWITT.T, mode="nearest")
+    gx = ndimage.correlate(gray, _PREWITT, mode="constant")
+    gy = ndimage.correlate(gray, _PREWITT.T, mode="constant")
     return np.sqrt(gx * gx + gy * gy)
 
 
@@ -117,7 +117,8 @@ def gmsd(x: np.ndarray, y: np.ndarray) -> float:
     # The paper averages 2x2 blocks and keeps every other pixel before taking gradients.
     grads = []
     for image in (x, y):
-        gray = ndimage.uniform_filter(_luma601(image), size=2, mode="nearest")[::2, ::2]
+        # origin -1 puts each window on pixels (2i, 2i+1): aligned blocks, as the reference code.
+        gray = ndimage.uniform_filter(_luma601(image), size=2, origin=-1, mode="constant")[::2, ::2]
         grads.append(_gradient_magnitude(gray))
     gx, gy = grads
     similarity = (2.0 * gx * gy + _GMSD_C) / (gx * gx + gy * gy + _GMSD_C)

@@ -59,6 +59,36 @@ def test_identical_images_have_zero_distance(crop):
     assert metrics.nlpd(crop, crop) == 0.0
 
 
+def _gmsd_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """GMSD as the paper's code reads: BT.601 luma, the mean of each aligned 2x2 block (zeros past
+    an odd edge), Prewitt/3 gradients with zero padding, T = 170 on 0..255."""
+
+    def prepared(image):
+        gray = image @ np.array([0.299, 0.587, 0.114])
+        h, w = gray.shape
+        gray = np.pad(gray, ((0, h % 2), (0, w % 2)))
+        half = gray.reshape(gray.shape[0] // 2, 2, gray.shape[1] // 2, 2).mean(axis=(1, 3))
+        p = np.pad(half, 1)
+        gx = (p[:-2, :-2] + p[1:-1, :-2] + p[2:, :-2] - p[:-2, 2:] - p[1:-1, 2:] - p[2:, 2:]) / 3
+        gy = (p[:-2, :-2] + p[:-2, 1:-1] + p[:-2, 2:] - p[2:, :-2] - p[2:, 1:-1] - p[2:, 2:]) / 3
+        return np.hypot(gx, gy)
+
+    a, b, c = prepared(x), prepared(y), 170 / 255**2
+    return float(np.std((2 * a * b + c) / (a * a + b * b + c)))
+
+
+def test_gmsd_matches_the_papers_blocks_and_borders(crop):
+    rng = np.random.default_rng(3)
+    odd = crop[:61, :47]
+    for image in (crop, odd):
+        noisy = np.clip(image + rng.normal(0, 0.05, image.shape), 0, 1)
+        assert metrics.gmsd(noisy, image) == pytest.approx(_gmsd_by_hand(noisy, image), rel=1e-9)
+    # A change that keeps every aligned 2x2 block's mean is invisible to GMSD.
+    flip = np.tile(np.array([[1.0, -1.0], [-1.0, 1.0]]), (32, 32))[..., None] * 0.05
+    base = np.clip(crop[:64, :64], 0.1, 0.9)
+    assert metrics.gmsd(base + flip, base) == pytest.approx(0.0, abs=1e-12)
+
+
 @pytest.mark.parametrize(
     ("name", "higher_is_better"),
     [("psnr", True), ("ssim", True), ("gmsd", False), ("nlpd", False)],
