@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -599,7 +600,16 @@ def cmd_upscale_many(args: argparse.Namespace) -> int:
     )
     if args.ray_address is None:
         check_local_paths(settings)  # missing model or engines folders, in the job's words
-    check_upscale_args(args, here=args.ray_address is None)
+    cfg = check_upscale_args(args, here=args.ray_address is None)
+    if cfg is not None:  # the model's defaults spelled out, so a rerun that names them resumes
+        uniform = args.schedule == "uniform"
+        settings = dataclasses.replace(
+            settings,
+            schedule=args.schedule,
+            interval=(cfg.uniform_interval if args.interval is None else args.interval)
+            if uniform
+            else None,
+        )
     cluster = ClusterOptions(
         ray_address=args.ray_address,
         workers=args.workers,

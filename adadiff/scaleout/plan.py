@@ -68,7 +68,9 @@ class JobSettings:
         """The settings an output depends on. Batch size and device change only float
         rounding, so a rerun with another --max-batch or --workers still skips finished work."""
         data = asdict(self)
-        for loose in ("max_batch", "device", "max_pixels"):
+        # model_id digests the model's and the export's files, so the names they were given by
+        # (tiny, adadiff/weights/tiny, an absolute path) do not count.
+        for loose in ("max_batch", "device", "max_pixels", "model", "engines"):
             data.pop(loose)
         data["version"] = __version__
         data["model_id"] = model_identity(self.model, self.engines)

@@ -262,10 +262,19 @@ def test_upscale_many_on_ray(ray_cluster, folder, tmp_path, capsys):
         assert report["job"]["settings"]["seed"] == 7
     assert main(["upscale", str(folder / "broken.png"), "-o", str(tmp_path / "b.png")]) == 2
 
-    # A rerun skips the finished images (and retries the broken one).
+    # A rerun skips the finished images (and retries the broken one), also when it spells out
+    # the model and its default schedule.
     assert main([*argv, "-q"]) == 0
     job = json.loads((out / "adadiff-job.json").read_text())
     assert (job["done"], job["failed"], job["skipped"]) == (0, 1, 4)
+    spelled = [*argv, "--model", "adadiff/weights/tiny", "--schedule", "uniform", "-q"]
+    assert main(spelled) == 0
+    job = json.loads((out / "adadiff-job.json").read_text())
+    assert (job["done"], job["failed"], job["skipped"]) == (0, 1, 4)
+    # Another interval is another result.
+    assert main([*argv, "--interval", "100", "-q"]) == 0
+    job = json.loads((out / "adadiff-job.json").read_text())
+    assert (job["done"], job["skipped"]) == (4, 0)
 
 
 def test_a_killed_worker_loses_no_image(ray_cluster, folder, tmp_path):
