@@ -69,11 +69,25 @@ class ImageStream:
         if self.target_tiles < 1:
             raise ValueError(f"target_tiles must be >= 1, got {self.target_tiles}")
         self.cross_image = cross_image
-        self.pool = TilePool(upscaler.nets(), grouping=grouping, **upscaler.sampler_options())
+        self.grouping = grouping
+        self.pool = self._new_pool()
         self.jobs: dict[Any, PreparedImage] = {}
         self.admitted: dict[Any, float] = {}
         self.stats = StreamStats()
         upscaler.log = upscaler.components.new_log()
+
+    def _new_pool(self) -> TilePool:
+        up = self.upscaler
+        return TilePool(up.nets(), grouping=self.grouping, **up.sampler_options())
+
+    def abandon(self) -> list[Any]:
+        """Drop every image in flight (after a round failed part-way) and return their keys;
+        the stream takes new images afterwards."""
+        keys = list(self.jobs)
+        self.jobs.clear()
+        self.admitted.clear()
+        self.pool = self._new_pool()
+        return keys
 
     @property
     def idle(self) -> bool:

@@ -25,6 +25,9 @@ from adadiff.runtime.upscaler import Upscaler
 from adadiff.scaleout.plan import JobSettings
 
 _STOP = object()
+# A failed round fails the images in it and the worker goes on; this many failed rounds in a
+# row (a lost device rather than one oversized batch) stop it for good.
+MAX_FAILED_ROUNDS = 3
 
 
 class UpscaleWorker:
@@ -90,6 +93,7 @@ class UpscaleWorker:
     # -- engine thread -------------------------------------------------------------------
 
     def _loop(self) -> None:
+        failed_rounds = 0
         try:
             while True:
                 if not self._admit():
@@ -97,7 +101,16 @@ class UpscaleWorker:
                 if self.stream.idle:
                     continue
                 started = time.perf_counter()
-                finished = self.stream.step()
+                try:
+                    finished = self.stream.step()
+                except Exception as exc:
+                    failed_rounds += 1
+                    if failed_rounds >= MAX_FAILED_ROUNDS:
+                        raise
+                    for key in self.stream.abandon():
+                        self.waiting.pop(key)[2].set_exception(exc)
+                    continue
+                failed_rounds = 0
                 self.busy_seconds += time.perf_counter() - started
                 for result in finished:
                     self._deliver(result)

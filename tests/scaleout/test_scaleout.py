@@ -190,6 +190,41 @@ def test_worker_turns_bytes_into_the_cli_output(folder, tmp_path, capsys):
     _assert_same_image(cli_out.read_bytes(), reply["image"])
 
 
+def test_a_failed_round_fails_its_images_and_the_worker_goes_on(folder):
+    from adadiff.scaleout import worker as worker_module
+
+    limit = worker_module.MAX_FAILED_ROUNDS
+    worker = worker_module.UpscaleWorker({"model": "tiny", "seed": 5}, threads=1)
+    real_step, calls = worker.stream.step, []
+
+    def step(fail_first: int):
+        def run():
+            calls.append(1)
+            if len(calls) <= fail_first:
+                raise MemoryError("one oversized batch")
+            return real_step()
+
+        return run
+
+    source = folder / "chelsea.png"
+    task = {"name": source.name, "data": source.read_bytes(), "suffix": ".png"}
+    try:
+        worker.stream.step = step(limit - 1)
+        for _ in range(limit - 1):
+            with pytest.raises(MemoryError):
+                worker.upscale(task)
+        assert worker.upscale(task)["status"] == "done"  # the stream took new images again
+        calls.clear()
+        worker.stream.step = step(10**6)  # a lost device: every round fails
+        for _ in range(limit):
+            with pytest.raises(MemoryError):
+                worker.upscale(task)
+        with pytest.raises(RuntimeError, match="engine thread stopped"):
+            worker.upscale(task)
+    finally:
+        worker.close()
+
+
 def _pixels(data: bytes) -> np.ndarray:
     import io
 
