@@ -548,7 +548,9 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--crops", type=positive, default=6, help="tile-sized crops per photo")
     p.add_argument("--seeds", type=positive, default=1, help="noise seeds per crop")
     p.add_argument("--interval", type=positive, default=20, help="jump of the recorded runs")
-    p.add_argument("--budget", type=float, help="most UNet evaluations per tile on average")
+    p.add_argument(
+        "--budget", type=positive_float, help="most UNet evaluations per tile on average"
+    )
     p.add_argument("--crop-seed", type=int, default=0)
     p.add_argument("--max-batch", type=positive, default=16)
     p.add_argument("--threads", type=positive, help="torch CPU threads")
@@ -563,7 +565,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from adadiff.models.bundle import load_folder
-    from adadiff.training.calibrate import calibrate, record
+    from adadiff.runtime.schedule import uniform_timesteps
+    from adadiff.training.calibrate import NR_STARTS, calibrate, record
 
     folder = args.model
     if not (folder / CONFIG_FILE).is_file():
@@ -571,7 +574,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{folder} has no {CONFIG_FILE}: give a model folder (calibrate rewrites its config; "
             "copy adadiff/weights/tiny to calibrate the built-in model)"
         )
-    names = args.photos.split(",") if args.photos else photo_names("validation")
+    given = args.photos.split(",") if args.photos else photo_names("validation")
+    names = list(dict.fromkeys(n.strip() for n in given if n.strip()))  # each photo once
     held = sorted(set(names) & set(HOLDOUT))
     if held:
         raise ConfigError(
@@ -579,11 +583,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "training photos"
         )
     if len(names) < 2:
-        raise ConfigError("--photos needs at least two photos (each is left out in turn)")
+        raise ConfigError("--photos needs at least two different photos (each is left out in turn)")
     if args.threads:
         torch.set_num_threads(args.threads)
     models = load_folder(folder)
     cfg = models.config
+    late = [t for t in uniform_timesteps(cfg.dtss.t_start, args.interval) if t < max(NR_STARTS)]
+    if len(late) < 2:
+        raise ConfigError(
+            f"--interval {args.interval} records {len(late)} step(s) below t = {max(NR_STARTS)}, "
+            "where the exits are fitted; use a smaller --interval (20 is the default)"
+        )
     crops = crops_per_photo(
         names, args.crops, size=cfg.tile_size, scale=cfg.upscale, seed=args.crop_seed, stream=902
     )
@@ -621,4 +631,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     new.save(folder)
     (folder / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {folder / CONFIG_FILE} and {folder / 'calibration.json'}")
+    if cfg.default_schedule != "adaptive":
+        print(
+            f"note: this model's default schedule is {cfg.default_schedule}; the calibrated DTSS "
+            "runs with --schedule adaptive"
+        )
     return 0

@@ -110,6 +110,8 @@ def test_calibrate_command_records_fits_and_writes_the_config(
     assert main([*args, "--interval", "200", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "tau " in out and "weights: psnr" in out
+    note = "the calibrated DTSS runs with --schedule adaptive"
+    assert (note in out) == (before.default_schedule != "adaptive")
     after = ModelConfig.load(folder)
     assert after.dtss.exit_on == "total" and before.dtss.exit_on == "nr"
     assert [m.name for m in after.mmle.metrics] == [m.name for m in before.mmle.metrics]
@@ -132,3 +134,11 @@ def test_calibrate_command_refuses_hold_out_photos_and_bare_presets(tmp_path, ti
     assert "hold-out" in capsys.readouterr().err
     assert main(["calibrate", str(tmp_path)]) == 2
     assert "no adadiff.json" in capsys.readouterr().err
+    # refused before anything is recorded
+    assert main(["calibrate", str(tiny_dir), "--photos", "grass, grass"]) == 2
+    assert "two different photos" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(tiny_dir), "--budget", "0"])
+    assert "--budget" in capsys.readouterr().err
+    assert main(["calibrate", str(tiny_dir), "--interval", "1000"]) == 2
+    assert "use a smaller --interval" in capsys.readouterr().err
