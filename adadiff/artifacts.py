@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from adadiff.config import ModelConfig, Precision
+from adadiff.config import CONFIG_FILE, ModelConfig, Precision
 from adadiff.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -41,6 +41,16 @@ def sha256_file(path: Path) -> str:
         while block := fp.read(_CHUNK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def weights_digest(folder: Path) -> str:
+    """A digest of a model folder's config and weight files (names and contents): what tells
+    one set of weights from another where the config alone does not (a retrained folder)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in [folder / CONFIG_FILE, *sorted(folder.rglob("*.safetensors"))]:
+        digest.update(f"{path.relative_to(folder)}:{sha256_file(path)};".encode())
+    return digest.hexdigest()[:16]
 
 
 def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from adadiff.config import SCHEDULES
 from adadiff.engines.torch import TorchBackend
 from adadiff.errors import AdadiffError, InputImageError
 from adadiff.imageio import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, bicubic_upscale, load_image
-from adadiff.models.bundle import TorchModels, load_models
+from adadiff.models.bundle import TorchModels, describe, load_models
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import load_lpips
 from adadiff.quality.metrics import psnr_capped, ssim
@@ -312,6 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "quality",
         "model": str(args.model),
         "weights": weights_of(str(args.model)),
+        "weights_digest": describe(models)["weights_digest"],
         "machine": machine(),
         "photos": names,
         "photo_set": photo_set,

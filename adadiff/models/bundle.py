@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adadiff.config import ModelConfig
+from adadiff.artifacts import weights_digest
+from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ModelFolderError
 from adadiff.models.networks import MMLE, PFJ
 from adadiff.models.wrappers import (
@@ -208,7 +209,14 @@ def describe(models: TorchModels) -> dict:
             )
         },
         "config_digest": models.config.digest(),
+        "weights_digest": _weights_digest(models.source),
     }
+
+
+def _weights_digest(source: str) -> str | None:
+    """The folder's weights digest; None for a seeded random init (no folder)."""
+    folder = Path(source)
+    return weights_digest(folder) if (folder / CONFIG_FILE).is_file() else None
 
 
 def read_json(path: Path) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from adadiff import __version__
-from adadiff.artifacts import ExportManifest
+from adadiff.artifacts import ExportManifest, sha256_file, weights_digest
 from adadiff.config import CONFIG_FILE, RunSettings
 from adadiff.errors import AdadiffError, ConfigError, OutputPathError
 from adadiff.imageio import OUTPUT_FORMATS
@@ -101,9 +101,7 @@ def model_identity(model: str | None, engines: str | None) -> str:
     if not config.is_file():
         digest.update(f"built-in {name}".encode())  # a preset's seeded random init
         return digest.hexdigest()[:16]
-    files = [config, *sorted(folder.rglob("*.safetensors"))]
-    for path in files:
-        digest.update(f"{path.relative_to(folder)}:{file_sha256(path)};".encode())
+    digest.update(weights_digest(folder).encode())
     return digest.hexdigest()[:16]
 
 
@@ -123,14 +121,6 @@ class Plan:
     todo: list[ImageTask]
     done: list[ImageTask]  # output and report exist and match: skipped
     ignored: list[Path]  # files that are not images by name
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fp:
-        for block in iter(lambda: fp.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def list_inputs(input_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -184,7 +174,7 @@ def job_stamp(
 ) -> dict[str, Any]:
     """What a per-image report records so that a rerun can tell whether it is still valid.
     ``input_sha256``: the digest of the bytes that were upscaled, when already known."""
-    digest = input_sha256 or file_sha256(task.source)
+    digest = input_sha256 or sha256_file(task.source)
     return {"settings": settings.result_key(), "input_sha256": digest}
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from adadiff.artifacts import weights_digest
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import SHIPPED, TorchModels, describe, load_models
@@ -851,13 +852,42 @@ def refresh_card(
             f"{folder} is not a shipped model folder (it needs {CONFIG_FILE} and {MODEL_CARD}); "
             "ship one with `adadiff train ship`"
         )
-    digest = evaluation.get("model", {}).get("config_digest")
+    for data, what in ((evaluation, "evaluate_tiny"), (quality, "quality")):
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"the {what} JSON holds a {type(data).__name__}, not what benchmarks.{what} writes"
+            )
+    model = evaluation.get("model", {})
+    digest = model.get("config_digest") if isinstance(model, dict) else None
     own = ModelConfig.load(folder).digest()
     if digest is not None and digest != own:
         raise ConfigError(
             f"the evaluate_tiny JSON describes another model (config digest {digest}, the "
             f"folder's {own}); run `python -m benchmarks.evaluate_tiny --model {folder}`"
         )
+    # Candidates of one recipe share a config: the weights digest tells them apart (JSONs
+    # written before it was recorded are taken on trust).
+    weights = weights_digest(folder)
+    rerun = {
+        "evaluate_tiny": f"python -m benchmarks.evaluate_tiny --model {folder}",
+        "quality": f"python -m benchmarks.quality --model {folder}",
+    }
+    for what, recorded in (
+        ("evaluate_tiny", model.get("weights_digest") if isinstance(model, dict) else None),
+        ("quality", quality.get("weights_digest")),
+    ):
+        if recorded is not None and recorded != weights:
+            raise ConfigError(
+                f"the {what} JSON was made with other weights (digest {recorded}, the folder's "
+                f"{weights}); run `{rerun[what]}`"
+            )
+    try:
+        section = evaluation_lines(quality, evaluation)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"the evaluate_tiny or quality JSON lacks what the card quotes ({exc!r}); give the "
+            "files those benchmarks wrote"
+        ) from exc
     lines = path.read_text().split("\n")
     if EVALUATION_HEADING not in lines:
         raise ModelFolderError(
@@ -865,7 +895,7 @@ def refresh_card(
         )
     start = lines.index(EVALUATION_HEADING)
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    text = "\n".join([*lines[:start], *evaluation_lines(quality, evaluation), *lines[end:]])
+    text = "\n".join([*lines[:start], *section, *lines[end:]])
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)

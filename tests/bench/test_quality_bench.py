@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from adadiff.artifacts import weights_digest
 from benchmarks import quality
 
 
@@ -72,6 +73,7 @@ def test_quality_runs_on_a_model_folder_and_renders(tmp_path, tiny_dir, metric_c
     assert quality.main([*argv, "--out", str(out), "--threads", "1", "--images"]) == 0
     result = json.loads((out / "quality.json").read_text())
     assert set(result["results"]) == {"bicubic", "realworld"}
+    assert result["weights_digest"] == weights_digest(tiny_dir)  # what `train card` checks
     for entry in result["results"].values():
         assert entry["blocks"] == {"astronaut": 4, "gravel": 4}
         for method in ("bicubic", "model"):

@@ -264,6 +264,7 @@ def _evaluation(lpips: float, digest: str | None = None) -> dict:
 
 
 def test_card_refresh_rewrites_only_the_evaluation_section(tmp_path, cfg):
+    from adadiff.artifacts import weights_digest
     from adadiff.errors import ConfigError, ModelFolderError
     from adadiff.training.cli import add_train_parser, cmd_train
     from adadiff.training.ship import evaluation_lines, refresh_card
@@ -302,6 +303,26 @@ def test_card_refresh_rewrites_only_the_evaluation_section(tmp_path, cfg):
     # figures of another model are refused, and the card is left as it was
     with pytest.raises(ConfigError, match="describes another model"):
         refresh_card(folder, evaluation=_evaluation(0.2, "0123456789abcdef"), quality=quality)
+    # ... also when only the weights differ (candidates of one recipe share a config)
+    other = _evaluation(0.2, cfg.digest())
+    other["model"]["weights_digest"] = "0123456789abcdef"
+    with pytest.raises(ConfigError, match="evaluate_tiny JSON was made with other weights"):
+        refresh_card(folder, evaluation=other, quality=quality)
+    with pytest.raises(ConfigError, match="quality JSON was made with other weights"):
+        refresh_card(
+            folder, evaluation=_evaluation(0.2), quality={"weights_digest": "0123456789abcdef"}
+        )
+    own = _evaluation(0.25, cfg.digest())
+    own["model"]["weights_digest"] = weights_digest(folder)
+    refresh_card(folder, evaluation=own, quality={"weights_digest": weights_digest(folder)})
+    assert "| tiny-adaptive | 25.00 | 0.7000 | 0.2500 |" in card.read_text()
+    refresh_card(folder, evaluation=_evaluation(0.27, cfg.digest()), quality=quality)
+    # JSONs that are not those benchmarks' output are one-line errors
+    with pytest.raises(ConfigError, match="holds a list, not what"):
+        refresh_card(folder, evaluation=[1, 2], quality=quality)  # type: ignore[arg-type]
+    broken = {"results": {"bicubic": {"model": {}}}}
+    with pytest.raises(ConfigError, match="lacks what the card quotes"):
+        refresh_card(folder, evaluation=_evaluation(0.2), quality=broken)
     assert card.read_text() == text
     card.write_text("# a card without the section\n")
     with pytest.raises(ModelFolderError, match="no '## Evaluation' section"):
