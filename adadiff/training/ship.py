@@ -194,6 +194,7 @@ class LabelSummary:
     minutes: float = 0.0
     photos: set[str] = field(default_factory=set)  # names drawn, where shards record them
     weightings: set[str] = field(default_factory=set)
+    unet_steps: set[int] = field(default_factory=set)  # the UNet checkpoints that drew them
 
     def row(self) -> str:
         return (
@@ -213,7 +214,21 @@ def _labels(workdir: Path) -> LabelSummary:
                 out.photos.update(str(n) for n in npz["photos"][np.unique(npz["photo"])])
             if "weighting" in npz.files:
                 out.weightings.add(str(npz["weighting"]))
+            if "unet_step" in npz.files:
+                out.unet_steps.add(int(npz["unet_step"]))
     return out
+
+
+def label_lag(labels: LabelSummary, unet: dict[str, Any] | None) -> str:
+    """A sentence when the labels (hence MMLE) came from another UNet checkpoint than the one
+    shipped (``train labels`` refuses to mix checkpoints, ``ship`` does not), else ""."""
+    if unet is None or not labels.unet_steps or labels.unet_steps == {int(unet["step"])}:
+        return ""
+    drew = ", ".join(str(s) for s in sorted(labels.unet_steps))
+    return (
+        f"The labels were drawn by the UNet at step {drew}; the shipped UNet is that run at step "
+        f"{unet['step']}, and MMLE was not retrained on its trajectories."
+    )
 
 
 def _photo_rows(stages: dict[str, list[str]]) -> tuple[list[str], list[str]]:
@@ -708,6 +723,7 @@ def model_card(
             if mmle_reused
             else _labels_mmle_lines(cfg, m_sum)
         ),
+        *([f"- {label_lag(labels, unet)}"] if not mmle_reused and label_lag(labels, unet) else []),
         "",
         *evaluation_lines(quality, evaluation),
     ]
@@ -732,6 +748,9 @@ def ship(
     vae_reused = _vae_reused(workdir)
     unet_init = _unet_init(workdir)
     models = frozen_models(cfg, workdir, with_mmle=mmle_from is None)
+    lag = label_lag(_labels(workdir), _checkpoint(workdir, "unet")) if mmle_from is None else ""
+    if lag:
+        log.warning("%s Rerun `adadiff train labels` and `train mmle` to match it.", lag)
     mmle_reused = None
     if mmle_from is not None:
         models = _reused_mmle(models, mmle_from)

@@ -33,6 +33,8 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     shard["photos"] = np.array(["moon", "rocket", "brick"])
     shard["photo"] = (shard["traj"] % 2).astype(np.int64)  # moon and rocket drawn, brick not
     shard["weighting"] = np.array("photo")
+    unet_step = load_latest(workdir / "unet")["step"]
+    shard["unet_step"] = np.array(unet_step - 1)  # drawn before the UNet trained one more step
     np.savez(labels / "shard-00000.npz", **shard)
     model_dir = tmp_path / "cfg"
     model_dir.mkdir()
@@ -70,6 +72,8 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     assert record["sources"]["mmle"] == "trained in this run"
     assert "recorded no photo names: vae, unet" in card
     assert "labels draw every photo equally often" in card
+    lag = f"labels were drawn by the UNet at step {unet_step - 1}; the shipped UNet is that run"
+    assert lag in card
     unet_state = load_latest(workdir / "unet")["state"]
     assert models.config.scaling_factor == pytest.approx(unet_state["scaling_factor"])
     assert models.config.vae["scaling_factor"] == pytest.approx(unet_state["scaling_factor"])
@@ -239,6 +243,17 @@ def test_shipped_tiny_weights_load_and_fit_the_budget():
     models = load_models("tiny")
     assert models.source == str(folder)
     assert Upscaler.from_pretrained("tiny").config == models.config
+
+
+def test_label_lag_only_when_the_labels_came_from_another_unet_step():
+    from adadiff.training.ship import LabelSummary, label_lag
+
+    assert label_lag(LabelSummary(unet_steps={40}), {"step": 40}) == ""
+    assert label_lag(LabelSummary(), {"step": 40}) == ""  # shards from before it was recorded
+    assert label_lag(LabelSummary(unet_steps={40}), None) == ""
+    assert "at step 30, 40; the shipped UNet is that run at step 40" in label_lag(
+        LabelSummary(unet_steps={30, 40}), {"step": 40}
+    )
 
 
 def test_the_card_says_which_reference_mmle_learned(cfg):
