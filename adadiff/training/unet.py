@@ -456,8 +456,9 @@ def vae_of_model(cfg: ModelConfig, model: str | Path) -> tuple[dict[str, Any], f
         )
     if source.config.vae != cfg.vae:
         raise ConfigError(
-            f"the VAE of {model} is not the one {cfg.name!r} describes (its 'vae' entries in "
-            "adadiff.json differ); give a model with the same VAE or train one with "
-            "`adadiff train vae`"
+            f"--vae-from {model}: its 'vae' entries in adadiff.json differ from the config's "
+            f"({cfg.name!r}, from --model), so its VAE does not fit; pass its folder as --model "
+            "too (a preset name there is the preset's own config, not its shipped adadiff.json), "
+            "give a model with the same VAE, or train one with `adadiff train vae`"
         )
     return source.vae.state_dict(), float(source.config.scaling_factor), str(source.source)
