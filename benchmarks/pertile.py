@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from adadiff.imageio import bicubic_upscale
-from adadiff.models.bundle import TorchModels, load_models
+from adadiff.models.bundle import TorchModels, describe, load_models
 from adadiff.runtime.colorfix import low_band
 from adadiff.runtime.content import latent_texture
 from adadiff.training.data import HOLDOUT
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report.update(
         {
             "argv": sys.argv[1:],
-            "model": {"source": str(args.model)},
+            "model": describe(models),
             "weights": weights_of(args.model),
             "photos": list(args.photos),
             "crops_per_photo": args.crops,

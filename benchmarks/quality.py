@@ -641,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--render needs --readme")
         write_readme(json.loads(args.render.read_text()), args.render, args.readme)
         return 0
+    if args.readme and not args.out:  # the section links to the JSON, which needs a folder
+        raise SystemExit("--readme needs --out (the README section is made from the saved JSON)")
     logging.basicConfig(level=logging.WARNING)
     try:
         result = run(args)

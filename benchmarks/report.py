@@ -71,9 +71,14 @@ def render(
     s = result["settings"]
     summary = result.get("summary", {})
     rel = os.path.relpath(json_path, readme.parent).replace(os.sep, "/")
+    command = f"python -m benchmarks report {rel}" + "".join(
+        f" --{flag} " + os.path.relpath(extra[1], readme.parent).replace(os.sep, "/")
+        for flag, extra in (("memory", memory), ("load", load))
+        if extra is not None
+    )
     lines = [
         f"Generated from [`{rel}`]({rel}) (suite `{result['suite']}`) by "
-        f"`python -m benchmarks report {rel}`; do not edit by hand.",
+        f"`{command}`; do not edit by hand.",
         "",
         f"**Machine:** {machine_line(result)}.  ",
         f"**Run:** model `{s['model']}`, device `{s['device']}`, backends "

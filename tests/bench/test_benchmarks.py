@@ -261,6 +261,8 @@ def test_memory_and_load_runs_render_from_their_json(smoke_run, tmp_path):
     assert "| 4096 | failed |" in text
     assert "10.0 s alone and 21.0 s with 2 busy processes" in text and "2.10x" in text
     assert "(m.json)" in text and "(l.json)" in text
+    # the command it names regenerates this section, extra runs included
+    assert "--memory m.json --load l.json`; do not edit by hand" in text
 
 
 def test_scaling_plot_shows_both_gpu_memory_figures(tmp_path, monkeypatch):

@@ -152,6 +152,10 @@ def test_render_writes_every_method_from_the_json(tmp_path):
     assert "Each tile given its best uniform schedule" in text and "uniform-5 " in text
     assert "The best content rule on these same crops (in-sample" in text
     assert render(result, path, readme).splitlines()[0].startswith("Generated from")
+    # a method run on fewer seeds than the header's (the oracle) says so on its row
+    result["per_tile"] = {m: {"lpips": [[0.2] * 12] * (1 if m == "uniform-5" else 2)} for m in rows}
+    text = render(result, path, readme)
+    assert "| uniform-5 (1 seed; diff on those) |" in text and "| uniform-200 |" in text
 
 
 def test_targets_read_the_paired_intervals():

@@ -33,6 +33,11 @@ def test_a_block_reproduced_exactly_keeps_the_psnr_mean_finite(metric_cache):
     assert scores["psnr"][1] < 40
 
 
+def test_readme_needs_a_saved_json():
+    with pytest.raises(SystemExit, match="--readme needs --out"):
+        quality.main(["--readme", "README.md"])
+
+
 def test_interval_weights_photos_equally_and_holds_the_mean():
     big = np.full(100, 0.2)
     small = np.array([0.4, 0.6])
