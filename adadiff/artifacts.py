@@ -139,6 +139,9 @@ class ExportManifest:
     created: str = ""
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
+    # weights_digest of the model folder exported ("" for a random init, or older manifests):
+    # a folder retrained in place keeps its config, so the config digest alone cannot tell
+    model_weights: str = ""
 
     def __post_init__(self) -> None:
         comps = {
@@ -157,6 +160,7 @@ class ExportManifest:
             "version": self.version,
             "created": self.created,
             "model": self.model,
+            "model_weights": self.model_weights,
             "config_digest": self.config_digest,
             "precision": self.precision,
             "opset": self.opset,
@@ -225,8 +229,9 @@ class ExportManifest:
             )
         return cfg
 
-    def check_model(self, config: ModelConfig, model: str) -> None:
-        """Refuse a model whose config is not the one these files were exported from."""
+    def check_model(self, config: ModelConfig, model: str, folder: Path | None = None) -> None:
+        """Refuse a model whose config, or whose weights (``folder``: the model folder, None for
+        a random init), are not the ones these files were exported from."""
         if config.digest() != self.config_digest:
             raise EngineMismatchError(
                 f"--model {model} (config {config.name!r}, digest {config.digest()}) is not the "
@@ -234,6 +239,15 @@ class ExportManifest:
                 f"{self.config_digest}); give that model with --model (or none, from Python), "
                 f"or export this one with `adadiff export --model {model} -o FOLDER`"
             )
+        if folder is not None and self.model_weights:
+            own = weights_digest(folder)
+            if own != self.model_weights:
+                raise EngineMismatchError(
+                    f"--model {model} has other weights (digest {own}) than the ones these ONNX "
+                    f"files were exported from ({self.model}, digest {self.model_weights}): it was "
+                    f"retrained or edited since; export it again with `adadiff export --model "
+                    f"{model} -o FOLDER`, or drop --model to run the export as it is"
+                )
 
     def check_specs(self, folder: Path) -> None:
         """Exported I/O must still match what this adadiff's specs expect."""

@@ -94,6 +94,16 @@ def preset(name: str) -> ModelConfig:
         ) from None
 
 
+def model_folder(model: str | Path) -> Path | None:
+    """The folder ``load_models(model)`` reads weights from; None for a preset with no shipped
+    weights (its seeded random init)."""
+    name = str(model)
+    if name in PRESETS:
+        shipped = SHIPPED / name
+        return shipped if (shipped / CONFIG_FILE).is_file() else None
+    return Path(model).expanduser()
+
+
 def model_config(model: str | Path) -> ModelConfig:
     """The config ``load_models(model)`` would use, read without torch: a folder's adadiff.json,
     a preset's shipped adadiff.json, or the preset's built-in config."""

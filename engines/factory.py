@@ -10,7 +10,7 @@ from adadiff.engines.base import Backend
 from adadiff.engines.onnxruntime import OrtOptions, open_onnxruntime
 from adadiff.engines.tensorrt import TensorRTBackend
 from adadiff.errors import BackendUnavailableError, ConfigError
-from adadiff.presets import model_config
+from adadiff.presets import model_config, model_folder
 from adadiff.threads import check_threads, prefer_passive_wait
 
 BACKENDS = BackendKind.values()
@@ -115,7 +115,7 @@ def _checked_tensorrt(
             f"{backend.exported.precision} or export again with --precision {precision}"
         )
     if model is not None:
-        backend.exported.check_model(model_config(model), str(model))
+        backend.exported.check_model(model_config(model), str(model), model_folder(model))
     cfg = backend.config
     if tile_size is not None and tile_size != cfg.tile_size:
         raise ConfigError(

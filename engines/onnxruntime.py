@@ -25,7 +25,7 @@ from adadiff.errors import (
     ConfigError,
     EngineMismatchError,
 )
-from adadiff.presets import model_config
+from adadiff.presets import model_config, model_folder
 from adadiff.specs import COMPONENTS, ModelSpec, component_specs
 
 log = logging.getLogger("adadiff")
@@ -337,7 +337,7 @@ def open_onnxruntime(
             f"{precision}"
         )
     if model is not None:
-        manifest.check_model(model_config(model), str(model))
+        manifest.check_model(model_config(model), str(model), model_folder(model))
     backend = OnnxRuntimeBackend(
         folder, device=device, options=options, manifest=manifest, max_batch=max_batch
     )

@@ -70,9 +70,11 @@ def build_manifest(
     opset: int,
     exporter: str,
     components: dict[str, ComponentEntry],
+    model_weights: str = "",
 ) -> ExportManifest:
     return ExportManifest(
         model=source,
+        model_weights=model_weights,
         config=config.to_dict(),
         config_digest=config.digest(),
         precision=precision,

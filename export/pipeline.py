@@ -27,6 +27,8 @@ from adadiff.artifacts import (
     ComponentEntry,
     ExportManifest,
 )
+from adadiff.artifacts import weights_digest as folder_digest
+from adadiff.config import CONFIG_FILE
 from adadiff.errors import AdadiffError, ConfigError, OutputPathError
 from adadiff.export.cleanup import EXTERNAL_DATA_THRESHOLD, clean, load_weights, save
 from adadiff.export.fp16 import convert_to_fp16
@@ -117,9 +119,11 @@ def export_onnx(
             )
         for path in stale_files:
             (out / path).unlink(missing_ok=True)
+        source = Path(models.source)
         manifest = build_manifest(
             config=config,
             source=models.source,
+            model_weights=folder_digest(source) if (source / CONFIG_FILE).is_file() else "",
             precision=options.precision,
             opset=options.opset,
             exporter=options.exporter,

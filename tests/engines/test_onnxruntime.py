@@ -150,6 +150,15 @@ def test_model_and_precision_must_match_the_export(onnx_dir, tiny_dir, tmp_path,
     open_onnxruntime(onnx_dir, model=tiny_dir)
     folder = tiny_models.save(tmp_path / "model")
     open_onnxruntime(onnx_dir, model=folder)
+    # the same config with other weights (a folder retrained in place) is refused too
+    from adadiff.artifacts import ExportManifest, weights_digest
+    from adadiff.models.bundle import build_random
+
+    assert ExportManifest.load(onnx_dir).model_weights == weights_digest(tiny_dir)
+
+    other = build_random(tiny_models.config, seed=9).save(tmp_path / "retrained")
+    with pytest.raises(EngineMismatchError, match=r"--model .*retrained has other weights"):
+        open_onnxruntime(onnx_dir, model=other)
     with pytest.raises(EngineMismatchError, match=r"--model sd21-base .* is not the model"):
         open_onnxruntime(onnx_dir, model="sd21-base")
     with pytest.raises(EngineMismatchError, match="pass --precision fp32"):
