@@ -47,6 +47,7 @@ def check_outputs(input_path: Path, outputs: FileOutputs) -> FileOutputs:
             raise OutputPathError(f"the {what} path {path} is a folder; give a file name")
         if resolved in (image, source):
             raise ConfigError(f"the {what} path {path} would overwrite the input or output image")
+        imageio.check_writable(resolved, f"the {what} {path}")
         extras[what] = resolved
     if extras["step map"] is not None and extras["step map"].suffix.lower() != ".png":
         raise ConfigError(f"the step map must be a .png file, got {outputs.step_map}")

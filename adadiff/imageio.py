@@ -432,20 +432,36 @@ def check_output_path(input_path: str | Path, output_path: str | Path) -> Path:
     """Validate the output path before any work is done; return it resolved."""
     output = Path(output_path).expanduser()
     resolved = output.resolve()
+    if resolved.is_dir():
+        raise OutputPathError(f"{output} is a folder; give a file name such as out.png")
     format_for_path(output)
     parent = resolved.parent
     if not parent.is_dir():
         raise OutputPathError(
             f"{output}: folder {parent} does not exist; create it first or pick another output"
         )
-    if resolved.is_dir():
-        raise OutputPathError(f"{output} is a folder; give a file name such as out.png")
     source = Path(input_path).expanduser().resolve()
     if resolved == source or _same_file(resolved, source):
         raise OutputPathError(
             f"{output} is the input file; choose a different output path so the input is kept"
         )
+    check_writable(resolved, str(output))
     return resolved
+
+
+def check_writable(target: Path, name: str) -> None:
+    """Create and delete a temporary file beside ``target``, as the final write will: a folder
+    that refuses it fails now, before the upscale, not after it. (os.access cannot tell: root
+    passes it on read-only mounts and immutable folders.)"""
+    try:
+        fd, probe = _open_temp(target)
+    except OSError as exc:
+        raise OutputPathError(
+            f"{name}: cannot write in {target.parent} ({exc.strerror or exc}); pick another "
+            "output folder"
+        ) from exc
+    os.close(fd)
+    probe.unlink(missing_ok=True)
 
 
 def _open_temp(target: Path) -> tuple[int, Path]:

@@ -279,6 +279,43 @@ def test_an_encoder_limit_at_write_time_is_one_line(tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())  # no temporary file left
 
 
+def test_an_unwritable_folder_is_refused_before_the_model_loads(
+    tmp_path, small_png, capsys, monkeypatch
+):
+    from adadiff import imageio
+    from adadiff.models import bundle
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_open = imageio._open_temp
+
+    def refuse_in_locked(target):
+        if target.parent == locked.resolve():
+            raise PermissionError(13, "Permission denied")
+        return real_open(target)
+
+    def no_model(*_a, **_k):
+        raise AssertionError("a model was loaded before the output folders were checked")
+
+    monkeypatch.setattr(imageio, "_open_temp", refuse_in_locked)
+    monkeypatch.setattr(bundle, "load_models", no_model)
+    out = tmp_path / "o.png"
+    report_there = ["-o", str(out), "--report", str(locked / "r.json")]
+    for argv in (["-o", str(locked / "o.png")], report_there):
+        assert main(["upscale", str(small_png), *argv]) == 2
+        _, err = capsys.readouterr()
+        assert err.count("\n") == 1 and "cannot write in" in err and "Permission denied" in err
+        assert not out.exists() and not list(locked.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no probe left behind
+
+
+def test_an_output_that_is_a_folder_says_so(tmp_path, small_png, capsys):
+    taken = tmp_path / "out"
+    taken.mkdir()
+    assert main(["upscale", str(small_png), "-o", str(taken)]) == 2
+    assert "is a folder; give a file name such as out.png" in capsys.readouterr().err
+
+
 def test_a_report_or_step_map_path_that_is_a_folder_is_refused_first(tmp_path, small_png, capsys):
     taken = tmp_path / "taken"
     taken.mkdir()
