@@ -558,7 +558,8 @@ def _note(args: argparse.Namespace, text: str) -> None:
 def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any, cfg: Any) -> int:
     """Validate outputs and read the input before loading any model, so mistakes fail fast."""
     outputs, image = file_upscale.read_input(input_path, outputs, args.max_pixels, cfg.upscale)
-    for note in (file_upscale.frames_note(image), cap_tile(args, cfg, image.width, image.height)):
+    notes = file_upscale.input_notes(image, outputs.image)
+    for note in (*notes, cap_tile(args, cfg, image.width, image.height)):
         if note:
             _note(args, note)
     upscaler = _upscaler(args)

@@ -68,15 +68,29 @@ def read_input(
     return outputs, image
 
 
-def frames_note(image: Any) -> str | None:
-    """What to tell the user when the input holds more than one frame, else None."""
+def input_notes(image: Any, output: Path) -> list[str]:
+    """What to tell the user about how the input was read or will be written: an animation's
+    other frames, a float image's scale, transparency a JPEG cannot hold."""
+    notes = []
     frames = getattr(image, "frames", 1)
-    if frames <= 1:
-        return None
-    return (
-        f"the input has {frames} frames (an animation or a multi-page file); only the first is "
-        "upscaled"
-    )
+    if frames > 1:
+        notes.append(
+            f"the input has {frames} frames (an animation or a multi-page file); only the first "
+            "is upscaled"
+        )
+    scale = getattr(image, "float_scale", 1.0)
+    if scale != 1.0:
+        notes.append(
+            f"the input's float values go above 1, so they were read as 0..{scale:g} (black to "
+            "white)"
+        )
+    alpha = getattr(image, "alpha", None)
+    if alpha is not None and imageio.format_for_path(output) == "JPEG" and float(alpha.min()) < 1:
+        notes.append(
+            "the input has transparency, which JPEG cannot hold: transparent areas are written "
+            "with their neighbours' colours; write .png, .webp or .tif to keep it"
+        )
+    return notes
 
 
 def upscale_file(

@@ -89,6 +89,7 @@ class LoadedImage:
     icc_profile: bytes | None = None  # the embedded ICC colour profile, written back out
     exif: bytes | None = None  # EXIF without the orientation tag (orientation is applied)
     frames: int = 1  # an animation's frame count; only the first frame is decoded
+    float_scale: float = 1.0  # a float image's values were divided by this (0..255 data)
 
     @property
     def height(self) -> int:
@@ -152,9 +153,16 @@ def _gray16_array(img: Image.Image) -> np.ndarray:
     return (np.clip(values, 0, 65535) / 65535.0).astype(np.float32)
 
 
-def _float_gray_array(img: Image.Image) -> np.ndarray:
-    values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-    return np.clip(values, 0.0, 1.0).astype(np.float32)
+def _float_gray_array(img: Image.Image) -> tuple[np.ndarray, float]:
+    """Gray values in [0, 1] and the scale they were divided by: float files hold 0..1 by
+    convention, but numpy and OpenCV often write 0..255 (or 0..65535), which clipping would
+    turn white."""
+    values = np.asarray(img, dtype=np.float32)
+    finite = values[np.isfinite(values)]
+    top = float(finite.max()) if finite.size else 0.0
+    scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0 if top <= 65535.0 else top
+    values = np.nan_to_num(values / scale, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(values, 0.0, 1.0).astype(np.float32), scale
 
 
 def _key_alpha(img: Image.Image) -> np.ndarray | None:
@@ -204,12 +212,12 @@ def _decode_pil(img: Image.Image) -> LoadedImage:
     mode = img.mode
     grayscale = mode in _GRAY_MODES
     if mode in _GRAY16_MODES or mode == "F":
-        gray = _gray16_array(img) if mode in _GRAY16_MODES else _float_gray_array(img)
+        gray, scale = (_gray16_array(img), 1.0) if mode in _GRAY16_MODES else _float_gray_array(img)
         alpha = _key_alpha(img) if mode in _GRAY16_MODES else None
         rgb = np.repeat(gray[:, :, None], 3, axis=2)
         if alpha is not None:
             rgb = fill_transparent(rgb, alpha)
-        return LoadedImage(rgb, alpha, 16, True, mode)
+        return LoadedImage(rgb, alpha, 16, True, mode, float_scale=scale)
     if mode in _ALPHA_MODES or img.has_transparency_data:
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
         alpha = np.ascontiguousarray(rgba[:, :, 3])
@@ -606,6 +614,8 @@ def _metadata_args(
     fmt: str, mode: str, icc_profile: bytes | None, exif: bytes | None
 ) -> dict[str, Any]:
     args: dict[str, Any] = {}
+    if fmt == "WEBP":
+        mode = "RGB"  # Pillow's WebP encoder stores gray pixels as RGB
     if icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF") and _profile_fits(icc_profile, mode):
         args["icc_profile"] = icc_profile
     if exif and fmt in ("PNG", "JPEG", "WEBP"):

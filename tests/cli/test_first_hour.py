@@ -121,6 +121,31 @@ def test_a_tile_larger_than_the_output_is_capped(tmp_path, photo, capsys):
     assert "--tile 256 is larger than the 80x48 output; using --tile 80" in err
 
 
+def test_a_float_image_in_0_to_255_is_read_to_scale_with_a_note(tmp_path, capsys):
+    ramp = np.tile(np.linspace(0, 255, 20, dtype=np.float32), (12, 1))  # as numpy/OpenCV write
+    src = tmp_path / "float.tif"
+    Image.fromarray(ramp, mode="F").save(src)
+    out = tmp_path / "o.png"
+    argv = ["upscale", str(src), "-o", str(out), "--schedule", "uniform", "--interval", "500"]
+    assert main(argv) == 0
+    assert "float values go above 1, so they were read as 0..255" in capsys.readouterr().err
+    with Image.open(out) as img:
+        values = np.asarray(img, dtype=np.float64) / 65535
+    assert values.shape == (48, 80) and values[:, :8].mean() < 0.2 and values[:, -8:].mean() > 0.8
+
+
+def test_transparency_written_to_jpeg_gets_a_note(tmp_path, capsys):
+    rgba = np.zeros((12, 20, 4), np.uint8)
+    rgba[..., 0], rgba[:, :10, 3], rgba[:, 10:, 3] = 200, 255, 0
+    src = tmp_path / "cut.png"
+    Image.fromarray(rgba, "RGBA").save(src)
+    argv = ["upscale", str(src), "--schedule", "uniform", "--interval", "500", "-o"]
+    assert main([*argv, str(tmp_path / "o.jpg")]) == 0
+    assert "which JPEG cannot hold" in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "o.png")]) == 0
+    assert "which JPEG cannot hold" not in capsys.readouterr().err
+
+
 def test_an_animated_input_gets_a_note_and_its_frame_count_in_the_report(tmp_path, capsys):
     frames = [Image.new("RGB", (20, 12), (40 * i, 90, 160)) for i in range(4)]
     src = tmp_path / "anim.gif"

@@ -273,6 +273,9 @@ def test_a_profile_of_another_colour_space_is_not_embedded(tmp_path: Path) -> No
     save_image(tmp_path / "c.png", rgb, icc_profile=gray)  # gray profile, colour pixels
     with Image.open(tmp_path / "c.png") as img:
         assert "icc_profile" not in img.info
+    save_image(tmp_path / "g.webp", rgb, icc_profile=gray, grayscale=True)  # WebP stores RGB
+    with Image.open(tmp_path / "g.webp") as img:
+        assert img.mode == "RGB" and "icc_profile" not in img.info
 
 
 def test_webp_is_written_at_the_jpeg_quality(tmp_path: Path) -> None:
