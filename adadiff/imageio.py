@@ -292,6 +292,10 @@ _LAYOUT_TAGS = frozenset(
 )
 
 
+_EXIF_IFD = 0x8769
+_PIXEL_SIZE_TAGS = (0xA002, 0xA003)  # PixelXDimension, PixelYDimension
+
+
 def _metadata(img: Image.Image, shown: Image.Image) -> tuple[bytes | None, bytes | None]:
     """The ICC profile and the EXIF (orientation dropped: the pixels get it applied). The EXIF
     is read from the file's image, ``img``: the transposed copy ``shown`` loses a TIFF's tags."""
@@ -299,6 +303,10 @@ def _metadata(img: Image.Image, shown: Image.Image) -> tuple[bytes | None, bytes
     exif = img.getexif()  # a copy: img's own EXIF stays as it was
     for tag in (_ORIENTATION, *_LAYOUT_TAGS):
         exif.pop(tag, None)
+    if _EXIF_IFD in exif:  # the Exif sub-IFD's pixel size is the input's, not the output's
+        sub = exif.get_ifd(_EXIF_IFD)
+        for tag in _PIXEL_SIZE_TAGS:
+            sub.pop(tag, None)
     return (icc if isinstance(icc, bytes) else None, exif.tobytes() if len(exif) else None)
 
 

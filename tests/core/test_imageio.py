@@ -247,6 +247,8 @@ def test_camera_exif_is_kept_without_orientation_or_layout(tmp_path: Path, suffi
     exif[0x010F] = "Canon"  # Make
     exif[0x0132] = "2020:01:01 10:00:00"  # DateTime
     exif[0x0112] = 6
+    sub = exif.get_ifd(0x8769)  # the Exif sub-IFD: a capture time and the pixel size
+    sub[0x9003], sub[0xA002], sub[0xA003] = "2020:01:01 10:00:00", 24, 16
     src = tmp_path / f"cam{suffix}"
     Image.fromarray(_rgb_u8(16, 24)).save(src, exif=exif)
     kept = Image.Exif()
@@ -254,6 +256,10 @@ def test_camera_exif_is_kept_without_orientation_or_layout(tmp_path: Path, suffi
     assert kept[0x010F] == "Canon" and kept[0x0132] == "2020:01:01 10:00:00"
     # applied to the pixels; a TIFF's size and strip tags describe the input file only
     assert 0x0112 not in kept and 256 not in kept and 273 not in kept
+    kept_sub = kept.get_ifd(0x8769)  # the input's pixel size is not the output's
+    assert 0xA002 not in kept_sub and 0xA003 not in kept_sub
+    if suffix != ".tif":  # Pillow's TIFF writer does not store the Exif sub-IFD at all
+        assert kept_sub.get(0x9003) == "2020:01:01 10:00:00"
 
 
 def test_a_profile_of_another_colour_space_is_not_embedded(tmp_path: Path) -> None:
