@@ -43,6 +43,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _manifest_shape_problem(data: dict[str, Any]) -> str:
+    """What is missing or of the wrong type in a manifest's JSON (edited by hand, cut short),
+    so that it reads as damaged rather than failing later with a traceback; "" if fine."""
+    if not isinstance(data.get("config"), dict):
+        return "'config' must be the model's adadiff.json"
+    components = data.get("components")
+    if not isinstance(components, dict):
+        return "'components' must map component names to entries"
+    for name, entry in components.items():
+        if not isinstance(entry, dict):
+            return f"component {name!r} must be an entry"
+        spec = entry.get("spec")
+        if not isinstance(spec, dict) or not {"inputs", "outputs"} <= set(spec):
+            return f"component {name!r} has no 'spec' with inputs and outputs"
+        files = entry.get("files")
+        if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+            return f"component {name!r} must list its files"
+    return ""
+
+
 def weights_digest(folder: Path) -> str:
     """A digest of a model folder's config and weight files (names and contents): what tells
     one set of weights from another where the config alone does not (a retrained folder)."""
@@ -211,6 +231,9 @@ class ExportManifest:
                 f"{path} has manifest version {data.get('version')}, this adadiff reads version "
                 f"{MANIFEST_VERSION}; {_fix(folder)}"
             )
+        problem = _manifest_shape_problem(data)
+        if problem:
+            raise ModelFolderError(f"{path} is damaged ({problem}); {_fix(folder)}")
         try:
             return cls(**data)
         except (TypeError, ConfigError) as exc:
@@ -220,7 +243,13 @@ class ExportManifest:
 
     def model_config(self) -> ModelConfig:
         """The exported model's config, after checking it still hashes to the recorded digest."""
-        cfg = ModelConfig.from_dict(self.config)
+        try:
+            cfg = ModelConfig.from_dict(self.config)
+        except ConfigError as exc:
+            raise EngineMismatchError(
+                f"the model config in the export's {MANIFEST_FILE} is not a valid adadiff.json "
+                f"({exc}): the manifest was edited or damaged; re-export the model"
+            ) from exc
         if cfg.digest() != self.config_digest:
             raise EngineMismatchError(
                 f"the config in {MANIFEST_FILE} hashes to {cfg.digest()}, the manifest records "

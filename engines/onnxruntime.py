@@ -299,7 +299,7 @@ class OnnxRuntimeBackend:
             "precision": self.manifest.precision,
             "onnxruntime": self.ort.__version__,
             "providers": {name: s.get_providers()[0] for name, s in self.sessions.items()},
-            "engines": str(self.folder),
+            "engines": str(self.folder.resolve()),
             "exporter": self.manifest.exporter,
             "opset": self.manifest.opset,
             "threads": self.options.intra_op_threads or "default",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ import torch
 from helpers import copy_export
 
 from adadiff.artifacts import MANIFEST_FILE, ExportManifest, sha256_file
-from adadiff.errors import ConfigError, ModelFolderError, OutputPathError
+from adadiff.errors import ConfigError, EngineMismatchError, ModelFolderError, OutputPathError
 from adadiff.export import ExportOptions, export_onnx
 from adadiff.export.fp16 import convert_to_fp16
 from adadiff.export.onnx_export import file_opset
@@ -252,6 +253,30 @@ def test_manifest_refuses_foreign_or_damaged_files(tmp_path):
         ExportManifest.load(empty)
     with pytest.raises(ModelFolderError, match="does not exist"):
         ExportManifest.load(tmp_path / "nowhere")
+
+
+def test_an_edited_manifest_reads_as_damaged_not_as_a_traceback(onnx_dir, tmp_path):
+    good = json.loads((onnx_dir / MANIFEST_FILE).read_text())
+    first = next(iter(good["components"]))
+
+    def edited(change) -> Path:
+        data = json.loads(json.dumps(good))
+        change(data)
+        (tmp_path / MANIFEST_FILE).write_text(json.dumps(data))
+        return tmp_path
+
+    cases = [
+        (lambda d: d.update(components=list(d["components"])), "'components' must map"),
+        (lambda d: d["components"][first].update(spec={}), f"{first!r} has no 'spec'"),
+        (lambda d: d["components"][first].update(files="x.onnx"), "must list its files"),
+        (lambda d: d.update(config=[1]), "'config' must be the model's adadiff.json"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ModelFolderError, match=f"is damaged.*{message}"):
+            ExportManifest.load(edited(change))
+    manifest = ExportManifest.load(edited(lambda d: d["config"].pop("tile_size")))
+    with pytest.raises(EngineMismatchError, match=r"config in the export's manifest\.json"):
+        manifest.model_config()
 
 
 def test_a_partial_export_keeps_no_component_of_other_weights(onnx_dir, tiny_config, tmp_path):
