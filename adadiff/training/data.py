@@ -17,7 +17,9 @@ scikit-image only, so they are the same wherever the package is installed.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,9 +124,35 @@ def available_photos() -> tuple[Photo, ...]:
     return tuple(photos)
 
 
+def _missing_optional(present: Sequence[Photo]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(package, photo names) of the optional photos this machine lacks."""
+    have = {p.name for p in present}
+    missing: dict[str, list[str]] = {}
+    for name, (package, _) in OPTIONAL_PHOTOS.items():
+        if name not in have:
+            missing.setdefault(package, []).append(name)
+    return tuple((p, tuple(n)) for p, n in sorted(missing.items()))
+
+
+@functools.cache
+def _warn_missing(missing: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+    """Once per process: training (and NIQE's model) uses fewer photos than on a machine with
+    every optional package, so a run here is not the same run as there."""
+    listed = "; ".join(f"{', '.join(names)} (package {package})" for package, names in missing)
+    logging.getLogger("adadiff.training").warning(
+        "photos not available here: %s; training and NIQE's model use the others (install "
+        "the training extras, pip install 'adadiff[train]', for the full set)",
+        listed,
+    )
+
+
 def training_photos() -> tuple[Photo, ...]:
     """Available photos minus ``HOLDOUT`` and ``VALIDATION``."""
-    return tuple(p for p in available_photos() if p.name not in (*HOLDOUT, *VALIDATION))
+    present = available_photos()
+    missing = _missing_optional(present)
+    if missing:
+        _warn_missing(missing)
+    return tuple(p for p in present if p.name not in (*HOLDOUT, *VALIDATION))
 
 
 def _named_set(names: tuple[str, ...], what: str) -> tuple[Photo, ...]:

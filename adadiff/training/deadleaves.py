@@ -92,20 +92,11 @@ def dead_leaves(
         aspect = rng.uniform(1.0, 2.5)
         angle = rng.uniform(0, np.pi)
         a, b = r * np.sqrt(aspect), r / np.sqrt(aspect)
-        y0, y1 = int(max(cy - a, 0)), int(min(cy + a + 1, big))
-        x0, x1 = int(max(cx - a, 0)), int(min(cx + a + 1, big))
-        if y0 >= y1 or x0 >= x1:
+        rectangle = rng.random() < 0.2  # now and then: straight edges and corners
+        shape = shape_mask(cy, cx, a, b, angle, rectangle, big)
+        if shape is None:
             continue
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        dy, dx = yy - cy, xx - cx
-        u = dx * np.cos(angle) + dy * np.sin(angle)
-        v = -dx * np.sin(angle) + dy * np.cos(angle)
-        if rng.random() < 0.2:  # now and then a rectangle: straight edges and corners
-            mask = (np.abs(u) <= a) & (np.abs(v) <= b)
-        else:
-            mask = (u / a) ** 2 + (v / b) ** 2 <= 1.0
-        if not mask.any():
-            continue
+        (y0, y1, x0, x1), yy, xx, mask = shape
         colour = _colour(rng).astype(np.float32)
         patch = np.broadcast_to(colour, (*mask.shape, 3)).copy()
         texture = _texture(rng, yy, xx, r)
@@ -119,6 +110,28 @@ def dead_leaves(
         size = 2 * int(np.ceil(3 * sigma)) + 1
         image = filter2d(image, anisotropic_kernel(size, sigma, sigma, 0.0))
     return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+def shape_mask(
+    cy: float, cx: float, a: float, b: float, angle: float, rectangle: bool, big: int
+) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray, np.ndarray] | None:
+    """One leaf on a ``big``-pixel canvas: its box (y0, y1, x0, x1), the box's pixel
+    coordinates and the mask of the ellipse (or rectangle) with half-axes a >= b, rotated by
+    ``angle``; None when nothing of it is on the canvas."""
+    # an ellipse fits in a box of half-side a; a rotated rectangle's corners reach hypot(a, b)
+    h = float(np.hypot(a, b)) if rectangle else a
+    y0, y1 = int(max(cy - h, 0)), int(min(cy + h + 1, big))
+    x0, x1 = int(max(cx - h, 0)), int(min(cx + h + 1, big))
+    if y0 >= y1 or x0 >= x1:
+        return None
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dy, dx = yy - cy, xx - cx
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    inside = (np.abs(u) <= a) & (np.abs(v) <= b) if rectangle else (u / a) ** 2 + (v / b) ** 2 <= 1
+    if not inside.any():
+        return None
+    return (y0, y1, x0, x1), yy, xx, inside
 
 
 def dead_leaves_set(n: int, seed: int = 0, size: int = 512) -> tuple[list[str], list[np.ndarray]]:

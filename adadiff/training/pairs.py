@@ -145,8 +145,9 @@ def crops_per_photo(
     names: Sequence[str], per_photo: int, *, size: int, scale: int = 4, seed: int, stream: int
 ) -> Batch:
     """``per_photo`` bicubic x``scale`` crops of ``size`` px from each named photo, in order;
-    ``photo`` indexes ``names``. Seeded by (seed, stream, photo index), so each photo's crops do
-    not depend on which other photos are asked for."""
+    ``photo`` indexes ``names``. Seeded by (seed, stream, photo index): a photo's crops depend on
+    its place in ``names`` (the same list gives the same crops), not on the other photos. The
+    crops are drawn as training crops are, with flips, rotations and mild colour jitter."""
     parts = []
     for k, name in enumerate(names):
         rng = numpy_rng(seed, stream, k)

@@ -21,6 +21,16 @@ def test_images_depend_on_seed_and_index_only():
     assert not np.array_equal(first[0], other[0])
 
 
+def test_a_rotated_rectangle_keeps_its_corners():
+    from adadiff.training.deadleaves import shape_mask
+
+    for a, b, angle in ((20.0, 20.0, np.pi / 4), (30.0, 12.0, 0.8), (25.0, 10.0, 0.0)):
+        mask = shape_mask(150.5, 150.5, a, b, angle, True, 300)[3]
+        assert abs(mask.sum() / (4 * a * b) - 1) < 0.05, (a, b, angle, mask.sum())
+        ellipse = shape_mask(150.5, 150.5, a, b, angle, False, 300)[3]
+        assert abs(ellipse.sum() / (np.pi * a * b) - 1) < 0.05
+
+
 def test_shapes_cover_the_canvas_at_every_scale():
     image = dead_leaves(np.random.default_rng(0), 256)
     assert image.shape == (256, 256, 3) and image.dtype == np.float32

@@ -64,6 +64,34 @@ def test_config_validation():
         degrade.StageConfig(jpeg_quality=(50, 120))
 
 
+def test_missing_optional_photos_are_named_once(monkeypatch):
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    real = data._package_dir
+    monkeypatch.setattr(data, "_package_dir", lambda p: None if p == "pywt" else real(p))
+    data._warn_missing.cache_clear()
+    collect = Collect()  # on the logger itself: the train CLI may have stopped its propagation
+    logger = logging.getLogger("adadiff.training")
+    logger.addHandler(collect)
+    try:
+        names = {p.name for p in data.training_photos()}
+        data.training_photos()
+    finally:
+        logger.removeHandler(collect)
+        data._warn_missing.cache_clear()
+    assert "pywt_aero" not in names
+    warned = [m for m in collect.messages if "not available here" in m]
+    assert len(warned) == 1 and "pywt_aero (package pywt)" in warned[0], warned
+
+
 def test_holdout_never_in_training():
     training = {p.name for p in data.training_photos()}
     held = {p.name for p in data.holdout_photos()}
