@@ -40,7 +40,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -117,12 +117,17 @@ def holdout_crops(model: ModelConfig, photos: Sequence[str], crops: int, seed: i
 def load_dtss(path: Path, base: ModelConfig) -> tuple[DTSSConfig, tuple[MetricConfig, ...]]:
     """The DTSS numbers and metric weights of an ``adadiff.json`` (or a part of one)."""
     data = json.loads(Path(path).read_text())
-    dtss = DTSSConfig(**data["dtss"]) if "dtss" in data else base.dtss
-    metrics = base.mmle.metrics
-    if "mmle" in data and "metrics" in data["mmle"]:
-        metrics = tuple(MetricConfig(**m) for m in data["mmle"]["metrics"])
-        if [m.name for m in metrics] != [m.name for m in base.mmle.metrics]:
-            raise SystemExit(f"{path}: its metrics must be the model's, in the same order")
+    try:
+        dtss = DTSSConfig(**data["dtss"]) if "dtss" in data else base.dtss
+        metrics = base.mmle.metrics
+        if "mmle" in data and "metrics" in data["mmle"]:
+            metrics = tuple(MetricConfig(**m) for m in data["mmle"]["metrics"])
+        # the model's own checks (t_start and nr_start_t against its noise schedule)
+        replace(base, dtss=dtss, mmle=replace(base.mmle, metrics=metrics))
+    except (ConfigError, TypeError) as exc:
+        raise SystemExit(f"{path}: {exc}") from exc
+    if [m.name for m in metrics] != [m.name for m in base.mmle.metrics]:
+        raise SystemExit(f"{path}: its metrics must be the model's, in the same order")
     return dtss, metrics
 
 

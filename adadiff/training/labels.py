@@ -183,6 +183,11 @@ class OracleScorer:
         ]
         # The sampler hands each tile's own LR latent back; its bytes identify the tile.
         self._tile = {lat.tobytes(): k for k, lat in enumerate(lr_latents)}
+        if len(self._tile) != len(lr_latents):
+            raise ConfigError(
+                "two crops encode to the same LR latent (a flat or repeated crop?), so the oracle "
+                "cannot tell which HR crop scores them; draw the crops again with another seed"
+            )
         self._lr_latents = lr_latents
         self._lr_decoded: dict[int, np.ndarray] = {}
         # per tile: the colour-fix bands of its input and of its decoded LR latent

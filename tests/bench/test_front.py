@@ -188,3 +188,17 @@ def test_adaptive_is_compared_with_the_content_rules_too():
     assert methods["content-half"]["vs_best_uniform"]["method"] == "uniform-5"
     marks = targets(methods, {}, {})["dtss-mmle-x"]
     assert not marks["LPIPS below every content rule"]
+
+
+def test_a_dtss_json_is_checked_against_the_models_noise_schedule(tmp_path, tiny_config):
+    from benchmarks.front import load_dtss
+
+    path = tmp_path / "cal.json"
+    good = {"dtss": {**tiny_config.to_dict()["dtss"], "tau": 0.004}}
+    path.write_text(json.dumps(good))
+    dtss, metrics = load_dtss(path, tiny_config)
+    assert dtss.tau == 0.004 and metrics == tiny_config.mmle.metrics
+    for bad in ({"t_start": 1000}, {"nr_start_t": -5}, {"no_such_key": 1}):
+        path.write_text(json.dumps({"dtss": {**good["dtss"], **bad}}))
+        with pytest.raises(SystemExit, match=str(path)):
+            load_dtss(path, tiny_config)

@@ -223,3 +223,7 @@ def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
     assert not np.allclose(scores["none"], scores["wavelet"])
     with pytest.raises(ConfigError, match="HR crops"):
         OracleScorer(models, crops.up, lr, cfg.mmle.metrics, reference="hr")
+    # two tiles with one LR latent could not be told apart: each would be scored as the other
+    twice = np.concatenate([lr[:1], lr[:1]])
+    with pytest.raises(ConfigError, match="same LR latent"):
+        OracleScorer(models, crops.up, twice, cfg.mmle.metrics, hr=crops.hr)
