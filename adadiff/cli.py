@@ -317,9 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bd.add_argument("engines", type=Path, help="the folder written by `adadiff export`")
     bd.add_argument("--components", help="comma-separated components (default: all exported)")
-    bd.add_argument("--min-batch", type=positive, default=1)
-    bd.add_argument("--opt-batch", type=positive, default=4)
-    bd.add_argument("--max-batch", type=positive, default=16)
+    bd.add_argument("--min-batch", type=positive, default=1, help="(default: 1)")
+    bd.add_argument("--opt-batch", type=positive, default=4, help="(default: 4)")
+    bd.add_argument("--max-batch", type=positive, default=16, help="(default: 16)")
     bd.add_argument(
         "--profiles", help="several batch profiles MIN:OPT:MAX,... (overrides the above)"
     )

@@ -98,6 +98,7 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
             "--no-resume",
             dest="resume",
             action="store_false",
+            default=argparse.SUPPRESS,  # the default is --resume's None, not this flag's True
             help="refuse to start if the workdir already holds checkpoints",
         )
 
