@@ -21,6 +21,7 @@ import numpy as np
 
 from adadiff.errors import ModelFolderError, ShapeError
 from adadiff.quality import nss
+from adadiff.quality.metrics import check_image
 from adadiff.quality.weights import (
     BRISQUE_NORMALIZE,
     BRISQUE_SVM,
@@ -126,6 +127,7 @@ def load_brisque_model(cache_dir: str | Path | None = None) -> BrisqueModel:
 
 def brisque_features(rgb: np.ndarray) -> np.ndarray:
     """The 36 BRISQUE features of a float RGB image [H, W, 3] in [0, 1]."""
+    rgb = check_image(rgb, "BRISQUE")
     if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < MIN_SIDE:
         raise ShapeError(
             f"BRISQUE expects a float RGB image [H, W, 3] with sides >= {MIN_SIDE}, got {rgb.shape}"

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adadiff.errors import ModelFolderError, ShapeError
+from adadiff.quality.metrics import check_image
 from adadiff.quality.weights import (
     LPIPS_ALEXNET,
     SETUP_HINT,
@@ -150,6 +151,7 @@ def load_lpips(cache_dir: str | Path | None = None) -> LPIPS:
 
 
 def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    rgb = check_image(rgb, "LPIPS")
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ShapeError(f"LPIPS expects a float RGB image [H, W, 3], got {rgb.shape}")
     tensor = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))

@@ -41,16 +41,27 @@ _NLPD_NEIGHBOURS = (
 NLPD_LEVELS = len(_NLPD_SIGMAS)
 
 
+def check_image(image: np.ndarray, name: str) -> np.ndarray:
+    """A float image with finite values, as every metric here expects ([0, 1] by convention):
+    integer levels would be read as values up to 255, and NaN would come out as a NaN score."""
+    image = np.asarray(image)
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ShapeError(
+            f"{name} expects float images in [0, 1], got {image.dtype}; divide uint8 levels by "
+            "255 (uint16 by 65535)"
+        )
+    if not np.all(np.isfinite(image)):
+        raise ShapeError(f"{name}: images contain NaN or infinite values")
+    return image
+
+
 def _check_pair(x: np.ndarray, y: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(x)
-    y = np.asarray(y)
+    x, y = check_image(x, name), check_image(y, name)
     if x.shape != y.shape or x.ndim != 3 or x.shape[2] != 3:
         raise ShapeError(
             f"{name} compares two float RGB images [H, W, 3] of one shape, got {x.shape} and "
             f"{y.shape}"
         )
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ShapeError(f"{name}: images contain NaN or infinite values")
     return x.astype(np.float64), y.astype(np.float64)
 
 

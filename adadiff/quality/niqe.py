@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,6 +30,7 @@ import numpy as np
 from adadiff.errors import ModelFolderError, ShapeError
 from adadiff.quality import nss
 from adadiff.quality.cache import SETUP_HINT, cache_root
+from adadiff.quality.metrics import check_image
 
 PATCH = 96
 MIN_SIDE = 32
@@ -60,13 +62,18 @@ def patch_size_for(shape: tuple[int, ...]) -> int:
 
 def patch_features(rgb: np.ndarray, *, patch: int = PATCH, keep_sharp: bool = False) -> np.ndarray:
     """NSS features [N, 36] of the image's non-overlapping patches (full + half scale)."""
+    rgb = check_image(rgb, "NIQE")
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ShapeError(f"NIQE expects a float RGB image [H, W, 3], got {rgb.shape}")
     gray = nss.luminance(rgb)
     m1, sigma = nss.mscn(gray, mode="nearest")
     m2, _ = nss.mscn(nss.half_cubic(gray), mode="nearest")
-    p1, p2 = _patches(m1, patch), _patches(m2, patch // 2)
-    count = min(len(p1), len(p2))  # an odd size can leave half scale one patch short
+    # The half-scale map cut to the full-scale grid, so patch k is the same place at both
+    # scales (rounding can give the half-scale map one more patch row or column).
+    rows, cols = m1.shape[0] // patch, m1.shape[1] // patch
+    half = patch // 2
+    p1, p2 = _patches(m1, patch), _patches(m2[: rows * half, : cols * half], half)
+    count = min(len(p1), len(p2))
     p1, p2 = p1[:count], p2[:count]
     features = np.concatenate(
         [nss.nss_features(p1, symmetric_mscn=True), nss.nss_features(p2, symmetric_mscn=True)],
@@ -111,11 +118,16 @@ def fit_and_store(
         photos=np.array(model.photos, dtype=str),
     )
     path = model_path(cache_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         temp.write_bytes(buffer.getvalue())
         os.replace(temp, path)
+    except OSError as exc:
+        raise ModelFolderError(
+            f"cannot write {path} ({exc.strerror or exc}); make the folder writable or give "
+            "another cache (--cache-dir, or $ADADIFF_CACHE)"
+        ) from exc
     finally:
         temp.unlink(missing_ok=True)
     _load_cached.cache_clear()
@@ -147,7 +159,7 @@ def _load_cached(path: Path) -> NiqeModel:
             mean, cov, photos = npz["mean"], npz["cov"], tuple(str(p) for p in npz["photos"])
     except FileNotFoundError:
         raise ModelFolderError(f"{path} is missing: NIQE is not set up; {SETUP_HINT}") from None
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ModelFolderError(f"{path} is not a NIQE model ({exc}); {SETUP_HINT}") from exc
     if version != MODEL_VERSION or mean.shape != (36,) or cov.shape != (36, 36):
         raise ModelFolderError(

@@ -25,6 +25,8 @@ def _rgb(name: str, image: np.ndarray) -> np.ndarray:
         raise ShapeError(
             f"{name} must be a float RGB image [H, W, 3] in [0, 1], got {image.dtype} {image.shape}"
         )
+    if not np.all(np.isfinite(image)):  # clipping would keep a NaN, and score it as NaN
+        raise ShapeError(f"{name} contains NaN or infinite values")
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 

@@ -254,11 +254,16 @@ def _read_member(archive: Path, member: str) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         temp.write_bytes(data)
         os.replace(temp, path)
+    except OSError as exc:
+        raise ModelFolderError(
+            f"cannot write {path} ({exc.strerror or exc}); make the folder writable or give "
+            "another cache (--cache-dir, or $ADADIFF_CACHE)"
+        ) from exc
     finally:
         temp.unlink(missing_ok=True)
 

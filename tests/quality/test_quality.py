@@ -301,3 +301,51 @@ def test_fetch_errors_say_what_failed_and_write_nothing(tmp_path, monkeypatch):
     assert weights.fetch_assets([asset], tmp_path) == [target]
     assert target.read_bytes() == b"the weights" and len(calls) == 1
     assert weights.fetch_assets([asset], tmp_path) == [target] and len(calls) == 1  # cached
+
+
+def test_a_cut_short_niqe_model_is_refitted_and_bad_pixels_are_refused(tmp_path, metric_cache):
+    import shutil
+
+    from adadiff.quality import niqe as niqe_module
+    from adadiff.quality.brisque import brisque
+    from adadiff.quality.lpips import lpips
+    from adadiff.quality.oracle import score_images
+
+    path = niqe_module.model_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    good = niqe_module.model_path(metric_cache).read_bytes()
+    photos = [("camera", load_photo("camera"))]
+    for broken in (good[: len(good) // 2], b""):  # a zip cut short; an empty file
+        path.write_bytes(broken)
+        niqe_module._load_cached.cache_clear()
+        with pytest.raises(ModelFolderError, match="not a NIQE model"):
+            niqe_module.load_niqe_model(tmp_path)
+        assert niqe_module.ensure_model(lambda: photos, tmp_path) == path  # refitted
+        niqe_module.load_niqe_model(tmp_path)
+    shutil.rmtree(tmp_path / path.parent.name)
+    crop = load_photo("astronaut")[:64, :64].copy()
+    bad = crop.copy()
+    bad[3, 3, 0] = np.nan
+    for score in (
+        lambda: lpips(bad, crop, cache_dir=metric_cache),
+        lambda: brisque(bad, cache_dir=metric_cache),
+        lambda: niqe_module.niqe(bad, cache_dir=metric_cache),
+        lambda: score_images(bad, crop, DEFAULT_METRICS[:1], cache_dir=metric_cache),
+    ):
+        with pytest.raises(ShapeError, match="NaN"):
+            score()
+    with pytest.raises(ShapeError, match="divide uint8 levels by 255"):
+        metrics.psnr((crop * 255).astype(np.uint8), (crop * 255).astype(np.uint8))
+
+
+def test_niqe_pairs_each_patch_with_its_own_half_scale_patch():
+    from adadiff.quality import nss
+    from adadiff.quality.niqe import patch_features
+
+    image = load_photo("camera")[:200, :287].copy()  # half scale rounds to one more 48 px column
+    features = patch_features(image, patch=96)
+    half, _ = nss.mscn(nss.half_cubic(nss.luminance(image)), mode="nearest")
+    rows, cols = 200 // 96, 287 // 96
+    cells = [(r * 48, c * 48) for r in range(rows) for c in range(cols)]
+    own = np.stack([half[y : y + 48, x : x + 48] for y, x in cells])
+    np.testing.assert_allclose(features[:, 18:], nss.nss_features(own, symmetric_mscn=True))
