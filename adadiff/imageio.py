@@ -209,6 +209,8 @@ def fill_transparent(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 def _decode_pil(img: Image.Image) -> LoadedImage:
     """Turn a fully loaded Pillow image into float arrays."""
+    if img.mode == "La":  # premultiplied gray + alpha: Pillow converts it to LA only
+        img = img.convert("LA")
     mode = img.mode
     grayscale = mode in _GRAY_MODES
     if mode in _GRAY16_MODES or mode == "F":
@@ -329,6 +331,8 @@ def to_rgb_array(image: Any) -> np.ndarray:
         )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InputImageError(f"expected a non-empty image, got shape {image.shape}")
+    if not array.dtype.isnative:  # big-endian data (from a file, or another machine)
+        array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype == np.uint8:
         values = array.astype(np.float32) / 255.0
     elif array.dtype == np.uint16:

@@ -12,6 +12,7 @@ imported) and a thread count no larger than the CPUs this process may use.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -69,8 +70,8 @@ def check_threads(threads: int | None) -> int:
     """``threads`` or the default; a count below 1 is a ``ConfigError``."""
     if threads is None:
         return default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
         raise ConfigError(
             f"threads must be a whole number >= 1 (or None for the default), got {threads!r}"
         )
-    return threads
+    return int(threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -160,6 +161,10 @@ class Upscaler:
         """The schedule a run takes: the one asked for, else the model's default (its
         ``default_schedule``, the best of its quality/compute front)."""
         chosen = schedule or self.config.default_schedule
+        if interval is not None and (
+            isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1
+        ):
+            raise ConfigError(f"interval must be a whole number >= 1, got {interval!r}")
         if interval is not None and chosen != "uniform":
             why = "" if schedule else f" (the model's default schedule is {chosen})"
             raise ConfigError(
@@ -178,7 +183,7 @@ class Upscaler:
         if schedule == "adaptive":
             return DTSSPolicy(self.config.dtss)
         if schedule == "uniform":
-            return UniformPolicy(interval or self.config.uniform_interval)
+            return UniformPolicy(self.config.uniform_interval if interval is None else interval)
         if schedule == "content":
             if lr_latents is None:
                 raise ValueError("the content schedule is chosen from the encoded LR tiles")
@@ -204,6 +209,7 @@ class Upscaler:
         experiments and tests). ``progress(stage, done, total)`` hears ``encode`` (tiles),
         ``denoise`` (timesteps of all tiles), ``tiles`` (tiles finished denoising) and
         ``decode`` (latent tiles)."""
+        _output_dtype(image, dtype)  # a bad dtype is refused now, not after the denoising
         job = self.prepare(
             image, schedule=schedule, interval=interval, seed=seed, policy=policy, progress=progress
         )
@@ -388,7 +394,9 @@ class Upscaler:
         cfg = self.config
         return Report(
             schedule=schedule,
-            interval=(interval or cfg.uniform_interval) if schedule == "uniform" else None,
+            interval=(cfg.uniform_interval if interval is None else interval)
+            if schedule == "uniform"
+            else None,
             seed=seed,
             model=self.model_name,
             backend=self.backend.describe(),

@@ -10,6 +10,7 @@ its images sent to the others.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any
 
 from adadiff import __version__
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError, OutputPathError
-from adadiff.imageio import write_bytes_atomic
+from adadiff.imageio import OUTPUT_FORMATS, write_bytes_atomic
 from adadiff.presets import PRESETS
 from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, Plan, job_stamp, make_plan
 from adadiff.scaleout.worker import UpscaleWorker
@@ -149,7 +150,17 @@ def _run_planned(
         if on_record:
             on_record(record, index, total)
     for path in plan.ignored:
-        log.warning("%s: not an image by its name; left out", path)
+        why = (
+            "a folder (subfolders are not searched)"
+            if path.is_dir()
+            else "not an image by its name"
+            if path.is_file()
+            else "a link to nothing"
+        )
+        log.warning("%s: %s; left out", path, why)
+    if total == 0:
+        names = ", ".join(sorted(OUTPUT_FORMATS))
+        log.warning("the input folder holds no images (by name: %s); nothing to do", names)
     workers: list[dict[str, Any]] = []
     started_info: list[dict[str, Any]] = []
     startup = 0.0
@@ -377,6 +388,11 @@ class _Dispatcher:
             write_bytes_atomic(task.output, reply["image"])
             write_bytes_atomic(task.report, (json.dumps(report, indent=2) + "\n").encode())
         except OutputPathError as exc:  # this image's files only: the others go on
+            # no output without its report (a report name can pass the file system's limit
+            # where the output's does not): a rerun sees a failed image, not a half-done one
+            with contextlib.suppress(OSError):
+                if task.output.is_file():
+                    task.output.unlink()
             base.status, base.error = "failed", str(exc)
             return base
         base.unet_evaluations = report["unet_evaluations"]

@@ -124,13 +124,17 @@ class Plan:
 
 
 def list_inputs(input_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(images, ignored): the folder's files by suffix, sorted; hidden files are left out."""
+    """(images, ignored): the folder's files by suffix, sorted; ignored also holds subfolders
+    (not searched) and links to nothing; hidden entries are left out."""
     if not input_dir.is_dir():
         raise ConfigError(f"{input_dir} is not a folder; give the folder that holds the images")
     images: list[Path] = []
     ignored: list[Path] = []
     for path in sorted(input_dir.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
+        if path.name.startswith("."):
+            continue
+        if not path.is_file():
+            ignored.append(path)
             continue
         (images if path.suffix.lower() in OUTPUT_FORMATS else ignored).append(path)
     return images, ignored
@@ -158,10 +162,12 @@ def make_plan(input_dir: Path, output_dir: Path, settings: JobSettings) -> Plan:
     clashing = {out: names for out, names in clashes.items() if len(names) > 1}
     if clashing:
         out, names = next(iter(clashing.items()))
-        raise ConfigError(
-            f"{', '.join(names)} would all be written to {out.name}; "
-            "use --output-format same or rename the inputs"
+        fix = (
+            "rename the inputs"
+            if settings.output_format == "same"
+            else ("use --output-format same or rename the inputs")
         )
+        raise ConfigError(f"{', '.join(names)} would all be written to {out.name}; {fix}")
     todo: list[ImageTask] = []
     done: list[ImageTask] = []
     for task in tasks:
@@ -179,9 +185,9 @@ def job_stamp(
 
 
 def is_done(task: ImageTask, settings: JobSettings) -> bool:
-    if not (task.output.is_file() and task.report.is_file()):
-        return False
-    try:
+    try:  # a name past the file system's limit raises here (ENAMETOOLONG): not done
+        if not (task.output.is_file() and task.report.is_file()):
+            return False
         stamp = json.loads(task.report.read_text()).get("job")
     except (OSError, ValueError, AttributeError):
         return False

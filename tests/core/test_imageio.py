@@ -568,3 +568,12 @@ def test_a_name_near_the_file_system_limit_is_written_atomically(tmp_path: Path)
     written = save_image(tmp_path / name, _rgb_u8().astype(np.float32) / 255.0)
     assert written.name == name
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_premultiplied_gray_and_big_endian_arrays_are_read():
+    from adadiff.imageio import to_rgb_array
+
+    la = Image.new("La", (4, 3), (200, 255))
+    assert to_rgb_array(la).shape == (3, 4, 3)
+    big = np.full((2, 2), 65535, dtype=">u2")
+    np.testing.assert_allclose(to_rgb_array(big), 1.0)

@@ -77,6 +77,31 @@ def test_unknown_schedule(upscaler, photo):
         upscaler.upscale(photo, schedule="fast")
 
 
+def test_bad_dtype_and_interval_are_refused_before_any_tile_runs(upscaler, photo):
+    stages: list[str] = []
+
+    def heard(stage, done, total):
+        stages.append(stage)
+
+    with pytest.raises(ConfigError, match="dtype must be"):
+        upscaler.upscale(photo, dtype=np.float64, progress=heard)
+    for interval in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="interval must be a whole number"):
+            upscaler.upscale(photo, schedule="uniform", interval=interval, progress=heard)
+    assert stages == []  # nothing was encoded, let alone denoised
+    _, report = upscaler.upscale(photo[:16, :16], schedule="uniform", interval=np.int64(500))
+    assert report.interval == 500 and report.steps_per_tile == [2]
+
+
+def test_threads_take_any_whole_number_type():
+    from adadiff.threads import check_threads
+
+    assert check_threads(np.int64(1)) == 1 and type(check_threads(np.int64(1))) is int
+    for bad in (0, True, 1.5, "2"):
+        with pytest.raises(ConfigError, match="threads must be"):
+            check_threads(bad)
+
+
 def test_a_refused_max_batch_closes_the_backend_it_opened(monkeypatch, tiny_config):
     """Engines with batch profiles refuse a larger --max-batch; the opened backend is closed."""
     from adadiff.engines import factory

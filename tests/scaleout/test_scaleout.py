@@ -112,6 +112,13 @@ def test_plan_names_outputs_and_ignores_other_files(folder, tmp_path):
     assert plan.todo[0].report.name == "astronaut.png.json"
     assert [p.name for p in plan.ignored] == ["notes.txt"]
     assert plan.done == []
+    # a subfolder (not searched) and a link to nothing are listed as left out, not lost
+    nested = tmp_path / "nested"
+    (nested / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(nested / "sub" / "deep.png")
+    (nested / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    plan = make_plan(nested, tmp_path / "out2", JobSettings())
+    assert plan.todo == [] and [p.name for p in plan.ignored] == ["gone.png", "sub"]
 
 
 def test_plan_errors(folder, tmp_path):
@@ -127,6 +134,9 @@ def test_plan_errors(folder, tmp_path):
         make_plan(clash, tmp_path / "out", JobSettings())
     plan = make_plan(clash, tmp_path / "out", JobSettings(output_format="same"))
     assert sorted(t.output.name for t in plan.todo) == ["same.jpg", "same.png"]
+    Image.new("RGB", (4, 4)).save(clash / "same.PNG", format="PNG")  # same name, by case only
+    with pytest.raises(ConfigError, match=r"same\.png; rename the inputs$"):
+        make_plan(clash, tmp_path / "out", JobSettings(output_format="same"))
     with pytest.raises(ConfigError, match="uniform"):
         JobSettings(schedule="adaptive", interval=5)
 
@@ -145,6 +155,21 @@ def test_done_means_same_settings_and_same_input(folder, tmp_path):
     assert not is_done(task, JobSettings(seed=1, schedule="uniform"))
     task.report.write_text("{not json")
     assert not is_done(task, settings)
+
+
+def test_a_report_name_past_the_file_system_limit_is_not_done_and_no_crash(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    long = src / f"{'L' * 247}.png"  # 251 bytes: the output fits, its .png.json report does not
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(long)
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = JobSettings()
+    task = make_plan(src, out, settings).todo[0]
+    task.output.write_bytes(b"image")  # an output left without its report by an older run
+    assert len(task.report.name.encode()) > 255
+    assert not is_done(task, settings)  # it used to raise ENAMETOOLONG and stop every rerun
+    assert make_plan(src, out, settings).todo == [task]
 
 
 def test_a_model_retrained_in_place_is_not_taken_for_the_old_one(folder, tmp_path):
