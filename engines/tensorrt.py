@@ -58,19 +58,19 @@ class TensorRTEngine:
             )
         self._check_engine()
         self.contexts: list[Any] = []
+        self.buffers: dict[str, Any] = {}
         try:
             for i in range(len(entry.profiles)):
                 self.contexts.append(self._context(i))
+            dims = {**spec.spatial, "B": entry.max_batch}
+            for t in (*spec.inputs, *spec.outputs):
+                dtype = _torch_dtype(backend.torch, trt, self.engine.get_tensor_dtype(t.name))
+                self.buffers[t.name] = backend.cuda.empty(t.concrete(dims), dtype)
         except BaseException:
-            # contexts made before the failure must not stay on the backend's scratch list
-            backend.detach({id(ctx) for ctx in self.contexts})
-            self.contexts.clear()
+            # nothing made before the failure may stay on the backend's scratch list, where it
+            # would keep the engine (its weights in GPU memory) alive until the backend closes
+            self.close()
             raise
-        dims = {**spec.spatial, "B": entry.max_batch}
-        self.buffers: dict[str, Any] = {}
-        for t in (*spec.inputs, *spec.outputs):
-            dtype = _torch_dtype(backend.torch, trt, self.engine.get_tensor_dtype(t.name))
-            self.buffers[t.name] = backend.cuda.empty(t.concrete(dims), dtype)
         self.last_batch = [-1] * len(self.contexts)
 
     def _check_engine(self) -> None:
@@ -102,18 +102,20 @@ class TensorRTEngine:
 
     def _context(self, index: int) -> Any:
         backend = self.backend
-        if backend.scratch_for(self.engine) is not None:
+        user_managed = backend.scratch_for(self.engine) is not None
+        if user_managed:
             ctx = self.engine.create_execution_context(
                 self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
             )
-            backend.attach_scratch(ctx)
         else:
             ctx = self.engine.create_execution_context()
-        if ctx is None:
+        if ctx is None:  # checked before the scratch list takes it: None has no memory to set
             raise EngineMismatchError(
                 f"TensorRT could not create an execution context for {self.path.name} (out of "
                 "device memory?); close other GPU work or use a smaller --max-batch at build"
             )
+        if user_managed:
+            backend.attach_scratch(ctx)
         try:  # the Python binding raises where the C++ API returns false
             selected = ctx.set_optimization_profile_async(index, backend.stream.cuda_stream)
         except RuntimeError:
@@ -234,8 +236,8 @@ class TensorRTBackend:
         return self._scratch
 
     def attach_scratch(self, ctx: Any) -> None:
-        self._contexts.append(ctx)
         self._set_memory(ctx)
+        self._contexts.append(ctx)  # only once it points at the block
 
     def detach(self, ids: set[int]) -> None:
         """Forget the contexts of a closed engine (by ``id``)."""

@@ -201,6 +201,33 @@ def test_refused_profile_selection_and_shapes_are_errors(trt, export):
     assert len(backend._contexts) == before  # the refused context is not kept alive
 
 
+def test_a_context_or_buffer_that_fails_at_open_leaves_the_backend_usable(trt, export, monkeypatch):
+    _build(export, components=("pfj", "mmle"))
+    backend = _backend(export)
+    real_create = fake.ICudaEngine.create_execution_context
+    calls = []
+
+    def none_once(self, *args):
+        calls.append(1)
+        return None if len(calls) == 1 else real_create(self, *args)
+
+    monkeypatch.setattr(fake.ICudaEngine, "create_execution_context", none_once)
+    with pytest.raises(EngineMismatchError, match="could not create an execution context"):
+        backend.open("pfj")
+    assert backend._contexts == []  # no None on the scratch list
+    monkeypatch.setattr(fake.ICudaEngine, "create_execution_context", real_create)
+    real_dtype = fake.ICudaEngine.get_tensor_dtype
+    monkeypatch.setattr(fake.ICudaEngine, "get_tensor_dtype", lambda self, name: 99)
+    with pytest.raises(EngineMismatchError):
+        backend.open("pfj")
+    assert backend._contexts == []  # the contexts made before the buffers failed are gone
+    monkeypatch.setattr(fake.ICudaEngine, "get_tensor_dtype", real_dtype)
+    mmle = backend.open("mmle")  # the scratch grows over the contexts still listed: none broken
+    assert mmle(mmle.spec.sample_inputs(2))["scores"].shape[0] == 2
+    backend.close()
+    assert fake.STATE.violations == []
+
+
 def test_a_failed_second_profile_releases_the_first_context(trt, export, monkeypatch):
     from adadiff.engines.tensorrt import TensorRTEngine
 
