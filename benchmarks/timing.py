@@ -45,7 +45,7 @@ def synchronize(device: str) -> None:
     if is_cuda(device):
         import torch
 
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # that device, not the current one (cuda:1 runs too)
 
 
 def measure(
@@ -60,7 +60,7 @@ def measure(
         result = fn()
     synchronize(device)
     if is_cuda(device):
-        return _cuda_events(fn, repeats, warmup)
+        return _cuda_events(fn, repeats, warmup, device)
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -69,19 +69,22 @@ def measure(
     return Timing(seconds, warmup, "perf_counter"), result
 
 
-def _cuda_events(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[Timing, Any]:
+def _cuda_events(
+    fn: Callable[[], Any], repeats: int, warmup: int, device: str
+) -> tuple[Timing, Any]:
     import torch
 
     seconds = []
     result = None
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        result = fn()
-        end.record()
-        end.synchronize()
-        seconds.append(start.elapsed_time(end) / 1000.0)
+    with torch.cuda.device(torch.device(device)):  # events go on that device's current stream
+        for _ in range(repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1000.0)
     return Timing(seconds, warmup, "cuda_events"), result
 
 

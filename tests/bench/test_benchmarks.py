@@ -295,3 +295,42 @@ def test_scaling_plot_shows_both_gpu_memory_figures(tmp_path, monkeypatch):
     assert plots.scaling(data, tmp_path / "scaling.png", "test")
     assert (tmp_path / "scaling.png").read_bytes()[:8] == PNG_MAGIC
     assert {"CUDA peak, torch allocator", "CUDA device used after (all allocations)"} <= set(drawn)
+
+
+def test_cuda_timing_waits_on_and_records_on_the_device_it_was_given(monkeypatch):
+    """No GPU here: torch.cuda stands in, so what is checked is which device the calls name."""
+    import contextlib
+
+    import torch
+
+    from benchmarks import timing
+
+    seen: dict[str, list] = {"sync": [], "device": []}
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            self.at = 0.0
+
+        def record(self) -> None:
+            seen["device"].append(entered[-1] if entered else None)
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, other) -> float:
+            return 2.0
+
+    entered: list = []
+
+    @contextlib.contextmanager
+    def device(dev):
+        entered.append(str(dev))
+        yield
+        entered.pop()
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: seen["sync"].append(dev))
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    result, value = timing.measure(lambda: 7, repeats=2, warmup=1, device="cuda:1")
+    assert value == 7 and result.seconds == [0.002, 0.002]
+    assert seen["sync"] == ["cuda:1"] and seen["device"] == ["cuda:1"] * 4
