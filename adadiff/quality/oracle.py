@@ -16,6 +16,7 @@ import numpy as np
 from adadiff.config import MetricConfig, MetricKind
 from adadiff.errors import ShapeError
 from adadiff.imageio import bicubic_upscale
+from adadiff.quality.metrics import check_image
 from adadiff.quality.registry import check_available
 
 
@@ -25,8 +26,7 @@ def _rgb(name: str, image: np.ndarray) -> np.ndarray:
         raise ShapeError(
             f"{name} must be a float RGB image [H, W, 3] in [0, 1], got {image.dtype} {image.shape}"
         )
-    if not np.all(np.isfinite(image)):  # clipping would keep a NaN, and score it as NaN
-        raise ShapeError(f"{name} contains NaN or infinite values")
+    check_image(image, name)  # clipping would keep a NaN, and score it as NaN
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 

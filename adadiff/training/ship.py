@@ -26,7 +26,7 @@ from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.models.bundle import SHIPPED, TorchModels, describe, load_models
 from adadiff.provenance import MODEL_CARD, TrainingRecord, read_record, write_record
 from adadiff.training.assemble import encoder_fingerprint, frozen_models, same_encoder
-from adadiff.training.checkpoint import load_latest
+from adadiff.training.checkpoint import list_checkpoints, load_latest
 from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, training_photos
 from adadiff.training.deadleaves import NAME_PREFIX as DEADLEAVES_PREFIX
 from adadiff.training.deadleaves import SOURCE as DEADLEAVES_SOURCE
@@ -219,15 +219,15 @@ def _labels(workdir: Path) -> LabelSummary:
     return out
 
 
-def label_lag(labels: LabelSummary, unet: dict[str, Any] | None) -> str:
+def label_lag(labels: LabelSummary, unet_step: int | None) -> str:
     """A sentence when the labels (hence MMLE) came from another UNet checkpoint than the one
     shipped (``train labels`` refuses to mix checkpoints, ``ship`` does not), else ""."""
-    if unet is None or not labels.unet_steps or labels.unet_steps == {int(unet["step"])}:
+    if unet_step is None or not labels.unet_steps or labels.unet_steps == {int(unet_step)}:
         return ""
     drew = ", ".join(str(s) for s in sorted(labels.unet_steps))
     return (
         f"The labels were drawn by the UNet at step {drew}; the shipped UNet is that run at step "
-        f"{unet['step']}, and MMLE was not retrained on its trajectories."
+        f"{unet_step}, and MMLE was not retrained on its trajectories."
     )
 
 
@@ -570,6 +570,7 @@ def model_card(
 ) -> str:
     vae, unet, decoder, mmle = (_checkpoint(workdir, s) for s in ("vae", "unet", "decoder", "mmle"))
     labels = _labels(workdir)
+    lag = "" if mmle_reused else label_lag(labels, (unet or {}).get("step"))
     stages = stage_photos(
         workdir, vae_reused=vae_reused, mmle_reused=mmle_reused, unet_init=unet_init
     )
@@ -723,7 +724,7 @@ def model_card(
             if mmle_reused
             else _labels_mmle_lines(cfg, m_sum)
         ),
-        *([f"- {label_lag(labels, unet)}"] if not mmle_reused and label_lag(labels, unet) else []),
+        *([f"- {lag}"] if lag else []),
         "",
         *evaluation_lines(quality, evaluation),
     ]
@@ -748,7 +749,9 @@ def ship(
     vae_reused = _vae_reused(workdir)
     unet_init = _unet_init(workdir)
     models = frozen_models(cfg, workdir, with_mmle=mmle_from is None)
-    lag = label_lag(_labels(workdir), _checkpoint(workdir, "unet")) if mmle_from is None else ""
+    # the step from the checkpoint's name: the card loads the checkpoint itself
+    steps = list_checkpoints(workdir / "unet")
+    lag = label_lag(_labels(workdir), steps[-1][0] if steps else None) if mmle_from is None else ""
     if lag:
         log.warning("%s Rerun `adadiff train labels` and `train mmle` to match it.", lag)
     mmle_reused = None

@@ -248,11 +248,11 @@ def test_shipped_tiny_weights_load_and_fit_the_budget():
 def test_label_lag_only_when_the_labels_came_from_another_unet_step():
     from adadiff.training.ship import LabelSummary, label_lag
 
-    assert label_lag(LabelSummary(unet_steps={40}), {"step": 40}) == ""
-    assert label_lag(LabelSummary(), {"step": 40}) == ""  # shards from before it was recorded
+    assert label_lag(LabelSummary(unet_steps={40}), 40) == ""
+    assert label_lag(LabelSummary(), 40) == ""  # shards from before it was recorded
     assert label_lag(LabelSummary(unet_steps={40}), None) == ""
     assert "at step 30, 40; the shipped UNet is that run at step 40" in label_lag(
-        LabelSummary(unet_steps={30, 40}), {"step": 40}
+        LabelSummary(unet_steps={30, 40}), 40
     )
 
 
