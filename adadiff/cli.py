@@ -28,7 +28,7 @@ from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
 from adadiff.engines.onnxruntime import CUDA, INSTALL_GPU, TENSORRT, import_onnxruntime
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError
 from adadiff.file_upscale import FileOutputs
-from adadiff.presets import PRESETS, SHIPPED, model_config
+from adadiff.presets import PRESETS, SHIPPED, is_preset, model_config
 from adadiff.progress import LogProgress
 from adadiff.runtime.upscaler import Upscaler
 from adadiff.scaleout.job import ClusterOptions, check_local_paths, print_record, run_job
@@ -400,7 +400,7 @@ def model_folder(model: str | None) -> Path | None:
     """The folder a --model names: a preset's shipped weights or a folder; None for a preset
     without shipped weights."""
     name = model or "tiny"
-    if name in PRESETS:
+    if is_preset(name):
         shipped = SHIPPED / name
         return shipped if shipped.is_dir() else None
     return Path(name)
@@ -409,7 +409,7 @@ def model_folder(model: str | None) -> Path | None:
 def model_config_of(args: argparse.Namespace) -> Any:
     """The model config the run will use, read without torch: an export's manifest with
     --engines, else the model's adadiff.json (or the preset)."""
-    if args.model is not None and args.model not in PRESETS and not Path(args.model).is_dir():
+    if args.model is not None and not is_preset(args.model) and not Path(args.model).is_dir():
         raise ConfigError(
             f"--model {args.model} is neither a preset ({', '.join(sorted(PRESETS))}) nor a "
             "model folder; check the path"
@@ -664,6 +664,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         args.src, args.output, seed=args.seed, log=lambda m: print(m, file=sys.stderr)
     )
     print(f"{dst}: converted in {time.perf_counter() - start:.1f}s")
+    name = Path(args.output).name
+    if name in PRESETS:
+        print(
+            f"note: {name!r} is also the name of a built-in preset; pass this folder to "
+            f"--model as a path ({Path(dst).resolve()})",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -376,6 +377,16 @@ class ModelConfig:
                 f"{self.latent_channels} (the VAE's latent_channels), got "
                 f"{self.unet.get('out_channels', 4)}"
             )
+        # diffusers keeps its own copy; the runtime reads only the top-level one
+        vae_scaling = self.vae.get("scaling_factor")
+        if vae_scaling is not None and (
+            not isinstance(vae_scaling, (int, float))
+            or not math.isclose(vae_scaling, self.scaling_factor, rel_tol=1e-6)
+        ):
+            raise ConfigError(
+                f"scaling_factor {self.scaling_factor} and vae.scaling_factor {vae_scaling} "
+                "differ; the runtime uses the top-level one: set both to the same value"
+            )
         if self.uniform_interval < 1:
             raise ConfigError(f"uniform_interval must be >= 1, got {self.uniform_interval}")
         if self.default_schedule not in SCHEDULES:
@@ -447,7 +458,13 @@ class ModelConfig:
     def load(cls, folder: Path) -> ModelConfig:
         path = Path(folder) / CONFIG_FILE
         if not path.is_file():
-            raise ConfigError(f"{path} is missing: a model folder needs its {CONFIG_FILE}")
+            hint = ""
+            if (Path(folder) / "model_index.json").is_file():
+                hint = (
+                    f" ({folder} looks like a diffusers pipeline folder: make a model folder "
+                    f"from it with `adadiff convert-sd21 {folder} -o NEW_FOLDER`)"
+                )
+            raise ConfigError(f"{path} is missing: a model folder needs its {CONFIG_FILE}{hint}")
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as exc:

@@ -94,11 +94,27 @@ def preset(name: str) -> ModelConfig:
         ) from None
 
 
+def is_preset(model: str | Path | None) -> bool:
+    """Whether ``--model`` names a preset. A preset name that is also a model folder in the
+    working directory is refused: the preset would win silently (say after ``adadiff
+    convert-sd21 SRC -o sd21-base``) and the run would use other weights than the folder's."""
+    name = str(model)
+    if name not in PRESETS:
+        return False
+    here = Path(name)
+    if (here / CONFIG_FILE).is_file() and here.resolve() != (SHIPPED / name).resolve():
+        raise ConfigError(
+            f"{name!r} is both a built-in preset and the model folder ./{name}; pass ./{name} "
+            f"for the folder, or rename the folder to use the preset"
+        )
+    return True
+
+
 def model_folder(model: str | Path) -> Path | None:
     """The folder ``load_models(model)`` reads weights from; None for a preset with no shipped
     weights (its seeded random init)."""
     name = str(model)
-    if name in PRESETS:
+    if is_preset(name):
         shipped = SHIPPED / name
         return shipped if (shipped / CONFIG_FILE).is_file() else None
     return Path(model).expanduser()
@@ -108,7 +124,7 @@ def model_config(model: str | Path) -> ModelConfig:
     """The config ``load_models(model)`` would use, read without torch: a folder's adadiff.json,
     a preset's shipped adadiff.json, or the preset's built-in config."""
     name = str(model)
-    if name in PRESETS:
+    if is_preset(name):
         shipped = SHIPPED / name
         return ModelConfig.load(shipped) if (shipped / CONFIG_FILE).is_file() else preset(name)
     folder = Path(model).expanduser()

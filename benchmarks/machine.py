@@ -61,9 +61,9 @@ SHIPPED_WEIGHTS = "shipped weights"
 def weights_of(model: str) -> str:
     """Which weights a preset name meant for this run: shipped, or seeded random init."""
     from adadiff.models.bundle import SHIPPED
-    from adadiff.presets import PRESETS
+    from adadiff.presets import is_preset
 
-    if model not in PRESETS:
+    if not is_preset(model):
         return model
     shipped = SHIPPED / model / "adadiff.json"
     return SHIPPED_WEIGHTS if shipped.is_file() else "seeded random init (no weights shipped)"

@@ -31,7 +31,7 @@ from adadiff.models.wrappers import (
     VAEDecoderWrapper,
     VAEEncoderWrapper,
 )
-from adadiff.presets import PRESETS, SHIPPED, preset
+from adadiff.presets import SHIPPED, is_preset, preset
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_EMBEDDING = "text_embedding.safetensors"
@@ -93,11 +93,42 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def build_modules(cfg: ModelConfig) -> tuple[DiffusersModel, DiffusersModel, PFJ, MMLE]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    unet = UNet2DConditionModel(**cfg.unet)
-    vae = AutoencoderKL(**cfg.vae)
+    unet = _build(UNet2DConditionModel, "unet", cfg)
+    vae = _build(AutoencoderKL, "vae", cfg)
     c = cfg.latent_channels
     pfj = PFJ(latent_channels=c, gain_dim=cfg.pfj.gain_dim, hidden=cfg.pfj.hidden)
     return unet, vae, pfj, mmle_for(cfg)
+
+
+def _build(cls: type, part: str, cfg: ModelConfig) -> DiffusersModel:
+    try:
+        return cls(**getattr(cfg, part))
+    except (TypeError, ValueError) as exc:
+        raise ModelFolderError(
+            f"the {part!r} block of {cfg.name}'s {CONFIG_FILE} does not build a "
+            f"{cls.__name__}: {exc}"
+        ) from exc
+
+
+def check_diffusers_config(module: DiffusersModel, path: Path) -> None:
+    """Refuse a folder whose ``unet/config.json`` or ``vae/config.json`` disagrees with
+    adadiff.json, which is what the modules are built from: fields such as attention_head_dim
+    or norm_eps change what the network computes without changing any tensor's shape."""
+    if not path.is_file():
+        return  # adadiff.json alone defines the modules
+    on_disk = read_json(path)
+    built = json.loads(json.dumps(dict(module.config), default=list))
+    differ = sorted(
+        key
+        for key, value in on_disk.items()
+        if not key.startswith("_") and key in built and built[key] != value
+    )
+    if differ:
+        shown = ", ".join(f"{k}: {on_disk[k]!r} there, {built[k]!r} here" for k in differ[:4])
+        raise ModelFolderError(
+            f"{path} disagrees with {CONFIG_FILE} ({shown}{' ...' if len(differ) > 4 else ''}); "
+            f"the modules are built from {CONFIG_FILE}: make the two agree"
+        )
 
 
 def mmle_for(cfg: ModelConfig) -> MMLE:
@@ -168,6 +199,8 @@ def load_folder(folder: str | Path) -> TorchModels:
     cfg = ModelConfig.load(folder)
     with torch.random.fork_rng(devices=[]):
         unet, vae, pfj, mmle = build_modules(cfg)
+    check_diffusers_config(unet, folder / "unet" / "config.json")
+    check_diffusers_config(vae, folder / "vae" / "config.json")
     load_state(unet, folder / "unet" / WEIGHTS)
     load_state(vae, folder / "vae" / WEIGHTS)
     load_state(pfj, folder / "pfj.safetensors")
@@ -188,7 +221,7 @@ def load_folder(folder: str | Path) -> TorchModels:
 def load_models(model: str | Path, *, seed: int = 0) -> TorchModels:
     """A preset name (shipped weights if present, else seeded random init) or a model folder."""
     name = str(model)
-    if name in PRESETS:
+    if is_preset(name):
         shipped = SHIPPED / name
         if (shipped / "adadiff.json").is_file():
             return load_folder(shipped)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from adadiff.presets import sd21_base
 DEFAULT_SCALING_FACTOR = 0.18215
 TEXT_WEIGHTS = "model.safetensors"
 TEXT_WEIGHTS_INDEX = "model.safetensors.index.json"
+FP16 = "fp16"  # the hub's name for half-precision weight files
 
 
 def convert_sd21(
@@ -70,10 +72,15 @@ def convert_sd21(
         )
     te_dir = src / "text_encoder"
     _read_json(te_dir / "config.json", "the transformers CLIPTextModel config")
+    te_variant = None
     if not (te_dir / TEXT_WEIGHTS_INDEX).is_file():
-        _need_weights(
+        te_weights = _need_weights(
             te_dir, TEXT_WEIGHTS, "the CLIP text encoder weights", bin_name="pytorch_model.bin"
         )
+        te_variant = FP16 if te_weights.name != TEXT_WEIGHTS else None
+    for path in (unet_weights, vae_weights):
+        if path.name != WEIGHTS:
+            say(f"reading the fp16 file {path} (the model is converted to fp32)")
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -92,10 +99,10 @@ def convert_sd21(
 
     say("reading vae")
     vae = _build(AutoencoderKL, cfg.vae, src / "vae" / "config.json")
-    _load_strict(vae, _read_safetensors(vae_weights), vae_weights)
+    _load_strict(vae, modern_attention_keys(_read_safetensors(vae_weights)), vae_weights)
 
     say("computing the empty-prompt text embedding")
-    text = _empty_prompt_embedding(transformers, tok_dir, te_dir, cfg.text_tokens)
+    text = _empty_prompt_embedding(transformers, tok_dir, te_dir, cfg.text_tokens, te_variant)
     if tuple(text.shape) != (cfg.text_tokens, cfg.text_dim):
         raise ModelFolderError(
             f"{te_dir} gives an empty-prompt embedding of shape {tuple(text.shape)}, but the UNet "
@@ -167,6 +174,10 @@ def _need_weights(folder: Path, name: str, what: str, *, bin_name: str | None = 
     path = folder / name
     if path.is_file():
         return path
+    # what `--variant fp16` downloads fetch instead (e.g. diffusion_pytorch_model.fp16.safetensors)
+    variant = folder / name.replace(".safetensors", f".{FP16}.safetensors")
+    if variant.is_file():
+        return variant
     bin_path = folder / (bin_name or name.replace(".safetensors", ".bin"))
     if bin_path.is_file():
         raise ModelFolderError(
@@ -275,6 +286,24 @@ def _build(cls: type, kwargs: dict[str, Any], config_path: Path) -> nn.Module:
             ) from exc
 
 
+# diffusers before 0.15 named the VAE's attention projections query/key/value/proj_attn; the
+# stock SD-2.1-base VAE file still does, and diffusers renames them when it loads.
+_OLD_ATTENTION = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+_NEW_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def modern_attention_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with old-style VAE attention names mapped to today's diffusers names."""
+    out = {}
+    for key, tensor in state.items():
+        match = _OLD_ATTENTION.match(key)
+        if match:
+            prefix, old, kind = match.groups()
+            key = f"{prefix}{_NEW_ATTENTION[old]}.{kind}"
+        out[key] = tensor
+    return out
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -304,14 +333,16 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path) 
 
 
 def _empty_prompt_embedding(
-    transformers: Any, tok_dir: Path, te_dir: Path, tokens: int
+    transformers: Any, tok_dir: Path, te_dir: Path, tokens: int, variant: str | None = None
 ) -> torch.Tensor:
     try:
         tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     except Exception as exc:  # transformers raises OSError/ValueError/... for a broken folder
         raise ModelFolderError(f"{tok_dir} is not a loadable CLIP tokenizer folder: {exc}") from exc
     try:
-        encoder = transformers.CLIPTextModel.from_pretrained(str(te_dir), local_files_only=True)
+        encoder = transformers.CLIPTextModel.from_pretrained(
+            str(te_dir), local_files_only=True, variant=variant
+        )
     except Exception as exc:
         raise ModelFolderError(f"{te_dir} is not a loadable CLIPTextModel folder: {exc}") from exc
     # The tokenizer's model_max_length can be a huge sentinel; the UNet was trained on 77 tokens.

@@ -25,7 +25,7 @@ from typing import Any
 from adadiff import __version__
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError, OutputPathError
 from adadiff.imageio import OUTPUT_FORMATS, write_bytes_atomic
-from adadiff.presets import PRESETS
+from adadiff.presets import PRESETS, is_preset
 from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, Plan, job_stamp, make_plan
 from adadiff.scaleout.worker import UpscaleWorker
 
@@ -186,7 +186,7 @@ def check_local_paths(settings: JobSettings) -> None:
     """Fail before Ray starts when a model or engines folder named on this machine is missing
     (on a remote cluster the folders live on the nodes, so they are not checked here)."""
     model = settings.model
-    if model is not None and model not in PRESETS and not (Path(model) / "adadiff.json").is_file():
+    if model is not None and not is_preset(model) and not (Path(model) / "adadiff.json").is_file():
         raise ConfigError(
             f"--model {model} is neither a preset ({', '.join(sorted(PRESETS))}) "
             "nor a model folder with an adadiff.json"

@@ -17,7 +17,7 @@ from adadiff.artifacts import ExportManifest, sha256_file, weights_digest
 from adadiff.config import CONFIG_FILE, RunSettings
 from adadiff.errors import AdadiffError, ConfigError, OutputPathError
 from adadiff.imageio import OUTPUT_FORMATS
-from adadiff.presets import PRESETS, SHIPPED
+from adadiff.presets import SHIPPED, is_preset
 
 JOB_REPORT = "adadiff-job.json"
 OUTPUT_CHOICES = ("png", "same")
@@ -96,7 +96,7 @@ def model_identity(model: str | None, engines: str | None) -> str:
         if model is None:  # the exported model itself
             return digest.hexdigest()[:16]
     name = model or "tiny"
-    folder = SHIPPED / name if name in PRESETS else Path(name).expanduser()
+    folder = SHIPPED / name if is_preset(name) else Path(name).expanduser()
     config = folder / CONFIG_FILE
     if not config.is_file():
         digest.update(f"built-in {name}".encode())  # a preset's seeded random init

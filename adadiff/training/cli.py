@@ -18,7 +18,7 @@ from typing import Any
 from adadiff.argtypes import fraction, non_negative_float, positive, positive_float
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError
-from adadiff.presets import PRESETS, preset
+from adadiff.presets import is_preset, preset
 from adadiff.quality.cache import cache_root
 from adadiff.training.data import HOLDOUT
 from adadiff.training.degrade import STRENGTH_NOTES, STRENGTHS
@@ -372,7 +372,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _config(model: str) -> ModelConfig:
-    return preset(model) if model in PRESETS else ModelConfig.load(Path(model))
+    return preset(model) if is_preset(model) else ModelConfig.load(Path(model))
 
 
 def _training_logs() -> None:

@@ -116,6 +116,9 @@ def test_damaged_or_mismatched_weights_name_the_file_and_tensor(tmp_path, tiny_m
     cfg = json.loads((wider / "adadiff.json").read_text())
     cfg["unet"]["block_out_channels"] = [2 * c for c in cfg["unet"]["block_out_channels"]]
     (wider / "adadiff.json").write_text(json.dumps(cfg))
+    diffusers_cfg = json.loads((wider / "unet" / "config.json").read_text())
+    diffusers_cfg["block_out_channels"] = cfg["unet"]["block_out_channels"]
+    (wider / "unet" / "config.json").write_text(json.dumps(diffusers_cfg))
     with pytest.raises(ModelFolderError, match=r"unet/diffusion_pytorch_model\.safetensors"):
         load_folder(wider)
 

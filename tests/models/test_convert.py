@@ -278,3 +278,39 @@ def test_without_transformers(stock: Path, tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(BackendUnavailableError, match=re.escape('pip install "adadiff[convert]"')):
         convert_sd21(stock, tmp_path / "converted")
+
+
+def test_vae_with_pre_0_15_attention_names(stock: Path, tmp_path: Path) -> None:
+    """The stock SD-2.1-base VAE file names its attention query/key/value/proj_attn."""
+    path = stock / "vae" / WEIGHTS
+    modern = load_file(str(path))
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for key, tensor in modern.items():
+        for new, old in old_names.items():
+            key = key.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        renamed[key] = tensor
+    assert any(".attentions.0.query." in k for k in renamed)
+    save_file(renamed, str(path))
+    models = load_folder(convert_sd21(stock, tmp_path / "converted"))
+    vae = models.vae.state_dict()
+    for key, tensor in modern.items():
+        assert torch.equal(vae[key], tensor), key
+
+
+def test_fp16_variant_files(stock: Path, tmp_path: Path) -> None:
+    """A download of the fp16 variant only (diffusion_pytorch_model.fp16.safetensors)."""
+    for part, name in (("unet", WEIGHTS), ("vae", WEIGHTS), ("text_encoder", "model.safetensors")):
+        path = stock / part / name
+        state = load_file(str(path))
+        save_file(
+            {k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+            str(path.with_name(name.replace(".safetensors", ".fp16.safetensors"))),
+        )
+        path.unlink()
+    lines: list[str] = []
+    models = load_folder(convert_sd21(stock, tmp_path / "converted", log=lines.append))
+    assert any("fp16" in line for line in lines)
+    assert models.unet.conv_in.weight.dtype == torch.float32
+    assert models.text_embedding.dtype == torch.float32
+    assert torch.count_nonzero(models.text_embedding) > 0

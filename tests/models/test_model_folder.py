@@ -1,0 +1,89 @@
+"""Loading a model folder: what adadiff.json and the diffusers configs beside it must agree on,
+and which --model names a preset."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from adadiff.cli import main
+from adadiff.config import CONFIG_FILE, ModelConfig
+from adadiff.errors import ConfigError, ModelFolderError
+from adadiff.models.bundle import load_folder, load_models
+from adadiff.presets import SHIPPED, is_preset, model_config, model_folder
+
+
+@pytest.fixture
+def folder(tiny_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+
+
+def _edit(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_bad_diffusers_block_in_adadiff_json_is_a_model_folder_error(folder: Path) -> None:
+    _edit(folder / CONFIG_FILE, lambda d: d["unet"].update(attention_head_dims=4))
+    with pytest.raises(ModelFolderError, match=r"'unet' block .* UNet2DConditionModel"):
+        load_folder(folder)
+
+
+def test_the_cli_says_it_in_one_line(folder: Path, tmp_path: Path, capsys) -> None:
+    _edit(folder / CONFIG_FILE, lambda d: d["unet"].update(down_block_types=["DownBlock2D"]))
+    image = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(image)
+    assert main(["upscale", str(image), "-o", str(tmp_path / "o.png"), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "'unet' block" in err and "Traceback" not in err
+
+
+def test_a_diffusers_config_that_disagrees_with_adadiff_json_is_refused(folder: Path) -> None:
+    # norm_eps changes no tensor's shape, so the weights alone cannot tell
+    on_disk = json.loads((folder / "unet" / "config.json").read_text())["norm_eps"]
+    _edit(folder / CONFIG_FILE, lambda d: d["unet"].update(norm_eps=on_disk * 10))
+    with pytest.raises(ModelFolderError, match="norm_eps"):
+        load_folder(folder)
+
+
+def test_without_the_diffusers_configs_adadiff_json_decides(folder: Path) -> None:
+    (folder / "unet" / "config.json").unlink()
+    (folder / "vae" / "config.json").unlink()
+    assert load_folder(folder).unet.config.in_channels == 8
+
+
+def test_two_scaling_factors_must_agree(folder: Path) -> None:
+    _edit(folder / CONFIG_FILE, lambda d: d["vae"].update(scaling_factor=0.5))
+    with pytest.raises(ConfigError, match=r"vae\.scaling_factor"):
+        ModelConfig.load(folder)
+
+
+def test_a_pipeline_folder_is_pointed_at_convert(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ConfigError, match="adadiff convert-sd21"):
+        ModelConfig.load(tmp_path)
+
+
+def test_a_folder_named_like_a_preset_is_not_silently_the_preset(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(folder, work / "tiny")
+    monkeypatch.chdir(work)
+    for resolve in (is_preset, model_folder, model_config, load_models):
+        with pytest.raises(ConfigError, match=r"pass \./tiny"):
+            resolve("tiny")
+    assert load_models("./tiny").config.name == ModelConfig.load(folder).name
+    assert is_preset("sd21-base")
+
+
+def test_the_shipped_folder_itself_is_no_clash(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(SHIPPED)
+    assert is_preset("tiny")
