@@ -23,6 +23,7 @@ from adadiff.errors import (
     ConfigError,
     EngineMismatchError,
     ModelFolderError,
+    shell_arg,
 )
 from adadiff.specs import ModelSpec, component_specs
 
@@ -63,13 +64,26 @@ def _manifest_shape_problem(data: dict[str, Any]) -> str:
     return ""
 
 
+# The weight files a model folder is loaded from (models.bundle writes and reads these).
+WEIGHT_FILES = (
+    "mmle.safetensors",
+    "pfj.safetensors",
+    "text_embedding.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+)
+
+
 def weights_digest(folder: Path) -> str:
     """A digest of a model folder's config and weight files (names and contents): what tells
-    one set of weights from another where the config alone does not (a retrained folder)."""
+    one set of weights from another where the config alone does not (a retrained folder).
+    Only the files the loader reads count, so a backup copy kept inside the folder does not."""
     folder = Path(folder)
     digest = hashlib.sha256()
-    for path in [folder / CONFIG_FILE, *sorted(folder.rglob("*.safetensors"))]:
-        digest.update(f"{path.relative_to(folder)}:{sha256_file(path)};".encode())
+    for name in (CONFIG_FILE, *WEIGHT_FILES):
+        path = folder / name
+        if path.is_file():
+            digest.update(f"{name}:{sha256_file(path)};".encode())
     return digest.hexdigest()[:16]
 
 
@@ -206,15 +220,20 @@ class ExportManifest:
     def load(cls, folder: str | Path) -> ExportManifest:
         folder = Path(folder)
         path = folder / MANIFEST_FILE
+        if folder.is_file():
+            raise ModelFolderError(
+                f"{folder} is a file; --engines takes the export's folder (the one holding "
+                f"{MANIFEST_FILE}), e.g. {folder.parent}"
+            )
         if not folder.is_dir():
             raise ModelFolderError(
                 f"engines folder {folder} does not exist; create it with "
-                f"`adadiff export --model MODEL -o {folder}`"
+                f"`adadiff export --model MODEL -o {shell_arg(folder)}`"
             )
         if not path.is_file():
             raise ModelFolderError(
                 f"{folder} has no {MANIFEST_FILE}, so it is not an adadiff ONNX export; "
-                f"create one with `adadiff export --model MODEL -o {folder}`"
+                f"create one with `adadiff export --model MODEL -o {shell_arg(folder)}`"
             )
         try:
             data = json.loads(path.read_text())
@@ -266,7 +285,7 @@ class ExportManifest:
                 f"--model {model} (config {config.name!r}, digest {config.digest()}) is not the "
                 f"model these ONNX files were exported from ({self.model}, digest "
                 f"{self.config_digest}); give that model with --model (or none, from Python), "
-                f"or export this one with `adadiff export --model {model} -o FOLDER`"
+                f"or export this one with `adadiff export --model {shell_arg(model)} -o FOLDER`"
             )
         if folder is not None and self.model_weights:
             own = weights_digest(folder)
@@ -319,12 +338,12 @@ class ExportManifest:
         except KeyError:
             raise ModelFolderError(
                 f"{folder} holds {sorted(self.components)} but not {component!r}; export it with "
-                f"`adadiff export --model MODEL -o {folder} --components {component}`"
+                f"`adadiff export --model MODEL -o {shell_arg(folder)} --components {component}`"
             ) from None
 
 
 def _fix(folder: Path) -> str:
-    return REEXPORT.format(folder=folder)
+    return REEXPORT.format(folder=shell_arg(folder))
 
 
 def library_versions(names: Mapping[str, str]) -> dict[str, str]:
@@ -549,10 +568,17 @@ class EngineManifest:
         if not path.is_file():
             raise ModelFolderError(
                 f"{path} is missing: no TensorRT engines were built here; run "
-                f"`adadiff build {Path(folder).parent}` on this machine"
+                f"`adadiff build {shell_arg(Path(folder).parent)}` on this machine"
             )
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("it is not a JSON object")
+            for key in ("engines", "device"):
+                if not isinstance(data.get(key), dict):
+                    raise ValueError(f"{key!r} must be a JSON object")
+            if not all(isinstance(e, dict) for e in data["engines"].values()):
+                raise ValueError("each engine must be a JSON object")
             if data.get("format") != TRT_FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, expected {TRT_FORMAT!r}")
             if data.get("version") != TRT_VERSION:
@@ -561,12 +587,12 @@ class EngineManifest:
         except (ValueError, TypeError, ConfigError) as exc:
             raise ModelFolderError(
                 f"{path} is not a readable engine manifest ({exc}); rebuild with "
-                f"`adadiff build {Path(folder).parent}`"
+                f"`adadiff build {shell_arg(Path(folder).parent)}`"
             ) from exc
 
     def check_runtime(self, tensorrt: str, device: DeviceInfo, export_dir: Path) -> list[str]:
         """Refuse engines built for another TensorRT or GPU; return warnings worth logging."""
-        rebuild = f"rebuild them here with `adadiff build {export_dir}`"
+        rebuild = f"rebuild them here with `adadiff build {shell_arg(export_dir)}`"
         if tensorrt != self.tensorrt:
             raise EngineMismatchError(
                 f"the engines in {export_dir / TRT_DIR} were built with TensorRT {self.tensorrt}, "
@@ -591,13 +617,13 @@ class EngineManifest:
         if entry is None:
             raise ModelFolderError(
                 f"no TensorRT engine for {component} in {export_dir / TRT_DIR}; build it with "
-                f"`adadiff build {export_dir} --components {component}`"
+                f"`adadiff build {shell_arg(export_dir)} --components {component}`"
             )
         if entry.onnx_sha256 != onnx_sha256:
             raise EngineMismatchError(
                 f"the {component} engine was built from another ONNX file (sha256 "
                 f"{entry.onnx_sha256[:12]}..., the export now has {onnx_sha256[:12]}...); "
-                f"rebuild with `adadiff build {export_dir} --components {component}`"
+                f"rebuild with `adadiff build {shell_arg(export_dir)} --components {component}`"
             )
         return entry
 
@@ -606,12 +632,13 @@ class EngineManifest:
         ones it was built from. A file whose size and mtime match the build's stamp is not hashed
         again; any other is hashed and compared with the export manifest."""
         entry = self.check_onnx(component, export_digest(files), export_dir)
+        where = shell_arg(export_dir)
         for f in files:
             path = Path(export_dir) / f.path
             if not path.is_file():
                 raise EngineMismatchError(
-                    f"{path} is missing; re-export with `adadiff export ... -o {export_dir}` and "
-                    f"rebuild with `adadiff build {export_dir}`"
+                    f"{path} is missing; re-export with `adadiff export ... -o {where}` and "
+                    f"rebuild with `adadiff build {where}`"
                 )
             st = path.stat()
             if entry.stamps.get(f.path) == [st.st_size, st.st_mtime_ns]:
@@ -619,7 +646,7 @@ class EngineManifest:
             if st.st_size != f.size or sha256_file(path) != f.sha256:
                 raise EngineMismatchError(
                     f"{path} changed since export (size or sha256 differs from its manifest); "
-                    f"re-export with `adadiff export ... -o {export_dir}` and rebuild with "
-                    f"`adadiff build {export_dir} --components {component}`"
+                    f"re-export with `adadiff export ... -o {where}` and rebuild with "
+                    f"`adadiff build {where} --components {component}`"
                 )
         return entry

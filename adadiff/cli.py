@@ -22,11 +22,11 @@ from adadiff.artifacts import (
     import_tensorrt,
     parse_profiles,
 )
-from adadiff.config import SCHEDULES, BackendKind
+from adadiff.config import CONFIG_FILE, SCHEDULES, BackendKind
 from adadiff.cuda import CudaDevice
 from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
 from adadiff.engines.onnxruntime import CUDA, INSTALL_GPU, TENSORRT, import_onnxruntime
-from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError
+from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError, shell_arg
 from adadiff.file_upscale import FileOutputs
 from adadiff.presets import PRESETS, SHIPPED, is_preset, model_config
 from adadiff.progress import LogProgress
@@ -637,16 +637,29 @@ def cmd_upscale_many(args: argparse.Namespace) -> int:
     return 1 if failed and args.strict else 0
 
 
+def _demo_model(args: argparse.Namespace) -> tuple[Path | None, bool]:
+    """The folder of the model the demo runs (None if it has none) and whether its weights are
+    a preset's random init; with --engines alone, the model the export was made from."""
+    if args.engines is not None and args.model is None:
+        from adadiff.artifacts import ExportManifest
+
+        recorded = Path(ExportManifest.load(args.engines).model)
+        return (recorded if (recorded / CONFIG_FILE).is_file() else None), False
+    folder = model_folder(args.model)
+    return folder, folder is None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     cfg = check_upscale_args(args)
+    folder, untrained = _demo_model(args)
     if args.photo is None:
-        args.photo = demo.default_photo(model_folder(args.model))
+        args.photo = demo.default_photo(folder)
     demo.check_photo(args.photo)
     out = args.output
     max_pixels = args.max_pixels or imageio.DEFAULT_MAX_PIXELS
     source = demo.prepare(out, args.photo, args.size, max_pixels)
     print(
-        f"{source}: {args.photo} ({demo.role(args.photo, model_folder(args.model))}) at "
+        f"{source}: {args.photo} ({demo.role(args.photo, folder, untrained=untrained)}) at "
         f"{args.size} px long side; "
         f"{out / 'bicubic.png'}: bicubic 4x"
     )
@@ -727,7 +740,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"{args.output}: {manifest.model}, {manifest.precision}, opset {manifest.opset}, "
         f"{manifest.exporter} exporter, {time.perf_counter() - start:.1f}s. Run it with: "
-        f"adadiff upscale IMAGE -o OUT.png --backend onnxruntime --engines {args.output}"
+        f"adadiff upscale IMAGE -o OUT.png --backend onnxruntime --engines {shell_arg(args.output)}"
         + (" --precision fp16" if manifest.precision == "fp16" else "")
     )
     return 0

@@ -30,25 +30,21 @@ def trained_on(folder: Path | None) -> set[str] | None:
     return None if record is None else {name for name, by in record.photos.items() if by}
 
 
-def role(name: str, folder: Path | None = None) -> str:
-    """What a model's training did with a demo photo, for the user to know: from the model
-    folder's record when it has one, else from the project's photo split."""
-    from adadiff.training.data import HOLDOUT, VALIDATION  # scipy and PIL: only when asked
-
+def role(name: str, folder: Path | None = None, *, untrained: bool = False) -> str:
+    """What a model's training did with a demo photo, for the user to know, from the model
+    folder's record (``training.json`` or its card); ``untrained``: a preset's random init."""
+    if untrained:
+        return "the model has random weights: it never trained"
     record = read_record(folder)
-    if record is not None:
-        stages = record.stages_of(name)
-        if not stages:
-            return "this model never trained on it"
-        # "unet (reused)": the UNet started from weights that trained on it (--init-from)
-        if any(stage.split(" ")[0] == "unet" for stage in stages):
-            return "a photo this model was trained on"
-        return f"its UNet never saw it; these stages trained on it: {', '.join(stages)}"
-    if name in HOLDOUT:
-        return "a hold-out photo: the model never saw it"
-    if name in VALIDATION:
-        return "a validation photo: never trained on"
-    return "a training photo: the model learned from it"
+    if record is None:
+        return "the model records no training, so whether it saw this photo is unknown"
+    stages = record.stages_of(name)
+    if not stages:
+        return "this model never trained on it"
+    # "unet (reused)": the UNet started from weights that trained on it (--init-from)
+    if any(stage.split(" ")[0] == "unet" for stage in stages):
+        return "a photo this model was trained on"
+    return f"its UNet never saw it; these stages trained on it: {', '.join(stages)}"
 
 
 def default_photo(folder: Path | None = None) -> str:
@@ -97,8 +93,15 @@ def prepare(out_dir: Path, name: str, long_side: int, max_pixels: int | None = N
     if max_pixels is not None and width * height > max_pixels:
         raise InputImageError(
             f"--size {long_side} makes a {width}x{height} px input, over the limit of "
-            f"{max_pixels:,} input pixels; use a smaller --size (the demo photos are at most "
-            "512 px) or raise --max-pixels"
+            f"{max_pixels:,} input pixels; use a smaller --size (the {name} photo is "
+            f"{original.width}x{original.height} px) or raise --max-pixels"
+        )
+    if long_side > max(original.size):
+        # enlarging would make the "low-resolution" input an upscale already
+        raise InputImageError(
+            f"--size {long_side} is above the {name} photo's own long side "
+            f"({original.width}x{original.height} px); the demo only shrinks its photos: use "
+            f"--size {max(original.size)} or less"
         )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def parse_device(device: str, backend: str = "torch") -> Device:
     if backend not in DEVICE_KINDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(DEVICE_KINDS)}")
     kind, colon, index = str(device).strip().partition(":")
-    ok = kind in DEVICE_KINDS[backend] and (not colon or index.isdigit())
+    ok = kind in DEVICE_KINDS[backend] and (not colon or (index.isascii() and index.isdigit()))
     if not ok or (kind == "cpu" and colon):
         hint = " (for a GPU write cuda or cuda:0)" if kind in ("gpu", "cuda0", "nvidia") else ""
         raise ConfigError(

@@ -44,3 +44,11 @@ class ShapeError(AdadiffError, ValueError):
 
 class NumericsError(AdadiffError):
     """A model produced NaN or infinite values (fp16 overflow, damaged weights)."""
+
+
+def shell_arg(value: object) -> str:
+    """``value`` quoted for a shell, for the commands a message tells the user to run: a path
+    with a space pasted unquoted would split into two arguments."""
+    import shlex
+
+    return shlex.quote(str(value))

@@ -60,13 +60,17 @@ def read_record(folder: str | Path | None) -> TrainingRecord | None:
     if path.is_file():
         try:
             raw = json.loads(path.read_text())
+            stages = raw["photos"].values()
+            if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in stages):
+                raise TypeError("each photo must map to a list of stage names")
             return TrainingRecord(
                 photos={str(k): tuple(v) for k, v in raw["photos"].items()},
                 holdout=tuple(raw.get("holdout", ())),
                 validation=tuple(raw.get("validation", ())),
                 sources={str(k): str(v) for k, v in raw.get("sources", {}).items()},
             )
-        except (OSError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
+        # ValueError: not JSON, or not UTF-8 (UnicodeDecodeError)
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
             raise ModelFolderError(
                 f"{path} is not a readable training record ({exc}); ship the folder again "
                 "with `adadiff train ship` or delete the file"

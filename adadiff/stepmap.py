@@ -33,6 +33,7 @@ _BORDER_RGB = np.array([255, 255, 255], dtype=np.float32)
 _BORDER_OPACITY = 0.6
 _COLOUR_OPACITY = 0.5
 _LEGEND_MIN_WIDTH = 420
+_MIN_SIDE = 256
 _PAD = 6
 
 
@@ -80,7 +81,11 @@ def _validate(
 
 
 def _map_size(height: int, width: int, max_side: int) -> tuple[int, int]:
-    scale = min(1.0, max_side / max(height, width))
+    """Big images shrink to ``max_side``; small ones grow (in blocks) to ``_MIN_SIDE``, so that
+    a map of a thumbnail is not a few pixels above a legend hundreds of pixels wide."""
+    long_side = max(height, width)
+    target = max(min(long_side, max_side), min(_MIN_SIDE, max_side))
+    scale = target / long_side
     return max(1, min(max_side, round(height * scale))), max(1, min(max_side, round(width * scale)))
 
 

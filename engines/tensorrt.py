@@ -29,7 +29,7 @@ from adadiff.artifacts import (
     profile_for,
 )
 from adadiff.cuda import CudaDevice
-from adadiff.errors import ConfigError, EngineMismatchError
+from adadiff.errors import ConfigError, EngineMismatchError, shell_arg
 from adadiff.specs import ModelSpec, component_specs
 
 log = logging.getLogger("adadiff")
@@ -54,7 +54,8 @@ class TensorRTEngine:
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise EngineMismatchError(
-                f"TensorRT could not load {path}; rebuild with `adadiff build {path.parent.parent}`"
+                f"TensorRT could not load {path}; rebuild with "
+                f"`adadiff build {shell_arg(path.parent.parent)}`"
             )
         self._check_engine()
         self.contexts: list[Any] = []
@@ -76,7 +77,8 @@ class TensorRTEngine:
     def _check_engine(self) -> None:
         """The engine file must be what the manifest says: its profiles and I/O names."""
         trt, engine, entry, spec = self.trt, self.engine, self.entry, self.spec
-        rebuild = f"rebuild with `adadiff build {self.path.parent.parent} --components {spec.name}`"
+        export_dir = shell_arg(self.path.parent.parent)
+        rebuild = f"rebuild with `adadiff build {export_dir} --components {spec.name}`"
         if engine.num_optimization_profiles != len(entry.profiles):
             raise EngineMismatchError(
                 f"{self.path.name} has {engine.num_optimization_profiles} optimisation profiles, "
@@ -124,7 +126,7 @@ class TensorRTEngine:
             backend.detach({id(ctx)})
             raise EngineMismatchError(
                 f"TensorRT refused optimisation profile {index} of {self.path.name}; rebuild with "
-                f"`adadiff build {self.path.parent.parent}`"
+                f"`adadiff build {shell_arg(self.path.parent.parent)}`"
             )
         return ctx
 

@@ -120,10 +120,12 @@ def export_onnx(
         for path in stale_files:
             (out / path).unlink(missing_ok=True)
         source = Path(models.source)
+        is_folder = (source / CONFIG_FILE).is_file()
         manifest = build_manifest(
             config=config,
-            source=models.source,
-            model_weights=folder_digest(source) if (source / CONFIG_FILE).is_file() else "",
+            # absolute, so a later run from another working directory finds the folder
+            source=str(source.resolve()) if is_folder else models.source,
+            model_weights=folder_digest(source) if is_folder else "",
             precision=options.precision,
             opset=options.opset,
             exporter=options.exporter,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from adadiff.config import ModelConfig
-from adadiff.errors import ConfigError, ModelFolderError
+from adadiff.errors import ConfigError, ModelFolderError, shell_arg
 from adadiff.models.bundle import TorchModels, build_modules, mmle_for
 from adadiff.models.networks import MMLE
 from adadiff.training.checkpoint import load_latest, require_latest
@@ -118,14 +118,18 @@ def with_scaling(cfg: ModelConfig, scaling_factor: float) -> ModelConfig:
 def unet_checkpoint(workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
     return require_latest(
-        workdir / UNET_STAGE, UNET_STAGE, f"run `adadiff train unet --workdir {workdir}` first"
+        workdir / UNET_STAGE,
+        UNET_STAGE,
+        f"run `adadiff train unet --workdir {shell_arg(workdir)}` first",
     )
 
 
 def mmle_checkpoint(workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
     return require_latest(
-        workdir / MMLE_STAGE, MMLE_STAGE, f"run `adadiff train mmle --workdir {workdir}` first"
+        workdir / MMLE_STAGE,
+        MMLE_STAGE,
+        f"run `adadiff train mmle --workdir {shell_arg(workdir)}` first",
     )
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from adadiff.artifacts import weights_digest
 from adadiff.config import CONFIG_FILE, ModelConfig
-from adadiff.errors import ConfigError, ModelFolderError
+from adadiff.errors import ConfigError, ModelFolderError, shell_arg
 from adadiff.models.bundle import SHIPPED, TorchModels, describe, load_models
 from adadiff.provenance import MODEL_CARD, TrainingRecord, read_record, write_record
 from adadiff.training.assemble import encoder_fingerprint, frozen_models, same_encoder
@@ -885,14 +885,14 @@ def refresh_card(
     if digest is not None and digest != own:
         raise ConfigError(
             f"the evaluate_tiny JSON describes another model (config digest {digest}, the "
-            f"folder's {own}); run `python -m benchmarks.evaluate_tiny --model {folder}`"
+            f"folder's {own}); run `python -m benchmarks.evaluate_tiny --model {shell_arg(folder)}`"
         )
     # Candidates of one recipe share a config: the weights digest tells them apart (JSONs
     # written before it was recorded are taken on trust).
     weights = weights_digest(folder)
     rerun = {
-        "evaluate_tiny": f"python -m benchmarks.evaluate_tiny --model {folder}",
-        "quality": f"python -m benchmarks.quality --model {folder}",
+        "evaluate_tiny": f"python -m benchmarks.evaluate_tiny --model {shell_arg(folder)}",
+        "quality": f"python -m benchmarks.quality --model {shell_arg(folder)}",
     }
     for what, recorded in (
         ("evaluate_tiny", model.get("weights_digest") if isinstance(model, dict) else None),

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from adadiff.config import ModelConfig, PredictionType
 from adadiff.devices import parse_device
-from adadiff.errors import ConfigError
+from adadiff.errors import ConfigError, shell_arg
 from adadiff.models.bundle import load_models
 from adadiff.models.networks import PFJ
 from adadiff.models.wrappers import DiffusersModel, UNetWrapper
@@ -330,8 +330,8 @@ def train_unet(
         vae_ckpt = require_latest(
             workdir / VAE_STAGE,
             VAE_STAGE,
-            f"run `adadiff train vae --workdir {workdir}` first, or take the VAE of a model "
-            "folder with --vae-from",
+            f"run `adadiff train vae --workdir {shell_arg(workdir)}` first, or take the VAE of a "
+            "model folder with --vae-from",
         )
         vae_state = vae_ckpt["state"]["vae"]
         scaling_factor = vae_ckpt["summary"]["scaling_factor"]

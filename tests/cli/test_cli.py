@@ -259,3 +259,23 @@ def test_demo_writes_every_output_and_refuses_bad_arguments(tmp_path, capsys):
     code, _, err = _run(["demo", "-o", tmp_path / "big", "--size", "5000"], capsys)
     assert code == 2 and "--size 5000 makes a 5000x5000 px input" in err, err
     assert err.count("\n") == 1 and not (tmp_path / "big").exists()
+    # nor is a photo enlarged into the "low-resolution" input
+    code, _, err = _run(
+        ["demo", "-o", tmp_path / "up", "--photo", "chelsea", "--size", "600"], capsys
+    )
+    assert code == 2 and "above the chelsea photo's own long side (451x300 px)" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "up").exists()
+
+
+def test_demo_on_an_export_alone_speaks_of_the_exported_model(tmp_path, onnx_dir, capsys):
+    """--engines without --model runs the export's model: the demo must not describe tiny's
+    training (the export here is of a random-init folder with no training record)."""
+    pytest.importorskip("onnxruntime")
+    from adadiff.artifacts import ExportManifest
+
+    assert Path(ExportManifest.load(onnx_dir).model).is_absolute()
+    out = tmp_path / "demo"
+    args = ["demo", "-o", out, "--size", "40", "-q", "--backend", "onnxruntime"]
+    code, stdout, err = _run([*args, "--engines", onnx_dir], capsys)
+    assert code == 0, err
+    assert "whether it saw this photo is unknown" in stdout

@@ -531,6 +531,18 @@ def test_step_map_size_limit() -> None:
     assert map_height < picture.height <= map_height + 120
 
 
+def test_a_thumbnail_step_map_is_drawn_big_enough_to_read() -> None:
+    image = RNG.random((3, 50, 3), dtype=np.float32)  # a 12x200 output strip, as 4x of 3x50
+    boxes = [(0, 0, 3, 25), (0, 25, 3, 50)]
+    picture = np.asarray(render_step_map(image, boxes, [5, 9], ["t0", "saturated"]))
+    # the map's width grows to 256 px (then the legend's white rows follow); each tile's half
+    # of it is painted, not left white
+    assert picture.shape[1] >= 256
+    top = picture[:15]
+    assert (top[:, :256].min(axis=2) < 250).mean() > 0.9
+    assert not np.array_equal(top[7, 64], top[7, 192])  # two tiles, two colours
+
+
 def test_step_map_single_tile_and_equal_steps(tmp_path: Path) -> None:
     image = np.full((40, 60, 3), 0.5, dtype=np.float32)
     one = render_step_map(image, [(0, 0, 64, 64)], [30], ["t0"])
@@ -547,12 +559,13 @@ def test_step_map_colours_follow_steps() -> None:
     image = np.full((64, 128, 3), 0.5, dtype=np.float32)
     boxes = [(0, 0, 64, 64), (0, 64, 64, 128)]
     picture = np.asarray(render_step_map(image, boxes, [10, 50], ["t0", "saturated"]))
-    few = picture[56, 8].astype(int)
-    many = picture[56, 72].astype(int)
+    # drawn at twice the size: the map's long side grows to 256 px
+    few = picture[112, 16].astype(int)
+    many = picture[112, 144].astype(int)
     assert np.abs(few - many).sum() > 60
     # The saturated tile (right) has a marked corner, the other does not.
-    assert not np.array_equal(picture[1, 65], picture[56, 72])
-    assert np.array_equal(picture[2, 2], picture[56, 8])
+    assert not np.array_equal(picture[2, 130], picture[112, 144])
+    assert np.array_equal(picture[4, 4], picture[112, 16])
 
 
 def test_step_map_rejects_mismatched_lengths() -> None:

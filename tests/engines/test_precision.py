@@ -90,6 +90,7 @@ def test_fp16_upscale_end_to_end_on_cpu(half_backend, tiny_models, photo, caplog
     [
         ("gpu", "torch"),
         ("cuda:x", "torch"),
+        ("cuda:\u00b2", "torch"),  # str.isdigit() takes superscripts, int() does not
         ("cpu:0", "torch"),
         ("tensorrt", "torch"),
         ("gpu", "onnxruntime"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
 import numpy as np
@@ -256,3 +257,22 @@ def test_tensorrt_upscale_takes_the_same_steps_as_torch(tiny_engines, tiny_model
     assert ra.steps_per_tile == rb.steps_per_tile
     mse = float(np.mean((a - b) ** 2))
     assert 10 * np.log10(1.0 / max(mse, 1e-12)) >= 45
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: [],
+        lambda d: None,
+        lambda d: {**d, "engines": []},
+        lambda d: {**d, "device": "h100"},
+        lambda d: {**d, "engines": {"unet": "unet.engine"}},
+    ],
+    ids=["list", "null", "engines-list", "device-string", "engine-string"],
+)
+def test_a_damaged_engine_manifest_reads_as_damaged(tmp_path, edit):
+    _manifest(tmp_path)
+    path = tmp_path / "tensorrt" / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(ModelFolderError, match=r"not a readable engine manifest.*rebuild"):
+        EngineManifest.load(tmp_path / "tensorrt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,13 @@ def test_manifest_refuses_foreign_or_damaged_files(tmp_path):
         ExportManifest.load(empty)
     with pytest.raises(ModelFolderError, match="does not exist"):
         ExportManifest.load(tmp_path / "nowhere")
+    # a command to paste into a shell quotes a path with a space
+    spaced = tmp_path / "no such"
+    with pytest.raises(ModelFolderError, match=re.escape(f"-o '{spaced}'`")):
+        ExportManifest.load(spaced)
+    # --engines given the manifest itself rather than its folder
+    with pytest.raises(ModelFolderError, match=rf"is a file; --engines takes .*{tmp_path.name}"):
+        ExportManifest.load(tmp_path / MANIFEST_FILE)
 
 
 def test_an_edited_manifest_reads_as_damaged_not_as_a_traceback(onnx_dir, tmp_path):

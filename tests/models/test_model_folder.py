@@ -87,3 +87,16 @@ def test_a_folder_named_like_a_preset_is_not_silently_the_preset(
 def test_the_shipped_folder_itself_is_no_clash(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(SHIPPED)
     assert is_preset("tiny")
+
+
+def test_the_weights_digest_reads_the_loaded_files_only(folder: Path) -> None:
+    from adadiff.artifacts import WEIGHT_FILES, weights_digest
+
+    written = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors"))
+    assert written == sorted(WEIGHT_FILES)  # what save() writes is what the digest reads
+    before = weights_digest(folder)
+    (folder / "backup").mkdir()
+    shutil.copy(folder / "pfj.safetensors", folder / "backup" / "pfj-old.safetensors")
+    assert weights_digest(folder) == before
+    shutil.copy(folder / "mmle.safetensors", folder / "pfj.safetensors")
+    assert weights_digest(folder) != before

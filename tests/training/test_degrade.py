@@ -163,15 +163,23 @@ def test_crop_weighting_by_area_or_by_photo():
         data.CropConfig(weighting="pixels")  # type: ignore[arg-type]
 
 
-def test_the_demo_says_whether_its_photo_was_trained_on():
+def test_the_demo_says_whether_its_photo_was_trained_on(tmp_path):
     from adadiff import demo
+    from adadiff.errors import ModelFolderError
+    from adadiff.presets import SHIPPED
 
-    assert "hold-out" in demo.role("astronaut")  # the default photo: never trained on
-    assert "validation" in demo.role("rocket")
-    assert "training" in demo.role("immunohistochemistry")
-    trained = {p.name for p in data.training_photos()}
-    for name in demo.PHOTOS:
-        assert ("training" in demo.role(name)) == (name in trained)
+    shipped = SHIPPED / "tiny"
+    assert demo.role("astronaut", shipped) == "this model never trained on it"  # the default
+    assert demo.role("immunohistochemistry", shipped) == "a photo this model was trained on"
+    # no record: nothing is claimed (the project's split says nothing of a converted model)
+    assert "unknown" in demo.role("immunohistochemistry", tmp_path)
+    assert "unknown" in demo.role("astronaut", None)
+    assert "random weights" in demo.role("astronaut", None, untrained=True)
+    # a record in UTF-16 or with a stage list spelt as a string is damaged, not misread
+    for text in ('\ufeff{"photos": {}}'.encode("utf-16"), b'{"photos": {"astronaut": "unet"}}'):
+        (tmp_path / "training.json").write_bytes(text)
+        with pytest.raises(ModelFolderError, match="not a readable training record"):
+            demo.role("astronaut", tmp_path)
 
 
 def test_the_demo_reads_what_a_model_trained_on_from_its_card(tmp_path):
@@ -188,7 +196,6 @@ def test_the_demo_reads_what_a_model_trained_on_from_its_card(tmp_path):
     assert demo.role("astronaut", tmp_path) == "a photo this model was trained on"
     assert demo.role("chelsea", tmp_path) == "this model never trained on it"
     assert demo.trained_on(tmp_path / "none") is None
-    assert "hold-out" in demo.role("astronaut", tmp_path / "none")
     # by default the demo shows the first of its photos this model never trained on
     assert demo.default_photo(tmp_path) == "chelsea"
     assert demo.default_photo(tmp_path / "none") == "astronaut"
