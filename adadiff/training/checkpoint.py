@@ -101,9 +101,10 @@ def stage_lock(folder: str | Path) -> Iterator[None]:
         fh.flush()
         # a write cut short by SIGKILL or a power loss leaves its temporary file; no other run
         # writes here while the lock is held, so any left is stale
-        for stale in folder.glob(".ckpt-*.tmp"):
-            stale.unlink(missing_ok=True)
-            log.info("removed %s, left by an interrupted checkpoint write", stale)
+        for pattern in (".ckpt-*.tmp", ".shard-*.tmp"):  # checkpoints, label shards
+            for stale in folder.glob(pattern):
+                stale.unlink(missing_ok=True)
+                log.info("removed %s, left by an interrupted write", stale)
         try:
             yield
         finally:
@@ -121,9 +122,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ModelFolderError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # torch raises several types for a damaged or foreign file
+        others = [p for p in path.parent.glob("ckpt-*.pt") if p != path]
+        fallback = (
+            "delete it to fall back to the previous one"
+            if others
+            else "it is the only one: delete it (and the stage folder) to start the stage over"
+        )
         raise ModelFolderError(
-            f"{path} is not a readable adadiff checkpoint ({exc}); delete it to fall back to "
-            "the previous one"
+            f"{path} is not a readable adadiff checkpoint ({exc}); {fallback}"
         ) from exc
     if not isinstance(data, dict) or "step" not in data:
         raise ModelFolderError(f"{path} is not an adadiff checkpoint (no 'step' entry)")

@@ -529,7 +529,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{stage}: step {result.step} in {result.folder} ({result.elapsed_s / 60:.1f} min "
-        f"trained){', stopped early' if result.stopped else ''}"
+        f"trained)" + (", stopped early: run the same command to go on" if result.stopped else "")
     )
     return 130 if result.stopped else 0
 

@@ -43,12 +43,13 @@ fix (``color_fix``, e.g. ``wavelet:5``) and a run with another config refuses to
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ from adadiff.runtime.colorfix import band, color_fix, swap_band
 from adadiff.runtime.policy import Category, Decision, DTSSPolicy, StepPolicy
 from adadiff.runtime.sampler import DenoiseNets, SamplerResult, sample_tiles
 from adadiff.training.assemble import frozen_models, unet_checkpoint
+from adadiff.training.checkpoint import stage_lock
 from adadiff.training.data import PhotoWeighting, check_weighting
 from adadiff.training.loop import numpy_rng, stop_on_signals
 from adadiff.training.pairs import Batch, PairStream, load_images, photo_names
@@ -585,12 +587,27 @@ def make_labels(
     workdir = Path(workdir)
     folder = workdir / STAGE
     folder.mkdir(parents=True, exist_ok=True)
+    with stage_lock(folder):
+        return _make_labels(cfg, workdir, opts, models, images, names, cache_dir, progress)
+
+
+def _make_labels(
+    cfg: ModelConfig,
+    workdir: Path,
+    opts: LabelOptions,
+    models: TorchModels | None,
+    images: list[np.ndarray],
+    names: Sequence[str],
+    cache_dir: str | Path | None,
+    progress: Progress | None,
+) -> LabelResult:
+    folder = workdir / STAGE
     unet_step = -1
     if models is None:
         models = frozen_models(cfg, workdir, with_mmle=False)
         unet_step = int(unet_checkpoint(workdir)["step"])
     made, samples, elapsed, stopped, upgraded = 0, 0, 0.0, False, 0
-    with stop_on_signals() as stop:
+    with stop_on_signals("finishing the shard being made (it is written whole)") as stop:
         for index in range(opts.shards):
             path = shard_path(folder, index)
             if stop.requested:
@@ -599,6 +616,7 @@ def make_labels(
             if path.is_file():
                 _check_color_fix(path, cfg)
                 _check_drawn_by(path, models.source, unet_step)
+                _check_recipe(path, opts, names)
                 if not _has_error_fields(path, error_keys(cfg.mmle.metrics)):
                     add_error_fields(models, images, path, index, opts, names, cache_dir)
                     upgraded += 1
@@ -608,6 +626,7 @@ def make_labels(
             arrays = make_shard(models, images, index, opts, cache_dir, names)
             arrays["unet_step"] = np.array(unet_step)
             arrays["drawn_by"] = np.array(models.source)
+            arrays["recipe"] = np.array(json.dumps(shard_recipe(opts), sort_keys=True))
             took = time.perf_counter() - start
             arrays["seconds"] = np.array(took)
             _write_npz(path, arrays)
@@ -661,6 +680,35 @@ def _check_drawn_by(path: Path, source: str, unet_step: int) -> None:
     )
 
 
+def shard_recipe(opts: LabelOptions) -> dict[str, Any]:
+    """The options that decide a shard's content (not --shards, nor --max-batch: batching
+    never changes results)."""
+    return {k: v for k, v in asdict(opts).items() if k not in ("shards", "max_batch")}
+
+
+def _check_recipe(path: Path, opts: LabelOptions, names: Sequence[str]) -> None:
+    """A labels folder holds one recipe: refuse to extend it with other options or photos."""
+    with np.load(path, allow_pickle=False) as npz:
+        # shards from before the recipe was recorded cannot be checked
+        stored = json.loads(str(npz["recipe"])) if "recipe" in npz.files else None
+        photos = [str(n) for n in npz["photos"]] if "photos" in npz.files else []
+    differ = []
+    if stored is not None:
+        now = shard_recipe(opts)
+        differ = [
+            f"--{k.replace('_', '-')} {stored[k]} there, {now[k]} now"
+            for k in now
+            if k in stored and stored[k] != now[k]
+        ]
+    if photos and names and photos != list(names):
+        differ.append(f"photos {photos} there, {list(names)} now")
+    if differ:
+        raise ModelFolderError(
+            f"{path} was made with other options ({'; '.join(differ)}); run with the options "
+            "it was made with, or move the labels folder aside to start new labels"
+        )
+
+
 def _has_error_fields(path: Path, keys: Sequence[str]) -> bool:
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -674,6 +722,22 @@ def _photo_names(npz: Any, key: str, n: int) -> np.ndarray:
     if key in npz.files and "photos" in npz.files and npz["photos"].size:
         return npz["photos"][npz[key]].astype(str)
     return np.full(n, "", dtype=str)
+
+
+def labels_origin(paths: Sequence[Path]) -> tuple[str, ...]:
+    """What drew the shards: each distinct ``drawn_by`` (or, for shards from before it was
+    recorded, the UNet step), sorted."""
+    origins = set()
+    for path in paths:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if "drawn_by" in npz.files:
+                    origins.add(str(npz["drawn_by"]))
+                elif "unet_step" in npz.files:
+                    origins.add(f"the UNet at step {int(npz['unet_step'])}")
+        except (OSError, ValueError) as exc:
+            raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
+    return tuple(sorted(origins))
 
 
 def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:

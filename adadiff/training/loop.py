@@ -191,9 +191,12 @@ class StopFlag:
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[StopFlag]:
+def stop_on_signals(
+    finishing: str = "finishing this step and saving a checkpoint",
+) -> Iterator[StopFlag]:
     """SIGINT, SIGTERM and SIGHUP (unless ignored, as under nohup) set the flag (a second
-    SIGINT raises); handlers are restored after."""
+    SIGINT raises); handlers are restored after. ``finishing``: what the run does before it
+    stops, for the log."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -203,7 +206,7 @@ def stop_on_signals() -> Iterator[StopFlag]:
         if flag.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         flag.reason = signal.Signals(signum).name
-        log.warning("%s received: finishing this step and saving a checkpoint", flag.reason)
+        log.warning("%s received: %s", flag.reason, finishing)
 
     signals = [signal.SIGINT, signal.SIGTERM]
     hangup = getattr(signal, "SIGHUP", None)  # a closed terminal; absent on Windows
@@ -285,6 +288,30 @@ def _report_changes(stage: str, ckpt: dict[str, Any], opts: TrainOptions) -> Non
         )
 
 
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))  # tuples and lists compare equal
+
+
+def _report_stage_changes(stage: str, ckpt: dict[str, Any], now: dict[str, Any]) -> None:
+    """Warn about each of the stage's own options (data, losses, pools) that differs from the
+    checkpoint's: a resume means typing every flag again, and a forgotten one changes the
+    recipe from here on without a word."""
+    before = (ckpt.get("summary") or {}).get("options") or {}
+    for key, value in now.items():
+        if key not in before or _plain(before[key]) == _plain(value):
+            continue
+        log.warning(
+            "%s: --%s is %s now, %s before this resume; the run trains with the new value from "
+            "here on (pass --%s %s to keep the recipe)",
+            stage,
+            key.replace("_", "-"),
+            value,
+            before[key],
+            key.replace("_", "-"),
+            before[key],
+        )
+
+
 def _check_writable(folder: Path) -> None:
     """Fail at the start, not at the first checkpoint minutes or hours later."""
     try:
@@ -337,6 +364,7 @@ def _train(
         done, elapsed, history = int(ckpt["step"]), float(ckpt["elapsed_s"]), ckpt["history"]
         log.info("%s: resumed from step %d (%.0f s trained)", stage.name, done, elapsed)
         _report_changes(stage.name, ckpt, opts)
+        _report_stage_changes(stage.name, ckpt, stage.summary().get("options") or {})
         if done >= opts.steps:
             log.warning(
                 "%s: already at step %d, --steps is %d: nothing to train (give a larger --steps "

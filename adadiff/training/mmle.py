@@ -46,7 +46,7 @@ from adadiff.config import MetricKind, ModelConfig
 from adadiff.errors import ConfigError
 from adadiff.training.assemble import MMLE_STAGE, build_mmle, load_mmle_weights
 from adadiff.training.labels import STAGE as LABEL_STAGE
-from adadiff.training.labels import load_shards
+from adadiff.training.labels import labels_origin, load_shards
 from adadiff.training.loop import (
     TRAINED_CONFIG_KEYS,
     Progress,
@@ -252,6 +252,9 @@ class MMLEStage:
                 f"{list(self.metric_names)}; make the labels with this config"
             )
         self.cfg, self.opts, self.mopts = cfg, opts, mopts
+        # what drew the labels (train_mmle fills these in from the shards)
+        self.labels_from: tuple[str, ...] = ()
+        self.label_shards = 0
         data = referenced(data, cfg)
         train_rows, val_rows = split_labels(data, mopts.val_fraction, opts.seed, mopts.val_photos)
         if len(train_rows) < 2:
@@ -404,9 +407,28 @@ class MMLEStage:
             "metrics": list(self.metric_names),
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(self.rng),
+            "labels_from": list(self.labels_from),
+            "label_shards": self.label_shards,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # checkpoints from before the labels' origin was recorded cannot be checked
+        trained_on = state.get("labels_from")
+        if trained_on and self.labels_from and list(trained_on) != list(self.labels_from):
+            raise ConfigError(
+                f"this MMLE checkpoint trained on labels drawn by {trained_on}, the labels "
+                f"folder now holds labels drawn by {list(self.labels_from)}; move the mmle "
+                "folder aside to train MMLE on the new labels (it would learn from two models "
+                "at once)"
+            )
+        before = int(state.get("label_shards", 0))
+        if before and self.label_shards != before:
+            log.warning(
+                "mmle: the labels folder holds %d shards, %d when this MMLE started; the run "
+                "goes on with all of them and the score standardisation it started with",
+                self.label_shards,
+                before,
+            )
         chosen = self.model.recon_used.clone()
         load_mmle_weights(self.model, state)
         if not torch.equal(chosen, self.model.recon_used):
@@ -442,9 +464,12 @@ def train_mmle(
 ) -> StageResult:
     """Train (or resume) MMLE into ``workdir/mmle`` on the shards in ``workdir/labels``."""
     workdir = Path(workdir)
+    paths: list[Path] = []
     if data is None:
-        data = load_shards(sorted((workdir / LABEL_STAGE).glob("shard-*.npz")))
+        paths = sorted((workdir / LABEL_STAGE).glob("shard-*.npz"))
+        data = load_shards(paths)
     stage = MMLEStage(cfg, opts, mopts, data)
+    stage.labels_from, stage.label_shards = labels_origin(paths), len(paths)
     log.info(
         "mmle: %d training rows, %s validation rows",
         len(stage.train),

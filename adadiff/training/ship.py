@@ -31,6 +31,7 @@ from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, trainin
 from adadiff.training.deadleaves import NAME_PREFIX as DEADLEAVES_PREFIX
 from adadiff.training.deadleaves import SOURCE as DEADLEAVES_SOURCE
 from adadiff.training.degrade import STRENGTH_NOTES
+from adadiff.training.labels import labels_origin
 
 log = logging.getLogger("adadiff.training")
 
@@ -217,6 +218,22 @@ def _labels(workdir: Path) -> LabelSummary:
             if "unet_step" in npz.files:
                 out.unet_steps.add(int(npz["unet_step"]))
     return out
+
+
+def stale_mmle(workdir: Path) -> str:
+    """A sentence when the MMLE checkpoint trained on labels other than the labels folder's
+    (remade since), else ""."""
+    ckpt = load_latest(workdir / "mmle", stage="mmle")
+    trained_on = (ckpt or {}).get("state", {}).get("labels_from")
+    if not trained_on:  # no MMLE, or one from before the labels' origin was recorded
+        return ""
+    now = labels_origin(sorted((workdir / "labels").glob("shard-*.npz")))
+    if not now or list(now) == list(trained_on):
+        return ""
+    return (
+        f"MMLE trained on labels drawn by {', '.join(trained_on)}; the labels folder now holds "
+        f"labels drawn by {', '.join(now)}."
+    )
 
 
 def label_lag(labels: LabelSummary, unet_step: int | None) -> str:
@@ -754,6 +771,9 @@ def ship(
     lag = label_lag(_labels(workdir), steps[-1][0] if steps else None) if mmle_from is None else ""
     if lag:
         log.warning("%s Rerun `adadiff train labels` and `train mmle` to match it.", lag)
+    stale = stale_mmle(workdir) if mmle_from is None else ""
+    if stale:
+        log.warning("%s Rerun `adadiff train mmle` on them (in a fresh mmle folder).", stale)
     mmle_reused = None
     if mmle_from is not None:
         models = _reused_mmle(models, mmle_from)

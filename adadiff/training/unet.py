@@ -324,7 +324,12 @@ def train_unet(
     instead of a random init (a fine-tune, or a run moved between machines through a shipped
     folder); a run that resumes from its own checkpoint ignores it."""
     workdir = Path(workdir)
-    if vae_from is not None:
+    from adadiff.training.assemble import same_encoder  # assemble imports this module
+
+    latest = load_latest(workdir / STAGE, stage=STAGE)
+    if latest is not None:
+        vae_state, scaling_factor, origin = _resumed_vae(workdir, latest, vae_from)
+    elif vae_from is not None:
         vae_state, scaling_factor, origin = vae_of_model(cfg, vae_from)
     else:
         vae_ckpt = require_latest(
@@ -340,9 +345,6 @@ def train_unet(
     if images is None:
         names, images = photo_names(uopts.photos), load_images(uopts.photos)
     names, images = with_dead_leaves(names, images, uopts.deadleaves, seed=opts.seed, stage=STAGE)
-    from adadiff.training.assemble import same_encoder  # assemble imports this module
-
-    latest = load_latest(workdir / STAGE, stage=STAGE)
     init = None
     if init_from is not None and latest is None:
         init = unet_of_model(cfg, init_from)
@@ -360,12 +362,38 @@ def train_unet(
     before = latest.get("summary", {}) if latest is not None else {}
     # what every phase trained on, for the model card: a resume with fewer photos keeps the rest
     stage.photos = merged_photos(before.get("photos", []), names)
-    stage.vae_from = origin if vae_from is not None else before.get("vae_from", "")
+    stage.vae_from = (
+        before.get("vae_from", "")
+        if latest is not None
+        else (origin if vae_from is not None else "")
+    )
     if latest is not None:
         stage.init_from = before.get("init_from", "")
     stage.phases = training_phases(latest, opts, uopts)
     log.info("unet: VAE from %s, latent scaling factor %.5f", origin, stage.scaling_factor)
     return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)
+
+
+def _resumed_vae(
+    workdir: Path, latest: dict[str, Any], vae_from: str | Path | None
+) -> tuple[dict[str, torch.Tensor], float, str]:
+    """A resumed UNet keeps the VAE it trained on, which its checkpoint holds: a VAE stage
+    trained on since, or a --vae-from given now, would move the latents under it."""
+    from adadiff.training.assemble import same_encoder  # assemble imports this module
+
+    state = latest["state"]
+    step = int(latest["step"])
+    if vae_from is not None:
+        log.info("unet: resuming from step %d; --vae-from %s is not used", step, vae_from)
+    vae_ckpt = load_latest(workdir / VAE_STAGE, stage=VAE_STAGE)
+    if vae_ckpt is not None and not same_encoder(vae_ckpt["state"]["vae"], state["vae"]):
+        log.warning(
+            "unet: the VAE stage is at step %d now, with another encoder than the one this UNet "
+            "trains on; the UNet keeps its own (from its checkpoint). Start a new UNet run to "
+            "train on the new VAE",
+            vae_ckpt["step"],
+        )
+    return state["vae"], float(state["scaling_factor"]), f"the step-{step} UNet checkpoint"
 
 
 def training_phases(

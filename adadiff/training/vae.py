@@ -31,6 +31,7 @@ from adadiff.config import ModelConfig
 from adadiff.errors import ConfigError
 from adadiff.models.wrappers import DiffusersModel
 from adadiff.quality.lpips import load_lpips
+from adadiff.training.checkpoint import load_latest
 from adadiff.training.data import check_min_scale
 from adadiff.training.deadleaves import with_dead_leaves
 from adadiff.training.loop import (
@@ -42,7 +43,13 @@ from adadiff.training.loop import (
     run_stage,
     set_rng_state,
 )
-from adadiff.training.pairs import PairStream, load_images, photo_names, to_tensor
+from adadiff.training.pairs import (
+    PairStream,
+    load_images,
+    merged_photos,
+    photo_names,
+    to_tensor,
+)
 
 STAGE = "vae"
 SCALE_CROPS = 32  # crops used to measure the latent scaling factor
@@ -212,5 +219,9 @@ def train_vae(
         names, images = photo_names("train"), load_images("train")
     names, images = with_dead_leaves(names, images, vopts.deadleaves, seed=opts.seed, stage=STAGE)
     stage = VAEStage(cfg, opts, vopts, images, cache_dir=cache_dir)
-    stage.photos = names
+    latest = load_latest(Path(workdir) / STAGE, stage=STAGE)
+    # what every run of the stage trained on, for the model card: a resume with fewer photos
+    # (or without --deadleaves) keeps the rest
+    before = (latest or {}).get("summary", {}).get("photos", [])
+    stage.photos = merged_photos(before, names)
     return run_stage(stage, Path(workdir) / STAGE, opts, config=cfg.to_dict(), progress=progress)

@@ -166,7 +166,8 @@ def test_label_shards_record_lpips_parts(tmp_path, unet_workdir, cfg, images, me
         a, b = decode_latents(decoder, np.stack([first["x0"][i], first["lr"][i]]))
         assert first["latent_lpips"][i] == pytest.approx(lpips(a, b), abs=1e-5)
     # a shard from before LPIPS was recorded gets both parts, equal to the values at make time
-    old = {k: v for k, v in first.items() if k not in ("latent_lpips", "recon_lpips")}
+    # (and from before the recipe was recorded)
+    old = {k: v for k, v in first.items() if k not in ("latent_lpips", "recon_lpips", "recipe")}
     np.savez(made.shards[0], **old)
     # the shard's own number of reconstruction crops counts, not this run's option
     again = make_labels(
@@ -174,7 +175,7 @@ def test_label_shards_record_lpips_parts(tmp_path, unet_workdir, cfg, images, me
     )
     assert again.upgraded == 1 and again.made == 0
     with np.load(made.shards[0]) as npz:
-        assert set(npz.files) == set(first)
+        assert set(npz.files) == set(first) - {"recipe"}
         for key in ("latent_lpips", "recon_lpips", "latent_err", "recon_err"):
             np.testing.assert_allclose(npz[key], first[key], rtol=0, atol=1e-4)
 
@@ -227,3 +228,55 @@ def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
     twice = np.concatenate([lr[:1], lr[:1]])
     with pytest.raises(ConfigError, match="same LR latent"):
         OracleScorer(models, crops.up, twice, cfg.mmle.metrics, hr=crops.hr)
+
+
+def test_a_labels_folder_holds_one_recipe_and_one_run(tmp_path, unet_workdir, cfg, images):
+    from adadiff.training.checkpoint import stage_lock
+    from adadiff.training.labels import LabelOptions, make_labels
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=1, trajectories=2, max_batch=4, recon_crops=1, seed=1)
+    names = [f"photo{i}" for i in range(len(images))]
+    make_labels(cfg, workdir, lopts, images=images, names=names)
+    # more shards with other options would mix two recipes in one folder
+    for change, flag in (
+        ({"trajectories": 3}, "--trajectories 2 there, 3 now"),
+        ({"seed": 5}, "--seed 1 there, 5 now"),
+    ):
+        with pytest.raises(ModelFolderError, match=flag):
+            make_labels(
+                cfg, workdir, replace(lopts, shards=2, **change), images=images, names=names
+            )
+    with pytest.raises(ModelFolderError, match=r"photos \['photo0', 'photo1'\] there"):
+        make_labels(cfg, workdir, replace(lopts, shards=2), images=images, names=["a", "b"])
+    # --max-batch never changes a shard: it is no part of the recipe
+    make_labels(cfg, workdir, replace(lopts, max_batch=2), images=images, names=names)
+    # a second run into the folder is refused, and a shard write cut short is cleaned up
+    stale = workdir / "labels" / ".shard-cut.tmp"
+    stale.write_bytes(b"half a shard")
+    with stage_lock(workdir / "labels"), pytest.raises(ModelFolderError, match="being trained"):
+        make_labels(cfg, workdir, lopts, images=images, names=names)
+    make_labels(cfg, workdir, lopts, images=images, names=names)
+    assert not stale.exists()
+
+
+def test_mmle_resumes_only_on_the_labels_it_started_on(tmp_path, unet_workdir, cfg, images):
+    from adadiff.training.labels import LabelOptions, make_labels
+    from adadiff.training.mmle import MMLEOptions, train_mmle
+    from adadiff.training.ship import stale_mmle
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=1, trajectories=3, max_batch=4, recon_crops=2, seed=1)
+    made = make_labels(cfg, workdir, lopts, images=images)
+    train_mmle(cfg, workdir, opts(1), MMLEOptions(val_fraction=0.0))
+    assert stale_mmle(workdir) == ""
+    # the labels remade by another UNet (here: their record says so)
+    with np.load(made.shards[0]) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["drawn_by"] = np.array("another model (unet step 9)")
+    np.savez(made.shards[0], **arrays)
+    assert "another model (unet step 9)" in stale_mmle(workdir)
+    with pytest.raises(ConfigError, match="move the mmle folder aside"):
+        train_mmle(cfg, workdir, opts(2), MMLEOptions(val_fraction=0.0))

@@ -250,3 +250,39 @@ def test_unet_on_cuda_resumes_on_the_cpu(tmp_path, vae_workdir, cfg, images):
     resumed = train_unet(cfg, tmp_path / "b", opts(3), small_pool(), images=images)
     got, want = resumed.history[-1]["losses"]["loss"], cpu.history[-1]["losses"]["loss"]
     assert got == pytest.approx(want, rel=1e-2)
+
+
+def test_a_resumed_unet_keeps_its_vae(tmp_path, vae_workdir, cfg, images, caplog):
+    from adadiff.training.unet import train_unet
+    from adadiff.training.vae import VAEOptions, train_vae
+
+    work = tmp_path / "w"
+    shutil.copytree(vae_workdir / "vae", work / "vae")
+    train_unet(cfg, work, opts(1), small_pool(), images=images)
+    own = load_latest(work / "unet", stage="unet")["state"]["vae"]
+    # the VAE stage trains on; the UNet resumes on the VAE it started with, and says so
+    train_vae(cfg, work, opts(4), VAEOptions(perceptual_weight=0.0), images=images)
+    with caplog.at_level(logging.INFO, logger="adadiff.training"):
+        train_unet(cfg, work, opts(2), small_pool(), images=images)
+    state = load_latest(work / "unet", stage="unet")["state"]
+    assert all(torch.equal(state["vae"][k], own[k]) for k in own)
+    assert "the VAE stage is at step 4 now" in caplog.text
+    assert "VAE from the step-1 UNet checkpoint" in caplog.text
+    summary = load_latest(work / "unet", stage="unet")["summary"]
+    assert summary["vae_from"] == ""  # the workdir's VAE, as when the run started
+    # a UNet folder carried alone to another workdir resumes: its checkpoint holds the VAE
+    carried = tmp_path / "carried"
+    shutil.copytree(work / "unet", carried / "unet")
+    assert train_unet(cfg, carried, opts(3), small_pool(), images=images).step == 3
+
+
+def test_a_resume_names_each_changed_stage_option(tmp_path, vae_workdir, cfg, images, caplog):
+    from adadiff.training.unet import train_unet
+
+    work = tmp_path / "w"
+    shutil.copytree(vae_workdir / "vae", work / "vae")
+    train_unet(cfg, work, opts(1), small_pool(realesrgan_prob=0.5), images=images)
+    with caplog.at_level(logging.WARNING, logger="adadiff.training"):
+        train_unet(cfg, work, opts(2), small_pool(realesrgan_prob=0.0), images=images)
+    assert "--realesrgan-prob is 0.0 now, 0.5 before this resume" in caplog.text
+    assert "--pool" not in caplog.text  # unchanged options are not named

@@ -78,3 +78,14 @@ def test_vae_trains_on_dead_leaves_beside_the_photos(tmp_path, cfg, images, monk
         "deadleaves-1",
     ]
     assert summary["options"]["min_scale"] == 0.5
+
+
+def test_a_vae_resumed_without_dead_leaves_still_lists_them(tmp_path, cfg, images):
+    from adadiff.training.vae import VAEOptions, train_vae
+
+    with_leaves = VAEOptions(perceptual_weight=0.0, deadleaves=2)
+    train_vae(cfg, tmp_path, opts(1), with_leaves, images=images)
+    leaves = load_latest(tmp_path / "vae")["summary"]["photos"]
+    assert leaves == ["deadleaves-0", "deadleaves-1"]
+    train_vae(cfg, tmp_path, opts(2), VAEOptions(perceptual_weight=0.0), images=images)
+    assert load_latest(tmp_path / "vae")["summary"]["photos"] == leaves
