@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run the benchmark suites (from a source checkout): quick, full or report",
+        help="run the benchmarks (from a source checkout): quick, full, report, load, front, "
+        "quality",
         add_help=False,
     )
     bench.set_defaults(func=cmd_bench)

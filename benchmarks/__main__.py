@@ -18,10 +18,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from adadiff.cli import check_device
 from adadiff.errors import AdadiffError
 from benchmarks.suites import SECTIONS, SUITES, Context, Settings, Suite
 
 RESULTS = "results.json"
+FAILED_RESULTS = "results.failed.json"  # a run with a failed section
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -165,13 +167,34 @@ def run_suite(
     result["machine"] = machine()
     result["weights"] = weights_of(result["settings"]["model"])
     result["summary"] = summarize(result)
+    result["failed"] = failed_sections(result, suite.sections)
+    if result["failed"]:
+        # the folder's results.json and plots (a reference run, say) stay as they were
+        result["plots"] = []
+        (out / FAILED_RESULTS).write_text(json.dumps(result, indent=1) + "\n")
+        return result
     try:
         result["plots"] = plots.write_all(result, out)
     except Exception as exc:  # a broken plot must not lose the measurements
         result["plots"] = []
         result["plots_error"] = f"{type(exc).__name__}: {exc}"
     (out / RESULTS).write_text(json.dumps(result, indent=1) + "\n")
+    (out / FAILED_RESULTS).unlink(missing_ok=True)
     return result
+
+
+def failed_sections(result: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    """Sections with an error, and backends sections where every variant failed."""
+    failed = []
+    for name in sections:
+        data = result.get(name)
+        if not isinstance(data, dict) or "error" in data:
+            failed.append(name)
+        elif name == "backends":
+            variants = data.get("variants") or {}
+            if not variants or all("error" in v for v in variants.values()):
+                failed.append(name)
+    return failed
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
@@ -252,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         return report.main([*rest, "--print"] if args.print else rest)
     try:
         suite, settings = _suite(args), _settings(args)
+        for backend in settings.backends:  # a GPU this machine lacks fails every section
+            check_device(backend, settings.device)
     except (AdadiffError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -262,11 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = run_suite(suite, settings, args.out, args.work, argv)
     print(json.dumps(result["summary"], indent=1))
-    print(f"wrote {args.out / RESULTS} and {len(result['plots'])} plots in {result['seconds']}s")
-    failed = [n for n in suite.sections if "error" in result.get(n, {})]
-    if failed:
-        print(f"sections that failed: {', '.join(failed)}", file=sys.stderr)
+    if result["failed"]:
+        print(
+            f"sections that failed: {', '.join(result['failed'])}; the run is in "
+            f"{args.out / FAILED_RESULTS} and {args.out / RESULTS} was left as it was",
+            file=sys.stderr,
+        )
         return 1
+    print(f"wrote {args.out / RESULTS} and {len(result['plots'])} plots in {result['seconds']}s")
     return 0
 
 

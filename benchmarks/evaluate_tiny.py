@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,10 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from adadiff.argtypes import non_negative, positive
 from adadiff.config import MetricKind
 from adadiff.engines.torch import TorchBackend
 from adadiff.imageio import bicubic_upscale
 from adadiff.models.bundle import TorchModels, describe, load_models
+from adadiff.progress import LogProgress
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import lpips
 from adadiff.quality.metrics import psnr_capped, ssim
@@ -205,6 +208,7 @@ def mmle_vs_oracle(
     )
     batch = stream.batch(crops)
     start = time.perf_counter()
+    print(f"MMLE vs oracle: {crops} oracle-driven trajectories", flush=True)
     rec = run_trajectories(
         models,
         batch,
@@ -212,6 +216,7 @@ def mmle_vs_oracle(
         random_fraction=0.0,
         max_batch=max_batch,
         reference=cfg.mmle.reference,
+        progress=LogProgress(sys.stdout, every=30.0),  # minutes: say how far it is
     )
     # what MMLE learned to predict: the FR scores against the HR crop for mmle.reference "hr"
     rec = referenced(rec, cfg)
@@ -340,11 +345,11 @@ def main() -> None:
     p.add_argument("--model", default="tiny", help="preset (shipped weights) or model folder")
     p.add_argument("--out", type=Path, default=Path("runs/eval_tiny.json"))
     p.add_argument("--images", type=Path, help="also write every output as PNG here")
-    p.add_argument("--max-side", type=int, help="crop the photos to at most this many px")
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-side", type=positive, help="crop the photos to at most this many px")
+    p.add_argument("--max-batch", type=positive, default=8)
     p.add_argument(
         "--crops",
-        type=int,
+        type=positive,
         default=144,
         help="hold-out trajectories for MMLE (4 to 5 s each on 2 CPU cores)",
     )
@@ -355,8 +360,8 @@ def main() -> None:
         help="pick hold-out photos equally often (photo) or by pixel count (area)",
     )
     p.add_argument("--skip-mmle", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch threads (1 is faster on a busy machine)")
+    p.add_argument("--seed", type=non_negative, default=0)
+    p.add_argument("--threads", type=positive, help="torch threads (1 is faster on a busy machine)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -403,6 +408,8 @@ def main() -> None:
                 "machine": machine(),
                 "model": describe(models),
                 "degradation": "bicubic x4 (antialiased, a = -0.5), float",
+                "max_side": args.max_side,  # None: whole photos
+                "argv": sys.argv[1:],
                 "rows": rows,
                 "summary": summary,
                 "seconds": {

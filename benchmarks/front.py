@@ -9,8 +9,8 @@ every schedule runs through the runtime's own sampler from the same noise, one c
 
 - uniform schedules (intervals 999 .. 5: 1 to 200 UNet evaluations per tile; a small model can
   be at its best with 1 to 3 steps);
-- the fixed early exit: jumps of ``--exit-interval``, every tile stops at its first step with
-  t < ``--exit-below`` and returns that step's clean estimate (no MMLE);
+- the fixed early exit (``--exit INTERVAL@T``): jumps of INTERVAL, every tile stops at its first
+  step with t < T and returns that step's clean estimate (no MMLE);
 - DTSS driven by MMLE, with the model's own calibration and with each ``--dtss NAME=FILE``
   (an ``adadiff.json`` or a JSON holding its ``dtss`` and ``mmle.metrics``);
 - DTSS driven by the oracle (the real metrics of each decoded estimate, what MMLE is trained to
@@ -48,9 +48,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from adadiff.argtypes import non_negative, positive
 from adadiff.config import ContentConfig, DTSSConfig, MetricConfig, ModelConfig
-from adadiff.errors import ConfigError
+from adadiff.errors import AdadiffError, ConfigError
 from adadiff.models.bundle import TorchModels, describe, load_models
+from adadiff.presets import model_config
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import load_lpips
 from adadiff.quality.metrics import psnr_capped, ssim
@@ -64,7 +66,7 @@ from adadiff.runtime.policy import (
     UniformPolicy,
 )
 from adadiff.training.assemble import hash_tensors
-from adadiff.training.data import HOLDOUT, VALIDATION
+from adadiff.training.data import HOLDOUT, VALIDATION, find_photo
 from adadiff.training.labels import (
     OracleScorer,
     decode_latents,
@@ -75,7 +77,7 @@ from adadiff.training.labels import (
 from adadiff.training.mmle import spearman
 from adadiff.training.pairs import Batch, crops_per_photo, evaluation_photos
 from benchmarks.machine import machine, weights_of
-from benchmarks.report import relative_link
+from benchmarks.report import check_readme, relative_link
 
 log = logging.getLogger("adadiff")
 
@@ -116,7 +118,12 @@ def holdout_crops(model: ModelConfig, photos: Sequence[str], crops: int, seed: i
 
 def load_dtss(path: Path, base: ModelConfig) -> tuple[DTSSConfig, tuple[MetricConfig, ...]]:
     """The DTSS numbers and metric weights of an ``adadiff.json`` (or a part of one)."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--dtss {path}: cannot read it ({exc})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"--dtss {path}: expected a JSON object (an adadiff.json or a part)")
     try:
         dtss = DTSSConfig(**data["dtss"]) if "dtss" in data else base.dtss
         metrics = base.mmle.metrics
@@ -865,11 +872,26 @@ def _pair(text: str) -> tuple[str, Path]:
 def _exit(text: str) -> tuple[int, int]:
     interval, _, below = text.partition("@")
     try:
-        return int(interval), int(below)
+        pair = int(interval), int(below)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected INTERVAL@T (e.g. 20@400), got {text!r}"
         ) from None
+    if pair[0] < 1 or pair[1] < 0:
+        raise argparse.ArgumentTypeError(f"expected INTERVAL >= 1 and T >= 0, got {text!r}")
+    return pair
+
+
+def _intervals(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers separated by commas, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected intervals >= 1, got {text!r}")
+    return values
 
 
 def parser() -> argparse.ArgumentParser:
@@ -886,12 +908,12 @@ def parser() -> argparse.ArgumentParser:
         default=HOLDOUT_PHOTOS,
         help="holdout (to report), validation (to tune on), or names separated by commas",
     )
-    p.add_argument("--crops", type=int, default=16, help="crops per photo, one tile each")
-    p.add_argument("--crop-seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--crops", type=positive, default=16, help="crops per photo, one tile each")
+    p.add_argument("--crop-seed", type=non_negative, default=0)
+    p.add_argument("--seeds", type=positive, default=3)
     p.add_argument(
         "--uniform",
-        type=lambda s: tuple(int(x) for x in s.split(",")),
+        type=_intervals,
         default=UNIFORM_INTERVALS,
         help="uniform intervals (999 -> 1 step, 200 -> 5 steps, 5 -> 200 steps)",
     )
@@ -917,9 +939,9 @@ def parser() -> argparse.ArgumentParser:
         help="content rules NAME=THRESHOLD:FLAT_INTERVAL:TEXTURED_INTERVAL (the model's own "
         "runs too when its adadiff.json sets one)",
     )
-    p.add_argument("--oracle-seeds", type=int, default=1, help="0 skips the oracle runs")
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--oracle-seeds", type=non_negative, default=1, help="0 skips the oracle runs")
+    p.add_argument("--max-batch", type=positive, default=16)
+    p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--readme", type=Path, help="rewrite this README's front section")
     p.add_argument("--render", type=Path, help="only render a saved front.json into --readme")
     return p
@@ -945,8 +967,20 @@ def main(argv: list[str] | None = None) -> int:
             "runs are paired with the first seeds of the others"
         )
     logging.basicConfig(level=logging.WARNING)
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = run(args)
+    try:
+        # everything a typo can break, before the folder is made and the runs start
+        base = model_config(args.model)
+        for name in args.photos:
+            find_photo(name)
+        for _, dtss_path in args.dtss:
+            load_dtss(dtss_path, base)
+        if args.readme:
+            check_readme(args.readme, start=START, end=END)
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = run(args)
+    except AdadiffError as exc:
+        print(f"adadiff bench front: error: {exc}", file=sys.stderr)
+        return 2
     path = args.out / "front.json"
     result["plot"] = plot(result, args.out / "front.png").name
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -1,5 +1,6 @@
 """The prepared GPU check: ``python -m benchmarks.gpu_check --out DIR`` on a machine with one
-NVIDIA GPU and torch with CUDA (under 8 minutes); ``--dry-run`` imports and plans on any machine.
+NVIDIA GPU and torch with CUDA (under 8 minutes); ``--dry-run`` imports and plans on any machine
+(into ``DIR/gpu_check.dry.json``, beside a real run's figures).
 
 Parts, each recorded in ``DIR/gpu_check.json`` (a part that fails keeps its error, the others run):
 
@@ -32,8 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from adadiff.devices import parse_device
+from adadiff.errors import ConfigError
+
 KIND = "gpu_check"
 OUTPUT = "gpu_check.json"
+DRY_OUTPUT = "gpu_check.dry.json"
 PRECISIONS = ("fp32", "fp16", "bf16")
 UNET_BATCHES = (1, 4, 8, 16)
 UNET_PRECISIONS = ("fp16", "bf16")
@@ -437,8 +442,24 @@ def run(plan: Plan, out: Path, *, dry_run: bool = False) -> dict[str, Any]:
             timed_section(name, lambda name=name: PARTS[name](plan), result)
         result["seconds"]["total"] = round(time.perf_counter() - start, 1)
     result["machine"] = machine()
-    (out / OUTPUT).write_text(json.dumps(result, indent=1) + "\n")
+    (out / output_name(dry_run)).write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def output_name(dry_run: bool) -> str:
+    """A dry run writes beside a real run's figures, never over them."""
+    return DRY_OUTPUT if dry_run else OUTPUT
+
+
+def _dropped_parts(out: Path, parts: tuple[str, ...]) -> list[str]:
+    """Parts the folder's real gpu_check.json holds that a run of ``parts`` would lose."""
+    try:
+        old = json.loads((out / OUTPUT).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict) or old.get("dry_run"):
+        return []
+    return [p for p in PARTS if p in old and p not in parts]
 
 
 def _reason_to_skip(plan: Plan, part: str) -> str | None:
@@ -464,6 +485,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown parts {unknown}; choose from {list(PARTS)}", file=sys.stderr)
             return 2
         plan = Plan(**{**asdict(plan), "parts": chosen})
+    try:
+        parse_device(args.device, "torch")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dropped = [] if args.dry_run else _dropped_parts(args.out, plan.parts)
+    if dropped:
+        print(
+            f"error: {args.out / OUTPUT} holds the parts {', '.join(dropped)}, which this run "
+            "would drop; give another --out (or delete that file)",
+            file=sys.stderr,
+        )
+        return 2
     if not args.dry_run:
         import torch
 
@@ -480,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run(plan, args.out, dry_run=args.dry_run)
     failed = [k for k in plan.parts if isinstance(result.get(k), dict) and "error" in result[k]]
-    print(f"wrote {args.out / OUTPUT}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    written = args.out / output_name(args.dry_run)
+    print(f"wrote {written}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from adadiff.argtypes import positive
 from adadiff.config import SCHEDULES
 from benchmarks.suites import ROOT, child_env
 
@@ -107,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("bench-load.json"), help="JSON to write")
-    p.add_argument("--repeats", type=int, default=3, help="idle/loaded pairs (median)")
-    p.add_argument("--busy", type=int, default=None, help="busy processes (default: one per CPU)")
-    p.add_argument("--threads", type=int, default=None, help="pass --threads to the demo")
+    p.add_argument("--repeats", type=positive, default=3, help="idle/loaded pairs (median)")
+    p.add_argument(
+        "--busy", type=positive, default=None, help="busy processes (default: one per CPU)"
+    )
+    p.add_argument("--threads", type=positive, default=None, help="pass --threads to the demo")
     p.add_argument(
         "--schedule",
         choices=SCHEDULES,
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = [] if args.threads is None else ["--threads", str(args.threads)]
     if args.schedule is not None:
         extra += ["--schedule", args.schedule]
-    result = measure(max(1, args.repeats), args.busy or usable_cpus(), extra)
+    result = measure(args.repeats, args.busy or usable_cpus(), extra)
     result["machine"] = machine()
     # torch ran in the demo processes, not here: record the threads they used
     result["machine"]["torch_threads"] = args.threads or usable_cpus()

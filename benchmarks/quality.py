@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adadiff.argtypes import positive
+from adadiff.argtypes import non_negative, positive
 from adadiff.config import SCHEDULES
 from adadiff.engines.torch import TorchBackend
 from adadiff.errors import AdadiffError, InputImageError
@@ -320,6 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "schedule": schedule,
         "interval": args.interval,
         "seed": args.seed,
+        "max_side": args.max_side,  # None: whole photos
         "block": BLOCK,
         "degradations": {k: v[1] for k, v in DEGRADATIONS.items()},
         "results": {},
@@ -511,6 +512,11 @@ def _ci(v: list[float] | tuple[float, ...], digits: int = 3) -> str:
     return f"{v[0]:.{digits}f} ({v[1]:.{digits}f} to {v[2]:.{digits}f})"
 
 
+def _extent(result: dict[str, Any]) -> str:
+    side = result.get("max_side")
+    return "whole photos" if not side else f"centre crops of at most {side} px"
+
+
 def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
     """Markdown for README's quality section, every figure from the JSON."""
     rel = Path(relative_link(json_path.resolve(), readme.resolve()))
@@ -521,7 +527,7 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
         "",
         f"{result['model']} ({result['schedule']} schedule) on the {len(photos)} "
         f"{SET_NAMES.get(result['photo_set'], result['photo_set'])} photos "
-        f"({', '.join(photos)}), whole photos through the Upscaler. PSNR, SSIM and LPIPS on "
+        f"({', '.join(photos)}), {_extent(result)} through the Upscaler. PSNR, SSIM and LPIPS on "
         f"{result['block']} px blocks, 90% intervals from resampling blocks within photos, "
         "every photo weighted equally; BRISQUE on the whole output (lower is better).",
         "",
@@ -614,7 +620,9 @@ def parser() -> argparse.ArgumentParser:
         "separated by commas (your own photos: the originals, which are degraded and upscaled; "
         "large ones take a while, see --max-side)",
     )
-    p.add_argument("--max-side", type=int, help="centre-crop the photos to at most this many px")
+    p.add_argument(
+        "--max-side", type=positive, help="centre-crop the photos to at most this many px"
+    )
     p.add_argument(
         "--max-pixels",
         type=positive,
@@ -623,9 +631,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--schedule", choices=SCHEDULES, help="default: the model's")
     p.add_argument("--interval", type=int, help="uniform interval (with --schedule uniform)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=non_negative, default=0)
+    p.add_argument("--max-batch", type=positive, default=8)
+    p.add_argument("--threads", type=positive, default=2)
     p.add_argument(
         "--images", action="store_true", help="also write every output as PNG under OUT/images"
     )
@@ -643,9 +651,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.readme and not args.out:  # the section links to the JSON, which needs a folder
         raise SystemExit("--readme needs --out (the README section is made from the saved JSON)")
+    if args.images and not args.out:
+        raise SystemExit("--images needs --out (the images are written under OUT/images)")
     logging.basicConfig(level=logging.WARNING)
     try:
+        if args.readme:
+            from benchmarks.report import check_readme
+
+            check_readme(args.readme, start=START, end=END)
         result = run(args)
+        result["argv"] = list(sys.argv[1:] if argv is None else argv)
     except AdadiffError as exc:
         print(f"adadiff bench quality: error: {exc}", file=sys.stderr)
         return 2

@@ -41,6 +41,16 @@ def replace_section(text: str, section: str, *, start: str = START, end: str = E
     return text[: i + len(start)] + "\n" + section.strip("\n") + "\n" + text[j:]
 
 
+def check_readme(readme: Path, *, start: str = START, end: str = END) -> None:
+    """``MarkerError`` now, not after a run of many minutes, if ``readme`` cannot take the
+    section (missing, unreadable, or without its markers)."""
+    try:
+        text = readme.read_text()
+    except OSError as exc:
+        raise MarkerError(f"--readme {readme}: {exc.strerror or exc}") from None
+    replace_section(text, "", start=start, end=end)
+
+
 def update_readme(readme: Path, section: str, *, start: str = START, end: str = END) -> None:
     text = readme.read_text()
     new = replace_section(text, section, start=start, end=end)
@@ -281,12 +291,22 @@ def _memory(result: dict[str, Any], rel: str) -> list[str]:
     return _size_table(head, data["rows"], with_output=True)
 
 
+def _busy(data: dict[str, Any]) -> str:
+    n = data["busy_processes"]
+    return f"{n} busy process" if n == 1 else f"{n} busy processes"
+
+
+def _per_cpu(data: dict[str, Any]) -> str:
+    cores = data.get("machine", {}).get("cores")
+    return " (one per CPU)" if cores == data["busy_processes"] else ""
+
+
 def _load(data: dict[str, Any], rel: str) -> list[str]:
     return [
         f"Busy machine, from [`{rel}`]({rel}) (`python -m benchmarks "
         f"{' '.join(data.get('argv', [])[1:])}`; {machine_line(data)}): the demo's upscale took "
         f"{data['idle_upscale_s']:.1f} s alone and {data['loaded_upscale_s']:.1f} s with "
-        f"{data['busy_processes']} busy processes spinning (one per CPU), "
+        f"{_busy(data)} spinning{_per_cpu(data)}, "
         f"{data['ratio']:.2f}x (target at most {data['target_ratio']}x; a fair share of the "
         f"cores alone gives about 2x); the load average before the run was "
         f"{data['loadavg_before'][0]}.",
@@ -348,6 +368,14 @@ def main(argv: list[str] | None = None) -> int:
         section = gpu_report.render(result, args.results, args.readme)
         markers = {"start": gpu_report.START, "end": gpu_report.END}
         what = "GPU check"
+    elif not isinstance(result, dict) or "settings" not in result or "suite" not in result:
+        print(
+            f"error: {args.results} is not a suite's results.json nor a gpu_check.json (a front "
+            "or quality JSON renders with `python -m benchmarks.front --render FILE --readme "
+            "README.md`, or benchmarks.quality's)",
+            file=sys.stderr,
+        )
+        return 2
     else:
         section = render(
             result, args.results, args.readme, memory=loaded.get("memory"), load=loaded.get("load")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from adadiff.argtypes import positive
+from adadiff.errors import AdadiffError
 from benchmarks.machine import machine, weights_of
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page")
@@ -100,16 +103,24 @@ def median_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=24)
+    p.add_argument("--images", type=positive, default=24)
     p.add_argument("--model", default="tiny")
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--queue", type=int, default=None, help="images in flight per worker")
-    p.add_argument("--max-workers", type=int, default=2)
+    p.add_argument("--max-batch", type=positive, default=8)
+    p.add_argument("--queue", type=positive, default=None, help="images in flight per worker")
+    p.add_argument("--max-workers", type=positive, default=2)
     p.add_argument(
-        "--repeats", type=int, default=3, help="runs per setting, interleaved; the median is kept"
+        "--repeats",
+        type=positive,
+        default=3,
+        help="runs per setting, interleaved; the median is kept",
     )
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        help="0 only: GPU runs are not scripted here (use adadiff upscale-many --gpus-per-worker)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/scaleout.json"))
     p.add_argument("--readme", type=Path, help="rewrite this README's scale-out figures")
     p.add_argument(
@@ -123,6 +134,15 @@ def main() -> None:
         return
     if args.gpus_per_worker:
         raise SystemExit("GPU runs: use `adadiff upscale-many --gpus-per-worker` (not scripted)")
+    if args.cpus_per_worker <= 0:
+        raise SystemExit(f"--cpus-per-worker must be above 0, got {args.cpus_per_worker}")
+    if args.readme:
+        from benchmarks.report import check_readme
+
+        try:
+            check_readme(args.readme, start="<!-- scaleout:start -->", end="<!-- scaleout:end -->")
+        except AdadiffError as exc:
+            raise SystemExit(f"error: {exc}") from None
     import ray
 
     ray.init(include_dashboard=False, logging_level="WARNING")
@@ -165,6 +185,8 @@ def main() -> None:
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "machine": machine(),
         "weights": weights_of(args.model),
+        "model": args.model,
+        "cpus_per_worker": args.cpus_per_worker,
         "input_sizes": sizes,
         "runs": runs,
         "summary": summary,
@@ -175,17 +197,32 @@ def main() -> None:
         write_readme(data, args.out, args.readme)
 
 
-def render(data: dict[str, Any], json_path: Path) -> str:
+def _per_worker(cpus: float) -> str:
+    threads = max(1, math.floor(cpus))  # what upscale-many gives each worker
+    cpu_text = "one CPU" if cpus == 1 else f"{cpus:g} CPUs"
+    return f"{cpu_text} and {'one torch thread' if threads == 1 else f'{threads} torch threads'}"
+
+
+def render(data: dict[str, Any], json_path: Path, readme: Path | None = None) -> str:
     from benchmarks.machine import machine_line
+    from benchmarks.report import relative_link
 
     runs = data["runs"]
     sizes = data["input_sizes"]
+    where = (
+        relative_link(json_path.resolve(), readme.resolve())
+        if readme is not None
+        else json_path.as_posix()
+    )
+    # JSONs from before these were recorded come from the default run: tiny, one CPU per worker
+    model = data.get("model", "tiny")
     lines = [
-        f"Measured by `{data['command']}` ({json_path.as_posix()}): "
+        f"Measured by `{data['command']}` ({where}): "
         f"{len(sizes)} photo crops of {min(w * h for w, h in sizes)} to "
-        f"{max(w * h for w, h in sizes)} input pixels (1 to 4 tiles of the `tiny` model each, "
-        f"{data.get('weights', 'weights not recorded')}), local Ray, one CPU and one torch "
-        f"thread per worker; each row is the median of {runs[0].get('repeats', 1)} interleaved "
+        f"{max(w * h for w, h in sizes)} input pixels (1 to 4 tiles of the `{model}` model each, "
+        f"{data.get('weights', 'weights not recorded')}), local Ray, "
+        f"{_per_worker(float(data.get('cpus_per_worker', 1.0)))} per worker; each row is the "
+        f"median of {runs[0].get('repeats', 1)} interleaved "
         "runs by steady throughput. Steady = after Ray start and model loading; whole job = "
         "including them.",
         "",
@@ -218,7 +255,7 @@ def write_readme(data: dict[str, Any], json_path: Path, readme: Path) -> None:
 
     update_readme(
         readme,
-        render(data, json_path),
+        render(data, json_path, readme),
         start="<!-- scaleout:start -->",
         end="<!-- scaleout:end -->",
     )

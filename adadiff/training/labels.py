@@ -349,6 +349,7 @@ def sample_with(
     max_batch: int,
     dtss: DTSSConfig | None = None,
     metrics: Sequence[MetricConfig] | None = None,
+    progress: Progress | None = None,
 ) -> SamplerResult:
     """``sample_tiles`` on the torch wrappers with ``score`` as MMLE; the model's DTSS numbers
     and metric weights unless others are given."""
@@ -363,6 +364,7 @@ def sample_with(
         gain_dim=cfg.pfj.gain_dim,
         seed=seed,
         max_batch=max_batch,
+        progress=progress,
     )
 
 
@@ -376,6 +378,7 @@ def run_trajectories(
     cache_dir: str | Path | None = None,
     score_hr: bool = False,
     reference: str = "input",
+    progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
     """One trajectory per crop of ``batch``; every UNet call recorded with its oracle scores,
     and with ``score_hr`` its full-reference scores against the HR crop too (``scores_hr``).
@@ -392,7 +395,9 @@ def run_trajectories(
     scorer = OracleScorer(
         models, batch.up, lr_latents, cfg.mmle.metrics, cache_dir, hr=hr, reference=reference
     )
-    sample_with(models, lr_latents, scorer, policy, seed=seed, max_batch=max_batch)
+    sample_with(
+        models, lr_latents, scorer, policy, seed=seed, max_batch=max_batch, progress=progress
+    )
     out = scorer.arrays()
     out["random"] = np.isin(np.arange(n), pick)[out["traj"]]
     out["photo"] = batch.photo[out["traj"]]

@@ -876,6 +876,13 @@ def evaluation_lines(
     quality: dict[str, Any] | None, evaluation: dict[str, Any] | None
 ) -> list[str]:
     """The card's Evaluation section, as ``ship`` writes it."""
+    for data, what in ((quality, "quality"), (evaluation, "evaluate_tiny")):
+        side = data.get("max_side") if isinstance(data, dict) else None
+        if side:  # the card states figures of the hold-out photos, whole
+            raise ConfigError(
+                f"the {what} JSON was made with --max-side {side} (centre crops); the card quotes "
+                f"the whole hold-out photos: rerun benchmarks.{what} without --max-side"
+            )
     return [EVALUATION_HEADING, "", *quality_section(quality), *_eval_section(evaluation), ""]
 
 

@@ -6,6 +6,8 @@ The model is tiny with very long DTSS jumps, so every schedule runs a handful of
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -22,19 +24,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, tiny_models):
-    pytest.importorskip("matplotlib")
-    pytest.importorskip("skimage")
-    import torch
+def smoke_suite():
+    from benchmarks.suites import ScheduleSpec, Suite
 
-    from benchmarks.__main__ import run_suite
-    from benchmarks.suites import ScheduleSpec, Settings, Suite
-
-    folder = tmp_path_factory.mktemp("fast-tiny")
-    config = replace(tiny_models.config, dtss=DTSSConfig(tiers=(100, 200, 250, 250)))
-    replace(tiny_models, config=config).save(folder)
-    suite = Suite(
+    return Suite(
         name="smoke",
         sections=("schedules", "regrouping", "backends", "scaling"),
         repeats=1,
@@ -53,6 +46,21 @@ def smoke_run(tmp_path_factory, tiny_models):
         scaling_interval=250,
         fullsize_size=32,
     )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tiny_models):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("skimage")
+    import torch
+
+    from benchmarks.__main__ import run_suite
+    from benchmarks.suites import Settings
+
+    folder = tmp_path_factory.mktemp("fast-tiny")
+    config = replace(tiny_models.config, dtss=DTSSConfig(tiers=(100, 200, 250, 250)))
+    replace(tiny_models, config=config).save(folder)
+    suite = smoke_suite()
     # One thread: the test stays fast even while other jobs load the cores.
     settings = Settings(backends=("torch",), model=str(folder), max_batch=16, threads=1)
     out = tmp_path_factory.mktemp("bench-out")
@@ -168,14 +176,48 @@ def test_fit_and_user_errors():
     assert np.isclose(result["seconds_per_tile"][0], 0.1)
     assert main(["quick", "--backend", "torch,nope"]) == 2
     assert main(["quick", "--precision", "fp16"]) == 2
+    import torch
+
+    if not torch.cuda.is_available():  # a GPU this machine lacks is refused before any run
+        assert main(["quick", "--device", "cuda", "--out", "/nonexistent/x"]) == 2
 
 
 def test_result_paths_are_relative_in_the_section(smoke_run, tmp_path):
     from benchmarks.report import render
 
     out, result = smoke_run
-    text = render(result, out / "results.json", Path(tmp_path) / "README.md")
-    assert str(tmp_path) not in text
+    readme = Path(tmp_path) / "README.md"
+    text = render(result, out / "results.json", readme)
+    assert str(out) not in text  # the JSON's folder, not the README's
+    rel = os.path.relpath(out / "results.json", readme.parent)
+    assert f"({rel})" in text
+
+
+def test_a_failed_run_leaves_the_folder_results_as_they_were(smoke_run, tmp_path, monkeypatch):
+    from benchmarks import schedules
+    from benchmarks.__main__ import FAILED_RESULTS, failed_sections, run_suite
+    from benchmarks.suites import Settings
+
+    out, result = smoke_run
+    folder = tmp_path / "ref"
+    shutil.copytree(out, folder)
+    before = (folder / "results.json").read_bytes()
+
+    def broken(_ctx):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(schedules, "run", broken)
+    suite = replace(smoke_suite(), sections=("schedules",))
+    model = result["settings"]["model"]
+    failed = run_suite(suite, Settings(backends=("torch",), model=model, threads=1), folder)
+    assert failed["failed"] == ["schedules"]
+    assert (folder / "results.json").read_bytes() == before
+    assert json.loads((folder / FAILED_RESULTS).read_text())["failed"] == ["schedules"]
+    # a backends section whose every variant failed has failed too
+    variants = {"variants": {"torch": {"error": "x"}, "onnxruntime": {"error": "y"}}}
+    assert failed_sections({"backends": variants}, ("backends",)) == ["backends"]
+    variants["variants"]["torch"] = {"latency": {}}
+    assert failed_sections({"backends": variants}, ("backends",)) == []
 
 
 def test_scaleout_folder_and_readme_block(tmp_path):
@@ -215,6 +257,11 @@ def test_scaleout_folder_and_readme_block(tmp_path):
     assert "OLD-BODY" not in text and text.startswith("a\n") and text.endswith("b\n")
     assert "| 1 | image by image | 100 | 80 | 3.0 | 1.50 | 10 |" in text
     assert "3.00x the mean batch, 1.25x the throughput" in text
+    assert "one CPU and one torch thread per worker" in text and "(r.json)" in text
+    # the text follows the run's settings, and links the JSON from the README's folder
+    write_readme({**data, "cpus_per_worker": 2.0, "model": "mine"}, tmp_path / "r.json", readme)
+    text = readme.read_text()
+    assert "2 CPUs and 2 torch threads per worker" in text and "`mine` model" in text
 
 
 def test_memory_and_load_runs_render_from_their_json(smoke_run, tmp_path):
@@ -263,6 +310,19 @@ def test_memory_and_load_runs_render_from_their_json(smoke_run, tmp_path):
     assert "(m.json)" in text and "(l.json)" in text
     # the command it names regenerates this section, extra runs included
     assert "--memory m.json --load l.json`; do not edit by hand" in text
+    # "one per CPU" only when the busy processes were one per core
+    one = {**load, "busy_processes": 1, "machine": {**load.get("machine", {}), "cores": 2}}
+    text = render(result, out / "results.json", readme, load=(one, tmp_path / "l.json"))
+    assert "with 1 busy process spinning, " in text
+
+
+def test_report_refuses_a_json_it_does_not_render(tmp_path, capsys):
+    from benchmarks.report import main
+
+    front = tmp_path / "front.json"
+    front.write_text(json.dumps({"methods": {}}))
+    assert main([str(front), "--print"]) == 2
+    assert "benchmarks.front --render" in capsys.readouterr().err
 
 
 def test_scaling_plot_shows_both_gpu_memory_figures(tmp_path, monkeypatch):

@@ -202,3 +202,26 @@ def test_a_dtss_json_is_checked_against_the_models_noise_schedule(tmp_path, tiny
         path.write_text(json.dumps({"dtss": {**good["dtss"], **bad}}))
         with pytest.raises(SystemExit, match=str(path)):
             load_dtss(path, tiny_config)
+
+
+def test_the_command_line_refuses_mistakes_before_any_run(tmp_path, capsys):
+    from benchmarks.front import main
+
+    out = tmp_path / "front"
+    quick = ["--out", str(out), "--crops", "1", "--seeds", "1", "--oracle-seeds", "0"]
+    assert main([*quick, "--photos", "nosuch"]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot read it"):
+        main([*quick, "--dtss", f"x={tmp_path / 'missing.json'}"])
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# no markers\n")
+    assert main([*quick, "--readme", str(plain)]) == 2
+    for flag, value in (
+        ("--crops", "0"),
+        ("--uniform", "0"),
+        ("--threads", "0"),
+        ("--exit", "0@400"),
+    ):
+        with pytest.raises(SystemExit):
+            main([*quick, flag, value])
+    assert not out.exists()

@@ -17,8 +17,12 @@ from benchmarks import gpu_check, gpu_report, report  # noqa: E402
 
 
 def test_dry_run_imports_and_plans_on_cpu(tmp_path, capsys):
+    real = tmp_path / gpu_check.OUTPUT
+    real.write_text(json.dumps({"kind": "gpu_check", "dry_run": False, "parity": {}}))
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run"]) == 0
-    data = json.loads((tmp_path / gpu_check.OUTPUT).read_text())
+    # a dry run never replaces a real run's figures
+    assert json.loads(real.read_text())["dry_run"] is False
+    data = json.loads((tmp_path / gpu_check.DRY_OUTPUT).read_text())
     assert data["kind"] == "gpu_check" and data["dry_run"] is True
     assert {"parity", "unet_latency", "tiny_e2e"} <= set(data["planned"])
     assert data["plan"]["precisions"] == ["fp32", "fp16", "bf16"]
@@ -28,7 +32,7 @@ def test_dry_run_imports_and_plans_on_cpu(tmp_path, capsys):
     assert "machine" in data
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{gpu_report.START}\nold\n{gpu_report.END}\n")
-    assert report.main([str(tmp_path / gpu_check.OUTPUT), "--readme", str(readme)]) == 0
+    assert report.main([str(tmp_path / gpu_check.DRY_OUTPUT), "--readme", str(readme)]) == 0
     assert "dry run" in readme.read_text() and "old" not in readme.read_text()
 
 
@@ -39,6 +43,14 @@ def test_unknown_part_and_no_cuda_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a CUDA machine
     assert gpu_check.main(["--out", str(tmp_path)]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+    # a device torch cannot name is refused in a dry run too
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--device", "gpu"]) == 2
+    assert "--device gpu" in capsys.readouterr().err
+    # a run of some parts does not replace a folder's figures of others
+    (tmp_path / gpu_check.OUTPUT).write_text(json.dumps({"dry_run": False, "tensorrt": {}}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpu_check.main(["--out", str(tmp_path), "--parts", "parity"]) == 2
+    assert "holds the parts tensorrt" in capsys.readouterr().err
 
 
 def test_first_divergence_reports_the_distance_from_tau():

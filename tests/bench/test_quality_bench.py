@@ -33,9 +33,17 @@ def test_a_block_reproduced_exactly_keeps_the_psnr_mean_finite(metric_cache):
     assert scores["psnr"][1] < 40
 
 
-def test_readme_needs_a_saved_json():
+def test_readme_needs_a_saved_json(tmp_path):
     with pytest.raises(SystemExit, match="--readme needs --out"):
         quality.main(["--readme", "README.md"])
+    with pytest.raises(SystemExit, match="--images needs --out"):
+        quality.main(["--images"])
+    # a README that cannot take the section is refused before the run, not after it
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# no markers\n")
+    out = tmp_path / "never"
+    assert quality.main(["--out", str(out), "--readme", str(plain)]) == 2
+    assert not out.exists()
 
 
 def test_interval_weights_photos_equally_and_holds_the_mean():
@@ -122,6 +130,13 @@ def test_quality_runs_on_a_model_folder_and_renders(tmp_path, tiny_dir, metric_c
     assert "old" not in text and "| Gaussian blur 2 px, bicubic x4, JPEG 60 | model |" in text
     assert "![gallery bicubic](q/gallery-bicubic.png)" in text
     assert f"| none | the original through {tiny_dir}'s VAE | {low_mean_high[0]:.3f} (" in text
+    # crops are said to be crops, and a model card, which quotes whole photos, refuses them
+    assert result["max_side"] == 256 and "centre crops of at most 256 px" in text
+    from adadiff.errors import ConfigError
+    from adadiff.training.ship import evaluation_lines
+
+    with pytest.raises(ConfigError, match="--max-side 256"):
+        evaluation_lines(result, None)
     # Four columns: bicubic, model, original, VAE round trip.
     from PIL import Image
 
