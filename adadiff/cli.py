@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,8 +23,8 @@ from adadiff.artifacts import (
 )
 from adadiff.config import CONFIG_FILE, SCHEDULES, BackendKind
 from adadiff.cuda import CudaDevice
+from adadiff.device_check import check_device
 from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
-from adadiff.engines.onnxruntime import CUDA, INSTALL_GPU, TENSORRT, import_onnxruntime
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError, shell_arg
 from adadiff.file_upscale import FileOutputs
 from adadiff.presets import PRESETS, SHIPPED, is_preset, model_config
@@ -345,56 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
 # Tiles above this multiple of the model's own tile are refused: the model never saw them, and
 # attention memory grows with the square of the tile's area (--tile 100000 asked for 112 GiB).
 MAX_TILE_FACTOR = 4
-
-
-def check_device(backend: str, device: str, *, here: bool = True) -> None:
-    """Refuse a device the backend does not know, or (``here``) a GPU this machine lacks."""
-    dev = parse_device(device, backend)
-    if not here:
-        return
-    if backend == "tensorrt":
-        # TensorRT runs on CUDA only (cpu means the first GPU); a missing library comes first
-        import_tensorrt()
-        CudaDevice(device)
-        return
-    if dev.kind == "cpu":
-        return
-    if backend == "onnxruntime":
-        _check_ort_gpu(device, dev.kind)
-    else:
-        _check_torch_cuda(device, dev.index or 0)
-
-
-def _check_torch_cuda(device: str, index: int) -> None:
-    try:
-        version = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        raise BackendUnavailableError(
-            f"--device {device} needs torch, which is not installed; see README, GPU"
-        ) from None
-    if version.endswith("+cpu"):
-        raise BackendUnavailableError(
-            f"--device {device}: the installed torch {version} is a CPU-only build; install a "
-            "CUDA build of torch (README, GPU) or use --device cpu"
-        )
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if index >= count:
-        raise BackendUnavailableError(
-            f"--device {device}: torch {version} sees {count} CUDA device(s); check the driver "
-            "and CUDA_VISIBLE_DEVICES, or use --device cpu"
-        )
-
-
-def _check_ort_gpu(device: str, kind: str) -> None:
-    provider = TENSORRT if kind == "tensorrt" else CUDA
-    available = import_onnxruntime().get_available_providers()
-    if provider not in available:
-        raise BackendUnavailableError(
-            f"--device {device} needs ONNX Runtime's {provider}, but this onnxruntime offers "
-            f"{', '.join(available)}; {INSTALL_GPU}, or use --device cpu"
-        )
 
 
 def model_folder(model: str | None) -> Path | None:

@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from adadiff.cli import check_device
+from adadiff.device_check import check_device
 from adadiff.errors import AdadiffError
 from benchmarks.suites import SECTIONS, SUITES, Context, Settings, Suite
 
