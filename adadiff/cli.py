@@ -593,8 +593,11 @@ def _demo_model(args: argparse.Namespace) -> tuple[Path | None, bool]:
     if args.engines is not None and args.model is None:
         from adadiff.artifacts import ExportManifest
 
-        recorded = Path(ExportManifest.load(args.engines).model)
-        return (recorded if (recorded / CONFIG_FILE).is_file() else None), False
+        source = ExportManifest.load(args.engines).model
+        recorded = Path(source)
+        if (recorded / CONFIG_FILE).is_file():
+            return recorded, False
+        return None, "random init" in source  # a preset's seeded init, as the export names it
     folder = model_folder(args.model)
     return folder, folder is None
 

@@ -315,13 +315,29 @@ def _metadata(img: Image.Image, shown: Image.Image) -> tuple[bytes | None, bytes
 def to_rgb_array(image: Any) -> np.ndarray:
     """Convert a PIL image or a numpy array to float32 [H, W, 3] in [0, 1], dropping alpha.
 
-    uint8 is scaled by 1/255, uint16 by 1/65535, floats are taken as already in [0, 1] (clipped).
-    """
+    uint8 is scaled by 1/255, uint16 by 1/65535, floats are taken as already in [0, 1] (clipped;
+    a float array reaching above 1.5, as 0..255 data does, is refused)."""
+    return to_rgb_and_gray(image)[0]
+
+
+def to_rgb_and_gray(image: Any) -> tuple[np.ndarray, bool]:
+    """``to_rgb_array`` and whether the image was gray (one channel, or a gray PIL mode).
+    Colour under fully transparent pixels is filled from the visible ones, for arrays with an
+    alpha channel as for PIL images (``fill_transparent``)."""
     if isinstance(image, Image.Image):
         image.load()
-        return _decode_pil(image).rgb
+        decoded = _decode_pil(image)
+        return decoded.rgb, decoded.grayscale
     if not isinstance(image, np.ndarray):
         raise InputImageError(f"expected a PIL.Image or a numpy array, got {type(image).__name__}")
+    gray = image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1)
+    rgb = _array_rgb(image)
+    if image.ndim == 3 and image.shape[2] == 4:
+        rgb = np.ascontiguousarray(fill_transparent(rgb, _array_rgb(image[:, :, 3])[:, :, 0]))
+    return rgb, gray
+
+
+def _array_rgb(image: np.ndarray) -> np.ndarray:
     array = image
     if array.ndim == 3 and array.shape[2] in (1, 3, 4):
         array = array[:, :, :1] if array.shape[2] == 1 else array[:, :, :3]
@@ -342,6 +358,11 @@ def to_rgb_array(image: Any) -> np.ndarray:
     elif np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)):
             raise InputImageError("image array contains NaN or infinite values")
+        if float(array.max()) > 1.5:  # 0..255 data: clipped, it would all come out white
+            raise InputImageError(
+                f"a float image array must hold values in [0, 1]; this one reaches "
+                f"{float(array.max()):g}: divide it by 255 (or by its range), or pass uint8"
+            )
         values = np.clip(array, 0.0, 1.0).astype(np.float32)
     else:
         raise InputImageError(

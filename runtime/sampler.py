@@ -295,13 +295,14 @@ def _advance(
             # nr_start_t, and the FR scores (against the blurry bicubic-upscaled input) favour the
             # first, blurry estimates, so an early x0 would win and undo the detail added since.
             if s.t < dtss.nr_start_t and r[0] + r[1] > s.best_r:
-                s.best_r, s.best_x0 = r[0] + r[1], x0[i]
+                # a copy: a view would keep the whole call's batch alive until the image ends
+                s.best_r, s.best_x0 = r[0] + r[1], x0[i].copy()
         decision = member.policy.decide(s.index, s.t, g_fr, g_nr)
         category = decision.category.value
         s.categories.append(category)
         member.categories[category] = member.categories.get(category, 0) + 1
         if decision.category is Category.SATURATED:
-            s.exit, s.result = "saturated", s.best_x0 if s.best_x0 is not None else x0[i]
+            s.exit, s.result = "saturated", s.best_x0 if s.best_x0 is not None else x0[i].copy()
         elif decision.interval is None:
             raise ConfigError(
                 f"{type(member.policy).__name__} gave a {category} decision without a jump; "
@@ -321,7 +322,7 @@ def _advance(
     z_next = renoise(x0_exact[moving], eps[moving], t_next, noise)
     for j, i in enumerate(moving):
         s = group[i]
-        s.z, s.t = z_next[j], int(t_next[j])
+        s.z, s.t = z_next[j].copy(), int(t_next[j])
         if s.t == 0:
             s.exit, s.result = "t0", s.z
 

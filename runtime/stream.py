@@ -111,11 +111,12 @@ class ImageStream:
                 seed=item.seed,
                 reset_log=False,
             )
+            self.pool.add(item.key, job.lr_latents, job.policy, seed=item.seed)
         except Exception as exc:  # one bad image must not stop the others
+            self.pool.members.pop(item.key, None)
             return StreamResult(item.key, error=exc)
         self.jobs[item.key] = job
         self.admitted[item.key] = time.perf_counter()
-        self.pool.add(item.key, job.lr_latents, job.policy, seed=item.seed)
         self.stats.images += 1
         return None
 
@@ -155,7 +156,14 @@ class ImageStream:
                     yield refused
             if self.idle:
                 return
-            yield from self.step()
+            try:
+                finished = self.step()
+            except Exception as exc:
+                # A round mixes the tiles of every image in flight and failed part-way (say,
+                # NaN from one image in fp16, or out of memory): those images fail with it, and
+                # the stream goes on with the next ones.
+                finished = [StreamResult(key, error=exc) for key in self.abandon()]
+            yield from finished
 
 
 def upscale_many(

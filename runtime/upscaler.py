@@ -17,13 +17,16 @@ from adadiff.config import SCHEDULES, ModelConfig, RunSettings
 from adadiff.engines import factory
 from adadiff.engines.base import Backend, CallLog, Components
 from adadiff.errors import ConfigError
-from adadiff.imageio import bicubic_rows, to_rgb_array
+from adadiff.imageio import bicubic_rows, to_rgb_and_gray
 from adadiff.progress import Progress
 from adadiff.runtime.colorfix import color_fix_rows
 from adadiff.runtime.content import ContentPolicy
 from adadiff.runtime.policy import DTSSPolicy, StepPolicy, UniformPolicy
 from adadiff.runtime.sampler import DenoiseNets, SamplerResult, sample_tiles
 from adadiff.runtime.tiling import TileGrid, decode_rows, merge_tiles
+
+# Rec. 601 luma, as the image files' gray conversion uses
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 log = logging.getLogger("adadiff")
 
@@ -72,6 +75,8 @@ class PreparedImage:
     """An encoded image waiting for (or in) denoising; ``Upscaler.finish`` completes it."""
 
     like: Any  # the input, so the output comes back in the same type
+    rgb: np.ndarray  # the input as float32 RGB, read once: the colour fix's reference
+    gray: bool  # a gray input comes back gray (in RGB)
     size: tuple[int, int]  # (width, height)
     grid: TileGrid
     lr_latents: np.ndarray
@@ -258,8 +263,10 @@ class Upscaler:
         ``progress`` hears ``("encode", tiles encoded, tiles)`` after every batch."""
         if self.closed:
             raise ConfigError("this Upscaler was closed; open a new one (Upscaler.from_pretrained)")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}")
         self.components.open_all()
-        rgb = to_rgb_array(image)
+        rgb, gray = to_rgb_and_gray(image)
         step_policy: StepPolicy | None = policy
         if policy is None:
             schedule_name = self.schedule_of(schedule, interval)
@@ -284,6 +291,8 @@ class Upscaler:
             step_policy = self.policy(schedule_name, interval, lr_latents)
         return PreparedImage(
             like=image,
+            rgb=rgb,
+            gray=gray,
             size=(w, h),
             grid=grid,
             lr_latents=lr_latents,
@@ -351,14 +360,16 @@ class Upscaler:
         height, width = job.grid.height, job.grid.width
         pixels = _to_unit_rows(bands, height, width)
         if cfg.color_fix.kind != "none":
-            # the input again rather than its upscale held through denoising: memory stays low
-            rgb = to_rgb_array(job.like)
+            # the input (as read at prepare: the caller may reuse its buffer meanwhile) rather
+            # than its upscale held through denoising: memory stays low
             pixels = color_fix_rows(
-                pixels, lambda a, b: bicubic_rows(rgb, cfg.upscale, a, b), cfg.color_fix, height
+                pixels, lambda a, b: bicubic_rows(job.rgb, cfg.upscale, a, b), cfg.color_fix, height
             )
         out_dtype = _output_dtype(job.like, dtype)
         out = np.empty((height, width, 3), dtype=out_dtype)
         for first, rows in pixels:
+            if job.gray:  # the model adds faint colour; a gray photo stays gray
+                rows = np.repeat((rows @ LUMA)[:, :, None], 3, axis=2)
             out[first : first + len(rows)] = _quantize(rows, out_dtype)
         seconds = dict(job.seconds)
         seconds["decode"] = time.perf_counter() - t0

@@ -259,3 +259,39 @@ def test_non_finite_unet_or_mmle_values_stop_the_run():
     overflow = np.full((1, C, S, S), np.inf, np.float32)  # an oracle UNet that overflows
     with pytest.raises(NumericsError, match=r"UNet returned NaN or infinite values at t = \[999\]"):
         run(1, UniformPolicy(20), x0=overflow)
+
+
+def test_finished_tiles_own_their_latents():
+    """A finished tile's latent must not be a view of its call's batch: with tiles exiting in
+    different rounds, each view kept a whole batch-sized array alive until the image ended."""
+    from adadiff.runtime.sampler import TilePool
+
+    class ExitAfterIndex:
+        needs_scores = False
+
+        def decide(self, tile, t, g_fr, g_nr):
+            if 999 - t >= 100 * (tile % 3):
+                return Decision(Category.SATURATED, None)
+            return Decision(Category.STABLE, 100)
+
+    n = 6
+    x0 = np.random.default_rng(5).standard_normal((n, C, S, S)).astype(np.float32)
+    pool = TilePool(
+        oracle_nets(x0, []), noise=NOISE, dtss=DTSSConfig(), metrics=DEFAULT_METRICS,
+        gain_dim=2, max_batch=8,
+    )  # fmt: skip
+    pool.add(0, lr_with_index(n), ExitAfterIndex(), seed=0)
+    tiles = pool.members[0].tiles
+    while not pool.round():
+        pass
+    assert len({s.steps for s in tiles}) > 1  # they left in different rounds
+    assert all(s.result.base is None for s in tiles)
+    uniform = TilePool(
+        oracle_nets(x0, []), noise=NOISE, dtss=DTSSConfig(), metrics=DEFAULT_METRICS,
+        gain_dim=2, max_batch=8,
+    )  # fmt: skip
+    uniform.add(0, lr_with_index(n), UniformPolicy(500), seed=0)
+    tiles = uniform.members[0].tiles
+    while not uniform.round():
+        pass
+    assert all(s.exit == "t0" and s.result.base is None for s in tiles)

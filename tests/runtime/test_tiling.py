@@ -146,3 +146,18 @@ def test_decode_rows_stream_equals_whole_canvas_and_holds_little():
     np.testing.assert_array_equal(np.concatenate([r for _, r in bands], axis=1), whole)
     assert len(bands) > 1 and max(r.shape[1] for _, r in bands) < whole.shape[1]
     assert seen[-1] == ("decode", 12, 12)
+
+
+def test_merging_holds_little_more_than_its_result():
+    import tracemalloc
+
+    from adadiff.runtime.tiling import TileGrid, merge_tiles
+
+    grid = TileGrid(height=512, width=512, tile=64, overlap=16)
+    tiles = np.ones((len(grid), 4, 64, 64), dtype=np.float32)
+    tracemalloc.start()
+    merged = merge_tiles(tiles, grid)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert merged.dtype == np.float32 and np.allclose(merged, 1.0, atol=1e-6)
+    assert peak < 1.6 * merged.nbytes  # a float64 accumulator and quotient took over 5x

@@ -146,3 +146,67 @@ def test_a_closed_upscaler_lets_go_of_its_models_and_says_so_on_reuse(tiny_dir):
     assert up.backend.models is None
     with pytest.raises(ConfigError, match="was closed"):
         up.upscale(np.zeros((16, 16, 3), np.float32))
+
+
+def test_a_stream_reads_each_input_once_even_from_a_reused_buffer(tiny_models, photo):
+    """A frame reader fills one buffer per frame: each image keeps the colours of its own
+    (the colour fix reads the input again after denoising)."""
+    from dataclasses import replace
+
+    from adadiff.config import ColorFixConfig
+    from adadiff.runtime.stream import StreamItem, upscale_many
+
+    config = replace(tiny_models.config, color_fix=ColorFixConfig(kind="wavelet", levels=3))
+    upscaler = Upscaler(config, TorchBackend(tiny_models), max_batch=8)
+
+    frames = [photo[:32, :32], 1.0 - photo[:32, :32]]
+    alone = [upscaler.upscale(f, schedule="uniform", interval=250, seed=0)[0] for f in frames]
+    buffer = np.empty_like(frames[0])
+
+    def reader():
+        for k, frame in enumerate(frames):
+            buffer[:] = frame
+            yield StreamItem(k, buffer, schedule="uniform", interval=250)
+
+    for result in upscale_many(upscaler, reader(), target_tiles=64):
+        assert result.error is None
+        np.testing.assert_allclose(result.image, alone[result.key], atol=1e-4)
+
+
+def test_a_failed_round_fails_its_images_and_the_stream_goes_on(upscaler, photo, monkeypatch):
+    from adadiff.errors import NumericsError
+    from adadiff.runtime.stream import ImageStream, StreamItem
+
+    stream = ImageStream(upscaler, target_tiles=1, cross_image=False)
+    real = stream.step
+    calls = {"n": 0}
+
+    def first_fails():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise NumericsError("the UNet returned NaN")
+        return real()
+
+    monkeypatch.setattr(stream, "step", first_fails)
+    items = [StreamItem(k, photo[:16, :16], schedule="uniform", interval=500) for k in "abc"]
+    # a bad seed is refused at admission, before its image is encoded
+    items.insert(1, StreamItem("bad", photo[:16, :16], seed=-1))
+    results = {r.key: r for r in stream.run(items)}
+    assert isinstance(results["a"].error, NumericsError)
+    assert "seed must be" in str(results["bad"].error)
+    assert results["b"].error is None and results["c"].error is None
+    assert results["c"].image.shape == (64, 64, 3)
+
+
+def test_gray_and_transparent_arrays(upscaler, photo):
+    gray = photo[:24, :24].mean(axis=2)
+    out, _ = upscaler.upscale(gray, schedule="uniform", interval=500)
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+    # colour under transparent pixels is filled from the visible ones, as for PIL images
+    rgba = np.zeros((24, 24, 4), dtype=np.float32)
+    rgba[:, :12, 0], rgba[:, :12, 3] = 0.8, 1.0
+    from adadiff.imageio import to_rgb_array
+
+    assert to_rgb_array(rgba)[:, 12:, 0].min() > 0.7
+    with pytest.raises(Exception, match="divide it by 255"):
+        upscaler.upscale(photo[:16, :16] * 255, schedule="uniform", interval=500)
