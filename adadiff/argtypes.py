@@ -58,3 +58,20 @@ def non_negative_float(value: str) -> float:
     if x < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {x:g}")
     return x
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, unless it is unset or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or "default" in text
+        ):
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()

@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from adadiff import __version__, demo, file_upscale, imageio
-from adadiff.argtypes import non_negative, non_negative_float, positive, positive_float
+from adadiff.argtypes import (
+    DefaultsFormatter,
+    non_negative,
+    non_negative_float,
+    positive,
+    positive_float,
+)
 from adadiff.artifacts import (
     PRECISIONS,
     BatchProfile,
@@ -751,23 +757,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     for line in describe(manifest):
         print(line)
     return 0
-
-
-class DefaultsFormatter(argparse.HelpFormatter):
-    """Help that shows each option's default, unless it is unset or the help already says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        default = action.default
-        if (
-            not action.option_strings
-            or default is None
-            or default is False
-            or default is argparse.SUPPRESS
-            or "default" in text
-        ):
-            return action.help
-        return f"{text} (default: %(default)s)".lstrip()
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

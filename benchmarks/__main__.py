@@ -82,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         "(see quality --help)",
         add_help=False,
     )
-    r = sub.add_parser("report", help="write README's Performance section from a results JSON")
+    r = sub.add_parser(
+        "report",
+        help="write README's Performance section from a suite's results.json, or its GPU check "
+        "section from a gpu_check.json",
+    )
     r.add_argument("results", type=Path)
     r.add_argument("--readme", type=Path, default=Path("README.md"))
     r.add_argument("--print", action="store_true")

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adadiff.argtypes import non_negative, positive
+from adadiff.argtypes import DefaultsFormatter, non_negative, positive
 from adadiff.config import ContentConfig, DTSSConfig, MetricConfig, ModelConfig
 from adadiff.errors import AdadiffError, ConfigError
 from adadiff.models.bundle import TorchModels, describe, load_models
@@ -898,9 +898,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="adadiff bench front",
         description="quality against UNet evaluations per tile on hold-out crops",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
-    p.add_argument("--out", type=Path, help="output folder (front.json and front.png)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (front.json and front.png); required unless --render is given",
+    )
     p.add_argument("--model", default="tiny")
     p.add_argument(
         "--photos",

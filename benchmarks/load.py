@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adadiff.argtypes import positive
+from adadiff.argtypes import DefaultsFormatter, positive
 from adadiff.config import SCHEDULES
 from benchmarks.suites import ROOT, child_env
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="adadiff bench load",
         description="time the demo's upscale idle and with one busy process per CPU",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("bench-load.json"), help="JSON to write")
     p.add_argument("--repeats", type=positive, default=3, help="idle/loaded pairs (median)")

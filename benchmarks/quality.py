@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adadiff.argtypes import non_negative, positive
+from adadiff.argtypes import DefaultsFormatter, non_negative, positive
 from adadiff.config import SCHEDULES
 from adadiff.engines.torch import TorchBackend
 from adadiff.errors import AdadiffError, InputImageError
@@ -609,7 +609,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="adadiff bench quality",
         description="a model against bicubic on whole photos, two degradations, and a gallery",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("--out", type=Path, help="output folder (quality.json, gallery, images)")
     p.add_argument("--model", default="tiny")

@@ -342,9 +342,12 @@ def _fullsize(data: dict[str, Any] | None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks report",
-        description="write the README Performance section from a results JSON",
+        description="write the README Performance section from a results JSON, or the GPU check "
+        "section from a gpu_check.json",
     )
-    p.add_argument("results", type=Path, help="results.json written by a benchmark suite")
+    p.add_argument(
+        "results", type=Path, help="a suite's results.json, or a gpu_check.json (GPU section)"
+    )
     p.add_argument("--readme", type=Path, default=Path("README.md"))
     p.add_argument("--print", action="store_true", help="print the section instead of writing")
     p.add_argument(

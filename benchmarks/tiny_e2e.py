@@ -25,15 +25,18 @@ def main() -> None:
     p.add_argument("--backend", default="torch")
     p.add_argument("--engines", default=None)
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads (0: every CPU the process may use)"
+    )
     p.add_argument("--out", type=Path, default=Path("runs/tiny_e2e.json"))
     args = p.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    # the backend sets torch's threads (and the passive OpenMP wait) from this
     up = Upscaler.from_pretrained(
-        "tiny", backend=args.backend, engines=args.engines, max_batch=args.max_batch
+        "tiny",
+        backend=args.backend,
+        engines=args.engines,
+        max_batch=args.max_batch,
+        threads=args.threads or None,
     )
     # One warm-up run loads every engine and allocator before anything is timed.
     up.upscale(photo("astronaut", 32).astype(np.float32) / 255.0, schedule="adaptive", seed=0)

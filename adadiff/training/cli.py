@@ -15,7 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from adadiff.argtypes import fraction, non_negative_float, positive, positive_float
+from adadiff.argtypes import (
+    DefaultsFormatter,
+    fraction,
+    non_negative_float,
+    positive,
+    positive_float,
+)
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError
 from adadiff.presets import is_preset, preset
@@ -335,7 +341,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     _common(ship, "ship")
     ship.add_argument(
-        "--out", type=Path, help="model folder (default: adadiff/weights/MODEL in the package)"
+        "--out",
+        type=Path,
+        help="model folder (default: adadiff/weights/NAME in the package, NAME the model "
+        "config's name: a config named tiny replaces the shipped tiny)",
     )
     ship.add_argument("--eval", type=Path, help="evaluate_tiny JSON to quote in the model card")
     ship.add_argument(
@@ -539,7 +548,7 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "calibrate",
         help="fit a model folder's DTSS weights and tau on tuning photos (writes adadiff.json)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("model", type=Path, help="model folder whose adadiff.json is calibrated")
     p.add_argument(

@@ -68,7 +68,7 @@ from adadiff.runtime.sampler import DenoiseNets, SamplerResult, sample_tiles
 from adadiff.training.assemble import frozen_models, unet_checkpoint
 from adadiff.training.checkpoint import stage_lock
 from adadiff.training.data import PhotoWeighting, check_weighting
-from adadiff.training.loop import numpy_rng, stop_on_signals
+from adadiff.training.loop import check_writable, numpy_rng, stop_on_signals
 from adadiff.training.pairs import Batch, PairStream, load_images, photo_names
 
 log = logging.getLogger("adadiff.training")
@@ -591,7 +591,7 @@ def make_labels(
         raise ConfigError(f"got {len(names)} photo names for {len(images)} images")
     workdir = Path(workdir)
     folder = workdir / STAGE
-    folder.mkdir(parents=True, exist_ok=True)
+    check_writable(folder)
     with stage_lock(folder):
         return _make_labels(cfg, workdir, opts, models, images, names, cache_dir, progress)
 

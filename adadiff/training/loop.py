@@ -312,7 +312,7 @@ def _report_stage_changes(stage: str, ckpt: dict[str, Any], now: dict[str, Any])
         )
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
     """Fail at the start, not at the first checkpoint minutes or hours later."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -336,7 +336,7 @@ def run_stage(
     """Train ``stage`` to ``opts.steps`` completed steps, checkpointing into ``folder`` (which
     no other run may train into meanwhile)."""
     folder = Path(folder)
-    _check_writable(folder)
+    check_writable(folder)
     with stage_lock(folder):
         return _train(stage, folder, opts, config, progress)
 

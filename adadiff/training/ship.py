@@ -788,8 +788,14 @@ def ship(
         stage_photos(workdir, vae_reused=vae_reused, mmle_reused=mmle_reused, unet_init=unet_init),
         sources,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    except OSError as exc:
+        raise ModelFolderError(
+            f"cannot write the model folder {out} ({exc.strerror or exc}); choose an --out you "
+            "can write to"
+        ) from exc
     tmp.chmod(0o755)
     try:
         models.save(tmp, half=half)

@@ -252,6 +252,12 @@ def test_a_labels_folder_holds_one_recipe_and_one_run(tmp_path, unet_workdir, cf
         make_labels(cfg, workdir, replace(lopts, shards=2), images=images, names=["a", "b"])
     # --max-batch never changes a shard: it is no part of the recipe
     make_labels(cfg, workdir, replace(lopts, max_batch=2), images=images, names=names)
+    # a --workdir where the labels folder cannot be made is one line, before any work
+    blocked = tmp_path / "blocked"
+    shutil.copytree(workdir / "unet", blocked / "unet")
+    (blocked / "labels").write_text("")
+    with pytest.raises(ModelFolderError, match="cannot write"):
+        make_labels(cfg, blocked, lopts, images=images, names=names)
     # a second run into the folder is refused, and a shard write cut short is cleaned up
     stale = workdir / "labels" / ".shard-cut.tmp"
     stale.write_bytes(b"half a shard")

@@ -106,6 +106,11 @@ def test_ship_reuses_an_earlier_models_vae_and_mmle_and_says_so(tmp_path, cfg, i
         ship(cfg, workdir, tmp_path / "refused", mmle_from=other)
     assert not (tmp_path / "refused").exists()
 
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ModelFolderError, match="cannot write the model folder"):
+        ship(cfg, workdir, blocker / "out", mmle_from=earlier)
+
     out = ship(cfg, workdir, tmp_path / "out", mmle_from=earlier)
     source, shipped = load_folder(earlier), load_folder(out)
     for a, b in ((source.mmle, shipped.mmle), (source.vae, shipped.vae)):
