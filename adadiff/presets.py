@@ -98,6 +98,8 @@ def is_preset(model: str | Path | None) -> bool:
     """Whether ``--model`` names a preset. A preset name that is also a model folder in the
     working directory is refused: the preset would win silently (say after ``adadiff
     convert-sd21 SRC -o sd21-base``) and the run would use other weights than the folder's."""
+    if isinstance(model, Path):  # a path given as such names a folder (str() drops "./")
+        return False
     name = str(model)
     if name not in PRESETS:
         return False

@@ -265,6 +265,7 @@ class Upscaler:
             raise ConfigError("this Upscaler was closed; open a new one (Upscaler.from_pretrained)")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}")
+        seed = int(seed)  # a numpy integer would not go into the report's JSON
         self.components.open_all()
         rgb, gray = to_rgb_and_gray(image)
         step_policy: StepPolicy | None = policy

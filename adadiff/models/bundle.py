@@ -117,6 +117,8 @@ def check_diffusers_config(module: DiffusersModel, path: Path) -> None:
     if not path.is_file():
         return  # adadiff.json alone defines the modules
     on_disk = read_json(path)
+    if not isinstance(on_disk, dict):
+        raise ModelFolderError(f"{path} should hold a JSON object (the diffusers config)")
     built = json.loads(json.dumps(dict(module.config), default=list))
     differ = sorted(
         key

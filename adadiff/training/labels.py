@@ -68,7 +68,7 @@ from adadiff.runtime.sampler import DenoiseNets, SamplerResult, sample_tiles
 from adadiff.training.assemble import frozen_models, unet_checkpoint
 from adadiff.training.checkpoint import stage_lock
 from adadiff.training.data import PhotoWeighting, check_weighting
-from adadiff.training.loop import check_writable, numpy_rng, stop_on_signals
+from adadiff.training.loop import check_writable, numpy_rng, option_flag, stop_on_signals
 from adadiff.training.pairs import Batch, PairStream, load_images, photo_names
 
 log = logging.getLogger("adadiff.training")
@@ -701,7 +701,7 @@ def _check_recipe(path: Path, opts: LabelOptions, names: Sequence[str]) -> None:
     if stored is not None:
         now = shard_recipe(opts)
         differ = [
-            f"--{k.replace('_', '-')} {stored[k]} there, {now[k]} now"
+            f"{option_flag(k)} {stored[k]} there, {now[k]} now"
             for k in now
             if k in stored and stored[k] != now[k]
         ]

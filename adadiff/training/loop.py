@@ -292,23 +292,43 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))  # tuples and lists compare equal
 
 
+# Stage options whose command-line flag is not their name with dashes, or that have none.
+_RENAMED_FLAGS = {"weighting": "photo-weighting", "trajectories": "batch"}
+_NO_FLAG = ("grad_clip",)
+# Options that may change at a resume without changing the recipe (a checkpoint resumes on
+# either device).
+_NOT_RECIPE = ("device",)
+
+
+def option_flag(key: str) -> str | None:
+    """The command-line flag of a stage option (``None``: it has none)."""
+    if key in _NO_FLAG:
+        return None
+    return "--" + _RENAMED_FLAGS.get(key, key.replace("_", "-"))
+
+
 def _report_stage_changes(stage: str, ckpt: dict[str, Any], now: dict[str, Any]) -> None:
     """Warn about each of the stage's own options (data, losses, pools) that differs from the
     checkpoint's: a resume means typing every flag again, and a forgotten one changes the
     recipe from here on without a word."""
     before = (ckpt.get("summary") or {}).get("options") or {}
     for key, value in now.items():
-        if key not in before or _plain(before[key]) == _plain(value):
+        if key in _NOT_RECIPE or key not in before or _plain(before[key]) == _plain(value):
             continue
+        flag = option_flag(key)
+        keep = (
+            f" (pass {flag} {before[key]} to keep the recipe)"
+            if flag is not None and before[key] is not None
+            else ""
+        )
         log.warning(
-            "%s: --%s is %s now, %s before this resume; the run trains with the new value from "
-            "here on (pass --%s %s to keep the recipe)",
+            "%s: %s is %s now, %s before this resume; the run trains with the new value from "
+            "here on%s",
             stage,
-            key.replace("_", "-"),
+            flag or key,
             value,
             before[key],
-            key.replace("_", "-"),
-            before[key],
+            keep,
         )
 
 

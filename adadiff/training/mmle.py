@@ -414,6 +414,9 @@ class MMLEStage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # checkpoints from before the labels' origin was recorded cannot be checked
         trained_on = state.get("labels_from")
+        if not self.labels_from:  # labels given as arrays, not read from shards: keep the record
+            self.labels_from = tuple(trained_on or ())
+            self.label_shards = int(state.get("label_shards", 0))
         if trained_on and self.labels_from and list(trained_on) != list(self.labels_from):
             raise ConfigError(
                 f"this MMLE checkpoint trained on labels drawn by {trained_on}, the labels "

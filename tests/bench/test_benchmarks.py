@@ -182,6 +182,28 @@ def test_fit_and_user_errors():
         assert main(["quick", "--device", "cuda", "--out", "/nonexistent/x"]) == 2
 
 
+def test_the_suite_checks_the_device_of_its_first_backend_only(monkeypatch, tmp_path):
+    """A later backend without the GPU fails as its own variant; it must not stop the rest."""
+    import benchmarks.__main__ as suite_main
+
+    checked = []
+
+    def ran(*_args, **_kw):
+        return {"summary": {}, "failed": [], "plots": [], "seconds": {}}
+
+    monkeypatch.setattr(suite_main, "check_device", lambda *a: checked.append(a))
+    monkeypatch.setattr(suite_main, "run_suite", ran)
+    args = ["quick", "--device", "cuda", "--backend", "torch,onnxruntime", "--out", str(tmp_path)]
+    assert suite_main.main(args) == 0
+    assert checked == [("torch", "cuda")]
+    # a --model that cannot load is refused before any section runs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "adadiff.json").write_text("{}")
+    assert suite_main.main(["quick", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+
+
 def test_result_paths_are_relative_in_the_section(smoke_run, tmp_path):
     from benchmarks.report import render
 

@@ -52,6 +52,12 @@ def test_a_diffusers_config_that_disagrees_with_adadiff_json_is_refused(folder: 
         load_folder(folder)
 
 
+def test_a_diffusers_config_that_is_not_an_object_is_refused(folder: Path) -> None:
+    (folder / "unet" / "config.json").write_text("[]")
+    with pytest.raises(ModelFolderError, match="should hold a JSON object"):
+        load_folder(folder)
+
+
 def test_without_the_diffusers_configs_adadiff_json_decides(folder: Path) -> None:
     (folder / "unet" / "config.json").unlink()
     (folder / "vae" / "config.json").unlink()
@@ -81,6 +87,7 @@ def test_a_folder_named_like_a_preset_is_not_silently_the_preset(
         with pytest.raises(ConfigError, match=r"pass \./tiny"):
             resolve("tiny")
     assert load_models("./tiny").config.name == ModelConfig.load(folder).name
+    assert not is_preset(Path("tiny"))  # a Path names a folder (str() would drop the "./")
     assert is_preset("sd21-base")
 
 

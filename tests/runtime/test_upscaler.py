@@ -65,6 +65,15 @@ def test_seed_changes_output_and_is_reproducible(upscaler, photo):
     assert np.abs(a - c).max() > 1e-3
 
 
+def test_a_numpy_seed_goes_into_the_report_json(upscaler, photo):
+    import json
+
+    _, report = upscaler.upscale(
+        photo[:16, :16], schedule="uniform", interval=500, seed=np.int64(3)
+    )
+    assert json.loads(json.dumps(report.to_dict()))["seed"] == 3
+
+
 def test_pil_in_pil_out(upscaler, photo):
     pil = Image.fromarray((photo[:20, :24] * 255).astype(np.uint8))
     out, rep = upscaler.upscale(pil, schedule="uniform", interval=250)

@@ -241,7 +241,7 @@ def test_a_labels_folder_holds_one_recipe_and_one_run(tmp_path, unet_workdir, cf
     make_labels(cfg, workdir, lopts, images=images, names=names)
     # more shards with other options would mix two recipes in one folder
     for change, flag in (
-        ({"trajectories": 3}, "--trajectories 2 there, 3 now"),
+        ({"trajectories": 3}, "--batch 2 there, 3 now"),
         ({"seed": 5}, "--seed 1 there, 5 now"),
     ):
         with pytest.raises(ModelFolderError, match=flag):
@@ -286,3 +286,11 @@ def test_mmle_resumes_only_on_the_labels_it_started_on(tmp_path, unet_workdir, c
     assert "another model (unet step 9)" in stale_mmle(workdir)
     with pytest.raises(ConfigError, match="move the mmle folder aside"):
         train_mmle(cfg, workdir, opts(2), MMLEOptions(val_fraction=0.0))
+    # labels handed over as arrays (no shard files) keep the checkpoint's record
+    from adadiff.training.checkpoint import load_latest
+    from adadiff.training.labels import load_shards
+
+    before = load_latest(workdir / "mmle", stage="mmle")["state"]["labels_from"]
+    train_mmle(cfg, workdir, opts(2), MMLEOptions(val_fraction=0.0), data=load_shards(made.shards))
+    state = load_latest(workdir / "mmle", stage="mmle")["state"]
+    assert state["labels_from"] == before and state["label_shards"] == 1

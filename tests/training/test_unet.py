@@ -286,3 +286,13 @@ def test_a_resume_names_each_changed_stage_option(tmp_path, vae_workdir, cfg, im
         train_unet(cfg, work, opts(2), small_pool(realesrgan_prob=0.0), images=images)
     assert "--realesrgan-prob is 0.0 now, 0.5 before this resume" in caplog.text
     assert "--pool" not in caplog.text  # unchanged options are not named
+    from adadiff.training.loop import _report_stage_changes
+    from adadiff.training.unet import UNetOptions
+
+    caplog.clear()
+    then = {"summary": {"options": {**UNetOptions().__dict__, "weighting": "area"}}}
+    now = {**UNetOptions(device="cuda").__dict__, "weighting": "photo"}
+    with caplog.at_level(logging.WARNING, logger="adadiff.training"):
+        _report_stage_changes("unet", then, now)
+    assert "pass --photo-weighting area" in caplog.text  # the flag's real name
+    assert "--device" not in caplog.text  # a checkpoint resumes on either device
