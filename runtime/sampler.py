@@ -138,6 +138,9 @@ class TilePool:
         self.max_batch = max_batch
         self.grouping = grouping
         self.members: dict[Any, _Member] = {}
+        # images whose UNet output or scores went non-finite: they leave the pool at once and
+        # the others go on (they share calls with them); the caller takes them from here
+        self.failed: dict[Any, NumericsError] = {}
         self.calls = 0
         self.evaluations = 0
 
@@ -178,6 +181,9 @@ class TilePool:
             if any(s.exit is None for s in member.tiles):
                 member.rounds += 1
         for group in _groups(active, self.max_batch, self.grouping):
+            group = [s for s in group if s.owner in self.members]  # not failed this round
+            if not group:
+                continue
             sample = np.stack([np.concatenate([s.z, s.cond]) for s in group])
             t = np.array([s.t for s in group], dtype=np.float32)
             out = self.nets.denoise(sample, t)
@@ -189,7 +195,20 @@ class TilePool:
             for owner, rows in by_owner.items():
                 member = self.members[owner]
                 member.batches.append({"size": len(group), "timesteps": [group[i].t for i in rows]})
-            _advance(group, out, self.nets, self.members, self.noise, self.dtss, self.metrics)
+            while group:
+                bad = _advance(
+                    group, out, self.nets, self.members, self.noise, self.dtss, self.metrics
+                )
+                if bad is None:
+                    break
+                # fail only the images whose rows went non-finite; advance the rest
+                error, owners = bad
+                for owner in owners:
+                    self.failed[owner] = error
+                    del self.members[owner]
+                keep = [i for i, s in enumerate(group) if s.owner not in owners]
+                group, out = [group[i] for i in keep], out[keep]
+        active = [s for s in active if s.owner in self.members]
         still = [s for s in active if s.exit is None]
         if still and any(self.members[s.owner].policy.needs_scores for s in still):
             _modulate(
@@ -240,6 +259,8 @@ def sample_tiles(
         progress("denoise", 0, total)
     while True:
         finished = pool.round()
+        if pool.failed:
+            raise pool.failed[0]
         if finished:
             if progress is not None:
                 progress("tiles", n, n)
@@ -258,15 +279,20 @@ def _advance(
     noise: NoiseScheduleConfig,
     dtss: DTSSConfig,
     metrics: Sequence[MetricConfig],
-) -> None:
-    """Score, decide and jump for one UNet call's tiles (each by its own image's policy)."""
+) -> tuple[NumericsError, set[Any]] | None:
+    """Score, decide and jump for one UNet call's tiles (each by its own image's policy).
+
+    Non-finite UNet outputs or scores (they would spread to every later step and decode as
+    black) change nothing and come back as the error and the images whose rows had them."""
     z = np.stack([s.z for s in group])
     t = np.array([s.t for s in group], dtype=np.int64)
-    if not np.isfinite(out).all():  # else it spreads to every later step and decodes as black
-        raise NumericsError(
-            f"the UNet returned NaN or infinite values at t = {sorted(set(t.tolist()))}; with "
-            "--precision fp16 or bf16 try fp32, else check the model's weights"
-        )
+    bad_rows = _non_finite_rows(out)
+    if bad_rows:
+        times = sorted({int(t[i]) for i in bad_rows})
+        return NumericsError(
+            f"the UNet returned NaN or infinite values at t = {times}; with --precision fp16 or "
+            "bf16 try fp32, else check the model's weights"
+        ), {group[i].owner for i in bad_rows}
     x0_exact, eps = split_prediction(z, out, t, noise)
     x0 = x0_exact.astype(np.float32)
     scored = [members[s.owner].policy.needs_scores for s in group]
@@ -275,11 +301,12 @@ def _advance(
         rows = [i for i, need in enumerate(scored) if need]
         lr = np.stack([group[i].lr for i in rows])
         some = nets.score(x0[rows], lr, t[rows].astype(np.float32))
-        if not np.isfinite(some).all():
-            raise NumericsError(
+        bad_scores = _non_finite_rows(some)
+        if bad_scores:
+            return NumericsError(
                 "MMLE returned NaN or infinite scores; with --precision fp16 or bf16 try fp32, "
                 "else check the model's weights"
-            )
+            ), {group[rows[j]].owner for j in bad_scores}
         scores = {i: some[j] for j, i in enumerate(rows)}
     intervals = np.zeros(len(group), dtype=np.int64)
     for i, s in enumerate(group):
@@ -317,7 +344,7 @@ def _advance(
             intervals[i] = decision.interval
     moving = [i for i, s in enumerate(group) if s.exit is None]
     if not moving:
-        return
+        return None
     t_next = np.array([next_timestep(t[i], intervals[i]) for i in moving], dtype=np.int64)
     z_next = renoise(x0_exact[moving], eps[moving], t_next, noise)
     for j, i in enumerate(moving):
@@ -325,6 +352,11 @@ def _advance(
         s.z, s.t = z_next[j].copy(), int(t_next[j])
         if s.t == 0:
             s.exit, s.result = "t0", s.z
+    return None
+
+
+def _non_finite_rows(values: np.ndarray) -> list[int]:
+    return np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1)).tolist()
 
 
 def _groups(active: list[TileState], max_batch: int, grouping: str) -> list[list[TileState]]:

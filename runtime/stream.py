@@ -127,6 +127,11 @@ class ImageStream:
         self.stats.unet_calls += self.pool.calls - calls
         self.stats.unet_evaluations += self.pool.evaluations - evaluations
         results = []
+        for key, error in self.pool.failed.items():  # non-finite values: that image alone
+            self.jobs.pop(key)
+            self.admitted.pop(key)
+            results.append(StreamResult(key, error=error))
+        self.pool.failed.clear()
         for key, sampled in finished:
             job = self.jobs.pop(key)
             # Wall time in the pool, shared with the images that were in flight alongside.

@@ -295,3 +295,36 @@ def test_finished_tiles_own_their_latents():
     while not uniform.round():
         pass
     assert all(s.exit == "t0" and s.result.base is None for s in tiles)
+
+
+@pytest.mark.parametrize("where", ["unet", "mmle"])
+def test_non_finite_values_fail_only_their_own_image(where):
+    """Images share UNet calls: NaN from one (an fp16 overflow) must not stop the others."""
+    from adadiff.runtime.sampler import TilePool
+
+    n = 3
+    x0 = np.random.default_rng(5).standard_normal((2 * n, C, S, S)).astype(np.float32)
+    if where == "unet":
+        x0[n:] = np.inf  # the oracle UNet overflows on image b's tiles only
+
+    def scores(x0_est, lr, t):
+        out = np.zeros((len(x0_est), 6), np.float32)
+        if where == "mmle":
+            out[lr[:, 0, 0, 0] >= n] = np.nan
+        return out
+
+    scored = UniformPolicy(250, needs_scores=True)
+    pool = TilePool(
+        oracle_nets(x0, [], scores), noise=NOISE, dtss=DTSSConfig(), metrics=DEFAULT_METRICS,
+        gain_dim=2, max_batch=8,
+    )  # fmt: skip
+    pool.add("a", lr_with_index(n), scored, seed=0)
+    pool.add("b", lr_with_index(2 * n)[n:], scored, seed=1)
+    done = {}
+    for _ in range(10):
+        done.update(pool.round())
+        if not pool.members:
+            break
+    assert set(pool.failed) == {"b"} and isinstance(pool.failed["b"], NumericsError)
+    assert set(done) == {"a"} and done["a"].steps_per_tile == [4] * n
+    assert np.isfinite(done["a"].latents).all()

@@ -219,3 +219,18 @@ def test_gray_and_transparent_arrays(upscaler, photo):
     assert to_rgb_array(rgba)[:, 12:, 0].min() > 0.7
     with pytest.raises(Exception, match="divide it by 255"):
         upscaler.upscale(photo[:16, :16] * 255, schedule="uniform", interval=500)
+
+
+def test_an_image_the_pool_failed_comes_back_as_its_own_error(upscaler, photo):
+    from adadiff.errors import NumericsError
+    from adadiff.runtime.stream import ImageStream, StreamItem
+
+    stream = ImageStream(upscaler, target_tiles=64)
+    for key in "ab":
+        stream.add(StreamItem(key, photo[:16, :16], schedule="uniform", interval=500))
+    # what TilePool.round does with an image whose rows went NaN: it leaves the pool
+    del stream.pool.members["b"]
+    stream.pool.failed["b"] = NumericsError("the UNet returned NaN")
+    results = {r.key: r for _ in range(4) for r in stream.step()}
+    assert isinstance(results["b"].error, NumericsError)
+    assert results["a"].error is None and stream.idle and not stream.pool.failed
