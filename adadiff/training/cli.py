@@ -54,7 +54,7 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
         type=Path,
         help="checkpoints and labels (default: ~/.cache/adadiff/train/MODEL)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data stream and the init")
     p.add_argument(
         "--threads",
         type=positive,
@@ -68,8 +68,9 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
             p.add_argument("--batch", type=positive, default=batch, help="trajectories per shard")
         else:
             p.add_argument("--steps", type=positive, default=steps, help="total optimisation steps")
-            p.add_argument("--batch", type=positive, default=batch)
-            p.add_argument("--lr", type=positive_float, default=lr)
+            per_step = "label rows per step" if stage == "mmle" else "crops per step"
+            p.add_argument("--batch", type=positive, default=batch, help=per_step)
+            p.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate")
             p.add_argument("--warmup", type=int, default=50, help="learning-rate warm-up steps")
             p.add_argument(
                 "--lr-schedule",
@@ -146,8 +147,15 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     vae = stages.add_parser("vae", help="train the autoencoder (L1 + LPIPS + KL)")
     _common(vae, "vae")
-    vae.add_argument("--perceptual-weight", type=non_negative_float, default=0.1)
-    vae.add_argument("--kl-weight", type=non_negative_float, default=1e-6)
+    vae.add_argument(
+        "--perceptual-weight",
+        type=non_negative_float,
+        default=0.1,
+        help="weight of the LPIPS loss beside L1",
+    )
+    vae.add_argument(
+        "--kl-weight", type=non_negative_float, default=1e-6, help="weight of the KL loss"
+    )
     vae.add_argument(
         "--kl-reduction",
         choices=("value", "sum"),
@@ -162,7 +170,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=0.25,
         help="share of inputs that are bicubic-upscaled LR crops",
     )
-    vae.add_argument("--realesrgan-prob", type=fraction, default=0.0)
+    vae.add_argument(
+        "--realesrgan-prob",
+        type=fraction,
+        default=0.0,
+        help="share of crops degraded the Real-ESRGAN way instead of bicubic x4",
+    )
     vae.add_argument(
         "--crop", type=positive, help="training crop side in px (default: the tile size)"
     )
@@ -200,7 +213,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     _realesrgan_strength(unet)
     _training_photos(unet)
-    unet.add_argument("--ema", type=float, default=0.999)
+    unet.add_argument(
+        "--ema", type=float, default=0.999, help="decay of the weights' moving average"
+    )
     unet.add_argument(
         "--pool", type=int, default=1024, help="encoded latent pairs kept (0: encode every batch)"
     )
@@ -244,7 +259,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="optional: fine-tune the VAE decoder after the UNet (encoder frozen)",
     )
     _common(decoder, "decoder")
-    decoder.add_argument("--perceptual-weight", type=non_negative_float, default=0.1)
+    decoder.add_argument(
+        "--perceptual-weight",
+        type=non_negative_float,
+        default=0.1,
+        help="weight of the LPIPS loss beside L1",
+    )
     decoder.add_argument(
         "--lr-input-prob",
         type=fraction,
@@ -293,7 +313,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=0.5,
         help="share of trajectories that jump by random tiers instead of oracle-driven DTSS",
     )
-    labels.add_argument("--realesrgan-prob", type=fraction, default=0.0)
+    labels.add_argument(
+        "--realesrgan-prob",
+        type=fraction,
+        default=0.0,
+        help="share of crops degraded the Real-ESRGAN way instead of bicubic x4",
+    )
     labels.add_argument(
         "--recon-crops",
         type=int,
@@ -327,7 +352,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "the latter, or its mean over the training crops (the default: the estimate ranks "
         "unseen photos' reconstruction LPIPS poorly)",
     )
-    mmle.add_argument("--val-fraction", type=fraction, default=0.1)
+    mmle.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=0.1,
+        help="share of label trajectories held out for validation",
+    )
     mmle.add_argument(
         "--val-photos",
         type=lambda text: tuple(n for n in text.split(",") if n),
@@ -561,8 +591,8 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--budget", type=positive_float, help="most UNet evaluations per tile on average"
     )
-    p.add_argument("--crop-seed", type=int, default=0)
-    p.add_argument("--max-batch", type=positive, default=16)
+    p.add_argument("--crop-seed", type=int, default=0, help="seed of the tuning crops")
+    p.add_argument("--max-batch", type=positive, default=16, help="tiles per UNet call")
     p.add_argument("--threads", type=positive, help="torch CPU threads")
     p.add_argument(
         "--dry-run", action="store_true", help="print the result, leave adadiff.json unchanged"

@@ -279,3 +279,28 @@ def test_demo_on_an_export_alone_speaks_of_the_exported_model(tmp_path, onnx_dir
     code, stdout, err = _run([*args, "--engines", onnx_dir], capsys)
     assert code == 0, err
     assert "whether it saw this photo is unknown" in stdout
+
+
+def test_every_option_with_a_default_shows_it_in_its_help():
+    """argparse formats only options with help text; one without hides its default."""
+    import argparse
+
+    from adadiff.cli import build_parser
+
+    hidden = []
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*prefix, name])
+            elif (
+                action.option_strings
+                and not action.help
+                and action.default not in (None, argparse.SUPPRESS)
+                and action.default is not False
+            ):
+                hidden.append(f"{' '.join(prefix)} {action.option_strings[-1]}")
+
+    walk(build_parser(), [])
+    assert hidden == []
