@@ -44,6 +44,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PIXELS = 16_000_000
+# Rec. 601 luma weights: how gray files are read and written, and gray images made
+LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+LUMA_601.setflags(write=False)
 
 OUTPUT_FORMATS: Mapping[str, str] = {
     ".png": "PNG",
@@ -333,7 +336,7 @@ def to_rgb_and_gray(image: Any) -> tuple[np.ndarray, bool]:
     gray = image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1)
     rgb = _array_rgb(image)
     if image.ndim == 3 and image.shape[2] == 4:
-        rgb = np.ascontiguousarray(fill_transparent(rgb, _array_rgb(image[:, :, 3])[:, :, 0]))
+        rgb = np.ascontiguousarray(fill_transparent(rgb, _unit_values(image[:, :, 3])))
     return rgb, gray
 
 
@@ -347,6 +350,16 @@ def _array_rgb(image: np.ndarray) -> np.ndarray:
         )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InputImageError(f"expected a non-empty image, got shape {image.shape}")
+    values = _unit_values(array)
+    if values.ndim == 2:
+        values = values[:, :, None]
+    if values.shape[2] == 1:
+        values = np.repeat(values, 3, axis=2)
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def _unit_values(array: np.ndarray) -> np.ndarray:
+    """An image array's values as float32 in [0, 1], by its dtype (its shape kept)."""
     if not array.dtype.isnative:  # big-endian data (from a file, or another machine)
         array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype == np.uint8:
@@ -368,11 +381,7 @@ def _array_rgb(image: np.ndarray) -> np.ndarray:
         raise InputImageError(
             f"unsupported array dtype {array.dtype}; use uint8, uint16 or float in [0, 1]"
         )
-    if values.ndim == 2:
-        values = values[:, :, None]
-    if values.shape[2] == 1:
-        values = np.repeat(values, 3, axis=2)
-    return np.ascontiguousarray(values, dtype=np.float32)
+    return values
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,7 +574,7 @@ def _to_uint(values: np.ndarray, maximum: int, dtype: type[np.generic]) -> np.nd
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
     """Luma in [0, 1] of float [0, 1] or integer RGB."""
-    weights = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    weights = LUMA_601
     if np.issubdtype(rgb.dtype, np.integer):
         weights = weights / np.float32(np.iinfo(rgb.dtype).max)
     out = np.empty(rgb.shape[:2], dtype=np.float32)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from adadiff.imageio import format_for_path, write_pil_atomic
+from adadiff.imageio import LUMA_601, format_for_path, write_pil_atomic
 
 __all__ = ["EXIT_KINDS", "render_step_map", "save_step_map", "step_colours"]
 
@@ -129,7 +129,7 @@ def _cells(labels: np.ndarray, count: int) -> _Cells:
 
 
 def _grayscale_base(image: np.ndarray, h: int, w: int) -> np.ndarray:
-    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    weights = LUMA_601
     if np.issubdtype(image.dtype, np.integer):
         # uint8 / uint16 output canvases: shrink first, so no full-size float copy is made
         eight = image if image.dtype == np.uint8 else (image // 257).astype(np.uint8)

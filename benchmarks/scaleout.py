@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 from adadiff.argtypes import positive
 from adadiff.errors import AdadiffError
+from adadiff.scaleout.job import worker_threads
 from benchmarks.machine import machine, weights_of
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page")
@@ -198,7 +198,7 @@ def main() -> None:
 
 
 def _per_worker(cpus: float) -> str:
-    threads = max(1, math.floor(cpus))  # what upscale-many gives each worker
+    threads = worker_threads(cpus)
     cpu_text = "one CPU" if cpus == 1 else f"{cpus:g} CPUs"
     return f"{cpu_text} and {'one torch thread' if threads == 1 else f'{threads} torch threads'}"
 

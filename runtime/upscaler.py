@@ -17,16 +17,13 @@ from adadiff.config import SCHEDULES, ModelConfig, RunSettings
 from adadiff.engines import factory
 from adadiff.engines.base import Backend, CallLog, Components
 from adadiff.errors import ConfigError
-from adadiff.imageio import bicubic_rows, to_rgb_and_gray
+from adadiff.imageio import LUMA_601, bicubic_rows, to_rgb_and_gray
 from adadiff.progress import Progress
 from adadiff.runtime.colorfix import color_fix_rows
 from adadiff.runtime.content import ContentPolicy
 from adadiff.runtime.policy import DTSSPolicy, StepPolicy, UniformPolicy
 from adadiff.runtime.sampler import DenoiseNets, SamplerResult, sample_tiles
 from adadiff.runtime.tiling import TileGrid, decode_rows, merge_tiles
-
-# Rec. 601 luma, as the image files' gray conversion uses
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 log = logging.getLogger("adadiff")
 
@@ -370,7 +367,7 @@ class Upscaler:
         out = np.empty((height, width, 3), dtype=out_dtype)
         for first, rows in pixels:
             if job.gray:  # the model adds faint colour; a gray photo stays gray
-                rows = np.repeat((rows @ LUMA)[:, :, None], 3, axis=2)
+                rows = np.repeat((rows @ LUMA_601)[:, :, None], 3, axis=2)
             out[first : first + len(rows)] = _quantize(rows, out_dtype)
         seconds = dict(job.seconds)
         seconds["decode"] = time.perf_counter() - t0

@@ -103,6 +103,11 @@ class JobResult:
 Listener = Callable[[ImageRecord, int, int], None]
 
 
+def worker_threads(cpus_per_worker: float) -> int:
+    """The torch threads a worker gets when --threads is not given: its whole CPUs."""
+    return max(1, math.floor(cpus_per_worker))
+
+
 def import_ray() -> Any:
     try:
         import ray
@@ -247,7 +252,7 @@ class _Dispatcher:
         if cluster.gpus_per_worker > 0 and device == "cpu":
             device = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the worker's share
         worker_settings = asdict(settings) | {"device": device}
-        threads = cluster.threads or max(1, math.floor(cluster.cpus_per_worker))
+        threads = cluster.threads or worker_threads(cluster.cpus_per_worker)
         self.actors = [
             actor.remote(worker_settings, threads=threads, cross_image=cluster.cross_image)
             for _ in range(self.workers)

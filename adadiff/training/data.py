@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from adadiff.errors import ConfigError, InputImageError, ShapeError
-from adadiff.imageio import to_rgb_array
+from adadiff.imageio import LUMA_601, to_rgb_array
 from adadiff.training.degrade import (
     REALESRGAN,
     DegradationConfig,
@@ -264,7 +264,7 @@ def scaled_crop(
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
-    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return rgb @ LUMA_601
 
 
 def augment(crop: np.ndarray, rng: np.random.Generator, config: CropConfig) -> np.ndarray:

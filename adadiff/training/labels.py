@@ -619,10 +619,11 @@ def _make_labels(
                 stopped = True
                 break
             if path.is_file():
-                _check_color_fix(path, cfg)
-                _check_drawn_by(path, models.source, unet_step)
-                _check_recipe(path, opts, names)
-                if not _has_error_fields(path, error_keys(cfg.mmle.metrics)):
+                meta = _shard_meta(path)  # one read of the shard's small fields
+                _check_color_fix(path, meta, cfg)
+                _check_drawn_by(path, meta, models.source, unet_step)
+                _check_recipe(path, meta, opts, names)
+                if not all(k in meta["files"] for k in error_keys(cfg.mmle.metrics)):
                     add_error_fields(models, images, path, index, opts, names, cache_dir)
                     upgraded += 1
                     log.info("labels shard %d/%d: error fields added", index + 1, opts.shards)
@@ -656,26 +657,39 @@ def color_fix_tag(cfg: ModelConfig) -> str:
     return "none" if fix.kind == "none" else f"{fix.kind}:{fix.levels}"
 
 
-def _check_color_fix(path: Path, cfg: ModelConfig) -> None:
-    with np.load(path, allow_pickle=False) as npz:
-        # shards from before the option existed were scored uncorrected
-        stored = str(npz["color_fix"]) if "color_fix" in npz.files else "none"
-    if stored != color_fix_tag(cfg):
+def _shard_meta(path: Path) -> dict[str, Any]:
+    """What the checks of an existing shard read: its small fields and the names it holds."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            files = set(npz.files)
+            return {
+                "files": files,
+                # shards from before each of these existed lack it
+                "color_fix": str(npz["color_fix"]) if "color_fix" in files else "none",
+                "drawn_by": str(npz["drawn_by"]) if "drawn_by" in files else None,
+                "unet_step": int(npz["unet_step"]) if "unet_step" in files else -1,
+                "recipe": json.loads(str(npz["recipe"])) if "recipe" in files else None,
+                "photos": [str(n) for n in npz["photos"]] if "photos" in files else [],
+            }
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
+
+
+def _check_color_fix(path: Path, meta: dict[str, Any], cfg: ModelConfig) -> None:
+    if meta["color_fix"] != color_fix_tag(cfg):
         raise ModelFolderError(
-            f"{path} was scored with colour fix {stored}, the config asks for "
+            f"{path} was scored with colour fix {meta['color_fix']}, the config asks for "
             f"{color_fix_tag(cfg)}; move the labels folder away to make labels for this config"
         )
 
 
-def _check_drawn_by(path: Path, source: str, unet_step: int) -> None:
+def _check_drawn_by(path: Path, meta: dict[str, Any], source: str, unet_step: int) -> None:
     """A labels folder holds one model's trajectories: refuse to extend it with another's."""
-    with np.load(path, allow_pickle=False) as npz:
-        # shards from before ``drawn_by`` existed say only their UNet step
-        stored = str(npz["drawn_by"]) if "drawn_by" in npz.files else None
-        step = int(npz["unet_step"]) if "unet_step" in npz.files else -1
+    stored, step = meta["drawn_by"], meta["unet_step"]
     if stored is not None and stored != source:
         other = f"drawn by {stored}; this run's model is {source}"
     elif stored is None and step >= 0 and unet_step >= 0 and step != unet_step:
+        # shards from before ``drawn_by`` existed say only their UNet step
         other = f"drawn by the UNet at step {step}; the workdir's is at step {unet_step}"
     else:
         return
@@ -691,14 +705,13 @@ def shard_recipe(opts: LabelOptions) -> dict[str, Any]:
     return {k: v for k, v in asdict(opts).items() if k not in ("shards", "max_batch")}
 
 
-def _check_recipe(path: Path, opts: LabelOptions, names: Sequence[str]) -> None:
+def _check_recipe(
+    path: Path, meta: dict[str, Any], opts: LabelOptions, names: Sequence[str]
+) -> None:
     """A labels folder holds one recipe: refuse to extend it with other options or photos."""
-    with np.load(path, allow_pickle=False) as npz:
-        # shards from before the recipe was recorded cannot be checked
-        stored = json.loads(str(npz["recipe"])) if "recipe" in npz.files else None
-        photos = [str(n) for n in npz["photos"]] if "photos" in npz.files else []
+    stored, photos = meta["recipe"], meta["photos"]
     differ = []
-    if stored is not None:
+    if stored is not None:  # shards from before the recipe was recorded cannot be checked
         now = shard_recipe(opts)
         differ = [
             f"{option_flag(k)} {stored[k]} there, {now[k]} now"
@@ -712,14 +725,6 @@ def _check_recipe(path: Path, opts: LabelOptions, names: Sequence[str]) -> None:
             f"{path} was made with other options ({'; '.join(differ)}); run with the options "
             "it was made with, or move the labels folder aside to start new labels"
         )
-
-
-def _has_error_fields(path: Path, keys: Sequence[str]) -> bool:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return all(k in npz.files for k in keys)
-    except (OSError, ValueError) as exc:
-        raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
 
 
 def _photo_names(npz: Any, key: str, n: int) -> np.ndarray:
