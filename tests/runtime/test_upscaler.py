@@ -217,7 +217,9 @@ def test_gray_and_transparent_arrays(upscaler, photo):
     from adadiff.imageio import to_rgb_array
 
     assert to_rgb_array(rgba)[:, 12:, 0].min() > 0.7
-    with pytest.raises(Exception, match="divide it by 255"):
+    from adadiff.errors import InputImageError
+
+    with pytest.raises(InputImageError, match="divide it by 255"):
         upscaler.upscale(photo[:16, :16] * 255, schedule="uniform", interval=500)
 
 
