@@ -696,12 +696,25 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{nodes.get('exported', '?')} -> {nodes.get('cleaned', '?')}"
             + (f" -> {nodes['fp16']} (fp16)" if "fp16" in nodes else "")
         )
-    print(
+    precision = " --precision fp16" if manifest.precision == "fp16" else ""
+    summary = (
         f"{args.output}: {manifest.model}, {manifest.precision}, opset {manifest.opset}, "
-        f"{manifest.exporter} exporter, {time.perf_counter() - start:.1f}s. Run it with: "
-        f"adadiff upscale IMAGE -o OUT.png --backend onnxruntime --engines {shell_arg(args.output)}"
-        + (" --precision fp16" if manifest.precision == "fp16" else "")
+        f"{manifest.exporter} exporter, {time.perf_counter() - start:.1f}s."
     )
+    missing = [n for n in COMPONENTS if n not in manifest.components]
+    if missing:
+        print(
+            f"{summary} It holds no {', '.join(missing)} yet; an upscale needs every component: "
+            f"adadiff export --model {shell_arg(args.model)} -o {shell_arg(args.output)} "
+            f"--components {','.join(missing)}{precision}"
+            + (f" --opset {args.opset}" if args.opset is not None else "")
+            + (f" --exporter {args.exporter}" if args.exporter is not None else "")
+        )
+    else:
+        print(
+            f"{summary} Run it with: adadiff upscale IMAGE -o OUT.png --backend onnxruntime "
+            f"--engines {shell_arg(args.output)}{precision}"
+        )
     return 0
 
 

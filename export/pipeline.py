@@ -35,6 +35,7 @@ from adadiff.export.fp16 import convert_to_fp16
 from adadiff.export.manifest import build_manifest, component_entry, save_export_manifest
 from adadiff.export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, check_exporter, export_raw
 from adadiff.export.verify import check_against_torch
+from adadiff.locks import folder_lock
 from adadiff.models.bundle import TorchModels, load_models
 from adadiff.progress import Progress
 from adadiff.specs import COMPONENTS, HALF_COMPONENTS, ModelSpec, component_specs
@@ -44,6 +45,9 @@ log = logging.getLogger("adadiff.export")
 
 # As in the torch backend: the SD VAE overflows in fp16, so an fp16 export keeps it fp32.
 STAGING_PREFIX = ".export-"
+# Held while an export writes its folder; named like the staging folders so that a folder
+# holding only these counts as empty.
+LOCK_FILE = f"{STAGING_PREFIX}lock"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,17 +93,40 @@ def export_onnx(
     _check_output(out)
     models = model if isinstance(model, TorchModels) else load_models(model, seed=seed)
     out.mkdir(exist_ok=True)
+    lock = out / LOCK_FILE
+
+    def busy(holder: str) -> OutputPathError:
+        return OutputPathError(
+            f"{out} is being exported into by {holder}; wait for it or stop it, then run again"
+        )
+
+    with folder_lock(lock, busy):
+        _remove_leftovers(out)
+        return _export_locked(models, out, options, progress)
+
+
+def _export_locked(
+    models: TorchModels, out: Path, options: ExportOptions, progress: Progress | None
+) -> ExportManifest:
     config = models.config
     specs = component_specs(config)
     wrappers = models.wrappers()
     weights = {name: weights_digest(wrappers[name]) for name in COMPONENTS}
-    kept, stale_files = _earlier_export(out, config.digest(), options, weights)
-    steps = _Steps(len(options.components) * (4 + bool(options.check_batches)), progress)
+    kept, redo, stale_files = _earlier_export(out, config.digest(), options, weights)
+    if redo:
+        log.warning(
+            "%s in %s %s; exporting %s again so that the folder holds one whole export",
+            ", ".join(redo),
+            out,
+            "; ".join(sorted(set(redo.values()))),
+            "them" if len(redo) > 1 else "it",
+        )
+    names = options.components + tuple(n for n in COMPONENTS if n in redo)
+    steps = _Steps(len(names) * (4 + bool(options.check_batches)), progress)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
         staged = [
-            _export_one(wrappers[name], specs[name], staging, options, steps)
-            for name in options.components
+            _export_one(wrappers[name], specs[name], staging, options, steps) for name in names
         ]
         entries = dict(kept)
         for item in staged:
@@ -117,8 +144,10 @@ def export_onnx(
                 check=item.check,
                 weights=weights[item.name],
             )
+        written = {f for item in staged for f in item.files}
         for path in stale_files:
-            (out / path).unlink(missing_ok=True)
+            if path not in written:
+                (out / path).unlink(missing_ok=True)
         source = Path(models.source)
         is_folder = (source / CONFIG_FILE).is_file()
         manifest = build_manifest(
@@ -273,38 +302,57 @@ def _check_output(out: Path) -> None:
         raise OutputPathError(f"the folder {out.parent} for {out.name} does not exist; create it")
 
 
+def _remove_leftovers(out: Path) -> None:
+    """Staging folders of exports killed before their clean-up (SIGKILL, out of memory); only
+    called under the folder's lock, so none of them belongs to a running export."""
+    for path in out.glob(f"{STAGING_PREFIX}*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by an interrupted export", path)
+
+
 def component_precision(name: str, precision: str) -> str:
     return "fp16" if precision == "fp16" and name in HALF_COMPONENTS else "fp32"
 
 
 def _earlier_export(
     out: Path, digest: str, options: ExportOptions, weights: dict[str, str]
-) -> tuple[dict[str, ComponentEntry], list[str]]:
+) -> tuple[dict[str, ComponentEntry], dict[str, str], list[str]]:
     """Of an earlier export into ``out``: the components this one does not redo but would write
     alike (same config, weights, opset, exporter and precision of that component, so an fp32 VAE
-    serves an fp16 export), and the files of the others, removed once the new files are in
+    serves an fp16 export); the others this one does not redo, each with why it differs (they
+    are exported again: a folder holds one export, and a folder missing one would not run); and
+    the files of every earlier component that is not kept, removed once the new files are in
     place. An entry without a weights digest (older manifests) cannot show it is alike."""
     if not (out / MANIFEST_FILE).is_file():
-        return {}, []
+        return {}, {}, []
     try:
         old = ExportManifest.load(out)
     except AdadiffError as exc:
         log.warning("ignoring the unreadable %s in %s: %s", MANIFEST_FILE, out, exc)
-        return {}, []
-    same = (old.config_digest, old.opset, old.exporter) == (
-        digest,
-        options.opset,
-        options.exporter,
-    )
+        return {}, {}, []
+    if old.config_digest != digest:
+        other = "were exported from another model configuration"
+    elif (old.opset, old.exporter) != (options.opset, options.exporter):
+        other = f"were exported with opset {old.opset} by the {old.exporter} exporter"
+    else:
+        other = ""
     kept: dict[str, ComponentEntry] = {}
+    redo: dict[str, str] = {}
     stale: list[str] = []
     for name, entry in old.components.items():
-        if name in options.components:
-            continue
-        alike = entry.weights != "" and entry.weights == weights.get(name)
-        if same and alike and entry.precision == component_precision(name, options.precision):
-            kept[name] = entry
-        else:
-            log.info("%s in %s belongs to a different export and will be removed", name, out)
-            stale.extend(f.path for f in entry.files)
-    return kept, stale
+        if name not in options.components:
+            want = component_precision(name, options.precision)
+            if other:
+                redo[name] = other
+            elif entry.weights == "":
+                redo[name] = "were exported without a record of their weights (an older export)"
+            elif entry.weights != weights.get(name):
+                redo[name] = "were exported from other weights"
+            elif entry.precision != want:
+                redo[name] = f"are {entry.precision} exports (this one is {options.precision})"
+            else:
+                kept[name] = entry
+                continue
+        stale.extend(f.path for f in entry.files)
+    return kept, redo, stale

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from adadiff.errors import ModelFolderError
+from adadiff.locks import folder_lock
 
 log = logging.getLogger("adadiff.training")
 
@@ -78,39 +79,22 @@ def stage_lock(folder: str | Path) -> Iterator[None]:
     """Hold ``folder/.lock`` while a run trains into it: a second run (a forgotten background
     job) would interleave its checkpoints with this one's and prune them. Advisory; a no-op
     where ``fcntl`` is missing (Windows)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise ModelFolderError(
-                f"{folder} is being trained into by {holder}; wait for it or stop it "
-                "(Ctrl-C or kill saves a checkpoint), then run again"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"process {os.getpid()}")
-        fh.flush()
+
+    def busy(holder: str) -> ModelFolderError:
+        return ModelFolderError(
+            f"{folder} is being trained into by {holder}; wait for it or stop it "
+            "(Ctrl-C or kill saves a checkpoint), then run again"
+        )
+
+    with folder_lock(folder / ".lock", busy):
         # a write cut short by SIGKILL or a power loss leaves its temporary file; no other run
         # writes here while the lock is held, so any left is stale
         for pattern in (".ckpt-*.tmp", ".shard-*.tmp"):  # checkpoints, label shards
             for stale in folder.glob(pattern):
                 stale.unlink(missing_ok=True)
                 log.info("removed %s, left by an interrupted write", stale)
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        yield
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from adadiff.errors import ConfigError, EngineMismatchError, ModelFolderError, O
 from adadiff.export import ExportOptions, export_onnx
 from adadiff.export.fp16 import convert_to_fp16
 from adadiff.export.onnx_export import file_opset
+from adadiff.export.pipeline import LOCK_FILE
 from adadiff.export.verify import compare
 from adadiff.specs import COMPONENTS, component_specs
 
@@ -135,19 +138,23 @@ def test_fp16_pass_keeps_time_softmax_and_norms_in_fp32(onnx_dir, tiny_models):
     assert ok, err
 
 
-def test_fp16_export_keeps_the_vae_fp32_and_reuses_it(onnx_dir, tiny_dir, tmp_path):
+def test_fp16_export_keeps_the_vae_fp32_and_reuses_it(onnx_dir, tiny_dir, tmp_path, caplog):
     out = copy_export(onnx_dir, tmp_path / "fp16")
     vae_hash = ExportManifest.load(out).components["vae_encoder"].files[0].sha256
     options = ExportOptions(components=("pfj", "mmle"), precision="fp16")
-    manifest = export_onnx(tiny_dir, out, options)
+    with caplog.at_level(logging.WARNING, logger="adadiff.export"):
+        manifest = export_onnx(tiny_dir, out, options)
     assert manifest.precision == "fp16"
     assert {n: c.precision for n, c in manifest.components.items()} == {
+        "unet": "fp16",
         "vae_encoder": "fp32",
         "vae_decoder": "fp32",
         "pfj": "fp16",
         "mmle": "fp16",
-    }  # the fp32 UNet of the earlier export is not an fp16 UNet: dropped with its file
-    assert not (out / "unet.onnx").exists()
+    }  # the fp32 UNet of the earlier export is not an fp16 UNet: exported again, with a word
+    assert "unet in" in caplog.text and "are fp32 exports (this one is fp16)" in caplog.text
+    unet = onnx.load(str(out / "unet.onnx")).graph.initializer
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in unet)
     assert manifest.components["vae_encoder"].files[0].sha256 == vae_hash
     weights = onnx.load(str(out / "mmle.onnx")).graph.initializer
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
@@ -173,7 +180,7 @@ def test_exporters_and_external_data(exporter, opset, tmp_path, tiny_models):
     options = ExportOptions(components=("pfj",), exporter=exporter, opset=opset)
     manifest = export_onnx(tiny_models, out, options)
     assert [f.path for f in manifest.components["pfj"].files] == ["pfj.onnx"]
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, "pfj.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, MANIFEST_FILE, "pfj.onnx"]
 
 
 def test_progress_reaches_the_total(tmp_path, tiny_models):
@@ -221,8 +228,13 @@ def test_export_cli(tmp_path, capsys):
     out = tmp_path / "cli"
     assert export_main(["--model", "tiny", "-o", str(out), "--components", "pfj,mmle", "-q"]) == 0
     printed = capsys.readouterr().out
-    assert "pfj fp32" in printed and "--backend onnxruntime --engines" in printed
+    assert "pfj fp32" in printed and "--backend onnxruntime" not in printed  # it cannot run yet
     assert sorted(ExportManifest.load(out).components) == ["mmle", "pfj"]
+    command = printed.strip().splitlines()[-1].split("an upscale needs every component: ")[1]
+    assert command.startswith("adadiff export ")
+    assert export_main([*shlex.split(command)[2:], "-q", "--check-batches", "none"]) == 0
+    assert "Run it with: adadiff upscale IMAGE" in capsys.readouterr().out
+    assert sorted(ExportManifest.load(out).components) == sorted(COMPONENTS)
     assert main(["export", "-o", str(tmp_path / "x"), "--components", "unet,clip"]) == 2
     assert "clip" in capsys.readouterr().err
     assert main(["export", "-o", str(tmp_path / "x"), "--check-batches", "one"]) == 2
@@ -288,16 +300,41 @@ def test_an_edited_manifest_reads_as_damaged_not_as_a_traceback(onnx_dir, tmp_pa
 
 
 def test_a_partial_export_keeps_no_component_of_other_weights(onnx_dir, tiny_config, tmp_path):
-    """Exporting one component of another model into a folder drops the rest of the earlier
-    export instead of listing its files as this model's (same config, other weights)."""
+    """Exporting one component of another model into a folder exports the rest of the earlier
+    export again from this model, instead of listing its files as this model's (same config,
+    other weights) or leaving a folder that cannot run."""
+    from adadiff.export.pipeline import weights_digest
     from adadiff.models.bundle import build_random
 
     out = copy_export(onnx_dir, tmp_path / "mixed")
+    old = ExportManifest.load(out)
     other = build_random(tiny_config, seed=5)
     manifest = export_onnx(other, out, ExportOptions(components=("pfj",), check_batches=()))
-    assert sorted(manifest.components) == ["pfj"]
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, "pfj.onnx"]
-    assert manifest.components["pfj"].weights != ""
+    assert sorted(manifest.components) == sorted(COMPONENTS)
+    wrappers = other.wrappers()
+    for name, entry in manifest.components.items():
+        assert entry.weights == weights_digest(wrappers[name]) != old.components[name].weights
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [MANIFEST_FILE, LOCK_FILE, *(f"{n}.onnx" for n in COMPONENTS)]
+    )
+    manifest.verify_files(out)
+
+
+def test_an_export_killed_midway_is_cleaned_up_and_two_at_once_are_refused(tiny_models, tmp_path):
+    from adadiff.locks import folder_lock
+
+    out = tmp_path / "killed"
+    out.mkdir()
+    left = out / ".export-9wcfv0gh" / "raw" / "unet"  # a staging folder SIGKILL left behind
+    left.mkdir(parents=True)
+    (left / "unet.onnx.data").write_bytes(b"half a UNet")
+    options = ExportOptions(components=("pfj",), check_batches=())
+    export_onnx(tiny_models, out, options)
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, MANIFEST_FILE, "pfj.onnx"]
+    busy = pytest.raises(OutputPathError, match=r"being exported into by process \d+")
+    with folder_lock(out / LOCK_FILE, RuntimeError), busy:  # another export holds the folder
+        export_onnx(tiny_models, out, options)
+    assert export_onnx(tiny_models, out, options).components["pfj"].weights != ""
 
 
 def test_a_foreign_manifest_is_not_overwritten(tmp_path):
