@@ -34,13 +34,17 @@ from adadiff.artifacts import (
     profile_shapes,
 )
 from adadiff.cuda import CudaDevice
-from adadiff.errors import AdadiffError, ConfigError, EngineMismatchError
+from adadiff.errors import AdadiffError, ConfigError, EngineMismatchError, OutputPathError
 from adadiff.export.manifest import save_engine_manifest
 from adadiff.imageio import write_bytes_atomic
+from adadiff.locks import folder_lock
 from adadiff.progress import Progress
 from adadiff.specs import COMPONENTS, component_specs
 
 log = logging.getLogger("adadiff")
+
+# Held while a build writes ENGINES/tensorrt/.
+BUILD_LOCK = ".build-lock"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,9 +123,29 @@ def build_engines(
         cuda = CudaDevice(device)
     cuda.activate()  # TensorRT builds for the current device
     info = cuda.info()
-    specs = component_specs(exported.model_config())
     out = export_dir / TRT_DIR
     out.mkdir(parents=True, exist_ok=True)
+
+    def busy(holder: str) -> OutputPathError:
+        # two builds would each save a manifest without the other's engines, and delete them
+        return OutputPathError(
+            f"{out} is being built into by {holder}; wait for it or stop it, then run again"
+        )
+
+    with folder_lock(out / BUILD_LOCK, busy):
+        return _build_locked(trt, info, exported, export_dir, out, options, progress)
+
+
+def _build_locked(
+    trt: Any,
+    info: DeviceInfo,
+    exported: ExportManifest,
+    export_dir: Path,
+    out: Path,
+    options: BuildOptions,
+    progress: Progress | None,
+) -> EngineManifest:
+    specs = component_specs(exported.model_config())
     cache = TimingCachePaths(
         read=options.timing_cache or out / TIMING_CACHE, own=out / TIMING_CACHE
     )

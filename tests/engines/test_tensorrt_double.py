@@ -406,3 +406,18 @@ def test_a_timing_cache_write_failure_keeps_the_engine(trt, export, monkeypatch,
         manifest = _build(export, components=("pfj",))
     assert set(manifest.engines) == {"pfj"} and "disk full" in caplog.text
     assert (export / TRT_DIR / manifest.engines["pfj"].file).is_file()
+
+
+def test_two_builds_into_one_folder_are_refused(trt, export):
+    """A second build would save a manifest without the first one's engines and delete them."""
+    from adadiff.errors import OutputPathError
+    from adadiff.export.tensorrt_build import BUILD_LOCK
+    from adadiff.locks import folder_lock
+
+    with (
+        folder_lock(export / TRT_DIR / BUILD_LOCK, RuntimeError),
+        pytest.raises(OutputPathError, match=r"being built into by process \d+"),
+    ):
+        _build(export, components=("pfj",))
+    assert not (export / TRT_DIR / "manifest.json").exists()
+    assert sorted(_build(export, components=("pfj",)).engines) == ["pfj"]  # released after
