@@ -328,3 +328,70 @@ def test_non_finite_values_fail_only_their_own_image(where):
     assert set(pool.failed) == {"b"} and isinstance(pool.failed["b"], NumericsError)
     assert set(done) == {"a"} and done["a"].steps_per_tile == [4] * n
     assert np.isfinite(done["a"].latents).all()
+
+
+class RecordingPolicy:
+    """Scored, jumps by 100 every step, and keeps the gains each tile was given."""
+
+    needs_scores = True
+
+    def __init__(self):
+        self.seen: dict[int, list[tuple[int, float, float]]] = {}
+
+    def decide(self, tile, t, g_fr, g_nr):
+        self.seen.setdefault(tile, []).append((t, g_fr, g_nr))
+        return Decision(Category.STABLE, 100)
+
+
+def test_pfj_gets_each_tiles_latest_gains_in_training_order_and_the_unet_its_output():
+    """PFJ conditions a tile on (g_FR, g_NR) of its last step, in that order (training's
+    ``sample_gains`` puts g_NR second and zero for t >= nr_start_t), refreshed after every round;
+    the UNet's conditioning half is PFJ's latest output for that tile, whatever its batch."""
+    n = 3
+    x0 = np.random.default_rng(5).standard_normal((n, C, S, S)).astype(np.float32)
+    inner = oracle_nets(x0, [])
+    gains_given: dict[int, list[np.ndarray]] = {}
+    latest: dict[int, np.ndarray] = {}
+    checked = []
+
+    def modulate(lr, gain):
+        out = lr.copy()
+        out[:, 1] = (gain[:, 0] * 10 + gain[:, 1] * 100)[:, None, None]
+        for row, g, c in zip(lr, gain, out, strict=True):
+            k = int(row[0, 0, 0])
+            gains_given.setdefault(k, []).append(g.copy())
+            latest[k] = c
+        return out
+
+    def denoise(sample, t):
+        for row in sample:
+            checked.append(np.array_equal(row[C:], latest[int(row[C, 0, 0])]))
+        return inner.denoise(sample, t)
+
+    def score(x0_, lr, t):  # FR and NR scores that grow at different rates as t falls
+        cols = np.arange(1, 7, dtype=np.float32) * np.array([1, 1, 1, 1, -2, -3], np.float32)
+        return ((1000 - t)[:, None] / 1000 * 0.4 * cols).astype(np.float32)
+
+    policy = RecordingPolicy()
+    res = sample_tiles(
+        lr_with_index(n),
+        DenoiseNets(denoise, score, modulate),
+        policy,
+        noise=NOISE,
+        dtss=DTSSConfig(),
+        metrics=DEFAULT_METRICS,
+        gain_dim=2,
+        seed=0,
+        max_batch=2,  # tiles change batches between rounds
+    )
+    assert res.steps_per_tile == [10] * n and all(checked) and len(checked) == 10 * n
+    nr_start = DTSSConfig().nr_start_t
+    for k in range(n):
+        seen = policy.seen[k]
+        assert len(gains_given[k]) == len(seen)  # at the start and after every step but the last
+        np.testing.assert_array_equal(gains_given[k][0], [0.0, 0.0])
+        for (t, g_fr, g_nr), given in zip(seen[:-1], gains_given[k][1:], strict=True):
+            np.testing.assert_allclose(given, [g_fr, g_nr], rtol=1e-6)
+            assert t < nr_start or given[1] == 0.0
+    late = [g for t, *g in policy.seen[0][1:] if t < nr_start]
+    assert late and all(g_fr != g_nr and g_nr != 0.0 for g_fr, g_nr in late)  # a swap shows

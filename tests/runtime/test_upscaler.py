@@ -81,6 +81,17 @@ def test_pil_in_pil_out(upscaler, photo):
     assert rep.input_size == (24, 20)
 
 
+def test_integer_outputs_are_the_float_output_rounded(upscaler, photo):
+    """uint8 / uint16 (and so every PIL and PNG output) round to the nearest level: truncating
+    would darken every image by up to a level."""
+    img = photo[:20, :24]
+    ref, _ = upscaler.upscale(img, schedule="uniform", interval=250)
+    for dtype, top in ((np.uint8, 255), (np.uint16, 65535)):
+        got, _ = upscaler.upscale(img, schedule="uniform", interval=250, dtype=dtype)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, np.round(ref * float(top)).astype(dtype))
+
+
 def test_unknown_schedule(upscaler, photo):
     with pytest.raises(ConfigError, match="schedule"):
         upscaler.upscale(photo, schedule="fast")
