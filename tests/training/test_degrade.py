@@ -20,12 +20,65 @@ def test_degrade_is_deterministic_per_seed_and_quarter_size(hr):
     assert a.min() >= 0.0 and a.max() <= 1.0
 
 
-def test_different_seeds_differ_and_every_branch_runs(hr):
+def test_different_seeds_differ(hr):
     outputs = [degrade.degrade(hr, np.random.default_rng(s)) for s in range(12)]
     assert all(o.shape == (32, 32, 3) for o in outputs)
     assert not np.array_equal(outputs[0], outputs[1])
     mild = degrade.degrade(hr[:96, :120], np.random.default_rng(0), degrade.MILD)
     assert mild.shape == (24, 30, 3)
+
+
+def test_every_branch_of_the_second_order_degradation_runs(hr, monkeypatch):
+    """Over 40 seeds: both rounds blur, resize (every mode), add Gaussian and Poisson noise (gray
+    and colour) and JPEG; the last stage runs in both orders, with and without its sinc filter."""
+    import re
+
+    events: list[str] = []
+
+    def spy(name, token):
+        real = getattr(degrade, name)
+
+        def wrapper(*args, **kwargs):
+            if name == "resize":
+                events.append(f"R:{args[2]}")
+            elif "noise" in name:
+                events.append(f"N:{token}{'-gray' if kwargs['gray'] else ''}")
+            else:
+                events.append(token)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(degrade, name, wrapper)
+
+    for name, token in (
+        ("filter2d", "B"),
+        ("resize", "R"),
+        ("add_gaussian_noise", "gaussian"),
+        ("add_poisson_noise", "poisson"),
+        ("jpeg", "J"),
+    ):
+        spy(name, token)
+    shapes = re.compile(r"^(B?)R.*?N(.*?)J(B?)R.*?N(.*?)(?:(J)R(B?)|R(B?)(J))$")
+    seen: dict[str, set] = {k: set() for k in ("blur1", "blur2", "noise1", "noise2", "end")}
+    modes: set[str] = set()
+    for seed in range(40):
+        events.clear()
+        degrade.degrade(hr, np.random.default_rng(seed))
+        modes |= {e[2:] for e in events if e.startswith("R:")}
+        flat = "".join(e[0] if e[0] in "BRJ" else f"N{e[2:]}" for e in events)
+        m = shapes.match(flat)
+        assert m, (seed, events)
+        seen["blur1"].add(m[1])
+        seen["blur2"].add(m[3])
+        seen["noise1"].add(m[2])
+        seen["noise2"].add(m[4])
+        seen["end"].add("jpeg, resize, sinc" if m[5] else "resize, sinc, jpeg")
+        seen["end"].add(f"sinc {bool(m[6] or m[7])}")
+    assert seen["blur1"] == {"B"} and degrade.REALESRGAN.first.blur.prob == 1.0
+    assert seen["blur2"] == {"", "B"}
+    for round_ in ("noise1", "noise2"):
+        assert seen[round_] == {"gaussian", "gaussian-gray", "poisson", "poisson-gray"}, seen
+    assert seen["end"] == {"jpeg, resize, sinc", "resize, sinc, jpeg", "sinc True", "sinc False"}
+    assert modes == set(degrade.RESIZE_MODES)
 
 
 def test_bicubic_x4_keeps_constants_and_shape():
