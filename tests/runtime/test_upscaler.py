@@ -92,6 +92,22 @@ def test_integer_outputs_are_the_float_output_rounded(upscaler, photo):
         np.testing.assert_array_equal(got, np.round(ref * float(top)).astype(dtype))
 
 
+def test_the_encoder_sees_tiles_in_minus_one_to_one(upscaler, monkeypatch):
+    """SD's VAE takes [-1, 1]: black must reach it as -1 and white as 1."""
+    encoder = upscaler.components.vae_encoder
+    real, seen = encoder.encode, []
+
+    def spy(images):
+        seen.append((float(images.min()), float(images.max())))
+        return real(images)
+
+    monkeypatch.setattr(encoder, "encode", spy)
+    for level, want in ((0.0, -1.0), (1.0, 1.0)):
+        seen.clear()
+        upscaler.upscale(np.full((12, 20, 3), level, np.float32), schedule="uniform", interval=500)
+        assert seen and all(lo == hi == want for lo, hi in seen), seen
+
+
 def test_unknown_schedule(upscaler, photo):
     with pytest.raises(ConfigError, match="schedule"):
         upscaler.upscale(photo, schedule="fast")
