@@ -285,22 +285,26 @@ def test_every_option_with_a_default_shows_it_in_its_help():
     """argparse formats only options with help text; one without hides its default."""
     import argparse
 
-    from adadiff.cli import build_parser
+    from adadiff.cli import build_parser, show_defaults
 
-    hidden = []
+    hidden, shown = [], 0
 
     def walk(parser, prefix):
+        nonlocal shown
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 for name, sub in action.choices.items():
                     walk(sub, [*prefix, name])
             elif (
                 action.option_strings
-                and not action.help
                 and action.default not in (None, argparse.SUPPRESS)
                 and action.default is not False
             ):
-                hidden.append(f"{' '.join(prefix)} {action.option_strings[-1]}")
+                # the line --help prints for it, as the parser's own formatter writes it
+                text = parser._get_formatter()._expand_help(action) if action.help else ""
+                if "default" not in text:
+                    hidden.append(f"{' '.join(prefix)} {action.option_strings[-1]}: {text!r}")
+                shown += 1
 
-    walk(build_parser(), [])
-    assert hidden == []
+    walk(show_defaults(build_parser()), [])  # as run() gives it to every command
+    assert hidden == [] and shown > 50

@@ -310,6 +310,9 @@ def test_upscale_many_on_ray(ray_cluster, folder, tmp_path, capsys):
     assert failed[0]["error"].startswith("broken.png is not an image")
     assert job["ignored"] == [str(folder / "notes.txt")]
     assert len({w["pid"] for w in job["workers"]}) == 2
+    calls = sum(w["unet_calls"] for w in job["workers"])
+    evals = sum(w["unet_evaluations"] for w in job["workers"])
+    assert job["mean_batch"] == pytest.approx(evals / calls, abs=1e-3) and calls > 0
     for name in ("astronaut", "coffee", "chelsea", "camera"):
         report = json.loads((out / f"{name}.png.json").read_text())
         single = tmp_path / f"{name}-single.png"
@@ -327,6 +330,7 @@ def test_upscale_many_on_ray(ray_cluster, folder, tmp_path, capsys):
     assert main([*argv, "-q"]) == 0
     job = json.loads((out / "adadiff-job.json").read_text())
     assert (job["done"], job["failed"], job["skipped"]) == (0, 1, 4)
+    assert main([*argv, "-q", "--strict"]) == 1  # an image failed: a script can tell
     spelled = [*argv, "--model", "adadiff/weights/tiny", "--schedule", "uniform", "-q"]
     assert main(spelled) == 0
     job = json.loads((out / "adadiff-job.json").read_text())
