@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         default="fp32",
         choices=PRECISIONS,
-        help="fp16: half precision inside the UNet, PFJ and MMLE files (the VAE stays fp32)",
+        help="fp16: half precision inside the UNet and PFJ files (the VAE and MMLE stay fp32)",
     )
     ex.add_argument("--opset", type=positive, help="ONNX opset (default 20)")
     ex.add_argument(

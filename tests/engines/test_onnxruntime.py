@@ -262,7 +262,7 @@ def test_devices_and_provider_fallback(onnx_dir, monkeypatch):
 
 
 def test_fp16_export_end_to_end(onnx_dir, tiny_dir, photo, tmp_path):
-    """fp16 UNet, PFJ and MMLE (VAE fp32) on ONNX Runtime CPU against the fp32 torch image."""
+    """fp16 UNet and PFJ (VAE and MMLE fp32) on ONNX Runtime CPU against the fp32 torch image."""
     from adadiff.export import ExportOptions, export_onnx
 
     folder = copy_export(onnx_dir, tmp_path / "fp16")

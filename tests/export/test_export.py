@@ -150,15 +150,17 @@ def test_fp16_export_keeps_the_vae_fp32_and_reuses_it(onnx_dir, tiny_dir, tmp_pa
         "vae_encoder": "fp32",
         "vae_decoder": "fp32",
         "pfj": "fp16",
-        "mmle": "fp16",
+        "mmle": "fp32",
     }  # the fp32 UNet of the earlier export is not an fp16 UNet: exported again, with a word
     assert "unet in" in caplog.text and "are fp32 exports (this one is fp16)" in caplog.text
     unet = onnx.load(str(out / "unet.onnx")).graph.initializer
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in unet)
     assert manifest.components["vae_encoder"].files[0].sha256 == vae_hash
-    weights = onnx.load(str(out / "mmle.onnx")).graph.initializer
+    weights = onnx.load(str(out / "pfj.onnx")).graph.initializer
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
-    assert manifest.components["mmle"].check["atol"] == 5e-2  # checked at the fp16 tolerance
+    assert manifest.components["pfj"].check["atol"] == 5e-2  # checked at the fp16 tolerance
+    mmle = onnx.load(str(out / "mmle.onnx")).graph.initializer
+    assert all(t.data_type != onnx.TensorProto.FLOAT16 for t in mmle)  # fp32 at every precision
     manifest.verify_files(out)
 
 
