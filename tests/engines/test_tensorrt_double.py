@@ -163,8 +163,8 @@ def test_cuda_n_builds_and_runs_on_device_n(monkeypatch, export):
     fake.install(monkeypatch, devices=[("NVIDIA L4", "8.9"), ("NVIDIA H100", "9.0")])
     manifest = _build(export, cuda=fake.FakeCuda(1), components=("pfj",))
     assert manifest.device.name == "NVIDIA H100" and manifest.device.compute_capability == "9.0"
-    fake.STATE.current = 0  # some other code left device 0 current
     backend = _backend(export, index=1)
+    fake.STATE.current = 0  # some other code left device 0 current after the backend started
     engine = backend.open("pfj")
     assert engine.engine._device == 1
     fake.STATE.current = 0
