@@ -264,6 +264,29 @@ class OnnxParser:
         return self._errors[index]
 
 
+class IProgressMonitor:
+    """TensorRT's build progress callback: phase_start, step_complete (False cancels the build)
+    and phase_finish, nested phases naming their parent."""
+
+    def __init__(self) -> None:
+        pass
+
+
+def _report_progress(monitor: Any) -> bool:
+    """The phases a build reports, as TensorRT nests them; False when the monitor cancelled."""
+    monitor.phase_start("Building engine", None, 2)
+    for step in range(2):
+        monitor.phase_start("Tactic search", "Building engine", 3)
+        for inner in range(3):
+            if not monitor.step_complete("Tactic search", inner):
+                return False
+        monitor.phase_finish("Tactic search")
+        if not monitor.step_complete("Building engine", step):
+            return False
+    monitor.phase_finish("Building engine")
+    return True
+
+
 class IBuilderConfig:
     def __init__(self) -> None:
         self._flags = {BuilderFlag.TF32}  # on by default, as in TensorRT
@@ -333,6 +356,8 @@ class Builder:
         for profile in config._profiles:
             if set(profile._shapes) != set(inputs):
                 return None  # a profile must give every network input, and only those
+        if config.progress_monitor is not None and not _report_progress(config.progress_monitor):
+            return None  # cancelled by the monitor
         gpu = _current_gpu()
         if config._cache is not None:
             owner = config._cache._owner or (__version__, gpu.compute_capability)
@@ -341,6 +366,10 @@ class Builder:
             "version": __version__,
             "compute_capability": gpu.compute_capability,
             "tf32": BuilderFlag.TF32 in config._flags,
+            "strongly_typed": bool(
+                network._flags & (1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+            ),
+            "workspace": config._pools.get(int(MemoryPoolType.WORKSPACE)),
             "profiles": [
                 {n: [list(s) for s in shapes] for n, shapes in p._shapes.items()}
                 for p in config._profiles

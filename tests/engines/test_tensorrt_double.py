@@ -103,6 +103,21 @@ def test_tf32_is_off_unless_asked_for(trt, export):
     assert again.engines["pfj"].key != manifest.engines["pfj"].key
 
 
+def test_engines_are_strongly_typed_with_the_workspace_asked_for_and_report_progress(trt, export):
+    heard: list[tuple[str, int, int]] = []
+    options = BuildOptions(profiles=TWO_PROFILES, components=("pfj",), workspace_gb=1.5)
+    manifest = build_engines(
+        export, options, cuda=fake.FakeCuda(0), progress=lambda *a: heard.append(a)
+    )
+    blob = (export / TRT_DIR / manifest.engines["pfj"].file).read_bytes()
+    n = int.from_bytes(blob[8:16], "little")
+    header = json.loads(blob[16 : 16 + n])
+    assert header["strongly_typed"] is True and header["workspace"] == int(1.5 * (1 << 30))
+    top = [h for h in heard if h[0] == "build pfj: Building engine"]
+    assert top[0][1:] == (0, 2) and top[-1][1:] == (2, 2)  # the top phase, start to end
+    assert all(h[0].startswith("build pfj: ") for h in heard)
+
+
 def test_timing_cache_from_another_gpu_is_left_alone(monkeypatch, export, tmp_path, caplog):
     shared = tmp_path / "shared.cache"
     fake.install(monkeypatch, devices=[("NVIDIA L4", "8.9")])
