@@ -362,3 +362,31 @@ def test_manifest_file_paths_stay_inside_the_folder(onnx_dir, tiny_models, tmp_p
         ExportManifest.load(out)
     export_onnx(tiny_models, out, ExportOptions(components=("pfj",), check_batches=()))
     assert victim.read_text() == "keep me"
+
+
+def test_the_parity_check_refuses_a_graph_that_differs_from_torch(onnx_dir, tiny_models):
+    """An export whose numbers or batch axis are wrong never counts as done."""
+    from torch import nn
+
+    from adadiff.export.verify import check_against_torch
+
+    spec = component_specs(tiny_models.config)["pfj"]
+    module = tiny_models.wrappers()["pfj"]
+    path = onnx_dir / "pfj.onnx"
+    tol = spec.fp32_tolerance
+    assert check_against_torch(path, module, spec, batches=(1, 3), tolerance=tol)["atol"] == 1e-4
+
+    class Off(nn.Module):  # torch and the file disagree by a hundredth
+        def forward(self, *args):
+            return module(*args) + 0.01
+
+    differs = r"differs from torch at batch 1.*not trustworthy"
+    with pytest.raises(EngineMismatchError, match=differs):
+        check_against_torch(path, Off(), spec, batches=(1, 3), tolerance=tol)
+
+    class FirstOnly(nn.Module):  # as a graph whose batch was frozen at 1 would answer
+        def forward(self, *args):
+            return module(*args)[:1]
+
+    with pytest.raises(EngineMismatchError, match="did not keep its batch axis dynamic"):
+        check_against_torch(path, FirstOnly(), spec, batches=(3,), tolerance=tol)
