@@ -180,10 +180,12 @@ class DTSSConfig:
         object.__setattr__(self, "tiers", tiers)
         if len(self.tiers) != 4 or any(v < 1 for v in self.tiers):
             raise ConfigError(f"tiers must be four positive step counts, got {self.tiers}")
-        if self.tau <= 0:
-            raise ConfigError(f"tau must be positive, got {self.tau}")
-        if self.growth_split < 1:
-            raise ConfigError(f"growth_split must be >= 1, got {self.growth_split}")
+        # "not x > 0" rather than "x <= 0": a NaN from a JSON file fails it too (it made every
+        # tile "stable", never growing or exiting)
+        if not math.isfinite(self.tau) or not self.tau > 0:
+            raise ConfigError(f"tau must be a positive number, got {self.tau}")
+        if not math.isfinite(self.growth_split) or not self.growth_split >= 1:
+            raise ConfigError(f"growth_split must be a number >= 1, got {self.growth_split}")
         if self.t_start < 1:
             raise ConfigError(f"t_start must be >= 1, got {self.t_start}")
         if self.exit_on not in EXIT_GAINS:
@@ -214,6 +216,9 @@ class MMLEConfig:
     reference: str = "input"
 
     def __post_init__(self) -> None:
+        if self.hidden < 2 or self.hidden % 2:
+            # the timestep's sine and cosine features fill it in pairs
+            raise ConfigError(f"mmle hidden must be an even number >= 2, got {self.hidden}")
         if self.reference not in MMLE_REFERENCES:
             raise ConfigError(
                 f"mmle reference must be one of {MMLE_REFERENCES}, got {self.reference!r}"
@@ -345,6 +350,11 @@ class ModelConfig:
             missing = [k for k in keys if k not in block]
             if missing:
                 raise ConfigError(f"the {part} config needs {missing}")
+        if not math.isfinite(self.scaling_factor) or not self.scaling_factor > 0:
+            raise ConfigError(
+                f"scaling_factor must be a positive number (SD's VAE: 0.18215), got "
+                f"{self.scaling_factor}"
+            )
         steps = self.noise.num_train_timesteps
         if self.dtss.t_start >= steps:
             raise ConfigError(

@@ -36,6 +36,13 @@ CASES = [
     (lambda d: d["unet"].pop("cross_attention_dim"), "unet config needs"),
     (lambda d: d.__setitem__("unet", [1, 2]), "unet must be a mapping"),
     (lambda d: d["mmle"]["metrics"][0].pop("weight"), "invalid adadiff.json"),
+    # JSON reads NaN: it made every tile "stable", never growing or exiting
+    (_set("dtss", "tau", float("nan")), "tau must be a positive number"),
+    (_set("dtss", "growth_split", float("inf")), "growth_split must be a number >= 1"),
+    # the timestep features fill it in pairs: an odd width crashed at the first MMLE call
+    (_set("mmle", "hidden", 33), "mmle hidden must be an even number"),
+    (lambda d: d.__setitem__("scaling_factor", 0.0), "scaling_factor must be a positive number"),
+    (lambda d: d.__setitem__("scaling_factor", -0.18215), "scaling_factor must be a positive"),
 ]
 
 
