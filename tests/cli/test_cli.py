@@ -66,6 +66,13 @@ def test_upscale_writes_image_report_and_step_map(tmp_path, small_png, capsys):
     assert all(set(b) >= {"size", "timesteps"} for b in data["batches"])
     assert set(data["seconds"]) >= {"encode", "denoise", "decode", "total"}
     assert Image.open(step_map).format == "PNG"
+    # the map of this run's own tiles, steps and exits over its own output
+    from adadiff.stepmap import render_step_map
+
+    want = render_step_map(
+        np.asarray(Image.open(out)), data["boxes"], data["steps_per_tile"], data["exits"]
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(step_map)), np.asarray(want))
     assert "UNet evaluations" in stdout
     assert small_png.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [
