@@ -416,3 +416,33 @@ def test_cuda_timing_waits_on_and_records_on_the_device_it_was_given(monkeypatch
     result, value = timing.measure(lambda: 7, repeats=2, warmup=1, device="cuda:1")
     assert value == 7 and result.seconds == [0.002, 0.002]
     assert seen["sync"] == ["cuda:1"] and seen["device"] == ["cuda:1"] * 4
+
+
+def test_the_load_benchmark_compares_medians_of_idle_and_busy_runs(monkeypatch):
+    """benchmarks.load: the median upscale time with the cores kept busy over the median idle
+    one, against the 2.5x target, and the busy processes live only around the loaded runs."""
+    from benchmarks import load
+
+    busy = {"on": False}
+    times = {False: iter([9.0, 2.2, 1.8, 2.0]), True: iter([5.0, 7.0, 6.0])}  # warm-up first
+
+    class FakeSpinners:
+        def __init__(self, count):
+            assert count == 2
+
+        def __enter__(self):
+            busy["on"] = True
+
+        def __exit__(self, *exc):
+            busy["on"] = False
+
+    def fake_demo(work, extra):
+        assert extra == ["--size", "64"]
+        return {"upscale_s": next(times[busy["on"]]), "command_s": 0.0}
+
+    monkeypatch.setattr(load, "Spinners", FakeSpinners)
+    monkeypatch.setattr(load, "run_demo", fake_demo)
+    result = load.measure(3, 2, ["--size", "64"])
+    assert (result["idle_upscale_s"], result["loaded_upscale_s"]) == (2.0, 6.0)
+    assert result["ratio"] == 3.0 and result["meets_target"] is False
+    assert len(result["runs"]["idle"]) == len(result["runs"]["loaded"]) == 3
