@@ -195,6 +195,21 @@ def test_seed_decides_pfj_and_mmle(stock: Path, tmp_path: Path) -> None:
     assert not torch.equal(wa, wc)
 
 
+def test_the_command_line_passes_its_seed_and_notes_a_preset_name(
+    stock: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from adadiff.cli import main
+
+    assert main(["convert-sd21", str(stock), "-o", str(tmp_path / "tiny"), "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "'tiny' is also the name of a built-in preset" in err and str(tmp_path / "tiny") in err
+    cli = load_folder(tmp_path / "tiny").mmle.head[0].weight
+    api = load_folder(convert_sd21(stock, tmp_path / "api", seed=1)).mmle.head[0].weight
+    assert torch.equal(cli, api)
+    assert main(["convert-sd21", str(stock), "-o", str(tmp_path / "mine")]) == 0
+    assert "preset" not in capsys.readouterr().err
+
+
 def test_zero_init_reproduces_the_stock_unet(stock: Path, tmp_path: Path) -> None:
     models = load_folder(convert_sd21(stock, tmp_path / "converted"))
     stock_unet = UNet2DConditionModel.from_pretrained(str(stock / "unet")).eval()
