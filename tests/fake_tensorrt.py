@@ -20,7 +20,8 @@ where a real GPU would crash or silently misbehave:
   freeing scratch that a live context still points at is recorded in ``STATE.violations``.
 
 Engines are JSON headers plus the ONNX model; ``execute_async_v3`` reads the inputs from their
-addresses, runs the graph with ONNX Runtime on the CPU and writes the outputs to their addresses.
+addresses, runs the graph with ONNX Runtime on the CPU and writes the outputs to their addresses
+when the stream is synchronised.
 Every public name here exists in the real bindings (``tools/check_trt_double.py`` checks that
 against the tensorrt-cu12-bindings wheel).
 """
@@ -96,6 +97,9 @@ class _State:
     live: dict[int, int] = field(default_factory=dict)  # pointer -> bytes
     contexts: Any = field(default_factory=weakref.WeakSet)
     violations: list[str] = field(default_factory=list)
+    # Output writes of executions not yet synchronised: they land when the stream syncs, so
+    # reading an output buffer before ``synchronize`` reads what was there before, as on a GPU.
+    pending: list[tuple[int, bytes]] = field(default_factory=list)
     faults: set[str] = field(default_factory=set)  # method names made to fail (return False)
     executions: int = 0
 
@@ -104,6 +108,7 @@ class _State:
         self.current = 0
         self.live.clear()
         self.violations.clear()
+        self.pending.clear()
         self.faults.clear()
         self.executions = 0
 
@@ -133,7 +138,9 @@ class FakeStream:
     cuda_stream = 0x57
 
     def synchronize(self) -> None:
-        return None
+        for address, data in STATE.pending:
+            ctypes.memmove(address, data, len(data))
+        STATE.pending.clear()
 
 
 class FakeCuda:
@@ -578,8 +585,7 @@ class IExecutionContext:
                     array = _tf32(array)
                 feeds[name] = array
         for name, value in engine._run(feeds).items():
-            value = np.ascontiguousarray(value)
-            ctypes.memmove(self._addresses[name], value.ctypes.data, value.nbytes)
+            STATE.pending.append((self._addresses[name], np.ascontiguousarray(value).tobytes()))
         STATE.executions += 1
         return True
 
