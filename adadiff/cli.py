@@ -97,8 +97,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="fp32",
         choices=RUN_PRECISIONS,
-        help="fp16 (UNet, PFJ, MMLE; the VAE stays fp32) is meant for CUDA and runs on the CPU "
-        "slowly, for checks; bf16 is for the torch backend only",
+        help="fp16 (UNet and PFJ; the VAE and MMLE stay fp32) is meant for CUDA and runs on the "
+        "CPU slowly, for checks; bf16 is for the torch backend only",
     )
     p.add_argument(
         "--threads",

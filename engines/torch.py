@@ -17,7 +17,7 @@ from adadiff.specs import COMPONENTS, HALF_COMPONENTS, ModelSpec, component_spec
 
 log = logging.getLogger("adadiff")
 
-# The SD VAE overflows in fp16, so half precision applies to these components only.
+# Half precision applies to HALF_COMPONENTS only (the VAE overflows, the MMLE's scores round).
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
