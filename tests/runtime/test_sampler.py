@@ -40,13 +40,18 @@ def lr_with_index(n: int) -> np.ndarray:
     return lr
 
 
-def run(n, policy, *, max_batch=8, seed=0, scores=None, calls=None, x0=None):
+def known_x0(n: int) -> np.ndarray:
+    return np.random.default_rng(5).standard_normal((n, C, S, S)).astype(np.float32)
+
+
+def run(n, policy, *, max_batch=8, seed=0, scores=None, calls=None, x0=None, nets=None):
+    """``nets`` replaces the oracle (built from ``x0`` and ``scores``) when given."""
     if x0 is None:
-        x0 = np.random.default_rng(5).standard_normal((n, C, S, S)).astype(np.float32)
+        x0 = known_x0(n)
     calls = [] if calls is None else calls
     res = sample_tiles(
         lr_with_index(n),
-        oracle_nets(x0, calls, scores),
+        nets if nets is not None else oracle_nets(x0, calls, scores),
         policy,
         noise=NOISE,
         dtss=DTSSConfig(),
@@ -348,8 +353,7 @@ def test_pfj_gets_each_tiles_latest_gains_in_training_order_and_the_unet_its_out
     ``sample_gains`` puts g_NR second and zero for t >= nr_start_t), refreshed after every round;
     the UNet's conditioning half is PFJ's latest output for that tile, whatever its batch."""
     n = 3
-    x0 = np.random.default_rng(5).standard_normal((n, C, S, S)).astype(np.float32)
-    inner = oracle_nets(x0, [])
+    inner = oracle_nets(known_x0(n), [])
     gains_given: dict[int, list[np.ndarray]] = {}
     latest: dict[int, np.ndarray] = {}
     checked = []
@@ -373,17 +377,8 @@ def test_pfj_gets_each_tiles_latest_gains_in_training_order_and_the_unet_its_out
         return ((1000 - t)[:, None] / 1000 * 0.4 * cols).astype(np.float32)
 
     policy = RecordingPolicy()
-    res = sample_tiles(
-        lr_with_index(n),
-        DenoiseNets(denoise, score, modulate),
-        policy,
-        noise=NOISE,
-        dtss=DTSSConfig(),
-        metrics=DEFAULT_METRICS,
-        gain_dim=2,
-        seed=0,
-        max_batch=2,  # tiles change batches between rounds
-    )
+    # max_batch 2: tiles change batches between rounds
+    res, _, _ = run(n, policy, max_batch=2, nets=DenoiseNets(denoise, score, modulate))
     assert res.steps_per_tile == [10] * n and all(checked) and len(checked) == 10 * n
     nr_start = DTSSConfig().nr_start_t
     for k in range(n):
