@@ -9,11 +9,12 @@ import enum
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from adadiff.errors import ConfigError
+from adadiff.errors import ConfigError, OutputPathError
 
 CONFIG_FILE = "adadiff.json"
 CONFIG_VERSION = 1
@@ -460,8 +461,22 @@ class ModelConfig:
             raise ConfigError(f"invalid {CONFIG_FILE}: {exc}") from exc
 
     def save(self, folder: Path) -> Path:
+        # atomically: calibrate rewrites a model folder's only config in place, and a full disk
+        # must leave the old one whole, not a truncated file that no command can load
         path = Path(folder) / CONFIG_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as fh:
+                fh.write(json.dumps(self.to_dict(), indent=2) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputPathError(
+                f"cannot write {path} ({exc.strerror or exc}); the folder's earlier "
+                f"{CONFIG_FILE} is unchanged: free space or fix the folder and run again"
+            ) from exc
         return path
 
     @classmethod

@@ -25,6 +25,10 @@ log = logging.getLogger("adadiff.training")
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def checkpoint_path(folder: Path, step: int) -> Path:
     return Path(folder) / f"ckpt-{step:08d}.pt"
 
@@ -64,6 +68,9 @@ def save_checkpoint(folder: str | Path, step: int, payload: dict[str, Any], keep
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
+    except RuntimeError as exc:  # torch.save reports a short write (a full disk) as this
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"the write stopped short, is the disk full? ({_first_line(exc)})") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -798,8 +798,17 @@ def ship(
         ) from exc
     tmp.chmod(0o755)
     try:
-        models.save(tmp, half=half)
-        write_record(tmp, record)
+        try:
+            models.save(tmp, half=half)
+            write_record(tmp, record)
+        except Exception as exc:  # OSError, or safetensors' SafetensorError for a short write
+            if not (isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"):
+                raise
+            raise ModelFolderError(
+                f"cannot write the model folder beside {out} ({str(exc).splitlines()[0]}); "
+                f"{'the existing ' + str(out) + ' is unchanged; ' if out.exists() else ''}"
+                "free space or choose another --out, then run again"
+            ) from exc
         for path in tmp.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
         size = folder_bytes(tmp) / 1e6

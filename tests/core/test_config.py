@@ -72,3 +72,28 @@ def test_a_bad_model_folder_is_one_line_before_any_work(tmp_path, capsys):
     assert code == 2
     assert err.count("\n") == 1 and "t_start 5000" in err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_saving_a_config_on_a_full_disk_keeps_the_old_file(tmp_path):
+    """adadiff calibrate rewrites a model folder's only adadiff.json: a write cut short must
+    leave the old file whole (a truncated one makes the folder unloadable)."""
+    from helpers import run_with_file_size_limit
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    ModelConfig.load(Path(__file__).parents[2] / "adadiff" / "weights" / "tiny").save(folder)
+    before = (folder / "adadiff.json").read_bytes()
+    body = (
+        "from adadiff.config import ModelConfig\n"
+        "from adadiff.errors import OutputPathError\n"
+        "cfg = ModelConfig.load(sys.argv[1])\n"
+        "# limited\n"
+        "try:\n"
+        "    cfg.save(sys.argv[1])\n"
+        "except OutputPathError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    stdout = run_with_file_size_limit(body, folder, 1024)
+    assert stdout.startswith("refused:") and "adadiff.json is unchanged" in stdout
+    assert (folder / "adadiff.json").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["adadiff.json"]

@@ -30,6 +30,27 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
         load_latest(tmp_path)
 
 
+def test_a_checkpoint_cut_short_by_a_full_disk_is_an_os_error(tmp_path):
+    """torch.save reports a short write as a RuntimeError; the loop turns OSErrors into its
+    one-line "the step-N checkpoint is intact" message, so the save must raise one."""
+    from helpers import run_with_file_size_limit
+
+    body = (
+        "import torch\n"
+        "from adadiff.training.checkpoint import save_checkpoint\n"
+        "save_checkpoint(sys.argv[1], 1, {'w': torch.zeros(4)})\n"
+        "# limited\n"
+        "try:\n"
+        "    save_checkpoint(sys.argv[1], 2, {'w': torch.zeros(100_000)})\n"
+        "except OSError as exc:\n"
+        "    print('OSError', exc)\n"
+    )
+    stdout = run_with_file_size_limit(body, tmp_path, 4096)
+    assert stdout.startswith("OSError") and "disk full" in stdout
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000001.pt"]
+
+
 def test_learning_rate_schedules():
     constant = TrainOptions(steps=1000, batch=1, lr=2.0, warmup=100)
     assert [constant.lr_at(s) for s in (0, 99, 500, 999)] == [0.02, 2.0, 2.0, 2.0]

@@ -84,7 +84,7 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     assert report.unet_evaluations > 0
 
 
-def test_ship_reuses_an_earlier_models_vae_and_mmle_and_says_so(tmp_path, cfg, images):
+def test_ship_reuses_an_earlier_models_vae_and_mmle_and_says_so(tmp_path, cfg, images, monkeypatch):
     from adadiff import demo
     from adadiff.errors import ConfigError, ModelFolderError
     from adadiff.models.bundle import build_random, load_folder
@@ -112,6 +112,20 @@ def test_ship_reuses_an_earlier_models_vae_and_mmle_and_says_so(tmp_path, cfg, i
         ship(cfg, workdir, blocker / "out", mmle_from=earlier)
 
     out = ship(cfg, workdir, tmp_path / "out", mmle_from=earlier)
+    # a full disk: safetensors reports the short write as its own error, not an OSError
+    from safetensors import SafetensorError
+
+    from adadiff.models.bundle import TorchModels
+
+    def full_disk(self, folder, *, half=False):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with monkeypatch.context() as patch:
+        patch.setattr(TorchModels, "save", full_disk)
+        with pytest.raises(ModelFolderError, match=r"No space left.*existing .*out is unchanged"):
+            ship(cfg, workdir, out, mmle_from=earlier)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary folder left
     source, shipped = load_folder(earlier), load_folder(out)
     for a, b in ((source.mmle, shipped.mmle), (source.vae, shipped.vae)):
         for key, value in a.state_dict().items():
