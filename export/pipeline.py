@@ -315,6 +315,14 @@ def component_precision(name: str, precision: str) -> str:
     return "fp16" if precision == "fp16" and name in HALF_COMPONENTS else "fp32"
 
 
+def _files_match(manifest: ExportManifest, out: Path, name: str) -> bool:
+    try:
+        manifest.verify_files(out, [name])
+    except AdadiffError:
+        return False
+    return True
+
+
 def _earlier_export(
     out: Path, digest: str, options: ExportOptions, weights: dict[str, str]
 ) -> tuple[dict[str, ComponentEntry], dict[str, str], list[str]]:
@@ -351,6 +359,8 @@ def _earlier_export(
                 redo[name] = "were exported from other weights"
             elif entry.precision != want:
                 redo[name] = f"are {entry.precision} exports (this one is {options.precision})"
+            elif not _files_match(old, out, name):
+                redo[name] = "changed since the manifest was written (an export stopped mid-way?)"
             else:
                 kept[name] = entry
                 continue

@@ -322,6 +322,23 @@ def test_a_partial_export_keeps_no_component_of_other_weights(onnx_dir, tiny_con
     manifest.verify_files(out)
 
 
+def test_a_partial_export_redoes_a_kept_component_whose_files_changed(
+    onnx_dir, tiny_models, tmp_path, caplog
+):
+    """An export killed after moving some new files in, before its manifest: the manifest
+    still names the old files. A partial export must not keep such a component and report a
+    folder that cannot run."""
+    out = copy_export(onnx_dir, tmp_path / "torn")
+    unet = out / "unet.onnx"
+    unet.write_bytes(unet.read_bytes()[: unet.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="adadiff"):
+        manifest = export_onnx(
+            tiny_models, out, ExportOptions(components=("pfj",), check_batches=())
+        )
+    manifest.verify_files(out)
+    assert "unet" in caplog.text and "changed since the manifest was written" in caplog.text
+
+
 def test_an_export_killed_midway_is_cleaned_up_and_two_at_once_are_refused(tiny_models, tmp_path):
     from adadiff.locks import folder_lock
 
