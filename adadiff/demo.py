@@ -109,6 +109,10 @@ def prepare(out_dir: Path, name: str, long_side: int, max_pixels: int | None = N
         raise OutputPathError(
             f"{out_dir}: cannot make the demo's output folder ({exc.strerror or exc})"
         ) from exc
+    # an earlier demo's results go first: a run stopped mid-way must not leave them beside
+    # another photo's input and bicubic
+    for stale in ("upscaled.png", "report.json", "steps.png"):
+        (out_dir / stale).unlink(missing_ok=True)
     lr = np.asarray(original.resize((width, height), Image.Resampling.LANCZOS))
     path = out_dir / "input.png"
     imageio.save_image(path, lr.astype(np.float32) / 255.0)

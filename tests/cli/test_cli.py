@@ -234,6 +234,48 @@ def test_bad_device_exits_2_before_any_model_loads(
     assert not (tmp_path / "o.png").exists()
 
 
+def test_a_run_that_cannot_write_one_output_changes_none(tmp_path, small_png, capsys, monkeypatch):
+    """The image, report and step map of one run land together or not at all: a full disk at
+    the step map left the new image and report beside the old step map."""
+    from adadiff import file_upscale
+
+    files = [tmp_path / "out.png", tmp_path / "out.json", tmp_path / "map.png"]
+    args = ["upscale", small_png, "-o", files[0], "--report", files[1], "--step-map", files[2]]
+    assert _run([*args, "-q", "--seed", "0"], capsys)[0] == 0
+    before = [f.read_bytes() for f in files]
+    real = file_upscale.step_map_writer
+
+    def full_disk(*a, **kw):
+        real(*a, **kw)
+
+        def write(fp):
+            fp.write(b"half a step map")
+            raise OSError(28, "No space left on device")
+
+        return write
+
+    monkeypatch.setattr(file_upscale, "step_map_writer", full_disk)
+    code, _, err = _run([*args, "-q", "--seed", "7"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "cannot write the step map" in err and "No space left on device" in err
+    assert "no output file was changed" in err
+    assert [f.read_bytes() for f in files] == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_a_demo_rerun_removes_the_earlier_results_before_it_writes(tmp_path):
+    """Stopped after its new input and bicubic, a rerun must not leave the earlier photo's
+    upscale beside them."""
+    from adadiff import demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    for name in ("upscaled.png", "report.json", "steps.png", "notes.txt"):
+        (out / name).write_text("an earlier demo")
+    demo.prepare(out, "chelsea", 40)
+    assert sorted(p.name for p in out.iterdir()) == ["bicubic.png", "input.png", "notes.txt"]
+
+
 def test_demo_writes_every_output_and_refuses_bad_arguments(tmp_path, capsys):
     from adadiff import demo
 
