@@ -13,7 +13,7 @@ import numpy as np
 from adadiff import __version__, imageio
 from adadiff.errors import ConfigError, OutputPathError
 from adadiff.progress import Progress
-from adadiff.stepmap import save_step_map
+from adadiff.stepmap import step_map_writer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,22 +129,36 @@ def upscale_loaded(
         dtype=np.uint16 if image.bit_depth == 16 else np.uint8,
     )
     record = output_record(image, rgb, report, upscaler.config.upscale)
-    written = imageio.save_image(
-        outputs.image,
-        record["rgb"],
-        record["alpha"],
-        bit_depth=record["bit_depth"],
-        grayscale=record["grayscale"],
-        icc_profile=record["icc_profile"],
-        exif=record["exif"],
-    )
+    written = Path(outputs.image).expanduser().resolve()
     # both paths absolute, so a report read elsewhere still names its files
     source = Path(input_path).expanduser().resolve()
     data = {"input": str(source), "output": str(written), **record["report"]}
+    # all or nothing: a run that cannot write one file (a full disk, an encoder's limit) leaves
+    # an earlier run's image, report and step map as they were, not a mix of the two runs
+    files = [
+        (
+            outputs.image,
+            imageio.image_writer(
+                outputs.image,
+                record["rgb"],
+                record["alpha"],
+                bit_depth=record["bit_depth"],
+                grayscale=record["grayscale"],
+                icc_profile=record["icc_profile"],
+                exif=record["exif"],
+            ),
+            "image",
+        )
+    ]
     if outputs.report is not None:
-        imageio.write_bytes_atomic(outputs.report, (json.dumps(data, indent=2) + "\n").encode())
+        report_bytes = (json.dumps(data, indent=2) + "\n").encode()
+        files.append((outputs.report, imageio.bytes_writer(report_bytes), "report"))
     if outputs.step_map is not None:
-        save_step_map(outputs.step_map, rgb, report.boxes, report.steps_per_tile, report.exits)
+        writer = step_map_writer(
+            outputs.step_map, rgb, report.boxes, report.steps_per_tile, report.exits
+        )
+        files.append((outputs.step_map, writer, "step map"))
+    imageio.write_files_atomic(files)
     return data
 
 

@@ -13,7 +13,7 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -40,6 +40,7 @@ __all__ = [
     "save_image",
     "to_rgb_array",
     "upscale_alpha",
+    "write_files_atomic",
     "write_pil_atomic",
 ]
 
@@ -548,9 +549,57 @@ def _write_atomic(path: str | Path, write: Callable[[BinaryIO], None], what: str
     return target
 
 
+Writer = Callable[[BinaryIO], None]
+
+
+def write_files_atomic(files: Sequence[tuple[str | Path, Writer, str]]) -> list[Path]:
+    """Write files that belong together (an image, its report, its step map), each given as
+    (path, writer, what it is): all go to temporary files first and are moved into place only
+    when every one was written, so a full disk or an encoder's refusal leaves all earlier files
+    as they were."""
+    staged: list[tuple[Path, Path, str]] = []
+    try:
+        for path, write, what in files:
+            target = Path(path).expanduser().resolve()
+            try:
+                fd, temp = _open_temp(target)
+                staged.append((temp, target, what))
+                with os.fdopen(fd, "wb") as fp:
+                    write(fp)
+                    fp.flush()
+                    os.fsync(fp.fileno())
+            except (OSError, ValueError) as exc:  # Pillow's encoders raise ValueError too
+                kept = "; no output file was changed" if len(files) > 1 else ""
+                raise OutputPathError(
+                    f"{target}: cannot write the {what} ({_one_line(exc)}){kept}"
+                ) from exc
+        for temp, target, what in staged:
+            try:
+                os.replace(temp, target)
+            except OSError as exc:
+                raise OutputPathError(
+                    f"{target}: cannot write the {what} ({_one_line(exc)})"
+                ) from exc
+    finally:
+        for temp, _, _ in staged:
+            temp.unlink(missing_ok=True)
+    return [target for _, target, _ in staged]
+
+
+def pil_writer(image: Image.Image, fmt: str, **save_args: Any) -> Writer:
+    return lambda fp: image.save(fp, format=fmt, **save_args)
+
+
+def bytes_writer(data: bytes) -> Writer:
+    def write(fp: BinaryIO) -> None:
+        fp.write(data)
+
+    return write
+
+
 def write_pil_atomic(path: str | Path, image: Image.Image, fmt: str, **save_args: Any) -> Path:
     """Save a PIL image atomically: nothing appears at ``path`` unless the save succeeded."""
-    return _write_atomic(path, lambda fp: image.save(fp, format=fmt, **save_args), "image")
+    return write_files_atomic([(path, pil_writer(image, fmt, **save_args), "image")])[0]
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
@@ -618,11 +667,49 @@ def save_image(
     precision). ``icc_profile`` and ``exif`` (e.g. ``LoadedImage``'s) are embedded where the
     format holds them: PNG, JPEG and WebP take both, TIFF the profile.
     """
+    writer = image_writer(
+        path,
+        rgb,
+        alpha,
+        bit_depth=bit_depth,
+        grayscale=grayscale,
+        icc_profile=icc_profile,
+        exif=exif,
+    )
+    return write_files_atomic([(path, writer, "image")])[0]
+
+
+def image_writer(
+    path: str | Path,
+    rgb: np.ndarray,
+    alpha: np.ndarray | None = None,
+    *,
+    bit_depth: int = 8,
+    grayscale: bool = False,
+    icc_profile: bytes | None = None,
+    exif: bytes | None = None,
+) -> Writer:
+    """What ``save_image`` writes to ``path``, for ``write_files_atomic``."""
+    image, fmt, save_args = _encoder_input(
+        path, rgb, alpha, bit_depth, grayscale, icc_profile, exif
+    )
+    return pil_writer(image, fmt, **save_args)
+
+
+def _encoder_input(
+    path: str | Path,
+    rgb: np.ndarray,
+    alpha: np.ndarray | None,
+    bit_depth: int,
+    grayscale: bool,
+    icc_profile: bytes | None,
+    exif: bytes | None,
+) -> tuple[Image.Image, str, dict[str, Any]]:
     _check_arrays(rgb, alpha, bit_depth)
     fmt = format_for_path(path)
     image, save_args = _pil_for_format(rgb, alpha, fmt, bit_depth, grayscale)
     save_args |= _metadata_args(fmt, image.mode, icc_profile, exif)
-    return write_pil_atomic(path, image, fmt, **save_args)
+    return image, fmt, save_args
 
 
 def encode_image(
@@ -636,10 +723,9 @@ def encode_image(
     exif: bytes | None = None,
 ) -> bytes:
     """The bytes ``save_image`` would write to a file ending in ``suffix``."""
-    _check_arrays(rgb, alpha, bit_depth)
-    fmt = format_for_path(f"image{suffix}")
-    image, save_args = _pil_for_format(rgb, alpha, fmt, bit_depth, grayscale)
-    save_args |= _metadata_args(fmt, image.mode, icc_profile, exif)
+    image, fmt, save_args = _encoder_input(
+        f"image{suffix}", rgb, alpha, bit_depth, grayscale, icc_profile, exif
+    )
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save_args)
     return buffer.getvalue()

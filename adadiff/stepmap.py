@@ -15,9 +15,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from adadiff.imageio import LUMA_601, format_for_path, write_pil_atomic
+from adadiff.imageio import (
+    LUMA_601,
+    Writer,
+    format_for_path,
+    pil_writer,
+    write_files_atomic,
+)
 
-__all__ = ["EXIT_KINDS", "render_step_map", "save_step_map", "step_colours"]
+__all__ = ["EXIT_KINDS", "render_step_map", "save_step_map", "step_colours", "step_map_writer"]
 
 Box = tuple[int, int, int, int]
 
@@ -307,7 +313,20 @@ def save_step_map(
     max_side: int = 1024,
 ) -> Path:
     """Render the step map and write it atomically to ``path`` (format from the suffix)."""
+    writer = step_map_writer(path, image, boxes, steps, exits, max_side=max_side)
+    return write_files_atomic([(path, writer, "step map")])[0]
+
+
+def step_map_writer(
+    path: str | Path,
+    image: np.ndarray,
+    boxes: Sequence[Box],
+    steps: Sequence[int],
+    exits: Sequence[str],
+    *,
+    max_side: int = 1024,
+) -> Writer:
+    """The rendered step map for ``write_files_atomic``."""
     fmt = format_for_path(path)
     picture = render_step_map(image, boxes, steps, exits, max_side=max_side)
-    save_args = {"quality": 95} if fmt == "JPEG" else {}
-    return write_pil_atomic(path, picture, fmt, **save_args)
+    return pil_writer(picture, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
