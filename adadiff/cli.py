@@ -590,6 +590,13 @@ def cmd_upscale_many(args: argparse.Namespace) -> int:
         f"({result.startup_seconds:.1f}s start-up; {result.steady_images_per_hour:.0f} images/hour "
         f"after it; mean batch {result.mean_batch:.2f})"
     )
+    if result.stopped:
+        print(
+            f"adadiff: error: the job stopped early: {result.stopped}; free space (or fix the "
+            "folder) and run the same command again to go on",
+            file=sys.stderr,
+        )
+        return 2
     return 1 if failed and args.strict else 0
 
 

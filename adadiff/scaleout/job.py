@@ -11,10 +11,12 @@ its images sent to the others.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from typing import Any
 
 from adadiff import __version__
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError, OutputPathError
-from adadiff.imageio import OUTPUT_FORMATS, write_bytes_atomic
+from adadiff.imageio import OUTPUT_FORMATS, check_writable, write_bytes_atomic
 from adadiff.presets import PRESETS, is_preset
 from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, Plan, job_stamp, make_plan
 from adadiff.scaleout.worker import UpscaleWorker
@@ -78,6 +80,8 @@ class JobResult:
     workers: list[dict[str, Any]] = field(default_factory=list)  # statistics at the end
     started: list[dict[str, Any]] = field(default_factory=list)  # worker info at the start
     report_path: Path | None = None
+    # why the job stopped before its last image (the output's disk is full), or None
+    stopped: str | None = None
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.records if r.status == status)
@@ -131,8 +135,15 @@ def run_job(
     plan = make_plan(input_dir, output_dir, settings)
     output_dir = output_dir.expanduser().resolve()
     created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
     try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(
+            f"cannot create the output folder {output_dir} ({exc.strerror or exc}); pick another"
+        ) from exc
+    try:
+        # before Ray starts and any image is upscaled: a folder that refuses files fails now
+        check_writable(output_dir / JOB_REPORT, "OUTPUT_DIR")
         return _run_planned(plan, output_dir, settings, cluster, started, on_record)
     except AdadiffError:
         # A refused job (too many --workers, a model that does not load) leaves no empty folder.
@@ -173,18 +184,34 @@ def _run_planned(
         if cluster.ray_address is None:
             check_local_paths(settings)
         ray = import_ray()
+        previous = signal.getsignal(signal.SIGTERM)
         started_ray = _connect(ray, cluster)
+        # ray.init puts its own SIGTERM handler in this process, which aborts with a stack dump
+        # and leaves the local Ray running: stop the way Ctrl-C does instead
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGTERM, _stop_on_sigterm)
         try:
             dispatcher = _Dispatcher(ray, settings, cluster, plan.todo, output_dir)
             startup = time.perf_counter() - started
             started_info = dispatcher.info
             workers = dispatcher.run(records, total, on_record)
+            stopped = dispatcher.stopped
         finally:
             if started_ray:
                 ray.shutdown()
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signal.SIGTERM, previous)
     result = JobResult(records, time.perf_counter() - started, startup, workers, started_info)
+    result.stopped = stopped
     result.report_path = write_job_report(output_dir, settings, cluster, result, plan.ignored)
     return result
+
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def check_local_paths(settings: JobSettings) -> None:
@@ -239,6 +266,7 @@ class _Dispatcher:
         self.queue = cluster.queue or settings.max_batch
         self.started = 0.0
         self.output_dir = output_dir
+        self.stopped: str | None = None
         self.workers = self._worker_count()
 
         actor = ray.remote(UpscaleWorker).options(
@@ -343,11 +371,14 @@ class _Dispatcher:
             records.append(record)
             if on_record:
                 on_record(record, len(records), total)
+            if self.stopped:
+                continue  # the images in flight finish; no new one starts
             if index in alive and self.pending:
                 self._send(index, in_flight)
             self._refill(alive, in_flight)
+        why = f"not started: {self.stopped}" if self.stopped else "no worker left"
         for task in reversed(self.pending):
-            record = ImageRecord(str(task.source), str(task.output), "failed", "no worker left")
+            record = ImageRecord(str(task.source), str(task.output), "failed", why)
             records.append(record)
             if on_record:
                 on_record(record, len(records), total)
@@ -390,6 +421,10 @@ class _Dispatcher:
         report = {"input": str(task.source), "output": str(task.output), **reply["report"]}
         report["job"] = job_stamp(task, self.settings, self.digests.pop(task.source, None))
         try:
+            # the old report goes first: a kill between the two writes must not leave a new
+            # image under a report whose stamp says it is the old one (a rerun would skip it)
+            with contextlib.suppress(OSError):
+                task.report.unlink(missing_ok=True)
             write_bytes_atomic(task.output, reply["image"])
             write_bytes_atomic(task.report, (json.dumps(report, indent=2) + "\n").encode())
         except OutputPathError as exc:  # this image's files only: the others go on
@@ -399,6 +434,9 @@ class _Dispatcher:
                 if task.output.is_file():
                     task.output.unlink()
             base.status, base.error = "failed", str(exc)
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno in _NO_ROOM:
+                # every later image would fail the same way after its whole upscale
+                self.stopped = f"the output folder takes no more files ({exc.__cause__.strerror})"
             return base
         base.unet_evaluations = report["unet_evaluations"]
         base.tiles = report["tiles"]

@@ -415,3 +415,115 @@ def test_an_output_that_cannot_be_written_fails_that_image_alone(folder, tmp_pat
     record = dispatcher._write(task, reply)
     assert record.status == "failed" and "cannot write" in (record.error or "")
     assert not task.report.exists()
+
+
+def test_a_stop_between_image_and_report_leaves_no_old_report(folder, tmp_path, monkeypatch):
+    """The image is replaced before its report: if the report write fails (or the job is killed
+    there), the old report must be gone, or a rerun takes the new image for the old one."""
+    from adadiff.scaleout import job
+    from adadiff.scaleout.job import _Dispatcher
+
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = JobSettings()
+    task = make_plan(folder, out, settings).todo[0]
+    task.output.write_bytes(b"old image")
+    task.report.write_text('{"job": "old stamp"}')
+    real = job.write_bytes_atomic
+
+    def killed_after_the_image(path, data):
+        if path == task.report:
+            raise KeyboardInterrupt  # stands for a SIGKILL: no clean-up runs
+        real(path, data)
+
+    monkeypatch.setattr(job, "write_bytes_atomic", killed_after_the_image)
+    dispatcher = object.__new__(_Dispatcher)
+    dispatcher.settings, dispatcher.digests = settings, {}
+    reply = {"status": "done", "image": b"new image", "report": {"unet_evaluations": 5}}
+    with pytest.raises(KeyboardInterrupt):
+        dispatcher._write(task, reply)
+    assert task.output.read_bytes() == b"new image"
+    assert not task.report.exists()
+    assert not is_done(task, settings)
+
+
+def test_an_output_folder_that_refuses_files_fails_before_ray_starts(
+    folder, tmp_path, monkeypatch, capsys
+):
+    from adadiff import imageio
+    from adadiff.scaleout import job
+
+    def no_ray():
+        raise AssertionError("Ray started for a job whose output folder refuses files")
+
+    def refuse(target):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(job, "import_ray", no_ray)
+    monkeypatch.setattr(imageio, "_open_temp", refuse)
+    assert main(["upscale-many", str(folder), str(tmp_path / "out")]) == 2
+    assert "OUTPUT_DIR: cannot write in" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["upscale-many", str(folder), str(blocker / "out")]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err
+
+
+def test_sigterm_stops_upscale_many_like_ctrl_c(folder, tmp_path):
+    """kill, timeout and batch schedulers send SIGTERM; ray.init's own handler aborted with a
+    stack dump and left the local Ray running."""
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'adadiff[ray]')")
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(8):
+        shutil.copy(folder / "coffee.png", src / f"coffee{i}.png")
+    exe = Path(sys.executable).with_name("adadiff")
+    cmd = [str(exe), "upscale-many", str(src), str(tmp_path / "out"), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = ""
+    deadline = time.monotonic() + 300
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        err += line
+        if "[1/8]" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, rest = proc.communicate(timeout=120)
+    err += rest
+    assert "[1/8]" in err, err[-2000:]
+    assert proc.returncode == 130, err[-2000:]
+    assert "adadiff: interrupted" in err
+    assert "SIGTERM received" not in err
+
+
+def test_a_full_output_disk_stops_the_job_instead_of_upscaling_the_rest(
+    ray_cluster, folder, tmp_path, capsys, monkeypatch
+):
+    """Every image after the first ENOSPC would be upscaled in full and then fail to write."""
+    from adadiff.errors import OutputPathError
+    from adadiff.scaleout import job
+
+    real = job.write_bytes_atomic
+
+    def full(path, data):
+        if Path(path).suffix == ".png":  # the job report still fits
+            raise OutputPathError(f"{path}: cannot write") from OSError(28, "No space left")
+        real(path, data)
+
+    monkeypatch.setattr(job, "write_bytes_atomic", full)
+    out = tmp_path / "out"
+    argv = ["upscale-many", str(folder), str(out), "--workers", "1", "--queue", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the job stopped early: the output folder takes no more files (No space left)" in err
+    report = json.loads((out / "adadiff-job.json").read_text())
+    errors = [r.get("error") or "" for r in report["records"]]
+    assert report["done"] == 0
+    assert sum(e.startswith("not started: the output folder") for e in errors) >= 2
