@@ -264,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset (tiny, sd21-base; random init unless weights are shipped) or model folder",
     )
     ex.add_argument(
-        "-o", "--output", type=Path, required=True, help="folder for the ONNX files and manifest"
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="folder for the ONNX files and manifest (created, parents included, if missing)",
     )
     ex.add_argument(
         "--components",

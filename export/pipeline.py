@@ -92,7 +92,7 @@ def export_onnx(
     out = Path(output).expanduser()
     _check_output(out)
     models = model if isinstance(model, TorchModels) else load_models(model, seed=seed)
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # as upscale-many's OUTPUT_DIR: parents included
     lock = out / LOCK_FILE
 
     def busy(holder: str) -> OutputPathError:
@@ -298,8 +298,11 @@ def _check_output(out: Path) -> None:
                 f"{out} is not empty ({', '.join(sorted(others)[:3])}, ...) and holds no adadiff "
                 "export; choose a new or empty folder so nothing of yours is overwritten"
             )
-    if not out.parent.is_dir():
-        raise OutputPathError(f"the folder {out.parent} for {out.name} does not exist; create it")
+    above = next(p for p in out.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise OutputPathError(
+            f"{out} cannot be created: {above} is a file, not a folder; pick another output folder"
+        )
 
 
 def _remove_leftovers(out: Path) -> None:

@@ -224,6 +224,16 @@ def test_options_and_output_errors(tmp_path):
         export_onnx(tmp_path / "nope", tmp_path / "out", ExportOptions(components=("pfj",)))
 
 
+def test_missing_parent_folders_of_the_output_are_created(tmp_path, tiny_models):
+    # README's `adadiff export --model tiny -o runs/tiny-onnx` on a checkout without runs/
+    out = tmp_path / "runs" / "deep" / "tiny-onnx"
+    export_onnx(tiny_models, out, ExportOptions(components=("mmle",), check_batches=()))
+    assert sorted(ExportManifest.load(out).components) == ["mmle"]
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(OutputPathError, match=r"plain is a file, not a folder; pick another"):
+        export_onnx(tiny_models, tmp_path / "plain" / "o", ExportOptions(components=("mmle",)))
+
+
 def test_export_cli(tmp_path, capsys):
     from adadiff.cli import export_main, main
 
