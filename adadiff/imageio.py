@@ -39,6 +39,7 @@ __all__ = [
     "load_image",
     "save_image",
     "to_rgb_array",
+    "upright",
     "upscale_alpha",
     "write_files_atomic",
     "write_pil_atomic",
@@ -233,6 +234,19 @@ def _decode_pil(img: Image.Image) -> LoadedImage:
     return LoadedImage(rgb, None, 8, grayscale, mode)
 
 
+_ORIENTATION = 0x0112
+# EXIF orientations that need a transpose (1 is upright; other values are invalid and ignored)
+_TURNED = frozenset(range(2, 9))
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` as it is meant to be seen: its EXIF orientation applied (a camera's portrait
+    photo is stored sideways), or ``img`` itself when it has none to apply."""
+    if img.getexif().get(_ORIENTATION, 1) not in _TURNED:
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def load_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read an image file into float32 arrays, or raise ``InputImageError`` saying why not."""
     if max_pixels < 1:
@@ -269,8 +283,7 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
                 source_mode = img.mode
                 frames = int(getattr(img, "n_frames", 1))
                 img.load()
-                oriented = ImageOps.exif_transpose(img)
-                shown = oriented if oriented is not None else img
+                shown = upright(img)
                 decoded = _decode_pil(shown)
                 metadata = _metadata(img, shown)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -290,7 +303,6 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
     return replace(decoded, source_mode=source_mode, icc_profile=icc, exif=exif, frames=frames)
 
 
-_ORIENTATION = 0x0112
 # Tags that describe the source file's own layout (a TIFF's size, strips, tiles, sample format):
 # wrong for a 4x larger output in another format, so they are not carried over.
 _LAYOUT_TAGS = frozenset(
@@ -318,6 +330,7 @@ def _metadata(img: Image.Image, shown: Image.Image) -> tuple[bytes | None, bytes
 
 def to_rgb_array(image: Any) -> np.ndarray:
     """Convert a PIL image or a numpy array to float32 [H, W, 3] in [0, 1], dropping alpha.
+    A PIL image's EXIF orientation is applied, as ``load_image`` does for a file.
 
     uint8 is scaled by 1/255, uint16 by 1/65535, floats are taken as already in [0, 1] (clipped;
     a float array reaching above 1.5, as 0..255 data does, is refused)."""
@@ -330,7 +343,7 @@ def to_rgb_and_gray(image: Any) -> tuple[np.ndarray, bool]:
     alpha channel as for PIL images (``fill_transparent``)."""
     if isinstance(image, Image.Image):
         image.load()
-        decoded = _decode_pil(image)
+        decoded = _decode_pil(upright(image))  # as load_image reads a file
         return decoded.rgb, decoded.grayscale
     if not isinstance(image, np.ndarray):
         raise InputImageError(f"expected a PIL.Image or a numpy array, got {type(image).__name__}")

@@ -204,7 +204,8 @@ class Upscaler:
         progress: Progress | None = None,
         dtype: Any = None,
     ) -> tuple[Any, Report]:
-        """Upscale ``image`` 4x. A PIL image comes back as a PIL image; an array as float32
+        """Upscale ``image`` 4x. A PIL image comes back as a PIL image, upright (its EXIF
+        orientation applied, as ``adadiff upscale`` does for a file); an array as float32
         [H, W, 3] in [0, 1]. ``dtype`` (``np.float32``, ``np.uint8`` or ``np.uint16``) asks
         for an array of that type instead (integers as 0..255 or 0..65535 levels): uint8 holds
         a large output in a quarter of float32's memory. ``policy`` overrides ``schedule`` (for

@@ -81,6 +81,20 @@ def test_pil_in_pil_out(upscaler, photo):
     assert rep.input_size == (24, 20)
 
 
+def test_a_pil_image_is_upscaled_upright_as_the_cli_reads_its_file(upscaler, photo, tmp_path):
+    from adadiff.imageio import load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a portrait photo stored sideways: rotate 90 degrees clockwise to view
+    Image.fromarray((photo[:12, :20] * 255).astype(np.uint8)).save(tmp_path / "r.jpg", exif=exif)
+    with Image.open(tmp_path / "r.jpg") as img:
+        out, _ = upscaler.upscale(img, schedule="uniform", interval=500)
+    assert out.size == (48, 80)  # 20x12 as shown, times 4
+    upright, _ = upscaler.upscale(load_image(tmp_path / "r.jpg").rgb, schedule="uniform",
+                                  interval=500)  # fmt: skip
+    assert np.array_equal(np.asarray(out), (upright * 255).round().astype(np.uint8))
+
+
 def test_integer_outputs_are_the_float_output_rounded(upscaler, photo):
     """uint8 / uint16 (and so every PIL and PNG output) round to the nearest level: truncating
     would darken every image by up to a level."""
