@@ -39,7 +39,7 @@ from adadiff.runtime.upscaler import Upscaler
 from adadiff.scaleout.job import ClusterOptions, check_local_paths, print_record, run_job
 from adadiff.scaleout.plan import JobSettings
 from adadiff.specs import COMPONENTS
-from adadiff.threads import prefer_passive_wait
+from adadiff.threads import excess_threads_note, prefer_passive_wait
 
 log = logging.getLogger("adadiff")
 
@@ -104,7 +104,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=positive,
         help="CPU threads for torch / ONNX Runtime (default: every CPU this process may use; "
-        "idle threads sleep instead of spinning, so a busy machine does not slow it down)",
+        "idle threads sleep instead of spinning, so a busy machine does not slow it down; more "
+        "threads than CPUs only slow the run, and are warned about)",
     )
 
 
@@ -807,6 +808,11 @@ def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.Argume
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # On a Ray cluster (--ray-address) the workers run on the nodes, whose CPUs are not ours.
+    if getattr(args, "ray_address", None) is None:
+        note = excess_threads_note(getattr(args, "threads", None))
+        if note:
+            log.warning(note)
     try:
         return int(args.func(args))
     except AdadiffError as exc:

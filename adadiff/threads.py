@@ -75,3 +75,16 @@ def check_threads(threads: int | None) -> int:
             f"threads must be a whole number >= 1 (or None for the default), got {threads!r}"
         )
     return int(threads)
+
+
+def excess_threads_note(threads: int | None) -> str | None:
+    """What to tell a user whose ``threads`` is more than the CPUs this process may use (None
+    when it is not): the extra threads only wait for each other, which made a run 7x slower."""
+    cpus = usable_cpus()
+    if threads is None or threads <= cpus:
+        return None
+    return (
+        f"--threads {threads} is more than the {cpus} CPU{'s' if cpus > 1 else ''} this process "
+        f"may use; the extra threads only wait for each other and slow the run down: use "
+        f"--threads {cpus} or leave it out"
+    )

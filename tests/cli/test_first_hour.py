@@ -240,6 +240,36 @@ def test_threads_reach_torch_and_the_report(tmp_path, small_png, capsys):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["upscale", "IN", "-o", "OUT", "--tile", "130"],
+        ["upscale-many", "IN", "OUT", "--tile", "130"],
+        ["demo", "-o", "OUT", "--tile", "130"],
+        ["train", "unet", "--model", "no-such-model"],
+        ["calibrate", "no-such-model"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_more_threads_than_cpus_is_one_warning_line(
+    tmp_path, small_png, capsys, caplog, monkeypatch, command
+):
+    from adadiff import threads
+
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    paths = {"IN": str(small_png), "OUT": str(tmp_path / "out")}
+    argv = [paths.get(a, a) for a in command]
+    with caplog.at_level("WARNING", logger="adadiff"):
+        main([*argv, "--threads", "2"])  # as many as the CPUs: nothing to say
+        assert not caplog.records
+        assert main([*argv, "--threads", "500"]) == 2  # the warning comes before the checks
+    (warning,) = [r for r in caplog.records if "--threads" in r.getMessage()]
+    assert warning.getMessage() == (
+        "--threads 500 is more than the 2 CPUs this process may use; the extra threads only "
+        "wait for each other and slow the run down: use --threads 2 or leave it out"
+    )
+
+
 def _srgb_profile() -> bytes:
     from PIL import ImageCms
 
