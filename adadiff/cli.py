@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("upscale", help="upscale one image 4x")
-    up.add_argument("input", type=Path, help="PNG, JPEG, WebP or TIFF image")
+    up.add_argument("input", type=Path, help=f"{imageio.input_format_names()} image")
     up.add_argument("-o", "--output", type=Path, required=True, help="output image path")
     _add_upscale_args(up)
     up.add_argument("--report", type=Path, help="write the run report as JSON here")
@@ -184,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         "per image, adadiff-job.json for the job). Reruns skip images whose output and report "
         "exist and match the settings. Unreadable images are listed in the job report.",
     )
-    many.add_argument("input_dir", type=Path, help="folder of PNG, JPEG, WebP or TIFF images")
+    many.add_argument(
+        "input_dir",
+        type=Path,
+        help=f"folder of {imageio.input_format_names()} images, picked by suffix",
+    )
     many.add_argument("output_dir", type=Path, help="folder for the outputs (created if missing)")
     _add_upscale_args(many)
     many.add_argument(
@@ -224,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-format",
         choices=("png", "same"),
         default="png",
-        help="png, or same: the input's format",
+        help="png, or same: the input's format (PNG for GIF and BMP inputs)",
     )
     many.add_argument(
         "--strict", action="store_true", help="exit 1 when any image failed (default: exit 0)"

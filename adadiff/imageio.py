@@ -25,6 +25,7 @@ from adadiff.errors import InputImageError, OutputPathError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "INPUT_FORMATS",
     "MAX_OUTPUT_SIDE",
     "OUTPUT_FORMATS",
     "LoadedImage",
@@ -36,6 +37,7 @@ __all__ = [
     "encode_image",
     "fill_transparent",
     "format_for_path",
+    "input_format_names",
     "load_image",
     "save_image",
     "to_rgb_array",
@@ -58,6 +60,18 @@ OUTPUT_FORMATS: Mapping[str, str] = {
     ".tif": "TIFF",
     ".tiff": "TIFF",
 }
+
+# The image files adadiff reads, by suffix: what upscale-many picks from a folder, and what
+# upscale's help and errors name (Pillow decodes every one; only the first frame of a GIF). The
+# formats it writes are OUTPUT_FORMATS.
+INPUT_FORMATS: Mapping[str, str] = {**OUTPUT_FORMATS, ".gif": "GIF", ".bmp": "BMP"}
+
+
+def input_format_names() -> str:
+    """The readable formats in words, for help texts and errors: "PNG, JPEG, ... or BMP"."""
+    names = list(dict.fromkeys("WebP" if f == "WEBP" else f for f in INPUT_FORMATS.values()))
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
 
 _GRAY16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "F"}) | _GRAY16_MODES
@@ -290,7 +304,7 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
         raise _bomb_error(path, exc, max_pixels) from exc
     except UnidentifiedImageError as exc:
         raise InputImageError(
-            f"{path} is not an image Pillow can read; convert it to PNG, JPEG, WebP or TIFF"
+            f"{path} is not an image Pillow can read; convert it to {input_format_names()}"
         ) from exc
     except PermissionError:
         raise

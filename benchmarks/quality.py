@@ -39,7 +39,7 @@ from adadiff.argtypes import DefaultsFormatter, non_negative, positive
 from adadiff.config import SCHEDULES
 from adadiff.engines.torch import TorchBackend
 from adadiff.errors import AdadiffError, InputImageError
-from adadiff.imageio import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, bicubic_upscale, load_image
+from adadiff.imageio import DEFAULT_MAX_PIXELS, INPUT_FORMATS, bicubic_upscale, load_image
 from adadiff.models.bundle import TorchModels, describe, load_models
 from adadiff.quality.brisque import brisque
 from adadiff.quality.lpips import load_lpips
@@ -194,7 +194,7 @@ def _image_files(entry: str) -> list[Path]:
             raise InputImageError(f"{path}: cannot list this folder ({exc.strerror})") from exc
         if not files:
             raise InputImageError(
-                f"{path}: no {', '.join(OUTPUT_FORMATS)} images in this folder (subfolders are "
+                f"{path}: no {', '.join(INPUT_FORMATS)} images in this folder (subfolders are "
                 "not searched)"
             )
         return files
@@ -209,7 +209,7 @@ def _image_files(entry: str) -> list[Path]:
 
 
 def _looks_like_path(entry: str) -> bool:
-    if "/" in entry or "\\" in entry or entry.lower().endswith(tuple(OUTPUT_FORMATS)):
+    if "/" in entry or "\\" in entry or entry.lower().endswith(tuple(INPUT_FORMATS)):
         return True
     return Path(entry).exists()
 

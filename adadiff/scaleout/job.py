@@ -26,7 +26,7 @@ from typing import Any
 
 from adadiff import __version__
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError, OutputPathError
-from adadiff.imageio import OUTPUT_FORMATS, check_writable, write_bytes_atomic
+from adadiff.imageio import INPUT_FORMATS, check_writable, write_bytes_atomic
 from adadiff.presets import PRESETS, is_preset
 from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, Plan, job_stamp, make_plan
 from adadiff.scaleout.worker import UpscaleWorker
@@ -175,7 +175,7 @@ def _run_planned(
         )
         log.warning("%s: %s; left out", path, why)
     if total == 0:
-        names = ", ".join(sorted(OUTPUT_FORMATS))
+        names = ", ".join(sorted(INPUT_FORMATS))
         log.warning("the input folder holds no images (by name: %s); nothing to do", names)
     workers: list[dict[str, Any]] = []
     started_info: list[dict[str, Any]] = []

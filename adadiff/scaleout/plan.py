@@ -16,7 +16,7 @@ from adadiff import __version__
 from adadiff.artifacts import ExportManifest, sha256_file, weights_digest
 from adadiff.config import CONFIG_FILE, RunSettings
 from adadiff.errors import AdadiffError, ConfigError, OutputPathError
-from adadiff.imageio import OUTPUT_FORMATS
+from adadiff.imageio import INPUT_FORMATS, OUTPUT_FORMATS
 from adadiff.presets import SHIPPED, is_preset
 
 JOB_REPORT = "adadiff-job.json"
@@ -136,12 +136,13 @@ def list_inputs(input_dir: Path) -> tuple[list[Path], list[Path]]:
         if not path.is_file():
             ignored.append(path)
             continue
-        (images if path.suffix.lower() in OUTPUT_FORMATS else ignored).append(path)
+        (images if path.suffix.lower() in INPUT_FORMATS else ignored).append(path)
     return images, ignored
 
 
 def output_for(source: Path, output_dir: Path, output_format: str) -> ImageTask:
-    suffix = ".png" if output_format == "png" else source.suffix.lower()
+    same = output_format == "same" and source.suffix.lower() in OUTPUT_FORMATS
+    suffix = source.suffix.lower() if same else ".png"  # GIF and BMP are read, not written
     output = output_dir / f"{source.stem}{suffix}"
     return ImageTask(source, output, output_dir / f"{output.name}.json")
 

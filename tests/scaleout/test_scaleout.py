@@ -121,6 +121,30 @@ def test_plan_names_outputs_and_ignores_other_files(folder, tmp_path):
     assert plan.todo == [] and [p.name for p in plan.ignored] == ["gone.png", "sub"]
 
 
+def test_upscale_many_picks_every_format_upscale_reads(tmp_path, capsys):
+    from adadiff.cli import main
+    from adadiff.imageio import INPUT_FORMATS, load_image
+
+    assert {".gif", ".bmp"} <= set(INPUT_FORMATS)  # upscale-many skipped cat.gif as not an image
+    src = tmp_path / "in"
+    src.mkdir()
+    for suffix in INPUT_FORMATS:
+        Image.new("RGB", (4, 4), (200, 30, 30)).save(src / f"cat{suffix.replace('.', '_')}{suffix}")
+        load_image(src / f"cat{suffix.replace('.', '_')}{suffix}")  # what upscale reads
+    plan = make_plan(src, tmp_path / "out", JobSettings(output_format="same"))
+    assert plan.ignored == [] and len(plan.todo) == len(INPUT_FORMATS)
+    written = {t.source.suffix: t.output.suffix for t in plan.todo}
+    assert written[".gif"] == written[".bmp"] == ".png"  # read, but not a format adadiff writes
+    assert written[".webp"] == ".webp"
+    assert "GIF or BMP image" in _help(main, "upscale", capsys)
+
+
+def _help(main, command, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
 def test_plan_errors(folder, tmp_path):
     with pytest.raises(ConfigError, match="must differ"):
         make_plan(folder, folder, JobSettings())
