@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from adadiff.errors import InputImageError, OutputPathError
 
@@ -248,6 +248,32 @@ def _decode_pil(img: Image.Image) -> LoadedImage:
     return LoadedImage(rgb, None, 8, grayscale, mode)
 
 
+_SAMPLE_KINDS = {1: "integer", 2: "signed integer", 3: "float"}
+_PHOTOMETRIC = {0: "grey", 1: "grey", 2: "RGB", 3: "palette", 5: "CMYK", 6: "YCbCr", 8: "Lab"}
+
+
+def _tiff_layout(fp: BinaryIO) -> str | None:
+    """A TIFF's pixel layout in words ("32-bit float RGB, 3 samples per pixel"), or None when
+    ``fp`` holds no TIFF whose first directory can be read."""
+    try:
+        fp.seek(0)
+        header = fp.read(8)
+        if header[:4] not in (b"II*\x00", b"MM\x00*"):
+            return None
+        tags = TiffImagePlugin.ImageFileDirectory_v2(header)
+        fp.seek(tags.next)
+        tags.load(fp)
+        bits = tags.get(258, (1,))
+        kinds = tags.get(339, (1,))
+        kind = _SAMPLE_KINDS.get(kinds[0] if isinstance(kinds, tuple) else kinds, "unknown")
+        samples = int(tags.get(277, 1))
+        colour = _PHOTOMETRIC.get(int(tags.get(262, -1)), "unknown colour")
+        depth = bits[0] if isinstance(bits, tuple) else bits
+    except _DECODE_ERRORS:
+        return None
+    return f"{depth}-bit {kind} {colour}, {samples} samples per pixel"
+
+
 _ORIENTATION = 0x0112
 # EXIF orientations that need a transpose (1 is upright; other values are invalid and ignored)
 _TURNED = frozenset(range(2, 9))
@@ -303,6 +329,14 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb_error(path, exc, max_pixels) from exc
     except UnidentifiedImageError as exc:
+        layout = _tiff_layout(fp)
+        if layout is not None:  # a TIFF whose pixel layout Pillow has no mode for
+            why = " (it reads float TIFFs with one channel only)" if "float" in layout else ""
+            raise InputImageError(
+                f"{path} is a TIFF of {layout}, which Pillow cannot decode{why}; save it as an "
+                "8- or 16-bit integer TIFF or PNG, or read it yourself and pass a float array in "
+                "[0, 1] to Upscaler.upscale"
+            ) from exc
         raise InputImageError(
             f"{path} is not an image Pillow can read; convert it to {input_format_names()}"
         ) from exc

@@ -229,6 +229,45 @@ def test_palette_with_transparency_keeps_alpha(tmp_path: Path) -> None:
     np.testing.assert_allclose(loaded.rgb[1, 1], [1.0, 0.0, 0.0])
 
 
+def _float_rgb_tiff(width: int, height: int) -> bytes:
+    """An uncompressed 32-bit float RGB TIFF (what numpy-based tools write; Pillow has no mode
+    for it), built by hand so the test needs no TIFF writer."""
+    pixels = np.linspace(0, 1, width * height * 3, dtype="<f4").tobytes()
+    entries = [  # tag, type (3 SHORT, 4 LONG), count, value or offset
+        (256, 3, 1, width), (257, 3, 1, height), (258, 3, 3, 0), (259, 3, 1, 1),
+        (262, 3, 1, 2), (273, 4, 1, 0), (277, 3, 1, 3), (278, 3, 1, height),
+        (279, 4, 1, len(pixels)), (284, 3, 1, 1), (339, 3, 3, 0),
+    ]  # fmt: skip
+    ifd_size = 2 + 12 * len(entries) + 4
+    bits_at = 8 + ifd_size
+    formats_at, data_at = bits_at + 6, bits_at + 12
+    values = {258: bits_at, 273: data_at, 339: formats_at}
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        value = values.get(tag, value)
+        packed = (
+            struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
+        )
+        ifd += struct.pack("<HHI", tag, kind, count) + packed
+    ifd += struct.pack("<I", 0)
+    extra = struct.pack("<3H", 32, 32, 32) + struct.pack("<3H", 3, 3, 3)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + extra + pixels
+
+
+def test_a_float_rgb_tiff_is_refused_naming_its_layout(tmp_path: Path) -> None:
+    path = tmp_path / "render.tif"
+    path.write_bytes(_float_rgb_tiff(4, 3))
+    with pytest.raises(InputImageError) as caught:
+        load_image(path)
+    message = str(caught.value)
+    assert "is a TIFF of 32-bit float RGB, 3 samples per pixel" in message
+    assert "8- or 16-bit integer TIFF or PNG" in message and "convert it to" not in message
+    not_tiff = tmp_path / "notes.tif"
+    not_tiff.write_bytes(b"plain text, not a TIFF")
+    with pytest.raises(InputImageError, match="not an image Pillow can read"):
+        load_image(not_tiff)
+
+
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
