@@ -142,7 +142,7 @@ def list_inputs(input_dir: Path) -> tuple[list[Path], list[Path]]:
 
 def output_for(source: Path, output_dir: Path, output_format: str) -> ImageTask:
     same = output_format == "same" and source.suffix.lower() in OUTPUT_FORMATS
-    suffix = source.suffix.lower() if same else ".png"  # GIF and BMP are read, not written
+    suffix = source.suffix if same else ".png"  # as written (IMG_0001.JPG stays .JPG)
     output = output_dir / f"{source.stem}{suffix}"
     return ImageTask(source, output, output_dir / f"{output.name}.json")
 
@@ -157,18 +157,26 @@ def make_plan(input_dir: Path, output_dir: Path, settings: JobSettings) -> Plan:
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputPathError(f"{output_dir} exists and is not a folder")
     tasks = [output_for(p, output_dir, settings.output_format) for p in images]
-    clashes: dict[Path, list[str]] = {}
+    # by name without case: macOS and Windows keep IMG.JPG and IMG.jpg in one file
+    clashes: dict[str, list[ImageTask]] = {}
     for task in tasks:
-        clashes.setdefault(task.output, []).append(task.name)
-    clashing = {out: names for out, names in clashes.items() if len(names) > 1}
+        clashes.setdefault(task.output.name.lower(), []).append(task)
+    clashing = [group for group in clashes.values() if len(group) > 1]
     if clashing:
-        out, names = next(iter(clashing.items()))
+        group = clashing[0]
+        names = ", ".join(t.name for t in group)
+        outs = sorted({t.output.name for t in group})
+        where = (
+            outs[0]
+            if len(outs) == 1
+            else f"{' and '.join(outs)}, one file where names ignore case (macOS, Windows)"
+        )
         fix = (
             "rename the inputs"
             if settings.output_format == "same"
             else ("use --output-format same or rename the inputs")
         )
-        raise ConfigError(f"{', '.join(names)} would all be written to {out.name}; {fix}")
+        raise ConfigError(f"{names} would all be written to {where}; {fix}")
     todo: list[ImageTask] = []
     done: list[ImageTask] = []
     for task in tasks:

@@ -158,8 +158,11 @@ def test_plan_errors(folder, tmp_path):
         make_plan(clash, tmp_path / "out", JobSettings())
     plan = make_plan(clash, tmp_path / "out", JobSettings(output_format="same"))
     assert sorted(t.output.name for t in plan.todo) == ["same.jpg", "same.png"]
+    Image.new("RGB", (4, 4)).save(clash / "IMG_0001.JPG", format="JPEG")
+    plan = make_plan(clash, tmp_path / "out", JobSettings(output_format="same"))
+    assert sorted(t.output.name for t in plan.todo) == ["IMG_0001.JPG", "same.jpg", "same.png"]
     Image.new("RGB", (4, 4)).save(clash / "same.PNG", format="PNG")  # same name, by case only
-    with pytest.raises(ConfigError, match=r"same\.png; rename the inputs$"):
+    with pytest.raises(ConfigError, match=r"same\.PNG and same\.png, one file where names ignore"):
         make_plan(clash, tmp_path / "out", JobSettings(output_format="same"))
     with pytest.raises(ConfigError, match="uniform"):
         JobSettings(schedule="adaptive", interval=5)
