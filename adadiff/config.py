@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -444,21 +444,36 @@ class ModelConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls, data: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
+        """The config a parsed adadiff.json holds; ``source`` names the file in errors."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{source} must hold a JSON object of config keys, not a {type(data).__name__}"
+            )
         data = dict(data)
         data.pop("config_version", None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(
-                f"unknown keys in {CONFIG_FILE}: {unknown}; expected some of {sorted(known)}"
+                f"unknown keys in {source}: {unknown}; expected some of {sorted(known)}"
+            )
+        required = [
+            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ConfigError(
+                f"{source} lacks the key{'s' if len(missing) > 1 else ''} {', '.join(missing)}, "
+                f"which every model config needs ({', '.join(required)}); start from a complete "
+                f"one, such as the shipped adadiff/weights/tiny/{CONFIG_FILE}, and edit it"
             )
         try:
             return cls(**data)
         except ConfigError:
             raise
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise ConfigError(f"invalid {CONFIG_FILE}: {exc}") from exc
+            raise ConfigError(f"invalid {source}: {exc}") from exc
 
     def save(self, folder: Path) -> Path:
         # atomically: calibrate rewrites a model folder's only config in place, and a full disk
@@ -491,7 +506,7 @@ class ModelConfig:
                 )
             raise ConfigError(f"{path} is missing: a model folder needs its {CONFIG_FILE}{hint}")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(json.loads(path.read_text()), str(path))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
 

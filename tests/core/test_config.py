@@ -54,6 +54,20 @@ def test_bad_values_are_config_errors(mutate, message):
         ModelConfig.from_dict(data)
 
 
+def test_missing_keys_are_named_in_plain_words(tmp_path):
+    (tmp_path / "adadiff.json").write_text("{}")
+    with pytest.raises(ConfigError) as caught:
+        ModelConfig.load(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'adadiff.json'} lacks the keys name, unet, vae, ")
+    assert "__init__" not in message and "start from a complete one" in message
+    data = {k: v for k, v in BASE.items() if k != "tile_overlap"}
+    with pytest.raises(ConfigError, match=r"adadiff\.json lacks the key tile_overlap, which"):
+        ModelConfig.from_dict(data)
+    with pytest.raises(ConfigError, match=r"must hold a JSON object of config keys, not a list"):
+        ModelConfig.from_dict([])  # type: ignore[arg-type]
+
+
 def test_the_shipped_config_loads_and_round_trips():
     cfg = ModelConfig.from_dict(BASE)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
