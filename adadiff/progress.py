@@ -2,8 +2,14 @@
 
 ``LogProgress`` is a progress callback (``stage, done, total``, what ``Upscaler.upscale`` calls):
 it writes one line when a stage starts, at most one every ``every`` seconds while it runs, and
-one when it ends. During ``denoise`` a line also says the rounds so far, the tiles finished (from
-the ``tiles`` stage) and an estimate of the time left from the rate so far.
+one when it ends. During ``denoise`` a line also says the tiles finished (from the ``tiles``
+stage), the step (UNet pass over the active tiles) so far and an estimate of the time left from
+the rate so far.
+
+``denoise`` counts the timesteps the tiles have travelled from the start (999) towards 0, all
+tiles together: adaptive tiles jump by varying intervals and exit early, so no count of steps is
+known in advance, but this distance is. Shown as a percentage: as a count (24975 for 25 tiles)
+it reads as if that many steps ran.
 """
 
 from __future__ import annotations
@@ -60,24 +66,25 @@ class LogProgress:
             return
         t = self.clock()
         if stage != self.stage:
-            self.stage, self.stage_start, self.rounds = stage, t, 0
+            # a caller that skips the call at 0 starts with its first step done
+            self.stage, self.stage_start, self.rounds = stage, t, int(done > 0)
             if done < total:
                 self._write(self._line(stage, done, total, t, started=True))
                 return
-        if stage == "denoise":
+        elif stage == "denoise":
             self.rounds += 1
         if done >= total or t - self.last_line >= self.every:
             self._write(self._line(stage, done, total, t, started=False))
 
     def _line(self, stage: str, done: int, total: int, t: float, *, started: bool) -> str:
         elapsed = t - self.stage_start
-        unit = "timesteps" if stage == "denoise" else "tiles"
         share = done / total if total > 0 else 1.0
-        parts = [f"{stage} {100 * share:.0f}% ({done}/{total} {unit})"]
-        if stage == "denoise" and not started:
-            parts.append(f"round {self.rounds}")
-            if self.tiles is not None:
-                parts.append(f"{self.tiles[0]}/{self.tiles[1]} tiles finished")
+        if stage != "denoise":
+            parts = [f"{stage} {100 * share:.0f}% ({done}/{total} tiles)"]
+        else:
+            parts = [f"{stage} {100 * share:.0f}%" + tiles_finished(self.tiles, " ({})")]
+            if not started:
+                parts.append(f"step {self.rounds}")
         if done >= total:
             parts.append(f"done in {_duration(elapsed)}")
         elif not started:
@@ -93,3 +100,8 @@ class LogProgress:
 
     def close(self) -> None:
         """Nothing to release; here so the CLI can treat it like its progress bars."""
+
+
+def tiles_finished(tiles: tuple[int, int] | None, template: str = "{}") -> str:
+    """``template`` around "5/25 tiles finished", or "" before the sampler has said."""
+    return "" if tiles is None else template.format(f"{tiles[0]}/{tiles[1]} tiles finished")

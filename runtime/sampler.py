@@ -256,6 +256,7 @@ def sample_tiles(
     n = lr_latents.shape[0]
     total = n * dtss.t_start
     if progress is not None:  # at 0 first: the stage's clock (and ETA) start with its work
+        progress("tiles", 0, n)
         progress("denoise", 0, total)
     while True:
         finished = pool.round()

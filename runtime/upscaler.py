@@ -210,7 +210,9 @@ class Upscaler:
         for an array of that type instead (integers as 0..255 or 0..65535 levels): uint8 holds
         a large output in a quarter of float32's memory. ``policy`` overrides ``schedule`` (for
         experiments and tests). ``progress(stage, done, total)`` hears ``encode`` (tiles),
-        ``denoise`` (timesteps of all tiles), ``tiles`` (tiles finished denoising) and
+        ``denoise`` (timesteps travelled by all tiles together, a measure of the work done
+        rather than a count of steps: adaptive tiles jump by varying intervals and exit early),
+        ``tiles`` (tiles finished denoising; ``(0, N)`` before the first step) and
         ``decode`` (latent tiles)."""
         _output_dtype(image, dtype)  # a bad dtype is refused now, not after the denoising
         job = self.prepare(

@@ -184,9 +184,10 @@ def test_log_progress_lines_are_timestamped_rate_limited_and_finish():
     # denoise: a start line, one line per 10 s, the last one at 100 %
     denoise = [x for x in text if x.startswith("denoise")]
     assert len(denoise) == 3, denoise
-    assert "round 10" in denoise[1] and "2/4 tiles finished" in denoise[1]
+    assert denoise[1].startswith("denoise 55% (2/4 tiles finished), step 11, 10s elapsed")
     assert "10s elapsed, ETA 8s" in denoise[1]  # 450 left at 55 a second
-    assert denoise[2].startswith("denoise 100%") and "done in 19s" in denoise[2]
+    assert denoise[2] == "denoise 100% (4/4 tiles finished), step 20, done in 19s"
+    assert not any("timesteps" in x or "/1000" in x for x in denoise)  # 1000 steps did not run
     assert text[-1].startswith("decode 100% (1/1 tiles)")
 
 
@@ -199,9 +200,9 @@ def test_log_progress_counts_rounds_and_time_from_the_start_call():
         t[0] = float(step)
         progress("denoise", step * 50, 1000)
     text = [line.split("adadiff: ", 1)[1] for line in stream.getvalue().splitlines()]
-    assert text[0] == "denoise 0% (0/1000 timesteps)"
-    assert "round 10" in text[1] and "10s elapsed, ETA 10s" in text[1]
-    assert "round 20" in text[-1] and "done in 20s" in text[-1]
+    assert text[0] == "denoise 0%"  # no tile count from this caller: none is made up
+    assert text[1] == "denoise 50%, step 10, 10s elapsed, ETA 10s"
+    assert text[-1] == "denoise 100%, step 20, done in 20s"
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal_and_quiet_silences_them(
@@ -218,10 +219,28 @@ def test_progress_lines_when_stderr_is_not_a_terminal_and_quiet_silences_them(
     for stage in ("encode", "denoise", "decode"):
         first = next(text for text in texts if text.startswith(stage))
         assert first.startswith(f"{stage} 0% (0/"), err
+    first = next(text for text in texts if text.startswith("denoise"))
+    assert first == "denoise 0% (0/4 tiles finished)", err  # 45x60 in: 4 tiles
     assert all(line[:4].isdigit() and "T" in line[:11] for line in err.splitlines())
     assert main([*base, "--quiet"]) == 0
     _, err = capsys.readouterr()
     assert err == ""
+
+
+def test_the_denoise_bar_shows_percent_and_tiles_not_timesteps_a_second(monkeypatch):
+    from adadiff.cli import ProgressBars
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    bars = ProgressBars(enabled=True)
+    bars("tiles", 0, 25)
+    bars("denoise", 0, 24975)  # 25 tiles from t = 999: timesteps, not steps
+    bars("tiles", 5, 25)
+    bars("denoise", 9990, 24975)
+    drawn = stream.getvalue().split("\r")[-1]
+    bars.close()
+    assert drawn.startswith("denoise  40%|") and "5/25 tiles finished" in drawn, drawn
+    assert "t/s" not in drawn and "24975" not in drawn, drawn
 
 
 def test_threads_reach_torch_and_the_report(tmp_path, small_png, capsys):
