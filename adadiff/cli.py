@@ -136,8 +136,8 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--interval",
         type=positive,
-        help="uniform schedule jump in timesteps (20 = 50 steps, 5 = 200 steps; default: the "
-        "model's uniform_interval, 200 = 5 steps for tiny)",
+        help="uniform schedule jump in timesteps, 1 to 999 (20 = 50 steps, 5 = 200 steps, 999 = "
+        "1 step; default: the model's uniform_interval, 200 = 5 steps for tiny)",
     )
     p.add_argument(
         "--seed", type=non_negative, default=0, help="seeds every tile's noise with (seed, tile)"
@@ -474,6 +474,13 @@ def check_upscale_args(args: argparse.Namespace, *, here: bool = True) -> Any:
         return None
     cfg = model_config_of(args)
     check_tiling(args, cfg)
+    start = cfg.dtss.t_start
+    if args.interval is not None and args.interval > start:
+        raise ConfigError(
+            f"--interval {args.interval} is over {start}, the timestep {cfg.name}'s tiles start "
+            f"from: any larger jump is the same 1 step per tile; use --interval 1 to {start} "
+            f"({start} = 1 step)"
+        )
     if args.schedule is None:
         args.schedule = cfg.default_schedule
         if args.interval is not None and args.schedule != "uniform":

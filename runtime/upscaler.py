@@ -167,6 +167,12 @@ class Upscaler:
             isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1
         ):
             raise ConfigError(f"interval must be a whole number >= 1, got {interval!r}")
+        start = self.config.dtss.t_start
+        if interval is not None and interval > start:
+            raise ConfigError(
+                f"interval {interval} is over {start}, the timestep every tile starts from: a "
+                f"larger jump still takes 1 step; use an interval from 1 to {start}"
+            )
         if interval is not None and chosen != "uniform":
             why = "" if schedule else f" (the model's default schedule is {chosen})"
             raise ConfigError(

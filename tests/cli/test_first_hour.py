@@ -45,6 +45,7 @@ MISTAKES = [
     (["--schedule", "fast"], "--schedule", "invalid choice"),
     (["--tile", "16"], "--tile 16", "tile overlap (16 px)"),  # the default overlap
     (["--schedule", "content"], "--schedule content", "has none"),
+    (["--schedule", "uniform", "--interval", "5000"], "--interval 5000", "1 to 999 (999 = 1"),
 ]
 
 

@@ -138,9 +138,13 @@ def test_bad_dtype_and_interval_are_refused_before_any_tile_runs(upscaler, photo
     for interval in (0, -1, 2.5, True):
         with pytest.raises(ConfigError, match="interval must be a whole number"):
             upscaler.upscale(photo, schedule="uniform", interval=interval, progress=heard)
+    with pytest.raises(ConfigError, match=r"interval 5000 is over 999.*from 1 to 999"):
+        upscaler.upscale(photo, schedule="uniform", interval=5000, progress=heard)
     assert stages == []  # nothing was encoded, let alone denoised
     _, report = upscaler.upscale(photo[:16, :16], schedule="uniform", interval=np.int64(500))
     assert report.interval == 500 and report.steps_per_tile == [2]
+    _, report = upscaler.upscale(photo[:16, :16], schedule="uniform", interval=999)
+    assert report.steps_per_tile == [1]
 
 
 def test_threads_take_any_whole_number_type():
