@@ -809,6 +809,28 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def verbose_everywhere(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let ``-v`` follow any sub-command too (``adadiff upscale -v ...``), not only precede it.
+    Its default there is SUPPRESS, so a sub-command without it keeps what was said before it;
+    a parser that already has a ``-v`` of its own, and ``bench`` (whose arguments are the
+    runner's), are left as they are."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                if name == "bench":
+                    continue
+                if not {"-v", "--verbose"} & set(child._option_string_actions):
+                    child.add_argument(
+                        "-v",
+                        "--verbose",
+                        action="store_true",
+                        default=argparse.SUPPRESS,
+                        help="log details to stderr (also before the command)",
+                    )
+                verbose_everywhere(child)
+    return parser
+
+
 def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Give ``parser`` and every sub-command's parser ``DefaultsFormatter``."""
     parser.formatter_class = DefaultsFormatter
@@ -822,7 +844,7 @@ def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.ArgumentParser]) -> int:
     # Before anything can import torch: OpenMP reads its wait policy once, when torch loads.
     prefer_passive_wait()
-    parser = show_defaults(parser_factory())
+    parser = show_defaults(verbose_everywhere(parser_factory()))
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         # Everything after "bench" belongs to the benchmark runner, --help included.

@@ -357,3 +357,36 @@ def test_every_option_with_a_default_shows_it_in_its_help():
 
     walk(show_defaults(build_parser()), [])  # as run() gives it to every command
     assert hidden == [] and shown > 50
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["upscale", "in.png", "-o", "o.png"],
+        ["upscale-many", "in", "out"],
+        ["demo"],
+        ["export", "-o", "x"],
+        ["build", "runs/x"],
+        ["train", "unet"],
+        ["calibrate", "m"],
+        ["setup-metrics"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_verbose_goes_before_or_after_the_command(command):
+    from adadiff.cli import build_parser, verbose_everywhere
+
+    parser = verbose_everywhere(build_parser())
+    assert parser.parse_args(["-v", *command]).verbose is True
+    assert parser.parse_args([*command, "-v"]).verbose is True
+    assert parser.parse_args([*command, "--verbose"]).verbose is True
+    assert parser.parse_args(command).verbose is False
+    if command[0] in ("upscale", "export", "build"):  # their own -q is still theirs
+        args = parser.parse_args([*command, "-q", "-v"])
+        assert args.quiet is True and args.verbose is True
+
+
+def test_verbose_after_the_command_reaches_the_run(tmp_path, small_png, capsys):
+    argv = ["upscale", small_png, "-o", tmp_path / "o.png", "-v", "--tile", "130"]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "unrecognized arguments" not in err and "--tile 130" in err
