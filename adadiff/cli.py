@@ -33,7 +33,7 @@ from adadiff.device_check import check_device
 from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError, shell_arg
 from adadiff.file_upscale import FileOutputs
-from adadiff.presets import PRESETS, SHIPPED, is_preset, model_config
+from adadiff.presets import PRESETS, SHIPPED, is_preset, model_config, preset_name
 from adadiff.progress import LogProgress, tiles_finished
 from adadiff.runtime.upscaler import Upscaler
 from adadiff.scaleout.job import ClusterOptions, check_local_paths, print_record, run_job
@@ -92,8 +92,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="preset (tiny, sd21-base) or model folder; default tiny, or the model an --engines "
-        "folder was exported from",
+        help="preset (tiny, sd21-base; preset:tiny names the preset beside a folder ./tiny) or "
+        "model folder; default tiny, or the model an --engines folder was exported from",
     )
     p.add_argument(
         "--backend",
@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--model",
         default="tiny",
-        help="preset (tiny, sd21-base; random init unless weights are shipped) or model folder",
+        help="preset (tiny, sd21-base; random init unless weights are shipped; preset:tiny "
+        "names the preset beside a folder ./tiny) or model folder",
     )
     ex.add_argument(
         "-o",
@@ -378,11 +379,11 @@ MAX_TILE_FACTOR = 4
 def model_folder(model: str | None) -> Path | None:
     """The folder a --model names: a preset's shipped weights or a folder; None for a preset
     without shipped weights."""
-    name = model or "tiny"
-    if is_preset(name):
+    name = preset_name(model or "tiny")
+    if name is not None:
         shipped = SHIPPED / name
         return shipped if shipped.is_dir() else None
-    return Path(name)
+    return Path(model or "tiny")
 
 
 def model_config_of(args: argparse.Namespace) -> Any:

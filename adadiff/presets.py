@@ -84,39 +84,56 @@ def tiny() -> ModelConfig:
 
 PRESETS = {"sd21-base": sd21_base, "tiny": tiny}
 
+# "--model preset:tiny" always names the built-in preset, even beside a model folder ./tiny.
+PRESET_PREFIX = "preset:"
+
 
 def preset(name: str) -> ModelConfig:
     try:
-        return PRESETS[name]()
+        return PRESETS[name.removeprefix(PRESET_PREFIX)]()
     except KeyError:
         raise ConfigError(
             f"unknown model preset {name!r}; use one of {sorted(PRESETS)} or a model folder path"
         ) from None
 
 
-def is_preset(model: str | Path | None) -> bool:
-    """Whether ``--model`` names a preset. A preset name that is also a model folder in the
-    working directory is refused: the preset would win silently (say after ``adadiff
-    convert-sd21 SRC -o sd21-base``) and the run would use other weights than the folder's."""
+def preset_name(model: str | Path | None) -> str | None:
+    """The built-in preset ``--model`` names ("tiny" for "tiny" or "preset:tiny"), or None for a
+    model folder. A bare preset name that is also a model folder in the working directory is
+    refused: the preset would win silently (say after ``adadiff convert-sd21 SRC -o sd21-base``)
+    and the run would use other weights than the folder's."""
     if isinstance(model, Path):  # a path given as such names a folder (str() drops "./")
-        return False
+        return None
     name = str(model)
+    if name.startswith(PRESET_PREFIX):
+        bare = name.removeprefix(PRESET_PREFIX)
+        if bare not in PRESETS:
+            raise ConfigError(
+                f"--model {name}: there is no preset {bare!r}; the presets are "
+                f"{', '.join(PRESET_PREFIX + p for p in sorted(PRESETS))}"
+            )
+        return bare
     if name not in PRESETS:
-        return False
+        return None
     here = Path(name)
     if (here / CONFIG_FILE).is_file() and here.resolve() != (SHIPPED / name).resolve():
         raise ConfigError(
             f"{name!r} is both a built-in preset and the model folder ./{name}; pass ./{name} "
-            f"for the folder, or rename the folder to use the preset"
+            f"for the folder, or {PRESET_PREFIX}{name} for the preset"
         )
-    return True
+    return name
+
+
+def is_preset(model: str | Path | None) -> bool:
+    """Whether ``--model`` names a preset (see ``preset_name``)."""
+    return preset_name(model) is not None
 
 
 def model_folder(model: str | Path) -> Path | None:
     """The folder ``load_models(model)`` reads weights from; None for a preset with no shipped
     weights (its seeded random init)."""
-    name = str(model)
-    if is_preset(name):
+    name = preset_name(str(model))
+    if name is not None:
         shipped = SHIPPED / name
         return shipped if (shipped / CONFIG_FILE).is_file() else None
     return Path(model).expanduser()
@@ -125,8 +142,8 @@ def model_folder(model: str | Path) -> Path | None:
 def model_config(model: str | Path) -> ModelConfig:
     """The config ``load_models(model)`` would use, read without torch: a folder's adadiff.json,
     a preset's shipped adadiff.json, or the preset's built-in config."""
-    name = str(model)
-    if is_preset(name):
+    name = preset_name(str(model))
+    if name is not None:
         shipped = SHIPPED / name
         return ModelConfig.load(shipped) if (shipped / CONFIG_FILE).is_file() else preset(name)
     folder = Path(model).expanduser()

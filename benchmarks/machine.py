@@ -61,11 +61,12 @@ SHIPPED_WEIGHTS = "shipped weights"
 def weights_of(model: str) -> str:
     """Which weights a preset name meant for this run: shipped, or seeded random init."""
     from adadiff.models.bundle import SHIPPED
-    from adadiff.presets import is_preset
+    from adadiff.presets import preset_name
 
-    if not is_preset(model):
+    name = preset_name(model)
+    if name is None:
         return model
-    shipped = SHIPPED / model / "adadiff.json"
+    shipped = SHIPPED / name / "adadiff.json"
     return SHIPPED_WEIGHTS if shipped.is_file() else "seeded random init (no weights shipped)"
 
 

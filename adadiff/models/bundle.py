@@ -31,7 +31,7 @@ from adadiff.models.wrappers import (
     VAEDecoderWrapper,
     VAEEncoderWrapper,
 )
-from adadiff.presets import SHIPPED, is_preset, preset
+from adadiff.presets import SHIPPED, preset, preset_name
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_EMBEDDING = "text_embedding.safetensors"
@@ -222,8 +222,8 @@ def load_folder(folder: str | Path) -> TorchModels:
 
 def load_models(model: str | Path, *, seed: int = 0) -> TorchModels:
     """A preset name (shipped weights if present, else seeded random init) or a model folder."""
-    name = str(model)
-    if is_preset(name):
+    name = preset_name(str(model))
+    if name is not None:
         shipped = SHIPPED / name
         if (shipped / "adadiff.json").is_file():
             return load_folder(shipped)

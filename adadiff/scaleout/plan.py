@@ -17,7 +17,7 @@ from adadiff.artifacts import ExportManifest, sha256_file, weights_digest
 from adadiff.config import CONFIG_FILE, RunSettings
 from adadiff.errors import AdadiffError, ConfigError, OutputPathError
 from adadiff.imageio import INPUT_FORMATS, OUTPUT_FORMATS
-from adadiff.presets import SHIPPED, is_preset
+from adadiff.presets import SHIPPED, preset_name
 
 JOB_REPORT = "adadiff-job.json"
 OUTPUT_CHOICES = ("png", "same")
@@ -96,7 +96,8 @@ def model_identity(model: str | None, engines: str | None) -> str:
         if model is None:  # the exported model itself
             return digest.hexdigest()[:16]
     name = model or "tiny"
-    folder = SHIPPED / name if is_preset(name) else Path(name).expanduser()
+    bare = preset_name(name)
+    folder = SHIPPED / bare if bare is not None else Path(name).expanduser()
     config = folder / CONFIG_FILE
     if not config.is_file():
         digest.update(f"built-in {name}".encode())  # a preset's seeded random init

@@ -24,7 +24,7 @@ from adadiff.argtypes import (
 )
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError
-from adadiff.presets import is_preset, preset
+from adadiff.presets import is_preset, preset, preset_name
 from adadiff.quality.cache import cache_root
 from adadiff.training.data import HOLDOUT
 from adadiff.training.degrade import STRENGTH_NOTES, STRENGTHS
@@ -44,7 +44,7 @@ DEFAULTS: dict[str, tuple[int, int, float]] = {
 
 
 def default_workdir(model: str = "tiny") -> Path:
-    return cache_root() / "train" / Path(model).name
+    return cache_root() / "train" / (preset_name(model) or Path(model).name)
 
 
 def _common(p: argparse.ArgumentParser, stage: str) -> None:

@@ -86,9 +86,38 @@ def test_a_folder_named_like_a_preset_is_not_silently_the_preset(
     for resolve in (is_preset, model_folder, model_config, load_models):
         with pytest.raises(ConfigError, match=r"pass \./tiny"):
             resolve("tiny")
+    with pytest.raises(ConfigError, match=r"or preset:tiny for the preset$"):
+        is_preset("tiny")
     assert load_models("./tiny").config.name == ModelConfig.load(folder).name
     assert not is_preset(Path("tiny"))  # a Path names a folder (str() would drop the "./")
     assert is_preset("sd21-base")
+    # preset:tiny always names the built-in preset, whatever the working directory holds
+    assert model_folder("preset:tiny") == SHIPPED / "tiny"
+    assert model_config("preset:tiny") == ModelConfig.load(SHIPPED / "tiny")
+    assert model_folder("preset:sd21-base") is None  # no shipped weights: its seeded init
+    with pytest.raises(ConfigError, match=r"no preset 'tiny2'; the presets are preset:sd21-base"):
+        is_preset("preset:tiny2")
+
+
+def test_the_cli_runs_the_preset_beside_a_folder_named_like_it(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from adadiff.cli import main
+
+    shutil.copytree(folder, tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(np.full((12, 16, 3), 120, np.uint8)).save("in.png")
+    run = ["upscale", "in.png", "-o", "o.png", "-q", "--schedule", "uniform", "--interval", "999"]
+    assert main([*run, "--model", "tiny"]) == 2
+    assert "preset:tiny for the preset" in capsys.readouterr().err
+    assert main([*run, "--model", "preset:tiny", "--report", "r.json"]) == 0
+    report = json.loads(Path("r.json").read_text())
+    assert report["model"] == "preset:tiny" and report["tiles"] == 1
 
 
 def test_the_shipped_folder_itself_is_no_clash(monkeypatch: pytest.MonkeyPatch) -> None:
