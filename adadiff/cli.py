@@ -36,7 +36,13 @@ from adadiff.file_upscale import FileOutputs
 from adadiff.presets import PRESETS, SHIPPED, is_preset, model_config, preset_name
 from adadiff.progress import LogProgress, tiles_finished
 from adadiff.runtime.upscaler import Upscaler
-from adadiff.scaleout.job import ClusterOptions, check_local_paths, print_record, run_job
+from adadiff.scaleout.job import (
+    ClusterOptions,
+    check_local_paths,
+    print_record,
+    print_status,
+    run_job,
+)
 from adadiff.scaleout.plan import JobSettings
 from adadiff.specs import COMPONENTS
 from adadiff.threads import excess_threads_note, prefer_passive_wait
@@ -613,6 +619,7 @@ def cmd_upscale_many(args: argparse.Namespace) -> int:
         settings,
         cluster,
         on_record=None if args.quiet else print_record,
+        on_status=None if args.quiet else print_status,
     )
     failed = result.count("failed")
     print(

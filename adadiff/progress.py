@@ -26,7 +26,7 @@ Progress = Callable[[str, int, int], None]
 DEFAULT_EVERY = 10.0
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:
         return f"{seconds:.0f}s"
@@ -86,11 +86,11 @@ class LogProgress:
             if not started:
                 parts.append(f"step {self.rounds}")
         if done >= total:
-            parts.append(f"done in {_duration(elapsed)}")
+            parts.append(f"done in {format_duration(elapsed)}")
         elif not started:
-            parts.append(f"{_duration(elapsed)} elapsed")
+            parts.append(f"{format_duration(elapsed)} elapsed")
             if share > 0:
-                parts.append(f"ETA {_duration(elapsed * (1 - share) / share)}")
+                parts.append(f"ETA {format_duration(elapsed * (1 - share) / share)}")
         return ", ".join(parts)
 
     def _write(self, text: str) -> None:

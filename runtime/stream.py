@@ -10,12 +10,15 @@ pixels agree with that up to float rounding (a tile meets other batch neighbours
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from adadiff.runtime.sampler import TilePool
 from adadiff.runtime.upscaler import PreparedImage, Report, Upscaler
+
+# Per-image progress: (key, stage, done, total), stages as ``Upscaler.upscale`` reports them.
+StreamProgress = Callable[[Any, str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,9 @@ class ImageStream:
 
     ``target_tiles`` (default: the upscaler's max batch) is how many active tiles the stream
     keeps before it stops admitting; ``cross_image=False`` admits the next image only when the
-    previous one is done (image by image, for comparison).
+    previous one is done (image by image, for comparison). ``progress(key, stage, done, total)``
+    hears each image's ``encode`` (tiles), ``denoise`` (timesteps of its tiles, after every
+    round) and ``decode`` (latent tiles), on the thread that calls ``add`` and ``step``.
     """
 
     def __init__(
@@ -63,8 +68,10 @@ class ImageStream:
         target_tiles: int | None = None,
         cross_image: bool = True,
         grouping: str = "regroup",
+        progress: StreamProgress | None = None,
     ) -> None:
         self.upscaler = upscaler
+        self.progress = progress
         self.target_tiles = target_tiles or upscaler.max_batch
         if self.target_tiles < 1:
             raise ValueError(f"target_tiles must be >= 1, got {self.target_tiles}")
@@ -110,8 +117,11 @@ class ImageStream:
                 interval=item.interval,
                 seed=item.seed,
                 reset_log=False,
+                progress=self._hook(item.key),
             )
             self.pool.add(item.key, job.lr_latents, job.policy, seed=item.seed)
+            if self.progress is not None:
+                self.progress(item.key, "denoise", *self.pool.progress(item.key))
         except Exception as exc:  # one bad image must not stop the others
             self.pool.members.pop(item.key, None)
             return StreamResult(item.key, error=exc)
@@ -132,12 +142,15 @@ class ImageStream:
             self.admitted.pop(key)
             results.append(StreamResult(key, error=error))
         self.pool.failed.clear()
+        if self.progress is not None:
+            for key in self.pool.members:
+                self.progress(key, "denoise", *self.pool.progress(key))
         for key, sampled in finished:
             job = self.jobs.pop(key)
             # Wall time in the pool, shared with the images that were in flight alongside.
             job.seconds["denoise"] = time.perf_counter() - self.admitted.pop(key)
             try:
-                image, report = self.upscaler.finish(job, sampled)
+                image, report = self.upscaler.finish(job, sampled, progress=self._hook(key))
             except Exception as exc:  # reported per image
                 results.append(StreamResult(key, error=exc))
                 continue
@@ -145,6 +158,13 @@ class ImageStream:
             report.components = {}
             results.append(StreamResult(key, image, report))
         return results
+
+    def _hook(self, key: Any) -> Callable[[str, int, int], None] | None:
+        """The stream's progress callback bound to one image, as ``Upscaler`` calls it."""
+        if self.progress is None:
+            return None
+        report = self.progress
+        return lambda stage, done, total: report(key, stage, done, total)
 
     def run(self, items: Iterable[StreamItem]) -> Iterator[StreamResult]:
         """Upscale every item, yielding results as images finish (not in input order)."""

@@ -5,7 +5,8 @@ writes the encoded output and its report atomically when they come back (report 
 on disk means its image is complete). Workers need no shared file system. Each worker holds up to
 ``queue`` images, so it can pool their tiles into full engine calls. A worker process that dies
 is restarted by Ray, which resubmits its unfinished calls; a worker that cannot be restarted has
-its images sent to the others.
+its images sent to the others. While images are in flight and no line came for a while, the
+driver asks the workers where each image is (stage and share done) and says so.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ from adadiff import __version__
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError, OutputPathError
 from adadiff.imageio import INPUT_FORMATS, check_writable, write_bytes_atomic
 from adadiff.presets import PRESETS, is_preset
+from adadiff.progress import DEFAULT_EVERY, format_duration
 from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, Plan, job_stamp, make_plan
 from adadiff.scaleout.worker import UpscaleWorker
 
 log = logging.getLogger("adadiff")
 
 MAX_ATTEMPTS = 3  # sends of one image to a new worker after its worker was lost for good
+PROGRESS_POLL_SECONDS = 2.0  # how long a progress line waits for the workers' answers
+PROGRESS_SHOWN = 4  # images named on a progress line; the rest are counted
+_STAGES = {"encode": "encoding", "denoise": "denoising", "decode": "decoding", "save": "saving"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +110,7 @@ class JobResult:
 
 
 Listener = Callable[[ImageRecord, int, int], None]
+Status = Callable[[str], None]  # a line about the job as a whole: start-up, images in flight
 
 
 def worker_threads(cpus_per_worker: float) -> int:
@@ -129,8 +135,13 @@ def run_job(
     cluster: ClusterOptions,
     *,
     on_record: Listener | None = None,
+    on_status: Status | None = None,
+    progress_every: float = DEFAULT_EVERY,
 ) -> JobResult:
-    """Upscale every image in ``input_dir`` that has no valid output yet; write the job report."""
+    """Upscale every image in ``input_dir`` that has no valid output yet; write the job report.
+
+    ``on_record`` hears each image as it ends; ``on_status`` hears the start-up steps and, when
+    neither kind of line came for ``progress_every`` seconds, where the images in flight are."""
     started = time.perf_counter()
     plan = make_plan(input_dir, output_dir, settings)
     output_dir = output_dir.expanduser().resolve()
@@ -144,7 +155,8 @@ def run_job(
     try:
         # before Ray starts and any image is upscaled: a folder that refuses files fails now
         check_writable(output_dir / JOB_REPORT, "OUTPUT_DIR")
-        return _run_planned(plan, output_dir, settings, cluster, started, on_record)
+        listeners = _Listeners(on_record, on_status, progress_every)
+        return _run_planned(plan, output_dir, settings, cluster, started, listeners)
     except AdadiffError:
         # A refused job (too many --workers, a model that does not load) leaves no empty folder.
         if created and not any(output_dir.iterdir()):
@@ -158,13 +170,12 @@ def _run_planned(
     settings: JobSettings,
     cluster: ClusterOptions,
     started: float,
-    on_record: Listener | None,
+    listeners: _Listeners,
 ) -> JobResult:
     records = [ImageRecord(str(t.source), str(t.output), "skipped") for t in plan.done]
     total = len(plan.todo) + len(plan.done)
     for index, record in enumerate(records, start=1):
-        if on_record:
-            on_record(record, index, total)
+        listeners.record(record, index, total)
     for path in plan.ignored:
         why = (
             "a folder (subfolders are not searched)"
@@ -185,16 +196,21 @@ def _run_planned(
             check_local_paths(settings)
         ray = import_ray()
         previous = signal.getsignal(signal.SIGTERM)
-        started_ray = _connect(ray, cluster)
+        started_ray = _connect(ray, cluster, listeners)
         # ray.init puts its own SIGTERM handler in this process, which aborts with a stack dump
         # and leaves the local Ray running: stop the way Ctrl-C does instead
         with contextlib.suppress(ValueError):  # not the main thread
             signal.signal(signal.SIGTERM, _stop_on_sigterm)
         try:
-            dispatcher = _Dispatcher(ray, settings, cluster, plan.todo, output_dir)
+            dispatcher = _Dispatcher(ray, settings, cluster, plan.todo, output_dir, listeners)
             startup = time.perf_counter() - started
             started_info = dispatcher.info
-            workers = dispatcher.run(records, total, on_record)
+            n = len(dispatcher.actors)
+            listeners.status(
+                f"{n} worker{'s' * (n != 1)} ready in {startup:.1f}s; upscaling "
+                f"{len(plan.todo)} image{'s' * (len(plan.todo) != 1)}"
+            )
+            workers = dispatcher.run(records, total)
             stopped = dispatcher.stopped
         finally:
             if started_ray:
@@ -208,6 +224,35 @@ def _run_planned(
 
 
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+class _Listeners:
+    """The job's two kinds of lines, and when the last one went out (progress lines fill the
+    gaps, so a job whose images end often prints none)."""
+
+    def __init__(self, on_record: Listener | None, on_status: Status | None, every: float) -> None:
+        if every < 0:
+            raise ValueError(f"progress_every must be >= 0 seconds, got {every}")
+        self.on_record = on_record
+        self.on_status = on_status
+        self.every = every
+        self.last_line = time.perf_counter()
+
+    def record(self, record: ImageRecord, done: int, total: int) -> None:
+        if self.on_record:
+            self.on_record(record, done, total)
+        self.last_line = time.perf_counter()
+
+    def status(self, text: str) -> None:
+        if self.on_status:
+            self.on_status(text)
+        self.last_line = time.perf_counter()
+
+    def wait_seconds(self) -> float | None:
+        """How long to wait for an image before a progress line is due (None: no lines)."""
+        if self.on_status is None:
+            return None
+        return max(0.0, self.last_line + self.every - time.perf_counter())
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
@@ -227,10 +272,14 @@ def check_local_paths(settings: JobSettings) -> None:
         raise ConfigError(f"--engines {settings.engines} is not a folder; run adadiff export first")
 
 
-def _connect(ray: Any, cluster: ClusterOptions) -> bool:
+def _connect(ray: Any, cluster: ClusterOptions, listeners: _Listeners) -> bool:
     """Join ``--ray-address`` or start a local instance; True when this call started Ray."""
     if ray.is_initialized():
         return False
+    if cluster.ray_address:
+        listeners.status(f"connecting to the Ray cluster at {cluster.ray_address}")
+    else:
+        listeners.status("starting a local Ray instance (--ray-address joins a running one)")
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "logging_level": logging.WARNING,
@@ -255,8 +304,10 @@ class _Dispatcher:
         cluster: ClusterOptions,
         todo: list[ImageTask],
         output_dir: Path,
+        listeners: _Listeners,
     ) -> None:
         self.ray = ray
+        self.listeners = listeners
         self.settings = settings
         self.cluster = cluster
         self.pending = list(reversed(todo))  # pop() takes the next in name order
@@ -274,6 +325,8 @@ class _Dispatcher:
             num_gpus=cluster.gpus_per_worker,
             max_restarts=cluster.max_restarts,
             max_task_retries=cluster.max_restarts,
+            # each queued image holds a thread until it is done; the spare ones answer info,
+            # progress and stats while the engine is busy
             max_concurrency=self.queue + 2,
         )
         device = settings.device
@@ -281,6 +334,13 @@ class _Dispatcher:
             device = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the worker's share
         worker_settings = asdict(settings) | {"device": device}
         threads = cluster.threads or worker_threads(cluster.cpus_per_worker)
+        share = f"{cluster.cpus_per_worker:g} CPU{'s' * (cluster.cpus_per_worker > 1)}"
+        if cluster.gpus_per_worker > 0:
+            share += f", {cluster.gpus_per_worker:g} GPU"
+        listeners.status(
+            f"starting {self.workers} worker{'s' * (self.workers != 1)} ({share} and "
+            f"{threads} thread{'s' * (threads != 1)} each) and loading the model"
+        )
         self.actors = [
             actor.remote(worker_settings, threads=threads, cross_image=cluster.cross_image)
             for _ in range(self.workers)
@@ -334,9 +394,7 @@ class _Dispatcher:
         ref = self.actors[actor_index].upscale.remote(payload)
         in_flight[ref] = (task, actor_index, time.perf_counter())
 
-    def run(
-        self, records: list[ImageRecord], total: int, on_record: Listener | None
-    ) -> list[dict[str, Any]]:
+    def run(self, records: list[ImageRecord], total: int) -> list[dict[str, Any]]:
         ray = self.ray
         in_flight: dict[Any, tuple[ImageTask, int, float]] = {}
         alive = set(range(len(self.actors)))
@@ -346,11 +404,15 @@ class _Dispatcher:
                 if self.pending:
                     self._send(index, in_flight)
         while in_flight or self.unreadable:
-            self._flush_unreadable(records, total, on_record)
+            self._flush_unreadable(records, total)
             if not in_flight:
                 self._refill(alive, in_flight)
                 continue
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            timeout = self.listeners.wait_seconds()
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
+            if not ready:  # nothing ended for a while: say where the images are
+                self.listeners.status(self._progress_line(in_flight, len(records), total))
+                continue
             ref = ready[0]
             task, index, sent = in_flight.pop(ref)
             try:
@@ -369,8 +431,7 @@ class _Dispatcher:
                 record = self._write(task, reply)
             record.seconds = round(time.perf_counter() - sent, 3)
             records.append(record)
-            if on_record:
-                on_record(record, len(records), total)
+            self.listeners.record(record, len(records), total)
             if self.stopped:
                 continue  # the images in flight finish; no new one starts
             if index in alive and self.pending:
@@ -380,18 +441,38 @@ class _Dispatcher:
         for task in reversed(self.pending):
             record = ImageRecord(str(task.source), str(task.output), "failed", why)
             records.append(record)
-            if on_record:
-                on_record(record, len(records), total)
+            self.listeners.record(record, len(records), total)
         self.pending.clear()
         return self._stats(alive)
 
-    def _flush_unreadable(
-        self, records: list[ImageRecord], total: int, on_record: Listener | None
-    ) -> None:
+    def _flush_unreadable(self, records: list[ImageRecord], total: int) -> None:
         while self.unreadable:
             records.append(self.unreadable.pop(0))
-            if on_record:
-                on_record(records[-1], len(records), total)
+            self.listeners.record(records[-1], len(records), total)
+
+    def _progress_line(
+        self, in_flight: dict[Any, tuple[ImageTask, int, float]], finished: int, total: int
+    ) -> str:
+        """Ask the workers that hold images where each one is. The actor is threaded, so the
+        call runs beside a busy engine; a worker that does not answer in time (restarting, say)
+        has its images listed without a stage."""
+        ray = self.ray
+        asked = {
+            self.actors[index].progress.remote(): index
+            for index in sorted({index for _, index, _ in in_flight.values()})
+        }
+        ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=PROGRESS_POLL_SECONDS)
+        answers: dict[int, dict[str, dict[str, Any]]] = {}
+        for ref in ready:
+            with contextlib.suppress(ray.exceptions.RayError):
+                answers[asked[ref]] = {entry["name"]: entry for entry in ray.get(ref)}
+        now = time.perf_counter()
+        working = []
+        for task, index, sent in in_flight.values():
+            answer = answers.get(index)
+            entry = None if answer is None else answer.get(task.name, {"stage": "queued"})
+            working.append((task.name, now - sent, entry))
+        return progress_line(finished, total, working)
 
     def _refill(self, alive: set[int], in_flight: dict[Any, tuple[ImageTask, int, float]]) -> None:
         """Keep every live worker's queue full (after a worker was lost)."""
@@ -488,6 +569,43 @@ def write_job_report(
     path = output_dir / JOB_REPORT
     write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
     return path
+
+
+def progress_line(
+    finished: int, total: int, working: list[tuple[str, float, dict[str, Any] | None]]
+) -> str:
+    """``[k/N done] working: NAME denoising 40% (1m05s, ETA 1m30s), ...; 3 queued``.
+
+    ``working`` holds each image in flight, oldest first: its name, seconds since it was sent,
+    and its worker's entry (``stage``, ``done``, ``total``, ``seconds`` in that stage), or
+    ``{"stage": "queued"}`` while it waits in the worker, or None when its worker did not
+    answer. Images under way come first; after ``PROGRESS_SHOWN`` of them the rest are counted.
+    """
+    active = [w for w in working if w[2] is None or w[2]["stage"] != "queued"]
+    queued = len(working) - len(active)
+    parts = []
+    for name, seconds, entry in active[:PROGRESS_SHOWN]:
+        if entry is None:
+            parts.append(f"{name} (sent {format_duration(seconds)} ago, no answer from its worker)")
+            continue
+        stage = entry["stage"]
+        if stage == "save":
+            parts.append(f"{name} {_STAGES[stage]} ({format_duration(seconds)})")
+            continue
+        share = entry["done"] / entry["total"] if entry["total"] > 0 else 1.0
+        detail = format_duration(seconds)
+        if stage == "denoise" and 0 < share < 1:
+            # the rate so far: images joining or leaving the worker's batches change it
+            detail += f", ETA {format_duration(entry['seconds'] * (1 - share) / share)}"
+        parts.append(f"{name} {_STAGES.get(stage, stage)} {100 * share:.0f}% ({detail})")
+    line = f"[{finished}/{total} done] working: " + (", ".join(parts) or "nothing under way")
+    rest = [f"{len(active) - PROGRESS_SHOWN} more"] if len(active) > PROGRESS_SHOWN else []
+    rest += [f"{queued} queued"] if queued else []
+    return line + ("; " + ", ".join(rest) if rest else "")
+
+
+def print_status(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def print_record(record: ImageRecord, done: int, total: int) -> None:

@@ -2,8 +2,9 @@
 
 Ray runs ``UpscaleWorker`` as a threaded actor. Each ``upscale`` call queues one image and waits;
 the engine thread admits queued images into an ``ImageStream`` whenever too few tiles are active,
-so the tiles of several images share UNet calls. The class itself knows nothing of Ray: the tests
-use it directly.
+so the tiles of several images share UNet calls. ``progress`` says where each admitted image is;
+it runs on another of the actor's threads, so the driver can ask while the engine is busy. The
+class itself knows nothing of Ray: the tests use it directly.
 """
 
 from __future__ import annotations
@@ -47,7 +48,15 @@ class UpscaleWorker:
         # not for every image.
         self.upscaler.schedule_of(s.schedule, s.interval)
         self.load_seconds = time.perf_counter() - started
-        self.stream = ImageStream(self.upscaler, target_tiles=target_tiles, cross_image=cross_image)
+        self.stream = ImageStream(
+            self.upscaler,
+            target_tiles=target_tiles,
+            cross_image=cross_image,
+            progress=self._on_progress,
+        )
+        # key -> (name, stage, done, total, stage start): written by the engine thread
+        self.status: dict[int, tuple[str, str, int, int, float]] = {}
+        self.status_lock = threading.Lock()
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.waiting: dict[int, tuple[dict[str, Any], Any, Future]] = {}
         self.next_id = 0
@@ -75,6 +84,17 @@ class UpscaleWorker:
             "mean_batch": round(st.mean_batch, 3),
             "busy_seconds": round(self.busy_seconds, 3),
         }
+
+    def progress(self) -> list[dict[str, Any]]:
+        """Each admitted image's name, stage (encode, denoise, decode), done and total of that
+        stage, and seconds in it; images still queued are not listed."""
+        now = time.perf_counter()
+        with self.status_lock:
+            entries = list(self.status.values())
+        return [
+            {"name": name, "stage": stage, "done": done, "total": total, "seconds": now - since}
+            for name, stage, done, total, since in entries
+        ]
 
     def upscale(self, task: dict[str, Any]) -> dict[str, Any]:
         """Upscale one image given as {"name", "data" (file bytes), "suffix"}; return a record:
@@ -108,6 +128,7 @@ class UpscaleWorker:
                     if failed_rounds >= MAX_FAILED_ROUNDS:
                         raise
                     for key in self.stream.abandon():
+                        self._forget(key)
                         self.waiting.pop(key)[2].set_exception(exc)
                     continue
                 failed_rounds = 0
@@ -116,6 +137,8 @@ class UpscaleWorker:
                     self._deliver(result)
         except BaseException as exc:  # handed to every caller waiting on us
             self.failure = exc
+            with self.status_lock:
+                self.status.clear()
             for _, _, done in self.waiting.values():
                 done.set_exception(exc)
             self.waiting.clear()
@@ -153,8 +176,27 @@ class UpscaleWorker:
                 self._deliver(refused)
         return True
 
+    def _on_progress(self, key: int, stage: str, done: int, total: int) -> None:
+        self._set_status(key, self.waiting[key][0]["name"], stage, done, total)
+
+    def _set_status(self, key: int, name: str, stage: str, done: int, total: int) -> None:
+        with self.status_lock:
+            old = self.status.get(key)
+            since = old[4] if old is not None and old[1] == stage else time.perf_counter()
+            self.status[key] = (name, stage, done, total, since)
+
+    def _forget(self, key: int) -> None:
+        with self.status_lock:
+            self.status.pop(key, None)
+
     def _deliver(self, result: Any) -> None:
         task, image, done = self.waiting.pop(result.key)
+        try:
+            self._reply(result, task, image, done)
+        finally:
+            self._forget(result.key)
+
+    def _reply(self, result: Any, task: dict[str, Any], image: Any, done: Future) -> None:
         if result.error is not None:
             if not isinstance(result.error, AdadiffError):
                 done.set_exception(result.error)
@@ -162,6 +204,8 @@ class UpscaleWorker:
             done.set_result(_failed(task, result.error))
             return
         started = time.perf_counter()
+        # encoding a large PNG takes seconds: the image is not lost from the progress lines
+        self._set_status(result.key, task["name"], "save", 0, 1)
         record = output_record(image, result.image, result.report, self.upscaler.config.upscale)
         try:
             encoded = _encode(record, task["suffix"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -93,6 +94,26 @@ def test_a_refused_image_does_not_stop_the_others(upscaler):
     assert results["good"].error is None and results["good"].image.shape == (96, 96, 3)
     assert "NaN" in str(results["bad"].error)
     assert "expected a PIL.Image or a numpy array" in str(results["worse"].error)
+
+
+def test_stream_reports_each_images_progress(upscaler):
+    heard: dict[str, list[tuple[str, int, int]]] = {}
+    stream = ImageStream(
+        upscaler, progress=lambda key, *event: heard.setdefault(key, []).append(event)
+    )
+    crops = _crops()
+    items = [StreamItem(k, crops[k].astype(np.float32) / 255.0) for k in ("coffee", "chelsea")]
+    assert len(list(stream.run(items))) == 2
+    for key, tiles in (("coffee", 1), ("chelsea", 2)):
+        events = heard[key]
+        stages = [stage for stage, _, _ in events]
+        assert stages[0] == "encode" and stages[-1] == "decode"
+        assert stages == sorted(stages, key=["encode", "denoise", "decode"].index)
+        assert events[-1][1] == events[-1][2]  # decoded in full
+        denoise = [(done, total) for stage, done, total in events if stage == "denoise"]
+        assert denoise[0][0] == 0 and len(denoise) > 1
+        assert [d for d, _ in denoise] == sorted(d for d, _ in denoise)
+        assert {t for _, t in denoise} == {tiles * upscaler.config.dtss.t_start}
 
 
 def test_stream_target_tiles_is_checked(upscaler):
@@ -242,6 +263,52 @@ def test_worker_turns_bytes_into_the_cli_output(folder, tmp_path, capsys):
     _assert_same_image(cli_out.read_bytes(), reply["image"])
 
 
+def test_worker_says_where_its_images_are_while_it_upscales(folder):
+    """The driver's progress lines come from here, asked while the engine thread is busy."""
+    from adadiff.scaleout.worker import UpscaleWorker
+
+    worker = UpscaleWorker({"model": "tiny"}, threads=1)
+    real_step, seen = worker.stream.step, []
+
+    def step():
+        seen.append(worker.progress())
+        return real_step()
+
+    worker.stream.step = step
+    source = folder / "chelsea.png"
+    try:
+        reply = worker.upscale({"name": source.name, "data": source.read_bytes(), "suffix": ".png"})
+        assert reply["status"] == "done"
+        assert worker.progress() == []  # nothing in flight any more
+    finally:
+        worker.close()
+    first, last = seen[0], seen[-1]
+    assert [e["name"] for e in first] == ["chelsea.png"]
+    assert first[0]["stage"] == "denoise" and first[0]["done"] == 0 and first[0]["total"] > 0
+    assert 0 < last[0]["done"] < last[0]["total"] and last[0]["seconds"] >= 0
+
+
+def test_progress_line_names_the_images_under_way_first():
+    from adadiff.scaleout.job import progress_line
+
+    def entry(stage: str, done: int = 0, total: int = 1, seconds: float = 0.0) -> dict:
+        return {"stage": stage, "done": done, "total": total, "seconds": seconds}
+
+    working = [
+        ("a.jpg", 65.0, entry("denoise", 400, 1000, 60.0)),
+        ("b.jpg", 65.0, {"stage": "queued"}),
+        ("c.jpg", 12.0, entry("encode", 1, 10)),
+        ("d.jpg", 3.0, None),
+    ]
+    assert progress_line(2, 9, working) == (
+        "[2/9 done] working: a.jpg denoising 40% (1m05s, ETA 1m30s), c.jpg encoding 10% (12s), "
+        "d.jpg (sent 3s ago, no answer from its worker); 1 queued"
+    )
+    many = [(f"{i}.png", 1.0, entry("save")) for i in range(6)]
+    line = progress_line(0, 6, many)
+    assert line.endswith("3.png saving (1s); 2 more") and "4.png" not in line
+
+
 def test_a_failed_round_fails_its_images_and_the_worker_goes_on(folder):
     from adadiff.scaleout import worker as worker_module
 
@@ -309,6 +376,8 @@ def test_console_script_starts_its_own_local_ray(folder, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1 upscaled, 0 already done, 0 failed" in done.stdout
     assert "[1/1] coffee.png: done" in done.stderr
+    assert "starting a local Ray instance" in done.stderr
+    assert "1 worker ready in" in done.stderr
     with Image.open(tmp_path / "out" / "coffee.png") as img:
         assert img.size == (96, 96)
 
@@ -366,6 +435,27 @@ def test_upscale_many_on_ray(ray_cluster, folder, tmp_path, capsys):
     assert main([*argv, "--interval", "100", "-q"]) == 0
     job = json.loads((out / "adadiff-job.json").read_text())
     assert (job["done"], job["skipped"]) == (4, 0)
+
+
+def test_upscale_many_says_where_its_images_are(ray_cluster, folder, tmp_path):
+    """A large image runs for minutes: lines say how far each image in flight has come."""
+    from adadiff.scaleout.job import ClusterOptions, run_job
+
+    lines: list[str] = []
+    result = run_job(
+        folder,
+        tmp_path / "out",
+        JobSettings(),
+        ClusterOptions(workers=1, queue=2),
+        on_status=lines.append,
+        progress_every=0.05,
+    )
+    assert result.count("done") == 4
+    assert lines[0].startswith("starting 1 worker (1 CPU and 1 thread each)")
+    assert lines[1].startswith("1 worker ready in") and lines[1].endswith("upscaling 5 images")
+    working = [line for line in lines[2:] if line.startswith("[")]
+    assert working and all(" done] working: " in line for line in working)
+    assert any(re.search(r"\w+\.png denoising \d+%", line) for line in working), working
 
 
 def test_a_killed_worker_loses_no_image(ray_cluster, folder, tmp_path):
