@@ -20,7 +20,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,6 +272,30 @@ def check_local_paths(settings: JobSettings) -> None:
         raise ConfigError(f"--engines {settings.engines} is not a folder; run adadiff export first")
 
 
+# Recent Ray (2.60) turns token authentication on for a new local instance and logs this, advising
+# RAY_AUTH_MODE=disabled to opt out: for an instance that adadiff starts on this machine for one
+# job and stops after it, the line gives the user nothing to do but weaken it. Authentication
+# stays on; only this line is dropped, and only while adadiff starts its own instance.
+_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster."
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_TOKEN_AUTH_NOTICE)
+
+
+@contextlib.contextmanager
+def _quiet_token_auth_notice() -> Iterator[None]:
+    logger = logging.getLogger(_TOKEN_AUTH_LOGGER)
+    notice = _DropTokenAuthNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def _connect(ray: Any, cluster: ClusterOptions, listeners: _Listeners) -> bool:
     """Join ``--ray-address`` or start a local instance; True when this call started Ray."""
     if ray.is_initialized():
@@ -289,7 +313,8 @@ def _connect(ray: Any, cluster: ClusterOptions, listeners: _Listeners) -> bool:
         if cluster.ray_address:
             ray.init(address=cluster.ray_address, **kwargs)
         else:
-            ray.init(**kwargs)
+            with _quiet_token_auth_notice():
+                ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = cluster.ray_address or "a local Ray instance"
         raise ConfigError(f"could not start or reach {where}: {exc}") from exc

@@ -378,6 +378,7 @@ def test_console_script_starts_its_own_local_ray(folder, tmp_path):
     assert "[1/1] coffee.png: done" in done.stderr
     assert "starting a local Ray instance" in done.stderr
     assert "1 worker ready in" in done.stderr
+    assert "Token authentication" not in done.stderr  # Ray's notice, nothing for the user to do
     with Image.open(tmp_path / "out" / "coffee.png") as img:
         assert img.size == (96, 96)
 
@@ -493,6 +494,43 @@ def test_too_many_workers_is_a_clear_error(ray_cluster, folder, tmp_path):
 
     with pytest.raises(ConfigError, match="lower --workers"):
         run_job(folder, tmp_path / "out", JobSettings(), ClusterOptions(workers=3))
+
+
+def test_only_a_local_ray_started_by_the_job_drops_the_token_auth_notice():
+    """Ray logs it when it starts a local instance with token authentication on (its default);
+    authentication stays on, and what a remote cluster logs is left alone."""
+    import logging
+
+    from adadiff.scaleout import job
+
+    logger = logging.getLogger(job._TOKEN_AUTH_LOGGER)
+    heard: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(record.getMessage())  # type: ignore[method-assign]
+
+    class FakeRay:
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **kwargs) -> None:
+            logger.warning("Token authentication is enabled for this Ray cluster. Set ...")
+            logger.warning("Token authentication is disabled for this Ray cluster. Anyone ...")
+
+    listeners = job._Listeners(None, None, 10.0)
+    logger.addHandler(handler)
+    try:
+        assert job._connect(FakeRay(), job.ClusterOptions(), listeners)
+        assert [m.split(".")[0] for m in heard] == [
+            "Token authentication is disabled for this Ray cluster"
+        ]
+        heard.clear()
+        assert job._connect(
+            FakeRay(), job.ClusterOptions(ray_address="ray://head:10001"), listeners
+        )
+        assert len(heard) == 2
+    finally:
+        logger.removeHandler(handler)
+    assert not logger.filters
 
 
 def test_missing_model_or_engines_fail_before_ray_starts(folder, tmp_path, capsys):
