@@ -191,6 +191,7 @@ def _run_planned(
     workers: list[dict[str, Any]] = []
     started_info: list[dict[str, Any]] = []
     startup = 0.0
+    stopped: str | None = None
     if plan.todo:
         if cluster.ray_address is None:
             check_local_paths(settings)

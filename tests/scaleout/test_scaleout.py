@@ -556,6 +556,15 @@ def test_a_refused_job_leaves_no_empty_output_folder(ray_cluster, folder, tmp_pa
     assert kept.is_dir()  # a folder the user made stays
 
 
+def test_a_job_with_nothing_to_upscale_ends_cleanly(tmp_path):
+    """No image to send (an empty folder, or every output up to date): no Ray, a job report."""
+    empty = tmp_path / "in"
+    empty.mkdir()
+    out = tmp_path / "out"
+    assert main(["upscale-many", str(empty), str(out)]) == 0
+    assert json.loads((out / "adadiff-job.json").read_text())["images"] == 0
+
+
 def test_an_output_that_cannot_be_written_fails_that_image_alone(folder, tmp_path):
     from adadiff.scaleout.job import _Dispatcher
 
