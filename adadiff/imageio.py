@@ -11,6 +11,7 @@ import io
 import os
 import re
 import struct
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -574,6 +575,37 @@ def check_writable(target: Path, name: str) -> None:
         ) from exc
     os.close(fd)
     probe.unlink(missing_ok=True)
+
+
+# The names _open_temp gives: ".{stem}.{12 hex digits}.tmp{suffix}".
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp(\.[^.]+)?")
+
+
+def remove_stale_temps(folder: Path, older_than: float) -> list[Path]:
+    """Remove, in ``folder`` alone, the temporary files that atomic writes cut short by a kill
+    or a power loss left behind: named as this module names them and untouched for
+    ``older_than`` seconds (a write fills its file within seconds, so a younger one may be
+    another process's write under way). Return those removed; a file that cannot be removed
+    stays."""
+    now = time.time()
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not _TEMP_NAME.fullmatch(entry.name):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if now - entry.stat(follow_symlinks=False).st_mtime < older_than:
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
 
 
 def _open_temp(target: Path) -> tuple[int, Path]:

@@ -27,7 +27,7 @@ from typing import Any
 
 from adadiff import __version__
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError, OutputPathError
-from adadiff.imageio import INPUT_FORMATS, check_writable, write_bytes_atomic
+from adadiff.imageio import INPUT_FORMATS, check_writable, remove_stale_temps, write_bytes_atomic
 from adadiff.presets import PRESETS, is_preset
 from adadiff.progress import DEFAULT_EVERY, format_duration
 from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, Plan, job_stamp, make_plan
@@ -38,6 +38,10 @@ log = logging.getLogger("adadiff")
 MAX_ATTEMPTS = 3  # sends of one image to a new worker after its worker was lost for good
 PROGRESS_POLL_SECONDS = 2.0  # how long a progress line waits for the workers' answers
 PROGRESS_SHOWN = 4  # images named on a progress line; the rest are counted
+# Temporary files of an interrupted write (a killed job) are removed when untouched this long.
+# Two jobs may write into one folder at once (they are not refused), and a live temporary file is
+# written within seconds, so an hour never catches another job's write under way.
+STALE_TEMP_SECONDS = 3600.0
 _STAGES = {"encode": "encoding", "denoise": "denoising", "decode": "decoding", "save": "saving"}
 
 
@@ -156,6 +160,13 @@ def run_job(
         # before Ray starts and any image is upscaled: a folder that refuses files fails now
         check_writable(output_dir / JOB_REPORT, "OUTPUT_DIR")
         listeners = _Listeners(on_record, on_status, progress_every)
+        stale = remove_stale_temps(output_dir, STALE_TEMP_SECONDS)
+        if stale:
+            listeners.status(
+                f"removed {len(stale)} temporary file{'s' * (len(stale) != 1)} left in "
+                f"{output_dir} by an interrupted job ({', '.join(p.name for p in stale[:3])}"
+                f"{', ...' if len(stale) > 3 else ''})"
+            )
         return _run_planned(plan, output_dir, settings, cluster, started, listeners)
     except AdadiffError:
         # A refused job (too many --workers, a model that does not load) leaves no empty folder.

@@ -565,6 +565,41 @@ def test_a_job_with_nothing_to_upscale_ends_cleanly(tmp_path):
     assert json.loads((out / "adadiff-job.json").read_text())["images"] == 0
 
 
+def test_a_later_job_removes_what_a_killed_one_left_half_written(tmp_path):
+    """A SIGKILL between writing a temporary file and renaming it leaves a hidden file for
+    good. A later job removes those named as adadiff names them and untouched for an hour (a
+    younger one may be another job's write under way, into the same folder), and no others."""
+    import time
+
+    from adadiff import imageio
+    from adadiff.scaleout.job import STALE_TEMP_SECONDS, ClusterOptions, run_job
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+
+    def temp(name: str) -> Path:
+        fd, path = imageio._open_temp(out / name)
+        os.close(fd)
+        return path
+
+    stale = [temp("coffee.png"), temp("coffee.png.json"), temp("adadiff-job.json")]
+    live = temp("chelsea.png")
+    kept = [out / ".notes.0123456789ab.txt", out / "photo.0123456789ab.tmp.png", out / ".keep"]
+    for path in kept:
+        path.write_text("the user's")
+    folder = out / ".album.0123456789ab.tmp.png"
+    folder.mkdir()
+    hour_ago = time.time() - STALE_TEMP_SECONDS - 60
+    for path in [*stale, *kept, folder]:
+        os.utime(path, (hour_ago, hour_ago))
+    lines: list[str] = []
+    run_job(src, out, JobSettings(), ClusterOptions(), on_status=lines.append)
+    assert not any(path.exists() for path in stale)
+    assert live.exists() and folder.is_dir() and all(path.exists() for path in kept)
+    assert lines[0].startswith(f"removed 3 temporary files left in {out.resolve()}")
+
+
 def test_an_output_that_cannot_be_written_fails_that_image_alone(folder, tmp_path):
     from adadiff.scaleout.job import _Dispatcher
 
