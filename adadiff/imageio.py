@@ -262,8 +262,15 @@ def _tiff_layout(fp: BinaryIO) -> str | None:
         if header[:4] not in (b"II*\x00", b"MM\x00*"):
             return None
         tags = TiffImagePlugin.ImageFileDirectory_v2(header)
+        size = fp.seek(0, os.SEEK_END)
+        if not 8 <= tags.next < size:
+            return None
         fp.seek(tags.next)
-        tags.load(fp)
+        with warnings.catch_warnings():  # a damaged directory is reported below, not warned
+            warnings.simplefilter("ignore")
+            tags.load(fp)
+        if not all(tag in tags for tag in (256, 257, 258)):  # no width, height, bit depth
+            return None  # a damaged file, not a layout Pillow lacks
         bits = tags.get(258, (1,))
         kinds = tags.get(339, (1,))
         kind = _SAMPLE_KINDS.get(kinds[0] if isinstance(kinds, tuple) else kinds, "unknown")

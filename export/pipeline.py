@@ -92,7 +92,12 @@ def export_onnx(
     out = Path(output).expanduser()
     _check_output(out)
     models = model if isinstance(model, TorchModels) else load_models(model, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)  # as upscale-many's OUTPUT_DIR: parents included
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # as upscale-many's OUTPUT_DIR: parents included
+    except OSError as exc:
+        raise OutputPathError(
+            f"cannot create the output folder {out} ({exc.strerror or exc}); pick another"
+        ) from exc
     lock = out / LOCK_FILE
 
     def busy(holder: str) -> OutputPathError:
@@ -298,10 +303,11 @@ def _check_output(out: Path) -> None:
                 f"{out} is not empty ({', '.join(sorted(others)[:3])}, ...) and holds no adadiff "
                 "export; choose a new or empty folder so nothing of yours is overwritten"
             )
-    above = next(p for p in out.absolute().parents if p.exists())
+    # lexists: a link to nothing is in the way as much as a file is
+    above = next(p for p in out.absolute().parents if os.path.lexists(p))
     if not above.is_dir():
         raise OutputPathError(
-            f"{out} cannot be created: {above} is a file, not a folder; pick another output folder"
+            f"{out} cannot be created: {above} is not a folder; pick another output folder"
         )
 
 

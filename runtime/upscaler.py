@@ -18,6 +18,7 @@ from adadiff.engines import factory
 from adadiff.engines.base import Backend, CallLog, Components
 from adadiff.errors import ConfigError
 from adadiff.imageio import LUMA_601, bicubic_rows, to_rgb_and_gray
+from adadiff.presets import PRESET_PREFIX, PRESETS
 from adadiff.progress import Progress
 from adadiff.runtime.colorfix import color_fix_rows
 from adadiff.runtime.content import ContentPolicy
@@ -152,7 +153,10 @@ class Upscaler:
     def open(cls, settings: RunSettings) -> Upscaler:
         """``from_pretrained`` with its settings in one object."""
         config, be = factory.make_backend(settings)
-        name = str(settings.model or config.name)
+        raw = str(settings.model or config.name)
+        bare = raw.removeprefix(PRESET_PREFIX)
+        # reports name the preset as "tiny" however it was asked for (tiny or preset:tiny)
+        name = bare if raw.startswith(PRESET_PREFIX) and bare in PRESETS else raw
         try:
             return cls(config, be, max_batch=settings.max_batch, model_name=name)
         except BaseException:

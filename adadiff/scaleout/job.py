@@ -458,7 +458,9 @@ class _Dispatcher:
                 # Restarts are used up: this worker is gone, its images go to the others.
                 alive.discard(index)
                 record = self._lost(task, exc, alive)
-                if record is None:
+                if record is None and self.stopped:  # no image starts again once stopped
+                    record = self._not_started(task)
+                elif record is None:
                     self.pending.append(task)
                     self._refill(alive, in_flight)
                     continue
@@ -474,13 +476,20 @@ class _Dispatcher:
             if index in alive and self.pending:
                 self._send(index, in_flight)
             self._refill(alive, in_flight)
-        why = f"not started: {self.stopped}" if self.stopped else "no worker left"
         for task in reversed(self.pending):
-            record = ImageRecord(str(task.source), str(task.output), "failed", why)
+            record = (
+                self._not_started(task)
+                if self.stopped
+                else ImageRecord(str(task.source), str(task.output), "failed", "no worker left")
+            )
             records.append(record)
             self.listeners.record(record, len(records), total)
         self.pending.clear()
         return self._stats(alive)
+
+    def _not_started(self, task: ImageTask) -> ImageRecord:
+        why = f"not started: {self.stopped}"
+        return ImageRecord(str(task.source), str(task.output), "failed", why)
 
     def _flush_unreadable(self, records: list[ImageRecord], total: int) -> None:
         while self.unreadable:
@@ -512,7 +521,9 @@ class _Dispatcher:
         return progress_line(finished, total, working)
 
     def _refill(self, alive: set[int], in_flight: dict[Any, tuple[ImageTask, int, float]]) -> None:
-        """Keep every live worker's queue full (after a worker was lost)."""
+        """Keep every live worker's queue full (after a worker was lost); none once stopped."""
+        if self.stopped:
+            return
         load = {i: 0 for i in alive}
         for _, index, _ in in_flight.values():
             if index in load:

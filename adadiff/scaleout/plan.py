@@ -100,7 +100,8 @@ def model_identity(model: str | None, engines: str | None) -> str:
     folder = SHIPPED / bare if bare is not None else Path(name).expanduser()
     config = folder / CONFIG_FILE
     if not config.is_file():
-        digest.update(f"built-in {name}".encode())  # a preset's seeded random init
+        # a preset's seeded random init, however it was spelled (tiny or preset:tiny)
+        digest.update(f"built-in {bare or name}".encode())
         return digest.hexdigest()[:16]
     digest.update(weights_digest(folder).encode())
     return digest.hexdigest()[:16]

@@ -629,3 +629,20 @@ def test_premultiplied_gray_and_big_endian_arrays_are_read():
     assert to_rgb_array(la).shape == (3, 4, 3)
     big = np.full((2, 2), 65535, dtype=">u2")
     np.testing.assert_allclose(to_rgb_array(big), 1.0)
+
+
+def test_a_damaged_tiff_is_not_named_a_layout(tmp_path: Path) -> None:
+    """A TIFF header with no readable first directory (a partial download) is a damaged file,
+    not a pixel layout Pillow lacks."""
+    cases = {
+        "header-only.tif": b"II*\x00\x08\x00\x00\x00",
+        "empty-dir.tif": b"II*\x00\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+        "garbage.tif": b"II*\x00\x08\x00\x00\x00" + bytes(range(7, 64)),
+    }
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(InputImageError) as caught:
+            load_image(path)
+        assert "not an image Pillow can read" in str(caught.value), name
+        assert "a TIFF of" not in str(caught.value)

@@ -230,8 +230,13 @@ def test_missing_parent_folders_of_the_output_are_created(tmp_path, tiny_models)
     export_onnx(tiny_models, out, ExportOptions(components=("mmle",), check_batches=()))
     assert sorted(ExportManifest.load(out).components) == ["mmle"]
     (tmp_path / "plain").write_text("x")
-    with pytest.raises(OutputPathError, match=r"plain is a file, not a folder; pick another"):
+    with pytest.raises(OutputPathError, match=r"plain is not a folder; pick another"):
         export_onnx(tiny_models, tmp_path / "plain" / "o", ExportOptions(components=("mmle",)))
+    broken = tmp_path / "broken"  # a link to nothing: mkdir raised FileExistsError, a traceback
+    broken.symlink_to(tmp_path / "nowhere")
+    for target in (broken / "sub" / "o", broken):
+        with pytest.raises(OutputPathError, match=r"broken (is not a folder|\()"):
+            export_onnx(tiny_models, target, ExportOptions(components=("mmle",)))
 
 
 def test_export_cli(tmp_path, capsys):

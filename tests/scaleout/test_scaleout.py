@@ -726,3 +726,31 @@ def test_a_full_output_disk_stops_the_job_instead_of_upscaling_the_rest(
     errors = [r.get("error") or "" for r in report["records"]]
     assert report["done"] == 0
     assert sum(e.startswith("not started: the output folder") for e in errors) >= 2
+
+
+def test_a_stopped_job_starts_no_image_again_when_a_worker_dies(folder, tmp_path):
+    """After a full disk stopped the job, a lost worker's images and the queue stay unsent."""
+    from adadiff.scaleout.job import _Dispatcher
+
+    out = tmp_path / "out"
+    out.mkdir()
+    tasks = make_plan(folder, out, JobSettings()).todo
+    dispatcher = object.__new__(_Dispatcher)
+    dispatcher.pending = list(reversed(tasks))
+    dispatcher.queue = 2
+    dispatcher.stopped = "the output folder takes no more files (No space left on device)"
+    sent = []
+    dispatcher._send = lambda index, in_flight: sent.append(dispatcher.pending.pop())
+    dispatcher._refill({0, 1}, {})
+    assert sent == [] and len(dispatcher.pending) == len(tasks)
+    record = dispatcher._not_started(tasks[0])
+    assert record.status == "failed" and record.error.startswith("not started: the output")
+
+
+def test_a_preset_has_one_identity_however_it_is_spelled():
+    from adadiff.scaleout.plan import model_identity
+
+    model_identity.cache_clear()
+    assert model_identity("sd21-base", None) == model_identity("preset:sd21-base", None)
+    assert model_identity("tiny", None) == model_identity("preset:tiny", None)
+    assert Upscaler.from_pretrained("preset:tiny").model_name == "tiny"
