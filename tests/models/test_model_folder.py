@@ -117,7 +117,7 @@ def test_the_cli_runs_the_preset_beside_a_folder_named_like_it(
     assert "preset:tiny for the preset" in capsys.readouterr().err
     assert main([*run, "--model", "preset:tiny", "--report", "r.json"]) == 0
     report = json.loads(Path("r.json").read_text())
-    assert report["model"] == "preset:tiny" and report["tiles"] == 1
+    assert report["model"] == "tiny" and report["tiles"] == 1  # the preset, by its name
 
 
 def test_the_shipped_folder_itself_is_no_clash(monkeypatch: pytest.MonkeyPatch) -> None:
