@@ -629,26 +629,6 @@ def _open_temp(target: Path) -> tuple[int, Path]:
     raise FileExistsError(f"could not create a temporary file next to {target}")
 
 
-def _write_atomic(path: str | Path, write: Callable[[BinaryIO], None], what: str) -> Path:
-    """Run ``write`` on a temporary file beside ``path``, then ``os.replace`` it into place."""
-    target = Path(path).expanduser().resolve()
-    temp: Path | None = None
-    try:
-        fd, temp = _open_temp(target)
-        with os.fdopen(fd, "wb") as fp:
-            write(fp)
-            fp.flush()
-            os.fsync(fp.fileno())
-        os.replace(temp, target)
-        temp = None
-    except (OSError, ValueError) as exc:  # Pillow's encoders raise ValueError for their limits
-        raise OutputPathError(f"{target}: cannot write the {what} ({_one_line(exc)})") from exc
-    finally:
-        if temp is not None:
-            temp.unlink(missing_ok=True)
-    return target
-
-
 Writer = Callable[[BinaryIO], None]
 
 
@@ -704,11 +684,7 @@ def write_pil_atomic(path: str | Path, image: Image.Image, fmt: str, **save_args
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write a file (a report, a manifest) atomically."""
-
-    def write(fp: BinaryIO) -> None:
-        fp.write(data)
-
-    return _write_atomic(path, write, "file")
+    return write_files_atomic([(path, bytes_writer(data), "file")])[0]
 
 
 def _to_uint(values: np.ndarray, maximum: int, dtype: type[np.generic]) -> np.ndarray:
