@@ -443,6 +443,10 @@ class ModelConfig:
         data["config_version"] = CONFIG_VERSION
         return data
 
+    def to_json(self) -> str:
+        """What ``save`` writes to ``adadiff.json``."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
         """The config a parsed adadiff.json holds; ``source`` names the file in errors."""
@@ -482,7 +486,7 @@ class ModelConfig:
         tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}.tmp")
         try:
             with open(tmp, "w") as fh:
-                fh.write(json.dumps(self.to_dict(), indent=2) + "\n")
+                fh.write(self.to_json())
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)

@@ -24,6 +24,7 @@ from adadiff.argtypes import (
 )
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError
+from adadiff.imageio import bytes_writer, write_files_atomic
 from adadiff.presets import is_preset, preset, preset_name
 from adadiff.quality.cache import cache_root
 from adadiff.training.data import HOLDOUT
@@ -668,8 +669,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     report["argv"] = sys.argv[1:]
     if args.dry_run:
         return 0
-    new.save(folder)
-    (folder / "calibration.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_calibration(folder, new, report)
     print(f"wrote {folder / CONFIG_FILE} and {folder / 'calibration.json'}")
     if cfg.default_schedule != "adaptive":
         print(
@@ -677,3 +677,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "runs with --schedule adaptive"
         )
     return 0
+
+
+def write_calibration(folder: Path, config: ModelConfig, report: dict[str, Any]) -> None:
+    """The calibrated ``adadiff.json`` and its ``calibration.json``, both or neither: a full
+    disk leaves the folder's earlier pair as it was, never a config without the report that
+    explains it."""
+    write_files_atomic(
+        [
+            (folder / CONFIG_FILE, bytes_writer(config.to_json().encode()), "model config"),
+            (
+                folder / "calibration.json",
+                bytes_writer((json.dumps(report, indent=1) + "\n").encode()),
+                "calibration report",
+            ),
+        ]
+    )

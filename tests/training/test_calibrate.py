@@ -142,3 +142,40 @@ def test_calibrate_command_refuses_hold_out_photos_and_bare_presets(tmp_path, ti
     assert "--budget" in capsys.readouterr().err
     assert main(["calibrate", str(tiny_dir), "--interval", "1000"]) == 2
     assert "use a smaller --interval" in capsys.readouterr().err
+
+
+def test_calibration_is_written_whole_or_not_at_all_on_a_full_disk(tmp_path):
+    """calibrate rewrites a model folder's adadiff.json and calibration.json: a disk that fills
+    after the config was written must not leave a new config beside a cut (or an older) report."""
+    from pathlib import Path
+
+    from helpers import run_with_file_size_limit
+
+    from adadiff.config import ModelConfig
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    ModelConfig.load(Path(__file__).parents[2] / "adadiff" / "weights" / "tiny").save(folder)
+    (folder / "calibration.json").write_text('{"old": true}\n')
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    body = (
+        "from dataclasses import replace\n"
+        "from pathlib import Path\n"
+        "from adadiff.config import ModelConfig\n"
+        "from adadiff.errors import OutputPathError\n"
+        "from adadiff.training.cli import write_calibration\n"
+        "folder = Path(sys.argv[1])\n"
+        "cfg = ModelConfig.load(folder)\n"
+        "new = replace(cfg, dtss=replace(cfg.dtss, tau=0.004))\n"
+        "report = {'rows': ['x' * 100] * 200}\n"  # larger than the limit, the config is not
+        "# limited\n"
+        "try:\n"
+        "    write_calibration(folder, new, report)\n"
+        "except OutputPathError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    limit = len(before["adadiff.json"]) + 512
+    stdout = run_with_file_size_limit(body, folder, limit)
+    assert stdout.startswith("refused:") and "calibration report" in stdout
+    assert "no output file was changed" in stdout
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
