@@ -87,8 +87,8 @@ def input_notes(image: Any, output: Path) -> list[str]:
     alpha = getattr(image, "alpha", None)
     if alpha is not None and imageio.format_for_path(output) == "JPEG" and float(alpha.min()) < 1:
         notes.append(
-            "the input has transparency, which JPEG cannot hold: transparent areas are written "
-            "with their neighbours' colours; write .png, .webp or .tif to keep it"
+            "the input has transparency, which JPEG cannot hold: it is flattened onto white; "
+            "write .png, .webp or .tif to keep it"
         )
     return notes
 

@@ -37,6 +37,7 @@ __all__ = [
     "decode_image_bytes",
     "encode_image",
     "fill_transparent",
+    "flatten_on_white",
     "format_for_path",
     "input_format_names",
     "load_image",
@@ -738,10 +739,11 @@ def save_image(
     """Write [H, W, 3] (float32 in [0, 1], or uint8 / uint16 levels) and an optional [H, W]
     alpha atomically; return the written path.
 
-    JPEG drops alpha. 16-bit is written only for grayscale PNG/TIFF without alpha (Pillow has no
-    16-bit RGB or gray+alpha mode, and keeping transparency matters more than the extra
-    precision). ``icc_profile`` and ``exif`` (e.g. ``LoadedImage``'s) are embedded where the
-    format holds them: PNG, JPEG and WebP take both, TIFF the profile.
+    JPEG cannot hold alpha: the image is flattened onto white (``flatten_on_white``). 16-bit
+    is written only for grayscale PNG/TIFF without alpha (Pillow has no 16-bit RGB or
+    gray+alpha mode, and keeping transparency matters more than the extra precision).
+    ``icc_profile`` and ``exif`` (e.g. ``LoadedImage``'s) are embedded where the format holds
+    them: PNG, JPEG and WebP take both, TIFF the profile.
     """
     writer = image_writer(
         path,
@@ -827,6 +829,22 @@ def _metadata_args(
     return args
 
 
+def flatten_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """[H, W, 3] (floats in [0, 1] or integer levels) composited over white by ``alpha``, as
+    uint8: what a viewer shows of a transparent image on a white page. A format without alpha
+    (JPEG) gets this rather than the colours stored under transparent pixels, which are
+    ``fill_transparent``'s smeared neighbours."""
+    out = np.empty(rgb.shape, dtype=np.uint8)
+    top = np.iinfo(rgb.dtype).max if np.issubdtype(rgb.dtype, np.integer) else 1.0
+    a_top = np.iinfo(alpha.dtype).max if np.issubdtype(alpha.dtype, np.integer) else 1.0
+    for y in range(0, rgb.shape[0], _ROWS_PER_CHUNK):  # no full-size float copy
+        colour = rgb[y : y + _ROWS_PER_CHUNK].astype(np.float32) / np.float32(top)
+        a = np.clip(alpha[y : y + _ROWS_PER_CHUNK].astype(np.float32) / np.float32(a_top), 0, 1)
+        flat = np.clip(colour, 0.0, 1.0) * a[:, :, None] + (1.0 - a[:, :, None])
+        out[y : y + _ROWS_PER_CHUNK] = np.round(flat * 255.0).astype(np.uint8)
+    return out
+
+
 def _check_arrays(rgb: np.ndarray, alpha: np.ndarray | None, bit_depth: int) -> None:
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
@@ -839,8 +857,8 @@ def _check_arrays(rgb: np.ndarray, alpha: np.ndarray | None, bit_depth: int) -> 
 def _pil_for_format(
     rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, bit_depth: int, grayscale: bool
 ) -> tuple[Image.Image, dict[str, Any]]:
-    if fmt == "JPEG":
-        alpha = None
+    if fmt == "JPEG" and alpha is not None:
+        rgb, alpha = flatten_on_white(rgb, alpha), None
     sixteen = bit_depth == 16 and grayscale and fmt in ("PNG", "TIFF") and alpha is None
     image = _build_pil(rgb, alpha, sixteen_bit_gray=sixteen, grayscale=grayscale)
     # lossy formats at the same high quality (Pillow's WebP default, 80, is visibly softer)

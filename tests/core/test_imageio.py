@@ -19,6 +19,7 @@ from adadiff.imageio import (
     bicubic_upscale,
     check_output_path,
     fill_transparent,
+    flatten_on_white,
     load_image,
     save_image,
     to_rgb_array,
@@ -166,6 +167,14 @@ def test_rgba_alpha_kept_through_load_upscale_and_save(tmp_path: Path) -> None:
 
     jpeg = save_image(tmp_path / "out.jpg", big_rgb, big_alpha)
     assert _reread(jpeg).mode == "RGB"
+    # flattened onto white: each pixel is its colour over white by its alpha (JPEG's loss aside)
+    expected = flatten_on_white(big_rgb, big_alpha).astype(np.float64)
+    with Image.open(jpeg) as reread:
+        written = np.asarray(reread, dtype=np.float64)
+    unflattened = np.round(np.clip(big_rgb, 0, 1) * 255)
+    assert np.abs(written - expected).mean() < np.abs(written - unflattened).mean() / 4
+    levels = flatten_on_white((big_rgb * 65535).astype(np.uint16), big_alpha)
+    assert np.abs(levels.astype(np.float64) - expected).max() <= 1
 
     gray_alpha = save_image(tmp_path / "ga.png", big_rgb, big_alpha, grayscale=True)
     assert _reread(gray_alpha).mode == "LA"
