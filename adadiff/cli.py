@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -772,7 +773,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "not installed); run it from the root of a clone of the repository after "
             "pip install -e ., or run python -m benchmarks there"
         )
-    return subprocess.run([sys.executable, "-m", "benchmarks", *args.args]).returncode
+    command = [sys.executable, "-m", "benchmarks", *args.args]
+    if os.name == "posix":
+        # become the benchmark: a SIGTERM to this process must stop it, not orphan a child
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, command)
+    return subprocess.run(command).returncode
 
 
 def cmd_setup_metrics(args: argparse.Namespace) -> int:

@@ -256,6 +256,14 @@ def _ok(result: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("adadiff bench: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["load"]:
         from benchmarks import load
@@ -301,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"wrote {args.out / RESULTS} and {len(result['plots'])} plots in {result['seconds']}s")
+    print(
+        f"wrote {args.out / RESULTS} and {len(result['plots'])} plots in "
+        f"{result['seconds']['total']}s"
+    )
     return 0
 
 

@@ -980,13 +980,23 @@ def main(argv: list[str] | None = None) -> int:
             load_dtss(dtss_path, base)
         if args.readme:
             check_readme(args.readme, start=START, end=END)
-        args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--out {args.out}: cannot make this folder ({exc})") from None
         result = run(args)
     except AdadiffError as exc:
         print(f"adadiff bench front: error: {exc}", file=sys.stderr)
         return 2
     path = args.out / "front.json"
-    result["plot"] = plot(result, args.out / "front.png").name
+    try:  # without matplotlib the runs are still saved, in front.json without a plot
+        result["plot"] = plot(result, args.out / "front.png").name
+    except ImportError as exc:
+        print(
+            f"no front.png ({exc}): pip install matplotlib, or pip install -e '.[bench]'; "
+            "front.json holds every figure",
+            file=sys.stderr,
+        )
     path.write_text(json.dumps(result, indent=1) + "\n")
     shutil.rmtree(args.out / RUNS, ignore_errors=True)  # the front is whole: nothing to resume
     print(f"wrote {path}")

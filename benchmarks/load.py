@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from adadiff.threads import usable_cpus
 
+    try:  # before minutes of runs: an --out that cannot be written fails now, in one line
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out {args.out}: cannot make its folder ({exc.strerror or exc})")
+    if args.out.is_dir() or not os.access(args.out.parent, os.W_OK):
+        p.error(f"--out {args.out}: not a file that can be written")
+
     extra = [] if args.threads is None else ["--threads", str(args.threads)]
     if args.schedule is not None:
         extra += ["--schedule", args.schedule]

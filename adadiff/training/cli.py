@@ -375,7 +375,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--out",
         type=Path,
         help="model folder (default: adadiff/weights/NAME in the package, NAME the model "
-        "config's name: a config named tiny replaces the shipped tiny)",
+        "config's name, unless a built-in model of that name is there: to replace it, give "
+        "its folder here)",
     )
     ship.add_argument("--eval", type=Path, help="evaluate_tiny JSON to quote in the model card")
     ship.add_argument(
@@ -553,8 +554,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         result = train_mmle(cfg, workdir, _options(args), mopts)
     else:
+        from adadiff.models.bundle import SHIPPED
         from adadiff.training.ship import read_evaluation, ship
 
+        if args.out is None and (SHIPPED / cfg.name / CONFIG_FILE).is_file():
+            raise ConfigError(
+                f"without --out, ship would replace the built-in model {cfg.name!r} in "
+                f"{SHIPPED / cfg.name}; give --out DIR (that path itself to replace it)"
+            )
         out = ship(
             cfg,
             workdir,
@@ -584,7 +591,8 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="model folder whose adadiff.json is calibrated")
     p.add_argument(
         "--photos",
-        help="comma-separated tuning photos (default: the validation photos; hold-out refused)",
+        help="comma-separated tuning photos, or train, validation or train+validation "
+        "(default: the validation photos; hold-out refused)",
     )
     p.add_argument("--crops", type=positive, default=6, help="tile-sized crops per photo")
     p.add_argument("--seeds", type=positive, default=1, help="noise seeds per crop")
@@ -615,7 +623,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{folder} has no {CONFIG_FILE}: give a model folder (calibrate rewrites its config; "
             "copy adadiff/weights/tiny to calibrate the built-in model)"
         )
-    given = args.photos.split(",") if args.photos else photo_names("validation")
+    sets = ("train", "validation", "train+validation")
+    given = (
+        photo_names(args.photos or "validation")
+        if (args.photos or "validation") in sets
+        else args.photos.split(",")
+    )
     names = list(dict.fromkeys(n.strip() for n in given if n.strip()))  # each photo once
     held = sorted(set(names) & set(HOLDOUT))
     if held:

@@ -316,8 +316,13 @@ def _report_stage_changes(stage: str, ckpt: dict[str, Any], now: dict[str, Any])
         if key in _NOT_RECIPE or key not in before or _plain(before[key]) == _plain(value):
             continue
         flag = option_flag(key)
+        shown = (
+            ",".join(map(str, before[key]))
+            if isinstance(before[key], list | tuple)
+            else before[key]
+        )
         keep = (
-            f" (pass {flag} {before[key]} to keep the recipe)"
+            f" (pass {flag} {shown} to keep the recipe)"
             if flag is not None and before[key] is not None
             else ""
         )

@@ -446,3 +446,39 @@ def test_the_load_benchmark_compares_medians_of_idle_and_busy_runs(monkeypatch):
     assert (result["idle_upscale_s"], result["loaded_upscale_s"]) == (2.0, 6.0)
     assert result["ratio"] == 3.0 and result["meets_target"] is False
     assert len(result["runs"]["idle"]) == len(result["runs"]["loaded"]) == 3
+
+
+def test_the_load_benchmark_refuses_an_unwritable_out_before_any_run(tmp_path, monkeypatch):
+    from benchmarks import load
+
+    def no_runs(*_args):
+        raise AssertionError("the runs started before --out was checked")
+
+    monkeypatch.setattr(load, "measure", no_runs)
+    plain = tmp_path / "a-file"
+    plain.write_text("")
+    for out in (plain / "load.json", tmp_path):
+        with pytest.raises(SystemExit) as stop:
+            load.main(["--out", str(out), "--repeats", "1"])
+        assert stop.value.code == 2
+
+
+def test_adadiff_bench_becomes_the_benchmark_process(monkeypatch):
+    """On POSIX ``adadiff bench`` execs the benchmark, so a SIGTERM to it stops the benchmark
+    instead of orphaning a child that runs on."""
+    import os
+
+    import adadiff.cli as cli
+
+    seen = []
+
+    def fake_execv(path, argv):
+        seen.append((path, argv))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execv", fake_execv)
+    if os.name != "posix":
+        pytest.skip("exec is only used on POSIX systems")
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "quick", "--help"])
+    assert seen and seen[0][1][1:4] == ["-m", "benchmarks", "quick"]

@@ -225,3 +225,21 @@ def test_the_command_line_refuses_mistakes_before_any_run(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*quick, flag, value])
     assert not out.exists()
+
+
+def test_a_front_without_matplotlib_still_writes_its_json(tmp_path, monkeypatch, capsys):
+    """The plot comes after every run: a missing matplotlib must not lose them."""
+    import json
+
+    from benchmarks import front
+
+    def no_matplotlib(*_args, **_kwargs):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(front, "run", lambda args: {"methods": {}})
+    monkeypatch.setattr(front, "plot", no_matplotlib)
+    out = tmp_path / "front"
+    argv = ["--out", str(out), "--crops", "1", "--seeds", "1", "--oracle-seeds", "0"]
+    assert front.main(argv) == 0
+    assert json.loads((out / "front.json").read_text()) == {"methods": {}}
+    assert "no front.png" in capsys.readouterr().err

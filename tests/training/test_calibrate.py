@@ -179,3 +179,13 @@ def test_calibration_is_written_whole_or_not_at_all_on_a_full_disk(tmp_path):
     assert stdout.startswith("refused:") and "calibration report" in stdout
     assert "no output file was changed" in stdout
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_calibrate_photos_take_set_names(tiny_dir, capsys):
+    """--photos validation means the validation photos, as for the benchmarks and training;
+    the run is refused later (its --interval), after the names were read as the set."""
+    from adadiff.cli import main
+
+    assert main(["calibrate", str(tiny_dir), "--photos", "validation", "--interval", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "use a smaller --interval" in err and "two different photos" not in err

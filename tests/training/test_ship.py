@@ -363,3 +363,23 @@ def test_card_refresh_rewrites_only_the_evaluation_section(tmp_path, cfg):
         refresh_card(folder, evaluation=_evaluation(0.2), quality=quality)
     with pytest.raises(ModelFolderError, match="not a shipped model folder"):
         refresh_card(tmp_path, evaluation=_evaluation(0.2), quality=quality)
+
+
+def test_ship_without_out_refuses_to_replace_a_built_in_model(tmp_path):
+    """A config named tiny shipped without --out would overwrite the package's own weights."""
+    from adadiff.config import ModelConfig
+    from adadiff.models.bundle import SHIPPED
+    from adadiff.training.cli import add_train_parser, cmd_train
+
+    model_dir = tmp_path / "cfg"
+    model_dir.mkdir()
+    ModelConfig.load(SHIPPED / "tiny").save(model_dir)
+    before = {p.name: p.stat().st_mtime_ns for p in (SHIPPED / "tiny").rglob("*")}
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["train", "ship", "--model", str(model_dir), "--workdir", str(tmp_path / "w")]
+    )
+    with pytest.raises(ConfigError, match="would replace the built-in model 'tiny'"):
+        cmd_train(args)
+    assert {p.name: p.stat().st_mtime_ns for p in (SHIPPED / "tiny").rglob("*")} == before

@@ -295,4 +295,11 @@ def test_a_resume_names_each_changed_stage_option(tmp_path, vae_workdir, cfg, im
     with caplog.at_level(logging.WARNING, logger="adadiff.training"):
         _report_stage_changes("unet", then, now)
     assert "pass --photo-weighting area" in caplog.text  # the flag's real name
+    from adadiff.training.decoder import DecoderOptions
+
+    caplog.clear()
+    then = {"summary": {"options": DecoderOptions().__dict__}}
+    with caplog.at_level(logging.WARNING, logger="adadiff.training"):
+        _report_stage_changes("decoder", then, DecoderOptions(sample_intervals=(999,)).__dict__)
+    assert "pass --sample-intervals 200,100,50 to keep" in caplog.text  # as the parser takes it
     assert "--device" not in caplog.text  # a checkpoint resumes on either device
