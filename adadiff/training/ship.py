@@ -817,6 +817,7 @@ def ship(
                 f"the model folder is {size:.1f} MB, over the {max_mb:.0f} MB limit; shrink the "
                 "config" + ("" if half else ", or store the weights as fp16 (--half)")
             )
+        check_figures_match(tmp, evaluation=evaluation, quality=quality, shown_as=out)
         params = describe(models)["parameters"]
         card = model_card(
             models.config,
@@ -901,6 +902,43 @@ def evaluation_lines(
     return [EVALUATION_HEADING, "", *quality_section(quality), *_eval_section(evaluation), ""]
 
 
+def check_figures_match(
+    folder: Path,
+    *,
+    evaluation: dict[str, Any] | None,
+    quality: dict[str, Any] | None,
+    shown_as: Path | None = None,
+) -> None:
+    """Refuse benchmark JSONs made on another model than the one in ``folder``: a card must
+    not quote figures of other weights. ``shown_as`` names the folder in the rerun commands
+    (``ship`` checks its temporary folder before it takes the final name)."""
+    name = shell_arg(shown_as or folder)
+    model = evaluation.get("model", {}) if isinstance(evaluation, dict) else {}
+    digest = model.get("config_digest") if isinstance(model, dict) else None
+    own = ModelConfig.load(folder).digest()
+    if digest is not None and digest != own:
+        raise ConfigError(
+            f"the evaluate_tiny JSON describes another model (config digest {digest}, the "
+            f"folder's {own}); run `python -m benchmarks.evaluate_tiny --model {name}`"
+        )
+    # Candidates of one recipe share a config: the weights digest tells them apart (JSONs
+    # written before it was recorded are taken on trust).
+    weights = weights_digest(folder)
+    rerun = {
+        "evaluate_tiny": f"python -m benchmarks.evaluate_tiny --model {name}",
+        "quality": f"python -m benchmarks.quality --model {name}",
+    }
+    for what, recorded in (
+        ("evaluate_tiny", model.get("weights_digest") if isinstance(model, dict) else None),
+        ("quality", quality.get("weights_digest") if isinstance(quality, dict) else None),
+    ):
+        if recorded is not None and recorded != weights:
+            raise ConfigError(
+                f"the {what} JSON was made with other weights (digest {recorded}, the folder's "
+                f"{weights}); run `{rerun[what]}`"
+            )
+
+
 def refresh_card(
     folder: str | Path, *, evaluation: dict[str, Any], quality: dict[str, Any]
 ) -> Path:
@@ -921,30 +959,7 @@ def refresh_card(
             raise ConfigError(
                 f"the {what} JSON holds a {type(data).__name__}, not what benchmarks.{what} writes"
             )
-    model = evaluation.get("model", {})
-    digest = model.get("config_digest") if isinstance(model, dict) else None
-    own = ModelConfig.load(folder).digest()
-    if digest is not None and digest != own:
-        raise ConfigError(
-            f"the evaluate_tiny JSON describes another model (config digest {digest}, the "
-            f"folder's {own}); run `python -m benchmarks.evaluate_tiny --model {shell_arg(folder)}`"
-        )
-    # Candidates of one recipe share a config: the weights digest tells them apart (JSONs
-    # written before it was recorded are taken on trust).
-    weights = weights_digest(folder)
-    rerun = {
-        "evaluate_tiny": f"python -m benchmarks.evaluate_tiny --model {shell_arg(folder)}",
-        "quality": f"python -m benchmarks.quality --model {shell_arg(folder)}",
-    }
-    for what, recorded in (
-        ("evaluate_tiny", model.get("weights_digest") if isinstance(model, dict) else None),
-        ("quality", quality.get("weights_digest")),
-    ):
-        if recorded is not None and recorded != weights:
-            raise ConfigError(
-                f"the {what} JSON was made with other weights (digest {recorded}, the folder's "
-                f"{weights}); run `{rerun[what]}`"
-            )
+    check_figures_match(folder, evaluation=evaluation, quality=quality)
     try:
         section = evaluation_lines(quality, evaluation)
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:

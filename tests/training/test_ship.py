@@ -78,6 +78,24 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     assert models.config.scaling_factor == pytest.approx(unet_state["scaling_factor"])
     assert models.config.vae["scaling_factor"] == pytest.approx(unet_state["scaling_factor"])
 
+    # a quality JSON of other weights is refused before anything is written; one of these
+    # weights (the same workdir shipped again gives the same files) is taken
+    from adadiff.artifacts import weights_digest
+
+    other, again = tmp_path / "other.json", tmp_path / "again"
+    other.write_text(json.dumps({"weights_digest": "0123456789abcdef"}))
+    with pytest.raises(ConfigError, match="quality JSON was made with other weights"):
+        cmd_train(
+            parser.parse_args(
+                ["train", "ship", *common, "--out", str(again), "--quality", str(other)]
+            )
+        )
+    assert not again.exists() and not list(tmp_path.glob(".again-*"))
+    other.write_text(json.dumps({"weights_digest": weights_digest(out)}))
+    argv = ["train", "ship", *common, "--out", str(again), "--quality", str(other)]
+    assert cmd_train(parser.parse_args(argv)) == 0
+    assert weights_digest(again) == weights_digest(out)
+
     up = Upscaler(models.config, TorchBackend(models), max_batch=4)
     image, report = up.upscale(np.full((12, 12, 3), 0.5, dtype=np.float32), schedule="adaptive")
     assert image.shape == (48, 48, 3) and np.all(np.isfinite(image))
