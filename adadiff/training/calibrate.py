@@ -230,6 +230,7 @@ def record(
     scores = np.zeros((seeds, n, s, cfg.mmle.num_scores), np.float32)
     lpips = np.zeros((seeds, n, s), np.float32)
     step_of = {t: j for j, t in enumerate(t_all)}
+    scored = [0]  # estimates scored so far, of seeds * n * s
     for seed in range(seeds):
 
         def score(x0: np.ndarray, lr_: np.ndarray, t: np.ndarray, seed: int = seed) -> np.ndarray:
@@ -241,11 +242,12 @@ def record(
             for i, k in enumerate(tiles):
                 j = step_of[int(t[i])]
                 scores[seed, k, j], lpips[seed, k, j] = out[i], dist[i]
+            scored[0] += len(tiles)
+            if progress is not None:
+                progress(scored[0], seeds * n * s)
             return out
 
         sample_with(models, lr, score, _Always(interval), seed=seed, max_batch=max_batch)
-        if progress is not None:
-            progress(seed + 1, seeds)
     return Trajectories(
         t=np.array(t_all, np.int64),
         scores=scores.reshape(seeds * n, s, -1),

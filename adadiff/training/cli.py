@@ -11,6 +11,8 @@ import argparse
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError
 from adadiff.imageio import bytes_writer, write_files_atomic
 from adadiff.presets import is_preset, preset, preset_name
+from adadiff.progress import format_duration
 from adadiff.quality.cache import cache_root
 from adadiff.training.data import HOLDOUT
 from adadiff.training.degrade import STRENGTH_NOTES, STRENGTHS
@@ -663,7 +666,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         interval=args.interval,
         max_batch=args.max_batch,
-        progress=lambda done, total: print(f"seed {done}/{total} recorded", file=sys.stderr),
+        progress=recording_progress(),
     )
     metrics, dtss, report = calibrate(traj, cfg.mmle.metrics, cfg.dtss, budget=args.budget)
     new = replace(cfg, dtss=dtss, mmle=replace(cfg.mmle, metrics=metrics))
@@ -706,3 +709,30 @@ def write_calibration(folder: Path, config: ModelConfig, report: dict[str, Any])
             ),
         ]
     )
+
+
+def recording_progress(
+    every: float = 10.0, clock: Callable[[], float] = time.monotonic
+) -> Callable[[int, int], None]:
+    """A line on stderr at most every ``every`` s while calibrate records (minutes of sampling
+    and scoring with nothing else to show), and one at the end."""
+    start = clock()
+    last = [start]
+
+    def show(done: int, total: int) -> None:
+        now = clock()
+        if done < total and now - last[0] < every:
+            return
+        last[0] = now
+        elapsed = now - start
+        left = (
+            f", ETA {format_duration(elapsed * (total - done) / done)}" if 0 < done < total else ""
+        )
+        print(
+            f"recorded {100 * done / total:.0f}% of the estimates ({done}/{total}, "
+            f"{format_duration(elapsed)}{left})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show

@@ -108,8 +108,11 @@ def test_calibrate_command_records_fits_and_writes_the_config(
     before = ModelConfig.load(folder)
     args = ["calibrate", str(folder), "--crops", "2"]  # the validation photos by default
     assert main([*args, "--interval", "200", "--threads", "1"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "tau " in out and "weights: psnr" in out
+    # 4 tiles x 5 steps: the recording's last progress line counts every estimate
+    assert "recorded 100% of the estimates (20/20" in captured.err
     note = "the calibrated DTSS runs with --schedule adaptive"
     assert (note in out) == (before.default_schedule != "adaptive")
     after = ModelConfig.load(folder)
@@ -189,3 +192,18 @@ def test_calibrate_photos_take_set_names(tiny_dir, capsys):
     assert main(["calibrate", str(tiny_dir), "--photos", "validation", "--interval", "1000"]) == 2
     err = capsys.readouterr().err
     assert "use a smaller --interval" in err and "two different photos" not in err
+
+
+def test_recording_progress_is_a_line_every_interval_and_one_at_the_end(capsys):
+    from adadiff.training.cli import recording_progress
+
+    now = [0.0]
+    show = recording_progress(every=10.0, clock=lambda: now[0])
+    for t, done in ((1.0, 10), (5.0, 20), (11.0, 30), (12.0, 40), (13.0, 100)):
+        now[0] = t
+        show(done, 100)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "recorded 30% of the estimates (30/100, 11s, ETA 26s)",
+        "recorded 100% of the estimates (100/100, 13s)",
+    ]
