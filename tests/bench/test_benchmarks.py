@@ -189,7 +189,7 @@ def test_the_suite_checks_the_device_of_its_first_backend_only(monkeypatch, tmp_
     checked = []
 
     def ran(*_args, **_kw):
-        return {"summary": {}, "failed": [], "plots": [], "seconds": {}}
+        return {"summary": {}, "failed": [], "plots": [], "seconds": {"total": 0.0}}
 
     monkeypatch.setattr(suite_main, "check_device", lambda *a: checked.append(a))
     monkeypatch.setattr(suite_main, "run_suite", ran)
