@@ -18,9 +18,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from adadiff.argtypes import positive
 from adadiff.device_check import check_device
 from adadiff.errors import AdadiffError
 from adadiff.presets import model_config
+from benchmarks.paths import check_out_folder
 from benchmarks.suites import SECTIONS, SUITES, Context, Settings, Suite
 
 RESULTS = "results.json"
@@ -44,10 +46,13 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--model", default="tiny", help="tiny, sd21-base or a model folder")
         s.add_argument("--precision", default="fp32", choices=("fp32", "fp16"))
         s.add_argument("--out", type=Path, default=Path(f"bench-{name}"), help="output folder")
-        s.add_argument("--repeats", type=int, default=None, help=f"default {suite.repeats}")
-        s.add_argument("--max-batch", type=int, default=16)
+        s.add_argument("--repeats", type=positive, default=None, help=f"default {suite.repeats}")
+        s.add_argument("--max-batch", type=positive, default=16)
         s.add_argument(
-            "--threads", type=int, default=None, help="intra-op threads of torch and ONNX Runtime"
+            "--threads",
+            type=positive,
+            default=None,
+            help="intra-op threads of torch and ONNX Runtime",
         )
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--engines", type=Path, default=None, help="reuse an ONNX export folder")
@@ -55,12 +60,12 @@ def _parser() -> argparse.ArgumentParser:
             "--sections", default=None, help=f"comma subset of {','.join(suite.sections)}"
         )
         s.add_argument(
-            "--photo-size", type=int, default=None, help="long side of the schedule photos"
+            "--photo-size", type=positive, default=None, help="long side of the schedule photos"
         )
         s.add_argument("--sizes", default=None, help="comma list of scaling input sizes")
         s.add_argument(
             "--scaling-interval",
-            type=int,
+            type=positive,
             default=None,
             help=f"uniform interval of the scaling runs (default {suite.scaling_interval}; "
             "200 = 5 steps, enough for memory, which does not depend on steps)",
@@ -289,6 +294,9 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         suite, settings = _suite(args), _settings(args)
         model_config(settings.model)  # a model that cannot load fails every section
+        check_out_folder(args.out)
+        if args.work is not None:
+            check_out_folder(args.work, "--work")
         # a GPU the first backend lacks fails every section; a later backend without one
         # fails only its own variant, as one failing backend must not hide the others' figures
         check_device(settings.backends[0], settings.device)

@@ -482,3 +482,33 @@ def test_adadiff_bench_becomes_the_benchmark_process(monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["bench", "quick", "--help"])
     assert seen and seen[0][1][1:4] == ["-m", "benchmarks", "quick"]
+
+
+def test_the_suite_refuses_a_file_as_out_or_work_before_any_run(monkeypatch, tmp_path, capsys):
+    import benchmarks.__main__ as suite_main
+
+    def no_runs(*_args, **_kw):
+        raise AssertionError("the suite ran before its folders were checked")
+
+    monkeypatch.setattr(suite_main, "run_suite", no_runs)
+    monkeypatch.chdir(tmp_path)  # the default --out, bench-quick, lands here
+    plain = tmp_path / "a-file"
+    plain.write_text("")
+    for flag, value in (("--out", plain), ("--work", plain), ("--out", plain / "sub")):
+        assert suite_main.main(["quick", flag, str(value)]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {value}" in err and "give a" in err and "Traceback" not in err
+
+
+def test_the_suite_refuses_counts_below_one(monkeypatch, capsys):
+    import benchmarks.__main__ as suite_main
+
+    def no_runs(*_args, **_kw):
+        raise AssertionError("the suite ran with a count below one")
+
+    monkeypatch.setattr(suite_main, "run_suite", no_runs)
+    for flag in ("--threads", "--repeats", "--max-batch"):
+        with pytest.raises(SystemExit) as stop:
+            suite_main.main(["quick", flag, "-1"])
+        assert stop.value.code == 2
+        assert f"argument {flag}: expected a number >= 1" in capsys.readouterr().err
