@@ -77,7 +77,7 @@ from adadiff.training.labels import (
 from adadiff.training.mmle import spearman
 from adadiff.training.pairs import Batch, crops_per_photo, evaluation_photos
 from benchmarks.machine import machine, weights_of
-from benchmarks.report import check_readme, relative_link
+from benchmarks.report import check_readme, read_saved, relative_link
 
 log = logging.getLogger("adadiff")
 
@@ -956,10 +956,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         if not args.readme:
             raise SystemExit("--render needs --readme")
-        result = json.loads(args.render.read_text())
-        if result.get("plot"):
-            plot(result, args.render.parent / result["plot"])
-        write_readme(result, args.render, args.readme)
+        try:
+            result = read_saved(args.render, "front.json")
+            if result.get("plot"):
+                plot(result, args.render.parent / result["plot"])
+            write_readme(result, args.render, args.readme)
+        except AdadiffError as exc:
+            print(f"adadiff bench front: error: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.out is None:
         raise SystemExit("--out is required unless --render is given")

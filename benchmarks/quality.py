@@ -51,7 +51,7 @@ from adadiff.training.degrade import bicubic_x4, blur_jpeg_x4
 from adadiff.training.labels import decode_latents, encode_latents
 from adadiff.training.pairs import evaluation_photos
 from benchmarks.machine import machine, weights_of
-from benchmarks.report import relative_link
+from benchmarks.report import read_saved, relative_link
 
 log = logging.getLogger("adadiff")
 
@@ -647,7 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         if not args.readme:
             raise SystemExit("--render needs --readme")
-        write_readme(json.loads(args.render.read_text()), args.render, args.readme)
+        try:
+            write_readme(read_saved(args.render, "quality.json"), args.render, args.readme)
+        except AdadiffError as exc:
+            print(f"adadiff bench quality: error: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.readme and not args.out:  # the section links to the JSON, which needs a folder
         raise SystemExit("--readme needs --out (the README section is made from the saved JSON)")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adadiff.errors import AdadiffError
+from adadiff.errors import AdadiffError, ConfigError
 from benchmarks import gpu_report
 from benchmarks.machine import SHIPPED_WEIGHTS, machine_line
 
@@ -49,6 +49,23 @@ def check_readme(readme: Path, *, start: str = START, end: str = END) -> None:
     except OSError as exc:
         raise MarkerError(f"--readme {readme}: {exc.strerror or exc}") from None
     replace_section(text, "", start=start, end=end)
+
+
+def read_saved(path: Path, what: str) -> dict[str, Any]:
+    """The run saved in ``path`` for ``--render``, or ``ConfigError`` saying what to give."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(
+            f"--render {path}: {exc.strerror or exc}; give the {what} that a run wrote"
+        ) from None
+    except ValueError as exc:  # not JSON, or not text
+        raise ConfigError(
+            f"--render {path} is not JSON ({exc}); give the {what} that a run wrote"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--render {path} is not a saved run; give the {what} that a run wrote")
+    return data
 
 
 def update_readme(readme: Path, section: str, *, start: str = START, end: str = END) -> None:

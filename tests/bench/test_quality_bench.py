@@ -325,3 +325,15 @@ def test_quality_runs_on_your_own_files(tmp_path, tiny_dir, metric_cache):
                 got = entry[method][key]["per_photo"]["portrait"][0]
                 want = by_name["results"][degradation][method][key]["per_photo"]["astronaut"][0]
                 assert got == pytest.approx(want, rel=1e-5), (degradation, method, key)
+
+
+def test_render_refuses_a_missing_or_broken_json_in_one_line(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{quality.START}\n{quality.END}\n")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for saved, why in ((tmp_path / "missing.json", "No such file"), (broken, "is not JSON")):
+        assert quality.main(["--render", str(saved), "--readme", str(readme)]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "give the quality.json that a run wrote" in err
+    assert readme.read_text() == f"{quality.START}\n{quality.END}\n"
