@@ -51,6 +51,7 @@ from adadiff.training.degrade import bicubic_x4, blur_jpeg_x4
 from adadiff.training.labels import decode_latents, encode_latents
 from adadiff.training.pairs import evaluation_photos
 from benchmarks.machine import machine, weights_of
+from benchmarks.paths import check_out_folder
 from benchmarks.report import read_saved, relative_link
 
 log = logging.getLogger("adadiff")
@@ -659,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--images needs --out (the images are written under OUT/images)")
     logging.basicConfig(level=logging.WARNING)
     try:
+        if args.out:
+            check_out_folder(args.out)
         if args.readme:
             from benchmarks.report import check_readme
 

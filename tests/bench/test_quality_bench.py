@@ -327,6 +327,17 @@ def test_quality_runs_on_your_own_files(tmp_path, tiny_dir, metric_cache):
                 assert got == pytest.approx(want, rel=1e-5), (degradation, method, key)
 
 
+def test_a_file_as_out_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    def no_run(_args):
+        raise AssertionError("the run started before --out was checked")
+
+    monkeypatch.setattr(quality, "run", no_run)
+    plain = tmp_path / "a-file"
+    plain.write_text("")
+    assert quality.main(["--out", str(plain)]) == 2
+    assert f"--out {plain} is a file; give a folder" in capsys.readouterr().err
+
+
 def test_render_refuses_a_missing_or_broken_json_in_one_line(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(f"{quality.START}\n{quality.END}\n")
