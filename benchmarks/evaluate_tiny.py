@@ -39,6 +39,7 @@ import torch
 from adadiff.argtypes import non_negative, positive
 from adadiff.config import MetricKind
 from adadiff.engines.torch import TorchBackend
+from adadiff.errors import AdadiffError
 from adadiff.imageio import bicubic_upscale
 from adadiff.models.bundle import TorchModels, describe, load_models
 from adadiff.progress import LogProgress
@@ -54,6 +55,7 @@ from adadiff.training.loop import numpy_rng
 from adadiff.training.mmle import referenced, spearman
 from adadiff.training.pairs import PairStream
 from benchmarks.machine import machine
+from benchmarks.paths import check_out_file, check_out_folder
 
 log = logging.getLogger("adadiff")
 
@@ -340,8 +342,12 @@ def targets(methods: dict[str, dict[str, float]], mmle: dict[str, Any] | None) -
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.evaluate_tiny",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--model", default="tiny", help="preset (shipped weights) or model folder")
     p.add_argument("--out", type=Path, default=Path("runs/eval_tiny.json"))
     p.add_argument("--images", type=Path, help="also write every output as PNG here")
@@ -362,8 +368,11 @@ def main() -> None:
     p.add_argument("--skip-mmle", action="store_true")
     p.add_argument("--seed", type=non_negative, default=0)
     p.add_argument("--threads", type=positive, help="torch threads (1 is faster on a busy machine)")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    return p
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """What the evaluation writes to --out, all but its argv."""
     if args.threads:
         torch.set_num_threads(args.threads)
     models = load_models(args.model)
@@ -401,27 +410,38 @@ def main() -> None:
     }
     for name, ok in summary["targets"].items():
         print(f"{'met   ' if ok else 'MISSED'} {name}")
+    return {
+        "machine": machine(),
+        "model": describe(models),
+        "degradation": "bicubic x4 (antialiased, a = -0.5), float",
+        "max_side": args.max_side,  # None: whole photos
+        "rows": rows,
+        "summary": summary,
+        "seconds": {
+            "super_resolution": round(sr_seconds, 1),
+            "total": round(time.perf_counter() - start, 1),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:  # the paths first: a refused --out after the runs would lose their minutes of work
+        check_out_file(args.out)
+        if args.images is not None:
+            check_out_folder(args.images, "--images")
+        result = evaluate(args)
+    except AdadiffError as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    result["argv"] = list(sys.argv[1:] if argv is None else argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": machine(),
-                "model": describe(models),
-                "degradation": "bicubic x4 (antialiased, a = -0.5), float",
-                "max_side": args.max_side,  # None: whole photos
-                "argv": sys.argv[1:],
-                "rows": rows,
-                "summary": summary,
-                "seconds": {
-                    "super_resolution": round(sr_seconds, 1),
-                    "total": round(time.perf_counter() - start, 1),
-                },
-            },
-            indent=2,
-        )
-    )
+    args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

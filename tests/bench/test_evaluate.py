@@ -109,3 +109,26 @@ def test_model_card_names_the_uniform_schedule_adaptive_is_judged_against() -> N
     assert "takes more UNet evaluations" in "\n".join(_eval_section({"summary": summary}))
     del summary["best_uniform_at_no_more_evaluations"]
     assert "no more UNet evaluations" not in "\n".join(_eval_section({"summary": summary}))
+
+
+def test_the_command_line_refuses_a_bad_model_or_out_before_any_work(tmp_path, capsys) -> None:
+    from benchmarks import evaluate_tiny
+
+    assert evaluate_tiny.main(["--model", str(tmp_path), "--out", str(tmp_path / "e.json")]) == 2
+    assert "adadiff.json is missing" in capsys.readouterr().err
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    from benchmarks import evaluate_tiny
+
+    def no_work(_model):
+        raise AssertionError("the evaluation started before --out was checked")
+
+    monkeypatch.setattr(evaluate_tiny, "load_models", no_work)
+    plain = tmp_path / "a-file"
+    plain.write_text("")
+    for out, why in ((plain / "eval.json", "is a file"), (tmp_path, "is a folder")):
+        assert evaluate_tiny.main(["--out", str(out)]) == 2
+        assert why in capsys.readouterr().err
