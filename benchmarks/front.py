@@ -882,7 +882,7 @@ def _exit(text: str) -> tuple[int, int]:
     return pair
 
 
-def _intervals(text: str) -> tuple[int, ...]:
+def interval_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -917,7 +917,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=positive, default=3)
     p.add_argument(
         "--uniform",
-        type=_intervals,
+        type=interval_list,
         default=UNIFORM_INTERVALS,
         help="uniform intervals (999 -> 1 step, 200 -> 5 steps, 5 -> 200 steps)",
     )

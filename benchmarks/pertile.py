@@ -30,11 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from adadiff.argtypes import positive
+from adadiff.errors import AdadiffError
 from adadiff.imageio import bicubic_upscale
 from adadiff.models.bundle import TorchModels, describe, load_models
 from adadiff.runtime.colorfix import low_band
 from adadiff.runtime.content import latent_texture
-from adadiff.training.data import HOLDOUT
+from adadiff.training.data import HOLDOUT, find_photo
 from adadiff.training.degrade import blur_jpeg_x4
 from adadiff.training.labels import encode_latents
 from adadiff.training.pairs import Batch, evaluation_photos, photo_names
@@ -43,10 +45,12 @@ from benchmarks.front import (
     Scorer,
     fit_content,
     holdout_crops,
+    interval_list,
     run_method,
     uniform_policy,
 )
 from benchmarks.machine import machine, weights_of
+from benchmarks.paths import check_out_folder
 
 INTERVALS = (999, 500, 333, 200, 100, 50)
 DEGRADATIONS = ("bicubic", "realworld")
@@ -324,23 +328,30 @@ def parser() -> argparse.ArgumentParser:
         help="train, validation, train+validation or names separated by commas; never hold-out "
         "photos (default: train+validation)",
     )
-    p.add_argument("--crops", type=int, default=16, help="tile crops per photo (default: 16)")
-    p.add_argument("--seeds", type=int, default=2, help="noise seeds (default: 2)")
+    p.add_argument("--crops", type=positive, default=16, help="tile crops per photo (default: 16)")
+    p.add_argument("--seeds", type=positive, default=2, help="noise seeds (default: 2)")
     p.add_argument(
         "--intervals",
-        type=lambda s: tuple(int(v) for v in s.split(",")),
+        type=interval_list,
         default=INTERVALS,
         help="uniform intervals, comma-separated (default: 999,500,333,200,100,50)",
     )
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-batch", type=positive, default=32)
+    p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--out", type=Path, required=True, help="folder for pertile.json")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    report = run(args)
+    try:  # a typo fails now, in one line, not in a traceback during or after the runs
+        check_out_folder(args.out)
+        for name in args.photos:
+            find_photo(name)
+        report = run(args)
+    except AdadiffError as exc:
+        print(f"python -m benchmarks.pertile: error: {exc}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "pertile.json"
     path.write_text(json.dumps(report, indent=1))

@@ -126,3 +126,28 @@ def test_a_small_run_of_the_shipped_model(tmp_path, metric_cache, capsys):
         assert 0.0 < r["uniform"]["1"] < 1.0 and 0.0 < r["uniform"]["5"] < 1.0
         assert r["room"]["same_seed"]["lpips"] <= min(r["uniform"].values()) + 1e-9
     assert "chosen with HR" in capsys.readouterr().out
+
+
+def test_the_command_line_refuses_mistakes_before_any_run(tmp_path, monkeypatch, capsys):
+    import benchmarks.pertile as pertile
+
+    def no_run(_args):
+        raise AssertionError("the runs started before the arguments were checked")
+
+    monkeypatch.setattr(pertile, "run", no_run)
+    out = ["--out", str(tmp_path / "o"), "--photos", "a,b"]  # names looked up only in main
+    for flag, value in (("--threads", "0"), ("--crops", "0"), ("--seeds", "0")):
+        with pytest.raises(SystemExit) as stop:
+            main([*out, flag, value])
+        assert stop.value.code == 2
+        assert f"argument {flag}: expected a number >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main([*out, "--intervals", "999,0"])
+    assert stop.value.code == 2
+    assert main([*out, "--photos", "nosuch,grass"]) == 2
+    assert "no photo named 'nosuch'" in capsys.readouterr().err
+    plain = tmp_path / "a-file"
+    plain.write_text("")
+    assert main(["--out", str(plain), "--photos", "a,b"]) == 2
+    assert f"--out {plain} is a file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
