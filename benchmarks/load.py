@@ -26,6 +26,8 @@ from typing import Any
 
 from adadiff.argtypes import DefaultsFormatter, positive
 from adadiff.config import SCHEDULES
+from adadiff.errors import OutputPathError
+from benchmarks.paths import check_out_file
 from benchmarks.suites import ROOT, child_env
 
 TARGET_RATIO = 2.5
@@ -123,11 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     from adadiff.threads import usable_cpus
 
     try:  # before minutes of runs: an --out that cannot be written fails now, in one line
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        p.error(f"--out {args.out}: cannot make its folder ({exc.strerror or exc})")
-    if args.out.is_dir() or not os.access(args.out.parent, os.W_OK):
-        p.error(f"--out {args.out}: not a file that can be written")
+        check_out_file(args.out)
+    except OutputPathError as exc:
+        p.error(str(exc))
 
     extra = [] if args.threads is None else ["--threads", str(args.threads)]
     if args.schedule is not None:
