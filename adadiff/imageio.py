@@ -633,15 +633,19 @@ def _open_temp(target: Path) -> tuple[int, Path]:
 Writer = Callable[[BinaryIO], None]
 
 
-def write_files_atomic(files: Sequence[tuple[str | Path, Writer, str]]) -> list[Path]:
+def write_files_atomic(
+    files: Sequence[tuple[str | Path, Writer, str]], *, follow_links: bool = True
+) -> list[Path]:
     """Write files that belong together (an image, its report, its step map), each given as
     (path, writer, what it is): all go to temporary files first and are moved into place only
     when every one was written, so a full disk or an encoder's refusal leaves all earlier files
-    as they were."""
+    as they were. ``follow_links=False`` replaces a symbolic link itself, not the file it
+    names."""
     staged: list[tuple[Path, Path, str]] = []
     try:
         for path, write, what in files:
-            target = Path(path).expanduser().resolve()
+            target = Path(path).expanduser()
+            target = target.resolve() if follow_links else target.parent.resolve() / target.name
             try:
                 fd, temp = _open_temp(target)
                 staged.append((temp, target, what))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from dataclasses import asdict, replace
@@ -260,6 +261,12 @@ def _ok(result: dict[str, Any], name: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "error" not in data else None
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    # SIGTERM ends the run as Ctrl-C does: `with` blocks and subprocess.run stop the children
+    # (load's busy loops, a demo, a suite's worker) instead of leaving them to run on
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -325,4 +332,5 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(main())

@@ -31,7 +31,13 @@ from benchmarks.paths import check_out_file
 from benchmarks.suites import ROOT, child_env
 
 TARGET_RATIO = 2.5
-SPIN = "while True:\n    pass\n"
+# a busy core that stops once its parent is gone (killed before it could stop the spinners)
+SPIN = (
+    "import os, sys\n"
+    "while os.getppid() == int(sys.argv[1]):\n"
+    "    for _ in range(1_000_000):\n"
+    "        pass\n"
+)
 
 
 def run_demo(work: Path, extra: list[str]) -> dict[str, float]:
@@ -55,8 +61,13 @@ class Spinners:
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> Spinners:
-        self.procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(self.count)]
-        time.sleep(1.0)  # let the scheduler see them before the measurement starts
+        try:
+            for _ in range(self.count):
+                self.procs.append(subprocess.Popen([sys.executable, "-c", SPIN, str(os.getpid())]))
+            time.sleep(1.0)  # let the scheduler see them before the measurement starts
+        except BaseException:  # a SIGTERM or Ctrl-C here: __exit__ would not run
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

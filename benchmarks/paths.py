@@ -21,6 +21,8 @@ def check_out_file(path: Path, flag: str = "--out") -> None:
     """``OutputPathError`` unless ``path`` is a file name that can be written."""
     if path.is_dir():
         raise OutputPathError(f"{flag} {path} is a folder; give a file name in it instead")
+    if path.exists() and os.access(path, os.W_OK):  # rewritten in place (or /dev/null)
+        return
     _check_can_hold(path.parent, flag, path)
 
 

@@ -707,7 +707,8 @@ def write_calibration(folder: Path, config: ModelConfig, report: dict[str, Any])
                 bytes_writer((json.dumps(report, indent=1) + "\n").encode()),
                 "calibration report",
             ),
-        ]
+        ],
+        follow_links=False,  # a linked copy (cp -rs) of a model: never rewrite the original
     )
 
 

@@ -317,7 +317,7 @@ def _report_stage_changes(stage: str, ckpt: dict[str, Any], now: dict[str, Any])
             continue
         flag = option_flag(key)
         shown = (
-            ",".join(map(str, before[key]))
+            (",".join(map(str, before[key])) or "''")  # '': the flag's empty list
             if isinstance(before[key], list | tuple)
             else before[key]
         )

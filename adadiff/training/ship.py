@@ -913,13 +913,21 @@ def check_figures_match(
     not quote figures of other weights. ``shown_as`` names the folder in the rerun commands
     (``ship`` checks its temporary folder before it takes the final name)."""
     name = shell_arg(shown_as or folder)
+    # ship checks weights that are not at their --out yet: what is there now is the previous
+    # model (or nothing), so a benchmark of that folder can only be run after this ship
+    then = (
+        ""
+        if shown_as is None
+        else f" after shipping without --eval and --quality, then `adadiff train card {name} "
+        "--eval E.json --quality Q.json`"
+    )
     model = evaluation.get("model", {}) if isinstance(evaluation, dict) else {}
     digest = model.get("config_digest") if isinstance(model, dict) else None
     own = ModelConfig.load(folder).digest()
     if digest is not None and digest != own:
         raise ConfigError(
             f"the evaluate_tiny JSON describes another model (config digest {digest}, the "
-            f"folder's {own}); run `python -m benchmarks.evaluate_tiny --model {name}`"
+            f"folder's {own}); run `python -m benchmarks.evaluate_tiny --model {name}`{then}"
         )
     # Candidates of one recipe share a config: the weights digest tells them apart (JSONs
     # written before it was recorded are taken on trust).
@@ -935,7 +943,7 @@ def check_figures_match(
         if recorded is not None and recorded != weights:
             raise ConfigError(
                 f"the {what} JSON was made with other weights (digest {recorded}, the folder's "
-                f"{weights}); run `{rerun[what]}`"
+                f"{weights}); run `{rerun[what]}`{then}"
             )
 
 

@@ -512,3 +512,39 @@ def test_the_suite_refuses_counts_below_one(monkeypatch, capsys):
             suite_main.main(["quick", flag, "-1"])
         assert stop.value.code == 2
         assert f"argument {flag}: expected a number >= 1" in capsys.readouterr().err
+
+
+def test_load_spinners_stop_without_their_parent_and_when_interrupted(monkeypatch):
+    """A busy loop outlives nothing: it ends once its parent is gone (a SIGKILL skips every
+    cleanup), and an interrupt while the spinners start stops those already started."""
+    import subprocess
+    import sys
+
+    from benchmarks import load
+
+    # pid 1 is never this test's process: the loop sees that its parent is not that pid
+    done = subprocess.run([sys.executable, "-c", load.SPIN, "1"], timeout=30)
+    assert done.returncode == 0
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    real_sleep, calls = load.time.sleep, []
+
+    def interrupted(seconds):  # the first sleep is the spinners' start; later ones are waits
+        calls.append(seconds)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real_sleep(seconds)
+
+    monkeypatch.setattr(load.subprocess, "Popen", popen)
+    monkeypatch.setattr(load.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt), load.Spinners(2):
+        pass
+    assert len(started) == 2
+    for proc in started:
+        assert proc.wait(timeout=30) is not None

@@ -207,3 +207,29 @@ def test_recording_progress_is_a_line_every_interval_and_one_at_the_end(capsys):
         "recorded 30% of the estimates (30/100, 11s, ETA 26s)",
         "recorded 100% of the estimates (100/100, 13s)",
     ]
+
+
+def test_calibrating_a_linked_copy_never_rewrites_the_original(tmp_path):
+    """A copy made of links (cp -rs) shares the original's files: the calibrated config and
+    report replace the links in the copy, and the original model stays as it was."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from adadiff.config import ModelConfig
+    from adadiff.training.cli import write_calibration
+
+    original = tmp_path / "original"
+    original.mkdir()
+    ModelConfig.load(Path(__file__).parents[2] / "adadiff" / "weights" / "tiny").save(original)
+    (original / "calibration.json").write_text('{"old": true}\n')
+    before = {p.name: p.read_bytes() for p in original.iterdir()}
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in original.iterdir():
+        (copy / p.name).symlink_to(p)
+    cfg = ModelConfig.load(copy)
+    write_calibration(copy, replace(cfg, dtss=replace(cfg.dtss, tau=0.004)), {"new": True})
+    assert {p.name: p.read_bytes() for p in original.iterdir()} == before
+    assert not (copy / "adadiff.json").is_symlink()
+    assert ModelConfig.load(copy).dtss.tau == 0.004
+    assert (copy / "calibration.json").read_text() == '{\n "new": true\n}\n'

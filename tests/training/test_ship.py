@@ -84,12 +84,16 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
 
     other, again = tmp_path / "other.json", tmp_path / "again"
     other.write_text(json.dumps({"weights_digest": "0123456789abcdef"}))
-    with pytest.raises(ConfigError, match="quality JSON was made with other weights"):
+    # the new weights are not at --out yet: the advice is to ship, benchmark, then card
+    with pytest.raises(ConfigError, match="quality JSON was made with other weights") as refused:
         cmd_train(
             parser.parse_args(
                 ["train", "ship", *common, "--out", str(again), "--quality", str(other)]
             )
         )
+    assert "after shipping without --eval and --quality, then `adadiff train card" in str(
+        refused.value
+    )
     assert not again.exists() and not list(tmp_path.glob(".again-*"))
     other.write_text(json.dumps({"weights_digest": weights_digest(out)}))
     argv = ["train", "ship", *common, "--out", str(again), "--quality", str(other)]

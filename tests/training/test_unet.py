@@ -302,4 +302,11 @@ def test_a_resume_names_each_changed_stage_option(tmp_path, vae_workdir, cfg, im
     with caplog.at_level(logging.WARNING, logger="adadiff.training"):
         _report_stage_changes("decoder", then, DecoderOptions(sample_intervals=(999,)).__dict__)
     assert "pass --sample-intervals 200,100,50 to keep" in caplog.text  # as the parser takes it
+    from adadiff.training.mmle import MMLEOptions
+
+    caplog.clear()
+    then = {"summary": {"options": MMLEOptions().__dict__}}
+    with caplog.at_level(logging.WARNING, logger="adadiff.training"):
+        _report_stage_changes("mmle", then, MMLEOptions(val_photos=("grass",)).__dict__)
+    assert "pass --val-photos '' to keep" in caplog.text  # an empty list, as a shell passes it
     assert "--device" not in caplog.text  # a checkpoint resumes on either device
