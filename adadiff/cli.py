@@ -861,9 +861,12 @@ def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.Argume
     prefer_passive_wait()
     parser = show_defaults(verbose_everywhere(parser_factory()))
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
+    lead = 0  # -v before the command is adadiff's own; everything after "bench" is not
+    while lead < len(argv) and argv[lead] in ("-v", "--verbose"):
+        lead += 1
+    if argv[lead : lead + 1] == ["bench"]:
         # Everything after "bench" belongs to the benchmark runner, --help included.
-        args = argparse.Namespace(func=cmd_bench, args=argv[1:], verbose=False)
+        args = argparse.Namespace(func=cmd_bench, args=argv[lead + 1 :], verbose=lead > 0)
     else:
         args = parser.parse_args(argv)
     logging.basicConfig(

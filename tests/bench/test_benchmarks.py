@@ -482,6 +482,10 @@ def test_adadiff_bench_becomes_the_benchmark_process(monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["bench", "quick", "--help"])
     assert seen and seen[0][1][1:4] == ["-m", "benchmarks", "quick"]
+    # -v before "bench" is adadiff's; the rest goes to the benchmark as given
+    with pytest.raises(SystemExit):
+        cli.main(["-v", "bench", "quick", "-v"])
+    assert seen[1][1][1:] == ["-m", "benchmarks", "quick", "-v"]
 
 
 def test_the_suite_refuses_a_file_as_out_or_work_before_any_run(monkeypatch, tmp_path, capsys):
