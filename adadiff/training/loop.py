@@ -6,8 +6,9 @@ optimisation step at a time and can put all of that into (and take it back from)
 the total, so running again with a larger N continues the same run.
 
 SIGINT, SIGTERM and SIGHUP (unless ignored, as under nohup) only set a flag: the step in flight
-finishes, a checkpoint is written and the result says ``stopped``. A second SIGINT interrupts at
-once (without saving).
+finishes, a checkpoint is written and the result says ``stopped``. A step that would run on for
+minutes first (the UNet's first pool of encoded crops) is dropped instead (``StepAbandoned``).
+A second SIGINT interrupts at once (without saving).
 
 A resume checks that the model config the checkpoint was trained with is the one given (what the
 networks compute and learn: a different one would load, or fail to, and train toward something
@@ -190,6 +191,20 @@ class StopFlag:
         return self.reason is not None
 
 
+class StepAbandoned(Exception):
+    """A stage raises it from inside a step that would run on for minutes (filling a pool of
+    encoded crops) once a stop was asked for: the step is dropped, nothing of it is kept, and
+    the run stops as after its last finished step."""
+
+
+_ACTIVE: list[StopFlag] = []  # the running stage's stop flag, innermost last
+
+
+def stop_requested() -> bool:
+    """Whether a stop signal reached the running stage (for a stage's long preparations)."""
+    return bool(_ACTIVE) and _ACTIVE[-1].requested
+
+
 @contextmanager
 def stop_on_signals(
     finishing: str = "finishing this step and saving a checkpoint",
@@ -213,9 +228,11 @@ def stop_on_signals(
     if hangup is not None and signal.getsignal(hangup) is signal.SIG_DFL:  # nohup ignores it
         signals.append(hangup)
     previous = {s: signal.signal(s, handle) for s in signals}
+    _ACTIVE.append(flag)
     try:
         yield flag
     finally:
+        _ACTIVE.remove(flag)
         for s, h in previous.items():
             signal.signal(s, h)
 
@@ -434,7 +451,11 @@ def _train(
     with stop_on_signals() as stop:
         tick = time.perf_counter()
         while done < opts.steps and not stop.requested:
-            losses = stage.step(done)
+            try:
+                losses = stage.step(done)
+            except StepAbandoned:
+                log.warning("%s: step %d dropped: stopped while preparing it", stage.name, done + 1)
+                break
             bad = {k: v for k, v in losses.items() if not math.isfinite(float(v))}
             if bad:
                 last = (

@@ -53,11 +53,13 @@ from adadiff.training.loop import (
     EMA,
     Progress,
     StageResult,
+    StepAbandoned,
     TrainOptions,
     numpy_rng,
     rng_state,
     run_stage,
     set_rng_state,
+    stop_requested,
 )
 from adadiff.training.pairs import (
     PairStream,
@@ -206,10 +208,13 @@ class UNetStage:
         mean, _ = encode_moments(self.vae, to_tensor(images).to(self.device))
         return mean * self.scaling_factor
 
-    def fresh_pairs(self, n: int, chunk: int = 32) -> torch.Tensor:
-        """[n, 2, C, s, s]: (HR latent, LR-conditioning latent) of n new crops."""
+    def fresh_pairs(self, n: int, chunk: int = 32, *, stoppable: bool = False) -> torch.Tensor:
+        """[n, 2, C, s, s]: (HR latent, LR-conditioning latent) of n new crops; ``stoppable``:
+        a stop signal between chunks drops the step (``StepAbandoned``)."""
         out = []
         for start in range(0, n, chunk):
+            if stoppable and stop_requested():
+                raise StepAbandoned
             batch = self.stream.batch(min(chunk, n - start))
             latents = self.encode(np.concatenate([batch.hr, batch.up]))
             out.append(torch.stack(latents.chunk(2), dim=1))
@@ -221,7 +226,7 @@ class UNetStage:
             return self.fresh_pairs(b)
         if self.pool is None:
             log.info("unet: encoding %d latent pairs for the pool", size)
-            self.pool = self.fresh_pairs(size)
+            self.pool = self.fresh_pairs(size, stoppable=True)  # minutes on a CPU
         picked = self.pool[torch.from_numpy(self.rng.integers(0, size, b)).to(self.device)]
         slots = (self.cursor + torch.arange(self.uopts.refresh)) % size
         self.pool[slots.to(self.device)] = self.fresh_pairs(self.uopts.refresh)

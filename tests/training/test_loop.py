@@ -4,6 +4,8 @@ Micro config, a few steps each; fixtures in conftest.py, helpers in training_hel
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -193,3 +195,26 @@ def test_two_runs_cannot_train_into_one_folder(tmp_path):
     stale.write_bytes(b"half a checkpoint")
     assert run_stage(Counter(), tmp_path / "unet", _opts()).step == 6  # released after
     assert not stale.exists()
+
+
+class Abandons(Counter):
+    """Steps 0 and 1 finish; step 2 is where a stop signal arrives during a long preparation."""
+
+    def step(self, step: int) -> dict[str, float]:
+        from adadiff.training.loop import StepAbandoned, stop_requested
+
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop_requested()
+            raise StepAbandoned
+        return super().step(step)
+
+
+def test_a_step_dropped_on_a_stop_ends_the_run_at_the_last_finished_step(tmp_path):
+    from adadiff.training import loop
+
+    stage = Abandons()
+    result = loop.run_stage(stage, tmp_path, _opts())
+    assert (result.step, result.stopped, stage.w) == (2, True, 2.0)
+    assert loop.load_latest(tmp_path)["step"] == 2
+    assert not loop.stop_requested()  # the flag is the run's only

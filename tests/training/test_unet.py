@@ -310,3 +310,38 @@ def test_a_resume_names_each_changed_stage_option(tmp_path, vae_workdir, cfg, im
         _report_stage_changes("mmle", then, MMLEOptions(val_photos=("grass",)).__dict__)
     assert "pass --val-photos '' to keep" in caplog.text  # an empty list, as a shell passes it
     assert "--device" not in caplog.text  # a checkpoint resumes on either device
+
+
+def test_a_stop_while_the_first_pool_fills_drops_the_step(tmp_path, vae_workdir, cfg, images):
+    """Filling the first pool of encoded crops takes minutes on a CPU: a stop signal between
+    its chunks ends the run there (nothing trained) instead of after the fill."""
+    import os
+    import signal
+
+    from adadiff.training.loop import StepAbandoned, stop_on_signals
+    from adadiff.training.unet import UNetOptions, train_unet
+
+    work = tmp_path / "w"
+    shutil.copytree(vae_workdir / "vae", work / "vae")
+    calls = []
+    from adadiff.training import unet as unet_module
+
+    real = unet_module.UNetStage.fresh_pairs
+
+    def fill(self, n, chunk=32, *, stoppable=False):
+        calls.append(n)
+        if stoppable and len(calls) == 1:  # the signal lands during the first chunk
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, n, chunk=2, stoppable=stoppable)
+
+    unet_module.UNetStage.fresh_pairs = fill
+    try:
+        result = train_unet(cfg, work, opts(3), UNetOptions(pool=8, refresh=2), images=images)
+    finally:
+        unet_module.UNetStage.fresh_pairs = real
+    assert (result.step, result.stopped) == (0, True)
+    assert len(calls) == 1  # the fill stopped, and no step ran (each would refresh the pool)
+    assert load_latest(work / "unet")["step"] == 0  # the untrained start, as for any stop
+    with stop_on_signals() as flag, pytest.raises(StepAbandoned):
+        flag.reason = "SIGINT"
+        real(object.__new__(unet_module.UNetStage), 4, stoppable=True)
