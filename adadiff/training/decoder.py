@@ -60,11 +60,13 @@ from adadiff.training.labels import encode_latents, mmle_score, sample_with
 from adadiff.training.loop import (
     Progress,
     StageResult,
+    StepAbandoned,
     TrainOptions,
     numpy_rng,
     rng_state,
     run_stage,
     set_rng_state,
+    stop_requested,
 )
 from adadiff.training.pairs import (
     PairStream,
@@ -308,7 +310,11 @@ class SamplePool:
         size = self.dopts.sample_pool
         if self.latents is None or self.hr is None:
             log.info("decoder: sampling %d tiles with the frozen model for the pool", size)
-            parts = [self.fresh(min(16, size - i)) for i in range(0, size, 16)]
+            parts = []
+            for i in range(0, size, 16):  # a minute or more on a CPU: a stop drops the step
+                if stop_requested():
+                    raise StepAbandoned
+                parts.append(self.fresh(min(16, size - i)))
             self.latents = torch.cat([p[0] for p in parts])
             self.hr = torch.cat([p[1] for p in parts])
         picked = torch.from_numpy(rng.integers(0, size, n))

@@ -202,3 +202,40 @@ def test_sample_phases_follow_the_unet_a_decoder_resumes_on():
     assert "The shipped UNet is that run at step 300" in _decoder_lag(summary, {"step": 300})
     unknown = {"unet_step": 200, "sample_phases": [{"from_step": 50, "unet_step": 200}]}
     assert "(before decoder step 50: not recorded)" in _decoder_lag(unknown, {"step": 200})
+
+
+def test_a_stop_while_the_first_sample_pool_fills_drops_the_step(
+    tmp_path, unet_workdir, cfg, images
+):
+    """Sampling the first pool takes a minute or more on a CPU: a stop signal between its
+    batches ends the run there, before any step trains."""
+    import os
+    import signal
+
+    from adadiff.training.decoder import DecoderOptions, SamplePool, train_decoder
+
+    made = []
+    real = SamplePool.fresh
+
+    def fresh(self, n):
+        made.append(n)
+        os.kill(os.getpid(), signal.SIGINT)  # lands after the first batch of samples
+        return real(self, n)
+
+    dopts = DecoderOptions(
+        perceptual_weight=0.0,
+        crop=16,
+        sample_prob=1.0,
+        sample_pool=40,  # three batches of 16 at most
+        sample_refresh=1,
+        sample_intervals=(500,),
+        realesrgan_prob=0.0,
+    )
+    shutil.copytree(unet_workdir / "unet", tmp_path / "unet")
+    SamplePool.fresh = fresh
+    try:
+        result = train_decoder(cfg, tmp_path, opts(3), dopts, images=images)
+    finally:
+        SamplePool.fresh = real
+    assert (result.step, result.stopped) == (0, True)
+    assert made == [16]  # the second batch was never sampled
