@@ -455,6 +455,11 @@ def _train(
                 losses = stage.step(done)
             except StepAbandoned:
                 log.warning("%s: step %d dropped: stopped while preparing it", stage.name, done + 1)
+                if done == max(saved_at, 0):
+                    # nothing trained since the last checkpoint (or at all), and the stage's
+                    # generators moved on: a checkpoint now would make a resume differ from a
+                    # run that was never stopped
+                    saved_at = done
                 break
             bad = {k: v for k, v in losses.items() if not math.isfinite(float(v))}
             if bad:

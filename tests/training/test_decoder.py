@@ -239,3 +239,4 @@ def test_a_stop_while_the_first_sample_pool_fills_drops_the_step(
         SamplePool.fresh = real
     assert (result.step, result.stopped) == (0, True)
     assert made == [16]  # the second batch was never sampled
+    assert load_latest(tmp_path / "decoder", stage="decoder") is None  # nothing to resume from
