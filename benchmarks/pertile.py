@@ -308,13 +308,14 @@ def tuning_photos(text: str) -> tuple[str, ...]:
         else evaluation_photos(text)
     )
     held = [n for n in names if n in HOLDOUT]
-    if held:
-        raise SystemExit(
-            f"{held} are hold-out photos: rules are fitted here, so tune on train, validation or "
-            "train+validation and report on the hold-out photos with benchmarks.front"
+    if held:  # argparse turns these into one usage line and exit code 2
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(held)}: hold-out photos; rules are fitted here, so tune on train, "
+            "validation or train+validation and report on the hold-out photos with "
+            "benchmarks.front"
         )
     if len(names) < 2:
-        raise SystemExit("leave-one-photo-out fits need at least two photos")
+        raise argparse.ArgumentTypeError("leave-one-photo-out fits need at least two photos")
     return names
 
 

@@ -108,11 +108,18 @@ def test_analyse_reports_every_degradation():
         assert set(r["ridge_rule_lopo"]) == {"0.0", "0.001", "0.002", "0.004"}
 
 
-def test_hold_out_photos_are_refused():
-    with pytest.raises(SystemExit, match="hold-out"):
+def test_hold_out_photos_are_refused(tmp_path, capsys):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="chelsea: hold-out"):
         tuning_photos("grass,chelsea")
-    with pytest.raises(SystemExit, match="two photos"):
+    with pytest.raises(argparse.ArgumentTypeError, match="two photos"):
         tuning_photos("grass")
+    # on the command line: one usage line and exit code 2, as for every other bad argument
+    with pytest.raises(SystemExit) as stop:
+        main(["--photos", "grass,chelsea", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "argument --photos: chelsea: hold-out photos" in capsys.readouterr().err
 
 
 def test_a_small_run_of_the_shipped_model(tmp_path, metric_cache, capsys):
