@@ -25,7 +25,7 @@ from adadiff.errors import (
     ModelFolderError,
     shell_arg,
 )
-from adadiff.specs import ModelSpec, component_specs
+from adadiff.specs import COMPONENTS, ModelSpec, component_specs
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "adadiff-onnx"
@@ -336,9 +336,14 @@ class ExportManifest:
         try:
             return self.components[component]
         except KeyError:
+            # name every missing component: one export run, not one per component
+            missing = [c for c in COMPONENTS if c not in self.components] or [component]
+            which = ",".join(missing if component in missing else [component])
             raise ModelFolderError(
-                f"{folder} holds {sorted(self.components)} but not {component!r}; export it with "
-                f"`adadiff export --model MODEL -o {shell_arg(folder)} --components {component}`"
+                f"{folder} holds {sorted(self.components)} but not {component!r}; export "
+                f"{'them' if ',' in which else 'it'} with `adadiff export --model MODEL -o "
+                f"{shell_arg(folder)} --components {which}"
+                f"{' --precision fp16' if self.precision == 'fp16' else ''}`"
             ) from None
 
 

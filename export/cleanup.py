@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -69,18 +70,34 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     from polygraphy.logger import G_LOGGER
 
     # Polygraphy prints each pass to stdout; the node counts land in the manifest instead.
+    # onnx-graphsurgeon folds through ONNX Runtime sessions of its own, whose graph-optimiser
+    # warnings (dozens for a torchscript export) go to ONNX Runtime's default logger.
+    ort = _quiet_onnxruntime()
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
-        folded = fold_constants(
-            model,
-            num_passes=None,
-            do_shape_inference=True,
-            fold_shapes=True,
-            size_threshold=FOLD_SIZE_LIMIT,
-            allow_onnxruntime_shape_inference=False,
-        )
+        try:
+            folded = fold_constants(
+                model,
+                num_passes=None,
+                do_shape_inference=True,
+                fold_shapes=True,
+                size_threshold=FOLD_SIZE_LIMIT,
+                allow_onnxruntime_shape_inference=False,
+            )
+        finally:
+            if ort is not None:
+                ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
     graph = gs.import_onnx(folded)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return gs.export_onnx(graph)
+
+
+def _quiet_onnxruntime() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    ort.set_default_logger_severity(3)
+    return ort
 
 
 def apply_spec_shapes(model: onnx.ModelProto, spec: ModelSpec) -> None:

@@ -291,7 +291,10 @@ def _check_output(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"{out} is a file; give a folder for the ONNX files")
     manifest = out / MANIFEST_FILE
-    if manifest.is_file() and not _is_adadiff_manifest(manifest):
+    # The lock file stays in every folder an export wrote: a manifest damaged there is adadiff's
+    # own (its load error says to export again), not a file of the user's to protect.
+    ours = (out / LOCK_FILE).is_file()
+    if manifest.is_file() and not ours and not _is_adadiff_manifest(manifest):
         raise OutputPathError(
             f"{out} holds a {MANIFEST_FILE} that is not an adadiff export's; choose a new or "
             "empty folder so nothing of yours is overwritten"

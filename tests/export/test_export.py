@@ -381,6 +381,34 @@ def test_a_foreign_manifest_is_not_overwritten(tmp_path):
     assert json.loads((site / MANIFEST_FILE).read_text()) == {"name": "my web app"}
 
 
+def test_a_damaged_manifest_of_an_export_can_be_exported_over(tiny_models, tmp_path):
+    """Loading it says to export again; that export must not then refuse the folder."""
+    out = tmp_path / "damaged"
+    options = ExportOptions(components=("pfj",), check_batches=())
+    export_onnx(tiny_models, out, options)
+    (out / MANIFEST_FILE).write_text("{")
+    with pytest.raises(ModelFolderError, match=r"not valid JSON.*adadiff export"):
+        ExportManifest.load(out)
+    export_onnx(tiny_models, out, options)
+    assert sorted(ExportManifest.load(out).components) == ["pfj"]
+
+
+def test_a_partial_export_names_every_missing_component(tiny_models, tmp_path):
+    out = tmp_path / "partial"
+    export_onnx(tiny_models, out, ExportOptions(components=("pfj",), check_batches=()))
+    manifest = ExportManifest.load(out)
+    with pytest.raises(ModelFolderError) as raised:
+        manifest.entry("unet", out)
+    assert "--components unet,vae_encoder,vae_decoder,mmle`" in str(raised.value)
+
+
+def test_folding_keeps_onnx_runtime_warnings_off_stderr(tiny_models, tmp_path, capfd):
+    """onnx-graphsurgeon folds through ONNX Runtime, which warns on the torchscript graphs."""
+    options = ExportOptions(components=("vae_decoder",), exporter="torchscript", check_batches=())
+    export_onnx(tiny_models, tmp_path / "ts", options)
+    assert "onnxruntime" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("path", ["/tmp/victim.txt", "../victim.txt", "sub/victim.txt"])
 def test_manifest_file_paths_stay_inside_the_folder(onnx_dir, tiny_models, tmp_path, path):
     out = copy_export(onnx_dir, tmp_path / "copied")
