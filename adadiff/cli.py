@@ -437,7 +437,8 @@ def check_tiling(args: argparse.Namespace, cfg: Any) -> None:
         if args.backend != "torch" and args.tile != cfg.tile_size:
             raise ConfigError(
                 f"--tile {args.tile}: the exported files in --engines {args.engines} take "
-                f"{cfg.tile_size} px tiles; drop --tile or export a model with that tile size"
+                f"{cfg.tile_size} px tiles; drop --tile, use --backend torch (any tile size), or "
+                f"export a copy of the model folder whose adadiff.json sets tile_size {args.tile}"
             )
         largest = MAX_TILE_FACTOR * cfg.tile_size
         if args.tile > largest:
