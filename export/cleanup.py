@@ -7,13 +7,14 @@ with the same result, because what is left to fold after export is shape arithme
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -72,32 +73,33 @@ def _fold(model: onnx.ModelProto) -> onnx.ModelProto:
     # Polygraphy prints each pass to stdout; the node counts land in the manifest instead.
     # onnx-graphsurgeon folds through ONNX Runtime sessions of its own, whose graph-optimiser
     # warnings (dozens for a torchscript export) go to ONNX Runtime's default logger.
-    ort = _quiet_onnxruntime()
-    with G_LOGGER.verbosity(G_LOGGER.ERROR):
-        try:
-            folded = fold_constants(
-                model,
-                num_passes=None,
-                do_shape_inference=True,
-                fold_shapes=True,
-                size_threshold=FOLD_SIZE_LIMIT,
-                allow_onnxruntime_shape_inference=False,
-            )
-        finally:
-            if ort is not None:
-                ort.set_default_logger_severity(2)  # ONNX Runtime's default: warnings
+    with G_LOGGER.verbosity(G_LOGGER.ERROR), _onnxruntime_errors_only():
+        folded = fold_constants(
+            model,
+            num_passes=None,
+            do_shape_inference=True,
+            fold_shapes=True,
+            size_threshold=FOLD_SIZE_LIMIT,
+            allow_onnxruntime_shape_inference=False,
+        )
     graph = gs.import_onnx(folded)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return gs.export_onnx(graph)
 
 
-def _quiet_onnxruntime() -> Any:
+@contextlib.contextmanager
+def _onnxruntime_errors_only() -> Iterator[None]:
+    """ONNX Runtime's default logger at errors only, then back at its default (warnings)."""
     try:
         import onnxruntime as ort
-    except ImportError:
-        return None
+    except ImportError:  # folding then fails on its own, with its own message
+        yield
+        return
     ort.set_default_logger_severity(3)
-    return ort
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)
 
 
 def apply_spec_shapes(model: onnx.ModelProto, spec: ModelSpec) -> None:

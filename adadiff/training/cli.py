@@ -33,7 +33,7 @@ from adadiff.quality.cache import cache_root
 from adadiff.training.data import HOLDOUT
 from adadiff.training.degrade import STRENGTH_NOTES, STRENGTHS
 from adadiff.training.loop import LR_SCHEDULES, TrainOptions
-from adadiff.training.pairs import crops_per_photo, photo_names
+from adadiff.training.pairs import TRAINING_SETS, crops_per_photo, photo_names
 
 STAGES = ("vae", "unet", "decoder", "labels", "mmle", "ship")
 
@@ -626,12 +626,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"{folder} has no {CONFIG_FILE}: give a model folder (calibrate rewrites its config; "
             "copy adadiff/weights/tiny to calibrate the built-in model)"
         )
-    sets = ("train", "validation", "train+validation")
-    given = (
-        photo_names(args.photos or "validation")
-        if (args.photos or "validation") in sets
-        else args.photos.split(",")
-    )
+    text = args.photos or "validation"
+    given = photo_names(text) if text in (*TRAINING_SETS, "validation") else text.split(",")
     names = list(dict.fromkeys(n.strip() for n in given if n.strip()))  # each photo once
     held = sorted(set(names) & set(HOLDOUT))
     if held:
