@@ -224,6 +224,11 @@ def _run_planned(
             )
             workers = dispatcher.run(records, total)
             stopped = dispatcher.stopped
+        except KeyboardInterrupt:
+            # An earlier job's report would otherwise stay, describing other settings and
+            # outputs that this job has since replaced.
+            _report_interrupted(plan, output_dir, settings, cluster, records, started, startup)
+            raise
         finally:
             if started_ray:
                 ray.shutdown()
@@ -233,6 +238,34 @@ def _run_planned(
     result.stopped = stopped
     result.report_path = write_job_report(output_dir, settings, cluster, result, plan.ignored)
     return result
+
+
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM) before its output was written"
+
+
+def _report_interrupted(
+    plan: Plan,
+    output_dir: Path,
+    settings: JobSettings,
+    cluster: ClusterOptions,
+    records: list[ImageRecord],
+    started: float,
+    startup: float,
+) -> None:
+    """Write the job report of a job stopped by Ctrl-C or SIGTERM: the images that ended, and
+    every other one as failed. Best effort: the interruption is what the user must hear of."""
+    ended = {r.input for r in records}
+    records = records + [
+        ImageRecord(str(t.source), str(t.output), "failed", INTERRUPTED)
+        for t in plan.todo
+        if str(t.source) not in ended
+    ]
+    result = JobResult(records, time.perf_counter() - started, startup)
+    result.stopped = "interrupted"
+    try:
+        write_job_report(output_dir, settings, cluster, result, plan.ignored)
+    except AdadiffError as exc:
+        log.warning("no job report for the interrupted job: %s", exc)
 
 
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
@@ -604,6 +637,8 @@ def write_job_report(
         "done": result.count("done"),
         "skipped": result.count("skipped"),
         "failed": result.count("failed"),
+        # why the job ended before its last image (interrupted, a full disk), or null
+        "stopped": result.stopped,
         "wall_seconds": round(result.wall_seconds, 3),
         "startup_seconds": round(result.startup_seconds, 3),
         "images_per_hour": round(result.images_per_hour, 1),

@@ -754,3 +754,32 @@ def test_a_preset_has_one_identity_however_it_is_spelled():
     assert model_identity("sd21-base", None) == model_identity("preset:sd21-base", None)
     assert model_identity("tiny", None) == model_identity("preset:tiny", None)
     assert Upscaler.from_pretrained("preset:tiny").model_name == "tiny"
+
+
+def test_an_interrupted_job_writes_its_own_report(folder, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) mid-job: adadiff-job.json must describe this job, not an earlier one
+    whose settings and outputs it has partly replaced."""
+    from adadiff.scaleout import job
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adadiff-job.json").write_text('{"settings": {"seed": 0}, "done": 5}\n')
+
+    class Interrupted:
+        def __init__(self, ray, settings, cluster, todo, output_dir, listeners):
+            self.todo, self.actors, self.info, self.stopped = todo, [], [], None
+
+        def run(self, records, total):
+            task = self.todo[0]
+            records.append(job.ImageRecord(str(task.source), str(task.output), "done"))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "import_ray", lambda: type("Ray", (), {"shutdown": lambda: None}))
+    monkeypatch.setattr(job, "_connect", lambda ray, cluster, listeners: True)
+    monkeypatch.setattr(job, "_Dispatcher", Interrupted)
+    assert main(["upscale-many", str(folder), str(out), "--seed", "7", "-q"]) == 130
+    report = json.loads((out / "adadiff-job.json").read_text())
+    assert report["settings"]["seed"] == 7 and report["stopped"] == "interrupted"
+    todo = make_plan(folder, out, JobSettings(seed=7)).todo
+    assert (report["images"], report["done"], report["failed"]) == (len(todo), 1, len(todo) - 1)
+    assert all(r["error"] == job.INTERRUPTED for r in report["records"][1:])
