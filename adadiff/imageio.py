@@ -390,7 +390,8 @@ def to_rgb_array(image: Any) -> np.ndarray:
     A PIL image's EXIF orientation is applied, as ``load_image`` does for a file.
 
     uint8 is scaled by 1/255, uint16 by 1/65535, floats are taken as already in [0, 1] (clipped;
-    a float array reaching above 1.5, as 0..255 data does, is refused)."""
+    a float array reaching above 1.5, as 0..255 data does, or below -0.5, as [-1, 1] data does,
+    is refused)."""
     return to_rgb_and_gray(image)[0]
 
 
@@ -446,6 +447,11 @@ def _unit_values(array: np.ndarray) -> np.ndarray:
             raise InputImageError(
                 f"a float image array must hold values in [0, 1]; this one reaches "
                 f"{float(array.max()):g}: divide it by 255 (or by its range), or pass uint8"
+            )
+        if float(array.min()) < -0.5:  # [-1, 1] data: clipped, its dark half would be black
+            raise InputImageError(
+                f"a float image array must hold values in [0, 1]; this one goes down to "
+                f"{float(array.min()):g}: for [-1, 1] data pass (array + 1) / 2"
             )
         values = np.clip(array, 0.0, 1.0).astype(np.float32)
     else:

@@ -655,3 +655,12 @@ def test_a_damaged_tiff_is_not_named_a_layout(tmp_path: Path) -> None:
             load_image(path)
         assert "not an image Pillow can read" in str(caught.value), name
         assert "a TIFF of" not in str(caught.value)
+
+
+def test_a_float_array_in_minus_one_to_one_is_refused() -> None:
+    """[-1, 1] data (the usual diffusion normalisation) clipped to [0, 1] turns its dark half
+    black without a word; slight undershoot (a resize's ringing) is still clipped."""
+    ramp = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(3, 4)
+    with pytest.raises(InputImageError, match=r"\(array \+ 1\) / 2"):
+        to_rgb_array(ramp)
+    assert to_rgb_array(np.full((3, 4), -0.05)).min() == 0.0
