@@ -693,9 +693,10 @@ def write_pil_atomic(path: str | Path, image: Image.Image, fmt: str, **save_args
     return write_files_atomic([(path, pil_writer(image, fmt, **save_args), "image")])[0]
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write a file (a report, a manifest) atomically."""
-    return write_files_atomic([(path, bytes_writer(data), "file")])[0]
+def write_bytes_atomic(path: str | Path, data: bytes, *, follow_links: bool = True) -> Path:
+    """Write a file (a report, a manifest) atomically; ``follow_links`` as in
+    ``write_files_atomic``."""
+    return write_files_atomic([(path, bytes_writer(data), "file")], follow_links=follow_links)[0]
 
 
 def _to_uint(values: np.ndarray, maximum: int, dtype: type[np.generic]) -> np.ndarray:

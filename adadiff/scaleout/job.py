@@ -587,8 +587,11 @@ class _Dispatcher:
             # image under a report whose stamp says it is the old one (a rerun would skip it)
             with contextlib.suppress(OSError):
                 task.report.unlink(missing_ok=True)
-            write_bytes_atomic(task.output, reply["image"])
-            write_bytes_atomic(task.report, (json.dumps(report, indent=2) + "\n").encode())
+            # a link in OUTPUT_DIR (a cp -rs copy, a link to the input) is replaced, not written
+            # through: the job's files go into OUTPUT_DIR and nowhere else
+            write_bytes_atomic(task.output, reply["image"], follow_links=False)
+            report_bytes = (json.dumps(report, indent=2) + "\n").encode()
+            write_bytes_atomic(task.report, report_bytes, follow_links=False)
         except OutputPathError as exc:  # this image's files only: the others go on
             # no output without its report (a report name can pass the file system's limit
             # where the output's does not): a rerun sees a failed image, not a half-done one
@@ -650,7 +653,7 @@ def write_job_report(
         "records": [asdict(r) for r in result.records],
     }
     path = output_dir / JOB_REPORT
-    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode(), follow_links=False)
     return path
 
 

@@ -616,6 +616,30 @@ def test_an_output_that_cannot_be_written_fails_that_image_alone(folder, tmp_pat
     assert not task.report.exists()
 
 
+def test_a_link_in_the_output_folder_is_replaced_not_written_through(folder, tmp_path):
+    """OUTPUT_DIR/NAME.png as a link to the input (or a cp -rs copy of an earlier output folder):
+    writing through it replaced the input itself with its upscale."""
+    from adadiff.scaleout.job import _Dispatcher
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(folder / "coffee.png", src / "coffee.png")
+    original = (src / "coffee.png").read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "coffee.png").symlink_to(src / "coffee.png")
+    (out / "coffee.png.json").symlink_to(src / "coffee.png")
+    settings = JobSettings()
+    task = make_plan(src, out, settings).todo[0]
+    dispatcher = object.__new__(_Dispatcher)  # _write needs only the settings and digests
+    dispatcher.settings, dispatcher.digests = settings, {}
+    reply = {"status": "done", "image": b"upscaled", "report": {"unet_evaluations": 5, "tiles": 1}}
+    assert dispatcher._write(task, reply).status == "done"
+    assert (src / "coffee.png").read_bytes() == original
+    assert not task.output.is_symlink() and task.output.read_bytes() == b"upscaled"
+    assert not task.report.is_symlink() and json.loads(task.report.read_text())["tiles"] == 1
+
+
 def test_a_stop_between_image_and_report_leaves_no_old_report(folder, tmp_path, monkeypatch):
     """The image is replaced before its report: if the report write fails (or the job is killed
     there), the old report must be gone, or a rerun takes the new image for the old one."""
@@ -630,10 +654,10 @@ def test_a_stop_between_image_and_report_leaves_no_old_report(folder, tmp_path, 
     task.report.write_text('{"job": "old stamp"}')
     real = job.write_bytes_atomic
 
-    def killed_after_the_image(path, data):
+    def killed_after_the_image(path, data, **kwargs):
         if path == task.report:
             raise KeyboardInterrupt  # stands for a SIGKILL: no clean-up runs
-        real(path, data)
+        real(path, data, **kwargs)
 
     monkeypatch.setattr(job, "write_bytes_atomic", killed_after_the_image)
     dispatcher = object.__new__(_Dispatcher)
@@ -711,10 +735,10 @@ def test_a_full_output_disk_stops_the_job_instead_of_upscaling_the_rest(
 
     real = job.write_bytes_atomic
 
-    def full(path, data):
+    def full(path, data, **kwargs):
         if Path(path).suffix == ".png":  # the job report still fits
             raise OutputPathError(f"{path}: cannot write") from OSError(28, "No space left")
-        real(path, data)
+        real(path, data, **kwargs)
 
     monkeypatch.setattr(job, "write_bytes_atomic", full)
     out = tmp_path / "out"
