@@ -9,6 +9,7 @@ import enum
 import hashlib
 import json
 import math
+import numbers
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -551,6 +552,13 @@ def _choice(kind: type[Choice], value: object, what: str, hint: str = "") -> Any
     return kind(value)
 
 
+def _whole(value: Any, name: str, least: int) -> int:
+    """``value`` as an int (numpy integers too), or a ``ConfigError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ConfigError(f"{name} must be a whole number >= {least}, got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSettings:
     """How a model is opened for a run, one object for ``Upscaler.from_pretrained``,
@@ -582,3 +590,9 @@ class RunSettings:
         object.__setattr__(
             self, "precision", _choice(Precision, self.precision, "--precision", hint)
         )
+        # checked here, before any weights load: a float (2.5, or 128.0 from arithmetic) went
+        # through and failed deep inside the tiling or batching of the first upscale
+        for name, least in (("max_batch", 1), ("seed", 0), ("tile_size", 1), ("tile_overlap", 0)):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _whole(value, name, least))

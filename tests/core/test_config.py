@@ -111,3 +111,21 @@ def test_saving_a_config_on_a_full_disk_keeps_the_old_file(tmp_path):
     assert stdout.startswith("refused:") and "adadiff.json is unchanged" in stdout
     assert (folder / "adadiff.json").read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == ["adadiff.json"]
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("max_batch", 2.5), ("max_batch", "4"), ("tile_size", 128.0), ("tile_overlap", 16.0)],
+)
+def test_from_pretrained_refuses_counts_that_are_not_whole_numbers(keyword, value):
+    """A float tile or batch size went through and failed in the first upscale, with a
+    TypeError or an IndexError from deep inside the tiling."""
+    import numpy as np
+
+    from adadiff import Upscaler
+
+    with pytest.raises(ConfigError, match=f"{keyword} must be a whole number >= "):
+        Upscaler.from_pretrained("tiny", **{keyword: value})
+    upscaler = Upscaler.from_pretrained("tiny", max_batch=np.int64(4), tile_size=np.int32(128))
+    assert (upscaler.max_batch, upscaler.config.tile_size) == (4, 128)
+    assert type(upscaler.max_batch) is int
