@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -206,6 +207,8 @@ def _run_planned(
     if plan.todo:
         if cluster.ray_address is None:
             check_local_paths(settings)
+        else:
+            check_reachable(cluster.ray_address)
         ray = import_ray()
         previous = signal.getsignal(signal.SIGTERM)
         started_ray = _connect(ray, cluster, listeners)
@@ -339,6 +342,29 @@ def _quiet_token_auth_notice() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(notice)
+
+
+RAY_PROBE_SECONDS = 10.0
+
+
+def check_reachable(address: str, timeout: float = RAY_PROBE_SECONDS) -> None:
+    """Refuse a ``--ray-address`` of the form HOST:PORT (or ray://HOST:PORT) where nothing
+    answers: ``ray.init`` keeps retrying such an address for minutes and says so only in its
+    own connection warnings. ``auto`` and forms without a port are left to Ray."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    host = host.strip("[]")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"--ray-address {address}: nothing answers at {host}:{port} ({why}); give the "
+            "address the head node's `ray start --head` printed (ray://HEAD:10001 from outside "
+            "the cluster, auto on a node), or leave out --ray-address to run on this machine"
+        ) from None
 
 
 def _connect(ray: Any, cluster: ClusterOptions, listeners: _Listeners) -> bool:

@@ -533,6 +533,35 @@ def test_only_a_local_ray_started_by_the_job_drops_the_token_auth_notice():
     assert not logger.filters
 
 
+def test_ray_address_where_nothing_answers_fails_fast(folder, tmp_path, capsys, monkeypatch):
+    """ray.init retries an address nobody listens on for minutes, printing only its own
+    warnings; the job says so in one line before it calls Ray."""
+    import socket
+
+    from adadiff.scaleout import job
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def no_ray() -> None:
+        raise AssertionError("Ray was imported for an address nobody answers at")
+
+    monkeypatch.setattr(job, "import_ray", no_ray)
+    out = tmp_path / "out"
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        args = ["upscale-many", str(folder), str(out), "--ray-address", address]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"nothing answers at 127.0.0.1:{port}" in err
+        assert "Traceback" not in err
+    with socket.socket() as s:  # one that listens passes the check
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        job.check_reachable(f"127.0.0.1:{s.getsockname()[1]}", timeout=5)
+    job.check_reachable("auto")  # left to Ray
+
+
 def test_missing_model_or_engines_fail_before_ray_starts(folder, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["upscale-many", str(folder), str(out), "--model", str(tmp_path / "nope")]) == 2
