@@ -119,13 +119,21 @@ def convert_sd21(
         m.eval().requires_grad_(False)
     models = TorchModels(cfg, unet, vae, pfj, mmle, text, source=f"converted from {src}")
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its 0o700 mode would stick to DST after the rename.
     tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.partial"
-    tmp.mkdir()
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise ModelFolderError(_unwritable(dst, exc)) from exc
     try:
         say(f"writing {dst}")
-        models.save(tmp)
+        try:
+            models.save(tmp)
+        except Exception as exc:  # OSError, or safetensors' SafetensorError for a short write
+            if not (isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"):
+                raise
+            raise ModelFolderError(_unwritable(dst, exc)) from exc
         _check_dst(dst)  # someone may have written there while we converted
         if dst.is_dir():
             dst.rmdir()
@@ -145,6 +153,23 @@ def _check_dst(dst: Path) -> None:
             )
     elif dst.exists():
         raise ModelFolderError(f"{dst} exists and is not a folder; pick a new folder for the model")
+    else:
+        # Checked before the slow work, which would otherwise end in this error.
+        ancestor = dst.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ModelFolderError(
+                f"cannot create {dst}: {ancestor} is not a folder; pick a new folder for the model"
+            )
+
+
+def _unwritable(dst: Path, exc: BaseException) -> str:
+    reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+    return (
+        f"cannot write the model folder {dst} ({reason}); free space or pick a folder you can "
+        "write to, then run again"
+    )
 
 
 def _import_transformers() -> Any:

@@ -267,10 +267,23 @@ def test_failure_while_writing_leaves_no_dst(
 
     monkeypatch.setattr("adadiff.models.bundle.TorchModels.save", broken_save)
     dst = tmp_path / "converted"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ModelFolderError, match=r"cannot write the model folder .*disk full"):
         convert_sd21(stock, dst)
     assert not dst.exists()
     assert _siblings(dst) == []
+
+
+def test_dst_under_a_file_is_refused_before_converting(
+    stock: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.setattr(
+        "adadiff.models.convert._read_safetensors",
+        lambda path: pytest.fail("read the weights before checking the output folder"),
+    )
+    with pytest.raises(ModelFolderError, match=r"notes\.txt is not a folder"):
+        convert_sd21(stock, tmp_path / "notes.txt" / "sub" / "converted")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_refuses_non_empty_dst(stock: Path, tmp_path: Path) -> None:
