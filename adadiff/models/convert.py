@@ -241,6 +241,19 @@ def _model_config(
             f"a stock SD-2.1 UNet has both equal to the VAE's latent_channels ({latent}). "
             "Is this folder already converted, or an upscaler/inpainting model?"
         )
+    # The runtime passes only (sample, timestep, text): a UNet that also needs SDXL's
+    # added_cond_kwargs or class labels would convert, then fail on the first upscale.
+    extra = {
+        k: unet[k]
+        for k in ("addition_embed_type", "class_embed_type", "num_class_embeds")
+        if unet.get(k) is not None
+    }
+    if extra:
+        raise ModelFolderError(
+            f"{unet_path} sets {extra}: this UNet needs extra conditioning inputs (an SDXL or "
+            "class-conditioned model), which adadiff does not pass; convert a "
+            "Stable Diffusion 2.1 folder"
+        )
     if "cross_attention_dim" not in unet:
         raise ModelFolderError(
             f"{unet_path} has no cross_attention_dim; is it a text-to-image UNet?"

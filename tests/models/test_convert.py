@@ -342,3 +342,29 @@ def test_fp16_variant_files(stock: Path, tmp_path: Path) -> None:
     assert models.unet.conv_in.weight.dtype == torch.float32
     assert models.text_embedding.dtype == torch.float32
     assert torch.count_nonzero(models.text_embedding) > 0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # SDXL's: the UNet also wants added_cond_kwargs (pooled text and size embeddings)
+        {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": CROSS_DIM + 6 * 8,
+        },
+        {"num_class_embeds": 10},  # class labels, as the SD x2/x4 upscalers take
+    ],
+)
+def test_a_unet_that_needs_extra_conditioning_is_refused(
+    stock: Path, tmp_path: Path, extra: dict[str, object]
+) -> None:
+    config = dict(UNet2DConditionModel.load_config(str(stock / "unet")))
+    shutil.rmtree(stock / "unet")
+    UNet2DConditionModel.from_config({**config, **extra}).save_pretrained(
+        stock / "unet", safe_serialization=True
+    )
+    dst = tmp_path / "converted"
+    with pytest.raises(ModelFolderError, match="extra conditioning inputs"):
+        convert_sd21(stock, dst)
+    assert not dst.exists()
