@@ -134,6 +134,11 @@ def convert_sd21(
             if not (isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"):
                 raise
             raise ModelFolderError(_unwritable(dst, exc)) from exc
+        # safetensors writes its files 0o600; a model folder is for every user of the machine,
+        # as `adadiff train ship` leaves its own.
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(0o644)
         _check_dst(dst)  # someone may have written there while we converted
         if dst.is_dir():
             dst.rmdir()

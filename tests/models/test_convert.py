@@ -186,6 +186,15 @@ def test_convert_keeps_stock_weights_and_widens_conv_in(stock: Path, tmp_path: P
     assert models.config.noise.beta_end == pytest.approx(0.0125)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+def test_every_file_of_the_model_folder_is_readable_by_others(stock: Path, tmp_path: Path) -> None:
+    dst = convert_sd21(stock, tmp_path / "converted")
+    modes = {
+        str(p.relative_to(dst)): p.stat().st_mode & 0o777 for p in dst.rglob("*") if p.is_file()
+    }
+    assert all(mode & 0o044 == 0o044 for mode in modes.values()), modes
+
+
 def test_seed_decides_pfj_and_mmle(stock: Path, tmp_path: Path) -> None:
     a = load_folder(convert_sd21(stock, tmp_path / "a", seed=0))
     b = load_folder(convert_sd21(stock, tmp_path / "b", seed=0))
