@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--profiles", help="several batch profiles MIN:OPT:MAX,... (overrides the above)"
     )
     bd.add_argument("--timing-cache", type=Path, help="timing cache file (default: in the folder)")
-    bd.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GB")
+    bd.add_argument("--workspace", type=positive_float, default=4.0, help="builder workspace in GB")
     bd.add_argument("--device", default="cuda", help="cuda or cuda:N: the GPU to build for")
     bd.add_argument(
         "--tf32",

@@ -11,6 +11,7 @@ TensorRT is left as it is and the build starts a fresh one.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -60,7 +61,8 @@ class BuildOptions:
         if unknown:
             raise ConfigError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")
         object.__setattr__(self, "profiles", check_profiles(self.profiles))
-        if self.workspace_gb <= 0:
+        # nan passes a "<= 0" test, then fails as int(nan) once TensorRT and the GPU are up
+        if not math.isfinite(self.workspace_gb) or self.workspace_gb <= 0:
             raise ConfigError(f"--workspace must be positive (GB), got {self.workspace_gb}")
         if self.timing_cache is not None:
             cache = Path(self.timing_cache).expanduser()

@@ -378,6 +378,18 @@ def test_build_cli_refuses_a_bad_device(capsys, export):
     assert code == 2 and err.count("\n") == 1 and "--device gpu " in err
 
 
+@pytest.mark.parametrize("workspace", ["nan", "inf", "-1"])
+def test_build_cli_refuses_a_workspace_that_is_not_a_positive_number(capsys, tmp_path, workspace):
+    from adadiff.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build", str(tmp_path), f"--workspace={workspace}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--workspace" in err
+    with pytest.raises(ConfigError, match="--workspace must be positive"):
+        BuildOptions(workspace_gb=float(workspace))
+
+
 def test_a_failed_build_keeps_the_engines_built_before_it(trt, export, monkeypatch):
     import adadiff.export.tensorrt_build as tb
 
