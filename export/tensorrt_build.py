@@ -60,6 +60,11 @@ class BuildOptions:
         unknown = sorted(set(self.components) - set(COMPONENTS))
         if unknown:
             raise ConfigError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")
+        if not self.components:
+            raise ConfigError(
+                f"--components names none; choose some of {','.join(COMPONENTS)}, or leave it "
+                "out to build every exported one"
+            )
         object.__setattr__(self, "profiles", check_profiles(self.profiles))
         # nan passes a "<= 0" test, then fails as int(nan) once TensorRT and the GPU are up
         if not math.isfinite(self.workspace_gb) or self.workspace_gb <= 0:

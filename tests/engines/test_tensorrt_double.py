@@ -390,6 +390,11 @@ def test_build_cli_refuses_a_workspace_that_is_not_a_positive_number(capsys, tmp
         BuildOptions(workspace_gb=float(workspace))
 
 
+def test_components_that_name_none_are_refused():
+    with pytest.raises(ConfigError, match="--components names none"):
+        BuildOptions(components=())
+
+
 def test_a_failed_build_keeps_the_engines_built_before_it(trt, export, monkeypatch):
     import adadiff.export.tensorrt_build as tb
 
