@@ -131,7 +131,15 @@ def build_engines(
     cuda.activate()  # TensorRT builds for the current device
     info = cuda.info()
     out = export_dir / TRT_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / BUILD_LOCK, "a"):  # what folder_lock opens first
+            pass
+    except OSError as exc:
+        raise OutputPathError(
+            f"cannot write the engines into {out} ({exc.strerror or exc}); make {export_dir} "
+            "writable, or copy the export to a folder you can write to and build that"
+        ) from exc
 
     def busy(holder: str) -> OutputPathError:
         # two builds would each save a manifest without the other's engines, and delete them

@@ -17,7 +17,7 @@ import pytest
 from helpers import copy_export
 
 from adadiff.artifacts import TIMING_CACHE, TRT_DIR, BatchProfile, EngineManifest
-from adadiff.errors import ConfigError, EngineMismatchError
+from adadiff.errors import ConfigError, EngineMismatchError, OutputPathError
 from adadiff.export.manifest import save_export_manifest
 from adadiff.export.tensorrt_build import BuildOptions, build_engines
 from adadiff.specs import component_specs
@@ -393,6 +393,12 @@ def test_build_cli_refuses_a_workspace_that_is_not_a_positive_number(capsys, tmp
 def test_components_that_name_none_are_refused():
     with pytest.raises(ConfigError, match="--components names none"):
         BuildOptions(components=())
+
+
+def test_an_export_folder_that_cannot_be_written_is_one_clear_error(trt, export):
+    (export / TRT_DIR).write_text("a file where the engines folder goes")
+    with pytest.raises(OutputPathError, match=r"cannot write the engines into .*make .* writable"):
+        _build(export, components=("pfj",))
 
 
 def test_a_failed_build_keeps_the_engines_built_before_it(trt, export, monkeypatch):
