@@ -31,6 +31,7 @@ from adadiff.presets import sd21_base
 DEFAULT_SCALING_FACTOR = 0.18215
 TEXT_WEIGHTS = "model.safetensors"
 TEXT_WEIGHTS_INDEX = "model.safetensors.index.json"
+TEXT_WEIGHTS_INDEX_FP16 = "model.safetensors.index.fp16.json"  # transformers' variant name
 FP16 = "fp16"  # the hub's name for half-precision weight files
 
 
@@ -73,7 +74,9 @@ def convert_sd21(
     te_dir = src / "text_encoder"
     _read_json(te_dir / "config.json", "the transformers CLIPTextModel config")
     te_variant = None
-    if not (te_dir / TEXT_WEIGHTS_INDEX).is_file():
+    if (te_dir / TEXT_WEIGHTS_INDEX_FP16).is_file():
+        te_variant = FP16  # sharded fp16 variant: model.fp16-0000N-of-0000M.safetensors
+    elif not (te_dir / TEXT_WEIGHTS_INDEX).is_file():
         te_weights = _need_weights(
             te_dir, TEXT_WEIGHTS, "the CLIP text encoder weights", bin_name="pytorch_model.bin"
         )

@@ -353,6 +353,18 @@ def test_fp16_variant_files(stock: Path, tmp_path: Path) -> None:
     assert torch.count_nonzero(models.text_embedding) > 0
 
 
+def test_sharded_fp16_text_encoder(stock: Path, tmp_path: Path) -> None:
+    """transformers' sharded fp16 variant: model.safetensors.index.fp16.json + its shards."""
+    expected = _empty_prompt_reference(stock)
+    encoder = CLIPTextModel.from_pretrained(str(stock / "text_encoder"), local_files_only=True)
+    shutil.rmtree(stock / "text_encoder")
+    encoder.half().save_pretrained(stock / "text_encoder", variant="fp16", max_shard_size="20KB")
+    assert (stock / "text_encoder" / "model.safetensors.index.fp16.json").is_file()
+    models = load_folder(convert_sd21(stock, tmp_path / "converted"))
+    assert models.text_embedding.dtype == torch.float32
+    assert torch.allclose(models.text_embedding, expected, atol=1e-2)  # fp16 weights
+
+
 @pytest.mark.parametrize(
     "extra",
     [
