@@ -136,9 +136,14 @@ def build_engines(
         with open(out / BUILD_LOCK, "a"):  # what folder_lock opens first
             pass
     except OSError as exc:
+        fix = (
+            f"move the file {out} away"
+            if out.exists() and not out.is_dir()
+            else f"make {export_dir} writable"
+        )
         raise OutputPathError(
-            f"cannot write the engines into {out} ({exc.strerror or exc}); make {export_dir} "
-            "writable, or copy the export to a folder you can write to and build that"
+            f"cannot write the engines into {out} ({exc.strerror or exc}); {fix}, or copy the "
+            "export to a folder you can write to and build that"
         ) from exc
 
     def busy(holder: str) -> OutputPathError:

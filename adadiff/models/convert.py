@@ -74,8 +74,11 @@ def convert_sd21(
     te_dir = src / "text_encoder"
     _read_json(te_dir / "config.json", "the transformers CLIPTextModel config")
     te_variant = None
-    if (te_dir / TEXT_WEIGHTS_INDEX_FP16).is_file():
-        te_variant = FP16  # sharded fp16 variant: model.fp16-0000N-of-0000M.safetensors
+    fp32 = (te_dir / TEXT_WEIGHTS_INDEX).is_file() or (te_dir / TEXT_WEIGHTS).is_file()
+    if not fp32 and (te_dir / TEXT_WEIGHTS_INDEX_FP16).is_file():
+        # sharded fp16 variant: model.fp16-0000N-of-0000M.safetensors; fp32 files come first,
+        # as for the UNet and the VAE (a full hub snapshot holds both)
+        te_variant = FP16
     elif not (te_dir / TEXT_WEIGHTS_INDEX).is_file():
         te_weights = _need_weights(
             te_dir, TEXT_WEIGHTS, "the CLIP text encoder weights", bin_name="pytorch_model.bin"
@@ -173,7 +176,8 @@ def _check_dst(dst: Path) -> None:
 
 
 def _unwritable(dst: Path, exc: BaseException) -> str:
-    reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+    # str(exc) may be empty (OSError(), a bare SafetensorError): no IndexError over the real one
+    reason = getattr(exc, "strerror", None) or next(iter(str(exc).splitlines()), type(exc).__name__)
     return (
         f"cannot write the model folder {dst} ({reason}); free space or pick a folder you can "
         "write to, then run again"

@@ -355,13 +355,17 @@ def check_reachable(address: str, timeout: float = RAY_PROBE_SECONDS) -> None:
     host, sep, port = rest.rpartition(":")
     if not sep or not host or not port.isdigit():
         return
-    host = host.strip("[]")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return  # an IPv6 address without brackets (::1): no port can be told apart; Ray's to say
+    shown = f"{host}:{port}"  # [::1]:6379 as given
+    host = host.removeprefix("[").removesuffix("]")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
-        why = exc.strerror or type(exc).__name__
+        # a timeout has no strerror: its text ("timed out") says more than its class name
+        why = exc.strerror or str(exc) or type(exc).__name__
         raise ConfigError(
-            f"--ray-address {address}: nothing answers at {host}:{port} ({why}); give the "
+            f"--ray-address {address}: nothing answers at {shown} ({why}); give the "
             "address the head node's `ray start --head` printed (ray://HEAD:10001 from outside "
             "the cluster, auto on a node), or leave out --ray-address to run on this machine"
         ) from None

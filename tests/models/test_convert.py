@@ -389,3 +389,15 @@ def test_a_unet_that_needs_extra_conditioning_is_refused(
     with pytest.raises(ModelFolderError, match="extra conditioning inputs"):
         convert_sd21(stock, dst)
     assert not dst.exists()
+
+
+def test_fp32_text_encoder_beats_a_sharded_fp16_one_beside_it(stock: Path, tmp_path: Path) -> None:
+    """A full hub snapshot holds model.safetensors and the fp16 shards: fp32 is read, as for
+    the UNet and the VAE."""
+    expected = _empty_prompt_reference(stock)
+    config = (stock / "text_encoder" / "config.json").read_bytes()
+    encoder = CLIPTextModel.from_pretrained(str(stock / "text_encoder"), local_files_only=True)
+    encoder.half().save_pretrained(stock / "text_encoder", variant="fp16", max_shard_size="20KB")
+    (stock / "text_encoder" / "config.json").write_bytes(config)  # the snapshot's fp32 config
+    models = load_folder(convert_sd21(stock, tmp_path / "converted"))
+    assert torch.equal(models.text_embedding, expected)
