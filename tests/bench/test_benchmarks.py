@@ -552,3 +552,19 @@ def test_load_spinners_stop_without_their_parent_and_when_interrupted(monkeypatc
     assert len(started) == 2
     for proc in started:
         assert proc.wait(timeout=30) is not None
+
+
+@pytest.mark.parametrize("name", ["front", "quality"])
+def test_render_refuses_a_missing_or_broken_json_in_one_line(name, tmp_path, capsys):
+    import importlib
+
+    bench = importlib.import_module(f"benchmarks.{name}")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{bench.START}\n{bench.END}\n")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for saved, why in ((tmp_path / "missing.json", "No such file"), (broken, "is not JSON")):
+        assert bench.main(["--render", str(saved), "--readme", str(readme)]) == 2
+        err = capsys.readouterr().err
+        assert why in err and f"give the {name}.json that a run wrote" in err
+    assert readme.read_text() == f"{bench.START}\n{bench.END}\n"

@@ -243,17 +243,3 @@ def test_a_front_without_matplotlib_still_writes_its_json(tmp_path, monkeypatch,
     assert front.main(argv) == 0
     assert json.loads((out / "front.json").read_text()) == {"methods": {}}
     assert "no front.png" in capsys.readouterr().err
-
-
-def test_render_refuses_a_missing_or_broken_json_in_one_line(tmp_path, capsys):
-    from benchmarks import front
-
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{front.START}\n{front.END}\n")
-    broken = tmp_path / "broken.json"
-    broken.write_text("{not json")
-    for saved, why in ((tmp_path / "missing.json", "No such file"), (broken, "is not JSON")):
-        assert front.main(["--render", str(saved), "--readme", str(readme)]) == 2
-        err = capsys.readouterr().err
-        assert why in err and "give the front.json that a run wrote" in err
-    assert readme.read_text() == f"{front.START}\n{front.END}\n"

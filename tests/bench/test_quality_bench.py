@@ -336,15 +336,3 @@ def test_a_file_as_out_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
     plain.write_text("")
     assert quality.main(["--out", str(plain)]) == 2
     assert f"--out {plain} is a file; give a folder" in capsys.readouterr().err
-
-
-def test_render_refuses_a_missing_or_broken_json_in_one_line(tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{quality.START}\n{quality.END}\n")
-    broken = tmp_path / "broken.json"
-    broken.write_text("{not json")
-    for saved, why in ((tmp_path / "missing.json", "No such file"), (broken, "is not JSON")):
-        assert quality.main(["--render", str(saved), "--readme", str(readme)]) == 2
-        err = capsys.readouterr().err
-        assert why in err and "give the quality.json that a run wrote" in err
-    assert readme.read_text() == f"{quality.START}\n{quality.END}\n"
