@@ -131,20 +131,6 @@ def build_engines(
     cuda.activate()  # TensorRT builds for the current device
     info = cuda.info()
     out = export_dir / TRT_DIR
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / BUILD_LOCK, "a"):  # what folder_lock opens first
-            pass
-    except OSError as exc:
-        fix = (
-            f"move the file {out} away"
-            if out.exists() and not out.is_dir()
-            else f"make {export_dir} writable"
-        )
-        raise OutputPathError(
-            f"cannot write the engines into {out} ({exc.strerror or exc}); {fix}, or copy the "
-            "export to a folder you can write to and build that"
-        ) from exc
 
     def busy(holder: str) -> OutputPathError:
         # two builds would each save a manifest without the other's engines, and delete them
@@ -152,7 +138,18 @@ def build_engines(
             f"{out} is being built into by {holder}; wait for it or stop it, then run again"
         )
 
-    with folder_lock(out / BUILD_LOCK, busy):
+    def unwritable(exc: OSError) -> OutputPathError:
+        fix = (
+            f"move the file {out} away"
+            if out.exists() and not out.is_dir()
+            else f"make {export_dir} writable"
+        )
+        return OutputPathError(
+            f"cannot write the engines into {out} ({exc.strerror or exc}); {fix}, or copy the "
+            "export to a folder you can write to and build that"
+        )
+
+    with folder_lock(out / BUILD_LOCK, busy, unwritable=unwritable):
         return _build_locked(trt, info, exported, export_dir, out, options, progress)
 
 
