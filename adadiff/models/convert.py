@@ -304,10 +304,12 @@ def _model_config(
                 f"{sched_path} has an unsupported noise schedule: {exc}"
             ) from exc
 
+    # SD-2.1-base's tiles in latent positions (64, 8 overlapping: 512/64 px at its VAE factor 8),
+    # kept for a VAE of another factor: 512 px at factor 2 would be 256 latents a side, 16x the
+    # convolution work per tile and 256x the first attention level's.
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    tile, overlap = base.tile_size, base.tile_overlap
-    if tile % factor or overlap % factor:
-        tile, overlap = 64 * factor, 8 * factor
+    tile = base.latent_tile * factor
+    overlap = base.tile_overlap // base.vae_scale_factor * factor
     try:
         return replace(
             base,

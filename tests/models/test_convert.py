@@ -21,6 +21,7 @@ from adadiff.config import CONFIG_FILE, PredictionType
 from adadiff.errors import BackendUnavailableError, ModelFolderError
 from adadiff.models.bundle import WEIGHTS, load_folder
 from adadiff.models.convert import convert_sd21
+from adadiff.presets import sd21_base
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 TOKENS = 77
@@ -181,9 +182,20 @@ def test_convert_keeps_stock_weights_and_widens_conv_in(stock: Path, tmp_path: P
     assert cfg["unet"]["cross_attention_dim"] == CROSS_DIM
     assert not any(k.startswith("_") for k in (*cfg["unet"], *cfg["vae"]))
     assert cfg["scaling_factor"] == pytest.approx(0.13025)
-    assert (cfg["tile_size"], cfg["tile_overlap"]) == (512, 64)
     assert models.config.noise.prediction_type is PredictionType.V_PREDICTION
     assert models.config.noise.beta_end == pytest.approx(0.0125)
+
+
+def test_tiles_keep_sd21_base_latent_size_at_other_vae_factor(stock: Path, tmp_path: Path) -> None:
+    """SD-2.1-base's 512/64 px tiles are 64/8 latents at its VAE factor 8. This stock VAE has
+    factor 2: 512 px tiles would be 256 latents a side (an upscale of a 16x16 input took 26 s
+    per step with them); its tiles are 128/16 px, the same 64/8 latents."""
+    cfg = load_folder(convert_sd21(stock, tmp_path / "converted")).config
+    base = sd21_base()
+    assert (base.vae_scale_factor, cfg.vae_scale_factor) == (8, 2)
+    assert cfg.latent_tile == base.latent_tile == 64
+    assert cfg.tile_overlap // 2 == base.tile_overlap // 8 == 8
+    assert (cfg.tile_size, cfg.tile_overlap) == (128, 16)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
