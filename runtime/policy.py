@@ -73,7 +73,12 @@ def exit_gain(g_fr: float, g_nr: float, cfg: DTSSConfig) -> float:
     tanh(dR_FR + dR_NR), which the tanh addition formula gives from the two gains."""
     if cfg.exit_on == "nr":
         return g_nr
-    return (g_fr + g_nr) / (1.0 + g_fr * g_nr)
+    denominator = 1.0 + g_fr * g_nr
+    if denominator == 0.0:
+        # tanh rounded both gains to +1 and -1 (score changes beyond about 19 each way): the
+        # sum's sign is lost with them, so the total counts as unchanged (no exit)
+        return 0.0
+    return (g_fr + g_nr) / denominator
 
 
 def dtss_decide(t: int, g_fr: float, g_nr: float, cfg: DTSSConfig) -> Decision:

@@ -84,6 +84,17 @@ def test_exit_on_total_watches_the_sum_of_both_gains():
         DTSSConfig(exit_on="fr")
 
 
+def test_exit_on_total_survives_gains_that_tanh_rounded_to_one():
+    """Score changes beyond about 19 make tanh return exactly +1 or -1; opposite ones used to
+    divide zero by zero in the tanh addition formula (ZeroDivisionError mid-run)."""
+    cfg = DTSSConfig(exit_on="total")
+    g_fr, g_nr = gains((125.0, -30.0), (100.0, 0.0), 100, cfg)
+    assert (g_fr, g_nr) == (1.0, -1.0)
+    assert exit_gain(g_fr, g_nr, cfg) == 0.0
+    assert dtss_decide(100, g_fr, g_nr, cfg) == dtss_decide(100, 0.5, 0.0, CFG)  # stable, 15
+    assert exit_gain(1.0, 1.0, cfg) == 1.0 and exit_gain(-1.0, -1.0, cfg) == -1.0
+
+
 def test_new_config_fields_keep_the_digest_of_older_exports(tiny_config):
     """An export records the digest of the config it came from; fields added since
     (default_schedule, dtss.exit_on, noise.set_alpha_to_one, content, mmle.reference) must not
