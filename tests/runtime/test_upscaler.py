@@ -127,7 +127,7 @@ def test_unknown_schedule(upscaler, photo):
         upscaler.upscale(photo, schedule="fast")
 
 
-def test_bad_dtype_and_interval_are_refused_before_any_tile_runs(upscaler, photo):
+def test_bad_dtype_interval_and_grouping_are_refused_before_any_tile_runs(upscaler, photo):
     stages: list[str] = []
 
     def heard(stage, done, total):
@@ -140,6 +140,8 @@ def test_bad_dtype_and_interval_are_refused_before_any_tile_runs(upscaler, photo
             upscaler.upscale(photo, schedule="uniform", interval=interval, progress=heard)
     with pytest.raises(ConfigError, match=r"interval 5000 is over 999.*from 1 to 999"):
         upscaler.upscale(photo, schedule="uniform", interval=5000, progress=heard)
+    with pytest.raises(ConfigError, match=r"grouping must be one of .*'regroup'.*got 'tiles'"):
+        upscaler.upscale(photo, grouping="tiles", progress=heard)
     assert stages == []  # nothing was encoded, let alone denoised
     _, report = upscaler.upscale(photo[:16, :16], schedule="uniform", interval=np.int64(500))
     assert report.interval == 500 and report.steps_per_tile == [2]
