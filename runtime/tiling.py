@@ -86,7 +86,8 @@ class TileGrid:
 
     def scaled(self, factor: int) -> TileGrid:
         """The same grid in units ``factor`` times smaller (pixels -> latent positions)."""
-        if self.tile % factor or self.overlap % factor or self.padded_height % factor:
+        sides = (self.tile, self.overlap, self.padded_height, self.padded_width)
+        if any(side % factor for side in sides):
             raise ConfigError(f"grid {self} cannot be divided by {factor}")
         return TileGrid(
             height=self.padded_height // factor,

@@ -48,6 +48,15 @@ def test_grid_rejects_bad_tiling():
         TileGrid(height=10, width=10, tile=64, overlap=6, multiple=4)
 
 
+@pytest.mark.parametrize(("height", "width"), [(242, 128), (128, 242)])
+def test_scaling_refuses_a_grid_that_does_not_divide_either_way(height, width):
+    """A width that the factor does not divide lost its last column of tiles (3 -> 2) instead
+    of being refused, as a height like it is."""
+    grid = TileGrid(height=height, width=width, tile=128, overlap=16)
+    with pytest.raises(ConfigError, match="cannot be divided by 4"):
+        grid.scaled(4)
+
+
 def test_gaussian_weights_positive_and_symmetric():
     for size in (8, 31, 64):
         w = gaussian_weights(size)
