@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from adadiff.config import SEED_LIMIT
+
 
 def _whole(value: str) -> int:
     try:
@@ -23,6 +25,13 @@ def non_negative(value: str) -> int:
     n = _whole(value)
     if n < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {n}")
+    return n
+
+
+def noise_seed(value: str) -> int:
+    n = non_negative(value)
+    if n >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2**32 = {SEED_LIMIT}, got {n}")
     return n
 
 

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from adadiff import __version__, demo, file_upscale, imageio
 from adadiff.argtypes import (
     DefaultsFormatter,
+    noise_seed,
     non_negative,
     non_negative_float,
     positive,
@@ -147,7 +148,7 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
         "1 step; default: the model's uniform_interval, 200 = 5 steps for tiny)",
     )
     p.add_argument(
-        "--seed", type=non_negative, default=0, help="seeds every tile's noise with (seed, tile)"
+        "--seed", type=noise_seed, default=0, help="seeds every tile's noise with (seed, tile)"
     )
     p.add_argument("--max-batch", type=positive, default=8, help="tiles per engine call")
     p.add_argument(

@@ -19,6 +19,9 @@ from adadiff.errors import ConfigError, OutputPathError
 
 CONFIG_FILE = "adadiff.json"
 CONFIG_VERSION = 1
+# tile noise is seeded with (seed, tile) as 32-bit words: a seed of 2**32 or more would share its
+# words, and so its noise, with a smaller seed (seed 2**32, tile 0 is seed 0, tile 1)
+SEED_LIMIT = 2**32
 
 
 class Choice(str, enum.Enum):

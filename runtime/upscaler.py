@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from adadiff.config import SCHEDULES, ModelConfig, RunSettings
+from adadiff.config import SCHEDULES, SEED_LIMIT, ModelConfig, RunSettings
 from adadiff.engines import factory
 from adadiff.engines.base import Backend, CallLog, Components
 from adadiff.errors import ConfigError
@@ -275,8 +275,12 @@ class Upscaler:
         ``progress`` hears ``("encode", tiles encoded, tiles)`` after every batch."""
         if self.closed:
             raise ConfigError("this Upscaler was closed; open a new one (Upscaler.from_pretrained)")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ConfigError(f"seed must be a whole number >= 0, got {seed!r}")
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, numbers.Integral)
+            or not 0 <= seed < SEED_LIMIT
+        ):
+            raise ConfigError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
         seed = int(seed)  # a numpy integer would not go into the report's JSON
         self.components.open_all()
         rgb, gray = to_rgb_and_gray(image)

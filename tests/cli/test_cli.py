@@ -186,6 +186,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, make, match):
     assert not (tmp_path / "o.png").exists()
 
 
+def test_upscale_refuses_a_seed_of_2_to_the_32_before_any_work(tmp_path, small_png, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["upscale", str(small_png), "-o", str(tmp_path / "o.png"), "--seed", str(2**32)])
+    assert stop.value.code == 2
+    assert "argument --seed: expected a seed below 2**32" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_output_errors(tmp_path, small_png, capsys):
     code, _, err = _run(["upscale", small_png, "-o", small_png], capsys)
     assert code == 2 and "input" in err

@@ -74,6 +74,17 @@ def test_a_numpy_seed_goes_into_the_report_json(upscaler, photo):
     assert json.loads(json.dumps(report.to_dict()))["seed"] == 3
 
 
+def test_seeds_that_would_share_noise_words_are_refused(upscaler, photo):
+    # noise is seeded with the 32-bit words of (seed, tile): seed 2**32 at tile 0 would be seed 0
+    # at tile 1, so the largest seed taken is 2**32 - 1
+    img = photo[:16, :16]
+    top, _ = upscaler.upscale(img, schedule="uniform", interval=500, seed=2**32 - 1)
+    assert top.shape == (64, 64, 3)
+    for bad in (2**32, 2**32 + 5, -1):
+        with pytest.raises(ConfigError, match="seed must be a whole number from 0 to 2"):
+            upscaler.upscale(img, schedule="uniform", interval=500, seed=bad)
+
+
 def test_pil_in_pil_out(upscaler, photo):
     pil = Image.fromarray((photo[:20, :24] * 255).astype(np.uint8))
     out, rep = upscaler.upscale(pil, schedule="uniform", interval=250)
