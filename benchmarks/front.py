@@ -23,7 +23,7 @@ are paired (same crops, same seeds). The JSON also holds the diagnostics: each a
 gains per timestep band against tau, how often each category fires, and whether the tiles that
 gain from more steps (LPIPS at 20 against 200 steps) are the ones DTSS gives more steps.
 
-A full front takes 20 to over 90 minutes on two cores. Each finished (schedule, seed) run is saved
+A full front takes 30 to over 90 minutes on two cores. Each finished (schedule, seed) run is saved
 under ``OUT/.runs``; run the same command again after an interruption and it resumes there
 (runs made with other weights or crops are refused, not mixed in). The folder goes once
 ``front.json`` is written.

@@ -22,7 +22,7 @@ for step in "${steps[@]}"; do
   case "$step" in
     quality)  # ~2 min
       "$PY" -m benchmarks.quality --out "$REF/quality-cpu" --threads 2 --readme README.md ;;
-    front)  # ~20 min; the DTSS calibration of `adadiff calibrate` and its coarse-tier variant
+    front)  # ~30 min; the DTSS calibration of `adadiff calibrate` and its coarse-tier variant
       # (docs/adaptive.md) run beside the model's own
       cal=()
       for name in calibrated coarse; do
