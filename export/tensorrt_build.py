@@ -281,9 +281,13 @@ def _build_one(
     for profile in options.profiles:
         opt = builder.create_optimization_profile()
         shapes = profile_shapes(spec, profile)
-        for name, (lo, mid, hi) in shapes.items():
-            opt.set_shape(name, lo, mid, hi)
-        if config.add_optimization_profile(opt) < 0:
+        try:  # the binding raises RuntimeError where setDimensions returns false
+            for name, (lo, mid, hi) in shapes.items():
+                opt.set_shape(name, lo, mid, hi)
+            index = config.add_optimization_profile(opt)
+        except RuntimeError:
+            index = -1
+        if index < 0:
             raise EngineMismatchError(
                 f"TensorRT rejected optimisation profile {profile} for {onnx_path.name} (inputs "
                 f"{sorted(shapes)}); the ONNX inputs do not match this adadiff's spec: re-export "

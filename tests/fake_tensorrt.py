@@ -3,7 +3,9 @@
 It keeps the documented contract that adadiff's builder and backend rely on, and is stricter
 where a real GPU would crash or silently misbehave:
 
-- return values: ``add_optimization_profile`` -> index or -1, ``set_timing_cache`` -> bool
+- return values: ``IOptimizationProfile.set_shape`` raises RuntimeError for min/opt/max shapes
+  that disagree (rank, sign, order), ``add_optimization_profile`` -> index or -1,
+  ``set_timing_cache`` -> bool
   (False for a cache from another device or TensorRT unless ``ignore_mismatch``),
   ``build_serialized_network`` -> ``IHostMemory`` or None, ``deserialize_cuda_engine`` ->
   ``ICudaEngine`` or None (another TensorRT, another compute capability),
@@ -227,7 +229,15 @@ class IOptimizationProfile:
         self._shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
 
     def set_shape(self, input: str, min: Any, opt: Any, max: Any) -> None:
-        self._shapes[input] = (tuple(min), tuple(opt), tuple(max))
+        """The binding calls setDimensions for min, opt and max and raises RuntimeError where
+        one returns false (shapes inconsistent with each other: rank, negative or unordered
+        dims); it never leaves that to ``add_optimization_profile``."""
+        shapes = (tuple(min), tuple(opt), tuple(max))
+        if len({len(s) for s in shapes}) != 1 or any(d < 0 for s in shapes for d in s):
+            raise RuntimeError("Shape provided for opt is inconsistent with other shapes.")
+        if any(not a <= b <= c for a, b, c in zip(*shapes, strict=True)):
+            raise RuntimeError("Shape provided for max is inconsistent with other shapes.")
+        self._shapes[input] = shapes
 
     def __bool__(self) -> bool:
         """isValid: every shape has one rank and min <= opt <= max per dimension."""
@@ -315,7 +325,7 @@ class IBuilderConfig:
         return flag in self._flags
 
     def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
-        if not profile:
+        if not profile or "add_optimization_profile" in STATE.faults:
             return -1
         self._profiles.append(profile)
         return len(self._profiles) - 1

@@ -189,13 +189,19 @@ def test_cuda_n_builds_and_runs_on_device_n(monkeypatch, export):
     assert backend.describe()["device"] == "cuda:1 (NVIDIA H100)"
 
 
-def test_refused_profile_is_an_error(trt, export, monkeypatch):
+@pytest.mark.parametrize("refusal", ["set_shape", "add_optimization_profile"])
+def test_refused_profile_is_an_error(trt, export, monkeypatch, refusal):
+    """TensorRT refuses a profile in either call: the binding's set_shape raises RuntimeError
+    where setDimensions returns false, add_optimization_profile returns -1."""
     import adadiff.export.tensorrt_build as tb
 
     def inverted(spec, profile):
         return {n: (hi, mid, lo) for n, (lo, mid, hi) in spec.profile(1, 2, 6).items()}
 
-    monkeypatch.setattr(tb, "profile_shapes", inverted)
+    if refusal == "set_shape":
+        monkeypatch.setattr(tb, "profile_shapes", inverted)
+    else:
+        fake.STATE.faults.add("add_optimization_profile")
     with pytest.raises(EngineMismatchError, match="rejected optimisation profile"):
         _build(export, components=("pfj",))
 
