@@ -85,24 +85,36 @@ def _progress_monitor(trt: Any, component: str, progress: Progress | None) -> An
     report: Progress = progress  # bound here: the class body below does not see the check
 
     class Monitor(trt.IProgressMonitor):
-        """Reports the top-level build phase; TensorRT calls it from its own threads."""
+        """Reports the top-level build phase. TensorRT calls it from its own threads (so the
+        callback runs under a lock), and its binding prints and drops any exception a method
+        raises: the first one is kept in ``error`` and cancels the build, for the builder to
+        raise once TensorRT returns."""
 
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
             self.lock = threading.Lock()
             self.steps: dict[str, int] = {}
+            self.error: BaseException | None = None
+
+        def _report(self, phase_name: str, done: int, total: int) -> bool:
+            with self.lock:
+                if self.error is None:
+                    try:
+                        report(f"build {component}: {phase_name}", done, max(total, 1))
+                    except BaseException as exc:  # Ctrl-C included: TensorRT would drop it
+                        self.error = exc
+                return self.error is None
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             with self.lock:
                 self.steps[phase_name] = num_steps
             if parent_phase is None:
-                report(f"build {component}: {phase_name}", 0, max(num_steps, 1))
+                self._report(phase_name, 0, num_steps)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
             with self.lock:
                 total = self.steps.get(phase_name, step + 1)
-            report(f"build {component}: {phase_name}", step + 1, max(total, 1))
-            return True  # False would cancel the build
+            return self._report(phase_name, step + 1, total)  # False cancels the build
 
         def phase_finish(self, phase_name: str) -> None:
             with self.lock:
@@ -297,6 +309,9 @@ def _build_one(
     if monitor is not None:
         config.progress_monitor = monitor
     serialized = builder.build_serialized_network(network, config)
+    error = getattr(monitor, "error", None)
+    if error is not None:  # the progress callback raised; TensorRT only saw a cancel
+        raise error
     if serialized is None:
         raise EngineMismatchError(
             f"TensorRT failed to build {onnx_path.name}; rerun with -v for the builder log, or "

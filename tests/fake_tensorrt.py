@@ -12,7 +12,8 @@ where a real GPU would crash or silently misbehave:
   ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` -> bool;
   ``set_optimization_profile_async`` -> True or RuntimeError (the binding raises where the C++
   API returns false); ``create_timing_cache`` raises for a blob that is not a timing cache;
-  ``get_timing_cache`` is None until a cache is set;
+  ``get_timing_cache`` is None until a cache is set; an exception in an ``IProgressMonitor``
+  method is printed and dropped, and one in ``step_complete`` cancels the build (None);
 - profile selection: shapes are checked against the context's active profile, and selecting a
   profile forgets the shapes set before;
 - input shapes before their addresses, every shape and address set before execution (unset
@@ -289,18 +290,29 @@ class IProgressMonitor:
         pass
 
 
+def _call_monitor(monitor: Any, method: str, *args: Any) -> Any:
+    """As the binding's IProgressMonitor trampoline calls Python: an exception (any, as pybind11
+    wraps it) is printed and dropped; for step_complete it then answers False, which cancels
+    the build."""
+    try:
+        return getattr(monitor, method)(*args)
+    except BaseException as exc:
+        print(f"[ERROR] Exception caught in {method}(): {exc!r}", file=sys.stderr)
+        return False if method == "step_complete" else None
+
+
 def _report_progress(monitor: Any) -> bool:
     """The phases a build reports, as TensorRT nests them; False when the monitor cancelled."""
-    monitor.phase_start("Building engine", None, 2)
+    _call_monitor(monitor, "phase_start", "Building engine", None, 2)
     for step in range(2):
-        monitor.phase_start("Tactic search", "Building engine", 3)
+        _call_monitor(monitor, "phase_start", "Tactic search", "Building engine", 3)
         for inner in range(3):
-            if not monitor.step_complete("Tactic search", inner):
+            if not _call_monitor(monitor, "step_complete", "Tactic search", inner):
                 return False
-        monitor.phase_finish("Tactic search")
-        if not monitor.step_complete("Building engine", step):
+        _call_monitor(monitor, "phase_finish", "Tactic search")
+        if not _call_monitor(monitor, "step_complete", "Building engine", step):
             return False
-    monitor.phase_finish("Building engine")
+    _call_monitor(monitor, "phase_finish", "Building engine")
     return True
 
 

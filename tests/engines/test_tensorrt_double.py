@@ -118,6 +118,25 @@ def test_engines_are_strongly_typed_with_the_workspace_asked_for_and_report_prog
     assert all(h[0].startswith("build pfj: ") for h in heard)
 
 
+@pytest.mark.parametrize("failing_call", [1, 2])  # 1: in phase_start, 2: in step_complete
+def test_an_exception_in_the_progress_callback_stops_the_build_as_itself(trt, export, failing_call):
+    """TensorRT's monitor trampoline prints and drops a Python exception (Ctrl-C while the
+    callback runs, a closed stderr): the build must stop with that exception, not go on or end
+    as "TensorRT failed to build ... try a larger --workspace"."""
+    calls = []
+
+    def progress(stage, done, total):
+        calls.append(stage)
+        if len(calls) == failing_call:
+            raise KeyboardInterrupt
+
+    options = BuildOptions(profiles=TWO_PROFILES, components=("pfj", "mmle"))
+    with pytest.raises(KeyboardInterrupt):
+        build_engines(export, options, cuda=fake.FakeCuda(0), progress=progress)
+    assert len(calls) == failing_call  # cancelled at once: no more progress, no second engine
+    assert not (export / TRT_DIR / "manifest.json").exists()
+
+
 def test_timing_cache_from_another_gpu_is_left_alone(monkeypatch, export, tmp_path, caplog):
     shared = tmp_path / "shared.cache"
     fake.install(monkeypatch, devices=[("NVIDIA L4", "8.9")])
