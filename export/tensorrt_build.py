@@ -10,11 +10,13 @@ TensorRT is left as it is and the build starts a fresh one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,34 @@ def _progress_monitor(trt: Any, component: str, progress: Progress | None) -> An
                 self.steps.pop(phase_name, None)
 
     return Monitor()
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels(monitor: Any) -> Iterator[None]:
+    """While TensorRT builds, Ctrl-C is kept in ``monitor.error`` (and cancels the build at the
+    next step) instead of being raised. A SIGINT that arrives while the builder's C++ code runs is
+    raised at the first Python bytecode, the entry of the next monitor method, outside any ``try``
+    there: the binding's trampoline would print and drop it (lost in ``phase_start``, a cancel
+    reported as a failed build in ``step_complete``). A second Ctrl-C raises as usual."""
+    if monitor is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler installed outside Python: leave it alone
+        yield
+        return
+
+    def interrupted(signum: int, frame: Any) -> None:
+        # no lock: this runs on the main thread, which may hold the monitor's lock already
+        if monitor.error is None:
+            monitor.error = KeyboardInterrupt()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def build_engines(
@@ -308,7 +338,8 @@ def _build_one(
     write_to = _attach_timing_cache(config, cache_paths)
     if monitor is not None:
         config.progress_monitor = monitor
-    serialized = builder.build_serialized_network(network, config)
+    with _ctrl_c_cancels(monitor):
+        serialized = builder.build_serialized_network(network, config)
     error = getattr(monitor, "error", None)
     if error is not None:  # the progress callback raised; TensorRT only saw a cancel
         raise error

@@ -13,7 +13,8 @@ where a real GPU would crash or silently misbehave:
   ``set_optimization_profile_async`` -> True or RuntimeError (the binding raises where the C++
   API returns false); ``create_timing_cache`` raises for a blob that is not a timing cache;
   ``get_timing_cache`` is None until a cache is set; an exception in an ``IProgressMonitor``
-  method is printed and dropped, and one in ``step_complete`` cancels the build (None);
+  method (a Ctrl-C handled at its entry included: ``STATE.sigint_at``) is printed and dropped,
+  and one in ``step_complete`` cancels the build (None);
 - profile selection: shapes are checked against the context's active profile, and selecting a
   profile forgets the shapes set before;
 - input shapes before their addresses, every shape and address set before execution (unset
@@ -35,6 +36,7 @@ import contextlib
 import ctypes
 import enum
 import json
+import signal
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -104,6 +106,8 @@ class _State:
     # reading an output buffer before ``synchronize`` reads what was there before, as on a GPU.
     pending: list[tuple[int, bytes]] = field(default_factory=list)
     faults: set[str] = field(default_factory=set)  # method names made to fail (return False)
+    # a progress-monitor method to enter with a SIGINT pending (Ctrl-C during the build)
+    sigint_at: str | None = None
     executions: int = 0
 
     def reset(self, devices: list[tuple[str, str]]) -> None:
@@ -113,6 +117,7 @@ class _State:
         self.violations.clear()
         self.pending.clear()
         self.faults.clear()
+        self.sigint_at = None
         self.executions = 0
 
     def allocate(self, tensor: Any) -> Any:
@@ -293,8 +298,14 @@ class IProgressMonitor:
 def _call_monitor(monitor: Any, method: str, *args: Any) -> Any:
     """As the binding's IProgressMonitor trampoline calls Python: an exception (any, as pybind11
     wraps it) is printed and dropped; for step_complete it then answers False, which cancels
-    the build."""
+    the build. With ``STATE.sigint_at`` naming the method, a Ctrl-C is pending when it is
+    called: CPython runs the SIGINT handler at the method's first bytecode, before its body."""
     try:
+        if STATE.sigint_at == method:
+            STATE.sigint_at = None
+            handler = signal.getsignal(signal.SIGINT)
+            if callable(handler):
+                handler(signal.SIGINT, None)
         return getattr(monitor, method)(*args)
     except BaseException as exc:
         print(f"[ERROR] Exception caught in {method}(): {exc!r}", file=sys.stderr)

@@ -137,6 +137,23 @@ def test_an_exception_in_the_progress_callback_stops_the_build_as_itself(trt, ex
     assert not (export / TRT_DIR / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("method", ["phase_start", "step_complete"])
+def test_ctrl_c_during_the_build_stops_it_as_a_keyboard_interrupt(trt, export, method):
+    """A Ctrl-C that arrives while TensorRT's C++ code runs is raised at the entry of the next
+    monitor method, outside any try there: the build must stop with KeyboardInterrupt, not go on
+    (phase_start) or end as "TensorRT failed to build ... try a larger --workspace"."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    fake.STATE.sigint_at = method
+    options = BuildOptions(profiles=TWO_PROFILES, components=("pfj", "mmle"))
+    with pytest.raises(KeyboardInterrupt):
+        build_engines(export, options, cuda=fake.FakeCuda(0), progress=lambda *a: None)
+    assert fake.STATE.sigint_at is None  # it was delivered
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not (export / TRT_DIR / "manifest.json").exists()
+
+
 def test_timing_cache_from_another_gpu_is_left_alone(monkeypatch, export, tmp_path, caplog):
     shared = tmp_path / "shared.cache"
     fake.install(monkeypatch, devices=[("NVIDIA L4", "8.9")])
