@@ -25,6 +25,12 @@ from adadiff.runtime.tiling import chunks
 GROUPINGS = Grouping.values()
 
 
+def check_grouping(grouping: str) -> None:
+    """Refuse a grouping the pool does not know (callers check it before any work)."""
+    if grouping not in GROUPINGS:
+        raise ConfigError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+
+
 class DenoiseNets:
     """What the loop needs from the networks; engines.base facades satisfy it."""
 
@@ -128,8 +134,7 @@ class TilePool:
     ) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-        if grouping not in GROUPINGS:
-            raise ConfigError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+        check_grouping(grouping)
         self.nets = nets
         self.noise = noise
         self.dtss = dtss

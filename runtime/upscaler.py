@@ -23,7 +23,7 @@ from adadiff.progress import Progress
 from adadiff.runtime.colorfix import color_fix_rows
 from adadiff.runtime.content import ContentPolicy
 from adadiff.runtime.policy import DTSSPolicy, StepPolicy, UniformPolicy
-from adadiff.runtime.sampler import GROUPINGS, DenoiseNets, SamplerResult, sample_tiles
+from adadiff.runtime.sampler import DenoiseNets, SamplerResult, check_grouping, sample_tiles
 from adadiff.runtime.tiling import TileGrid, decode_rows, merge_tiles
 
 log = logging.getLogger("adadiff")
@@ -225,8 +225,7 @@ class Upscaler:
         ``tiles`` (tiles finished denoising; ``(0, N)`` before the first step) and
         ``decode`` (latent tiles)."""
         _output_dtype(image, dtype)  # a bad dtype is refused now, not after the denoising
-        if grouping not in GROUPINGS:  # and a bad grouping before the encoding
-            raise ConfigError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+        check_grouping(grouping)  # and a bad grouping before the encoding
         job = self.prepare(
             image, schedule=schedule, interval=interval, seed=seed, policy=policy, progress=progress
         )
