@@ -17,8 +17,9 @@ where a real GPU would crash or silently misbehave:
   and one in ``step_complete`` cancels the build (None);
 - profile selection: shapes are checked against the context's active profile, and selecting a
   profile forgets the shapes set before;
-- input shapes before their addresses, every shape and address set before execution (unset
-  output shapes read as -1);
+- every shape and address set before execution (unset output shapes read as -1); input shapes
+  before their addresses, which is stricter than TensorRT (its ``setTensorAddress`` fails only
+  for an unknown name or a misaligned address) and pins the order the backend keeps;
 - one current device: engines deserialize onto it and run only while it is current;
 - memory: buffers and scratch live in ``STATE``'s allocation table; running with freed memory or
   freeing scratch that a live context still points at is recorded in ``STATE.violations``.
@@ -573,7 +574,7 @@ class IExecutionContext:
     def set_tensor_address(self, name: str, memory: int) -> bool:
         mode = self._engine.get_tensor_mode(name)
         if mode == TensorIOMode.INPUT and name not in self._shapes:
-            return False  # set the input's shape first
+            return False  # the double's stricter order (module docstring): shape first
         self._addresses[name] = int(memory)
         return True
 
