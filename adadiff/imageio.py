@@ -364,7 +364,13 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
 # wrong for a 4x larger output in another format, so they are not carried over.
 _LAYOUT_TAGS = frozenset(
     {256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 322, 323, 324, 325, 338, 339}
+    | {530, 532}  # a YCbCr TIFF's subsampling and reference levels: the output is RGB
 )
+# Blocks a TIFF keeps among its tags that are no EXIF: its ICC profile (written as the output's
+# own profile, and only where it fits), XMP (which repeats the orientation and size), Photoshop's
+# image resources and layers. Carried into the output's EXIF they would smuggle in a profile of
+# the wrong colour space, and past 64 KB a JPEG cannot hold the EXIF at all.
+_SOURCE_DATA_TAGS = frozenset({700, 34377, 34675, 37724})
 
 
 _EXIF_IFD = 0x8769
@@ -376,7 +382,7 @@ def _metadata(img: Image.Image, shown: Image.Image) -> tuple[bytes | None, bytes
     is read from the file's image, ``img``: the transposed copy ``shown`` loses a TIFF's tags."""
     icc = shown.info.get("icc_profile") or img.info.get("icc_profile") or None
     exif = img.getexif()  # a copy: img's own EXIF stays as it was
-    for tag in (_ORIENTATION, *_LAYOUT_TAGS):
+    for tag in (_ORIENTATION, *_LAYOUT_TAGS, *_SOURCE_DATA_TAGS):
         exif.pop(tag, None)
     if _EXIF_IFD in exif:  # the Exif sub-IFD's pixel size is the input's, not the output's
         sub = exif.get_ifd(_EXIF_IFD)

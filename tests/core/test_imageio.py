@@ -310,6 +310,34 @@ def test_camera_exif_is_kept_without_orientation_or_layout(tmp_path: Path, suffi
         assert kept_sub.get(0x9003) == "2020:01:01 10:00:00"
 
 
+def test_a_tiffs_profile_xmp_and_photoshop_data_stay_out_of_the_exif(tmp_path: Path) -> None:
+    from PIL import ImageCms, TiffImagePlugin
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    cmyk = srgb[:16] + b"CMYK" + srgb[20:] + bytes(70_000)  # a large print profile
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[0x010F] = "Scanner"
+    tags[700] = b'<x:xmpmeta><rdf:Description tiff:Orientation="1"/></x:xmpmeta>'  # XMP
+    tags.tagtype[700] = 1
+    tags[34377] = b"8BIM" + bytes(1000)  # Photoshop image resources
+    tags.tagtype[34377] = 7
+    pixels = RNG.integers(0, 256, size=(8, 8, 4), dtype=np.uint8)
+    Image.fromarray(pixels, "CMYK").save(tmp_path / "scan.tif", tiffinfo=tags, icc_profile=cmyk)
+    loaded = load_image(tmp_path / "scan.tif")
+    kept = Image.Exif()
+    kept.load(loaded.exif)
+    assert kept[0x010F] == "Scanner"
+    assert not {700, 34377, 34675} & set(kept)  # no CMYK profile on RGB pixels by the back door
+    # a JPEG holds at most 64 KB of EXIF: the 70 KB profile must not make the write fail
+    save_image(tmp_path / "o.jpg", loaded.rgb, icc_profile=loaded.icc_profile, exif=loaded.exif)
+    with Image.open(tmp_path / "o.jpg") as img:
+        assert "icc_profile" not in img.info and img.getexif()[0x010F] == "Scanner"
+    # a YCbCr TIFF's subsampling and reference levels describe its pixels, not RGB output's
+    Image.fromarray(pixels[:, :, :3], "YCbCr").save(tmp_path / "ycc.tif", tiffinfo=tags)
+    kept.load(load_image(tmp_path / "ycc.tif").exif)
+    assert 530 not in kept and 532 not in kept and kept[0x010F] == "Scanner"
+
+
 def test_a_profile_of_another_colour_space_is_not_embedded(tmp_path: Path) -> None:
     from PIL import ImageCms
 
