@@ -321,11 +321,21 @@ def decode_image_bytes(
     return _decode_stream(io.BytesIO(data), Path(name), max_pixels)
 
 
+# Pillow hands an EPS file (whatever its name) to Ghostscript, a PostScript interpreter run as
+# a subprocess: an input to upscale must never run a program, so that reader is never tried.
+_NEVER_OPENED = frozenset({"EPS"})
+
+
+def _readers() -> tuple[str, ...]:
+    Image.init()  # registers every reader Pillow has
+    return tuple(f for f in Image.ID if f not in _NEVER_OPENED)
+
+
 def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
+            with Image.open(fp, formats=_readers()) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise _too_many_pixels(path, width, height, max_pixels)

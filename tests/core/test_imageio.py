@@ -410,6 +410,21 @@ def test_text_file_named_png(tmp_path: Path) -> None:
         load_image(tmp_path / "notes.png")
 
 
+def test_a_postscript_file_is_never_handed_to_ghostscript(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import EpsImagePlugin
+
+    def run_ghostscript(*args: object, **kwargs: object) -> None:
+        raise _Decoded("Ghostscript would run on the input")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", run_ghostscript)
+    src = tmp_path / "upload.png"  # PostScript is a program, whatever the file is named
+    src.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n")
+    with pytest.raises(InputImageError, match=r"upload\.png is not an image"):
+        load_image(src)
+
+
 def test_truncated_png(tmp_path: Path) -> None:
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     buf = io.BytesIO()
