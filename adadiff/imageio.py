@@ -151,13 +151,18 @@ def _too_many_pixels(path: Path, width: int, height: int, max_pixels: int) -> In
 
 
 def _bomb_error(path: Path, exc: Exception, max_pixels: int) -> InputImageError:
+    """Pillow refuses to open an image over twice its decompression-bomb limit (~179 M pixels)
+    whatever --max-pixels says; a larger --max-pixels cannot help, so it is not suggested."""
     match = re.search(r"\((\d+) pixels\)", str(exc))
     pixels = int(match.group(1)) if match else None
     if pixels is None or pixels > max_pixels:
         claimed = f"{pixels:,} pixels" if pixels is not None else "a gigantic size"
+        pillow = re.search(r"limit of (\d+) pixels", str(exc))
+        most = f"the {int(pillow.group(1)):,} Pillow opens at all" if pillow else "Pillow's limit"
         return InputImageError(
             f"{path}: image header claims {claimed}, over the limit of {max_pixels:,} input "
-            "pixels; downscale or crop it, or raise the limit with --max-pixels if the size is real"
+            f"pixels (--max-pixels) and over {most}; downscale or split the image, if the size "
+            "is real"
         )
     # Within the user's limit but over Pillow's own decompression-bomb guard, which we do not
     # loosen because that would change process-wide state.
@@ -334,7 +339,8 @@ def _readers() -> tuple[str, ...]:
 def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow warns from ~89 M pixels; the user's --max-pixels, checked next, is the limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp, formats=_readers()) as img:
                 width, height = img.size
                 if width * height > max_pixels:
@@ -345,7 +351,7 @@ def _decode_stream(fp: BinaryIO, path: Path, max_pixels: int) -> LoadedImage:
                 shown = upright(img)
                 decoded = _decode_pil(shown)
                 metadata = _metadata(img, shown)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise _bomb_error(path, exc, max_pixels) from exc
     except UnidentifiedImageError as exc:
         layout = _tiff_layout(fp)

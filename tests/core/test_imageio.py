@@ -470,11 +470,21 @@ def test_header_over_user_limit_below_pillow_limit(tmp_path: Path) -> None:
     assert load_image(small, max_pixels=100).rgb.shape == (10, 10, 3)
 
 
-def test_pillow_bomb_warning_becomes_input_error(tmp_path: Path) -> None:
-    # Over Pillow's warning threshold (~89M) yet allowed by the user's limit.
-    src = _png_with_size(tmp_path / "bomb.png", 10_000, 10_000)
-    with pytest.raises(InputImageError, match=r"bomb\.png"):
-        load_image(src, max_pixels=200_000_000)
+def test_max_pixels_is_the_limit_over_pillows_bomb_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pillow warns over MAX_IMAGE_PIXELS (~89M) and refuses over twice that; scaled down here.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    src = _write(tmp_path / "bomb.png", _rgb_u8(10, 15))  # 150 pixels: Pillow only warns
+    with pytest.raises(InputImageError, match=r"--max-pixels 150 if you have the memory"):
+        load_image(src, max_pixels=149)
+    assert load_image(src, max_pixels=150).rgb.shape == (10, 15, 3)  # as the error advised
+    big = _write(tmp_path / "big.png", _rgb_u8(15, 15))  # 225: over what Pillow opens at all
+    with pytest.raises(InputImageError, match=r"big\.png.*over the 200 Pillow opens") as info:
+        load_image(big, max_pixels=149)
+    assert "raise" not in str(info.value)  # a larger --max-pixels would not help
+    with pytest.raises(InputImageError, match=r"big\.png.*decompression-bomb safety limit"):
+        load_image(big, max_pixels=1000)
 
 
 # ------------------------------------------------------------------------------------------
