@@ -158,7 +158,11 @@ def _bomb_error(path: Path, exc: Exception, max_pixels: int) -> InputImageError:
     if pixels is None or pixels > max_pixels:
         claimed = f"{pixels:,} pixels" if pixels is not None else "a gigantic size"
         pillow = re.search(r"limit of (\d+) pixels", str(exc))
-        most = f"the {int(pillow.group(1)):,} Pillow opens at all" if pillow else "Pillow's limit"
+        most = (
+            f"the {int(pillow.group(1)):,} pixels Pillow opens at all"
+            if pillow
+            else "Pillow's limit"
+        )
         return InputImageError(
             f"{path}: image header claims {claimed}, over the limit of {max_pixels:,} input "
             f"pixels (--max-pixels) and over {most}; downscale or split the image, if the size "
