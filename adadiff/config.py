@@ -459,7 +459,16 @@ class ModelConfig:
                 f"{source} must hold a JSON object of config keys, not a {type(data).__name__}"
             )
         data = dict(data)
-        data.pop("config_version", None)
+        version = data.pop("config_version", CONFIG_VERSION)  # the first files had none
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigError(
+                f"config_version in {source} must be a whole number >= 1, got {version!r}"
+            )
+        if version > CONFIG_VERSION:
+            raise ConfigError(
+                f"{source} is config_version {version}, newer than this adadiff reads "
+                f"({CONFIG_VERSION}): upgrade adadiff to load it"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -129,3 +129,21 @@ def test_from_pretrained_refuses_counts_that_are_not_whole_numbers(keyword, valu
     upscaler = Upscaler.from_pretrained("tiny", max_batch=np.int64(4), tile_size=np.int32(128))
     assert (upscaler.max_batch, upscaler.config.tile_size) == (4, 128)
     assert type(upscaler.max_batch) is int
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [(2, "config_version 2, newer than"), ("1", "config_version in"), (0, "config_version in")],
+)
+def test_a_config_version_this_adadiff_cannot_read_is_refused(version, message):
+    # a newer file's fields may mean what this version cannot tell: it loaded silently
+    data = copy.deepcopy(BASE)
+    data["config_version"] = version
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict(data)
+
+
+def test_a_config_without_a_version_is_the_first_one():
+    data = copy.deepcopy(BASE)
+    del data["config_version"]
+    assert ModelConfig.from_dict(data) == ModelConfig.from_dict(BASE)
