@@ -526,6 +526,10 @@ class ModelConfig:
             return cls.from_dict(json.loads(path.read_text()), str(path))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 JSON text: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
     def digest(self) -> str:
         """A stable hash of the config, used to tie exported files to the model they came from.

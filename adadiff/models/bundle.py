@@ -261,3 +261,7 @@ def read_json(path: Path) -> dict:
         raise ModelFolderError(f"{path} is missing") from None
     except json.JSONDecodeError as exc:
         raise ModelFolderError(f"{path} is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelFolderError(f"{path} is not UTF-8 JSON text: {exc}") from exc
+    except OSError as exc:
+        raise ModelFolderError(f"cannot read {path}: {exc.strerror or exc}") from exc

@@ -136,3 +136,20 @@ def test_the_weights_digest_reads_the_loaded_files_only(folder: Path) -> None:
     assert weights_digest(folder) == before
     shutil.copy(folder / "mmle.safetensors", folder / "pfj.safetensors")
     assert weights_digest(folder) != before
+
+
+@pytest.mark.parametrize("name", [CONFIG_FILE, "unet/config.json"])
+def test_a_config_file_that_is_not_utf8_is_one_line(
+    name: str, folder: Path, tmp_path: Path, capsys
+) -> None:
+    # json.loads(read_text()) raised UnicodeDecodeError: a traceback, not a message
+    (folder / name).write_bytes(b'{"name": "\xff"}')
+    with pytest.raises((ConfigError, ModelFolderError), match="not UTF-8"):
+        load_folder(folder)
+    from PIL import Image
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (8, 8)).save(image)
+    code = main(["upscale", str(image), "-o", str(tmp_path / "o.png"), "--model", str(folder)])
+    assert code == 2
+    assert "not UTF-8" in capsys.readouterr().err
