@@ -90,6 +90,22 @@ def _enum(cls: type[enum.Enum], value: Any, what: str) -> Any:
         raise ConfigError(f"{what} must be one of {allowed}, got {value!r}") from None
 
 
+def _numbers(
+    obj: object, where: str, ints: tuple[str, ...] = (), reals: tuple[str, ...] = ()
+) -> None:
+    """``ConfigError`` naming ``where`` + the key unless each of ``ints`` is a whole number and
+    each of ``reals`` a number: a "128" or 128.0 from a hand-edited adadiff.json loaded
+    and failed later in torch or the tiling with a traceback."""
+    for name in ints:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"{where}{name} must be a whole number, got {value!r}")
+    for name in reals:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"{where}{name} must be a number, got {value!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MetricConfig:
     """One MMLE score. ``weight`` carries the sign: R = sum(weight * score) grows with quality."""
@@ -100,8 +116,11 @@ class MetricConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", _enum(MetricKind, self.kind, "metric kind"))
-        if not self.name:
-            raise ConfigError("a metric needs a name")
+        if not self.name or not isinstance(self.name, str):
+            raise ConfigError(f"a metric needs a name (a string), got {self.name!r}")
+        _numbers(self, f"metric {self.name}: ", reals=("weight",))
+        if not math.isfinite(self.weight):  # a NaN weight made every reward NaN
+            raise ConfigError(f"metric {self.name}: weight must be finite, got {self.weight}")
 
 
 # The six MMLE scores. The paper uses PSNR, LPIPS, AHIQ, NLPD (full-reference) and BRISQUE, MUSIQ
@@ -136,6 +155,7 @@ class NoiseScheduleConfig:
     set_alpha_to_one: bool = False
 
     def __post_init__(self) -> None:
+        _numbers(self, "noise.", ints=("num_train_timesteps",), reals=("beta_start", "beta_end"))
         object.__setattr__(
             self, "prediction_type", _enum(PredictionType, self.prediction_type, "prediction_type")
         )
@@ -176,13 +196,13 @@ class DTSSConfig:
     exit_on: str = "nr"
 
     def __post_init__(self) -> None:
-        try:
-            tiers = tuple(int(v) for v in self.tiers)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"tiers must be four positive step counts, got {self.tiers!r}"
-            ) from None
-        object.__setattr__(self, "tiers", tiers)
+        _numbers(self, "dtss.", ints=("nr_start_t", "t_start"), reals=("tau", "growth_split"))
+        # whole numbers only: int() made "5555" (5, 5, 5, 5) and 5.9 five steps
+        if not isinstance(self.tiers, (list, tuple)) or any(
+            isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in self.tiers
+        ):
+            raise ConfigError(f"tiers must be four positive step counts, got {self.tiers!r}")
+        object.__setattr__(self, "tiers", tuple(int(v) for v in self.tiers))
         if len(self.tiers) != 4 or any(v < 1 for v in self.tiers):
             raise ConfigError(f"tiers must be four positive step counts, got {self.tiers}")
         # "not x > 0" rather than "x <= 0": a NaN from a JSON file fails it too (it made every
@@ -203,6 +223,7 @@ class PFJConfig:
     gain_dim: int = 2  # (g_FR, g_NR)
 
     def __post_init__(self) -> None:
+        _numbers(self, "pfj.", ints=("hidden", "gain_dim"))
         if self.hidden < 1 or self.gain_dim < 1:
             raise ConfigError(f"PFJ hidden and gain_dim must be >= 1, got {self}")
 
@@ -221,12 +242,20 @@ class MMLEConfig:
     reference: str = "input"
 
     def __post_init__(self) -> None:
+        _numbers(self, "mmle.", ints=("hidden",))
         if self.hidden < 2 or self.hidden % 2:
             # the timestep's sine and cosine features fill it in pairs
             raise ConfigError(f"mmle hidden must be an even number >= 2, got {self.hidden}")
         if self.reference not in MMLE_REFERENCES:
             raise ConfigError(
                 f"mmle reference must be one of {MMLE_REFERENCES}, got {self.reference!r}"
+            )
+        if not isinstance(self.metrics, (list, tuple)) or not all(
+            isinstance(m, (MetricConfig, dict)) for m in self.metrics
+        ):
+            raise ConfigError(
+                "mmle metrics must be a list of objects with name, kind and weight, got "
+                f"{self.metrics!r}"
             )
         metrics = tuple(
             m if isinstance(m, MetricConfig) else MetricConfig(**m) for m in self.metrics
@@ -280,6 +309,7 @@ class ColorFixConfig:
     levels: int = 5
 
     def __post_init__(self) -> None:
+        _numbers(self, "color_fix.", ints=("levels",))
         if self.kind not in COLOR_FIXES:
             raise ConfigError(f"color_fix kind must be one of {COLOR_FIXES}, got {self.kind!r}")
         if not 1 <= self.levels <= 12:
@@ -303,7 +333,10 @@ class ContentConfig:
     textured_interval: int = 200
 
     def __post_init__(self) -> None:
-        if self.threshold < 0:
+        _numbers(
+            self, "content.", ints=("flat_interval", "textured_interval"), reals=("threshold",)
+        )
+        if not self.threshold >= 0:  # NaN too
             raise ConfigError(f"content threshold must be >= 0, got {self.threshold}")
         if self.flat_interval < 1 or self.textured_interval < 1:
             raise ConfigError(
@@ -347,7 +380,26 @@ class ModelConfig:
         ):
             value = getattr(self, name)
             if isinstance(value, dict):
+                known = {f.name for f in fields(cls)}
+                unknown = sorted(set(value) - known)
+                if unknown:
+                    raise ConfigError(
+                        f"unknown keys in {name}: {unknown}; expected some of {sorted(known)}"
+                    )
                 object.__setattr__(self, name, cls(**value))
+            elif not isinstance(value, cls):
+                raise ConfigError(f"{name} must be a JSON object of its keys, got {value!r}")
+        if not isinstance(self.name, str):
+            raise ConfigError(f"name must be a string, got {self.name!r}")
+        _numbers(
+            self,
+            "",
+            ints=("tile_size", "tile_overlap", "text_tokens", "upscale", "uniform_interval"),
+            reals=("scaling_factor",),
+        )
+        for name in ("text_tokens", "upscale"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for part, keys in (("unet", ("cross_attention_dim",)), ("vae", ("block_out_channels",))):
             block = getattr(self, part)
             if not isinstance(block, dict):

@@ -43,6 +43,22 @@ CASES = [
     (_set("mmle", "hidden", 33), "mmle hidden must be an even number"),
     (lambda d: d.__setitem__("scaling_factor", 0.0), "scaling_factor must be a positive number"),
     (lambda d: d.__setitem__("scaling_factor", -0.18215), "scaling_factor must be a positive"),
+    # numbers of the wrong type loaded and failed later: a float width or tile with a traceback
+    # from torch or the tiling, a string weight at the first adaptive step
+    (lambda d: d.__setitem__("tile_size", 128.0), "tile_size must be a whole number"),
+    (lambda d: d.__setitem__("upscale", "4"), "upscale must be a whole number"),
+    (lambda d: d.__setitem__("uniform_interval", 200.5), "uniform_interval must be a whole"),
+    (_set("mmle", "hidden", 32.0), "mmle.hidden must be a whole number"),
+    (_set("pfj", "hidden", 32.0), "pfj.hidden must be a whole number"),
+    (_set("noise", "num_train_timesteps", 1000.5), "noise.num_train_timesteps must be a whole"),
+    (_set("dtss", "tiers", "5555"), "tiers must be four positive"),
+    (_set("dtss", "tiers", [5.9, 10, 15, 20]), "tiers must be four positive"),
+    (_set("dtss", "tau", "0.005"), "dtss.tau must be a number"),
+    (_set("content", "threshold", float("nan")), "content threshold must be >= 0"),
+    (lambda d: d["mmle"]["metrics"][0].__setitem__("weight", "0.1"), "weight must be a number"),
+    (lambda d: d["mmle"]["metrics"][0].__setitem__("weight", float("nan")), "must be finite"),
+    (lambda d: d.__setitem__("noise", None), "noise must be a JSON object"),
+    (_set("dtss", "tua", 0.005), r"unknown keys in dtss: \['tua'\]"),
 ]
 
 
