@@ -460,6 +460,12 @@ class ModelConfig:
             raise ConfigError(
                 f"default_schedule must be one of {SCHEDULES}, got {self.default_schedule!r}"
             )
+        if self.default_schedule == "content" and self.content.threshold <= 0:
+            # it loaded, and every run without --schedule then failed asking about --schedule
+            raise ConfigError(
+                "default_schedule is content, but content.threshold is 0 (no content rule): "
+                "set default_schedule to uniform or adaptive, or give content a threshold"
+            )
 
     def require_content_rule(self, name: str | None = None) -> None:
         """``ConfigError`` unless the content schedule has a rule to run (``content``)."""

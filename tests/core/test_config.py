@@ -59,6 +59,8 @@ CASES = [
     (lambda d: d["mmle"]["metrics"][0].__setitem__("weight", float("nan")), "must be finite"),
     (lambda d: d.__setitem__("noise", None), "noise must be a JSON object"),
     (_set("dtss", "tua", 0.005), r"unknown keys in dtss: \['tua'\]"),
+    # every run without --schedule failed, saying --schedule content needs a rule
+    (lambda d: d.__setitem__("default_schedule", "content"), "default_schedule is content, but"),
 ]
 
 
