@@ -189,6 +189,12 @@ def load_state(module: nn.Module, path: Path) -> None:
                 f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, the config expects "
                 f"{tuple(own[key].shape)}"
             )
+        # load_state_dict casts: integer weights loaded truncated, with no word
+        if own[key].is_floating_point() and not tensor.is_floating_point():
+            raise ModelFolderError(
+                f"{path}: tensor {key!r} is {tensor.dtype}, the model needs floating-point "
+                "weights (fp32, fp16 or bf16)"
+            )
     module.load_state_dict(state)
 
 
@@ -209,11 +215,15 @@ def load_folder(folder: str | Path) -> TorchModels:
     load_state(mmle, folder / "mmle.safetensors")
     emb = _read_safetensors(folder / TEXT_EMBEDDING)
     text = emb.get("embedding")
-    if text is None or tuple(text.shape) != (cfg.text_tokens, cfg.text_dim):
+    if (
+        text is None
+        or tuple(text.shape) != (cfg.text_tokens, cfg.text_dim)
+        or not text.is_floating_point()
+    ):
         raise ModelFolderError(
-            f"{folder / TEXT_EMBEDDING} must hold 'embedding' of shape "
+            f"{folder / TEXT_EMBEDDING} must hold a floating-point 'embedding' of shape "
             f"({cfg.text_tokens}, {cfg.text_dim}), got "
-            f"{None if text is None else tuple(text.shape)}"
+            f"{None if text is None else (tuple(text.shape), text.dtype)}"
         )
     for m in (unet, vae, pfj, mmle):
         m.eval().requires_grad_(False)

@@ -153,3 +153,38 @@ def test_a_config_file_that_is_not_utf8_is_one_line(
     code = main(["upscale", str(image), "-o", str(tmp_path / "o.png"), "--model", str(folder)])
     assert code == 2
     assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_integer_weights_are_refused_not_truncated(folder: Path) -> None:
+    # load_state_dict cast them into the float parameters: a damaged file loaded silently
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "pfj.safetensors"
+    original = path.read_bytes()
+    state = load_file(str(path))
+    key = sorted(state)[0]
+    state[key] = state[key].long()
+    save_file(state, str(path))
+    with pytest.raises(ModelFolderError, match=f"{key}.*torch.int64"):
+        load_folder(folder)
+    emb = folder / "text_embedding.safetensors"
+    save_file({"embedding": torch.zeros(77, 64, dtype=torch.int32)}, str(emb))
+    path.write_bytes(original)
+    with pytest.raises(ModelFolderError, match="floating-point 'embedding'"):
+        load_folder(folder)
+
+
+def test_fp16_and_bf16_weights_load_as_fp32(folder: Path, tiny_dir: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    reference = load_folder(tiny_dir)
+    for name, dtype in (("pfj.safetensors", torch.bfloat16), ("mmle.safetensors", torch.float16)):
+        state = load_file(str(folder / name))
+        save_file({k: v.to(dtype) for k, v in state.items()}, str(folder / name))
+    models = load_folder(folder)
+    for mine, theirs in ((models.pfj, reference.pfj), (models.mmle, reference.mmle)):
+        for a, b in zip(mine.state_dict().values(), theirs.state_dict().values(), strict=True):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
