@@ -572,6 +572,11 @@ class ModelConfig:
     @classmethod
     def load(cls, folder: Path) -> ModelConfig:
         path = Path(folder) / CONFIG_FILE
+        if not path.is_file() and (path.exists() or path.is_symlink()):
+            raise ConfigError(
+                f"{path} is not a file (a folder, or a link that leads to no file): a model "
+                f"folder needs its {CONFIG_FILE} there"
+            )
         if not path.is_file():
             hint = ""
             if (Path(folder) / "model_index.json").is_file():

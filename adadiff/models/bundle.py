@@ -161,6 +161,11 @@ def build_random(cfg: ModelConfig, seed: int = 0) -> TorchModels:
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    if not path.is_file() and (path.exists() or path.is_symlink()):
+        raise ModelFolderError(
+            f"{path} is not a file (a folder, or a link that leads to no file); a model folder "
+            "needs the weights file there (see README, model folders)"
+        )
     if not path.is_file():
         raise ModelFolderError(
             f"{path} is missing; a model folder needs it (see README, model folders)"

@@ -188,3 +188,19 @@ def test_fp16_and_bf16_weights_load_as_fp32(folder: Path, tiny_dir: Path) -> Non
         for a, b in zip(mine.state_dict().values(), theirs.state_dict().values(), strict=True):
             assert a.dtype == torch.float32
             torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", [CONFIG_FILE, "pfj.safetensors"])
+@pytest.mark.parametrize("damage", ["folder", "link loop"])
+def test_a_file_that_is_there_but_no_file_is_not_called_missing(
+    name: str, damage: str, folder: Path
+) -> None:
+    # "is missing" sent the user looking for a file that is there, as a folder or a bad link
+    path = folder / name
+    path.unlink()
+    if damage == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(path.name)
+    with pytest.raises((ConfigError, ModelFolderError), match="is not a file"):
+        load_folder(folder)
