@@ -132,7 +132,7 @@ def is_preset(model: str | Path | None) -> bool:
 def model_folder(model: str | Path) -> Path | None:
     """The folder ``load_models(model)`` reads weights from; None for a preset with no shipped
     weights (its seeded random init)."""
-    name = preset_name(str(model))
+    name = preset_name(model)
     if name is not None:
         shipped = SHIPPED / name
         return shipped if (shipped / CONFIG_FILE).is_file() else None
@@ -142,7 +142,7 @@ def model_folder(model: str | Path) -> Path | None:
 def model_config(model: str | Path) -> ModelConfig:
     """The config ``load_models(model)`` would use, read without torch: a folder's adadiff.json,
     a preset's shipped adadiff.json, or the preset's built-in config."""
-    name = preset_name(str(model))
+    name = preset_name(model)
     if name is not None:
         shipped = SHIPPED / name
         return ModelConfig.load(shipped) if (shipped / CONFIG_FILE).is_file() else preset(name)

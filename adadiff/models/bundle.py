@@ -237,7 +237,7 @@ def load_folder(folder: str | Path) -> TorchModels:
 
 def load_models(model: str | Path, *, seed: int = 0) -> TorchModels:
     """A preset name (shipped weights if present, else seeded random init) or a model folder."""
-    name = preset_name(str(model))
+    name = preset_name(model)
     if name is not None:
         shipped = SHIPPED / name
         if (shipped / "adadiff.json").is_file():

@@ -204,3 +204,15 @@ def test_a_file_that_is_there_but_no_file_is_not_called_missing(
         path.symlink_to(path.name)
     with pytest.raises((ConfigError, ModelFolderError), match="is not a file"):
         load_folder(folder)
+
+
+def test_a_path_object_named_like_a_preset_is_the_folder(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # preset_name leaves a Path to the folder, but its callers passed str(model): Path("./tiny")
+    # was refused with "pass ./tiny for the folder"
+    shutil.copytree(folder, tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    assert model_folder(Path("tiny")) == Path("tiny")
+    assert model_config(Path("./tiny")) == ModelConfig.load(folder)
+    assert load_models(Path("tiny")).source == "tiny"
