@@ -243,7 +243,7 @@ def load_models(model: str | Path, *, seed: int = 0) -> TorchModels:
         if (shipped / "adadiff.json").is_file():
             return load_folder(shipped)
         return build_random(preset(name), seed=seed)
-    return load_folder(Path(model))
+    return load_folder(Path(model).expanduser())  # as model_folder and model_config read it
 
 
 def describe(models: TorchModels) -> dict:

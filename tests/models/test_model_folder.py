@@ -216,3 +216,13 @@ def test_a_path_object_named_like_a_preset_is_the_folder(
     assert model_folder(Path("tiny")) == Path("tiny")
     assert model_config(Path("./tiny")) == ModelConfig.load(folder)
     assert load_models(Path("tiny")).source == "tiny"
+
+
+def test_a_folder_under_home_loads_as_model_config_reads_it(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # model_config and model_folder expanded "~", load_models did not: the config was found and
+    # Upscaler.from_pretrained("~/...") then said the folder did not exist
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert model_config("~/model") == ModelConfig.load(folder)
+    assert load_models("~/model").source == str(folder)
