@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+
+from adadiff.errors import ModelFolderError
 
 CACHE_ENV = "ADADIFF_CACHE"
 SETUP_HINT = "run `adadiff setup-metrics` (or `python -m adadiff.training.metrics_setup`) once"
@@ -17,3 +20,22 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "adadiff"
+
+
+def write_cache_file(path: Path, data: bytes) -> None:
+    """Write ``path`` in the cache whole or not at all; a failure is one ``ModelFolderError``."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    except OSError as exc:
+        raise ModelFolderError(
+            f"cannot write {path} ({exc.strerror or exc}); make the folder writable or give "
+            "another cache (--cache-dir, or $ADADIFF_CACHE)"
+        ) from exc
+    finally:
+        # On a read-only cache or one under a file this raises too (EROFS, ENOTDIR): it must
+        # not replace the error above.
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)

@@ -17,9 +17,7 @@ products, pristine patches kept when their mean local deviation is >= 0.75 of th
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ import numpy as np
 
 from adadiff.errors import ModelFolderError, ShapeError
 from adadiff.quality import nss
-from adadiff.quality.cache import SETUP_HINT, cache_root
+from adadiff.quality.cache import SETUP_HINT, cache_root, write_cache_file
 from adadiff.quality.metrics import check_image
 
 PATCH = 96
@@ -119,21 +117,7 @@ def fit_and_store(
         photos=np.array(model.photos, dtype=str),
     )
     path = model_path(cache_dir)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp.write_bytes(buffer.getvalue())
-        os.replace(temp, path)
-    except OSError as exc:
-        raise ModelFolderError(
-            f"cannot write {path} ({exc.strerror or exc}); make the folder writable or give "
-            "another cache (--cache-dir, or $ADADIFF_CACHE)"
-        ) from exc
-    finally:
-        # On a read-only cache or one under a file this raises too (EROFS, ENOTDIR): it must
-        # not replace the error above.
-        with contextlib.suppress(OSError):
-            temp.unlink(missing_ok=True)
+    write_cache_file(path, buffer.getvalue())
     _load_cached.cache_clear()
     return path
 

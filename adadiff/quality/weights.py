@@ -18,10 +18,8 @@ every load; pickles are read with ``SafeUnpickler``, which rebuilds numpy arrays
 from __future__ import annotations
 
 import codecs
-import contextlib
 import hashlib
 import io
-import os
 import pickle
 import subprocess
 import sys
@@ -36,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from adadiff.errors import ModelFolderError
-from adadiff.quality.cache import SETUP_HINT, cache_root
+from adadiff.quality.cache import SETUP_HINT, cache_root, write_cache_file
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,24 +252,6 @@ def _read_member(archive: Path, member: str) -> bytes:
         raise ModelFolderError(f"{archive.name} cannot be read ({exc}); {SETUP_HINT}") from exc
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    except OSError as exc:
-        raise ModelFolderError(
-            f"cannot write {path} ({exc.strerror or exc}); make the folder writable or give "
-            "another cache (--cache-dir, or $ADADIFF_CACHE)"
-        ) from exc
-    finally:
-        # On a read-only cache or one under a file this raises too (EROFS, ENOTDIR): it must
-        # not replace the error above.
-        with contextlib.suppress(OSError):
-            temp.unlink(missing_ok=True)
-
-
 def _is_current(asset: Asset, cache_dir: str | Path | None) -> bool:
     path = asset_location(asset, cache_dir)
     try:
@@ -296,7 +276,7 @@ def fetch_assets(assets: Iterable[Asset], cache_dir: str | Path | None = None) -
             for asset in group:
                 data = _read_member(archive, asset.member)
                 verify_sha256(data, asset.sha256, f"{archive.name}:{asset.member}")
-                _write_atomic(asset_location(asset, cache_dir), data)
+                write_cache_file(asset_location(asset, cache_dir), data)
     return [asset_location(a, cache_dir) for a in assets]
 
 
