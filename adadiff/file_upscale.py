@@ -70,7 +70,7 @@ def read_input(
 
 def input_notes(image: Any, output: Path) -> list[str]:
     """What to tell the user about how the input was read or will be written: an animation's
-    other frames, a float image's scale, transparency a JPEG cannot hold."""
+    other frames, a float image's scale, transparency or an EXIF a JPEG cannot hold."""
     notes = []
     frames = getattr(image, "frames", 1)
     if frames > 1:
@@ -89,6 +89,13 @@ def input_notes(image: Any, output: Path) -> list[str]:
         notes.append(
             "the input has transparency, which JPEG cannot hold: it is flattened onto white; "
             "write .png, .webp or .tif to keep it"
+        )
+    exif = getattr(image, "exif", None)
+    if not imageio.exif_fits(output, exif):
+        notes.append(
+            f"the input's EXIF ({len(exif or b'') / 1024:.0f} KB) is more than a JPEG can hold "
+            f"({imageio.JPEG_MAX_EXIF / 1024:.0f} KB): the output is written without it; write "
+            ".png or .webp to keep it"
         )
     return notes
 

@@ -36,6 +36,7 @@ __all__ = [
     "check_output_size",
     "decode_image_bytes",
     "encode_image",
+    "exif_fits",
     "fill_transparent",
     "flatten_on_white",
     "format_for_path",
@@ -780,7 +781,8 @@ def save_image(
     is written only for grayscale PNG/TIFF without alpha (Pillow has no 16-bit RGB or
     gray+alpha mode, and keeping transparency matters more than the extra precision).
     ``icc_profile`` and ``exif`` (e.g. ``LoadedImage``'s) are embedded where the format holds
-    them: PNG, JPEG and WebP take both, TIFF the profile.
+    them: PNG, JPEG and WebP take both (a JPEG only an EXIF that ``exif_fits``), TIFF the
+    profile.
     """
     writer = image_writer(
         path,
@@ -853,6 +855,17 @@ def _profile_fits(icc_profile: bytes, mode: str) -> bool:
     return space == (b"GRAY" if mode in _GRAY_MODES else b"RGB ")
 
 
+# A JPEG keeps the EXIF in one APP1 segment, whose length field leaves 65533 bytes (Pillow's
+# limit; ICC profiles, by contrast, span several segments). PNG and WebP chunks hold far more.
+JPEG_MAX_EXIF = 65533
+
+
+def exif_fits(path: str | Path, exif: bytes | None) -> bool:
+    """Whether ``path``'s format can hold ``exif`` as it is; one that cannot is written without
+    it rather than failing after the upscale."""
+    return not exif or format_for_path(path) != "JPEG" or len(exif) <= JPEG_MAX_EXIF
+
+
 def _metadata_args(
     fmt: str, mode: str, icc_profile: bytes | None, exif: bytes | None
 ) -> dict[str, Any]:
@@ -861,7 +874,7 @@ def _metadata_args(
         mode = "RGB"  # Pillow's WebP encoder stores gray pixels as RGB
     if icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF") and _profile_fits(icc_profile, mode):
         args["icc_profile"] = icc_profile
-    if exif and fmt in ("PNG", "JPEG", "WEBP"):
+    if exif and fmt in ("PNG", "JPEG", "WEBP") and (fmt != "JPEG" or len(exif) <= JPEG_MAX_EXIF):
         args["exif"] = exif
     return args
 

@@ -151,6 +151,23 @@ def test_transparency_written_to_jpeg_gets_a_note(tmp_path, capsys):
     assert "which JPEG cannot hold" not in capsys.readouterr().err
 
 
+def test_an_exif_too_long_for_jpeg_is_left_out_with_a_note_not_a_failed_write(tmp_path, capsys):
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"  # Make
+    exif[0x9286] = "x" * 70_000  # a UserComment past JPEG's 64 KB EXIF segment
+    src = tmp_path / "long.png"
+    Image.new("RGB", (20, 12), (90, 120, 160)).save(src, exif=exif)
+    argv = ["upscale", str(src), "--schedule", "uniform", "--interval", "500", "-o"]
+    assert main([*argv, str(tmp_path / "o.jpg")]) == 0
+    assert "EXIF (68 KB) is more than a JPEG can hold" in capsys.readouterr().err
+    with Image.open(tmp_path / "o.jpg") as img:
+        assert img.size == (80, 48) and len(img.getexif()) == 0
+    assert main([*argv, str(tmp_path / "o.png")]) == 0  # PNG holds it: kept, no note
+    assert "more than a JPEG can hold" not in capsys.readouterr().err
+    with Image.open(tmp_path / "o.png") as img:
+        assert img.getexif()[0x010F] == "Camera"
+
+
 def test_an_animated_input_gets_a_note_and_its_frame_count_in_the_report(tmp_path, capsys):
     frames = [Image.new("RGB", (20, 12), (40 * i, 90, 160)) for i in range(4)]
     src = tmp_path / "anim.gif"

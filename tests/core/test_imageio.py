@@ -18,6 +18,7 @@ from adadiff.imageio import (
     LoadedImage,
     bicubic_upscale,
     check_output_path,
+    exif_fits,
     fill_transparent,
     flatten_on_white,
     load_image,
@@ -308,6 +309,21 @@ def test_camera_exif_is_kept_without_orientation_or_layout(tmp_path: Path, suffi
     assert 0xA002 not in kept_sub and 0xA003 not in kept_sub
     if suffix != ".tif":  # Pillow's TIFF writer does not store the Exif sub-IFD at all
         assert kept_sub.get(0x9003) == "2020:01:01 10:00:00"
+
+
+def test_jpeg_gets_an_exif_up_to_its_segment_limit_and_none_past_it(tmp_path: Path) -> None:
+    def exif_of(comment_length: int) -> bytes:
+        exif = Image.Exif()
+        exif[0x9286] = "x" * comment_length  # UserComment
+        return exif.tobytes()
+
+    fits, too_long = exif_of(60_000), exif_of(70_000)
+    assert exif_fits("o.jpg", fits) and not exif_fits("o.jpg", too_long)
+    assert exif_fits("o.png", too_long) and exif_fits("o.webp", too_long)
+    for exif, kept in ((fits, True), (too_long, False)):
+        save_image(tmp_path / "o.jpg", _rgb_u8(16, 24), exif=exif)
+        with Image.open(tmp_path / "o.jpg") as img:
+            assert (0x9286 in img.getexif()) == kept
 
 
 def test_a_tiffs_profile_xmp_and_photoshop_data_stay_out_of_the_exif(tmp_path: Path) -> None:
