@@ -203,6 +203,25 @@ def methods(args: argparse.Namespace, cfg: ModelConfig) -> list[Method]:
     return out
 
 
+def check_labels(plan: Sequence[Method]) -> None:
+    """Refuse two schedules of one label: their runs would be pooled as if they were seeds of
+    one schedule (a uniform interval is labelled by its steps per tile, so 334 and 333 are
+    both uniform-3 from t = 999)."""
+    seen: dict[str, Method] = {}
+    for method in plan:
+        first = seen.setdefault(method.label, method)
+        if first is method:
+            continue
+        if method.kind == "uniform":
+            why = f"--uniform {first.interval} and {method.interval} take as many steps per tile"
+        elif method.kind == "fixed-exit":
+            why = f"--exit {method.spec} is given twice"
+        else:  # content and mmle: NAME=...
+            flag = "--content" if method.kind == "content" else "--dtss"
+            why = f"{flag} names must differ, and 'model' is the model's own"
+        raise ConfigError(f"two schedules are both labelled {method.label}: {why}; give each once")
+
+
 class Scorer:
     """Decode, colour-correct like the Upscaler, and score tiles against their HR crops."""
 
@@ -980,8 +999,7 @@ def main(argv: list[str] | None = None) -> int:
         base = model_config(args.model)
         for name in args.photos:
             find_photo(name)
-        for _, dtss_path in args.dtss:
-            load_dtss(dtss_path, base)
+        check_labels(methods(args, base))  # reads each --dtss file too
         if args.readme:
             check_readme(args.readme, start=START, end=END)
         try:

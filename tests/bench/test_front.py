@@ -243,3 +243,28 @@ def test_a_front_without_matplotlib_still_writes_its_json(tmp_path, monkeypatch,
     assert front.main(argv) == 0
     assert json.loads((out / "front.json").read_text()) == {"methods": {}}
     assert "no front.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--uniform", "999,334,333"],  # 334 and 333 are both 3 steps from t = 999
+        ["--exit", "20@400", "--exit", "20@400"],
+        ["--content", "m=0.1:5:10", "--content", "m=0.2:5:10"],
+    ],
+)
+def test_two_schedules_of_one_label_are_refused_before_any_run(
+    tmp_path, monkeypatch, capsys, options
+):
+    """Runs are grouped by label: two schedules of one label would be pooled as two seeds."""
+    from benchmarks import front
+
+    def no_run(_args):
+        raise AssertionError("the front ran")
+
+    monkeypatch.setattr(front, "run", no_run)
+    out = tmp_path / "front"
+    argv = ["--out", str(out), "--crops", "1", "--seeds", "1", "--oracle-seeds", "0", *options]
+    assert front.main(argv) == 2
+    assert "both labelled" in capsys.readouterr().err
+    assert not out.exists()
