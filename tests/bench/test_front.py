@@ -178,6 +178,18 @@ def test_targets_read_the_paired_intervals():
     assert "LPIPS below every content rule" not in worse  # no content rule ran
 
 
+def test_a_target_whose_rival_did_not_run_is_left_out_not_missed():
+    rows, steps, strata = made_up(np.random.default_rng(4))
+    for label in ("uniform-5", "uniform-200"):  # a front run with --uniform 50 only
+        del rows[label], steps[label]
+    steps["dtss-mmle-x"] = np.full_like(steps["dtss-mmle-x"], 4)  # cheaper than uniform-20
+    methods = summarize(rows, steps, strata, ["a", "b", "c"])
+    marks = targets(methods, {}, {})["dtss-mmle-x"]
+    assert "LPIPS below the best uniform at no more steps" not in marks
+    assert "uniform-200's LPIPS with at most 1/2.7 of its steps" not in marks
+    assert marks["LPIPS below every fixed exit"]
+
+
 def test_adaptive_is_compared_with_the_content_rules_too():
     rows, steps, strata = made_up(np.random.default_rng(6))
     rows["content-half"] = {k: v - 0.03 for k, v in rows["uniform-5"].items()}
