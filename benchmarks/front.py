@@ -980,7 +980,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.readme:
             raise SystemExit("--render needs --readme")
         try:
-            result = read_saved(args.render, "front.json")
+            result = read_saved(
+                args.render, "front.json", ("methods", "bicubic", "photos", "seeds")
+            )
             if result.get("plot"):
                 plot(result, args.render.parent / result["plot"])
             write_readme(result, args.render, args.readme)

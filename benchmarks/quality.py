@@ -649,7 +649,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.readme:
             raise SystemExit("--render needs --readme")
         try:
-            write_readme(read_saved(args.render, "quality.json"), args.render, args.readme)
+            saved = read_saved(args.render, "quality.json", ("results", "degradations", "photos"))
+            write_readme(saved, args.render, args.readme)
         except AdadiffError as exc:
             print(f"adadiff bench quality: error: {exc}", file=sys.stderr)
             return 2

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,9 @@ def check_readme(readme: Path, *, start: str = START, end: str = END) -> None:
     replace_section(text, "", start=start, end=end)
 
 
-def read_saved(path: Path, what: str) -> dict[str, Any]:
-    """The run saved in ``path`` for ``--render``, or ``ConfigError`` saying what to give."""
+def read_saved(path: Path, what: str, keys: Sequence[str] = ()) -> dict[str, Any]:
+    """The run saved in ``path`` for ``--render``, or ``ConfigError`` saying what to give;
+    ``keys`` are those the section is made from (another benchmark's JSON lacks them)."""
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
@@ -65,6 +67,12 @@ def read_saved(path: Path, what: str) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"--render {path} is not a saved run; give the {what} that a run wrote")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ConfigError(
+            f"--render {path} is not a saved {what} (it has no {', '.join(missing)}); give the "
+            f"{what} that a run wrote"
+        )
     return data
 
 

@@ -555,7 +555,7 @@ def test_load_spinners_stop_without_their_parent_and_when_interrupted(monkeypatc
 
 
 @pytest.mark.parametrize("name", ["front", "quality"])
-def test_render_refuses_a_missing_or_broken_json_in_one_line(name, tmp_path, capsys):
+def test_render_refuses_a_missing_broken_or_other_json_in_one_line(name, tmp_path, capsys):
     import importlib
 
     bench = importlib.import_module(f"benchmarks.{name}")
@@ -563,7 +563,13 @@ def test_render_refuses_a_missing_or_broken_json_in_one_line(name, tmp_path, cap
     readme.write_text(f"{bench.START}\n{bench.END}\n")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    for saved, why in ((tmp_path / "missing.json", "No such file"), (broken, "is not JSON")):
+    other = tmp_path / "other.json"  # the other benchmark's JSON, or a suite's
+    other.write_text(json.dumps({"settings": {}, "main": []}))
+    for saved, why in (
+        (tmp_path / "missing.json", "No such file"),
+        (broken, "is not JSON"),
+        (other, f"is not a saved {name}.json"),
+    ):
         assert bench.main(["--render", str(saved), "--readme", str(readme)]) == 2
         err = capsys.readouterr().err
         assert why in err and f"give the {name}.json that a run wrote" in err
