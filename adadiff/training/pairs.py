@@ -6,6 +6,7 @@ The conditioning image is exactly what the runtime encodes: the LR image upscale
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,7 +73,15 @@ def evaluation_photos(text: str) -> tuple[str, ...]:
     photo names separated by commas."""
     if text in ("holdout", "validation"):
         return tuple(photo_names(text))
-    return tuple(name for name in text.split(",") if name)
+    names = tuple(name for name in text.split(",") if name)
+    if not names:  # argparse turns these into one usage line and exit code 2
+        raise argparse.ArgumentTypeError(
+            f"expected holdout, validation or photo names separated by commas, got {text!r}"
+        )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # each photo is a stratum of the intervals and a column of the per-photo table
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)}: named twice; give each photo once")
+    return names
 
 
 def load_images(which: str = "train") -> list[np.ndarray]:

@@ -280,3 +280,14 @@ def test_two_schedules_of_one_label_are_refused_before_any_run(
     assert front.main(argv) == 2
     assert "both labelled" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("photos", [",", "astronaut,chelsea,astronaut"])
+def test_photos_named_twice_or_none_are_refused_by_the_parser(photos, capsys):
+    """No photo would crash after the folder is made; one named twice would be two strata of
+    one name, its per-photo column showing the second twice."""
+    from benchmarks.front import parser
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--photos", photos])
+    assert "--photos" in capsys.readouterr().err
