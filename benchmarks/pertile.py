@@ -58,7 +58,8 @@ PRICES = (0.0, 0.001, 0.002, 0.004)  # LPIPS per UNet step a ridge rule trades f
 CROP_SEED = 7  # not the front's crops
 
 
-def steps_of(interval: int, t_start: int = 999) -> int:
+def steps_of(interval: int, t_start: int) -> int:
+    """UNet evaluations per tile of a uniform schedule from the model's ``dtss.t_start``."""
     return -(-t_start // interval)
 
 
@@ -84,7 +85,8 @@ def collect(
     scorer = Scorer(models, crops)
     out = np.zeros((len(intervals), seeds, len(crops.hr)))
     for i, k in enumerate(intervals):
-        method = Method(f"uniform-{steps_of(k)}", "uniform", partial(uniform_policy, k))
+        label = f"uniform-{steps_of(k, models.config.dtss.t_start)}"
+        method = Method(label, "uniform", partial(uniform_policy, k))
         for s in range(seeds):
             res = run_method(method, models, crops, lr, s, max_batch)
             out[i, s] = scorer(scorer.images(res["latents"]), keys=("lpips",))["lpips"]
@@ -157,13 +159,19 @@ def ridge_rule_lopo(
 
 
 def threshold_rule_lopo(
-    lpips: np.ndarray, texture: np.ndarray, intervals: Sequence[int], photo: np.ndarray
+    lpips: np.ndarray,
+    texture: np.ndarray,
+    intervals: Sequence[int],
+    photo: np.ndarray,
+    *,
+    t_start: int,
 ) -> np.ndarray:
     """The front's content rule (``fit_content``), fitted without each photo and applied to it.
     ``lpips`` is [schedule, seed, tile]; returns the chosen schedule index per tile."""
     labels = [f"u{k}" for k in intervals]
     steps = {
-        lab: np.full(lpips.shape[1:], steps_of(k)) for lab, k in zip(labels, intervals, strict=True)
+        lab: np.full(lpips.shape[1:], steps_of(k, t_start))
+        for lab, k in zip(labels, intervals, strict=True)
     }
     pick = np.zeros(lpips.shape[2], dtype=int)
     for p in np.unique(photo):
@@ -182,16 +190,16 @@ def threshold_rule_lopo(
     return pick
 
 
-def analyse(data: dict[str, Any], intervals: Sequence[int]) -> dict[str, Any]:
+def analyse(data: dict[str, Any], intervals: Sequence[int], *, t_start: int) -> dict[str, Any]:
     """The report's figures from ``collect``'s arrays of each degradation. Each rule is fitted
     once on both degradations together, as a deployed rule serving any input would be."""
-    steps = np.array([steps_of(k) for k in intervals], dtype=np.float64)
+    steps = np.array([steps_of(k, t_start) for k in intervals], dtype=np.float64)
     photo = data["photo"]
     lp = np.concatenate([data[name]["lpips"] for name in DEGRADATIONS], axis=2)
     lat = np.concatenate([data[name]["latents"] for name in DEGRADATIONS])
     tile_photo = np.tile(photo, len(DEGRADATIONS))
     tile_deg = np.repeat(np.arange(len(DEGRADATIONS)), len(photo))
-    content = threshold_rule_lopo(lp, latent_texture(lat), intervals, tile_photo)
+    content = threshold_rule_lopo(lp, latent_texture(lat), intervals, tile_photo, t_start=t_start)
     content_lp = lp[content, :, np.arange(len(content))].T  # [seed, tile]
     seeds = lp.shape[1]
     samples = np.concatenate([lp[:, s].T for s in range(seeds)])  # [seed x tile, schedule]
@@ -202,7 +210,7 @@ def analyse(data: dict[str, Any], intervals: Sequence[int]) -> dict[str, Any]:
     for d, name in enumerate(DEGRADATIONS):
         m = tile_deg == d
         own = data[name]["lpips"]
-        uniform = {int(steps_of(k)): pooled(own[i], photo) for i, k in enumerate(intervals)}
+        uniform = {int(n): pooled(own[i], photo) for i, n in enumerate(steps)}
         best = min(uniform.items(), key=lambda kv: kv[1])
         r: dict[str, Any] = {
             "uniform": uniform,
@@ -282,7 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             partial(_progress, name, start),
         )
         data[name] = {"lpips": lp, "latents": lat}
-    report = analyse(data, args.intervals)
+    report = analyse(data, args.intervals, t_start=models.config.dtss.t_start)
     report.update(
         {
             "argv": sys.argv[1:],

@@ -67,7 +67,7 @@ def test_room_on_the_same_seed_and_across_seeds():
 def test_rules_fitted_on_other_photos_find_a_split_the_texture_shows():
     lp, texture, photo = textured_tiles_want_steps(np.random.default_rng(0))
     want = np.where(texture < 0.5, 0, 2)
-    pick = threshold_rule_lopo(lp, texture, INTERVALS, photo)
+    pick = threshold_rule_lopo(lp, texture, INTERVALS, photo, t_start=999)
     assert np.mean(pick == want) > 0.9
     samples = lp[:, 0].T
     x = np.c_[texture, np.random.default_rng(1).normal(size=len(texture))]
@@ -79,7 +79,7 @@ def test_a_rule_gains_nothing_where_the_texture_says_nothing():
     rng = np.random.default_rng(2)
     lp, _texture, photo = textured_tiles_want_steps(rng)
     unrelated = rng.uniform(0.0, 1.0, lp.shape[2])
-    pick = threshold_rule_lopo(lp, unrelated, INTERVALS, photo)
+    pick = threshold_rule_lopo(lp, unrelated, INTERVALS, photo, t_start=999)
     chosen = lp[pick, 0, np.arange(len(pick))]
     best = lp[:, 0].min(axis=0)
     assert chosen.mean() > best.mean() + 0.005
@@ -100,7 +100,7 @@ def test_analyse_reports_every_degradation():
     data = {"photo": photo}
     for name in ("bicubic", "realworld"):
         data[name] = {"lpips": lp, "latents": lat}
-    report = analyse(data, INTERVALS)
+    report = analyse(data, INTERVALS, t_start=999)
     for name in ("bicubic", "realworld"):
         r = report["degradations"][name]
         assert set(r["uniform"]) == {1, 5, 20}
@@ -158,3 +158,15 @@ def test_the_command_line_refuses_mistakes_before_any_run(tmp_path, monkeypatch,
     assert main(["--out", str(plain), "--photos", "a,b"]) == 2
     assert f"--out {plain} is a file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_steps_are_counted_from_the_models_t_start():
+    """A model whose DTSS starts at t = 899 takes 9 jumps of 100, as the sampler counts them."""
+    rng = np.random.default_rng(5)
+    lp, _texture, photo = textured_tiles_want_steps(rng)
+    lat = rng.normal(size=(lp.shape[2], 4, 16, 16)).astype(np.float32)
+    data = {"photo": photo}
+    for name in ("bicubic", "realworld"):
+        data[name] = {"lpips": lp, "latents": lat}
+    report = analyse(data, (999, 200, 100), t_start=899)
+    assert set(report["degradations"]["bicubic"]["uniform"]) == {1, 5, 9}
