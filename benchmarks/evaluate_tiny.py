@@ -30,6 +30,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,12 @@ def trajectory_resamples(
     return draws
 
 
+def worst_rho(rho: dict[str, float], names: Sequence[str]) -> float:
+    """The lowest rho of ``names``; NaN if any is NaN (MMLE constant on that metric: no ranking
+    at all), where min() would skip it or not depending on the order."""
+    return float(np.min([rho[n] for n in names]))
+
+
 def trajectory_bootstrap(
     pred: np.ndarray, truth: np.ndarray, draws: list[np.ndarray], *, level: float = 0.9
 ) -> tuple[float, float]:
@@ -285,7 +292,7 @@ def mmle_vs_oracle(
         "calls": len(rec["t"]),
         "oracle_seconds": round(oracle_seconds, 1),
         "spearman": rho,
-        "spearman_fr_min": float(min(rho[n] for n in fr)),
+        "spearman_fr_min": worst_rho(rho, fr),
         "spearman_bootstrap_90": interval,
         "spearman_within_trajectory_median": within,
         "spearman_between_trajectory_means": between,

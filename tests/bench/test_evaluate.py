@@ -132,3 +132,16 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(
     for out, why in ((plain / "eval.json", "is a file"), (tmp_path, "is a folder")):
         assert evaluate_tiny.main(["--out", str(out)]) == 2
         assert why in capsys.readouterr().err
+
+
+def test_a_metric_mmle_cannot_rank_fails_the_spearman_target_in_any_order() -> None:
+    from benchmarks.evaluate_tiny import targets, worst_rho
+
+    truth = np.arange(10.0)
+    rho = {"psnr": spearman(truth, truth), "lpips": spearman(np.full(10, 0.3), truth)}
+    for names in (["psnr", "lpips"], ["lpips", "psnr"]):
+        worst = worst_rho(rho, names)
+        assert np.isnan(worst)
+        mmle = {"spearman_fr_min": worst, "category_agreement": 1.0, "majority_category_share": 0.5}
+        methods = _methods((0.2, 100), {5: (0.3, 400), 200: (0.3, 17000)})
+        assert targets(methods, mmle)["MMLE Spearman >= 0.8 on FR scores"] is False
