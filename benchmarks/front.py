@@ -308,6 +308,29 @@ def weights_digest(models: TorchModels) -> str:
     return h.hexdigest()
 
 
+def _changed(marker: Path, setting: dict[str, Any]) -> str:
+    """What differs from the saved setting, as the options that gave it (the weights' digest
+    would tell a reader nothing: they are 'other weights')."""
+    try:
+        saved = json.loads(marker.read_text())
+    except ValueError:
+        saved = {}
+    if not isinstance(saved, dict):
+        saved = {}
+    parts = []
+    for key, value in setting.items():
+        if saved.get(key) == value:
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        if key == "weights" or key not in saved:  # a marker older than the key: not known
+            parts.append("other weights" if key == "weights" else f"another {flag}")
+        elif key == "photos":
+            parts.append(f"--photos {','.join(saved[key])}")
+        else:
+            parts.append(f"{flag} {saved[key]}")
+    return ", ".join(parts) or "other settings"
+
+
 class RunStore:
     """Finished (method, seed) runs kept under ``OUT/.runs`` while the front is measured, so a
     front stopped part-way (a session's end, Ctrl-C) resumes where it stopped. A run is reused
@@ -319,8 +342,9 @@ class RunStore:
         text = json.dumps(setting, indent=1, sort_keys=True) + "\n"
         if marker.is_file() and marker.read_text() != text:
             raise ConfigError(
-                f"{folder} holds runs of an earlier front measured with other weights or crops "
-                f"(see {marker}); delete that folder to start over, or pass another --out"
+                f"{folder} holds runs of an earlier front measured with "
+                f"{_changed(marker, setting)} (see {marker}); give those options to resume, "
+                "delete that folder to start over, or pass another --out"
             )
         folder.mkdir(parents=True, exist_ok=True)
         marker.write_text(text)

@@ -72,6 +72,16 @@ def test_saved_runs_of_other_weights_are_refused_and_kept(tmp_path):
     # the same label defined otherwise (another interval) is not the same run
     other = front.Method("uniform-1", "uniform", lambda _lr: None, interval=500)
     assert store.load(other, 0) is None and store.load(method, 1) is None
-    with pytest.raises(ConfigError, match=r"other weights or crops.*delete that folder"):
+    with pytest.raises(ConfigError, match=r"other weights .*delete that folder"):
         front.RunStore(folder, {"weights": "b", "crops": 1})
     assert len(front.RunStore(folder, {"weights": "a", "crops": 1})) == 1  # nothing was lost
+
+
+def test_a_refused_resume_names_the_options_that_differ(tmp_path):
+    """A front stopped at --max-batch 16 and run again at 8 (less memory) differs only there."""
+    folder = tmp_path / front.RUNS
+    setting = {"weights": "a", "photos": ["astronaut"], "crops": 16, "crop_seed": 0}
+    front.RunStore(folder, {**setting, "max_batch": 16})
+    with pytest.raises(ConfigError, match=r"measured with --max-batch 16 \(see") as caught:
+        front.RunStore(folder, {**setting, "max_batch": 8})
+    assert "weights" not in str(caught.value) and "crops" not in str(caught.value)
