@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from adadiff.argtypes import positive
-from adadiff.errors import AdadiffError
+from adadiff.errors import AdadiffError, ConfigError
 from adadiff.imageio import bicubic_upscale
 from adadiff.models.bundle import TorchModels, describe, load_models
+from adadiff.presets import model_config
 from adadiff.runtime.colorfix import low_band
 from adadiff.runtime.content import latent_texture
 from adadiff.training.data import HOLDOUT, find_photo
@@ -61,6 +62,19 @@ CROP_SEED = 7  # not the front's crops
 def steps_of(interval: int, t_start: int) -> int:
     """UNet evaluations per tile of a uniform schedule from the model's ``dtss.t_start``."""
     return -(-t_start // interval)
+
+
+def check_intervals(intervals: Sequence[int], t_start: int) -> None:
+    """Refuse two intervals of one step count: the report keys schedules by their steps, so
+    one would be dropped (334 and 333 are both 3 steps from t = 999)."""
+    by_steps: dict[int, int] = {}
+    for k in intervals:
+        first = by_steps.setdefault(steps_of(k, t_start), k)
+        if first != k or list(intervals).count(k) > 1:
+            raise ConfigError(
+                f"--intervals {first} and {k} both take {steps_of(k, t_start)} steps per tile "
+                f"from t = {t_start}; give each step count once"
+            )
 
 
 def degraded(base: Batch, degradation: str) -> Batch:
@@ -357,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         check_out_folder(args.out)
         for name in args.photos:
             find_photo(name)
+        check_intervals(args.intervals, model_config(args.model).dtss.t_start)
         report = run(args)
     except AdadiffError as exc:
         print(f"python -m benchmarks.pertile: error: {exc}", file=sys.stderr)

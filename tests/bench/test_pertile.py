@@ -153,6 +153,9 @@ def test_the_command_line_refuses_mistakes_before_any_run(tmp_path, monkeypatch,
     assert stop.value.code == 2
     assert main([*out, "--photos", "nosuch,grass"]) == 2
     assert "no photo named 'nosuch'" in capsys.readouterr().err
+    ok = ["--out", str(tmp_path / "o"), "--photos", "grass,rocket"]
+    assert main([*ok, "--intervals", "999,334,333"]) == 2  # both 3 steps from t = 999
+    assert "334 and 333 both take 3 steps" in capsys.readouterr().err
     plain = tmp_path / "a-file"
     plain.write_text("")
     assert main(["--out", str(plain), "--photos", "a,b"]) == 2
