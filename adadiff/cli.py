@@ -606,6 +606,10 @@ def cmd_upscale_many(args: argparse.Namespace) -> int:
             interval=(cfg.uniform_interval if args.interval is None else args.interval)
             if uniform
             else None,
+            # None is the model's own tiling (its digest is in the stamp): --tile 128 on tiny
+            # is the same job as no --tile, and earlier outputs' stamps say None
+            tile=None if args.tile == cfg.tile_size else args.tile,
+            overlap=None if args.overlap == cfg.tile_overlap else args.overlap,
         )
     cluster = ClusterOptions(
         ray_address=args.ray_address,

@@ -238,6 +238,26 @@ def test_a_model_retrained_in_place_is_not_taken_for_the_old_one(folder, tmp_pat
     assert not is_done(task, settings)
 
 
+def test_naming_the_models_own_tiling_resumes_the_job(folder, tmp_path, monkeypatch):
+    """--tile 128 --overlap 16 on tiny is the job without them: its outputs are not redone."""
+    import adadiff.cli as cli
+    from adadiff.scaleout.job import JobResult
+
+    seen: list[JobSettings] = []
+
+    def fake_job(input_dir, output_dir, settings, cluster, **kwargs):
+        seen.append(settings)
+        return JobResult([], 0.0)
+
+    monkeypatch.setattr(cli, "run_job", fake_job)
+    argv = ["upscale-many", str(folder), str(tmp_path / "out"), "-q"]
+    for extra in ([], ["--tile", "128", "--overlap", "16"], ["--tile", "64"], ["--overlap", "32"]):
+        assert main([*argv, *extra]) == 0
+    plain, spelled, other_tile, other_overlap = (s.result_key() for s in seen)
+    assert spelled == plain
+    assert other_tile != plain and other_overlap != plain
+
+
 # -- the worker, without Ray --------------------------------------------------------------------
 
 
