@@ -34,6 +34,9 @@ from adadiff.progress import DEFAULT_EVERY, format_duration
 from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, Plan, job_stamp, make_plan
 from adadiff.scaleout.worker import UpscaleWorker
 
+if sys.platform != "win32":
+    import resource
+
 log = logging.getLogger("adadiff")
 
 MAX_ATTEMPTS = 3  # sends of one image to a new worker after its worker was lost for good
@@ -390,10 +393,26 @@ def _connect(ray: Any, cluster: ClusterOptions, listeners: _Listeners) -> bool:
         else:
             with _quiet_token_auth_notice():
                 ray.init(**kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # Ray raises a bare Exception when its node does not come up
         where = cluster.ray_address or "a local Ray instance"
-        raise ConfigError(f"could not start or reach {where}: {exc}") from exc
+        hint = "" if cluster.ray_address else _file_size_limit_hint()
+        why = str(exc).rstrip(".") if hint else exc
+        raise ConfigError(f"could not start or reach {where}: {why}{hint}") from exc
     return True
+
+
+def _file_size_limit_hint() -> str:
+    """Why a local Ray cannot start under ``ulimit -f``: its object store is a file of several
+    GB, and the limit kills the raylet that makes it (the job times out waiting for it)."""
+    if sys.platform == "win32":
+        return ""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return ""
+    return (
+        f"; this shell limits files to {limit} bytes (ulimit -f), and the object store of a "
+        "local Ray is one file of up to 30% of memory: raise the limit (ulimit -f unlimited)"
+    )
 
 
 class _Dispatcher:

@@ -553,6 +553,32 @@ def test_only_a_local_ray_started_by_the_job_drops_the_token_auth_notice():
     assert not logger.filters
 
 
+def test_a_local_ray_that_does_not_come_up_is_one_line_naming_a_file_size_limit(
+    monkeypatch,
+):
+    """ray.init raises a bare Exception when its node times out, as it does under ulimit -f
+    (the raylet dies making its object store file): one line, and the limit named."""
+    import resource
+
+    from adadiff.scaleout import job
+
+    class FakeRay:
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **kwargs) -> None:
+            raise Exception("The current node timed out during startup.")
+
+    listeners = job._Listeners(None, None, 10.0)
+    with pytest.raises(ConfigError, match=r"could not start .* timed out during startup") as err:
+        job._connect(FakeRay(), job.ClusterOptions(), listeners)
+    unlimited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] == resource.RLIM_INFINITY
+    assert ("ulimit -f" in str(err.value)) != unlimited
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (51200, resource.RLIM_INFINITY))
+    with pytest.raises(ConfigError, match=r"limits files to 51200 bytes \(ulimit -f\)"):
+        job._connect(FakeRay(), job.ClusterOptions(), listeners)
+
+
 def test_ray_address_where_nothing_answers_fails_fast(folder, tmp_path, capsys, monkeypatch):
     """ray.init retries an address nobody listens on for minutes, printing only its own
     warnings; the job says so in one line before it calls Ray."""
