@@ -437,7 +437,10 @@ class _Dispatcher:
         self.started = 0.0
         self.output_dir = output_dir
         self.stopped: str | None = None
-        self.workers = self._worker_count()
+        # every worker loads the model: one per CPU of a large machine for a few images would
+        # fill its memory, and a worker beyond one per image never gets one
+        asked = self._worker_count()
+        self.workers = min(asked, len(todo))
 
         actor = ray.remote(UpscaleWorker).options(
             num_cpus=cluster.cpus_per_worker,
@@ -458,7 +461,8 @@ class _Dispatcher:
             share += f", {cluster.gpus_per_worker:g} GPU"
         listeners.status(
             f"starting {self.workers} worker{'s' * (self.workers != 1)} ({share} and "
-            f"{threads} thread{'s' * (threads != 1)} each) and loading the model"
+            f"{threads} thread{'s' * (threads != 1)} each"
+            f"{', one per image' if self.workers < asked else ''}) and loading the model"
         )
         self.actors = [
             actor.remote(worker_settings, threads=threads, cross_image=cluster.cross_image)

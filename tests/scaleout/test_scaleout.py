@@ -516,6 +516,20 @@ def test_too_many_workers_is_a_clear_error(ray_cluster, folder, tmp_path):
         run_job(folder, tmp_path / "out", JobSettings(), ClusterOptions(workers=3))
 
 
+def test_no_more_workers_start_than_there_are_images(ray_cluster, folder, tmp_path):
+    """Each worker loads the model: the cluster's 2 CPUs for one image start one worker."""
+    from adadiff.scaleout.job import ClusterOptions, run_job
+
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(folder / "astronaut.png", one)
+    lines: list[str] = []
+    result = run_job(one, tmp_path / "out", JobSettings(), ClusterOptions(), on_status=lines.append)
+    assert result.count("done") == 1
+    assert len(result.started) == 1
+    assert any(line.startswith("starting 1 worker (") and "one per image" in line for line in lines)
+
+
 def test_only_a_local_ray_started_by_the_job_drops_the_token_auth_notice():
     """Ray logs it when it starts a local instance with token authentication on (its default);
     authentication stays on, and what a remote cluster logs is left alone."""
