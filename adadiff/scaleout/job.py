@@ -274,7 +274,9 @@ def _report_interrupted(
         log.warning("no job report for the interrupted job: %s", exc)
 
 
-_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+# The output folder takes no more files. Not EFBIG: a file-size limit (ulimit -f, FAT32's 4 GiB)
+# refuses that one file, and the next, smaller image still fits.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 class _Listeners:

@@ -705,6 +705,42 @@ def test_an_output_that_cannot_be_written_fails_that_image_alone(folder, tmp_pat
     assert not task.report.exists()
 
 
+def test_an_output_past_the_file_size_limit_fails_that_image_and_the_job_goes_on(tmp_path):
+    """EFBIG is about the one file (ulimit -f, FAT32's 4 GiB): a smaller image still fits, so
+    the job is not stopped as it is for a full disk."""
+    from helpers import run_with_file_size_limit
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("big", "small"):
+        Image.new("RGB", (4, 4)).save(src / f"{name}.png")
+    body = """
+import json
+from pathlib import Path
+from adadiff.scaleout.job import _Dispatcher
+from adadiff.scaleout.plan import JobSettings, make_plan
+root = Path(sys.argv[1])
+(root / "out").mkdir()
+settings = JobSettings()
+big, small = make_plan(root / "in", root / "out", settings).todo
+dispatcher = object.__new__(_Dispatcher)
+dispatcher.settings, dispatcher.digests, dispatcher.stopped = settings, {}, None
+report = {"unet_evaluations": 5, "tiles": 1}
+# limited
+records = [
+    dispatcher._write(task, {"status": "done", "image": image, "report": report})
+    for task, image in ((big, b"x" * 100_000), (small, b"png"))
+]
+print(json.dumps([[r.status, r.error] for r in records] + [dispatcher.stopped]))
+"""
+    *records, stopped = json.loads(run_with_file_size_limit(body, tmp_path, 50_000))
+    assert records[0][0] == "failed" and "File too large" in records[0][1]
+    assert records[1] == ["done", None]
+    assert stopped is None
+    assert (tmp_path / "out" / "small.png.json").is_file()
+    assert not (tmp_path / "out" / "big.png").exists()
+
+
 def test_a_link_in_the_output_folder_is_replaced_not_written_through(folder, tmp_path):
     """OUTPUT_DIR/NAME.png as a link to the input (or a cp -rs copy of an earlier output folder):
     writing through it replaced the input itself with its upscale."""
