@@ -491,6 +491,14 @@ def check_upscale_args(args: argparse.Namespace, *, here: bool = True) -> Any:
             f"from: any larger jump is the same 1 step per tile; use --interval 1 to {start} "
             f"({start} = 1 step)"
         )
+    fill_default_schedule(args, cfg)
+    if args.schedule == "content":
+        cfg.require_content_rule()
+    return cfg
+
+
+def fill_default_schedule(args: argparse.Namespace, cfg: Any) -> None:
+    """--schedule, when not given, is the model's default; --interval must fit it."""
     if args.schedule is None:
         args.schedule = cfg.default_schedule
         if args.interval is not None and args.schedule != "uniform":
@@ -498,9 +506,6 @@ def check_upscale_args(args: argparse.Namespace, *, here: bool = True) -> Any:
                 f"--interval {args.interval} applies to --schedule uniform only, and this "
                 f"model's default schedule is {args.schedule}; add --schedule uniform"
             )
-    if args.schedule == "content":
-        cfg.require_content_rule()
-    return cfg
 
 
 def cap_tile(args: argparse.Namespace, cfg: Any, width: int, height: int) -> str | None:
@@ -598,6 +603,16 @@ def cmd_upscale_many(args: argparse.Namespace) -> int:
     if args.ray_address is None:
         check_local_paths(settings)  # missing model or engines folders, in the job's words
     cfg = check_upscale_args(args, here=args.ray_address is None)
+    if cfg is None:
+        # On a cluster the nodes load the model; a preset's config (or a folder's, which the
+        # stamp already digests from here) still gives the defaults, so that a job begun on
+        # this machine resumes on the cluster and the other way round.
+        try:
+            cfg = model_config_of(args)
+        except AdadiffError:
+            pass  # the model is the nodes' alone
+        else:
+            fill_default_schedule(args, cfg)
     if cfg is not None:  # the model's defaults spelled out, so a rerun that names them resumes
         uniform = args.schedule == "uniform"
         settings = dataclasses.replace(

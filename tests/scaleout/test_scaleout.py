@@ -258,6 +258,30 @@ def test_naming_the_models_own_tiling_resumes_the_job(folder, tmp_path, monkeypa
     assert other_tile != plain and other_overlap != plain
 
 
+def test_a_job_begun_here_resumes_on_a_ray_cluster(folder, tmp_path, monkeypatch, capsys):
+    """With --ray-address the nodes load the model, but a preset's defaults are known here: the
+    stamp fills them in as a local job does, or no output of one is reused by the other."""
+    import adadiff.cli as cli
+    from adadiff.scaleout.job import JobResult
+
+    seen: list[JobSettings] = []
+
+    def fake_job(input_dir, output_dir, settings, cluster, **kwargs):
+        seen.append(settings)
+        return JobResult([], 0.0)
+
+    monkeypatch.setattr(cli, "run_job", fake_job)
+    argv = ["upscale-many", str(folder), str(tmp_path / "out"), "-q"]
+    assert main(argv) == 0
+    assert main([*argv, "--ray-address", "auto"]) == 0
+    here, cluster = (s.result_key() for s in seen)
+    assert cluster == here and here["schedule"] == "uniform"
+    # and --interval on a model whose default schedule is not uniform is refused at once
+    remote = [*argv, "--ray-address", "auto", "--model", "sd21-base", "--interval", "5"]
+    assert main(remote) == 2
+    assert "add --schedule uniform" in capsys.readouterr().err
+
+
 # -- the worker, without Ray --------------------------------------------------------------------
 
 
