@@ -200,6 +200,8 @@ def _run_planned(
             else "a link to nothing"
         )
         log.warning("%s: %s; left out", path, why)
+    if plan.outdated:
+        log.warning("%s", outdated_line(plan.outdated))
     if total == 0:
         names = ", ".join(sorted(INPUT_FORMATS))
         log.warning("the input folder holds no images (by name: %s); nothing to do", names)
@@ -244,6 +246,19 @@ def _run_planned(
     result.stopped = stopped
     result.report_path = write_job_report(output_dir, settings, cluster, result, plan.ignored)
     return result
+
+
+def outdated_line(outdated: dict[ImageTask, str]) -> str:
+    """One line on the earlier outputs this job replaces, grouped by what changed."""
+    by_why: dict[str, list[str]] = {}
+    for task, why in outdated.items():
+        by_why.setdefault(why, []).append(task.output.name)
+    n = len(outdated)
+    parts = []
+    for why, names in by_why.items():
+        shown = ", ".join(names[:PROGRESS_SHOWN]) + (", ..." if len(names) > PROGRESS_SHOWN else "")
+        parts.append(f"{len(names)} {why} ({shown})")
+    return f"{n} earlier output{'s' * (n != 1)} made again: " + "; ".join(parts)
 
 
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM) before its output was written"

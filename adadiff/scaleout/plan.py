@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,8 @@ class Plan:
     todo: list[ImageTask]
     done: list[ImageTask]  # output and report exist and match: skipped
     ignored: list[Path]  # files that are not images by name
+    # todo whose earlier output and report exist but were made otherwise: why, by task
+    outdated: dict[ImageTask, str] = field(default_factory=dict)
 
 
 def list_inputs(input_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -181,9 +183,16 @@ def make_plan(input_dir: Path, output_dir: Path, settings: JobSettings) -> Plan:
         raise ConfigError(f"{names} would all be written to {where}; {fix}")
     todo: list[ImageTask] = []
     done: list[ImageTask] = []
+    outdated: dict[ImageTask, str] = {}
     for task in tasks:
-        (done if is_done(task, settings) else todo).append(task)
-    return Plan(todo, done, ignored)
+        if is_done(task, settings):
+            done.append(task)
+            continue
+        todo.append(task)
+        why = why_outdated(task, settings)
+        if why is not None:
+            outdated[task] = why
+    return Plan(todo, done, ignored, outdated)
 
 
 def job_stamp(
@@ -195,11 +204,39 @@ def job_stamp(
     return {"settings": settings.result_key(), "input_sha256": digest}
 
 
-def is_done(task: ImageTask, settings: JobSettings) -> bool:
-    try:  # a name past the file system's limit raises here (ENAMETOOLONG): not done
+def earlier_stamp(task: ImageTask) -> Any:
+    """The job stamp of the output an earlier job left, or None where there is none."""
+    try:  # a name past the file system's limit raises here (ENAMETOOLONG): none
         if not (task.output.is_file() and task.report.is_file()):
-            return False
-        stamp = json.loads(task.report.read_text()).get("job")
+            return None
+        return json.loads(task.report.read_text()).get("job")
     except (OSError, ValueError, AttributeError):
-        return False
-    return stamp == job_stamp(task, settings)
+        return None
+
+
+def is_done(task: ImageTask, settings: JobSettings) -> bool:
+    stamp = earlier_stamp(task)
+    return stamp is not None and stamp == job_stamp(task, settings)
+
+
+def why_outdated(task: ImageTask, settings: JobSettings) -> str | None:
+    """How the output a job is about to replace was made otherwise ("made with seed 1 (now
+    2)", "made from another version of its input"), or None where no stamped output is there."""
+    stamp = earlier_stamp(task)
+    if not isinstance(stamp, dict) or not isinstance(stamp.get("settings"), dict):
+        return None
+    old, new = stamp["settings"], settings.result_key()
+    changed = [
+        f"{key} {_shown(old.get(key))} (now {_shown(new.get(key))})"
+        for key in sorted((set(old) | set(new)) - {"model_id"})
+        if old.get(key) != new.get(key)
+    ]
+    if old.get("model_id") != new.get("model_id"):
+        changed.append("other model or export files")
+    if changed:
+        return "made with " + ", ".join(changed)
+    return "made from another version of its input"
+
+
+def _shown(value: Any) -> str:
+    return "the model's default" if value is None else str(value)

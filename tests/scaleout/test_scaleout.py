@@ -205,6 +205,36 @@ def test_done_means_same_settings_and_same_input(folder, tmp_path):
     assert not is_done(task, settings)
 
 
+def test_a_rerun_says_which_earlier_outputs_it_makes_again_and_why(folder, tmp_path):
+    """Another --seed (a typo, say) replaces every output: the job says so before it starts."""
+    from adadiff.scaleout.job import outdated_line
+
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = JobSettings(seed=1)
+    tasks = make_plan(folder, out, settings).todo
+    assert make_plan(folder, out, settings).outdated == {}  # nothing there yet
+    for task in tasks:
+        task.output.write_bytes(b"image")
+        task.report.write_text(json.dumps({"job": job_stamp(task, settings)}))
+    assert make_plan(folder, out, settings).outdated == {}  # all up to date
+    plan = make_plan(folder, out, JobSettings(seed=2, tile=64))
+    why = "made with seed 1 (now 2), tile the model's default (now 64)"
+    assert plan.outdated == dict.fromkeys(tasks, why)
+    stamp = job_stamp(tasks[0], settings) | {"input_sha256": "0" * 64}
+    tasks[0].report.write_text(json.dumps({"job": stamp}))
+    plan = make_plan(folder, out, settings)
+    assert plan.outdated == {tasks[0]: "made from another version of its input"}
+    other_model = job_stamp(tasks[1], settings)
+    other_model["settings"]["model_id"] = "0" * 16
+    tasks[1].report.write_text(json.dumps({"job": other_model}))
+    why_model = make_plan(folder, out, settings).outdated[tasks[1]]
+    assert why_model == "made with other model or export files"
+    line = outdated_line(dict.fromkeys(tasks, why) | plan.outdated)
+    assert line.startswith(f"{len(tasks)} earlier outputs made again: 1 made from another")
+    assert f"; {len(tasks) - 1} {why} ({tasks[1].output.name}, " in line
+
+
 def test_a_report_name_past_the_file_system_limit_is_not_done_and_no_crash(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
