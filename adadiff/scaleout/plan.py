@@ -216,7 +216,12 @@ def earlier_stamp(task: ImageTask) -> Any:
 
 def is_done(task: ImageTask, settings: JobSettings) -> bool:
     stamp = earlier_stamp(task)
-    return stamp is not None and stamp == job_stamp(task, settings)
+    if stamp is None:
+        return False
+    try:
+        return bool(stamp == job_stamp(task, settings))
+    except OSError:  # an input that cannot be read fails alone when the job sends it
+        return False
 
 
 def why_outdated(task: ImageTask, settings: JobSettings) -> str | None:
@@ -235,6 +240,10 @@ def why_outdated(task: ImageTask, settings: JobSettings) -> str | None:
         changed.append("other model or export files")
     if changed:
         return "made with " + ", ".join(changed)
+    try:
+        sha256_file(task.source)
+    except OSError:
+        return None  # not the input's change: it cannot be read, which the job reports
     return "made from another version of its input"
 
 

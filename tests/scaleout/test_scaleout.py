@@ -235,6 +235,33 @@ def test_a_rerun_says_which_earlier_outputs_it_makes_again_and_why(folder, tmp_p
     assert f"; {len(tasks) - 1} {why} ({tasks[1].output.name}, " in line
 
 
+def test_an_input_that_cannot_be_read_beside_its_earlier_output_does_not_stop_the_plan(
+    folder, tmp_path, monkeypatch
+):
+    """Planning hashes an input that has an output; one it may not read (chmod 000, which root
+    passes, hence the stand-in) is todo, and fails alone when the job reads it to send it."""
+    from adadiff.scaleout import plan as plan_module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = JobSettings()
+    tasks = make_plan(folder, out, settings).todo
+    for task in tasks:
+        task.output.write_bytes(b"image")
+        task.report.write_text(json.dumps({"job": job_stamp(task, settings)}))
+    real = plan_module.sha256_file
+
+    def denied(path):
+        if Path(path) == tasks[0].source:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(plan_module, "sha256_file", denied)
+    plan = make_plan(folder, out, settings)
+    assert plan.todo == [tasks[0]] and plan.done == tasks[1:]
+    assert plan.outdated == {}  # not said to be another version of the input
+
+
 def test_a_report_name_past_the_file_system_limit_is_not_done_and_no_crash(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
