@@ -134,7 +134,14 @@ def list_inputs(input_dir: Path) -> tuple[list[Path], list[Path]]:
         raise ConfigError(f"{input_dir} is not a folder; give the folder that holds the images")
     images: list[Path] = []
     ignored: list[Path] = []
-    for path in sorted(input_dir.iterdir()):
+    try:
+        entries = sorted(input_dir.iterdir())
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot list the input folder {input_dir} ({exc.strerror or exc}); give a folder "
+            "this user may read"
+        ) from exc
+    for path in entries:
         if path.name.startswith("."):
             continue
         if not path.is_file():

@@ -262,6 +262,22 @@ def test_an_input_that_cannot_be_read_beside_its_earlier_output_does_not_stop_th
     assert plan.outdated == {}  # not said to be another version of the input
 
 
+def test_an_input_folder_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch, capsys):
+    """chmod 000 on INPUT_DIR (root lists it anyway, hence the stand-in): no traceback."""
+    src = tmp_path / "in"
+    src.mkdir()
+    real = Path.iterdir
+
+    def denied(self):
+        if self == src:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    assert main(["upscale-many", str(src), str(tmp_path / "out")]) == 2
+    assert f"cannot list the input folder {src} (Permission denied)" in capsys.readouterr().err
+
+
 def test_a_report_name_past_the_file_system_limit_is_not_done_and_no_crash(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
