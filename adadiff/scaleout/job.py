@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import signal
 import socket
 import sys
@@ -395,8 +396,13 @@ def _connect(ray: Any, cluster: ClusterOptions, listeners: _Listeners) -> bool:
     """Join ``--ray-address`` or start a local instance; True when this call started Ray."""
     if ray.is_initialized():
         return False
-    if cluster.ray_address:
-        listeners.status(f"connecting to the Ray cluster at {cluster.ray_address}")
+    # Without --ray-address, "local": a new instance of our own. Plain ray.init() would join the
+    # cluster that /tmp/ray/ray_current_cluster names (the last `ray start` here), and wait
+    # minutes on one that is gone. RAY_ADDRESS, Ray's own way to name a cluster, still counts.
+    address = cluster.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    if address != "local":
+        given = "" if cluster.ray_address else " (RAY_ADDRESS)"
+        listeners.status(f"connecting to the Ray cluster at {address}{given}")
     else:
         listeners.status("starting a local Ray instance (--ray-address joins a running one)")
     kwargs: dict[str, Any] = {
@@ -405,14 +411,14 @@ def _connect(ray: Any, cluster: ClusterOptions, listeners: _Listeners) -> bool:
         "configure_logging": True,
     }
     try:
-        if cluster.ray_address:
-            ray.init(address=cluster.ray_address, **kwargs)
+        if address != "local":
+            ray.init(address=address, **kwargs)
         else:
             with _quiet_token_auth_notice():
-                ray.init(**kwargs)
+                ray.init(address="local", **kwargs)
     except Exception as exc:  # Ray raises a bare Exception when its node does not come up
-        where = cluster.ray_address or "a local Ray instance"
-        hint = "" if cluster.ray_address else _file_size_limit_hint()
+        where = "a local Ray instance" if address == "local" else address
+        hint = _file_size_limit_hint() if address == "local" else ""
         why = str(exc).rstrip(".") if hint else exc
         raise ConfigError(f"could not start or reach {where}: {why}{hint}") from exc
     return True

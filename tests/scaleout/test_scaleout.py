@@ -664,6 +664,31 @@ def test_only_a_local_ray_started_by_the_job_drops_the_token_auth_notice():
     assert not logger.filters
 
 
+def test_without_ray_address_the_job_starts_its_own_ray_even_after_a_ray_start(monkeypatch):
+    """Plain ray.init() joins the cluster /tmp/ray/ray_current_cluster names (the last `ray
+    start --head` here) and hangs for minutes when it is gone; RAY_ADDRESS is still followed."""
+    from adadiff.scaleout import job
+
+    addresses: list[str | None] = []
+
+    class FakeRay:
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, address: str | None = None, **kwargs) -> None:
+            addresses.append(address)
+
+    lines: list[str] = []
+    listeners = job._Listeners(None, lines.append, 10.0)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert job._connect(FakeRay(), job.ClusterOptions(), listeners)
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert job._connect(FakeRay(), job.ClusterOptions(), listeners)
+    assert job._connect(FakeRay(), job.ClusterOptions(ray_address="auto"), listeners)
+    assert addresses == ["local", "head:6379", "auto"]
+    assert lines[1] == "connecting to the Ray cluster at head:6379 (RAY_ADDRESS)"
+
+
 def test_a_local_ray_that_does_not_come_up_is_one_line_naming_a_file_size_limit(
     monkeypatch,
 ):
