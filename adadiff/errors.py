@@ -46,6 +46,11 @@ class NumericsError(AdadiffError):
     """A model produced NaN or infinite values (fp16 overflow, damaged weights)."""
 
 
+class WorkerStoppedError(AdadiffError):
+    """An upscale-many worker whose engine stopped (a lost device) was sent an image it never
+    tried: the job sends that image to another worker."""
+
+
 def shell_arg(value: object) -> str:
     """``value`` quoted for a shell, for the commands a message tells the user to run: a path
     with a space pasted unquoted would split into two arguments."""

@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from adadiff import __version__
-from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError, OutputPathError
+from adadiff.errors import (
+    AdadiffError,
+    BackendUnavailableError,
+    ConfigError,
+    OutputPathError,
+    WorkerStoppedError,
+)
 from adadiff.imageio import INPUT_FORMATS, check_writable, remove_stale_temps, write_bytes_atomic
 from adadiff.presets import PRESETS, is_preset
 from adadiff.progress import DEFAULT_EVERY, format_duration
@@ -565,16 +571,19 @@ class _Dispatcher:
                 reply = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
                 # Restarts are used up: this worker is gone, its images go to the others.
-                alive.discard(index)
-                record = self._lost(task, exc, alive)
-                if record is None and self.stopped:  # no image starts again once stopped
-                    record = self._not_started(task)
-                elif record is None:
-                    self.pending.append(task)
+                record = self._gone(task, exc, index, alive)
+                if record is None:
                     self._refill(alive, in_flight)
                     continue
             except ray.exceptions.RayTaskError as exc:
-                record = ImageRecord(str(task.source), str(task.output), "failed", _cause(exc))
+                if isinstance(exc.cause, WorkerStoppedError):
+                    # its engine stopped (a lost device): it would fail every image sent to it
+                    record = self._gone(task, exc, index, alive)
+                    if record is None:
+                        self._refill(alive, in_flight)
+                        continue
+                else:
+                    record = ImageRecord(str(task.source), str(task.output), "failed", _cause(exc))
             else:
                 record = self._write(task, reply)
             record.seconds = round(time.perf_counter() - sent, 3)
@@ -642,10 +651,23 @@ class _Dispatcher:
                 self._send(index, in_flight)
                 load[index] += 1
 
+    def _gone(
+        self, task: ImageTask, exc: Exception, index: int, alive: set[int]
+    ) -> ImageRecord | None:
+        """The worker ``index`` takes no more images: None when ``task`` goes back to be sent to
+        another, else its record."""
+        alive.discard(index)
+        record = self._lost(task, exc, alive)
+        if record is None and self.stopped:  # no image starts again once stopped
+            return self._not_started(task)
+        if record is None:
+            self.pending.append(task)
+        return record
+
     def _lost(self, task: ImageTask, exc: Exception, alive: set[int]) -> ImageRecord | None:
         tries = self.attempts[task.source] = self.attempts.get(task.source, 0) + 1
         if alive and tries < MAX_ATTEMPTS:
-            log.warning("%s: its worker died for good; sending it to another", task.name)
+            log.warning("%s: its worker is gone for good; sending it to another", task.name)
             return None
         why = "no worker left" if not alive else f"{tries} workers died running it"
         return ImageRecord(str(task.source), str(task.output), "failed", f"{why}: {_cause(exc)}")

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from adadiff.errors import AdadiffError, OutputPathError
+from adadiff.errors import AdadiffError, OutputPathError, WorkerStoppedError
 from adadiff.file_upscale import output_record
 from adadiff.imageio import check_output_size, decode_image_bytes, encode_image
 from adadiff.runtime.stream import ImageStream, StreamItem
@@ -100,10 +100,15 @@ class UpscaleWorker:
         """Upscale one image given as {"name", "data" (file bytes), "suffix"}; return a record:
         {"status": "done", "image": bytes, "report": {...}} or {"status": "failed", "error"}."""
         if self.failure is not None:
-            raise RuntimeError(f"the engine thread stopped: {self.failure!r}")
+            raise self._stopped()
         done: Future = Future()
         self.inbox.put((task, done))
+        if self.failure is not None:  # it stopped while this was put: no one else reads now
+            _fail_queued(self.inbox, self._stopped())
         return done.result()
+
+    def _stopped(self) -> WorkerStoppedError:
+        return WorkerStoppedError(f"the engine thread stopped: {self.failure!r}")
 
     def close(self) -> None:
         self.inbox.put(_STOP)
@@ -142,7 +147,7 @@ class UpscaleWorker:
             for _, _, done in self.waiting.values():
                 done.set_exception(exc)
             self.waiting.clear()
-            _fail_queued(self.inbox, exc)
+            _fail_queued(self.inbox, self._stopped())  # these never ran: another worker may
 
     def _admit(self) -> bool:
         """Move queued images into the stream while it wants more; False on stop."""

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from adadiff.cli import main
-from adadiff.errors import ConfigError
+from adadiff.errors import ConfigError, WorkerStoppedError
 from adadiff.presets import SHIPPED
 from adadiff.runtime.stream import ImageStream, StreamItem, upscale_many
 from adadiff.runtime.upscaler import Upscaler
@@ -455,7 +455,7 @@ def test_a_failed_round_fails_its_images_and_the_worker_goes_on(folder):
         for _ in range(limit):
             with pytest.raises(MemoryError):
                 worker.upscale(task)
-        with pytest.raises(RuntimeError, match="engine thread stopped"):
+        with pytest.raises(WorkerStoppedError, match="engine thread stopped"):
             worker.upscale(task)
     finally:
         worker.close()
@@ -604,6 +604,40 @@ def test_a_killed_worker_loses_no_image(ray_cluster, folder, tmp_path):
     # The restarted worker (a new process) finished images too.
     done_by = {r.worker_pid for r in result.records if r.status == "done"}
     assert done_by - first
+
+
+def test_a_worker_whose_engine_stopped_hands_its_images_to_the_others(
+    ray_cluster, tmp_path, monkeypatch
+):
+    """A lost device stops one worker's engine after 3 failed rounds: the images it was sent
+    next (and never tried) go to the healthy worker instead of failing there one by one."""
+    from adadiff.scaleout import job, worker
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(8):
+        Image.new("RGB", (16, 16), (30 * i, 90, 120)).save(src / f"img{i}.png")
+    flag = tmp_path / "broken"
+
+    class HalfBroken(worker.UpscaleWorker):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            try:  # the first worker to start loses its device
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
+
+            def lost():
+                raise RuntimeError("device lost")
+
+            self.stream.step = lost
+
+    monkeypatch.setattr(job, "UpscaleWorker", HalfBroken)
+    cluster = job.ClusterOptions(workers=2, queue=1)
+    result = job.run_job(src, tmp_path / "out", JobSettings(), cluster)
+    failed = [r.error for r in result.records if r.status == "failed"]
+    assert failed == ["device lost"] * worker.MAX_FAILED_ROUNDS
+    assert result.count("done") == 8 - worker.MAX_FAILED_ROUNDS
 
 
 def test_too_many_workers_is_a_clear_error(ray_cluster, folder, tmp_path):
