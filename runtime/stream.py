@@ -167,28 +167,37 @@ class ImageStream:
         return lambda stage, done, total: report(key, stage, done, total)
 
     def run(self, items: Iterable[StreamItem]) -> Iterator[StreamResult]:
-        """Upscale every item, yielding results as images finish (not in input order)."""
+        """Upscale every item, yielding results as images finish (not in input order).
+
+        Leaving the loop early (``break``, an exception in it or out of ``items``) drops the
+        images still in flight, so a later ``run`` yields only its own."""
         pending = iter(items)
         exhausted = False
-        while True:
-            while not exhausted and self.wants_more():
-                item = next(pending, None)
-                if item is None:
-                    exhausted = True
-                    break
-                refused = self.add(item)
-                if refused is not None:
-                    yield refused
-            if self.idle:
-                return
-            try:
-                finished = self.step()
-            except Exception as exc:
-                # A round mixes the tiles of every image in flight and failed part-way (say,
-                # NaN from one image in fp16, or out of memory): those images fail with it, and
-                # the stream goes on with the next ones.
-                finished = [StreamResult(key, error=exc) for key in self.abandon()]
-            yield from finished
+        try:
+            while True:
+                while not exhausted and self.wants_more():
+                    item = next(pending, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    refused = self.add(item)
+                    if refused is not None:
+                        yield refused
+                if self.idle:
+                    return
+                try:
+                    finished = self.step()
+                except Exception as exc:
+                    # A round mixes the tiles of every image in flight and failed part-way
+                    # (say, NaN from one image in fp16, or out of memory): those images fail
+                    # with it, and the stream goes on with the next ones.
+                    finished = [StreamResult(key, error=exc) for key in self.abandon()]
+                yield from finished
+        finally:
+            # Otherwise their tiles stay in the pool, holding memory, and the next run would
+            # hand back images its caller never gave it.
+            if not self.idle:
+                self.abandon()
 
 
 def upscale_many(

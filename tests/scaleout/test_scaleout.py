@@ -116,6 +116,21 @@ def test_stream_reports_each_images_progress(upscaler):
         assert {t for _, t in denoise} == {tiles * upscaler.config.dtss.t_start}
 
 
+def test_a_stream_left_early_drops_its_images_in_flight(upscaler):
+    crop = _crops()["coffee"].astype(np.float32) / 255.0
+    stream = ImageStream(upscaler)
+    # "bad" is refused at admission, so its result comes while "a" is in flight
+    for result in stream.run([StreamItem("a", crop), StreamItem("bad", None)]):
+        assert result.key == "bad"
+        break
+    assert stream.idle and stream.pool.active_tiles == 0
+    # a duplicate key raises out of the loop; the image admitted before it goes with it
+    with pytest.raises(ValueError, match="already in the stream"):
+        list(stream.run([StreamItem("b", crop)] * 2))
+    assert stream.idle
+    assert [r.key for r in stream.run([StreamItem("c", crop)])] == ["c"]
+
+
 def test_stream_target_tiles_is_checked(upscaler):
     with pytest.raises(ValueError, match="target_tiles"):
         ImageStream(upscaler, target_tiles=-1)
