@@ -72,7 +72,8 @@ class ImageStream:
     ) -> None:
         self.upscaler = upscaler
         self.progress = progress
-        self.target_tiles = target_tiles or upscaler.max_batch
+        # 0 is refused below, not taken for "the default"
+        self.target_tiles = upscaler.max_batch if target_tiles is None else target_tiles
         if self.target_tiles < 1:
             raise ValueError(f"target_tiles must be >= 1, got {self.target_tiles}")
         self.cross_image = cross_image

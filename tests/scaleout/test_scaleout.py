@@ -131,9 +131,11 @@ def test_a_stream_left_early_drops_its_images_in_flight(upscaler):
     assert [r.key for r in stream.run([StreamItem("c", crop)])] == ["c"]
 
 
-def test_stream_target_tiles_is_checked(upscaler):
-    with pytest.raises(ValueError, match="target_tiles"):
-        ImageStream(upscaler, target_tiles=-1)
+@pytest.mark.parametrize("target", [0, -1])
+def test_stream_target_tiles_is_checked(upscaler, target):
+    with pytest.raises(ValueError, match="target_tiles must be >= 1"):
+        ImageStream(upscaler, target_tiles=target)
+    assert ImageStream(upscaler).target_tiles == upscaler.max_batch
 
 
 # -- planning and resume (no Ray) ---------------------------------------------------------------
