@@ -286,6 +286,8 @@ class Upscaler:
         step_policy: StepPolicy | None = policy
         if policy is None:
             schedule_name = self.schedule_of(schedule, interval)
+            if interval is not None:
+                interval = int(interval)  # as the seed: a numpy integer fails the report's JSON
             if schedule_name != "content":  # that one waits for the encoded tiles
                 step_policy = self.policy(schedule_name, interval)
         else:

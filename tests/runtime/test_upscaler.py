@@ -74,6 +74,13 @@ def test_a_numpy_seed_goes_into_the_report_json(upscaler, photo):
     assert json.loads(json.dumps(report.to_dict()))["seed"] == 3
 
 
+def test_a_numpy_interval_goes_into_the_report_json(upscaler, photo):
+    import json
+
+    _, report = upscaler.upscale(photo[:16, :16], schedule="uniform", interval=np.int64(500))
+    assert json.loads(json.dumps(report.to_dict()))["interval"] == 500
+
+
 def test_seeds_that_would_share_noise_words_are_refused(upscaler, photo):
     # noise is seeded with the 32-bit words of (seed, tile): seed 2**32 at tile 0 would be seed 0
     # at tile 1, so the largest seed taken is 2**32 - 1
