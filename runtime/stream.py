@@ -151,6 +151,9 @@ class ImageStream:
             # Wall time in the pool, shared with the images that were in flight alongside.
             job.seconds["denoise"] = time.perf_counter() - self.admitted.pop(key)
             try:
+                if self.progress is not None:  # it left the pool: the loop above missed it
+                    total = len(sampled.steps_per_tile) * self.pool.dtss.t_start
+                    self.progress(key, "denoise", total, total)
                 image, report = self.upscaler.finish(job, sampled, progress=self._hook(key))
             except Exception as exc:  # reported per image
                 results.append(StreamResult(key, error=exc))

@@ -114,6 +114,17 @@ def test_stream_reports_each_images_progress(upscaler):
         assert denoise[0][0] == 0 and len(denoise) > 1
         assert [d for d, _ in denoise] == sorted(d for d, _ in denoise)
         assert {t for _, t in denoise} == {tiles * upscaler.config.dtss.t_start}
+        assert denoise[-1][0] == denoise[-1][1]  # denoised in full, as upscale reports it
+
+    def fails_at_the_end(key: str, stage: str, done: int, total: int) -> None:
+        if stage == "denoise" and done == total:
+            raise RuntimeError("the progress bar broke")
+
+    # a callback that raises fails its image, which still comes back
+    stream = ImageStream(upscaler, progress=fails_at_the_end)
+    results = list(stream.run(items))
+    assert sorted(r.key for r in results) == ["chelsea", "coffee"]
+    assert all("progress bar broke" in str(r.error) for r in results)
 
 
 def test_a_stream_left_early_drops_its_images_in_flight(upscaler):
