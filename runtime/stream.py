@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from adadiff.runtime.sampler import TilePool
+from adadiff.runtime.sampler import DenoiseNets, TilePool
 from adadiff.runtime.upscaler import PreparedImage, Report, Upscaler
 
 # Per-image progress: (key, stage, done, total), stages as ``Upscaler.upscale`` reports them.
@@ -84,9 +84,9 @@ class ImageStream:
         self.stats = StreamStats()
         upscaler.log = upscaler.components.new_log()
 
-    def _new_pool(self) -> TilePool:
+    def _new_pool(self, nets: DenoiseNets | None = None) -> TilePool:
         up = self.upscaler
-        return TilePool(up.nets(), grouping=self.grouping, **up.sampler_options())
+        return TilePool(nets or up.nets(), grouping=self.grouping, **up.sampler_options())
 
     def abandon(self) -> list[Any]:
         """Drop every image in flight (after a round failed part-way) and return their keys;
@@ -94,7 +94,8 @@ class ImageStream:
         keys = list(self.jobs)
         self.jobs.clear()
         self.admitted.clear()
-        self.pool = self._new_pool()
+        # the same engines: asking the upscaler again would fail once it is closed
+        self.pool = self._new_pool(self.pool.nets)
         return keys
 
     @property
@@ -133,6 +134,7 @@ class ImageStream:
 
     def step(self) -> list[StreamResult]:
         """One round over every active tile; decode and return the images that finished."""
+        self.upscaler.check_open()  # closed with images in flight
         calls, evaluations = self.pool.calls, self.pool.evaluations
         finished = self.pool.round()
         self.stats.unet_calls += self.pool.calls - calls

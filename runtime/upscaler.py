@@ -272,8 +272,7 @@ class Upscaler:
 
         ``reset_log=False`` keeps the component call log running (several images in flight);
         ``progress`` hears ``("encode", tiles encoded, tiles)`` after every batch."""
-        if self.closed:
-            raise ConfigError("this Upscaler was closed; open a new one (Upscaler.from_pretrained)")
+        self.check_open()
         if (
             isinstance(seed, bool)
             or not isinstance(seed, numbers.Integral)
@@ -448,6 +447,12 @@ class Upscaler:
             components=self.log.as_dict(),
             color_fix=cfg.color_fix.kind,
         )
+
+    def check_open(self) -> None:
+        """``ConfigError`` once closed: its engines are gone, and a call into them would fail
+        with no word of why."""
+        if self.closed:
+            raise ConfigError("this Upscaler was closed; open a new one (Upscaler.from_pretrained)")
 
     def close(self) -> None:
         self.closed = True

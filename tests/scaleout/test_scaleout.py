@@ -142,6 +142,19 @@ def test_a_stream_left_early_drops_its_images_in_flight(upscaler):
     assert [r.key for r in stream.run([StreamItem("c", crop)])] == ["c"]
 
 
+def test_a_stream_on_a_closed_upscaler_says_so():
+    closing = Upscaler.from_pretrained("tiny", max_batch=8, threads=1)
+    stream = ImageStream(closing)
+    crop = _crops()["coffee"].astype(np.float32) / 255.0
+    assert stream.add(StreamItem("a", crop)) is None
+    closing.close()
+    with pytest.raises(ConfigError, match="Upscaler was closed"):
+        stream.step()
+    results = list(stream.run([StreamItem("b", crop)]))
+    assert sorted(r.key for r in results) == ["a", "b"]
+    assert all("Upscaler was closed" in str(r.error) for r in results)
+
+
 @pytest.mark.parametrize("target", [0, -1])
 def test_stream_target_tiles_is_checked(upscaler, target):
     with pytest.raises(ValueError, match="target_tiles must be >= 1"):
