@@ -167,6 +167,8 @@ class Upscaler:
         """The schedule a run takes: the one asked for, else the model's default (its
         ``default_schedule``, the best of its quality/compute front)."""
         chosen = schedule or self.config.default_schedule
+        if chosen not in SCHEDULES:  # first: the interval check below would blame the interval
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {chosen!r}")
         if interval is not None and (
             isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1
         ):

@@ -143,6 +143,9 @@ def test_the_encoder_sees_tiles_in_minus_one_to_one(upscaler, monkeypatch):
 def test_unknown_schedule(upscaler, photo):
     with pytest.raises(ConfigError, match="schedule"):
         upscaler.upscale(photo, schedule="fast")
+    # the name is what is wrong, not the interval that came with it
+    with pytest.raises(ConfigError, match=r"schedule must be one of .* got 'Uniform'"):
+        upscaler.upscale(photo, schedule="Uniform", interval=5)
 
 
 def test_bad_dtype_interval_and_grouping_are_refused_before_any_tile_runs(upscaler, photo):
