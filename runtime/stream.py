@@ -82,6 +82,7 @@ class ImageStream:
         self.jobs: dict[Any, PreparedImage] = {}
         self.admitted: dict[Any, float] = {}
         self.stats = StreamStats()
+        self.running = False  # a run is under way (its generator started and not finished)
         upscaler.log = upscaler.components.new_log()
 
     def _new_pool(self, nets: DenoiseNets | None = None) -> TilePool:
@@ -176,7 +177,14 @@ class ImageStream:
         """Upscale every item, yielding results as images finish (not in input order).
 
         Leaving the loop early (``break``, an exception in it or out of ``items``) drops the
-        images still in flight, so a later ``run`` yields only its own."""
+        images still in flight, so a later ``run`` yields only its own. One run at a time: a
+        second would take the first one's images."""
+        if self.running:
+            raise RuntimeError(
+                "this ImageStream is already running; finish that run or close it (break out of "
+                "its loop) before starting another, or use one stream per run"
+            )
+        self.running = True
         pending = iter(items)
         exhausted = False
         try:
@@ -204,6 +212,7 @@ class ImageStream:
             # hand back images its caller never gave it.
             if not self.idle:
                 self.abandon()
+            self.running = False
 
 
 def upscale_many(

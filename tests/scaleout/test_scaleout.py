@@ -142,6 +142,17 @@ def test_a_stream_left_early_drops_its_images_in_flight(upscaler):
     assert [r.key for r in stream.run([StreamItem("c", crop)])] == ["c"]
 
 
+def test_a_stream_runs_one_run_at_a_time(upscaler):
+    crop = _crops()["coffee"].astype(np.float32) / 255.0
+    stream = ImageStream(upscaler)
+    first = stream.run([StreamItem("a", crop), StreamItem("bad", None)])
+    assert next(first).key == "bad"  # "a" is in flight
+    with pytest.raises(RuntimeError, match="already running"):
+        list(stream.run([StreamItem("c", crop)]))
+    assert [r.key for r in first] == ["a"]
+    assert [r.key for r in stream.run([StreamItem("c", crop)])] == ["c"]
+
+
 def test_a_stream_on_a_closed_upscaler_says_so():
     closing = Upscaler.from_pretrained("tiny", max_batch=8, threads=1)
     stream = ImageStream(closing)
