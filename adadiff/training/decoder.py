@@ -49,6 +49,7 @@ from adadiff.runtime.policy import UniformPolicy
 from adadiff.training.assemble import (
     DECODER_STAGE,
     ENCODER_PREFIXES,
+    UNET_STAGE,
     encoder_fingerprint,
     frozen_models,
     unet_checkpoint,
@@ -62,6 +63,7 @@ from adadiff.training.loop import (
     StageResult,
     StepAbandoned,
     TrainOptions,
+    check_trained_config,
     numpy_rng,
     rng_state,
     run_stage,
@@ -366,6 +368,8 @@ def train_decoder(
     ``workdir/decoder``."""
     workdir = Path(workdir)
     unet = unet_checkpoint(workdir)
+    # the decoder fine-tunes that UNet's VAE for that UNet's latents: both are this config's
+    check_trained_config(workdir / UNET_STAGE, unet, cfg.to_dict())
     state = unet["state"]
     sampler = None
     if dopts.sample_prob > 0:

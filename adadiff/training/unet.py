@@ -55,6 +55,7 @@ from adadiff.training.loop import (
     StageResult,
     StepAbandoned,
     TrainOptions,
+    check_trained_config,
     numpy_rng,
     rng_state,
     run_stage,
@@ -332,7 +333,10 @@ def train_unet(
     from adadiff.training.assemble import same_encoder  # assemble imports this module
 
     latest = load_latest(workdir / STAGE, stage=STAGE)
+    # a checkpoint of another config is refused before its VAE loads into this config's, where
+    # another architecture is a state-dict traceback (run_stage checks too late for that)
     if latest is not None:
+        check_trained_config(workdir / STAGE, latest, cfg.to_dict())
         vae_state, scaling_factor, origin = _resumed_vae(workdir, latest, vae_from)
     elif vae_from is not None:
         vae_state, scaling_factor, origin = vae_of_model(cfg, vae_from)
@@ -343,6 +347,7 @@ def train_unet(
             f"run `adadiff train vae --workdir {shell_arg(workdir)}` first, or take the VAE of a "
             "model folder with --vae-from",
         )
+        check_trained_config(workdir / VAE_STAGE, vae_ckpt, cfg.to_dict(), keys=("vae",))
         vae_state = vae_ckpt["state"]["vae"]
         scaling_factor = vae_ckpt["summary"]["scaling_factor"]
         origin = f"step {vae_ckpt['step']} of {workdir / VAE_STAGE}"

@@ -177,6 +177,25 @@ def test_latent_noise_from_the_command_line_reaches_the_checkpoint(tmp_path, une
     assert "posterior means plus white noise of std 0.05 (scaled latent units)" in card
 
 
+def test_decoder_refuses_a_unet_checkpoint_of_another_config(tmp_path, unet_workdir, cfg, images):
+    """Checked at the start, as the samples' frozen models are: another VAE was a state-dict
+    traceback, another UNet a decoder run that its own config then refused to resume."""
+    from dataclasses import replace
+
+    from adadiff.training.decoder import DecoderOptions, train_decoder
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    dopts = DecoderOptions(perceptual_weight=0.0, crop=32)
+    for other in (
+        replace(cfg, vae={**cfg.vae, "block_out_channels": [8, 16]}),
+        replace(cfg, unet={**cfg.unet, "block_out_channels": [8, 16, 16, 32]}),
+    ):
+        with pytest.raises(ConfigError, match=r"unet holds a checkpoint .* differ from the"):
+            train_decoder(other, workdir, opts(1), dopts, images=images)
+    assert not (workdir / "decoder").exists()
+
+
 def test_sample_phases_follow_the_unet_a_decoder_resumes_on():
     from adadiff.training.decoder import sample_phases
     from adadiff.training.ship import _decoder_lag

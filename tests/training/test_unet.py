@@ -50,6 +50,29 @@ def test_unet_needs_a_vae_checkpoint(tmp_path, cfg, images):
         train_unet(cfg, tmp_path, opts(1), images=images)
 
 
+def test_unet_refuses_a_vae_or_unet_checkpoint_of_another_vae_config(
+    tmp_path, vae_workdir, cfg, images
+):
+    """Said as a config error before the checkpoint's VAE loads into this config's (where it
+    was a state-dict traceback); another UNet on the workdir's VAE is fine."""
+    from dataclasses import replace
+
+    from adadiff.training.unet import train_unet
+
+    wider_vae = replace(cfg, vae={**cfg.vae, "block_out_channels": [8, 16]})
+    work = tmp_path / "w"
+    shutil.copytree(vae_workdir / "vae", work / "vae")
+    with pytest.raises(ConfigError, match=r"vae holds a checkpoint .* whose vae differ"):
+        train_unet(wider_vae, work, opts(1), small_pool(), images=images)
+    train_unet(cfg, work, opts(1), small_pool(), images=images)
+    with pytest.raises(ConfigError, match=r"unet holds a checkpoint .* whose vae differ"):
+        train_unet(wider_vae, work, opts(2), small_pool(), images=images)
+    wider_unet = replace(cfg, unet={**cfg.unet, "block_out_channels": [8, 16, 16, 32]})
+    other = tmp_path / "other"
+    shutil.copytree(vae_workdir / "vae", other / "vae")
+    assert train_unet(wider_unet, other, opts(1), small_pool(), images=images).step == 1
+
+
 def test_unet_can_take_the_vae_of_a_model_folder(tmp_path, cfg, images, tiny_dir):
     from adadiff.models.bundle import build_random
     from adadiff.training.unet import train_unet
