@@ -48,6 +48,7 @@ import logging
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -75,6 +76,9 @@ log = logging.getLogger("adadiff.training")
 
 STAGE = "labels"
 KEYS = ("x0", "lr", "t", "scores", "traj", "call")
+# What np.load raises for a shard cut short or damaged (an empty file is an EOFError, a
+# truncated or corrupted zip a BadZipFile) or one that is not an npz at all.
+UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 RECON_KEYS = ("recon_lr", "recon_err", "recon_photo")
 # Pixel errors between two decoded images: log10 MSE always, LPIPS when the config scores it.
 LPIPS_NAME = "lpips"
@@ -671,7 +675,7 @@ def _shard_meta(path: Path) -> dict[str, Any]:
                 "recipe": json.loads(str(npz["recipe"])) if "recipe" in files else None,
                 "photos": [str(n) for n in npz["photos"]] if "photos" in files else [],
             }
-    except (OSError, ValueError) as exc:
+    except UNREADABLE as exc:
         raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
 
 
@@ -745,7 +749,7 @@ def labels_origin(paths: Sequence[Path]) -> tuple[str, ...]:
                     origins.add(str(npz["drawn_by"]))
                 elif "unet_step" in npz.files:
                     origins.add(f"the UNet at step {int(npz['unet_step'])}")
-        except (OSError, ValueError) as exc:
+        except UNREADABLE as exc:
             raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
     return tuple(sorted(origins))
 
@@ -777,7 +781,7 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
                         optional.setdefault(key, []).append(_photo_names(npz, key, n))
                     elif key in npz.files:
                         optional.setdefault(key, []).append(npz[key])
-        except (OSError, KeyError, ValueError) as exc:
+        except (*UNREADABLE, KeyError) as exc:
             raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
         names = tuple(str(m) for m in data["metrics"])
         if metrics is not None and names != metrics:

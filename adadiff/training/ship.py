@@ -31,7 +31,7 @@ from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, trainin
 from adadiff.training.deadleaves import NAME_PREFIX as DEADLEAVES_PREFIX
 from adadiff.training.deadleaves import SOURCE as DEADLEAVES_SOURCE
 from adadiff.training.degrade import STRENGTH_NOTES
-from adadiff.training.labels import labels_origin
+from adadiff.training.labels import UNREADABLE, labels_origin
 
 log = logging.getLogger("adadiff.training")
 
@@ -207,16 +207,19 @@ class LabelSummary:
 def _labels(workdir: Path) -> LabelSummary:
     out = LabelSummary()
     for path in sorted((workdir / "labels").glob("shard-*.npz")):
-        with np.load(path, allow_pickle=False) as npz:
-            out.shards += 1
-            out.samples += len(npz["t"])
-            out.minutes += float(npz["seconds"]) / 60 if "seconds" in npz.files else 0.0
-            if "photos" in npz.files and npz["photos"].size and "photo" in npz.files:
-                out.photos.update(str(n) for n in npz["photos"][np.unique(npz["photo"])])
-            if "weighting" in npz.files:
-                out.weightings.add(str(npz["weighting"]))
-            if "unet_step" in npz.files:
-                out.unet_steps.add(int(npz["unet_step"]))
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                out.shards += 1
+                out.samples += len(npz["t"])
+                out.minutes += float(npz["seconds"]) / 60 if "seconds" in npz.files else 0.0
+                if "photos" in npz.files and npz["photos"].size and "photo" in npz.files:
+                    out.photos.update(str(n) for n in npz["photos"][np.unique(npz["photo"])])
+                if "weighting" in npz.files:
+                    out.weightings.add(str(npz["weighting"]))
+                if "unet_step" in npz.files:
+                    out.unet_steps.add(int(npz["unet_step"]))
+        except (*UNREADABLE, KeyError) as exc:
+            raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
     return out
 
 

@@ -267,6 +267,34 @@ def test_a_labels_folder_holds_one_recipe_and_one_run(tmp_path, unet_workdir, cf
     assert not stale.exists()
 
 
+def test_a_damaged_shard_is_named_for_deletion_then_remade(tmp_path, unet_workdir, cfg, images):
+    """An empty or cut-short npz (a copy that stopped, a full disk outside adadiff) raised
+    EOFError or BadZipFile, a traceback from labels, mmle and ship alike."""
+    from adadiff.training.labels import LabelOptions, load_shards, make_labels
+    from adadiff.training.ship import _labels
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=2, trajectories=2, max_batch=4, recon_crops=1, seed=1)
+    shards = make_labels(cfg, workdir, lopts, images=images).shards
+    whole = shards[1].read_bytes()
+    with np.load(shards[1]) as npz:
+        scores = npz["scores"]
+    for damaged in (b"", whole[: len(whole) // 2]):
+        shards[1].write_bytes(damaged)
+        for read in (
+            lambda: make_labels(cfg, workdir, lopts, images=images),
+            lambda: load_shards(shards),
+            lambda: _labels(workdir),
+        ):
+            with pytest.raises(ModelFolderError, match=r"shard-00001\.npz is not a label shard"):
+                read()
+    shards[1].unlink()
+    assert make_labels(cfg, workdir, lopts, images=images).made == 1
+    with np.load(shards[1]) as npz:
+        assert np.array_equal(npz["scores"], scores)  # a shard is its seed and index alone
+
+
 def test_mmle_resumes_only_on_the_labels_it_started_on(tmp_path, unet_workdir, cfg, images):
     from adadiff.training.labels import LabelOptions, make_labels
     from adadiff.training.mmle import MMLEOptions, train_mmle
