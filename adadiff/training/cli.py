@@ -25,7 +25,7 @@ from adadiff.argtypes import (
     positive_float,
 )
 from adadiff.config import CONFIG_FILE, ModelConfig
-from adadiff.errors import ConfigError
+from adadiff.errors import ConfigError, shell_arg
 from adadiff.imageio import bytes_writer, write_files_atomic
 from adadiff.presets import is_preset, preset, preset_name
 from adadiff.progress import format_duration
@@ -419,6 +419,23 @@ def _config(model: str) -> ModelConfig:
     return preset(model) if is_preset(model) else ModelConfig.load(Path(model))
 
 
+def check_workdir(workdir: Path) -> None:
+    """Refuse a stage folder given as ``--workdir``: the stage would start over in a folder
+    inside it, and the next stage would not find it."""
+    from adadiff.training.checkpoint import list_checkpoints
+
+    if list_checkpoints(workdir):
+        held = "checkpoints"
+    elif any(workdir.glob("shard-*.npz")):
+        held = "label shards"
+    else:
+        return
+    raise ConfigError(
+        f"{workdir} holds {held}: it is one stage's folder, not a workdir; give the folder "
+        f"that holds it as --workdir ({shell_arg(workdir.parent)})"
+    )
+
+
 def _training_logs() -> None:
     logger = logging.getLogger("adadiff.training")
     if not any(getattr(h, "_adadiff_train", False) for h in logger.handlers):
@@ -460,6 +477,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = _config(args.model)
     workdir = args.workdir or default_workdir(args.model)
+    check_workdir(workdir)
     stage = "ship" if args.stage == "export-tiny" else args.stage
     if stage == "vae":
         from adadiff.training.vae import VAEOptions, train_vae

@@ -405,3 +405,26 @@ def test_ship_without_out_refuses_to_replace_a_built_in_model(tmp_path):
     with pytest.raises(ConfigError, match="would replace the built-in model 'tiny'"):
         cmd_train(args)
     assert {p.name: p.stat().st_mtime_ns for p in (SHIPPED / "tiny").rglob("*")} == before
+
+
+def test_a_stage_folder_given_as_workdir_is_refused(tmp_path, vae_workdir, cfg):
+    """`--workdir W/vae` started a new VAE run in W/vae/vae, and sent the other stages to look
+    for W/vae/unet."""
+    from adadiff.training.cli import add_train_parser, cmd_train
+
+    model_dir = tmp_path / "cfg"
+    model_dir.mkdir()
+    cfg.save(model_dir)
+    vae = tmp_path / "w" / "vae"
+    shutil.copytree(vae_workdir / "vae", vae)
+    labels = tmp_path / "w" / "labels"
+    labels.mkdir()
+    np.savez(labels / "shard-00000.npz", **synthetic_labels(8))
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    for stage, folder in (("vae", vae), ("unet", vae), ("mmle", labels), ("ship", labels)):
+        argv = ["train", stage, "--model", str(model_dir), "--workdir", str(folder)]
+        small = [] if stage == "ship" else ["--steps", "1", "--batch", "2"]
+        with pytest.raises(ConfigError, match="one stage's folder, not a workdir"):
+            cmd_train(parser.parse_args([*argv, *small]))
+        assert not (folder / stage).exists()
