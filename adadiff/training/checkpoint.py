@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +28,16 @@ _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _unreadable(exc: BaseException) -> str:
+    """Why ``torch.load`` refused a file, in one clause: torch's own messages run to paragraphs,
+    some advising ``weights_only=False``, which an adadiff checkpoint never needs."""
+    if isinstance(exc, EOFError):
+        return "the file is empty"
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it holds more than tensors and plain data, or is no torch file at all"
+    return _first_line(exc).split(". ")[0]
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -120,7 +131,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             else "it is the only one: delete it (and the stage folder) to start the stage over"
         )
         raise ModelFolderError(
-            f"{path} is not a readable adadiff checkpoint ({exc}); {fallback}"
+            f"{path} is not a readable adadiff checkpoint ({_unreadable(exc)}); {fallback}"
         ) from exc
     if not isinstance(data, dict) or "step" not in data:
         raise ModelFolderError(f"{path} is not an adadiff checkpoint (no 'step' entry)")

@@ -27,9 +27,19 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert latest["step"] == 5 and torch.equal(latest["w"], torch.full((2,), 5.0))
     with pytest.raises(ModelFolderError, match="written by the 'demo' trainer"):
         load_latest(tmp_path, stage="vae")
-    (tmp_path / "ckpt-00000009.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelFolderError, match="not a readable"):
-        load_latest(tmp_path)
+    # damaged or foreign files: one line on what is wrong, not torch's paragraphs of advice
+    whole = (tmp_path / "ckpt-00000005.pt").read_bytes()
+    for content, reason in (
+        (b"not a checkpoint", "more than tensors and plain data, or is no torch file"),
+        (b"", "the file is empty"),
+        (whole[: len(whole) // 2], "failed reading zip archive"),
+    ):
+        (tmp_path / "ckpt-00000009.pt").write_bytes(content)
+        with pytest.raises(ModelFolderError, match="not a readable") as caught:
+            load_latest(tmp_path)
+        message = str(caught.value)
+        assert reason in message and "\n" not in message and "weights_only" not in message
+        assert message.endswith("delete it to fall back to the previous one")
 
 
 def test_a_checkpoint_cut_short_by_a_full_disk_is_an_os_error(tmp_path):
