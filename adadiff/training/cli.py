@@ -385,7 +385,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     ship.add_argument(
         "--quality", type=Path, help="benchmarks.quality JSON to quote in the model card"
     )
-    ship.add_argument("--max-mb", type=float, default=25.0, help="size limit of the folder")
+    ship.add_argument(
+        "--max-mb", type=positive_float, default=25.0, help="size limit of the folder"
+    )
     ship.add_argument(
         "--mmle-from",
         metavar="MODEL",

@@ -817,7 +817,7 @@ def ship(
         size = folder_bytes(tmp) / 1e6
         if size > max_mb:
             raise ModelFolderError(
-                f"the model folder is {size:.1f} MB, over the {max_mb:.0f} MB limit; shrink the "
+                f"the model folder is {size:.1f} MB, over the {max_mb:g} MB limit; shrink the "
                 "config" + ("" if half else ", or store the weights as fp16 (--half)")
             )
         check_figures_match(tmp, evaluation=evaluation, quality=quality, shown_as=out)

@@ -15,7 +15,7 @@ import torch
 from training_helpers import opts, small_pool, synthetic_labels
 
 # FR metrics only: numpy, no set-up files needed.
-from adadiff.errors import ConfigError
+from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.training.checkpoint import load_latest
 
 
@@ -57,7 +57,15 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
         cmd_train(parser.parse_args(["train", "labels", *empty, "--resume"]))
 
     out = tmp_path / "shipped"
-    assert cmd_train(parser.parse_args(["train", "export-tiny", *common, "--out", str(out)])) == 0
+    ship = ["train", "export-tiny", *common, "--out", str(out)]
+    # a limit under 1 MB is said as given (it read "0 MB"), and a NaN one is refused (every
+    # size passed it)
+    with pytest.raises(ModelFolderError, match=r"over the 0\.25 MB limit"):
+        cmd_train(parser.parse_args([*ship, "--max-mb", "0.25"]))
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name[0] == "."] == []
+    with pytest.raises(SystemExit):
+        parser.parse_args([*ship, "--max-mb", "nan"])
+    assert cmd_train(parser.parse_args(ship)) == 0
     models = load_folder(out)
     card = (out / "MODEL_CARD.md").read_text()
     assert "## Data" in card and "| mmle | 3 |" in card
