@@ -274,6 +274,7 @@ class SamplePool:
         rng: np.random.Generator,
     ) -> None:
         self.models, self.dopts, self.rng = models, dopts, rng
+        self.tile = cfg.tile_size
         self.scaling_factor = float(models.config.scaling_factor)
         self.stream = PairStream(
             images,
@@ -348,8 +349,10 @@ class SamplePool:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["latents"]) == self.dopts.sample_pool:
-            self.latents, self.hr = state["latents"].clone(), state["hr"].clone()
+        # a changed --sample-pool, or a tile size changed in the config, samples a new pool
+        hr = state["hr"]
+        if len(state["latents"]) == self.dopts.sample_pool and hr.shape[-1] == self.tile:
+            self.latents, self.hr = state["latents"].clone(), hr.clone()
         self.cursor = int(state["cursor"]) % self.dopts.sample_pool
         set_rng_state(self.rng, state["rng"])
 

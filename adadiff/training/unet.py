@@ -296,8 +296,11 @@ class UNetStage:
         self.vae.load_state_dict(state["vae"])
         self.scaling_factor = float(state["scaling_factor"])
         pool = state["pool"]
-        # A changed --pool size starts a new pool (the run is then no longer bit-exact).
-        fits = pool.numel() and len(pool) == self.uopts.pool
+        # A changed --pool size, or a tile size (the crops' size) changed in the config, starts
+        # a new pool (the run is then no longer bit-exact).
+        fits = (
+            pool.numel() and len(pool) == self.uopts.pool and pool.shape[-1] == self.cfg.latent_tile
+        )
         self.pool = pool.to(self.device, copy=True) if fits else None
         self.cursor = int(state["cursor"])
 

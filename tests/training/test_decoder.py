@@ -120,6 +120,14 @@ def test_decoder_learns_from_the_models_own_samples(tmp_path, unet_workdir, cfg,
     with pytest.raises(ConfigError, match=r"at most the tile size \d+ to cut .*--sample-prob 0"):
         bad = DecoderOptions(perceptual_weight=0.0, crop=40, sample_prob=1.0, sample_pool=2)
         train_decoder(cfg, tmp_path / "b", opts(4), bad, images=images)
+    # the config's tile size (the samples' size) may change at a resume: a new pool is drawn
+    # (the checkpoint's did not fit it: a traceback at the first refresh)
+    from dataclasses import replace
+
+    smaller = replace(cfg, tile_size=16, tile_overlap=4)
+    assert train_decoder(smaller, tmp_path / "b", opts(4), dopts, images=images).step == 4
+    samples = load_latest(tmp_path / "b" / "decoder", stage="decoder")["state"]["samples"]
+    assert samples["latents"].shape == (3, 4, 8, 8) and samples["hr"].shape == (3, 3, 16, 16)
 
 
 def test_latent_noise_is_scaled_like_the_unets_latents(unet_workdir, cfg, images):

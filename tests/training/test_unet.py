@@ -73,6 +73,22 @@ def test_unet_refuses_a_vae_or_unet_checkpoint_of_another_vae_config(
     assert train_unet(wider_unet, other, opts(1), small_pool(), images=images).step == 1
 
 
+def test_a_resume_with_another_tile_size_encodes_a_new_pool(tmp_path, vae_workdir, cfg, images):
+    """Tiling may change at a resume, but the tile is the crops' size: the checkpoint's pool of
+    the old size was kept and the first refresh failed on its shape."""
+    from dataclasses import replace
+
+    from adadiff.training.unet import train_unet
+
+    work = tmp_path / "w"
+    shutil.copytree(vae_workdir / "vae", work / "vae")
+    train_unet(cfg, work, opts(1), small_pool(), images=images)
+    smaller = replace(cfg, tile_size=16, tile_overlap=4)
+    assert train_unet(smaller, work, opts(2), small_pool(), images=images).step == 2
+    pool = load_latest(work / "unet", stage="unet")["state"]["pool"]
+    assert pool.shape == (4, 2, 4, 8, 8)
+
+
 def test_unet_can_take_the_vae_of_a_model_folder(tmp_path, cfg, images, tiny_dir):
     from adadiff.models.bundle import build_random
     from adadiff.training.unet import train_unet
