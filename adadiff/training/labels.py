@@ -625,6 +625,7 @@ def _make_labels(
             if path.is_file():
                 meta = _shard_meta(path)  # one read of the shard's small fields
                 _check_color_fix(path, meta, cfg)
+                _check_tile(path, meta, cfg)
                 _check_drawn_by(path, meta, models.source, unet_step)
                 _check_recipe(path, meta, opts, names)
                 if not all(k in meta["files"] for k in error_keys(cfg.mmle.metrics)):
@@ -674,6 +675,7 @@ def _shard_meta(path: Path) -> dict[str, Any]:
                 "unet_step": int(npz["unet_step"]) if "unet_step" in files else -1,
                 "recipe": json.loads(str(npz["recipe"])) if "recipe" in files else None,
                 "photos": [str(n) for n in npz["photos"]] if "photos" in files else [],
+                "latent_tile": int(npz["x0"].shape[-1]) if "x0" in files else -1,
             }
     except UNREADABLE as exc:
         raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
@@ -684,6 +686,16 @@ def _check_color_fix(path: Path, meta: dict[str, Any], cfg: ModelConfig) -> None
         raise ModelFolderError(
             f"{path} was scored with colour fix {meta['color_fix']}, the config asks for "
             f"{color_fix_tag(cfg)}; move the labels folder away to make labels for this config"
+        )
+
+
+def _check_tile(path: Path, meta: dict[str, Any], cfg: ModelConfig) -> None:
+    """A labels folder holds one tile size: MMLE stacks the shards' latents."""
+    if meta["latent_tile"] not in (-1, cfg.latent_tile):
+        raise ModelFolderError(
+            f"{path} holds {meta['latent_tile'] * cfg.vae_scale_factor} px tiles, the config's "
+            f"tile_size is {cfg.tile_size}; run with the tile size it was made with, or move the "
+            "labels folder aside to make labels of this size"
         )
 
 
@@ -783,6 +795,13 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
                         optional.setdefault(key, []).append(npz[key])
         except (*UNREADABLE, KeyError) as exc:
             raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
+        shape = data["x0"].shape[1:]
+        if i and shape != parts["x0"][0].shape[1:]:
+            raise ModelFolderError(
+                f"{path} holds latents of shape {shape}, {paths[0]} of "
+                f"{parts['x0'][0].shape[1:]} (another tile size); move the shards of one size "
+                "out of the folder"
+            )
         names = tuple(str(m) for m in data["metrics"])
         if metrics is not None and names != metrics:
             raise ModelFolderError(f"{path} has metrics {names}, other shards {metrics}")

@@ -295,6 +295,28 @@ def test_a_damaged_shard_is_named_for_deletion_then_remade(tmp_path, unet_workdi
         assert np.array_equal(npz["scores"], scores)  # a shard is its seed and index alone
 
 
+def test_a_labels_folder_holds_one_tile_size(tmp_path, unet_workdir, cfg, images):
+    """The tile size is no part of the options a shard records: a config with another one added
+    shards whose latents MMLE could not stack (a numpy traceback)."""
+    from adadiff.training.labels import LabelOptions, load_shards, make_labels
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=1, trajectories=2, max_batch=4, recon_crops=1, seed=1)
+    (first,) = make_labels(cfg, workdir, lopts, images=images).shards
+    smaller = replace(cfg, tile_size=16, tile_overlap=4)
+    with pytest.raises(ModelFolderError, match="holds 32 px tiles, the config's tile_size is 16"):
+        make_labels(smaller, workdir, replace(lopts, shards=2), images=images)
+    assert not (workdir / "labels" / "shard-00001.npz").exists()
+    # a folder mixed before this check: named, not a traceback
+    with np.load(first) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["x0"], arrays["lr"] = arrays["x0"][..., :8, :8], arrays["lr"][..., :8, :8]
+    np.savez(workdir / "labels" / "shard-00001.npz", **arrays)
+    with pytest.raises(ModelFolderError, match=r"shard-00001\.npz holds latents of shape"):
+        load_shards(sorted((workdir / "labels").glob("shard-*.npz")))
+
+
 def test_mmle_resumes_only_on_the_labels_it_started_on(tmp_path, unet_workdir, cfg, images):
     from adadiff.training.labels import LabelOptions, make_labels
     from adadiff.training.mmle import MMLEOptions, train_mmle
