@@ -28,6 +28,14 @@ def non_negative(value: str) -> int:
     return n
 
 
+def positive_list(value: str) -> tuple[int, ...]:
+    """Comma-separated whole numbers >= 1, e.g. ``200,100,50``."""
+    parts = [part.strip() for part in value.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {value!r}")
+    return tuple(positive(part) for part in parts)
+
+
 def noise_seed(value: str) -> int:
     n = non_negative(value)
     if n >= SEED_LIMIT:

@@ -23,6 +23,7 @@ from adadiff.argtypes import (
     non_negative_float,
     positive,
     positive_float,
+    positive_list,
 )
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError, shell_arg
@@ -284,7 +285,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     decoder.add_argument(
         "--sample-intervals",
-        type=lambda s: tuple(int(x) for x in s.split(",")),
+        type=positive_list,
         default=(200, 100, 50),
         help="uniform intervals the samples are drawn with (200: 5 steps)",
     )

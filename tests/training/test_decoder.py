@@ -204,6 +204,26 @@ def test_decoder_refuses_a_unet_checkpoint_of_another_config(tmp_path, unet_work
     assert not (workdir / "decoder").exists()
 
 
+def test_sample_intervals_from_the_command_line_are_checked(capsys):
+    """A bad list was argparse's 'invalid <lambda> value', and 0 reached DecoderOptions."""
+    import argparse
+
+    from adadiff.training.cli import add_train_parser
+
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "decoder", "--sample-intervals", "200, 50"])
+    assert args.sample_intervals == (200, 50)
+    for bad, said in (("abc", "expected a whole number"), ("200,", "separated by commas")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", "decoder", "--sample-intervals", bad])
+        err = capsys.readouterr().err
+        assert said in err and "lambda" not in err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "decoder", "--sample-intervals", "0"])
+    assert "expected a number >= 1, got 0" in capsys.readouterr().err
+
+
 def test_sample_phases_follow_the_unet_a_decoder_resumes_on():
     from adadiff.training.decoder import sample_phases
     from adadiff.training.ship import _decoder_lag
