@@ -2,18 +2,22 @@
 workdir.
 
 The folder is written next to its destination and swapped in with renames, so ``--model tiny``
-never sees half a model. Its total size is checked against ``max_mb``. Components reused from an
-earlier model folder (the VAE given to ``train unet --vae-from``, the MMLE given to
-``--mmle-from``) carry that folder's training photos into the card and the record, marked
-"reused", so that a hold-out photo an earlier stage saw is named as such.
+never sees half a model; a failure, Ctrl-C, SIGTERM or SIGHUP while it is written removes it.
+Its total size is checked against ``max_mb``. Components reused from an earlier model folder (the
+VAE given to ``train unet --vae-from``, the MMLE given to ``--mmle-from``) carry that folder's
+training photos into the card and the record, marked "reused", so that a hold-out photo an
+earlier stage saw is named as such.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -801,46 +805,70 @@ def ship(
         ) from exc
     tmp.chmod(0o755)
     try:
-        try:
-            models.save(tmp, half=half)
-            write_record(tmp, record)
-        except Exception as exc:  # OSError, or safetensors' SafetensorError for a short write
-            if not (isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"):
-                raise
-            raise ModelFolderError(
-                f"cannot write the model folder beside {out} ({str(exc).splitlines()[0]}); "
-                f"{'the existing ' + str(out) + ' is unchanged; ' if out.exists() else ''}"
-                "free space or choose another --out, then run again"
-            ) from exc
-        for path in tmp.rglob("*"):
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        size = folder_bytes(tmp) / 1e6
-        if size > max_mb:
-            raise ModelFolderError(
-                f"the model folder is {size:.1f} MB, over the {max_mb:g} MB limit; shrink the "
-                "config" + ("" if half else ", or store the weights as fp16 (--half)")
+        # a kill now would leave the half-written folder beside --out
+        with _terminate_as_interrupt():
+            try:
+                models.save(tmp, half=half)
+                write_record(tmp, record)
+            except Exception as exc:  # OSError, or safetensors' SafetensorError for a short write
+                if not (isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"):
+                    raise
+                raise ModelFolderError(
+                    f"cannot write the model folder beside {out} ({str(exc).splitlines()[0]}); "
+                    f"{'the existing ' + str(out) + ' is unchanged; ' if out.exists() else ''}"
+                    "free space or choose another --out, then run again"
+                ) from exc
+            for path in tmp.rglob("*"):
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            size = folder_bytes(tmp) / 1e6
+            if size > max_mb:
+                raise ModelFolderError(
+                    f"the model folder is {size:.1f} MB, over the {max_mb:g} MB limit; shrink the "
+                    "config" + ("" if half else ", or store the weights as fp16 (--half)")
+                )
+            check_figures_match(tmp, evaluation=evaluation, quality=quality, shown_as=out)
+            params = describe(models)["parameters"]
+            card = model_card(
+                models.config,
+                workdir,
+                params,
+                size,
+                evaluation,
+                half=half,
+                quality=quality,
+                vae_reused=vae_reused,
+                mmle_reused=mmle_reused,
+                unet_init=unet_init,
             )
-        check_figures_match(tmp, evaluation=evaluation, quality=quality, shown_as=out)
-        params = describe(models)["parameters"]
-        card = model_card(
-            models.config,
-            workdir,
-            params,
-            size,
-            evaluation,
-            half=half,
-            quality=quality,
-            vae_reused=vae_reused,
-            mmle_reused=mmle_reused,
-            unet_init=unet_init,
-        )
-        (tmp / MODEL_CARD).write_text(card)
+            (tmp / MODEL_CARD).write_text(card)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("shipped %s (%.1f MB) to %s", models.source, size, out)
     return out
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (unless ignored, as under nohup) raise KeyboardInterrupt, as Ctrl-C
+    does, so that the temporary folder is removed; their handlers are restored after."""
+    signals = [signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)  # absent on Windows
+    if hangup is not None and signal.getsignal(hangup) is signal.SIG_DFL:
+        signals.append(hangup)
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous: dict[int, Any] = {}
+    with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+        previous = {s: signal.signal(s, interrupt) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def models_folder(model: str | Path) -> Path:

@@ -19,7 +19,7 @@ from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.training.checkpoint import load_latest
 
 
-def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
+def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg, monkeypatch):
     from adadiff.engines.torch import TorchBackend
     from adadiff.models.bundle import load_folder
     from adadiff.runtime.upscaler import Upscaler
@@ -65,6 +65,31 @@ def test_train_cli_and_ship_give_a_loadable_model(tmp_path, unet_workdir, cfg):
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name[0] == "."] == []
     with pytest.raises(SystemExit):
         parser.parse_args([*ship, "--max-mb", "nan"])
+    # SIGTERM while the folder is written stops as Ctrl-C does: the half-written folder beside
+    # --out is removed (the default action left it); the caller's handler is restored
+    import os
+    import signal
+
+    from adadiff.training import ship as ship_module
+
+    def terminated(folder, record):
+        real_write_record(folder, record)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def ignored(_signum, _frame):  # stands in for the default action, which ends pytest
+        pass
+
+    real_write_record = ship_module.write_record
+    before = signal.signal(signal.SIGTERM, ignored)
+    try:
+        monkeypatch.setattr(ship_module, "write_record", terminated)
+        with pytest.raises(KeyboardInterrupt):
+            cmd_train(parser.parse_args(ship))
+        assert signal.getsignal(signal.SIGTERM) is ignored
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        monkeypatch.undo()
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name[0] == "."] == []
     assert cmd_train(parser.parse_args(ship)) == 0
     models = load_folder(out)
     card = (out / "MODEL_CARD.md").read_text()
