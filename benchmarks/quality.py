@@ -38,7 +38,7 @@ import torch
 from adadiff.argtypes import DefaultsFormatter, non_negative, positive
 from adadiff.config import SCHEDULES
 from adadiff.engines.torch import TorchBackend
-from adadiff.errors import AdadiffError, InputImageError
+from adadiff.errors import AdadiffError, ConfigError, InputImageError
 from adadiff.imageio import DEFAULT_MAX_PIXELS, INPUT_FORMATS, bicubic_upscale, load_image
 from adadiff.models.bundle import TorchModels, describe, load_models
 from adadiff.quality.brisque import brisque
@@ -191,8 +191,8 @@ def _image_files(entry: str) -> list[Path]:
     if path.is_dir():
         try:
             files, _ = list_inputs(path)  # as upscale-many lists a folder: hidden files left out
-        except OSError as exc:
-            raise InputImageError(f"{path}: cannot list this folder ({exc.strerror})") from exc
+        except ConfigError as exc:  # one that cannot be listed
+            raise InputImageError(str(exc)) from exc
         if not files:
             raise InputImageError(
                 f"{path}: no {', '.join(INPUT_FORMATS)} images in this folder (subfolders are "
