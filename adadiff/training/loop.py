@@ -254,6 +254,9 @@ def trained_part(config: dict[str, Any]) -> dict[str, Any]:
     if "metrics" in mmle:  # calibration changes the weights, not the network or its targets
         mmle["metrics"] = [(m["name"], m["kind"]) for m in mmle["metrics"]]
     part["mmle"] = mmle
+    # the VAE's latent scale is measured after its training and each stage reads it from the
+    # VAE's checkpoint, so a shipped folder's adadiff.json (which records it) still matches
+    part["vae"] = {k: v for k, v in (part["vae"] or {}).items() if k != "scaling_factor"}
     return json.loads(json.dumps(part))
 
 

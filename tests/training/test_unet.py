@@ -67,6 +67,9 @@ def test_unet_refuses_a_vae_or_unet_checkpoint_of_another_vae_config(
     train_unet(cfg, work, opts(1), small_pool(), images=images)
     with pytest.raises(ConfigError, match=r"unet holds a checkpoint .* whose vae differ"):
         train_unet(wider_vae, work, opts(2), small_pool(), images=images)
+    # the latent scale a shipped adadiff.json records is measured, not trained: still this VAE
+    measured = replace(cfg, scaling_factor=0.5, vae={**cfg.vae, "scaling_factor": 0.5})
+    assert train_unet(measured, work, opts(2), small_pool(), images=images).step == 2
     wider_unet = replace(cfg, unet={**cfg.unet, "block_out_channels": [8, 16, 16, 32]})
     other = tmp_path / "other"
     shutil.copytree(vae_workdir / "vae", other / "vae")
