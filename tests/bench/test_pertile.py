@@ -93,13 +93,19 @@ def test_features_are_finite_and_one_row_per_tile():
     assert flat[0, 0] < f[:, 0].min()
 
 
-def test_analyse_reports_every_degradation():
-    rng = np.random.default_rng(4)
+def _both_degradations(seed: int) -> dict:
+    """Synthetic per-tile LPIPS and latents, the same for both degradations."""
+    rng = np.random.default_rng(seed)
     lp, _texture, photo = textured_tiles_want_steps(rng)
     lat = rng.normal(size=(lp.shape[2], 4, 16, 16)).astype(np.float32)
-    data = {"photo": photo}
+    data: dict = {"photo": photo}
     for name in ("bicubic", "realworld"):
         data[name] = {"lpips": lp, "latents": lat}
+    return data
+
+
+def test_analyse_reports_every_degradation():
+    data = _both_degradations(4)
     report = analyse(data, INTERVALS, t_start=999)
     for name in ("bicubic", "realworld"):
         r = report["degradations"][name]
@@ -165,11 +171,6 @@ def test_the_command_line_refuses_mistakes_before_any_run(tmp_path, monkeypatch,
 
 def test_steps_are_counted_from_the_models_t_start():
     """A model whose DTSS starts at t = 899 takes 9 jumps of 100, as the sampler counts them."""
-    rng = np.random.default_rng(5)
-    lp, _texture, photo = textured_tiles_want_steps(rng)
-    lat = rng.normal(size=(lp.shape[2], 4, 16, 16)).astype(np.float32)
-    data = {"photo": photo}
-    for name in ("bicubic", "realworld"):
-        data[name] = {"lpips": lp, "latents": lat}
+    data = _both_degradations(5)
     report = analyse(data, (999, 200, 100), t_start=899)
     assert set(report["degradations"]["bicubic"]["uniform"]) == {1, 5, 9}

@@ -363,8 +363,8 @@ def test_a_model_retrained_in_place_is_not_taken_for_the_old_one(folder, tmp_pat
     assert not is_done(task, settings)
 
 
-def test_naming_the_models_own_tiling_resumes_the_job(folder, tmp_path, monkeypatch):
-    """--tile 128 --overlap 16 on tiny is the job without them: its outputs are not redone."""
+def _job_settings_seen(monkeypatch) -> list[JobSettings]:
+    """The settings each upscale-many call hands to the job, which is not run."""
     import adadiff.cli as cli
     from adadiff.scaleout.job import JobResult
 
@@ -375,6 +375,12 @@ def test_naming_the_models_own_tiling_resumes_the_job(folder, tmp_path, monkeypa
         return JobResult([], 0.0)
 
     monkeypatch.setattr(cli, "run_job", fake_job)
+    return seen
+
+
+def test_naming_the_models_own_tiling_resumes_the_job(folder, tmp_path, monkeypatch):
+    """--tile 128 --overlap 16 on tiny is the job without them: its outputs are not redone."""
+    seen = _job_settings_seen(monkeypatch)
     argv = ["upscale-many", str(folder), str(tmp_path / "out"), "-q"]
     for extra in ([], ["--tile", "128", "--overlap", "16"], ["--tile", "64"], ["--overlap", "32"]):
         assert main([*argv, *extra]) == 0
@@ -386,16 +392,7 @@ def test_naming_the_models_own_tiling_resumes_the_job(folder, tmp_path, monkeypa
 def test_a_job_begun_here_resumes_on_a_ray_cluster(folder, tmp_path, monkeypatch, capsys):
     """With --ray-address the nodes load the model, but a preset's defaults are known here: the
     stamp fills them in as a local job does, or no output of one is reused by the other."""
-    import adadiff.cli as cli
-    from adadiff.scaleout.job import JobResult
-
-    seen: list[JobSettings] = []
-
-    def fake_job(input_dir, output_dir, settings, cluster, **kwargs):
-        seen.append(settings)
-        return JobResult([], 0.0)
-
-    monkeypatch.setattr(cli, "run_job", fake_job)
+    seen = _job_settings_seen(monkeypatch)
     argv = ["upscale-many", str(folder), str(tmp_path / "out"), "-q"]
     assert main(argv) == 0
     assert main([*argv, "--ray-address", "auto"]) == 0
