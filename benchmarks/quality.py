@@ -52,7 +52,7 @@ from adadiff.training.labels import decode_latents, encode_latents
 from adadiff.training.pairs import evaluation_photos
 from benchmarks.machine import machine, weights_of
 from benchmarks.paths import check_out_folder
-from benchmarks.report import read_saved, relative_link
+from benchmarks.report import check_readme, read_saved, relative_link
 
 log = logging.getLogger("adadiff")
 
@@ -649,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.readme:
             raise SystemExit("--render needs --readme")
         try:
+            check_readme(args.readme, start=START, end=END)
             saved = read_saved(args.render, "quality.json", ("results", "degradations", "photos"))
             write_readme(saved, args.render, args.readme)
         except AdadiffError as exc:
@@ -664,8 +665,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             check_out_folder(args.out)
         if args.readme:
-            from benchmarks.report import check_readme
-
             check_readme(args.readme, start=START, end=END)
         result = run(args)
         result["argv"] = list(sys.argv[1:] if argv is None else argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,6 +45,15 @@ def test_readme_needs_a_saved_json(tmp_path):
     out = tmp_path / "never"
     assert quality.main(["--out", str(out), "--readme", str(plain)]) == 2
     assert not out.exists()
+
+
+def test_render_refuses_a_missing_readme_in_one_line(tmp_path, capsys):
+    saved = str(Path(quality.__file__).parent / "reference" / "quality-cpu" / "quality.json")
+    missing = tmp_path / "nowhere" / "README.md"
+    assert quality.main(["--render", saved, "--readme", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adadiff bench quality: error: --readme") and str(missing) in err
+    assert len(err.splitlines()) == 1
 
 
 def test_interval_weights_photos_equally_and_holds_the_mean():
