@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,13 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adadiff.argtypes import non_negative, positive
 from adadiff.engines.onnxruntime import OnnxRuntimeBackend, OrtOptions
+from adadiff.errors import AdadiffError
 from adadiff.export import ExportOptions, export_onnx
 from adadiff.export.verify import compare
 from adadiff.models.bundle import build_random
 from adadiff.presets import sd21_base
 from adadiff.specs import component_specs
 from benchmarks.machine import machine
+from benchmarks.paths import check_out_file, check_out_folder
 
 
 def interleaved(runs: dict[str, Callable[[], np.ndarray]], repeats: int) -> dict[str, dict]:
@@ -46,18 +50,30 @@ def interleaved(runs: dict[str, Callable[[], np.ndarray]], repeats: int) -> dict
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--repeats", type=int, default=2, help="timed calls per batch after a warm-up")
+    p.add_argument("--batches", type=positive, nargs="+", default=[1, 2])
+    p.add_argument(
+        "--repeats", type=positive, default=2, help="timed calls per batch after a warm-up"
+    )
     p.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"))
     p.add_argument(
-        "--threads", type=int, default=0, help="torch and ONNX Runtime threads (0: defaults)"
+        "--threads",
+        type=non_negative,
+        default=0,
+        help="torch and ONNX Runtime threads (0: defaults)",
     )
     p.add_argument("--keep", action="store_true", help="keep the exported files")
     p.add_argument("--out", type=Path, default=Path("runs/fullsize_onnx.json"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    try:  # before the minutes of export: a refused --out afterwards would lose them
+        check_out_file(args.out)
+        if args.work is not None:
+            check_out_folder(args.work, "--work")
+    except AdadiffError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,7 +171,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -574,3 +574,29 @@ def test_render_refuses_a_missing_broken_or_other_json_in_one_line(name, tmp_pat
         err = capsys.readouterr().err
         assert why in err and f"give the {name}.json that a run wrote" in err
     assert readme.read_text() == f"{bench.START}\n{bench.END}\n"
+
+
+def test_fullsize_onnx_refuses_bad_options_before_the_export(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    from benchmarks import fullsize_onnx
+
+    def never(*args, **kwargs):
+        raise AssertionError("the sd21-base UNet was built for a run that cannot finish")
+
+    monkeypatch.setattr(fullsize_onnx, "build_random", never)
+    out = tmp_path / "runs" / "fullsize_onnx.json"
+
+    def main(*args: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["fullsize_onnx", *args])  # as the suite runs it
+        return fullsize_onnx.main()
+
+    for bad in (["--repeats", "0"], ["--batches", "1", "0"], ["--threads", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(*bad, "--out", str(out))
+        assert exit_info.value.code == 2
+        assert "expected a number >=" in capsys.readouterr().err
+    assert main("--out", str(tmp_path)) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main("--work", str(tmp_path / "file"), "--out", str(out)) == 2
+    assert "--work" in capsys.readouterr().err and not out.exists()
