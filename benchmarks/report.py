@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     result = loaded["main"][0]
     markers = {"start": START, "end": END}
     what = "Performance"
-    if result.get("kind") == "gpu_check":
+    if isinstance(result, dict) and result.get("kind") == "gpu_check":
         section = gpu_report.render(result, args.results, args.readme)
         markers = {"start": gpu_report.START, "end": gpu_report.END}
         what = "GPU check"

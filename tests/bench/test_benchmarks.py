@@ -345,6 +345,10 @@ def test_report_refuses_a_json_it_does_not_render(tmp_path, capsys):
     front.write_text(json.dumps({"methods": {}}))
     assert main([str(front), "--print"]) == 2
     assert "benchmarks.front --render" in capsys.readouterr().err
+    listed = tmp_path / "list.json"  # JSON, but not an object
+    listed.write_text("[1]")
+    assert main([str(listed), "--print"]) == 2
+    assert "is not a suite's results.json" in capsys.readouterr().err
 
 
 def test_scaling_plot_shows_both_gpu_memory_figures(tmp_path, monkeypatch):
