@@ -1004,6 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.readme:
             raise SystemExit("--render needs --readme")
         try:
+            check_readme(args.readme, start=START, end=END)  # before the plot is redrawn
             result = read_saved(
                 args.render, "front.json", ("methods", "bicubic", "photos", "seeds")
             )

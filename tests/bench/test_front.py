@@ -291,3 +291,17 @@ def test_photos_named_twice_or_none_are_refused_by_the_parser(photos, capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(["--photos", photos])
     assert "--photos" in capsys.readouterr().err
+
+
+def test_render_refuses_a_missing_readme_before_redrawing_the_plot(tmp_path, capsys):
+    from benchmarks.front import main
+
+    saved = tmp_path / "front.json"
+    reference = ROOT / "benchmarks" / "reference" / "front-cpu"
+    saved.write_text((reference / "front.json").read_text())
+    missing = tmp_path / "nowhere" / "README.md"
+    assert main(["--render", str(saved), "--readme", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adadiff bench front: error: --readme") and str(missing) in err
+    assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["front.json"]  # no plot drawn
