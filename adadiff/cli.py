@@ -36,7 +36,7 @@ from adadiff.devices import RUN_PRECISIONS, check_precision, parse_device
 from adadiff.errors import AdadiffError, BackendUnavailableError, ConfigError, shell_arg
 from adadiff.file_upscale import FileOutputs
 from adadiff.presets import PRESETS, SHIPPED, is_preset, model_config, preset_name
-from adadiff.progress import LogProgress, tiles_finished
+from adadiff.progress import LogProgress, tiles_finished, write_line
 from adadiff.runtime.upscaler import Upscaler
 from adadiff.scaleout.job import (
     ClusterOptions,
@@ -553,7 +553,7 @@ def _progress(args: argparse.Namespace) -> Any:
 
 def _note(args: argparse.Namespace, text: str) -> None:
     if not args.quiet:
-        print(f"adadiff: note: {text}", file=sys.stderr, flush=True)
+        write_line(sys.stderr, f"adadiff: note: {text}")
 
 
 def _upscale(args: argparse.Namespace, input_path: Path, outputs: Any, cfg: Any) -> int:

@@ -96,10 +96,24 @@ class LogProgress:
     def _write(self, text: str) -> None:
         self.last_line = self.clock()
         stamp = self.now().isoformat(timespec="seconds")
-        print(f"{stamp} adadiff: {text}", file=self.stream, flush=True)
+        write_line(self.stream, f"{stamp} adadiff: {text}")
 
     def close(self) -> None:
         """Nothing to release; here so the CLI can treat it like its progress bars."""
+
+
+def write_line(stream: TextIO, text: str) -> bool:
+    """Print ``text`` to ``stream`` and flush; False where the stream refuses it.
+
+    Progress and notes are for whoever watches the run: a stderr that cannot take them (a pipe
+    whose reader has exited, as in ``2>&1 | head``, or a log file on a full disk) must not stop
+    the work they describe and lose its output.
+    """
+    try:
+        print(text, file=stream, flush=True)
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        return False
+    return True
 
 
 def tiles_finished(tiles: tuple[int, int] | None, template: str = "{}") -> str:

@@ -37,7 +37,7 @@ from adadiff.errors import (
 )
 from adadiff.imageio import INPUT_FORMATS, check_writable, remove_stale_temps, write_bytes_atomic
 from adadiff.presets import PRESETS, is_preset
-from adadiff.progress import DEFAULT_EVERY, format_duration
+from adadiff.progress import DEFAULT_EVERY, format_duration, write_line
 from adadiff.scaleout.plan import JOB_REPORT, ImageTask, JobSettings, Plan, job_stamp, make_plan
 from adadiff.scaleout.worker import UpscaleWorker
 
@@ -789,7 +789,7 @@ def progress_line(
 
 
 def print_status(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    write_line(sys.stderr, text)
 
 
 def print_record(record: ImageRecord, done: int, total: int) -> None:
@@ -800,4 +800,4 @@ def print_record(record: ImageRecord, done: int, total: int) -> None:
         detail = record.error or "failed"
     else:
         detail = "output up to date"
-    print(f"[{done}/{total}] {name}: {record.status} ({detail})", file=sys.stderr, flush=True)
+    write_line(sys.stderr, f"[{done}/{total}] {name}: {record.status} ({detail})")

@@ -421,3 +421,31 @@ def test_a_report_or_step_map_path_that_is_a_folder_is_refused_first(tmp_path, s
         _, err = capsys.readouterr()
         assert err.count("\n") == 1 and "is a folder; give a file name" in err, err
         assert not out.exists()  # refused before the image is written
+
+
+class _RefusingStream(io.StringIO):
+    """A stderr whose reader is gone (``2>&1 | head``) or whose disk is full."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__()
+        self.error = error
+
+    def write(self, text: str) -> int:
+        raise self.error
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(
+    "error", [BrokenPipeError(32, "Broken pipe"), OSError(28, "No space left on device")]
+)
+def test_a_stderr_that_refuses_progress_lines_does_not_stop_the_upscale(
+    tmp_path, small_png, monkeypatch, error
+):
+    out = tmp_path / "o.png"
+    monkeypatch.setattr(sys, "stderr", _RefusingStream(error))
+    # --tile 256 also gives a note (the tile is cut to the output), written the same way
+    code = main(["upscale", str(small_png), "-o", str(out), "--tile", "256",
+                 "--schedule", "uniform", "--interval", "500"])  # fmt: skip
+    assert code == 0 and Image.open(out).size == (240, 180)
