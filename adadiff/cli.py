@@ -880,6 +880,12 @@ def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.ArgumentParser]) -> int:
     # Before anything can import torch: OpenMP reads its wait policy once, when torch loads.
     prefer_passive_wait()
+    # A path the console's encoding cannot spell (日本.png on an ASCII or Latin-1 locale, a
+    # Windows console redirected to a file) is printed with escapes: strict encoding failed the
+    # final summary line after the outputs were written. stderr already does this.
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
     parser = show_defaults(verbose_everywhere(parser_factory()))
     argv = list(sys.argv[1:] if argv is None else argv)
     lead = 0  # -v before the command is adadiff's own; everything after "bench" is not

@@ -449,3 +449,19 @@ def test_a_stderr_that_refuses_progress_lines_does_not_stop_the_upscale(
     code = main(["upscale", str(small_png), "-o", str(out), "--tile", "256",
                  "--schedule", "uniform", "--interval", "500"])  # fmt: skip
     assert code == 0 and Image.open(out).size == (240, 180)
+
+
+def test_a_file_name_the_console_cannot_encode_is_printed_with_escapes(
+    tmp_path, small_png, monkeypatch
+):
+    src = tmp_path / "写真 é.png"
+    src.write_bytes(small_png.read_bytes())
+    out = tmp_path / "出力 é.png"
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")  # LANG=en_US.ISO-8859-1 and kin
+    monkeypatch.setattr(sys, "stdout", stdout)
+    code = main(["upscale", str(src), "-o", str(out), "-q", "--schedule", "uniform",
+                 "--interval", "500"])  # fmt: skip
+    stdout.flush()
+    printed = stdout.buffer.getvalue().decode("ascii")
+    assert code == 0 and out.is_file()
+    assert "\\u51fa\\u529b \\xe9.png: 240x180" in printed
