@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -913,6 +914,13 @@ def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.Argume
     except KeyboardInterrupt:
         print("adadiff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout's reader has exited (`| head -1`) after the work was done: end quietly, as a
+        # program killed by SIGPIPE does, not with a traceback (and another when Python flushes
+        # stdout at exit).
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:

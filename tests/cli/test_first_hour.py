@@ -465,3 +465,11 @@ def test_a_file_name_the_console_cannot_encode_is_printed_with_escapes(
     printed = stdout.buffer.getvalue().decode("ascii")
     assert code == 0 and out.is_file()
     assert "\\u51fa\\u529b \\xe9.png: 240x180" in printed
+
+
+def test_a_stdout_whose_reader_exited_ends_quietly_after_the_work(tmp_path, small_png, monkeypatch):
+    out = tmp_path / "o.png"
+    monkeypatch.setattr(sys, "stdout", _RefusingStream(BrokenPipeError(32, "Broken pipe")))
+    code = main(["upscale", str(small_png), "-o", str(out), "-q", "--schedule", "uniform",
+                 "--interval", "500"])  # fmt: skip
+    assert code == 141 and out.is_file()
