@@ -424,7 +424,7 @@ def _connect(ray: Any, cluster: ClusterOptions, listeners: _Listeners) -> bool:
                 ray.init(address="local", **kwargs)
     except Exception as exc:  # Ray raises a bare Exception when its node does not come up
         where = "a local Ray instance" if address == "local" else address
-        hint = _file_size_limit_hint() if address == "local" else ""
+        hint = (_file_size_limit_hint() or _ray_home_hint(exc)) if address == "local" else ""
         why = str(exc).rstrip(".") if hint else exc
         raise ConfigError(f"could not start or reach {where}: {why}{hint}") from exc
     return True
@@ -441,6 +441,18 @@ def _file_size_limit_hint() -> str:
     return (
         f"; this shell limits files to {limit} bytes (ulimit -f), and the object store of a "
         "local Ray is one file of up to 30% of memory: raise the limit (ulimit -f unlimited)"
+    )
+
+
+def _ray_home_hint(exc: BaseException) -> str:
+    """Why a local Ray cannot start under a read-only $HOME: it first saves an access token of
+    its own in ~/.ray/auth_token, unless RAY_AUTH_TOKEN gives one."""
+    filename = getattr(exc, "filename", None)
+    if not isinstance(exc, OSError) or filename is None or ".ray" not in Path(filename).parts:
+        return ""
+    return (
+        "; a local Ray saves its access token in ~/.ray: make that folder writable, or give the "
+        "token yourself (export RAY_AUTH_TOKEN=$(openssl rand -hex 32)) and run again"
     )
 
 

@@ -798,6 +798,29 @@ def test_a_local_ray_that_does_not_come_up_is_one_line_naming_a_file_size_limit(
         job._connect(FakeRay(), job.ClusterOptions(), listeners)
 
 
+def test_a_local_ray_under_a_read_only_home_says_how_to_give_its_token(monkeypatch):
+    """Ray (2.60) saves a token in ~/.ray/auth_token before a local instance starts: a read-only
+    $HOME failed with a bare PermissionError naming the folder. RAY_AUTH_TOKEN skips the file."""
+    import resource
+
+    from adadiff.scaleout import job
+
+    class FakeRay:
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **kwargs) -> None:
+            raise PermissionError(13, "Permission denied", "/home/me/.ray")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY,) * 2)
+    listeners = job._Listeners(None, None, 10.0)
+    with pytest.raises(ConfigError) as err:
+        job._connect(FakeRay(), job.ClusterOptions(), listeners)
+    message = str(err.value)
+    assert "Permission denied: '/home/me/.ray'" in message and "RAY_AUTH_TOKEN" in message
+    assert "\n" not in message
+
+
 def test_ray_address_where_nothing_answers_fails_fast(folder, tmp_path, capsys, monkeypatch):
     """ray.init retries an address nobody listens on for minutes, printing only its own
     warnings; the job says so in one line before it calls Ray."""
