@@ -14,12 +14,18 @@ SETUP_HINT = "run `adadiff setup-metrics` (or `python -m adadiff.training.metric
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """The cache folder: ``cache_dir``, else ``$ADADIFF_CACHE``, else ``~/.cache/adadiff``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
     env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "adadiff"
+    try:
+        if cache_dir is not None:
+            return Path(cache_dir).expanduser()
+        if env:
+            return Path(env).expanduser()
+        return Path.home() / ".cache" / "adadiff"
+    except RuntimeError:  # $HOME unset and no passwd entry for this user (docker run --user N)
+        raise ModelFolderError(
+            "cannot tell this user's home folder ($HOME is unset and the user has no passwd "
+            f"entry) for the cache; set ${CACHE_ENV} or pass --cache-dir (a path without ~)"
+        ) from None
 
 
 def write_cache_file(path: Path, data: bytes) -> None:

@@ -471,3 +471,23 @@ def test_a_failed_pip_step_is_reported_by_its_reason_not_its_boilerplate(tmp_pat
     message = str(caught.value)
     assert "[Errno 13] Permission denied: '/h/.cache'" in message
     assert "Could not build wheels for flit_core" in message and "See above" not in message
+
+
+def test_no_home_folder_is_one_error_naming_the_cache_variable(tmp_path, monkeypatch):
+    """$HOME unset and no passwd entry (docker run --user 4242 with a bare environment):
+    Path.home() raised a RuntimeError traceback out of adadiff setup-metrics."""
+    import pwd
+
+    from adadiff.quality.cache import cache_root
+
+    def no_entry(uid: int):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("ADADIFF_CACHE", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(ModelFolderError, match=r"\$HOME is unset.*set \$ADADIFF_CACHE"):
+        weights.fetch_lpips()
+    assert cache_root(tmp_path) == tmp_path
+    monkeypatch.setenv("ADADIFF_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path
