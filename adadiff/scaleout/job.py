@@ -445,14 +445,19 @@ def _file_size_limit_hint() -> str:
 
 
 def _ray_home_hint(exc: BaseException) -> str:
-    """Why a local Ray cannot start under a read-only $HOME: it first saves an access token of
-    its own in ~/.ray/auth_token, unless RAY_AUTH_TOKEN gives one."""
-    filename = getattr(exc, "filename", None)
-    if not isinstance(exc, OSError) or filename is None or ".ray" not in Path(filename).parts:
+    """Why a local Ray cannot start under a read-only $HOME, or none (unset, and no passwd
+    entry): it first saves an access token of its own in ~/.ray/auth_token, unless
+    RAY_AUTH_TOKEN gives one."""
+    filename = exc.filename if isinstance(exc, OSError) else None
+    if filename is not None and ".ray" in Path(filename).parts:
+        where = "make that folder writable"
+    elif isinstance(exc, RuntimeError) and "home directory" in str(exc):  # Path.home()'s words
+        where = "set $HOME to a writable folder"
+    else:
         return ""
     return (
-        "; a local Ray saves its access token in ~/.ray: make that folder writable, or give the "
-        "token yourself (export RAY_AUTH_TOKEN=$(openssl rand -hex 32)) and run again"
+        f"; a local Ray saves its access token in ~/.ray: {where}, or give the token yourself "
+        "(export RAY_AUTH_TOKEN=$(openssl rand -hex 32)) and run again"
     )
 
 

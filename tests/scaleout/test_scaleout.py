@@ -821,6 +821,26 @@ def test_a_local_ray_under_a_read_only_home_says_how_to_give_its_token(monkeypat
     assert "\n" not in message
 
 
+def test_a_local_ray_without_a_home_folder_says_how_to_give_its_token(monkeypatch):
+    """$HOME unset and no passwd entry (docker run --user N): Ray's Path.home() raised, and the
+    error was "Could not determine home directory." alone."""
+    import resource
+
+    from adadiff.scaleout import job
+
+    class FakeRay:
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **kwargs) -> None:
+            raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY,) * 2)
+    listeners = job._Listeners(None, None, 10.0)
+    with pytest.raises(ConfigError, match=r"home directory; .*set \$HOME.*RAY_AUTH_TOKEN"):
+        job._connect(FakeRay(), job.ClusterOptions(), listeners)
+
+
 def test_ray_address_where_nothing_answers_fails_fast(folder, tmp_path, capsys, monkeypatch):
     """ray.init retries an address nobody listens on for minutes, printing only its own
     warnings; the job says so in one line before it calls Ray."""
