@@ -180,8 +180,22 @@ def _add_upscale_args(p: argparse.ArgumentParser) -> None:
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a mistake is one line on stderr (exit 2) instead of the usage block."""
 
+    argv: tuple[str, ...] = ()  # the arguments run() parses, for dashed_file_hint
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"adadiff: error: {self.prog}: {message} (see {self.prog} --help)\n")
+        hint = dashed_file_hint(self.argv)
+        self.exit(2, f"adadiff: error: {self.prog}: {message}{hint} (see {self.prog} --help)\n")
+
+
+def dashed_file_hint(argv: Sequence[str]) -> str:
+    """argparse reads a file name that starts with "-" as an option, and its error ("the
+    following arguments are required: input") does not say so."""
+    for arg in argv:
+        if len(arg) > 1 and arg.startswith("-") and "=" not in arg:
+            path = Path(arg)
+            if path.suffix.lower() in {*imageio.INPUT_FORMATS, ".json"} or path.exists():
+                return f"; {arg} is read as an option: write ./{arg} for a file of that name"
+    return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -889,6 +903,7 @@ def run(argv: Sequence[str] | None, parser_factory: Callable[[], argparse.Argume
         reconfigure(errors="backslashreplace")
     parser = show_defaults(verbose_everywhere(parser_factory()))
     argv = list(sys.argv[1:] if argv is None else argv)
+    OneLineParser.argv = tuple(argv)
     lead = 0  # -v before the command is adadiff's own; everything after "bench" is not
     while lead < len(argv) and argv[lead] in ("-v", "--verbose"):
         lead += 1

@@ -473,3 +473,18 @@ def test_a_stdout_whose_reader_exited_ends_quietly_after_the_work(tmp_path, smal
     code = main(["upscale", str(small_png), "-o", str(out), "-q", "--schedule", "uniform",
                  "--interval", "500"])  # fmt: skip
     assert code == 141 and out.is_file()
+
+
+def test_a_file_name_starting_with_a_dash_gets_a_hint(tmp_path, small_png, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-in.png").write_bytes(small_png.read_bytes())
+    for argv in (["upscale", "-in.png", "-o", "o.png"], ["upscale", "in.png", "-o", "-o.png"]):
+        with pytest.raises(SystemExit) as caught:
+            main(argv)
+        _, err = capsys.readouterr()
+        dashed = next(arg for arg in argv if arg.endswith(".png") and arg.startswith("-"))
+        assert caught.value.code == 2 and err.count("\n") == 1
+        assert f"{dashed} is read as an option: write ./{dashed} for a file" in err, err
+    with pytest.raises(SystemExit):
+        main(["upscale", "in.png", "-o", "o.png", "--tile", "x"])
+    assert "read as an option" not in capsys.readouterr().err
