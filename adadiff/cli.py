@@ -78,7 +78,7 @@ class ProgressBars:
                 total=100 if denoise else total,
                 desc=stage,
                 unit="it",
-                bar_format="{desc} {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]"
+                bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
                 if denoise
                 else None,
                 leave=False,

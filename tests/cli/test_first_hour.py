@@ -263,6 +263,8 @@ def test_the_denoise_bar_shows_percent_and_tiles_not_timesteps_a_second(monkeypa
     bars.close()
     assert drawn.startswith("denoise  40%|") and "5/25 tiles finished" in drawn, drawn
     assert "t/s" not in drawn and "24975" not in drawn, drawn
+    # in the time brackets, as tqdm puts a postfix; before the bar's times it read "| , 5/25"
+    assert drawn.endswith(", 5/25 tiles finished]") and "| ," not in drawn, drawn
 
 
 def test_threads_reach_torch_and_the_report(tmp_path, small_png, capsys):
