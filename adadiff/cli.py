@@ -557,11 +557,18 @@ def _upscaler(args: argparse.Namespace) -> Any:
     )
 
 
+def draws_bars() -> bool:
+    """stderr is a terminal that can redraw bars: tqdm moves the cursor up a line with an
+    escape code that a dumb terminal (TERM=dumb: Emacs' shell, some CI log panes) prints as
+    "^[[A" on every update."""
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
 def _progress(args: argparse.Namespace) -> Any:
-    """A bar on a terminal, timestamped lines otherwise, nothing with --quiet."""
+    """A bar on a terminal, timestamped lines otherwise (TERM=dumb too), nothing with --quiet."""
     if args.quiet:
         return ProgressBars(enabled=False)
-    if sys.stderr.isatty():
+    if draws_bars():
         return ProgressBars(enabled=True)
     return LogProgress(sys.stderr)
 
@@ -764,7 +771,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.exporter is not None:
         chosen["exporter"] = args.exporter
     options = ExportOptions(**chosen)
-    bars = ProgressBars(enabled=not args.quiet and sys.stderr.isatty())
+    bars = ProgressBars(enabled=not args.quiet and draws_bars())
     start = time.perf_counter()
     try:
         manifest = export_onnx(args.model, args.output, options, seed=args.seed, progress=bars)
@@ -850,7 +857,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         workspace_gb=args.workspace,
         tf32=args.tf32,
     )
-    bars = ProgressBars(enabled=not args.quiet and sys.stderr.isatty())
+    bars = ProgressBars(enabled=not args.quiet and draws_bars())
     try:
         manifest = build_engines(args.engines, options, progress=bars, cuda=cuda)
     finally:

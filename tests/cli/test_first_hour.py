@@ -490,3 +490,22 @@ def test_a_file_name_starting_with_a_dash_gets_a_hint(tmp_path, small_png, capsy
     with pytest.raises(SystemExit):
         main(["upscale", "in.png", "-o", "o.png", "--tile", "x"])
     assert "read as an option" not in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_dumb_terminal_gets_progress_lines_not_bars(monkeypatch):
+    """tqdm redraws stacked bars with a cursor-up escape that TERM=dumb prints as ^[[A."""
+    import argparse
+
+    from adadiff import cli
+
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    args = argparse.Namespace(quiet=False)
+    monkeypatch.setenv("TERM", "dumb")
+    assert isinstance(cli._progress(args), LogProgress)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert isinstance(cli._progress(args), cli.ProgressBars)
