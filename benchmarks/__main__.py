@@ -21,7 +21,7 @@ from typing import Any
 
 from adadiff.argtypes import positive
 from adadiff.device_check import check_device
-from adadiff.errors import AdadiffError
+from adadiff.errors import AdadiffError, ConfigError
 from adadiff.presets import model_config
 from benchmarks.paths import check_out_folder
 from benchmarks.suites import SECTIONS, SUITES, Context, Settings, Suite
@@ -107,8 +107,14 @@ def _suite(args: argparse.Namespace) -> Suite:
     changes: dict[str, Any] = {}
     if args.repeats is not None:
         changes["repeats"] = args.repeats
-    if args.sections:
+    if args.sections is not None:
         changes["sections"] = tuple(x.strip() for x in args.sections.split(",") if x.strip())
+        if not changes["sections"]:
+            # a run of nothing would still replace OUT/results.json with an empty one
+            raise ConfigError(
+                f"--sections {args.sections!r} names no section; give some of "
+                f"{','.join(suite.sections)}"
+            )
     if args.photo_size:
         changes["photo_size"] = changes["regroup_size"] = args.photo_size
     if args.sizes:

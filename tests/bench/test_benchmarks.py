@@ -522,6 +522,20 @@ def test_the_suite_refuses_counts_below_one(monkeypatch, capsys):
         assert f"argument {flag}: expected a number >= 1" in capsys.readouterr().err
 
 
+def test_the_suite_refuses_an_empty_sections_list(monkeypatch, tmp_path, capsys):
+    import benchmarks.__main__ as suite_main
+
+    def no_runs(*_args, **_kw):
+        raise AssertionError("the suite ran with no sections")
+
+    monkeypatch.setattr(suite_main, "run_suite", no_runs)
+    for value in ("", ",", " , "):
+        assert suite_main.main(["quick", "--sections", value, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "--sections" in err and "names no section" in err and "schedules" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_load_spinners_stop_without_their_parent_and_when_interrupted(monkeypatch):
     """A busy loop outlives nothing: it ends once its parent is gone (a SIGKILL skips every
     cleanup), and an interrupt while the spinners start stops those already started."""
