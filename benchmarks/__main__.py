@@ -118,10 +118,25 @@ def _suite(args: argparse.Namespace) -> Suite:
     if args.photo_size:
         changes["photo_size"] = changes["regroup_size"] = args.photo_size
     if args.sizes:
-        changes["scaling_sizes"] = tuple(int(x) for x in args.sizes.split(","))
+        changes["scaling_sizes"] = _sizes(args.sizes)
     if args.scaling_interval:
         changes["scaling_interval"] = args.scaling_interval
     return replace(suite, **changes)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """--sizes as whole pixel counts >= 1, checked before the run: a bad one failed only in
+    the scaling section, after every section before it had run."""
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(
+            f"--sizes {text!r}: give a comma list of input sizes in pixels, each >= 1 "
+            "(e.g. 128,256)"
+        )
+    return sizes
 
 
 def _settings(args: argparse.Namespace) -> Settings:

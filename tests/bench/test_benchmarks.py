@@ -536,6 +536,19 @@ def test_the_suite_refuses_an_empty_sections_list(monkeypatch, tmp_path, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_suite_checks_sizes_before_any_run(monkeypatch, tmp_path, capsys):
+    import benchmarks.__main__ as suite_main
+
+    def no_runs(*_args, **_kw):
+        raise AssertionError("the suite ran with sizes it cannot run")
+
+    monkeypatch.setattr(suite_main, "run_suite", no_runs)
+    for value in ("abc", "0", "128,-5", "128,,256", "1.5"):
+        assert suite_main.main(["quick", "--sizes", value, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"--sizes {value!r}" in err and "each >= 1" in err
+
+
 def test_load_spinners_stop_without_their_parent_and_when_interrupted(monkeypatch):
     """A busy loop outlives nothing: it ends once its parent is gone (a SIGKILL skips every
     cleanup), and an interrupt while the spinners start stops those already started."""
