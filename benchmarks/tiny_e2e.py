@@ -8,36 +8,48 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from adadiff import Upscaler
+from adadiff.argtypes import non_negative, positive
 from adadiff.demo import photo
+from adadiff.errors import AdadiffError
 from benchmarks.machine import machine
+from benchmarks.paths import check_out_file
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sizes", type=positive, nargs="+", default=[128, 256])
+    p.add_argument("--repeats", type=positive, default=3)
     p.add_argument("--backend", default="torch")
     p.add_argument("--engines", default=None)
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=positive, default=8)
     p.add_argument(
-        "--threads", type=int, default=0, help="CPU threads (0: every CPU the process may use)"
+        "--threads",
+        type=non_negative,
+        default=0,
+        help="CPU threads (0: every CPU the process may use)",
     )
     p.add_argument("--out", type=Path, default=Path("runs/tiny_e2e.json"))
-    args = p.parse_args()
-    # the backend sets torch's threads (and the passive OpenMP wait) from this
-    up = Upscaler.from_pretrained(
-        "tiny",
-        backend=args.backend,
-        engines=args.engines,
-        max_batch=args.max_batch,
-        threads=args.threads or None,
-    )
+    args = p.parse_args(argv)
+    try:  # before the runs: a bad --out or backend fails now in one line, not in a traceback
+        check_out_file(args.out)
+        # the backend sets torch's threads (and the passive OpenMP wait) from this
+        up = Upscaler.from_pretrained(
+            "tiny",
+            backend=args.backend,
+            engines=args.engines,
+            max_batch=args.max_batch,
+            threads=args.threads or None,
+        )
+    except AdadiffError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # One warm-up run loads every engine and allocator before anything is timed.
     up.upscale(photo("astronaut", 32).astype(np.float32) / 255.0, schedule="adaptive", seed=0)
     rows = []
@@ -77,7 +89,8 @@ def main() -> None:
         )
     )
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

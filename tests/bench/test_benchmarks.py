@@ -631,3 +631,31 @@ def test_fullsize_onnx_refuses_bad_options_before_the_export(tmp_path, monkeypat
     (tmp_path / "file").write_text("x")
     assert main("--work", str(tmp_path / "file"), "--out", str(out)) == 2
     assert "--work" in capsys.readouterr().err and not out.exists()
+
+
+def test_tiny_e2e_refuses_bad_options_before_any_run(monkeypatch, tmp_path, capsys):
+    """A folder as --out, a count below one or a backend that cannot open fail at the start
+    in one line; before, the folder failed in a traceback after every run."""
+    from benchmarks import tiny_e2e
+
+    def no_runs(*_args, **_kw):
+        raise AssertionError("tiny_e2e loaded the model before checking its options")
+
+    out = tmp_path / "e2e.json"
+    with monkeypatch.context() as m:
+        m.setattr(tiny_e2e.Upscaler, "from_pretrained", no_runs)
+        m.setattr(sys, "argv", ["tiny_e2e", "--out", str(tmp_path)])
+        assert tiny_e2e.main() == 2
+        err = capsys.readouterr().err
+        assert f"--out {tmp_path} is a folder" in err and "Traceback" not in err
+        for flag in ("--repeats", "--sizes", "--max-batch"):
+            m.setattr(sys, "argv", ["tiny_e2e", flag, "0", "--out", str(out)])
+            with pytest.raises(SystemExit) as stop:
+                tiny_e2e.main()
+            assert stop.value.code == 2
+            assert f"argument {flag}: expected a number >= 1" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["tiny_e2e", "--backend", "tensorrt", "--out", str(out)])
+    assert tiny_e2e.main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--engines" in err and "Traceback" not in err
+    assert not out.exists()
