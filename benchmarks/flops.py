@@ -7,6 +7,7 @@ out element-wise work (norms, activations), which is small next to those for the
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ class FlopCounter:
 
     def _count(self, component: str, batch: int) -> int:
         import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
 
         spec = self.specs[component]
@@ -45,7 +47,11 @@ class FlopCounter:
             )
             for n in spec.input_names
         ]
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        # FlopCounterMode has no formula for the CPU's fused attention kernel and counts it as
+        # 0 (the attention matmuls of the UNet and VAE went missing); the math kernel is made
+        # of matmuls it counts. CUDA's fused kernels have formulas and far less memory.
+        kernel = sdpa_kernel(SDPBackend.MATH) if param.device.type == "cpu" else nullcontext()
+        with torch.inference_mode(), kernel, FlopCounterMode(display=False) as counter:
             module(*args)
         return int(counter.get_total_flops())
 

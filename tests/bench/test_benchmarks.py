@@ -659,3 +659,32 @@ def test_tiny_e2e_refuses_bad_options_before_any_run(monkeypatch, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--engines" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_flop_counts_include_attention_on_the_cpu():
+    """Attention's two matmuls, 2 * (2 * L * L * D) FLOPs per head, counted by hand: torch's
+    FlopCounterMode counted the CPU's fused attention kernel as 0."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.flops import FlopCounter
+
+    class Attend(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q) * self.scale
+
+    heads, length, dim = 2, 16, 8
+    spec = SimpleNamespace(
+        input_names=("q",),
+        sample_inputs=lambda b: {"q": np.ones((b, heads, length, dim), np.float32)},
+    )
+    counter = FlopCounter.__new__(FlopCounter)
+    counter.specs = {"attend": spec}
+    counter._wrappers = {"attend": Attend()}
+    counter._cache = {}
+    assert counter.per_call("attend", 3) == 3 * heads * 2 * (2 * length * length * dim)
