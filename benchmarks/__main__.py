@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from adadiff.argtypes import positive
+from adadiff.artifacts import ExportManifest
 from adadiff.device_check import check_device
 from adadiff.errors import AdadiffError, ConfigError
 from adadiff.presets import model_config
@@ -322,6 +323,10 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         suite, settings = _suite(args), _settings(args)
         model_config(settings.model)  # a model that cannot load fails every section
+        if settings.engines is not None:
+            # else a wrong folder failed only the ONNX variants, after the torch sections had
+            # run, and the run passed without them
+            ExportManifest.load(settings.engines)
         check_out_folder(args.out)
         if args.work is not None:
             check_out_folder(args.work, "--work")

@@ -549,6 +549,21 @@ def test_the_suite_checks_sizes_before_any_run(monkeypatch, tmp_path, capsys):
         assert f"--sizes {value!r}" in err and "each >= 1" in err
 
 
+def test_the_suite_checks_engines_before_any_run(monkeypatch, tmp_path, capsys):
+    import benchmarks.__main__ as suite_main
+
+    def no_runs(*_args, **_kw):
+        raise AssertionError("the suite ran with an --engines folder it cannot use")
+
+    monkeypatch.setattr(suite_main, "run_suite", no_runs)
+    missing = tmp_path / "no-export"
+    out = tmp_path / "out"
+    assert suite_main.main(["quick", "--engines", str(missing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"engines folder {missing} does not exist" in err and "adadiff export" in err
+    assert not out.exists()
+
+
 def test_load_spinners_stop_without_their_parent_and_when_interrupted(monkeypatch):
     """A busy loop outlives nothing: it ends once its parent is gone (a SIGKILL skips every
     cleanup), and an interrupt while the spinners start stops those already started."""
