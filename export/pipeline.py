@@ -26,6 +26,7 @@ from adadiff.artifacts import (
     PRECISIONS,
     ComponentEntry,
     ExportManifest,
+    spec_to_dict,
 )
 from adadiff.artifacts import weights_digest as folder_digest
 from adadiff.config import CONFIG_FILE
@@ -117,7 +118,7 @@ def _export_locked(
     specs = component_specs(config)
     wrappers = models.wrappers()
     weights = {name: weights_digest(wrappers[name]) for name in COMPONENTS}
-    kept, redo, stale_files = _earlier_export(out, config.digest(), options, weights)
+    kept, redo, stale_files = _earlier_export(out, config.digest(), options, weights, specs)
     if redo:
         log.warning(
             "%s in %s %s; exporting %s again so that the folder holds one whole export",
@@ -336,13 +337,17 @@ def _files_match(manifest: ExportManifest, out: Path, name: str) -> bool:
 
 
 def _earlier_export(
-    out: Path, digest: str, options: ExportOptions, weights: dict[str, str]
+    out: Path,
+    digest: str,
+    options: ExportOptions,
+    weights: dict[str, str],
+    specs: dict[str, ModelSpec],
 ) -> tuple[dict[str, ComponentEntry], dict[str, str], list[str]]:
     """Of an earlier export into ``out``: the components this one does not redo but would write
-    alike (same config, weights, opset, exporter and precision of that component, so an fp32 VAE
-    serves an fp16 export); the others this one does not redo, each with why it differs (they
-    are exported again: a folder holds one export, and a folder missing one would not run); and
-    the files of every earlier component that is not kept, removed once the new files are in
+    alike (same config, weights, opset, exporter, spec and precision of that component, so an
+    fp32 VAE serves an fp16 export); the others this one does not redo, each with why it differs
+    (they are exported again: a folder holds one export, and a folder missing one would not run);
+    and the files of every earlier component that is not kept, removed once the new files are in
     place. An entry without a weights digest (older manifests) cannot show it is alike."""
     if not (out / MANIFEST_FILE).is_file():
         return {}, {}, []
@@ -369,6 +374,9 @@ def _earlier_export(
                 redo[name] = "were exported without a record of their weights (an older export)"
             elif entry.weights != weights.get(name):
                 redo[name] = "were exported from other weights"
+            elif name not in specs or entry.spec != spec_to_dict(specs[name]):
+                # the runtime refuses a file of another spec (an older adadiff's export)
+                redo[name] = "were exported for other inputs, outputs or tolerances"
             elif entry.precision != want:
                 redo[name] = f"are {entry.precision} exports (this one is {options.precision})"
             elif not _files_match(old, out, name):

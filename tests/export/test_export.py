@@ -354,6 +354,27 @@ def test_a_partial_export_redoes_a_kept_component_whose_files_changed(
     assert "unet" in caplog.text and "changed since the manifest was written" in caplog.text
 
 
+def test_a_partial_export_redoes_a_kept_component_of_another_spec(
+    onnx_dir, tiny_models, tmp_path, caplog
+):
+    """A component exported by an adadiff whose spec differed (an output renamed, a tolerance
+    changed) is refused by the runtime; a partial export must export it again rather than keep
+    it and print a folder that cannot run."""
+    out = copy_export(onnx_dir, tmp_path / "older")
+    data = json.loads((out / MANIFEST_FILE).read_text())
+    data["components"]["vae_decoder"]["spec"]["fp32_tolerance"]["atol"] *= 10
+    (out / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(EngineMismatchError, match="vae_decoder"):
+        ExportManifest.load(out).check_specs(out)
+    with caplog.at_level(logging.WARNING, logger="adadiff"):
+        manifest = export_onnx(
+            tiny_models, out, ExportOptions(components=("pfj",), check_batches=())
+        )
+    ExportManifest.load(out).check_specs(out)
+    manifest.verify_files(out)
+    assert "vae_decoder" in caplog.text and "other inputs, outputs or tolerances" in caplog.text
+
+
 def test_an_export_killed_midway_is_cleaned_up_and_two_at_once_are_refused(tiny_models, tmp_path):
     from adadiff.locks import folder_lock
 
