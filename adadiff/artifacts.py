@@ -306,11 +306,17 @@ class ExportManifest:
                     f"{folder}/{MANIFEST_FILE} lists unknown component {name!r}; "
                     f"expected some of {sorted(specs)}; {_fix(folder)}"
                 )
-            if entry.spec != spec_to_dict(specs[name]):
+            want = spec_to_dict(specs[name])
+            if entry.spec != want:
+                # name only the parts that differ: the whole spec of both reads as the same text
+                # when a tolerance or an output is what changed
+                differ = "; ".join(
+                    f"{key} {entry.spec.get(key)}, this adadiff expects {want[key]}"
+                    for key in want
+                    if entry.spec.get(key) != want[key]
+                )
                 raise EngineMismatchError(
-                    f"{name} in {folder} was exported with inputs/outputs {entry.spec['inputs']} "
-                    f"-> {entry.spec['outputs']}, this adadiff expects "
-                    f"{spec_to_dict(specs[name])['inputs']}; {_fix(folder)}"
+                    f"{name} in {folder} was exported with {differ}; {_fix(folder)}"
                 )
 
     def verify_files(self, folder: Path, components: Iterable[str] | None = None) -> None:

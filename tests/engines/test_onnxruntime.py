@@ -210,6 +210,23 @@ def test_changed_or_missing_files_are_refused(onnx_dir, tmp_path):
         OnnxRuntimeBackend(folder).open("pfj")
 
 
+def test_an_export_of_another_spec_names_what_differs(onnx_dir, tmp_path):
+    """An older adadiff's export whose tolerance or output differs: the error names that part,
+    not the (identical) inputs of both."""
+    folder = copy_export(onnx_dir, tmp_path / "older")
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["components"]["vae_decoder"]["spec"]["fp32_tolerance"]["atol"] = 0.5
+    manifest["components"]["pfj"]["spec"]["outputs"][0]["name"] = "renamed"
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(EngineMismatchError, match=r"vae_decoder .*fp32_tolerance \{'atol': 0\.5"):
+        OnnxRuntimeBackend(folder)
+    del manifest["components"]["vae_decoder"]
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(EngineMismatchError, match=r"pfj .*outputs \[\{'name': 'renamed'") as err:
+        OnnxRuntimeBackend(folder)
+    assert "inputs" not in str(err.value) and "re-export" in str(err.value)
+
+
 def test_missing_onnxruntime_says_how_to_install(onnx_dir, tiny_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(BackendUnavailableError, match=r'pip install "adadiff\[onnx\]"'):
