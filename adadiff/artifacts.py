@@ -294,7 +294,7 @@ class ExportManifest:
                     f"--model {model} has other weights (digest {own}) than the ones these ONNX "
                     f"files were exported from ({self.model}, digest {self.model_weights}): it was "
                     f"retrained or edited since; export it again with `adadiff export --model "
-                    f"{model} -o FOLDER`, or drop --model to run the export as it is"
+                    f"{shell_arg(model)} -o FOLDER`, or drop --model to run the export as it is"
                 )
 
     def check_specs(self, folder: Path) -> None:

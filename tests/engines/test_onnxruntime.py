@@ -185,6 +185,19 @@ def test_model_and_precision_must_match_the_export(onnx_dir, tiny_dir, tmp_path,
     assert config.tile_overlap == 64
 
 
+def test_a_retrained_model_folder_gets_a_command_that_pastes(onnx_dir, tmp_path, tiny_models):
+    """A model path with a space: the re-export command in the error is one argument, quoted."""
+    import shlex
+
+    from adadiff.models.bundle import build_random
+
+    other = build_random(tiny_models.config, seed=9).save(tmp_path / "my model")
+    with pytest.raises(EngineMismatchError, match="has other weights") as err:
+        open_onnxruntime(onnx_dir, model=str(other))
+    command = str(err.value).split("`")[1]
+    assert shlex.split(command)[:4] == ["adadiff", "export", "--model", str(other)]
+
+
 def test_changed_or_missing_files_are_refused(onnx_dir, tmp_path):
     folder = copy_export(onnx_dir, tmp_path / "copy")
     data = bytearray((folder / "pfj.onnx").read_bytes())
