@@ -290,10 +290,18 @@ class ExportManifest:
         if folder is not None and self.model_weights:
             own = weights_digest(folder)
             if own != self.model_weights:
+                # "retrained" only of the folder the export was made from: another folder of the
+                # same config (a preset's shipped weights, a copy) was not changed
+                same = Path(folder).resolve() == Path(self.model).resolve()
+                why = (
+                    "it was retrained or edited since; export it again"
+                    if same
+                    else "it is another model of the same config; export it"
+                )
                 raise EngineMismatchError(
                     f"--model {model} has other weights (digest {own}) than the ones these ONNX "
-                    f"files were exported from ({self.model}, digest {self.model_weights}): it was "
-                    f"retrained or edited since; export it again with `adadiff export --model "
+                    f"files were exported from ({self.model}, digest {self.model_weights}): {why} "
+                    f"with `adadiff export --model "
                     f"{shell_arg(model)} -o FOLDER`, or drop --model to run the export as it is"
                 )
 

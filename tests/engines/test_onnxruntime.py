@@ -198,6 +198,31 @@ def test_a_retrained_model_folder_gets_a_command_that_pastes(onnx_dir, tmp_path,
     assert shlex.split(command)[:4] == ["adadiff", "export", "--model", str(other)]
 
 
+def test_other_weights_are_called_retrained_only_in_the_exported_folder(
+    onnx_dir, tiny_dir, tmp_path, tiny_models
+):
+    """The export's own model folder with changed weights was retrained; another folder of the
+    same config (a copy, a preset's shipped weights) is another model, not a retrained one."""
+    import shutil
+
+    from adadiff.models.bundle import build_random
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_dir, source)
+    folder = copy_export(onnx_dir, tmp_path / "export")
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["model"] = str(source)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    open_onnxruntime(folder, model=source)
+    other = build_random(tiny_models.config, seed=9).save(tmp_path / "other")
+    with pytest.raises(EngineMismatchError, match="another model of the same config; export it"):
+        open_onnxruntime(folder, model=other)
+    shutil.rmtree(source)
+    build_random(tiny_models.config, seed=9).save(source)
+    with pytest.raises(EngineMismatchError, match="retrained or edited since; export it again"):
+        open_onnxruntime(folder, model=source)
+
+
 def test_changed_or_missing_files_are_refused(onnx_dir, tmp_path):
     folder = copy_export(onnx_dir, tmp_path / "copy")
     data = bytearray((folder / "pfj.onnx").read_bytes())
