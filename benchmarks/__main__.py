@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from adadiff.argtypes import positive
+from adadiff.argtypes import positive, positive_list
 from adadiff.artifacts import ExportManifest
 from adadiff.device_check import check_device
 from adadiff.errors import AdadiffError, ConfigError
@@ -64,7 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--photo-size", type=positive, default=None, help="long side of the schedule photos"
         )
-        s.add_argument("--sizes", default=None, help="comma list of scaling input sizes")
+        s.add_argument(
+            "--sizes",
+            type=positive_list,
+            default=None,
+            help="comma list of scaling input sizes in pixels",
+        )
         s.add_argument(
             "--scaling-interval",
             type=positive,
@@ -119,25 +124,10 @@ def _suite(args: argparse.Namespace) -> Suite:
     if args.photo_size:
         changes["photo_size"] = changes["regroup_size"] = args.photo_size
     if args.sizes:
-        changes["scaling_sizes"] = _sizes(args.sizes)
+        changes["scaling_sizes"] = args.sizes
     if args.scaling_interval:
         changes["scaling_interval"] = args.scaling_interval
     return replace(suite, **changes)
-
-
-def _sizes(text: str) -> tuple[int, ...]:
-    """--sizes as whole pixel counts >= 1, checked before the run: a bad one failed only in
-    the scaling section, after every section before it had run."""
-    try:
-        sizes = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise ConfigError(
-            f"--sizes {text!r}: give a comma list of input sizes in pixels, each >= 1 "
-            "(e.g. 128,256)"
-        )
-    return sizes
 
 
 def _settings(args: argparse.Namespace) -> Settings:

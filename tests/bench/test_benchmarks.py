@@ -543,10 +543,17 @@ def test_the_suite_checks_sizes_before_any_run(monkeypatch, tmp_path, capsys):
         raise AssertionError("the suite ran with sizes it cannot run")
 
     monkeypatch.setattr(suite_main, "run_suite", no_runs)
-    for value in ("abc", "0", "128,-5", "128,,256", "1.5"):
-        assert suite_main.main(["quick", "--sizes", value, "--out", str(tmp_path)]) == 2
-        err = capsys.readouterr().err
-        assert f"--sizes {value!r}" in err and "each >= 1" in err
+    for value, why in (
+        ("abc", "a whole number, got 'abc'"),
+        ("0", "a number >= 1, got 0"),
+        ("128,-5", "a number >= 1, got -5"),
+        ("128,,256", "numbers separated by commas, got '128,,256'"),
+        ("1.5", "a whole number, got '1.5'"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            suite_main.main(["quick", "--sizes", value, "--out", str(tmp_path)])
+        assert stop.value.code == 2
+        assert f"argument --sizes: expected {why}" in capsys.readouterr().err
 
 
 def test_the_suite_checks_engines_before_any_run(monkeypatch, tmp_path, capsys):
