@@ -192,11 +192,11 @@ def make_plan(input_dir: Path, output_dir: Path, settings: JobSettings) -> Plan:
     done: list[ImageTask] = []
     outdated: dict[ImageTask, str] = {}
     for task in tasks:
-        if is_done(task, settings):
+        finished, why = earlier_output(task, settings)
+        if finished:
             done.append(task)
             continue
         todo.append(task)
-        why = why_outdated(task, settings)
         if why is not None:
             outdated[task] = why
     return Plan(todo, done, ignored, outdated)
@@ -222,21 +222,16 @@ def earlier_stamp(task: ImageTask) -> Any:
 
 
 def is_done(task: ImageTask, settings: JobSettings) -> bool:
-    stamp = earlier_stamp(task)
-    if stamp is None:
-        return False
-    try:
-        return bool(stamp == job_stamp(task, settings))
-    except OSError:  # an input that cannot be read fails alone when the job sends it
-        return False
+    return earlier_output(task, settings)[0]
 
 
-def why_outdated(task: ImageTask, settings: JobSettings) -> str | None:
-    """How the output a job is about to replace was made otherwise ("made with seed 1 (now
-    2)", "made from another version of its input"), or None where no stamped output is there."""
+def earlier_output(task: ImageTask, settings: JobSettings) -> tuple[bool, str | None]:
+    """(done, why): whether the output an earlier job left is this job's, with its report read
+    and the input hashed once; else how it was made otherwise ("made with seed 1 (now 2)",
+    "made from another version of its input"), or None where no stamped output is there."""
     stamp = earlier_stamp(task)
     if not isinstance(stamp, dict) or not isinstance(stamp.get("settings"), dict):
-        return None
+        return False, None
     old, new = stamp["settings"], settings.result_key()
     changed = [
         f"{key} {_shown(old.get(key))} (now {_shown(new.get(key))})"
@@ -246,12 +241,14 @@ def why_outdated(task: ImageTask, settings: JobSettings) -> str | None:
     if old.get("model_id") != new.get("model_id"):
         changed.append("other model or export files")
     if changed:
-        return "made with " + ", ".join(changed)
+        return False, "made with " + ", ".join(changed)
     try:
-        sha256_file(task.source)
-    except OSError:
-        return None  # not the input's change: it cannot be read, which the job reports
-    return "made from another version of its input"
+        current = job_stamp(task, settings)
+    except OSError:  # an input that cannot be read fails alone when the job sends it
+        return False, None
+    if stamp == current:
+        return True, None
+    return False, "made from another version of its input"
 
 
 def _shown(value: Any) -> str:
