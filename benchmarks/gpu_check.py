@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from adadiff.devices import parse_device
-from adadiff.errors import ConfigError
+from adadiff.errors import ConfigError, OutputPathError
+from benchmarks.paths import check_out_folder
 
 KIND = "gpu_check"
 OUTPUT = "gpu_check.json"
@@ -477,6 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="import and plan only (any machine)")
     p.add_argument("--parts", help=f"comma subset of {','.join(PARTS)}")
     args = p.parse_args(argv)
+    try:
+        check_out_folder(args.out)
+    except OutputPathError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     plan = make_plan(args.device)
     if args.parts:
         chosen = tuple(x.strip() for x in args.parts.split(",") if x.strip())

@@ -162,3 +162,13 @@ def test_parity_and_tiny_parts_run_on_the_cpu():
     ref, again = shipped["rows"][0], shipped["rows"][2]  # default schedule: cpu, then "gpu"
     assert ref["schedule"] == again["schedule"] and "psnr_vs_cpu_db" not in ref
     assert again["same_steps"] and again["psnr_vs_cpu_db"] == 120.0
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_in_one_line(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        assert gpu_check.main(["--out", str(out), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}") and len(err.splitlines()) == 1
+    assert a_file.read_text() == "x"
