@@ -474,7 +474,7 @@ def _reason_to_skip(plan: Plan, part: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__)
     p.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json")
-    p.add_argument("--device", default="cuda", help="cuda or cuda:N")
+    p.add_argument("--device", default="cuda", help="cuda or cuda:N (the CPU is the reference)")
     p.add_argument("--dry-run", action="store_true", help="import and plan only (any machine)")
     p.add_argument("--parts", help=f"comma subset of {','.join(PARTS)}")
     args = p.parse_args(argv)
@@ -483,7 +483,19 @@ def main(argv: list[str] | None = None) -> int:
     except OutputPathError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plan = make_plan(args.device)
+    try:
+        device = parse_device(args.device, "torch")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if device.kind != "cuda":
+        print(
+            f"error: --device {args.device}: the GPU check runs on a CUDA device and compares it "
+            "with the CPU; give cuda or cuda:N",
+            file=sys.stderr,
+        )
+        return 2
+    plan = make_plan(str(device))
     if args.parts:
         chosen = tuple(x.strip() for x in args.parts.split(",") if x.strip())
         unknown = sorted(set(chosen) - set(PARTS))
@@ -491,11 +503,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown parts {unknown}; choose from {list(PARTS)}", file=sys.stderr)
             return 2
         plan = Plan(**{**asdict(plan), "parts": chosen})
-    try:
-        parse_device(args.device, "torch")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     dropped = [] if args.dry_run else _dropped_parts(args.out, plan.parts)
     if dropped:
         print(
@@ -510,6 +517,14 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print(
                 "error: torch sees no CUDA device; run on a GPU machine, or use --dry-run",
+                file=sys.stderr,
+            )
+            return 2
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            print(
+                f"error: --device {args.device}: torch sees {count} CUDA device(s); use cuda:0 to "
+                f"cuda:{count - 1} (check CUDA_VISIBLE_DEVICES)",
                 file=sys.stderr,
             )
             return 2

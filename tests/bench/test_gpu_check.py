@@ -172,3 +172,21 @@ def test_an_out_that_cannot_be_a_folder_is_refused_in_one_line(tmp_path, capsys)
         err = capsys.readouterr().err
         assert err.startswith(f"error: --out {out}") and len(err.splitlines()) == 1
     assert a_file.read_text() == "x"
+
+
+def test_device_must_be_a_cuda_device_this_machine_has(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, on any machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    ran: list[str] = []
+    monkeypatch.setattr(gpu_check, "run", lambda plan, out, dry_run: ran.append(plan.device) or {})
+    # the CPU is the reference, not the device under check: its figures would read as the GPU's
+    assert gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--dry-run"]) == 2
+    assert "--device cpu" in capsys.readouterr().err
+    assert gpu_check.main(["--out", str(tmp_path), "--device", "cuda:1"]) == 2
+    assert "torch sees 1 CUDA device(s)" in capsys.readouterr().err
+    assert ran == []
+    # the plan holds the parsed name: " cuda:0" was no GPU to the parts (no sync, no peak memory)
+    assert gpu_check.main(["--out", str(tmp_path), "--device", " cuda:0"]) == 0
+    assert ran == ["cuda:0"] and gpu_check._on_gpu(ran[0])
