@@ -43,6 +43,7 @@ DRY_OUTPUT = "gpu_check.dry.json"
 PRECISIONS = ("fp32", "fp16", "bf16")
 UNET_BATCHES = (1, 4, 8, 16)
 UNET_PRECISIONS = ("fp16", "bf16")
+PHOTO_PARTS = ("parity", "tiny_e2e", "shipped_photo")  # their photos come from scikit-image
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -503,6 +504,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown parts {unknown}; choose from {list(PARTS)}", file=sys.stderr)
             return 2
         plan = Plan(**{**asdict(plan), "parts": chosen})
+    needs_photos = [p for p in plan.parts if p in PHOTO_PARTS]
+    if needs_photos and not installed("skimage"):
+        print(
+            f"error: the parts {', '.join(needs_photos)} take their photos from scikit-image, "
+            'which is not installed; pip install -e ".[demo]" (or choose other --parts)',
+            file=sys.stderr,
+        )
+        return 2
     dropped = [] if args.dry_run else _dropped_parts(args.out, plan.parts)
     if dropped:
         print(

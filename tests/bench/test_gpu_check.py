@@ -190,3 +190,14 @@ def test_device_must_be_a_cuda_device_this_machine_has(tmp_path, capsys, monkeyp
     # the plan holds the parsed name: " cuda:0" was no GPU to the parts (no sync, no peak memory)
     assert gpu_check.main(["--out", str(tmp_path), "--device", " cuda:0"]) == 0
     assert ran == ["cuda:0"] and gpu_check._on_gpu(ran[0])
+
+
+def test_a_missing_scikit_image_is_refused_before_the_parts_that_need_it(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "skimage", None)  # as if not installed
+    out = tmp_path / "out"
+    # the dry run promises what a real run can do; parity, tiny_e2e and shipped_photo need photos
+    assert gpu_check.main(["--out", str(out), "--dry-run"]) == 2
+    assert "scikit-image" in capsys.readouterr().err and not out.exists()
+    assert gpu_check.main(["--out", str(out), "--dry-run", "--parts", "unet_latency"]) == 0
