@@ -443,7 +443,7 @@ def run(plan: Plan, out: Path, *, dry_run: bool = False) -> dict[str, Any]:
                 continue
             timed_section(name, lambda name=name: PARTS[name](plan), result)
         result["seconds"]["total"] = round(time.perf_counter() - start, 1)
-    result["machine"] = machine()
+    result["machine"] = machine(plan.device)
     (out / output_name(dry_run)).write_text(json.dumps(result, indent=1) + "\n")
     return result
 

@@ -23,17 +23,20 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def gpu() -> str | None:
+def gpu(device: str = "cuda:0") -> str | None:
+    """The name of the CUDA ``device`` (cuda: the current one), None without CUDA."""
     try:
         import torch
     except ImportError:
         return None
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_name(0)
+    index = torch.device(device).index
+    return torch.cuda.get_device_name(torch.cuda.current_device() if index is None else index)
 
 
-def machine() -> dict[str, Any]:
+def machine(device: str = "cuda:0") -> dict[str, Any]:
+    """What this run ran on; ``device``: the CUDA device whose name is recorded."""
     versions = {}
     for name in LIBRARIES:
         try:
@@ -48,7 +51,7 @@ def machine() -> dict[str, Any]:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": threads,
-        "gpu": gpu(),
+        "gpu": gpu(device),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "libraries": versions,

@@ -201,3 +201,16 @@ def test_a_missing_scikit_image_is_refused_before_the_parts_that_need_it(
     assert gpu_check.main(["--out", str(out), "--dry-run"]) == 2
     assert "scikit-image" in capsys.readouterr().err and not out.exists()
     assert gpu_check.main(["--out", str(out), "--dry-run", "--parts", "unet_latency"]) == 0
+
+
+def test_the_machine_line_names_the_gpu_under_check(tmp_path, monkeypatch):
+    import torch
+
+    names = ["NVIDIA H200", "NVIDIA T4"]  # a machine with two different GPUs
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(names))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: names[index])
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--device", "cuda:1"]) == 0
+    data = json.loads((tmp_path / gpu_check.DRY_OUTPUT).read_text())
+    assert data["machine"]["gpu"] == "NVIDIA T4"
