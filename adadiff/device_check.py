@@ -37,13 +37,14 @@ def _check_torch_cuda(device: str, index: int) -> None:
         raise BackendUnavailableError(
             f"--device {device} needs torch, which is not installed; see README, GPU"
         ) from None
-    if version.endswith("+cpu"):
+    import torch
+
+    # not the version's +cpu alone: PyPI's CPU-only torch for Windows and macOS has no suffix
+    if torch.version.cuda is None and torch.version.hip is None:
         raise BackendUnavailableError(
             f"--device {device}: the installed torch {version} is a CPU-only build; install a "
             "CUDA build of torch (README, GPU) or use --device cpu"
         )
-    import torch
-
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if index >= count:
         raise BackendUnavailableError(
