@@ -497,8 +497,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     plan = make_plan(str(device))
-    if args.parts:
+    if args.parts is not None:
         chosen = tuple(x.strip() for x in args.parts.split(",") if x.strip())
+        if not chosen:
+            print(
+                f"error: --parts {args.parts!r} names no part; give some of {','.join(PARTS)}",
+                file=sys.stderr,
+            )
+            return 2
         unknown = sorted(set(chosen) - set(PARTS))
         if unknown:
             print(f"error: unknown parts {unknown}; choose from {list(PARTS)}", file=sys.stderr)

@@ -214,3 +214,10 @@ def test_the_machine_line_names_the_gpu_under_check(tmp_path, monkeypatch):
     assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--device", "cuda:1"]) == 0
     data = json.loads((tmp_path / gpu_check.DRY_OUTPUT).read_text())
     assert data["machine"]["gpu"] == "NVIDIA T4"
+
+
+@pytest.mark.parametrize("parts", ["", ","])
+def test_parts_that_name_no_part_are_refused(tmp_path, capsys, parts):
+    # "" ran every part and "," none, and wrote a gpu_check.json either way
+    assert gpu_check.main(["--out", str(tmp_path / "out"), "--dry-run", "--parts", parts]) == 2
+    assert "names no part" in capsys.readouterr().err and not (tmp_path / "out").exists()
