@@ -467,8 +467,24 @@ def _dropped_parts(out: Path, parts: tuple[str, ...]) -> list[str]:
 def _reason_to_skip(plan: Plan, part: str) -> str | None:
     if part in ("onnxruntime", "tensorrt") and not plan.optional.get(part):
         return f"{part} is not installed"
-    if part == "unet_latency" and not plan.optional.get("diffusers"):
-        return "diffusers is not installed"
+    return None
+
+
+def _missing_library(plan: Plan) -> str | None:
+    """What the parts that would run lack, said before the run: else each of them fails on it
+    and the run writes their errors over the folder's gpu_check.json."""
+    parts = [p for p in plan.parts if _reason_to_skip(plan, p) is None]
+    if parts and not installed("diffusers"):  # every model is built of diffusers modules
+        return (
+            f"the parts {', '.join(parts)} build their models with diffusers, which is not "
+            "installed; pip install -e . (adadiff depends on it)"
+        )
+    needs_photos = [p for p in parts if p in PHOTO_PARTS]
+    if needs_photos and not installed("skimage"):
+        return (
+            f"the parts {', '.join(needs_photos)} take their photos from scikit-image, which is "
+            'not installed; pip install -e ".[demo]" (or choose other --parts)'
+        )
     return None
 
 
@@ -510,13 +526,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown parts {unknown}; choose from {list(PARTS)}", file=sys.stderr)
             return 2
         plan = Plan(**{**asdict(plan), "parts": chosen})
-    needs_photos = [p for p in plan.parts if p in PHOTO_PARTS]
-    if needs_photos and not installed("skimage"):
-        print(
-            f"error: the parts {', '.join(needs_photos)} take their photos from scikit-image, "
-            'which is not installed; pip install -e ".[demo]" (or choose other --parts)',
-            file=sys.stderr,
-        )
+    missing = _missing_library(plan)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     dropped = [] if args.dry_run else _dropped_parts(args.out, plan.parts)
     if dropped:

@@ -221,3 +221,11 @@ def test_parts_that_name_no_part_are_refused(tmp_path, capsys, parts):
     # "" ran every part and "," none, and wrote a gpu_check.json either way
     assert gpu_check.main(["--out", str(tmp_path / "out"), "--dry-run", "--parts", parts]) == 2
     assert "names no part" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_missing_diffusers_is_refused_not_planned(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    out = tmp_path / "out"
+    # every part builds its models with diffusers, tiny's included: only unet_latency was skipped
+    assert gpu_check.main(["--out", str(out), "--dry-run"]) == 2
+    assert "diffusers" in capsys.readouterr().err and not out.exists()
