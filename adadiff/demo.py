@@ -112,7 +112,13 @@ def prepare(out_dir: Path, name: str, long_side: int, max_pixels: int | None = N
     # an earlier demo's results go first: a run stopped mid-way must not leave them beside
     # another photo's input and bicubic
     for stale in ("upscaled.png", "report.json", "steps.png"):
-        (out_dir / stale).unlink(missing_ok=True)
+        try:
+            (out_dir / stale).unlink(missing_ok=True)
+        except OSError as exc:  # a read-only folder (EROFS even when the file is absent)
+            raise OutputPathError(
+                f"{out_dir / stale}: cannot remove an earlier demo's output "
+                f"({exc.strerror or exc}); make the folder writable or give another -o folder"
+            ) from exc
     lr = np.asarray(original.resize((width, height), Image.Resampling.LANCZOS))
     path = out_dir / "input.png"
     imageio.save_image(path, lr.astype(np.float32) / 255.0)

@@ -398,3 +398,21 @@ def test_verbose_after_the_command_reaches_the_run(tmp_path, small_png, capsys):
     argv = ["upscale", small_png, "-o", tmp_path / "o.png", "-v", "--tile", "130"]
     code, _, err = _run(argv, capsys)
     assert code == 2 and "unrecognized arguments" not in err and "--tile 130" in err
+
+
+def test_a_demo_into_a_read_only_folder_is_one_error(tmp_path, monkeypatch, capsys):
+    """On a read-only file system unlinking even an absent file fails (EROFS): the demo said
+    so with a traceback."""
+    import errno
+
+    out = tmp_path / "demo"
+    out.mkdir()
+
+    def read_only(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    code, _, err = _run(["demo", "-o", out, "--size", "40", "-q"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "cannot remove an earlier demo's output (Read-only file system)" in err
+    assert not list(out.iterdir())
