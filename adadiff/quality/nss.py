@@ -43,7 +43,13 @@ def mscn(gray: np.ndarray, *, mode: str = "constant") -> tuple[np.ndarray, np.nd
     mu = ndimage.correlate(gray, window, mode=mode)
     second = ndimage.correlate(gray * gray, window, mode=mode)
     sigma = np.sqrt(np.abs(second - mu * mu))
-    return (gray - mu) / (sigma + MSCN_C), sigma
+    deviation = gray - mu
+    # Over a flat neighbourhood the weighted mean misses its pixels by rounding alone; the
+    # shape fits are scale-free, so that noise (~1e-16, present at some grey levels and not
+    # at others) would be fitted as texture: a flat tile scored NIQE 26 at 0.3 and 909 at 0.5.
+    rounding = window.size * np.finfo(np.float64).eps * float(np.abs(gray).max(initial=0.0))
+    deviation[np.abs(deviation) <= rounding] = 0.0
+    return deviation / (sigma + MSCN_C), sigma
 
 
 def pair_products(m: np.ndarray) -> tuple[np.ndarray, ...]:

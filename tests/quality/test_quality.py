@@ -211,6 +211,19 @@ def test_brisque_matches_reference_package(metric_cache):
         )
 
 
+def test_a_flat_image_scores_the_same_at_every_grey_level(metric_cache):
+    """A flat neighbourhood's MSCN is zero; float rounding left ~1e-16 at some grey levels,
+    which the scale-free shape fits read as texture (NIQE 26 at 0.3, 909 at 0.5)."""
+    from adadiff.quality import nss
+    from adadiff.quality.niqe import niqe
+
+    for level in (0.3, 0.5, 0.7, 1.0):
+        coefficients, _ = nss.mscn(np.full((40, 40), level), mode="nearest")
+        assert not coefficients.any(), level
+    scores = [niqe(np.full((64, 64, 3), v), cache_dir=metric_cache) for v in (0.0, 0.5, 1.0)]
+    assert scores == pytest.approx([scores[0]] * 3)
+
+
 def test_brisque_and_niqe_worse_for_blur_and_noise(metric_cache):
     from adadiff.quality.brisque import brisque
     from adadiff.quality.niqe import niqe
