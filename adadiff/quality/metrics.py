@@ -104,7 +104,7 @@ def ssim(x: np.ndarray, y: np.ndarray, *, data_range: float = 1.0) -> float:
     x, y = _check_pair(x, y, "ssim")
     radius = int(_SSIM_TRUNCATE * _SSIM_SIGMA + 0.5)
     if min(x.shape[:2]) <= 2 * radius:
-        raise ShapeError(f"ssim needs images larger than {2 * radius + 1} px, got {x.shape}")
+        raise ShapeError(f"ssim needs images of at least {2 * radius + 1} px, got {x.shape}")
     crop = (slice(radius, -radius), slice(radius, -radius))
     values = [ssim_map(x[:, :, c], y[:, :, c], data_range=data_range)[crop] for c in range(3)]
     return float(np.mean([v.mean() for v in values]))

@@ -55,6 +55,20 @@ def test_ssim_identical_and_matches_skimage(crop):
     assert metrics.ssim(distorted, crop) == pytest.approx(expected, abs=1e-3)
 
 
+def test_ssim_takes_images_as_small_as_its_window_and_says_so(crop):
+    from skimage.metrics import structural_similarity
+
+    small = crop[:11, :11].astype(np.float64)  # skimage computes in its inputs' precision
+    distorted = _noise(small, 0.03).astype(np.float64)
+    expected = structural_similarity(
+        distorted, small, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        data_range=1.0, channel_axis=2,
+    )  # fmt: skip
+    assert metrics.ssim(distorted, small) == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ShapeError, match="at least 11 px"):  # was "larger than 11 px"
+        metrics.ssim(crop[:10, :11], crop[:10, :11])
+
+
 def test_identical_images_have_zero_distance(crop):
     assert metrics.gmsd(crop, crop) == 0.0
     assert metrics.nlpd(crop, crop) == 0.0
