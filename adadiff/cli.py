@@ -703,7 +703,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.photo is None:
         args.photo = demo.default_photo(folder)
     demo.check_photo(args.photo)
-    out = args.output
+    out = args.output.expanduser()
     max_pixels = args.max_pixels or imageio.DEFAULT_MAX_PIXELS
     source = demo.prepare(out, args.photo, args.size, max_pixels)
     print(

@@ -86,6 +86,8 @@ def photo(name: str, long_side: int) -> np.ndarray:
 def prepare(out_dir: Path, name: str, long_side: int, max_pixels: int | None = None) -> Path:
     """Write the low-resolution input photo and return its path; ``InputImageError`` first if
     it would have more than ``max_pixels`` pixels (before it and its 4x bicubic are made)."""
+    # as every image path is read: "-o ~/demo" made a folder named "~" here, then wrote in $HOME
+    out_dir = out_dir.expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputPathError(f"{out_dir} is a file; give a folder for the demo outputs")
     original = _original(name)

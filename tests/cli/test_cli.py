@@ -284,6 +284,20 @@ def test_a_demo_rerun_removes_the_earlier_results_before_it_writes(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["bicubic.png", "input.png", "notes.txt"]
 
 
+def test_a_demo_folder_under_the_home_folder_is_made_there(tmp_path, monkeypatch):
+    """A quoted "-o ~/demo" made a folder "~" in the working folder, and the image writer,
+    which expands "~", then failed to write into the missing $HOME/demo."""
+    from adadiff import demo
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert demo.prepare(Path("~/demo"), "chelsea", 40) == home / "demo" / "input.png"
+    assert sorted(p.name for p in (home / "demo").iterdir()) == ["bicubic.png", "input.png"]
+    assert not (tmp_path / "~").exists()
+
+
 def test_demo_writes_every_output_and_refuses_bad_arguments(tmp_path, capsys):
     from adadiff import demo
 
