@@ -603,7 +603,7 @@ def check_output_path(input_path: str | Path, output_path: str | Path) -> Path:
     return resolved
 
 
-def check_writable(target: Path, name: str) -> None:
+def check_writable(target: Path, name: str, advice: str = "pick another output folder") -> None:
     """Create and delete a temporary file beside ``target``, as the final write will: a folder
     that refuses it fails now, before the upscale, not after it. (os.access cannot tell: root
     passes it on read-only mounts and immutable folders.)"""
@@ -611,8 +611,7 @@ def check_writable(target: Path, name: str) -> None:
         fd, probe = _open_temp(target)
     except OSError as exc:
         raise OutputPathError(
-            f"{name}: cannot write in {target.parent} ({exc.strerror or exc}); pick another "
-            "output folder"
+            f"{name}: cannot write in {target.parent} ({exc.strerror or exc}); {advice}"
         ) from exc
     os.close(fd)
     probe.unlink(missing_ok=True)

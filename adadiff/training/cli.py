@@ -27,7 +27,7 @@ from adadiff.argtypes import (
 )
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError, shell_arg
-from adadiff.imageio import bytes_writer, write_files_atomic
+from adadiff.imageio import bytes_writer, check_writable, write_files_atomic
 from adadiff.presets import is_preset, preset, preset_name
 from adadiff.progress import format_duration
 from adadiff.quality.cache import cache_root
@@ -658,6 +658,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         )
     if len(names) < 2:
         raise ConfigError("--photos needs at least two different photos (each is left out in turn)")
+    if not args.dry_run:
+        # the result is written after minutes of recording: a folder that refuses it fails now
+        check_writable(
+            folder / CONFIG_FILE,
+            str(folder),
+            "copy the model folder to one you can write and calibrate the copy, or add "
+            "--dry-run to only print the result",
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     models = load_folder(folder)

@@ -233,3 +233,41 @@ def test_calibrating_a_linked_copy_never_rewrites_the_original(tmp_path):
     assert not (copy / "adadiff.json").is_symlink()
     assert ModelConfig.load(copy).dtss.tau == 0.004
     assert (copy / "calibration.json").read_text() == '{\n "new": true\n}\n'
+
+
+def test_calibrate_refuses_a_folder_it_cannot_write_before_recording(
+    tmp_path, tiny_dir, monkeypatch, capsys
+):
+    """The calibration is written after minutes of recording: a read-only folder (a stand-in,
+    as root writes anyway) fails at once, and --dry-run, which writes nothing, still runs."""
+    import shutil
+    from pathlib import Path
+
+    from adadiff import imageio
+    from adadiff.cli import main
+    from adadiff.training import calibrate as calibrate_module
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    real_open_temp = imageio._open_temp
+
+    def read_only(target: Path) -> tuple[int, Path]:
+        if target.parent == folder:
+            raise OSError(30, "Read-only file system", str(target))
+        return real_open_temp(target)
+
+    recorded: list[bool] = []
+
+    def no_recording(*args: object, **kwargs: object) -> None:
+        recorded.append(True)
+        raise ConfigError("stop: recorded")
+
+    monkeypatch.setattr(imageio, "_open_temp", read_only)
+    monkeypatch.setattr(calibrate_module, "record", no_recording)
+    args = ["calibrate", str(folder), "--crops", "1", "--interval", "200"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write in {folder} (Read-only file system)" in err
+    assert "--dry-run" in err and not recorded
+    assert main([*args, "--dry-run"]) == 2
+    assert "stop: recorded" in capsys.readouterr().err and recorded
