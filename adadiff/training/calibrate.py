@@ -116,6 +116,15 @@ def replay_exits(
     return chosen, steps
 
 
+def fewest_steps(timesteps: Sequence[int], starts: Sequence[int] = NR_STARTS) -> int | None:
+    """The fewest steps per tile any replay of ``calibrate`` can take on ``timesteps``
+    (every tile exiting at its earliest: at the first step below a second-half start, and not
+    before the second step); None where no start leaves the two second-half steps a fit needs."""
+    t = np.asarray(timesteps)
+    earliest = [max(int(np.argmax(t < s)), 1) + 1 for s in starts if np.sum(t < s) >= 2]
+    return min(earliest) if earliest else None
+
+
 @dataclass(frozen=True)
 class Choice:
     tau: float

@@ -639,7 +639,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from adadiff.models.bundle import load_folder
     from adadiff.runtime.schedule import uniform_timesteps
-    from adadiff.training.calibrate import NR_STARTS, calibrate, record
+    from adadiff.training.calibrate import NR_STARTS, calibrate, fewest_steps, record
 
     folder = args.model
     if not (folder / CONFIG_FILE).is_file():
@@ -670,11 +670,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     models = load_folder(folder)
     cfg = models.config
-    late = [t for t in uniform_timesteps(cfg.dtss.t_start, args.interval) if t < max(NR_STARTS)]
+    t_all = uniform_timesteps(cfg.dtss.t_start, args.interval)
+    late = [t for t in t_all if t < max(NR_STARTS)]
     if len(late) < 2:
         raise ConfigError(
             f"--interval {args.interval} records {len(late)} step(s) below t = {max(NR_STARTS)}, "
             "where the exits are fitted; use a smaller --interval (20 is the default)"
+        )
+    fewest = fewest_steps(t_all)
+    if args.budget is not None and fewest is not None and args.budget < fewest:
+        raise ConfigError(
+            f"no calibration fits a budget of {args.budget:g} steps per tile: with jumps of "
+            f"{args.interval} a tile exits after {fewest} steps at the earliest; raise --budget "
+            "or use a larger --interval"
         )
     crops = crops_per_photo(
         names, args.crops, size=cfg.tile_size, scale=cfg.upscale, seed=args.crop_seed, stream=902

@@ -271,3 +271,34 @@ def test_calibrate_refuses_a_folder_it_cannot_write_before_recording(
     assert "--dry-run" in err and not recorded
     assert main([*args, "--dry-run"]) == 2
     assert "stop: recorded" in capsys.readouterr().err and recorded
+
+
+def test_fewest_steps_is_what_a_replay_that_always_exits_takes():
+    from adadiff.training.calibrate import NR_STARTS, fewest_steps
+
+    falling = -np.arange(len(T), dtype=np.float64)[None, :]  # R falls at every step: exit asap
+    taken = [int(replay_exits(falling, T, 1e-3, s)[1][0]) for s in NR_STARTS]
+    assert fewest_steps(T) == min(taken) == 6  # jumps of 20: t = 899 is the 6th step
+    assert fewest_steps([999, 499]) is None  # one second-half step: nothing to fit
+    assert fewest_steps([400, 300, 200]) == 2  # a tile never exits on its first step
+
+
+def test_calibrate_refuses_a_budget_below_any_exit_before_recording(
+    tmp_path, tiny_dir, monkeypatch, capsys
+):
+    """--budget 5 with jumps of 20: no tile can exit before its 6th step, so no replay fits;
+    that is said at once, not after minutes of recording."""
+    from adadiff.cli import main
+    from adadiff.training import calibrate as calibrate_module
+
+    def no_recording(*args: object, **kwargs: object) -> None:
+        raise ConfigError("stop: recorded")
+
+    monkeypatch.setattr(calibrate_module, "record", no_recording)
+    args = ["calibrate", str(tiny_dir), "--crops", "1", "--dry-run"]
+    assert main([*args, "--budget", "5.5"]) == 2
+    err = capsys.readouterr().err
+    assert "no calibration fits a budget of 5.5 steps per tile" in err
+    assert "exits after 6 steps at the earliest" in err and "stop: recorded" not in err
+    assert main([*args, "--budget", "6"]) == 2
+    assert "stop: recorded" in capsys.readouterr().err
