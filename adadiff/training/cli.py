@@ -28,7 +28,7 @@ from adadiff.argtypes import (
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError, shell_arg
 from adadiff.imageio import bytes_writer, check_writable, write_files_atomic
-from adadiff.presets import is_preset, preset, preset_name
+from adadiff.presets import SHIPPED, is_preset, preset, preset_name
 from adadiff.progress import format_duration
 from adadiff.quality.cache import cache_root
 from adadiff.training.data import HOLDOUT
@@ -646,6 +646,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{folder} has no {CONFIG_FILE}: give a model folder (calibrate rewrites its config; "
             "copy adadiff/weights/tiny to calibrate the built-in model)"
+        )
+    if not args.dry_run and folder.resolve().parent == SHIPPED.resolve():
+        raise ConfigError(
+            f"{folder} is the built-in model {folder.resolve().name!r}: calibrating it in place "
+            f"would change every run with --model {folder.resolve().name}; copy it "
+            f"(cp -r {shell_arg(str(folder))} DIR) and calibrate the copy"
         )
     text = args.photos or "validation"
     given = photo_names(text) if text in (*TRAINING_SETS, "validation") else text.split(",")

@@ -302,3 +302,28 @@ def test_calibrate_refuses_a_budget_below_any_exit_before_recording(
     assert "exits after 6 steps at the earliest" in err and "stop: recorded" not in err
     assert main([*args, "--budget", "6"]) == 2
     assert "stop: recorded" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_the_built_in_model_folder(monkeypatch, capsys):
+    """The shipped tiny rewritten in place would change every --model tiny run; the copy that
+    the missing-folder message asks for is the way. (record is stubbed: on a build without the
+    check the run stops before anything is written.)"""
+    from adadiff.cli import main
+    from adadiff.presets import SHIPPED
+    from adadiff.training import calibrate as calibrate_module
+
+    def no_recording(*args: object, **kwargs: object) -> None:
+        raise ConfigError("stop: recorded")
+
+    monkeypatch.setattr(calibrate_module, "record", no_recording)
+    shipped = SHIPPED / "tiny"
+    before = (shipped / "adadiff.json").read_bytes()
+    args = ["calibrate", str(shipped), "--crops", "1", "--interval", "200"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "is the built-in model 'tiny'" in err and "calibrate the copy" in err
+    assert "stop: recorded" not in err
+    assert main([*args, "--dry-run"]) == 2  # writes nothing, so it may look
+    assert "stop: recorded" in capsys.readouterr().err
+    assert (shipped / "adadiff.json").read_bytes() == before
+    assert not (shipped / "calibration.json").exists()
