@@ -280,6 +280,16 @@ class ExportManifest:
     def check_model(self, config: ModelConfig, model: str, folder: Path | None = None) -> None:
         """Refuse a model whose config, or whose weights (``folder``: the model folder, None for
         a random init), are not the ones these files were exported from."""
+        # the folder the export was made from: its config was edited since (a calibration)
+        same = folder is not None and Path(folder).resolve() == Path(self.model).resolve()
+        if config.digest() != self.config_digest and same:
+            raise EngineMismatchError(
+                f"--model {model} is the folder these ONNX files were exported from, but its "
+                f"{CONFIG_FILE} was changed since (digest {config.digest()}, then "
+                f"{self.config_digest}; adadiff calibrate changes it): export it again with "
+                f"`adadiff export --model {shell_arg(model)} -o FOLDER`, or drop --model to run "
+                "the export with the config it recorded"
+            )
         if config.digest() != self.config_digest:
             raise EngineMismatchError(
                 f"--model {model} (config {config.name!r}, digest {config.digest()}) is not the "
@@ -292,7 +302,6 @@ class ExportManifest:
             if own != self.model_weights:
                 # "retrained" only of the folder the export was made from: another folder of the
                 # same config (a preset's shipped weights, a copy) was not changed
-                same = Path(folder).resolve() == Path(self.model).resolve()
                 why = (
                     "it was retrained or edited since; export it again"
                     if same

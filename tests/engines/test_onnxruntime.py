@@ -223,6 +223,37 @@ def test_other_weights_are_called_retrained_only_in_the_exported_folder(
         open_onnxruntime(folder, model=source)
 
 
+def test_a_model_folder_calibrated_since_its_export_is_told_to_export_again(
+    onnx_dir, tiny_dir, tmp_path
+):
+    """adadiff calibrate rewrites the adadiff.json of the folder an export was made from: the
+    error says that folder changed, not that it is another model than itself."""
+    import shutil
+    from dataclasses import replace
+
+    from adadiff.config import ModelConfig
+    from adadiff.training.cli import write_calibration
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_dir, source)
+    folder = copy_export(onnx_dir, tmp_path / "export")
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["model"] = str(source)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    cfg = ModelConfig.load(source)
+    write_calibration(source, replace(cfg, dtss=replace(cfg.dtss, tau=0.002)), {})
+    with pytest.raises(EngineMismatchError) as err:
+        open_onnxruntime(folder, model=source)
+    message = str(err.value)
+    assert "is the folder these ONNX files were exported from" in message
+    assert "adadiff.json was changed since" in message and "is not the model" not in message
+    assert f"adadiff export --model {source} -o FOLDER" in message
+    other = tmp_path / "other"
+    shutil.copytree(source, other)  # the same edit in another folder is another model
+    with pytest.raises(EngineMismatchError, match="is not the model these ONNX files"):
+        open_onnxruntime(folder, model=other)
+
+
 def test_changed_or_missing_files_are_refused(onnx_dir, tmp_path):
     folder = copy_export(onnx_dir, tmp_path / "copy")
     data = bytearray((folder / "pfj.onnx").read_bytes())
