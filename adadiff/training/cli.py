@@ -20,6 +20,7 @@ from typing import Any
 from adadiff.argtypes import (
     DefaultsFormatter,
     fraction,
+    non_negative,
     non_negative_float,
     positive,
     positive_float,
@@ -624,7 +625,7 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--budget", type=positive_float, help="most UNet evaluations per tile on average"
     )
-    p.add_argument("--crop-seed", type=int, default=0, help="seed of the tuning crops")
+    p.add_argument("--crop-seed", type=non_negative, default=0, help="seed of the tuning crops")
     p.add_argument("--max-batch", type=positive, default=16, help="tiles per UNet call")
     p.add_argument("--threads", type=positive, help="torch CPU threads")
     p.add_argument(

@@ -145,6 +145,10 @@ def test_calibrate_command_refuses_hold_out_photos_and_bare_presets(tmp_path, ti
     assert "--budget" in capsys.readouterr().err
     assert main(["calibrate", str(tiny_dir), "--interval", "1000"]) == 2
     assert "use a smaller --interval" in capsys.readouterr().err
+    # numpy's seeds are never negative: a one-line error, not its traceback after the load
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(tiny_dir), "--crop-seed", "-1"])
+    assert "--crop-seed: expected a number >= 0, got -1" in capsys.readouterr().err
 
 
 def test_calibration_is_written_whole_or_not_at_all_on_a_full_disk(tmp_path):
