@@ -623,7 +623,10 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=positive, default=1, help="noise seeds per crop")
     p.add_argument("--interval", type=positive, default=20, help="jump of the recorded runs")
     p.add_argument(
-        "--budget", type=positive_float, help="most UNet evaluations per tile on average"
+        "--budget",
+        type=positive_float,
+        help="most UNet evaluations per tile on average in the replay of the tuning crops "
+        "(jumps of --interval); a real run jumps by the model's tiers and may take more",
     )
     p.add_argument("--crop-seed", type=non_negative, default=0, help="seed of the tuning crops")
     p.add_argument("--max-batch", type=positive, default=16, help="tiles per UNet call")

@@ -287,6 +287,18 @@ def test_fewest_steps_is_what_a_replay_that_always_exits_takes():
     assert fewest_steps([400, 300, 200]) == 2  # a tile never exits on its first step
 
 
+def test_calibrate_budget_help_says_it_bounds_the_replay(capsys):
+    """The budget is checked on the replay's fixed jumps; the sampler's tiers took 34 steps per
+    tile on the very tuning tiles whose replay fitted a budget of 30 (tiny, 6 crops)."""
+    from adadiff.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--budget BUDGET most UNet evaluations per tile on average in the replay" in text
+    assert "a real run jumps by the model's tiers and may take more" in text
+
+
 def test_calibrate_refuses_a_budget_below_any_exit_before_recording(
     tmp_path, tiny_dir, monkeypatch, capsys
 ):
