@@ -649,7 +649,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not (folder / CONFIG_FILE).is_file():
         raise ConfigError(
             f"{folder} has no {CONFIG_FILE}: give a model folder (calibrate rewrites its config; "
-            "copy adadiff/weights/tiny to calibrate the built-in model)"
+            f"to calibrate the built-in model, copy it: cp -r {shell_arg(SHIPPED / 'tiny')} DIR)"
         )
     if not args.dry_run and folder.resolve().parent == SHIPPED.resolve():
         raise ConfigError(

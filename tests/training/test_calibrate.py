@@ -136,7 +136,13 @@ def test_calibrate_command_refuses_hold_out_photos_and_bare_presets(tmp_path, ti
     assert main(["calibrate", str(tiny_dir), "--photos", "chelsea,astronaut"]) == 2
     assert "hold-out" in capsys.readouterr().err
     assert main(["calibrate", str(tmp_path)]) == 2
-    assert "no adadiff.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no adadiff.json" in err
+    # the built-in model's own folder, wherever adadiff is installed, not a path relative to
+    # a checkout that the working directory may not be
+    from adadiff.presets import SHIPPED
+
+    assert f"copy it: cp -r {SHIPPED / 'tiny'} DIR" in err
     # refused before anything is recorded
     assert main(["calibrate", str(tiny_dir), "--photos", "grass, grass"]) == 2
     assert "two different photos" in capsys.readouterr().err
