@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         "src", type=Path, help="diffusers folder with unet/, vae/, text_encoder/, tokenizer/"
     )
     cv.add_argument("-o", "--output", type=Path, required=True, help="new model folder")
-    cv.add_argument("--seed", type=non_negative, default=0, help="seed for PFJ and MMLE init")
+    cv.add_argument("--seed", type=noise_seed, default=0, help="seed for PFJ and MMLE init")
     cv.set_defaults(func=cmd_convert)
 
     ex = sub.add_parser(
@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--no-fold", action="store_true", help="skip Polygraphy constant folding")
     ex.add_argument(
-        "--seed", type=non_negative, default=0, help="init seed of a preset without weights"
+        "--seed", type=noise_seed, default=0, help="init seed of a preset without weights"
     )
     ex.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ex.set_defaults(func=cmd_export)

@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from adadiff.argtypes import positive, positive_list
+from adadiff.argtypes import noise_seed, positive, positive_list
 from adadiff.artifacts import ExportManifest
 from adadiff.device_check import check_device
 from adadiff.errors import AdadiffError, ConfigError
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="intra-op threads of torch and ONNX Runtime",
         )
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=noise_seed, default=0)
         s.add_argument("--engines", type=Path, default=None, help="reuse an ONNX export folder")
         s.add_argument(
             "--sections", default=None, help=f"comma subset of {','.join(suite.sections)}"

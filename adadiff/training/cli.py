@@ -20,6 +20,7 @@ from typing import Any
 from adadiff.argtypes import (
     DefaultsFormatter,
     fraction,
+    noise_seed,
     non_negative,
     non_negative_float,
     positive,
@@ -60,7 +61,9 @@ def _common(p: argparse.ArgumentParser, stage: str) -> None:
         type=Path,
         help="checkpoints and labels (default: ~/.cache/adadiff/train/MODEL)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the data stream and the init")
+    p.add_argument(
+        "--seed", type=noise_seed, default=0, help="seed of the data stream and the init"
+    )
     p.add_argument(
         "--threads",
         type=positive,

@@ -522,6 +522,23 @@ def test_the_suite_refuses_counts_below_one(monkeypatch, capsys):
         assert f"argument {flag}: expected a number >= 1" in capsys.readouterr().err
 
 
+def test_the_suite_refuses_a_seed_no_upscale_takes_before_any_run(monkeypatch, capsys):
+    import benchmarks.__main__ as suite_main
+
+    def no_runs(*_args, **_kw):
+        raise AssertionError("the suite ran with a seed the upscaler refuses")
+
+    monkeypatch.setattr(suite_main, "run_suite", no_runs)
+    for value, reason in (
+        ("-1", "expected a number >= 0"),
+        (str(2**32), "expected a seed below 2**32"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            suite_main.main(["quick", "--seed", value])
+        assert stop.value.code == 2
+        assert f"argument --seed: {reason}" in capsys.readouterr().err
+
+
 def test_the_suite_refuses_an_empty_sections_list(monkeypatch, tmp_path, capsys):
     import benchmarks.__main__ as suite_main
 

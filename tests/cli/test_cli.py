@@ -194,6 +194,25 @@ def test_upscale_refuses_a_seed_of_2_to_the_32_before_any_work(tmp_path, small_p
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "vae", "--model", "tiny", "--steps", "1"],
+        ["export", "--model", "sd21-base", "-o", "OUT"],
+        ["convert-sd21", "SRC", "-o", "OUT"],
+    ],
+)
+def test_init_and_training_seeds_torch_cannot_take_are_refused_at_parse(tmp_path, capsys, command):
+    # torch.manual_seed overflows past 2**64 ('Overflow when unpacking long long' after the
+    # model or the photos had loaded); the seed is bounded as upscale's is
+    argv = [str(tmp_path / a) if a in ("OUT", "SRC") else a for a in command]
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--seed", str(10**20)])
+    assert stop.value.code == 2
+    assert "argument --seed: expected a seed below 2**32" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_errors(tmp_path, small_png, capsys):
     code, _, err = _run(["upscale", small_png, "-o", small_png], capsys)
     assert code == 2 and "input" in err
