@@ -38,7 +38,8 @@ grain, the HR-referenced one only for grain, so these say which steps paid.
 
 With a colour fix in the config (``color_fix``), every decoded image is corrected against its
 reference before it is scored or compared, as the runtime's output is; each shard records the
-fix (``color_fix``, e.g. ``wavelet:5``) and a run with another config refuses to reuse it.
+fix (``color_fix``, e.g. ``wavelet:5``) and a run with another config refuses to reuse it, as
+MMLE's trainer refuses to learn from it.
 """
 
 from __future__ import annotations
@@ -778,7 +779,7 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
         raise ModelFolderError("no label shards found; run `adadiff train labels` first")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (*KEYS, "shard", "photo_name")}
     optional: dict[str, list[np.ndarray]] = {}
-    metrics = hr_metrics = None
+    metrics = hr_metrics = fix = None
     offset = 0
     for i, path in enumerate(paths):
         try:
@@ -786,6 +787,8 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
                 data = {k: npz[k] for k in (*KEYS, "metrics")}
                 if "hr_metrics" in npz.files:
                     data["hr_metrics"] = npz["hr_metrics"]
+                # shards from before the fix was recorded were scored without one
+                data["color_fix"] = npz["color_fix"] if "color_fix" in npz.files else "none"
                 data["photo_name"] = _photo_names(npz, "photo", len(data["t"]))
                 for key in _OPTIONAL_KEYS:
                     if key == "recon_photo" and key in npz.files:
@@ -806,6 +809,12 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
         if metrics is not None and names != metrics:
             raise ModelFolderError(f"{path} has metrics {names}, other shards {metrics}")
         metrics = names
+        if fix is not None and str(data["color_fix"]) != fix:
+            raise ModelFolderError(
+                f"{path} was scored with colour fix {data['color_fix']}, other shards with {fix}; "
+                "move the shards of one fix out of the folder"
+            )
+        fix = str(data["color_fix"])
         if "hr_metrics" in data:
             hr_names = tuple(str(m) for m in data["hr_metrics"])
             if hr_metrics is not None and hr_names != hr_metrics:
@@ -823,6 +832,7 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
     for key, values in complete.items():
         out["recon_photo_name" if key == "recon_photo" else key] = np.concatenate(values)
     out["metrics"] = np.array(metrics)
+    out["color_fix"] = np.array(fix)
     if "scores_hr" in out:
         out["hr_metrics"] = np.array(hr_metrics)
     return out

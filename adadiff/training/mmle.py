@@ -46,7 +46,7 @@ from adadiff.config import MetricKind, ModelConfig
 from adadiff.errors import ConfigError
 from adadiff.training.assemble import MMLE_STAGE, build_mmle, load_mmle_weights
 from adadiff.training.labels import STAGE as LABEL_STAGE
-from adadiff.training.labels import labels_origin, load_shards
+from adadiff.training.labels import color_fix_tag, labels_origin, load_shards
 from adadiff.training.loop import (
     TRAINED_CONFIG_KEYS,
     Progress,
@@ -250,6 +250,15 @@ class MMLEStage:
             raise ConfigError(
                 f"labels hold scores for {list(names)}, the model config lists "
                 f"{list(self.metric_names)}; make the labels with this config"
+            )
+        # MMLE stands in for the oracle on what the runtime outputs: its colour-fixed image
+        fix = str(data["color_fix"]) if "color_fix" in data else color_fix_tag(cfg)
+        if fix != color_fix_tag(cfg):
+            raise ConfigError(
+                f"the labels were scored with colour fix {fix}, the model config asks for "
+                f"{color_fix_tag(cfg)}, so MMLE would learn the scores of images the runtime "
+                "does not output; train with the config the labels were made with, or move the "
+                "labels folder aside and run `adadiff train labels` with this one"
             )
         self.cfg, self.opts, self.mopts = cfg, opts, mopts
         # what drew the labels (train_mmle fills these in from the shards)

@@ -317,6 +317,31 @@ def test_a_labels_folder_holds_one_tile_size(tmp_path, unet_workdir, cfg, images
         load_shards(sorted((workdir / "labels").glob("shard-*.npz")))
 
 
+def test_mmle_trains_only_on_labels_scored_with_the_configs_colour_fix(
+    tmp_path, unet_workdir, cfg, images
+):
+    """Labels refused another colour fix, MMLE did not: labels scored without a fix trained an
+    MMLE for a config whose runtime corrects its output (the scores of other images)."""
+    from adadiff.training.labels import LabelOptions, load_shards, make_labels
+    from adadiff.training.mmle import MMLEOptions, train_mmle
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=1, trajectories=2, max_batch=4, recon_crops=1, seed=1)
+    (first,) = make_labels(cfg, workdir, lopts, images=images).shards
+    corrected = replace(cfg, color_fix=ColorFixConfig(kind="wavelet", levels=3))
+    with pytest.raises(ConfigError, match="colour fix none, the model config asks for wavelet:3"):
+        train_mmle(corrected, workdir, opts(1), MMLEOptions(val_fraction=0.0))
+    assert not (workdir / "mmle").exists()
+    assert str(load_shards([first])["color_fix"]) == "none"
+    # a folder mixed by hand: named, not learnt from
+    with np.load(first) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    np.savez(workdir / "labels" / "shard-00001.npz", **{**arrays, "color_fix": "wavelet:3"})
+    with pytest.raises(ModelFolderError, match=r"shard-00001\.npz was scored with colour fix"):
+        load_shards(sorted((workdir / "labels").glob("shard-*.npz")))
+
+
 def test_mmle_resumes_only_on_the_labels_it_started_on(tmp_path, unet_workdir, cfg, images):
     from adadiff.training.labels import LabelOptions, make_labels
     from adadiff.training.mmle import MMLEOptions, train_mmle
