@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from adadiff.config import ModelConfig
+from adadiff.config import ColorFixConfig, MMLEConfig, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError, shell_arg
 from adadiff.models.bundle import TorchModels, build_modules, mmle_for
 from adadiff.models.networks import MMLE
@@ -110,6 +110,37 @@ def load_mmle_weights(model: MMLE, state: dict[str, Any]) -> None:
         ) from exc
 
 
+def _mmle_targets(mmle: MMLEConfig, fix: ColorFixConfig) -> dict[str, Any]:
+    """What an MMLE's output columns mean: its metrics, their reference and the colour fix of
+    the images its labels scored (``hidden`` and the metric names fail loading instead)."""
+    return {
+        "metrics": [(m.name, m.kind.value) for m in mmle.metrics],
+        "reference": mmle.reference,
+        "color_fix": "none" if fix.kind == "none" else f"{fix.kind}:{fix.levels}",
+    }
+
+
+def check_mmle_config(cfg: ModelConfig, ckpt: dict[str, Any], folder: Path) -> None:
+    """``ConfigError`` if the MMLE checkpoint of ``folder`` was trained for other targets than
+    ``cfg``'s: with another ``mmle.reference`` the PSNR and LPIPS columns are built otherwise
+    (``MMLE.split_columns``), so every score would be read wrongly, without an error."""
+    trained = ckpt.get("config") or {}
+    try:
+        then = _mmle_targets(
+            MMLEConfig(**trained["mmle"]), ColorFixConfig(**trained.get("color_fix", {}))
+        )
+    except (KeyError, TypeError, ConfigError):  # checkpoints from before configs were saved
+        return
+    now = _mmle_targets(cfg.mmle, cfg.color_fix)
+    changed = [f"{k} {then[k]} there, {now[k]} in the config" for k in now if then[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            f"{folder} holds an MMLE (step {ckpt['step']}) trained for other scores "
+            f"({'; '.join(changed)}); ship with the --model it was trained with, or train MMLE "
+            "for this one (move the mmle folder aside; a new colour fix needs new labels too)"
+        )
+
+
 def with_scaling(cfg: ModelConfig, scaling_factor: float) -> ModelConfig:
     s = float(scaling_factor)
     return replace(cfg, scaling_factor=s, vae={**cfg.vae, "scaling_factor": s})
@@ -173,6 +204,7 @@ def frozen_models(
         source = f"{source[:-1]}, decoder step {decoder_step})"
     if with_mmle:
         m = mmle_checkpoint(workdir)
+        check_mmle_config(cfg, m, Path(workdir) / MMLE_STAGE)
         mmle = baked_mmle(cfg, m["state"])
         source += f", mmle step {m['step']}"
     models = TorchModels(

@@ -342,6 +342,33 @@ def test_mmle_trains_only_on_labels_scored_with_the_configs_colour_fix(
         load_shards(sorted((workdir / "labels").glob("shard-*.npz")))
 
 
+def test_ship_refuses_an_mmle_trained_for_other_scores(tmp_path, unet_workdir, cfg, images):
+    """An MMLE trained with mmle.reference "input" builds its PSNR column from two errors; a
+    config of reference "hr" read that column as a plain score, and shipped it without a word.
+    Likewise an MMLE of labels scored without a colour fix, shipped with one."""
+    from adadiff.training.assemble import frozen_models
+    from adadiff.training.labels import LabelOptions, make_labels
+    from adadiff.training.mmle import MMLEOptions, train_mmle
+    from adadiff.training.ship import ship
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=1, trajectories=2, max_batch=4, recon_crops=1, seed=1)
+    make_labels(cfg, workdir, lopts, images=images)
+    train_mmle(cfg, workdir, opts(1), MMLEOptions(val_fraction=0.0))
+    assert frozen_models(cfg, workdir, with_mmle=True).mmle.split_columns  # PSNR: two errors
+    # calibrated weights are no change of what the columns mean
+    weighted = tuple(replace(m, weight=-m.weight) for m in cfg.mmle.metrics)
+    frozen_models(replace(cfg, mmle=replace(cfg.mmle, metrics=weighted)), workdir, with_mmle=True)
+    for other, said in (
+        (replace(cfg, mmle=replace(cfg.mmle, reference="hr")), "reference input there, hr in"),
+        (replace(cfg, color_fix=ColorFixConfig(kind="wavelet")), "color_fix none there, wavelet:5"),
+    ):
+        with pytest.raises(ConfigError, match=f"trained for other scores .*{said}"):
+            ship(other, workdir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_mmle_resumes_only_on_the_labels_it_started_on(tmp_path, unet_workdir, cfg, images):
     from adadiff.training.labels import LabelOptions, make_labels
     from adadiff.training.mmle import MMLEOptions, train_mmle
