@@ -35,7 +35,7 @@ from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, trainin
 from adadiff.training.deadleaves import NAME_PREFIX as DEADLEAVES_PREFIX
 from adadiff.training.deadleaves import SOURCE as DEADLEAVES_SOURCE
 from adadiff.training.degrade import STRENGTH_NOTES
-from adadiff.training.labels import UNREADABLE, labels_origin
+from adadiff.training.labels import UNREADABLE, color_fix_tag, labels_origin
 
 log = logging.getLogger("adadiff.training")
 
@@ -116,6 +116,13 @@ def _reused_mmle(models: TorchModels, folder: str | Path) -> TorchModels:
         raise ConfigError(
             f"--mmle-from {folder}: its MMLE predicts other metrics or has another shape than "
             "this config's 'mmle' entries; make labels and train MMLE for this model instead"
+        )
+    fixes = [color_fix_tag(c) for c in (source.config, models.config)]
+    if fixes[0] != fixes[1]:
+        raise ConfigError(
+            f"--mmle-from {folder}: its MMLE scores images colour-fixed by {fixes[0]}, this "
+            f"config's output is fixed by {fixes[1]}; make labels and train MMLE for this model "
+            "instead"
         )
     if not same_encoder(source.vae.state_dict(), models.vae.state_dict()):
         raise ConfigError(

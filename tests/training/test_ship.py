@@ -15,6 +15,7 @@ import torch
 from training_helpers import opts, small_pool, synthetic_labels
 
 # FR metrics only: numpy, no set-up files needed.
+from adadiff.config import ColorFixConfig
 from adadiff.errors import ConfigError, ModelFolderError
 from adadiff.training.checkpoint import load_latest
 
@@ -159,6 +160,10 @@ def test_ship_reuses_an_earlier_models_vae_and_mmle_and_says_so(tmp_path, cfg, i
     other = build_random(cfg, seed=4).save(tmp_path / "other")  # another encoder
     with pytest.raises(ConfigError, match="encoder"):
         ship(cfg, workdir, tmp_path / "refused", mmle_from=other)
+    # its MMLE scores images without a colour fix: not what a config with one outputs
+    fixed = replace(cfg, color_fix=ColorFixConfig(kind="wavelet", levels=3))
+    with pytest.raises(ConfigError, match=r"colour-fixed by none, .* fixed by wavelet:3"):
+        ship(fixed, workdir, tmp_path / "refused", mmle_from=earlier)
     assert not (tmp_path / "refused").exists()
 
     blocker = tmp_path / "a-file"
