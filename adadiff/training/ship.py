@@ -207,6 +207,9 @@ class LabelSummary:
     photos: set[str] = field(default_factory=set)  # names drawn, where shards record them
     weightings: set[str] = field(default_factory=set)
     unet_steps: set[int] = field(default_factory=set)  # the UNet checkpoints that drew them
+    # trajectories, and those of them on random tiers; None where a shard does not say
+    trajectories: int | None = 0
+    random_trajectories: int = 0
 
     def row(self) -> str:
         return (
@@ -229,6 +232,12 @@ def _labels(workdir: Path) -> LabelSummary:
                     out.weightings.add(str(npz["weighting"]))
                 if "unet_step" in npz.files:
                     out.unet_steps.add(int(npz["unet_step"]))
+                if "random" not in npz.files:
+                    out.trajectories = None
+                elif out.trajectories is not None and len(npz["traj"]):
+                    traj = npz["traj"]
+                    out.trajectories += int(traj.max()) + 1
+                    out.random_trajectories += len(np.unique(traj[npz["random"]]))
         except (*UNREADABLE, KeyError) as exc:
             raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
     return out
@@ -507,7 +516,21 @@ def _split_line(record: TrainingRecord) -> list[str]:
     return [line + f" **Not every stage kept them out**: {used}.", ""]
 
 
-def _labels_mmle_lines(cfg: ModelConfig, m_sum: dict[str, Any]) -> list[str]:
+def _trajectory_kinds(labels: LabelSummary) -> str:
+    """How the labels' trajectories chose their jumps (``--random-fraction``), as recorded."""
+    if not labels.trajectories:
+        return "oracle-driven DTSS and random DTSS tiers"
+    share = labels.random_trajectories / labels.trajectories
+    if share == 0:
+        return "oracle-driven DTSS"
+    if share == 1:
+        return "random DTSS tiers"
+    if share == 0.5:
+        return "half oracle-driven DTSS and half random DTSS tiers"
+    return f"{1 - share:.0%} oracle-driven DTSS and {share:.0%} random DTSS tiers"
+
+
+def _labels_mmle_lines(cfg: ModelConfig, m_sum: dict[str, Any], labels: LabelSummary) -> list[str]:
     split = [
         name
         for name, index in (("PSNR", cfg.mmle.psnr_index), ("LPIPS", cfg.mmle.lpips_index))
@@ -518,9 +541,9 @@ def _labels_mmle_lines(cfg: ModelConfig, m_sum: dict[str, Any]) -> list[str]:
     val_photos = m_sum.get("options", {}).get("val_photos", [])
     rho = ", ".join(f"{k} {v:.3f}" for k, v in val.get("spearman", {}).items()) or "-"
     return [
-        "- Labels: trajectories of the frozen model through the runtime sampler, half "
-        "oracle-driven DTSS and half random DTSS tiers; every UNet call's x0 decoded and scored "
-        "by the oracle ("
+        "- Labels: trajectories of the frozen model through the runtime sampler, "
+        + _trajectory_kinds(labels)
+        + "; every UNet call's x0 decoded and scored by the oracle ("
         + ", ".join(m.name for m in cfg.mmle.metrics)
         + ") against the LR input"
         + (
@@ -753,7 +776,7 @@ def model_card(
                 "metrics, but its labels are trajectories of that model's UNet, not this one's."
             ]
             if mmle_reused
-            else _labels_mmle_lines(cfg, m_sum)
+            else _labels_mmle_lines(cfg, m_sum, labels)
         ),
         *([f"- {lag}"] if lag else []),
         "",

@@ -337,15 +337,42 @@ def test_label_lag_only_when_the_labels_came_from_another_unet_step():
 
 def test_the_card_says_which_reference_mmle_learned(cfg):
     from adadiff.config import MMLEConfig
-    from adadiff.training.ship import _labels_mmle_lines
+    from adadiff.training.ship import LabelSummary, _labels_mmle_lines
 
     summary = {"recon_rows": 12, "options": {"recon_weight": 1.0, "latent_weight": 1.0}}
-    paper = " ".join(_labels_mmle_lines(cfg, summary))
+    paper = " ".join(_labels_mmle_lines(cfg, summary, LabelSummary()))
     assert "HR crop" not in paper and "latent part against the latent error" in paper
     hr = replace(cfg, mmle=MMLEConfig(metrics=cfg.mmle.metrics, reference="hr"))
-    ours = " ".join(_labels_mmle_lines(hr, summary))
+    ours = " ".join(_labels_mmle_lines(hr, summary, LabelSummary()))
     assert 'also against the HR crop, which is what MMLE learns (`mmle.reference` "hr"' in ours
     assert "latent part" not in ours and "enters the head as one more feature" in ours
+
+
+def test_the_card_says_how_the_label_trajectories_chose_their_jumps(tmp_path, cfg):
+    """The card said "half oracle-driven DTSS and half random DTSS tiers" whatever
+    --random-fraction the labels were made with."""
+    from adadiff.training.ship import model_card
+
+    params = dict.fromkeys(("unet", "vae", "pfj", "mmle", "total"), 1)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    shard = synthetic_labels(16)  # 4 trajectories of 4 calls
+
+    def said(**random: np.ndarray) -> str:
+        np.savez(labels / "shard-00000.npz", **shard, **random)
+        card = model_card(cfg, tmp_path, params, 1.0, None)
+        (line,) = [row for row in card.splitlines() if row.startswith("- Labels: ")]
+        return line.split("runtime sampler, ")[1].split(";")[0]
+
+    for picked, text in (
+        ([], "oracle-driven DTSS"),
+        ([0, 3], "half oracle-driven DTSS and half random DTSS tiers"),
+        ([2], "75% oracle-driven DTSS and 25% random DTSS tiers"),
+        ([0, 1, 2, 3], "random DTSS tiers"),
+    ):
+        assert said(random=np.isin(shard["traj"], picked)) == text
+    # shards from before the random trajectories were recorded: no share is claimed
+    assert said() == "oracle-driven DTSS and random DTSS tiers"
 
 
 def _evaluation(lpips: float, digest: str | None = None) -> dict:
