@@ -110,10 +110,12 @@ def load_mmle_weights(model: MMLE, state: dict[str, Any]) -> None:
         ) from exc
 
 
-def _mmle_targets(mmle: MMLEConfig, fix: ColorFixConfig) -> dict[str, Any]:
-    """What an MMLE's output columns mean: its metrics, their reference and the colour fix of
-    the images its labels scored (``hidden`` and the metric names fail loading instead)."""
+def mmle_targets(mmle: MMLEConfig, fix: ColorFixConfig) -> dict[str, Any]:
+    """What an MMLE's output columns mean and its shape: its metrics (not their weights, which
+    calibration changes and which only the policy reads), their reference, the colour fix of
+    the images its labels scored, and its width."""
     return {
+        "hidden": mmle.hidden,
         "metrics": [(m.name, m.kind.value) for m in mmle.metrics],
         "reference": mmle.reference,
         "color_fix": "none" if fix.kind == "none" else f"{fix.kind}:{fix.levels}",
@@ -126,12 +128,12 @@ def check_mmle_config(cfg: ModelConfig, ckpt: dict[str, Any], folder: Path) -> N
     (``MMLE.split_columns``), so every score would be read wrongly, without an error."""
     trained = ckpt.get("config") or {}
     try:
-        then = _mmle_targets(
+        then = mmle_targets(
             MMLEConfig(**trained["mmle"]), ColorFixConfig(**trained.get("color_fix", {}))
         )
     except (KeyError, TypeError, ConfigError):  # checkpoints from before configs were saved
         return
-    now = _mmle_targets(cfg.mmle, cfg.color_fix)
+    now = mmle_targets(cfg.mmle, cfg.color_fix)
     changed = [f"{k} {then[k]} there, {now[k]} in the config" for k in now if then[k] != now[k]]
     if changed:
         raise ConfigError(

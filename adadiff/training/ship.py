@@ -29,13 +29,18 @@ from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError, shell_arg
 from adadiff.models.bundle import SHIPPED, TorchModels, describe, load_models
 from adadiff.provenance import MODEL_CARD, TrainingRecord, read_record, write_record
-from adadiff.training.assemble import encoder_fingerprint, frozen_models, same_encoder
+from adadiff.training.assemble import (
+    encoder_fingerprint,
+    frozen_models,
+    mmle_targets,
+    same_encoder,
+)
 from adadiff.training.checkpoint import list_checkpoints, load_latest
 from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, training_photos
 from adadiff.training.deadleaves import NAME_PREFIX as DEADLEAVES_PREFIX
 from adadiff.training.deadleaves import SOURCE as DEADLEAVES_SOURCE
 from adadiff.training.degrade import STRENGTH_NOTES
-from adadiff.training.labels import UNREADABLE, color_fix_tag, labels_origin
+from adadiff.training.labels import UNREADABLE, labels_origin
 
 log = logging.getLogger("adadiff.training")
 
@@ -112,16 +117,12 @@ def _reused_mmle(models: TorchModels, folder: str | Path) -> TorchModels:
     source = load_models(folder)
     if not Path(source.source).is_dir():
         raise ConfigError(f"--mmle-from {folder}: no trained weights there; give a model folder")
-    if source.config.mmle != models.config.mmle:
+    then, now = (mmle_targets(c.mmle, c.color_fix) for c in (source.config, models.config))
+    changed = [f"{k} {then[k]} there, {now[k]} here" for k in now if then[k] != now[k]]
+    if changed:
         raise ConfigError(
-            f"--mmle-from {folder}: its MMLE predicts other metrics or has another shape than "
-            "this config's 'mmle' entries; make labels and train MMLE for this model instead"
-        )
-    fixes = [color_fix_tag(c) for c in (source.config, models.config)]
-    if fixes[0] != fixes[1]:
-        raise ConfigError(
-            f"--mmle-from {folder}: its MMLE scores images colour-fixed by {fixes[0]}, this "
-            f"config's output is fixed by {fixes[1]}; make labels and train MMLE for this model "
+            f"--mmle-from {folder}: its MMLE predicts other scores or has another shape than "
+            f"this config's ({'; '.join(changed)}); make labels and train MMLE for this model "
             "instead"
         )
     if not same_encoder(source.vae.state_dict(), models.vae.state_dict()):

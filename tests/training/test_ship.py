@@ -160,9 +160,17 @@ def test_ship_reuses_an_earlier_models_vae_and_mmle_and_says_so(tmp_path, cfg, i
     other = build_random(cfg, seed=4).save(tmp_path / "other")  # another encoder
     with pytest.raises(ConfigError, match="encoder"):
         ship(cfg, workdir, tmp_path / "refused", mmle_from=other)
+    # calibrated weights are the policy's, not the MMLE's: its raw scores are the same
+    calibrated = build_random(cfg, seed=3)
+    weights = tuple(replace(m, weight=2 * m.weight) for m in cfg.mmle.metrics)
+    calibrated.config = replace(cfg, mmle=replace(cfg.mmle, metrics=weights))
+    calibrated.save(tmp_path / "calibrated")
+    out = ship(cfg, workdir, tmp_path / "from-calibrated", mmle_from=tmp_path / "calibrated")
+    shipped = load_folder(out)
+    assert [m.weight for m in shipped.config.mmle.metrics] == [m.weight for m in cfg.mmle.metrics]
     # its MMLE scores images without a colour fix: not what a config with one outputs
     fixed = replace(cfg, color_fix=ColorFixConfig(kind="wavelet", levels=3))
-    with pytest.raises(ConfigError, match=r"colour-fixed by none, .* fixed by wavelet:3"):
+    with pytest.raises(ConfigError, match="color_fix none there, wavelet:3 here"):
         ship(fixed, workdir, tmp_path / "refused", mmle_from=earlier)
     assert not (tmp_path / "refused").exists()
 
