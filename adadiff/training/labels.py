@@ -627,6 +627,7 @@ def _make_labels(
                 meta = _shard_meta(path)  # one read of the shard's small fields
                 _check_color_fix(path, meta, cfg)
                 _check_tile(path, meta, cfg)
+                _check_metrics(path, meta, cfg)
                 _check_drawn_by(path, meta, models.source, unet_step)
                 _check_recipe(path, meta, opts, names)
                 if not all(k in meta["files"] for k in error_keys(cfg.mmle.metrics)):
@@ -677,6 +678,7 @@ def _shard_meta(path: Path) -> dict[str, Any]:
                 "recipe": json.loads(str(npz["recipe"])) if "recipe" in files else None,
                 "photos": [str(n) for n in npz["photos"]] if "photos" in files else [],
                 "latent_tile": int(npz["x0"].shape[-1]) if "x0" in files else -1,
+                "metrics": [str(m) for m in npz["metrics"]] if "metrics" in files else None,
             }
     except UNREADABLE as exc:
         raise ModelFolderError(f"{path} is not a label shard ({exc}); delete it") from exc
@@ -697,6 +699,17 @@ def _check_tile(path: Path, meta: dict[str, Any], cfg: ModelConfig) -> None:
             f"{path} holds {meta['latent_tile'] * cfg.vae_scale_factor} px tiles, the config's "
             f"tile_size is {cfg.tile_size}; run with the tile size it was made with, or move the "
             "labels folder aside to make labels of this size"
+        )
+
+
+def _check_metrics(path: Path, meta: dict[str, Any], cfg: ModelConfig) -> None:
+    """A labels folder holds one metric list: MMLE learns one score column per metric."""
+    now = [m.name for m in cfg.mmle.metrics]
+    if meta["metrics"] is not None and meta["metrics"] != now:
+        raise ModelFolderError(
+            f"{path} holds scores for the metrics {meta['metrics']}, the config lists {now}; run "
+            "with the metrics it was made with, or move the labels folder aside to make labels "
+            "for these"
         )
 
 
@@ -807,7 +820,10 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
             )
         names = tuple(str(m) for m in data["metrics"])
         if metrics is not None and names != metrics:
-            raise ModelFolderError(f"{path} has metrics {names}, other shards {metrics}")
+            raise ModelFolderError(
+                f"{path} has metrics {names}, other shards {metrics}; move the shards of one "
+                "metric list out of the folder"
+            )
         metrics = names
         if fix is not None and str(data["color_fix"]) != fix:
             raise ModelFolderError(

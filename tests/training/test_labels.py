@@ -317,6 +317,25 @@ def test_a_labels_folder_holds_one_tile_size(tmp_path, unet_workdir, cfg, images
         load_shards(sorted((workdir / "labels").glob("shard-*.npz")))
 
 
+def test_a_labels_folder_holds_one_metric_list(tmp_path, unet_workdir, cfg, images):
+    """A config with other metrics added shards that MMLE then refused to stack ("has metrics
+    ..., other shards ..."), after the whole labels run."""
+    from adadiff.training.labels import LabelOptions, make_labels
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=1, trajectories=2, max_batch=4, recon_crops=1, seed=1)
+    make_labels(cfg, workdir, lopts, images=images)
+    fewer = replace(cfg, mmle=replace(cfg.mmle, metrics=cfg.mmle.metrics[:2]))
+    with pytest.raises(ModelFolderError, match=r"the metrics \['psnr', 'ssim', 'gmsd'\], the"):
+        make_labels(fewer, workdir, replace(lopts, shards=2), images=images)
+    assert not (workdir / "labels" / "shard-00001.npz").exists()
+    # calibrated weights score the same metrics: the folder goes on
+    weights = tuple(replace(m, weight=-m.weight) for m in cfg.mmle.metrics)
+    calibrated = replace(cfg, mmle=replace(cfg.mmle, metrics=weights))
+    assert make_labels(calibrated, workdir, replace(lopts, shards=2), images=images).made == 1
+
+
 def test_mmle_trains_only_on_labels_scored_with_the_configs_colour_fix(
     tmp_path, unet_workdir, cfg, images
 ):
