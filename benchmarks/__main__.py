@@ -187,7 +187,7 @@ def run_suite(
         ctx.close()
     result["seconds"]["total"] = round(time.perf_counter() - start, 1)
     # After the runs: torch's thread count and the libraries actually imported are known.
-    result["machine"] = machine()
+    result["machine"] = machine(settings.device)
     result["weights"] = weights_of(result["settings"]["model"])
     result["summary"] = summarize(result)
     result["failed"] = failed_sections(result, suite.sections)

@@ -242,6 +242,34 @@ def test_a_failed_run_leaves_the_folder_results_as_they_were(smoke_run, tmp_path
     assert failed_sections({"backends": variants}, ("backends",)) == []
 
 
+def test_the_suite_records_the_name_of_the_gpu_it_ran_on(tmp_path, monkeypatch):
+    import benchmarks.__main__ as suite_main
+    from benchmarks import machine as machine_module
+    from benchmarks import schedules
+    from benchmarks.suites import Settings
+
+    class NoModels:
+        variants = ()
+
+        def close(self) -> None:
+            pass
+
+    asked = []
+
+    def machine(device: str = "cuda:0") -> dict:
+        asked.append(device)
+        return {"gpu": f"the GPU of {device}"}
+
+    monkeypatch.setattr(suite_main.Context, "create", lambda *_a, **_k: NoModels())
+    monkeypatch.setattr(machine_module, "machine", machine)
+    monkeypatch.setattr(machine_module, "weights_of", lambda _model: None)
+    monkeypatch.setattr(schedules, "run", lambda _ctx: {})
+    suite = replace(smoke_suite(), sections=("schedules",))
+    settings = Settings(device="cuda:1", backends=("torch",), threads=1)
+    result = suite_main.run_suite(suite, settings, tmp_path)
+    assert asked == ["cuda:1"] and result["machine"]["gpu"] == "the GPU of cuda:1"
+
+
 def test_scaleout_folder_and_readme_block(tmp_path):
     from benchmarks.scaleout import SIZES, make_folder, write_readme
 
