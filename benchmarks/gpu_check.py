@@ -280,7 +280,9 @@ def part_tiny_e2e(plan: Plan) -> dict[str, Any]:
 
     _reset_peak(torch, plan.device)
     models = load_models("tiny")
-    up = Upscaler(models.config, TorchBackend(models, device=plan.device), max_batch=8)
+    up = Upscaler(
+        models.config, TorchBackend(models, device=plan.device), max_batch=plan.e2e_max_batch
+    )
     photo = _photo(plan.photo_size)
     groupings = ("regroup", "tile")
     for grouping in groupings:  # each its own warm-up: they run different batch shapes
