@@ -407,6 +407,7 @@ class ModelConfig:
             missing = [k for k in keys if k not in block]
             if missing:
                 raise ConfigError(f"the {part} config needs {missing}")
+        self._check_shape_keys()
         if not math.isfinite(self.scaling_factor) or not self.scaling_factor > 0:
             raise ConfigError(
                 f"scaling_factor must be a positive number (SD's VAE: 0.18215), got "
@@ -465,6 +466,33 @@ class ModelConfig:
             raise ConfigError(
                 "default_schedule is content, but content.threshold is 0 (no content rule): "
                 "set default_schedule to uniform or adaptive, or give content a threshold"
+            )
+
+    def _check_shape_keys(self) -> None:
+        """``ConfigError`` unless the diffusers keys every shape derives from are whole numbers:
+        diffusers accepts a per-block list of cross_attention_dim, and "8" or 8.0 for
+        latent_channels went through here to fail later (text_dim raised a TypeError)."""
+
+        def whole(value: object) -> bool:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                return False
+            return int(value) >= 1
+
+        text = self.unet["cross_attention_dim"]
+        if not whole(text):
+            raise ConfigError(
+                f"unet.cross_attention_dim must be a whole number >= 1, got {text!r}: the UNet "
+                "reads one empty-prompt embedding [text_tokens, cross_attention_dim] in every "
+                "block, so a per-block list is not supported"
+            )
+        latent = self.vae.get("latent_channels", 4)
+        if not whole(latent):
+            raise ConfigError(f"vae.latent_channels must be a whole number >= 1, got {latent!r}")
+        widths = self.vae["block_out_channels"]
+        if not isinstance(widths, (list, tuple)) or not widths or not all(map(whole, widths)):
+            raise ConfigError(
+                "vae.block_out_channels must be a non-empty list of whole numbers (the VAE's "
+                f"block widths; their count sets its downsampling factor), got {widths!r}"
             )
 
     def require_content_rule(self, name: str | None = None) -> None:

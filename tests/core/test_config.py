@@ -34,6 +34,13 @@ CASES = [
     (lambda d: d["mmle"]["metrics"][0].__setitem__("kind", "both"), "metric kind must be one of"),
     (lambda d: d["vae"].pop("block_out_channels"), "vae config needs"),
     (lambda d: d["unet"].pop("cross_attention_dim"), "unet config needs"),
+    # diffusers takes a per-block list; it loaded here and text_dim raised a TypeError
+    (_set("unet", "cross_attention_dim", [64] * 4), "cross_attention_dim must be a whole"),
+    (_set("unet", "cross_attention_dim", None), "cross_attention_dim must be a whole"),
+    (_set("vae", "latent_channels", "8"), "latent_channels must be a whole number"),
+    (_set("vae", "latent_channels", 8.0), "latent_channels must be a whole number"),
+    (_set("vae", "block_out_channels", 64), "block_out_channels must be a non-empty list"),
+    (_set("vae", "block_out_channels", []), "block_out_channels must be a non-empty list"),
     (lambda d: d.__setitem__("unet", [1, 2]), "unet must be a mapping"),
     (lambda d: d["mmle"]["metrics"][0].pop("weight"), "invalid adadiff.json"),
     # JSON reads NaN: it made every tile "stable", never growing or exiting
@@ -91,18 +98,26 @@ def test_the_shipped_config_loads_and_round_trips():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_a_bad_model_folder_is_one_line_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_set("dtss", "t_start", 5000), "t_start 5000"),
+        # a per-block list, which diffusers builds: a TypeError traceback from text_dim
+        (_set("unet", "cross_attention_dim", [64] * 4), "cross_attention_dim must be"),
+    ],
+)
+def test_a_bad_model_folder_is_one_line_before_any_work(tmp_path, capsys, mutate, message):
     folder = tmp_path / "model"
     shutil.copytree(SHIPPED, folder)
     data = copy.deepcopy(BASE)
-    data["dtss"]["t_start"] = 5000
+    mutate(data)
     (folder / "adadiff.json").write_text(json.dumps(data))
     image = tmp_path / "in.png"
     Image.new("RGB", (16, 12), (90, 120, 150)).save(image)
     code = main(["upscale", str(image), "-o", str(tmp_path / "out.png"), "--model", str(folder)])
     _, err = capsys.readouterr()
     assert code == 2
-    assert err.count("\n") == 1 and "t_start 5000" in err
+    assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "out.png").exists()
 
 
