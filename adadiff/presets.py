@@ -148,7 +148,18 @@ def model_config(model: str | Path) -> ModelConfig:
         return ModelConfig.load(shipped) if (shipped / CONFIG_FILE).is_file() else preset(name)
     folder = Path(model).expanduser()
     if not folder.is_dir():
-        raise ModelFolderError(
-            f"model folder {folder} does not exist; give a preset name or a folder"
-        )
+        raise no_model_folder(folder)
     return ModelConfig.load(folder)
+
+
+def no_model_folder(folder: Path) -> ModelFolderError:
+    """The error for a model path that is no folder. A file there (a Stable Diffusion
+    checkpoint, say) was called missing."""
+    if folder.exists():
+        return ModelFolderError(
+            f"model folder {folder} is a file, not a folder; give a preset name or a model "
+            f"folder ({CONFIG_FILE} beside unet/, vae/ and the weights; see README, model "
+            "folders): `adadiff convert-sd21` makes one from a Stable Diffusion 2.1 diffusers "
+            "folder"
+        )
+    return ModelFolderError(f"model folder {folder} does not exist; give a preset name or a folder")

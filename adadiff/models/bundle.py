@@ -31,7 +31,7 @@ from adadiff.models.wrappers import (
     VAEDecoderWrapper,
     VAEEncoderWrapper,
 )
-from adadiff.presets import SHIPPED, preset, preset_name
+from adadiff.presets import SHIPPED, no_model_folder, preset, preset_name
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_EMBEDDING = "text_embedding.safetensors"
@@ -206,9 +206,7 @@ def load_state(module: nn.Module, path: Path) -> None:
 def load_folder(folder: str | Path) -> TorchModels:
     folder = Path(folder)
     if not folder.is_dir():
-        raise ModelFolderError(
-            f"model folder {folder} does not exist; give a preset name or a folder"
-        )
+        raise no_model_folder(folder)
     cfg = ModelConfig.load(folder)
     with torch.random.fork_rng(devices=[]):
         unet, vae, pfj, mmle = build_modules(cfg)

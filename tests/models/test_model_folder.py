@@ -226,3 +226,19 @@ def test_a_folder_under_home_loads_as_model_config_reads_it(
     monkeypatch.setenv("HOME", str(tmp_path))
     assert model_config("~/model") == ModelConfig.load(folder)
     assert load_models("~/model").source == str(folder)
+
+
+def test_a_checkpoint_file_given_as_the_model_is_not_called_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a single-file SD checkpoint as --model was "model folder ... does not exist"
+    ckpt = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    ckpt.write_bytes(b"\0" * 16)
+    for read in (load_folder, model_config):
+        with pytest.raises(ModelFolderError, match=r"is a file, not a folder.*convert-sd21"):
+            read(ckpt)
+    assert main(["export", "--model", str(ckpt), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "does not exist" not in err
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        load_folder(tmp_path / "absent")
