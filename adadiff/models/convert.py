@@ -158,6 +158,13 @@ def convert_sd21(
 
 def _check_dst(dst: Path) -> None:
     if dst.is_dir():
+        # the folder is written beside DST and renamed into place: the working directory
+        # ("-o .") cannot be replaced so, and was refused as not empty after the slow work
+        if dst.resolve() == Path.cwd().resolve():
+            raise ModelFolderError(
+                f"{dst} is the working directory; pick a new folder for the converted model "
+                "(a name under it, such as sd21-adadiff)"
+            )
         if any(dst.iterdir()):
             raise ModelFolderError(
                 f"{dst} already exists and is not empty; pick a new folder for the converted model"

@@ -323,6 +323,22 @@ def test_empty_dst_is_fine(stock: Path, tmp_path: Path) -> None:
     assert (dst / CONFIG_FILE).is_file()
 
 
+def test_the_working_directory_as_dst_is_refused_before_converting(
+    stock: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "-o ." in an empty folder converted, then said ". already exists and is not empty"
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    said: list[str] = []
+    for dst in (".", str(here), "../here"):
+        with pytest.raises(ModelFolderError, match="is the working directory; pick a new folder"):
+            convert_sd21(stock, dst, log=said.append)
+    assert said == [] and list(here.iterdir()) == []
+    assert convert_sd21(stock, "sd21-adadiff") == Path("sd21-adadiff")
+    assert (here / "sd21-adadiff" / CONFIG_FILE).is_file()
+
+
 def test_without_transformers(stock: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(BackendUnavailableError, match=re.escape('pip install "adadiff[convert]"')):
