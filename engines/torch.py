@@ -37,6 +37,15 @@ class TorchEngine:
     def __init__(
         self, module: torch.nn.Module, spec: ModelSpec, device: torch.device, dtype: torch.dtype
     ) -> None:
+        current = next(module.parameters(), None)
+        if current is not None and current.dtype in HALF_DTYPES.values() and current.dtype != dtype:
+            # A backend casts the shared modules in place (a copy would double the host memory
+            # of sd21's UNet); casting back would run the rounded weights as if they were fp32.
+            raise ConfigError(
+                f"the {spec.name} of these models was cast to {current.dtype} by an earlier "
+                f"half-precision torch backend; load the models again (load_models) for a "
+                f"{dtype} backend"
+            )
         self.spec = spec
         self.device = device
         self.dtype = dtype

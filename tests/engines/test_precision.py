@@ -132,3 +132,19 @@ def test_fp32_on_cuda_turns_tf32_off(monkeypatch, tiny_models):
         assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
     finally:
         conv.fp32_precision, matmul.fp32_precision = before
+
+
+def test_models_a_half_backend_cast_are_refused_by_a_later_fp32_backend():
+    """A half-precision backend casts the shared modules in place; an fp32 backend opened on the
+    same models afterwards ran the rounded weights and gave results 0.02 off a fresh model's."""
+    from adadiff.engines.torch import TorchBackend
+
+    models = _fresh_models()
+    TorchBackend(models, device="cpu", precision="bf16").open("unet")
+    with pytest.raises(ConfigError, match=r"cast to torch\.bfloat16 .* load the models again"):
+        TorchBackend(models, device="cpu").open("unet")
+    with pytest.raises(ConfigError, match=r"cast to torch\.bfloat16"):
+        TorchBackend(models, device="cpu", precision="fp16").open("unet")
+    # the same precision again, and components the half backend left in fp32, still open
+    TorchBackend(models, device="cpu", precision="bf16").open("unet")
+    TorchBackend(models, device="cpu").open("vae_decoder")
