@@ -106,7 +106,16 @@ def export_onnx(
             f"{out} is being exported into by {holder}; wait for it or stop it, then run again"
         )
 
-    with folder_lock(lock, busy):
+    def unwritable(exc: OSError) -> OutputPathError:
+        if lock.is_dir():
+            fix = f"remove the folder {lock}"
+        else:  # the lock file stays after an export: in a shared folder it is the last user's
+            fix = f"make {lock if lock.exists() else out} writable"
+        return OutputPathError(
+            f"cannot write {lock} ({exc.strerror or exc}); {fix}, or pick another output folder"
+        )
+
+    with folder_lock(lock, busy, unwritable=unwritable):
         _remove_leftovers(out)
         return _export_locked(models, out, options, progress)
 

@@ -392,6 +392,26 @@ def test_an_export_killed_midway_is_cleaned_up_and_two_at_once_are_refused(tiny_
     assert export_onnx(tiny_models, out, options).components["pfj"].weights != ""
 
 
+def test_a_folder_the_lock_cannot_be_written_in_is_one_line(tiny_models, tmp_path, monkeypatch):
+    """A read-only OUTPUT (root writes anyway, hence the stand-in) or a folder where the lock
+    file goes: an OutputPathError saying what to do, not a PermissionError traceback."""
+    from adadiff import locks
+
+    options = ExportOptions(components=("pfj",), check_batches=())
+    blocked = tmp_path / "blocked"
+    (blocked / LOCK_FILE).mkdir(parents=True)
+    with pytest.raises(OutputPathError, match=r"Is a directory\); remove the folder .*lock"):
+        export_onnx(tiny_models, blocked, options)
+
+    def read_only(path: Path, mode: str) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(locks, "open", read_only, raising=False)
+    out = tmp_path / "read-only"
+    with pytest.raises(OutputPathError, match=r"Permission denied\); make .*read-only writable"):
+        export_onnx(tiny_models, out, options)
+
+
 def test_a_foreign_manifest_is_not_overwritten(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
