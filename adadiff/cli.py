@@ -126,9 +126,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=positive,
-        help="CPU threads for torch / ONNX Runtime (default: every CPU this process may use; "
-        "idle threads sleep instead of spinning, so a busy machine does not slow it down; more "
-        "threads than CPUs only slow the run, and are warned about)",
+        help="CPU threads for torch / ONNX Runtime (default: OMP_NUM_THREADS if set, else every "
+        "CPU this process may use; idle threads sleep instead of spinning, so a busy machine "
+        "does not slow it down; more threads than CPUs only slow the run, and are warned about)",
     )
 
 

@@ -673,7 +673,8 @@ class RunSettings:
 
     ``model`` is a preset or a model folder (None: ``tiny`` for torch, the exported model
     otherwise); ``engines`` an export folder for onnxruntime and tensorrt; ``max_batch`` the most
-    tiles per engine call; ``threads`` the CPU threads (None: every CPU this process may use)."""
+    tiles per engine call; ``threads`` the CPU threads (None: ``OMP_NUM_THREADS`` if set, else
+    every CPU this process may use)."""
 
     model: str | Path | None = None
     # Strings are accepted (the command line's and the keyword API's) and become the enums.

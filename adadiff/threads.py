@@ -22,6 +22,7 @@ from adadiff.errors import ConfigError
 log = logging.getLogger("adadiff")
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
+NUM_THREADS = "OMP_NUM_THREADS"
 
 
 def usable_cpus() -> int:
@@ -50,8 +51,14 @@ def _cgroup_quota() -> float | None:
 
 
 def default_threads() -> int:
-    """The thread count used when none is given: every usable CPU (see ``usable_cpus``)."""
-    return usable_cpus()
+    """The thread count used when none is given: ``OMP_NUM_THREADS`` where the user set it (its
+    first level; torch alone honours it, so overriding it broke a shell's or a job script's
+    limit), else every usable CPU; never more than the usable CPUs (see ``usable_cpus``)."""
+    cpus = usable_cpus()
+    first = os.environ.get(NUM_THREADS, "").split(",")[0].strip()
+    if first.isascii() and first.isdigit() and int(first) >= 1:
+        return min(int(first), cpus)
+    return cpus
 
 
 def prefer_passive_wait() -> bool:

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         help="pass --schedule to the demo (default: the model's own)",
     )
     args = p.parse_args(argv)
-    from adadiff.threads import usable_cpus
+    from adadiff.threads import default_threads, usable_cpus
 
     try:  # before minutes of runs: an --out that cannot be written fails now, in one line
         check_out_file(args.out)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args.repeats, args.busy or usable_cpus(), extra)
     result["machine"] = machine()
     # torch ran in the demo processes, not here: record the threads they used
-    result["machine"]["torch_threads"] = args.threads or usable_cpus()
+    result["machine"]["torch_threads"] = args.threads or default_threads()
     result["argv"] = ["benchmarks", "load", *(sys.argv[1:] if argv is None else argv)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

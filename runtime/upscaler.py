@@ -133,8 +133,9 @@ class Upscaler:
     ) -> Upscaler:
         """``model`` is a preset (``tiny``, ``sd21-base``) or a model folder. None means
         ``tiny`` for torch and the exported model for onnxruntime and tensorrt. ``threads`` is
-        the CPU thread count (default: every CPU this process may use; torch's idle threads
-        wait passively when torch was not imported before, see ``adadiff.threads``)."""
+        the CPU thread count (default: ``OMP_NUM_THREADS`` if set, else every CPU this process
+        may use; torch's idle threads wait passively when torch was not imported before, see
+        ``adadiff.threads``)."""
         settings = RunSettings(
             model=model,
             backend=backend,

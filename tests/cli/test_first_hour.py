@@ -283,6 +283,33 @@ def test_threads_reach_torch_and_the_report(tmp_path, small_png, capsys):
         torch.set_num_threads(before)
 
 
+def test_omp_num_threads_is_the_default_up_to_the_cpus(tmp_path, small_png, capsys, monkeypatch):
+    """A shell's or a job script's OMP_NUM_THREADS=1 ran upscale on every CPU: adadiff set
+    torch's threads to its default over the limit torch alone would have kept."""
+    import torch
+
+    from adadiff import threads
+
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 4)
+    for value, want in [("1", 1), ("3", 3), ("2,1", 2), ("64", 4), ("0", 4), ("x", 4), ("", 4)]:
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert threads.default_threads() == want, value
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads.default_threads() == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    report = tmp_path / "r.json"
+    try:
+        code = main(
+            ["upscale", str(small_png), "-o", str(tmp_path / "o.png"), "-q",
+             "--schedule", "uniform", "--interval", "500", "--report", str(report)]
+        )  # fmt: skip
+        assert code == 0
+        assert json.loads(report.read_text())["backend"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(
     "command",
     [
