@@ -77,7 +77,14 @@ def read_record(folder: str | Path | None) -> TrainingRecord | None:
             ) from exc
     card = folder / MODEL_CARD
     if card.is_file():
-        return TrainingRecord(photos=_card_photos(card.read_text()))
+        try:
+            text = card.read_text()
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (an editor's Latin-1)
+            raise ModelFolderError(
+                f"{card} is not a readable model card ({exc}); save it as UTF-8 or restore it "
+                "from the folder it was copied from"
+            ) from exc
+        return TrainingRecord(photos=_card_photos(text))
     return None
 
 

@@ -296,6 +296,11 @@ def test_a_training_record_is_read_from_json_or_from_an_older_card(tmp_path):
     (tmp_path / "training.json").write_text("{not json")
     with pytest.raises(ModelFolderError, match="training record"):
         read_record(tmp_path)
+    # a card saved by an editor in Latin-1: one line (the demo ended in a UnicodeDecodeError)
+    (tmp_path / "training.json").unlink()
+    (tmp_path / "MODEL_CARD.md").write_bytes("# m\n| café |\n".encode("latin-1"))
+    with pytest.raises(ModelFolderError, match=r"not a readable model card .*save it as UTF-8"):
+        read_record(tmp_path)
 
 
 def test_half_storage_halves_the_big_weights_and_loads_as_fp32(tmp_path, cfg):
