@@ -27,10 +27,11 @@ DEFAULT_EVERY = 10.0
 
 
 def format_duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    minutes, secs = divmod(round(seconds), 60)
+    # whole seconds first: 59.6 s read "60s" where 60.0 s reads "1m00s"
+    whole = round(max(0.0, seconds))
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
     if minutes < 60:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)

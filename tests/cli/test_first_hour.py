@@ -213,6 +213,13 @@ def test_log_progress_lines_are_timestamped_rate_limited_and_finish():
     assert text[-1].startswith("decode 100% (1/1 tiles)")
 
 
+def test_durations_round_to_whole_seconds_before_choosing_the_unit():
+    from adadiff.progress import format_duration
+
+    shown = [format_duration(s) for s in (-1, 0.4, 59.4, 59.6, 60, 3599.4, 3599.6, 7260)]
+    assert shown == ["0s", "0s", "59s", "1m00s", "1m00s", "59m59s", "1h00m", "2h01m"]
+
+
 def test_log_progress_counts_rounds_and_time_from_the_start_call():
     t = [0.0]
     stream = io.StringIO()
