@@ -105,7 +105,17 @@ def stage_lock(folder: str | Path) -> Iterator[None]:
             "(Ctrl-C or kill saves a checkpoint), then run again"
         )
 
-    with folder_lock(folder / ".lock", busy):
+    lock = folder / ".lock"
+
+    def unwritable(exc: OSError) -> ModelFolderError:
+        # the lock file stays after a run: in a shared folder it is the last user's
+        fix = f"remove the folder {lock}" if lock.is_dir() else f"make {lock} writable"
+        return ModelFolderError(
+            f"cannot open the lock file {lock} ({exc.strerror or exc}); {fix}, or choose "
+            "another --workdir"
+        )
+
+    with folder_lock(lock, busy, unwritable=unwritable):
         # a write cut short by SIGKILL or a power loss leaves its temporary file; no other run
         # writes here while the lock is held, so any left is stale
         for pattern in (".ckpt-*.tmp", ".shard-*.tmp"):  # checkpoints, label shards

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,6 +206,26 @@ def test_two_runs_cannot_train_into_one_folder(tmp_path):
     stale.write_bytes(b"half a checkpoint")
     assert run_stage(Counter(), tmp_path / "unet", _opts()).step == 6  # released after
     assert not stale.exists()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
+    """The .lock a run leaves, owned by another user in a shared workdir (root opens it anyway,
+    hence the stand-in), or a folder in its place: a ModelFolderError, not a traceback."""
+    from adadiff import locks
+    from adadiff.training.loop import run_stage
+
+    (tmp_path / "unet" / ".lock").mkdir(parents=True)
+    stage = Counter()
+    with pytest.raises(ModelFolderError, match=r"Is a directory\); remove the folder .*\.lock"):
+        run_stage(stage, tmp_path / "unet", _opts())
+
+    def not_ours(path: Path, mode: str) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(locks, "open", not_ours, raising=False)
+    with pytest.raises(ModelFolderError, match=r"Permission denied\); make .*\.lock writable"):
+        run_stage(stage, tmp_path / "mmle", _opts())
+    assert stage.w == 0  # refused before any step
 
 
 class Abandons(Counter):
