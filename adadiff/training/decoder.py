@@ -76,6 +76,7 @@ from adadiff.training.pairs import (
     load_images,
     merged_photos,
     photo_names,
+    photos_a_crop_fits,
     to_tensor,
 )
 from adadiff.training.vae import build_vae, encode_moments
@@ -384,11 +385,15 @@ def train_decoder(
                 "to cut windows from the model's samples (or --sample-prob 0)"
             )
         sampler = frozen_models(cfg, workdir, with_mmle=False, seed=opts.seed)
+    names: list[str] = []
+    if images is None:
+        names, images = photo_names(dopts.photos), load_images(dopts.photos)
+    names, images = photos_a_crop_fits(names, images, dopts.crop, stage=STAGE)
     stage = DecoderStage(
         cfg,
         opts,
         dopts,
-        images if images is not None else load_images(dopts.photos),
+        images,
         state["vae"],
         scaling_factor=float(state["scaling_factor"]),
         cache_dir=cache_dir,
@@ -396,7 +401,7 @@ def train_decoder(
     )
     latest = load_latest(workdir / STAGE, stage=STAGE)
     before = latest.get("summary", {}).get("photos", []) if latest is not None else []
-    stage.photos = merged_photos(before, photo_names(dopts.photos) if images is None else [])
+    stage.photos = merged_photos(before, names)
     stage.unet_step = int(unet["step"]) if sampler is not None else None
     stage.sample_phases = sample_phases(latest, stage.unet_step)
     return run_stage(stage, workdir / STAGE, opts, config=cfg.to_dict(), progress=progress)

@@ -71,7 +71,13 @@ from adadiff.training.assemble import frozen_models, unet_checkpoint
 from adadiff.training.checkpoint import stage_lock
 from adadiff.training.data import PhotoWeighting, check_weighting
 from adadiff.training.loop import check_writable, numpy_rng, option_flag, stop_on_signals
-from adadiff.training.pairs import Batch, PairStream, load_images, photo_names
+from adadiff.training.pairs import (
+    Batch,
+    PairStream,
+    load_images,
+    photo_names,
+    photos_a_crop_fits,
+)
 
 log = logging.getLogger("adadiff.training")
 
@@ -594,6 +600,7 @@ def make_labels(
         names, images = photo_names("train"), load_images("train")
     if names and len(names) != len(images):
         raise ConfigError(f"got {len(names)} photo names for {len(images)} images")
+    names, images = photos_a_crop_fits(list(names), images, cfg.tile_size, stage=STAGE)
     workdir = Path(workdir)
     folder = workdir / STAGE
     check_writable(folder)

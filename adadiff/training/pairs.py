@@ -7,6 +7,7 @@ The conditioning image is exactly what the runtime encodes: the LR image upscale
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from adadiff.training.data import (
 )
 from adadiff.training.degrade import strength_config
 from adadiff.training.loop import numpy_rng
+
+log = logging.getLogger("adadiff.training")
 
 # "train+validation": the final fit of a recipe chosen on the validation photos (hold-out stays out)
 PHOTO_SETS = ("train", "validation", "holdout", "train+validation")
@@ -87,6 +90,30 @@ def evaluation_photos(text: str) -> tuple[str, ...]:
 def load_images(which: str = "train") -> list[np.ndarray]:
     """The photos ``photo_names(which)`` names, float32 RGB in [0, 1]."""
     return [load_photo(name) for name in photo_names(which)]
+
+
+def photos_a_crop_fits(
+    names: list[str], images: list[np.ndarray], size: int, *, stage: str
+) -> tuple[list[str], list[np.ndarray]]:
+    """The images (and their names; ``names`` may be empty) at least ``size`` px on both sides.
+    The crop sampler never draws the others, so a stage leaves them out of the photos it records
+    for the model card, and says so."""
+    small = [i for i, image in enumerate(images) if min(image.shape[:2]) < size]
+    if not small:
+        return names, images
+    listed = ", ".join(
+        f"{names[i] if names else f'image {i}'} ({images[i].shape[0]}x{images[i].shape[1]})"
+        for i in small
+    )
+    log.warning(
+        "%s: %s smaller than the %d px crops: never drawn, not trained on (smaller crops, or a "
+        "smaller tile size, would use them)",
+        stage,
+        listed,
+        size,
+    )
+    keep = [i for i in range(len(images)) if i not in small]
+    return ([names[i] for i in keep] if names else names), [images[i] for i in keep]
 
 
 @dataclass

@@ -68,6 +68,7 @@ from adadiff.training.pairs import (
     load_images,
     merged_photos,
     photo_names,
+    photos_a_crop_fits,
     to_tensor,
 )
 from adadiff.training.vae import STAGE as VAE_STAGE
@@ -358,6 +359,7 @@ def train_unet(
     if images is None:
         names, images = photo_names(uopts.photos), load_images(uopts.photos)
     names, images = with_dead_leaves(names, images, uopts.deadleaves, seed=opts.seed, stage=STAGE)
+    names, images = photos_a_crop_fits(names, images, cfg.tile_size, stage=STAGE)
     init = None
     if init_from is not None and latest is None:
         init = unet_of_model(cfg, init_from)

@@ -48,6 +48,7 @@ from adadiff.training.pairs import (
     load_images,
     merged_photos,
     photo_names,
+    photos_a_crop_fits,
     to_tensor,
 )
 
@@ -218,6 +219,7 @@ def train_vae(
     if images is None:
         names, images = photo_names("train"), load_images("train")
     names, images = with_dead_leaves(names, images, vopts.deadleaves, seed=opts.seed, stage=STAGE)
+    names, images = photos_a_crop_fits(names, images, vopts.crop or cfg.tile_size, stage=STAGE)
     stage = VAEStage(cfg, opts, vopts, images, cache_dir=cache_dir)
     latest = load_latest(Path(workdir) / STAGE, stage=STAGE)
     # what every run of the stage trained on, for the model card: a resume with fewer photos

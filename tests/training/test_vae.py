@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import pytest
 
 # FR metrics only: numpy, no set-up files needed.
@@ -78,6 +81,22 @@ def test_vae_trains_on_dead_leaves_beside_the_photos(tmp_path, cfg, images, monk
         "deadleaves-1",
     ]
     assert summary["options"]["min_scale"] == 0.5
+
+
+def test_a_vae_lists_only_the_photos_its_crops_fit_in(tmp_path, cfg, images, monkeypatch, caplog):
+    """The crop sampler never draws a photo smaller than the crop: the stage says so, and the
+    model card's photo table (the summary's photos) does not claim it was trained on."""
+    from adadiff.training import vae as vae_module
+    from adadiff.training.vae import VAEOptions, train_vae
+
+    narrow = np.full((cfg.tile_size - 4, 3 * cfg.tile_size, 3), 0.5, np.float32)
+    monkeypatch.setattr(vae_module, "photo_names", lambda which: ["wide", "narrow"])
+    monkeypatch.setattr(vae_module, "load_images", lambda which: [images[0], narrow])
+    with caplog.at_level(logging.WARNING, logger="adadiff.training"):
+        train_vae(cfg, tmp_path, opts(1), VAEOptions(perceptual_weight=0.0))
+    assert load_latest(tmp_path / "vae")["summary"]["photos"] == ["wide"]
+    warned = [r.getMessage() for r in caplog.records if "never drawn" in r.getMessage()]
+    assert len(warned) == 1 and f"narrow ({cfg.tile_size - 4}x" in warned[0], warned
 
 
 def test_a_vae_resumed_without_dead_leaves_still_lists_them(tmp_path, cfg, images):
