@@ -661,7 +661,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"(cp -r {shell_arg(str(folder))} DIR) and calibrate the copy"
         )
     text = args.photos or "validation"
-    given = photo_names(text) if text in (*TRAINING_SETS, "validation") else text.split(",")
+    # "holdout" is read as the set too, so that it is refused as hold-out photos below
+    given = (
+        photo_names(text) if text in (*TRAINING_SETS, "validation", "holdout") else text.split(",")
+    )
     names = list(dict.fromkeys(n.strip() for n in given if n.strip()))  # each photo once
     held = sorted(set(names) & set(HOLDOUT))
     if held:
