@@ -413,6 +413,14 @@ def _strength(options: dict[str, Any]) -> str:
     return f" ({strength} strength: {STRENGTH_NOTES[strength]})"
 
 
+def _scale_augmentation(options: dict[str, Any]) -> str:
+    """The stage's scale augmentation (``--min-scale``); silent for crops at the photos' scale."""
+    low = float(options.get("min_scale", 1.0))
+    if low >= 1:
+        return ""
+    return f"; HR crops show their photo downscaled by a random factor in [{low:g}, 1]"
+
+
 def _latent_noise(options: dict[str, Any]) -> str:
     noise = float(options.get("latent_noise", 0.0))
     return f" plus white noise of std {noise:g} (scaled latent units)" if noise else ""
@@ -733,7 +741,7 @@ def model_card(
             f"{v_opts.get('kl_weight', '-')} x KL on a sampled posterior; a share "
             f"{v_opts.get('lr_input_prob', '-')} of inputs are bicubic-upscaled LR crops (a share "
             f"{v_opts.get('realesrgan_prob', 0.0)} of them Real-ESRGAN-degraded, the rest bicubic "
-            f"x4); crops {crops}."
+            f"x4); crops {crops}{_scale_augmentation(v_opts)}."
         ),
         *(
             [
@@ -746,7 +754,8 @@ def model_card(
         ),
         f"- UNet + PFJ: {cfg.noise.prediction_type.value} MSE, t uniform in [0, 999], AdamW, EMA "
         f"{u_opts.get('ema', '-')} (the EMA weights are shipped); latent pairs from a pool of "
-        f"{u_opts.get('pool', '-')} refreshed by {u_opts.get('refresh', '-')} per step; LR "
+        f"{u_opts.get('pool', '-')} refreshed by {u_opts.get('refresh', '-')} per step"
+        f"{_scale_augmentation(u_opts)}; LR "
         f"crops degraded by the Real-ESRGAN second-order pipeline with probability "
         f"{u_opts.get('realesrgan_prob', 0.0)}{_strength(u_opts)}, else bicubic x4. PFJ "
         "sees gains as the runtime "

@@ -388,6 +388,23 @@ def test_the_card_says_how_the_label_trajectories_chose_their_jumps(tmp_path, cf
     assert said() == "oracle-driven DTSS and random DTSS tiers"
 
 
+def test_the_card_names_the_scale_augmentation_a_stage_trained_with(tmp_path, cfg, images):
+    """--min-scale shows the photos at other scales than their own: the card's account of the
+    data (flips, rotations, colour jitter) says so for the stage that used it."""
+    from adadiff.training.ship import model_card
+    from adadiff.training.vae import VAEOptions, train_vae
+
+    train_vae(
+        cfg, tmp_path, opts(1), VAEOptions(perceptual_weight=0.0, min_scale=0.5), images=images
+    )
+    vae_line = next(
+        line
+        for line in model_card(cfg, tmp_path, {}, 0.0, None).splitlines()
+        if line.startswith("- VAE: ")
+    )
+    assert "downscaled by a random factor in [0.5, 1]" in vae_line, vae_line
+
+
 def _evaluation(lpips: float, digest: str | None = None) -> dict:
     methods = {
         "tiny-adaptive": {"psnr": 25.0, "ssim": 0.7, "lpips": lpips, "brisque": 30.0},
