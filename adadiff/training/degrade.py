@@ -1,8 +1,9 @@
 """Seeded degradations: Real-ESRGAN's second-order pipeline, and plain bicubic x4.
 
 The second-order model (Wang et al., "Real-ESRGAN", 2021) applies blur -> random resize ->
-noise -> JPEG twice, then resizes to HR/scale with an optional sinc (ringing) filter and a last
-JPEG, in random order. Every random choice is drawn from the numpy Generator the caller passes,
+noise -> JPEG, then blur -> random resize -> noise again, then resizes to HR/scale with an
+optional sinc (ringing) filter and a second, last JPEG (at the second round's quality), in random
+order. Every random choice is drawn from the numpy Generator the caller passes,
 in a fixed order, so one seed gives one LR image on every machine.
 
 Images are float32 RGB [H, W, 3] in [0, 1]. Resizing uses separable weight matrices: "bilinear"
@@ -77,7 +78,8 @@ class BlurConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class StageConfig:
-    """One round: blur -> random resize -> Gaussian or Poisson noise -> JPEG."""
+    """One round: blur -> random resize -> Gaussian or Poisson noise -> JPEG (the second
+    round's JPEG is the last step, before or after the resize to the LR size)."""
 
     blur: BlurConfig = field(default_factory=BlurConfig)
     resize_probs: tuple[float, float, float] = (0.2, 0.7, 0.1)  # up, down, keep
