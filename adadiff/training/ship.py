@@ -674,7 +674,8 @@ def model_card(
         "",
         "## Data",
         "",
-        "HR crops of one tile, with flips, 90-degree rotations and mild colour jitter. "
+        "HR crops of one tile (the VAE's and the decoder's of the size their lines below give), "
+        "with flips, 90-degree rotations and mild colour jitter. "
         + ("The VAE draws photos in proportion to their area; " if vae is not None else "")
         + ("the UNet draws " if vae is not None else "The UNet draws ")
         + (
@@ -769,7 +770,8 @@ def model_card(
                 "- Decoder: fine-tuned after the UNet with the encoder frozen (the UNet's latent "
                 "space is unchanged), L1 + "
                 f"{decoder['summary']['options'].get('perceptual_weight', '-')} x LPIPS on "
-                "posterior means" + _latent_noise(decoder["summary"]["options"]) + "; a share "
+                "posterior means" + _latent_noise(decoder["summary"]["options"]) + "; crops "
+                f"{decoder['summary']['options'].get('crop', '-')} px; a share "
                 f"{decoder['summary']['options'].get('lr_input_prob', '-')} of inputs are "
                 "bicubic-upscaled LR crops"
                 + _decoder_samples(decoder["summary"]["options"])

@@ -47,6 +47,9 @@ def test_decoder_fine_tune_keeps_the_encoder_and_is_assembled(tmp_path, unet_wor
 
     card = model_card(cfg, workdir, {"unet": 1}, 1.0, None)
     assert "| decoder | 4 | 2 |" in card and "- Decoder: fine-tuned" in card
+    # its crops are its own size, not necessarily a tile's: the card gives it
+    decoder_line = next(line for line in card.splitlines() if line.startswith("- Decoder: "))
+    assert f"; crops {dopts.crop} px;" in decoder_line, decoder_line
     path = sorted((workdir / "decoder").glob("ckpt-*.pt"))[-1]
     data = torch.load(path, weights_only=True)
     data["state"]["encoder_fingerprint"] = "0" * 64
