@@ -122,6 +122,11 @@ def mmle_targets(mmle: MMLEConfig, fix: ColorFixConfig) -> dict[str, Any]:
     }
 
 
+def changed_targets(then: dict[str, Any], now: dict[str, Any], here: str) -> list[str]:
+    """Each of ``mmle_targets`` that differs, as "KEY THEN there, NOW ``here``"."""
+    return [f"{k} {then[k]} there, {now[k]} {here}" for k in now if then[k] != now[k]]
+
+
 def check_mmle_config(cfg: ModelConfig, ckpt: dict[str, Any], folder: Path) -> None:
     """``ConfigError`` if the MMLE checkpoint of ``folder`` was trained for other targets than
     ``cfg``'s: with another ``mmle.reference`` the PSNR and LPIPS columns are built otherwise
@@ -134,7 +139,7 @@ def check_mmle_config(cfg: ModelConfig, ckpt: dict[str, Any], folder: Path) -> N
     except (KeyError, TypeError, ConfigError):  # checkpoints from before configs were saved
         return
     now = mmle_targets(cfg.mmle, cfg.color_fix)
-    changed = [f"{k} {then[k]} there, {now[k]} in the config" for k in now if then[k] != now[k]]
+    changed = changed_targets(then, now, "in the config")
     if changed:
         raise ConfigError(
             f"{folder} holds an MMLE (step {ckpt['step']}) trained for other scores "

@@ -30,6 +30,7 @@ from adadiff.errors import ConfigError, ModelFolderError, shell_arg
 from adadiff.models.bundle import SHIPPED, TorchModels, describe, load_models
 from adadiff.provenance import MODEL_CARD, TrainingRecord, read_record, write_record
 from adadiff.training.assemble import (
+    changed_targets,
     encoder_fingerprint,
     frozen_models,
     mmle_targets,
@@ -118,7 +119,7 @@ def _reused_mmle(models: TorchModels, folder: str | Path) -> TorchModels:
     if not Path(source.source).is_dir():
         raise ConfigError(f"--mmle-from {folder}: no trained weights there; give a model folder")
     then, now = (mmle_targets(c.mmle, c.color_fix) for c in (source.config, models.config))
-    changed = [f"{k} {then[k]} there, {now[k]} here" for k in now if then[k] != now[k]]
+    changed = changed_targets(then, now, "here")
     if changed:
         raise ConfigError(
             f"--mmle-from {folder}: its MMLE predicts other scores or has another shape than "

@@ -274,27 +274,30 @@ def test_the_denoise_bar_shows_percent_and_tiles_not_timesteps_a_second(monkeypa
     assert drawn.endswith(", 5/25 tiles finished]") and "| ," not in drawn, drawn
 
 
-def test_threads_reach_torch_and_the_report(tmp_path, small_png, capsys):
+def _report_threads(tmp_path: Path, small_png: Path, *args: str) -> int:
+    """The thread count an upscale's report records (torch's own is restored after)."""
     import torch
 
     before = torch.get_num_threads()
     report = tmp_path / "r.json"
     try:
         code = main(
-            ["upscale", str(small_png), "-o", str(tmp_path / "o.png"), "--threads", "1", "-q",
+            ["upscale", str(small_png), "-o", str(tmp_path / "o.png"), *args, "-q",
              "--schedule", "uniform", "--interval", "500", "--report", str(report)]
         )  # fmt: skip
         assert code == 0
-        assert json.loads(report.read_text())["backend"]["threads"] == 1
+        return json.loads(report.read_text())["backend"]["threads"]
     finally:
         torch.set_num_threads(before)
+
+
+def test_threads_reach_torch_and_the_report(tmp_path, small_png, capsys):
+    assert _report_threads(tmp_path, small_png, "--threads", "1") == 1
 
 
 def test_omp_num_threads_is_the_default_up_to_the_cpus(tmp_path, small_png, capsys, monkeypatch):
     """A shell's or a job script's OMP_NUM_THREADS=1 ran upscale on every CPU: adadiff set
     torch's threads to its default over the limit torch alone would have kept."""
-    import torch
-
     from adadiff import threads
 
     monkeypatch.setattr(threads, "usable_cpus", lambda: 4)
@@ -304,17 +307,7 @@ def test_omp_num_threads_is_the_default_up_to_the_cpus(tmp_path, small_png, caps
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert threads.default_threads() == 4
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    report = tmp_path / "r.json"
-    try:
-        code = main(
-            ["upscale", str(small_png), "-o", str(tmp_path / "o.png"), "-q",
-             "--schedule", "uniform", "--interval", "500", "--report", str(report)]
-        )  # fmt: skip
-        assert code == 0
-        assert json.loads(report.read_text())["backend"]["threads"] == 1
-    finally:
-        torch.set_num_threads(before)
+    assert _report_threads(tmp_path, small_png) == 1
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,6 +199,19 @@ def test_a_retrained_model_folder_gets_a_command_that_pastes(onnx_dir, tmp_path,
     assert shlex.split(command)[:4] == ["adadiff", "export", "--model", str(other)]
 
 
+def _export_of_a_copy(onnx_dir: Path, tiny_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the tiny folder and a copy of its export that names the copy as its model."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_dir, source)
+    folder = copy_export(onnx_dir, tmp_path / "export")
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["model"] = str(source)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return source, folder
+
+
 def test_other_weights_are_called_retrained_only_in_the_exported_folder(
     onnx_dir, tiny_dir, tmp_path, tiny_models
 ):
@@ -207,12 +221,7 @@ def test_other_weights_are_called_retrained_only_in_the_exported_folder(
 
     from adadiff.models.bundle import build_random
 
-    source = tmp_path / "source"
-    shutil.copytree(tiny_dir, source)
-    folder = copy_export(onnx_dir, tmp_path / "export")
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    manifest["model"] = str(source)
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    source, folder = _export_of_a_copy(onnx_dir, tiny_dir, tmp_path)
     open_onnxruntime(folder, model=source)
     other = build_random(tiny_models.config, seed=9).save(tmp_path / "other")
     with pytest.raises(EngineMismatchError, match="another model of the same config; export it"):
@@ -234,12 +243,7 @@ def test_a_model_folder_calibrated_since_its_export_is_told_to_export_again(
     from adadiff.config import ModelConfig
     from adadiff.training.cli import write_calibration
 
-    source = tmp_path / "source"
-    shutil.copytree(tiny_dir, source)
-    folder = copy_export(onnx_dir, tmp_path / "export")
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    manifest["model"] = str(source)
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    source, folder = _export_of_a_copy(onnx_dir, tiny_dir, tmp_path)
     cfg = ModelConfig.load(source)
     write_calibration(source, replace(cfg, dtss=replace(cfg.dtss, tau=0.002)), {})
     with pytest.raises(EngineMismatchError) as err:
