@@ -835,7 +835,11 @@ def cmd_setup_metrics(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     # What is missing on this machine comes first: it is what the user must fix before anything.
-    parse_device(args.device, "tensorrt")
+    if parse_device(args.device, "tensorrt").kind == "cpu":
+        # upscale reads its default "cpu" as the first GPU for tensorrt; a build names its GPU
+        raise ConfigError(
+            f"--device {args.device}: TensorRT engines are built on a GPU; give cuda or cuda:N"
+        )
     import_tensorrt()
     cuda = CudaDevice(args.device)
     exported = ExportManifest.load(args.engines)

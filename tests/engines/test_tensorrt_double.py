@@ -418,6 +418,10 @@ def test_build_cli_refuses_a_bad_device(capsys, export):
     code = main(["build", str(export), "--device", "gpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--device gpu " in err
+    # "cpu" is upscale's default, read as the first GPU there; a build was silently on cuda:0
+    code = main(["build", str(export), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "built on a GPU; give cuda or cuda:N" in err
 
 
 @pytest.mark.parametrize("workspace", ["nan", "inf", "-1"])
