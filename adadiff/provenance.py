@@ -77,15 +77,19 @@ def read_record(folder: str | Path | None) -> TrainingRecord | None:
             ) from exc
     card = folder / MODEL_CARD
     if card.is_file():
-        try:
-            text = card.read_text()
-        except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (an editor's Latin-1)
-            raise ModelFolderError(
-                f"{card} is not a readable model card ({exc}); save it as UTF-8 or restore it "
-                "from the folder it was copied from"
-            ) from exc
-        return TrainingRecord(photos=_card_photos(text))
+        return TrainingRecord(photos=_card_photos(read_card(card)))
     return None
+
+
+def read_card(card: Path) -> str:
+    """The text of a model card; ``ModelFolderError`` where it cannot be read as UTF-8."""
+    try:
+        return card.read_text()
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (an editor's Latin-1)
+        raise ModelFolderError(
+            f"{card} is not a readable model card ({exc}); save it as UTF-8 or restore it "
+            "from the folder it was copied from"
+        ) from exc
 
 
 def _card_photos(text: str) -> dict[str, tuple[str, ...]]:

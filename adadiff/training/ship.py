@@ -28,7 +28,7 @@ from adadiff.artifacts import weights_digest
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError, shell_arg
 from adadiff.models.bundle import SHIPPED, TorchModels, describe, load_models
-from adadiff.provenance import MODEL_CARD, TrainingRecord, read_record, write_record
+from adadiff.provenance import MODEL_CARD, TrainingRecord, read_card, read_record, write_record
 from adadiff.training.assemble import (
     changed_targets,
     encoder_fingerprint,
@@ -94,7 +94,9 @@ class Reused:
     def of(cls, folder: str | Path) -> Reused:
         folder = Path(folder)
         card = folder / MODEL_CARD
-        heading = card.read_text().splitlines()[0].lstrip("# ").strip() if card.is_file() else ""
+        # an empty card, or none: the folder's name stands for it
+        lines = read_card(card).splitlines() if card.is_file() else []
+        heading = lines[0].lstrip("# ").strip() if lines else ""
         name = heading.split(":")[0].strip() or folder.name
         encoder = encoder_fingerprint(load_models(folder).vae.state_dict())[:12]
         record = read_record(folder)

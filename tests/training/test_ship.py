@@ -523,3 +523,18 @@ def test_a_stage_folder_given_as_workdir_is_refused(tmp_path, vae_workdir, cfg):
         with pytest.raises(ConfigError, match="one stage's folder, not a workdir"):
             cmd_train(parser.parse_args([*argv, *small]))
         assert not (folder / stage).exists()
+
+
+def test_an_init_from_folder_with_an_empty_or_latin1_card_is_named_or_refused(tmp_path, cfg):
+    """Reused.of read the card's first line: an empty card was an IndexError and a Latin-1 one
+    a UnicodeDecodeError traceback in `train ship --init-from`."""
+    from adadiff.errors import ModelFolderError
+    from adadiff.models.bundle import build_random
+    from adadiff.training.ship import Reused
+
+    earlier = build_random(cfg, seed=3).save(tmp_path / "earlier")
+    (earlier / "MODEL_CARD.md").write_text("")
+    assert Reused.of(earlier).label.startswith("an earlier `earlier` (VAE encoder sha256 ")
+    (earlier / "MODEL_CARD.md").write_bytes("# caf\xe9: a test model\n".encode("latin-1"))
+    with pytest.raises(ModelFolderError, match=r"not a readable model card .* save it as UTF-8"):
+        Reused.of(earlier)
