@@ -520,13 +520,21 @@ def test_adadiff_bench_becomes_the_benchmark_process(monkeypatch):
     assert seen[1][1][1:] == ["-m", "benchmarks", "quick", "-v"]
 
 
-def test_the_suite_refuses_a_file_as_out_or_work_before_any_run(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def suite_main(monkeypatch):
+    """benchmarks.__main__ whose run_suite fails the test: the arguments must be refused first."""
     import benchmarks.__main__ as suite_main
 
     def no_runs(*_args, **_kw):
-        raise AssertionError("the suite ran before its folders were checked")
+        raise AssertionError("the suite ran with arguments it should have refused")
 
     monkeypatch.setattr(suite_main, "run_suite", no_runs)
+    return suite_main
+
+
+def test_the_suite_refuses_a_file_as_out_or_work_before_any_run(
+    suite_main, monkeypatch, tmp_path, capsys
+):
     monkeypatch.chdir(tmp_path)  # the default --out, bench-quick, lands here
     plain = tmp_path / "a-file"
     plain.write_text("")
@@ -536,13 +544,7 @@ def test_the_suite_refuses_a_file_as_out_or_work_before_any_run(monkeypatch, tmp
         assert f"{flag} {value}" in err and "give a" in err and "Traceback" not in err
 
 
-def test_the_suite_refuses_counts_below_one(monkeypatch, capsys):
-    import benchmarks.__main__ as suite_main
-
-    def no_runs(*_args, **_kw):
-        raise AssertionError("the suite ran with a count below one")
-
-    monkeypatch.setattr(suite_main, "run_suite", no_runs)
+def test_the_suite_refuses_counts_below_one(suite_main, capsys):
     for flag in ("--threads", "--repeats", "--max-batch"):
         with pytest.raises(SystemExit) as stop:
             suite_main.main(["quick", flag, "-1"])
@@ -550,13 +552,7 @@ def test_the_suite_refuses_counts_below_one(monkeypatch, capsys):
         assert f"argument {flag}: expected a number >= 1" in capsys.readouterr().err
 
 
-def test_the_suite_refuses_a_seed_no_upscale_takes_before_any_run(monkeypatch, capsys):
-    import benchmarks.__main__ as suite_main
-
-    def no_runs(*_args, **_kw):
-        raise AssertionError("the suite ran with a seed the upscaler refuses")
-
-    monkeypatch.setattr(suite_main, "run_suite", no_runs)
+def test_the_suite_refuses_a_seed_no_upscale_takes_before_any_run(suite_main, capsys):
     for value, reason in (
         ("-1", "expected a number >= 0"),
         (str(2**32), "expected a seed below 2**32"),
@@ -567,13 +563,7 @@ def test_the_suite_refuses_a_seed_no_upscale_takes_before_any_run(monkeypatch, c
         assert f"argument --seed: {reason}" in capsys.readouterr().err
 
 
-def test_the_suite_refuses_an_empty_sections_list(monkeypatch, tmp_path, capsys):
-    import benchmarks.__main__ as suite_main
-
-    def no_runs(*_args, **_kw):
-        raise AssertionError("the suite ran with no sections")
-
-    monkeypatch.setattr(suite_main, "run_suite", no_runs)
+def test_the_suite_refuses_an_empty_sections_list(suite_main, tmp_path, capsys):
     for value in ("", ",", " , "):
         assert suite_main.main(["quick", "--sections", value, "--out", str(tmp_path)]) == 2
         err = capsys.readouterr().err
@@ -581,13 +571,7 @@ def test_the_suite_refuses_an_empty_sections_list(monkeypatch, tmp_path, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_suite_checks_sizes_before_any_run(monkeypatch, tmp_path, capsys):
-    import benchmarks.__main__ as suite_main
-
-    def no_runs(*_args, **_kw):
-        raise AssertionError("the suite ran with sizes it cannot run")
-
-    monkeypatch.setattr(suite_main, "run_suite", no_runs)
+def test_the_suite_checks_sizes_before_any_run(suite_main, tmp_path, capsys):
     for value, why in (
         ("abc", "a whole number, got 'abc'"),
         ("0", "a number >= 1, got 0"),
@@ -601,13 +585,7 @@ def test_the_suite_checks_sizes_before_any_run(monkeypatch, tmp_path, capsys):
         assert f"argument --sizes: expected {why}" in capsys.readouterr().err
 
 
-def test_the_suite_checks_engines_before_any_run(monkeypatch, tmp_path, capsys):
-    import benchmarks.__main__ as suite_main
-
-    def no_runs(*_args, **_kw):
-        raise AssertionError("the suite ran with an --engines folder it cannot use")
-
-    monkeypatch.setattr(suite_main, "run_suite", no_runs)
+def test_the_suite_checks_engines_before_any_run(suite_main, tmp_path, capsys):
     missing = tmp_path / "no-export"
     out = tmp_path / "out"
     assert suite_main.main(["quick", "--engines", str(missing), "--out", str(out)]) == 2
