@@ -26,7 +26,7 @@ NUM_THREADS = "OMP_NUM_THREADS"
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    """CPUs this process may run on: its affinity mask, capped by a cgroup (v2 or v1) CPU quota."""
     try:
         count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -37,17 +37,37 @@ def usable_cpus() -> int:
     return max(1, count)
 
 
-def _cgroup_quota() -> float | None:
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time the cgroup allows (v2's ``cpu.max``, else v1's CFS quota), or None."""
     try:
-        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        text = (root / "cpu.max").read_text().split()
     except OSError:
-        return None
+        return _cgroup_v1_quota(root)
     if len(text) != 2 or text[0] == "max":
         return None
+    return _ratio(text[0], text[1])
+
+
+def _cgroup_v1_quota(root: Path) -> float | None:
+    # Docker on cgroup v1 hosts mounts the controller as cpu,cpuacct with cpu linked to it.
+    for name in ("cpu", "cpu,cpuacct"):
+        try:
+            quota = (root / name / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / name / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            continue
+        if quota.startswith("-"):  # -1: no quota
+            return None
+        return _ratio(quota, period)
+    return None
+
+
+def _ratio(quota: str, period: str) -> float | None:
     try:
-        return int(text[0]) / int(text[1])
+        value = int(quota) / int(period)
     except (ValueError, ZeroDivisionError):
         return None
+    return value if value > 0 else None
 
 
 def default_threads() -> int:

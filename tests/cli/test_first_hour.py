@@ -311,6 +311,29 @@ def test_omp_num_threads_is_the_default_up_to_the_cpus(tmp_path, small_png, caps
 
 
 @pytest.mark.parametrize(
+    ("files", "want"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "50000", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 0.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # unlimited
+        ({"cpu/cpu.cfs_quota_us": "x", "cpu/cpu.cfs_period_us": "100000"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_cpu_quota_v1_and_v2(tmp_path, files, want):
+    """Containers on cgroup v1 hosts (docker --cpus=2 there) ran on every host CPU: only v2's
+    cpu.max was read."""
+    from adadiff import threads
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert threads._cgroup_quota(tmp_path) == want
+
+
+@pytest.mark.parametrize(
     "command",
     [
         ["upscale", "IN", "-o", "OUT", "--tile", "130"],
