@@ -525,7 +525,9 @@ def gain_from_steps(
     }
     for label, s in steps.items():
         if label.startswith(("dtss-",)) and s.size == gain.size:
-            out["spearman_with_steps"][label] = spearman(s.ravel().astype(np.float64), gain)
+            rho = spearman(s.ravel().astype(np.float64), gain)
+            # None (JSON null), not NaN: every tile got the same steps, so there is no ranking
+            out["spearman_with_steps"][label] = None if np.isnan(rho) else rho
     return out
 
 
@@ -616,9 +618,12 @@ def targets(
         d = diagnostics.get(label)
         if d:
             lines["growth in >= 5% of steps"] = d["growth_share"] >= 0.05
-        rho = gain.get("spearman_with_steps", {}).get(label)
-        if rho is not None:
-            lines["steps rank with the gain from more steps (rho >= 0.4)"] = bool(rho >= 0.4)
+        rhos = gain.get("spearman_with_steps", {})
+        if label in rhos:
+            rho = rhos[label]
+            lines["steps rank with the gain from more steps (rho >= 0.4)"] = (
+                rho is not None and rho >= 0.4
+            )
         out[label] = lines
     return out
 
@@ -846,7 +851,10 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
             )
     g = result.get("gain_from_steps")
     if g:
-        rho = ", ".join(f"{k} {v:.2f}" for k, v in g["spearman_with_steps"].items())
+        rho = ", ".join(
+            f"{k} {v:.2f}" if v is not None else f"{k} none (every tile got the same steps)"
+            for k, v in g["spearman_with_steps"].items()
+        )
         lines += [
             "",
             f"Gain from more steps per tile (LPIPS at 20 minus at 200 steps): mean "

@@ -80,6 +80,15 @@ def test_gain_from_steps_ranks_against_the_steps_dtss_gave():
     g = gain_from_steps(rows, steps)
     assert g["spearman_with_steps"]["dtss-mmle-x"] == pytest.approx(1.0, abs=1e-3)
     assert g["share_positive"] == pytest.approx(11 / 12)
+    # every tile given the same steps: no ranking, written as JSON null (not a bare NaN) and
+    # the target missed
+    steps["dtss-mmle-x"] = np.full_like(steps["dtss-mmle-x"], 7)
+    g = gain_from_steps(rows, steps)
+    assert g["spearman_with_steps"]["dtss-mmle-x"] is None
+    json.loads(json.dumps(g), parse_constant=pytest.fail)
+    methods = summarize(rows, steps, np.arange(12) % 3, ["a", "b", "c"])
+    marks = targets(methods, {}, g)["dtss-mmle-x"]
+    assert marks["steps rank with the gain from more steps (rho >= 0.4)"] is False
 
 
 def test_per_tile_best_uniform_takes_each_tiles_best_schedule():
@@ -156,6 +165,8 @@ def test_render_writes_every_method_from_the_json(tmp_path):
     result["per_tile"] = {m: {"lpips": [[0.2] * 12] * (1 if m == "uniform-5" else 2)} for m in rows}
     text = render(result, path, readme)
     assert "| uniform-5 (1 seed; diff on those) |" in text and "| uniform-200 |" in text
+    result["gain_from_steps"]["spearman_with_steps"]["dtss-mmle-x"] = None
+    assert "dtss-mmle-x none (every tile got the same steps)" in render(result, path, readme)
 
 
 def test_targets_read_the_paired_intervals():
