@@ -54,6 +54,11 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     components: dict[str, dict[str, float]] = field(default_factory=dict)
     color_fix: str = "none"  # the output's colour correction (ModelConfig.color_fix)
+    # ModelConfig.digest: which numbers (DTSS, calibration, noise, ...) the run used, so two
+    # reports of one model name tell a calibrated folder from its source
+    config_digest: str = ""
+    # the adaptive schedule's numbers: ModelConfig.dtss and the MMLE metrics with their weights
+    dtss: dict[str, Any] | None = None
 
     @property
     def mean_batch(self) -> float:
@@ -449,6 +454,8 @@ class Upscaler:
             seconds={k: round(v, 4) for k, v in seconds.items()},
             components=self.log.as_dict(),
             color_fix=cfg.color_fix.kind,
+            config_digest=cfg.digest(),
+            dtss=_dtss_numbers(cfg) if schedule == "adaptive" else None,
         )
 
     def check_open(self) -> None:
@@ -461,6 +468,11 @@ class Upscaler:
         self.closed = True
         self.components.close()
         self.backend.close()
+
+
+def _dtss_numbers(cfg: ModelConfig) -> dict[str, Any]:
+    data = cfg.to_dict()
+    return {**data["dtss"], "metrics": data["mmle"]["metrics"]}
 
 
 def _output_dtype(like: Any, dtype: Any) -> Any:

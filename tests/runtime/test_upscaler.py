@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -32,6 +35,23 @@ def test_adaptive_upscale_report(upscaler, photo):
     assert set(rep.seconds) == {"encode", "denoise", "decode", "total"}
     data = rep.to_dict()
     assert data["mean_batch"] == pytest.approx(rep.unet_evaluations / rep.engine_calls, abs=1e-3)
+    # the numbers the policy ran with, as adadiff.json holds them, and the config they belong to
+    cfg = upscaler.config.to_dict()
+    assert data["dtss"] == {**cfg["dtss"], "metrics": cfg["mmle"]["metrics"]}
+    assert data["config_digest"] == upscaler.config.digest() != ""
+    json.loads(json.dumps(data))
+
+
+def test_the_report_tells_a_recalibrated_config_apart(tiny_models, photo):
+    """Two reports of one model name with other DTSS numbers read the same before; only the
+    adaptive run carries the policy numbers (a uniform run has none to report)."""
+    cfg = replace(tiny_models.config, dtss=replace(tiny_models.config.dtss, tau=0.02))
+    up = Upscaler(cfg, TorchBackend(tiny_models), max_batch=8)
+    _, rep = up.upscale(photo[:32, :32], schedule="adaptive", seed=0)
+    assert rep.dtss is not None and rep.dtss["tau"] == 0.02
+    assert rep.config_digest == cfg.digest() != tiny_models.config.digest()
+    _, rep = up.upscale(photo[:32, :32], schedule="uniform", interval=200)
+    assert rep.dtss is None and rep.config_digest == cfg.digest()
 
 
 def test_uniform_schedule_counts(upscaler, photo):
