@@ -2,7 +2,8 @@
 NVIDIA GPU and torch with CUDA (under 8 minutes); ``--dry-run`` imports and plans on any machine
 (into ``DIR/gpu_check.dry.json``, beside a real run's figures).
 
-Parts, each recorded in ``DIR/gpu_check.json`` (a part that fails keeps its error, the others run):
+Parts, each recorded in ``DIR/gpu_check.json`` (a part that fails keeps its error, the others run;
+a run with a failed part goes to ``DIR/gpu_check.failed.json`` and leaves the figures there alone):
 
 - parity: torch on CUDA against torch on the CPU (fp32 reference) in fp32, fp16 and bf16, per
   component, and end to end (tiny, adaptive): steps per tile, and where a tile's decision differs,
@@ -40,6 +41,7 @@ from benchmarks.paths import check_out_folder
 KIND = "gpu_check"
 OUTPUT = "gpu_check.json"
 DRY_OUTPUT = "gpu_check.dry.json"
+FAILED_OUTPUT = "gpu_check.failed.json"  # a run with a failed part
 PRECISIONS = ("fp32", "fp16", "bf16")
 UNET_BATCHES = (1, 4, 8, 16)
 UNET_PRECISIONS = ("fp16", "bf16")
@@ -446,13 +448,23 @@ def run(plan: Plan, out: Path, *, dry_run: bool = False) -> dict[str, Any]:
             timed_section(name, lambda name=name: PARTS[name](plan), result)
         result["seconds"]["total"] = round(time.perf_counter() - start, 1)
     result["machine"] = machine(plan.device)
-    (out / output_name(dry_run)).write_text(json.dumps(result, indent=1) + "\n")
+    failed = failed_parts(result)
+    (out / output_name(dry_run, failed)).write_text(json.dumps(result, indent=1) + "\n")
+    if not dry_run and not failed:
+        (out / FAILED_OUTPUT).unlink(missing_ok=True)
     return result
 
 
-def output_name(dry_run: bool) -> str:
-    """A dry run writes beside a real run's figures, never over them."""
-    return DRY_OUTPUT if dry_run else OUTPUT
+def failed_parts(result: dict[str, Any]) -> list[str]:
+    return [p for p in PARTS if isinstance(result.get(p), dict) and "error" in result[p]]
+
+
+def output_name(dry_run: bool, failed: list[str] | None = None) -> str:
+    """A dry run, or a run with a failed part (a broken machine, say), writes beside a real
+    run's figures, never over them."""
+    if dry_run:
+        return DRY_OUTPUT
+    return FAILED_OUTPUT if failed else OUTPUT
 
 
 def _dropped_parts(out: Path, parts: tuple[str, ...]) -> list[str]:
@@ -563,10 +575,17 @@ def main(argv: list[str] | None = None) -> int:
     from adadiff.runtime import upscaler as _upscaler  # noqa: F401
 
     result = run(plan, args.out, dry_run=args.dry_run)
-    failed = [k for k in plan.parts if isinstance(result.get(k), dict) and "error" in result[k]]
-    written = args.out / output_name(args.dry_run)
-    print(f"wrote {written}" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    failed = failed_parts(result)
+    written = args.out / output_name(args.dry_run, failed)
+    if failed:
+        print(
+            f"parts that failed: {', '.join(failed)}; the run is in {written} and "
+            f"{args.out / OUTPUT} was left as it was",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"wrote {written}")
+    return 0
 
 
 if __name__ == "__main__":

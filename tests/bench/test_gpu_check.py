@@ -229,3 +229,33 @@ def test_a_missing_diffusers_is_refused_not_planned(tmp_path, capsys, monkeypatc
     # every part builds its models with diffusers, tiny's included: only unet_latency was skipped
     assert gpu_check.main(["--out", str(out), "--dry-run"]) == 2
     assert "diffusers" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_run_with_a_failed_part_leaves_the_folders_figures_alone(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a broken GPU, on any machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA Broken")
+
+    def broken(plan: gpu_check.Plan) -> dict:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setitem(gpu_check.PARTS, "parity", broken)
+    good = {"kind": "gpu_check", "dry_run": False, "parity": {"components": {}}}
+    real = tmp_path / gpu_check.OUTPUT
+    real.write_text(json.dumps(good))
+    # the rerun of the part the folder holds failed: its figures were replaced by the error
+    assert gpu_check.main(["--out", str(tmp_path), "--parts", "parity"]) == 1
+    assert json.loads(real.read_text()) == good
+    failed = json.loads((tmp_path / gpu_check.FAILED_OUTPUT).read_text())
+    assert "illegal memory access" in failed["parity"]["error"]
+    err = capsys.readouterr().err
+    assert f"the run is in {tmp_path / gpu_check.FAILED_OUTPUT}" in err
+    assert f"{real} was left as it was" in err
+    # a run that passes replaces the figures and clears the failed run's file
+    monkeypatch.setitem(gpu_check.PARTS, "parity", lambda plan: {"components": {"fp32": {}}})
+    assert gpu_check.main(["--out", str(tmp_path), "--parts", "parity"]) == 0
+    assert json.loads(real.read_text())["parity"] == {"components": {"fp32": {}}}
+    assert not (tmp_path / gpu_check.FAILED_OUTPUT).exists()
