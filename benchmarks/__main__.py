@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--print", action="store_true")
     r.add_argument("--memory", type=Path, help="a scaling run on large inputs to add")
     r.add_argument("--load", type=Path, help="a `load` run's JSON to add")
+    r.add_argument(
+        "--allow-dry-run", action="store_true", help="render a GPU check dry run (no figures)"
+    )
     return p
 
 
@@ -309,6 +312,8 @@ def _main(argv: list[str] | None = None) -> int:
         for flag, path in (("--memory", args.memory), ("--load", args.load)):
             if path is not None:
                 rest += [flag, str(path)]
+        if args.allow_dry_run:
+            rest.append("--allow-dry-run")
         return report.main([*rest, "--print"] if args.print else rest)
     try:
         suite, settings = _suite(args), _settings(args)

@@ -379,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         "--memory", type=Path, help="results.json of a scaling run on large inputs, added"
     )
     p.add_argument("--load", type=Path, help="JSON written by `python -m benchmarks load`, added")
+    p.add_argument(
+        "--allow-dry-run",
+        action="store_true",
+        help="write the GPU check section from a dry run's gpu_check.dry.json (no figures)",
+    )
     args = p.parse_args(argv)
     loaded: dict[str, tuple[dict[str, Any], Path]] = {}
     for key, path in (("main", args.results), ("memory", args.memory), ("load", args.load)):
@@ -393,6 +398,15 @@ def main(argv: list[str] | None = None) -> int:
     markers = {"start": START, "end": END}
     what = "Performance"
     if isinstance(result, dict) and result.get("kind") == "gpu_check":
+        if result.get("dry_run") and not (args.allow_dry_run or args.print):
+            # a dry run has no figures: it would replace a real run's in the README
+            print(
+                f"error: {args.results} is a dry run (planned without a GPU, no figures) and "
+                f"would replace the GPU check figures in {args.readme}; render a real run's "
+                "gpu_check.json, or pass --allow-dry-run to write it anyway",
+                file=sys.stderr,
+            )
+            return 2
         section = gpu_report.render(result, args.results, args.readme)
         markers = {"start": gpu_report.START, "end": gpu_report.END}
         what = "GPU check"

@@ -30,10 +30,25 @@ def test_dry_run_imports_and_plans_on_cpu(tmp_path, capsys):
     if not gpu_check.installed("tensorrt"):
         assert data["skipped"]["tensorrt"] == "tensorrt is not installed"
     assert "machine" in data
+
+
+def test_a_dry_run_reaches_the_readme_only_when_asked(tmp_path, capsys):
+    from benchmarks.__main__ import main as bench_main
+
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run"]) == 0
+    dry = str(tmp_path / gpu_check.DRY_OUTPUT)
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{gpu_report.START}\nold\n{gpu_report.END}\n")
-    assert report.main([str(tmp_path / gpu_check.DRY_OUTPUT), "--readme", str(readme)]) == 0
-    assert "dry run" in readme.read_text() and "old" not in readme.read_text()
+    figures = f"# x\n{gpu_report.START}\nthe H200 figures\n{gpu_report.END}\n"
+    readme.write_text(figures)
+    # a dry run has no figures: it replaced a real run's in the README
+    for main in (report.main, lambda argv: bench_main(["report", *argv])):
+        assert main([dry, "--readme", str(readme)]) == 2
+        assert readme.read_text() == figures
+        assert "--allow-dry-run" in capsys.readouterr().err
+    assert report.main([dry, "--readme", str(readme), "--print"]) == 0  # writes nothing
+    assert "dry run" in capsys.readouterr().out and readme.read_text() == figures
+    assert bench_main(["report", dry, "--readme", str(readme), "--allow-dry-run"]) == 0
+    assert "dry run" in readme.read_text() and "H200" not in readme.read_text()
 
 
 def test_unknown_part_and_no_cuda_exit_2(tmp_path, capsys, monkeypatch):
