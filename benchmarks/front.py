@@ -401,14 +401,23 @@ def measure_run(
     return record, False
 
 
+Interval = tuple[float, float | None, float | None]  # mean, low, high (None: unavailable)
+
+
 def bootstrap_mean(
     values: np.ndarray, strata: np.ndarray, *, draws: int = 2000, seed: int = 0
-) -> tuple[float, float, float]:
+) -> Interval:
     """Mean of [seeds, crops] values and its 90% interval: crops resampled within each stratum
-    (photo) and seeds resampled, together."""
+    (photo) and seeds resampled, together. With one crop per photo the crops are resampled
+    across photos; with one crop and one seed nothing can be, and the interval is unavailable
+    (None, None), not a zero width that reads as exact."""
     rng = np.random.default_rng(seed)
     values = np.asarray(values, np.float64)
     n_seeds, n_crops = values.shape
+    if n_seeds == 1 and n_crops == 1:
+        return float(values.mean()), None, None
+    if len(np.unique(strata)) == n_crops:  # one crop per photo: the photos are what varies
+        strata = np.zeros(n_crops, dtype=int)
     # How often each seed and each crop is drawn, per resample: the resampled mean is then
     # seed_counts @ values @ crop_counts / (seeds * crops), one einsum for every draw.
     seed_counts = np.zeros((draws, n_seeds))
@@ -589,6 +598,13 @@ def fit_content(
     return best
 
 
+def below_zero(diff: Sequence[float | None]) -> bool:
+    """A paired difference's whole 90% interval below zero; an unavailable or zero-width one
+    (nothing was resampled) says nothing about the half-width, so it is no evidence."""
+    _, low, high = diff
+    return low is not None and high is not None and low < high < 0
+
+
 def targets(
     methods: dict[str, Any], diagnostics: dict[str, Any], gain: dict[str, Any]
 ) -> dict[str, dict[str, bool]]:
@@ -603,10 +619,10 @@ def targets(
         lines: dict[str, bool] = {}
         vs = e.get("vs_best_uniform")
         if vs:
-            lines["LPIPS below the best uniform at no more steps"] = vs["lpips_diff"][2] < 0
+            lines["LPIPS below the best uniform at no more steps"] = below_zero(vs["lpips_diff"])
         exits = e.get("vs_fixed_exit", {})
         if exits:
-            lines["LPIPS below every fixed exit"] = all(d[2] < 0 for d in exits.values())
+            lines["LPIPS below every fixed exit"] = all(below_zero(d) for d in exits.values())
         if u200 is not None:
             lines["uniform-200's LPIPS with at most 1/2.7 of its steps"] = (
                 e["lpips"][0] <= u200["lpips"][0]
@@ -614,7 +630,7 @@ def targets(
             )
         contents = e.get("vs_content", {})
         if contents:
-            lines["LPIPS below every content rule"] = all(d[2] < 0 for d in contents.values())
+            lines["LPIPS below every content rule"] = all(below_zero(d) for d in contents.values())
         d = diagnostics.get(label)
         if d:
             lines["growth in >= 5% of steps"] = d["growth_share"] >= 0.05
@@ -726,10 +742,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     uni = sorted((m for m in ms if m.startswith("uniform-")), key=lambda m: ms[m]["steps_per_tile"])
     x = [ms[m]["steps_per_tile"] for m in uni]
     y = [ms[m]["lpips"][0] for m in uni]
-    err = [
-        [ms[m]["lpips"][0] - ms[m]["lpips"][1] for m in uni],
-        [ms[m]["lpips"][2] - ms[m]["lpips"][0] for m in uni],
-    ]
+    err = [[_err(ms[m]["lpips"])[0] for m in uni], [_err(ms[m]["lpips"])[1] for m in uni]]
     ax.errorbar(x, y, yerr=err, marker="o", color="0.4", label="uniform", capsize=3)
     markers = {"fixed-exit": "s", "content": "^", "mmle": "D", "oracle": "*"}
     for m, e in ms.items():
@@ -747,7 +760,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.errorbar(
             [e["steps_per_tile"]],
             [e["lpips"][0]],
-            yerr=[[e["lpips"][0] - e["lpips"][1]], [e["lpips"][2] - e["lpips"][0]]],
+            yerr=[[_err(e["lpips"])[0]], [_err(e["lpips"])[1]]],
             marker=markers[kind],
             linestyle="none",
             capsize=3,
@@ -766,13 +779,34 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _err(v: Sequence[float | None]) -> tuple[float, float]:
+    """An error bar's lengths below and above the mean; none for an unavailable interval."""
+    mean, low, high = v
+    if mean is None or low is None or high is None:
+        return 0.0, 0.0
+    return mean - low, high - mean
+
+
 def _band(band: tuple[int, int]) -> str:
     low, high = band
     return f"t <= {high}" if low == 0 else f"t > {low}" if high >= 1000 else f"{low} < t <= {high}"
 
 
-def _ci(v: Sequence[float], digits: int = 3) -> str:
-    return f"{v[0]:.{digits}f} ({v[1]:.{digits}f} to {v[2]:.{digits}f})"
+def _ci(v: Sequence[float | None], digits: int = 3) -> str:
+    mean, low, high = v
+    if low is None or high is None:  # one crop and one seed: nothing to resample
+        return f"{mean:.{digits}f} (interval unavailable)"
+    return f"{mean:.{digits}f} ({low:.{digits}f} to {high:.{digits}f})"
+
+
+def _resampled(result: dict[str, Any]) -> str:
+    what = [
+        "crops" if result["crops_per_photo"] > 1 else "photos" if len(result["photos"]) > 1 else "",
+        "seeds" if result["seeds"] > 1 else "",
+    ]
+    if not any(what):
+        return "No intervals (one crop on one seed: nothing to resample)"
+    return f"90% intervals from resampling {' and '.join(w for w in what if w)}"
 
 
 def _photo_set(names: Sequence[str]) -> str:
@@ -799,8 +833,8 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
         f"{len(result['photos'])} {_photo_set(result['photos'])} photos "
         f"({', '.join(result['photos'])}), "
         f"{result['crops_per_photo']} crops of {result['tile']} px each, {result['degradation']}, "
-        f"{result['seeds']} seeds; every schedule from the same noise. 90% intervals from "
-        "resampling crops and seeds; the diff columns are paired (same crops and seeds).",
+        f"{result['seeds']} seeds; every schedule from the same noise. {_resampled(result)}; "
+        "the diff columns are paired (same crops and seeds).",
         "",
         "| schedule | steps/tile | LPIPS | PSNR dB | SSIM | BRISQUE "
         "| LPIPS - best uniform at no more steps |",

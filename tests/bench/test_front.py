@@ -316,3 +316,51 @@ def test_render_refuses_a_missing_readme_before_redrawing_the_plot(tmp_path, cap
     assert err.startswith("adadiff bench front: error: --readme") and str(missing) in err
     assert len(err.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["front.json"]  # no plot drawn
+
+
+def test_one_crop_per_photo_resamples_the_photos_and_one_crop_alone_has_no_interval():
+    one_seed = np.array([[0.2, 0.3, 0.4]])  # [seed, crop]: one crop of each of three photos
+    mean, low, high = bootstrap_mean(one_seed, np.arange(3))
+    assert low < mean < high  # it was a zero width: each photo's one crop drawn every time
+    seeds = bootstrap_mean(np.array([[0.2], [0.3], [0.4]]), np.zeros(1, dtype=int))
+    assert seeds[1] < seeds[0] < seeds[2]  # one crop, three seeds: the seeds vary
+    assert bootstrap_mean(np.array([[0.3]]), np.zeros(1, dtype=int)) == (0.3, None, None)
+
+
+def test_a_difference_with_no_interval_meets_no_target(tmp_path):
+    # --crops 1 --seeds 1 on one photo: the paired differences cannot be resampled, and their
+    # zero-width intervals read as "below zero by more than the half-width"
+    lpips = {"uniform-5": 0.30, "exit-20@400": 0.25, "dtss-mmle-x": 0.20}
+    cost = {"uniform-5": 5, "exit-20@400": 31, "dtss-mmle-x": 25}
+    rows = {
+        m: {k: np.array([[v]]) for k in ("lpips", "psnr", "ssim", "brisque")}
+        for m, v in lpips.items()
+    }
+    steps = {m: np.array([[n]]) for m, n in cost.items()}
+    methods = summarize(rows, steps, np.zeros(1, dtype=int), ["a"])
+    assert methods["dtss-mmle-x"]["vs_best_uniform"]["lpips_diff"][0] == pytest.approx(-0.1)
+    marks = targets(methods, {}, {})["dtss-mmle-x"]
+    assert marks["LPIPS below the best uniform at no more steps"] is False
+    assert marks["LPIPS below every fixed exit"] is False
+    result = {
+        "photos": ["a"],
+        "crops_per_photo": 1,
+        "tile": 128,
+        "seeds": 1,
+        "degradation": "bicubic x4",
+        "bicubic": {k: [0.4, None, None] for k in ("lpips", "psnr", "ssim", "brisque")},
+        "methods": methods,
+        "targets": {"dtss-mmle-x": marks},
+    }
+    path = tmp_path / "front.json"
+    path.write_text(json.dumps(result, allow_nan=False))  # an unavailable interval is null
+    text = render(json.loads(path.read_text()), path, tmp_path / "README.md")
+    assert "| dtss-mmle-x | 25.0 | 0.200 (interval unavailable) |" in text
+    assert "-0.100 (interval unavailable) vs uniform-5" in text
+    assert "(0.200 to 0.200)" not in text
+    assert "No intervals (one crop on one seed: nothing to resample)" in text
+    pytest.importorskip("matplotlib")
+    from benchmarks.front import plot
+
+    result["model"] = {"source": "tiny"}
+    assert plot(result, tmp_path / "front.png").is_file()  # no error bar where no interval
