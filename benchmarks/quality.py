@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,8 +127,16 @@ class BlockScorer:
 
 def interval(
     per_photo: list[np.ndarray], *, draws: int = 2000, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean of the per-photo means and its 90% interval, blocks resampled within each photo."""
+) -> tuple[float, float | None, float | None]:
+    """Mean of the per-photo means and its 90% interval, blocks resampled within each photo.
+    With one block per photo the photos are resampled instead; a single block has nothing to
+    resample, and its interval is unavailable (None, None), not a zero width that reads as
+    exact."""
+    mean = float(np.mean([v.mean() for v in per_photo]))
+    if all(len(v) == 1 for v in per_photo):
+        if len(per_photo) == 1:
+            return mean, None, None
+        per_photo = [np.concatenate(per_photo)]  # the photos are what varies
     rng = np.random.default_rng(seed)
     stats = np.zeros(draws)
     for values in per_photo:
@@ -136,7 +144,7 @@ def interval(
         stats += values[picks].mean(axis=1)
     stats /= len(per_photo)
     low, high = np.percentile(stats, [5, 95])
-    return float(np.mean([v.mean() for v in per_photo])), float(low), float(high)
+    return mean, float(low), float(high)
 
 
 def vae_round_trip(
@@ -509,8 +517,20 @@ def gallery(
     return written
 
 
-def _ci(v: list[float] | tuple[float, ...], digits: int = 3) -> str:
-    return f"{v[0]:.{digits}f} ({v[1]:.{digits}f} to {v[2]:.{digits}f})"
+def _ci(v: Sequence[float | None], digits: int = 3) -> str:
+    mean, low, high = v
+    if low is None or high is None:  # a single block: nothing to resample
+        return f"{mean:.{digits}f} (interval unavailable)"
+    return f"{mean:.{digits}f} ({low:.{digits}f} to {high:.{digits}f})"
+
+
+def _resampled(result: dict[str, Any]) -> str:
+    blocks = {n for entry in result["results"].values() for n in entry["blocks"].values()}
+    if blocks != {1}:
+        return "90% intervals from resampling blocks within photos"
+    if len(result["photos"]) > 1:
+        return "90% intervals from resampling photos (one block each)"
+    return "no intervals (one block of one photo: nothing to resample)"
 
 
 def _extent(result: dict[str, Any]) -> str:
@@ -529,7 +549,7 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
         f"{result['model']} ({result['schedule']} schedule) on the {len(photos)} "
         f"{SET_NAMES.get(result['photo_set'], result['photo_set'])} photos "
         f"({', '.join(photos)}), {_extent(result)} through the Upscaler. PSNR, SSIM and LPIPS on "
-        f"{result['block']} px blocks, 90% intervals from resampling blocks within photos, "
+        f"{result['block']} px blocks, {_resampled(result)}, "
         "every photo weighted equally; BRISQUE on the whole output (lower is better).",
         "",
         "| degradation | upscaler | LPIPS | PSNR dB | SSIM | BRISQUE |",

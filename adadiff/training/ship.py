@@ -369,6 +369,13 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _interval(v: list[float | None]) -> str:
+    mean, low, high = v
+    if low is None or high is None:  # benchmarks/quality.py on a single block
+        return f"{mean:.3f} (interval unavailable)"
+    return f"{mean:.3f} ({low:.3f} to {high:.3f})"
+
+
 def quality_section(quality: dict[str, Any] | None) -> list[str]:
     """The whole-photo figures of ``benchmarks/quality.py``, both degradations."""
     if not quality:
@@ -385,17 +392,15 @@ def quality_section(quality: dict[str, Any] | None) -> list[str]:
     for deg, entry in quality.get("results", {}).items():
         for method in ("bicubic", "model"):
             e = entry[method]
-            lp = e["lpips"]["pooled"]
             lines.append(
-                f"| {quality.get('degradations', {}).get(deg, deg)} | {method} | {lp[0]:.3f} "
-                f"({lp[1]:.3f} to {lp[2]:.3f}) | {e['psnr']['pooled'][0]:.2f} | "
+                f"| {quality.get('degradations', {}).get(deg, deg)} | {method} | "
+                f"{_interval(e['lpips']['pooled'])} | {e['psnr']['pooled'][0]:.2f} | "
                 f"{e['ssim']['pooled'][0]:.3f} |"
             )
     ceiling = quality.get("vae_round_trip")
     if ceiling:
-        lp = ceiling["lpips"]["pooled"]
         lines.append(
-            f"| none | the original through this VAE | {lp[0]:.3f} ({lp[1]:.3f} to {lp[2]:.3f})"
+            f"| none | the original through this VAE | {_interval(ceiling['lpips']['pooled'])}"
             f" | {ceiling['psnr']['pooled'][0]:.2f} | {ceiling['ssim']['pooled'][0]:.3f} |"
         )
     timing = quality.get("timing", {})

@@ -346,3 +346,18 @@ def test_a_file_as_out_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
     plain.write_text("")
     assert quality.main(["--out", str(plain)]) == 2
     assert f"--out {plain} is a file; give a folder" in capsys.readouterr().err
+
+
+def test_one_block_per_photo_resamples_the_photos_and_one_block_alone_has_no_interval():
+    # --max-side 128: one block per photo, drawn every time, gave zero-width intervals
+    mean, low, high = quality.interval([np.array([0.2]), np.array([0.3]), np.array([0.4])])
+    assert mean == pytest.approx(0.3) and low < mean < high
+    assert quality.interval([np.array([0.3])]) == (0.3, None, None)
+    assert quality._ci((0.3, None, None)) == "0.300 (interval unavailable)"
+    one_each = {
+        "photos": ["astronaut", "gravel"],
+        "results": {"bicubic": {"blocks": {"astronaut": 1, "gravel": 1}}},
+    }
+    assert quality._resampled(one_each).endswith("resampling photos (one block each)")
+    one = {"photos": ["astronaut"], "results": {"bicubic": {"blocks": {"astronaut": 1}}}}
+    assert quality._resampled(one).startswith("no intervals")

@@ -538,3 +538,17 @@ def test_an_init_from_folder_with_an_empty_or_latin1_card_is_named_or_refused(tm
     (earlier / "MODEL_CARD.md").write_bytes("# caf\xe9: a test model\n".encode("latin-1"))
     with pytest.raises(ModelFolderError, match=r"not a readable model card .* save it as UTF-8"):
         Reused.of(earlier)
+
+
+def test_the_card_says_when_a_quality_interval_is_unavailable():
+    from adadiff.training.ship import quality_section
+
+    # benchmarks/quality.py on one 128 px block: nothing to resample, the interval is null
+    one = {k: {"pooled": [0.3, None, None]} for k in ("lpips", "psnr", "ssim")}
+    quality = {
+        "photos": ["astronaut"],
+        "results": {"bicubic": {"bicubic": one, "model": one}},
+        "vae_round_trip": one,
+    }
+    text = "\n".join(quality_section(quality))
+    assert text.count("0.300 (interval unavailable)") == 3
