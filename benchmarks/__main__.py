@@ -210,16 +210,21 @@ def run_suite(
 
 
 def failed_sections(result: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
-    """Sections with an error, and backends sections where every variant failed."""
+    """Sections with an error, and those whose every part failed: each backends variant, each
+    scaling size (its child process killed, say), both fullsize runs."""
     failed = []
     for name in sections:
         data = result.get(name)
         if not isinstance(data, dict) or "error" in data:
             failed.append(name)
-        elif name == "backends":
-            variants = data.get("variants") or {}
-            if not variants or all("error" in v for v in variants.values()):
-                failed.append(name)
+            continue
+        parts: list[Any] = {
+            "backends": list((data.get("variants") or {}).values()),
+            "scaling": data.get("rows") or [],
+            "fullsize": [data.get("unet_latency"), data.get("adaptive")],
+        }.get(name, [{}])
+        if all(not isinstance(p, dict) or "error" in p for p in parts):
+            failed.append(name)
     return failed
 
 

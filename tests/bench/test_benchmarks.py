@@ -242,6 +242,35 @@ def test_a_failed_run_leaves_the_folder_results_as_they_were(smoke_run, tmp_path
     assert failed_sections({"backends": variants}, ("backends",)) == []
 
 
+def test_a_section_whose_every_part_failed_has_failed(smoke_run, tmp_path, monkeypatch):
+    from benchmarks import scaling
+    from benchmarks.__main__ import FAILED_RESULTS, failed_sections, run_suite
+    from benchmarks.suites import Settings
+
+    out, result = smoke_run
+    folder = tmp_path / "ref"
+    shutil.copytree(out, folder)
+    before = (folder / "results.json").read_bytes()
+
+    def killed(_ctx, **job):  # what run_isolated raises when its child is killed
+        raise RuntimeError(f"size {job['size']} failed (exit -9): Killed")
+
+    monkeypatch.setattr(scaling, "run_isolated", killed)
+    suite = replace(smoke_suite(), sections=("scaling",))
+    model = result["settings"]["model"]
+    # every size's error was recorded in its row, the section passed and replaced the figures
+    failed = run_suite(suite, Settings(backends=("torch",), model=model, threads=1), folder)
+    assert failed["failed"] == ["scaling"]
+    assert (folder / "results.json").read_bytes() == before
+    assert (folder / FAILED_RESULTS).is_file()
+    ok, error = {"size": 16, "tiles": 1}, {"size": 32, "error": "Killed"}
+    assert failed_sections({"scaling": {"rows": [ok, error]}}, ("scaling",)) == []
+    both = {"unet_latency": {"error": "x"}, "adaptive": {"error": "y"}}
+    assert failed_sections({"fullsize": both}, ("fullsize",)) == ["fullsize"]
+    both["adaptive"] = {"tiles": 4}
+    assert failed_sections({"fullsize": both}, ("fullsize",)) == []
+
+
 def test_the_suite_records_the_name_of_the_gpu_it_ran_on(tmp_path, monkeypatch):
     import benchmarks.__main__ as suite_main
     from benchmarks import machine as machine_module
