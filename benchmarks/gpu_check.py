@@ -467,15 +467,23 @@ def output_name(dry_run: bool, failed: list[str] | None = None) -> str:
     return FAILED_OUTPUT if failed else OUTPUT
 
 
-def _dropped_parts(out: Path, parts: tuple[str, ...]) -> list[str]:
-    """Parts the folder's real gpu_check.json holds that a run of ``parts`` would lose."""
+def _dropped_parts(out: Path, plan: Plan) -> list[str]:
+    """Parts the folder's real gpu_check.json holds that a run of ``plan`` would lose: left out
+    of its parts, or with figures there and skipped here for a library this machine lacks."""
     try:
         old = json.loads((out / OUTPUT).read_text())
     except (OSError, ValueError):
         return []
     if not isinstance(old, dict) or old.get("dry_run"):
         return []
-    return [p for p in PARTS if p in old and p not in parts]
+
+    def lost(part: str) -> bool:
+        if part not in plan.parts:
+            return True
+        figures = isinstance(old[part], dict) and not {"skipped", "error"} & set(old[part])
+        return figures and _reason_to_skip(plan, part) is not None
+
+    return [p for p in PARTS if p in old and lost(p)]
 
 
 def _reason_to_skip(plan: Plan, part: str) -> str | None:
@@ -544,10 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: {missing}", file=sys.stderr)
         return 2
-    dropped = [] if args.dry_run else _dropped_parts(args.out, plan.parts)
+    dropped = [] if args.dry_run else _dropped_parts(args.out, plan)
     if dropped:
+        why = [f"{p} ({_reason_to_skip(plan, p) or 'not in --parts'})" for p in dropped]
         print(
-            f"error: {args.out / OUTPUT} holds the parts {', '.join(dropped)}, which this run "
+            f"error: {args.out / OUTPUT} holds the parts {', '.join(why)}, which this run "
             "would drop; give another --out (or delete that file)",
             file=sys.stderr,
         )

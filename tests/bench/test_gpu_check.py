@@ -274,3 +274,28 @@ def test_a_run_with_a_failed_part_leaves_the_folders_figures_alone(tmp_path, cap
     assert gpu_check.main(["--out", str(tmp_path), "--parts", "parity"]) == 0
     assert json.loads(real.read_text())["parity"] == {"components": {"fp32": {}}}
     assert not (tmp_path / gpu_check.FAILED_OUTPUT).exists()
+
+
+def test_a_part_skipped_here_does_not_replace_its_figures_from_another_machine(
+    tmp_path, capsys, monkeypatch
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    installed = gpu_check.installed
+    monkeypatch.setattr(gpu_check, "installed", lambda name: name != "tensorrt" and installed(name))
+    ran: list[str] = []
+    monkeypatch.setattr(gpu_check, "run", lambda plan, out, dry_run: ran.append("run") or {})
+    real = tmp_path / gpu_check.OUTPUT
+    # TensorRT parity from a machine that has it; this one has not, and wrote "skipped" over it
+    figures = {"components": {"unet": {"max_abs": 1e-5, "within_10x_fp32_tolerance": True}}}
+    real.write_text(json.dumps({"kind": "gpu_check", "dry_run": False, "tensorrt": figures}))
+    assert gpu_check.main(["--out", str(tmp_path), "--parts", "tensorrt"]) == 2
+    assert "holds the parts tensorrt (tensorrt is not installed)" in capsys.readouterr().err
+    assert ran == [] and json.loads(real.read_text())["tensorrt"] == figures
+    # a part that was skipped there too loses nothing
+    skipped = {"skipped": "tensorrt is not installed"}
+    real.write_text(json.dumps({"kind": "gpu_check", "dry_run": False, "tensorrt": skipped}))
+    assert gpu_check.main(["--out", str(tmp_path), "--parts", "tensorrt"]) == 0
+    assert ran == ["run"]
