@@ -359,10 +359,6 @@ def part_shipped_photo(plan: Plan) -> dict[str, Any]:
 def part_onnxruntime(plan: Plan) -> dict[str, Any]:
     import tempfile
 
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return {"skipped": f"onnxruntime {ort.__version__} has no CUDA provider"}
     from adadiff.engines.onnxruntime import OnnxRuntimeBackend
     from adadiff.engines.torch import TorchBackend
     from adadiff.export import export_onnx
@@ -489,6 +485,12 @@ def _dropped_parts(out: Path, plan: Plan) -> list[str]:
 def _reason_to_skip(plan: Plan, part: str) -> str | None:
     if part in ("onnxruntime", "tensorrt") and not plan.optional.get(part):
         return f"{part} is not installed"
+    if part == "onnxruntime":
+        # known before the run (the CPU-only package): it must not count as a run of the part
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return f"onnxruntime {ort.__version__} has no CUDA provider"
     return None
 
 

@@ -299,3 +299,27 @@ def test_a_part_skipped_here_does_not_replace_its_figures_from_another_machine(
     real.write_text(json.dumps({"kind": "gpu_check", "dry_run": False, "tensorrt": skipped}))
     assert gpu_check.main(["--out", str(tmp_path), "--parts", "tensorrt"]) == 0
     assert ran == ["run"]
+
+
+def test_onnxruntime_without_its_cuda_provider_is_skipped_before_the_run(
+    tmp_path, capsys, monkeypatch
+):
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    # the CPU-only package: the part said "skipped" after the run, over the folder's figures
+    real = tmp_path / gpu_check.OUTPUT
+    figures = {"components": {"unet": {"max_abs": 1e-5, "within_10x_fp32_tolerance": True}}}
+    real.write_text(json.dumps({"kind": "gpu_check", "dry_run": False, "onnxruntime": figures}))
+    assert gpu_check.main(["--out", str(tmp_path), "--parts", "onnxruntime"]) == 2
+    assert "onnxruntime (onnxruntime" in capsys.readouterr().err
+    assert json.loads(real.read_text())["onnxruntime"] == figures
+    assert gpu_check.main(["--out", str(tmp_path / "dry"), "--dry-run"]) == 0
+    dry = json.loads((tmp_path / "dry" / gpu_check.DRY_OUTPUT).read_text())
+    assert "has no CUDA provider" in dry["skipped"]["onnxruntime"]
+    assert "onnxruntime" not in dry["planned"]
