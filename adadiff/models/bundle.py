@@ -6,7 +6,7 @@ Folder layout (diffusers layout for the big parts, safetensors everywhere)::
     unet/config.json             diffusers UNet2DConditionModel config
     unet/diffusion_pytorch_model.safetensors
     vae/config.json, vae/diffusion_pytorch_model.safetensors
-    pfj.safetensors, mmle.safetensors
+    pfj.safetensors, mmle.safetensors (its metadata names its columns: ``mmle_metadata``)
     text_embedding.safetensors   the empty-prompt embedding, key "embedding", [tokens, dim]
 """
 
@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from adadiff.artifacts import weights_digest
-from adadiff.config import CONFIG_FILE, ModelConfig
+from adadiff.config import CONFIG_FILE, ColorFixConfig, MMLEConfig, ModelConfig
 from adadiff.errors import ModelFolderError
 from adadiff.models.networks import MMLE, PFJ
 from adadiff.models.wrappers import (
@@ -35,6 +36,9 @@ from adadiff.presets import SHIPPED, no_model_folder, preset, preset_name
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 TEXT_EMBEDDING = "text_embedding.safetensors"
+MMLE_WEIGHTS = "mmle.safetensors"
+# mmle.safetensors' metadata key: what its output columns mean (``mmle_metadata``)
+MMLE_META_KEY = "adadiff.mmle"
 
 
 @dataclass
@@ -80,7 +84,11 @@ class TorchModels:
                     str(path),
                 )
         save_file(_contiguous(self.pfj.state_dict()), str(folder / "pfj.safetensors"))
-        save_file(_contiguous(self.mmle.state_dict()), str(folder / "mmle.safetensors"))
+        save_file(
+            _contiguous(self.mmle.state_dict()),
+            str(folder / MMLE_WEIGHTS),
+            metadata=mmle_metadata(self.config),
+        )
         save_file({"embedding": self.text_embedding.contiguous()}, str(folder / TEXT_EMBEDDING))
         self.config.save(folder)
         return folder
@@ -142,6 +150,81 @@ def mmle_for(cfg: ModelConfig) -> MMLE:
         psnr_index=cfg.mmle.psnr_index,
         lpips_index=cfg.mmle.lpips_index,
     )
+
+
+def mmle_targets(mmle: MMLEConfig, fix: ColorFixConfig) -> dict[str, Any]:
+    """What an MMLE's output columns mean and its shape: its metrics (not their weights, which
+    calibration changes and which only the policy reads), their reference, the colour fix of
+    the images its labels scored, and its width."""
+    return {
+        "hidden": mmle.hidden,
+        "metrics": [(m.name, m.kind.value) for m in mmle.metrics],
+        "reference": mmle.reference,
+        "color_fix": "none" if fix.kind == "none" else f"{fix.kind}:{fix.levels}",
+    }
+
+
+def changed_targets(then: dict[str, Any], now: dict[str, Any], here: str) -> list[str]:
+    """Each of ``mmle_targets`` that differs, as "KEY THEN there, NOW ``here``"."""
+    return [f"{k} {then[k]} there, {now[k]} {here}" for k in now if then[k] != now[k]]
+
+
+def mmle_columns(cfg: ModelConfig) -> dict[str, Any]:
+    """What an MMLE's output columns mean, as JSON reads it back: ``mmle_targets`` and the
+    columns built from two errors (``MMLE.split_columns``)."""
+    split = {"psnr": cfg.mmle.psnr_index, "lpips": cfg.mmle.lpips_index}
+    return json.loads(json.dumps({**mmle_targets(cfg.mmle, cfg.color_fix), "split_columns": split}))
+
+
+def mmle_metadata(cfg: ModelConfig) -> dict[str, str]:
+    """mmle.safetensors' metadata: ``mmle_columns``. The weights hold no names: without these a
+    config that lists the same metrics in another order loads them and reads every column as
+    another metric. One key, because safetensors writes several in a random order and a
+    shipped folder's files must be the same bytes each time."""
+    return {MMLE_META_KEY: json.dumps(mmle_columns(cfg), sort_keys=True)}
+
+
+def check_mmle_metadata(cfg: ModelConfig, path: Path) -> None:
+    """Refuse an mmle.safetensors whose metadata says it predicts other columns than ``cfg``'s
+    (a file written before adadiff recorded them has none and is not checked)."""
+    if not path.is_file():
+        return  # load_state says what is wrong with it
+    stored = _read_metadata(path).get(MMLE_META_KEY)
+    if stored is None:
+        return
+    try:
+        then = json.loads(stored)
+    except json.JSONDecodeError:
+        then = None
+    if not isinstance(then, dict):
+        raise ModelFolderError(
+            f"{path}: its {MMLE_META_KEY!r} metadata is not a JSON object ({stored[:80]!r}); "
+            "write the folder again (adadiff train ship) or take the file from a good copy"
+        )
+    now = mmle_columns(cfg)
+    changed = [
+        f"{key} {json.dumps(then[key], sort_keys=True)} there, "
+        f"{json.dumps(value, sort_keys=True)} in {CONFIG_FILE}"
+        for key, value in now.items()
+        if key in then and then[key] != value
+    ]
+    if changed:
+        raise ModelFolderError(
+            f"{path} predicts other scores than {path.parent / CONFIG_FILE} lists "
+            f"({'; '.join(changed)}), so each score would be read as another metric; put back "
+            "the mmle block and color_fix it was written with (the metrics in that order), or "
+            "make labels and train MMLE for this config"
+        )
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises its own SafetensorError for a damaged file
+        raise ModelFolderError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
 def build_random(cfg: ModelConfig, seed: int = 0) -> TorchModels:
@@ -215,7 +298,8 @@ def load_folder(folder: str | Path) -> TorchModels:
     load_state(unet, folder / "unet" / WEIGHTS)
     load_state(vae, folder / "vae" / WEIGHTS)
     load_state(pfj, folder / "pfj.safetensors")
-    load_state(mmle, folder / "mmle.safetensors")
+    check_mmle_metadata(cfg, folder / MMLE_WEIGHTS)  # first: it says more than a shape does
+    load_state(mmle, folder / MMLE_WEIGHTS)
     emb = _read_safetensors(folder / TEXT_EMBEDDING)
     text = emb.get("embedding")
     if (

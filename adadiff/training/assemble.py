@@ -21,7 +21,13 @@ from torch import nn
 
 from adadiff.config import ColorFixConfig, MMLEConfig, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError, shell_arg
-from adadiff.models.bundle import TorchModels, build_modules, mmle_for
+from adadiff.models.bundle import (
+    TorchModels,
+    build_modules,
+    changed_targets,
+    mmle_for,
+    mmle_targets,
+)
 from adadiff.models.networks import MMLE
 from adadiff.training.checkpoint import load_latest, require_latest
 from adadiff.training.loop import check_trained_config
@@ -108,23 +114,6 @@ def load_mmle_weights(model: MMLE, state: dict[str, Any]) -> None:
             f"({first[0].strip()}); it was trained by an older adadiff or for other metrics. "
             "Move the workdir's mmle folder aside and train MMLE again (labels are kept)"
         ) from exc
-
-
-def mmle_targets(mmle: MMLEConfig, fix: ColorFixConfig) -> dict[str, Any]:
-    """What an MMLE's output columns mean and its shape: its metrics (not their weights, which
-    calibration changes and which only the policy reads), their reference, the colour fix of
-    the images its labels scored, and its width."""
-    return {
-        "hidden": mmle.hidden,
-        "metrics": [(m.name, m.kind.value) for m in mmle.metrics],
-        "reference": mmle.reference,
-        "color_fix": "none" if fix.kind == "none" else f"{fix.kind}:{fix.levels}",
-    }
-
-
-def changed_targets(then: dict[str, Any], now: dict[str, Any], here: str) -> list[str]:
-    """Each of ``mmle_targets`` that differs, as "KEY THEN there, NOW ``here``"."""
-    return [f"{k} {then[k]} there, {now[k]} {here}" for k in now if then[k] != now[k]]
 
 
 def check_mmle_config(cfg: ModelConfig, ckpt: dict[str, Any], folder: Path) -> None:

@@ -27,15 +27,16 @@ import numpy as np
 from adadiff.artifacts import weights_digest
 from adadiff.config import CONFIG_FILE, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError, shell_arg
-from adadiff.models.bundle import SHIPPED, TorchModels, describe, load_models
-from adadiff.provenance import MODEL_CARD, TrainingRecord, read_card, read_record, write_record
-from adadiff.training.assemble import (
+from adadiff.models.bundle import (
+    SHIPPED,
+    TorchModels,
     changed_targets,
-    encoder_fingerprint,
-    frozen_models,
+    describe,
+    load_models,
     mmle_targets,
-    same_encoder,
 )
+from adadiff.provenance import MODEL_CARD, TrainingRecord, read_card, read_record, write_record
+from adadiff.training.assemble import encoder_fingerprint, frozen_models, same_encoder
 from adadiff.training.checkpoint import list_checkpoints, load_latest
 from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, training_photos
 from adadiff.training.deadleaves import NAME_PREFIX as DEADLEAVES_PREFIX

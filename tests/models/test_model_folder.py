@@ -242,3 +242,55 @@ def test_a_checkpoint_file_given_as_the_model_is_not_called_missing(
     assert "is a file, not a folder" in err and "does not exist" not in err
     with pytest.raises(ModelFolderError, match="does not exist"):
         load_folder(tmp_path / "absent")
+
+
+def _swap_psnr_and_ssim(data: dict) -> None:
+    metrics = data["mmle"]["metrics"]
+    names = [m["name"] for m in metrics]
+    i, j = names.index("psnr"), names.index("ssim")
+    metrics[i], metrics[j] = metrics[j], metrics[i]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (_swap_psnr_and_ssim, "metrics"),
+        (lambda d: d["mmle"].update(reference="hr"), "reference"),
+        (lambda d: d["color_fix"].update(kind="wavelet", levels=3), "color_fix"),
+    ],
+)
+def test_an_mmle_read_as_other_columns_is_refused(folder: Path, change, named: str) -> None:
+    # every change keeps the tensors' shapes: the weights loaded and the DTSS policy read each
+    # score as another metric (PSNR as SSIM), or PSNR and LPIPS built from the wrong columns
+    _edit(folder / CONFIG_FILE, change)
+    with pytest.raises(ModelFolderError, match=rf"mmle.safetensors predicts other .*{named} "):
+        load_folder(folder)
+
+
+def test_a_calibrated_config_still_loads_its_mmle(folder: Path) -> None:
+    # calibration rewrites the metric weights only, which the MMLE does not predict
+    _edit(folder / CONFIG_FILE, lambda d: d["mmle"]["metrics"][0].update(weight=7.5))
+    assert load_folder(folder).config.mmle.metrics[0].weight == 7.5
+
+
+def test_an_mmle_file_without_the_metric_names_still_loads(folder: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    shipped = SHIPPED / "tiny" / "mmle.safetensors"
+    with safe_open(str(shipped), framework="pt") as fh:
+        assert not (fh.metadata() or {})  # the shipped tiny's is such a file, and loads
+    load_models("tiny")
+    path = folder / "mmle.safetensors"
+    save_file(load_file(str(path)), str(path))  # as adadiff wrote it before: nothing to check
+    _edit(folder / CONFIG_FILE, _swap_psnr_and_ssim)
+    load_folder(folder)
+
+
+def test_a_folder_saved_twice_is_the_same_bytes(tiny_models, tmp_path: Path) -> None:
+    # safetensors writes several metadata keys in a random order: shipping one workdir twice
+    # gave two weights digests, and a benchmark JSON of the first was refused for the second
+    from adadiff.artifacts import weights_digest
+
+    a, b = (tiny_models.save(tmp_path / name) for name in ("a", "b"))
+    assert weights_digest(a) == weights_digest(b)
