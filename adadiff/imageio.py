@@ -735,6 +735,20 @@ def _to_uint(values: np.ndarray, maximum: int, dtype: type[np.generic]) -> np.nd
     return np.round(np.clip(values, 0.0, 1.0) * maximum).astype(dtype)
 
 
+def gray_output(rgb: np.ndarray) -> np.ndarray:
+    """Float [..., 3] as the runtime returns it for a gray input: its Rec. 601 luma in all
+    three channels (the model adds faint colour; a gray photo stays gray)."""
+    return np.repeat((rgb @ LUMA_601)[..., None], 3, axis=-1)
+
+
+def has_gray_channels(rgb: np.ndarray) -> np.ndarray:
+    """Per image of float [..., H, W, 3] in [0, 1]: whether its three channels are equal, as a
+    gray input's are once read (``to_rgb_and_gray`` repeats its one channel), to within half an
+    8-bit level: resizing a gray crop in float can leave them 1e-8 apart."""
+    spread = np.max(rgb, axis=-1) - np.min(rgb, axis=-1)
+    return np.all(spread <= 0.5 / 255, axis=(-2, -1))
+
+
 def _luma(rgb: np.ndarray) -> np.ndarray:
     """Luma in [0, 1] of float [0, 1] or integer RGB."""
     weights = LUMA_601

@@ -17,7 +17,7 @@ from adadiff.config import SCHEDULES, SEED_LIMIT, ModelConfig, RunSettings
 from adadiff.engines import factory
 from adadiff.engines.base import Backend, CallLog, Components
 from adadiff.errors import ConfigError
-from adadiff.imageio import LUMA_601, bicubic_rows, to_rgb_and_gray
+from adadiff.imageio import bicubic_rows, gray_output, to_rgb_and_gray
 from adadiff.presets import PRESET_PREFIX, PRESETS
 from adadiff.progress import Progress
 from adadiff.runtime.colorfix import color_fix_rows
@@ -394,7 +394,7 @@ class Upscaler:
         out = np.empty((height, width, 3), dtype=out_dtype)
         for first, rows in pixels:
             if job.gray:  # the model adds faint colour; a gray photo stays gray
-                rows = np.repeat((rows @ LUMA_601)[:, :, None], 3, axis=2)
+                rows = gray_output(rows)
             out[first : first + len(rows)] = _quantize(rows, out_dtype)
         seconds = dict(job.seconds)
         seconds["decode"] = time.perf_counter() - t0

@@ -35,12 +35,19 @@ import torch
 
 from adadiff.config import DTSSConfig, MetricConfig
 from adadiff.errors import ConfigError
+from adadiff.imageio import has_gray_channels
 from adadiff.models.bundle import TorchModels
 from adadiff.quality.lpips import load_lpips
 from adadiff.runtime.colorfix import color_fix
 from adadiff.runtime.policy import Category, Decision
 from adadiff.runtime.schedule import uniform_timesteps
-from adadiff.training.labels import decode_latents, encode_latents, mmle_score, sample_with
+from adadiff.training.labels import (
+    as_output,
+    decode_latents,
+    encode_latents,
+    mmle_score,
+    sample_with,
+)
 from adadiff.training.pairs import Batch
 
 Progress = Callable[[int, int], None]
@@ -222,7 +229,8 @@ def record(
     progress: Progress | None = None,
 ) -> Trajectories:
     """Trajectories of every crop (one tile each) and seed: MMLE's scores and the LPIPS to HR of
-    each estimate, decoded and colour-corrected against the crop's bicubic input."""
+    each estimate, decoded, colour-corrected against the crop's bicubic input and gray for a
+    gray input, as the runtime returns it."""
     cfg = models.config
     lr = encode_latents(models, crops.up, max_batch)
     tile_of = {lat.tobytes(): k for k, lat in enumerate(lr)}
@@ -245,7 +253,10 @@ def record(
         def score(x0: np.ndarray, lr_: np.ndarray, t: np.ndarray, seed: int = seed) -> np.ndarray:
             out = mmle(x0, lr_, t)
             tiles = [tile_of[row.tobytes()] for row in lr_]
-            images = color_fix(decode_latents(decoder, x0), crops.up[tiles], cfg.color_fix)
+            up = crops.up[tiles]
+            images = as_output(
+                color_fix(decode_latents(decoder, x0), up, cfg.color_fix), has_gray_channels(up)
+            )
             with torch.inference_mode():
                 dist = lp(_signed(images), hr[tiles]).numpy()
             for i, k in enumerate(tiles):

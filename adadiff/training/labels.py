@@ -39,7 +39,9 @@ grain, the HR-referenced one only for grain, so these say which steps paid.
 With a colour fix in the config (``color_fix``), every decoded image is corrected against its
 reference before it is scored or compared, as the runtime's output is; each shard records the
 fix (``color_fix``, e.g. ``wavelet:5``) and a run with another config refuses to reuse it, as
-MMLE's trainer refuses to learn from it.
+MMLE's trainer refuses to learn from it. A tile whose input is gray (three equal channels, as a
+gray photo is read) is scored gray, as the runtime returns a gray input (``gray_output``
+"luma"; shards made before scored its faint colour).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ import torch
 
 from adadiff.config import DTSSConfig, MetricConfig, MetricKind, ModelConfig
 from adadiff.errors import ConfigError, ModelFolderError
+from adadiff.imageio import gray_output, has_gray_channels
 from adadiff.models.bundle import TorchModels
 from adadiff.progress import Progress
 from adadiff.quality.lpips import load_lpips
@@ -93,6 +96,20 @@ LPIPS_NAME = "lpips"
 
 ERROR_KEYS = ("latent_err", *RECON_KEYS)
 LPIPS_KEYS = ("latent_lpips", "recon_lpips")
+# How a shard scores the estimates of a tile whose input is gray (``has_gray_channels``): as the
+# runtime returns them, gray (``imageio.gray_output``). Shards without the field scored them in
+# colour ("rgb"), which scores other images than the runtime outputs.
+GRAY_OUTPUT = "luma"
+
+
+def as_output(images: np.ndarray, gray: np.ndarray) -> np.ndarray:
+    """[N, H, W, 3] estimates as the runtime returns them: gray where ``gray`` [N] says the
+    tile's input was."""
+    if not gray.any():
+        return images
+    out = images.copy()
+    out[gray] = gray_output(images[gray])
+    return out
 
 
 def error_keys(metrics: Sequence[MetricConfig]) -> tuple[str, ...]:
@@ -179,6 +196,7 @@ class OracleScorer:
         self.decoder = models.wrappers()["vae_decoder"]
         self.color_fix = models.config.color_fix
         self.references = references  # [N, H, W, 3] in [0, 1], the bicubic-upscaled LR crops
+        self._gray = has_gray_channels(references)
         self.metrics = tuple(metrics)
         self.cache_dir = cache_dir
         # The HR crops, known at training time only: the same estimate scored against the truth
@@ -235,10 +253,11 @@ class OracleScorer:
             bands = [b for k in tiles if (b := self._bands[k][which]) is not None]
             return swap_band(decoded, decoded_band, np.stack(bands) if bands else None)
 
-        images = corrected(0)
+        gray = self._gray[tiles]
+        images = as_output(corrected(0), gray)
         # The latents' share of the error: the estimate corrected against the decoded LR latent,
         # as the oracle corrects it against the input.
-        errors = self.errors(corrected(1), lr_decoded)
+        errors = self.errors(as_output(corrected(1), gray), as_output(lr_decoded, gray))
         for key, values in errors.items():
             self.latent.setdefault(key, []).append(values)
         for i, (image, k) in enumerate(zip(images, tiles, strict=True)):
@@ -315,7 +334,10 @@ def reconstruction_errors(
     return latents, _batched_errors(
         errors,
         lambda rows: (
-            color_fix(decode_latents(decoder, latents[rows]), images[rows], fix),
+            as_output(
+                color_fix(decode_latents(decoder, latents[rows]), images[rows], fix),
+                has_gray_channels(images[rows]),
+            ),
             images[rows],
         ),
         len(latents),
@@ -488,6 +510,7 @@ def make_shard(
     arrays.update(recon_fields(models, images, index, opts, batch, errors))
     arrays["metrics"] = np.array([m.name for m in cfg.mmle.metrics])
     arrays["color_fix"] = np.array(color_fix_tag(cfg))
+    arrays["gray_output"] = np.array(GRAY_OUTPUT)
     arrays["photos"] = np.array(list(names), dtype=str)
     arrays["weighting"] = np.array(opts.weighting)
     return arrays
@@ -500,9 +523,11 @@ def latent_errors(
     traj: np.ndarray,
     max_batch: int,
     errors: PixelErrors,
+    gray: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """Errors between decode(x0) and decode(lr) per row (``latent_err``, ``latent_lpips``); the
-    rows of one trajectory share their LR latent, decoded once."""
+    """Errors between decode(x0) and decode(lr) per row (``latent_err``, ``latent_lpips``), gray
+    where ``gray`` [n] says the row's input was; the rows of one trajectory share their LR
+    latent, decoded once."""
     decoder = models.wrappers()["vae_decoder"]
     fix = models.config.color_fix
     trajs, first = np.unique(traj, return_index=True)
@@ -510,8 +535,11 @@ def latent_errors(
     err = _batched_errors(
         errors,
         lambda rows: (
-            color_fix(decode_latents(decoder, x0[rows]), lr_images[which[rows]], fix),
-            lr_images[which[rows]],
+            as_output(
+                color_fix(decode_latents(decoder, x0[rows]), lr_images[which[rows]], fix),
+                gray[rows],
+            ),
+            as_output(lr_images[which[rows]], gray[rows]),
         ),
         len(x0),
         max_batch,
@@ -529,20 +557,11 @@ def add_error_fields(
     cache_dir: str | Path | None = None,
 ) -> None:
     """Give a shard made before its error arrays (``error_keys``) were recorded those arrays;
-    the reconstruction errors come from re-drawn crops."""
+    the reconstruction errors, and which inputs were gray, come from re-drawn crops."""
     with np.load(path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
     needed = [k for k in error_keys(models.config.mmle.metrics) if k not in arrays]
     errors = PixelErrors(models.config.mmle.metrics, cache_dir)
-    if any(k.startswith("latent_") for k in needed):
-        fresh = latent_errors(
-            models, arrays["x0"], arrays["lr"], arrays["traj"], max(opts.max_batch, 32), errors
-        )
-        # Recorded values stay as they are; a fresh decode only fills the gaps.
-        arrays.update({k: v for k, v in fresh.items() if k in needed})
-    if not any(k.startswith("recon_") for k in needed):
-        _write_npz(path, arrays)
-        return
     stored = [str(n) for n in arrays.get("photos", ())]
     if stored and names and stored != list(names):
         raise ModelFolderError(
@@ -556,16 +575,36 @@ def add_error_fields(
         # the crops it was made with, whatever --recon-crops says now
         opts = replace(opts, recon_crops=len(arrays["recon_lr"]) - crops)
     batch = _shard_stream(models, images, opts, 100, index).batch(crops)
+    redrawn = ModelFolderError(
+        f"{path}: re-drawing its crops does not give its stored LR latents (made with "
+        "another seed, --realesrgan-prob, model or photos?); delete it to remake it"
+    )
+    if any(k.startswith("latent_") for k in needed):
+        drawn = encode_latents(models, batch.up, opts.max_batch)
+        if not np.allclose(drawn[arrays["traj"]], arrays["lr"], atol=1e-3):
+            raise redrawn
+        gray = has_gray_channels(batch.up)[arrays["traj"]]
+        fresh = latent_errors(
+            models,
+            arrays["x0"],
+            arrays["lr"],
+            arrays["traj"],
+            max(opts.max_batch, 32),
+            errors,
+            gray,
+        )
+        # Recorded values stay as they are; a fresh decode only fills the gaps.
+        arrays.update({k: v for k, v in fresh.items() if k in needed})
+    if not any(k.startswith("recon_") for k in needed):
+        _write_npz(path, arrays)
+        return
     fields = recon_fields(models, images, index, opts, batch, errors)
     stored_lr = arrays.get("recon_lr", fields["recon_lr"])
     if not (
         np.allclose(fields["recon_lr"][arrays["traj"]], arrays["lr"], atol=1e-3)
         and np.allclose(fields["recon_lr"], stored_lr, atol=1e-3)
     ):
-        raise ModelFolderError(
-            f"{path}: re-drawing its crops does not give its stored LR latents (made with "
-            "another seed, --realesrgan-prob, model or photos?); delete it to remake it"
-        )
+        raise redrawn
     arrays.update({k: v for k, v in fields.items() if k in needed})
     _write_npz(path, arrays)
 
@@ -633,6 +672,7 @@ def _make_labels(
             if path.is_file():
                 meta = _shard_meta(path)  # one read of the shard's small fields
                 _check_color_fix(path, meta, cfg)
+                _check_gray_output(path, meta)
                 _check_tile(path, meta, cfg)
                 _check_metrics(path, meta, cfg)
                 _check_drawn_by(path, meta, models.source, unet_step)
@@ -680,6 +720,7 @@ def _shard_meta(path: Path) -> dict[str, Any]:
                 "files": files,
                 # shards from before each of these existed lack it
                 "color_fix": str(npz["color_fix"]) if "color_fix" in files else "none",
+                "gray_output": str(npz["gray_output"]) if "gray_output" in files else "rgb",
                 "drawn_by": str(npz["drawn_by"]) if "drawn_by" in files else None,
                 "unet_step": int(npz["unet_step"]) if "unet_step" in files else -1,
                 "recipe": json.loads(str(npz["recipe"])) if "recipe" in files else None,
@@ -696,6 +737,14 @@ def _check_color_fix(path: Path, meta: dict[str, Any], cfg: ModelConfig) -> None
         raise ModelFolderError(
             f"{path} was scored with colour fix {meta['color_fix']}, the config asks for "
             f"{color_fix_tag(cfg)}; move the labels folder away to make labels for this config"
+        )
+
+
+def _check_gray_output(path: Path, meta: dict[str, Any]) -> None:
+    if meta["gray_output"] != GRAY_OUTPUT:
+        raise ModelFolderError(
+            f"{path} scored the estimates of gray inputs in colour, where the runtime returns "
+            "them gray; move the labels folder away to make labels that score what it returns"
         )
 
 
@@ -799,7 +848,7 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
         raise ModelFolderError("no label shards found; run `adadiff train labels` first")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (*KEYS, "shard", "photo_name")}
     optional: dict[str, list[np.ndarray]] = {}
-    metrics = hr_metrics = fix = None
+    metrics = hr_metrics = fix = gray = None
     offset = 0
     for i, path in enumerate(paths):
         try:
@@ -809,6 +858,9 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
                     data["hr_metrics"] = npz["hr_metrics"]
                 # shards from before the fix was recorded were scored without one
                 data["color_fix"] = npz["color_fix"] if "color_fix" in npz.files else "none"
+                data["gray_output"] = (
+                    npz["gray_output"] if "gray_output" in npz.files else np.array("rgb")
+                )
                 data["photo_name"] = _photo_names(npz, "photo", len(data["t"]))
                 for key in _OPTIONAL_KEYS:
                     if key == "recon_photo" and key in npz.files:
@@ -838,6 +890,12 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
                 "move the shards of one fix out of the folder"
             )
         fix = str(data["color_fix"])
+        if gray is not None and str(data["gray_output"]) != gray:
+            raise ModelFolderError(
+                f"{path} scored gray inputs' estimates as {data['gray_output']}, other shards as "
+                f"{gray}; move the shards of one kind out of the folder"
+            )
+        gray = str(data["gray_output"])
         if "hr_metrics" in data:
             hr_names = tuple(str(m) for m in data["hr_metrics"])
             if hr_metrics is not None and hr_names != hr_metrics:
@@ -856,6 +914,7 @@ def load_shards(paths: Sequence[Path]) -> dict[str, np.ndarray]:
         out["recon_photo_name" if key == "recon_photo" else key] = np.concatenate(values)
     out["metrics"] = np.array(metrics)
     out["color_fix"] = np.array(fix)
+    out["gray_output"] = np.array(gray)
     if "scores_hr" in out:
         out["hr_metrics"] = np.array(hr_metrics)
     return out

@@ -45,8 +45,8 @@ from torch.nn import functional as F
 from adadiff.config import MetricKind, ModelConfig
 from adadiff.errors import ConfigError
 from adadiff.training.assemble import MMLE_STAGE, build_mmle, load_mmle_weights
+from adadiff.training.labels import GRAY_OUTPUT, color_fix_tag, labels_origin, load_shards
 from adadiff.training.labels import STAGE as LABEL_STAGE
-from adadiff.training.labels import color_fix_tag, labels_origin, load_shards
 from adadiff.training.loop import (
     TRAINED_CONFIG_KEYS,
     Progress,
@@ -259,6 +259,12 @@ class MMLEStage:
                 f"{color_fix_tag(cfg)}, so MMLE would learn the scores of images the runtime "
                 "does not output; train with the config the labels were made with, or move the "
                 "labels folder aside and run `adadiff train labels` with this one"
+            )
+        if str(data.get("gray_output", GRAY_OUTPUT)) != GRAY_OUTPUT:
+            raise ConfigError(
+                "the labels scored the estimates of gray inputs in colour, where the runtime "
+                "returns them gray, so MMLE would learn the scores of images it does not output; "
+                "move the labels folder aside and run `adadiff train labels` again"
             )
         self.cfg, self.opts, self.mopts = cfg, opts, mopts
         # what drew the labels (train_mmle fills these in from the shards)

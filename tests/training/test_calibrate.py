@@ -353,3 +353,30 @@ def test_calibrate_refuses_the_built_in_model_folder(monkeypatch, capsys):
     assert "stop: recorded" in capsys.readouterr().err
     assert (shipped / "adadiff.json").read_bytes() == before
     assert not (shipped / "calibration.json").exists()
+
+
+def test_the_recorded_lpips_is_of_the_image_the_runtime_returns(cfg, images, monkeypatch):
+    # the runtime returns a gray input gray; the recording measured the estimate's faint colour
+    import torch
+
+    from adadiff.models.bundle import build_random
+    from adadiff.training import calibrate as calibrate_module
+    from adadiff.training.pairs import PairStream
+
+    seen: list[np.ndarray] = []
+
+    def fake_lpips():
+        def distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            seen.append(a.numpy())
+            return torch.zeros(len(a))
+
+        return distance
+
+    monkeypatch.setattr(calibrate_module, "load_lpips", fake_lpips)
+    models = build_random(cfg, seed=0)
+    for image, gray in ((images[1], True), (images[0], False)):
+        crops = PairStream([image], np.random.default_rng(0), size=cfg.tile_size, scale=4).batch(1)
+        seen.clear()
+        calibrate_module.record(models, crops, interval=500)
+        spread = max(float(np.ptp(a, axis=1).max()) for a in seen)  # [N, 3, H, W], channels
+        assert (spread < 1e-6) is gray

@@ -146,6 +146,7 @@ def test_old_label_shards_get_their_reconstruction_errors(tmp_path, unet_workdir
 
 
 def test_label_shards_record_lpips_parts(tmp_path, unet_workdir, cfg, images, metric_cache):
+    from adadiff.imageio import gray_output
     from adadiff.quality.lpips import lpips
     from adadiff.training.assemble import frozen_models
     from adadiff.training.labels import LabelOptions, decode_latents, make_labels
@@ -160,10 +161,13 @@ def test_label_shards_record_lpips_parts(tmp_path, unet_workdir, cfg, images, me
     n = len(first["t"])
     assert first["latent_lpips"].shape == (n,) and first["recon_lpips"].shape == (4,)
     assert np.all(first["latent_lpips"] >= 0) and np.all(first["recon_lpips"] > 0)
-    # independent check: LPIPS of decode(x0) against decode(LR latent), one image at a time
+    # independent check: LPIPS of decode(x0) against decode(LR latent), one image at a time,
+    # both gray for a crop of the gray photo (images[1]), as the runtime returns its output
     decoder = frozen_models(lcfg, workdir, with_mmle=False).wrappers()["vae_decoder"]
     for i in (0, n - 1):
         a, b = decode_latents(decoder, np.stack([first["x0"][i], first["lr"][i]]))
+        if first["photo"][i] == 1:
+            a, b = gray_output(a), gray_output(b)
         assert first["latent_lpips"][i] == pytest.approx(lpips(a, b), abs=1e-5)
     # a shard from before LPIPS was recorded gets both parts, equal to the values at make time
     # (and from before the recipe was recorded)
@@ -182,7 +186,9 @@ def test_label_shards_record_lpips_parts(tmp_path, unet_workdir, cfg, images, me
 
 def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
     """With a colour fix configured, labels score what the runtime would output: the decoded
-    estimate corrected against the bicubic input, and the latent error likewise."""
+    estimate corrected against the bicubic input (gray for a gray input), and the latent error
+    likewise."""
+    from adadiff.imageio import gray_output, has_gray_channels
     from adadiff.models.bundle import build_random
     from adadiff.quality.oracle import score_images
     from adadiff.runtime.colorfix import color_fix
@@ -191,6 +197,7 @@ def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
 
     crops = PairStream(images, np.random.default_rng(0), size=cfg.tile_size, scale=4).batch(2)
     x0 = np.random.default_rng(1).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    gray = has_gray_channels(crops.up)
     scores = {}
     for kind in ("none", "wavelet"):
         fixed_cfg = replace(cfg, color_fix=ColorFixConfig(kind=kind, levels=3))
@@ -200,6 +207,7 @@ def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
         scores[kind] = scorer(x0, lr, np.array([999.0, 500.0], np.float32))
         decoded = scorer.decode(x0)
         expected = color_fix(decoded, crops.up, fixed_cfg.color_fix)
+        expected[gray] = gray_output(expected[gray])
         fr = [m for m in cfg.mmle.metrics if m.kind is MetricKind.FULL_REFERENCE]
         for i in range(2):
             np.testing.assert_allclose(
@@ -213,6 +221,10 @@ def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
             )
         lr_decoded = scorer.decode(lr)
         corrected = color_fix(decoded, lr_decoded, fixed_cfg.color_fix)
+        corrected[gray], lr_decoded[gray] = (
+            gray_output(corrected[gray]),
+            gray_output(lr_decoded[gray]),
+        )
         mse = np.mean((corrected - lr_decoded) ** 2, axis=(1, 2, 3))
         np.testing.assert_allclose(scorer.arrays()["latent_err"], np.log10(mse), rtol=1e-4)
         # an oracle of mmle.reference "hr" shows the policy the HR scores; it records both
@@ -228,6 +240,84 @@ def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
     twice = np.concatenate([lr[:1], lr[:1]])
     with pytest.raises(ConfigError, match="same LR latent"):
         OracleScorer(models, crops.up, twice, cfg.mmle.metrics, hr=crops.hr)
+
+
+def test_oracle_scores_a_gray_input_gray_as_the_runtime_returns_it(cfg, images):
+    """The runtime returns a gray input gray (``gray_output``); labels scored the estimate's faint
+    colour instead, which for the shipped tiny's gray tiles is 0.1 dB of PSNR and 0.2 of NIQE
+    off what it returns. A colour input is scored as before."""
+    from adadiff.imageio import gray_output
+    from adadiff.models.bundle import build_random
+    from adadiff.quality.oracle import score_images
+    from adadiff.runtime.colorfix import color_fix
+    from adadiff.training.labels import (
+        OracleScorer,
+        PixelErrors,
+        encode_latents,
+        reconstruction_errors,
+    )
+    from adadiff.training.pairs import PairStream
+
+    fixed = replace(cfg, color_fix=ColorFixConfig(kind="wavelet", levels=3))
+    models = build_random(fixed, seed=0)
+    gray, colour = (
+        PairStream([image], np.random.default_rng(0), size=cfg.tile_size, scale=4).batch(1)
+        for image in (images[1], images[0])
+    )
+    up, hr = np.concatenate([gray.up, colour.up]), np.concatenate([gray.hr, colour.hr])
+    assert np.ptp(up[0], axis=-1).max() < 1e-6 < np.ptp(up[1], axis=-1).max()
+    x0 = np.random.default_rng(1).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    lr = encode_latents(models, up, 4)
+    scorer = OracleScorer(models, up, lr, cfg.mmle.metrics, hr=hr)
+    scores = scorer(x0, lr, np.array([999.0, 500.0], np.float32))
+    decoded = scorer.decode(x0)
+    returned = color_fix(decoded, up, fixed.color_fix)
+    returned[0] = gray_output(returned[0])
+    assert not np.allclose(scores[0], score_images(decoded[0], up[0], cfg.mmle.metrics))
+    fr = [m for m in cfg.mmle.metrics if m.kind is MetricKind.FULL_REFERENCE]
+    for i in range(2):
+        np.testing.assert_allclose(
+            scores[i], score_images(returned[i], up[i], cfg.mmle.metrics), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            scorer.arrays()["scores_hr"][i], score_images(returned[i], hr[i], fr), rtol=1e-5
+        )
+    # the error parts MMLE builds PSNR from: gray for the gray input too
+    lr_decoded = scorer.decode(lr)
+    latent = color_fix(decoded, lr_decoded, fixed.color_fix)
+    latent[0], lr_decoded[0] = gray_output(latent[0]), gray_output(lr_decoded[0])
+    mse = np.mean((latent - lr_decoded) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(scorer.arrays()["latent_err"], np.log10(mse), rtol=1e-4)
+    _, recon = reconstruction_errors(models, up, 4, PixelErrors(cfg.mmle.metrics))
+    rebuilt = color_fix(scorer.decode(lr), up, fixed.color_fix)
+    rebuilt[0] = gray_output(rebuilt[0])
+    mse = np.mean((rebuilt - up) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(recon["err"], np.log10(mse), rtol=1e-4)
+
+
+def test_labels_that_scored_gray_inputs_in_colour_are_not_extended_or_learnt(
+    tmp_path, unet_workdir, cfg, images
+):
+    from adadiff.training.labels import LabelOptions, load_shards, make_labels
+    from adadiff.training.mmle import MMLEOptions, train_mmle
+
+    workdir = tmp_path / "w"
+    shutil.copytree(unet_workdir / "unet", workdir / "unet")
+    lopts = LabelOptions(shards=1, trajectories=2, max_batch=4, recon_crops=1, seed=1)
+    (first,) = make_labels(cfg, workdir, lopts, images=images).shards
+    assert str(load_shards([first])["gray_output"]) == "luma"
+    with np.load(first) as npz:
+        arrays = {k: npz[k] for k in npz.files if k != "gray_output"}
+    second = workdir / "labels" / "shard-00001.npz"
+    np.savez(second, **arrays)  # as made before: gray inputs scored in colour
+    with pytest.raises(ModelFolderError, match=r"shard-00001\.npz scored gray inputs' estimates"):
+        load_shards([first, second])
+    first.unlink()
+    with pytest.raises(ModelFolderError, match="scored the estimates of gray inputs in colour"):
+        make_labels(cfg, workdir, replace(lopts, shards=2), images=images)
+    first.unlink()  # remade before the old shard was reached
+    with pytest.raises(ConfigError, match="scored the estimates of gray inputs in colour"):
+        train_mmle(cfg, workdir, opts(1), MMLEOptions(val_fraction=0.0))
 
 
 def test_a_labels_folder_holds_one_recipe_and_one_run(tmp_path, unet_workdir, cfg, images):

@@ -121,5 +121,6 @@ def synthetic_labels(
         "recon_err": recon_err,
         "recon_photo": np.zeros(n, dtype=np.int64),
         "recon_photo_name": np.full(n, "", dtype=str),
+        "gray_output": np.array("luma"),  # gray inputs scored as the runtime returns them
         **extra,
     }
