@@ -311,6 +311,9 @@ def _check_output(out: Path) -> None:
         )
     if out.is_dir() and not (out / MANIFEST_FILE).is_file():
         others = [p.name for p in out.iterdir() if not p.name.startswith(STAGING_PREFIX)]
+        # an export stopped while moving its files in (Ctrl-C) leaves them without a manifest
+        if ours:
+            others = [name for name in others if name not in _component_file_names()]
         if others:
             raise OutputPathError(
                 f"{out} is not empty ({', '.join(sorted(others)[:3])}, ...) and holds no adadiff "
@@ -322,6 +325,11 @@ def _check_output(out: Path) -> None:
         raise OutputPathError(
             f"{out} cannot be created: {above} is not a folder; pick another output folder"
         )
+
+
+def _component_file_names() -> set[str]:
+    """Every name an export writes a component's file under (``save`` names them so)."""
+    return {f"{name}.onnx{data}" for name in COMPONENTS for data in ("", ".data")}
 
 
 def _remove_leftovers(out: Path) -> None:
@@ -359,7 +367,8 @@ def _earlier_export(
     and the files of every earlier component that is not kept, removed once the new files are in
     place. An entry without a weights digest (older manifests) cannot show it is alike."""
     if not (out / MANIFEST_FILE).is_file():
-        return {}, {}, []
+        # the files of an export stopped before its manifest (_check_output let only those in)
+        return {}, {}, sorted(n for n in _component_file_names() if (out / n).is_file())
     try:
         old = ExportManifest.load(out)
     except AdadiffError as exc:

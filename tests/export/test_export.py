@@ -392,6 +392,35 @@ def test_an_export_killed_midway_is_cleaned_up_and_two_at_once_are_refused(tiny_
     assert export_onnx(tiny_models, out, options).components["pfj"].weights != ""
 
 
+def test_an_export_stopped_while_moving_its_files_in_can_be_run_again(
+    tiny_models, tmp_path, monkeypatch
+):
+    """Ctrl-C after the first file is in place and before manifest.json: the folder holds
+    adadiff's own files without a manifest, and the same command must then export over them."""
+    from adadiff.export import pipeline
+
+    out = tmp_path / "stopped"
+    options = ExportOptions(components=("pfj", "mmle"), check_batches=())
+    entry = pipeline.component_entry
+    calls: list[str] = []
+
+    def stop_at_the_second(folder: Path, spec, files: list[str], **kwargs):
+        calls.append(spec.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return entry(folder, spec, files, **kwargs)
+
+    monkeypatch.setattr(pipeline, "component_entry", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(tiny_models, out, options)
+    assert not (out / MANIFEST_FILE).exists() and (out / "pfj.onnx").is_file()
+    monkeypatch.setattr(pipeline, "component_entry", entry)
+    export_onnx(tiny_models, out, ExportOptions(components=("mmle",), check_batches=()))
+    # the pfj file no manifest lists is gone with the rest of the stopped export
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, MANIFEST_FILE, "mmle.onnx"]
+    ExportManifest.load(out).verify_files(out)
+
+
 def test_a_folder_the_lock_cannot_be_written_in_is_one_line(tiny_models, tmp_path, monkeypatch):
     """A read-only OUTPUT (root writes anyway, hence the stand-in) or a folder where the lock
     file goes: an OutputPathError saying what to do, not a PermissionError traceback."""
