@@ -300,6 +300,13 @@ def _is_adadiff_manifest(path: Path) -> bool:
 def _check_output(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"{out} is a file; give a folder for the ONNX files")
+    # refused now, not with a traceback when the files are moved in after the whole export
+    blocked = sorted(n for n in (*_component_file_names(), MANIFEST_FILE) if (out / n).is_dir())
+    if blocked:
+        raise OutputPathError(
+            f"{out / blocked[0]} is a folder where the export writes a file; move it away or "
+            "pick another output folder"
+        )
     manifest = out / MANIFEST_FILE
     # The lock file stays in every folder an export wrote: a manifest damaged there is adadiff's
     # own (its load error says to export again), not a file of the user's to protect.

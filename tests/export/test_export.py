@@ -441,6 +441,16 @@ def test_a_folder_the_lock_cannot_be_written_in_is_one_line(tiny_models, tmp_pat
         export_onnx(tiny_models, out, options)
 
 
+def test_a_folder_where_an_export_file_goes_is_refused_before_exporting(tiny_models, tmp_path):
+    out = tmp_path / "blocked-file"
+    options = ExportOptions(components=("pfj",), check_batches=())
+    export_onnx(tiny_models, out, options)
+    (out / "pfj.onnx").unlink()
+    (out / "pfj.onnx").mkdir()
+    with pytest.raises(OutputPathError, match=r"pfj\.onnx is a folder where .* move it away"):
+        export_onnx(tiny_models, out, options)
+
+
 def test_a_foreign_manifest_is_not_overwritten(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
