@@ -33,7 +33,7 @@ MANIFEST_VERSION = 1
 PRECISIONS = (Precision.FP32.value, Precision.FP16.value)  # what an export holds
 _CHUNK = 8 << 20
 
-REEXPORT = "re-export with `adadiff export --model MODEL -o {folder}`"
+REEXPORT = "re-export with `adadiff export --model MODEL -o {folder}{precision}`"
 
 
 def sha256_file(path: Path) -> str:
@@ -245,18 +245,19 @@ class ExportManifest:
                 f"{data.get('format') if isinstance(data, dict) else None!r}, expected "
                 f"{MANIFEST_FORMAT!r}); {_fix(folder)}"
             )
+        precision = str(data.get("precision"))  # for the re-export command only
         if data.get("version") != MANIFEST_VERSION:
             raise EngineMismatchError(
                 f"{path} has manifest version {data.get('version')}, this adadiff reads version "
-                f"{MANIFEST_VERSION}; {_fix(folder)}"
+                f"{MANIFEST_VERSION}; {_fix(folder, precision)}"
             )
         problem = _manifest_shape_problem(data)
         if problem:
-            raise ModelFolderError(f"{path} is damaged ({problem}); {_fix(folder)}")
+            raise ModelFolderError(f"{path} is damaged ({problem}); {_fix(folder, precision)}")
         try:
             return cls(**data)
         except (TypeError, ConfigError) as exc:
-            raise ModelFolderError(f"{path} is damaged ({exc}); {_fix(folder)}") from exc
+            raise ModelFolderError(f"{path} is damaged ({exc}); {_fix(folder, precision)}") from exc
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -321,7 +322,7 @@ class ExportManifest:
             if name not in specs:
                 raise EngineMismatchError(
                     f"{folder}/{MANIFEST_FILE} lists unknown component {name!r}; "
-                    f"expected some of {sorted(specs)}; {_fix(folder)}"
+                    f"expected some of {sorted(specs)}; {_fix(folder, self.precision)}"
                 )
             want = spec_to_dict(specs[name])
             if entry.spec != want:
@@ -333,7 +334,7 @@ class ExportManifest:
                     if entry.spec.get(key) != want[key]
                 )
                 raise EngineMismatchError(
-                    f"{name} in {folder} was exported with {differ}; {_fix(folder)}"
+                    f"{name} in {folder} was exported with {differ}; {_fix(folder, self.precision)}"
                 )
 
     def verify_files(self, folder: Path, components: Iterable[str] | None = None) -> None:
@@ -352,7 +353,7 @@ class ExportManifest:
         if problems:
             raise EngineMismatchError(
                 f"{folder} does not match its {MANIFEST_FILE}: {'; '.join(problems)}; "
-                f"{_fix(folder)}"
+                f"{_fix(folder, self.precision)}"
             )
 
     def entry(self, component: str, folder: Path | str = "the engines folder") -> ComponentEntry:
@@ -370,8 +371,11 @@ class ExportManifest:
             ) from None
 
 
-def _fix(folder: Path) -> str:
-    return REEXPORT.format(folder=shell_arg(folder))
+def _fix(folder: Path, precision: str = Precision.FP32.value) -> str:
+    """The command that exports ``folder`` again; at its precision, since an fp16 export
+    redone at the default fp32 is refused by the ``--precision fp16`` it was made for."""
+    half = precision == Precision.FP16.value
+    return REEXPORT.format(folder=shell_arg(folder), precision=" --precision fp16" if half else "")
 
 
 def library_versions(names: Mapping[str, str]) -> dict[str, str]:

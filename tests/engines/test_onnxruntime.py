@@ -283,6 +283,26 @@ def test_changed_or_missing_files_are_refused(onnx_dir, tmp_path):
         OnnxRuntimeBackend(folder).open("pfj")
 
 
+def test_the_re_export_advice_of_an_fp16_export_keeps_it_fp16(onnx_dir, tmp_path):
+    """The command in the error must not turn an fp16 export into an fp32 one, which
+    `upscale --precision fp16` then refuses."""
+    folder = copy_export(onnx_dir, tmp_path / "half")
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["precision"] = "fp16"
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (folder / "pfj.onnx").write_bytes(b"not the exported file")
+    with pytest.raises(EngineMismatchError, match=r"pfj\.onnx has .* -o \S+ --precision fp16`"):
+        OnnxRuntimeBackend(folder).open("pfj")
+    manifest["components"]["pfj"]["spec"]["fp16_tolerance"]["atol"] = 0.5
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(EngineMismatchError, match=r"fp16_tolerance .* --precision fp16`"):
+        OnnxRuntimeBackend(folder)
+    manifest["version"] = 0  # an older adadiff's export
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(EngineMismatchError, match=r"manifest version 0.* --precision fp16`"):
+        OnnxRuntimeBackend(folder)
+
+
 def test_an_export_of_another_spec_names_what_differs(onnx_dir, tmp_path):
     """An older adadiff's export whose tolerance or output differs: the error names that part,
     not the (identical) inputs of both."""
