@@ -219,6 +219,8 @@ def _run_planned(
     if plan.todo:
         if cluster.ray_address is None:
             check_local_paths(settings)
+            if os.environ.get("RAY_ADDRESS"):  # Ray's own way to name a cluster counts too
+                check_reachable(os.environ["RAY_ADDRESS"], given="RAY_ADDRESS")
         else:
             check_reachable(cluster.ray_address)
         ray = import_ray()
@@ -372,12 +374,20 @@ def _quiet_token_auth_notice() -> Iterator[None]:
 
 
 RAY_PROBE_SECONDS = 10.0
+# What an HTTP/2 client sends first; a gRPC server (Ray's GCS and its client server) answers with
+# a SETTINGS frame: 3 bytes of length, then the frame type 4.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_HTTP2_SETTINGS = 4
 
 
-def check_reachable(address: str, timeout: float = RAY_PROBE_SECONDS) -> None:
-    """Refuse a ``--ray-address`` of the form HOST:PORT (or ray://HOST:PORT) where nothing
-    answers: ``ray.init`` keeps retrying such an address for minutes and says so only in its
-    own connection warnings. ``auto`` and forms without a port are left to Ray."""
+def check_reachable(
+    address: str, timeout: float = RAY_PROBE_SECONDS, given: str = "--ray-address"
+) -> None:
+    """Refuse a Ray address of the form HOST:PORT (or ray://HOST:PORT) where nothing answers, or
+    where something that is not Ray does (a web server, a mistyped port): ``ray.init`` keeps
+    retrying such an address for minutes and says so only in its own connection warnings.
+    ``auto`` and forms without a port are left to Ray; ``given`` names where the address came
+    from (``--ray-address`` or ``RAY_ADDRESS``)."""
     rest = address.split("://", 1)[1] if "://" in address else address
     host, sep, port = rest.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -386,16 +396,43 @@ def check_reachable(address: str, timeout: float = RAY_PROBE_SECONDS) -> None:
         return  # an IPv6 address without brackets (::1): no port can be told apart; Ray's to say
     shown = f"{host}:{port}"  # [::1]:6379 as given
     host = host.removeprefix("[").removesuffix("]")
+    fix = (
+        "give the address the head node's `ray start --head` printed (ray://HEAD:10001 from "
+        "outside the cluster, auto on a node), or "
+        f"{'unset RAY_ADDRESS' if given == 'RAY_ADDRESS' else 'leave out --ray-address'} "
+        "to run on this machine"
+    )
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        conn = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as exc:
         # a timeout has no strerror: its text ("timed out") says more than its class name
         why = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(f"{given} {address}: nothing answers at {shown} ({why}); {fix}") from None
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # a TLS server answers nothing to plain HTTP/2: Ray's to check
+        try:
+            conn.sendall(_HTTP2_PREFACE)
+            head = _read_some(conn, 4)
+        except OSError:
+            head = b""
+    if len(head) < 4 or head[3] != _HTTP2_SETTINGS:
         raise ConfigError(
-            f"--ray-address {address}: nothing answers at {shown} ({why}); give the "
-            "address the head node's `ray start --head` printed (ray://HEAD:10001 from outside "
-            "the cluster, auto on a node), or leave out --ray-address to run on this machine"
-        ) from None
+            f"{given} {address}: something answers at {shown}, but not Ray (it does not speak "
+            f"gRPC, as Ray's GCS and client server do: another program, or the dashboard's "
+            f"port); {fix}"
+        )
+
+
+def _read_some(conn: socket.socket, size: int) -> bytes:
+    """Up to ``size`` bytes, fewer when the peer closes; the socket's timeout ends the wait."""
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _connect(ray: Any, cluster: ClusterOptions, listeners: _Listeners) -> bool:

@@ -863,11 +863,55 @@ def test_ray_address_where_nothing_answers_fails_fast(folder, tmp_path, capsys, 
         err = capsys.readouterr().err
         assert f"nothing answers at 127.0.0.1:{port}" in err
         assert "Traceback" not in err
-    with socket.socket() as s:  # one that listens passes the check
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        job.check_reachable(f"127.0.0.1:{s.getsockname()[1]}", timeout=5)
     job.check_reachable("auto")  # left to Ray
+
+
+def _answering(reply: bytes):
+    """A one-connection server on localhost that reads the client's first bytes and sends
+    ``reply``; returns its port."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def serve() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(64)
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server.getsockname()[1]
+
+
+def test_ray_address_where_something_else_answers_fails_fast(folder, tmp_path, capsys, monkeypatch):
+    """A web server or another port of the head node passed a bare connect, and ray.init then
+    retried it for minutes; a gRPC server (Ray's GCS, its client server) still passes."""
+    from adadiff.scaleout import job
+
+    def no_ray() -> None:
+        raise AssertionError("Ray was imported for an address where Ray does not answer")
+
+    monkeypatch.setattr(job, "import_ray", no_ray)
+    port = _answering(b"HTTP/1.0 400 Bad request\r\n\r\n")
+    address = f"127.0.0.1:{port}"
+    args = ["upscale-many", str(folder), str(tmp_path / "out"), "--ray-address", address]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"something answers at 127.0.0.1:{port}, but not Ray" in err
+    assert "leave out --ray-address" in err
+    # Ray's own variable is checked the same way.
+    port = _answering(b"")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    assert main(["upscale-many", str(folder), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"RAY_ADDRESS 127.0.0.1:{port}: something answers" in err
+    assert "unset RAY_ADDRESS" in err
+    # an HTTP/2 server's first frame, SETTINGS (type 4), is what gRPC answers
+    job.check_reachable(f"127.0.0.1:{_answering(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))}")
 
 
 def test_missing_model_or_engines_fail_before_ray_starts(folder, tmp_path, capsys):
