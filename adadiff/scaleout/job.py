@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -453,17 +454,94 @@ def _connect(ray: Any, cluster: ClusterOptions, listeners: _Listeners) -> bool:
         "logging_level": logging.WARNING,
         "configure_logging": True,
     }
+    # the processes a local start adds below this one are Ray's (the caller may have others)
+    before = set(_descendants(os.getpid())) if address == "local" else set()
     try:
         if address != "local":
             ray.init(address=address, **kwargs)
         else:
             with _quiet_token_auth_notice():
                 ray.init(address="local", **kwargs)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ctrl-C, or SIGTERM: ray.init's first step is a SIGTERM handler that exits with 15
+        if isinstance(exc, SystemExit) and exc.code != signal.SIGTERM:
+            raise
+        if address == "local":
+            _stop_half_started_ray(ray, before)
+        raise KeyboardInterrupt from exc
     except Exception as exc:  # Ray raises a bare Exception when its node does not come up
         where = "a local Ray instance" if address == "local" else address
         hint = (_file_size_limit_hint() or _ray_home_hint(exc)) if address == "local" else ""
         why = str(exc).rstrip(".") if hint else exc
         raise ConfigError(f"could not start or reach {where}: {why}{hint}") from exc
+    return True
+
+
+STOP_WAIT_SECONDS = 5.0  # how long the processes of a stopped local Ray get to end on SIGTERM
+
+
+def _stop_half_started_ray(ray: Any, before: set[int]) -> None:
+    """Stop what an interrupted ``ray.init`` of a local instance had started. ``ray.shutdown``
+    stops only a node that finished starting, and the raylet's agents outlive the raylet: they
+    kept running after the job ended. Until then they are this process's descendants, less
+    ``before`` (those it had before Ray started)."""
+    started = [pid for pid in _descendants(os.getpid()) if pid not in before]
+    with contextlib.suppress(Exception):  # best effort: the interruption is what counts
+        ray.shutdown()
+    deadline = time.monotonic() + STOP_WAIT_SECONDS
+    for sig in (signal.SIGTERM, getattr(signal, "SIGKILL", signal.SIGTERM)):
+        for pid in started:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        while started and time.monotonic() < deadline:
+            started = [pid for pid in started if _running(pid)]
+            time.sleep(0.1)
+        if not started:
+            return
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (children first reached first), from ``ps``; none where
+    ``ps`` is missing (Windows)."""
+    try:
+        table = subprocess.run(
+            ["ps", "-A", "-o", "pid=", "-o", "ppid="],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    children: dict[int, list[int]] = {}
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(fields[0]))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is still a live process (a zombie is not: it has ended); reaps it when
+    it is this process's child."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
 
 

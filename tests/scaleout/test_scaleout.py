@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -770,6 +771,62 @@ def test_without_ray_address_the_job_starts_its_own_ray_even_after_a_ray_start(m
     assert job._connect(FakeRay(), job.ClusterOptions(ray_address="auto"), listeners)
     assert addresses == ["local", "head:6379", "auto"]
     assert lines[1] == "connecting to the Ray cluster at head:6379 (RAY_ADDRESS)"
+
+
+def _alive(pid: int) -> bool:
+    """A process that runs (a zombie has ended); Linux, where the tests run."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(signal.SIGTERM)])
+def test_a_local_ray_interrupted_while_it_starts_leaves_no_process(stop):
+    """Ctrl-C or SIGTERM (ray.init's own handler turns it into SystemExit(15)) while a local Ray
+    started: the raylet's agents outlived ray.shutdown and ran on after the job, and SIGTERM ended
+    the job with status 15 and no word. Here a raylet that starts an agent, then the signal."""
+    import subprocess
+    import sys
+
+    from adadiff.scaleout import job
+
+    agent = "import time; time.sleep(120)"
+    raylet = (
+        f"import subprocess, sys, time; a = subprocess.Popen([sys.executable, '-c', {agent!r}]); "
+        "print(a.pid, flush=True); time.sleep(120)"
+    )
+    other = subprocess.Popen([sys.executable, "-c", agent])  # the caller's own: not Ray's
+    started: list[int] = []
+
+    class FakeRay:
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **kwargs) -> None:
+            proc = subprocess.Popen([sys.executable, "-c", raylet], stdout=subprocess.PIPE)
+            self.raylet = proc
+            started.extend([proc.pid, int(proc.stdout.readline())])
+            raise stop
+
+        def shutdown(self) -> None:  # as ray.shutdown: the raylet goes, its agent stays
+            self.raylet.kill()
+            self.raylet.wait()
+
+    listeners = job._Listeners(None, None, 10.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            job._connect(FakeRay(), job.ClusterOptions(), listeners)
+        assert len(started) == 2
+        assert not any(_alive(pid) for pid in started)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+        for pid in started:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_local_ray_that_does_not_come_up_is_one_line_naming_a_file_size_limit(
