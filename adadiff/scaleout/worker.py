@@ -170,6 +170,9 @@ class UpscaleWorker:
             except AdadiffError as exc:
                 done.set_result(_failed(task, exc))
                 continue
+            except Exception as exc:  # a decoder's bug, memory: this image fails, not the worker
+                done.set_exception(exc)
+                continue
             key = self.next_id
             self.next_id += 1
             self.waiting[key] = (task, image, done)
@@ -198,6 +201,9 @@ class UpscaleWorker:
         task, image, done = self.waiting.pop(result.key)
         try:
             self._reply(result, task, image, done)
+        except Exception as exc:  # saving this image failed (memory, an encoder): it alone
+            if not done.done():
+                done.set_exception(exc)
         finally:
             self._forget(result.key)
 

@@ -511,6 +511,48 @@ def test_a_failed_round_fails_its_images_and_the_worker_goes_on(folder):
         worker.close()
 
 
+@pytest.mark.parametrize("where", ["decode_image_bytes", "_encode"])
+def test_an_image_that_raises_fails_alone_and_the_worker_goes_on(folder, monkeypatch, where):
+    """An error other than adadiff's while one image was read or saved (out of memory, a
+    decoder's bug) stopped the engine thread and left that image's call waiting forever: the
+    job hung with "1 queued", and the images beside it failed with its error."""
+    import threading
+
+    from adadiff.scaleout import worker as worker_module
+
+    real = getattr(worker_module, where)
+
+    def raising(*args, **kwargs):
+        if threading.current_thread().name == "adadiff-engine" and not raised:
+            raised.append(1)
+            raise MemoryError("out of memory on this image")
+        return real(*args, **kwargs)
+
+    raised: list[int] = []
+    monkeypatch.setattr(worker_module, where, raising)
+    worker = worker_module.UpscaleWorker({"model": "tiny"}, threads=1)
+    source = folder / "coffee.png"
+    task = {"name": source.name, "data": source.read_bytes(), "suffix": ".png"}
+    replies: list[object] = []
+
+    def call() -> None:
+        try:
+            replies.append(worker.upscale(task))
+        except Exception as exc:
+            replies.append(exc)
+
+    try:
+        for _ in range(2):  # the first raises, the next is upscaled
+            thread = threading.Thread(target=call, daemon=True)
+            thread.start()
+            thread.join(timeout=60)
+            assert not thread.is_alive(), "the image's call never returned"
+    finally:
+        worker.close()
+    assert isinstance(replies[0], MemoryError)
+    assert isinstance(replies[1], dict) and replies[1]["status"] == "done"
+
+
 def _pixels(data: bytes) -> np.ndarray:
     import io
 
