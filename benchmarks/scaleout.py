@@ -145,7 +145,9 @@ def main() -> None:
             raise SystemExit(f"error: {exc}") from None
     import ray
 
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    # "local": a new instance of its own, as the docstring says; plain ray.init() joins the cluster
+    # of the last `ray start` here (another machine's share of CPUs) and hangs when it is gone
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     src = Path(tempfile.mkdtemp(prefix="adadiff-scaleout-in-"))
     try:
         sizes = make_folder(src, args.images)

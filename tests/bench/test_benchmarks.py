@@ -343,6 +343,29 @@ def test_scaleout_folder_and_readme_block(tmp_path):
     assert "2 CPUs and 2 torch threads per worker" in text and "`mine` model" in text
 
 
+def test_scaleout_starts_a_ray_of_its_own(tmp_path, monkeypatch):
+    """Plain ray.init() joined the cluster of the last `ray start` on the machine, and waited
+    minutes on one that was gone: the benchmark measures a local instance of its own."""
+    import types
+
+    from benchmarks import scaleout
+
+    asked: list[dict] = []
+
+    class Started(Exception):
+        pass
+
+    def init(**kwargs) -> None:
+        asked.append(kwargs)
+        raise Started
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(init=init))
+    monkeypatch.setattr(sys, "argv", ["scaleout", "--out", str(tmp_path / "s.json")])
+    with pytest.raises(Started):
+        scaleout.main()
+    assert asked and asked[0].get("address") == "local"
+
+
 def test_memory_and_load_runs_render_from_their_json(smoke_run, tmp_path):
     from benchmarks.report import render
 
