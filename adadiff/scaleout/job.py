@@ -50,6 +50,7 @@ log = logging.getLogger("adadiff")
 MAX_ATTEMPTS = 3  # sends of one image to a new worker after its worker was lost for good
 PROGRESS_POLL_SECONDS = 2.0  # how long a progress line waits for the workers' answers
 PROGRESS_SHOWN = 4  # images named on a progress line; the rest are counted
+RESTART_POLL_SECONDS = 0.5  # how often a restarting worker is asked whether it is back
 # Temporary files of an interrupted write (a killed job) are removed when untouched this long.
 # Two jobs may write into one folder at once (they are not refused), and a live temporary file is
 # written within seconds, so an hour never catches another job's write under way.
@@ -594,6 +595,12 @@ class _Dispatcher:
         self.attempts: dict[Path, int] = {}
         self.unreadable: list[ImageRecord] = []
         self.digests: dict[Path, str] = {}  # sha256 of the bytes sent, for the resume stamp
+        # images in flight when their worker died: each goes again alone, so that one that kills
+        # its worker (out of memory) fails by itself instead of with the images beside it
+        self.suspects: set[Path] = set()
+        # workers Ray is restarting: a call to one fails at once, so each is asked (info) until
+        # it answers, and is sent images again only then; by the call's ref
+        self.waking: dict[Any, int] = {}
         self.queue = cluster.queue or settings.max_batch
         self.started = 0.0
         self.output_dir = output_dir
@@ -607,7 +614,9 @@ class _Dispatcher:
             num_cpus=cluster.cpus_per_worker,
             num_gpus=cluster.gpus_per_worker,
             max_restarts=cluster.max_restarts,
-            max_task_retries=cluster.max_restarts,
+            # no retries by Ray, which resent every image in flight together: the images a
+            # death interrupts come back here, and go again alone (suspects)
+            max_task_retries=0,
             # each queued image holds a thread until it is done; the spare ones answer info,
             # progress and stats while the engine is busy
             max_concurrency=self.queue + 2,
@@ -687,23 +696,29 @@ class _Dispatcher:
             for index in range(len(self.actors)):
                 if self.pending:
                     self._send(index, in_flight)
-        while in_flight or self.unreadable:
+        while in_flight or self.unreadable or (self.waking and self.pending):
             self._flush_unreadable(records, total)
-            if not in_flight:
+            if not in_flight and not self.waking:
                 self._refill(alive, in_flight)
                 continue
             timeout = self.listeners.wait_seconds()
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
+            ready, _ = ray.wait([*in_flight, *self.waking], num_returns=1, timeout=timeout)
             if not ready:  # nothing ended for a while: say where the images are
                 self.listeners.status(self._progress_line(in_flight, len(records), total))
                 continue
             ref = ready[0]
+            if ref in self.waking:
+                self._woken(ref, alive)
+                self._refill(alive, in_flight)
+                continue
             task, index, sent = in_flight.pop(ref)
             try:
                 reply = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
-                # Restarts are used up: this worker is gone, its images go to the others.
-                record = self._gone(task, exc, index, alive)
+                # Restarting (ActorUnavailableError), the worker takes the image again; with its
+                # restarts used up it is gone, and its images go to the others.
+                restarting = isinstance(exc, ray.exceptions.ActorUnavailableError)
+                record = self._gone(task, exc, index, alive, died=True, restarting=restarting)
                 if record is None:
                     self._refill(alive, in_flight)
                     continue
@@ -723,8 +738,6 @@ class _Dispatcher:
             self.listeners.record(record, len(records), total)
             if self.stopped:
                 continue  # the images in flight finish; no new one starts
-            if index in alive and self.pending:
-                self._send(index, in_flight)
             self._refill(alive, in_flight)
         for task in reversed(self.pending):
             record = (
@@ -771,24 +784,45 @@ class _Dispatcher:
         return progress_line(finished, total, working)
 
     def _refill(self, alive: set[int], in_flight: dict[Any, tuple[ImageTask, int, float]]) -> None:
-        """Keep every live worker's queue full (after a worker was lost); none once stopped."""
+        """Keep every live worker's queue full; a suspect goes only to a worker with nothing in
+        flight, and that worker gets nothing more until it is done. None once stopped."""
         if self.stopped:
             return
         load = {i: 0 for i in alive}
-        for _, index, _ in in_flight.values():
+        alone = set(self.waking.values())  # workers running a suspect, and restarting ones
+        for task, index, _ in in_flight.values():
             if index in load:
                 load[index] += 1
+                if task.source in self.suspects:
+                    alone.add(index)
         for index in sorted(alive):
-            while self.pending and load[index] < self.queue:
+            while self.pending and load[index] < self.queue and index not in alone:
+                suspect = self.pending[-1].source in self.suspects
+                if suspect and load[index] > 0:
+                    break
                 self._send(index, in_flight)
                 load[index] += 1
+                if suspect:
+                    alone.add(index)
 
     def _gone(
-        self, task: ImageTask, exc: Exception, index: int, alive: set[int]
+        self,
+        task: ImageTask,
+        exc: Exception,
+        index: int,
+        alive: set[int],
+        *,
+        died: bool = False,
+        restarting: bool = False,
     ) -> ImageRecord | None:
-        """The worker ``index`` takes no more images: None when ``task`` goes back to be sent to
-        another, else its record."""
-        alive.discard(index)
+        """``task``'s worker process died (``restarting``: Ray restarts it) or its engine stopped:
+        None when ``task`` goes back to be sent again (alone after a death), else its record."""
+        if not restarting:
+            alive.discard(index)
+        elif index not in self.waking.values():
+            self.waking[self.actors[index].info.remote()] = index
+        if died:
+            self.suspects.add(task.source)
         record = self._lost(task, exc, alive)
         if record is None and self.stopped:  # no image starts again once stopped
             return self._not_started(task)
@@ -796,12 +830,24 @@ class _Dispatcher:
             self.pending.append(task)
         return record
 
+    def _woken(self, ref: Any, alive: set[int]) -> None:
+        """A restarting worker's answer: back (it takes images again), still restarting (ask
+        again), or gone for good."""
+        index = self.waking.pop(ref)
+        try:
+            self.ray.get(ref)
+        except self.ray.exceptions.ActorUnavailableError:
+            time.sleep(RESTART_POLL_SECONDS)
+            self.waking[self.actors[index].info.remote()] = index
+        except self.ray.exceptions.RayError:
+            alive.discard(index)
+
     def _lost(self, task: ImageTask, exc: Exception, alive: set[int]) -> ImageRecord | None:
         tries = self.attempts[task.source] = self.attempts.get(task.source, 0) + 1
         if alive and tries < MAX_ATTEMPTS:
-            log.warning("%s: its worker is gone for good; sending it to another", task.name)
+            log.warning("%s: its worker died or stopped; sending it again", task.name)
             return None
-        why = "no worker left" if not alive else f"{tries} workers died running it"
+        why = "no worker left" if not alive else f"its worker died or stopped {tries} times"
         return ImageRecord(str(task.source), str(task.output), "failed", f"{why}: {_cause(exc)}")
 
     def _write(self, task: ImageTask, reply: dict[str, Any]) -> ImageRecord:
@@ -839,7 +885,7 @@ class _Dispatcher:
 
     def _stats(self, alive: set[int]) -> list[dict[str, Any]]:
         stats = []
-        for index in sorted(alive):
+        for index in sorted(alive - set(self.waking.values())):  # a restarting one has none
             try:
                 stats.append(self.ray.get(self.actors[index].stats.remote(), timeout=60))
             except Exception as exc:  # statistics are best effort

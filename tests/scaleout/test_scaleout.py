@@ -678,13 +678,14 @@ def test_a_killed_worker_loses_no_image(ray_cluster, folder, tmp_path):
             killed.append(record.worker_pid)
             os.kill(record.worker_pid, signal.SIGKILL)
 
-    # Image by image with two in flight: when a worker's first image comes back, its second is
-    # still running or queued there, so the kill loses work that Ray has to run again.
+    # Image by image with two in flight: when the worker's first image comes back, its second is
+    # still running or queued there, so the kill loses work that has to run again. One worker:
+    # that work waits for Ray to restart it.
     result = run_job(
         folder,
         tmp_path / "out",
         JobSettings(seed=2),
-        ClusterOptions(workers=2, queue=2, cross_image=False),
+        ClusterOptions(workers=1, queue=2, cross_image=False),
         on_record=kill_first_worker,
     )
     assert killed
@@ -1285,6 +1286,55 @@ def test_a_stopped_job_starts_no_image_again_when_a_worker_dies(folder, tmp_path
     assert sent == [] and len(dispatcher.pending) == len(tasks)
     record = dispatcher._not_started(tasks[0])
     assert record.status == "failed" and record.error.startswith("not started: the output")
+
+
+def test_an_image_in_flight_when_its_worker_died_goes_again_alone(folder, tmp_path):
+    """One image that kills its worker (out of memory) was resent by Ray with every image beside
+    it until the worker's restarts ran out; then all of them, and every image not yet sent,
+    failed with "no worker left". Now each goes again alone, once the worker is back."""
+    from adadiff.scaleout.job import _Dispatcher
+
+    out = tmp_path / "out"
+    out.mkdir()
+    tasks = make_plan(folder, out, JobSettings()).todo[:4]
+    pings: list[int] = []
+
+    class Actor:
+        def __init__(self, index: int) -> None:
+            self.info = type("Info", (), {"remote": lambda _: pings.append(index) or index})()
+
+    class Unavailable(Exception):
+        pass
+
+    dispatcher = object.__new__(_Dispatcher)
+    dispatcher.actors = [Actor(0), Actor(1)]
+    dispatcher.pending = list(reversed(tasks[2:]))  # the first two were in flight
+    dispatcher.queue = 3
+    dispatcher.stopped = None
+    dispatcher.attempts, dispatcher.suspects, dispatcher.waking = {}, set(), {}
+    in_flight: dict = {}
+
+    def send(index: int, flight: dict) -> None:
+        task = dispatcher.pending.pop()
+        flight[object()] = (task, index, 0.0)
+
+    dispatcher._send = send
+    alive = {0, 1}
+    # worker 0 died with two images in flight; Ray restarts it
+    died = [tasks[0], tasks[1]]
+    for task in died:
+        assert dispatcher._gone(task, Unavailable(), 0, alive, died=True, restarting=True) is None
+    assert alive == {0, 1} and pings == [0]  # asked once whether it is back
+    dispatcher._refill(alive, in_flight)
+    # worker 1, idle, takes one suspect and nothing else; worker 0, restarting, nothing
+    assert [(t.source, i) for t, i, _ in in_flight.values()] == [(died[1].source, 1)]
+    dispatcher.waking.clear()  # worker 0 is back
+    dispatcher._refill(alive, in_flight)
+    assert [(t.source, i) for t, i, _ in in_flight.values()][1:] == [(died[0].source, 0)]
+    assert len(dispatcher.pending) == 2
+    in_flight.clear()  # both done: the others go out, several to a worker
+    dispatcher._refill(alive, in_flight)
+    assert not dispatcher.pending and len(in_flight) == 2
 
 
 def test_a_preset_has_one_identity_however_it_is_spelled():
