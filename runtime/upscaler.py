@@ -50,7 +50,9 @@ class Report:
     exits: list[str]
     categories: dict[str, int]
     batches: list[dict]
-    boxes: list[tuple[int, int, int, int]]  # tile boxes (y0, x0, y1, x1) in output pixels
+    # tile boxes (y0, x0, y1, x1) in output pixels of the padded canvas: an image smaller than
+    # a tile, or one whose last tile is padded, has boxes past output_size (clip to draw them)
+    boxes: list[tuple[int, int, int, int]]
     seconds: dict[str, float] = field(default_factory=dict)
     components: dict[str, dict[str, float]] = field(default_factory=dict)
     color_fix: str = "none"  # the output's colour correction (ModelConfig.color_fix)
