@@ -252,6 +252,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "variety for UNets wider than 14 photos can teach",
     )
     unet.add_argument(
+        "--shading",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N synthetic images of smooth shading (lit ellipsoids, made from the seed) to "
+        "the photos: smooth surfaces that stay smooth, which the photos rarely show",
+    )
+    unet.add_argument(
         "--vae-from",
         metavar="MODEL",
         help="take the VAE from this model folder or preset instead of the workdir's vae stage",
@@ -515,6 +523,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             min_scale=args.min_scale,
             photos=args.photos,
             deadleaves=args.deadleaves,
+            shading=args.shading,
             device=args.device,
         )
         result = train_unet(

@@ -14,14 +14,11 @@ Nothing here is a photo: these images add content variety, not realism. A traini
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from adadiff.errors import ConfigError
 from adadiff.training.degrade import anisotropic_kernel, filter2d
-
-log = logging.getLogger("adadiff.training")
+from adadiff.training.synthetic import beside_photos, seeded_set
 
 NAME_PREFIX = "deadleaves-"
 SOURCE = "made by adadiff (adadiff.training.deadleaves, dead-leaves model, seeded)"
@@ -136,20 +133,16 @@ def shape_mask(
 
 def dead_leaves_set(n: int, seed: int = 0, size: int = 512) -> tuple[list[str], list[np.ndarray]]:
     """``n`` images and their names; image k depends on (seed, k) only."""
-    if n < 0:
-        raise ConfigError(f"the number of dead-leaves images must be >= 0, got {n}")
-    images = [dead_leaves(np.random.default_rng([seed, 7919, k]), size) for k in range(n)]
-    return [f"{NAME_PREFIX}{k}" for k in range(n)], images
+    return seeded_set(
+        dead_leaves, n, seed=seed, salt=7919, prefix=NAME_PREFIX, what="dead-leaves", size=size
+    )
 
 
 def with_dead_leaves(
     names: list[str], images: list[np.ndarray], n: int, *, seed: int, stage: str
 ) -> tuple[list[str], list[np.ndarray]]:
     """The photos (and their names) followed by ``n`` dead-leaves images of ``seed``; what a
-    training stage's ``--deadleaves`` adds. Also beside a caller's own images: an option is
-    never ignored."""
-    if not n:
-        return names, images
-    synthetic_names, synthetic = dead_leaves_set(n, seed=seed)
-    log.info("%s: %d dead-leaves images beside the photos", stage, n)
-    return [*names, *synthetic_names], [*images, *synthetic]
+    training stage's ``--deadleaves`` adds."""
+    return beside_photos(
+        names, images, dead_leaves_set(n, seed=seed), stage=stage, what="dead-leaves"
+    )

@@ -43,6 +43,8 @@ from adadiff.training.deadleaves import NAME_PREFIX as DEADLEAVES_PREFIX
 from adadiff.training.deadleaves import SOURCE as DEADLEAVES_SOURCE
 from adadiff.training.degrade import STRENGTH_NOTES
 from adadiff.training.labels import UNREADABLE, labels_origin
+from adadiff.training.shading import NAME_PREFIX as SHADING_PREFIX
+from adadiff.training.shading import SOURCE as SHADING_SOURCE
 
 log = logging.getLogger("adadiff.training")
 
@@ -178,6 +180,8 @@ def _phase_lines(phases: list[dict[str, Any]], last_step: int | None) -> list[st
         which = f" ({phase.get('photos')})" if sets_differ else ""
         leaves = int(phase.get("deadleaves", 0) or 0)
         extra = f", {leaves} dead-leaves images among them" if leaves else ""
+        shading = int(phase.get("shading", 0) or 0)
+        extra += f", {shading} shading images among them" if shading else ""
         parts.append(
             f"steps {phase['from_step']} to {end}: photos{which} drawn {drawn}{extra}, "
             f"Real-ESRGAN share {phase.get('realesrgan_prob', 0.0)}{_strength(phase)}"
@@ -197,6 +201,8 @@ def _unet_photos(summary: dict[str, Any]) -> list[str]:
         photos += [n for n in VALIDATION if n not in photos]
     leaves = max((int(p.get("deadleaves", 0) or 0) for p in phases), default=0)
     photos += [n for n in (f"{DEADLEAVES_PREFIX}{k}" for k in range(leaves)) if n not in photos]
+    shading = max((int(p.get("shading", 0) or 0) for p in phases), default=0)
+    photos += [n for n in (f"{SHADING_PREFIX}{k}" for k in range(shading)) if n not in photos]
     return photos
 
 
@@ -290,6 +296,8 @@ def _photo_rows(stages: dict[str, list[str]]) -> tuple[list[str], list[str]]:
     for name, by in used.items():
         if name.startswith(DEADLEAVES_PREFIX):
             origin, licence = "adadiff", DEADLEAVES_SOURCE
+        elif name.startswith(SHADING_PREFIX):
+            origin, licence = "adadiff", SHADING_SOURCE
         else:
             origin, licence = source.get(name, "-"), PHOTO_LICENCES.get(name, "see the package")
         rows.append(f"| {name} | {origin} | {licence} | {', '.join(by)} |")

@@ -71,6 +71,7 @@ from adadiff.training.pairs import (
     photos_a_crop_fits,
     to_tensor,
 )
+from adadiff.training.shading import with_shading
 from adadiff.training.vae import STAGE as VAE_STAGE
 from adadiff.training.vae import build_vae, encode_moments
 
@@ -94,6 +95,7 @@ class UNetOptions:
     min_scale: float = 1.0  # scale augmentation of the HR crops (CropConfig.min_scale)
     photos: str = "train"  # pairs.PHOTO_SETS: "train+validation" for the final fit of a recipe
     deadleaves: int = 0  # synthetic dead-leaves images added to the photos (deadleaves.py)
+    shading: int = 0  # synthetic smooth-shading images added to the photos (shading.py)
     device: str = "cpu"  # where the networks train: cpu or cuda[:N]
 
     def __post_init__(self) -> None:
@@ -101,6 +103,8 @@ class UNetOptions:
         check_min_scale(self.min_scale)
         if self.deadleaves < 0:
             raise ConfigError(f"deadleaves must be >= 0, got {self.deadleaves}")
+        if self.shading < 0:
+            raise ConfigError(f"shading must be >= 0, got {self.shading}")
         check_training_set(self.photos)
         strength_config(self.realesrgan_strength)
         parse_device(self.device, "torch")
@@ -359,6 +363,7 @@ def train_unet(
     if images is None:
         names, images = photo_names(uopts.photos), load_images(uopts.photos)
     names, images = with_dead_leaves(names, images, uopts.deadleaves, seed=opts.seed, stage=STAGE)
+    names, images = with_shading(names, images, uopts.shading, seed=opts.seed, stage=STAGE)
     names, images = photos_a_crop_fits(names, images, cfg.tile_size, stage=STAGE)
     init = None
     if init_from is not None and latest is None:

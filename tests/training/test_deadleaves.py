@@ -9,16 +9,25 @@ from training_helpers import opts, small_pool
 
 from adadiff.errors import ConfigError
 from adadiff.training.deadleaves import NAME_PREFIX, dead_leaves, dead_leaves_set, with_dead_leaves
+from adadiff.training.shading import NAME_PREFIX as SHADING_PREFIX
+from adadiff.training.shading import shading_set
 
 
-def test_images_depend_on_seed_and_index_only():
-    names, first = dead_leaves_set(2, seed=4, size=64)
-    _, again = dead_leaves_set(3, seed=4, size=64)
-    _, other = dead_leaves_set(1, seed=5, size=64)
-    assert names == [f"{NAME_PREFIX}0", f"{NAME_PREFIX}1"]
+@pytest.mark.parametrize(
+    ("make", "prefix"),
+    [(dead_leaves_set, NAME_PREFIX), (shading_set, SHADING_PREFIX)],
+    ids=["deadleaves", "shading"],
+)
+def test_images_depend_on_seed_and_index_only(make, prefix):
+    names, first = make(2, seed=4, size=64)
+    _, again = make(3, seed=4, size=64)
+    _, other = make(1, seed=5, size=64)
+    assert names == [f"{prefix}0", f"{prefix}1"]
     np.testing.assert_array_equal(first[1], again[1])  # asking for more does not change image 1
     assert not np.array_equal(first[0], first[1])
     assert not np.array_equal(first[0], other[0])
+    with pytest.raises(ConfigError, match=">= 0"):
+        make(-1)
 
 
 def test_a_rotated_rectangle_keeps_its_corners():
