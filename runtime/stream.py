@@ -110,9 +110,13 @@ class ImageStream:
 
     def add(self, item: StreamItem) -> StreamResult | None:
         """Tile and encode an image and put its tiles in the pool. An image the upscaler
-        refuses (bad input or options) comes back at once as a result with ``error`` set."""
-        if item.key in self.jobs:
-            raise ValueError(f"{item.key!r} is already in the stream")
+        refuses (bad input or options, a key already in flight) comes back at once as a result
+        with ``error`` set."""
+        if item.key in self.jobs:  # refused like a bad image: the images in flight go on
+            error = ValueError(
+                f"{item.key!r} is already in the stream; give each image a key of its own"
+            )
+            return StreamResult(item.key, error=error)
         try:
             job = self.upscaler.prepare(
                 item.image,
