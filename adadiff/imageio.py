@@ -412,13 +412,29 @@ def _metadata(img: Image.Image, shown: Image.Image) -> tuple[bytes | None, bytes
     return (icc if isinstance(icc, bytes) else None, exif.tobytes() if len(exif) else None)
 
 
+def _check_int32_levels(image: Image.Image) -> None:
+    """Refuse a mode "I" image made in memory whose values all fit in 0..255: ``convert("I")``
+    of an "L" image and ``Image.fromarray`` of an int32 array make those from 8-bit levels,
+    which read as 16-bit (as a file's mode "I" is) would come back nearly black."""
+    if image.mode != "I" or image.format is not None:  # read from a file: 16-bit gray
+        return
+    low, high = image.getextrema()
+    if low >= 0 and 0 < high <= 255:
+        raise InputImageError(
+            f'a PIL image in mode "I" with values {low}..{high} could hold 8-bit or 16-bit '
+            'levels; convert it to "L" (image.convert("L")) if they are 8-bit, or to "I;16" '
+            "if they are 16-bit"
+        )
+
+
 def to_rgb_array(image: Any) -> np.ndarray:
     """Convert a PIL image or a numpy array to float32 [H, W, 3] in [0, 1], dropping alpha.
     A PIL image's EXIF orientation is applied, as ``load_image`` does for a file.
 
     uint8 is scaled by 1/255, uint16 by 1/65535, floats are taken as already in [0, 1] (clipped;
     a float array reaching above 1.5, as 0..255 data does, or below -0.5, as [-1, 1] data does,
-    is refused)."""
+    is refused). A PIL image in mode "I" is 16-bit, as a file's is; one made in memory whose
+    values all lie in 0..255 is refused as ambiguous (convert it to "L" or "I;16")."""
     return to_rgb_and_gray(image)[0]
 
 
@@ -428,6 +444,7 @@ def to_rgb_and_gray(image: Any) -> tuple[np.ndarray, bool]:
     alpha channel as for PIL images (``fill_transparent``)."""
     if isinstance(image, Image.Image):
         image.load()
+        _check_int32_levels(image)
         decoded = _decode_pil(upright(image))  # as load_image reads a file
         return decoded.rgb, decoded.grayscale
     if not isinstance(image, np.ndarray):

@@ -142,6 +142,24 @@ def test_16bit_grayscale_big_endian_array(tmp_path: Path) -> None:
     assert abs(float(rgb[0, 0, 0]) - 40000 / 65535) < 1e-6
 
 
+def test_an_in_memory_mode_i_image_of_8bit_levels_is_refused(tmp_path: Path) -> None:
+    """``convert("I")`` of an "L" image holds 0..255, which read as 16-bit came back black."""
+    gray = Image.fromarray(np.array([[0, 100, 255]], np.uint8))
+    with pytest.raises(InputImageError, match='convert it to "L"'):
+        to_rgb_array(gray.convert("I"))
+    # the message's way out, and an in-memory "I" image that is plainly 16-bit
+    np.testing.assert_allclose(to_rgb_array(gray.convert("I").convert("L")), to_rgb_array(gray))
+    wide = Image.fromarray(np.array([[0, 40000]], np.int32))
+    assert wide.mode == "I" and to_rgb_array(wide)[0, 1, 0] == pytest.approx(40000 / 65535)
+    # a mode "I" file stays 16-bit, however dark
+    dark = Image.fromarray(np.array([[0, 100, 255]], np.int32))
+    dark.save(tmp_path / "dark.tif")
+    with Image.open(tmp_path / "dark.tif") as opened:
+        assert opened.mode == "I"
+        assert to_rgb_array(opened)[0, 2, 0] == pytest.approx(255 / 65535)
+    assert load_image(tmp_path / "dark.tif").rgb[0, 2, 0] == pytest.approx(255 / 65535)
+
+
 def test_rgba_alpha_kept_through_load_upscale_and_save(tmp_path: Path) -> None:
     rgba = np.zeros((8, 10, 4), dtype=np.uint8)
     rgba[..., :3] = _rgb_u8(8, 10)
