@@ -472,7 +472,10 @@ def _connect(ray: Any, cluster: ClusterOptions, listeners: _Listeners) -> bool:
         raise KeyboardInterrupt from exc
     except Exception as exc:  # Ray raises a bare Exception when its node does not come up
         where = "a local Ray instance" if address == "local" else address
-        hint = (_file_size_limit_hint() or _ray_home_hint(exc)) if address == "local" else ""
+        if address == "local":
+            hint = _file_size_limit_hint() or _ray_home_hint(exc)
+        else:
+            hint = _token_hint(exc)
         why = str(exc).rstrip(".") if hint else exc
         raise ConfigError(f"could not start or reach {where}: {why}{hint}") from exc
     return True
@@ -574,6 +577,28 @@ def _ray_home_hint(exc: BaseException) -> str:
     return (
         f"; a local Ray saves its access token in ~/.ray: {where}, or give the token yourself "
         "(export RAY_AUTH_TOKEN=$(openssl rand -hex 32)) and run again"
+    )
+
+
+def _token_hint(exc: BaseException) -> str:
+    """Why a running cluster refused this process: it uses token authentication, and the
+    token (or RAY_AUTH_MODE=token, without which none is sent) is missing here. Ray says so
+    only in the cause it chains and in a warning a second, then "Failed to connect"."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if not any("InvalidAuthToken" in str(error) for error in chain):
+        return ""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return (
+            "; the cluster uses token authentication: set RAY_AUTH_MODE=token here too, with "
+            "the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+        )
+    return (
+        "; the cluster uses token authentication and refused the token here (RAY_AUTH_TOKEN, "
+        "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token): give the one the cluster was started with"
     )
 
 

@@ -943,6 +943,34 @@ def test_a_local_ray_without_a_home_folder_says_how_to_give_its_token(monkeypatc
         job._connect(FakeRay(), job.ClusterOptions(), listeners)
 
 
+def test_a_cluster_that_wants_a_token_says_so(monkeypatch):
+    """A cluster with token authentication refuses a process without RAY_AUTH_MODE=token; Ray
+    said why only in the cause it chains: the error was "Failed to connect to Ray cluster"."""
+    from adadiff.scaleout import job
+
+    class FakeRay:  # as ray.init (2.60) raises it
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **kwargs) -> None:
+            try:
+                raise RuntimeError(
+                    "Failed to connect to GCS. Last connection error: ... RPC error: "
+                    "InvalidAuthToken: Authentication token is missing or incorrect."
+                )
+            except RuntimeError as exc:
+                raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.2:6379") from exc
+
+    listeners = job._Listeners(None, None, 10.0)
+    cluster = job.ClusterOptions(ray_address="10.0.0.2:6379")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(ConfigError, match=r"at 10\.0\.0\.2:6379; .*set RAY_AUTH_MODE=token"):
+        job._connect(FakeRay(), cluster, listeners)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(ConfigError, match=r"refused the token here \(RAY_AUTH_TOKEN"):
+        job._connect(FakeRay(), cluster, listeners)
+
+
 def test_ray_address_where_nothing_answers_fails_fast(folder, tmp_path, capsys, monkeypatch):
     """ray.init retries an address nobody listens on for minutes, printing only its own
     warnings; the job says so in one line before it calls Ray."""
