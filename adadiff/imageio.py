@@ -418,7 +418,9 @@ def _check_int32_levels(image: Image.Image) -> None:
     which read as 16-bit (as a file's mode "I" is) would come back nearly black."""
     if image.mode != "I" or image.format is not None:  # read from a file: 16-bit gray
         return
-    low, high = image.getextrema()
+    low, high = image.getextrema()  # one band: (min, max) as numbers
+    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)):
+        return
     if low >= 0 and 0 < high <= 255:
         raise InputImageError(
             f'a PIL image in mode "I" with values {low}..{high} could hold 8-bit or 16-bit '
