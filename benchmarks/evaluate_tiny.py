@@ -169,15 +169,21 @@ def trajectory_resamples(
     traj: np.ndarray, strata: np.ndarray, *, resamples: int = 1000, seed: int = 0
 ) -> list[np.ndarray]:
     """Row indices of ``resamples`` draws of whole trajectories with replacement, each stratum
-    (photo) keeping its count.
+    (photo) keeping its count. With one trajectory per photo the trajectories are drawn across
+    photos; a single trajectory has nothing to draw, and there are no draws (its interval is
+    unavailable, not a zero width that reads as exact).
 
     Rows of one trajectory share a tile, so the tiles, not the rows, are the samples: with a
     few dozen tiles the pooled rho moves by about a tenth from one draw of tiles to the next."""
     rng = np.random.default_rng(seed)
     ids = np.unique(traj)
+    if len(ids) == 1:
+        return []
     rows = {int(k): np.flatnonzero(traj == k) for k in ids}
     stratum = np.array([strata[rows[int(k)][0]] for k in ids])
     groups = [ids[stratum == g] for g in np.unique(stratum)]
+    if all(len(g) == 1 for g in groups):  # the photos are what varies
+        groups = [ids]
     draws = []
     for _ in range(resamples):
         picked = np.concatenate([rng.choice(g, len(g)) for g in groups])
@@ -193,9 +199,12 @@ def worst_rho(rho: dict[str, float], names: Sequence[str]) -> float:
 
 def trajectory_bootstrap(
     pred: np.ndarray, truth: np.ndarray, draws: list[np.ndarray], *, level: float = 0.9
-) -> tuple[float, float]:
+) -> tuple[float | None, float | None]:
     """Percentile interval of the pooled Spearman's rho over ``draws`` (from
-    ``trajectory_resamples``; one set of draws serves every metric)."""
+    ``trajectory_resamples``; one set of draws serves every metric); (None, None) without
+    draws."""
+    if not draws:
+        return None, None
     rhos = [spearman(pred[r], truth[r]) for r in draws]
     tail = (1.0 - level) / 2 * 100
     low, high = np.nanpercentile(rhos, [tail, 100 - tail])
@@ -402,10 +411,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         )
         print(json.dumps({k: mmle[k] for k in ("spearman", "category_agreement")}))
         for name, (low, high) in mmle["spearman_bootstrap_90"].items():
-            print(
-                f"Spearman {name} {mmle['spearman'][name]:.3f}, 90% interval over resampled "
-                f"trajectories {low:.3f}-{high:.3f}"
+            spread = (
+                "interval unavailable (one trajectory: nothing to resample)"
+                if low is None or high is None
+                else f"90% interval over resampled trajectories {low:.3f}-{high:.3f}"
             )
+            print(f"Spearman {name} {mmle['spearman'][name]:.3f}, {spread}")
     rival = best_uniform_within(methods, methods["tiny-adaptive"]["unet_evaluations"])
     summary: dict[str, Any] = {
         "methods": methods,

@@ -366,7 +366,7 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
             lines += [
                 "",
                 "90% intervals of the pooled Spearman when whole trajectories are resampled: "
-                + ", ".join(f"{k} {low:.3f}-{high:.3f}" for k, (low, high) in interval.items())
+                + ", ".join(f"{k} {_span(low, high)}" for k, (low, high) in interval.items())
                 + ".",
             ]
     checks = summary.get("targets", {})
@@ -376,6 +376,12 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
             "Targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in checks.items()),
         ]
     return lines
+
+
+def _span(low: float | None, high: float | None) -> str:
+    if low is None or high is None:  # benchmarks/evaluate_tiny.py on a single trajectory
+        return "unavailable"
+    return f"{low:.3f}-{high:.3f}"
 
 
 def _interval(v: list[float | None]) -> str:

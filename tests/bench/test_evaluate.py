@@ -32,11 +32,21 @@ def test_bootstrap_of_exact_predictions_is_one() -> None:
 
 
 def test_bootstrap_keeps_each_photos_count() -> None:
-    # one trajectory per photo: every resample draws the same three, so no spread is left
+    from benchmarks.evaluate_tiny import trajectory_resamples
+
+    traj = np.repeat(np.arange(6), 2)
+    photo = np.array([0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2])  # photos of 1, 3 and 2 trajectories
+    for rows in trajectory_resamples(traj, photo, resamples=50):
+        assert np.bincount(photo[rows], minlength=3).tolist() == [2, 6, 4]
+
+
+def test_one_trajectory_per_photo_resamples_the_photos_and_one_alone_has_no_interval() -> None:
+    # --crops 3 on three photos: every resample drew the same three, a zero-width interval
     pred, truth, traj, photo = _trajectories(3, 8, 1.0)
-    low, high = _interval(pred, truth, traj, photo, resamples=50)
-    assert low == pytest.approx(spearman(pred, truth))
-    assert high == pytest.approx(low)
+    low, high = _interval(pred, truth, traj, photo, resamples=200)
+    assert low < spearman(pred, truth) < high
+    one = traj == 0  # --crops 1: nothing to resample
+    assert _interval(pred[one], truth[one], traj[one], photo[one], resamples=50) == (None, None)
 
 
 def test_bootstrap_brackets_the_estimate_and_narrows_with_more_trajectories() -> None:
@@ -63,6 +73,9 @@ def test_model_card_reports_the_interval_and_says_when_none_was_recorded() -> No
     assert "on 144 trajectories" in text and "psnr 0.810, lpips 0.790" in text
     assert "resampled: psnr 0.740-0.860, lpips 0.700-0.850." in text
     assert "steps." in text and "most frequent" not in text
+    mmle["spearman_bootstrap_90"] = {"psnr": [None, None], "lpips": [None, None]}
+    text = "\n".join(_eval_section({"summary": {"mmle": mmle}}))
+    assert "resampled: psnr unavailable, lpips unavailable." in text
     del mmle["spearman_bootstrap_90"]
     assert "resampled" not in "\n".join(_eval_section({"summary": {"mmle": mmle}}))
     mmle["majority_category_share"] = 0.975
