@@ -116,6 +116,32 @@ def photos_a_crop_fits(
     return ([names[i] for i in keep] if names else names), [images[i] for i in keep]
 
 
+def warn_scale_caps(
+    names: list[str], images: list[np.ndarray], size: int, min_scale: float, *, stage: str
+) -> None:
+    """Say which images are too small for a ``size`` crop at ``min_scale`` (one covering
+    size / min_scale px of its photo). ``scaled_crop`` caps such a crop at the photo's shorter
+    side, so every draw below the smallest scale the photo holds lands on that scale."""
+    side = round(size / min_scale)
+    small = [i for i, image in enumerate(images) if min(image.shape[:2]) < side]
+    if not small:
+        return
+    listed = ", ".join(
+        f"{names[i] if names else f'image {i}'} ({images[i].shape[0]}x{images[i].shape[1]}: "
+        f"scale {size / min(images[i].shape[:2]):.2f} at the smallest)"
+        for i in small
+    )
+    log.warning(
+        "%s: %s shorter than the %d px a %d px crop at --min-scale %g covers: the draws of a "
+        "smaller scale than each reaches are taken at that scale",
+        stage,
+        listed,
+        side,
+        size,
+        min_scale,
+    )
+
+
 @dataclass
 class Batch:
     hr: np.ndarray  # [B, H, W, 3] in [0, 1]

@@ -70,6 +70,7 @@ from adadiff.training.pairs import (
     photo_names,
     photos_a_crop_fits,
     to_tensor,
+    warn_scale_caps,
 )
 from adadiff.training.shading import with_shading
 from adadiff.training.vae import STAGE as VAE_STAGE
@@ -365,6 +366,7 @@ def train_unet(
     names, images = with_dead_leaves(names, images, uopts.deadleaves, seed=opts.seed, stage=STAGE)
     names, images = with_shading(names, images, uopts.shading, seed=opts.seed, stage=STAGE)
     names, images = photos_a_crop_fits(names, images, cfg.tile_size, stage=STAGE)
+    warn_scale_caps(names, images, cfg.tile_size, uopts.min_scale, stage=STAGE)
     init = None
     if init_from is not None and latest is None:
         init = unet_of_model(cfg, init_from)

@@ -50,6 +50,7 @@ from adadiff.training.pairs import (
     photo_names,
     photos_a_crop_fits,
     to_tensor,
+    warn_scale_caps,
 )
 
 STAGE = "vae"
@@ -220,6 +221,7 @@ def train_vae(
         names, images = photo_names("train"), load_images("train")
     names, images = with_dead_leaves(names, images, vopts.deadleaves, seed=opts.seed, stage=STAGE)
     names, images = photos_a_crop_fits(names, images, vopts.crop or cfg.tile_size, stage=STAGE)
+    warn_scale_caps(names, images, vopts.crop or cfg.tile_size, vopts.min_scale, stage=STAGE)
     stage = VAEStage(cfg, opts, vopts, images, cache_dir=cache_dir)
     latest = load_latest(Path(workdir) / STAGE, stage=STAGE)
     # what every run of the stage trained on, for the model card: a resume with fewer photos

@@ -99,6 +99,32 @@ def test_a_vae_lists_only_the_photos_its_crops_fit_in(tmp_path, cfg, images, mon
     assert len(warned) == 1 and f"narrow ({cfg.tile_size - 4}x" in warned[0], warned
 
 
+def test_a_vae_names_the_photos_too_small_for_its_smallest_scale(tmp_path, cfg, images, caplog):
+    """A crop at --min-scale covers tile / min_scale px; on a shorter photo the sampler caps it
+    at the photo's side, so that photo never shows the smaller scales: the stage says so."""
+    from adadiff.training.vae import VAEOptions, train_vae
+
+    assert [im.shape[0] for im in images] == [64, 48] and cfg.tile_size == 32
+    with caplog.at_level(logging.WARNING, logger="adadiff.training"):
+        train_vae(
+            cfg, tmp_path, opts(1), VAEOptions(perceptual_weight=0.0, min_scale=0.6), images=images
+        )
+    warned = [r.getMessage() for r in caplog.records if "--min-scale" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "image 1 (48x64: scale 0.67 at the smallest)" in warned[0], warned
+    assert "image 0" not in warned[0] and "53 px a 32 px crop at --min-scale 0.6" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="adadiff.training"):
+        train_vae(
+            cfg,
+            tmp_path / "b",
+            opts(1),
+            VAEOptions(perceptual_weight=0.0, min_scale=0.75),
+            images=images,
+        )
+    assert not [r for r in caplog.records if "--min-scale" in r.getMessage()]
+
+
 def test_a_vae_resumed_without_dead_leaves_still_lists_them(tmp_path, cfg, images):
     from adadiff.training.vae import VAEOptions, train_vae
 
