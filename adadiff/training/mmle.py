@@ -486,6 +486,15 @@ def train_mmle(
     if data is None:
         paths = sorted((workdir / LABEL_STAGE).glob("shard-*.npz"))
         data = load_shards(paths)
+    # MMLE's layers take latents of any size, so labels of another tile size would train it,
+    # on the scores of tiles the runtime never makes
+    side = int(data["x0"].shape[-1]) * cfg.vae_scale_factor
+    if side != cfg.tile_size:
+        raise ConfigError(
+            f"{workdir / LABEL_STAGE} holds labels of {side} px tiles, the config's tile_size is "
+            f"{cfg.tile_size}; train with the --model the labels were made with, or move the "
+            "labels folder aside and run `adadiff train labels` with this one"
+        )
     stage = MMLEStage(cfg, opts, mopts, data)
     stage.labels_from, stage.label_shards = labels_origin(paths), len(paths)
     log.info(

@@ -10,6 +10,7 @@ import torch
 
 # FR metrics only: numpy, no set-up files needed.
 from training_helpers import (
+    opts,
     synthetic_labels,
     with_lpips,
 )
@@ -146,3 +147,15 @@ def test_mmle_learns_scores_against_the_hr_crop_when_the_config_asks(tmp_path, c
     stale = {k: v for k, v in data.items() if k not in ("scores_hr", "hr_metrics")}
     with pytest.raises(ConfigError, match="adadiff train labels"):
         train_mmle(cfg=hr_cfg, workdir=tmp_path / "b", opts=o, mopts=MMLEOptions(), data=stale)
+
+
+def test_mmle_refuses_labels_of_another_tile_size(tmp_path, cfg):
+    # labels of 32 px tiles (16 latent px) for a 64 px config: MMLE's layers take any size, so
+    # it trained on them silently, on the scores of tiles the runtime never makes
+    from adadiff.training.mmle import train_mmle
+
+    other = replace(cfg, tile_size=2 * cfg.tile_size)
+    with pytest.raises(ConfigError, match=r"labels of 32 px tiles, the config's tile_size is 64"):
+        train_mmle(other, tmp_path, opts(1), data=synthetic_labels(side=cfg.latent_tile))
+    assert not (tmp_path / "mmle").exists()
+    train_mmle(cfg, tmp_path, opts(1), data=synthetic_labels(side=cfg.latent_tile))
