@@ -77,7 +77,7 @@ from adadiff.training.labels import (
 from adadiff.training.mmle import spearman
 from adadiff.training.pairs import Batch, crops_per_photo, evaluation_photos
 from benchmarks.machine import machine, weights_of
-from benchmarks.report import check_readme, read_saved, relative_link
+from benchmarks.report import check_readme, ci, read_saved, relative_link
 
 log = logging.getLogger("adadiff")
 
@@ -792,13 +792,6 @@ def _band(band: tuple[int, int]) -> str:
     return f"t <= {high}" if low == 0 else f"t > {low}" if high >= 1000 else f"{low} < t <= {high}"
 
 
-def _ci(v: Sequence[float | None], digits: int = 3) -> str:
-    mean, low, high = v
-    if low is None or high is None:  # one crop and one seed: nothing to resample
-        return f"{mean:.{digits}f} (interval unavailable)"
-    return f"{mean:.{digits}f} ({low:.{digits}f} to {high:.{digits}f})"
-
-
 def _resampled(result: dict[str, Any]) -> str:
     what = [
         "crops" if result["crops_per_photo"] > 1 else "photos" if len(result["photos"]) > 1 else "",
@@ -842,16 +835,16 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
     ]
     b = result["bicubic"]
     lines.append(
-        f"| bicubic | 0 | {_ci(b['lpips'])} | {b['psnr'][0]:.2f} | {b['ssim'][0]:.3f} | "
+        f"| bicubic | 0 | {ci(b['lpips'])} | {b['psnr'][0]:.2f} | {b['ssim'][0]:.3f} | "
         f"{b['brisque'][0]:.1f} | |"
     )
     fewer = _fewer_seeds(result)
     for m, e in sorted(ms.items(), key=lambda kv: kv[1]["steps_per_tile"]):
         vs = e.get("vs_best_uniform")
-        diff = f"{_ci(vs['lpips_diff'])} vs {vs['method']}" if vs else ""
+        diff = f"{ci(vs['lpips_diff'])} vs {vs['method']}" if vs else ""
         name = f"{m} ({fewer[m]} seed{'s' * (fewer[m] > 1)}; diff on those)" if m in fewer else m
         lines.append(
-            f"| {name} | {e['steps_per_tile']:.1f} | {_ci(e['lpips'])} | {e['psnr'][0]:.2f} | "
+            f"| {name} | {e['steps_per_tile']:.1f} | {ci(e['lpips'])} | {e['psnr'][0]:.2f} | "
             f"{e['ssim'][0]:.3f} | {e['brisque'][0]:.1f} | {diff} |"
         )
     lines += ["", "Per photo, LPIPS:", ""]
@@ -901,7 +894,7 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
         lines += [
             "",
             "Each tile given its best uniform schedule, chosen with the HR crop in hand (the "
-            f"most a per-tile step count could reach): LPIPS {_ci(best['lpips'])} at "
+            f"most a per-tile step count could reach): LPIPS {ci(best['lpips'])} at "
             f"{best['steps_per_tile']:.1f} steps per tile; the tiles' best: {shares}.",
         ]
     fit = result.get("content_fit")
@@ -912,7 +905,7 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
             "to ship is fitted on tuning photos and scored here): "
             f"latent texture below {fit['threshold']:.4f} "
             f"({fit['flat_share']:.0%} of tiles) jumps by {fit['flat_interval']}, the rest by "
-            f"{fit['textured_interval']}: LPIPS {_ci(fit['lpips'])} at "
+            f"{fit['textured_interval']}: LPIPS {ci(fit['lpips'])} at "
             f"{fit['steps_per_tile']:.1f} steps per tile.",
         ]
     marks = result.get("targets", {})

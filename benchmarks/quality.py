@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from adadiff.training.labels import decode_latents, encode_latents
 from adadiff.training.pairs import evaluation_photos
 from benchmarks.machine import machine, weights_of
 from benchmarks.paths import check_out_folder
-from benchmarks.report import check_readme, read_saved, relative_link
+from benchmarks.report import check_readme, ci, read_saved, relative_link
 
 log = logging.getLogger("adadiff")
 
@@ -517,13 +517,6 @@ def gallery(
     return written
 
 
-def _ci(v: Sequence[float | None], digits: int = 3) -> str:
-    mean, low, high = v
-    if low is None or high is None:  # a single block: nothing to resample
-        return f"{mean:.{digits}f} (interval unavailable)"
-    return f"{mean:.{digits}f} ({low:.{digits}f} to {high:.{digits}f})"
-
-
 def _resampled(result: dict[str, Any]) -> str:
     blocks = {n for entry in result["results"].values() for n in entry["blocks"].values()}
     if blocks != {1}:
@@ -559,20 +552,20 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
         for method in ("bicubic", "model"):
             e = entry[method]
             lines.append(
-                f"| {result['degradations'][deg]} | {method} | {_ci(e['lpips']['pooled'])} | "
-                f"{_ci(e['psnr']['pooled'], 2)} | {e['ssim']['pooled'][0]:.3f} | "
+                f"| {result['degradations'][deg]} | {method} | {ci(e['lpips']['pooled'])} | "
+                f"{ci(e['psnr']['pooled'], 2)} | {e['ssim']['pooled'][0]:.3f} | "
                 f"{e['brisque']['pooled']:.1f} |"
             )
         d = entry["model_minus_bicubic"]
         lines.append(
-            f"| | model - bicubic | {_ci(d['lpips']['pooled'])} | {_ci(d['psnr']['pooled'], 2)}"
+            f"| | model - bicubic | {ci(d['lpips']['pooled'])} | {ci(d['psnr']['pooled'], 2)}"
             f" | {d['ssim']['pooled'][0]:+.3f} | |"
         )
     ceiling = result.get("vae_round_trip")
     if ceiling:
         lines.append(
             f"| none | the original through {result['model']}'s VAE | "
-            f"{_ci(ceiling['lpips']['pooled'])} | {_ci(ceiling['psnr']['pooled'], 2)} | "
+            f"{ci(ceiling['lpips']['pooled'])} | {ci(ceiling['psnr']['pooled'], 2)} | "
             f"{ceiling['ssim']['pooled'][0]:.3f} | |"
         )
     lines += ["", "Per photo, LPIPS bicubic -> model:", ""]

@@ -83,6 +83,15 @@ def update_readme(readme: Path, section: str, *, start: str = START, end: str = 
         readme.write_text(new)
 
 
+def ci(v: Sequence[float | None], digits: int = 3) -> str:
+    """A mean and its 90% interval, as the README tables write them; an unavailable interval
+    (one crop or block and one seed: nothing to resample) says so instead of a zero width."""
+    mean, low, high = v
+    if low is None or high is None:
+        return f"{mean:.{digits}f} (interval unavailable)"
+    return f"{mean:.{digits}f} ({low:.{digits}f} to {high:.{digits}f})"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 

@@ -11,6 +11,7 @@ import pytest
 
 from adadiff.artifacts import weights_digest
 from benchmarks import quality
+from benchmarks.report import ci
 
 
 def test_blocks_cover_every_whole_block_row_by_row():
@@ -353,7 +354,7 @@ def test_one_block_per_photo_resamples_the_photos_and_one_block_alone_has_no_int
     mean, low, high = quality.interval([np.array([0.2]), np.array([0.3]), np.array([0.4])])
     assert mean == pytest.approx(0.3) and low < mean < high
     assert quality.interval([np.array([0.3])]) == (0.3, None, None)
-    assert quality._ci((0.3, None, None)) == "0.300 (interval unavailable)"
+    assert ci((0.3, None, None)) == "0.300 (interval unavailable)"
     one_each = {
         "photos": ["astronaut", "gravel"],
         "results": {"bicubic": {"blocks": {"astronaut": 1, "gravel": 1}}},
