@@ -197,6 +197,18 @@ def worst_rho(rho: dict[str, float], names: Sequence[str]) -> float:
     return float(np.min([rho[n] for n in names]))
 
 
+def nan_to_null(value: Any) -> Any:
+    """``value`` with every NaN float as None: a rho with nothing to rank (one trajectory, or
+    MMLE constant on a metric) is JSON null, which strict JSON readers take, not a bare NaN."""
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [nan_to_null(v) for v in value]
+    return value
+
+
 def trajectory_bootstrap(
     pred: np.ndarray, truth: np.ndarray, draws: list[np.ndarray], *, level: float = 0.9
 ) -> tuple[float | None, float | None]:
@@ -456,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result["argv"] = list(sys.argv[1:] if argv is None else argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(nan_to_null(result), indent=2, allow_nan=False))
     print(f"wrote {args.out}")
     return 0
 

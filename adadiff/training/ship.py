@@ -335,7 +335,7 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
             ]
     mmle = summary.get("mmle", {})
     if mmle:
-        rho = ", ".join(f"{k} {v:.3f}" for k, v in mmle.get("spearman", {}).items())
+        rho = ", ".join(f"{k} {_rho(v)}" for k, v in mmle.get("spearman", {}).items())
         picked = {"photo": ", each photo equally likely", "area": ", photos by pixel count"}
         majority = mmle.get("majority_category_share")
         baseline = (
@@ -356,9 +356,9 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
             lines += [
                 "",
                 "Within one trajectory (median over trajectories): "
-                + ", ".join(f"{k} {v:.3f}" for k, v in within.items())
+                + ", ".join(f"{k} {_rho(v)}" for k, v in within.items())
                 + "; between trajectories (their mean scores): "
-                + ", ".join(f"{k} {v:.3f}" for k, v in between.items())
+                + ", ".join(f"{k} {_rho(v)}" for k, v in between.items())
                 + ". DTSS acts on step-to-step changes, which the first figures describe.",
             ]
         interval = mmle.get("spearman_bootstrap_90", {})
@@ -376,6 +376,11 @@ def _eval_section(evaluation: dict[str, Any] | None) -> list[str]:
             "Targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in checks.items()),
         ]
     return lines
+
+
+def _rho(v: float | None) -> str:
+    # None: benchmarks/evaluate_tiny.py had nothing to rank (one trajectory, or a constant score)
+    return "none" if v is None else f"{v:.3f}"
 
 
 def _span(low: float | None, high: float | None) -> str:

@@ -83,6 +83,34 @@ def test_model_card_reports_the_interval_and_says_when_none_was_recorded() -> No
     assert "in 95.0% of steps (always the oracle's most frequent category: 97.5%)." in text
 
 
+def test_a_rho_with_nothing_to_rank_is_json_null_and_the_card_says_none() -> None:
+    import json
+
+    from adadiff.training.ship import _eval_section
+    from benchmarks.evaluate_tiny import nan_to_null
+
+    # --crops 1: one trajectory, so its mean against the others' is NaN, and a constant score
+    one = np.arange(5.0)
+    between = spearman(np.array([one.mean()]), np.array([one.mean()]))
+    assert np.isnan(between)
+    mmle = {
+        "spearman": {"psnr": 0.8, "niqe": float("nan")},
+        "spearman_within_trajectory_median": {"psnr": 0.9, "niqe": float("nan")},
+        "spearman_between_trajectory_means": {"psnr": between, "niqe": between},
+        "spearman_bootstrap_90": {"psnr": (None, None)},
+    }
+    safe = nan_to_null({"summary": {"mmle": mmle}, "n": 3})
+    text = json.dumps(safe, allow_nan=False)  # raises on a NaN left anywhere
+    assert json.loads(text)["summary"]["mmle"]["spearman"] == {"psnr": 0.8, "niqe": None}
+    assert safe["n"] == 3 and safe["summary"]["mmle"]["spearman_bootstrap_90"]["psnr"] == [
+        None,
+        None,
+    ]
+    card = "\n".join(_eval_section(json.loads(text)))
+    assert "Spearman psnr 0.800, niqe none" in card
+    assert "psnr 0.900, niqe none; between trajectories (their mean scores): psnr none" in card
+
+
 def _methods(adaptive: tuple[float, int], uniform: dict[int, tuple[float, int]]):
     row = {"psnr": 25.0, "ssim": 0.7, "brisque": 30.0}
     methods = {"bicubic": {**row, "lpips": 0.4, "brisque": 60.0}}
