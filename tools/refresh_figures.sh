@@ -8,8 +8,9 @@
 #
 # Steps: quality (whole photos and the gallery), front (the quality/compute front), evaluate
 # (MMLE against the oracle), quick (the Performance section), scaling (large photos), load (busy
-# machine), scaleout (Ray). Each writes its JSON under benchmarks/reference/ and regenerates its
-# README section from it; after quality or evaluate the model card's Evaluation section follows.
+# machine), scaleout (Ray). Each writes its JSON under benchmarks/reference/ and regenerates the
+# README section that quotes it (evaluate has none); after quality or evaluate the model card's
+# Evaluation section follows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
