@@ -77,6 +77,7 @@ from adadiff.training.labels import (
 from adadiff.training.mmle import spearman
 from adadiff.training.pairs import Batch, crops_per_photo, evaluation_photos
 from benchmarks.machine import machine, weights_of
+from benchmarks.paths import readme_arg
 from benchmarks.report import check_readme, ci, read_saved, relative_link
 
 log = logging.getLogger("adadiff")
@@ -820,8 +821,8 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
     ms = result["methods"]
     rel = Path(relative_link(json_path.resolve(), readme.resolve()))
     lines = [
-        f"Generated from [`{rel}`]({rel}) by `python -m benchmarks.front --render {rel} "
-        "--readme README.md`; do not edit by hand.",
+        f"Generated from [`{rel}`]({rel}) by `python -m benchmarks.front --render {rel}"
+        f"{readme_arg(readme, required=True)}`; do not edit by hand.",
         "",
         f"{len(result['photos'])} {_photo_set(result['photos'])} photos "
         f"({', '.join(result['photos'])}), "

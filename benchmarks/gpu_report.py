@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import machine_line
+from benchmarks.paths import readme_arg
 
 START = "<!-- gpu:start -->"
 END = "<!-- gpu:end -->"
@@ -19,8 +20,8 @@ END = "<!-- gpu:end -->"
 def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
     rel = os.path.relpath(json_path, readme.parent).replace(os.sep, "/")
     lines = [
-        f"Generated from [`{rel}`]({rel}) by `python -m benchmarks report {rel}`; do not edit "
-        "by hand.",
+        f"Generated from [`{rel}`]({rel}) by `python -m benchmarks report {rel}"
+        f"{readme_arg(readme)}`; do not edit by hand.",
         "",
         f"**Machine:** {machine_line(result)}.",
         "",

@@ -35,3 +35,9 @@ def _check_can_hold(folder: Path, flag: str, path: Path) -> None:
         )
     if not os.access(found, os.W_OK):
         raise OutputPathError(f"{flag} {path}: cannot write in {found}; give another {flag}")
+
+
+def readme_arg(readme: Path, *, required: bool = False) -> str:
+    """The ``--readme`` that a generated section's command names: the README's own file name (the
+    command's paths are relative to its folder), left out where optional and the default."""
+    return f" --readme {readme.name}" if required or readme.name != "README.md" else ""

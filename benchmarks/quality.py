@@ -51,7 +51,7 @@ from adadiff.training.degrade import bicubic_x4, blur_jpeg_x4
 from adadiff.training.labels import decode_latents, encode_latents
 from adadiff.training.pairs import evaluation_photos
 from benchmarks.machine import machine, weights_of
-from benchmarks.paths import check_out_folder
+from benchmarks.paths import check_out_folder, readme_arg
 from benchmarks.report import check_readme, ci, read_saved, relative_link
 
 log = logging.getLogger("adadiff")
@@ -536,8 +536,8 @@ def render(result: dict[str, Any], json_path: Path, readme: Path) -> str:
     rel = Path(relative_link(json_path.resolve(), readme.resolve()))
     photos = result["photos"]
     lines = [
-        f"Generated from [`{rel}`]({rel}) by `python -m benchmarks.quality --render {rel} "
-        "--readme README.md`; do not edit by hand.",
+        f"Generated from [`{rel}`]({rel}) by `python -m benchmarks.quality --render {rel}"
+        f"{readme_arg(readme, required=True)}`; do not edit by hand.",
         "",
         f"{result['model']} ({result['schedule']} schedule) on the {len(photos)} "
         f"{SET_NAMES.get(result['photo_set'], result['photo_set'])} photos "

@@ -19,6 +19,7 @@ from typing import Any
 from adadiff.errors import AdadiffError, ConfigError
 from benchmarks import gpu_report
 from benchmarks.machine import SHIPPED_WEIGHTS, machine_line
+from benchmarks.paths import readme_arg
 
 START = "<!-- perf:start -->"
 END = "<!-- perf:end -->"
@@ -115,7 +116,7 @@ def render(
     s = result["settings"]
     summary = result.get("summary", {})
     rel = os.path.relpath(json_path, readme.parent).replace(os.sep, "/")
-    command = f"python -m benchmarks report {rel}" + "".join(
+    command = f"python -m benchmarks report {rel}{readme_arg(readme)}" + "".join(
         f" --{flag} " + os.path.relpath(extra[1], readme.parent).replace(os.sep, "/")
         for flag, extra in (("memory", memory), ("load", load))
         if extra is not None

@@ -161,6 +161,11 @@ def test_render_writes_every_method_from_the_json(tmp_path):
     assert "Each tile given its best uniform schedule" in text and "uniform-5 " in text
     assert "The best content rule on these same crops (in-sample" in text
     assert render(result, path, readme).splitlines()[0].startswith("Generated from")
+    assert "--readme README.md`" in render(result, path, readme)
+    # the command names the README it rendered into, from that README's folder
+    other = tmp_path / "docs" / "FRONT.md"
+    head = render(result, path, other).splitlines()[0]
+    assert "--render ../bench/front.json --readme FRONT.md`" in head
     # a method run on fewer seeds than the header's (the oracle) says so on its row
     result["per_tile"] = {m: {"lpips": [[0.2] * 12] * (1 if m == "uniform-5" else 2)} for m in rows}
     text = render(result, path, readme)

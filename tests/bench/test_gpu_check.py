@@ -156,6 +156,9 @@ def test_gpu_section_renders_every_part(tmp_path):
     assert "| cpu | fp32 | uniform | 0.0500 | 125 | reference |  |  |" in text
     assert "| gpu | fp16 | uniform | 0.0020 | 125 | 48.1 | yes | 300.5 |" in text
     assert "Parts that failed in this run: onnxruntime" in text
+    assert "by `python -m benchmarks report g.json`;" in text  # README.md: the default
+    other = gpu_report.render(result, tmp_path / "g.json", tmp_path / "GPU.md")
+    assert "by `python -m benchmarks report g.json --readme GPU.md`;" in other
 
 
 @pytest.mark.slow
