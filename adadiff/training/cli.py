@@ -679,7 +679,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if held:
         raise ConfigError(
             f"--photos includes hold-out photos {held}: they are kept for evaluation; tune on "
-            "training photos"
+            "the validation photos (the default), training photos, or both (train+validation)"
         )
     if len(names) < 2:
         raise ConfigError("--photos needs at least two different photos (each is left out in turn)")

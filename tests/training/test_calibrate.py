@@ -139,6 +139,7 @@ def test_calibrate_command_refuses_hold_out_photos_and_bare_presets(tmp_path, ti
     assert main(["calibrate", str(tiny_dir), "--photos", "holdout"]) == 2
     err = capsys.readouterr().err
     assert "hold-out photos ['astronaut', 'chelsea', 'coffee', 'gravel']" in err, err
+    assert "tune on the validation photos (the default)" in err, err
     assert main(["calibrate", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no adadiff.json" in err
