@@ -293,9 +293,21 @@ def _report_changes(stage: str, ckpt: dict[str, Any], opts: TrainOptions) -> Non
             log.warning(
                 "%s: --%s is %s now, %s before this resume", stage, flag, value, before[key]
             )
-    if opts.schedule == "cosine" and before.get("steps", opts.steps) != opts.steps:
-        step = int(ckpt["step"])
-        old = TrainOptions(**{**now, **before, "resume": None})
+    if opts.schedule != "cosine":
+        return
+    step = int(ckpt["step"])
+    old = TrainOptions(**{**now, **before, "resume": None})
+    if old.schedule != "cosine":  # the run had no decay: there is no earlier end to name
+        log.warning(
+            "%s: the cosine decay now runs to step %d: the learning rate at step %d goes from "
+            "%.3g to %.3g",
+            stage,
+            opts.steps,
+            step,
+            old.lr_at(step),
+            opts.lr_at(step),
+        )
+    elif old.steps != opts.steps:
         log.warning(
             "%s: the cosine decay now ends at step %d, not %d: the learning rate at step %d "
             "goes from %.3g to %.3g",

@@ -77,6 +77,28 @@ def test_learning_rate_schedules():
         replace(constant, schedule="step")
 
 
+def test_a_resume_names_how_the_cosine_decay_changed(caplog):
+    from dataclasses import asdict
+
+    from adadiff.training.loop import _report_changes
+
+    def resume(before: TrainOptions, now: TrainOptions) -> str:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="adadiff.training"):
+            _report_changes("unet", {"step": 200, "options": asdict(before)}, now)
+        return caplog.text
+
+    cosine = TrainOptions(steps=300, batch=1, lr=1e-4, warmup=10, schedule="cosine")
+    text = resume(cosine, replace(cosine, steps=600))
+    assert "the cosine decay now ends at step 600, not 300" in text
+    # the run was constant: it had no decay, so none ended at its --steps
+    text = resume(replace(cosine, schedule="constant"), replace(cosine, steps=68))
+    assert "--lr-schedule is cosine now, constant before" in text
+    assert "the cosine decay now runs to step 68: the learning rate at step 200 goes from " in text
+    assert "not 300" not in text
+    assert resume(cosine, cosine) == ""
+
+
 class Counter:
     """A stage whose one weight counts its steps; ``losses`` overrides the loss at some steps."""
 
