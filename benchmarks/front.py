@@ -65,8 +65,8 @@ from adadiff.runtime.policy import (
     StepPolicy,
     UniformPolicy,
 )
-from adadiff.training.assemble import hash_tensors
 from adadiff.training.data import HOLDOUT, VALIDATION, find_photo
+from adadiff.training.fingerprint import hash_tensors
 from adadiff.training.labels import (
     OracleScorer,
     decode_latents,

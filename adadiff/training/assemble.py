@@ -10,8 +10,6 @@ when none is asked for.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -30,48 +28,13 @@ from adadiff.models.bundle import (
 )
 from adadiff.models.networks import MMLE
 from adadiff.training.checkpoint import load_latest, require_latest
+from adadiff.training.fingerprint import ENCODER_PREFIXES, encoder_fingerprint
 from adadiff.training.loop import check_trained_config
 from adadiff.training.unet import STAGE as UNET_STAGE
 
 # The stages whose checkpoints are assembled here; their trainers import these names.
 DECODER_STAGE = "decoder"
 MMLE_STAGE = "mmle"
-# The VAE keys that make the latent space: a decoder fits only the encoder it was trained on.
-ENCODER_PREFIXES = ("encoder.", "quant_conv.")
-
-
-def _encoder_items(state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    for key in sorted(state):
-        if key.startswith(ENCODER_PREFIXES):
-            yield key, state[key]
-
-
-def hash_tensors(digest: Any, items: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Feed each named tensor's name and bytes into a hashlib digest."""
-    for key, value in items:
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-
-
-def encoder_fingerprint(vae_state: dict[str, torch.Tensor]) -> str:
-    """sha256 over the encoder's (and quant_conv's) tensors: which latent space this is."""
-    digest = hashlib.sha256()
-    hash_tensors(digest, _encoder_items(vae_state))
-    return digest.hexdigest()
-
-
-def same_encoder(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    """Whether two VAE states read the same latent space: the same encoder tensors, or the same
-    once rounded to fp16, since a folder shipped with ``--half`` holds its encoder in fp16."""
-    if encoder_fingerprint(a) == encoder_fingerprint(b):
-        return True
-
-    def rounded(state: dict[str, torch.Tensor]) -> str:
-        return encoder_fingerprint(
-            {k: v.half() if v.is_floating_point() else v for k, v in _encoder_items(state)}
-        )
-
-    return rounded(a) == rounded(b)
 
 
 def build_mmle(cfg: ModelConfig, seed: int) -> MMLE:

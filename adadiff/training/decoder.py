@@ -46,17 +46,11 @@ from adadiff.errors import ConfigError
 from adadiff.models.bundle import TorchModels
 from adadiff.quality.lpips import load_lpips
 from adadiff.runtime.policy import UniformPolicy
-from adadiff.training.assemble import (
-    DECODER_STAGE,
-    ENCODER_PREFIXES,
-    UNET_STAGE,
-    encoder_fingerprint,
-    frozen_models,
-    unet_checkpoint,
-)
+from adadiff.training.assemble import DECODER_STAGE, UNET_STAGE, frozen_models, unet_checkpoint
 from adadiff.training.checkpoint import load_latest
 from adadiff.training.data import PhotoWeighting, check_weighting
 from adadiff.training.degrade import strength_config
+from adadiff.training.fingerprint import ENCODER_PREFIXES, encoder_fingerprint
 from adadiff.training.labels import encode_latents, mmle_score, sample_with
 from adadiff.training.loop import (
     Progress,

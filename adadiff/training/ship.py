@@ -36,12 +36,13 @@ from adadiff.models.bundle import (
     mmle_targets,
 )
 from adadiff.provenance import MODEL_CARD, TrainingRecord, read_card, read_record, write_record
-from adadiff.training.assemble import encoder_fingerprint, frozen_models, same_encoder
+from adadiff.training.assemble import frozen_models
 from adadiff.training.checkpoint import list_checkpoints, load_latest
 from adadiff.training.data import HOLDOUT, VALIDATION, available_photos, training_photos
 from adadiff.training.deadleaves import NAME_PREFIX as DEADLEAVES_PREFIX
 from adadiff.training.deadleaves import SOURCE as DEADLEAVES_SOURCE
 from adadiff.training.degrade import STRENGTH_NOTES
+from adadiff.training.fingerprint import encoder_fingerprint, same_encoder
 from adadiff.training.labels import UNREADABLE, labels_origin
 from adadiff.training.shading import NAME_PREFIX as SHADING_PREFIX
 from adadiff.training.shading import SOURCE as SHADING_SOURCE

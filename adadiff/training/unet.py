@@ -49,6 +49,7 @@ from adadiff.training.checkpoint import load_latest, require_latest
 from adadiff.training.data import PhotoWeighting, check_min_scale, check_weighting
 from adadiff.training.deadleaves import with_dead_leaves
 from adadiff.training.degrade import strength_config
+from adadiff.training.fingerprint import same_encoder
 from adadiff.training.loop import (
     EMA,
     Progress,
@@ -339,7 +340,6 @@ def train_unet(
     instead of a random init (a fine-tune, or a run moved between machines through a shipped
     folder); a run that resumes from its own checkpoint ignores it."""
     workdir = Path(workdir)
-    from adadiff.training.assemble import same_encoder  # assemble imports this module
 
     latest = load_latest(workdir / STAGE, stage=STAGE)
     # a checkpoint of another config is refused before its VAE loads into this config's, where
@@ -401,7 +401,6 @@ def _resumed_vae(
 ) -> tuple[dict[str, torch.Tensor], float, str]:
     """A resumed UNet keeps the VAE it trained on, which its checkpoint holds: a VAE stage
     trained on since, or a --vae-from given now, would move the latents under it."""
-    from adadiff.training.assemble import same_encoder  # assemble imports this module
 
     state = latest["state"]
     step = int(latest["step"])

@@ -264,7 +264,7 @@ def test_ship_names_the_model_a_unet_started_from(tmp_path, cfg, images):
 
 def test_same_encoder_holds_across_fp16_storage(tmp_path, cfg):
     from adadiff.models.bundle import build_random, load_folder
-    from adadiff.training.assemble import same_encoder
+    from adadiff.training.fingerprint import same_encoder
 
     models = build_random(cfg, seed=3)
     half = load_folder(models.save(tmp_path / "half", half=True))  # fp16 on disk, fp32 loaded
