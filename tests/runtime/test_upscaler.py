@@ -265,9 +265,11 @@ def test_a_stream_reads_each_input_once_even_from_a_reused_buffer(tiny_models, p
             buffer[:] = frame
             yield StreamItem(k, buffer, schedule="uniform", interval=250)
 
-    for result in upscale_many(upscaler, reader(), target_tiles=64):
+    results = {r.key: r for r in upscale_many(upscaler, reader(), target_tiles=64)}
+    assert sorted(results) == [0, 1]  # every frame came back
+    for key, result in results.items():
         assert result.error is None
-        np.testing.assert_allclose(result.image, alone[result.key], atol=1e-4)
+        np.testing.assert_allclose(result.image, alone[key], atol=1e-4)
 
 
 def test_a_failed_round_fails_its_images_and_the_stream_goes_on(upscaler, photo, monkeypatch):
