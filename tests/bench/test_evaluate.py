@@ -36,7 +36,9 @@ def test_bootstrap_keeps_each_photos_count() -> None:
 
     traj = np.repeat(np.arange(6), 2)
     photo = np.array([0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2])  # photos of 1, 3 and 2 trajectories
-    for rows in trajectory_resamples(traj, photo, resamples=50):
+    draws = trajectory_resamples(traj, photo, resamples=50)
+    assert len(draws) == 50
+    for rows in draws:
         assert np.bincount(photo[rows], minlength=3).tolist() == [2, 6, 4]
 
 
