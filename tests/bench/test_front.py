@@ -232,26 +232,33 @@ def test_a_dtss_json_is_checked_against_the_models_noise_schedule(tmp_path, tiny
             load_dtss(path, tiny_config)
 
 
-def test_the_command_line_refuses_mistakes_before_any_run(tmp_path, capsys):
-    from benchmarks.front import main
+def test_the_command_line_refuses_mistakes_before_any_run(tmp_path, monkeypatch, capsys):
+    from benchmarks import front
 
+    def no_run(_args):
+        raise AssertionError("the front ran with arguments it should have refused")
+
+    monkeypatch.setattr(front, "run", no_run)
     out = tmp_path / "front"
     quick = ["--out", str(out), "--crops", "1", "--seeds", "1", "--oracle-seeds", "0"]
-    assert main([*quick, "--photos", "nosuch"]) == 2
+    assert front.main([*quick, "--photos", "nosuch"]) == 2
     assert "nosuch" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="cannot read it"):
-        main([*quick, "--dtss", f"x={tmp_path / 'missing.json'}"])
+        front.main([*quick, "--dtss", f"x={tmp_path / 'missing.json'}"])
     plain = tmp_path / "PLAIN.md"
     plain.write_text("# no markers\n")
-    assert main([*quick, "--readme", str(plain)]) == 2
-    for flag, value in (
-        ("--crops", "0"),
-        ("--uniform", "0"),
-        ("--threads", "0"),
-        ("--exit", "0@400"),
+    assert front.main([*quick, "--readme", str(plain)]) == 2
+    assert "front:start" in capsys.readouterr().err
+    for flag, value, said in (
+        ("--crops", "0", "expected a number >= 1"),
+        ("--uniform", "0", "expected intervals >= 1"),
+        ("--threads", "0", "expected a number >= 1"),
+        ("--exit", "0@400", "expected INTERVAL >= 1"),
     ):
-        with pytest.raises(SystemExit):
-            main([*quick, flag, value])
+        with pytest.raises(SystemExit) as stop:
+            front.main([*quick, flag, value])
+        assert stop.value.code == 2
+        assert f"argument {flag}: {said}" in capsys.readouterr().err
     assert not out.exists()
 
 
