@@ -280,6 +280,7 @@ def test_unet_device_is_checked_before_any_photo_loads(monkeypatch):
     assert training_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
 def test_unet_on_cuda_resumes_on_the_cpu(tmp_path, vae_workdir, cfg, images):
     """A run on the GPU and one that continues on the CPU: same samples, losses close."""
