@@ -280,11 +280,25 @@ def test_an_mmle_file_without_the_metric_names_still_loads(folder: Path) -> None
     shipped = SHIPPED / "tiny" / "mmle.safetensors"
     with safe_open(str(shipped), framework="pt") as fh:
         assert not (fh.metadata() or {})  # the shipped tiny's is such a file, and loads
-    load_models("tiny")
+    _assert_weights(load_models("tiny").mmle, load_file(str(shipped)))
     path = folder / "mmle.safetensors"
-    save_file(load_file(str(path)), str(path))  # as adadiff wrote it before: nothing to check
+    state = load_file(str(path))
+    save_file(state, str(path))  # as adadiff wrote it before: nothing to check
     _edit(folder / CONFIG_FILE, _swap_psnr_and_ssim)
-    load_folder(folder)
+    loaded = load_folder(folder)
+    names = [m.name for m in loaded.config.mmle.metrics]
+    assert names.index("ssim") < names.index("psnr")  # the config as given, not refused
+    _assert_weights(loaded.mmle, state)
+
+
+def _assert_weights(module, state: dict) -> None:
+    """``module`` holds the tensors of ``state`` (a safetensors file's), every one of them."""
+    import torch
+
+    got = module.state_dict()
+    assert sorted(got) == sorted(state)
+    for key, value in state.items():
+        assert torch.equal(got[key], value.to(got[key].dtype)), key
 
 
 def test_a_folder_saved_twice_is_the_same_bytes(tiny_models, tmp_path: Path) -> None:
