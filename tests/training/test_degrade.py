@@ -23,7 +23,8 @@ def test_degrade_is_deterministic_per_seed_and_quarter_size(hr):
 def test_different_seeds_differ(hr):
     outputs = [degrade.degrade(hr, np.random.default_rng(s)) for s in range(12)]
     assert all(o.shape == (32, 32, 3) for o in outputs)
-    assert not np.array_equal(outputs[0], outputs[1])
+    distinct = len({o.tobytes() for o in outputs})
+    assert distinct == len(outputs), f"{distinct} different outputs of {len(outputs)} seeds"
     mild = degrade.degrade(hr[:96, :120], np.random.default_rng(0), degrade.MILD)
     assert mild.shape == (24, 30, 3)
 
