@@ -10,7 +10,7 @@ from training_helpers import opts, small_pool
 from adadiff.errors import ConfigError
 from adadiff.training.deadleaves import NAME_PREFIX, dead_leaves, dead_leaves_set, with_dead_leaves
 from adadiff.training.shading import NAME_PREFIX as SHADING_PREFIX
-from adadiff.training.shading import shading_set
+from adadiff.training.shading import shading_set, with_shading
 
 
 @pytest.mark.parametrize(
@@ -55,15 +55,20 @@ def test_shapes_cover_the_canvas_at_every_scale():
     assert coarse.std() > 0.08
 
 
-def test_a_stage_gets_the_photos_then_the_images_of_its_seed():
+@pytest.mark.parametrize(
+    ("add", "make", "stage"),
+    [(with_dead_leaves, dead_leaves_set, "vae"), (with_shading, shading_set, "unet")],
+    ids=["deadleaves", "shading"],
+)
+def test_a_stage_gets_the_photos_then_the_images_of_its_seed(add, make, stage):
     photo = np.zeros((16, 16, 3), np.float32)
-    names, images = with_dead_leaves(["p"], [photo], 2, seed=3, stage="vae")
-    want_names, want = dead_leaves_set(2, seed=3)
+    names, images = add(["p"], [photo], 2, seed=3, stage=stage)
+    want_names, want = make(2, seed=3)
     assert names == ["p", *want_names]
     assert images[0] is photo and len(images) == 3
     for got, expected in zip(images[1:], want, strict=True):
         np.testing.assert_array_equal(got, expected)
-    assert with_dead_leaves(["p"], [photo], 0, seed=3, stage="vae") == (["p"], [photo])
+    assert add(["p"], [photo], 0, seed=3, stage=stage) == (["p"], [photo])
 
 
 def test_bad_sizes_are_refused():

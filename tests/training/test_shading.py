@@ -1,5 +1,5 @@
 """Synthetic smooth-shading training images: smooth between edges, wired into the UNet stage and
-onto the model card (seeding: test_deadleaves.py)."""
+onto the model card (seeding, and the images a stage gets: test_deadleaves.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from adadiff.errors import ConfigError
-from adadiff.training.shading import NAME_PREFIX, shaded_scene, shading_set, with_shading
+from adadiff.training.shading import NAME_PREFIX, shaded_scene
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -23,16 +23,6 @@ def test_surfaces_are_smooth_between_few_edges(seed):
     edges = np.abs(np.diff(luma, axis=1)) > 0.03
     assert 0.0005 < edges.mean() < 0.05  # a few object outlines
     assert luma.std() > 0.03  # shading and objects, not a flat field
-
-
-def test_a_stage_gets_the_photos_then_the_images_of_its_seed():
-    photo = np.zeros((16, 16, 3), np.float32)
-    names, images = with_shading(["p"], [photo], 2, seed=3, stage="unet")
-    want_names, want = shading_set(2, seed=3)
-    assert names == ["p", *want_names] and images[0] is photo
-    for got, expected in zip(images[1:], want, strict=True):
-        np.testing.assert_array_equal(got, expected)
-    assert with_shading(["p"], [photo], 0, seed=3, stage="unet") == (["p"], [photo])
 
 
 def test_the_unet_option_reaches_the_run_and_the_card():
