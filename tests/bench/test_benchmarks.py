@@ -162,8 +162,7 @@ def test_readme_section_replaces_only_the_marked_block(smoke_run, tmp_path):
         report.replace_section(f"{report.END}\n{report.START}\n", "x")
 
 
-def test_fit_and_user_errors():
-    from benchmarks.__main__ import main
+def test_fit_and_user_errors(suite_main, monkeypatch, capsys):
     from benchmarks.scaling import fit
 
     rows = [
@@ -174,12 +173,16 @@ def test_fit_and_user_errors():
     assert result["loglog_slope"] == pytest.approx(1.0)
     assert result["per_tile_growth"] == pytest.approx(1.0)
     assert np.isclose(result["seconds_per_tile"][0], 0.1)
-    assert main(["quick", "--backend", "torch,nope"]) == 2
-    assert main(["quick", "--precision", "fp16"]) == 2
+    assert suite_main.main(["quick", "--backend", "torch,nope"]) == 2
+    assert "--backend torch,nope: choose some of torch" in capsys.readouterr().err
+    assert suite_main.main(["quick", "--precision", "fp16"]) == 2
+    assert "fp16 runs on CUDA only" in capsys.readouterr().err
     import torch
 
-    if not torch.cuda.is_available():  # a GPU this machine lacks is refused before any run
-        assert main(["quick", "--device", "cuda", "--out", "/nonexistent/x"]) == 2
+    # a GPU this machine lacks is refused before any run (none here, also on a CUDA machine)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert suite_main.main(["quick", "--device", "cuda", "--out", "/nonexistent/x"]) == 2
+    assert "error: --device cuda: " in capsys.readouterr().err
 
 
 def test_the_suite_checks_the_device_of_its_first_backend_only(monkeypatch, tmp_path):
