@@ -93,6 +93,19 @@ def test_calibrate_budget_and_photo_checks():
         Trajectories(t=traj.t[::-1], scores=traj.scores, lpips=traj.lpips, photo=traj.photo)
 
 
+@pytest.fixture
+def no_recording(monkeypatch):
+    """calibrate's recording stubbed out: a command the test expects refused that is not stops
+    at once ("stop: recorded", exit 2) instead of recording for minutes and then rewriting the
+    model folder, the session's shared tiny_dir among them."""
+    from adadiff.training import calibrate as calibrate_module
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise ConfigError("stop: recorded")
+
+    monkeypatch.setattr(calibrate_module, "record", stop)
+
+
 def test_calibrate_command_records_fits_and_writes_the_config(
     tmp_path, tiny_dir, metric_cache, capsys
 ):
@@ -130,7 +143,9 @@ def test_calibrate_command_records_fits_and_writes_the_config(
     assert [m.weight for m in after.mmle.metrics] != [m.weight for m in before.mmle.metrics]
 
 
-def test_calibrate_command_refuses_hold_out_photos_and_bare_presets(tmp_path, tiny_dir, capsys):
+def test_calibrate_command_refuses_hold_out_photos_and_bare_presets(
+    tmp_path, tiny_dir, no_recording, capsys
+):
     from adadiff.cli import main
 
     assert main(["calibrate", str(tiny_dir), "--photos", "chelsea,astronaut"]) == 2
@@ -199,7 +214,7 @@ def test_calibration_is_written_whole_or_not_at_all_on_a_full_disk(tmp_path):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
-def test_calibrate_photos_take_set_names(tiny_dir, capsys):
+def test_calibrate_photos_take_set_names(tiny_dir, no_recording, capsys):
     """--photos validation means the validation photos, as for the benchmarks and training;
     the run is refused later (its --interval), after the names were read as the set."""
     from adadiff.cli import main
@@ -311,17 +326,12 @@ def test_calibrate_budget_help_says_it_bounds_the_replay(capsys):
 
 
 def test_calibrate_refuses_a_budget_below_any_exit_before_recording(
-    tmp_path, tiny_dir, monkeypatch, capsys
+    tmp_path, tiny_dir, no_recording, capsys
 ):
     """--budget 5 with jumps of 20: no tile can exit before its 6th step, so no replay fits;
     that is said at once, not after minutes of recording."""
     from adadiff.cli import main
-    from adadiff.training import calibrate as calibrate_module
 
-    def no_recording(*args: object, **kwargs: object) -> None:
-        raise ConfigError("stop: recorded")
-
-    monkeypatch.setattr(calibrate_module, "record", no_recording)
     args = ["calibrate", str(tiny_dir), "--crops", "1", "--dry-run"]
     assert main([*args, "--budget", "5.5"]) == 2
     err = capsys.readouterr().err
@@ -331,18 +341,13 @@ def test_calibrate_refuses_a_budget_below_any_exit_before_recording(
     assert "stop: recorded" in capsys.readouterr().err
 
 
-def test_calibrate_refuses_the_built_in_model_folder(monkeypatch, capsys):
+def test_calibrate_refuses_the_built_in_model_folder(no_recording, capsys):
     """The shipped tiny rewritten in place would change every --model tiny run; the copy that
     the missing-folder message asks for is the way. (record is stubbed: on a build without the
     check the run stops before anything is written.)"""
     from adadiff.cli import main
     from adadiff.presets import SHIPPED
-    from adadiff.training import calibrate as calibrate_module
 
-    def no_recording(*args: object, **kwargs: object) -> None:
-        raise ConfigError("stop: recorded")
-
-    monkeypatch.setattr(calibrate_module, "record", no_recording)
     shipped = SHIPPED / "tiny"
     before = (shipped / "adadiff.json").read_bytes()
     args = ["calibrate", str(shipped), "--crops", "1", "--interval", "200"]
