@@ -35,7 +35,11 @@ def test_a_block_reproduced_exactly_keeps_the_psnr_mean_finite(metric_cache):
     assert scores["psnr"][1] < 40
 
 
-def test_readme_needs_a_saved_json(tmp_path):
+def test_readme_needs_a_saved_json(tmp_path, monkeypatch, capsys):
+    def no_run(_args):
+        raise AssertionError("the quality benchmark ran with arguments it should have refused")
+
+    monkeypatch.setattr(quality, "run", no_run)
     with pytest.raises(SystemExit, match="--readme needs --out"):
         quality.main(["--readme", "README.md"])
     with pytest.raises(SystemExit, match="--images needs --out"):
@@ -45,6 +49,7 @@ def test_readme_needs_a_saved_json(tmp_path):
     plain.write_text("# no markers\n")
     out = tmp_path / "never"
     assert quality.main(["--out", str(out), "--readme", str(plain)]) == 2
+    assert "quality:start" in capsys.readouterr().err
     assert not out.exists()
 
 
