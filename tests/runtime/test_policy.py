@@ -6,7 +6,18 @@ import pytest
 
 from adadiff.config import DTSSConfig, MetricConfig, MetricKind
 from adadiff.errors import ConfigError
-from adadiff.runtime.policy import Category, dtss_decide, exit_gain, gains, quality
+from adadiff.runtime.policy import (
+    Category,
+    Decision,
+    DTSSPolicy,
+    FixedExitPolicy,
+    RecordingPolicy,
+    UniformPolicy,
+    dtss_decide,
+    exit_gain,
+    gains,
+    quality,
+)
 
 CFG = DTSSConfig()
 TAU = CFG.tau
@@ -121,3 +132,57 @@ def test_new_config_fields_keep_the_digest_of_older_exports(tiny_config):
     assert replace(tiny_config, content=content).digest() != recorded
     hr = replace(tiny_config.mmle, reference="hr")
     assert replace(tiny_config, mmle=hr).digest() != recorded
+
+
+def test_boundaries_of_the_stable_tiers_and_of_the_second_half():
+    """|g_FR| == tau is already the 15 tier (20 only while |g_FR| < tau), and the NR gain is
+    still zero at t == nr_start_t: the second half is t < nr_start_t, for gains as for exits."""
+    assert dtss_decide(900, TAU, 0.0, CFG) == Decision(Category.STABLE, 15)
+    assert dtss_decide(900, -TAU, 0.0, CFG) == Decision(Category.STABLE, 15)
+    start = CFG.nr_start_t
+    assert gains((0.0, 1.0), (0.0, 0.0), start, CFG) == (0.0, 0.0)
+    assert gains((0.0, 1.0), (0.0, 0.0), start - 1, CFG) == (0.0, pytest.approx(math.tanh(1.0)))
+
+
+def test_quality_names_both_counts_when_scores_and_metrics_differ():
+    metrics = (MetricConfig(name="a", kind=MetricKind.FULL_REFERENCE, weight=1.0),)
+    with pytest.raises(ValueError, match="got 2 scores for 1 metrics"):
+        quality([1.0, 2.0], metrics)
+
+
+def test_uniform_and_fixed_exit_policies_refuse_jumps_and_exits_below_one():
+    with pytest.raises(ValueError, match="interval must be >= 1, got 0"):
+        UniformPolicy(0)
+    with pytest.raises(ValueError, match="interval must be >= 1, got 0"):
+        FixedExitPolicy(0, 100)
+    with pytest.raises(ValueError, match="exit_below must be >= 1, got 0"):
+        FixedExitPolicy(20, 0)
+
+
+def test_fixed_exit_policy_exits_at_its_first_step_below_the_threshold():
+    policy = FixedExitPolicy(interval=50, exit_below=400)
+    assert policy.decide(0, 400, 0.0, 0.0) == Decision(Category.STABLE, 50)
+    assert policy.decide(0, 399, 0.0, 0.0) == Decision(Category.SATURATED, None)
+    assert not policy.needs_scores
+
+
+def test_recording_policy_keeps_each_decision_and_asks_what_its_inner_policy_asks():
+    recording = RecordingPolicy(DTSSPolicy(CFG))
+    assert recording.needs_scores
+    assert not RecordingPolicy(UniformPolicy(20)).needs_scores
+    decisions = [
+        recording.decide(1, 900, 0.0, 0.0),
+        recording.decide(0, 300, 0.3, 0.5),
+        recording.decide(1, 300, 0.0, -1.0),
+    ]
+    assert decisions == [
+        Decision(Category.STABLE, 20),
+        Decision(Category.GROWTH, 5),
+        Decision(Category.SATURATED, None),
+    ]
+    assert recording.rows == [
+        (1, 900, 0.0, 0.0, "stable"),
+        (0, 300, 0.3, 0.5, "growth"),
+        (1, 300, 0.0, -1.0, "saturated"),
+    ]
+    assert recording.categories() == {1: ["stable", "saturated"], 0: ["growth"]}
