@@ -113,3 +113,38 @@ def test_uniform_schedule_step_counts(interval, count):
     assert len(steps) == count
     assert steps[0] == 999
     assert next_timestep(steps[-1], interval) == 0
+
+
+def test_alphas_cumprod_are_read_only():
+    """They are cached and shared: a caller writing into them would change every later jump."""
+    ours = alphas_cumprod(NoiseScheduleConfig())
+    with pytest.raises(ValueError, match="read-only"):
+        ours[0] = 1.0
+
+
+def test_ddim_jump_refuses_jumps_below_zero():
+    """A negative index would silently read alpha_bar at the end of the schedule (t = 999)."""
+    cfg = NoiseScheduleConfig()
+    z = np.zeros((1, 4, 2, 2), np.float32)
+    with pytest.raises(ValueError, match="down to a timestep >= 0"):
+        ddim_jump(z, z, np.array([10]), np.array([-1]), cfg)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_set_alpha_to_one_changes_only_the_jump_onto_zero(prediction):
+    cfg = NoiseScheduleConfig(prediction_type=PredictionType(prediction), set_alpha_to_one=True)
+    plain = NoiseScheduleConfig(prediction_type=PredictionType(prediction))
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    out = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t, t_next = np.array([20, 20]), np.array([1, 0])
+    ours, x0 = ddim_jump(z, out, t, t_next, cfg)
+    sd, _ = ddim_jump(z, out, t, t_next, plain)
+    np.testing.assert_array_equal(ours[0], sd[0])  # t = 1 keeps alpha_bar_1
+    np.testing.assert_allclose(ours[1], x0[1], atol=1e-6)
+
+
+def test_uniform_schedule_refuses_an_interval_below_one():
+    """An interval of 0 would never leave t_start."""
+    with pytest.raises(ValueError, match="interval must be >= 1, got 0"):
+        uniform_timesteps(999, 0)
