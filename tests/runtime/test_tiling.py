@@ -3,10 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adadiff.errors import ConfigError
+from adadiff.errors import ConfigError, NumericsError
 from adadiff.runtime.tiling import (
     TileGrid,
     axis_starts,
+    decode_rows,
     gaussian_weights,
     merge_tiles,
     tiled_decode,
@@ -41,7 +42,20 @@ def test_grid_pads_small_images_and_crops_back():
     assert all(x % 4 == 0 and y % 4 == 0 for y, x in grid.origins())
 
 
+def test_grid_pads_narrow_images_too():
+    """The width pads like the height: up to one tile, whatever the other side needs."""
+    grid = TileGrid(height=300, width=50, tile=128, overlap=32, multiple=4)
+    assert grid.padded_height == 300 and grid.padded_width == 128
+    img = np.random.default_rng(0).random((300, 50, 3)).astype(np.float32)
+    padded = grid.pad(img)
+    assert padded.shape == (300, 128, 3)
+    np.testing.assert_array_equal(padded[:, 50], img[:, 48])
+    assert grid.extract(padded).shape == (len(grid), 3, 128, 128)
+
+
 def test_grid_rejects_bad_tiling():
+    with pytest.raises(ConfigError, match="positive"):
+        TileGrid(height=0, width=10, tile=64, overlap=0)
     with pytest.raises(ConfigError, match="overlap"):
         TileGrid(height=10, width=10, tile=64, overlap=64)
     with pytest.raises(ConfigError, match="multiples"):
@@ -55,6 +69,13 @@ def test_scaling_refuses_a_grid_that_does_not_divide_either_way(height, width):
     grid = TileGrid(height=height, width=width, tile=128, overlap=16)
     with pytest.raises(ConfigError, match="cannot be divided by 4"):
         grid.scaled(4)
+
+
+def test_scaled_grid_has_the_same_tiles_in_latent_units():
+    grid = TileGrid(height=300, width=200, tile=128, overlap=32, multiple=4)
+    latent = grid.scaled(4)
+    assert (latent.tile, latent.overlap) == (32, 8)
+    assert [(4 * y, 4 * x) for y, x in latent.origins()] == grid.origins()
 
 
 def test_gaussian_weights_positive_and_symmetric():
@@ -83,6 +104,14 @@ def test_merging_a_constant_returns_it():
     merged = merge_tiles(tiles, grid)
     assert merged.shape == (4, grid.padded_height, grid.padded_width)
     np.testing.assert_allclose(merged, 0.37, rtol=1e-6)
+
+
+def test_merge_refuses_tiles_that_do_not_fit_the_grid():
+    grid = TileGrid(height=70, width=90, tile=32, overlap=8)
+    with pytest.raises(ValueError, match="do not fit"):
+        merge_tiles(np.zeros((len(grid), 2, 16, 16), np.float32), grid)
+    with pytest.raises(ValueError, match="do not fit"):
+        merge_tiles(np.zeros((len(grid) - 1, 2, 32, 32), np.float32), grid)
 
 
 def test_merge_recovers_an_image_cut_into_tiles():
@@ -170,3 +199,45 @@ def test_merging_holds_little_more_than_its_result():
     tracemalloc.stop()
     assert merged.dtype == np.float32 and np.allclose(merged, 1.0, atol=1e-6)
     assert peak < 1.6 * merged.nbytes  # a float64 accumulator and quotient took over 5x
+
+
+def _upsampling_decoder(batch: np.ndarray) -> np.ndarray:
+    return np.repeat(np.repeat(batch[:, :3] * 2 - 1, 4, axis=2), 4, axis=3)
+
+
+@pytest.mark.parametrize("shape", [(4, 12, 40), (4, 40, 12)])
+def test_tiled_decode_refuses_a_latent_smaller_than_its_tile(shape):
+    latent = np.zeros(shape, np.float32)
+    with pytest.raises(ValueError, match="smaller than the decode tile 16"):
+        tiled_decode(latent, _upsampling_decoder, tile=16, overlap=4, factor=4, max_batch=2)
+
+
+def test_tiled_decode_refuses_a_decoder_that_returns_nan():
+    latent = np.zeros((4, 16, 16), np.float32)
+
+    def decode(batch):
+        out = _upsampling_decoder(batch)
+        out[0, 0, 0, 0] = np.nan
+        return out
+
+    with pytest.raises(NumericsError, match="VAE decoder returned NaN"):
+        tiled_decode(latent, decode, tile=16, overlap=4, factor=4, max_batch=2)
+
+
+def test_decode_rows_hands_rows_out_as_soon_as_no_later_tile_covers_them():
+    """With one tile row per batch, the rows above the second tile row are out after the first
+    call: nothing is held back a row of tiles longer than it must be."""
+    latent = np.random.default_rng(4).random((4, 48, 40)).astype(np.float32)
+    grid = TileGrid(height=48, width=40, tile=16, overlap=4)
+    calls = []
+    bands = decode_rows(
+        latent,
+        lambda b: calls.append(len(b)) or _upsampling_decoder(b),
+        tile=16,
+        overlap=4,
+        factor=4,
+        max_batch=grid.cols,
+    )
+    first, rows = next(bands)
+    assert calls == [grid.cols]
+    assert first == 0 and rows.shape[1] == grid.ys[1] * 4
