@@ -7,7 +7,7 @@ import pytest
 
 from adadiff.config import ColorFixConfig, ModelConfig
 from adadiff.errors import ConfigError, ShapeError
-from adadiff.runtime.colorfix import color_fix, low_band
+from adadiff.runtime.colorfix import color_fix, color_fix_rows, low_band, reach
 
 
 def wavelet_fix(image: np.ndarray, reference: np.ndarray, levels: int) -> np.ndarray:
@@ -24,6 +24,26 @@ def test_low_band_keeps_constants_and_removes_detail():
     np.testing.assert_allclose(low_band(flat, 5), flat, atol=1e-6)
     checker = (np.indices((32, 48)).sum(0) % 2).astype(np.float32)[..., None].repeat(3, axis=2)
     assert np.ptp(low_band(checker, 3)[4:-4, 4:-4]) < 0.01 < np.ptp(checker)
+
+
+def test_low_band_replicates_edges_and_reaches_as_far_as_reach_says():
+    top = np.zeros((5, 4, 1), np.float32)
+    top[0] = 1.0
+    # [1, 2, 1] / 4 with the edge row repeated above it
+    np.testing.assert_allclose(low_band(top, 1)[:, 0, 0], [0.75, 0.25, 0.0, 0.0, 0.0])
+    impulse = np.zeros((41, 41, 1), np.float32)
+    impulse[20, 20] = 1.0
+    for levels in (1, 3):
+        config = ColorFixConfig(kind="wavelet", levels=levels)
+        rows = np.flatnonzero(low_band(impulse, levels)[:, 20, 0])
+        assert rows.tolist() == list(range(20 - reach(config), 20 + reach(config) + 1))
+
+
+def test_the_corrected_image_is_clipped_to_the_unit_range():
+    image = np.random.default_rng(3).random((16, 16, 3), dtype=np.float32)
+    for level, bound in ((1.0, "max"), (0.0, "min")):
+        fixed = wavelet_fix(image, np.full_like(image, level), 2)
+        assert getattr(fixed, bound)() == level and fixed.min() >= 0.0 and fixed.max() <= 1.0
 
 
 def test_tile_wide_colour_offset_is_removed_exactly():
@@ -86,8 +106,6 @@ def test_upscaler_output_takes_the_inputs_low_band(tiny_models, photo):
 
 @pytest.mark.parametrize(("band", "min_rows"), [(7, 5), (40, 256), (3, 1)])
 def test_color_fix_in_bands_equals_whole_image(band, min_rows):
-    from adadiff.runtime.colorfix import color_fix_rows
-
     rng = np.random.default_rng(5)
     image = rng.random((150, 40, 3), dtype=np.float32)
     reference = _smooth(rng, (150, 40, 3))
@@ -105,6 +123,20 @@ def test_color_fix_in_bands_equals_whole_image(band, min_rows):
     assert [y for y, _ in out] == list(np.cumsum([0] + [len(r) for _, r in out[:-1]]))
     if min_rows < 100:
         assert max(asked) < 150  # never the whole reference at once
+
+
+def test_color_fix_in_bands_refuses_gaps_and_a_short_image():
+    image = np.random.default_rng(7).random((150, 8, 3), dtype=np.float32)
+    config = ColorFixConfig(kind="wavelet", levels=2)
+
+    def fix(starts, height):
+        bands = ((y, image[y : y + 10]) for y in starts)
+        return list(color_fix_rows(bands, lambda a, b: image[a:b], config, height, min_rows=5))
+
+    with pytest.raises(ValueError, match="expected row 10, got 12"):
+        fix([0, 12], 150)
+    with pytest.raises(ValueError, match="end at row 140, short of the height 150"):
+        fix(range(0, 140, 10), 150)
 
 
 def test_bicubic_rows_are_rows_of_the_whole_upscale():
