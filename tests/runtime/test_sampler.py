@@ -186,6 +186,8 @@ def test_tile_noise_depends_on_seed_and_tile_only():
     np.testing.assert_array_equal(a, tile_noise(7, 3, (4, 8, 8)))
     assert not np.allclose(a, tile_noise(7, 4, (4, 8, 8)))
     assert not np.allclose(a, tile_noise(8, 3, (4, 8, 8)))
+    # not a function of seed + tile: image 8's tile 3 is not image 7's tile 4
+    assert not np.allclose(tile_noise(7, 4, (4, 8, 8)), tile_noise(8, 3, (4, 8, 8)))
 
 
 @pytest.mark.parametrize("grouping", ["timestep", "tile"])
@@ -390,3 +392,142 @@ def test_pfj_gets_each_tiles_latest_gains_in_training_order_and_the_unet_its_out
             assert t < nr_start or given[1] == 0.0
     late = [g for t, *g in policy.seen[0][1:] if t < nr_start]
     assert late and all(g_fr != g_nr and g_nr != 0.0 for g_fr, g_nr in late)  # a swap shows
+
+
+def test_a_tile_that_lands_on_one_takes_the_last_step_to_zero():
+    res, _, calls = run(1, ForcedIntervals([998]))
+    assert [int(c[0]) for c in calls] == [999, 1]
+    assert res.steps_per_tile == [2] and res.exits == ["t0"]
+
+
+def test_an_estimate_at_nr_start_t_does_not_compete_for_best():
+    """The second half is t < nr_start_t: an estimate scored at exactly nr_start_t (however
+    well) is not one a saturated exit may return."""
+    start = DTSSConfig().nr_start_t
+    x0_true = known_x0(1)
+
+    def denoise(sample, t):
+        z = sample[:, :C].astype(np.float64)
+        a = AC[t.astype(int)][:, None, None, None]
+        x0 = x0_true + (t / 1000.0)[:, None, None, None]  # the estimate tells its step
+        return ((z - np.sqrt(a) * x0) / np.sqrt(1 - a)).astype(np.float32)
+
+    def score(x0, lr, t):
+        out = np.zeros((len(t), 6), np.float32)
+        out[:, 0] = np.where(t == start, 100.0, np.where(t == start - 1, 10.0, 0.0))
+        return out
+
+    class Walk:
+        needs_scores = True
+
+        def decide(self, tile, t, g_fr, g_nr):
+            if t == 999:
+                return Decision(Category.STABLE, 999 - start)
+            if t > start - 2:
+                return Decision(Category.STABLE, 1)
+            return Decision(Category.SATURATED, None)
+
+    res, _, _ = run(1, Walk(), nets=DenoiseNets(denoise, score, lambda lr, gain: lr))
+    assert res.steps_per_tile == [4] and res.exits == ["saturated"]
+    np.testing.assert_allclose(res.latents[0], x0_true[0] + (start - 1) / 1000, atol=1e-4)
+
+
+@pytest.mark.parametrize("grouping", ["regroup", "timestep", "tile"])
+def test_no_grouping_exceeds_max_batch(grouping):
+    calls: list = []
+    x0 = known_x0(5)
+    res = sample_tiles(
+        lr_with_index(5),
+        oracle_nets(x0, calls),
+        ForcedIntervals([20] * 5),
+        noise=NOISE,
+        dtss=DTSSConfig(),
+        metrics=DEFAULT_METRICS,
+        gain_dim=2,
+        seed=0,
+        max_batch=2,
+        grouping=grouping,
+    )
+    assert max(len(c) for c in calls) <= 2
+    assert res.steps_per_tile == [50] * 5
+
+
+def test_progress_counts_exited_tiles_as_done():
+    """A saturated tile leaves at its own t: progress counts it whole, and counts tiles done."""
+
+    class FirstExits:
+        needs_scores = False
+
+        def decide(self, tile, t, g_fr, g_nr):
+            return (
+                Decision(Category.SATURATED, None) if tile == 0 else Decision(Category.STABLE, 500)
+            )
+
+    seen: list = []
+    sample_tiles(
+        lr_with_index(3),
+        oracle_nets(known_x0(3), []),
+        FirstExits(),
+        noise=NOISE,
+        dtss=DTSSConfig(),
+        metrics=DEFAULT_METRICS,
+        gain_dim=2,
+        seed=0,
+        max_batch=8,
+        progress=lambda *a: seen.append(a),
+    )
+    total = 3 * 999
+    assert seen == [
+        ("tiles", 0, 3),
+        ("denoise", 0, total),
+        ("tiles", 1, 3),
+        ("denoise", 999 + 500 + 500, total),
+        ("tiles", 3, 3),
+        ("denoise", total, total),
+    ]
+
+
+def test_pool_refuses_bad_batches_and_a_key_twice():
+    from adadiff.runtime.sampler import TilePool
+
+    nets = oracle_nets(known_x0(2), [])
+    with pytest.raises(ConfigError, match="max_batch must be >= 1, got 0"):
+        TilePool(
+            nets, noise=NOISE, dtss=DTSSConfig(), metrics=DEFAULT_METRICS, gain_dim=2,
+            max_batch=0,
+        )  # fmt: skip
+    pool = TilePool(
+        nets, noise=NOISE, dtss=DTSSConfig(), metrics=DEFAULT_METRICS, gain_dim=2, max_batch=8
+    )
+    pool.add("a", lr_with_index(2), UniformPolicy(500), seed=0)
+    with pytest.raises(ValueError, match="'a' is already in the pool"):
+        pool.add("a", lr_with_index(2), UniformPolicy(500), seed=1)
+
+
+def test_images_sharing_a_pool_count_whole_calls_and_keep_their_own_conditioning():
+    """A batch's "size" counts the whole call, other images' tiles too; a scored image's tiles
+    get fresh conditioning after every round even beside an image whose policy needs no scores."""
+    from adadiff.runtime.sampler import TilePool
+
+    inner = oracle_nets(known_x0(3), [])
+    modulated: list[list[int]] = []
+
+    def modulate(lr, gain):
+        modulated.append([int(k) for k in lr[:, 0, 0, 0]])
+        return lr
+
+    pool = TilePool(
+        DenoiseNets(inner.denoise, inner.score, modulate), noise=NOISE, dtss=DTSSConfig(),
+        metrics=DEFAULT_METRICS, gain_dim=2, max_batch=8,
+    )  # fmt: skip
+    pool.add("scored", lr_with_index(2), UniformPolicy(500, needs_scores=True), seed=0)
+    pool.add("plain", lr_with_index(3)[2:], UniformPolicy(500), seed=1)
+    assert modulated == [[0, 1], [2]]
+    done = dict(pool.round())
+    assert not done and modulated[2:] == [[0, 1]]
+    done = dict(pool.round())
+    assert done["scored"].batches == [
+        {"size": 3, "timesteps": [999, 999]},
+        {"size": 3, "timesteps": [499, 499]},
+    ]
+    assert done["plain"].batches[0] == {"size": 3, "timesteps": [999]}
