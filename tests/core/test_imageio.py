@@ -711,6 +711,67 @@ def test_step_map_rejects_mismatched_lengths() -> None:
         render_step_map(image, [(0, 0, 8, 8)], [1], ["done"])
 
 
+def test_step_map_refuses_no_tiles_and_a_tiny_size() -> None:
+    image = np.zeros((8, 8, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="at least one tile"):
+        render_step_map(image, [], [], [])
+    with pytest.raises(ValueError, match="max_side must be at least 16, got 15"):
+        render_step_map(image, [(0, 0, 8, 8)], [1], ["t0"], max_side=15)
+
+
+def test_step_colours_clamp_to_the_ends_of_the_ramp() -> None:
+    from adadiff.stepmap import step_colours
+
+    ends = step_colours(np.array([0.0, 1.0]))
+    np.testing.assert_array_equal(step_colours(np.array([-0.5, 1.5])), ends)
+
+
+def test_step_map_caption_counts_the_tiles_that_exited_early() -> None:
+    from adadiff.stepmap import _caption
+
+    assert _caption(np.array([10, 20, 30]), np.array([True, False, False])) == (
+        "steps per tile (min 10, median 20, max 30; 1 of 3 tiles exited early)"
+    )
+
+
+def test_a_small_max_side_keeps_the_map_in_proportion() -> None:
+    """Below the 256 px minimum, max_side wins for both sides: 40x60 at 64 is 43x64, not a
+    square of 64 px."""
+    image = np.full((40, 60, 3), 0.5, dtype=np.float32)
+    picture = np.asarray(render_step_map(image, [(0, 0, 40, 60)], [7], ["t0"], max_side=64))
+    assert picture.shape[1] == 64
+    assert (picture[42] < 250).any() and (picture[43:48] == 255).all()  # the legend's margin
+
+
+def test_step_map_cells_have_borders_both_ways() -> None:
+    image = np.full((128, 64, 3), 0.5, dtype=np.float32)
+    stacked = [(0, 0, 64, 64), (64, 0, 128, 64)]
+    side_by_side = [(x, y, x2, y2) for y, x, y2, x2 in stacked]
+    for img, boxes, across in ((image, stacked, 0), (image.transpose(1, 0, 2), side_by_side, 1)):
+        picture = np.asarray(render_step_map(img, boxes, [25, 25], ["t0", "t0"])).astype(int)
+        # drawn at twice the size: the cells meet at pixel 128 of the long side
+        inside, border = (120, 20), (128, 20)
+        if across:
+            inside, border = inside[::-1], border[::-1]
+        assert (picture[border] > picture[inside] + 30).all()
+
+
+def test_step_map_cells_follow_tiles_clipped_to_the_image() -> None:
+    """A tile that reaches past the edge is centred on its part inside the image: here the
+    second tile's cell starts at 48 (halfway between 32 and 64), not at 64."""
+    image = np.full((64, 96, 3), 0.5, dtype=np.float32)
+    wide = [(0, 0, 64, 64), (0, 32, 64, 160)]
+    tall = [(x, y, x2, y2) for y, x, y2, x2 in wide]
+    for img, boxes, across in ((image, wide, 0), (image.transpose(1, 0, 2), tall, 1)):
+        picture = np.asarray(render_step_map(img, boxes, [10, 50], ["t0", "t0"]))
+        # drawn 8/3 times the size: 56 is map pixel 150
+        first, second, near = (40, 20), (40, 230), (40, 150)
+        if across:
+            first, second, near = first[::-1], second[::-1], near[::-1]
+        assert np.array_equal(picture[near], picture[second])
+        assert not np.array_equal(picture[near], picture[first])
+
+
 def test_a_name_near_the_file_system_limit_is_written_atomically(tmp_path: Path) -> None:
     name = "x" * 245 + ".png"  # the temporary file's name must fit in 255 bytes too
     written = save_image(tmp_path / name, _rgb_u8().astype(np.float32) / 255.0)
