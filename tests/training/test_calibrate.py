@@ -1,12 +1,20 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from adadiff.config import DEFAULT_METRICS, DTSSConfig
 from adadiff.errors import ConfigError
 from adadiff.runtime.policy import Category, dtss_decide, gains, quality
-from adadiff.training.calibrate import Trajectories, calibrate, fit_weights, replay_exits
+from adadiff.training.calibrate import (
+    NR_STARTS,
+    Trajectories,
+    calibrate,
+    fit_weights,
+    replay_exits,
+)
 
 T = np.arange(999, 0, -20)  # 50 steps, like jumps of 20
 
@@ -91,6 +99,84 @@ def test_calibrate_budget_and_photo_checks():
         calibrate(one, DEFAULT_METRICS, DTSSConfig())
     with pytest.raises(ConfigError, match="descending"):
         Trajectories(t=traj.t[::-1], scores=traj.scores, lpips=traj.lpips, photo=traj.photo)
+
+
+def test_fit_weights_sees_only_changes_along_a_trajectory():
+    """Each tile's mean is removed, so a per-tile offset of every score changes nothing; a score
+    that never moves gets no weight instead of a division by its zero spread."""
+    traj = synthetic()
+    rows = traj.t < 500
+    w = fit_weights(traj.scores, traj.lpips, rows)
+    offset = np.random.default_rng(1).normal(0, 50, (len(traj.lpips), 1, traj.scores.shape[-1]))
+    shifted = fit_weights(traj.scores + offset, traj.lpips, rows)
+    np.testing.assert_allclose(shifted, w, rtol=1e-6, atol=1e-12)
+    flat = traj.scores.copy()
+    flat[:, :, 3] = 7.0
+    w_flat = fit_weights(flat, traj.lpips, rows)
+    assert np.all(np.isfinite(w_flat)) and w_flat[3] == 0.0
+
+
+def test_replay_exits_at_the_policys_edges():
+    """The replay words the exit as DTSS does: the second half is t < nr_start_t, a fall of
+    exactly tau exits (g <= -tau), and of two equal estimates the first is kept (the sampler's
+    best_r only moves on a strictly higher R)."""
+    t = np.array([800, 600, 500, 400, 300, 200])
+    # t = 500 is not yet the second half: its high R never competes
+    r = np.array([[0.0, 0.0, 9.0, 1.0, 1.0, 1.0]])
+    chosen, steps = replay_exits(r, t, tau=0.5, nr_start_t=500)
+    assert (chosen.tolist(), steps.tolist()) == ([3], [4])
+    t = np.array([800, 400, 300, 200, 100])
+    tau = math.tanh(0.5)
+    r = np.array([[0.0, 1.0, 2.0, 1.5, 3.0]])  # falls by exactly atanh(tau) at step 3
+    assert dtss_decide(200, 0.0, math.tanh(-0.5), DTSSConfig(tau=tau)).category is (
+        Category.SATURATED
+    )
+    chosen, steps = replay_exits(r, t, tau=tau, nr_start_t=500)
+    assert (chosen.tolist(), steps.tolist()) == ([2], [4])
+    tie = np.array([[0.0, 2.0, 2.0, 1.0, 1.0]])
+    assert replay_exits(tie, t, tau=0.5, nr_start_t=500)[0].tolist() == [1]
+
+
+def test_calibrate_picks_the_cheapest_near_best_pair_and_reports_its_references(monkeypatch):
+    from adadiff.training import calibrate as calibrate_module
+
+    traj = synthetic()
+    sizes: list[int] = []
+    real_fit = calibrate_module.fit_weights
+
+    def fit_spy(scores: np.ndarray, lpips: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        sizes.append(len(scores))
+        return real_fit(scores, lpips, rows)
+
+    monkeypatch.setattr(calibrate_module, "fit_weights", fit_spy)
+    metrics, dtss, report = calibrate(traj, DEFAULT_METRICS, DTSSConfig())
+    # every replay's weights leave one photo's 8 tiles out; the written ones see all 24
+    assert sizes[-1] == 24 and set(sizes[:-1]) == {16}
+    # the written weights are fitted on the chosen second half (here not the widest start)
+    assert dtss.nr_start_t != max(NR_STARTS)
+    np.testing.assert_allclose(
+        [m.weight for m in metrics], real_fit(traj.scores, traj.lpips, traj.t < dtss.nr_start_t)
+    )
+    ref = report["reference"]
+    assert ref["last_estimate"] == pytest.approx(traj.lpips[:, -1].mean())
+    assert ref["fixed_exit_t<400"] == pytest.approx(traj.lpips[:, traj.t == 399].mean())
+    candidates = report["candidates"]
+    best = min(c["lpips"] for c in candidates)
+    cheapest = min(c["steps"] for c in candidates)
+    exact = calibrate(traj, DEFAULT_METRICS, DTSSConfig(), tolerance=0.0)[2]["choice"]
+    assert exact["lpips"] == best
+    # every pair within a wide tolerance: the fewest steps win, not the lowest LPIPS
+    loose = calibrate(traj, DEFAULT_METRICS, DTSSConfig(), tolerance=1.0)[2]["choice"]
+    assert loose["steps"] == cheapest and loose["lpips"] > best
+    # a budget of exactly the cheapest pair's steps admits it
+    fits = calibrate(traj, DEFAULT_METRICS, DTSSConfig(), budget=cheapest)[2]["choice"]
+    assert fits["steps"] == cheapest
+    # a start that leaves one second-half step cannot fit weights and is not a candidate
+    report = calibrate(traj, DEFAULT_METRICS, DTSSConfig(), starts=(30, 500))[2]
+    assert {c["nr_start_t"] for c in report["candidates"]} == {500}
+    with pytest.raises(ConfigError, match="descending"):
+        Trajectories(t=np.array([900, 900]), scores=traj.scores[:, :2], lpips=traj.lpips[:, :2],
+                     photo=traj.photo)  # fmt: skip
 
 
 @pytest.fixture
@@ -386,3 +472,5 @@ def test_the_recorded_lpips_is_of_the_image_the_runtime_returns(cfg, images, mon
         calibrate_module.record(models, crops, interval=500)
         spread = max(float(np.ptp(a, axis=1).max()) for a in seen)  # [N, 3, H, W], channels
         assert (spread < 1e-6) is gray
+        # LPIPS takes images in [-1, 1]
+        assert all(a.min() >= -1.0 and a.max() <= 1.0 for a in seen)
