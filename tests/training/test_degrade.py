@@ -25,6 +25,9 @@ def test_different_seeds_differ(hr):
     assert all(o.shape == (32, 32, 3) for o in outputs)
     distinct = len({o.tobytes() for o in outputs})
     assert distinct == len(outputs), f"{distinct} different outputs of {len(outputs)} seeds"
+    # whichever of the last JPEG and resize ran last, the LR comes out in 8-bit levels
+    for lr in outputs:
+        np.testing.assert_allclose(lr * 255, np.round(lr * 255), atol=1e-3)
     mild = degrade.degrade(hr[:96, :120], np.random.default_rng(0), degrade.MILD)
     assert mild.shape == (24, 30, 3)
 
@@ -109,6 +112,130 @@ def test_kernels_are_normalised_and_symmetric():
     iso = degrade.anisotropic_kernel(9, 1.5, 1.5, 0.0)
     np.testing.assert_allclose(iso, iso.T, atol=1e-12)
     assert degrade.sinc_kernel(11, np.pi / 2).sum() == pytest.approx(1.0)
+
+
+def test_resize_samples_half_pixel_centres_with_keys_taps():
+    """Halving puts every output midway between two inputs: bilinear averages them, bicubic
+    (a = -0.75, no antialiasing) has the fixed taps OpenCV and PyTorch use."""
+    bilinear = degrade.resize_matrix(8, 4, "bilinear")
+    np.testing.assert_allclose(bilinear[1], [0, 0, 0.5, 0.5, 0, 0, 0, 0], atol=1e-12)
+    bicubic = degrade.resize_matrix(8, 4, "bicubic")
+    taps = [0, -0.09375, 0.59375, 0.59375, -0.09375, 0, 0, 0]
+    np.testing.assert_allclose(bicubic[1], taps, atol=1e-12)
+
+
+def test_bicubic_x4_is_matlab_style_antialiased_bicubic():
+    """Pillow's BICUBIC is the same kernel (a = -0.5, widened by the scale); away from the
+    borders, where the two pad differently, they agree."""
+    from PIL import Image
+
+    image = np.random.default_rng(0).random((64, 48, 3)).astype(np.float32)
+    pil = np.stack(
+        [
+            np.asarray(Image.fromarray(image[:, :, c]).resize((12, 16), Image.Resampling.BICUBIC))
+            for c in range(3)
+        ],
+        axis=2,
+    )
+    small = degrade.bicubic_x4(image)
+    np.testing.assert_allclose(small[2:-2, 2:-2], np.clip(pil, 0, 1)[2:-2, 2:-2], atol=1e-5)
+
+
+def test_kernel_shapes_follow_their_formulas(monkeypatch):
+    size, sx, sy, theta = 11, 2.5, 1.0, 0.6
+    c, s = np.cos(theta), np.sin(theta)
+    rotation = np.array([[c, -s], [s, c]])
+    inverse = np.linalg.inv(rotation @ np.diag([sx**2, sy**2]) @ rotation.T)
+    r = np.arange(size) - size // 2
+    xx, yy = np.meshgrid(r, r, indexing="xy")
+    points = np.stack([xx, yy], axis=-1)
+    expected = np.exp(-0.5 * np.einsum("...i,ij,...j->...", points, inverse, points))
+    kernel = degrade.anisotropic_kernel(size, sx, sy, theta)
+    np.testing.assert_allclose(kernel, expected / expected.sum(), atol=1e-12)
+    # the sinc's centre is its limit at r -> 0, cutoff^2 / (4 pi)
+    from scipy.special import j1
+
+    cutoff = 2.0
+    sinc = degrade.sinc_kernel(9, cutoff)
+    ratio = (cutoff**2 / (4 * np.pi)) / (cutoff * j1(cutoff) / (2 * np.pi))
+    assert sinc[4, 4] / sinc[4, 5] == pytest.approx(ratio)
+    # iso kernels are iso; sinc cutoffs start at pi/3 below 13 px and pi/5 from 13 px, as
+    # Real-ESRGAN draws them
+    rng = np.random.default_rng(0)
+    iso = degrade.BlurConfig(kernel_probs=(1, 0, 0, 0, 0, 0), sinc_prob=0.0)
+    for _ in range(10):
+        kernel = degrade.random_kernel(rng, iso)
+        np.testing.assert_allclose(kernel, kernel.T, atol=1e-12)
+    cutoffs: list[float] = []
+    real_sinc = degrade.sinc_kernel
+    monkeypatch.setattr(
+        degrade, "sinc_kernel", lambda n, cut: cutoffs.append(cut) or real_sinc(n, cut)
+    )
+    for sizes in ((7, 11), (13, 21)):
+        cutoffs.clear()
+        config = degrade.BlurConfig(kernel_sizes=sizes, sinc_prob=1.0)
+        for _ in range(60):
+            degrade.random_kernel(rng, config)
+        assert (min(cutoffs) >= np.pi / 3) is (sizes[0] < 13)
+        assert min(cutoffs) >= np.pi / 5
+
+
+def test_noise_is_shared_by_the_channels_when_gray_and_poisson_counts_in_powers_of_two():
+    image = np.full((16, 16, 3), 0.5, np.float32)
+    for add in (degrade.add_gaussian_noise, degrade.add_poisson_noise):
+        noise = add(image, np.random.default_rng(0), 0.05, gray=True) - image
+        assert np.abs(noise).max() > 0
+        np.testing.assert_array_equal(noise[:, :, 0], noise[:, :, 1])
+        np.testing.assert_array_equal(noise[:, :, 0], noise[:, :, 2])
+    # three distinct 8-bit levels: photon counts are value * 4, the next power of two
+    levels = np.array([0.2, 0.4, 0.6], np.float32)[np.arange(48) % 3].reshape(4, 4, 3)
+    levels = np.round(levels * 255) / 255
+    got = degrade.add_poisson_noise(levels, np.random.default_rng(1), 1.0, gray=False)
+    counts = np.random.default_rng(1).poisson(levels * 4.0) / 4.0
+    np.testing.assert_allclose(got, np.clip(levels + (counts - levels), 0, 1), atol=1e-6)
+
+
+def test_the_pipeline_runs_its_steps_in_order_with_each_rounds_numbers(hr, monkeypatch):
+    """First round up-scales (its only resize choice), the second keeps the final LR size (it
+    is sized from that, not from the image it gets); the last JPEG takes the second round's
+    quality; no blur or sinc where their odds are 0."""
+    events: list[tuple[str, object]] = []
+    for name in ("filter2d", "resize", "jpeg", "add_gaussian_noise", "add_poisson_noise"):
+        real = getattr(degrade, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            events.append((_name, args[1] if _name in ("resize", "jpeg") else None))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(degrade, name, spy)
+    config = degrade.DegradationConfig(
+        first=degrade.StageConfig(
+            blur=degrade.BlurConfig(prob=0.0),
+            resize_probs=(1.0, 0.0, 0.0),
+            gaussian_noise_prob=1.0,
+            jpeg_quality=(95.0, 95.0),
+        ),
+        second=degrade.StageConfig(
+            blur=degrade.BlurConfig(prob=0.0),
+            resize_probs=(0.0, 0.0, 1.0),
+            gaussian_noise_prob=1.0,
+            jpeg_quality=(30.0, 30.0),
+        ),
+        final_sinc_prob=0.0,
+    )
+    final = (hr.shape[0] // 4, hr.shape[1] // 4)
+    first_sizes = []
+    for seed in range(4):
+        events.clear()
+        degrade.degrade(hr, np.random.default_rng(seed), config)
+        names = [name for name, _ in events]
+        assert "filter2d" not in names and "add_poisson_noise" not in names
+        assert names.count("add_gaussian_noise") == 2
+        sizes = [arg for name, arg in events if name == "resize"]
+        first_sizes.append(sizes[0])
+        assert sizes[0][0] >= hr.shape[0] and sizes[1:] == [final, final]
+        assert [arg for name, arg in events if name == "jpeg"] == [95, 30]
+    assert max(size[0] for size in first_sizes) > hr.shape[0]
 
 
 def test_config_validation():
