@@ -41,6 +41,8 @@ def test_psnr_known_values():
     assert metrics.psnr(x, x + 0.1) == pytest.approx(20.0, abs=1e-4)
     assert metrics.psnr_capped(x, x) == metrics.PSNR_CAP_DB
     assert metrics.psnr_capped(x, x + 0.1) == pytest.approx(20.0, abs=1e-4)
+    # the peak is data_range: the same images on 0..255 score the same
+    assert metrics.psnr(x * 255, (x + 0.1) * 255, data_range=255.0) == pytest.approx(20.0, abs=1e-4)
 
 
 def test_ssim_identical_and_matches_skimage(crop):
@@ -72,6 +74,16 @@ def test_ssim_takes_images_as_small_as_its_window_and_says_so(crop):
 def test_identical_images_have_zero_distance(crop):
     assert metrics.gmsd(crop, crop) == 0.0
     assert metrics.nlpd(crop, crop) == 0.0
+
+
+def test_gmsd_and_nlpd_refuse_images_smaller_than_they_need(crop):
+    assert np.isfinite(metrics.gmsd(_noise(crop[:4, :4], 0.1), crop[:4, :4]))
+    with pytest.raises(ShapeError, match="at least 4x4"):
+        metrics.gmsd(crop[:3, :8], crop[:3, :8])
+    # five halvings leave the last level one pixel wide at 32 px
+    assert np.isfinite(metrics.nlpd(_noise(crop[:32, :32], 0.1), crop[:32, :32]))
+    with pytest.raises(ShapeError, match="at least 32 px"):
+        metrics.nlpd(crop[:31, :40], crop[:31, :40])
 
 
 def _gmsd_by_hand(x: np.ndarray, y: np.ndarray) -> float:
@@ -316,6 +328,28 @@ def test_oracle_scores_configured_metrics_with_substitutes(metric_cache, crop):
     assert same[0] == registry.PSNR_CAP_DB and same[1] == pytest.approx(0.0, abs=1e-7)
 
 
+def test_oracle_scores_against_the_clipped_images_and_the_bicubic_upscaled_input(crop):
+    from adadiff.imageio import bicubic_upscale
+    from adadiff.training.degrade import bicubic_x4
+
+    fr = [
+        MetricConfig(name="psnr", kind="fr", weight=1.0),
+        MetricConfig(name="ssim", kind="fr", weight=1.0),
+    ]
+    lr = bicubic_x4(crop)
+    sr = _noise(crop, 0.05)
+    reference = bicubic_upscale(lr, 4)
+    expected = [metrics.psnr_capped(sr, reference), metrics.ssim(sr, reference)]
+    np.testing.assert_allclose(score_images(sr, lr, fr), expected, rtol=1e-6)
+    # values past [0, 1], as a decoder overshoots, are scored as the image shown: clipped
+    over = crop * 1.3 - 0.1
+    np.testing.assert_allclose(
+        score_images(over, lr, fr), score_images(np.clip(over, 0.0, 1.0), lr, fr), rtol=1e-6
+    )
+    with pytest.raises(ShapeError, match="integer upscale"):
+        score_images(crop, lr[:, ::2], fr)  # 4x in height, 8x in width
+
+
 def test_oracle_errors_name_the_problem(metric_cache, crop):
     lr = crop[::4, ::4]
     paper = [MetricConfig(name="ahiq", kind="fr", weight=1.0)]  # the paper's AHIQ: no weights here
@@ -443,6 +477,44 @@ def test_niqe_pairs_each_patch_with_its_own_half_scale_patch():
     cells = [(r * 48, c * 48) for r in range(rows) for c in range(cols)]
     own = np.stack([half[y : y + 48, x : x + 48] for y, x in cells])
     np.testing.assert_allclose(features[:, 18:], nss.nss_features(own, symmetric_mscn=True))
+
+
+def test_ggd_fit_recovers_known_shapes():
+    from adadiff.quality import nss
+
+    rng = np.random.default_rng(0)
+    alpha, variance = nss.ggd_fit(rng.normal(0.0, 2.0, 200_000))
+    assert alpha == pytest.approx(2.0, abs=0.05) and variance == pytest.approx(4.0, rel=0.02)
+    assert nss.ggd_fit(rng.laplace(0.0, 1.0, 200_000))[0] == pytest.approx(1.0, abs=0.05)
+
+
+def test_niqe_patch_size_pristine_patches_and_distance_follow_the_paper():
+    from adadiff.quality import niqe as niqe_module
+    from adadiff.quality import nss
+
+    # 96 px, or the largest even size giving 2x2 patches (half-scale patches are half that)
+    assert niqe_module.patch_size_for((500, 400, 3)) == 96
+    assert niqe_module.patch_size_for((50, 70, 3)) == 24
+    with pytest.raises(ShapeError, match="sides >= 32"):
+        niqe_module.patch_size_for((31, 100, 3))
+    # a pristine fit keeps the patches at least 0.75 as sharp as the sharpest: not flat ones
+    image = load_photo("camera")[:192, :384].copy()
+    image[:, :192] = 0.5
+    every = niqe_module.patch_features(image)
+    kept = niqe_module.patch_features(image, keep_sharp=True)
+    _, sigma = nss.mscn(nss.luminance(image), mode="nearest")
+    sharpness = sigma.reshape(2, 96, 4, 96).mean(axis=(1, 3)).ravel()
+    keep = sharpness >= 0.75 * sharpness.max()
+    assert 0 < keep.sum() < 4  # none of the four flat patches, not every textured one
+    np.testing.assert_allclose(kept, every[keep])
+    # the distance pools the two covariances, as in Mittal et al. (2013)
+    rng = np.random.default_rng(0)
+    model = niqe_module.NiqeModel(mean=np.zeros(36), cov=np.eye(36), photos=())
+    features = rng.normal(0.5, 2.0, (50, 36))
+    diff = features.mean(axis=0)
+    pooled = 0.5 * (np.eye(36) + np.cov(features, rowvar=False))
+    expected = np.sqrt(diff @ np.linalg.inv(pooled) @ diff)
+    assert niqe_module.niqe_distance(features, model) == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_cache_dir_that_is_a_file_is_one_clear_error(tmp_path, monkeypatch):
