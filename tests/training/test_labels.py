@@ -59,10 +59,14 @@ def test_label_shards_have_keys_and_shapes(tmp_path, unet_workdir, cfg, images):
         # every call of a trajectory comes from the same photo
         for traj in (0, 1):
             assert len(set(npz["photo"][npz["traj"] == traj].tolist())) == 1
+            calls = npz["call"][npz["traj"] == traj]
+            assert calls.tolist() == list(range(len(calls)))  # each UNet call, in order
         # reconstruction errors: the trajectories' own crops first, then 3 more
         assert npz["recon_lr"].shape == (5, 4, 16, 16) and npz["recon_err"].shape == (5,)
         np.testing.assert_array_equal(npz["recon_lr"][npz["traj"]], npz["lr"])
         np.testing.assert_array_equal(npz["recon_photo"][npz["traj"]], npz["photo"])
+        extra = npz["recon_lr"][2:]  # crops of their own, not the trajectories' again
+        assert not any(np.allclose(e, lr) for e in extra for lr in npz["recon_lr"][:2])
         assert np.all(np.isfinite(npz["recon_err"])) and np.all(npz["recon_err"] < 0)
         assert npz["latent_err"].shape == (n,) and np.all(np.isfinite(npz["latent_err"]))
         assert str(npz["color_fix"]) == "none"
@@ -86,6 +90,12 @@ def test_label_shards_have_keys_and_shapes(tmp_path, unet_workdir, cfg, images):
     save_checkpoint(later / "unet", 7, {k: v for k, v in ckpt.items() if k != "step"})
     more = replace(lopts, shards=3)
     with pytest.raises(ModelFolderError, match=r"drawn by .*unet step 2.*unet step 7"):
+        make_labels(cfg, later, more, images=images, names=names)
+    # (shards from before drawn_by was recorded are told apart by their UNet step alone)
+    for shard in sorted((later / "labels").glob("shard-*.npz")):
+        with np.load(shard) as npz:
+            np.savez(shard, **{k: npz[k] for k in npz.files if k != "drawn_by"})
+    with pytest.raises(ModelFolderError, match=r"UNet at step 2; the workdir's is at step 7"):
         make_labels(cfg, later, more, images=images, names=names)
     # ...and a UNet trained with another model config is refused before any label is drawn.
     wider = replace(cfg, unet={**cfg.unet, "block_out_channels": [16, 32, 32, 32]})
@@ -242,6 +252,67 @@ def test_oracle_scores_the_colour_corrected_estimate(cfg, images):
         OracleScorer(models, crops.up, twice, cfg.mmle.metrics, hr=crops.hr)
 
 
+def test_mixed_policy_draws_a_tier_per_tile_and_step_for_its_random_tiles_only():
+    from adadiff.config import DTSSConfig
+    from adadiff.runtime.policy import Category, DTSSPolicy
+    from adadiff.training.labels import MixedPolicy
+
+    dtss = DTSSConfig()
+    policy = MixedPolicy(dtss, frozenset(range(1, 40)), seed=3)
+    # tile 0 follows DTSS, exit included
+    for t, g_fr, g_nr in ((100, 0.0, -1.0), (900, 1.0, 1.0), (900, 0.0, 0.0)):
+        assert policy.decide(0, t, g_fr, g_nr) == DTSSPolicy(dtss).decide(0, t, g_fr, g_nr)
+    assert policy.decide(0, 100, 0.0, -1.0).exits
+    # the random tiles ignore the gains and never exit; each draws its own tier, every time alike
+    drawn = [policy.decide(k, 100, 0.0, -1.0) for k in range(1, 40)]
+    assert all(d.category is Category.STABLE and d.interval in dtss.tiers for d in drawn)
+    assert len({d.interval for d in drawn}) > 1
+    assert drawn == [policy.decide(k, 100, 0.0, -1.0) for k in range(1, 40)]
+
+
+def test_trajectories_say_which_tiles_ran_random_tiers_and_may_follow_the_hr_scores(cfg, images):
+    from adadiff.models.bundle import build_random
+    from adadiff.training.labels import PixelErrors, run_trajectories
+    from adadiff.training.pairs import PairStream
+
+    models = build_random(cfg, seed=0)
+    crops = PairStream(images, np.random.default_rng(0), size=cfg.tile_size, scale=4).batch(2)
+    for fraction in (0.0, 1.0):
+        out = run_trajectories(models, crops, seed=0, random_fraction=fraction)
+        assert out["random"].tolist() == [fraction == 1.0] * len(out["t"])
+    # driven by the HR scores (what evaluation's "hr" oracle does) without asking to record them
+    out = run_trajectories(models, crops, seed=0, reference="hr")
+    assert out["scores_hr"].shape == (len(out["t"]), len(MICRO_METRICS))
+    # an estimate identical to its reference has a finite error (the floor), not -inf
+    same = np.full((1, 16, 16, 3), 0.5, np.float32)
+    assert PixelErrors(MICRO_METRICS)(same, same)["err"].tolist() == [-12.0]
+
+
+def test_estimates_decode_into_range_and_only_fr_metrics_score_against_hr(
+    cfg, images, metric_cache
+):
+    from adadiff.config import MetricConfig
+    from adadiff.models.bundle import build_random
+    from adadiff.training.labels import OracleScorer, decode_latents, encode_latents
+    from adadiff.training.pairs import PairStream
+
+    models = build_random(cfg, seed=0)
+    loud = 20 * np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    decoded = decode_latents(models.wrappers()["vae_decoder"], loud)  # the decoder overshoots
+    assert decoded.min() >= 0.0 and decoded.max() <= 1.0
+    crops = PairStream(images, np.random.default_rng(0), size=cfg.tile_size, scale=4).batch(2)
+    lr = encode_latents(models, crops.up, 4)
+    metrics = (
+        MetricConfig(name="psnr", kind="fr", weight=1.0),
+        MetricConfig(name="niqe", kind="nr", weight=-1.0),
+    )
+    scorer = OracleScorer(models, crops.up, lr, metrics, metric_cache, hr=crops.hr)
+    scorer(loud, lr, np.array([999.0, 500.0], np.float32))
+    # a no-reference score is the same against any reference: only PSNR is scored against HR
+    assert scorer.arrays()["hr_metrics"].tolist() == ["psnr"]
+    assert scorer.arrays()["scores_hr"].shape == (2, 1)
+
+
 def test_oracle_scores_a_gray_input_gray_as_the_runtime_returns_it(cfg, images):
     """The runtime returns a gray input gray (``gray_output``); labels scored the estimate's faint
     colour instead, which for the shipped tiny's gray tiles is 0.1 dB of PSNR and 0.2 of NIQE
@@ -333,6 +404,7 @@ def test_a_labels_folder_holds_one_recipe_and_one_run(tmp_path, unet_workdir, cf
     for change, flag in (
         ({"trajectories": 3}, "--batch 2 there, 3 now"),
         ({"seed": 5}, "--seed 1 there, 5 now"),
+        ({"random_fraction": 0.25}, "--random-fraction 0.5 there, 0.25 now"),
     ):
         with pytest.raises(ModelFolderError, match=flag):
             make_labels(
