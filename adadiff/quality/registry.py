@@ -122,7 +122,11 @@ SUBSTITUTES: dict[str, MetricConfig] = {
 
 _BUILTIN = (
     Metric(
-        name="psnr", kind=FR, higher_is_better=True, value_range="dB, capped at 100", compute=_psnr
+        name="psnr",
+        kind=FR,
+        higher_is_better=True,
+        value_range=f"dB, capped at {PSNR_CAP_DB:g}",
+        compute=_psnr,
     ),
     Metric(
         name="ssim",
