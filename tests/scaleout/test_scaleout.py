@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from adadiff.cli import main
-from adadiff.errors import ConfigError, WorkerStoppedError
+from adadiff.errors import ConfigError, OutputPathError, WorkerStoppedError
 from adadiff.presets import SHIPPED
 from adadiff.runtime.stream import ImageStream, StreamItem, upscale_many
 from adadiff.runtime.upscaler import Upscaler
@@ -193,8 +193,10 @@ def test_plan_names_outputs_and_ignores_other_files(folder, tmp_path):
     (nested / "sub").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(nested / "sub" / "deep.png")
     (nested / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (nested / "album.png").mkdir()  # a folder is not an image, whatever its name
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(nested / ".hidden.png")  # left out
     plan = make_plan(nested, tmp_path / "out2", JobSettings())
-    assert plan.todo == [] and [p.name for p in plan.ignored] == ["gone.png", "sub"]
+    assert plan.todo == [] and [p.name for p in plan.ignored] == ["album.png", "gone.png", "sub"]
 
 
 def test_upscale_many_picks_every_format_upscale_reads(tmp_path, capsys):
@@ -242,9 +244,17 @@ def test_plan_errors(folder, tmp_path):
         make_plan(clash, tmp_path / "out", JobSettings(output_format="same"))
     with pytest.raises(ConfigError, match="uniform"):
         JobSettings(schedule="adaptive", interval=5)
+    with pytest.raises(ConfigError, match="output format must be one of"):
+        JobSettings(output_format="jpg")
+    not_a_folder = tmp_path / "out.txt"
+    not_a_folder.write_text("a file")
+    with pytest.raises(OutputPathError, match="exists and is not a folder"):
+        make_plan(folder, not_a_folder, JobSettings())
 
 
-def test_done_means_same_settings_and_same_input(folder, tmp_path):
+def test_done_means_same_settings_and_same_input(folder, tmp_path, monkeypatch):
+    from adadiff.scaleout import plan as plan_module
+
     out = tmp_path / "out"
     out.mkdir()
     settings = JobSettings(seed=1)
@@ -254,9 +264,25 @@ def test_done_means_same_settings_and_same_input(folder, tmp_path):
     task.report.write_text(json.dumps({"job": job_stamp(task, settings)}))
     assert is_done(task, settings)
     assert is_done(task, JobSettings(seed=1, max_batch=3))  # batch size only changes rounding
+    assert is_done(task, JobSettings(seed=1, device="cuda"))  # so does the device
+    assert is_done(task, JobSettings(seed=1, max_pixels=10**6))  # a refusal, not the pixels
     assert not is_done(task, JobSettings(seed=2))
     assert not is_done(task, JobSettings(seed=1, schedule="uniform"))
+    # the stamp holds the digest of the bytes the worker upscaled, when the job knows it
+    assert job_stamp(task, settings, "0" * 64)["input_sha256"] == "0" * 64
+    stamp = job_stamp(task, settings)
+    task.output.unlink()  # a report whose image is gone is not done
+    assert not is_done(task, settings)
+    task.output.write_bytes(b"image")
+    for job in ([], {"settings": ["seed", 1]}):  # reports of another shape: not done, no crash
+        task.report.write_text(json.dumps({"job": job}))
+        assert not is_done(task, settings)
+    task.report.write_text(json.dumps(["not", "a", "report"]))
+    assert not is_done(task, settings)
     task.report.write_text("{not json")
+    assert not is_done(task, settings)
+    task.report.write_text(json.dumps({"job": stamp}))
+    monkeypatch.setattr(plan_module, "__version__", "0.0.0")  # another adadiff made it
     assert not is_done(task, settings)
 
 
@@ -285,6 +311,13 @@ def test_a_rerun_says_which_earlier_outputs_it_makes_again_and_why(folder, tmp_p
     tasks[1].report.write_text(json.dumps({"job": other_model}))
     why_model = make_plan(folder, out, settings).outdated[tasks[1]]
     assert why_model == "made with other model or export files"
+    # a setting the earlier job recorded and this one has not (another adadiff version's) counts
+    extra = job_stamp(tasks[1], settings)
+    extra["settings"]["denoise"] = 0.5
+    tasks[1].report.write_text(json.dumps({"job": extra}))
+    why_extra = make_plan(folder, out, settings).outdated[tasks[1]]
+    assert why_extra == "made with denoise 0.5 (now the model's default)"
+    tasks[1].report.write_text(json.dumps({"job": other_model}))
     line = outdated_line(dict.fromkeys(tasks, why) | plan.outdated)
     assert line.startswith(f"{len(tasks)} earlier outputs made again: 1 made from another")
     assert f"; {len(tasks) - 1} {why} ({tasks[1].output.name}, " in line
@@ -364,6 +397,26 @@ def test_a_model_retrained_in_place_is_not_taken_for_the_old_one(folder, tmp_pat
     pfj.write_bytes(pfj.read_bytes()[:-1] + b"\x00")  # "retrained": same name, other weights
     model_identity.cache_clear()
     assert not is_done(task, settings)
+
+
+def test_an_export_re_made_in_place_is_not_taken_for_the_old_one(tmp_path, monkeypatch):
+    """--engines counts the export's recorded files by digest, not by name."""
+    from types import SimpleNamespace
+
+    from adadiff.scaleout import plan as plan_module
+
+    def export(sha256: str) -> SimpleNamespace:
+        files = [SimpleNamespace(path="unet.plan", sha256=sha256)]
+        return SimpleNamespace(config_digest="c", components={"unet": SimpleNamespace(files=files)})
+
+    identities = []
+    for sha256 in ("a" * 64, "b" * 64):
+        manifest = export(sha256)
+        monkeypatch.setattr(plan_module.ExportManifest, "load", lambda path, m=manifest: m)
+        plan_module.model_identity.cache_clear()
+        identities.append(plan_module.model_identity(None, str(tmp_path / "engines")))
+    plan_module.model_identity.cache_clear()
+    assert identities[0] != identities[1]
 
 
 def _job_settings_seen(monkeypatch) -> list[JobSettings]:
