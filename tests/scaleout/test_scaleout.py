@@ -20,7 +20,7 @@ from adadiff.errors import ConfigError, OutputPathError, WorkerStoppedError
 from adadiff.presets import SHIPPED
 from adadiff.runtime.stream import ImageStream, StreamItem, upscale_many
 from adadiff.runtime.upscaler import Upscaler
-from adadiff.scaleout.plan import JobSettings, is_done, job_stamp, make_plan
+from adadiff.scaleout.plan import ImageTask, JobSettings, is_done, job_stamp, make_plan
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +321,13 @@ def test_a_rerun_says_which_earlier_outputs_it_makes_again_and_why(folder, tmp_p
     line = outdated_line(dict.fromkeys(tasks, why) | plan.outdated)
     assert line.startswith(f"{len(tasks)} earlier outputs made again: 1 made from another")
     assert f"; {len(tasks) - 1} {why} ({tasks[1].output.name}, " in line
+    many = {
+        ImageTask(Path(f"{i}.png"), out / f"{i}.png", out / f"{i}.png.json"): why for i in range(6)
+    }
+    assert (
+        outdated_line(many)
+        == f"6 earlier outputs made again: 6 {why} (0.png, 1.png, 2.png, 3.png, ...)"
+    )
 
 
 def test_an_input_that_cannot_be_read_beside_its_earlier_output_does_not_stop_the_plan(
@@ -529,6 +536,9 @@ def test_progress_line_names_the_images_under_way_first():
     many = [(f"{i}.png", 1.0, entry("save")) for i in range(6)]
     line = progress_line(0, 6, many)
     assert line.endswith("3.png saving (1s); 2 more") and "4.png" not in line
+    assert progress_line(0, 4, many[:4]).endswith("3.png saving (1s)")  # all four shown
+    finishing = [("e.jpg", 5.0, entry("denoise", 10, 10, 4.0))]  # no ETA once it is through
+    assert progress_line(0, 1, finishing) == "[0/1 done] working: e.jpg denoising 100% (5s)"
 
 
 def test_a_failed_round_fails_its_images_and_the_worker_goes_on(folder):
@@ -1047,6 +1057,8 @@ def test_ray_address_where_nothing_answers_fails_fast(folder, tmp_path, capsys, 
         assert f"nothing answers at 127.0.0.1:{port}" in err
         assert "Traceback" not in err
     job.check_reachable("auto")  # left to Ray
+    job.check_reachable("::1")  # IPv6 without brackets: no port can be told apart; Ray's to say
+    job.check_reachable(":1")  # no host: Ray's to say
 
 
 def _answering(reply: bytes):
@@ -1104,6 +1116,10 @@ def test_missing_model_or_engines_fail_before_ray_starts(folder, tmp_path, capsy
     args = ["upscale-many", str(folder), str(out), "--backend", "onnxruntime"]
     assert main([*args, "--engines", str(tmp_path / "none")]) == 2
     assert "run adadiff export first" in capsys.readouterr().err
+    from adadiff.scaleout.job import check_local_paths
+
+    for model in ("tiny", "preset:tiny", str(SHIPPED / "tiny")):  # a preset has no folder here
+        check_local_paths(JobSettings(model=model))
 
 
 def test_a_refused_job_leaves_no_empty_output_folder(ray_cluster, folder, tmp_path):
@@ -1118,6 +1134,54 @@ def test_a_refused_job_leaves_no_empty_output_folder(ray_cluster, folder, tmp_pa
     with pytest.raises(ConfigError, match="lower --workers"):
         run_job(folder, kept, JobSettings(), ClusterOptions(workers=8))
     assert kept.is_dir()  # a folder the user made stays
+
+
+def test_a_refused_job_keeps_a_new_output_folder_that_holds_files(folder, tmp_path, monkeypatch):
+    """Only an empty folder the job made goes: a refusal that came after a file was written
+    keeps the folder, and the user hears of the refusal (not of a folder that is not empty)."""
+    from adadiff.scaleout import job
+
+    def refused(plan, output_dir, *args):
+        (output_dir / "coffee.png").write_bytes(b"image")
+        raise ConfigError("refused after an output was written")
+
+    monkeypatch.setattr(job, "_run_planned", refused)
+    out = tmp_path / "new-out"
+    with pytest.raises(ConfigError, match="refused after an output"):
+        job.run_job(folder, out, JobSettings(), job.ClusterOptions())
+    assert (out / "coffee.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"workers": 0}, "--workers must be at least 1"),
+        ({"cpus_per_worker": 0.0}, "--cpus-per-worker must be > 0"),
+        ({"gpus_per_worker": -1.0}, "--gpus-per-worker must be >= 0"),
+        ({"queue": 0}, "--queue must be at least 1"),
+        ({"threads": 0}, "--threads must be at least 1"),
+    ],
+)
+def test_cluster_options_refuse_what_no_worker_can_run(options, message):
+    from adadiff.scaleout.job import ClusterOptions
+
+    with pytest.raises(ConfigError, match=message):
+        ClusterOptions(**options)
+
+
+def test_a_negative_progress_interval_is_refused():
+    from adadiff.scaleout.job import _Listeners
+
+    with pytest.raises(ValueError, match="progress_every must be >= 0 seconds, got -1"):
+        _Listeners(None, None, -1.0)
+    assert _Listeners(None, print, 0.0).wait_seconds() == 0.0
+
+
+def test_a_worker_gets_its_whole_cpus_as_threads():
+    from adadiff.scaleout.job import ClusterOptions, worker_threads
+
+    ClusterOptions(workers=1, cpus_per_worker=0.5, gpus_per_worker=0.0, queue=1, threads=1)
+    assert [worker_threads(cpus) for cpus in (0.5, 1.0, 1.5, 2.0)] == [1, 1, 1, 2]
 
 
 def test_a_job_with_nothing_to_upscale_ends_cleanly(tmp_path):
@@ -1178,6 +1242,10 @@ def test_an_output_that_cannot_be_written_fails_that_image_alone(folder, tmp_pat
     record = dispatcher._write(task, reply)
     assert record.status == "failed" and "cannot write" in (record.error or "")
     assert not task.report.exists()
+    task.output.rmdir()
+    task.report.mkdir()  # now the report cannot be written: its image does not stay without it
+    record = dispatcher._write(task, reply)
+    assert record.status == "failed" and not task.output.exists()
 
 
 def test_an_output_past_the_file_size_limit_fails_that_image_and_the_job_goes_on(tmp_path):
@@ -1369,6 +1437,71 @@ def test_a_stopped_job_starts_no_image_again_when_a_worker_dies(folder, tmp_path
     assert sent == [] and len(dispatcher.pending) == len(tasks)
     record = dispatcher._not_started(tasks[0])
     assert record.status == "failed" and record.error.startswith("not started: the output")
+    # an image whose worker died fails as not started instead of going back to be sent
+    dispatcher.attempts, dispatcher.suspects, dispatcher.waking = {}, set(), {}
+    record = dispatcher._gone(tasks[0], RuntimeError("worker died"), 0, {0, 1}, died=True)
+    assert record is not None and record.error.startswith("not started: the output")
+    assert len(dispatcher.pending) == len(tasks)
+
+
+def test_a_suspect_waits_for_a_worker_with_nothing_in_flight(folder, tmp_path):
+    from adadiff.scaleout.job import _Dispatcher
+
+    tasks = make_plan(folder, tmp_path / "out", JobSettings()).todo[:3]
+    dispatcher = object.__new__(_Dispatcher)
+    dispatcher.pending = [tasks[2], tasks[1]]  # tasks[1], next, was in flight when a worker died
+    dispatcher.suspects = {tasks[1].source}
+    dispatcher.queue, dispatcher.stopped, dispatcher.waking = 3, None, {}
+
+    def send(index: int, flight: dict) -> None:
+        flight[object()] = (dispatcher.pending.pop(), index, 0.0)
+
+    dispatcher._send = send
+    in_flight = {object(): (tasks[0], 0, 0.0)}  # the one worker has another image under way
+    dispatcher._refill({0}, in_flight)
+    assert len(in_flight) == 1 and dispatcher.pending == [tasks[2], tasks[1]]
+
+
+def test_workers_are_checked_against_the_clusters_cpus_and_gpus():
+    """Ray would wait forever for a worker the cluster has no room for."""
+    from adadiff.scaleout.job import ClusterOptions, _Dispatcher
+
+    dispatcher = object.__new__(_Dispatcher)
+    dispatcher.ray = type("Ray", (), {"cluster_resources": lambda: {"CPU": 2.0}})
+    for options, count in (({"workers": 2}, 2), ({}, 2), ({"cpus_per_worker": 0.5}, 4)):
+        dispatcher.cluster = ClusterOptions(**options)
+        assert dispatcher._worker_count() == count
+    dispatcher.cluster = ClusterOptions(workers=3)
+    with pytest.raises(ConfigError, match="3 workers need 3 CPU in all but the Ray cluster has 2"):
+        dispatcher._worker_count()
+    dispatcher.cluster = ClusterOptions(gpus_per_worker=1.0)
+    with pytest.raises(ConfigError, match="has 2 CPU and 0 GPU, too few for one worker"):
+        dispatcher._worker_count()
+
+
+def test_an_images_error_is_the_last_line_of_its_workers_traceback():
+    from adadiff.scaleout.job import _cause
+
+    traceback = 'Traceback (most recent call last):\n  File "w.py", line 1\nValueError: bad pixels'
+    assert _cause(RuntimeError(traceback)) == "ValueError: bad pixels"
+    assert _cause(RuntimeError("x" * 600)) == "x" * 500
+    assert _cause(RuntimeError()) == "RuntimeError"
+
+
+def test_a_lost_image_goes_again_until_its_last_try_or_its_last_worker(folder, tmp_path):
+    from adadiff.scaleout.job import MAX_ATTEMPTS, _Dispatcher
+
+    task = make_plan(folder, tmp_path / "out", JobSettings()).todo[0]
+    dispatcher = object.__new__(_Dispatcher)
+    dispatcher.attempts = {}
+    for _ in range(MAX_ATTEMPTS - 1):
+        assert dispatcher._lost(task, RuntimeError("worker died"), {0}) is None
+    record = dispatcher._lost(task, RuntimeError("worker died"), {0})
+    assert record is not None and record.status == "failed"
+    assert record.error == f"its worker died or stopped {MAX_ATTEMPTS} times: worker died"
+    dispatcher.attempts = {}
+    record = dispatcher._lost(task, RuntimeError("worker died"), set())
+    assert record is not None and record.error == "no worker left: worker died"
 
 
 def test_an_image_in_flight_when_its_worker_died_goes_again_alone(folder, tmp_path):
