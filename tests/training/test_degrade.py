@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 
-from adadiff.errors import ConfigError
+from adadiff.errors import ConfigError, ShapeError
 from adadiff.training import data, degrade
 
 
@@ -286,7 +288,29 @@ def test_holdout_never_in_training():
     assert evaluation_photos("holdout") == data.HOLDOUT
     assert evaluation_photos("validation") == data.VALIDATION
     assert evaluation_photos("gravel,rocket") == ("gravel", "rocket")
+    with pytest.raises(argparse.ArgumentTypeError, match="photo names separated by commas"):
+        evaluation_photos(",")
+    with pytest.raises(argparse.ArgumentTypeError, match="gravel: named twice"):
+        evaluation_photos("gravel,rocket,gravel")
     assert len(training) >= 8
+
+
+def test_no_installed_photo_is_one_clear_error(monkeypatch):
+    from adadiff.training import pairs
+
+    monkeypatch.setattr(pairs, "training_photos", tuple)
+    with pytest.raises(ConfigError, match="no training photos are installed"):
+        pairs.photo_names("train")
+
+
+def test_an_npz_photo_of_0_to_255_floats_is_scaled_to_0_to_1(tmp_path):
+    """load_photo scales an .npz of 0..255 floats (the PyWavelets installed here stores uint8,
+    so only this test reaches that branch)."""
+    levels = np.tile(np.linspace(0, 255, 8)[None], (8, 1))
+    np.savez(tmp_path / "aero.npz", levels)
+    photo = data.load_photo(data.Photo("pywt_aero", "pywt", tmp_path / "aero.npz"))
+    assert photo.shape == (8, 8, 3)
+    np.testing.assert_allclose(photo[..., 0], levels / 255, atol=1e-6)
 
 
 def test_blur_jpeg_degradation_is_fixed_and_softer_than_bicubic():
@@ -325,7 +349,7 @@ def test_crop_weighting_by_area_or_by_photo():
     big = np.random.default_rng(0).random((256, 256, 3), dtype=np.float32)
     small = np.random.default_rng(1).random((64, 64, 3), dtype=np.float32)
     tiny = np.zeros((16, 16, 3), np.float32)  # smaller than a crop: never drawn
-    images = [tiny, big, small]
+    images = [tiny, big, small, np.zeros((16, 300, 3), np.float32)]  # nor one short side
 
     def share_of_small(weighting: str) -> float:
         config = data.CropConfig(size=64, weighting=weighting, rotations=False, flips=False)
@@ -409,6 +433,94 @@ def test_scale_augmentation_shows_more_of_the_photo_at_the_crop_size():
     np.testing.assert_array_equal(data.scaled_crop(ramp, 64, a, 1.0), data.random_crop(ramp, 64, b))
     with pytest.raises(ConfigError, match="min_scale"):
         data.CropConfig(min_scale=0.0)
+    # a photo shorter than size / scale gives its whole shorter side, scaled to the crop size
+    small = ramp[:80, :100]
+    for _ in range(20):
+        assert data.scaled_crop(small, 64, rng, 0.25).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"size": 62}, "positive multiple of 4"),
+        ({"brightness": 1.0}, r"brightness jitter must be in \[0, 1\)"),
+        ({"saturation": -0.1}, r"saturation jitter must be in \[0, 1\)"),
+        ({"max_tries": 0}, "max_tries must be >= 1"),
+    ],
+)
+def test_crop_config_refuses_what_no_crop_can_be_drawn_with(options, message):
+    with pytest.raises(ConfigError, match=message):
+        data.CropConfig(**options)
+
+
+def test_nearly_flat_crops_are_drawn_again():
+    """A photo flat but for a strip at its right edge: most crops miss the strip, and are
+    drawn again (up to max_tries) until one has some contrast."""
+    image = np.zeros((64, 640, 3), np.float32)
+    image[:, -64:] = np.random.default_rng(0).random((64, 64, 3), dtype=np.float32)
+    config = data.CropConfig(size=64, flips=False, rotations=False)
+    stream = data.sample_crops([image], np.random.default_rng(1), config)
+    textured = [float(data._luma(next(stream)).std()) >= config.min_std for _ in range(30)]
+    assert np.mean(textured) > 0.7  # without redraws about 64 / 577 of them
+
+
+def test_augment_flips_and_jitters_saturation():
+    crop = 0.3 + 0.4 * np.random.default_rng(0).random((8, 8, 3), dtype=np.float32)  # no clip
+    flips = data.CropConfig(size=8, rotations=False, brightness=0, contrast=0, saturation=0)
+    rng = np.random.default_rng(1)
+    flipped = [np.allclose(data.augment(crop, rng, flips), crop[:, ::-1]) for _ in range(20)]
+    assert 0 < sum(flipped) < 20  # about half
+    colour = data.CropConfig(size=8, flips=False, rotations=False, brightness=0, contrast=0)
+    gray = data._luma(crop)[:, :, None]
+    for _ in range(5):  # saturation scales the distance from gray, and keeps the luma
+        out = data.augment(crop, rng, colour)
+        np.testing.assert_allclose(data._luma(out), gray[:, :, 0], atol=1e-5)
+        assert not np.allclose(out, crop, atol=1e-4)
+
+
+def test_photos_a_crop_fits_keeps_those_exactly_the_crop_size():
+    from adadiff.training.pairs import photos_a_crop_fits
+
+    fits, short = np.zeros((64, 64, 3), np.float32), np.zeros((63, 100, 3), np.float32)
+    names, images = photos_a_crop_fits(["fits", "short"], [fits, short], 64, stage="unet")
+    assert names == ["fits"] and len(images) == 1 and images[0] is fits
+
+
+def test_a_pair_stream_refuses_a_bad_probability_or_scale():
+    from adadiff.training.pairs import PairStream
+
+    images = [np.zeros((64, 64, 3), np.float32)]
+    with pytest.raises(ConfigError, match=r"realesrgan_prob must be in \[0, 1\], got 1.5"):
+        PairStream(images, np.random.default_rng(0), size=64, realesrgan_prob=1.5)
+    with pytest.raises(ConfigError, match="x4 only, got upscale 2"):
+        PairStream(images, np.random.default_rng(0), size=64, scale=2)
+
+
+def test_crops_per_photo_index_their_photo_and_do_not_depend_on_the_next():
+    from adadiff.training.pairs import crops_per_photo
+
+    both = crops_per_photo(["camera", "moon"], 2, size=64, seed=0, stream=1)
+    assert both.photo.tolist() == [0, 0, 1, 1]
+    assert both.hr.shape == (4, 64, 64, 3) and both.lr.shape == (4, 16, 16, 3)
+    alone = crops_per_photo(["camera"], 2, size=64, seed=0, stream=1)
+    np.testing.assert_array_equal(both.hr[:2], alone.hr)
+
+
+def test_to_tensor_gives_channels_first_in_minus_one_to_one():
+    from adadiff.training.pairs import to_tensor
+
+    images = np.zeros((1, 2, 3, 3), np.float32)
+    images[0, :, :, 1] = 1.0
+    tensor = to_tensor(images)
+    assert tuple(tensor.shape) == (1, 3, 2, 3)
+    assert tensor[0, 0].unique().tolist() == [-1.0] and tensor[0, 1].unique().tolist() == [1.0]
+
+
+def test_a_crop_larger_than_its_image_is_refused_on_either_side():
+    rng = np.random.default_rng(0)
+    for shape in ((8, 64, 3), (64, 8, 3)):
+        with pytest.raises(ShapeError, match="cannot crop 16x16"):
+            data.random_crop(np.zeros(shape, np.float32), 16, rng)
 
 
 def test_mild_strength_degrades_less_than_full_and_streams_use_it(hr):
