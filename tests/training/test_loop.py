@@ -250,6 +250,26 @@ def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
     assert stage.w == 0  # refused before any step
 
 
+def test_a_folder_lock_names_its_holder_and_empties_on_release(tmp_path):
+    """A holder killed mid-run left its line in the lock file: the next holder's line replaces
+    it, so a second writer is told who holds the folder now, and a release empties the file.
+    Without ``unwritable``, a folder that cannot be made is the caller's OSError."""
+    from adadiff.locks import folder_lock
+
+    lock = tmp_path / "unet" / ".lock"
+    lock.parent.mkdir()
+    lock.write_text("process 1234567")
+    holder = f"process {os.getpid()}"
+    with folder_lock(lock, RuntimeError):
+        assert lock.read_text() == holder
+        with pytest.raises(RuntimeError, match=f"^{holder}$"), folder_lock(lock, RuntimeError):
+            pass
+    assert lock.read_text() == ""
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OSError), folder_lock(tmp_path / "file" / ".lock", RuntimeError):
+        pass
+
+
 class Abandons(Counter):
     """Steps 0 and 1 finish; step 2 is where a stop signal arrives during a long preparation."""
 
