@@ -26,6 +26,7 @@ def test_images_depend_on_seed_and_index_only(make, prefix):
     np.testing.assert_array_equal(first[1], again[1])  # asking for more does not change image 1
     assert not np.array_equal(first[0], first[1])
     assert not np.array_equal(first[0], other[0])
+    assert not np.array_equal(first[1], other[0])  # seed and index are not one number
     with pytest.raises(ConfigError, match=">= 0"):
         make(-1)
 
@@ -74,6 +75,8 @@ def test_a_stage_gets_the_photos_then_the_images_of_its_seed(add, make, stage):
 def test_bad_sizes_are_refused():
     with pytest.raises(ConfigError, match="size"):
         dead_leaves(np.random.default_rng(0), 8)
+    with pytest.raises(ConfigError, match="supersample >= 1"):
+        dead_leaves(np.random.default_rng(0), 64, supersample=0)
     with pytest.raises(ConfigError, match=">= 0"):
         dead_leaves_set(-1)
 
