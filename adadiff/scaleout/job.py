@@ -72,9 +72,9 @@ class ClusterOptions:
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
-        if self.cpus_per_worker <= 0:
+        if not self.cpus_per_worker > 0:  # written so that NaN is refused too
             raise ConfigError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
-        if self.gpus_per_worker < 0:
+        if not self.gpus_per_worker >= 0:
             raise ConfigError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if self.queue is not None and self.queue < 1:
             raise ConfigError(f"--queue must be at least 1, got {self.queue}")

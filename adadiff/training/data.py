@@ -193,7 +193,7 @@ def load_photo(photo: Photo | str) -> np.ndarray:
     if photo.path.suffix == ".npz":
         with np.load(photo.path, allow_pickle=False) as npz:
             values = npz[npz.files[0]]
-        if values.dtype != np.uint8:  # PyWavelets stores 0..255 gray as floats
+        if values.dtype != np.uint8:  # some PyWavelets releases store 0..255 gray as floats
             values = np.clip(np.asarray(values, dtype=np.float32) / 255.0, 0.0, 1.0)
         return to_rgb_array(values)
     with Image.open(photo.path) as image:

@@ -1158,6 +1158,9 @@ def test_a_refused_job_keeps_a_new_output_folder_that_holds_files(folder, tmp_pa
         ({"workers": 0}, "--workers must be at least 1"),
         ({"cpus_per_worker": 0.0}, "--cpus-per-worker must be > 0"),
         ({"gpus_per_worker": -1.0}, "--gpus-per-worker must be >= 0"),
+        # from Python (the command line refuses NaN itself): NaN passed both comparisons
+        ({"cpus_per_worker": float("nan")}, "--cpus-per-worker must be > 0"),
+        ({"gpus_per_worker": float("nan")}, "--gpus-per-worker must be >= 0"),
         ({"queue": 0}, "--queue must be at least 1"),
         ({"threads": 0}, "--threads must be at least 1"),
     ],
