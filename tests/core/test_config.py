@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from adadiff.cli import main
-from adadiff.config import ModelConfig
+from adadiff.config import ModelConfig, RunSettings
 from adadiff.errors import ConfigError
 
 SHIPPED = Path(__file__).resolve().parents[2] / "adadiff" / "weights" / "tiny"
@@ -68,6 +68,52 @@ CASES = [
     (_set("dtss", "tua", 0.005), r"unknown keys in dtss: \['tua'\]"),
     # every run without --schedule failed, saying --schedule content needs a rule
     (lambda d: d.__setitem__("default_schedule", "content"), "default_schedule is content, but"),
+    # true is an int to Python: it loaded as 1 (a one-step schedule, a one-wide network)
+    (lambda d: d.__setitem__("upscale", True), "upscale must be a whole number"),
+    (lambda d: d.__setitem__("scaling_factor", True), "scaling_factor must be a number"),
+    (lambda d: d["mmle"]["metrics"][0].__setitem__("name", ""), "a metric needs a name"),
+    (_set("noise", "set_alpha_to_one", "yes"), "set_alpha_to_one must be true or false"),
+    (_set("noise", "num_train_timesteps", 1), "num_train_timesteps must be >= 2"),
+    (_set("noise", "beta_end", 0.00085), "betas must satisfy 0 < beta_start < beta_end < 1"),
+    (_set("noise", "beta_end", 1.0), "betas must satisfy 0 < beta_start < beta_end < 1"),
+    (_set("noise", "beta_schedule", "cosine"), "beta_schedule 'cosine' is not supported"),
+    (_set("dtss", "tiers", [0, 10, 15, 20]), "tiers must be four positive"),
+    (_set("dtss", "tau", 0.0), "tau must be a positive number"),
+    (_set("dtss", "t_start", 0), "t_start must be >= 1"),
+    (_set("dtss", "t_start", 1000), "t_start 1000 must be below"),
+    (_set("dtss", "nr_start_t", 1001), "nr_start_t 1001 must be in"),
+    (_set("dtss", "exit_on", "both"), "exit_on must be one of"),
+    (_set("pfj", "hidden", 0), "PFJ hidden and gain_dim must be >= 1"),
+    (_set("mmle", "hidden", 0), "mmle hidden must be an even number >= 2"),
+    (_set("mmle", "metrics", None), "mmle metrics must be a list"),
+    (_set("mmle", "metrics", []), "MMLE needs at least one metric"),
+    (lambda d: d["mmle"]["metrics"].append(d["mmle"]["metrics"][0]), "metric names must be uniq"),
+    (lambda d: d.__setitem__("color_fix", {"kind": "gray"}), "color_fix kind must be one of"),
+    (lambda d: d.__setitem__("color_fix", {"levels": 0}), r"color_fix levels must be in \[1, 12\]"),
+    (lambda d: d.__setitem__("color_fix", {"levels": 13}), r"color_fix levels must be in \[1, 12"),
+    (_set("content", "flat_interval", 0), "flat_interval and textured_interval must be >= 1"),
+    (_set("content", "textured_interval", 0), "flat_interval and textured_interval must be"),
+    (lambda d: d.__setitem__("name", 5), "name must be a string"),
+    (lambda d: d.__setitem__("text_tokens", 0), "text_tokens must be >= 1"),
+    (lambda d: d.__setitem__("scaling_factor", float("inf")), "scaling_factor must be a positive"),
+    (lambda d: d.__setitem__("tile_size", 130), "tile_size 130 must be a positive multiple"),
+    (lambda d: d.update(tile_size=0, tile_overlap=0), "tile_size 0 must be a positive multiple"),
+    (lambda d: d.__setitem__("tile_overlap", 128), r"tile_overlap 128 must be a multiple of 4 in"),
+    (lambda d: d.__setitem__("tile_overlap", 18), r"tile_overlap 18 must be a multiple of 4 in"),
+    # 1.4% apart: diffusers and the runtime would scale the latents differently
+    (_set("vae", "scaling_factor", 0.55), "and vae.scaling_factor 0.55 differ"),
+    (lambda d: d.__setitem__("uniform_interval", 0), "uniform_interval must be >= 1"),
+    (lambda d: d.__setitem__("default_schedule", "fast"), "default_schedule must be one of"),
+    (_set("vae", "latent_channels", 0), "latent_channels must be a whole number >= 1"),
+    # diffusers builds 4 output channels when the UNet config names none
+    (
+        lambda d: (
+            d["vae"].__setitem__("latent_channels", 8),
+            d["unet"].__setitem__("in_channels", 16),
+            d["unet"].pop("out_channels", None),
+        ),
+        r"out_channels 8 \(the VAE's latent_channels\), got 4",
+    ),
 ]
 
 
@@ -77,6 +123,46 @@ def test_bad_values_are_config_errors(mutate, message):
     mutate(data)
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        _set("dtss", "growth_split", 1.0),
+        _set("dtss", "nr_start_t", 1000),  # NR gains from the first step on
+        _set("dtss", "nr_start_t", 0),
+        _set("dtss", "t_start", 1),
+        _set("dtss", "tiers", [1, 1, 1, 1]),
+        lambda d: d.__setitem__("tile_overlap", 0),
+        lambda d: d.update(tile_size=4, tile_overlap=0),  # one latent pixel: the VAE factor
+        lambda d: d.__setitem__("color_fix", {"kind": "none", "levels": 1}),
+        lambda d: d.__setitem__("color_fix", {"kind": "wavelet", "levels": 12}),
+        _set("noise", "num_train_timesteps", 1000),
+    ],
+)
+def test_values_at_the_edge_of_their_range_load(mutate):
+    data = copy.deepcopy(BASE)
+    mutate(data)
+    ModelConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "message"),
+    [
+        ("max_batch", 0, "max_batch must be a whole number >= 1, got 0"),
+        ("seed", -1, "seed must be a whole number >= 0, got -1"),
+        ("tile_size", 0, "tile_size must be a whole number >= 1, got 0"),
+        ("tile_overlap", -16, "tile_overlap must be a whole number >= 0, got -16"),
+        ("max_batch", True, "max_batch must be a whole number"),
+        ("backend", "tensorflow", "unknown backend 'tensorflow'; choose one of torch, onnx"),
+        ("precision", "int8", "--precision 'int8' is not one of fp32, fp16, bf16; use fp32"),
+    ],
+)
+def test_run_settings_refuse_values_before_any_model_loads(keyword, value, message):
+    with pytest.raises(ConfigError, match=message):
+        RunSettings(**{keyword: value})
+    settings = RunSettings(seed=0, tile_overlap=0, max_batch=1, tile_size=None)
+    assert (settings.seed, settings.tile_overlap, settings.max_batch) == (0, 0, 1)
 
 
 def test_missing_keys_are_named_in_plain_words(tmp_path):
