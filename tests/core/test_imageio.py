@@ -4,27 +4,35 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from adadiff.errors import InputImageError, OutputPathError
 from adadiff.imageio import (
     LoadedImage,
+    bicubic_rows,
     bicubic_upscale,
     check_output_path,
+    check_output_size,
+    decode_image_bytes,
     exif_fits,
     fill_transparent,
     flatten_on_white,
+    has_gray_channels,
     load_image,
+    remove_stale_temps,
     save_image,
     to_rgb_array,
     upscale_alpha,
+    write_bytes_atomic,
 )
 from adadiff.stepmap import render_step_map, save_step_map
 
@@ -232,6 +240,11 @@ def test_fill_transparent_takes_the_nearest_colour_and_leaves_visible_pixels():
     assert filled.dtype == np.float32
     hidden = np.zeros_like(alpha)
     np.testing.assert_array_equal(fill_transparent(rgb, hidden), rgb)  # nothing visible: as is
+    # visible pixels keep their exact values at any opacity (not colour * alpha / alpha)
+    soft = RNG.random((9, 9), dtype=np.float32)
+    soft[::2] = 0.0
+    noisy = RNG.random((9, 9, 3), dtype=np.float32)
+    np.testing.assert_array_equal(fill_transparent(noisy, soft)[soft > 0], noisy[soft > 0])
 
 
 def test_an_animation_is_read_from_its_first_frame_and_counted(tmp_path: Path) -> None:
@@ -502,6 +515,11 @@ def test_header_over_user_limit_below_pillow_limit(tmp_path: Path) -> None:
     with pytest.raises(InputImageError, match="--max-pixels"):
         load_image(small, max_pixels=99)
     assert load_image(small, max_pixels=100).rgb.shape == (10, 10, 3)
+    for limit in (0, -1):  # a caller's bug, not the image's fault
+        with pytest.raises(ValueError, match="max_pixels must be at least 1"):
+            load_image(small, max_pixels=limit)
+        with pytest.raises(ValueError, match="max_pixels must be at least 1"):
+            decode_image_bytes(small.read_bytes(), "small.png", max_pixels=limit)
 
 
 def test_max_pixels_is_the_limit_over_pillows_bomb_warning(
@@ -519,6 +537,8 @@ def test_max_pixels_is_the_limit_over_pillows_bomb_warning(
     assert "raise" not in str(info.value)  # a larger --max-pixels would not help
     with pytest.raises(InputImageError, match=r"big\.png.*decompression-bomb safety limit"):
         load_image(big, max_pixels=1000)
+    with pytest.raises(InputImageError, match=r"big\.png.*decompression-bomb safety limit"):
+        load_image(big, max_pixels=225)  # exactly its size: within the user's limit
 
 
 # ------------------------------------------------------------------------------------------
@@ -812,3 +832,206 @@ def test_a_float_array_in_minus_one_to_one_is_refused() -> None:
     with pytest.raises(InputImageError, match=r"\(array \+ 1\) / 2"):
         to_rgb_array(ramp)
     assert to_rgb_array(np.full((3, 4), -0.05)).min() == 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# What mutation testing found unchecked
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_float_image_is_read_at_the_scale_its_brightest_value_names(tmp_path: Path) -> None:
+    """0..1, 0..255 and 0..65535 float data each read black to white, white included: at
+    exactly 1.0 or 255.0 a strict bound took the next scale up and the image came out dark."""
+    for top, scale in ((1.0, 1.0), (255.0, 255.0), (65535.0, 65535.0), (1000.0, 65535.0)):
+        values = np.array([[0.0, top / 2, top]], dtype=np.float32)
+        Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
+        loaded = load_image(tmp_path / "f.tif")
+        assert loaded.float_scale == scale
+        np.testing.assert_allclose(loaded.rgb[0, :, 0], values[0] / scale)
+    # NaN reads black and an infinity white, not NaN pixels handed to the model
+    values = np.array([[np.nan, np.inf, -np.inf, 0.5]], dtype=np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "nan.tif")
+    np.testing.assert_array_equal(load_image(tmp_path / "nan.tif").rgb[0, :, 0], [0, 1, 0, 0.5])
+
+
+def test_a_16bit_gray_png_keeps_its_transparent_key(tmp_path: Path) -> None:
+    levels = np.array([[0, 1000, 65535], [1000, 30000, 1000]], dtype=np.uint16)
+    Image.fromarray(levels).save(tmp_path / "key.png", transparency=1000)
+    loaded = load_image(tmp_path / "key.png")
+    assert loaded.bit_depth == 16 and loaded.alpha is not None
+    np.testing.assert_array_equal(loaded.alpha, [[1, 0, 1], [0, 1, 0]])
+    # the key's colour is hidden: filled from its visible neighbours, not kept
+    assert loaded.rgb[0, 1, 0] != pytest.approx(1000 / 65535)
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_every_exif_orientation_is_applied(tmp_path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pixels = _rgb_u8(6, 10)
+    Image.fromarray(pixels).save(tmp_path / "o.png", exif=exif)
+    with Image.open(tmp_path / "o.png") as img:
+        want = np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.float32) / 255.0
+    np.testing.assert_array_equal(load_image(tmp_path / "o.png").rgb, want)
+
+
+def test_a_file_that_is_not_regular_and_empty_bytes_are_named(tmp_path: Path) -> None:
+    with pytest.raises(InputImageError, match="is not a regular file"):
+        load_image("/dev/null")
+    with pytest.raises(InputImageError, match=r"photo\.png is empty \(0 bytes\)"):
+        decode_image_bytes(b"", "photo.png")
+
+
+def test_an_array_with_alpha_gets_the_visible_colour_under_its_hidden_pixels() -> None:
+    rgba = np.zeros((4, 6, 4), dtype=np.uint8)
+    rgba[:, :3] = (255, 0, 0, 255)  # red, visible; black, hidden, on the right
+    rgb = to_rgb_array(rgba)
+    np.testing.assert_array_equal(rgb[:, 3:], np.ones((4, 3, 1)) * [1.0, 0.0, 0.0])
+    with pytest.raises(InputImageError, match="non-empty image"):
+        to_rgb_array(np.zeros((4, 0, 3), np.uint8))
+    with pytest.raises(InputImageError, match="reaches 2"):
+        to_rgb_array(np.full((2, 2, 3), 2.0, np.float32))
+
+
+def test_bicubic_rows_are_the_rows_of_the_whole_upscale() -> None:
+    rgb = RNG.random((23, 9, 3), dtype=np.float32)
+    whole = bicubic_upscale(rgb, 4)
+    for y0, y1 in ((0, 1), (5, 37), (37, 41), (41, 92), (90, 92)):
+        np.testing.assert_array_equal(bicubic_rows(rgb, 4, y0, y1), whole[y0:y1])
+    for y0, y1 in ((5, 5), (-1, 4), (0, 93)):
+        with pytest.raises(ValueError, match=r"are not inside 0\.\.92"):
+            bicubic_rows(rgb, 4, y0, y1)
+    with pytest.raises(ValueError, match="factor must be a positive integer"):
+        upscale_alpha(np.ones((2, 2), np.float32), True)
+
+
+def test_an_output_larger_than_its_format_holds_is_refused_either_way() -> None:
+    check_output_size("out.webp", 16383, 16383)
+    for width, height in ((16384, 10), (10, 16384)):
+        with pytest.raises(OutputPathError, match="WEBP holds at most 16383 px"):
+            check_output_size("out.webp", width, height)
+    check_output_size("out.png", 70000, 10)
+
+
+def test_a_link_to_the_input_or_a_folder_is_no_output(tmp_path: Path) -> None:
+    src = _write(tmp_path / "in.png", _rgb_u8())
+    os.link(src, tmp_path / "hard.png")
+    with pytest.raises(OutputPathError, match="is the input file"):
+        check_output_path(src, tmp_path / "hard.png")
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(OutputPathError, match="is a folder; give a file name"):
+        check_output_path(src, tmp_path / "dir.png")
+
+
+def test_stale_temps_go_and_only_those(tmp_path: Path) -> None:
+    old = tmp_path / ".out.0123456789ab.tmp.png"
+    young = tmp_path / ".new.0123456789ab.tmp.png"
+    other = tmp_path / ".notes.tmp"
+    for path in (old, young, other):
+        path.write_bytes(b"x")
+    (tmp_path / ".dir.0123456789ab.tmp").mkdir()
+    link = tmp_path / ".link.0123456789ab.tmp"  # a link is never a temp this module made
+    link.symlink_to(other)
+    for path in (old, other, link):
+        os.utime(path, (time.time() - 1000, time.time() - 1000), follow_symlinks=False)
+    assert remove_stale_temps(tmp_path, 600) == [old]
+    assert _files(tmp_path) == [
+        ".dir.0123456789ab.tmp",
+        ".link.0123456789ab.tmp",
+        ".new.0123456789ab.tmp.png",
+        ".notes.tmp",
+    ]
+
+
+def test_writing_through_a_link_or_over_it(tmp_path: Path) -> None:
+    (tmp_path / "real.json").write_bytes(b"old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    write_bytes_atomic(tmp_path / "link.json", b"one")
+    assert (tmp_path / "real.json").read_bytes() == b"one"
+    write_bytes_atomic(tmp_path / "link.json", b"two", follow_links=False)
+    assert not (tmp_path / "link.json").is_symlink()
+    assert (tmp_path / "link.json").read_bytes() == b"two"
+    assert (tmp_path / "real.json").read_bytes() == b"one"
+
+
+def test_integer_levels_are_rounded_to_8_bits_and_hidden_pixels_flatten_to_white(
+    tmp_path: Path,
+) -> None:
+    levels = np.full((1, 2, 3), 25900, dtype=np.uint16)  # 100.78 of 255
+    out = save_image(tmp_path / "px.png", levels)
+    assert np.asarray(_reread(out))[0, 0, 0] == 101
+    gray = save_image(tmp_path / "g.png", levels, grayscale=True)
+    assert np.asarray(_reread(gray))[0, 0] == 101
+    rgb = np.zeros((1, 3, 3), dtype=np.float32)
+    alpha = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
+    np.testing.assert_array_equal(flatten_on_white(rgb, alpha)[0, :, 0], [255, 128, 0])
+    alpha16 = np.array([[0, 32767, 65535]], dtype=np.uint16)
+    np.testing.assert_array_equal(flatten_on_white(rgb, alpha16)[0, :, 0], [255, 128, 0])
+
+
+def test_save_refuses_a_bit_depth_or_alpha_that_does_not_fit(tmp_path: Path) -> None:
+    rgb = np.zeros((2, 3, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="bit_depth must be 8 or 16"):
+        save_image(tmp_path / "a.png", rgb, bit_depth=12)
+    with pytest.raises(ValueError, match=r"alpha shape \(3, 2\) does not match"):
+        save_image(tmp_path / "b.png", rgb, np.ones((3, 2), np.float32))
+    assert _files(tmp_path) == []
+
+
+def test_16_bits_only_where_the_format_and_alpha_allow(tmp_path: Path) -> None:
+    """A 16-bit gray input written as JPEG or WebP is 8-bit gray; with alpha it stays 8-bit
+    gray + alpha (Pillow has no 16-bit gray + alpha), keeping the transparency."""
+    rgb = np.full((2, 3, 3), 0.5, dtype=np.float32)
+    alpha = np.array([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=np.float32)
+    for name in ("g.jpg", "g.webp"):
+        assert _reread(save_image(tmp_path / name, rgb, bit_depth=16, grayscale=True)).mode in (
+            "L",
+            "RGB",
+        )
+    kept = _reread(save_image(tmp_path / "ga.png", rgb, alpha, bit_depth=16, grayscale=True))
+    assert kept.mode == "LA"
+    np.testing.assert_array_equal(np.asarray(kept)[:, :, 1], alpha * 255)
+    assert _reread(save_image(tmp_path / "g.png", rgb, bit_depth=16, grayscale=True)).mode in (
+        "I;16",
+        "I",
+    )
+
+
+def test_jpeg_is_written_at_quality_95(tmp_path: Path) -> None:
+    rgb = _rgb_u8(16, 16)
+    with Image.open(save_image(tmp_path / "o.jpg", rgb)) as ours:
+        tables = ours.quantization
+    expected = io.BytesIO()
+    Image.fromarray(rgb).save(expected, format="JPEG", quality=95)
+    assert tables == Image.open(expected).quantization
+
+
+def test_an_exif_exactly_at_the_jpeg_limit_fits() -> None:
+    assert exif_fits("o.jpg", b"x" * 65533) and not exif_fits("o.jpg", b"x" * 65534)
+    assert exif_fits("o.png", b"x" * 65534) and exif_fits("o.jpg", None)
+
+
+def test_gray_channels_are_equal_to_half_an_8bit_level() -> None:
+    rgb = np.full((1, 2, 2, 3), 0.5, dtype=np.float32)
+    assert has_gray_channels(rgb).tolist() == [True]
+    rgb[0, 0, 0, 1] += 1 / 255
+    assert has_gray_channels(rgb).tolist() == [False]
+
+
+def test_an_output_folder_that_refuses_files_fails_before_the_upscale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import adadiff.imageio as imageio
+
+    def refuse(target: Path) -> tuple[int, Path]:
+        raise PermissionError(13, "Permission denied")
+
+    src = _write(tmp_path / "in.png", _rgb_u8())
+    monkeypatch.setattr(imageio, "_open_temp", refuse)
+    with pytest.raises(OutputPathError, match=r"out\.png: cannot write in .*Permission denied"):
+        check_output_path(src, tmp_path / "out.png")
+
+
+def test_a_file_without_metadata_carries_none(tmp_path: Path) -> None:
+    loaded = load_image(_write(tmp_path / "plain.png", _rgb_u8()))
+    assert loaded.exif is None and loaded.icc_profile is None
