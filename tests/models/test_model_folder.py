@@ -308,3 +308,24 @@ def test_a_folder_saved_twice_is_the_same_bytes(tiny_models, tmp_path: Path) -> 
 
     a, b = (tiny_models.save(tmp_path / name) for name in ("a", "b"))
     assert weights_digest(a) == weights_digest(b)
+
+
+def test_preset_names_with_and_without_the_prefix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prefix names the preset wherever it is asked for, and a folder named like a preset
+    that holds no model (an output folder ./tiny, say) does not clash with it."""
+    from adadiff.presets import preset, preset_name
+
+    assert preset("preset:tiny") == preset("tiny")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "out.png").write_bytes(b"")
+    assert preset_name("tiny") == "tiny" and is_preset("preset:tiny")
+
+
+def test_model_folder_expands_the_home_folder(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert model_folder("~/model") == folder
