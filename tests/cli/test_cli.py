@@ -449,3 +449,187 @@ def test_a_demo_into_a_read_only_folder_is_one_error(tmp_path, monkeypatch, caps
     assert code == 2 and err.count("\n") == 1, err
     assert "cannot remove an earlier demo's output (Read-only file system)" in err
     assert not list(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "message"),
+    [
+        ("positive", "0", "expected a number >= 1, got 0"),
+        ("positive", "2.5", "expected a whole number, got '2.5'"),
+        ("non_negative", "-1", "expected a number >= 0, got -1"),
+        ("positive_list", "200,,50", "expected numbers separated by commas, got '200,,50'"),
+        ("positive_list", "200,0", "expected a number >= 1, got 0"),
+        ("noise_seed", "-1", "expected a number >= 0, got -1"),
+        ("fraction", "1.01", r"expected a number in \[0, 1\], got 1.01"),
+        ("fraction", "-0.01", r"expected a number in \[0, 1\], got -0.01"),
+        ("fraction", "half", "expected a number, got 'half'"),
+        ("positive_float", "nan", "expected a finite number, got 'nan'"),
+        ("positive_float", "inf", "expected a finite number, got 'inf'"),
+        ("positive_float", "0", "expected a number > 0, got 0"),
+        ("non_negative_float", "-0.5", "expected a number >= 0, got -0.5"),
+        ("non_negative_float", "-inf", "expected a finite number"),
+    ],
+)
+def test_argument_types_refuse_with_one_clear_line(kind, text, message):
+    import argparse
+
+    from adadiff import argtypes
+
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        getattr(argtypes, kind)(text)
+
+
+def test_argument_types_take_the_ends_of_their_ranges():
+    from adadiff import argtypes
+
+    assert argtypes.positive("1") == 1 and argtypes.non_negative("0") == 0
+    assert argtypes.positive_list(" 200, 100,50") == (200, 100, 50)
+    assert argtypes.noise_seed(str(2**32 - 1)) == 2**32 - 1
+    assert argtypes.fraction("0") == 0.0 and argtypes.fraction("1") == 1.0
+    assert argtypes.positive_float("1e-9") == 1e-9 and argtypes.non_negative_float("0") == 0.0
+
+
+def test_report_and_step_map_paths_are_checked_before_any_work(tmp_path, small_png, monkeypatch):
+    from adadiff.errors import ConfigError, OutputPathError
+    from adadiff.file_upscale import FileOutputs, check_outputs
+
+    out = tmp_path / "out.png"
+
+    def check(report=None, step_map=None):
+        return check_outputs(small_png, FileOutputs(out, report, step_map))
+
+    with pytest.raises(OutputPathError, match=r"the folder for the report .* does not exist"):
+        check(report=tmp_path / "no" / "r.json")
+    with pytest.raises(OutputPathError, match=r"the step map path .* is a folder"):
+        check(step_map=tmp_path)
+    for path in (small_png, out):
+        with pytest.raises(ConfigError, match="would overwrite the input or output image"):
+            check(report=path)
+    with pytest.raises(ConfigError, match=r"the step map must be a \.png file"):
+        check(step_map=tmp_path / "map.jpg")
+    with pytest.raises(ConfigError, match="the report and the step map need different paths"):
+        check(report=tmp_path / "both.png", step_map=tmp_path / "both.png")
+    assert check(step_map=tmp_path / "map.PNG").step_map == tmp_path / "map.PNG"
+
+    import adadiff.imageio as imageio
+
+    real = imageio._open_temp
+
+    def refuse_reports(target):
+        if target.suffix == ".json":
+            raise PermissionError(13, "Permission denied")
+        return real(target)
+
+    monkeypatch.setattr(imageio, "_open_temp", refuse_reports)
+    with pytest.raises(OutputPathError, match=r"the report .*r\.json: cannot write in"):
+        check(report=tmp_path / "r.json")
+
+
+def test_an_input_too_large_for_the_limit_or_the_format_is_refused_on_reading(tmp_path):
+    from adadiff.errors import InputImageError, OutputPathError
+    from adadiff.file_upscale import FileOutputs, read_input
+
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (4100, 2)).save(wide)
+    with pytest.raises(OutputPathError, match="16400x8 px and WEBP holds at most 16383"):
+        read_input(wide, FileOutputs(tmp_path / "o.webp"), None, 4)
+    with pytest.raises(InputImageError, match="--max-pixels 8200"):
+        read_input(wide, FileOutputs(tmp_path / "o.png"), 8199, 4)
+    assert read_input(wide, FileOutputs(tmp_path / "o.png"), None, 4)[1].width == 4100
+
+
+def test_input_notes_say_only_what_applies(tmp_path):
+    from adadiff.file_upscale import input_notes
+    from adadiff.imageio import LoadedImage
+
+    rgb = np.zeros((2, 2, 3), np.float32)
+    plain = LoadedImage(rgb, None, 8, False, "RGB")
+    assert input_notes(plain, tmp_path / "o.jpg") == []
+    opaque = replace(plain, alpha=np.ones((2, 2), np.float32))
+    assert input_notes(opaque, tmp_path / "o.jpg") == []
+    notes = input_notes(
+        replace(
+            plain,
+            alpha=np.array([[1.0, 0.5], [1.0, 1.0]], np.float32),
+            frames=3,
+            float_scale=255.0,
+            exif=b"x" * 70000,
+        ),
+        tmp_path / "o.jpg",
+    )
+    assert len(notes) == 4
+    assert notes[0].startswith("the input has 3 frames") and "0..255 (black to white)" in notes[1]
+    assert "flattened onto white" in notes[2] and "EXIF (68 KB)" in notes[3]
+
+
+def test_upscale_loaded_writes_what_the_input_was(tmp_path, monkeypatch):
+    """What upscale_file writes for a loaded input, checked with a stand-in upscaler: a 16-bit
+    gray input asks for 16-bit levels and is written as 16-bit gray with its EXIF and ICC
+    profile, the report names the input by its absolute path, and an input with alpha is
+    written with it."""
+    from types import SimpleNamespace
+
+    from adadiff.errors import ConfigError
+    from adadiff.file_upscale import FileOutputs, UpscaleOptions, summary, upscale_loaded
+    from adadiff.imageio import LoadedImage, bicubic_upscale
+
+    calls = []
+
+    class Upscaler:
+        config = SimpleNamespace(upscale=4)
+
+        def upscale(self, rgb, *, dtype, **kwargs):
+            calls.append(dtype)
+            up = bicubic_upscale(rgb, 4)
+            levels = np.round(up * np.iinfo(dtype).max).astype(dtype)
+            report = SimpleNamespace(to_dict=lambda: {"tiles": 1, "steps_per_tile": [3]})
+            return levels, report
+
+    exif = Image.Exif()
+    exif[0x010F] = "Camera maker"
+    rgb = np.full((3, 4, 3), 1000 / 65535, np.float32)
+    alpha = np.ones((3, 4), np.float32)
+    profile = bytes(16) + b"GRAY" + bytes(108)  # a gray ICC profile's header, as far as read
+    image = LoadedImage(rgb, None, 16, True, "I;16", icc_profile=profile, exif=exif.tobytes())
+    monkeypatch.chdir(tmp_path)
+    Image.new("L", (4, 3)).save("in.png")
+    out, report = tmp_path / "o.png", tmp_path / "r.json"
+    data = upscale_loaded(
+        Upscaler(), image, Path("in.png"), FileOutputs(out, report), UpscaleOptions()
+    )
+    assert calls == [np.uint16]
+    with Image.open(out) as written:
+        assert written.mode in ("I;16", "I") and np.asarray(written).max() == 1000
+        assert written.getexif()[0x010F] == "Camera maker"
+        assert written.info["icc_profile"] == profile
+    saved = json.loads(report.read_text())
+    assert saved == data and saved["bit_depth"] == 16 and saved["alpha"] is False
+    assert saved["input"] == str(tmp_path / "in.png")
+    times = {"output_size": [16, 12], "unet_evaluations": 3, "engine_calls": 1}
+    line = summary({**data, **times, "seconds": {"total": 1.0}})
+    assert line.startswith(f"{out}: 16x12, 1 tile, 3 UNet")
+
+    with_alpha = replace(image, alpha=alpha * 0.5, bit_depth=8, grayscale=False)
+    upscale_loaded(Upscaler(), with_alpha, Path("in.png"), FileOutputs(out), UpscaleOptions())
+    with Image.open(out) as written:
+        assert written.mode == "RGBA" and np.asarray(written)[..., 3].max() == 128
+    with pytest.raises(ConfigError, match="an interval applies to the uniform schedule only"):
+        adaptive = UpscaleOptions(schedule="adaptive", interval=100)
+        upscale_loaded(None, image, Path("in.png"), FileOutputs(out), adaptive)
+
+
+def test_help_shows_a_default_only_where_it_tells_something():
+    import argparse
+
+    from adadiff.argtypes import DefaultsFormatter
+
+    parser = argparse.ArgumentParser(prog="x", formatter_class=DefaultsFormatter)
+    parser.add_argument("src", nargs="?", default="in.png", help="the input")
+    parser.add_argument("--steps", type=int, default=20, help="steps per tile")
+    parser.add_argument("--fast", action="store_true", help="skip the checks")
+    parser.add_argument("--model", default=None, help="a model folder")
+    parser.add_argument("--tile", default=128, help="tile size (default: the model's)")
+    text = " ".join(parser.format_help().split())
+    assert "steps per tile (default: 20)" in text
+    assert "the input (default" not in text and "skip the checks (default" not in text
+    assert "a model folder (default" not in text and "the model's) (default" not in text
