@@ -32,7 +32,8 @@ from adadiff.errors import (
     ModelFolderError,
 )
 from adadiff.export.verify import compare
-from adadiff.specs import COMPONENTS
+from adadiff.presets import tiny
+from adadiff.specs import COMPONENTS, component_specs
 
 # fp16 export against the fp32 torch image on this crop measured 89 dB (both schedules, same
 # steps); with every op in fp16 (no fp32 timestep/softmax/norm statistics) adaptive fell to 48 dB
@@ -106,6 +107,52 @@ def test_io_binding_gives_the_same_result(onnx_dir, ort_backend):
     got = bound.open("mmle")(feeds)["scores"]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert bound.describe()["threads"] == 1
+    assert bound.open("mmle").io_binding and not ort_backend.open("mmle").io_binding  # CPU: off
+
+
+def test_io_binding_leaves_the_outputs_on_the_sessions_gpu():
+    """On CUDA the outputs are bound on the session's device, not copied through the host."""
+    from adadiff.engines.onnxruntime import CPU, CUDA, OrtEngine, Placement
+
+    spec = component_specs(tiny())["pfj"]
+    bound: list[tuple] = []
+
+    class Binding:
+        def bind_cpu_input(self, name, array):
+            pass
+
+        def bind_output(self, name, device, device_id):
+            bound.append((name, device, device_id))
+
+        def copy_outputs_to_cpu(self):
+            return [np.zeros((2, *spec.outputs[0].shape[1:]), np.float32)]
+
+    class Session:
+        def io_binding(self):
+            return Binding()
+
+        def run_with_iobinding(self, binding):
+            pass
+
+    engine = OrtEngine(Session(), spec, Placement("cuda", 1, (CUDA, CPU)), io_binding=True)
+    assert engine(spec.sample_inputs(2))["modulated"].shape[0] == 2
+    assert bound == [("modulated", "cuda", 1)]
+
+
+def test_session_options_are_checked_when_made():
+    with pytest.raises(ConfigError, match=r"thread counts must be >= 0 .*got 0/-1"):
+        OrtOptions(inter_op_threads=-1)
+    with pytest.raises(ConfigError, match=r"thread counts must be >= 0 .*got -2/0"):
+        OrtOptions(intra_op_threads=-2)
+    with pytest.raises(ConfigError, match=r"graph_optimization must be one of .*'max'"):
+        OrtOptions(graph_optimization="max")
+    with pytest.raises(ConfigError, match="1 <= min <= opt <= max"):
+        OrtOptions(trt_batch=(4, 2, 8))
+
+
+def test_an_unknown_component_is_refused_by_name(ort_backend):
+    with pytest.raises(ConfigError, match=r"unknown component 'decoder'; expected one of"):
+        ort_backend.open("decoder")
 
 
 def test_end_to_end_matches_torch(onnx_dir, tiny_dir, photo):
@@ -320,6 +367,26 @@ def test_an_export_of_another_spec_names_what_differs(onnx_dir, tmp_path):
     assert "inputs" not in str(err.value) and "re-export" in str(err.value)
 
 
+def test_an_export_without_a_weights_digest_still_runs_with_its_model(onnx_dir, tiny_dir):
+    """An older adadiff's manifest records no weights digest: its config digest is all there is
+    to check, so the model folder it names is not refused for "other weights"."""
+    import dataclasses
+
+    from adadiff.artifacts import ExportManifest
+
+    older = dataclasses.replace(ExportManifest.load(onnx_dir), model_weights="")
+    older.check_model(older.model_config(), str(tiny_dir), tiny_dir)
+
+
+def test_an_export_listing_an_unknown_component_is_refused(onnx_dir, tmp_path):
+    folder = copy_export(onnx_dir, tmp_path / "newer")
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["components"]["upsampler"] = manifest["components"]["pfj"]
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(EngineMismatchError, match=r"unknown component 'upsampler'.*re-export"):
+        OnnxRuntimeBackend(folder)
+
+
 def test_missing_onnxruntime_says_how_to_install(onnx_dir, tiny_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(BackendUnavailableError, match=r'pip install "adadiff\[onnx\]"'):
@@ -414,6 +481,8 @@ def test_tensorrt_provider_follows_the_export_and_max_batch(onnx_dir, tiny_confi
     chosen = dict(backend._provider_options("unet"))
     trt = chosen["TensorrtExecutionProvider"]
     assert trt["trt_profile_max_shapes"] == "sample:32x8x32x32,timestep:32"
+    assert trt["trt_profile_opt_shapes"] == "sample:4x8x32x32,timestep:4"
+    assert OnnxRuntimeBackend(onnx_dir, device="tensorrt", max_batch=2).trt_batch == (1, 2, 2)
     assert chosen["CUDAExecutionProvider"]["cudnn_conv_algo_search"] == "HEURISTIC"
     with pytest.raises(ConfigError, match=r"--max-batch 33 .*batch 1 to 32.*--max-batch 32"):
         Upscaler(backend.config, backend, max_batch=33)
