@@ -112,6 +112,20 @@ def test_good_devices_and_precisions():
         check_precision("bf16", "onnxruntime")
 
 
+def test_the_torch_backend_refuses_engines_before_loading_a_model(monkeypatch):
+    """From Python (the command line has its own check): engines are not torch's."""
+    from adadiff.config import RunSettings
+    from adadiff.engines import make_backend
+    from adadiff.models import bundle
+
+    def no_model(*_a, **_k):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(bundle, "load_models", no_model)
+    with pytest.raises(ConfigError, match="--engines is for the onnxruntime and tensorrt"):
+        make_backend(RunSettings(backend="torch", engines="tiny-onnx"))
+
+
 def test_fp32_on_cuda_turns_tf32_off(monkeypatch, tiny_models):
     """A CUDA torch backend computes fp32 as IEEE fp32, as the other backends do (torch's cuDNN
     convolutions default to TF32). The CUDA check is patched: the flags are settable anywhere."""

@@ -34,6 +34,8 @@ def test_parse_profiles():
         parse_profiles("1:4:8,8:12:16")
     with pytest.raises(ConfigError, match="MIN:OPT:MAX"):
         parse_profiles("1-4-8")
+    with pytest.raises(ConfigError, match="MIN:OPT:MAX"):  # one number too many, not a TypeError
+        parse_profiles("1:4:8:16")
     with pytest.raises(ConfigError, match="min <= opt <= max"):
         parse_profiles("0:4:8")
     with pytest.raises(ConfigError, match="min <= opt <= max"):
@@ -61,6 +63,8 @@ def test_profiles_cover_every_batch_from_one():
     with pytest.raises(ConfigError, match="uncovered"):
         BuildOptions(profiles=(BatchProfile(1, 2, 4), BatchProfile(6, 8, 8)))
     assert parse_profiles("5:6:8,1:2:4") == (BatchProfile(1, 2, 4), BatchProfile(5, 6, 8))
+    with pytest.raises(ConfigError, match="at least one batch profile"):
+        BuildOptions(profiles=())
 
 
 def test_profile_for_picks_the_covering_profile():
@@ -172,6 +176,13 @@ def test_missing_tensorrt_is_one_line(tmp_path, capsys, monkeypatch):
     assert "TensorRT is not installed" in err and 'pip install "adadiff[gpu-cu12]"' in err
 
 
+def test_the_tensorrt_backend_refuses_a_device_other_than_cuda(tmp_path):
+    from adadiff.engines.tensorrt import TensorRTBackend
+
+    with pytest.raises(ConfigError, match="runs on CUDA; got --device cpu"):
+        TensorRTBackend(tmp_path, device="cpu")
+
+
 def test_backend_tensorrt_without_library(tmp_path, capsys, photo, monkeypatch):
     from PIL import Image
 
@@ -267,8 +278,9 @@ def test_tensorrt_upscale_takes_the_same_steps_as_torch(tiny_engines, tiny_model
         lambda d: {**d, "engines": []},
         lambda d: {**d, "device": "h100"},
         lambda d: {**d, "engines": {"unet": "unet.engine"}},
+        lambda d: {**d, "version": 2},  # a later adadiff's
     ],
-    ids=["list", "null", "engines-list", "device-string", "engine-string"],
+    ids=["list", "null", "engines-list", "device-string", "engine-string", "version-2"],
 )
 def test_a_damaged_engine_manifest_reads_as_damaged(tmp_path, edit):
     _manifest(tmp_path)

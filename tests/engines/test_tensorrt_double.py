@@ -319,6 +319,70 @@ def test_output_shape_other_than_the_spec_is_an_error(trt, export):
     assert engine(engine.spec.sample_inputs(3))[out].shape[0] == 3
 
 
+def test_make_backend_checks_the_engines_against_the_run(trt, export, monkeypatch):
+    """--backend tensorrt: the CPU default means the first GPU, and a precision, tile size or
+    model other than the export's is refused before any engine loads."""
+    import adadiff.engines.tensorrt as backend_module
+    from adadiff.config import RunSettings
+    from adadiff.engines import make_backend
+
+    monkeypatch.setattr(backend_module, "CudaDevice", lambda device: fake.FakeCuda(0))
+    _build(export, components=("pfj",))
+    config, backend = make_backend(RunSettings(backend="tensorrt", engines=export))
+    assert config.tile_size == backend.config.tile_size and backend.cuda.index == 0
+    tile = config.tile_size
+    refused = [
+        (dict(precision="fp16"), ConfigError, r"holds a fp32 export; pass --precision fp32"),
+        (dict(tile_size=tile // 2), ConfigError, rf"take {tile} px tiles, not --tile {tile // 2}"),
+        (dict(model="sd21-base"), EngineMismatchError, "not the model these ONNX files"),
+    ]
+    for change, error, message in refused:
+        with pytest.raises(error, match=message):
+            make_backend(RunSettings(backend="tensorrt", engines=export, **change))
+
+
+def test_the_backends_max_batch_is_what_every_engine_takes(trt, export):
+    _build(export, components=("pfj",))  # TWO_PROFILES: up to 6
+    _build(export, components=("mmle",), profiles=(BatchProfile(1, 4, 8),))
+    backend = _backend(export)
+    assert {e.max_batch for e in backend.manifest.engines.values()} == {6, 8}
+    assert backend.max_batch == 6
+
+
+def test_input_shapes_are_set_only_when_the_batch_changes(trt, export, monkeypatch):
+    _build(export, components=("pfj",))
+    engine = _backend(export).open("pfj")
+    batches = []
+    real = fake.IExecutionContext.set_input_shape
+
+    def counted(ctx, name, shape):
+        batches.append(shape[0])
+        return real(ctx, name, shape)
+
+    monkeypatch.setattr(fake.IExecutionContext, "set_input_shape", counted)
+    for batch in (2, 2, 1, 2):  # all in the first profile
+        assert engine(engine.spec.sample_inputs(batch))["modulated"].shape[0] == batch
+    assert batches == [2, 2, 1, 1, 2, 2]  # two inputs each time the batch changes
+
+
+def test_a_shape_refused_part_way_is_set_again_on_the_next_call(trt, export, monkeypatch):
+    """TensorRT took the first input's new shape and refused the second's: the next call at the
+    old batch must set both again, not trust the context's shapes."""
+    _build(export, components=("pfj",))
+    engine = _backend(export).open("pfj")
+    assert engine(engine.spec.sample_inputs(1))["modulated"].shape[0] == 1
+    real = fake.IExecutionContext.set_input_shape
+    with monkeypatch.context() as refusing:
+        refusing.setattr(
+            fake.IExecutionContext,
+            "set_input_shape",
+            lambda ctx, name, shape: name != "gain" and real(ctx, name, shape),
+        )
+        with pytest.raises(EngineMismatchError, match=r"refused shape .* input gain"):
+            engine(engine.spec.sample_inputs(2))
+    assert engine(engine.spec.sample_inputs(1))["modulated"].shape[0] == 1
+
+
 def test_engine_must_match_its_manifest(trt, export):
     manifest = _build(export, components=("pfj", "mmle"))
     folder = export / TRT_DIR
@@ -335,6 +399,20 @@ def test_engine_must_match_its_manifest(trt, export):
     shutil.copy(folder / manifest.engines["mmle"].file, folder / manifest.engines["pfj"].file)
     (folder / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(EngineMismatchError, match=r"takes \['lr_latent', 'timestep', 'x0'\]"):
+        _backend(export).open("pfj")
+
+
+def test_an_engine_with_other_outputs_is_refused(trt, export, monkeypatch):
+    _build(export, components=("pfj",))
+    real = fake.ICudaEngine.__init__
+
+    def renamed(engine, *args):  # the inputs of pfj, the output of another graph
+        real(engine, *args)
+        out = fake.TensorIOMode.OUTPUT
+        engine._io = [("scores" if m == out else n, m, t) for n, m, t in engine._io]
+
+    monkeypatch.setattr(fake.ICudaEngine, "__init__", renamed)
+    with pytest.raises(EngineMismatchError, match=r"gives \['scores'\]; the pfj spec expects"):
         _backend(export).open("pfj")
 
 
@@ -395,6 +473,14 @@ def test_open_does_not_hash_unchanged_files(trt, export, monkeypatch):
     with pytest.raises(EngineMismatchError, match="changed since export"):
         _backend(export).open("unet")
     assert hashed
+
+
+def test_a_missing_exported_file_is_refused_with_the_commands_that_fix_it(trt, export):
+    _build(export, components=("pfj",))
+    backend = _backend(export)
+    (export / "pfj.onnx").unlink()
+    with pytest.raises(EngineMismatchError, match=r"pfj\.onnx is missing; re-export .* rebuild"):
+        backend.open("pfj")
 
 
 def test_missing_shape_or_address_fails_in_the_double(trt, export):
