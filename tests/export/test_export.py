@@ -8,6 +8,7 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("onnx")
@@ -26,7 +27,7 @@ from adadiff.export.fp16 import convert_to_fp16
 from adadiff.export.onnx_export import file_opset
 from adadiff.export.pipeline import LOCK_FILE
 from adadiff.export.verify import compare
-from adadiff.specs import COMPONENTS, component_specs
+from adadiff.specs import COMPONENTS, Tolerance, component_specs
 
 
 @pytest.fixture(scope="session")
@@ -241,6 +242,16 @@ def test_missing_parent_folders_of_the_output_are_created(tmp_path, tiny_models)
             export_onnx(tiny_models, target, ExportOptions(components=("mmle",)))
 
 
+def test_a_file_written_at_another_opset_than_asked_is_refused(tmp_path, tiny_models, monkeypatch):
+    """The manifest records the opset asked for, so an exporter that wrote another must fail."""
+    import adadiff.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "file_opset", lambda path: 19)
+    options = ExportOptions(components=("mmle",), check_batches=())
+    with pytest.raises(ConfigError, match=r"wrote mmle at opset 19, not the 20 asked for"):
+        export_onnx(tiny_models, tmp_path / "out", options)
+
+
 def test_export_cli(tmp_path, capsys):
     from adadiff.cli import export_main, main
 
@@ -309,6 +320,8 @@ def test_an_edited_manifest_reads_as_damaged_not_as_a_traceback(onnx_dir, tmp_pa
         (lambda d: d["components"][first].update(spec={}), f"{first!r} has no 'spec'"),
         (lambda d: d["components"][first].update(files="x.onnx"), "must list its files"),
         (lambda d: d.update(config=[1]), "'config' must be the model's adadiff.json"),
+        (lambda d: d["components"][first].update(files=[]), f"{first!r} lists no files"),
+        (lambda d: d["components"][first].update(precision="int8"), "precision 'int8'"),
     ]
     for change, message in cases:
         with pytest.raises(ModelFolderError, match=f"is damaged.*{message}"):
@@ -504,6 +517,24 @@ def test_manifest_file_paths_stay_inside_the_folder(onnx_dir, tiny_models, tmp_p
         ExportManifest.load(out)
     export_onnx(tiny_models, out, ExportOptions(components=("pfj",), check_batches=()))
     assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "..\\victim.txt", "C:\\victim.txt"])
+def test_a_manifest_file_name_is_a_plain_name_on_every_system(name):
+    """A Windows separator or a bare ".." leads out of the folder as a "/" does."""
+    from adadiff.artifacts import FileEntry
+
+    with pytest.raises(ConfigError, match="expected a plain file name"):
+        FileEntry(path=name, size=0, sha256="0" * 64)
+
+
+def test_the_parity_tolerance_is_relative_to_torchs_answer():
+    """compare's ratio is |got - want| / (atol + rtol |want|): the reference (torch) sets the
+    scale, and an error of exactly the tolerance is within it."""
+    ok, err, ratio = compare(np.array([2.0]), np.array([1.0]), Tolerance(atol=0.0, rtol=0.6))
+    assert not ok and err == 1.0 and ratio == pytest.approx(1 / 0.6)
+    assert compare(np.array([1.5]), np.array([1.0]), Tolerance(atol=0.5, rtol=0.0))[0]
+    assert not compare(np.array([np.nan]), np.array([1.0]), Tolerance(atol=1.0, rtol=1.0))[0]
 
 
 def test_the_parity_check_refuses_a_graph_that_differs_from_torch(onnx_dir, tiny_models):
