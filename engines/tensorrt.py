@@ -30,7 +30,7 @@ from adadiff.artifacts import (
 )
 from adadiff.cuda import CudaDevice
 from adadiff.errors import ConfigError, EngineMismatchError, shell_arg
-from adadiff.specs import ModelSpec, component_specs
+from adadiff.specs import COMPONENTS, ModelSpec, component_specs
 
 log = logging.getLogger("adadiff")
 
@@ -253,6 +253,8 @@ class TensorRTBackend:
             ctx.device_memory = ptr
 
     def open(self, component: str) -> TensorRTEngine:
+        if component not in COMPONENTS:  # before the manifest, whose advice names it as one
+            raise ConfigError(f"unknown component {component!r}; expected one of {COMPONENTS}")
         entry = self.exported.entry(component, self.export_dir)
         engine_entry = self.manifest.check_export(component, entry.files, self.export_dir)
         path = self.export_dir / TRT_DIR / engine_entry.file

@@ -258,6 +258,9 @@ def test_refused_profile_selection_and_shapes_are_errors(trt, export):
     with pytest.raises(EngineMismatchError, match="refused optimisation profile 0"):
         backend.open("mmle")
     assert len(backend._contexts) == before  # the refused context is not kept alive
+    # a name that is no component is refused as such, not sent to re-export "--components decoder"
+    with pytest.raises(ConfigError, match="unknown component 'decoder'; expected one of"):
+        backend.open("decoder")
 
 
 def test_a_context_or_buffer_that_fails_at_open_leaves_the_backend_usable(trt, export, monkeypatch):
