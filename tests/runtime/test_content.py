@@ -29,6 +29,14 @@ def test_texture_is_zero_on_flat_tiles_and_grows_with_detail():
         latent_texture(np.zeros((4, 8, 8)))
 
 
+def test_texture_is_the_mean_distance_to_one_121_blur():
+    """An impulse in channel 0 of three: the [1, 2, 1] blur leaves 1/4 of it at its place, 1/8
+    at each side and 1/16 at each corner, so |o - blur| sums to 3/4 + 4/8 + 4/16 = 3/2."""
+    lr = np.zeros((1, 3, 8, 8), np.float32)
+    lr[0, 0, 4, 4] = 1.0
+    assert latent_texture(lr)[0] == pytest.approx(1.5 / (3 * 8 * 8), rel=1e-6)
+
+
 def test_intervals_split_at_the_threshold():
     lr = latents()
     texture = latent_texture(lr)
