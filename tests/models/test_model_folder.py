@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from adadiff.cli import main
 from adadiff.config import CONFIG_FILE, ModelConfig
@@ -50,6 +51,23 @@ def test_a_diffusers_config_that_disagrees_with_adadiff_json_is_refused(folder: 
     _edit(folder / CONFIG_FILE, lambda d: d["unet"].update(norm_eps=on_disk * 10))
     with pytest.raises(ModelFolderError, match="norm_eps"):
         load_folder(folder)
+
+
+def test_a_vae_config_that_disagrees_with_adadiff_json_is_refused(folder: Path) -> None:
+    # the activation changes what the decoder computes, not any tensor's shape
+    _edit(folder / "vae" / "config.json", lambda d: d.update(act_fn="gelu"))
+    with pytest.raises(ModelFolderError, match=r"vae/config.json disagrees .*act_fn: 'gelu'"):
+        load_folder(folder)
+
+
+def test_a_diffusers_config_with_keys_adadiff_json_lacks_loads(folder: Path) -> None:
+    # bookkeeping keys (starting with "_") describe no layer, and a field this diffusers does
+    # not know (written by another version) is none it builds from
+    _edit(
+        folder / "unet" / "config.json",
+        lambda d: d.update(_use_default_values=["norm_eps"], _diffusers_version="0.20.0", new=1),
+    )
+    assert load_folder(folder).unet.config.in_channels == 8
 
 
 def test_a_diffusers_config_that_is_not_an_object_is_refused(folder: Path) -> None:
@@ -153,6 +171,40 @@ def test_a_config_file_that_is_not_utf8_is_one_line(
     code = main(["upscale", str(image), "-o", str(tmp_path / "o.png"), "--model", str(folder)])
     assert code == 2
     assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_weights_missing_or_extra_tensors_are_named(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from adadiff.models.bundle import load_state
+
+    path = tmp_path / "pfj.safetensors"
+    module = torch.nn.Linear(2, 2)
+    save_file({"weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ModelFolderError, match=r"missing \['bias'\], unexpected \[\]"):
+        load_state(module, path)
+    save_file({"weight": torch.zeros(2, 2), "bias": torch.zeros(2), "b": torch.zeros(1)}, str(path))
+    with pytest.raises(ModelFolderError, match=r"missing \[\], unexpected \['b'\]"):
+        load_state(module, path)
+    save_file({"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}, str(path))
+    with pytest.raises(ModelFolderError, match=r"'weight' has shape \(2, 3\), .* \(2, 2\)"):
+        load_state(module, path)
+
+
+def test_a_text_embedding_of_another_shape_or_integers_is_refused(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "text_embedding.safetensors"
+    good = load_file(str(path))["embedding"]
+    for bad in (good[:-1], good.to(torch.int32)):
+        save_file({"embedding": bad}, str(path))
+        with pytest.raises(ModelFolderError, match="must hold a floating-point 'embedding'"):
+            load_folder(folder)
+    save_file({"other": good}, str(path))
+    with pytest.raises(ModelFolderError, match=r"'embedding' of shape .* got None"):
+        load_folder(folder)
+    save_file({"embedding": good.half()}, str(path))  # as the UNet and VAE weights may be
+    assert load_folder(folder).text_embedding.dtype == torch.float32
 
 
 def test_integer_weights_are_refused_not_truncated(folder: Path) -> None:
@@ -265,6 +317,34 @@ def test_an_mmle_read_as_other_columns_is_refused(folder: Path, change, named: s
     _edit(folder / CONFIG_FILE, change)
     with pytest.raises(ModelFolderError, match=rf"mmle.safetensors predicts other .*{named} "):
         load_folder(folder)
+
+
+def test_mmle_metadata_that_is_json_but_no_object_is_refused(tiny_config, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from adadiff.models.bundle import MMLE_META_KEY, check_mmle_metadata
+
+    path = tmp_path / "mmle.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={MMLE_META_KEY: "[]"})
+    with pytest.raises(ModelFolderError, match="metadata is not a JSON object"):
+        check_mmle_metadata(tiny_config, path)
+
+
+def test_mmle_metadata_is_checked_on_the_keys_it_records(tiny_config, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from adadiff.models.bundle import MMLE_META_KEY, check_mmle_metadata, mmle_columns
+
+    path = tmp_path / "mmle.safetensors"
+    recorded = {k: v for k, v in mmle_columns(tiny_config).items() if k != "split_columns"}
+    for reference, refused in ((recorded["reference"], False), ("elsewhere", True)):
+        meta = json.dumps({**recorded, "reference": reference})
+        save_file({"w": torch.zeros(1)}, str(path), metadata={MMLE_META_KEY: meta})
+        if refused:
+            with pytest.raises(ModelFolderError, match=r"predicts other scores .*reference"):
+                check_mmle_metadata(tiny_config, path)
+        else:
+            check_mmle_metadata(tiny_config, path)  # no split_columns there: not a KeyError
 
 
 def test_a_calibrated_config_still_loads_its_mmle(folder: Path) -> None:
