@@ -9,6 +9,7 @@ from PIL import Image
 
 from adadiff.engines.torch import TorchBackend
 from adadiff.errors import ConfigError
+from adadiff.runtime.stream import StreamItem
 from adadiff.runtime.upscaler import Upscaler
 
 
@@ -218,6 +219,19 @@ def test_a_refused_max_batch_closes_the_backend_it_opened(monkeypatch, tiny_conf
     assert opened.closed
 
 
+def test_max_batch_is_refused_below_one_and_taken_up_to_the_engines_limit(monkeypatch, tiny_models):
+    from adadiff.engines import factory
+
+    with pytest.raises(ConfigError, match="max_batch must be >= 1, got 0"):
+        Upscaler(tiny_models.config, TorchBackend(tiny_models), max_batch=0)
+
+    class Profiled:
+        name, max_batch = "profiled", 4
+
+    monkeypatch.setattr(factory, "make_backend", lambda *a, **k: (tiny_models.config, Profiled()))
+    assert Upscaler.from_pretrained("tiny", max_batch=4).max_batch == 4
+
+
 def test_close_closes_every_engine_the_run_opened(tiny_dir):
     up = Upscaler.from_pretrained(tiny_dir, threads=1)
     up.upscale(np.zeros((16, 16, 3), np.float32))
@@ -326,3 +340,71 @@ def test_an_image_the_pool_failed_comes_back_as_its_own_error(upscaler, photo):
     results = {r.key: r for _ in range(4) for r in stream.step()}
     assert isinstance(results["b"].error, NumericsError)
     assert results["a"].error is None and stream.idle and not stream.pool.failed
+
+
+def _items(photo, keys, interval=500):
+    return [StreamItem(k, photo[:16, :16], schedule="uniform", interval=interval) for k in keys]
+
+
+def test_a_stream_refuses_target_tiles_below_one_and_a_key_already_in_flight(upscaler, photo):
+    from adadiff.runtime.stream import ImageStream
+
+    with pytest.raises(ValueError, match="target_tiles must be >= 1, got 0"):
+        ImageStream(upscaler, target_tiles=0)
+    stream = ImageStream(upscaler)
+    first, again = _items(photo, "aa")
+    assert stream.add(first) is None
+    refused = stream.add(again)
+    assert "'a' is already in the stream" in str(refused.error)
+    results = [r for _ in range(2) for r in stream.step()]  # the image in flight goes on
+    assert [r.key for r in results] == ["a"] and results[0].error is None
+
+
+def test_a_stream_keeps_target_tiles_active_and_cross_image_false_one_image(upscaler, photo):
+    from adadiff.runtime.stream import ImageStream
+
+    # three one-tile images of one step each: two share a call, then the third runs alone
+    pooled = ImageStream(upscaler, target_tiles=2)
+    assert all(r.error is None for r in pooled.run(_items(photo, "abc", 999)))
+    assert (pooled.stats.unet_calls, pooled.stats.unet_evaluations) == (2, 3)
+    alone = ImageStream(upscaler, cross_image=False)
+    assert all(r.error is None for r in alone.run(_items(photo, "abc", 999)))
+    assert (alone.stats.unet_calls, alone.stats.mean_batch) == (3, 1.0)
+
+
+def test_leaving_a_run_early_drops_its_images_and_one_run_at_a_time(upscaler, photo):
+    from adadiff.runtime.stream import ImageStream
+
+    stream = ImageStream(upscaler, target_tiles=2)
+    first = stream.run(_items(photo, "a", 999) + _items(photo, "bc"))
+    assert next(first).key == "a"  # one step; "b" takes two
+    with pytest.raises(RuntimeError, match="already running"):
+        next(stream.run(_items(photo, "x")))
+    first.close()  # the caller broke out of its loop with "b" in flight
+    assert stream.idle and not stream.running and stream.pool.active_tiles == 0
+    assert [r.key for r in stream.run(_items(photo, "d"))] == ["d"]
+
+
+def test_stream_results_report_full_denoise_progress_and_no_shared_component_log(upscaler, photo):
+    from adadiff.runtime.stream import ImageStream
+
+    heard: dict = {}
+    stream = ImageStream(
+        upscaler, progress=lambda k, s, d, t: heard.setdefault((k, s), []).append((d, t))
+    )
+    results = list(stream.run(_items(photo, "ab")))
+    assert all(r.error is None and r.report.components == {} for r in results)
+    for key in "ab":
+        done, total = heard[key, "denoise"][-1]
+        assert done == total > 0
+
+
+def test_a_stream_on_a_closed_upscaler_says_so(tiny_models, photo):
+    from adadiff.runtime.stream import ImageStream
+
+    up = Upscaler(tiny_models.config, TorchBackend(tiny_models), max_batch=8)
+    stream = ImageStream(up)
+    assert stream.add(_items(photo, "a")[0]) is None
+    up.closed = True  # as close() marks it, keeping the shared test models
+    with pytest.raises(ConfigError, match="was closed"):
+        stream.step()
