@@ -347,6 +347,26 @@ def test_mmle_metadata_is_checked_on_the_keys_it_records(tiny_config, tmp_path: 
             check_mmle_metadata(tiny_config, path)  # no split_columns there: not a KeyError
 
 
+def test_mmle_labels_scored_at_other_colour_fix_levels_are_refused(
+    tiny_config, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from adadiff.config import ColorFixConfig
+    from adadiff.models.bundle import MMLE_META_KEY, check_mmle_metadata, mmle_columns
+
+    written = replace(tiny_config, color_fix=ColorFixConfig(kind="wavelet", levels=3))
+    path = tmp_path / "mmle.safetensors"
+    meta = {MMLE_META_KEY: json.dumps(mmle_columns(written))}
+    save_file({"w": torch.zeros(1)}, str(path), metadata=meta)
+    check_mmle_metadata(written, path)
+    now = replace(tiny_config, color_fix=ColorFixConfig(kind="wavelet", levels=2))
+    with pytest.raises(ModelFolderError, match=r"color_fix \"wavelet:3\" there"):
+        check_mmle_metadata(now, path)
+
+
 def test_a_calibrated_config_still_loads_its_mmle(folder: Path) -> None:
     # calibration rewrites the metric weights only, which the MMLE does not predict
     _edit(folder / CONFIG_FILE, lambda d: d["mmle"]["metrics"][0].update(weight=7.5))
