@@ -376,3 +376,83 @@ def test_a_difference_with_no_interval_meets_no_target(tmp_path):
 
     result["model"] = {"source": "tiny"}
     assert plot(result, tmp_path / "front.png").is_file()  # no error bar where no interval
+
+
+def test_the_interval_is_90_percent_and_a_zero_width_one_is_no_evidence():
+    from benchmarks.front import below_zero
+
+    # 400 standardised crops of one photo: the resampled mean has std 0.05, so the 90%
+    # interval's half-width is 1.645 * 0.05 (a 95% one would be 1.96 * 0.05)
+    v = np.random.default_rng(7).normal(size=400)
+    v = (v - v.mean()) / v.std()
+    _, low, high = bootstrap_mean(v[None, :], np.zeros(400, dtype=int))
+    assert 0.075 < (high - low) / 2 < 0.09
+    assert below_zero((-0.1, -0.2, -0.05))
+    assert not below_zero((-0.1, -0.2, 0.01))  # straddles zero
+    assert not below_zero((-0.1, -0.1, -0.1))  # zero width: nothing was resampled
+    assert not below_zero((-0.1, None, None))
+
+
+def test_summary_compares_a_method_with_others_not_itself_and_per_photo_on_its_own_crops():
+    rows, steps, strata = made_up(np.random.default_rng(8))
+    rows["content-half"] = {k: v - 0.03 for k, v in rows["uniform-5"].items()}
+    steps["content-half"] = steps["uniform-5"]
+    out = summarize(rows, steps, strata, ["a", "b", "c"])
+    assert "exit-20@400" not in out["exit-20@400"]["vs_fixed_exit"]
+    assert "content-half" not in out["content-half"]["vs_content"]
+    # uniform-200 reaches its own LPIPS
+    assert out["uniform-200"]["reaches_uniform_200_lpips"]
+    assert out["uniform-200"]["steps_vs_uniform_200"] == 1.0
+    per_photo = out["dtss-mmle-x"]["lpips_per_photo"]
+    for k, name in enumerate(["a", "b", "c"]):
+        assert per_photo[name][0] == pytest.approx(
+            rows["dtss-mmle-x"]["lpips"][:, strata == k].mean()
+        )
+
+
+def test_gain_and_headroom_need_their_runs_and_skip_a_run_on_fewer_seeds():
+    rows, steps, strata = made_up(np.random.default_rng(9))
+    # the oracle runs on fewer seeds (--oracle-seeds 1): no per-tile pairing with the gain
+    rows["dtss-oracle-model"] = {k: v[:1] for k, v in rows["dtss-mmle-x"].items()}
+    steps["dtss-oracle-model"] = steps["dtss-mmle-x"][:1]
+    assert set(gain_from_steps(rows, steps)["spearman_with_steps"]) == {"dtss-mmle-x"}
+    for missing in ("uniform-20", "uniform-200"):  # a shorter --uniform list
+        assert gain_from_steps({k: v for k, v in rows.items() if k != missing}, steps) == {}
+    # a uniform run on fewer seeds: the oracle takes the seeds every schedule has
+    rows["uniform-20"] = {k: v[:1] for k, v in rows["uniform-20"].items()}
+    best = per_tile_best_uniform(rows, steps, strata)
+    assert best["lpips"][0] <= rows["uniform-5"]["lpips"][:1].mean()
+
+
+def test_each_target_line_has_its_bound():
+    rows, steps, strata = made_up(np.random.default_rng(4))
+    rows["exit-5@400"] = {k: v - 0.05 for k, v in rows["dtss-mmle-x"].items()}
+    steps["exit-5@400"] = steps["uniform-5"]
+    rows["content-half"] = {k: v + 0.05 for k, v in rows["dtss-mmle-x"].items()}
+    rows["content-worse"] = {k: v - 0.05 for k, v in rows["dtss-mmle-x"].items()}
+    for c in ("content-half", "content-worse"):
+        steps[c] = steps["uniform-5"]
+    # the oracle is the upper bound of the regressor, not a schedule the targets are for
+    rows["dtss-oracle-model"], steps["dtss-oracle-model"] = rows["dtss-mmle-x"], steps["uniform-5"]
+    methods = summarize(rows, steps, strata, ["a", "b", "c"])
+    line = "uniform-200's LPIPS with at most 1/2.7 of its steps"
+
+    def marks(growth: float = 0.05, rho: float = 0.4, **dtss: float) -> dict[str, bool]:
+        m = {**methods, "dtss-mmle-x": {**methods["dtss-mmle-x"], **dtss}}
+        diag = {"dtss-mmle-x": {"growth_share": growth}}
+        gain = {"spearman_with_steps": {"dtss-mmle-x": rho}}
+        out = targets(m, diag, gain)
+        assert set(out) == {"dtss-mmle-x"}
+        return out["dtss-mmle-x"]
+
+    at_bounds = marks()
+    assert at_bounds["growth in >= 5% of steps"]
+    assert at_bounds["steps rank with the gain from more steps (rho >= 0.4)"]
+    assert not marks(rho=0.35)["steps rank with the gain from more steps (rho >= 0.4)"]
+    assert not marks(growth=0.2 * 0.2)["growth in >= 5% of steps"]
+    assert marks(growth=0.3)["growth in >= 5% of steps"]
+    # one exit (or content rule) beaten is not every one
+    assert not at_bounds["LPIPS below every fixed exit"]
+    assert not at_bounds["LPIPS below every content rule"]
+    assert marks(steps_per_tile=74.0)[line]  # 74 * 2.7 = 199.8
+    assert not marks(steps_per_tile=80.0)[line]  # uniform-200's LPIPS, too many steps
