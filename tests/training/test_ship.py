@@ -381,6 +381,7 @@ def test_the_card_says_how_the_label_trajectories_chose_their_jumps(tmp_path, cf
         ([], "oracle-driven DTSS"),
         ([0, 3], "half oracle-driven DTSS and half random DTSS tiers"),
         ([2], "75% oracle-driven DTSS and 25% random DTSS tiers"),
+        ([0, 1, 2], "25% oracle-driven DTSS and 75% random DTSS tiers"),
         ([0, 1, 2, 3], "random DTSS tiers"),
     ):
         assert said(random=np.isin(shard["traj"], picked)) == text
@@ -552,3 +553,60 @@ def test_the_card_says_when_a_quality_interval_is_unavailable():
     }
     text = "\n".join(quality_section(quality))
     assert text.count("0.300 (interval unavailable)") == 3
+
+
+def test_the_cards_evaluation_states_intervals_ranks_and_targets_as_measured():
+    from adadiff.training.ship import _eval_section, quality_section
+
+    e = {k: {"pooled": [0.25, 0.2, 0.3]} for k in ("lpips", "psnr", "ssim")}
+    quality = {"results": {"bicubic": {"bicubic": e, "model": e}}}
+    assert "| 0.250 (0.200 to 0.300) |" in "\n".join(quality_section(quality))
+    mmle = {
+        "spearman": {"R_FR": 0.5, "R_NR": None},  # None: a constant score, nothing to rank
+        "spearman_bootstrap_90": {"R_FR": [0.4, 0.6], "R_NR": [None, None]},
+    }
+    targets = {"adaptive beats uniform": False, "PSNR kept": True}
+    text = "\n".join(_eval_section({"summary": {"mmle": mmle, "targets": targets}}))
+    assert "Spearman R_FR 0.500, R_NR none;" in text
+    assert "resampled: R_FR 0.400-0.600, R_NR unavailable." in text
+    assert "Targets: adaptive beats uniform MISSED, PSNR kept met" in text
+
+
+def test_a_card_of_a_workdir_that_recorded_nothing_says_so(tmp_path, cfg):
+    from adadiff.training.ship import _photo_rows, _strength, model_card
+
+    # no stage recorded its photos: the table lists those this machine trains on, marked so
+    rows, unrecorded = _photo_rows({"vae": [], "unet": []})
+    assert rows and all(row.endswith("| not recorded |") for row in rows)
+    assert unrecorded == ["vae", "unet"]
+    card = model_card(cfg, tmp_path, dict.fromkeys(("unet", "total"), 1), 1.0, None)
+    # no Real-ESRGAN share recorded: every LR input is bicubic
+    assert "LR inputs: bicubic x4 (antialiased, MATLAB-style) with probability 1.00," in card
+    # nor a scale augmentation, nor a gentler Real-ESRGAN strength that no input was drawn with
+    assert "downscaled by a random factor" not in card
+    assert _strength({"realesrgan_strength": "mild", "realesrgan_prob": 0.0}) == ""
+
+
+def test_the_card_says_which_unet_drew_the_decoders_samples():
+    from adadiff.training.ship import _decoder_lag
+
+    assert _decoder_lag({"unet_step": 40}, {"step": 40}) == ""
+    # drawn from an earlier step of the shipped UNet's run
+    assert _decoder_lag({"unet_step": 30}, {"step": 40}).startswith(
+        " Its samples came from the UNet at step 30; the shipped UNet is that run at step 40"
+    )
+    # a decoder resumed with sample phases recorded only from its step 5
+    phases = [{"from_step": 5, "unet_step": 40}]
+    assert _decoder_lag({"sample_phases": phases}, {"step": 40}) == (
+        " Its samples came from decoder step 5 on the UNet at step 40 (before decoder step 5: "
+        "not recorded)."
+    )
+
+
+def test_a_card_with_a_reused_mmle_counts_only_its_own_training_time(tmp_path, cfg):
+    from adadiff.training.ship import Reused, model_card
+
+    reused = Reused(tmp_path / "earlier", "an earlier `tiny`", {})
+    card = model_card(cfg, tmp_path, {"total": 1}, 1.0, None, mmle_reused=reused)
+    (line,) = [row for row in card.splitlines() if row.startswith("Training time: ")]
+    assert "(vae 0.0, unet 0.0), reused stages not counted, single process" in line
