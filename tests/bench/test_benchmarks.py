@@ -162,6 +162,37 @@ def test_readme_section_replaces_only_the_marked_block(smoke_run, tmp_path):
         report.replace_section(f"{report.END}\n{report.START}\n", "x")
 
 
+def test_a_readme_takes_the_section_only_between_one_pair_of_markers(tmp_path):
+    from adadiff.errors import ConfigError
+    from benchmarks import report
+
+    start, end = report.START, report.END
+    assert report.replace_section(f"a\n{start}\nold\n{end}\nb\n", "new\n") == (
+        f"a\n{start}\nnew\n{end}\nb\n"
+    )
+    with pytest.raises(report.MarkerError, match="found 2 and 1"):
+        report.replace_section(f"{start}\n{start}\n{end}\n", "x")
+    unmarked = tmp_path / "README.md"
+    unmarked.write_text("# no markers\n")
+    with pytest.raises(report.MarkerError, match="found 0 and 0"):
+        report.check_readme(unmarked)
+    saved = tmp_path / "other.json"
+    saved.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="is not a saved run"):
+        report.read_saved(saved, "results.json")
+    saved.write_text("{}")
+    with pytest.raises(ConfigError, match="it has no suite, settings"):
+        report.read_saved(saved, "results.json", ("suite", "settings"))
+
+
+def test_the_headline_writes_shares_as_percentages():
+    from benchmarks import report
+
+    rows = report._headline({"host_share": {"torch": 0.25, "onnxruntime": None}})
+    assert "| host overhead share of an adaptive upscale (torch) | 25% |" in rows
+    assert "| host overhead share of an adaptive upscale (onnxruntime) | n/a |" in rows
+
+
 def test_fit_and_user_errors(suite_main, monkeypatch, capsys):
     from benchmarks.scaling import fit
 
