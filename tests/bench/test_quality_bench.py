@@ -94,6 +94,10 @@ def test_targets_are_the_issue_bounds():
     missed = quality.targets(_results(0.31, 0.42, -1.6, 0.19))
     assert [m["met"] for m in missed.values()] == [False, False, False, False]
     assert missed["bicubic: LPIPS at least 0.12 below bicubic"]["value"] == pytest.approx(0.11)
+    # "at most" and "within" include the bound itself
+    at = quality.targets(_results(0.30, 0.42, -1.5, 0.21))
+    assert at["bicubic: LPIPS at most 0.30"]["met"]
+    assert at["bicubic: PSNR within 1.5 dB of bicubic"]["met"]
 
 
 def test_quality_runs_on_a_model_folder_and_renders(tmp_path, tiny_dir, metric_cache):
