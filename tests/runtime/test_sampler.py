@@ -44,8 +44,9 @@ def known_x0(n: int) -> np.ndarray:
     return np.random.default_rng(5).standard_normal((n, C, S, S)).astype(np.float32)
 
 
-def run(n, policy, *, max_batch=8, seed=0, scores=None, calls=None, x0=None, nets=None):
-    """``nets`` replaces the oracle (built from ``x0`` and ``scores``) when given."""
+def run(n, policy, *, max_batch=8, seed=0, scores=None, calls=None, x0=None, nets=None, **options):
+    """``nets`` replaces the oracle (built from ``x0`` and ``scores``) when given; ``options``
+    (grouping, progress) go to ``sample_tiles`` as they are."""
     if x0 is None:
         x0 = known_x0(n)
     calls = [] if calls is None else calls
@@ -59,6 +60,7 @@ def run(n, policy, *, max_batch=8, seed=0, scores=None, calls=None, x0=None, net
         gain_dim=2,
         seed=seed,
         max_batch=max_batch,
+        **options,
     )
     return res, x0, calls
 
@@ -196,18 +198,7 @@ def test_grouping_changes_calls_not_results(grouping):
     ref, _, _ = run(5, policy, max_batch=8)
     calls: list = []
     x0 = np.random.default_rng(5).standard_normal((5, C, S, S)).astype(np.float32)
-    other = sample_tiles(
-        lr_with_index(5),
-        oracle_nets(x0, calls),
-        policy,
-        noise=NOISE,
-        dtss=DTSSConfig(),
-        metrics=DEFAULT_METRICS,
-        gain_dim=2,
-        seed=0,
-        max_batch=8,
-        grouping=grouping,
-    )
+    other, _, _ = run(5, policy, max_batch=8, x0=x0, calls=calls, grouping=grouping)
     np.testing.assert_allclose(other.latents, ref.latents, atol=1e-6)
     assert other.steps_per_tile == ref.steps_per_tile
     assert other.engine_calls > ref.engine_calls
@@ -435,19 +426,7 @@ def test_an_estimate_at_nr_start_t_does_not_compete_for_best():
 @pytest.mark.parametrize("grouping", ["regroup", "timestep", "tile"])
 def test_no_grouping_exceeds_max_batch(grouping):
     calls: list = []
-    x0 = known_x0(5)
-    res = sample_tiles(
-        lr_with_index(5),
-        oracle_nets(x0, calls),
-        ForcedIntervals([20] * 5),
-        noise=NOISE,
-        dtss=DTSSConfig(),
-        metrics=DEFAULT_METRICS,
-        gain_dim=2,
-        seed=0,
-        max_batch=2,
-        grouping=grouping,
-    )
+    res, _, _ = run(5, ForcedIntervals([20] * 5), max_batch=2, calls=calls, grouping=grouping)
     assert max(len(c) for c in calls) <= 2
     assert res.steps_per_tile == [50] * 5
 
@@ -464,18 +443,7 @@ def test_progress_counts_exited_tiles_as_done():
             )
 
     seen: list = []
-    sample_tiles(
-        lr_with_index(3),
-        oracle_nets(known_x0(3), []),
-        FirstExits(),
-        noise=NOISE,
-        dtss=DTSSConfig(),
-        metrics=DEFAULT_METRICS,
-        gain_dim=2,
-        seed=0,
-        max_batch=8,
-        progress=lambda *a: seen.append(a),
-    )
+    run(3, FirstExits(), progress=lambda *a: seen.append(a))
     total = 3 * 999
     assert seen == [
         ("tiles", 0, 3),
